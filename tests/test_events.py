@@ -1,0 +1,90 @@
+"""events.jsonl writer/reader and the experiment-directory lock."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from backend.events import EVENTS, EventLog, LockedError, RunLock, read_events, read_lock
+
+
+def test_emit_appends_one_json_line_per_event(tmp_path):
+    log = EventLog(tmp_path / "run" / "events.jsonl")  # parent is created
+    log.emit("start", 0, resumed_from=None, sharded=False)
+    log.emit("train", 1, loss=5.25, lr=1e-4, grad_norm=float("nan"), trained_tokens=10)
+    lines = (tmp_path / "run" / "events.jsonl").read_text().splitlines()
+    assert len(lines) == 2
+    first, second = (json.loads(line) for line in lines)
+    assert first["event"] == "start" and first["step"] == 0 and isinstance(first["time"], float)
+    assert first["resumed_from"] is None and first["sharded"] is False
+    assert second == {**second, "event": "train", "step": 1, "loss": 5.25, "lr": 1e-4, "trained_tokens": 10}
+    assert second["grad_norm"] == "nan"  # strict JSON: non-finite numbers become strings, the line stays valid
+
+
+def test_emit_rejects_unknown_event(tmp_path):
+    with pytest.raises(ValueError, match="unknown event 'trian'"):
+        EventLog(tmp_path / "e.jsonl").emit("trian", 1)
+    assert set(EVENTS) == {"start", "train", "validation", "checkpoint", "export", "end", "error"}
+
+
+def test_read_events_tails_incrementally_and_leaves_a_partial_line(tmp_path):
+    path = tmp_path / "events.jsonl"
+    assert read_events(path) == ([], 0)  # missing file: nothing yet
+    log = EventLog(path)
+    log.emit("start", 0)
+    log.emit("train", 1, loss=3.0)
+    events, offset = read_events(path)
+    assert [e["event"] for e in events] == ["start", "train"]
+    assert offset == path.stat().st_size
+
+    # a writer caught mid-line: the half object is not returned, and the offset stays before it
+    with open(path, "a") as f:
+        f.write('{"event": "validation", "step": 1, "lo')
+    events, offset2 = read_events(path, offset)
+    assert events == [] and offset2 == offset
+    with open(path, "a") as f:
+        f.write('ss": 2.5, "time": 1.0}\n')
+    events, offset3 = read_events(path, offset2)
+    assert events == [{"event": "validation", "step": 1, "loss": 2.5, "time": 1.0}]
+    assert offset3 == path.stat().st_size
+    assert read_events(path, offset=offset3) == ([], offset3)  # keyword alias
+
+
+def test_read_events_reports_garbage_lines_instead_of_crashing(tmp_path):
+    path = tmp_path / "events.jsonl"
+    path.write_text('{"event": "start", "step": 0, "time": 0}\nnot json\n')
+    events, _ = read_events(path)
+    assert events[0]["event"] == "start"
+    assert events[1] == {"event": "unreadable", "line": "not json"}
+
+
+def test_lock_refuses_a_second_live_run_and_names_the_pid(tmp_path):
+    # a live foreign process holds the lock
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / "LOCK").write_text(json.dumps(
+            {"pid": holder.pid, "hostname": socket.gethostname(), "start_time": 0.0, "argv": ["x"]}))
+        info = read_lock(tmp_path)
+        assert info["pid"] == holder.pid and info["alive"] is True
+        with pytest.raises(LockedError, match=f"in use by pid {holder.pid}"):
+            RunLock(tmp_path).acquire()
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder is dead now: its lock is stale and is taken over
+    assert read_lock(tmp_path)["alive"] is False
+    with RunLock(tmp_path):
+        info = read_lock(tmp_path)
+        assert info["pid"] == os.getpid() and info["alive"] is True
+    assert read_lock(tmp_path) is None  # released on exit
+
+
+def test_lock_from_another_host_is_refused(tmp_path):
+    (tmp_path / "LOCK").write_text(json.dumps(
+        {"pid": 1, "hostname": "some-other-host", "start_time": 0.0, "argv": []}))
+    assert read_lock(tmp_path)["alive"] is None  # cannot tell
+    with pytest.raises(LockedError, match="some-other-host"):
+        RunLock(tmp_path).acquire()
