@@ -1,0 +1,211 @@
+"""Loss normalization and the two cross-entropy implementations (backend/loss.py).
+
+Run: .venv/bin/pytest tests/test_loss.py -x -q
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import backend.loss as loss_mod
+from backend import IGNORE_INDEX
+from backend.loss import global_trained_count, loss_scale, shifted_targets, trained_token_loss
+
+torch.set_num_threads(1)
+V = 97  # odd vocabulary so chunk boundaries never line up by accident
+
+
+def tiny_llama(tie=False, seed=0):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tie, use_cache=False,
+    )
+    cfg._attn_implementation = "sdpa"
+    return LlamaForCausalLM(cfg).float()
+
+
+def make_batch(rows, L=12, seed=1):
+    """rows: list of rows, each a list of (doc_len, trained_from) documents; the rest of the row is padding.
+
+    Within a document, tokens at index >= trained_from are trained targets (label = token), others masked;
+    index 0 (the document's first token) is never a target.
+    """
+    g = torch.Generator().manual_seed(seed)
+    B = len(rows)
+    input_ids = torch.zeros(B, L, dtype=torch.long)
+    labels = torch.full((B, L), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros(B, L, dtype=torch.long)
+    documents = []  # (row, begin, end) for per-document reference forwards
+    for b, docs in enumerate(rows):
+        pos = 0
+        for doc_len, trained_from in docs:
+            toks = torch.randint(1, V, (doc_len,), generator=g)
+            input_ids[b, pos : pos + doc_len] = toks
+            position_ids[b, pos : pos + doc_len] = torch.arange(doc_len)
+            for i in range(max(1, trained_from), doc_len):
+                labels[b, pos + i] = toks[i]
+            documents.append((b, pos, pos + doc_len))
+            pos += doc_len
+        assert pos <= L
+        # padding: token 0, position 0 each (its own document), label ignored
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}, documents
+
+
+def grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+ROWS = [[(5, 2), (4, 1)], [(7, 3)], [(3, 1), (3, 2), (4, 4)], [(12, 6)]]
+
+
+def test_shifted_targets_docstring_example():
+    labels = torch.tensor([[-100, 6, -100, 8], [-100, 10, 11, -100]])
+    t = shifted_targets(labels)
+    assert t.tolist() == [6, -100, 8, -100, 10, 11, -100, -100]
+    assert (t != IGNORE_INDEX).nonzero().squeeze(1).tolist() == [0, 2, 4, 5]
+
+
+@pytest.mark.parametrize("impl", ["torch", "fused"])
+def test_loss_sum_equals_per_document_log_softmax(impl):
+    """Packed, flattened loss sum == sum of -log p(label) computed on each document ALONE (no packing)."""
+    model = tiny_llama()
+    batch, documents = make_batch(ROWS)
+    loss_sum, count = trained_token_loss(model, batch, impl=impl)
+    expected_sum, expected_count = 0.0, 0
+    with torch.no_grad():
+        for b, begin, end in documents:
+            ids = batch["input_ids"][b : b + 1, begin:end]
+            logp = F.log_softmax(model(ids, use_cache=False).logits[0].float(), dim=-1)  # (T, V)
+            for t in range(end - begin - 1):  # logit t predicts label t+1
+                label = int(batch["labels"][b, begin + t + 1])
+                if label != IGNORE_INDEX:
+                    expected_sum += -float(logp[t, label])
+                    expected_count += 1
+    assert count == expected_count == int((batch["labels"] != IGNORE_INDEX).sum())
+    assert abs(float(loss_sum.detach()) - expected_sum) <= 1e-4
+    assert abs(float(loss_sum.detach()) / count - expected_sum / expected_count) <= 1e-5
+    assert loss_sum.dtype == torch.float32 and loss_sum.dim() == 0 and loss_sum.requires_grad
+
+
+@pytest.mark.parametrize("tie", [False, True])
+@pytest.mark.parametrize("chunk_elements", [loss_mod.FUSED_CHUNK_ELEMENTS, 3 * V])  # one chunk / chunks of 3 rows
+def test_fused_equals_torch_loss_and_grads(tie, chunk_elements, monkeypatch):
+    monkeypatch.setattr(loss_mod, "FUSED_CHUNK_ELEMENTS", chunk_elements)
+    batch, _ = make_batch(ROWS)
+    results = {}
+    for impl in ("torch", "fused"):
+        model = tiny_llama(tie=tie)
+        loss_sum, count = trained_token_loss(model, batch, impl=impl)
+        (loss_sum / count).backward()
+        results[impl] = (float(loss_sum.detach()), count, grads(model), model)
+    (lt, ct, gt, mt), (lf, cf, gf, mf) = results["torch"], results["fused"]
+    assert ct == cf and abs(lt - lf) <= 1e-5 * max(1.0, abs(lt))
+    assert gt.keys() == gf.keys() == {n for n, _ in mt.named_parameters()}
+    for name in gt:
+        assert torch.allclose(gt[name], gf[name], atol=1e-5, rtol=1e-4), name
+    # the swap is undone: lm_head is the model's own Linear again
+    assert type(mf.lm_head) is torch.nn.Linear
+    if tie:
+        assert mf.lm_head.weight is mf.model.embed_tokens.weight
+
+
+def test_fused_under_no_grad_matches_torch():
+    model = tiny_llama()
+    batch, _ = make_batch(ROWS)
+    with torch.no_grad():
+        lf, cf = trained_token_loss(model, batch, impl="fused")
+        lt, ct = trained_token_loss(model, batch, impl="torch")
+    assert cf == ct and abs(float(lf.detach()) - float(lt)) <= 1e-5 * float(lt)
+    assert not lf.requires_grad
+
+
+def test_logits_to_keep_index_equals_full_logits():
+    """transformers' 1-D logits_to_keep computes exactly the kept rows of the full logits."""
+    model = tiny_llama()
+    batch, _ = make_batch(ROWS)
+    ids, pos = batch["input_ids"].reshape(1, -1), batch["position_ids"].reshape(1, -1)
+    keep = (shifted_targets(batch["labels"]) != IGNORE_INDEX).nonzero().squeeze(1)
+    with torch.no_grad():
+        full = model(input_ids=ids, position_ids=pos, use_cache=False).logits  # (1, N, V)
+        kept = model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=keep).logits  # (1, K, V)
+    assert kept.shape == (1, keep.numel(), V) and keep.numel() < ids.shape[1]
+    assert torch.allclose(kept, full[:, keep], atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["torch", "fused"])
+def test_micro_batch_without_trained_token(impl):
+    model = tiny_llama()
+    batch, _ = make_batch([[(6, 6), (3, 3)], [(5, 5)]])  # nothing trained anywhere
+    assert int((batch["labels"] != IGNORE_INDEX).sum()) == 0
+    loss_sum, count = trained_token_loss(model, batch, impl=impl)
+    assert count == 0 and float(loss_sum.detach()) == 0.0 and loss_sum.requires_grad
+    (loss_sum * loss_scale(count, 1)).backward()
+    g = grads(model)
+    # every parameter is reached by backward (FSDP/DDP ranks stay in step) and nothing is NaN
+    assert g.keys() == {n for n, _ in model.named_parameters()}
+    assert all(torch.isfinite(v).all() and float(v.abs().max()) == 0.0 for v in g.values())
+
+
+@pytest.mark.parametrize("impl", ["torch", "fused"])
+def test_accumulating_four_micro_batches_equals_one_batch(impl):
+    """4 micro-batches of 1 row, scaled by world_size / global count == 1 micro-batch of 4 rows (mean over tokens)."""
+    batch, _ = make_batch(ROWS)
+    per_row_counts = [int((batch["labels"][b] != IGNORE_INDEX).sum()) for b in range(4)]
+    assert len(set(per_row_counts)) > 1  # different trained counts per micro-batch: the case that matters
+
+    whole = tiny_llama()
+    loss_sum, count = trained_token_loss(whole, batch, impl=impl)
+    (loss_sum * loss_scale(global_trained_count(None, [count]), 1)).backward()
+    g_whole = grads(whole)
+
+    micro = [{k: v[b : b + 1] for k, v in batch.items()} for b in range(4)]
+    acc = tiny_llama()
+    counts = [int((m["labels"] != IGNORE_INDEX).sum()) for m in micro]
+    scale = loss_scale(global_trained_count(None, counts), world_size=1)
+    for m in micro:
+        loss_sum, n = trained_token_loss(acc, m, impl=impl)
+        (loss_sum * scale).backward()
+    g_acc = grads(acc)
+
+    wrong = tiny_llama()  # per-micro-batch mean, averaged over micro-batches: over-weights sparse micro-batches
+    for m in micro:
+        loss_sum, n = trained_token_loss(wrong, m, impl=impl)
+        (loss_sum / n / len(micro)).backward()
+    g_wrong = grads(wrong)
+
+    assert sum(counts) == count
+    for name in g_whole:
+        assert torch.allclose(g_whole[name], g_acc[name], atol=1e-6, rtol=1e-5), name
+    diff = max(float((g_whole[n] - g_wrong[n]).abs().max()) for n in g_whole)
+    assert diff > 1e-3
+
+
+def test_rank_average_of_scaled_sums_is_global_mean():
+    """Simulate 2 ranks: each scales its local sum by world_size / N; DDP/FSDP averaging gives grad(S) / N."""
+    batch, _ = make_batch(ROWS)
+    halves = [{k: v[:1] for k, v in batch.items()}, {k: v[1:] for k, v in batch.items()}]
+    counts = [int((h["labels"] != IGNORE_INDEX).sum()) for h in halves]
+    assert counts[0] != counts[1]
+    scale = loss_scale(sum(counts), world_size=2)  # global_trained_count would all-reduce to sum(counts)
+    rank_grads = []
+    for h in halves:
+        model = tiny_llama()
+        loss_sum, _ = trained_token_loss(model, h, impl="fused")
+        (loss_sum * scale).backward()
+        rank_grads.append(grads(model))
+    whole = tiny_llama()
+    loss_sum, count = trained_token_loss(whole, batch, impl="fused")
+    (loss_sum / count).backward()
+    for name, g in grads(whole).items():
+        averaged = (rank_grads[0][name] + rank_grads[1][name]) / 2  # what the all-reduce(avg) produces
+        assert torch.allclose(g, averaged, atol=1e-6, rtol=1e-5), name
+
+
+def test_loss_scale_and_count_edge_cases():
+    assert loss_scale(0, 4) == 0.0  # nothing trained in the whole step: zero gradient, never NaN
+    assert loss_scale(10, 2) == pytest.approx(0.2)
+    assert global_trained_count(None, [3, 0, 5]) == 8
+    with pytest.raises(ValueError, match="cross_entropy_impl"):
+        trained_token_loss(tiny_llama(), make_batch(ROWS)[0], impl="triton")
