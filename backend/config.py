@@ -388,8 +388,7 @@ class PrepareConfig(Section):
             problems.append("at least one split is required, e.g. training: 1.0")
         elif not problems and not math.isclose(sum(v.values()), 1.0, abs_tol=1e-6):
             problems.append(f"fractions must sum to 1, got {sum(v.values()):.6g}")
-        if problems:
-            raise ValueError("; ".join(problems))
+        _fail(*problems)
         return v
 
 
