@@ -1,0 +1,819 @@
+"""Conversations -> rendered chat text + trained character spans -> token ids + per-token trained mask.
+
+This module is the single source of truth for WHAT IS TRAINED: the studio preview, `backend.prepare` and the
+notebooks all call `render()` then `tokenize()`.
+
+Pipeline, for one ShareGPT row::
+
+    row = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]}
+    sample = render(row, tokenizer)                 # Masking() = automatic span finding
+    sample.text            # '<|begin_of_text|><|start_header_id|>system<|end_header_id|>\\n\\n...Hi<|eot_id|>
+                           #  <|start_header_id|>assistant<|end_header_id|>\\n\\nHello!<|eot_id|>'
+    sample.trained_spans   # [(k, k + 16)]  -> text[k:k+16] == 'Hello!<|eot_id|>'   (half-open)
+    sample.loss_masking_spans  # [(0, k - 1)]  inclusive spans NOT trained (the guide's convention)
+    tok = tokenize(sample.text, sample.trained_spans, tokenizer)
+    tok.input_ids          # (T,) int64, BOS exactly once
+    tok.trained            # (T,) bool, True for the tokens of 'Hello!' and '<|eot_id|>'
+
+Masking modes (`Masking`):
+- ``auto`` (default). If the template has ``{% generation %}`` markers, transformers' character indices of those
+  blocks are used. Otherwise the *prefix diff*: for assistant message k,
+  ``pre = render(msgs[:k], add_generation_prompt=True)`` and ``full = render(msgs[:k+1])``; the turn's window in
+  the final text is ``[len(pre), common_prefix(full, final))``. Every ``pre`` must be a prefix of the final
+  text (else `TemplateError`: the template is not prefix-preserving and we refuse to guess). The window is then
+  trimmed to *the reply text as the template wrote it* plus its *end-of-turn marker*: the text after the reply,
+  up to and including the first special-token string (``<|eot_id|>``, ``<|im_end|>``, ``<end_of_turn>``,
+  ``</s>``, ``<|end|>``); header residue before the reply and whitespace after the marker are never trained.
+  Spans are always located in the FINAL rendering, so templates that render the last turn differently (an
+  extra newline, an eos appended only at the very end) are handled.
+- ``delimiters``: the guide's ``get_spans`` semantics (mask from the start of the text through each start
+  delimiter; train from there through and including the end delimiter), with its hangs fixed (see
+  `get_spans`).
+
+Options: ``train_on="all"|"last"`` assistant turns; ``train_on_eot`` trains the end-of-turn marker (default on:
+a model that never sees its end-of-turn token as a target never learns to stop).
+
+Token rule (`tokenize`): a token is trained iff its character range overlaps a trained character range
+(``start < span_end and end > span_start``). A token that straddles a boundary (e.g. a merged ``"\\n\\n"`` that
+ends a header and starts a reply) is therefore trained. Zero-width tokens (an added BOS) are never trained.
+``trained[t]`` marks tokens that are TARGETS (labels); the model shifts labels internally.
+
+BOS: if the text already starts with the tokenizer's BOS string (Llama 3.1, Gemma, Mistral templates write it),
+the text is tokenized with ``add_special_tokens=False`` (no double BOS). If the tokenizer's post-processor would
+add a BOS and the text lacks it, one BOS id is prepended. Nothing is ever appended: the template's end-of-turn
+marker is the end of the document.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+__all__ = [
+    "Masking",
+    "ChatError",
+    "ConversationError",
+    "TemplateError",
+    "AssistantTurn",
+    "RenderedSample",
+    "TokenizedSample",
+    "HealthReport",
+    "normalize_conversation",
+    "resolve_template",
+    "render_messages",
+    "render",
+    "get_spans",
+    "spans_from_loss_masking",
+    "loss_masking_from_spans",
+    "tokenize",
+    "tokenize_batch",
+    "check_sample",
+    "check_dataset",
+    "eot_token_ids",
+    "PROBLEM_CODES",
+]
+
+
+# --------------------------------------------------------------------------------------------------- options
+@dataclass(frozen=True)
+class Masking:
+    """What is trained. ``Masking()`` = automatic span finding, all assistant turns, end-of-turn trained."""
+
+    mode: str = "auto"  # "auto" | "delimiters"
+    start_delimiter: str | None = None
+    end_delimiter: str | None = None
+    train_on: str = "all"  # "all" assistant turns | "last"
+    train_on_eot: bool = True  # train the end-of-turn marker after each assistant reply
+
+    def __post_init__(self):
+        if self.mode not in ("auto", "delimiters"):
+            raise ValueError(f"chat.masking.mode: {self.mode!r} is not one of 'auto', 'delimiters'")
+        if self.train_on not in ("all", "last"):
+            raise ValueError(f"chat.train_on: {self.train_on!r} is not one of 'all', 'last'")
+        if self.mode == "delimiters":
+            for name in ("start_delimiter", "end_delimiter"):
+                value = getattr(self, name)
+                if not isinstance(value, str) or value == "":
+                    raise ValueError(
+                        f"chat.masking.{name}: must be a non-empty string in mode 'delimiters' (got {value!r}); "
+                        "e.g. start '<|eot_id|><|start_header_id|>assistant<|end_header_id|>\\n\\n', end '<|eot_id|>'"
+                    )
+
+
+class ChatError(ValueError):
+    """Base class: a row that cannot be rendered (bad conversation or template)."""
+
+
+class ConversationError(ChatError):
+    """A conversation is malformed. The message names the message index, the key and what to do."""
+
+
+class TemplateError(ChatError):
+    """The chat template cannot be loaded, raised an error, or is not prefix-preserving."""
+
+
+@dataclass(frozen=True)
+class AssistantTurn:
+    """One assistant reply in the rendered text: ``text[begin:content_end]`` is the reply as rendered,
+    ``text[content_end:end]`` its end-of-turn marker (empty when the template writes none)."""
+
+    message_index: int
+    begin: int
+    content_end: int
+    end: int
+
+
+@dataclass
+class RenderedSample:
+    text: str
+    trained_spans: list[tuple[int, int]]  # half-open character ranges that ARE trained
+    loss_masking_spans: list[tuple[int, int]]  # inclusive character spans NOT trained (guide convention)
+    problems: list[str]  # "code: message", e.g. "span_not_found: start delimiter not found"
+    turns: list[AssistantTurn] = field(default_factory=list)  # every assistant turn found (trained or not)
+    messages: list[dict] = field(default_factory=list)  # the normalized conversation
+
+
+@dataclass
+class TokenizedSample:
+    input_ids: np.ndarray  # (T,) int64, BOS exactly once, never doubled
+    trained: np.ndarray  # (T,) bool: this token is a training TARGET (a label), before shifting
+    offsets: np.ndarray  # (T, 2) int64 char offsets into the text; (0, 0) for an added BOS
+
+    @property
+    def n_trained(self) -> int:
+        return int(self.trained.sum())
+
+
+PROBLEM_CODES = {
+    "no_trained_tokens": "nothing in the sample is trained",
+    "eot_not_trained": "an assistant turn's end-of-turn marker is not trained (the model never learns to stop)",
+    "span_not_found": "no assistant span was found",
+    "too_long": "longer than sequence_length: skipped when truncate_documents is no",
+    "assistant_cut": "an assistant turn crosses sequence_length",
+    "special_text_in_content": "message text contains a special-token string, which tokenizes as that token",
+    "end_delimiter_missing": "an assistant turn has no end delimiter: trained to the end of the text",
+    "delimiter_in_content": "a message contains delimiter text: the delimiter spans may not follow the turns",
+    "turn_count_mismatch": "the number of trained spans differs from the number of assistant messages",
+    "content_not_verbatim": "the template rewrote a reply: the whole turn window was trained",
+    "bad_conversation": "the row could not be rendered",
+}
+
+
+# ------------------------------------------------------------------------------------------ conversations
+_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "model": "assistant",
+    "system": "system",
+}
+_COLUMNS = ("conversations", "messages")
+
+
+def _content_text(content, i: int, key: str, role: str) -> str:
+    where = f"message {i} ({role})"
+    if isinstance(content, list):
+        texts = []
+        for j, part in enumerate(content):
+            if isinstance(part, str):
+                texts.append(part)
+                continue
+            if not isinstance(part, dict) or part.get("type", "text") != "text" or not isinstance(part.get("text"), str):
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise ConversationError(
+                    f"{where}: {key!r} part {j} is of type {kind!r}; only text parts "
+                    "({'type': 'text', 'text': ...}) are supported. Drop non-text parts or convert them to text."
+                )
+            texts.append(part["text"])
+        content = "".join(texts)
+    if content is None:
+        raise ConversationError(f"{where}: {key!r} is null; give the message text as a string")
+    if not isinstance(content, str):
+        raise ConversationError(
+            f"{where}: {key!r} must be a string, got {type(content).__name__}; give the message text as a string"
+        )
+    if not content.strip():
+        raise ConversationError(f"{where}: {key!r} is empty; remove the message or fill in its text")
+    return content
+
+
+def normalize_conversation(obj, field: str | None = None) -> list[dict]:
+    """Any supported conversation shape -> ``[{"role": "system"|"user"|"assistant", "content": str}, ...]``.
+
+    Accepts a list of messages, or a row dict holding them in ``field`` / ``"conversations"`` / ``"messages"``.
+    Messages may be ShareGPT (``{"from": "human", "value": "Hi"}``; from: human/user, gpt/assistant/model,
+    system) or OpenAI (``{"role": "user", "content": "Hi"}``; content may be a list of text parts).
+
+    >>> normalize_conversation({"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}]})
+    [{'role': 'user', 'content': 'Hi'}, {'role': 'assistant', 'content': 'Yo'}]
+    """
+    if isinstance(obj, dict) and not ({"role", "from"} & obj.keys()):
+        names = (field,) if field else _COLUMNS
+        for name in names:
+            if name in obj:
+                obj = obj[name]
+                break
+        else:
+            raise ConversationError(
+                f"row has no {' or '.join(repr(n) for n in names)} column (columns: {sorted(obj)[:12]}); "
+                "set dataset.conversations_field to the column that holds the messages"
+            )
+    if isinstance(obj, str):
+        try:
+            obj = json.loads(obj)
+        except ValueError:
+            raise ConversationError("conversation is a string that is not JSON; give a list of messages") from None
+    if not isinstance(obj, (list, tuple)):
+        raise ConversationError(f"conversation must be a list of messages, got {type(obj).__name__}")
+    if len(obj) == 0:
+        raise ConversationError("conversation is empty; give at least one user and one assistant message")
+    out = []
+    for i, message in enumerate(obj):
+        if not isinstance(message, dict):
+            raise ConversationError(f"message {i}: must be a dict with 'role'/'content' or 'from'/'value'")
+        role_key = "role" if "role" in message else "from" if "from" in message else None
+        if role_key is None:
+            raise ConversationError(
+                f"message {i}: missing key 'role' (OpenAI form: 'role' + 'content') or 'from' (ShareGPT form: "
+                f"'from' + 'value'); keys present: {sorted(message)}"
+            )
+        content_key = "content" if "content" in message else "value" if "value" in message else None
+        if content_key is None:
+            want = "value" if role_key == "from" else "content"
+            raise ConversationError(f"message {i}: missing key {want!r}; keys present: {sorted(message)}")
+        raw_role = message[role_key]
+        role = _ROLES.get(raw_role.lower() if isinstance(raw_role, str) else raw_role)
+        if role is None:
+            raise ConversationError(
+                f"message {i}: {role_key!r} is {raw_role!r}, not a known role; use one of "
+                "user/human, assistant/gpt/model, system (tool messages are not supported)"
+            )
+        out.append({"role": role, "content": _content_text(message[content_key], i, content_key, role)})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- templates
+def resolve_template(tokenizer, chat_template: str | None = None) -> str:
+    """The Jinja source to use: ``chat_template`` (a Jinja string or a file path) or the tokenizer's own."""
+    if chat_template is None:
+        chat_template = getattr(tokenizer, "chat_template", None)
+        if isinstance(chat_template, dict):
+            chat_template = chat_template.get("default")
+        if not chat_template:
+            raise TemplateError(
+                f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template; set chat.template "
+                "to a Jinja string or a .jinja file"
+            )
+        return chat_template
+    if not isinstance(chat_template, str) or not chat_template.strip():
+        raise TemplateError("chat.template must be a non-empty Jinja string or a file path")
+    if "{" not in chat_template and "\n" not in chat_template:
+        if not os.path.isfile(chat_template):
+            raise TemplateError(f"chat.template: file {chat_template!r} does not exist (and it is not a Jinja string)")
+        with open(chat_template, encoding="utf-8") as f:
+            return f.read()
+    return chat_template
+
+
+_compiled_cache: dict[str, Any] = {}
+
+
+def _compile(template: str):
+    """Compile once per template source; Jinja syntax errors become a `TemplateError` with the line."""
+    compiled = _compiled_cache.get(template)
+    if compiled is None:
+        import jinja2
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+
+        try:
+            compiled = _compile_jinja_template(template)
+        except jinja2.TemplateSyntaxError as e:
+            raise TemplateError(f"chat template has a Jinja syntax error at line {e.lineno}: {e.message}") from None
+        if len(_compiled_cache) > 64:
+            _compiled_cache.clear()
+        _compiled_cache[template] = compiled
+    return compiled
+
+
+def _template_kwargs(tokenizer) -> dict:
+    # apply_chat_template passes the special tokens (bos_token, eos_token, ...) as template variables
+    info = _info(tokenizer)
+    return info["kwargs"]
+
+
+def render_messages(messages: list[dict], tokenizer, template: str, add_generation_prompt=False) -> str:
+    """Render normalized messages with a Jinja template, exactly like ``apply_chat_template(tokenize=False)``
+    but without its per-call overhead (messages are already plain dicts of strings)."""
+    import jinja2
+
+    compiled = _compile(template)
+    try:
+        return compiled.render(
+            messages=messages, tools=None, documents=None, add_generation_prompt=add_generation_prompt,
+            **_template_kwargs(tokenizer),
+        )
+    except jinja2.TemplateError as e:
+        roles = "/".join(m["role"] for m in messages)
+        raise TemplateError(f"chat template rejected the conversation (roles {roles}): {e}") from None
+    except Exception as e:  # a template bug (e.g. indexing an empty list): still not a Jinja-internals traceback
+        raise TemplateError(f"chat template failed on the conversation: {type(e).__name__}: {e}") from None
+
+
+def _render_generation(messages, tokenizer, template) -> tuple[str, list[tuple[int, int]]]:
+    """Render with ``{% generation %}`` tracking: (text, char ranges of the generation blocks)."""
+    import jinja2
+    from transformers.utils.chat_template_utils import _render_with_assistant_indices
+
+    try:
+        return _render_with_assistant_indices(
+            _compile(template), messages, None, None, False, **_template_kwargs(tokenizer)
+        )
+    except jinja2.TemplateError as e:
+        raise TemplateError(f"chat template rejected the conversation: {e}") from None
+
+
+_GENERATION_RE = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
+# ------------------------------------------------------------------------------------ per-tokenizer facts
+_info_cache: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+
+
+def _info(tokenizer) -> dict:
+    """Facts about a tokenizer computed once: special-token regex, template kwargs, whether it adds BOS."""
+    try:
+        info = _info_cache.get(tokenizer)
+    except TypeError:
+        info = None
+    if info is not None:
+        return info
+    specials = set(tokenizer.all_special_tokens)
+    for tok in getattr(tokenizer, "added_tokens_decoder", {}).values():
+        if getattr(tok, "special", False):
+            specials.add(str(tok.content if hasattr(tok, "content") else tok))
+    specials.discard("")
+    specials_sorted = sorted(specials, key=len, reverse=True)  # longest first: '<|eot_id|>' before '<|e'
+    regex = re.compile("|".join(re.escape(s) for s in specials_sorted)) if specials_sorted else None
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    without = tokenizer("a", add_special_tokens=False)["input_ids"]
+    bos_id = tokenizer.bos_token_id
+    adds_bos = bos_id is not None and len(with_special) > len(without) and with_special[0] == bos_id
+    kwargs = dict(tokenizer.special_tokens_map)
+    info = {"specials": specials_sorted, "regex": regex, "adds_bos": adds_bos, "bos": tokenizer.bos_token,
+            "bos_id": bos_id, "kwargs": kwargs}
+    try:
+        _info_cache[tokenizer] = info
+    except TypeError:
+        pass
+    return info
+
+
+# ------------------------------------------------------------------------------------------- span finding
+def _common_prefix_len(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # binary search on slice equality: C-speed compares instead of a Python char loop
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _trim_turn(text: str, begin: int, end: int, content: str, k: int, regex, problems: list) -> AssistantTurn:
+    """Within the window text[begin:end] of assistant message k: locate the reply and its end-of-turn marker."""
+    window = text[begin:end]
+    pos, length = window.find(content), len(content)
+    if pos < 0:
+        stripped = content.strip()
+        pos, length = window.find(stripped), len(stripped)
+    if pos < 0:
+        # The template rewrote the reply (e.g. a filter); train the window minus surrounding whitespace, say so.
+        problems.append(
+            f"content_not_verbatim: message {k}: the template does not write the reply verbatim; trained the "
+            f"whole turn text at chars {begin}..{end}"
+        )
+        lead = len(window) - len(window.lstrip())
+        tail = window.rstrip()
+        return AssistantTurn(k, begin + lead, begin + len(tail), begin + len(tail))
+    content_begin = begin + pos
+    content_end = content_begin + length
+    tail = text[content_end:end]
+    m = regex.search(tail) if regex is not None else None
+    marker_len = m.end() if m is not None else len(tail.rstrip())
+    return AssistantTurn(k, content_begin, content_end, content_end + marker_len)
+
+
+def _auto_turns(messages, tokenizer, template, text, assistants, problems) -> list[AssistantTurn]:
+    """Prefix-diff windows, trimmed to reply + end-of-turn marker, located in the final text."""
+    regex = _info(tokenizer)["regex"]
+    turns = []
+    last = len(messages) - 1
+
+    def not_prefix_preserving(k, what, a, b):
+        at = _common_prefix_len(a, b)
+        return TemplateError(
+            f"chat template is not prefix-preserving at message {k} (assistant): {what} at char {at} "
+            f"({a[at:at + 40]!r} vs {b[at:at + 40]!r}). The template rewrites earlier turns when later ones are "
+            "added (e.g. drops reasoning, injects a turn count or a date), so the reply cannot be located "
+            "safely. Use chat.masking.mode=delimiters or a prefix-preserving template."
+        )
+
+    for k in assistants:
+        pre = render_messages(messages[:k], tokenizer, template, add_generation_prompt=True) if k else ""
+        if not text.startswith(pre):
+            raise not_prefix_preserving(k, "the text before this reply differs from the full rendering", pre, text)
+        if k == last:
+            turns.append(_trim_turn(text, len(pre), len(text), messages[k]["content"], k, regex, problems))
+            continue
+        full = render_messages(messages[: k + 1], tokenizer, template)
+        if not full.startswith(pre):
+            raise not_prefix_preserving(k, "the generation prompt is not how the reply's turn starts", pre, full)
+        turn = _trim_turn(full, len(pre), len(full), messages[k]["content"], k, regex, problems)
+        # the reply and its marker must survive unchanged into the final text (an eos that the template adds
+        # only at the very end may differ: it lies after the marker)
+        if not text.startswith(full[: turn.end]):
+            raise not_prefix_preserving(k, "the reply is rendered differently once later messages are added",
+                                        full[: turn.end], text)
+        turns.append(turn)
+    return turns
+
+
+def _generation_turns(messages, tokenizer, template, assistants, problems):
+    text, blocks = _render_generation(messages, tokenizer, template)
+    if len(blocks) != len(assistants):
+        return text, None  # markers do not map one-to-one onto assistant messages: fall back to the prefix diff
+    regex = _info(tokenizer)["regex"]
+    turns = [_trim_turn(text, b, e, messages[k]["content"], k, regex, problems) for (b, e), k in zip(blocks, assistants)]
+    return text, turns
+
+
+def get_spans(text: str, start_delimiter: str, end_delimiter: str) -> list[list[int]]:
+    """The guide's ``get_spans``, fixed: inclusive character spans that are NOT trained.
+
+    Semantics kept: mask from the start of the text through each start delimiter; train from there through and
+    including the next end delimiter; repeat after it. Fixed: it always terminates (every iteration advances);
+    a start delimiter that is not found masks the rest of the text (the original appended a bogus span and
+    looped); a missing end delimiter trains to the end of the text (the original jumped back and looped).
+
+    >>> get_spans("Uhi|A:yo.|", "|A:", ".")
+    [[0, 5]]
+    """
+    if not start_delimiter or not end_delimiter:
+        raise ValueError("start_delimiter and end_delimiter must be non-empty strings")
+    spans = []
+    start = 0
+    n = len(text)
+    while start < n:
+        found = text.find(start_delimiter, start)
+        if found < 0:
+            spans.append([start, n - 1])  # no more assistant turns: mask the rest
+            break
+        end = found + len(start_delimiter)
+        spans.append([start, end - 1])  # character span indices are inclusive
+        close = text.find(end_delimiter, end)
+        if close < 0:
+            break  # unclosed final turn: trained to the end of the text (reported by render)
+        start = close + len(end_delimiter)
+    return spans
+
+
+def spans_from_loss_masking(text_len: int, loss_masking_spans) -> list[tuple[int, int]]:
+    """Guide form (inclusive spans NOT trained) -> half-open trained ranges.
+
+    >>> spans_from_loss_masking(10, [[0, 2], [6, 7]])
+    [(3, 6), (8, 10)]
+    """
+    out = []
+    pos = 0
+    for b, e in sorted((int(b), int(e)) for b, e in loss_masking_spans):
+        b, e = max(b, 0), min(e, text_len - 1)
+        if b > pos:
+            out.append((pos, b))
+        pos = max(pos, e + 1)
+    if pos < text_len:
+        out.append((pos, text_len))
+    return out
+
+
+def loss_masking_from_spans(text_len: int, trained_spans) -> list[tuple[int, int]]:
+    """Half-open trained ranges -> inclusive spans NOT trained (the guide's ``spans`` field).
+
+    >>> loss_masking_from_spans(10, [(3, 6), (8, 10)])
+    [(0, 2), (6, 7)]
+    """
+    out = []
+    pos = 0
+    for b, e in trained_spans:
+        if b > pos:
+            out.append((pos, b - 1))
+        pos = max(pos, e)
+    if pos < text_len:
+        out.append((pos, text_len - 1))
+    return out
+
+
+def _delimiter_turns(text, masking: Masking, messages, problems) -> list[AssistantTurn]:
+    sd, ed = masking.start_delimiter, masking.end_delimiter
+    for i, m in enumerate(messages):
+        for name, d in (("start", sd), ("end", ed)):
+            if d in m["content"]:
+                problems.append(
+                    f"delimiter_in_content: message {i} ({m['role']}) contains the {name} delimiter {d!r}; "
+                    "the delimiter spans may not follow the turns (use chat.masking.mode=auto)"
+                )
+    turns = []
+    masked = get_spans(text, sd, ed)
+    # trained ranges are the gaps between masked spans; each one starts right after a start delimiter
+    trained = spans_from_loss_masking(len(text), masked)
+    for b, e in trained:
+        if text.endswith(ed, b, e) and e - b >= len(ed):
+            turns.append(AssistantTurn(-1, b, e - len(ed), e))
+        else:
+            problems.append(
+                f"end_delimiter_missing: end delimiter {ed!r} not found after char {b}; trained to the end of the text"
+            )
+            turns.append(AssistantTurn(-1, b, e, e))
+    if not turns:
+        problems.append(f"span_not_found: start delimiter {sd!r} not found; nothing is trained")
+    n_assistant = sum(m["role"] == "assistant" for m in messages)
+    if messages and turns and len(turns) != n_assistant:
+        problems.append(
+            f"turn_count_mismatch: {len(turns)} trained span(s) for {n_assistant} assistant message(s)"
+        )
+    return turns
+
+
+def _special_text_problems(messages, tokenizer, problems):
+    regex = _info(tokenizer)["regex"]
+    if regex is None:
+        return
+    for i, m in enumerate(messages):
+        hit = regex.search(m["content"])
+        if hit:
+            problems.append(
+                f"special_text_in_content: message {i} ({m['role']}) contains {hit.group()!r}, which tokenizes "
+                "as the special token, not as text; clean the data if this is not intended"
+            )
+
+
+def render(conversation, tokenizer, masking: Masking | None = None, chat_template: str | None = None) -> RenderedSample:
+    """Render a conversation with the chat template and find what is trained. See the module docstring.
+
+    Raises `ConversationError` (bad messages) or `TemplateError` (bad/non-prefix-preserving template).
+    Per-sample issues that still give a usable sample are in ``.problems`` as ``"code: message"``.
+    """
+    masking = masking or Masking()
+    messages = conversation if _is_normalized(conversation) else normalize_conversation(conversation)
+    template = resolve_template(tokenizer, chat_template)
+    problems: list[str] = []
+    assistants = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if masking.train_on == "last":
+        target = assistants[-1:]
+    else:
+        target = assistants
+
+    if masking.mode == "delimiters":
+        text = render_messages(messages, tokenizer, template)
+        turns = _delimiter_turns(text, masking, messages, problems)
+        chosen = turns[-1:] if masking.train_on == "last" else turns
+    else:
+        turns = None
+        if _GENERATION_RE.search(template) and assistants:
+            text, turns = _generation_turns(messages, tokenizer, template, assistants, problems)
+        else:
+            text = render_messages(messages, tokenizer, template)
+        if turns is None:
+            turns = _auto_turns(messages, tokenizer, template, text, target, problems)
+        chosen = [t for t in turns if t.message_index in set(target)]
+        if not assistants:
+            problems.append("span_not_found: the conversation has no assistant message; nothing is trained")
+
+    trained = []
+    for t in chosen:
+        e = t.end if masking.train_on_eot else t.content_end
+        if e > t.begin:
+            trained.append((t.begin, e))
+    _special_text_problems(messages, tokenizer, problems)
+    return RenderedSample(
+        text=text,
+        trained_spans=trained,
+        loss_masking_spans=loss_masking_from_spans(len(text), trained),
+        problems=problems,
+        turns=turns,
+        messages=messages,
+    )
+
+
+def _is_normalized(obj) -> bool:
+    return (
+        isinstance(obj, list)
+        and len(obj) > 0
+        and all(
+            isinstance(m, dict) and m.keys() == {"role", "content"} and m["role"] in ("system", "user", "assistant")
+            and isinstance(m["content"], str) and m["content"].strip()
+            for m in obj
+        )
+    )
+
+
+# ----------------------------------------------------------------------------------------------- tokenize
+def _mask_from_offsets(offsets: np.ndarray, trained_spans) -> np.ndarray:
+    """(T, 2) offsets + sorted disjoint half-open spans -> (T,) bool: token overlaps a trained span."""
+    if len(trained_spans) == 0 or len(offsets) == 0:
+        return np.zeros(len(offsets), dtype=bool)
+    spans = np.asarray(trained_spans, dtype=np.int64).reshape(-1, 2)
+    starts, ends = offsets[:, 0], offsets[:, 1]
+    # first span whose end is after the token's start; overlap iff that span begins before the token ends
+    idx = np.searchsorted(spans[:, 1], starts, side="right")
+    ok = idx < len(spans)
+    idx_c = np.minimum(idx, len(spans) - 1)
+    return ok & (spans[idx_c, 0] < ends) & (ends > starts)
+
+
+def _finish(text: str, ids, offsets, trained_spans, info) -> TokenizedSample:
+    ids = np.asarray(ids, dtype=np.int64)
+    offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    if info["adds_bos"] and not (info["bos"] and text.startswith(info["bos"])):
+        ids = np.concatenate([np.array([info["bos_id"]], dtype=np.int64), ids])
+        offsets = np.concatenate([np.zeros((1, 2), dtype=np.int64), offsets])
+    return TokenizedSample(input_ids=ids, trained=_mask_from_offsets(offsets, trained_spans), offsets=offsets)
+
+
+def tokenize(text: str, trained_spans, tokenizer) -> TokenizedSample:
+    """Text + half-open trained character spans -> token ids and per-token trained mask (see module docstring)."""
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    return _finish(text, enc["input_ids"], enc["offset_mapping"], sorted(trained_spans), _info(tokenizer))
+
+
+def tokenize_batch(texts: list[str], spans_list, tokenizer) -> list[TokenizedSample]:
+    """`tokenize` for many texts with one batched (parallel, Rust) tokenizer call."""
+    info = _info(tokenizer)
+    enc = tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=True)
+    return [
+        _finish(t, ids, off, sorted(spans), info)
+        for t, ids, off, spans in zip(texts, enc["input_ids"], enc["offset_mapping"], spans_list)
+    ]
+
+
+# ------------------------------------------------------------------------------------------ health checks
+def _code(problem: str) -> str:
+    return problem.split(":", 1)[0]
+
+
+def check_sample(rendered: RenderedSample, tokenized: TokenizedSample, tokenizer, sequence_length=None) -> list[str]:
+    """Health problems of one sample, ``"code: message"`` (codes in `PROBLEM_CODES`); includes render problems."""
+    problems = list(rendered.problems)
+    n = len(tokenized.input_ids)
+    if not tokenized.trained.any():
+        problems.append("no_trained_tokens: no token of this sample is trained")
+    if rendered.turns:
+        starts, ends = tokenized.offsets[:, 0], tokenized.offsets[:, 1]
+        for t in rendered.turns:
+            if rendered.trained_spans and not any(b <= t.begin < e for b, e in rendered.trained_spans):
+                continue  # a turn not selected for training (train_on=last)
+            if t.end <= t.content_end:
+                problems.append(f"eot_not_trained: the assistant turn at char {t.begin} has no end-of-turn marker")
+                continue
+            marker = (starts < t.end) & (ends > t.content_end)
+            if not tokenized.trained[marker].all() or not marker.any():
+                problems.append(
+                    f"eot_not_trained: end-of-turn {rendered.text[t.content_end:t.end]!r} at char {t.content_end} "
+                    "is not trained"
+                )
+    if sequence_length is not None and n > sequence_length:
+        problems.append(f"too_long: {n} tokens > sequence_length {sequence_length}")
+        limit = tokenized.offsets[sequence_length - 1, 1] if sequence_length > 0 else 0
+        for t in rendered.turns:
+            if t.begin < limit < t.end:
+                problems.append(f"assistant_cut: the assistant turn at char {t.begin} crosses token {sequence_length}")
+                break
+    return problems
+
+
+class HealthReport:
+    """Aggregate of `check_sample` over a dataset: counts per problem code, first example indices, lengths."""
+
+    def __init__(self, examples: int = 5):
+        self.examples = examples
+        self.n_samples = 0
+        self.n_tokens = 0
+        self.n_trained = 0
+        self.counts: dict[str, int] = {}
+        self.example_indices: dict[str, list[int]] = {}
+        self.first_messages: dict[str, str] = {}
+        self.lengths: list[int] = []
+        self.n_with_spans = 0
+
+    def add(self, index: int, problems: list[str], n_tokens: int, n_trained: int) -> None:
+        self.n_samples += 1
+        self.n_tokens += int(n_tokens)
+        self.n_trained += int(n_trained)
+        if n_tokens:
+            self.lengths.append(int(n_tokens))
+        codes = []
+        for p in problems:
+            c = _code(p)
+            if c in codes:
+                continue
+            codes.append(c)
+            self.counts[c] = self.counts.get(c, 0) + 1
+            ex = self.example_indices.setdefault(c, [])
+            if len(ex) < self.examples:
+                ex.append(int(index))
+            self.first_messages.setdefault(c, p)
+        if "span_not_found" not in codes and "bad_conversation" not in codes and n_trained > 0:
+            self.n_with_spans += 1
+
+    @property
+    def span_found_share(self) -> float:
+        return self.n_with_spans / self.n_samples if self.n_samples else 0.0
+
+    @property
+    def trained_token_share(self) -> float:
+        return self.n_trained / self.n_tokens if self.n_tokens else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "samples": self.n_samples,
+            "tokens": self.n_tokens,
+            "trained_tokens": self.n_trained,
+            "span_found_share": self.span_found_share,
+            "trained_token_share": self.trained_token_share,
+            "problems": {c: {"count": n, "examples": self.example_indices[c], "first": self.first_messages[c]}
+                         for c, n in sorted(self.counts.items())},
+            "lengths": list(self.lengths),
+        }
+
+    def summary(self) -> str:
+        lines = [
+            f"{self.n_samples} samples, {self.n_tokens} tokens, {self.n_trained} trained "
+            f"({self.trained_token_share:.1%}); assistant spans found in {self.span_found_share:.1%} of samples"
+        ]
+        if self.lengths:
+            arr = np.asarray(self.lengths)
+            lines.append(f"length: median {int(np.median(arr))}, p99 {int(np.percentile(arr, 99))}, max {arr.max()}")
+        for c, n in sorted(self.counts.items(), key=lambda kv: -kv[1]):
+            lines.append(f"{c}: {n} sample(s), e.g. rows {self.example_indices[c]}: {self.first_messages[c]}")
+        if not self.counts:
+            lines.append("no problems found")
+        return "\n".join(lines)
+
+
+def check_dataset(rows: Iterable, tokenizer, masking: Masking | None = None, chat_template=None,
+                  sequence_length=None, limit=None, progress: Callable[[int, int], Any] | None = None,
+                  examples: int = 5) -> HealthReport:
+    """Render, tokenize and check every row (or the first ``limit``); rows that fail get ``bad_conversation``.
+
+    A template error that is not about one row (syntax error, missing template) is raised at once.
+    """
+    masking = masking or Masking()
+    template = resolve_template(tokenizer, chat_template)
+    _compile(template)
+    rows = list(rows) if limit is None else [r for _, r in zip(range(limit), rows)]
+    report = HealthReport(examples=examples)
+    n = len(rows)
+    for i, row in enumerate(rows):
+        try:
+            r = render(row, tokenizer, masking, template)
+        except ChatError as e:
+            report.add(i, [f"bad_conversation: row {i}: {e}"], 0, 0)
+        else:
+            tok = tokenize(r.text, r.trained_spans, tokenizer)
+            report.add(i, check_sample(r, tok, tokenizer, sequence_length), len(tok.input_ids), tok.n_trained)
+        if progress is not None:
+            progress(i + 1, n)
+    return report
+
+
+def eot_token_ids(tokenizer, chat_template: str | None = None) -> list[int]:
+    """Token ids that end an assistant turn under this template (then the tokenizer's eos, if different).
+
+    Found by rendering a probe conversation and reading the special tokens of the first reply's end-of-turn
+    marker; e.g. Llama 3.1 -> [<|eot_id|>], ChatML -> [<|im_end|>, ...], Gemma -> [<end_of_turn>, <eos>].
+    """
+    probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    ids: list[int] = []
+    try:
+        r = render(probe, tokenizer, Masking(), chat_template)
+        regex = _info(tokenizer)["regex"]
+        for t in r.turns[:1]:
+            for m in regex.finditer(r.text[t.content_end:t.end]) if regex else ():
+                tid = tokenizer.convert_tokens_to_ids(m.group())
+                if tid is not None and tid not in ids:
+                    ids.append(int(tid))
+    except ChatError:
+        pass
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(int(tokenizer.eos_token_id))
+    return ids
