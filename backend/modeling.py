@@ -120,7 +120,7 @@ def position_segments(position_ids: torch.Tensor) -> torch.Tensor:
     i.e. wherever the position does not increase by exactly 1), flattened in row order."""
     lengths = []
     for row in position_ids:
-        starts = torch.nonzero(torch.diff(row, prepend=row[:1] - 1) != 1).flatten().tolist() + [len(row)]
+        starts = [0] + (torch.nonzero(torch.diff(row) != 1).flatten() + 1).tolist() + [len(row)]
         lengths += [b - a for a, b in zip(starts[:-1], starts[1:])]
     return torch.tensor(lengths)
 
