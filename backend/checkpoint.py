@@ -1,0 +1,175 @@
+"""Checkpoints (save / resume / keep-N) and Hugging Face exports of a training run.
+
+Layout under ``run.experiment_dir``::
+
+    checkpoints/step_000100/          one resumable checkpoint (accelerator.save_state)
+        model.safetensors | pytorch_model_fsdp_0/    model (one file, or DCP shards under FSDP)
+        optimizer.bin     | optimizer_0/             AdamW moments (sharded under FSDP)
+        random_states_<rank>.pkl                     python/numpy/torch RNG of every rank
+        meta.json                                    {"step": 100, "world_size": 2, "config_hash": "...", ...}
+        config.yaml                                  the resolved config the run had
+        COMPLETE                                     written last: a directory without it is ignored
+    export/step_000100/, export/final/  HF directories: config.json, model.safetensors, tokenizer files,
+                                        chat_template.jinja, generation_config.json (eos = end-of-turn ids)
+
+Both are written into ``<name>.tmp`` and renamed when whole, so a crash leaves either nothing or a ``.tmp``
+that is ignored and cleaned. The learning-rate schedule is a pure function of the step (see
+``backend.train.lr_at``), so the step in ``meta.json`` is the scheduler's whole state; the step also fixes the
+data position, because the packed sampler derives its rows from the step number.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+COMPLETE = "COMPLETE"
+_STEP_DIR = re.compile(r"^step_(\d{6,})$")
+
+
+def step_dir_name(step: int) -> str:
+    """``100 -> "step_000100"``."""
+    return f"step_{step:06d}"
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def list_checkpoints(checkpoints_dir) -> list[tuple[int, Path, bool]]:
+    """``[(step, path, complete), ...]`` sorted by step; ``.tmp`` directories are not listed."""
+    root = Path(checkpoints_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        match = _STEP_DIR.match(child.name)
+        if match and child.is_dir():
+            found.append((int(match.group(1)), child, (child / COMPLETE).is_file()))
+    return sorted(found)
+
+
+def latest_complete(checkpoints_dir, warn=_warn) -> Path | None:
+    """The newest checkpoint directory that has its ``COMPLETE`` marker, or None.
+
+    Newer directories without the marker (a save cut short by a kill) are skipped with a warning.
+    """
+    for step, path, complete in reversed(list_checkpoints(checkpoints_dir)):
+        if complete:
+            return path
+        warn(f"ignoring incomplete checkpoint {path} (no {COMPLETE} marker: its save was interrupted)")
+    return None
+
+
+def read_meta(checkpoint_dir) -> dict:
+    return json.loads((Path(checkpoint_dir) / "meta.json").read_text())
+
+
+def save_checkpoint(accelerator, checkpoints_dir, step: int, config_yaml: str, keep: int | None = None,
+                    meta: dict | None = None) -> Path:
+    """Save a resumable checkpoint of everything ``accelerator.prepare`` saw (a collective: call on every rank).
+
+    Returns ``checkpoints/step_XXXXXX``. Keeps the newest ``keep`` complete checkpoints (None or 0: all).
+    """
+    root = Path(checkpoints_dir)
+    final = root / step_dir_name(step)
+    tmp = root / (final.name + ".tmp")
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)  # leftover of an interrupted save
+    accelerator.wait_for_everyone()
+    # save_state writes model + optimizer (as DCP shards under FSDP: every rank writes its own part) and each
+    # rank's RNG state; it is a collective, so every rank calls it with the same directory.
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        info = {"step": int(step), "world_size": accelerator.num_processes, "time": time.time(),
+                "distributed_type": str(accelerator.distributed_type), **(meta or {})}
+        (tmp / "meta.json").write_text(json.dumps(info, indent=1))
+        (tmp / "config.yaml").write_text(config_yaml)
+        if final.exists():  # an older incomplete save of the same step (resumed from before it)
+            shutil.rmtree(final)
+        tmp.rename(final)
+        (final / COMPLETE).write_text(f"{time.time()}\n")  # last: only now is the checkpoint usable
+        if keep:
+            complete = [path for _, path, ok in list_checkpoints(root) if ok]
+            for old in complete[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator, checkpoint_dir) -> dict:
+    """Restore model, optimizer and RNG from ``checkpoint_dir`` (a collective); returns its ``meta.json``."""
+    checkpoint_dir = Path(checkpoint_dir)
+    meta = read_meta(checkpoint_dir)
+    if meta.get("world_size") not in (None, accelerator.num_processes) and not accelerator.is_fsdp2:
+        _warn(f"{checkpoint_dir} was saved by {meta['world_size']} processes, resuming with "
+              f"{accelerator.num_processes}")
+    accelerator.load_state(str(checkpoint_dir))
+    return meta
+
+
+# ------------------------------------------------------------------------------------------------------ export
+
+
+def eot_ids(tokenizer) -> list[int]:
+    """Token ids that end an assistant turn: generation stops on any of them.
+
+    ``backend.chat.eot_token_ids`` knows each template family; without it, the tokenizer's eos plus
+    ``<|eot_id|>`` (Llama 3) when the vocabulary has it.
+    """
+    try:
+        from backend.chat import eot_token_ids
+
+        ids = list(eot_token_ids(tokenizer))
+    except (ImportError, AttributeError):
+        ids = []
+    if not ids:
+        vocab = tokenizer.get_vocab()
+        for token in ("<|eot_id|>", "<|im_end|>", "<end_of_turn>"):
+            if token in vocab:
+                ids.append(vocab[token])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def export_hf(accelerator, model, tokenizer, export_dir, name: str) -> Path:
+    """Write ``export_dir/<name>`` as a Hugging Face model directory (a collective: call on every rank).
+
+    ``AutoModelForCausalLM.from_pretrained(path)`` + ``AutoTokenizer.from_pretrained(path)`` load it; its
+    generation_config stops on the end-of-turn token(s), so ``generate`` ends replies like the chat template.
+    """
+    export_dir = Path(export_dir)
+    final = export_dir / name
+    tmp = export_dir / (name + ".tmp")
+    # get_state_dict gathers the full weights from the FSDP shards: a collective, every rank must call it.
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        unwrapped = accelerator.unwrap_model(model)
+        # training runs with use_cache=False (packed rows); an exported model is for generation, where the
+        # KV cache is what makes decoding fast
+        use_cache, unwrapped.config.use_cache = unwrapped.config.use_cache, True
+        unwrapped.save_pretrained(tmp, state_dict=state_dict, is_main_process=True)
+        unwrapped.config.use_cache = use_cache
+        tokenizer.save_pretrained(tmp)  # includes chat_template.jinja
+        generation = unwrapped.generation_config
+        eos = eot_ids(tokenizer)
+        generation.eos_token_id = eos if len(eos) > 1 else eos[0]
+        if generation.pad_token_id is None:
+            generation.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+        generation.save_pretrained(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    accelerator.wait_for_everyone()
+    return final

@@ -1,0 +1,381 @@
+"""Supervised finetuning of a causal LM on a prepared (packed, assistant-masked) dataset.
+
+    python -m backend.train TRAIN.yaml [key=value ...] [--validate] [--print-config]
+    accelerate launch --config_file fsdp.yaml -m backend.train TRAIN.yaml ...      # or torchrun -m backend.train
+    from backend.train import train; summary = train("TRAIN.yaml", ["training.train_iters=50"])   # notebooks
+
+Writes into ``run.experiment_dir``: config.yaml (resolved), events.jsonl, LOCK, checkpoints/step_XXXXXX/,
+export/step_XXXXXX/ and export/final/ (see backend/checkpoint.py). A run resumes by itself from the newest
+complete checkpoint there (same data position: the step number fixes the sampler's rows).
+
+Exit codes: 0 done, or stopped by SIGTERM/SIGINT after saving a checkpoint ("end" event with "stopped": true);
+1 unexpected error ("error" event, traceback on stderr); 2 invalid config or arguments; 3 another live run holds
+the experiment directory; 4 the loss or gradient became NaN/inf (the last good checkpoint is kept, nothing saved).
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+
+EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_LOCKED, EXIT_DIVERGED = 0, 1, 2, 3, 4
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient norm is NaN/inf."""
+
+
+def lr_at(step: int, lr, train_iters: int) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warmup from 0 to ``base`` over
+    ``warmup_iterations``, then ``decay_style`` from ``base`` to ``minimum`` until step ``decay_iterations``
+    (counted from 0, default ``train_iters``), then ``minimum``. A pure function of the step, so a checkpoint's
+    step is the schedule's whole state.
+
+    >>> [round(lr_at(s, LearningRateConfig(base=1.0, minimum=0.0, warmup_iterations=2, decay_iterations=6), 6), 2)
+    ...  for s in range(7)]
+    [0.5, 1.0, 1.0, 0.85, 0.5, 0.15, 0.0]
+    """
+    if step < lr.warmup_iterations:
+        return lr.base * (step + 1) / lr.warmup_iterations
+    if lr.decay_style == "constant":
+        return lr.base
+    end = lr.decay_iterations or train_iters
+    progress = min(1.0, max(0.0, (step - lr.warmup_iterations) / max(1, end - lr.warmup_iterations)))
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if lr.decay_style == "cosine" else 1.0 - progress
+    return lr.minimum + (lr.base - lr.minimum) * shape
+
+
+def param_groups(model, weight_decay: float) -> list[dict]:
+    """AdamW groups: weight decay on matrices only; norms, biases (1-D) and nothing else are not decayed."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class StopRequest:
+    """SIGTERM/SIGINT set a flag; the loop finishes its step, saves and ends (the studio's Stop button)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        def handler(signum, frame):
+            self.requested = True
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, handler)
+            except ValueError:  # not the main thread (e.g. a notebook worker thread): no signal handling
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+
+
+def _global_sum(accelerator, values: list[float]) -> list[float]:
+    """Sum a few floats over ranks (float64, so that 1 and 2 processes give the same loss to ~1e-12)."""
+    import torch
+
+    t = torch.tensor(values, dtype=torch.float64, device=accelerator.device)
+    if accelerator.num_processes > 1:
+        t = accelerator.reduce(t, reduction="sum")
+    return t.tolist()
+
+
+def _to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
+
+
+def evaluate(model, accelerator, sampler, dataset, cfg, iterations: int) -> float:
+    """Mean CE over every trained token of ``iterations`` validation batches (the same rows every time)."""
+    import torch
+
+    from backend.loss import trained_token_loss
+    from backend.packing import collate
+
+    b = cfg.batch
+    model.eval()
+    loss_sum = count = 0.0
+    with torch.no_grad():
+        for i in range(iterations):
+            for rows in sampler.micro_batches(i, b.batch_size, b.micro_batch_size, accelerator.process_index,
+                                              accelerator.num_processes):
+                batch = _to_device(collate(rows, dataset, b.sequence_length, b.cross_document_attention),
+                                   accelerator.device)
+                s, n = trained_token_loss(model, batch, cfg.model.base_model.cross_entropy_impl)
+                loss_sum += float(s)
+                count += n
+    model.train()
+    loss_sum, count = _global_sum(accelerator, [loss_sum, count])
+    return loss_sum / count if count else float("nan")
+
+
+def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
+    """The training recipe: set up, resume, loop (train, log, validate, checkpoint, export), finish."""
+    import torch
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    from backend.checkpoint import export_hf, latest_complete, load_checkpoint, save_checkpoint, step_dir_name
+    from backend.config import check_world_size, config_hash, dump_yaml
+    from backend.dataset import TokenDataset
+    from backend.distributed import describe, is_sharded, print0
+    from backend.loss import global_trained_count, loss_scale, trained_token_loss
+    from backend.modeling import load_model, load_tokenizer, select_attention
+    from backend.packing import PackedSampler, collate
+
+    run_dir = Path(cfg.run.experiment_dir)
+    t, b, opt = cfg.training, cfg.batch, cfg.optimizer
+    rank, world = accelerator.process_index, accelerator.num_processes
+    grad_accum = check_world_size(cfg, world)  # batch_size / (micro_batch_size * world): micro-batches per rank
+
+    # ---- data: the rows of step s are a pure function of (seed, s), so resuming at step s is exact
+    train_data = TokenDataset(cfg.data.datasets.training.path, "training")
+    sampling = cfg.data.sampling
+    sampler = PackedSampler(train_data.lengths, b.sequence_length, sampling.seed, sampling.packing,
+                            sampling.packing_window, cfg.data.truncate_documents)
+    if len(sampler.skipped):
+        print0(f"packing: {len(sampler.skipped)} of {len(train_data)} training documents are longer than "
+               f"sequence_length {b.sequence_length} and are skipped (data.truncate_documents: no)")
+    val_cfg = t.evaluations.validation
+    val_iters = 0
+    if cfg.data.datasets.validation is not None and val_cfg.interval and val_cfg.iterations:
+        val_data = TokenDataset(cfg.data.datasets.validation.path, "validation")
+        val_sampler = PackedSampler(val_data.lengths, b.sequence_length, sampling.seed, sampling.packing,
+                                    sampling.packing_window, cfg.data.truncate_documents)
+        # evaluate each validation row at most once: cap at the batches one epoch of the split holds
+        val_iters = min(val_cfg.iterations, max(1, val_sampler.num_rows_in_epoch(0) // b.batch_size))
+        if val_iters < val_cfg.iterations:
+            print0(f"validation: the split holds {val_sampler.num_rows_in_epoch(0)} rows, so "
+                   f"{val_iters} batches instead of {val_cfg.iterations}")
+
+    # ---- model, tokenizer, optimizer
+    set_seed(cfg.model.distributed.seed)  # same random init on every rank when model_weights: no
+    attn_impl, attn_reason = select_attention(cfg.model.base_model.transformer.use_flash_attention,
+                                              accelerator.device)
+    print0(f"attention: {attn_reason}")
+    # weights stay fp32 (master copy); bf16/fp16 compute comes from the Accelerator's mixed precision
+    model = load_model(cfg.pretrained.path, "fp32", attn_impl, random_init=not cfg.pretrained.model_weights)
+    tokenizer = load_tokenizer(cfg.pretrained.path)
+    num_params = sum(p.numel() for p in model.parameters())
+    optimizer = torch.optim.AdamW(param_groups(model, opt.weight_decay), lr=lr_at(0, opt.learning_rate, t.train_iters),
+                                  betas=(opt.beta_1, opt.beta_2))
+    # prepare: wraps/shards the model (FSDP2 turns parameters into DTensors) and re-points the optimizer at them
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+
+    # ---- resume from the newest complete checkpoint (a save cut short has no COMPLETE marker: skipped)
+    checkpoints = run_dir / "checkpoints"
+    start_step, resumed_from = 0, None
+    latest = latest_complete(checkpoints, warn=print0)
+    if latest is not None:
+        start_step = load_checkpoint(accelerator, latest)["step"]  # load_state: model, optimizer, RNG
+        resumed_from = str(latest)
+        print0(f"resuming from {latest} (step {start_step})")
+    config_yaml = dump_yaml(cfg)
+
+    def save(step):
+        path = save_checkpoint(accelerator, checkpoints, step, config_yaml, t.checkpoint.keep,
+                               {"config_hash": config_hash(cfg)})
+        if accelerator.is_main_process:
+            events.emit("checkpoint", step, path=str(path))
+        return path
+
+    def export(step, name):
+        path = export_hf(accelerator, model, tokenizer, run_dir / "export", name)
+        if accelerator.is_main_process:
+            events.emit("export", step, path=str(path))
+        return path
+
+    sharded = is_sharded(model)
+    if accelerator.is_main_process:
+        events.emit("start", start_step, resumed_from=resumed_from, train_iters=t.train_iters, world_size=world,
+                    distributed_type=describe(accelerator)["distributed_type"], sharded=sharded,
+                    mixed_precision=str(accelerator.mixed_precision), attention=attn_impl,
+                    attention_reason=attn_reason, num_parameters=num_params, gradient_accumulation=grad_accum,
+                    training_documents=len(train_data), skipped_documents=len(sampler.skipped),
+                    validation_batches=val_iters, config_hash=config_hash(cfg), experiment_dir=str(run_dir))
+
+    # ---- the loop
+    step, last_saved, stopped = start_step, start_step if latest is not None else None, False
+    first_val = last_val = first_loss = last_loss = None
+    tokens_per_step = b.batch_size * b.sequence_length  # positions through the model, padding included
+    bar = tqdm(total=t.train_iters, initial=start_step, desc="train", disable=not accelerator.is_main_process,
+               dynamic_ncols=True)
+    session_start = interval_start = time.perf_counter()
+    interval_trained = 0
+    while step < t.train_iters:
+        lr = lr_at(step, opt.learning_rate, t.train_iters)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        micro_batches = [collate(rows, train_data, b.sequence_length, b.cross_document_attention)
+                         for rows in sampler.micro_batches(step, b.batch_size, b.micro_batch_size, rank, world)]
+        # the loss is a mean over the trained tokens of the whole step on all ranks: count them first
+        global_count = global_trained_count(accelerator, [mb["num_trained"] for mb in micro_batches])
+        scale = loss_scale(global_count, world)
+        local_loss = 0.0
+        for i, mb in enumerate(micro_batches):
+            mb = _to_device(mb, accelerator.device)
+            # no_sync: gradients are only reduced across ranks on the step's last micro-batch
+            sync = accelerator.no_sync(model) if i < len(micro_batches) - 1 else _nullcontext()
+            with sync, accelerator.autocast():
+                loss_sum, _ = trained_token_loss(model, mb, cfg.model.base_model.cross_entropy_impl)
+                accelerator.backward(loss_sum * scale)  # Accelerator has gradient_accumulation_steps=1: no division
+            local_loss += float(loss_sum.detach())
+        (loss_total,) = _global_sum(accelerator, [local_loss])
+        loss = loss_total / global_count if global_count else float("nan")
+        # clip_grad_norm_ returns the norm before clipping (all ranks' shards); inf = only measure it
+        grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), opt.gradient_norm_clipping or float("inf")))
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            optimizer.zero_grad(set_to_none=True)
+            raise TrainingDiverged(
+                f"step {step + 1}: loss is {loss} and gradient norm {grad_norm}; stopped before the optimizer "
+                f"step, nothing saved. The last good checkpoint is {latest_complete(checkpoints, warn=print0)}. "
+                f"Lower optimizer.learning_rate.base (now {opt.learning_rate.base}) or check the data.")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+        interval_trained += global_count
+        first_loss = loss if first_loss is None else first_loss
+        last_loss = loss
+
+        if step % t.logs.interval == 0 or step == t.train_iters:
+            now = time.perf_counter()
+            steps_in_interval = t.logs.interval if step % t.logs.interval == 0 else step % t.logs.interval
+            elapsed = now - session_start
+            eta = elapsed / (step - start_step) * (t.train_iters - step)
+            if accelerator.is_main_process:
+                events.emit("train", step, loss=loss, lr=lr, grad_norm=grad_norm,
+                            tokens_per_s=tokens_per_step * steps_in_interval / (now - interval_start),
+                            trained_tokens=global_count, trained_tokens_per_s=interval_trained / (now - interval_start),
+                            elapsed=elapsed, eta=eta)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+            interval_start, interval_trained = now, 0
+
+        if val_iters and (step % val_cfg.interval == 0 or step == t.train_iters):
+            val_loss = evaluate(model, accelerator, val_sampler, val_data, cfg, val_iters)
+            first_val = val_loss if first_val is None else first_val
+            last_val = val_loss
+            if accelerator.is_main_process:
+                events.emit("validation", step, loss=val_loss, batches=val_iters)
+            bar.write(f"step {step}: validation loss {val_loss:.4f}") if accelerator.is_main_process else None
+
+        # Stop (SIGTERM/SIGINT): every rank must take the same branch, so the flag is summed over ranks
+        stopped = _global_sum(accelerator, [float(stop.requested)])[0] > 0 if world > 1 else stop.requested
+        if (t.checkpoint.interval and step % t.checkpoint.interval == 0) or stopped or step == t.train_iters:
+            save(step)
+            last_saved = step
+        if t.export.interval and step % t.export.interval == 0 and step != t.train_iters:
+            export(step, step_dir_name(step))
+        if stopped:
+            print0(f"stop requested: saved a checkpoint at step {step}")
+            break
+    bar.close()
+
+    final_export = None
+    if not stopped:
+        if last_saved != step:  # e.g. resumed at the end: make sure the final state is saved
+            save(step)
+        final_export = str(export(step, "final"))
+    summary = {"stopped": stopped, "resumed_from": resumed_from, "first_loss": first_loss,
+               "last_loss": last_loss, "first_validation_loss": first_val, "last_validation_loss": last_val,
+               "export": final_export, "sharded": sharded, "world_size": world,
+               "experiment_dir": str(run_dir)}
+    if accelerator.is_main_process:
+        events.emit("end", step, **summary)
+    return {"step": step, **summary}
+
+
+def _nullcontext():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def train(config, overrides=()) -> dict:
+    """Run training; ``config`` is a TrainConfig, a YAML path or a dict. Returns the summary of the end event.
+
+    Raises LockedError (another live run in experiment_dir), TrainingDiverged (NaN/inf), ConfigError, or what
+    failed; every failure is written to events.jsonl as an "error" event first.
+    """
+    from backend.config import TrainConfig, dump_yaml, load_train_config
+    from backend.distributed import build_accelerator
+    from backend.events import EventLog, LockedError, RunLock
+
+    cfg = config if isinstance(config, TrainConfig) else load_train_config(config, overrides)
+    run_dir = Path(cfg.run.experiment_dir)
+    accelerator = build_accelerator(cfg)
+    events = EventLog(run_dir / "events.jsonl")
+    lock = RunLock(run_dir)
+    lock_error = None
+    if accelerator.is_main_process:
+        try:
+            lock.acquire()
+        except LockedError as e:
+            lock_error = e
+    # every rank must learn that rank 0 could not take the lock, or the others would wait in a collective forever
+    locked_out = _global_sum(accelerator, [1.0 if lock_error else 0.0])[0] > 0 if accelerator.num_processes > 1 \
+        else lock_error is not None
+    if locked_out:
+        raise lock_error or LockedError(f"{run_dir} is in use by another run (see {run_dir / 'LOCK'})")
+    try:
+        if accelerator.is_main_process:
+            tmp = run_dir / "config.yaml.tmp"
+            tmp.write_text(dump_yaml(cfg))
+            tmp.replace(run_dir / "config.yaml")
+        with StopRequest() as stop:
+            return fit(cfg, accelerator, events, stop)
+    except BaseException as e:
+        if accelerator.is_main_process:
+            message = str(e) if isinstance(e, TrainingDiverged) else f"{type(e).__name__}: {e}"
+            events.emit("error", _last_step(run_dir / "events.jsonl"), message=message,
+                        kind="diverged" if isinstance(e, TrainingDiverged) else type(e).__name__)
+        raise
+    finally:
+        lock.release()
+
+
+def _last_step(events_path) -> int:
+    from backend.events import read_events
+
+    events, _ = read_events(events_path)
+    return max((e.get("step", 0) for e in events if isinstance(e.get("step"), int)), default=0)
+
+
+def main(cfg) -> int:
+    """run_cli's entry: exit code per the module docstring."""
+    from backend.events import LockedError
+
+    try:
+        train(cfg)
+    except LockedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_LOCKED
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_DIVERGED
+    except KeyboardInterrupt:
+        return EXIT_ERROR
+    except Exception as e:  # noqa: BLE001 - the error event is written; show the traceback for the log
+        from backend.config import ConfigError
+
+        if isinstance(e, ConfigError):
+            raise  # run_cli reports it (exit 2)
+        traceback.print_exc()
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    from backend.cli import run_cli
+
+    run_cli(sys.argv[1:], "train", main, __doc__)
