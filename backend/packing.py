@@ -339,6 +339,12 @@ class PackedSampler:
             return np.zeros(0, dtype=np.int64)
         return np.flatnonzero(self.lengths > self.sequence_length)
 
+    @property
+    def tokens_skipped(self) -> int:
+        """Tokens in the skipped documents: report these, not only the document count (few long documents can
+        hold a third of the tokens; bench/bench_packing.py)."""
+        return int(self.lengths[self.skipped].sum())
+
     def stats(self) -> dict:
         """Packing statistics of epoch 0 (fill varies slightly by epoch; skipped counts do not)."""
         return self.plan(0).stats()

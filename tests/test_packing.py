@@ -124,6 +124,7 @@ def test_sampler_deterministic_epochs_and_resume():
         docs = Counter(p.document for r in stream[s:s + n] for p in r)
         assert set(docs) == set(range(len(lengths))) - long and max(docs.values()) == 1, e
     assert a.skipped.tolist() == sorted(long)
+    assert a.tokens_skipped == int(lengths[sorted(long)].sum()) == a.stats()["tokens_skipped"]
     # epochs differ (reshuffled); a different seed differs
     assert stream[:n0] != stream[n0:2 * n0]
     assert PackedSampler(lengths, 64, seed=8, window=50).rows(0, 5) != stream[:5]
