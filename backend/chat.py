@@ -410,7 +410,11 @@ def _trim_turn(text: str, begin: int, end: int, content: str, k: int, regex, pro
     content_end = content_begin + length
     tail = text[content_end:end]
     m = regex.search(tail) if regex is not None else None
-    marker_len = m.end() if m is not None else len(tail.rstrip())
+    if m is not None:
+        marker_len = m.end()
+    else:  # no special token: the marker is the text up to the first whitespace (e.g. a plain '<|end|>\n')
+        w = re.search(r"\s", tail)
+        marker_len = w.start() if w else len(tail)
     return AssistantTurn(k, content_begin, content_end, content_end + marker_len)
 
 
@@ -443,8 +447,13 @@ def _auto_turns(messages, tokenizer, template, text, assistants, problems) -> li
         # the reply and its marker must survive unchanged into the final text (an eos that the template adds
         # only at the very end may differ: it lies after the marker)
         if not text.startswith(full[: turn.end]):
-            raise not_prefix_preserving(k, "the reply is rendered differently once later messages are added",
-                                        full[: turn.end], text)
+            cp = _common_prefix_len(full, text)
+            if cp < turn.content_end:
+                raise not_prefix_preserving(k, "the reply is rendered differently once later messages are added",
+                                            full[: turn.end], text)
+            # the reply survives but what follows it differs (e.g. an eos written only at the very end, which is
+            # not special for this tokenizer): take the marker from the part both renderings share
+            turn = _trim_turn(text, turn.begin, cp, text[turn.begin:turn.content_end], k, regex, problems)
         turns.append(turn)
     return turns
 

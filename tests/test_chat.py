@@ -1,0 +1,458 @@
+"""Tests for backend/chat.py: what is trained, for every chat-template family shipped in assets/.
+
+Run: .venv/bin/pytest tests/test_chat.py -x -q
+"""
+
+import json
+import re
+import multiprocessing as mp
+
+import numpy as np
+import pytest
+
+from backend import SAMPLE_DATA, TEMPLATE_TOKENIZERS, TINY_MODEL
+from backend.chat import (
+    ConversationError,
+    HealthReport,
+    Masking,
+    TemplateError,
+    check_dataset,
+    check_sample,
+    eot_token_ids,
+    get_spans,
+    loss_masking_from_spans,
+    normalize_conversation,
+    render,
+    spans_from_loss_masking,
+    tokenize,
+    tokenize_batch,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+FAMILIES = {
+    # family: (path, end-of-turn marker, BOS string the template writes or None)
+    "llama": (TINY_MODEL, "<|eot_id|>"),
+    "chatml": (TEMPLATE_TOKENIZERS / "chatml", "<|im_end|>"),
+    "gemma": (TEMPLATE_TOKENIZERS / "gemma", "<end_of_turn>"),
+    "mistral": (TEMPLATE_TOKENIZERS / "mistral", "</s>"),
+    "phi3": (TEMPLATE_TOKENIZERS / "phi3", "<|end|>"),
+    "llama-generation": (TEMPLATE_TOKENIZERS / "llama-generation", "<|eot_id|>"),
+}
+_tok_cache = {}
+
+
+def tok(family):
+    from transformers import AutoTokenizer
+
+    if family not in _tok_cache:
+        _tok_cache[family] = AutoTokenizer.from_pretrained(str(FAMILIES[family][0]))
+    return _tok_cache[family]
+
+
+SYSTEM = {"from": "system", "value": "You are terse."}
+TURNS = [
+    {"from": "human", "value": "Hi there, who are you?"},
+    {"from": "gpt", "value": "I am a helpful assistant."},
+    {"from": "human", "value": "What is 2+2?"},
+    {"from": "gpt", "value": "2+2 = 4.\nAnything else?"},
+    {"from": "human", "value": "No, thanks."},
+    {"from": "gpt", "value": "Goodbye!"},
+]
+REPLIES = [m["value"] for m in TURNS if m["from"] == "gpt"]
+OTHER_TEXT = [SYSTEM["value"]] + [m["value"] for m in TURNS if m["from"] == "human"]
+
+
+def trained_text(r):
+    return "".join(r.text[b:e] for b, e in r.trained_spans)
+
+
+def token_covered_text(text, tk):
+    """The characters covered by trained tokens, per token (its offset range)."""
+    return "".join(text[s:e] for (s, e), t in zip(tk.offsets.tolist(), tk.trained) if t)
+
+
+def n_bos(family, tk):
+    bos_id = tok(family).bos_token_id
+    return int((tk.input_ids == bos_id).sum()) if bos_id is not None else 0
+
+
+# --------------------------------------------------------------------------------- per family, auto mode
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("with_system", [True, False])
+def test_auto_trains_exactly_replies_and_eot(family, with_system):
+    t = tok(family)
+    conv = ([SYSTEM] if with_system else []) + TURNS
+    r = render(conv, t)
+    eot = FAMILIES[family][1]
+    # the rendering is the tokenizer's own apply_chat_template output (what inference sees)
+    assert r.text == t.apply_chat_template(normalize_conversation(conv), tokenize=False)
+    assert trained_text(r) == "".join(reply + eot for reply in REPLIES)
+    assert [r.text[b:e] for b, e in r.trained_spans] == [reply + eot for reply in REPLIES]
+    assert r.problems == []
+    # no header, system or user character is trained
+    trained = np.zeros(len(r.text), bool)
+    for b, e in r.trained_spans:
+        trained[b:e] = True
+    for other in OTHER_TEXT:
+        pos = r.text.find(other)
+        if pos >= 0:
+            assert not trained[pos:pos + len(other)].any()
+    # the loss-masking spans are the inclusive complement
+    assert spans_from_loss_masking(len(r.text), r.loss_masking_spans) == r.trained_spans
+    # token mask agrees with the char spans: trained tokens cover the replies (+ at most straddling whitespace)
+    tk = tokenize(r.text, r.trained_spans, t)
+    covered = token_covered_text(r.text, tk)
+    assert covered.replace(" ", "") == trained_text(r).replace(" ", "")
+    ids = t(r.text, add_special_tokens=False)["input_ids"]
+    assert tk.input_ids[-len(ids):].tolist() == ids  # nothing appended, nothing changed
+    # BOS exactly once when the tokenizer or template uses one, never doubled
+    expected_bos = 1 if (t.bos_token and (r.text.startswith(t.bos_token) or t("a")["input_ids"][0] == t.bos_token_id)) else 0
+    assert n_bos(family, tk) == expected_bos
+    assert check_sample(r, tk, t) == []
+
+
+@pytest.mark.parametrize("family", ["llama", "chatml", "gemma", "mistral", "phi3"])
+def test_train_on_last_and_no_eot(family):
+    t = tok(family)
+    eot = FAMILIES[family][1]
+    r = render([SYSTEM] + TURNS, t, Masking(train_on="last"))
+    assert trained_text(r) == REPLIES[-1] + eot
+    r = render([SYSTEM] + TURNS, t, Masking(train_on_eot=False))
+    assert [r.text[b:e] for b, e in r.trained_spans] == REPLIES
+    tk = tokenize(r.text, r.trained_spans, t)
+    assert any(p.startswith("eot_not_trained") for p in check_sample(r, tk, t))
+
+
+def test_generation_markers_agree_with_prefix_diff():
+    """llama-generation has {% generation %}; the same template without markers goes through the prefix diff."""
+    t = tok("llama-generation")
+    src = t.chat_template
+    plain = re.sub(r"\{%-?\s*(end)?generation\s*-?%\}", "", src)
+    assert plain != src and "{%- generation" in src and "endgeneration" not in plain
+    for conv in ([SYSTEM] + TURNS, TURNS[:2], TURNS):
+        a = render(conv, t)
+        b = render(conv, t, chat_template=plain)
+        assert a.text == b.text
+        assert a.trained_spans == b.trained_spans
+        # and with transformers' own token-level assistant mask
+        out = t.apply_chat_template(normalize_conversation(conv), tokenize=True, return_dict=True,
+                                    return_assistant_tokens_mask=True)
+        tk = tokenize(a.text, a.trained_spans, t)
+        assert tk.input_ids.tolist() == list(out["input_ids"])
+        assert tk.trained.astype(int).tolist() == list(out["assistant_masks"])
+
+
+def test_llama_matches_guide_delimiters():
+    """Auto mode on Llama 3.1 gives the same spans as the guide's delimiters."""
+    t = tok("llama")
+    m = Masking(mode="delimiters", start_delimiter="<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
+                end_delimiter="<|eot_id|>")
+    for conv in ([SYSTEM] + TURNS, TURNS):
+        a, d = render(conv, t), render(conv, t, m)
+        assert a.text == d.text and a.trained_spans == d.trained_spans and d.problems == []
+
+
+# ------------------------------------------------------------------------------------- guide's get_spans
+def guide_get_spans(text: str, start_delimiter: str, end_delimiter: str):
+    """Copied verbatim from the guide (indentation restored): loops forever on some inputs."""
+    spans = []
+    start = 0
+    while start < len(text):
+        end = text.find(start_delimiter, start) + len(start_delimiter)
+        if end == -1:
+            break
+        spans.append([start, end - 1])  # character span indices are inclusive
+        start = text.find(end_delimiter, end) + len(end_delimiter)
+    return spans
+
+
+def _guide_worker(args, q):
+    q.put(guide_get_spans(*args))
+
+
+def run_guide(args, timeout=5):
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_guide_worker, args=(args, q))
+    p.start()
+    p.join(timeout)
+    if p.is_alive():
+        p.kill()
+        p.join()
+        return "hang"
+    return q.get(timeout=1)
+
+
+LLAMA_SD = "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+LLAMA_ED = "<|eot_id|>"
+
+
+@pytest.mark.timeout(30)
+def test_get_spans_equals_guide_on_well_formed_llama():
+    t = tok("llama")
+    rows = [json.loads(line) for line in open(SAMPLE_DATA)][:40]
+    texts = [render(r, t).text for r in rows]
+    for text in texts:
+        assert get_spans(text, LLAMA_SD, LLAMA_ED) == run_guide((text, LLAMA_SD, LLAMA_ED))
+    # and the guide's own example-level check: the spans mask everything except replies + <|eot_id|>
+    r = render(rows[0], t, Masking(mode="delimiters", start_delimiter=LLAMA_SD, end_delimiter=LLAMA_ED))
+    assert r.loss_masking_spans == [tuple(s) for s in run_guide((r.text, LLAMA_SD, LLAMA_ED))]
+
+
+@pytest.mark.timeout(30)
+def test_guide_snippet_hangs_where_ours_terminates():
+    text = render(TURNS[:3], tok("llama")).text  # ends with a user turn
+    assert run_guide((text, LLAMA_SD, LLAMA_ED), timeout=2) == "hang"
+    spans = get_spans(text, LLAMA_SD, LLAMA_ED)
+    assert spans[-1][1] == len(text) - 1  # the trailing user turn is masked
+
+
+DELIM = Masking(mode="delimiters", start_delimiter=LLAMA_SD, end_delimiter=LLAMA_ED)
+
+
+@pytest.mark.timeout(10)
+def test_delimiters_conversation_ending_with_user():
+    r = render(TURNS[:3], tok("llama"), DELIM)
+    assert trained_text(r) == REPLIES[0] + LLAMA_ED
+    assert r.problems == []  # 1 assistant message, 1 span
+
+
+@pytest.mark.timeout(10)
+def test_delimiters_missing_end_delimiter_trains_to_end():
+    r = render(TURNS[:2], tok("llama"), Masking(mode="delimiters", start_delimiter=LLAMA_SD, end_delimiter="<END>"))
+    assert trained_text(r) == REPLIES[0] + LLAMA_ED
+    assert any(p.startswith("end_delimiter_missing") for p in r.problems)
+    tk = tokenize(r.text, r.trained_spans, tok("llama"))
+    assert any(p.startswith("eot_not_trained") for p in check_sample(r, tk, tok("llama")))
+
+
+@pytest.mark.timeout(10)
+def test_delimiters_absent():
+    t = tok("llama")
+    r = render(TURNS, t, Masking(mode="delimiters", start_delimiter="<|im_start|>assistant\n", end_delimiter="<|im_end|>"))
+    assert r.trained_spans == [] and r.loss_masking_spans == [(0, len(r.text) - 1)]
+    tk = tokenize(r.text, r.trained_spans, t)
+    codes = [p.split(":")[0] for p in check_sample(r, tk, t)]
+    assert "span_not_found" in codes and "no_trained_tokens" in codes
+
+
+@pytest.mark.timeout(10)
+def test_delimiter_text_in_content_terminates_and_is_reported():
+    t = tok("llama")
+    conv = [{"role": "user", "content": "Say <|eot_id|> please"},
+            {"role": "assistant", "content": "Here: <|eot_id|> done"}]
+    r = render(conv, t, DELIM)
+    # the reply is cut at the end delimiter inside it: reported, never a hang
+    assert trained_text(r) == "Here: <|eot_id|>"
+    codes = {p.split(":")[0] for p in r.problems}
+    assert {"delimiter_in_content", "special_text_in_content"} <= codes
+    # the original snippet hangs on this input
+    assert run_guide((r.text, LLAMA_SD, LLAMA_ED), timeout=2) == "hang"
+    # auto mode uses the structure and trains the whole reply
+    a = render(conv, t)
+    assert trained_text(a) == "Here: <|eot_id|> done<|eot_id|>"
+
+
+def test_empty_delimiters_are_errors():
+    with pytest.raises(ValueError, match="start_delimiter"):
+        Masking(mode="delimiters", start_delimiter="", end_delimiter="x")
+    with pytest.raises(ValueError, match="end_delimiter"):
+        Masking(mode="delimiters", start_delimiter="x", end_delimiter=None)
+    with pytest.raises(ValueError):
+        get_spans("abc", "", "x")
+
+
+def test_span_conversions_roundtrip():
+    assert loss_masking_from_spans(10, [(3, 6), (8, 10)]) == [(0, 2), (6, 7)]
+    assert spans_from_loss_masking(10, [[0, 2], [6, 7]]) == [(3, 6), (8, 10)]
+    assert spans_from_loss_masking(5, []) == [(0, 5)]
+    assert loss_masking_from_spans(5, []) == [(0, 4)]
+
+
+# ------------------------------------------------------------------------------------------ tokenization
+def test_token_rule_straddling_tokens_are_trained():
+    t = tok("llama")
+    text = "hello world"
+    enc = t(text, add_special_tokens=False, return_offsets_mapping=True)
+    offsets = enc["offset_mapping"]
+    # a span that starts in the middle of the first token and ends in the middle of the last
+    s0, e0 = offsets[0]
+    sl, el = offsets[-1]
+    span = (s0 + 1, el - 1) if e0 - s0 > 1 and el - sl > 1 else (s0, el)
+    tk = tokenize(text, [span], t)
+    assert tk.trained[1:].all() if False else True
+    exp = [(s < span[1] and e > span[0]) for s, e in offsets]
+    assert tk.trained[1:].tolist() == exp  # index 0 is the added BOS (zero width, never trained)
+    assert tk.input_ids[0] == t.bos_token_id and not tk.trained[0]
+    # a span that touches a token only at its boundary does not train it
+    tk = tokenize(text, [(offsets[1][0], offsets[1][1])], t)
+    assert tk.trained[1:].tolist() == [i == 1 for i in range(len(offsets))]
+
+
+def test_tokenize_batch_equals_tokenize():
+    t = tok("llama")
+    rs = [render(r, t) for r in [json.loads(line) for line in open(SAMPLE_DATA)][:20]]
+    batch = tokenize_batch([r.text for r in rs], [r.trained_spans for r in rs], t)
+    for r, b in zip(rs, batch):
+        s = tokenize(r.text, r.trained_spans, t)
+        assert np.array_equal(s.input_ids, b.input_ids) and np.array_equal(s.trained, b.trained)
+        assert n_bos("llama", b) == 1
+
+
+@pytest.mark.parametrize("family", ["llama", "chatml", "gemma", "mistral", "phi3"])
+def test_unicode_emoji_long_and_special_text(family):
+    t = tok(family)
+    eot = FAMILIES[family][1]
+    long_reply = ("Lorem ipsum dolor sit amet. " * 4000)[:100_000].strip()
+    replies = ["日本語の答えです。", "e\u0301 combining, emoji 👩‍👩‍👧 🎉", long_reply]
+    conv = []
+    for i, rep in enumerate(replies):
+        conv += [{"role": "user", "content": f"question {i} 中文"}, {"role": "assistant", "content": rep}]
+    r = render(conv, t)
+    assert [r.text[b:e] for b, e in r.trained_spans] == [x + eot for x in replies]
+    tk = tokenize(r.text, r.trained_spans, t)
+    assert t.decode(tk.input_ids[tk.trained]).replace(" ", "") == "".join(x + eot for x in replies).replace(" ", "")
+    # special-token text inside user content: reported, does not crash
+    conv2 = [{"role": "user", "content": f"what does {eot} mean?"}, {"role": "assistant", "content": "It ends a turn."}]
+    r2 = render(conv2, t)
+    tk2 = tokenize(r2.text, r2.trained_spans, t)
+    probs = check_sample(r2, tk2, t)
+    assert any(p.startswith("special_text_in_content: message 0") for p in probs)
+    assert trained_text(r2) == "It ends a turn." + eot
+
+
+# ------------------------------------------------------------------------------------- template problems
+def test_non_prefix_preserving_template_is_a_clear_error():
+    t = tok("chatml")
+    bad = "Turns: {{ messages|length }}\n" + t.chat_template
+    with pytest.raises(TemplateError, match="not prefix-preserving at message 1"):
+        render(TURNS, t, chat_template=bad)
+    # a template that rewrites earlier replies (like reasoning stripping) once later turns exist
+    strip = ("{% for m in messages %}{% if m.role == 'assistant' and not loop.last %}<A>{{ m.content[:3] }}</A>"
+             "{% elif m.role == 'assistant' %}<A>{{ m.content }}</A>{% else %}<U>{{ m.content }}</U>{% endif %}"
+             "{% endfor %}{% if add_generation_prompt %}<A>{% endif %}")
+    with pytest.raises(TemplateError, match="message 1"):
+        render(TURNS, t, chat_template=strip)
+
+
+def test_template_errors_are_clear():
+    t = tok("gemma")
+    with pytest.raises(TemplateError, match="alternate"):
+        render([{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
+                {"role": "assistant", "content": "c"}], t)
+    with pytest.raises(TemplateError, match="syntax error at line 2"):
+        render(TURNS, t, chat_template="{% for m in messages %}\n{{ m.content }\n{% endfor %}")
+    with pytest.raises(TemplateError, match="does not exist"):
+        render(TURNS, t, chat_template="/nonexistent/template.jinja")
+
+
+def test_template_from_file(tmp_path):
+    t = tok("chatml")
+    p = tmp_path / "t.jinja"
+    p.write_text(tok("phi3").chat_template)
+    r = render(TURNS, tok("phi3"), chat_template=str(p))
+    assert r.text.startswith("<|user|>\n") and trained_text(r) == "".join(x + "<|end|>" for x in REPLIES)
+    # phi3's template with a tokenizer for which <|end|> is plain text: the reply is still found, and the
+    # marker of a non-final turn is bounded by what the full rendering shares (the final eos differs)
+    r = render(TURNS, t, chat_template=str(p))
+    assert [r.text[b:e] for b, e in r.trained_spans][:2] == [x + "<|end|>" for x in REPLIES[:2]]
+
+
+# ---------------------------------------------------------------------------------------- conversations
+@pytest.mark.parametrize(
+    "conv, match",
+    [
+        ([{"from": "human", "value": "hi"}, {"from": "robot", "value": "x"}], r"message 1: 'from' is 'robot'"),
+        ([{"role": "user", "content": "hi"}, {"role": "assistant"}], r"message 1: missing key 'content'"),
+        ([{"from": "human"}], r"message 0: missing key 'value'"),
+        ([{"content": "hi"}], r"message 0: missing key 'role'"),
+        ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}], r"message 1 \(assistant\): 'content' is empty"),
+        ([{"role": "user", "content": 5}], r"message 0 \(user\): 'content' must be a string"),
+        ([{"role": "user", "content": None}], r"message 0 \(user\): 'content' is null"),
+        ([{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}], r"message 0 \(user\): 'content' part 0"),
+        ({"text": "hi"}, r"no 'conversations' or 'messages' column"),
+        ([], r"empty"),
+        (["hi"], r"message 0: must be a dict"),
+    ],
+)
+def test_bad_conversations(conv, match):
+    with pytest.raises(ConversationError, match=match):
+        normalize_conversation(conv)
+
+
+def test_conversation_shapes():
+    want = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}, {"role": "assistant", "content": "ab"}]
+    share = [{"from": "system", "value": "s"}, {"from": "human", "value": "u"}, {"from": "gpt", "value": "ab"}]
+    openai = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+              {"role": "assistant", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
+    assert normalize_conversation(share) == want
+    assert normalize_conversation({"conversations": share, "uuid": 1}) == want
+    assert normalize_conversation({"messages": openai}) == want
+    assert normalize_conversation([{"role": "model", "content": "x"}])[0]["role"] == "assistant"
+    rows = [json.loads(line) for line in open(SAMPLE_DATA_OPENAI_PATH())][:3]
+    shares = [json.loads(line) for line in open(SAMPLE_DATA)][:3]
+    for a, b in zip(rows, shares):
+        assert render(a, tok("llama")).text == render(b, tok("llama")).text
+
+
+def SAMPLE_DATA_OPENAI_PATH():
+    from backend import SAMPLE_DATA_OPENAI
+
+    return SAMPLE_DATA_OPENAI
+
+
+# ------------------------------------------------------------------------------------------- health checks
+def test_check_sample_length_problems():
+    t = tok("llama")
+    r = render(TURNS, t)
+    tk = tokenize(r.text, r.trained_spans, t)
+    n = len(tk.input_ids)
+    assert check_sample(r, tk, t, sequence_length=n) == []
+    # cut inside the last reply
+    last = r.turns[-1]
+    cut = int(np.searchsorted(tk.offsets[:, 0], last.begin)) + 1
+    codes = [p.split(":")[0] for p in check_sample(r, tk, t, sequence_length=cut)]
+    assert codes == ["too_long", "assistant_cut"]
+    # cut between turns (before the last reply starts): too long but no assistant turn crosses
+    first_user_after = r.text.find("No, thanks.")
+    cut2 = int(np.searchsorted(tk.offsets[:, 0], first_user_after))
+    codes = [p.split(":")[0] for p in check_sample(r, tk, t, sequence_length=cut2)]
+    assert codes == ["too_long"]
+
+
+def test_check_dataset_and_report():
+    t = tok("llama")
+    rows = [json.loads(line) for line in open(SAMPLE_DATA)][:30]
+    rows.append({"conversations": [{"from": "human", "value": "hi"}]})  # no assistant
+    rows.append({"conversations": [{"from": "alien", "value": "hi"}]})  # bad
+    seen = []
+    rep = check_dataset(rows, t, Masking(), sequence_length=64, progress=lambda i, n: seen.append((i, n)))
+    assert seen[-1] == (32, 32) and len(seen) == 32
+    d = rep.to_dict()
+    assert d["samples"] == 32
+    assert d["problems"]["bad_conversation"]["examples"] == [31]
+    assert "message 0" in d["problems"]["bad_conversation"]["first"]
+    assert d["problems"]["span_not_found"]["examples"] == [30]
+    assert d["problems"]["no_trained_tokens"]["count"] == 1
+    assert abs(d["span_found_share"] - 30 / 32) < 1e-9
+    assert 0 < d["trained_token_share"] < 1
+    assert len(d["lengths"]) == 31
+    long_rows = sum(n > 64 for n in d["lengths"])
+    assert d["problems"].get("too_long", {"count": 0})["count"] == long_rows
+    s = rep.summary()
+    assert "bad_conversation" in s and "30" in s
+    json.dumps(d)
+    rep2 = check_dataset(rows, t, limit=5)
+    assert rep2.n_samples == 5 and rep2.counts == {}
+    h = HealthReport()
+    h.add(0, ["x: a", "x: b"], 10, 5)
+    assert h.counts == {"x": 1}
+
+
+def test_eot_token_ids():
+    for family, (_, eot) in FAMILIES.items():
+        t = tok(family)
+        ids = eot_token_ids(t)
+        assert ids[0] == t.convert_tokens_to_ids(eot)
+        assert t.eos_token_id in ids
