@@ -304,8 +304,7 @@ def _compile(template: str):
 
 def _template_kwargs(tokenizer) -> dict:
     # apply_chat_template passes the special tokens (bos_token, eos_token, ...) as template variables
-    info = _info(tokenizer)
-    return info["kwargs"]
+    return _info(tokenizer)["kwargs"]
 
 
 def render_messages(messages: list[dict], tokenizer, template: str, add_generation_prompt=False) -> str:
@@ -604,7 +603,8 @@ def render(conversation, tokenizer, masking: Masking | None = None, chat_templat
             text = render_messages(messages, tokenizer, template)
         if turns is None:
             turns = _auto_turns(messages, tokenizer, template, text, target, problems)
-        chosen = [t for t in turns if t.message_index in set(target)]
+        wanted = set(target)
+        chosen = [t for t in turns if t.message_index in wanted]
         if not assistants:
             problems.append("span_not_found: the conversation has no assistant message; nothing is trained")
 

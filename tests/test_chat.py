@@ -281,7 +281,6 @@ def test_token_rule_straddling_tokens_are_trained():
     sl, el = offsets[-1]
     span = (s0 + 1, el - 1) if e0 - s0 > 1 and el - sl > 1 else (s0, el)
     tk = tokenize(text, [span], t)
-    assert tk.trained[1:].all() if False else True
     exp = [(s < span[1] and e > span[0]) for s, e in offsets]
     assert tk.trained[1:].tolist() == exp  # index 0 is the added BOS (zero width, never trained)
     assert tk.input_ids[0] == t.bos_token_id and not tk.trained[0]
