@@ -1,0 +1,436 @@
+"""The Gradio page: one ``build_*_tab()`` per tab, wired to the typed handlers of ``studio.handlers``.
+
+    python -m studio                      # see studio/__main__.py
+    demo = build_app(runs_dir="runs")     # gr.Blocks; demo.launch(server_name="127.0.0.1")
+
+This module only lays out widgets and converts handler results (plain dataclasses) into widget updates.
+Importing it does not import torch (tests check it); tokenizers and models load lazily inside handlers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import gradio as gr
+
+from backend import SAMPLE_DATA, TINY_MODEL
+from studio import handlers as H
+from studio.bindings import GROUPS, TRAIN_FIELDS, Binding, label_and_info
+
+CSS = """
+.sft-status p { color: #b30000; font-weight: 600; }
+.sft-tokens { max-height: 420px; overflow-y: auto; }
+"""
+
+
+def _rel(p: Path) -> str:
+    try:
+        return str(p.relative_to(Path.cwd()))
+    except ValueError:
+        return str(p)
+
+
+# ============================================================================================ data tab
+
+
+@dataclass
+class DataTab:
+    dataset: gr.Textbox
+    tokenizer: gr.Textbox
+    mode: gr.Radio
+    start: gr.Textbox
+    end: gr.Textbox
+    train_on: gr.Radio
+    train_on_eot: gr.Checkbox
+    template: gr.Code
+    index: gr.Number
+    n_rows: gr.State
+    outputs: list            # preview outputs: highlight, tokens, summary, problems, status, index, n_rows
+    buttons: tuple           # prev, next, random
+
+    @property
+    def masking_inputs(self) -> list:
+        """The inputs every data handler takes, in the handlers' argument order."""
+        return [self.dataset, self.tokenizer, self.mode, self.start, self.end, self.train_on, self.train_on_eot,
+                self.template]
+
+
+def on_preview(dataset, tokenizer, index, mode, start, end, train_on, train_on_eot, template, seq_len):
+    p = H.preview_sample(dataset, tokenizer, index, mode, start, end, train_on, train_on_eot, template, seq_len)
+    return p.highlight, p.token_html, p.summary, p.problems, p.status, p.index, p.n_rows
+
+
+def on_step(delta: int):
+    def step(index, n_rows):
+        return H.step_index(index, delta, n_rows)
+    return step
+
+
+def on_load_template(tokenizer: str) -> str:
+    return H.default_template(tokenizer)
+
+
+def build_data_tab() -> DataTab:
+    """Lay out the Data tab; `wire_data_tab` connects it once the Config tab (sequence length) exists."""
+    with gr.Row():
+        dataset = gr.Textbox(_rel(SAMPLE_DATA), label="Dataset", scale=3,
+                             info="a .jsonl/.json/.parquet file, a save_to_disk directory, or a hub id")
+        tokenizer = gr.Textbox(_rel(TINY_MODEL), label="Tokenizer", scale=2, info="directory or hub id")
+    with gr.Row():
+        mode = gr.Radio(["auto", "delimiters"], value="auto", label="Masking",
+                        info="auto: assistant spans from the chat template itself")
+        start = gr.Textbox("<|start_header_id|>assistant<|end_header_id|>\\n\\n", label="start delimiter",
+                           info="'\\n' = newline", elem_id="start-delim")
+        end = gr.Textbox("<|eot_id|>", label="end delimiter", elem_id="end-delim")
+        train_on = gr.Radio(["all", "last"], value="all", label="Train on assistant turns")
+        train_on_eot = gr.Checkbox(True, label="Train end-of-turn token")
+    with gr.Accordion("Chat template (editable; re-renders at once)", open=False):
+        # Filled on page load (loading the tokenizer takes seconds; building the page should not).
+        template = gr.Code("", language="jinja2", label="chat template",
+                           elem_id="chat-template")
+    with gr.Row():
+        prev_b = gr.Button("◀ prev", size="sm")
+        next_b = gr.Button("next ▶", size="sm")
+        rand_b = gr.Button("🎲 random", size="sm")
+        index = gr.Number(0, label="sample #", precision=0, minimum=0, elem_id="sample-index")
+    n_rows = gr.State(0)
+    status = gr.Markdown("", elem_classes="sft-status", elem_id="data-status")
+    summary = gr.Markdown(elem_id="preview-summary")
+    highlight = gr.HighlightedText(label="Rendered sample: trained vs masked tokens", color_map=H.COLOR_MAP,
+                                   show_legend=True, combine_adjacent=False, show_inline_category=False,
+                                   elem_id="preview")
+    problems = gr.Markdown(elem_id="preview-problems")
+    with gr.Accordion("Tokens (boundaries and ids)", open=False):
+        tokens = gr.HTML()
+    return DataTab(dataset, tokenizer, mode, start, end, train_on, train_on_eot, template, index, n_rows,
+                   [highlight, tokens, summary, problems, status, index, n_rows], (prev_b, next_b, rand_b))
+
+
+def wire_data_tab(tab: DataTab, seq_len: gr.Number, demo: gr.Blocks) -> None:
+    """Every masking control re-renders the preview at once (.input for typed text, .change for toggles)."""
+    t = tab
+    dataset, tokenizer, mode, start, end = t.dataset, t.tokenizer, t.mode, t.start, t.end
+    train_on, train_on_eot, template, index, n_rows = t.train_on, t.train_on_eot, t.template, t.index, t.n_rows
+    prev_b, next_b, rand_b = t.buttons
+    inputs = [dataset, tokenizer, index, mode, start, end, train_on, train_on_eot, template, seq_len]
+    outputs = t.outputs
+    for w in (mode, train_on, train_on_eot, index):
+        w.change(on_preview, inputs, outputs, show_progress="hidden")
+    for w in (start, end, template):
+        w.input(on_preview, inputs, outputs, show_progress="hidden")
+    for w in (dataset, tokenizer):
+        w.submit(on_preview, inputs, outputs)
+        w.blur(on_preview, inputs, outputs)
+    tokenizer.submit(on_load_template, [tokenizer], [template])
+    prev_b.click(on_step(-1), [index, n_rows], [index])
+    next_b.click(on_step(+1), [index, n_rows], [index])
+    rand_b.click(on_step(0), [index, n_rows], [index])
+    demo.load(on_preview, inputs, outputs)
+    demo.load(on_load_template, [tokenizer], [template])
+
+
+def on_check(dataset, tokenizer, mode, start, end, train_on, train_on_eot, template, seq_len, truncate, max_rows,
+             progress=gr.Progress()):
+    def report(i, n):
+        if i % 50 == 0 or i == n:
+            progress((i, n), desc="checking samples")
+    r = H.check_whole_dataset(dataset, tokenizer, mode, start, end, train_on, train_on_eot, template, seq_len,
+                              truncate, max_rows, progress=report)
+    choices = [(label, row) for label, row in zip(r.problem_labels, r.problem_rows)]
+    return r.summary or r.status, r.figure, gr.update(choices=choices, value=None)
+
+
+def build_check_section(data: DataTab):
+    """Lay out the dataset check; returns a function that wires it to the Config tab's widgets."""
+    with gr.Accordion("Dataset check (whole dataset, before launch)", open=True):
+        with gr.Row():
+            max_rows = gr.Number(5000, label="check at most N rows (an even random sample above that)", precision=0)
+            run = gr.Button("Check dataset", variant="primary", elem_id="check-button")
+        with gr.Row():
+            summary = gr.Markdown(elem_id="check-summary")
+            plot = gr.Plot(label="document lengths")
+        jump = gr.Dropdown([], label="Jump to a problem sample", interactive=True, elem_id="problem-jump")
+    jump.input(lambda r: r if r is not None else gr.skip(), [jump], [data.index])
+
+    def wire(seq_len, truncate):
+        run.click(on_check, data.masking_inputs + [seq_len, truncate, max_rows], [summary, plot, jump])
+    return wire
+
+
+# ============================================================================================ packing tab
+
+
+def on_packing(dataset, tokenizer, mode, start, end, train_on, train_on_eot, template, seq_len, micro_batch,
+               strategy, truncate, cross_doc, max_docs, mask_row):
+    v = H.packing_view(dataset, tokenizer, mode, start, end, train_on, train_on_eot, template, seq_len,
+                       micro_batch, strategy, truncate, cross_doc, max_docs, mask_row)
+    return v.figure, v.mask_figure, v.summary or v.status
+
+
+def build_packing_tab(data: DataTab):
+    """Lay out the packing view; returns a function that wires it to the Config tab's widgets."""
+    gr.Markdown("One packed micro-batch of the first documents, built by `backend.packing.pack` + `collate` "
+                "(the training code). These toggles are a what-if: the Config tab decides what runs.")
+    with gr.Row():
+        strategy = gr.Radio(["best_fit", "greedy"], value="best_fit", label="packing strategy")
+        truncate = gr.Checkbox(False, label="truncate_documents")
+        cross_doc = gr.Checkbox(False, label="cross-document attention")
+        max_docs = gr.Number(300, label="documents to pack", precision=0)
+        mask_row = gr.Number(0, label="row for the block mask", precision=0)
+        run = gr.Button("Draw", variant="primary", elem_id="pack-button")
+    summary = gr.Markdown(elem_id="pack-summary")
+    plot = gr.Plot(label="packed micro-batch")
+    mask = gr.Plot(label="block mask")
+
+    def wire(seq_len, micro_batch):
+        inputs = data.masking_inputs + [seq_len, micro_batch, strategy, truncate, cross_doc, max_docs, mask_row]
+        run.click(on_packing, inputs, [plot, mask, summary])
+        for w in (strategy, truncate, cross_doc, mask_row):
+            w.change(on_packing, inputs, [plot, mask, summary])
+    return wire
+
+
+# ============================================================================================ config tab
+
+
+@dataclass
+class ConfigTab:
+    widgets: list            # one per TRAIN_FIELDS row, same order
+    train_yaml: gr.Code
+    prepare_yaml: gr.Code
+    status: gr.Markdown
+
+    def widget(self, path: str):
+        return self.widgets[[b.path for b in TRAIN_FIELDS].index(path)]
+
+
+def make_widget(b: Binding, value):
+    label, info = label_and_info(b)
+    common = dict(label=label, info=info, elem_id="cfg-" + b.path.replace(".", "-"))
+    if b.kind == "int":
+        return gr.Number(value, precision=0, **common)
+    if b.kind == "float":
+        return gr.Number(value, **common)
+    if b.kind == "bool":
+        return gr.Checkbox(bool(value), **common)
+    if b.kind == "choice":
+        return gr.Dropdown(list(b.choices), value=value, **common)
+    return gr.Textbox(value or "", **common)
+
+
+def on_form(yaml_text, *values):
+    return H.form_to_train_yaml(yaml_text, *values)
+
+
+def on_yaml(yaml_text):
+    values, status, ok = H.train_yaml_to_form(yaml_text)
+    return [v if ok else gr.skip() for v in values] + [status]
+
+
+def on_load_file(path):
+    text, status = H.load_yaml_file(path)
+    if text is None:
+        return [gr.skip()] * (len(TRAIN_FIELDS) + 1) + [status]
+    return [text] + on_yaml(text)[:-1] + [status]
+
+
+def on_save(train_text, prepare_text, path):
+    s1 = H.save_yaml(train_text, path)
+    p = Path(path or "")
+    s2 = H.save_yaml(prepare_text, str(p.with_name(p.stem + "_prepare" + p.suffix))) if prepare_text else ""
+    ok = not s1.startswith("⚠️")
+    return "\n\n".join(x for x in (s1, s2) if x), (str(Path(path).resolve()) if ok else None)
+
+
+def build_config_tab() -> ConfigTab:
+    from backend.config import load_train_config
+    from studio.bindings import form_values_from_config
+
+    yaml0 = H.default_train_yaml()
+    values0 = form_values_from_config(load_train_config(H.DEFAULT_TRAIN_YAML))
+    widgets = [None] * len(TRAIN_FIELDS)
+    with gr.Row():
+        with gr.Column(scale=3):
+            for group in GROUPS:
+                with gr.Accordion(group, open=group in ("Schedule", "Batch", "Learning rate")):
+                    with gr.Row():
+                        for k, b in enumerate(TRAIN_FIELDS):
+                            if b.group == group:
+                                widgets[k] = make_widget(b, values0[k])
+            status = gr.Markdown("✅ valid train config", elem_id="config-status")
+        with gr.Column(scale=2):
+            train_yaml = gr.Code(yaml0, language="yaml", label="train YAML (edit here or in the form)",
+                                 elem_id="train-yaml", interactive=True)
+            prepare_yaml = gr.Code("", language="yaml", label="prepare YAML (from the Data tab)",
+                                   elem_id="prepare-yaml", interactive=True)
+            with gr.Row():
+                path = gr.Textbox("runs/studio_train.yaml", label="YAML file", scale=3)
+                load_b = gr.Button("Load", size="sm")
+                save_b = gr.Button("Save", size="sm")
+            download = gr.File(label="download", interactive=False)
+            file_status = gr.Markdown()
+    for w in widgets:
+        # .input (user edits only) in both directions, so that form -> YAML -> form does not loop.
+        w.input(on_form, [train_yaml] + widgets, [train_yaml, status], show_progress="hidden")
+    train_yaml.input(on_yaml, [train_yaml], widgets + [status], show_progress="hidden")
+    load_b.click(on_load_file, [path], [train_yaml] + widgets + [file_status])
+    save_b.click(on_save, [train_yaml, prepare_yaml, path], [file_status, download])
+    return ConfigTab(widgets, train_yaml, prepare_yaml, status)
+
+
+def on_prepare_yaml(train_text, dataset, tokenizer, mode, start, end, train_on, train_on_eot, template):
+    text, status = H.prepare_yaml_from(train_text, dataset, tokenizer, mode, start, end, train_on, train_on_eot,
+                                       template)
+    return text
+
+
+def wire_prepare_yaml(data: DataTab, cfg: ConfigTab, demo: gr.Blocks) -> None:
+    """The prepare YAML follows the Data tab and the train YAML's dataset path."""
+    inputs = [cfg.train_yaml] + data.masking_inputs
+    for w in data.masking_inputs + [cfg.train_yaml]:
+        w.change(on_prepare_yaml, inputs, [cfg.prepare_yaml], show_progress="hidden")
+    demo.load(on_prepare_yaml, inputs, [cfg.prepare_yaml])
+
+
+# ============================================================================================ train tab
+
+
+def _progress_html(fraction: float) -> str:
+    pct = max(0.0, min(1.0, float(fraction or 0))) * 100
+    return (f'<div style="background:#eee;border-radius:4px;height:14px"><div id="run-progress" '
+            f'style="width:{pct:.1f}%;background:#2ca02c;height:14px;border-radius:4px"></div></div>'
+            f'<small>{pct:.0f}%</small>')
+
+
+def on_poll(exp_dir, cursor, overlays):
+    before = (cursor or {}).get("offset"), (cursor or {}).get("state"), (cursor or {}).get("log_size")
+    v = H.poll_run(exp_dir, cursor, overlays)
+    log_size = len(v.log)
+    v.cursor["state"], v.cursor["log_size"] = v.status, log_size
+    v.cursor["overlays"] = list(overlays or [])
+    changed = before != (v.cursor["offset"], v.status, log_size) or (cursor or {}).get("overlays") != v.cursor["overlays"]
+    if not changed:  # nothing new: do not resend the figure every second
+        return gr.skip(), gr.skip(), gr.skip(), gr.skip(), v.cursor
+    return v.figure, v.log, v.status, _progress_html(v.progress), v.cursor
+
+
+def on_launch(train_text, prepare_text):
+    return H.launch_run(train_text, prepare_text), H.experiment_dir_of(train_text)
+
+
+def on_stop(exp_dir):
+    return H.stop_run(exp_dir)
+
+
+def on_refresh_runs(runs_dir):
+    return gr.update(choices=H.past_runs(runs_dir))
+
+
+def on_page_load(runs_dir, train_text):
+    """Reattach: if a job runs under the runs dir, show it (and its train YAML); else the YAML's experiment dir."""
+    from studio import jobs
+
+    for exp in jobs.list_runs(runs_dir):
+        if jobs.job_status(exp).running:
+            text = (Path(exp) / jobs.TRAIN_YAML)
+            if text.exists():
+                return exp, text.read_text(encoding="utf-8")
+            return exp, gr.skip()
+    return H.experiment_dir_of(train_text), gr.skip()
+
+
+def build_train_tab(cfg: ConfigTab, runs_dir: str, demo: gr.Blocks) -> None:
+    runs_state = gr.State(runs_dir)
+    with gr.Row():
+        exp_dir = gr.Textbox("", label="experiment dir (run.experiment_dir of the train YAML)", scale=3,
+                             elem_id="exp-dir")
+        launch_b = gr.Button("🚀 Launch / Resume", variant="primary", elem_id="launch-button")
+        stop_b = gr.Button("■ Stop (checkpoint, then exit)", variant="stop", elem_id="stop-button")
+    action = gr.Markdown(elem_id="train-action")
+    status = gr.Markdown(elem_id="train-status")
+    progress = gr.HTML(_progress_html(0))
+    plot = gr.Plot(label="training curves", elem_id="train-plot")
+    with gr.Row():
+        overlays = gr.Dropdown([], multiselect=True, label="overlay past runs", scale=4)
+        refresh = gr.Button("↻ runs", size="sm")
+    log = gr.Textbox(label="train.log (tail)", lines=14, max_lines=14, autoscroll=True, elem_id="train-log")
+    cursor = gr.State({})
+    timer = gr.Timer(1.0)
+    timer.tick(on_poll, [exp_dir, cursor, overlays], [plot, log, status, progress, cursor], show_progress="hidden")
+    launch_b.click(on_launch, [cfg.train_yaml, cfg.prepare_yaml], [action, exp_dir])
+    stop_b.click(on_stop, [exp_dir], [action])
+    refresh.click(on_refresh_runs, [runs_state], [overlays])
+    cfg.train_yaml.change(H.experiment_dir_of, [cfg.train_yaml], [exp_dir], show_progress="hidden")
+    demo.load(on_page_load, [runs_state, cfg.train_yaml], [exp_dir, cfg.train_yaml])
+    demo.load(on_refresh_runs, [runs_state], [overlays])
+
+
+# ============================================================================================ chat tab
+
+
+def on_chat(model_path, base_path, compare, template, message, history, history_base):
+    history = list(history or [])
+    history_base = list(history_base or [])
+    if not (message or "").strip():
+        yield history, history_base, ""
+        return
+    try:
+        for reply in H.chat_stream(model_path, history, message, template):
+            yield history + [{"role": "user", "content": message}, {"role": "assistant", "content": reply}], \
+                history_base, ""
+        history = history + [{"role": "user", "content": message}, {"role": "assistant", "content": reply}]
+        if compare:
+            for reply_b in H.chat_stream(base_path, history_base, message, template):
+                yield history, history_base + [{"role": "user", "content": message},
+                                               {"role": "assistant", "content": reply_b}], ""
+    except Exception as e:  # a bad model dir: show it in the chat rather than a traceback
+        yield history + [{"role": "user", "content": message},
+                         {"role": "assistant", "content": f"⚠️ {type(e).__name__}: {e}"}], history_base, ""
+
+
+def build_chat_tab(data: DataTab, runs_dir: str, demo: gr.Blocks) -> None:
+    runs_state = gr.State(runs_dir)
+    with gr.Row():
+        model = gr.Dropdown([str(TINY_MODEL)], value=str(TINY_MODEL), label="model (export dir or base)",
+                            allow_custom_value=True, scale=3)
+        base = gr.Textbox(_rel(TINY_MODEL), label="base model (for before vs after)", scale=2)
+        compare = gr.Checkbox(True, label="side by side with the base")
+        refresh = gr.Button("↻ models", size="sm")
+    with gr.Row():
+        chat = gr.Chatbot(label="finetuned", height=360)
+        chat_base = gr.Chatbot(label="base", height=360)
+    message = gr.Textbox(label="message", placeholder="What is 5 + 37?")
+    send = gr.Button("Send", variant="primary")
+    inputs = [model, base, compare, data.template, message, chat, chat_base]
+    send.click(on_chat, inputs, [chat, chat_base, message])
+    message.submit(on_chat, inputs, [chat, chat_base, message])
+    refresh.click(lambda d: gr.update(choices=H.chat_models(d)), [runs_state], [model])
+    demo.load(lambda d: gr.update(choices=H.chat_models(d)), [runs_state], [model])
+
+
+# ============================================================================================ the page
+
+
+def build_app(runs_dir: str = "runs") -> gr.Blocks:
+    """The whole page. Tabs are laid out in reading order; events that cross tabs are wired at the end."""
+    with gr.Blocks(title="SFT Studio") as demo:
+        gr.Markdown("# SFT Studio — see what is trained, then train it")
+        with gr.Tabs():
+            with gr.Tab("Data", id="data"):
+                data = build_data_tab()
+                wire_check = build_check_section(data)
+            with gr.Tab("Packing", id="packing"):
+                wire_packing = build_packing_tab(data)
+            with gr.Tab("Config", id="config"):
+                cfg = build_config_tab()
+            with gr.Tab("Train", id="train"):
+                build_train_tab(cfg, runs_dir, demo)
+            with gr.Tab("Chat", id="chat"):
+                build_chat_tab(data, runs_dir, demo)
+        seq_len = cfg.widget("batch.sequence_length")
+        wire_data_tab(data, seq_len, demo)
+        wire_check(seq_len, cfg.widget("data.truncate_documents"))
+        wire_packing(seq_len, cfg.widget("batch.micro_batch_size"))
+        wire_prepare_yaml(data, cfg, demo)
+    return demo

@@ -1,0 +1,922 @@
+"""Studio event handlers: typed module-level functions from plain values to plain values (no browser needed).
+
+The Gradio wiring in `studio/app.py` only connects widgets to these. Everything that decides what is trained
+goes through `backend.chat.render` + `backend.chat.tokenize`, the same code `backend.prepare` runs:
+
+    p = preview_sample("assets/data/sample_sharegpt.jsonl", "assets/tiny-llama", 0, "auto", "", "", "all", True, "")
+    p.highlight   -> [("<|begin_of_text|>...user...", "masked"), ("5 + 37 = 42.<|eot_id|>", "trained"), ...]
+    p.summary     -> "**412 tokens**: 61 trained (14.8%), 351 masked ..."
+    p.status      -> "" (or the problem text: "chat.masking.start_delimiter: must be a non-empty string ...")
+
+Tokenizers are loaded lazily and cached per path (transformers imports torch then: ~1-10 s once per path, the
+only torch import of the UI process; `import studio.app` itself stays torch-free).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import random
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import yaml
+
+from backend import ASSETS, SAMPLE_DATA, TINY_MODEL
+
+DEFAULT_PREPARE_YAML = ASSETS / "configs" / "tiny_prepare.yaml"
+DEFAULT_TRAIN_YAML = ASSETS / "configs" / "tiny_train.yaml"
+TRAINED, MASKED = "trained", "masked"
+COLOR_MAP = {TRAINED: "#2ca02c", MASKED: "#d9d9d9"}
+TOKEN_VIEW_LIMIT = 3000  # tokens drawn in the token view (the highlight always shows the whole sample)
+
+
+# =============================================================================================== paths
+
+
+@dataclass
+class PathCheck:
+    ok: bool
+    path: str          # what to pass on (resolved local path, or the hub id as typed)
+    message: str       # "" when fine, else what is wrong and what to do
+    kind: str = ""     # "file" | "dir" | "hub"
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+def check_path(text: str, what: str = "dataset", must_exist: bool = True) -> PathCheck:
+    """Validate a path typed in the UI.
+
+    what: "dataset" (a .jsonl/.json/.parquet file, a save_to_disk dir or a hub id), "model" (a dir with
+    config.json, or a hub id), "tokenizer" (a dir with tokenizer files, or a hub id), "dir" (any directory to
+    write into). Relative paths are relative to the studio's working directory; the message shows where that is.
+    """
+    raw = (text or "").strip()
+    if not raw:
+        return PathCheck(False, "", f"{what} path is empty: type a path")
+    if "\x00" in raw:
+        return PathCheck(False, "", f"{what} path contains a NUL character")
+    p = Path(raw).expanduser()
+    resolved = p.resolve()
+    if what == "dir":
+        if resolved.exists() and not resolved.is_dir():
+            return PathCheck(False, str(resolved), f"{raw} exists and is not a directory ({resolved})")
+        parent = resolved if resolved.exists() else next((q for q in resolved.parents if q.exists()), None)
+        if parent is None or not os.access(parent, os.W_OK):
+            return PathCheck(False, str(resolved), f"cannot write under {resolved}: {parent} is not writable")
+        return PathCheck(True, raw, "", "dir")
+    if not p.exists():
+        if _HUB_ID.match(raw) and not raw.startswith((".", "/")) and not (Path.cwd() / raw.split("/")[0]).exists():
+            return PathCheck(True, raw, f"'{raw}' is not a local path: treated as a hub id (needs network)", "hub")
+        if must_exist:
+            return PathCheck(False, str(resolved), f"{what} path {raw} does not exist (looked at {resolved})")
+        return PathCheck(True, raw, "", "")
+    if what == "dataset":
+        if p.is_file() and p.suffix not in (".jsonl", ".json", ".parquet"):
+            return PathCheck(False, str(resolved), f"{raw}: expected a .jsonl, .json or .parquet file, or a "
+                                                   f"directory written by datasets.save_to_disk")
+        return PathCheck(True, raw, "", "file" if p.is_file() else "dir")
+    if what in ("model", "tokenizer"):
+        if not p.is_dir():
+            return PathCheck(False, str(resolved), f"{what} path {raw} is a file; pass the model directory")
+        needed = ["config.json"] if what == "model" else ["tokenizer.json", "tokenizer_config.json"]
+        if what == "model" and not (p / "config.json").exists():
+            return PathCheck(False, str(resolved), f"{raw} holds no config.json: not a Hugging Face model "
+                                                   f"directory (export/final or export/step_* are)")
+        if what == "tokenizer" and not any((p / n).exists() for n in needed):
+            return PathCheck(False, str(resolved), f"{raw} holds no tokenizer.json / tokenizer_config.json")
+        return PathCheck(True, raw, "", "dir")
+    return PathCheck(True, raw, "", "file" if p.is_file() else "dir")
+
+
+# =============================================================================================== caches
+
+_lock = threading.Lock()
+_tokenizers: dict[tuple, Any] = {}
+_sources: dict[tuple, "RowSource"] = {}
+
+
+def _stamp(path: str) -> tuple:
+    p = Path(path)
+    try:
+        return (str(p.resolve()), p.stat().st_mtime_ns)
+    except OSError:
+        return (path, 0)
+
+
+def get_tokenizer(path: str):
+    """The tokenizer at ``path``, loaded once per (path, mtime) through backend.modeling.load_tokenizer."""
+    check = check_path(path, "tokenizer")
+    if not check.ok:
+        raise ValueError(check.message)
+    key = _stamp(path)
+    with _lock:
+        tok = _tokenizers.get(key)
+    if tok is None:
+        from backend.modeling import load_tokenizer  # imports torch: only here, lazily
+
+        tok = load_tokenizer(path)
+        with _lock:
+            _tokenizers[key] = tok
+    return tok
+
+
+class RowSource:
+    """Random access to the rows of a dataset without loading it all: a line index for .jsonl, else datasets."""
+
+    def __init__(self, path: str):
+        self.path = path
+        p = Path(path)
+        self._offsets = None
+        self._ds = None
+        if p.is_file() and p.suffix == ".jsonl":
+            data = p.read_bytes()
+            ends = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == 10)
+            starts = np.concatenate([[0], ends + 1])
+            lines = [(int(s), int(e)) for s, e in zip(starts, np.concatenate([ends, [len(data)]]))
+                     if data[s:e].strip()]
+            self._offsets = lines
+            self._data = data
+        elif p.is_file() and p.suffix == ".json":
+            rows = json.loads(p.read_text(encoding="utf-8"))
+            if isinstance(rows, dict):  # {"data": [...]} and similar: the first list value
+                rows = next((v for v in rows.values() if isinstance(v, list)), [])
+            self._rows = list(rows)
+        else:
+            import datasets  # lazily: parquet files, save_to_disk directories, hub ids
+
+            if p.is_file():
+                self._ds = datasets.load_dataset("parquet", data_files=str(p), split="train")
+            elif p.is_dir():
+                ds = datasets.load_from_disk(str(p))
+                self._ds = ds["train"] if isinstance(ds, datasets.DatasetDict) else ds
+            else:
+                self._ds = datasets.load_dataset(path, split="train")
+
+    def __len__(self) -> int:
+        if self._offsets is not None:
+            return len(self._offsets)
+        if self._ds is not None:
+            return len(self._ds)
+        return len(self._rows)
+
+    def __getitem__(self, i: int) -> dict:
+        if self._offsets is not None:
+            s, e = self._offsets[i]
+            try:
+                return json.loads(self._data[s:e])
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{self.path} line {i + 1}: not JSON ({err.msg})") from err
+        if self._ds is not None:
+            return self._ds[int(i)]
+        return self._rows[i]
+
+
+def get_rows(path: str) -> RowSource:
+    check = check_path(path, "dataset")
+    if not check.ok:
+        raise ValueError(check.message)
+    key = _stamp(path)
+    with _lock:
+        src = _sources.get(key)
+    if src is None:
+        src = RowSource(path)
+        with _lock:
+            _sources[key] = src
+    return src
+
+
+# =============================================================================================== data tab
+
+
+def make_masking(mode: str, start_delimiter: str, end_delimiter: str, train_on: str, train_on_eot: bool):
+    """Widget values -> backend.chat.Masking (raises ValueError with the config key on bad values)."""
+    from backend.chat import Masking
+
+    if mode == "delimiters":
+        return Masking(mode="delimiters", start_delimiter=_unescape(start_delimiter),
+                       end_delimiter=_unescape(end_delimiter), train_on=train_on, train_on_eot=bool(train_on_eot))
+    return Masking(mode="auto", train_on=train_on, train_on_eot=bool(train_on_eot))
+
+
+def _unescape(s: str | None) -> str | None:
+    """Delimiters are typed on one line: '\\n' in the textbox means a newline (as in YAML double quotes)."""
+    if s is None:
+        return None
+    return s.replace("\\n", "\n").replace("\\t", "\t")
+
+
+def default_template(tokenizer_path: str) -> str:
+    """The tokenizer's own chat template (what `chat.template: null` uses), or '' with no tokenizer."""
+    from backend.chat import resolve_template
+
+    try:
+        return resolve_template(get_tokenizer(tokenizer_path), None)
+    except Exception:
+        return ""
+
+
+def _template_arg(template_text: str, tokenizer) -> str | None:
+    """None when the box holds the tokenizer's own template (keeps `chat.template: null` in the YAML)."""
+    from backend.chat import resolve_template
+
+    t = (template_text or "").strip()
+    if not t:
+        return None
+    try:
+        own = resolve_template(tokenizer, None)
+    except Exception:
+        own = None
+    return None if own is not None and t == own.strip() else template_text
+
+
+@dataclass
+class Preview:
+    highlight: list[tuple[str, str | None]]   # for gr.HighlightedText: (text, "trained" | "masked")
+    token_html: str                           # token boundaries and ids
+    summary: str                              # markdown: counts
+    problems: str                             # markdown: per-sample problems ("" if none)
+    status: str                               # "" when fine; else the error (bad delimiter/template/row)
+    n_rows: int = 0
+    index: int = 0
+    trained_chars: list[tuple[int, int]] = field(default_factory=list)  # half-open ranges highlighted trained
+    text: str = ""
+
+
+def char_labels(text_len: int, offsets: np.ndarray, trained: np.ndarray) -> np.ndarray:
+    """(text_len,) bool: the character belongs to a trained token (the union of trained tokens' offsets)."""
+    d = np.zeros(text_len + 1, dtype=np.int64)
+    off = offsets[trained]
+    off = off[off[:, 1] > off[:, 0]]
+    np.add.at(d, off[:, 0], 1)
+    np.add.at(d, off[:, 1], -1)
+    return np.cumsum(d[:-1]) > 0
+
+
+def runs_of(mask: np.ndarray) -> list[tuple[int, int, bool]]:
+    """Maximal runs of equal values: [(begin, end, value)] covering the whole array."""
+    if len(mask) == 0:
+        return []
+    change = np.flatnonzero(mask[1:] != mask[:-1]) + 1
+    bounds = np.concatenate([[0], change, [len(mask)]])
+    return [(int(a), int(b), bool(mask[a])) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def token_html(text: str, input_ids: np.ndarray, offsets: np.ndarray, trained: np.ndarray, tokenizer,
+               limit: int = TOKEN_VIEW_LIMIT) -> str:
+    """Each token as a box: its text (whitespace made visible) over its id; green border = trained."""
+    n = len(input_ids)
+    parts = ['<div class="sft-tokens" style="font-family:monospace;font-size:12px;line-height:2.2">']
+    for t in range(min(n, limit)):
+        s, e = int(offsets[t, 0]), int(offsets[t, 1])
+        piece = text[s:e] if e > s else tokenizer.convert_ids_to_tokens(int(input_ids[t]))
+        shown = html.escape(piece).replace("\n", "↵").replace(" ", "␣") or "∅"
+        cls = "tok-t" if trained[t] else "tok-m"
+        color = "#2ca02c" if trained[t] else "#bbbbbb"
+        bg = "#e5f5e0" if trained[t] else ("#f7f7f7" if t % 2 else "#ececec")
+        parts.append(f'<span class="{cls}" title="token {t}, id {int(input_ids[t])}, chars {s}-{e}" '
+                     f'style="display:inline-block;border:1px solid {color};background:{bg};margin:1px;'
+                     f'padding:0 2px;vertical-align:top;text-align:center">{shown}'
+                     f'<br><sub style="color:#666">{int(input_ids[t])}</sub></span>')
+    if n > limit:
+        parts.append(f"<p>… {n - limit} more tokens not drawn (the highlight above shows the whole sample)</p>")
+    parts.append("</div>")
+    return "".join(parts)
+
+
+def _render_row(row: dict, tokenizer, masking, template):
+    """A dataset row -> (RenderedSample-like, TokenizedSample). Guide form rows (text + spans) are accepted."""
+    from backend.chat import RenderedSample, render, spans_from_loss_masking, tokenize
+
+    if isinstance(row, dict) and isinstance(row.get("text"), str) and not any(
+            k in row for k in ("conversations", "messages")):
+        spans_key = next((k for k in ("loss_masking_spans", "spans") if k in row), None)
+        text = row["text"]
+        trained = spans_from_loss_masking(len(text), row[spans_key]) if spans_key else [(0, len(text))]
+        rendered = RenderedSample(text=text, trained_spans=list(trained), loss_masking_spans=row.get(spans_key) or [],
+                                  problems=[])
+    else:
+        rendered = render(row, tokenizer, masking, template)
+    return rendered, tokenize(rendered.text, rendered.trained_spans, tokenizer)
+
+
+def preview_sample(dataset_path: str, tokenizer_path: str, index: int | float | None, mode: str,
+                   start_delimiter: str, end_delimiter: str, train_on: str, train_on_eot: bool,
+                   template_text: str, sequence_length: int | float | None = None) -> Preview:
+    """Render sample ``index`` and highlight its trained tokens. Never raises: problems go to ``.status``."""
+    empty = Preview([], "", "", "", "")
+    try:
+        rows = get_rows(dataset_path)
+        tokenizer = get_tokenizer(tokenizer_path)
+    except Exception as e:  # bad path, unreadable file: say so in the status box
+        empty.status = f"⚠️ {e}"
+        return empty
+    n = len(rows)
+    empty.n_rows = n
+    if n == 0:
+        empty.status = f"⚠️ {dataset_path} holds no rows"
+        return empty
+    i = int(index or 0) % n
+    empty.index = i
+    try:
+        masking = make_masking(mode, start_delimiter, end_delimiter, train_on, train_on_eot)
+        rendered, tok = _render_row(rows[i], tokenizer, masking, _template_arg(template_text, tokenizer))
+    except Exception as e:  # ChatError (row or template), ValueError (masking), jinja errors
+        empty.status = f"⚠️ sample {i}: {type(e).__name__}: {e}"
+        return empty
+    return _preview_from(rendered, tok, tokenizer, i, n, sequence_length)
+
+
+def _preview_from(rendered, tok, tokenizer, i: int, n: int, sequence_length=None) -> Preview:
+    from backend.chat import check_sample
+
+    text = rendered.text
+    mask = char_labels(len(text), tok.offsets, tok.trained)
+    runs = runs_of(mask)
+    highlight = [(text[a:b], TRAINED if v else MASKED) for a, b, v in runs]
+    trained_chars = [(a, b) for a, b, v in runs if v]
+    T, k = len(tok.input_ids), int(tok.trained.sum())
+    seq = int(sequence_length) if sequence_length else None
+    problems = check_sample(rendered, tok, tokenizer, seq)
+    summary = (f"**Sample {i} of {n}** — **{T} tokens**: <span style='color:#2ca02c'>■</span> {k} trained "
+               f"({k / T:.1%}), <span style='color:#999'>■</span> {T - k} masked; "
+               f"{len(rendered.trained_spans)} trained span(s)" if T else f"Sample {i}: empty")
+    problems_md = "\n".join(f"- ⚠️ `{p.split(':', 1)[0]}`: {p.split(':', 1)[1].strip() if ':' in p else p}"
+                            for p in problems)
+    return Preview(highlight=highlight, token_html=token_html(text, tok.input_ids, tok.offsets, tok.trained, tokenizer),
+                   summary=summary, problems=problems_md or "✅ no problems in this sample", status="",
+                   n_rows=n, index=i, trained_chars=trained_chars, text=text)
+
+
+def step_index(index: int | float | None, delta: int, n_rows: int) -> int:
+    """Prev/next with wrap-around; delta=0 means 'random'."""
+    n = max(int(n_rows or 0), 1)
+    if delta == 0:
+        return random.randrange(n)
+    return (int(index or 0) + delta) % n
+
+
+# =============================================================================================== dataset check
+
+
+@dataclass
+class CheckResult:
+    summary: str                     # markdown
+    figure: Any                      # plotly length histogram
+    problem_rows: list[int]          # example row indices, for the "jump to" dropdown
+    problem_labels: list[str]        # "row 17: eot_not_trained" (same order)
+    report: dict                     # HealthReport.to_dict() with row indices mapped back to the dataset
+    status: str = ""
+
+
+def _sample_indices(n: int, max_rows: int, seed: int = 0) -> tuple[np.ndarray, bool]:
+    if n <= max_rows:
+        return np.arange(n), False
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(n, size=max_rows, replace=False)), True
+
+
+def check_whole_dataset(dataset_path: str, tokenizer_path: str, mode: str, start_delimiter: str,
+                        end_delimiter: str, train_on: str, train_on_eot: bool, template_text: str,
+                        sequence_length: int | float, truncate_documents: bool, max_rows: int | float = 5000,
+                        progress: Callable[[int, int], Any] | None = None) -> CheckResult:
+    """backend.chat.check_dataset over the dataset (or an even random sample of ``max_rows``), summarized."""
+    from backend.chat import check_dataset
+    from studio.plots import length_histogram
+
+    try:
+        rows = get_rows(dataset_path)
+        tokenizer = get_tokenizer(tokenizer_path)
+        masking = make_masking(mode, start_delimiter, end_delimiter, train_on, train_on_eot)
+        template = _template_arg(template_text, tokenizer)
+    except Exception as e:
+        return CheckResult("", None, [], [], {}, f"⚠️ {e}")
+    seq = int(sequence_length) if sequence_length else None
+    idx, sampled = _sample_indices(len(rows), int(max_rows or 5000))
+    try:
+        report = check_dataset((rows[int(i)] for i in idx), tokenizer, masking, template, seq,
+                               progress=progress, examples=5)
+    except Exception as e:
+        return CheckResult("", None, [], [], {}, f"⚠️ {type(e).__name__}: {e}")
+    d = report.to_dict()
+    for c in d["problems"].values():  # positions in the sample -> rows of the dataset
+        c["examples"] = [int(idx[j]) for j in c["examples"]]
+    lengths = np.asarray(report.lengths, dtype=np.int64)
+    n = report.n_samples
+    too_long = lengths[lengths > seq] if seq else lengths[:0]
+    eot_bad = d["problems"].get("eot_not_trained", {}).get("count", 0)
+    nothing = d["problems"].get("no_trained_tokens", {}).get("count", 0)
+    lines = [
+        f"**{n} samples checked**" + (f" (an even random sample of {len(rows)} rows; raise the limit to check all)"
+                                      if sampled else " (the whole dataset)"),
+        f"- assistant spans found in **{report.span_found_share:.1%}** of samples",
+        f"- samples with nothing to train: **{nothing}**",
+        f"- end-of-turn marker trained: **{'yes, in every trained turn' if not eot_bad else f'NO in {eot_bad} samples'}**"
+        + ("" if train_on_eot else " (train_on_eot is off: the model will not learn to stop)"),
+        f"- trained tokens: **{report.n_trained} / {report.n_tokens} ({report.trained_token_share:.1%})**",
+    ]
+    if seq:
+        lost_tok = int(too_long.sum())
+        share = lost_tok / report.n_tokens if report.n_tokens else 0.0
+        verb = "cut at row edges (truncate_documents: yes)" if truncate_documents else "SKIPPED (truncate_documents: no)"
+        lines.append(f"- longer than sequence_length {seq}: **{len(too_long)} documents holding {lost_tok} tokens "
+                     f"({share:.1%} of all tokens)**, {verb}")
+    if lengths.size:
+        lines.append(f"- length: median {int(np.median(lengths))}, p99 {int(np.percentile(lengths, 99))}, "
+                     f"max {int(lengths.max())} tokens")
+    rows_out, labels = [], []
+    for code, c in d["problems"].items():
+        lines.append(f"- ⚠️ `{code}`: {c['count']} sample(s), e.g. rows {c['examples']} — {c['first']}")
+        for r in c["examples"]:
+            rows_out.append(r)
+            labels.append(f"row {r}: {code}")
+    if not d["problems"]:
+        lines.append("- ✅ no problems found")
+    fig = length_histogram(lengths, seq)
+    return CheckResult("\n".join(lines), fig, rows_out, labels, d)
+
+
+# =============================================================================================== packing view
+
+
+class _MemoryDocs:
+    """What backend.packing.collate reads: ``document(i) -> (tokens, trained)``, here from tokenized samples."""
+
+    def __init__(self, docs: list[tuple[np.ndarray, np.ndarray]]):
+        self.docs = docs
+
+    def document(self, i: int):
+        return self.docs[i]
+
+
+@dataclass
+class PackingView:
+    figure: Any
+    mask_figure: Any
+    summary: str
+    stats: dict
+    status: str = ""
+
+
+def tokenize_documents(dataset_path: str, tokenizer_path: str, masking, template_text: str,
+                       max_docs: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The first ``max_docs`` rows as (tokens, trained) pairs; rows that fail to render are left out."""
+    from backend.chat import ChatError
+
+    rows = get_rows(dataset_path)
+    tokenizer = get_tokenizer(tokenizer_path)
+    template = _template_arg(template_text, tokenizer)
+    docs = []
+    for i in range(min(len(rows), int(max_docs))):
+        try:
+            _, tok = _render_row(rows[i], tokenizer, masking, template)
+        except ChatError:
+            continue
+        docs.append((tok.input_ids, tok.trained))
+    return docs
+
+
+def packing_view(dataset_path: str, tokenizer_path: str, mode: str, start_delimiter: str, end_delimiter: str,
+                 train_on: str, train_on_eot: bool, template_text: str, sequence_length: int | float,
+                 micro_batch_size: int | float, strategy: str, truncate_documents: bool,
+                 cross_document_attention: bool, max_docs: int | float = 300, mask_row: int | float = 0,
+                 window: int = 1000) -> PackingView:
+    """Pack the first ``max_docs`` documents with backend.packing.pack, collate the first micro-batch with
+    backend.packing.collate and draw it: documents in alternating colors, trained vs masked labels, padding."""
+    from backend.packing import collate, pack
+    from studio.plots import MASKED_A, MASKED_B, PAD, TRAINED_A, TRAINED_B, block_mask_figure, packed_batch_figure
+
+    try:
+        masking = make_masking(mode, start_delimiter, end_delimiter, train_on, train_on_eot)
+        docs = tokenize_documents(dataset_path, tokenizer_path, masking, template_text, int(max_docs or 300))
+        L = int(sequence_length)
+        plan = pack(np.array([len(d[0]) for d in docs], dtype=np.int64), L, strategy=strategy, window=window,
+                    truncate_documents=bool(truncate_documents))
+    except Exception as e:
+        return PackingView(None, None, "", {}, f"⚠️ {type(e).__name__}: {e}")
+    stats = plan.stats()
+    B = max(1, min(int(micro_batch_size or 1), plan.num_rows))
+    rows = plan.rows[:B]
+    if not rows:
+        return PackingView(None, None, "", stats, "⚠️ nothing to pack: every document was skipped or empty")
+    batch = collate(rows, _MemoryDocs(docs), L, cross_document_attention=bool(cross_document_attention))
+    labels = batch["labels"].numpy()            # (B, L)
+    positions = batch["position_ids"].numpy()   # (B, L)
+    input_ids = batch["input_ids"].numpy()      # (B, L)
+    codes = np.full((B, L), PAD, dtype=np.int8)
+    hover = [[""] * L for _ in range(B)]
+    for r, row in enumerate(rows):
+        t = 0
+        for k, piece in enumerate(row):
+            n = piece.end - piece.begin
+            trained = labels[r, t:t + n] != -100
+            codes[r, t:t + n] = np.where(trained, TRAINED_A if k % 2 == 0 else TRAINED_B,
+                                         MASKED_A if k % 2 == 0 else MASKED_B)
+            for j in range(t, t + n):
+                hover[r][j] = (f"row {r} slot {j}<br>doc {piece.document} token {piece.begin + j - t}<br>"
+                               f"id {input_ids[r, j]} pos {positions[r, j]}<br>"
+                               f"label {'trained' if labels[r, j] != -100 else '-100'}")
+            t += n
+        for j in range(t, L):
+            hover[r][j] = f"row {r} slot {j}<br>padding, pos {positions[r, j]}"
+    shown_fill = float((codes != PAD).sum()) / codes.size
+    fig = packed_batch_figure(codes, hover, f"micro-batch of {B} rows × {L} tokens — fill {shown_fill:.1%}")
+    # Block mask of one row: query i may attend key j iff j <= i and both sit in the same segment.
+    r = int(mask_row or 0) % B
+    seg = np.zeros(L, dtype=np.int64)
+    if not cross_document_attention:
+        cu = batch["cu_seq_lens_q"].numpy() - r * L
+        cu = cu[(cu > 0) & (cu < L)]
+        seg[cu] = 1
+        seg = np.cumsum(seg)
+    stride = max(1, L // 512)  # keep the heatmap drawable: sample every stride-th position
+    s = seg[::stride]
+    idx = np.arange(L)[::stride]
+    mask = (s[:, None] == s[None, :]) & (idx[None, :] <= idx[:, None])
+    mask_fig = block_mask_figure(mask, f"row {r} attention mask ({'documents see each other' if cross_document_attention else 'block-diagonal: each document sees only itself'})"
+                                 + (f", every {stride}th position" if stride > 1 else ""))
+    summary = (f"**{stats['documents']} documents → {stats['rows']} rows** ({strategy}, truncate_documents: "
+               f"{'yes' if truncate_documents else 'no'}): fill **{stats['fill']:.1%}**, padding {stats['padding']:.1%}; "
+               f"skipped {stats['documents_skipped']} documents holding **{stats['tokens_skipped']} tokens "
+               f"({stats['tokens_skipped_share']:.1%})**. Shown micro-batch: fill {shown_fill:.1%}, "
+               f"{batch['num_trained']} trained labels.")
+    stats["shown_fill"] = shown_fill
+    return PackingView(fig, mask_fig, summary, stats)
+
+
+# =============================================================================================== config tab
+
+
+def read_text(path) -> str:
+    return Path(path).read_text(encoding="utf-8")
+
+
+def default_train_yaml() -> str:
+    from backend.config import dump_yaml, load_train_config
+
+    return dump_yaml(load_train_config(DEFAULT_TRAIN_YAML))
+
+
+def _parse_yaml(text: str, name: str) -> tuple[dict | None, str]:
+    try:
+        d = yaml.safe_load(text or "") or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        return None, f"⚠️ {name} YAML does not parse{where}: {getattr(e, 'problem', e)}"
+    if not isinstance(d, dict):
+        return None, f"⚠️ {name} YAML must be a mapping of sections (training:, batch:, ...)"
+    return d, ""
+
+
+def problems_markdown(problems: list[str]) -> str:
+    return "⚠️ **Invalid config** — fix these keys:\n" + "\n".join(f"- `{p.split(':', 1)[0]}`:"
+                                                                   f"{p.split(':', 1)[1] if ':' in p else ''}"
+                                                                   for p in problems)
+
+
+def form_to_train_yaml(yaml_text: str, *values) -> tuple[str, str]:
+    """Form values (bindings table order) applied onto the YAML text -> (new YAML text, status markdown).
+
+    On invalid values the YAML is returned with the values written in (so the user sees what they typed) and
+    the status lists ConfigError.problems, each naming its key.
+    """
+    from backend.config import ConfigError, dump_yaml, load_train_config
+    from studio.bindings import apply_form_values
+
+    base, err = _parse_yaml(yaml_text, "train")
+    if base is None:
+        base = {}
+    raw = apply_form_values(base, list(values))
+    try:
+        cfg = load_train_config(raw)
+    except ConfigError as e:
+        return yaml.safe_dump(raw, sort_keys=False), problems_markdown(e.problems)
+    return dump_yaml(cfg), "✅ valid train config"
+
+
+def train_yaml_to_form(yaml_text: str) -> tuple[list, str, bool]:
+    """YAML text -> (form values in table order, status markdown, valid). Invalid YAML: values are None."""
+    from backend.config import ConfigError, load_train_config
+    from studio.bindings import TRAIN_FIELDS, form_values_from_config
+
+    raw, err = _parse_yaml(yaml_text, "train")
+    if raw is None:
+        return [None] * len(TRAIN_FIELDS), err, False
+    try:
+        cfg = load_train_config(raw)
+    except ConfigError as e:
+        return [None] * len(TRAIN_FIELDS), problems_markdown(e.problems), False
+    return form_values_from_config(cfg), "✅ valid train config", True
+
+
+def prepare_yaml_from(train_yaml: str, dataset_path: str, tokenizer_path: str, mode: str, start_delimiter: str,
+                      end_delimiter: str, train_on: str, train_on_eot: bool, template_text: str) -> tuple[str, str]:
+    """The prepare YAML for the Data tab's settings, writing where the train YAML reads its datasets.
+
+    output_path = the directory of ``data.datasets.training.path`` (so the two files can never disagree).
+    """
+    from backend.config import ConfigError, dump_yaml, load_prepare_config, load_train_config
+
+    base = yaml.safe_load(read_text(DEFAULT_PREPARE_YAML))
+    raw, err = _parse_yaml(train_yaml, "train")
+    out_dir = None
+    if raw is not None:
+        try:
+            tcfg = load_train_config(raw)
+            out_dir = str(Path(tcfg.data.datasets.training.path).parent)
+            base.setdefault("report", {})["sequence_length"] = tcfg.batch.sequence_length
+        except ConfigError:
+            pass
+    if out_dir:
+        base["output_path"] = out_dir
+    base["dataset"]["path"] = (dataset_path or "").strip()
+    base["tokenizer"]["path"] = (tokenizer_path or "").strip()
+    template = None
+    if (template_text or "").strip():
+        try:
+            template = _template_arg(template_text, get_tokenizer(tokenizer_path))
+        except Exception:
+            template = template_text
+    base["chat"] = {"template": template,
+                    "masking": {"mode": mode} if mode != "delimiters" else
+                    {"mode": mode, "start_delimiter": _unescape(start_delimiter), "end_delimiter": _unescape(end_delimiter)},
+                    "train_on": train_on, "train_on_eot": bool(train_on_eot)}
+    try:
+        return dump_yaml(load_prepare_config(base)), "✅ valid prepare config"
+    except ConfigError as e:
+        return yaml.safe_dump(base, sort_keys=False), problems_markdown(e.problems)
+
+
+def save_yaml(text: str, path: str) -> str:
+    """Write a YAML file atomically; returns a status line."""
+    check = check_path(str(Path(path).parent) if path else "", "dir")
+    if not path or not check.ok:
+        return f"⚠️ cannot save: {check.message or 'no path'}"
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, p)
+    return f"saved {p.resolve()}"
+
+
+def load_yaml_file(path: str) -> tuple[str | None, str]:
+    p = Path((path or "").strip())
+    if not p.is_file():
+        return None, f"⚠️ no such file: {p.resolve()}"
+    return p.read_text(encoding="utf-8"), f"loaded {p.resolve()}"
+
+
+# =============================================================================================== train tab
+
+
+@dataclass
+class RunView:
+    figure: Any
+    log: str
+    status: str          # markdown
+    progress: float      # 0..1
+    running: bool
+    cursor: dict         # per-session tail state: {"exp": str, "offset": int, "events": [...]}
+
+
+def prepared_is_current(prepare_yaml: str) -> tuple[bool, bool, str]:
+    """(current, exists, why): whether prepare's output already holds this config and these input files.
+
+    Uses backend.prepare's own identity (DONE's prepare_hash and input_fingerprint), so the studio skips prepare
+    exactly when `python -m backend.prepare` would say "already prepared", and passes --force when the output is
+    stale (prepare refuses to overwrite a different dataset without it).
+    """
+    from backend.config import ConfigError, load_prepare_config
+    from backend.prepare import input_fingerprint, output_hash
+
+    try:
+        cfg = load_prepare_config(yaml.safe_load(prepare_yaml))
+    except (ConfigError, yaml.YAMLError) as e:
+        return False, False, f"invalid prepare config: {e}"
+    out = Path(cfg.output_path)
+    try:
+        done = json.loads((out / "DONE").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return False, out.exists(), f"{out} is not prepared yet"
+    if done.get("prepare_hash") != output_hash(cfg):
+        return False, True, f"{out} was prepared with other settings: it is prepared again (--force)"
+    if done.get("input_fingerprint") != input_fingerprint(cfg.dataset.path):
+        return False, True, f"the input files changed since {out} was prepared: it is prepared again (--force)"
+    return True, True, f"{out} is prepared with these settings"
+
+
+def launch_run(train_yaml: str, prepare_yaml: str) -> str:
+    """Validate both YAMLs, then start prepare (if needed) + train in the experiment dir. Returns a status line."""
+    from backend.config import ConfigError, load_prepare_config, load_train_config
+    from studio import jobs
+
+    raw, err = _parse_yaml(train_yaml, "train")
+    if raw is None:
+        return err
+    try:
+        cfg = load_train_config(raw)
+    except ConfigError as e:
+        return problems_markdown(e.problems)
+    run_prepare, force, why = bool((prepare_yaml or "").strip()), False, ""
+    if run_prepare:
+        praw, perr = _parse_yaml(prepare_yaml, "prepare")
+        if praw is None:
+            return perr
+        try:
+            pcfg = load_prepare_config(praw)
+        except ConfigError as e:
+            return problems_markdown([f"(prepare) {p}" for p in e.problems])
+        expected = Path(pcfg.output_path) / "fast_llm_config_training.yaml"
+        if Path(cfg.data.datasets.training.path).resolve() != expected.resolve():
+            return (f"⚠️ `data.datasets.training.path` is {cfg.data.datasets.training.path} but prepare writes "
+                    f"{expected}; set it to {expected}")
+        current, exists, why = prepared_is_current(prepare_yaml)
+        run_prepare, force = not current, exists and not current
+    elif not Path(cfg.data.datasets.training.path).exists():
+        return f"⚠️ `data.datasets.training.path`: {cfg.data.datasets.training.path} does not exist; prepare it first"
+    exp = cfg.run.experiment_dir
+    check = check_path(exp, "dir")
+    if not check.ok:
+        return f"⚠️ `run.experiment_dir`: {check.message}"
+    try:
+        st = jobs.launch(exp, prepare_yaml if (prepare_yaml or "").strip() else None, train_yaml,
+                         cfg.run.num_processes, run_prepare=run_prepare, force_prepare=force)
+    except jobs.JobError as e:
+        return f"⚠️ {e}"
+    return f"🚀 launched in {exp}: {'prepare, then ' if run_prepare else ''}train. {why}"
+
+
+def experiment_dir_of(train_yaml: str) -> str:
+    raw, _ = _parse_yaml(train_yaml, "train")
+    if raw is None:
+        return ""
+    return str(((raw.get("run") or {}).get("experiment_dir")) or "runs/experiment")
+
+
+def stop_run(exp_dir: str) -> str:
+    from studio import jobs
+
+    if not exp_dir:
+        return "⚠️ no experiment directory"
+    return jobs.stop(exp_dir)
+
+
+def _events_of(path: Path, cache: dict) -> list[dict]:
+    """All events of a past run, re-read only when the file changed."""
+    from backend.events import read_events
+
+    try:
+        st = path.stat()
+    except OSError:
+        return []
+    key = (str(path), st.st_mtime_ns, st.st_size)
+    if cache.get("key") != key:
+        cache["key"], cache["events"] = key, read_events(path)[0]
+    return cache["events"]
+
+
+_past_cache: dict[str, dict] = {}
+
+
+def poll_run(exp_dir: str, cursor: dict | None, overlays: list[str] | None = None) -> RunView:
+    """One timer tick: read new events of ``exp_dir`` from the cursor's offset, redraw, tail the log."""
+    from backend.events import read_events
+    from studio import jobs
+    from studio.plots import training_figure
+
+    cursor = dict(cursor or {})
+    exp = Path(exp_dir or "")
+    if cursor.get("exp") != str(exp):
+        cursor = {"exp": str(exp), "offset": 0, "events": []}
+    new, cursor["offset"] = read_events(exp / "events.jsonl", cursor["offset"])
+    if new and any(e.get("event") == "start" for e in new):
+        # A relaunch/resume appends to the same file: keep the whole history, the chart shows it by step.
+        pass
+    cursor["events"] = cursor["events"] + new
+    st = jobs.job_status(exp)
+    runs = {exp.name or "run": cursor["events"]}
+    for o in overlays or []:
+        if Path(o).resolve() == exp.resolve():
+            continue
+        runs[Path(o).name] = _events_of(Path(o) / "events.jsonl", _past_cache.setdefault(o, {}))
+    fig = training_figure(runs)
+    trains = [e for e in cursor["events"] if e.get("event") == "train"]
+    total = st.train_iters or next((e.get("train_iters") for e in reversed(cursor["events"])
+                                    if e.get("event") == "start" and e.get("train_iters")), None)
+    step = trains[-1]["step"] if trains else 0
+    progress = min(1.0, step / total) if total else 0.0
+    parts = [f"**{st.state}**" + (f" — {st.message}" if st.message else "")]
+    if trains:
+        last = trains[-1]
+        eta = last.get("eta")
+        parts.append(f"step {step}" + (f" / {total}" if total else "") + f", loss {last.get('loss'):.4f}"
+                     + (f", ETA {eta:.0f} s" if isinstance(eta, (int, float)) else ""))
+    vals = [e for e in cursor["events"] if e.get("event") == "validation"]
+    if vals:
+        parts.append(f"validation loss {vals[-1].get('loss'):.4f} (step {vals[-1]['step']})")
+    ckpts = [e for e in cursor["events"] if e.get("event") == "checkpoint"]
+    if ckpts:
+        parts.append(f"last checkpoint: `{ckpts[-1].get('path')}`")
+    if st.state == "failed":
+        parts.append(f"❌ {st.message}")
+    log = jobs.tail(exp / jobs.LOG_FILE, 60)
+    return RunView(fig, log, " · ".join(parts), progress, st.running, cursor)
+
+
+def past_runs(runs_dir: str) -> list[str]:
+    from studio import jobs
+
+    return jobs.list_runs(runs_dir)
+
+
+# =============================================================================================== chat tab
+
+_models: dict[tuple, Any] = {}
+
+
+def chat_models(runs_dir: str) -> list[str]:
+    """The base tiny model, then every exported (HF-loadable) model under the runs dir, newest first."""
+    found = []
+    root = Path(runs_dir or "runs")
+    if root.is_dir():
+        for cfg in root.glob("**/config.json"):
+            d = cfg.parent
+            if any(d.glob("*.safetensors")) or any(d.glob("*.bin")):
+                found.append(d)
+    found.sort(key=lambda d: d.stat().st_mtime, reverse=True)
+    return [str(TINY_MODEL)] + [str(d) for d in found]
+
+
+def get_model(path: str):
+    """(model, tokenizer) for a model dir, loaded once per (path, mtime); imports torch/transformers lazily."""
+    check = check_path(path, "model")
+    if not check.ok:
+        raise ValueError(check.message)
+    key = _stamp(path)
+    with _lock:
+        hit = _models.get(key)
+    if hit is None:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(path)
+        model.eval()
+        tok_dir = path if (Path(path) / "tokenizer_config.json").exists() else str(TINY_MODEL)
+        hit = (model, get_tokenizer(tok_dir))
+        with _lock:
+            _models[key] = hit
+    return hit
+
+
+def chat_stream(model_path: str, history: list[dict], message: str, template_text: str = "",
+                max_new_tokens: int = 64, temperature: float = 0.0):
+    """Yield the growing assistant reply for ``message`` after ``history`` (OpenAI-style message dicts).
+
+    Uses the same chat template as the Data tab (``template_text``, or the tokenizer's own) with
+    add_generation_prompt, and transformers' TextIteratorStreamer in a thread.
+    """
+    from backend.chat import render_messages, resolve_template
+
+    model, tok = get_model(model_path)
+    from transformers import TextIteratorStreamer
+
+    messages = [{"role": m["role"], "content": _text_of(m["content"])} for m in history or []]
+    messages.append({"role": "user", "content": message})
+    template = resolve_template(tok, _template_arg(template_text, tok))
+    prompt = render_messages(messages, tok, template, add_generation_prompt=True)
+    enc = tok(prompt, add_special_tokens=not (tok.bos_token and prompt.startswith(tok.bos_token)),
+              return_tensors="pt")
+    streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+    from backend.chat import eot_token_ids
+
+    kwargs = dict(**enc, max_new_tokens=int(max_new_tokens), streamer=streamer, use_cache=True,
+                  eos_token_id=eot_token_ids(tok, template) or None, pad_token_id=tok.pad_token_id or 0)
+    if temperature and temperature > 0:
+        kwargs.update(do_sample=True, temperature=float(temperature))
+    else:
+        kwargs.update(do_sample=False)
+    thread = threading.Thread(target=model.generate, kwargs=kwargs, daemon=True)
+    thread.start()
+    reply = ""
+    for piece in streamer:
+        reply += piece
+        yield reply
+    thread.join()
+
+
+def _text_of(content) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # gradio 6 message content may be a list of parts
+        return "".join(p.get("text", "") if isinstance(p, dict) else str(p) for p in content)
+    if isinstance(content, dict):
+        return str(content.get("text", ""))
+    return str(content)
