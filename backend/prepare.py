@@ -514,8 +514,10 @@ def tokenizer_info(tokenizer, path: str, chat_template: str | None) -> dict:
 
 
 def output_hash(cfg: PrepareConfig) -> str:
-    """`config_hash` of the settings that change the output: worker counts are left out (same output)."""
-    return config_hash(cfg.model_copy(update={"loading_workers": 1, "tokenize_workers": 1, "saving_workers": 1}))
+    """`config_hash` of the settings that change the output's content: worker counts (same output, by design)
+    and output_path (where it lies) are left out."""
+    return config_hash(cfg.model_copy(update={"output_path": ".", "loading_workers": 1, "tokenize_workers": 1,
+                                              "saving_workers": 1}))
 
 
 # ------------------------------------------------------------------------------------ output directories
