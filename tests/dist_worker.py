@@ -1,13 +1,16 @@
 """Worker for tests/test_distributed.py: a few optimizer steps of a tiny random Llama, the way backend.train steps.
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/dist_worker.py OUT_DIR --zero-stage 3 --impl fused
-    python tests/dist_worker.py OUT_DIR --zero-stage 0              # one process, the reference
+Takes a training config like backend.train (model.multi_stage.zero_stage, model.base_model.cross_entropy_impl,
+model.distributed.*; results go to run.experiment_dir) and is launched by backend.launch.train_command:
+
+    python -m tests.dist_worker CONFIG.yaml [key=value ...]                        # one process, the reference
+    python -m accelerate.commands.launch --config_file A.yaml --num_processes 2 -m tests.dist_worker CONFIG.yaml
 
 Every step uses the same global batch of 4 packed rows (built from the step number), split across ranks as the
 trainer splits it: rank r gets rows [r*4/W, (r+1)*4/W), one row per micro-batch, so ranks see different
 trained-token counts (and rank 1 gets a micro-batch with no trained token in step 1). Each rank writes
-OUT_DIR/rank{r}.json: {"losses": [...], "grad_norms": [...], "is_sharded": bool, "describe": {...}};
-rank 0 also writes OUT_DIR/weights.pt, the full state dict gathered with accelerator.get_state_dict.
+run.experiment_dir/rank{r}.json: {"losses": [...], "grad_norms": [...], "is_sharded": bool, "describe": {...}};
+rank 0 also writes run.experiment_dir/weights.pt, the full state dict gathered with accelerator.get_state_dict.
 """
 
 import argparse
@@ -21,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from backend import IGNORE_INDEX, TINY_MODEL  # noqa: E402
+from backend import IGNORE_INDEX  # noqa: E402
 from backend.config import load_train_config  # noqa: E402
 from backend.distributed import build_accelerator, describe, is_sharded  # noqa: E402
 from backend.loss import global_trained_count, loss_scale, trained_token_loss  # noqa: E402
@@ -54,17 +57,14 @@ def global_batch(step: int) -> dict:
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("out_dir")
-    parser.add_argument("--zero-stage", type=int, default=3)
-    parser.add_argument("--impl", default="fused")
+    parser.add_argument("config")
+    parser.add_argument("overrides", nargs="*")
     parser.add_argument("--steps", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    cfg = load_train_config(
-        TINY_MODEL.parent / "configs" / "tiny_train.yaml",
-        [f"model.multi_stage.zero_stage={args.zero_stage}", "model.distributed.timeout=60"],
-    )
+    cfg = load_train_config(args.config, args.overrides)
+    impl = cfg.model.base_model.cross_entropy_impl
     accelerator = build_accelerator(cfg)
     rank, world = accelerator.process_index, accelerator.num_processes
 
@@ -90,7 +90,7 @@ def main():
         scale = loss_scale(total, world)
         local_sum = 0.0
         for mb in micro_batches:
-            loss_sum, n = trained_token_loss(model, mb, impl=args.impl)
+            loss_sum, n = trained_token_loss(model, mb, impl=impl)
             accelerator.backward(loss_sum * scale)
             local_sum += float(loss_sum.detach())
         step_sum = accelerator.reduce(torch.tensor([local_sum], dtype=torch.float64), reduction="sum")
@@ -101,11 +101,11 @@ def main():
 
     sharded = is_sharded(model)
     state = accelerator.get_state_dict(model)  # collective: gathers the full weights (rank 0 keeps them)
-    out = Path(args.out_dir)
+    out = Path(cfg.run.experiment_dir)
     if accelerator.is_main_process:
         torch.save({k: v.detach().cpu().float() for k, v in state.items()}, out / "weights.pt")
     info = {"losses": losses, "grad_norms": grad_norms, "is_sharded": sharded, "describe": describe(accelerator),
-            "last_step_counts": counts, "world_env": os.environ.get("WORLD_SIZE")}
+            "last_step_counts": counts, "world_env": os.environ.get("WORLD_SIZE"), "impl": impl}
     tmp = out / f"rank{rank}.json.tmp"
     tmp.write_text(json.dumps(info))
     tmp.rename(out / f"rank{rank}.json")
