@@ -24,8 +24,8 @@ micro-batch with no trained token gives 0/0 = NaN. tests/test_loss.py shows both
 
 `accelerator.backward(loss)` DIVIDES the loss by `accelerator.gradient_accumulation_steps`. Create the Accelerator
 with `gradient_accumulation_steps=1` (the default) and skip gradient synchronization on all but the last
-micro-batch yourself with `accelerator.no_sync(model)` (DDP; FSDP2 reduce-scatters every backward regardless,
-which is still correct, only slower); or, if you set gradient_accumulation_steps=G, multiply the loss by G.
+micro-batch yourself with `accelerator.no_sync(model)` (DDP, and FSDP2 through set_requires_gradient_sync;
+tests/dist_worker.py does this); or, if you set gradient_accumulation_steps=G, multiply the loss by G.
 
 Two implementations, equal to ~1e-6 in fp32 (tested):
 - impl="torch": the plain reference. Full logits (1, B*L, V) for every position, then

@@ -14,6 +14,7 @@ rank 0 also writes run.experiment_dir/weights.pt, the full state dict gathered w
 """
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -89,9 +90,12 @@ def main():
         total = global_trained_count(accelerator, counts)  # all-reduce: every rank calls it
         scale = loss_scale(total, world)
         local_sum = 0.0
-        for mb in micro_batches:
-            loss_sum, n = trained_token_loss(model, mb, impl=impl)
-            accelerator.backward(loss_sum * scale)
+        for i, mb in enumerate(micro_batches):
+            # as backend.train: gradients are reduced across ranks only on the step's last micro-batch
+            last = i == len(micro_batches) - 1
+            with contextlib.nullcontext() if last else accelerator.no_sync(model):
+                loss_sum, n = trained_token_loss(model, mb, impl=impl)
+                accelerator.backward(loss_sum * scale)  # gradient_accumulation_steps=1: no extra division
             local_sum += float(loss_sum.detach())
         step_sum = accelerator.reduce(torch.tensor([local_sum], dtype=torch.float64), reduction="sum")
         losses.append(float(step_sum) / total)
