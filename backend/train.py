@@ -209,9 +209,10 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
     tokens_per_step = b.batch_size * b.sequence_length  # positions through the model, padding included
     bar = tqdm(total=t.train_iters, initial=start_step, desc="train", disable=not accelerator.is_main_process,
                dynamic_ncols=True)
-    session_start = interval_start = time.perf_counter()
-    interval_trained = 0
+    session_start = time.perf_counter()
+    interval_trained, interval_time = 0, 0.0
     while step < t.train_iters:
+        step_start = time.perf_counter()
         lr = lr_at(step, opt.learning_rate, t.train_iters)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -244,6 +245,7 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
         step += 1
         bar.update(1)
         interval_trained += global_count
+        interval_time += time.perf_counter() - step_start  # training compute only: not validation or saving
         first_loss = loss if first_loss is None else first_loss
         last_loss = loss
 
@@ -254,11 +256,11 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
             eta = elapsed / (step - start_step) * (t.train_iters - step)
             if accelerator.is_main_process:
                 events.emit("train", step, loss=loss, lr=lr, grad_norm=grad_norm,
-                            tokens_per_s=tokens_per_step * steps_in_interval / (now - interval_start),
-                            trained_tokens=global_count, trained_tokens_per_s=interval_trained / (now - interval_start),
+                            tokens_per_s=tokens_per_step * steps_in_interval / interval_time,
+                            trained_tokens=global_count, trained_tokens_per_s=interval_trained / interval_time,
                             elapsed=elapsed, eta=eta)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-            interval_start, interval_trained = now, 0
+            interval_trained, interval_time = 0, 0.0
 
         if val_iters and (step % val_cfg.interval == 0 or step == t.train_iters):
             val_loss = evaluate(model, accelerator, val_sampler, val_data, cfg, val_iters)
