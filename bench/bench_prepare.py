@@ -1,0 +1,138 @@
+"""Prepare throughput against the raw batched tokenizer, worker scaling, and peak memory vs dataset size.
+
+    python bench/bench_prepare.py [--rows 6000] [--repeats 3]
+
+Data: the guide's text+spans form, built from the shipped sample conversations (rendered once by
+backend.chat), repeated to --rows rows, tokenized with assets/tiny-llama. Printed, medians of --repeats runs:
+1. tokens/s of `prepare` (1 worker) vs the baseline: one batched fast-tokenizer call per 512 texts on the same
+   texts in the same process (no offsets, no masks, no writing). Target ratio >= 0.7.
+2. tokens/s with 2 workers vs 1 (process start-up included, as a user sees it).
+3. peak RSS (resource.getrusage in a fresh subprocess) of prepare on N and 10N rows: flat means streaming.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def make_data(path: Path, rows: int) -> None:
+    from transformers import AutoTokenizer
+
+    from backend import SAMPLE_DATA, TINY_MODEL, chat
+
+    tok = AutoTokenizer.from_pretrained(TINY_MODEL)
+    base = []
+    for line in SAMPLE_DATA.read_text().splitlines()[:200]:
+        r = chat.render(json.loads(line)["conversations"], tok)
+        base.append(json.dumps({"text": r.text, "spans": [list(s) for s in r.loss_masking_spans]}))
+    with open(path, "w") as f:
+        for i in range(rows):
+            f.write(base[i % len(base)] + "\n")
+
+
+def config(data: Path, out: Path, workers: int) -> dict:
+    from backend import TINY_MODEL
+
+    return {"output_path": str(out), "tokenize_workers": workers,
+            "dataset": {"path": str(data), "loss_masking_spans": "spans"}, "tokenizer": {"path": str(TINY_MODEL)},
+            "splits": {"training": 0.99, "validation": 0.01}}
+
+
+def run_prepare(data: Path, out: Path, workers: int) -> tuple[float, int]:
+    from backend.config import load_prepare_config
+    from backend.prepare import prepare
+
+    t0 = time.perf_counter()
+    s = prepare(load_prepare_config(config(data, out, workers)), force=True, progress=False)
+    return time.perf_counter() - t0, s["num_tokens"]
+
+
+def run_baseline(data: Path) -> tuple[float, int]:
+    from transformers import AutoTokenizer
+
+    from backend import TINY_MODEL
+
+    tok = AutoTokenizer.from_pretrained(TINY_MODEL)
+    t0 = time.perf_counter()
+    texts, n = [], 0
+    with open(data) as f:  # reading + JSON parsing counted too: prepare has to do it as well
+        for line in f:
+            texts.append(json.loads(line)["text"])
+            if len(texts) == 512:
+                n += sum(len(x) for x in tok(texts, add_special_tokens=False)["input_ids"])
+                texts = []
+    if texts:
+        n += sum(len(x) for x in tok(texts, add_special_tokens=False)["input_ids"])
+    return time.perf_counter() - t0, n
+
+
+def peak_rss_child(data: str, out: str) -> None:
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        run_prepare(Path(data), Path(out), 1)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)  # KiB on Linux
+
+
+def peak_rss(data: Path, out: Path) -> int:
+    r = subprocess.run([sys.executable, __file__, "--rss-child", str(data), str(out)], capture_output=True,
+                       text=True, check=True, cwd=ROOT)
+    return int(r.stdout.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=6000)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rss-child", nargs=2, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.rss_child:
+        peak_rss_child(*args.rss_child)
+        return
+    import contextlib
+    import io
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        data = tmp / "data.jsonl"
+        make_data(data, args.rows)
+        quiet = contextlib.redirect_stdout(io.StringIO())
+        base, one, two = [], [], []
+        with quiet:
+            for _ in range(args.repeats):  # alternate so that machine load hits all three alike
+                s, n = run_baseline(data)
+                base.append(n / s)
+                s, n = run_prepare(data, tmp / "out1", 1)
+                one.append(n / s)
+                s, n = run_prepare(data, tmp / "out2", 2)
+                two.append(n / s)
+        b, p1, p2 = (statistics.median(x) for x in (base, one, two))
+        print(f"rows {args.rows}, tokens {n:,}, medians of {args.repeats}")
+        print(f"raw batched tokenizer     {b:12,.0f} tokens/s")
+        print(f"prepare, 1 worker         {p1:12,.0f} tokens/s   ratio to tokenizer {p1 / b:.2f} (target >= 0.70)")
+        print(f"prepare, 2 workers        {p2:12,.0f} tokens/s   ratio to 1 worker  {p2 / p1:.2f}")
+
+        big = tmp / "big.jsonl"
+        make_data(big, 10 * args.rows)
+        small_rss = statistics.median(peak_rss(data, tmp / "r1") for _ in range(args.repeats))
+        big_rss = statistics.median(peak_rss(big, tmp / "r10") for _ in range(args.repeats))
+        print(f"peak RSS, {args.rows} rows   {small_rss / 1024:8.1f} MiB")
+        print(f"peak RSS, {10 * args.rows} rows  {big_rss / 1024:8.1f} MiB   ratio {big_rss / small_rss:.2f} (flat ~ 1)")
+
+
+if __name__ == "__main__":
+    main()
