@@ -58,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
         print(refusal, file=sys.stderr)
         return 2
     from studio.app import CSS, build_app
+    from studio.handlers import warm_up
 
+    warm_up()
     demo = build_app(runs_dir=args.runs_dir)
     demo.queue(default_concurrency_limit=4)
     demo.launch(server_name=args.host, server_port=args.port, auth=auth, share=args.share, css=CSS,

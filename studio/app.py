@@ -92,7 +92,7 @@ def build_data_tab() -> DataTab:
     with gr.Row():
         prev_b = gr.Button("◀ prev", size="sm")
         next_b = gr.Button("next ▶", size="sm")
-        rand_b = gr.Button("🎲 random", size="sm")
+        rand_b = gr.Button("random", size="sm")
         index = gr.Number(0, label="sample #", precision=0, minimum=0, elem_id="sample-index")
     n_rows = gr.State(0)
     status = gr.Markdown("", elem_classes="sft-status", elem_id="data-status")
@@ -207,7 +207,7 @@ class ConfigTab:
 
 def make_widget(b: Binding, value):
     label, info = label_and_info(b)
-    common = dict(label=label, info=info, elem_id="cfg-" + b.path.replace(".", "-"))
+    common = dict(label=label, info=info, elem_id="cfg-" + b.path.replace(".", "-"), min_width=260)
     if b.kind == "int":
         return gr.Number(value, precision=0, **common)
     if b.kind == "float":
@@ -239,7 +239,7 @@ def on_save(train_text, prepare_text, path):
     s1 = H.save_yaml(train_text, path)
     p = Path(path or "")
     s2 = H.save_yaml(prepare_text, str(p.with_name(p.stem + "_prepare" + p.suffix))) if prepare_text else ""
-    ok = not s1.startswith("⚠️")
+    ok = not s1.startswith("⚠")
     return "\n\n".join(x for x in (s1, s2) if x), (str(Path(path).resolve()) if ok else None)
 
 
@@ -258,7 +258,7 @@ def build_config_tab() -> ConfigTab:
                         for k, b in enumerate(TRAIN_FIELDS):
                             if b.group == group:
                                 widgets[k] = make_widget(b, values0[k])
-            status = gr.Markdown("✅ valid train config", elem_id="config-status")
+            status = gr.Markdown("✓ valid train config", elem_id="config-status")
         with gr.Column(scale=2):
             train_yaml = gr.Code(yaml0, language="yaml", label="train YAML (edit here or in the form)",
                                  elem_id="train-yaml", interactive=True)
@@ -268,7 +268,7 @@ def build_config_tab() -> ConfigTab:
                 path = gr.Textbox("runs/studio_train.yaml", label="YAML file", scale=3)
                 load_b = gr.Button("Load", size="sm")
                 save_b = gr.Button("Save", size="sm")
-            download = gr.File(label="download", interactive=False)
+            download = gr.File(label="download", interactive=False, height=80)
             file_status = gr.Markdown()
     for w in widgets:
         # .input (user edits only) in both directions, so that form -> YAML -> form does not loop.
@@ -345,7 +345,7 @@ def build_train_tab(cfg: ConfigTab, runs_dir: str, demo: gr.Blocks) -> None:
     with gr.Row():
         exp_dir = gr.Textbox("", label="experiment dir (run.experiment_dir of the train YAML)", scale=3,
                              elem_id="exp-dir")
-        launch_b = gr.Button("🚀 Launch / Resume", variant="primary", elem_id="launch-button")
+        launch_b = gr.Button("Launch / Resume", variant="primary", elem_id="launch-button")
         stop_b = gr.Button("■ Stop (checkpoint, then exit)", variant="stop", elem_id="stop-button")
     action = gr.Markdown(elem_id="train-action")
     status = gr.Markdown(elem_id="train-status")
@@ -386,7 +386,7 @@ def on_chat(model_path, base_path, compare, template, message, history, history_
                                                {"role": "assistant", "content": reply_b}], ""
     except Exception as e:  # a bad model dir: show it in the chat rather than a traceback
         yield history + [{"role": "user", "content": message},
-                         {"role": "assistant", "content": f"⚠️ {type(e).__name__}: {e}"}], history_base, ""
+                         {"role": "assistant", "content": f"⚠ {type(e).__name__}: {e}"}], history_base, ""
 
 
 def build_chat_tab(data: DataTab, runs_dir: str, demo: gr.Blocks) -> None:

@@ -99,6 +99,9 @@ def check_path(text: str, what: str = "dataset", must_exist: bool = True) -> Pat
 # =============================================================================================== caches
 
 _lock = threading.Lock()
+# Loading is serialized: two handlers importing transformers at once (page load fires several) race on its lazy
+# module ("cannot import name 'AutoTokenizer'"), and loading the same tokenizer twice wastes seconds.
+_load_lock = threading.RLock()
 _tokenizers: dict[tuple, Any] = {}
 _sources: dict[tuple, "RowSource"] = {}
 
@@ -120,11 +123,14 @@ def get_tokenizer(path: str):
     with _lock:
         tok = _tokenizers.get(key)
     if tok is None:
-        from backend.modeling import load_tokenizer  # imports torch: only here, lazily
+        with _load_lock:
+            tok = _tokenizers.get(key)
+            if tok is None:
+                from backend.modeling import load_tokenizer  # imports torch: only here, lazily
 
-        tok = load_tokenizer(path)
-        with _lock:
-            _tokenizers[key] = tok
+                tok = load_tokenizer(path)
+                with _lock:
+                    _tokenizers[key] = tok
     return tok
 
 
@@ -179,6 +185,16 @@ class RowSource:
         return self._rows[i]
 
 
+def warm_up(tokenizer_path: str = str(TINY_MODEL)) -> None:
+    """Load the default tokenizer in the background at startup, so the first preview does not wait for it."""
+    def run():
+        try:
+            get_tokenizer(tokenizer_path)
+        except Exception:
+            pass  # the preview will show the problem
+    threading.Thread(target=run, daemon=True).start()
+
+
 def get_rows(path: str) -> RowSource:
     check = check_path(path, "dataset")
     if not check.ok:
@@ -187,7 +203,8 @@ def get_rows(path: str) -> RowSource:
     with _lock:
         src = _sources.get(key)
     if src is None:
-        src = RowSource(path)
+        with _load_lock:
+            src = RowSource(path)
         with _lock:
             _sources[key] = src
     return src
@@ -316,12 +333,12 @@ def preview_sample(dataset_path: str, tokenizer_path: str, index: int | float | 
         rows = get_rows(dataset_path)
         tokenizer = get_tokenizer(tokenizer_path)
     except Exception as e:  # bad path, unreadable file: say so in the status box
-        empty.status = f"⚠️ {e}"
+        empty.status = f"⚠ {e}"
         return empty
     n = len(rows)
     empty.n_rows = n
     if n == 0:
-        empty.status = f"⚠️ {dataset_path} holds no rows"
+        empty.status = f"⚠ {dataset_path} holds no rows"
         return empty
     i = int(index or 0) % n
     empty.index = i
@@ -329,7 +346,7 @@ def preview_sample(dataset_path: str, tokenizer_path: str, index: int | float | 
         masking = make_masking(mode, start_delimiter, end_delimiter, train_on, train_on_eot)
         rendered, tok = _render_row(rows[i], tokenizer, masking, _template_arg(template_text, tokenizer))
     except Exception as e:  # ChatError (row or template), ValueError (masking), jinja errors
-        empty.status = f"⚠️ sample {i}: {type(e).__name__}: {e}"
+        empty.status = f"⚠ sample {i}: {type(e).__name__}: {e}"
         return empty
     return _preview_from(rendered, tok, tokenizer, i, n, sequence_length)
 
@@ -348,10 +365,10 @@ def _preview_from(rendered, tok, tokenizer, i: int, n: int, sequence_length=None
     summary = (f"**Sample {i} of {n}** — **{T} tokens**: <span style='color:#2ca02c'>■</span> {k} trained "
                f"({k / T:.1%}), <span style='color:#999'>■</span> {T - k} masked; "
                f"{len(rendered.trained_spans)} trained span(s)" if T else f"Sample {i}: empty")
-    problems_md = "\n".join(f"- ⚠️ `{p.split(':', 1)[0]}`: {p.split(':', 1)[1].strip() if ':' in p else p}"
+    problems_md = "\n".join(f"- ⚠ `{p.split(':', 1)[0]}`: {p.split(':', 1)[1].strip() if ':' in p else p}"
                             for p in problems)
     return Preview(highlight=highlight, token_html=token_html(text, tok.input_ids, tok.offsets, tok.trained, tokenizer),
-                   summary=summary, problems=problems_md or "✅ no problems in this sample", status="",
+                   summary=summary, problems=problems_md or "✓ no problems in this sample", status="",
                    n_rows=n, index=i, trained_chars=trained_chars, text=text)
 
 
@@ -397,14 +414,14 @@ def check_whole_dataset(dataset_path: str, tokenizer_path: str, mode: str, start
         masking = make_masking(mode, start_delimiter, end_delimiter, train_on, train_on_eot)
         template = _template_arg(template_text, tokenizer)
     except Exception as e:
-        return CheckResult("", None, [], [], {}, f"⚠️ {e}")
+        return CheckResult("", None, [], [], {}, f"⚠ {e}")
     seq = int(sequence_length) if sequence_length else None
     idx, sampled = _sample_indices(len(rows), int(max_rows or 5000))
     try:
         report = check_dataset((rows[int(i)] for i in idx), tokenizer, masking, template, seq,
                                progress=progress, examples=5)
     except Exception as e:
-        return CheckResult("", None, [], [], {}, f"⚠️ {type(e).__name__}: {e}")
+        return CheckResult("", None, [], [], {}, f"⚠ {type(e).__name__}: {e}")
     d = report.to_dict()
     for c in d["problems"].values():  # positions in the sample -> rows of the dataset
         c["examples"] = [int(idx[j]) for j in c["examples"]]
@@ -433,12 +450,12 @@ def check_whole_dataset(dataset_path: str, tokenizer_path: str, mode: str, start
                      f"max {int(lengths.max())} tokens")
     rows_out, labels = [], []
     for code, c in d["problems"].items():
-        lines.append(f"- ⚠️ `{code}`: {c['count']} sample(s), e.g. rows {c['examples']} — {c['first']}")
+        lines.append(f"- ⚠ `{code}`: {c['count']} sample(s), e.g. rows {c['examples']} — {c['first']}")
         for r in c["examples"]:
             rows_out.append(r)
             labels.append(f"row {r}: {code}")
     if not d["problems"]:
-        lines.append("- ✅ no problems found")
+        lines.append("- ✓ no problems found")
     fig = length_histogram(lengths, seq)
     return CheckResult("\n".join(lines), fig, rows_out, labels, d)
 
@@ -500,12 +517,12 @@ def packing_view(dataset_path: str, tokenizer_path: str, mode: str, start_delimi
         plan = pack(np.array([len(d[0]) for d in docs], dtype=np.int64), L, strategy=strategy, window=window,
                     truncate_documents=bool(truncate_documents))
     except Exception as e:
-        return PackingView(None, None, "", {}, f"⚠️ {type(e).__name__}: {e}")
+        return PackingView(None, None, "", {}, f"⚠ {type(e).__name__}: {e}")
     stats = plan.stats()
     B = max(1, min(int(micro_batch_size or 1), plan.num_rows))
     rows = plan.rows[:B]
     if not rows:
-        return PackingView(None, None, "", stats, "⚠️ nothing to pack: every document was skipped or empty")
+        return PackingView(None, None, "", stats, "⚠ nothing to pack: every document was skipped or empty")
     batch = collate(rows, _MemoryDocs(docs), L, cross_document_attention=bool(cross_document_attention))
     labels = batch["labels"].numpy()            # (B, L)
     positions = batch["position_ids"].numpy()   # (B, L)
@@ -570,14 +587,14 @@ def _parse_yaml(text: str, name: str) -> tuple[dict | None, str]:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        return None, f"⚠️ {name} YAML does not parse{where}: {getattr(e, 'problem', e)}"
+        return None, f"⚠ {name} YAML does not parse{where}: {getattr(e, 'problem', e)}"
     if not isinstance(d, dict):
-        return None, f"⚠️ {name} YAML must be a mapping of sections (training:, batch:, ...)"
+        return None, f"⚠ {name} YAML must be a mapping of sections (training:, batch:, ...)"
     return d, ""
 
 
 def problems_markdown(problems: list[str]) -> str:
-    return "⚠️ **Invalid config** — fix these keys:\n" + "\n".join(f"- `{p.split(':', 1)[0]}`:"
+    return "⚠ **Invalid config** — fix these keys:\n" + "\n".join(f"- `{p.split(':', 1)[0]}`:"
                                                                    f"{p.split(':', 1)[1] if ':' in p else ''}"
                                                                    for p in problems)
 
@@ -599,7 +616,7 @@ def form_to_train_yaml(yaml_text: str, *values) -> tuple[str, str]:
         cfg = load_train_config(raw)
     except ConfigError as e:
         return yaml.safe_dump(raw, sort_keys=False), problems_markdown(e.problems)
-    return dump_yaml(cfg), "✅ valid train config"
+    return dump_yaml(cfg), "✓ valid train config"
 
 
 def train_yaml_to_form(yaml_text: str) -> tuple[list, str, bool]:
@@ -614,7 +631,7 @@ def train_yaml_to_form(yaml_text: str) -> tuple[list, str, bool]:
         cfg = load_train_config(raw)
     except ConfigError as e:
         return [None] * len(TRAIN_FIELDS), problems_markdown(e.problems), False
-    return form_values_from_config(cfg), "✅ valid train config", True
+    return form_values_from_config(cfg), "✓ valid train config", True
 
 
 def prepare_yaml_from(train_yaml: str, dataset_path: str, tokenizer_path: str, mode: str, start_delimiter: str,
@@ -650,7 +667,7 @@ def prepare_yaml_from(train_yaml: str, dataset_path: str, tokenizer_path: str, m
                     {"mode": mode, "start_delimiter": _unescape(start_delimiter), "end_delimiter": _unescape(end_delimiter)},
                     "train_on": train_on, "train_on_eot": bool(train_on_eot)}
     try:
-        return dump_yaml(load_prepare_config(base)), "✅ valid prepare config"
+        return dump_yaml(load_prepare_config(base)), "✓ valid prepare config"
     except ConfigError as e:
         return yaml.safe_dump(base, sort_keys=False), problems_markdown(e.problems)
 
@@ -659,7 +676,7 @@ def save_yaml(text: str, path: str) -> str:
     """Write a YAML file atomically; returns a status line."""
     check = check_path(str(Path(path).parent) if path else "", "dir")
     if not path or not check.ok:
-        return f"⚠️ cannot save: {check.message or 'no path'}"
+        return f"⚠ cannot save: {check.message or 'no path'}"
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(p.name + ".tmp")
@@ -671,7 +688,7 @@ def save_yaml(text: str, path: str) -> str:
 def load_yaml_file(path: str) -> tuple[str | None, str]:
     p = Path((path or "").strip())
     if not p.is_file():
-        return None, f"⚠️ no such file: {p.resolve()}"
+        return None, f"⚠ no such file: {p.resolve()}"
     return p.read_text(encoding="utf-8"), f"loaded {p.resolve()}"
 
 
@@ -737,22 +754,22 @@ def launch_run(train_yaml: str, prepare_yaml: str) -> str:
             return problems_markdown([f"(prepare) {p}" for p in e.problems])
         expected = Path(pcfg.output_path) / "fast_llm_config_training.yaml"
         if Path(cfg.data.datasets.training.path).resolve() != expected.resolve():
-            return (f"⚠️ `data.datasets.training.path` is {cfg.data.datasets.training.path} but prepare writes "
+            return (f"⚠ `data.datasets.training.path` is {cfg.data.datasets.training.path} but prepare writes "
                     f"{expected}; set it to {expected}")
         current, exists, why = prepared_is_current(prepare_yaml)
         run_prepare, force = not current, exists and not current
     elif not Path(cfg.data.datasets.training.path).exists():
-        return f"⚠️ `data.datasets.training.path`: {cfg.data.datasets.training.path} does not exist; prepare it first"
+        return f"⚠ `data.datasets.training.path`: {cfg.data.datasets.training.path} does not exist; prepare it first"
     exp = cfg.run.experiment_dir
     check = check_path(exp, "dir")
     if not check.ok:
-        return f"⚠️ `run.experiment_dir`: {check.message}"
+        return f"⚠ `run.experiment_dir`: {check.message}"
     try:
         st = jobs.launch(exp, prepare_yaml if (prepare_yaml or "").strip() else None, train_yaml,
                          cfg.run.num_processes, run_prepare=run_prepare, force_prepare=force)
     except jobs.JobError as e:
-        return f"⚠️ {e}"
-    return f"🚀 launched in {exp}: {'prepare, then ' if run_prepare else ''}train. {why}"
+        return f"⚠ {e}"
+    return f"launched in {exp}: {'prepare, then ' if run_prepare else ''}train. {why}"
 
 
 def experiment_dir_of(train_yaml: str) -> str:
@@ -766,7 +783,7 @@ def stop_run(exp_dir: str) -> str:
     from studio import jobs
 
     if not exp_dir:
-        return "⚠️ no experiment directory"
+        return "⚠ no experiment directory"
     return jobs.stop(exp_dir)
 
 
@@ -814,7 +831,8 @@ def poll_run(exp_dir: str, cursor: dict | None, overlays: list[str] | None = Non
                                     if e.get("event") == "start" and e.get("train_iters")), None)
     step = trains[-1]["step"] if trains else 0
     progress = min(1.0, step / total) if total else 0.0
-    parts = [f"**{st.state}**" + (f" — {st.message}" if st.message else "")]
+    state = st.state if st.state != "none" else f"no run in {exp} yet"
+    parts = [f"**{state}**" + (f" — {st.message}" if st.message else "")]
     if trains:
         last = trains[-1]
         eta = last.get("eta")
@@ -827,7 +845,7 @@ def poll_run(exp_dir: str, cursor: dict | None, overlays: list[str] | None = Non
     if ckpts:
         parts.append(f"last checkpoint: `{ckpts[-1].get('path')}`")
     if st.state == "failed":
-        parts.append(f"❌ {st.message}")
+        parts.append(f"✗ {st.message}")
     log = jobs.tail(exp / jobs.LOG_FILE, 60)
     return RunView(fig, log, " · ".join(parts), progress, st.running, cursor)
 
@@ -865,14 +883,17 @@ def get_model(path: str):
     with _lock:
         hit = _models.get(key)
     if hit is None:
-        from transformers import AutoModelForCausalLM
+        with _load_lock:
+            hit = _models.get(key)
+            if hit is None:
+                from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(path)
-        model.eval()
-        tok_dir = path if (Path(path) / "tokenizer_config.json").exists() else str(TINY_MODEL)
-        hit = (model, get_tokenizer(tok_dir))
-        with _lock:
-            _models[key] = hit
+                model = AutoModelForCausalLM.from_pretrained(path)
+                model.eval()
+                tok_dir = path if (Path(path) / "tokenizer_config.json").exists() else str(TINY_MODEL)
+                hit = (model, get_tokenizer(tok_dir))
+                with _lock:
+                    _models[key] = hit
     return hit
 
 

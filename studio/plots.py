@@ -41,18 +41,24 @@ def packed_batch_figure(codes: np.ndarray, hover: list[list[str]], title: str) -
         scale += [[i / n, c], [(i + 1) / n, c]]
     fig = go.Figure(go.Heatmap(
         z=codes, zmin=-0.5, zmax=n - 0.5, colorscale=scale, text=hover, hoverinfo="text", xgap=0, ygap=2,
-        colorbar=dict(tickvals=list(range(n)), ticktext=_PACK_NAMES, len=0.9),
+        showscale=False,
     ))
+    for name, color in zip(_PACK_NAMES, _PACK_COLORS):  # a legend of colored squares instead of a colorbar
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=name,
+                                 marker=dict(symbol="square", size=12, color=color, line=dict(color="#999", width=1))))
+    fig.update_layout(legend=dict(orientation="h", y=1.02, yanchor="bottom", x=1, xanchor="right"))
     fig.update_yaxes(autorange="reversed", title="row", tickmode="linear", dtick=1)
     fig.update_xaxes(title="position")
-    return _layout(fig, title, height=max(220, 60 + 40 * codes.shape[0]))
+    fig = _layout(fig, title, height=max(260, 110 + 40 * codes.shape[0]))
+    fig.update_layout(margin=dict(t=90))
+    return fig
 
 
 def block_mask_figure(mask: np.ndarray, title: str) -> go.Figure:
     """(L, L) bool: query i may attend to key j. Drawn dark where attention is allowed."""
     fig = go.Figure(go.Heatmap(z=mask.astype(np.int8), colorscale=[[0, "#ffffff"], [1, "#08306b"]],
                                showscale=False, hovertemplate="query %{y}, key %{x}: %{z}<extra></extra>"))
-    fig.update_yaxes(autorange="reversed", title="query position", scaleanchor="x")
+    fig.update_yaxes(autorange="reversed", title="query position")
     fig.update_xaxes(title="key position")
     return _layout(fig, title, height=420)
 

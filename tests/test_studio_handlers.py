@@ -1,0 +1,363 @@
+"""Studio handlers without a browser: what the preview highlights, config form <-> YAML, packing view, jobs.
+
+    .venv/bin/pytest tests/test_studio_handlers.py -x -q            (the job test is marked slow; it still runs)
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from backend import ROOT, SAMPLE_DATA, TINY_MODEL
+from studio import handlers as H
+from studio.bindings import TRAIN_FIELDS
+
+DATA, TOK = str(SAMPLE_DATA), str(TINY_MODEL)
+USER_START = "<|start_header_id|>user<|end_header_id|>\\n\\n"  # typed form: '\n' means newline
+ASSISTANT_START = "<|start_header_id|>assistant<|end_header_id|>\\n\\n"
+
+
+def preview(index=0, mode="auto", start="", end="", train_on="all", eot=True, template="", seq=None):
+    return H.preview_sample(DATA, TOK, index, mode, start, end, train_on, eot, template, seq)
+
+
+def trained_char_set(p: H.Preview) -> set[int]:
+    return {c for a, b in p.trained_chars for c in range(a, b)}
+
+
+# ------------------------------------------------------------------------------------------------ imports / CLI
+
+
+def test_importing_the_studio_does_not_import_torch():
+    code = ("import sys, studio.app, studio.jobs, studio.handlers, studio.plots, studio.bindings, studio.__main__; "
+            "assert 'torch' not in sys.modules, 'torch was imported'; "
+            "assert 'transformers' not in sys.modules, 'transformers was imported'")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("args", [["--host", "0.0.0.0"], ["--share"], ["--host", "192.168.1.5", "--share"]])
+def test_exposed_studio_refuses_to_start_without_auth(args):
+    env = {k: v for k, v in os.environ.items() if k != "SFT_STUDIO_AUTH"}
+    r = subprocess.run([sys.executable, "-m", "studio", *args], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120, env=env)
+    assert r.returncode == 2
+    assert "refusing to start" in r.stderr and "--auth" in r.stderr and "SFT_STUDIO_AUTH" in r.stderr
+
+
+def test_exposure_rules():
+    from studio.__main__ import check_exposure, parse_auth
+
+    assert check_exposure("127.0.0.1", False, None) is None
+    assert check_exposure("localhost", False, None) is None
+    assert "0.0.0.0" in check_exposure("0.0.0.0", False, None)
+    assert check_exposure("0.0.0.0", True, ("u", "p")) is None
+    assert parse_auth("alice:s3:cret") == ("alice", "s3:cret")
+    for bad in ("alice", ":pw", "alice:"):
+        with pytest.raises(ValueError):
+            parse_auth(bad)
+
+
+def test_bad_auth_value_exits_2():
+    r = subprocess.run([sys.executable, "-m", "studio", "--auth", "nopassword"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and "user:password" in r.stderr
+
+
+# ------------------------------------------------------------------------------------------------ data preview
+
+
+def test_preview_highlights_exactly_the_trained_tokens_of_render():
+    from backend.chat import Masking, render, tokenize
+
+    tok = H.get_tokenizer(TOK)
+    rows = H.get_rows(DATA)
+    for i in (0, 1, 7):
+        p = preview(i)
+        assert p.status == ""
+        r = render(rows[i], tok, Masking())
+        t = tokenize(r.text, r.trained_spans, tok)
+        # the highlight is the whole rendered text, in order, nothing added or lost
+        assert "".join(s for s, _ in p.highlight) == r.text == p.text
+        # highlighted-trained characters = the characters of the tokens tokenize() marks trained
+        expected = {c for (a, b), k in zip(t.offsets, t.trained) if k for c in range(a, b)}
+        assert trained_char_set(p) == expected
+        # ... which cover every trained span of render() and nothing from a masked token
+        for a, b in r.trained_spans:
+            assert set(range(a, b)) <= trained_char_set(p)
+        assert f"{int(t.trained.sum())} trained" in p.summary and f"{len(t.input_ids)} tokens" in p.summary
+        # the trained text is the assistant replies with their end-of-turn marker
+        trained_text = [s for s, lab in p.highlight if lab == H.TRAINED]
+        replies = [m["content"] for m in r.messages if m["role"] == "assistant"]
+        assert len(trained_text) == len(replies)
+        for s, reply in zip(trained_text, replies):
+            assert reply in s and s.endswith("<|eot_id|>")
+
+
+def test_changing_delimiters_changes_the_highlight():
+    auto = preview(0)
+    same = preview(0, "delimiters", ASSISTANT_START, "<|eot_id|>")
+    user = preview(0, "delimiters", USER_START, "<|eot_id|>")
+    assert same.status == user.status == ""
+    assert trained_char_set(same) == trained_char_set(auto)  # the delimiters that match the template
+    assert trained_char_set(user) != trained_char_set(auto)
+    user_texts = [s for s, lab in user.highlight if lab == H.TRAINED]
+    assert any("What is 5 + 37?" in s for s in user_texts)  # now the user turn is what is trained
+
+
+def test_train_on_last_and_eot_switches():
+    all_ = preview(0)
+    last = preview(0, train_on="last")
+    no_eot = preview(0, eot=False)
+    assert len([1 for _, lab in last.highlight if lab == H.TRAINED]) == 1
+    assert trained_char_set(last) < trained_char_set(all_)
+    assert not any(s.endswith("<|eot_id|>") for s, lab in no_eot.highlight if lab == H.TRAINED)
+    assert "eot_not_trained" in no_eot.problems
+
+
+def test_bad_delimiter_or_template_gives_a_problem_message_not_an_exception():
+    empty = preview(0, "delimiters", "", "<|eot_id|>")
+    assert "start_delimiter" in empty.status and empty.highlight == []
+    broken = preview(0, template="{% for m in messages %}{{ m.content }")
+    assert "TemplateError" in broken.status and "syntax" in broken.status.lower()
+    missing = preview(0, "delimiters", "NOT IN THE TEXT", "<|eot_id|>")
+    assert missing.status == ""  # a usable sample with a per-sample problem
+    assert "span_not_found" in missing.problems and "no_trained_tokens" in missing.problems
+    assert trained_char_set(missing) == set()
+    bad_path = H.preview_sample("no/such/file.jsonl", TOK, 0, "auto", "", "", "all", True, "")
+    assert "does not exist" in bad_path.status
+
+
+def test_edited_template_re_renders():
+    own = H.default_template(TOK)
+    assert "<|start_header_id|>" in own
+    edited = own.replace("Cutting Knowledge Date", "Knowledge cutoff")
+    p = preview(0, template=edited)
+    assert p.status == "" and "Knowledge cutoff" in p.text and "Cutting Knowledge" not in p.text
+    assert trained_char_set(p)  # spans still found with the edited template
+
+
+def test_sample_navigation_wraps():
+    assert H.step_index(0, -1, 10) == 9
+    assert H.step_index(9, +1, 10) == 0
+    assert 0 <= H.step_index(3, 0, 10) < 10
+
+
+def test_dataset_check_counts_match_check_dataset_and_tokens_lost():
+    from backend.chat import Masking, check_dataset
+
+    r = H.check_whole_dataset(DATA, TOK, "auto", "", "", "all", True, "", 100, False, max_rows=200)
+    assert r.status == ""
+    rows = H.get_rows(DATA)
+    idx, sampled = H._sample_indices(len(rows), 200)
+    assert sampled and len(idx) == 200
+    ref = check_dataset([rows[int(i)] for i in idx], H.get_tokenizer(TOK), Masking(), None, 100)
+    assert r.report["trained_tokens"] == ref.n_trained and r.report["tokens"] == ref.n_tokens
+    lengths = np.asarray(ref.lengths)
+    assert f"{int((lengths > 100).sum())} documents holding {int(lengths[lengths > 100].sum())} tokens" in r.summary
+    assert "SKIPPED" in r.summary and "even random sample" in r.summary
+    # problem examples are rows of the dataset (not positions in the sample) and are offered for jumping
+    assert r.problem_rows and set(r.problem_rows) <= {int(i) for i in idx}
+    first = r.problem_rows[0]
+    assert "too_long" in preview(first, seq=100).problems
+
+
+# ------------------------------------------------------------------------------------------------ packing view
+
+
+@pytest.mark.parametrize("strategy,truncate", [("best_fit", False), ("greedy", False), ("best_fit", True)])
+def test_packing_view_fill_matches_pack_stats(strategy, truncate):
+    from backend.packing import pack
+
+    v = H.packing_view(DATA, TOK, "auto", "", "", "all", True, "", 256, 3, strategy, truncate, False, max_docs=60)
+    assert v.status == ""
+    from backend.chat import Masking
+    docs = H.tokenize_documents(DATA, TOK, Masking(), "", 60)
+    plan = pack(np.array([len(d[0]) for d in docs]), 256, strategy=strategy, truncate_documents=truncate)
+    assert v.stats["fill"] == pytest.approx(plan.stats()["fill"])
+    assert v.stats["rows"] == plan.num_rows
+    assert f"{plan.stats()['fill']:.1%}" in v.summary
+    # the drawn micro-batch: non-padding cells are exactly the tokens of its rows
+    z = np.asarray(v.figure.data[0].z)
+    assert z.shape == (3, 256)
+    placed = sum(p.end - p.begin for row in plan.rows[:3] for p in row)
+    assert int((z != 0).sum()) == placed
+    assert v.stats["shown_fill"] == pytest.approx(placed / (3 * 256))
+
+
+def test_block_mask_is_block_diagonal_without_cross_document_attention():
+    v = H.packing_view(DATA, TOK, "auto", "", "", "all", True, "", 256, 1, "best_fit", False, False, max_docs=40)
+    mask = np.asarray(v.mask_figure.data[0].z).astype(bool)
+    assert mask.shape == (256, 256)
+    assert not np.triu(mask, 1).any()  # causal
+    assert (~np.tril(mask)).sum() > 0 and not mask[-1, 0]  # the last token does not see the first document
+    cross = H.packing_view(DATA, TOK, "auto", "", "", "all", True, "", 256, 1, "best_fit", False, True, max_docs=40)
+    assert np.asarray(cross.mask_figure.data[0].z).astype(bool)[-1, 0]
+
+
+# ------------------------------------------------------------------------------------------------ config tab
+
+
+def test_config_form_yaml_round_trip():
+    yaml0 = H.default_train_yaml()
+    values, status, ok = H.train_yaml_to_form(yaml0)
+    assert ok and len(values) == len(TRAIN_FIELDS)
+    paths = [b.path for b in TRAIN_FIELDS]
+    values[paths.index("training.train_iters")] = 7.0  # gr.Number gives floats
+    values[paths.index("optimizer.learning_rate.decay_style")] = "linear"
+    values[paths.index("data.truncate_documents")] = True
+    text, status = H.form_to_train_yaml(yaml0, *values)
+    assert status.startswith("✓")
+    d = yaml.safe_load(text)
+    assert d["training"]["train_iters"] == 7 and isinstance(d["training"]["train_iters"], int)
+    assert d["optimizer"]["learning_rate"]["decay_style"] == "linear" and d["data"]["truncate_documents"] is True
+    assert d["optimizer"]["beta_2"] == 0.95  # fields without a widget are kept from the YAML
+    back, _, ok = H.train_yaml_to_form(text)
+    assert ok and back[paths.index("training.train_iters")] == 7
+    # an edit in the YAML view flows back into the form
+    edited = text.replace("sequence_length: 512", "sequence_length: 256")
+    vals, status, ok = H.train_yaml_to_form(edited)
+    assert ok and vals[paths.index("batch.sequence_length")] == 256
+
+
+def test_bad_config_value_names_the_key():
+    yaml0 = H.default_train_yaml()
+    values, _, _ = H.train_yaml_to_form(yaml0)
+    paths = [b.path for b in TRAIN_FIELDS]
+    values[paths.index("batch.micro_batch_size")] = 0
+    text, status = H.form_to_train_yaml(yaml0, *values)
+    assert "Invalid config" in status and "batch.micro_batch_size" in status
+    assert "micro_batch_size: 0" in text  # the YAML shows what was typed
+    _, status, ok = H.train_yaml_to_form(yaml0.replace("train_iters:", "train_itrs:"))
+    assert not ok and "training.train_itrs" in status and "train_iters" in status
+    _, status, ok = H.train_yaml_to_form("training: [unclosed")
+    assert not ok and "does not parse" in status and "line" in status
+
+
+def test_prepare_yaml_follows_data_tab_and_train_dataset_path():
+    from backend.config import load_prepare_config
+
+    train = H.default_train_yaml().replace("runs/tiny/data/", "runs/other/data/")
+    text, status = H.prepare_yaml_from(train, DATA, TOK, "delimiters", ASSISTANT_START, "<|eot_id|>", "last",
+                                       False, "")
+    assert status.startswith("✓")
+    cfg = load_prepare_config(yaml.safe_load(text))
+    assert cfg.output_path == "runs/other/data"
+    assert cfg.chat.masking.mode == "delimiters" and cfg.chat.masking.start_delimiter.endswith("\n\n")
+    assert cfg.chat.train_on == "last" and cfg.chat.train_on_eot is False and cfg.chat.template is None
+    text, status = H.prepare_yaml_from(train, DATA, TOK, "delimiters", "", "<|eot_id|>", "all", True, "")
+    assert "start_delimiter" in status
+
+
+def test_paths_are_checked():
+    assert H.check_path("", "dataset").ok is False
+    assert "does not exist" in H.check_path("./nope.jsonl", "dataset").message
+    assert H.check_path(str(ROOT / "README.md"), "dataset").ok is False
+    assert H.check_path(str(TINY_MODEL), "model").ok
+    assert "config.json" in H.check_path(str(ROOT / "assets"), "model").message
+    hub = H.check_path("meta-llama/Llama-3.1-8B", "model")
+    assert hub.ok and hub.kind == "hub" and "hub id" in hub.message
+
+
+# ------------------------------------------------------------------------------------------------ jobs
+
+
+def tiny_yamls(root: Path, train_iters: int = 200) -> tuple[str, str]:
+    t = yaml.safe_load((ROOT / "assets/configs/tiny_train.yaml").read_text())
+    t["training"].update(train_iters=train_iters, logs={"interval": 1})
+    t["training"]["checkpoint"]["interval"] = 1000  # the only checkpoint is the one Stop makes
+    t["training"]["evaluations"]["validation"]["interval"] = 0
+    t["batch"].update(sequence_length=128, batch_size=1, micro_batch_size=1)
+    for split in ("training", "validation"):
+        t["data"]["datasets"][split]["path"] = str(root / f"data/fast_llm_config_{split}.yaml")
+    t["run"]["experiment_dir"] = str(root / "exp")
+    train = yaml.safe_dump(t, sort_keys=False)
+    prep, status = H.prepare_yaml_from(train, DATA, TOK, "auto", "", "", "all", True, "")
+    assert status.startswith("✓"), status
+    return train, prep
+
+
+def group_pids(pgid: int) -> list[int]:
+    out = []
+    for e in Path("/proc").iterdir():
+        if e.name.isdigit():
+            try:
+                stat = (e / "stat").read_text()
+            except OSError:
+                continue
+            f = stat[stat.rfind(")") + 2:].split()
+            if int(f[2]) == pgid and f[0] != "Z":
+                out.append(int(e.name))
+    return out
+
+
+@pytest.mark.slow
+def test_launch_events_reattach_stop_checkpoint(tmp_path):
+    from studio import jobs
+
+    train, prep = tiny_yamls(tmp_path)
+    exp = tmp_path / "exp"
+    msg = H.launch_run(train, prep)
+    assert msg.startswith("launched"), msg
+    try:
+        # a second launch into the same directory is refused while the first runs
+        assert "already has a running job" in H.launch_run(train, prep)
+        deadline = time.time() + 300
+        view = H.poll_run(str(exp), {}, [])
+        while time.time() < deadline:
+            view = H.poll_run(str(exp), view.cursor, [])
+            if sum(e.get("event") == "train" for e in view.cursor["events"]) >= 2:
+                break
+            assert view.running, f"the job ended early: {view.status}\n{view.log}"
+            time.sleep(1)
+        losses = [e["loss"] for e in view.cursor["events"] if e.get("event") == "train"]
+        assert len(losses) >= 2, view.log
+        assert len(view.figure.data[0].x) == len(losses)  # the loss points are on the chart
+        # reattach: another process, knowing only the directory, sees the running job
+        code = f"from studio.jobs import job_status; s = job_status({str(exp)!r}); print(s.state, s.phase)"
+        r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert r.stdout.split() == ["running", "train"], r.stderr[-2000:]
+        st = jobs.job_status(exp)
+        pids = group_pids(st.pgid)
+        assert len(pids) >= 2  # the runner and the train process
+        assert "SIGTERM" in H.stop_run(str(exp))
+        st = jobs.wait(exp, 180)
+        assert st.state == "stopped", st
+        assert group_pids(st.pgid) == [] and all(not Path(f"/proc/{p}").exists() or
+                                                 "Z" in Path(f"/proc/{p}/stat").read_text().split()[2]
+                                                 for p in pids)
+        ckpts = sorted((exp / "checkpoints").glob("step_*"))
+        assert ckpts and (ckpts[-1] / "COMPLETE").exists()
+        final = H.poll_run(str(exp), {}, [])
+        assert "stopped" in final.status and not final.running
+    finally:
+        st = jobs.job_status(exp)
+        if st.running and st.pgid:
+            os.killpg(st.pgid, 9)
+
+
+def test_crashed_job_shows_its_error(tmp_path):
+    """A run whose train step fails reports failed + the log tail (here: a dataset path that does not exist)."""
+    from studio import jobs
+
+    train, _ = tiny_yamls(tmp_path)
+    exp = tmp_path / "exp"
+    jobs.launch(exp, None, train, 1, run_prepare=False)
+    st = jobs.wait(exp, 240)
+    assert st.state == "failed", st
+    view = H.poll_run(str(exp), {}, [])
+    assert "failed" in view.status and "fast_llm_config_training.yaml" in view.log
+
+
+def test_launch_refuses_mismatched_dataset_path(tmp_path):
+    train, prep = tiny_yamls(tmp_path)
+    bad = train.replace(str(tmp_path / "data/fast_llm_config_training.yaml"), str(tmp_path / "elsewhere.yaml"))
+    msg = H.launch_run(bad, prep)
+    assert "data.datasets.training.path" in msg and not (tmp_path / "exp").exists()
