@@ -87,10 +87,13 @@ def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
 
 def _forward_kwargs(model: nn.Module, batch: dict) -> dict:
     """Model inputs for a flattened packed batch: never a 2D attention mask, never a cache."""
+    attn = getattr(getattr(_inner(model), "config", None), "_attn_implementation", "") or ""
+    if "flash" not in attn and _flattening_joins_rows(batch["position_ids"]):
+        # sdpa/eager split a flattened row into documents by position ids alone: keep the (B, L) layout.
+        return dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
     input_ids = batch["input_ids"].reshape(1, -1)  # (1, B*L)
     position_ids = batch["position_ids"].reshape(1, -1)  # (1, B*L)
     kwargs = dict(input_ids=input_ids, position_ids=position_ids, use_cache=False)
-    attn = getattr(getattr(_inner(model), "config", None), "_attn_implementation", "") or ""
     if "flash" in attn:
         # flash-attention varlen: explicit boundaries over the flattened batch (collate computes them that way).
         for key in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"):
@@ -98,6 +101,18 @@ def _forward_kwargs(model: nn.Module, batch: dict) -> dict:
                 raise KeyError(f"batch has no {key!r}: flash_attention_2 needs the cu_seq_lens from backend.packing.collate")
             kwargs[key] = batch[key]
     return kwargs
+
+
+def _flattening_joins_rows(position_ids: torch.Tensor) -> bool:
+    """True when some row starts at position p > 0 right after a row that ends at p - 1 (B, L).
+
+    Only continuation pieces (truncate_documents: yes) start a row at p > 0. Flattened, such a row would read as
+    the continuation of the previous row's last document, and sdpa/eager would let it attend there.
+    """
+    if position_ids.shape[0] < 2:
+        return False
+    starts = position_ids[1:, 0]
+    return bool(((starts > 0) & (starts == position_ids[:-1, -1] + 1)).any())
 
 
 def _inner(model: nn.Module) -> nn.Module:
@@ -116,35 +131,48 @@ def trained_token_loss(model: nn.Module, batch: dict, impl: str = "fused") -> tu
     targets = shifted_targets(batch["labels"])  # (B*L,)
     kwargs = _forward_kwargs(model, batch)
     if impl == "torch":
-        logits = model(**kwargs).logits  # (1, B*L, V)
-        loss_sum = F.cross_entropy(logits[0].float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+        logits = model(**kwargs).logits  # (1, B*L, V), or (B, L, V) when rows cannot be flattened
+        logits = logits.reshape(-1, logits.shape[-1])  # (B*L, V)
+        loss_sum = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
         count = int((targets != IGNORE_INDEX).sum())
         return loss_sum, count
     if impl != "fused":
         raise ValueError(f"cross_entropy_impl must be 'fused' or 'torch', got {impl!r}")
 
-    keep = (targets != IGNORE_INDEX).nonzero().squeeze(1)  # (K,) positions in the flattened row
-    kept_targets = targets[keep]  # (K,)
-    with _lm_head_computes_loss(_inner(model), kept_targets):
+    trained = targets != IGNORE_INDEX  # (B*L,)
+    if kwargs["input_ids"].shape[0] == 1:
+        keep = trained.nonzero().squeeze(1)  # (K,) positions in the flattened row
+        kept_targets, select = targets[keep], None  # (K,)
+    else:
+        # Unflattened (B, L): logits_to_keep indexes the sequence dim of every row, so keep the union of the
+        # trained columns (K,), then select the trained (row, column) pairs out of the (B*K,) kept positions.
+        rows = kwargs["input_ids"].shape[0]
+        keep = trained.view(rows, -1).any(0).nonzero().squeeze(1)  # (K,)
+        select = trained.view(rows, -1)[:, keep].reshape(-1).nonzero().squeeze(1)  # (N,) into (B*K,)
+        kept_targets = targets.view(rows, -1)[:, keep].reshape(-1)[select]  # (N,)
+    with _lm_head_computes_loss(_inner(model), kept_targets, select):
         loss_sum = model(**kwargs, logits_to_keep=keep).logits  # 0-dim: the wrapper returned the CE sum
-    return loss_sum.float(), int(keep.numel())
+    return loss_sum.float(), int(kept_targets.numel())
 
 
 class _ChunkedCELMHead(nn.Module):
     """Stands in for `lm_head` during one forward: hidden (1, K, H) -> 0-dim CE sum against stashed targets."""
 
-    def __init__(self, lm_head: nn.Linear, targets: torch.Tensor):
+    def __init__(self, lm_head: nn.Linear, targets: torch.Tensor, select: torch.Tensor | None = None):
         super().__init__()
         self.lm_head = lm_head  # the same module: FSDP2 swaps its .weight for the unsharded one in pre-forward
         self.targets = targets
+        self.select = select  # optional (N,) rows of the reshaped hidden that carry the targets
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        hidden = hidden.reshape(-1, hidden.shape[-1])  # (K, H)
+        hidden = hidden.reshape(-1, hidden.shape[-1])  # (B*K, H)
+        if self.select is not None:
+            hidden = hidden[self.select]  # (N, H)
         return chunked_linear_cross_entropy(hidden, self.lm_head.weight, self.targets, self.lm_head.bias)
 
 
 @contextlib.contextmanager
-def _lm_head_computes_loss(inner: nn.Module, targets: torch.Tensor):
+def _lm_head_computes_loss(inner: nn.Module, targets: torch.Tensor, select: torch.Tensor | None = None):
     lm_head = getattr(inner, "lm_head", None)
     if not isinstance(lm_head, nn.Linear):
         raise TypeError(
@@ -152,7 +180,7 @@ def _lm_head_computes_loss(inner: nn.Module, targets: torch.Tensor):
             "set model.base_model.cross_entropy_impl: torch"
         )
     # Bypass nn.Module.__setattr__'s bookkeeping only in the sense that we restore exactly what was there.
-    inner._modules["lm_head"] = _ChunkedCELMHead(lm_head, targets)
+    inner._modules["lm_head"] = _ChunkedCELMHead(lm_head, targets, select)
     try:
         yield
     finally:

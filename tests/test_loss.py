@@ -209,3 +209,43 @@ def test_loss_scale_and_count_edge_cases():
     assert global_trained_count(None, [3, 0, 5]) == 8
     with pytest.raises(ValueError, match="cross_entropy_impl"):
         trained_token_loss(tiny_llama(), make_batch(ROWS)[0], impl="triton")
+
+
+@pytest.mark.parametrize("impl", ["torch", "fused"])
+def test_rows_that_would_join_when_flattened_stay_separate(impl):
+    """Row 1 starts at position 6 right after row 0 ends at position 5 (a continuation piece under
+    truncate_documents: yes). Flattened, sdpa would read them as one document; the loss must still equal the
+    two rows computed alone, and its gradients too."""
+    model = tiny_llama(seed=3)
+    g = torch.Generator().manual_seed(7)
+    L = 6
+    input_ids = torch.randint(1, V, (2, L), generator=g)
+    position_ids = torch.stack([torch.arange(L), torch.arange(L) + L])  # row 1 continues at 6..11
+    labels = input_ids.clone()
+    labels[0, 0] = IGNORE_INDEX
+    labels[1, :2] = IGNORE_INDEX
+    batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+    assert loss_mod._flattening_joins_rows(position_ids)
+
+    loss, count = trained_token_loss(model, batch, impl)
+    loss.backward()
+    got = grads(model)
+    model.zero_grad()
+
+    want, want_count = 0.0, 0
+    for b in range(2):
+        row = {k: v[b : b + 1] for k, v in batch.items()}
+        part, n = trained_token_loss(model, row, "torch")
+        part.backward()
+        want, want_count = want + part.detach(), want_count + n
+    assert count == want_count == 9
+    assert torch.allclose(loss.detach(), want, atol=1e-5, rtol=1e-5)
+    for name, grad in grads(model).items():
+        assert torch.allclose(got[name], grad, atol=1e-5), name
+
+    # The hazard is real: the same rows flattened into one sequence give a different loss.
+    flat = {k: v.reshape(1, -1) for k, v in batch.items()}
+    flat["labels"] = torch.cat([labels[0], torch.full((1,), IGNORE_INDEX), labels[1, 1:]]).reshape(1, -1)
+    with torch.no_grad():
+        joined, _ = trained_token_loss(model, flat, "torch")
+    assert not torch.allclose(joined, want, atol=1e-4)
