@@ -109,9 +109,10 @@ def test_lr_schedule_warmup_then_cosine_to_minimum():
 
 @pytest.fixture(scope="module")
 def finished_run(data, tmp_path_factory):
-    """30 steps from the tiny pretrained model (checkpoints at 10, 20, 30; keep 2)."""
+    """20 steps from the tiny pretrained model (checkpoints at 5, 10, 15, 20; keep 2)."""
     run_dir = tmp_path_factory.mktemp("run") / "exp"
-    summary = train(TINY_TRAIN, overrides(data, run_dir, **{"training.train_iters": 30,
+    summary = train(TINY_TRAIN, overrides(data, run_dir, **{"training.train_iters": 20,
+                                                             "training.checkpoint.interval": 5,
                                                              "training.checkpoint.keep": 2}))
     return run_dir, summary
 
@@ -125,21 +126,21 @@ def test_training_lowers_loss_and_writes_the_event_contract(finished_run):
     start = events[0]
     assert start["resumed_from"] is None and start["sharded"] is False and start["world_size"] == 1
     train_events = events_of(run_dir, "train")
-    assert [e["step"] for e in train_events] == list(range(1, 31))
+    assert [e["step"] for e in train_events] == list(range(1, 21))
     for e in train_events:
         assert {"loss", "lr", "grad_norm", "tokens_per_s", "trained_tokens", "elapsed", "eta"} <= e.keys()
         assert e["trained_tokens"] > 0 and e["tokens_per_s"] > 0
     losses = [e["loss"] for e in train_events]
     assert losses[-1] < losses[0] - 1.0, losses  # clearly learning, not noise
     validation = events_of(run_dir, "validation")
-    assert [e["step"] for e in validation] == [10, 20, 30]
+    assert [e["step"] for e in validation] == [10, 20]
     assert validation[-1]["loss"] < validation[0]["loss"] - 0.3, validation
     assert summary["last_validation_loss"] == validation[-1]["loss"]
     # checkpoints: every 10 steps, the newest 2 kept, each complete, with the resolved config
-    assert [(s, ok) for s, _, ok in list_checkpoints(run_dir / "checkpoints")] == [(20, True), (30, True)]
-    assert [e["step"] for e in events_of(run_dir, "checkpoint")] == [10, 20, 30]
-    saved = yaml.safe_load((run_dir / "checkpoints" / "step_000030" / "config.yaml").read_text())
-    assert saved["training"]["train_iters"] == 30 and saved["batch"]["sequence_length"] == 256
+    assert [(s, ok) for s, _, ok in list_checkpoints(run_dir / "checkpoints")] == [(15, True), (20, True)]
+    assert [e["step"] for e in events_of(run_dir, "checkpoint")] == [5, 10, 15, 20]
+    saved = yaml.safe_load((run_dir / "checkpoints" / "step_000020" / "config.yaml").read_text())
+    assert saved["training"]["train_iters"] == 20 and saved["batch"]["sequence_length"] == 256
     assert (run_dir / "config.yaml").is_file() and not (run_dir / "LOCK").exists()
     assert events_of(run_dir, "export")[-1]["path"] == str(run_dir / "export" / "final")
 
@@ -171,26 +172,26 @@ def test_nan_loss_stops_with_an_error_and_keeps_the_last_good_checkpoint(finishe
     data = Path(yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["datasets"]["training"]["path"]).parent
     proc = subprocess.run(
         [sys.executable, "-m", "backend.train", str(TINY_TRAIN),
-         *overrides(data, run_dir, **{"training.train_iters": 40, "optimizer.learning_rate.base": 1e30})],
+         *overrides(data, run_dir, **{"training.train_iters": 30, "optimizer.learning_rate.base": 1e30})],
         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == EXIT_DIVERGED, proc.stderr[-2000:]
     new = events_of(run_dir)[before:]
-    assert new[0]["event"] == "start" and new[0]["resumed_from"].endswith("step_000030")
+    assert new[0]["event"] == "start" and new[0]["resumed_from"].endswith("step_000020")
     message = new[-1]["message"].lower()
     assert new[-1]["event"] == "error" and ("nan" in message or "inf" in message), new[-1]
     assert not [e for e in new if e["event"] == "checkpoint"]  # nothing saved after the blow-up
-    assert latest_complete(run_dir / "checkpoints").name == "step_000030"
+    assert latest_complete(run_dir / "checkpoints").name == "step_000020"
     assert "last good checkpoint" in proc.stderr
 
 
 def test_sigkill_then_restart_matches_an_uninterrupted_run(data, tmp_path):
-    common = {"training.train_iters": 8, "training.checkpoint.interval": 2,
-              "training.evaluations.validation.interval": 4}
+    common = {"training.train_iters": 6, "training.checkpoint.interval": 2,
+              "training.evaluations.validation.interval": 3}
     reference = tmp_path / "reference"
     train(TINY_TRAIN, overrides(data, reference, **common))
 
     killed = tmp_path / "killed"
-    kill_after = random.choice([2, 4, 6])  # a random checkpointed step; the kill lands somewhere after it
+    kill_after = random.choice([2, 4])  # a random checkpointed step; the kill lands somewhere after it
     proc = start_cli(overrides(data, killed, **common), tmp_path / "killed.log")
     wait_for(lambda: (latest := latest_complete(killed / "checkpoints", warn=lambda m: None)) is not None
              and int(latest.name.split("_")[1]) >= kill_after, proc, what=f"a checkpoint at step {kill_after}")
@@ -198,14 +199,14 @@ def test_sigkill_then_restart_matches_an_uninterrupted_run(data, tmp_path):
     proc.wait()
     assert not events_of(killed, "end")
     # a newer save that never completed (as a kill in the middle of save_state would leave it) must be skipped
-    fake = killed / "checkpoints" / "step_000007"
+    fake = killed / "checkpoints" / "step_000005"
     shutil.copytree(latest_complete(killed / "checkpoints"), fake)
     (fake / COMPLETE).unlink()
     (fake / "model.safetensors").write_bytes(b"truncated")
     resumed_at = latest_complete(killed / "checkpoints")
 
     summary = train(TINY_TRAIN, overrides(data, killed, **common))  # also takes over the dead run's LOCK
-    assert summary["resumed_from"] == str(resumed_at) and summary["step"] == 8
+    assert summary["resumed_from"] == str(resumed_at) and summary["step"] == 6
     assert events_of(killed, "start")[-1]["resumed_from"] == str(resumed_at)
     assert_same_weights(final_weights(reference), final_weights(killed), 1e-6)
     ref_losses = {e["step"]: e["loss"] for e in events_of(reference, "train")}
