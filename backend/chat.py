@@ -50,6 +50,7 @@ import json
 import os
 import re
 import weakref
+from itertools import chain
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -457,6 +458,113 @@ def _auto_turns(messages, tokenizer, template, text, assistants, problems) -> li
     return turns
 
 
+# --------------------------------------------------------------------------- structure cache (fast path)
+# Rendering is the cost of `render`: the prefix diff renders the template ~2 times per assistant turn. Most
+# templates write each message's content verbatim (or stripped) between fixed pieces of text that depend only
+# on the roles. For each role pattern we therefore render ONCE with sentinel contents, learn the fixed pieces
+# and where every turn lies (the full prefix diff, run on the sentinel conversation), and then, per row, build
+# the text by substitution. Per row the real final text is still rendered once and must EQUAL the substituted
+# text, else the row takes the full prefix diff (templates that inject a date, branch on content, trim it in
+# other ways, ...). The first _STRUCTURE_CHECKS rows of every pattern also run the full prefix diff and must give
+# the same turns, else the pattern is never used again.
+_PAD = " \n"  # around each sentinel: tells a template that writes content verbatim from one that strips it
+_STRUCTURE_CHECKS = 3
+
+
+class _Structure:
+    __slots__ = ("literals", "slots", "turns", "checks_left")
+
+    def __init__(self, literals, slots, turns):
+        self.literals = literals  # n_slots + 1 fixed strings
+        self.slots = slots  # [(message index, strip: bool)] in text order
+        self.turns = turns  # [(message index, slot number, marker length)] in turn order
+        self.checks_left = _STRUCTURE_CHECKS
+
+
+def _sentinel(i: int) -> str:
+    return f"\x00SFT{i}\x00"
+
+
+def _build_structure(roles, tokenizer, template, target) -> "_Structure | None":
+    probe = [{"role": r, "content": _PAD + _sentinel(i) + _PAD} for i, r in enumerate(roles)]
+    try:
+        text = render_messages(probe, tokenizer, template)
+        problems: list[str] = []
+        turns = _auto_turns(probe, tokenizer, template, text, target, problems)
+    except ChatError:
+        return None  # the full path raises the real error for the real row
+    if problems:
+        return None
+    found = []
+    for i in range(len(roles)):
+        s = _sentinel(i)
+        pos = text.find(s)
+        if pos < 0 or text.find(s, pos + 1) >= 0:
+            return None  # content not written, or written twice: substitution would not be simple
+        if text.startswith(_PAD, pos - len(_PAD)) and text.startswith(_PAD, pos + len(s)):
+            found.append((pos - len(_PAD), pos + len(s) + len(_PAD), i, False))  # written verbatim
+        else:  # written stripped (e.g. `| trim`); anything else fails the per-row equality check
+            found.append((pos, pos + len(s), i, True))
+    found.sort()
+    literals, prev = [], 0
+    for b, e, _, _ in found:
+        if b < prev:
+            return None
+        literals.append(text[prev:b])
+        prev = e
+    literals.append(text[prev:])
+    slot_of = {i: n for n, (_, _, i, _) in enumerate(found)}
+    struct_turns = []
+    for t in turns:
+        n = slot_of[t.message_index]
+        b, e, _, _ = found[n]
+        if (t.begin, t.content_end) != (b, e) or t.end < e or t.end > e + len(literals[n + 1]):
+            return None  # the turn is not exactly the content slot + a marker from the fixed text after it
+        struct_turns.append((t.message_index, n, t.end - e))
+    return _Structure(literals, [(i, strip) for _, _, i, strip in found], struct_turns)
+
+
+def _structure_turns(messages, tokenizer, template, target, train_on):
+    """(text, turns) from the role pattern's structure; turns is None when the full prefix diff must run (text
+    is then the real rendering when it was already made, else None)."""
+    cache = _info(tokenizer).setdefault("structures", {})
+    key = (template, tuple(m["role"] for m in messages), train_on)
+    if key not in cache:
+        if len(cache) > 256:
+            cache.clear()
+        cache[key] = _build_structure(key[1], tokenizer, template, target)
+    st = cache[key]
+    if st is None:
+        return None, None
+    literals = st.literals
+    pieces = [literals[0]]
+    slot_begin = []
+    pos = len(literals[0])
+    for n, (i, strip) in enumerate(st.slots):
+        c = messages[i]["content"]
+        if strip:
+            c = c.strip()
+        slot_begin.append((pos, pos + len(c)))
+        pieces.append(c)
+        pieces.append(literals[n + 1])
+        pos += len(c) + len(literals[n + 1])
+    text = "".join(pieces)
+    real = render_messages(messages, tokenizer, template)  # the one real render: the proof for this row
+    if real != text:
+        return real, None
+    turns = []
+    for k, n, marker in st.turns:
+        b, e = slot_begin[n]
+        turns.append(AssistantTurn(k, b, e, e + marker))
+    if st.checks_left > 0:
+        st.checks_left -= 1
+        problems: list[str] = []
+        if _auto_turns(messages, tokenizer, template, real, target, problems) != turns or problems:
+            cache[key] = None
+            return real, None
+    return text, turns
+
+
 def _generation_turns(messages, tokenizer, template, assistants, problems):
     text, blocks = _render_generation(messages, tokenizer, template)
     if len(blocks) != len(assistants):
@@ -600,7 +708,11 @@ def render(conversation, tokenizer, masking: Masking | None = None, chat_templat
         if _GENERATION_RE.search(template) and assistants:
             text, turns = _generation_turns(messages, tokenizer, template, assistants, problems)
         else:
-            text = render_messages(messages, tokenizer, template)
+            text = None
+            if target:
+                text, turns = _structure_turns(messages, tokenizer, template, target, masking.train_on)
+            if text is None:
+                text = render_messages(messages, tokenizer, template)
         if turns is None:
             turns = _auto_turns(messages, tokenizer, template, text, target, problems)
         wanted = set(target)
@@ -665,13 +777,74 @@ def tokenize(text: str, trained_spans, tokenizer) -> TokenizedSample:
     return _finish(text, enc["input_ids"], enc["offset_mapping"], sorted(trained_spans), _info(tokenizer))
 
 
+def _fast_backend(tokenizer):
+    """The Rust ``tokenizers.Tokenizer`` behind a fast tokenizer, when calling it directly gives exactly what
+    ``tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)`` gives (no truncation or padding
+    configured, same special-token splitting); else None. Skips transformers' per-sample dict building."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is None or not hasattr(backend, "encode_batch"):
+        return None
+    try:
+        if backend.truncation is not None or backend.padding is not None:
+            return None
+        if bool(backend.encode_special_tokens) != bool(getattr(tokenizer, "split_special_tokens", False)):
+            return None
+    except AttributeError:
+        return None
+    return backend
+
+
 def tokenize_batch(texts: list[str], spans_list, tokenizer) -> list[TokenizedSample]:
-    """`tokenize` for many texts with one batched (parallel, Rust) tokenizer call."""
+    """`tokenize` for many texts with one batched (parallel, Rust) tokenizer call.
+
+    The whole batch is converted to numpy at once (ids, offsets and the trained mask are computed on flat arrays
+    in "batch character coordinates", then cut into per-sample views): the per-sample Python work is a handful of
+    operations, not one per token.
+    """
+    texts = list(texts)
+    spans_list = list(spans_list)
+    if len(texts) != len(spans_list):
+        raise ValueError(f"tokenize_batch: {len(texts)} texts but {len(spans_list)} span lists")
+    if not texts:
+        return []
     info = _info(tokenizer)
-    enc = tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=True)
+    backend = _fast_backend(tokenizer)
+    if backend is not None:
+        encs = backend.encode_batch(texts, add_special_tokens=False)
+        ids_lists = [e.ids for e in encs]
+        off_lists = [e.offsets for e in encs]
+    else:
+        enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        ids_lists, off_lists = enc["input_ids"], enc["offset_mapping"]
+    n = len(texts)
+    lengths = np.fromiter((len(x) for x in ids_lists), dtype=np.int64, count=n)
+    total = int(lengths.sum())
+    ids = np.fromiter(chain.from_iterable(ids_lists), dtype=np.int64, count=total)
+    offsets = np.fromiter(chain.from_iterable(chain.from_iterable(off_lists)), dtype=np.int64,
+                          count=2 * total).reshape(total, 2)
+    if info["adds_bos"]:
+        bos = info["bos"]
+        needs = np.fromiter((not (bos and t.startswith(bos)) for t in texts), dtype=bool, count=n)
+        if needs.any():
+            starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])[needs]
+            ids = np.insert(ids, starts, info["bos_id"])
+            offsets = np.insert(offsets, starts, 0, axis=0)  # (0, 0): zero-width, never trained
+            lengths = lengths + needs
+    # batch coordinates: sample i's characters live at [base[i], base[i] + len(text_i)); spans and offsets
+    # shifted by base stay sorted and disjoint across samples, so one searchsorted gives every mask
+    text_lens = np.fromiter((len(t) for t in texts), dtype=np.int64, count=n)
+    base = np.concatenate([[0], np.cumsum(text_lens + 1)[:-1]])
+    bounds = np.concatenate([[0], np.cumsum(lengths)])
+    token_base = np.repeat(base, lengths)
+    flat_spans = []
+    for b, spans in zip(base.tolist(), spans_list):
+        if spans:
+            flat_spans.extend((b + s, b + e) for s, e in (sorted(spans) if len(spans) > 1 else spans))
+    trained = _mask_from_offsets(offsets + token_base[:, None], flat_spans)
+    cuts = bounds.tolist()
     return [
-        _finish(t, ids, off, sorted(spans), info)
-        for t, ids, off, spans in zip(texts, enc["input_ids"], enc["offset_mapping"], spans_list)
+        TokenizedSample(input_ids=ids[a:z], trained=trained[a:z], offsets=offsets[a:z])
+        for a, z in zip(cuts[:-1], cuts[1:])
     ]
 
 

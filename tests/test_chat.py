@@ -455,3 +455,114 @@ def test_eot_token_ids():
         ids = eot_token_ids(t)
         assert ids[0] == t.convert_tokens_to_ids(eot)
         assert t.eos_token_id in ids
+
+
+# ------------------------------------------------------------------ fast paths agree with the reference
+def _reference(conv, t, template=None, train_on="all"):
+    """The full prefix diff on the real rendering (what render did before the structure cache)."""
+    from backend import chat
+
+    msgs = normalize_conversation(conv)
+    template = chat.resolve_template(t, template)
+    text = chat.render_messages(msgs, t, template)
+    assistants = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
+    target = assistants[-1:] if train_on == "last" else assistants
+    problems = []
+    return text, chat._auto_turns(msgs, t, template, text, target, problems), problems
+
+
+@pytest.mark.parametrize("family", ["llama", "chatml", "gemma", "mistral", "phi3"])
+def test_structure_cache_equals_full_prefix_diff(family):
+    """Every row of the sample data (many role patterns, far more rows than the per-pattern cross-checks) plus
+    replies with surrounding whitespace (stripping templates) give exactly the reference text and turns."""
+    t = tok(family)
+    rows = [json.loads(line) for line in open(SAMPLE_DATA)][:120]
+    padded = [{"from": "human", "value": "  Hi  \n"}, {"from": "gpt", "value": "\n  Padded reply.  \n"},
+              {"from": "human", "value": "again"}, {"from": "gpt", "value": " x "}]
+    convs = [r["conversations"] for r in rows] + [TURNS, [SYSTEM] + TURNS, padded, padded]
+    for train_on in ("all", "last"):
+        for conv in convs:
+            try:
+                ref_text, ref_turns, ref_problems = _reference(conv, t, train_on=train_on)
+            except TemplateError:
+                with pytest.raises(TemplateError):
+                    render(conv, t, Masking(train_on=train_on))
+                continue
+            r = render(conv, t, Masking(train_on=train_on))
+            assert r.text == ref_text
+            assert r.turns == ref_turns
+            assert r.problems == ref_problems + [p for p in r.problems if p.startswith("special_text_in_content")]
+    from backend import chat
+
+    # the fast path is really taken for these templates (a learned structure per role pattern)
+    assert sum(v is not None for v in chat._info(t)["structures"].values()) >= 2
+
+
+def test_content_dependent_template_falls_back_to_prefix_diff():
+    """A template that rewrites some replies (upper-cases those with '!') and strips others: rows where the
+    substituted text differs from the real rendering must take the full prefix diff and still be exact."""
+    t = tok("chatml")
+    tpl = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{% if '!' in m.content %}{{ m.content|upper }}"
+           "{% else %}{{ m.content|trim }}{% endif %}<|im_end|>\n{% endfor %}"
+           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    plain = [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "  calm reply "},
+             {"from": "human", "value": "more"}, {"from": "gpt", "value": "also calm"}]
+    loud = [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "loud reply!"},
+            {"from": "human", "value": "more"}, {"from": "gpt", "value": "also calm"}]
+    for conv in [plain] * 4 + [loud] + [plain] * 2 + [loud]:
+        r = render(conv, t, chat_template=tpl)
+        ref_text, ref_turns, _ = _reference(conv, t, tpl)
+        assert r.text == ref_text and r.turns == ref_turns
+    r = render(plain, t, chat_template=tpl)
+    assert [r.text[b:e] for b, e in r.trained_spans] == ["calm reply<|im_end|>", "also calm<|im_end|>"]
+    r = render(loud, t, chat_template=tpl)
+    assert [r.text[b:e] for b, e in r.trained_spans][1] == "also calm<|im_end|>"
+    assert r.text[r.trained_spans[0][0]:r.trained_spans[0][1]].startswith("LOUD REPLY!")
+
+
+def test_date_injecting_template_is_exact():
+    """A template that injects a date which changes mid-run (after the structure was learned) never reuses the
+    stale structure: the row's real rendering differs from the substituted text, so it takes the prefix diff."""
+    from backend import chat
+
+    t = tok("chatml")
+    day = {"today": "1 Jan"}
+    tpl = ("Today: {{ today() }}\n{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"
+           "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    info = chat._info(t)
+    old = info["kwargs"]
+    info["kwargs"] = dict(old, today=lambda: day["today"])
+    try:
+        for _ in range(5):
+            r = render(TURNS, t, chat_template=tpl)
+            assert r.text.startswith("Today: 1 Jan") and trained_text(r) == "".join(x + "<|im_end|>" for x in REPLIES)
+        day["today"] = "2 January"  # longer: every position after it shifts
+        r = render(TURNS, t, chat_template=tpl)
+        ref_text, ref_turns, _ = _reference(TURNS, t, tpl)
+        assert r.text == ref_text and r.text.startswith("Today: 2 January") and r.turns == ref_turns
+        assert [r.text[b:e] for b, e in r.trained_spans] == [x + "<|im_end|>" for x in REPLIES]
+    finally:
+        info["kwargs"] = old
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_tokenize_batch_equals_the_tokenizer_call(family):
+    """The batched fast path (Rust encodings -> flat numpy) gives the tokenizer's own ids and offsets, BOS added
+    once where the text lacks it, and the mask of the token rule computed per sample."""
+    from backend.chat import _mask_from_offsets
+
+    t = tok(family)
+    texts = ["Hello world", "  two  spaces ", "émoji 🙂 done", "x"]
+    if t.bos_token:
+        texts.append(t.bos_token + "starts with bos")
+    spans = [[(0, 3)], [(2, 5), (7, 9)], [], [(0, 1)]] + ([[(3, 8)]] if t.bos_token else [])
+    out = tokenize_batch(texts, spans, t)
+    enc = t(texts, add_special_tokens=False, return_offsets_mapping=True)
+    adds_bos = t.bos_token_id is not None and t("a")["input_ids"][0] == t.bos_token_id
+    for text, sp, o, ids, offs in zip(texts, spans, out, enc["input_ids"], enc["offset_mapping"]):
+        extra = int(adds_bos and not text.startswith(t.bos_token))
+        assert o.input_ids.tolist() == [t.bos_token_id] * extra + list(ids)
+        assert o.offsets.tolist() == [[0, 0]] * extra + [list(x) for x in offs]
+        assert o.trained.tolist() == _mask_from_offsets(o.offsets, sorted(sp)).tolist()
+        single = tokenize(text, sp, t)
+        assert np.array_equal(single.input_ids, o.input_ids) and np.array_equal(single.trained, o.trained)
