@@ -123,3 +123,29 @@ def call_with_timeout(fn, args=(), timeout: float = 3.0):
         p.kill()
     p.join(timeout=5)
     return finished, result
+
+
+def loss_figure(events: list[dict], title: str = "loss"):
+    """Plotly figure of an events.jsonl list: train loss (line), validation loss (markers), a dotted line at each
+    (re)start and a tick at each checkpoint. Events are dicts as written by `backend.events.EventLog`."""
+    import plotly.graph_objects as go
+
+    train = [e for e in events if e.get("event") == "train"]
+    valid = [e for e in events if e.get("event") == "validation"]
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=[e["step"] for e in train], y=[e["loss"] for e in train], mode="lines+markers",
+                             marker=dict(size=4), name="train loss"))
+    fig.add_trace(go.Scatter(x=[e["step"] for e in valid], y=[e["loss"] for e in valid], mode="markers+lines",
+                             marker=dict(size=9, symbol="diamond"), name="validation loss"))
+    for e in events:
+        if e.get("event") == "start":
+            label = f"resumed at {e['step']}" if e.get("resumed_from") else "start"
+            fig.add_vline(x=e["step"], line_dash="dot", line_color="#888", annotation_text=label)
+        elif e.get("event") == "checkpoint":
+            fig.add_vline(x=e["step"], line_width=1, line_color="#2ca02c", opacity=0.4)
+    last = train[-1] if train else {}
+    if last:
+        title += f" · step {last['step']}, loss {last['loss']:.3f}, {last.get('tokens_per_s', 0):,.0f} tokens/s"
+    fig.update_layout(title=title, xaxis_title="step", yaxis_title="loss (mean over trained tokens)", height=360,
+                      template="plotly_white")
+    return fig
