@@ -1,6 +1,7 @@
 """Start the studio.
 
     python -m studio [--host 127.0.0.1] [--port 7860] [--auth user:pass] [--share] [--runs-dir runs]
+                     [--config TRAIN.yaml]
 
 Binds 127.0.0.1 by default. Listening on another interface (``--host 0.0.0.0``) or through a public share link
 (``--share``) starts training jobs and reads files on this machine on anyone's behalf, so it REFUSES to start
@@ -47,7 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--auth", default=None, help="user:password (default: env SFT_STUDIO_AUTH)")
     ap.add_argument("--share", action="store_true", help="public gradio link (needs --auth)")
     ap.add_argument("--runs-dir", default="runs", help="where experiment directories live (default runs/)")
+    ap.add_argument("--config", default=None,
+                    help="train YAML to open in the Config tab (default: assets/configs/tiny_train.yaml)")
     args = ap.parse_args(argv)
+    if args.config and not os.path.isfile(args.config):
+        print(f"--config: no such file: {os.path.abspath(args.config)}", file=sys.stderr)
+        return 2
     try:
         auth = parse_auth(args.auth or os.environ.get("SFT_STUDIO_AUTH"))
     except ValueError as e:
@@ -61,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     from studio.handlers import warm_up
 
     warm_up()
-    demo = build_app(runs_dir=args.runs_dir)
+    demo = build_app(runs_dir=args.runs_dir, train_config=args.config)
     demo.queue(default_concurrency_limit=4)
     demo.launch(server_name=args.host, server_port=args.port, auth=auth, share=args.share, css=CSS,
                 footer_links=[], show_error=False)

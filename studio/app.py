@@ -115,10 +115,10 @@ def wire_data_tab(tab: DataTab, seq_len: gr.Number, demo: gr.Blocks) -> None:
     prev_b, next_b, rand_b = t.buttons
     inputs = [dataset, tokenizer, index, mode, start, end, train_on, train_on_eot, template, seq_len]
     outputs = t.outputs
-    for w in (mode, train_on, train_on_eot, index):
-        w.change(on_preview, inputs, outputs, show_progress="hidden")
-    for w in (start, end, template):
-        w.input(on_preview, inputs, outputs, show_progress="hidden")
+    # .change (not .input) for the typed fields too: gradio 6 fires .input on key presses only, not on a paste;
+    # always_last drops stale renders while the user types.
+    for w in (mode, train_on, train_on_eot, index, start, end, template):
+        w.change(on_preview, inputs, outputs, show_progress="hidden", trigger_mode="always_last")
     for w in (dataset, tokenizer):
         w.submit(on_preview, inputs, outputs)
         w.blur(on_preview, inputs, outputs)
@@ -243,12 +243,11 @@ def on_save(train_text, prepare_text, path):
     return "\n\n".join(x for x in (s1, s2) if x), (str(Path(path).resolve()) if ok else None)
 
 
-def build_config_tab() -> ConfigTab:
-    from backend.config import load_train_config
-    from studio.bindings import form_values_from_config
-
-    yaml0 = H.default_train_yaml()
-    values0 = form_values_from_config(load_train_config(H.DEFAULT_TRAIN_YAML))
+def build_config_tab(train_config: str | None = None) -> ConfigTab:
+    yaml0 = H.read_text(train_config) if train_config else H.default_train_yaml()
+    values0, status0, ok = H.train_yaml_to_form(yaml0)
+    if not ok:  # an invalid file still opens: the form starts from the defaults, the status says what is wrong
+        values0 = H.train_yaml_to_form(H.default_train_yaml())[0]
     widgets = [None] * len(TRAIN_FIELDS)
     with gr.Row():
         with gr.Column(scale=3):
@@ -258,7 +257,7 @@ def build_config_tab() -> ConfigTab:
                         for k, b in enumerate(TRAIN_FIELDS):
                             if b.group == group:
                                 widgets[k] = make_widget(b, values0[k])
-            status = gr.Markdown("✓ valid train config", elem_id="config-status")
+            status = gr.Markdown(status0, elem_id="config-status")
         with gr.Column(scale=2):
             train_yaml = gr.Code(yaml0, language="yaml", label="train YAML (edit here or in the form)",
                                  elem_id="train-yaml", interactive=True)
@@ -273,6 +272,8 @@ def build_config_tab() -> ConfigTab:
     for w in widgets:
         # .input (user edits only) in both directions, so that form -> YAML -> form does not loop.
         w.input(on_form, [train_yaml] + widgets, [train_yaml, status], show_progress="hidden")
+        if isinstance(w, (gr.Number, gr.Textbox)):  # a pasted value fires no .input: leaving the field counts
+            w.blur(on_form, [train_yaml] + widgets, [train_yaml, status], show_progress="hidden")
     train_yaml.input(on_yaml, [train_yaml], widgets + [status], show_progress="hidden")
     load_b.click(on_load_file, [path], [train_yaml] + widgets + [file_status])
     save_b.click(on_save, [train_yaml, prepare_yaml, path], [file_status, download])
@@ -412,7 +413,7 @@ def build_chat_tab(data: DataTab, runs_dir: str, demo: gr.Blocks) -> None:
 # ============================================================================================ the page
 
 
-def build_app(runs_dir: str = "runs") -> gr.Blocks:
+def build_app(runs_dir: str = "runs", train_config: str | None = None) -> gr.Blocks:
     """The whole page. Tabs are laid out in reading order; events that cross tabs are wired at the end."""
     with gr.Blocks(title="SFT Studio") as demo:
         gr.Markdown("# SFT Studio — see what is trained, then train it")
@@ -423,7 +424,7 @@ def build_app(runs_dir: str = "runs") -> gr.Blocks:
             with gr.Tab("Packing", id="packing"):
                 wire_packing = build_packing_tab(data)
             with gr.Tab("Config", id="config"):
-                cfg = build_config_tab()
+                cfg = build_config_tab(train_config)
             with gr.Tab("Train", id="train"):
                 build_train_tab(cfg, runs_dir, demo)
             with gr.Tab("Chat", id="chat"):

@@ -33,12 +33,13 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def serve(runs_dir: str, port: int | None = None, timeout: float = 180.0, log_path: str | None = None,
-          cwd: str | None = None):
+          cwd: str | None = None, extra_args: tuple = ()):
     """Run `python -m studio` on 127.0.0.1 in its own process group; yield its URL; stop the group after."""
     port = port or free_port()
     env = dict(os.environ, PYTHONPATH=str(ROOT), GRADIO_ANALYTICS_ENABLED="False", OMP_NUM_THREADS="1")
     log = open(log_path or os.devnull, "w")
-    proc = subprocess.Popen([sys.executable, "-m", "studio", "--port", str(port), "--runs-dir", str(runs_dir)],
+    proc = subprocess.Popen([sys.executable, "-m", "studio", "--port", str(port), "--runs-dir", str(runs_dir),
+                             *map(str, extra_args)],
                             cwd=cwd or str(ROOT), env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     url = f"http://127.0.0.1:{port}/"
