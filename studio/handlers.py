@@ -286,22 +286,29 @@ def runs_of(mask: np.ndarray) -> list[tuple[int, int, bool]]:
     return [(int(a), int(b), bool(mask[a])) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
+_TOKEN_CSS = (".sft-tokens{font-family:monospace;font-size:12px;line-height:2.2}"
+              ".sft-tokens span{display:inline-block;border:1px solid #bbb;background:#eee;margin:1px;"
+              "padding:0 2px;vertical-align:top;text-align:center}"
+              ".sft-tokens span.t{border-color:#2ca02c;background:#e5f5e0}"
+              ".sft-tokens sub{color:#666}")
+_VISIBLE = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "\n": "↵", " ": "␣"})
+
+
 def token_html(text: str, input_ids: np.ndarray, offsets: np.ndarray, trained: np.ndarray, tokenizer,
                limit: int = TOKEN_VIEW_LIMIT) -> str:
-    """Each token as a box: its text (whitespace made visible) over its id; green border = trained."""
+    """Each token as a box: its text (whitespace made visible) over its id; green (class t) = trained.
+
+    Styling sits in one <style> block, so the per-token markup stays short (this runs on every edit).
+    """
     n = len(input_ids)
-    parts = ['<div class="sft-tokens" style="font-family:monospace;font-size:12px;line-height:2.2">']
-    for t in range(min(n, limit)):
-        s, e = int(offsets[t, 0]), int(offsets[t, 1])
-        piece = text[s:e] if e > s else tokenizer.convert_ids_to_tokens(int(input_ids[t]))
-        shown = html.escape(piece).replace("\n", "↵").replace(" ", "␣") or "∅"
-        cls = "tok-t" if trained[t] else "tok-m"
-        color = "#2ca02c" if trained[t] else "#bbbbbb"
-        bg = "#e5f5e0" if trained[t] else ("#f7f7f7" if t % 2 else "#ececec")
-        parts.append(f'<span class="{cls}" title="token {t}, id {int(input_ids[t])}, chars {s}-{e}" '
-                     f'style="display:inline-block;border:1px solid {color};background:{bg};margin:1px;'
-                     f'padding:0 2px;vertical-align:top;text-align:center">{shown}'
-                     f'<br><sub style="color:#666">{int(input_ids[t])}</sub></span>')
+    ids = input_ids[:limit].tolist()
+    offs = offsets[:limit].tolist()
+    tr = trained[:limit].tolist()
+    parts = [f'<style>{_TOKEN_CSS}</style><div class="sft-tokens">']
+    for t, (tid, (s, e), k) in enumerate(zip(ids, offs, tr)):
+        piece = text[s:e] if e > s else tokenizer.convert_ids_to_tokens(tid)
+        parts.append(f'<span{" class=t" if k else ""} title="token {t}, chars {s}-{e}">'
+                     f'{piece.translate(_VISIBLE) or "∅"}<br><sub>{tid}</sub></span>')
     if n > limit:
         parts.append(f"<p>… {n - limit} more tokens not drawn (the highlight above shows the whole sample)</p>")
     parts.append("</div>")

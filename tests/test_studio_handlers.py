@@ -361,3 +361,20 @@ def test_launch_refuses_mismatched_dataset_path(tmp_path):
     bad = train.replace(str(tmp_path / "data/fast_llm_config_training.yaml"), str(tmp_path / "elsewhere.yaml"))
     msg = H.launch_run(bad, prep)
     assert "data.datasets.training.path" in msg and not (tmp_path / "exp").exists()
+
+
+# ------------------------------------------------------------------------------------------------ chat tab
+
+
+def test_chat_streams_a_reply_from_the_tiny_model(tmp_path):
+    replies = list(H.chat_stream(str(TINY_MODEL), [], "What is 5 + 37?", "", max_new_tokens=12))
+    assert replies, "no streamed text"
+    assert all(b.startswith(a) for a, b in zip(replies, replies[1:]))  # each update extends the last
+    # an export dir under the runs dir is offered, after the base model
+    export = tmp_path / "exp" / "export" / "final"
+    export.mkdir(parents=True)
+    for f in ("config.json", "model.safetensors"):
+        (export / f).write_bytes((TINY_MODEL / f).read_bytes())
+    assert H.chat_models(str(tmp_path)) == [str(TINY_MODEL), str(export)]
+    with pytest.raises(ValueError, match="config.json"):
+        next(H.chat_stream(str(tmp_path), [], "hi"))
