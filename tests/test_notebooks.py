@@ -87,6 +87,8 @@ def notebook_env(tmp_path_factory):
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_executes(name, notebook_env):
     nb = _read(name)
+    # a first cell that reports the kernel's interpreter: the notebooks must run on this environment's python
+    nb.cells.insert(0, nbformat.v4.new_code_cell("import sys; print(sys.executable)"))
     client = nbclient.NotebookClient(nb, kernel_name="python3", timeout=CELL_TIMEOUT_S,
                                      resources={"metadata": {"path": str(ROOT)}})
     try:
@@ -95,7 +97,7 @@ def test_notebook_executes(name, notebook_env):
         # keep the executed notebook next to the work files: its outputs show what the assert saw
         nbformat.write(nb, notebook_env / f"failed_{name}")
         pytest.fail(f"{name}: a cell failed (executed copy: {notebook_env / f'failed_{name}'})\n{e}", pytrace=False)
-    kernel_python = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
-    assert kernel_python, f"{name}: no cell produced output"
-    errors = [o for o in kernel_python if o.get("output_type") == "error"]
-    assert not errors
+    kernel_python = "".join(o.get("text", "") for o in nb.cells[0].outputs).strip()
+    assert Path(kernel_python).resolve() == Path(sys.executable).resolve()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
