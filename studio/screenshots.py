@@ -77,36 +77,74 @@ def open_tab(page, name: str) -> None:
     page.wait_for_timeout(500)
 
 
-def take(out: Path, runs_dir: str, chromium: str = CHROMIUM) -> list[Path]:
+def tiny_train_config(root: Path, train_iters: int = 40) -> Path:
+    """A short tiny-model train YAML whose data and experiment live under ``root`` (nothing lands in the repo)."""
+    import yaml
+
+    t = yaml.safe_load((ROOT / "assets/configs/tiny_train.yaml").read_text())
+    t["training"].update(train_iters=train_iters, logs={"interval": 1})
+    t["training"]["evaluations"]["validation"].update(interval=10, iterations=2)
+    t["training"]["checkpoint"]["interval"] = 1000
+    t["batch"].update(sequence_length=256, batch_size=2, micro_batch_size=1)
+    t["optimizer"]["learning_rate"].update(decay_iterations=train_iters, warmup_iterations=5)
+    for split in ("training", "validation"):
+        t["data"]["datasets"][split]["path"] = str(root / f"data/fast_llm_config_{split}.yaml")
+    t["run"]["experiment_dir"] = str(root / "tiny-run")
+    path = root / "train.yaml"
+    path.write_text(yaml.safe_dump(t, sort_keys=False))
+    return path
+
+
+def take(out: Path, runs_dir: str, chromium: str = CHROMIUM, with_run: bool = True) -> list[Path]:
     from playwright.sync_api import sync_playwright
 
     out.mkdir(parents=True, exist_ok=True)
+    runs = Path(runs_dir)
+    runs.mkdir(parents=True, exist_ok=True)
+    config = tiny_train_config(runs)
     shots = []
-    with serve(runs_dir) as url, sync_playwright() as p:
+
+    def shot(name):
+        page.wait_for_timeout(1000)
+        page.screenshot(path=str(out / name), full_page=True)
+        shots.append(out / name)
+
+    with serve(runs_dir, extra_args=("--config", config)) as url, sync_playwright() as p:
         browser = launch_browser(p, chromium)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(180_000)
         page.goto(url)
-        page.locator("#preview-summary").get_by_text("tokens").first.wait_for(timeout=120_000)
-        page.wait_for_timeout(1000)
-        page.screenshot(path=str(out / "data.png"), full_page=True)
-        shots.append(out / "data.png")
+        page.locator("#preview-summary").get_by_text("tokens").first.wait_for()
+        shot("data.png")
         page.locator("#check-button").click()
-        page.locator("#check-summary").get_by_text("samples checked").wait_for(timeout=180_000)
+        page.locator("#check-summary").get_by_text("samples checked").wait_for()
         page.locator("#check-summary").scroll_into_view_if_needed()
-        page.wait_for_timeout(1000)
-        page.screenshot(path=str(out / "check.png"), full_page=True)
-        shots.append(out / "check.png")
+        shot("check.png")
         open_tab(page, "Packing")
         page.locator("#pack-button").click()
-        page.locator("#pack-summary").get_by_text("rows").wait_for(timeout=120_000)
-        page.wait_for_timeout(1500)
-        page.screenshot(path=str(out / "packing.png"), full_page=True)
-        shots.append(out / "packing.png")
-        for tab, name in (("Config", "config.png"), ("Train", "train.png"), ("Chat", "chat.png")):
-            open_tab(page, tab)
+        page.locator("#pack-summary").get_by_text("rows").wait_for()
+        shot("packing.png")
+        open_tab(page, "Config")
+        shot("config.png")
+        open_tab(page, "Train")
+        if with_run:
+            page.locator("#launch-button").click()
+            page.wait_for_function("() => /finished|failed|stopped/.test("
+                                   "document.querySelector('#train-status').innerText)", timeout=600_000)
+        shot("train.png")
+        open_tab(page, "Chat")
+        if with_run:
+            export = runs / "tiny-run" / "export" / "final"
+            page.get_by_role("button", name="↻ models").click()
             page.wait_for_timeout(1500)
-            page.screenshot(path=str(out / name), full_page=True)
-            shots.append(out / name)
+            model = page.get_by_label("model (export dir or base)")
+            model.fill(str(export))
+            model.press("Enter")
+            msg = page.get_by_label("message")
+            msg.fill("What is 5 + 37?")
+            msg.press("Enter")
+            page.wait_for_timeout(8000)
+        shot("chat.png")
         browser.close()
     return shots
 
@@ -114,10 +152,14 @@ def take(out: Path, runs_dir: str, chromium: str = CHROMIUM) -> list[Path]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(ROOT / "assets" / "screenshots"))
-    ap.add_argument("--runs-dir", default=str(ROOT / "runs"))
+    ap.add_argument("--runs-dir", default=None, help="where the demo run goes (default: a new temporary dir)")
+    ap.add_argument("--no-run", action="store_true", help="do not launch the short training run")
     ap.add_argument("--chromium", default=CHROMIUM)
     args = ap.parse_args(argv)
-    for p in take(Path(args.out), args.runs_dir, args.chromium):
+    import tempfile
+
+    runs_dir = args.runs_dir or tempfile.mkdtemp(prefix="sft-studio-shots-")
+    for p in take(Path(args.out), runs_dir, args.chromium, with_run=not args.no_run):
         print(p)
     return 0
 
