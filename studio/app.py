@@ -329,16 +329,20 @@ def on_refresh_runs(runs_dir):
 
 
 def on_page_load(runs_dir, train_text):
-    """Reattach: if a job runs under the runs dir, show it (and its train YAML); else the YAML's experiment dir."""
+    """Reattach: if a job runs under the runs dir, show it (its train YAML in the Config tab, form included);
+    else follow the YAML's experiment dir."""
     from studio import jobs
 
     for exp in jobs.list_runs(runs_dir):
         if jobs.job_status(exp).running:
-            text = (Path(exp) / jobs.TRAIN_YAML)
-            if text.exists():
-                return exp, text.read_text(encoding="utf-8")
-            return exp, gr.skip()
-    return H.experiment_dir_of(train_text), gr.skip()
+            path = Path(exp) / jobs.TRAIN_YAML
+            if path.exists():
+                text = path.read_text(encoding="utf-8")
+                values, status, ok = H.train_yaml_to_form(text)
+                if ok:
+                    return [exp, text] + values
+            return [exp, gr.skip()] + [gr.skip()] * len(TRAIN_FIELDS)
+    return [H.experiment_dir_of(train_text), gr.skip()] + [gr.skip()] * len(TRAIN_FIELDS)
 
 
 def build_train_tab(cfg: ConfigTab, runs_dir: str, demo: gr.Blocks) -> None:
@@ -363,7 +367,7 @@ def build_train_tab(cfg: ConfigTab, runs_dir: str, demo: gr.Blocks) -> None:
     stop_b.click(on_stop, [exp_dir], [action])
     refresh.click(on_refresh_runs, [runs_state], [overlays])
     cfg.train_yaml.change(H.experiment_dir_of, [cfg.train_yaml], [exp_dir], show_progress="hidden")
-    demo.load(on_page_load, [runs_state, cfg.train_yaml], [exp_dir, cfg.train_yaml])
+    demo.load(on_page_load, [runs_state, cfg.train_yaml], [exp_dir, cfg.train_yaml] + cfg.widgets)
     demo.load(on_refresh_runs, [runs_state], [overlays])
 
 

@@ -337,10 +337,43 @@ def test_launch_events_reattach_stop_checkpoint(tmp_path):
         assert ckpts and (ckpts[-1] / "COMPLETE").exists()
         final = H.poll_run(str(exp), {}, [])
         assert "stopped" in final.status and not final.running
+        # Resume = launch again: prepare is skipped (data current), the backend resumes from the checkpoint
+        msg = H.launch_run(train, prep)
+        assert msg.startswith("launched") and "prepare, then" not in msg, msg
+        deadline = time.time() + 240
+        resumed = []
+        while time.time() < deadline and not resumed:
+            time.sleep(1)
+            view = H.poll_run(str(exp), view.cursor if view.cursor.get("exp") == str(exp) else {}, [])
+            resumed = [e for e in view.cursor["events"] if e.get("event") == "start" and e.get("resumed_from")]
+        assert resumed and resumed[-1]["step"] == int(ckpts[-1].name.split("_")[1]), view.log
+        H.stop_run(str(exp))
+        assert jobs.wait(exp, 180).state == "stopped"
     finally:
         st = jobs.job_status(exp)
         if st.running and st.pgid:
             os.killpg(st.pgid, 9)
+
+
+def test_poll_overlays_past_runs_and_reports_progress(tmp_path):
+    from backend.events import EventLog
+
+    for name, losses in (("a", [3.0, 2.5, 2.0]), ("b", [4.0, 3.5])):
+        log = EventLog(tmp_path / name / "events.jsonl")
+        log.emit("start", 0, train_iters=4)
+        for step, loss in enumerate(losses, 1):
+            log.emit("train", step, loss=loss, lr=1e-3, tokens_per_s=100.0, eta=5.0)
+        log.emit("validation", len(losses), loss=losses[-1] + 0.1)
+    view = H.poll_run(str(tmp_path / "a"), {}, [str(tmp_path / "b"), str(tmp_path / "a")])
+    names = [t.name for t in view.figure.data]
+    assert "a train" in names and "a validation" in names and "b train" in names and "b validation" in names
+    assert list(view.figure.data[names.index("b train")].y) == [4.0, 3.5]
+    assert view.progress == pytest.approx(3 / 4) and "step 3 / 4" in view.status
+    # the cursor reads only new lines on the next tick
+    EventLog(tmp_path / "a" / "events.jsonl").emit("train", 4, loss=1.5, lr=1e-3, tokens_per_s=100.0)
+    nxt = H.poll_run(str(tmp_path / "a"), view.cursor, [])
+    assert [e["step"] for e in nxt.cursor["events"] if e["event"] == "train"] == [1, 2, 3, 4]
+    assert H.past_runs(str(tmp_path)) and set(map(Path, H.past_runs(str(tmp_path)))) == {tmp_path / "a", tmp_path / "b"}
 
 
 def test_crashed_job_shows_its_error(tmp_path):
