@@ -56,13 +56,14 @@ class DataTab:
                 self.template]
 
 
-def on_preview(dataset, tokenizer, index, mode, start, end, train_on, train_on_eot, template, seq_len):
+def on_preview(dataset: str, tokenizer: str, index: float, mode: str, start: str, end: str, train_on: str,
+               train_on_eot: bool, template: str, seq_len: float | None) -> tuple:
     p = H.preview_sample(dataset, tokenizer, index, mode, start, end, train_on, train_on_eot, template, seq_len)
     return p.highlight, p.token_html, p.summary, p.problems, p.status, p.index, p.n_rows
 
 
 def on_step(delta: int):
-    def step(index, n_rows):
+    def step(index: float, n_rows: int) -> int:
         return H.step_index(index, delta, n_rows)
     return step
 
@@ -130,8 +131,8 @@ def wire_data_tab(tab: DataTab, seq_len: gr.Number, demo: gr.Blocks) -> None:
     demo.load(on_load_template, [tokenizer], [template])
 
 
-def on_check(dataset, tokenizer, mode, start, end, train_on, train_on_eot, template, seq_len, truncate, max_rows,
-             progress=gr.Progress()):
+def on_check(dataset: str, tokenizer: str, mode: str, start: str, end: str, train_on: str, train_on_eot: bool,
+             template: str, seq_len: float, truncate: bool, max_rows: float, progress=gr.Progress()) -> tuple:
     def report(i, n):
         if i % 50 == 0 or i == n:
             progress((i, n), desc="checking samples")
@@ -139,6 +140,10 @@ def on_check(dataset, tokenizer, mode, start, end, train_on, train_on_eot, templ
                               truncate, max_rows, progress=report)
     choices = [(label, row) for label, row in zip(r.problem_labels, r.problem_rows)]
     return r.summary or r.status, r.figure, gr.update(choices=choices, value=None)
+
+
+def on_jump(row: int | None) -> int:
+    return row if row is not None else gr.skip()
 
 
 def build_check_section(data: DataTab):
@@ -151,7 +156,7 @@ def build_check_section(data: DataTab):
             summary = gr.Markdown(elem_id="check-summary")
             plot = gr.Plot(label="document lengths")
         jump = gr.Dropdown([], label="Jump to a problem sample", interactive=True, elem_id="problem-jump")
-    jump.input(lambda r: r if r is not None else gr.skip(), [jump], [data.index])
+    jump.input(on_jump, [jump], [data.index])
 
     def wire(seq_len, truncate):
         run.click(on_check, data.masking_inputs + [seq_len, truncate, max_rows], [summary, plot, jump])
@@ -161,8 +166,9 @@ def build_check_section(data: DataTab):
 # ============================================================================================ packing tab
 
 
-def on_packing(dataset, tokenizer, mode, start, end, train_on, train_on_eot, template, seq_len, micro_batch,
-               strategy, truncate, cross_doc, max_docs, mask_row):
+def on_packing(dataset: str, tokenizer: str, mode: str, start: str, end: str, train_on: str, train_on_eot: bool,
+               template: str, seq_len: float, micro_batch: float, strategy: str, truncate: bool, cross_doc: bool,
+               max_docs: float, mask_row: float) -> tuple:
     v = H.packing_view(dataset, tokenizer, mode, start, end, train_on, train_on_eot, template, seq_len,
                        micro_batch, strategy, truncate, cross_doc, max_docs, mask_row)
     return v.figure, v.mask_figure, v.summary or v.status
@@ -219,23 +225,23 @@ def make_widget(b: Binding, value):
     return gr.Textbox(value or "", **common)
 
 
-def on_form(yaml_text, *values):
+def on_form(yaml_text: str, *values) -> tuple[str, str]:
     return H.form_to_train_yaml(yaml_text, *values)
 
 
-def on_yaml(yaml_text):
+def on_yaml(yaml_text: str) -> list:
     values, status, ok = H.train_yaml_to_form(yaml_text)
     return [v if ok else gr.skip() for v in values] + [status]
 
 
-def on_load_file(path):
+def on_load_file(path: str) -> list:
     text, status = H.load_yaml_file(path)
     if text is None:
         return [gr.skip()] * (len(TRAIN_FIELDS) + 1) + [status]
     return [text] + on_yaml(text)[:-1] + [status]
 
 
-def on_save(train_text, prepare_text, path):
+def on_save(train_text: str, prepare_text: str, path: str) -> tuple[str, str | None]:
     s1 = H.save_yaml(train_text, path)
     p = Path(path or "")
     s2 = H.save_yaml(prepare_text, str(p.with_name(p.stem + "_prepare" + p.suffix))) if prepare_text else ""
@@ -280,7 +286,8 @@ def build_config_tab(train_config: str | None = None) -> ConfigTab:
     return ConfigTab(widgets, train_yaml, prepare_yaml, status)
 
 
-def on_prepare_yaml(train_text, dataset, tokenizer, mode, start, end, train_on, train_on_eot, template):
+def on_prepare_yaml(train_text: str, dataset: str, tokenizer: str, mode: str, start: str, end: str, train_on: str,
+                    train_on_eot: bool, template: str) -> str:
     text, status = H.prepare_yaml_from(train_text, dataset, tokenizer, mode, start, end, train_on, train_on_eot,
                                        template)
     return text
@@ -304,7 +311,7 @@ def _progress_html(fraction: float) -> str:
             f'<small>{pct:.0f}%</small>')
 
 
-def on_poll(exp_dir, cursor, overlays):
+def on_poll(exp_dir: str, cursor: dict, overlays: list[str] | None) -> tuple:
     before = (cursor or {}).get("offset"), (cursor or {}).get("state"), (cursor or {}).get("log_size")
     v = H.poll_run(exp_dir, cursor, overlays)
     log_size = len(v.log)
@@ -316,19 +323,19 @@ def on_poll(exp_dir, cursor, overlays):
     return v.figure, v.log, v.status, _progress_html(v.progress), v.cursor
 
 
-def on_launch(train_text, prepare_text):
+def on_launch(train_text: str, prepare_text: str) -> tuple[str, str]:
     return H.launch_run(train_text, prepare_text), H.experiment_dir_of(train_text)
 
 
-def on_stop(exp_dir):
+def on_stop(exp_dir: str) -> str:
     return H.stop_run(exp_dir)
 
 
-def on_refresh_runs(runs_dir):
+def on_refresh_runs(runs_dir: str) -> dict:
     return gr.update(choices=H.past_runs(runs_dir))
 
 
-def on_page_load(runs_dir, train_text):
+def on_page_load(runs_dir: str, train_text: str) -> list:
     """Reattach: if a job runs under the runs dir, show it (its train YAML in the Config tab, form included);
     else follow the YAML's experiment dir."""
     from studio import jobs
@@ -374,7 +381,8 @@ def build_train_tab(cfg: ConfigTab, runs_dir: str, demo: gr.Blocks) -> None:
 # ============================================================================================ chat tab
 
 
-def on_chat(model_path, base_path, compare, template, message, history, history_base):
+def on_chat(model_path: str, base_path: str, compare: bool, template: str, message: str, history: list[dict],
+            history_base: list[dict]):
     history = list(history or [])
     history_base = list(history_base or [])
     if not (message or "").strip():
@@ -394,6 +402,10 @@ def on_chat(model_path, base_path, compare, template, message, history, history_
                          {"role": "assistant", "content": f"⚠ {type(e).__name__}: {e}"}], history_base, ""
 
 
+def on_refresh_models(runs_dir: str) -> dict:
+    return gr.update(choices=H.chat_models(runs_dir))
+
+
 def build_chat_tab(data: DataTab, runs_dir: str, demo: gr.Blocks) -> None:
     runs_state = gr.State(runs_dir)
     with gr.Row():
@@ -410,8 +422,8 @@ def build_chat_tab(data: DataTab, runs_dir: str, demo: gr.Blocks) -> None:
     inputs = [model, base, compare, data.template, message, chat, chat_base]
     send.click(on_chat, inputs, [chat, chat_base, message])
     message.submit(on_chat, inputs, [chat, chat_base, message])
-    refresh.click(lambda d: gr.update(choices=H.chat_models(d)), [runs_state], [model])
-    demo.load(lambda d: gr.update(choices=H.chat_models(d)), [runs_state], [model])
+    refresh.click(on_refresh_models, [runs_state], [model])
+    demo.load(on_refresh_models, [runs_state], [model])
 
 
 # ============================================================================================ the page

@@ -83,6 +83,13 @@ def check_path(text: str, what: str = "dataset", must_exist: bool = True) -> Pat
             return PathCheck(False, str(resolved), f"{raw}: expected a .jsonl, .json or .parquet file, or a "
                                                    f"directory written by datasets.save_to_disk")
         return PathCheck(True, raw, "", "file" if p.is_file() else "dir")
+    if what == "prepared":  # a descriptor written by backend.prepare, as data.datasets.*.path expects
+        if p.is_dir():
+            return PathCheck(False, str(resolved), f"{raw} is a directory; point at its "
+                                                   f"fast_llm_config_training.yaml (written by prepare)")
+        if not (p.parent / "DONE").exists():
+            return PathCheck(False, str(resolved), f"{raw}: {p.parent} is not a completed prepare output (no DONE)")
+        return PathCheck(True, raw, "", "file")
     if what in ("model", "tokenizer"):
         if not p.is_dir():
             return PathCheck(False, str(resolved), f"{what} path {raw} is a file; pass the model directory")
@@ -765,8 +772,10 @@ def launch_run(train_yaml: str, prepare_yaml: str) -> str:
                     f"{expected}; set it to {expected}")
         current, exists, why = prepared_is_current(prepare_yaml)
         run_prepare, force = not current, exists and not current
-    elif not Path(cfg.data.datasets.training.path).exists():
-        return f"⚠ `data.datasets.training.path`: {cfg.data.datasets.training.path} does not exist; prepare it first"
+    else:
+        check = check_path(cfg.data.datasets.training.path, "prepared")
+        if not check.ok:
+            return f"⚠ `data.datasets.training.path`: {check.message}; prepare it first (or give a prepare YAML)"
     exp = cfg.run.experiment_dir
     check = check_path(exp, "dir")
     if not check.ok:
@@ -822,9 +831,7 @@ def poll_run(exp_dir: str, cursor: dict | None, overlays: list[str] | None = Non
     if cursor.get("exp") != str(exp):
         cursor = {"exp": str(exp), "offset": 0, "events": []}
     new, cursor["offset"] = read_events(exp / "events.jsonl", cursor["offset"])
-    if new and any(e.get("event") == "start" for e in new):
-        # A relaunch/resume appends to the same file: keep the whole history, the chart shows it by step.
-        pass
+    # A resume appends to the same events.jsonl: the history is kept and the chart shows it by step.
     cursor["events"] = cursor["events"] + new
     st = jobs.job_status(exp)
     runs = {exp.name or "run": cursor["events"]}

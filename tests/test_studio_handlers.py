@@ -262,6 +262,8 @@ def test_paths_are_checked():
     assert H.check_path(str(ROOT / "README.md"), "dataset").ok is False
     assert H.check_path(str(TINY_MODEL), "model").ok
     assert "config.json" in H.check_path(str(ROOT / "assets"), "model").message
+    assert "DONE" in H.check_path(str(TINY_MODEL / "config.json"), "prepared").message
+    assert "directory" in H.check_path(str(TINY_MODEL), "prepared").message
     hub = H.check_path("meta-llama/Llama-3.1-8B", "model")
     assert hub.ok and hub.kind == "hub" and "hub id" in hub.message
 
@@ -389,8 +391,10 @@ def test_crashed_job_shows_its_error(tmp_path):
     assert "failed" in view.status and "fast_llm_config_training.yaml" in view.log
 
 
-def test_launch_refuses_mismatched_dataset_path(tmp_path):
+def test_launch_refuses_mismatched_or_unprepared_dataset_path(tmp_path):
     train, prep = tiny_yamls(tmp_path)
+    msg = H.launch_run(train, "")  # no prepare YAML and no prepared data
+    assert "data.datasets.training.path" in msg and "does not exist" in msg
     bad = train.replace(str(tmp_path / "data/fast_llm_config_training.yaml"), str(tmp_path / "elsewhere.yaml"))
     msg = H.launch_run(bad, prep)
     assert "data.datasets.training.path" in msg and not (tmp_path / "exp").exists()
