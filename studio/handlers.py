@@ -358,14 +358,28 @@ def preview_sample(dataset_path: str, tokenizer_path: str, index: int | float | 
     empty.index = i
     try:
         masking = make_masking(mode, start_delimiter, end_delimiter, train_on, train_on_eot)
-        rendered, tok = _render_row(rows[i], tokenizer, masking, _template_arg(template_text, tokenizer))
+        template = _template_arg(template_text, tokenizer)
+        rendered, tok = _render_row(rows[i], tokenizer, masking, template)
     except Exception as e:  # ChatError (row or template), ValueError (masking), jinja errors
         empty.status = f"⚠ sample {i}: {type(e).__name__}: {e}"
         return empty
-    return _preview_from(rendered, tok, tokenizer, i, n, sequence_length)
+    return _preview_from(rendered, tok, tokenizer, i, n, sequence_length, template)
 
 
-def _preview_from(rendered, tok, tokenizer, i: int, n: int, sequence_length=None) -> Preview:
+_eot_cache: dict[tuple, list[int]] = {}
+
+
+def _eot_ids(tokenizer, template: str | None) -> list[int]:
+    """backend.chat.eot_token_ids, cached per (tokenizer, template): it renders a probe conversation."""
+    from backend.chat import eot_token_ids
+
+    key = (id(tokenizer), template)
+    if key not in _eot_cache:
+        _eot_cache[key] = eot_token_ids(tokenizer, template)
+    return _eot_cache[key]
+
+
+def _preview_from(rendered, tok, tokenizer, i: int, n: int, sequence_length=None, template=None) -> Preview:
     from backend.chat import check_sample
 
     text = rendered.text
@@ -379,6 +393,19 @@ def _preview_from(rendered, tok, tokenizer, i: int, n: int, sequence_length=None
     summary = (f"**Sample {i} of {n}** — **{T} tokens**: <span style='color:#2ca02c'>■</span> {k} trained "
                f"({k / T:.1%}), <span style='color:#999'>■</span> {T - k} masked; "
                f"{len(rendered.trained_spans)} trained span(s)" if T else f"Sample {i}: empty")
+    eot = _eot_ids(tokenizer, template)
+    turns = getattr(rendered, "turns", None) or []
+    if T and eot and turns:
+        # the end-of-turn token of each assistant turn: inside the turn's marker text [content_end, end)
+        starts = tok.offsets[:, 0]
+        is_eot = np.isin(tok.input_ids, eot[:1])
+        in_marker = np.zeros(T, dtype=bool)
+        for t in turns:
+            in_marker |= (starts >= t.content_end) & (starts < max(t.end, t.content_end + 1))
+        mine = is_eot & in_marker
+        name = tokenizer.convert_ids_to_tokens(eot[0])
+        summary += (f"; end-of-turn `{name}` trained in **{int((mine & tok.trained).sum())} of {len(turns)}** "
+                    f"assistant turns")
     problems_md = "\n".join(f"- ⚠ `{p.split(':', 1)[0]}`: {p.split(':', 1)[1].strip() if ':' in p else p}"
                             for p in problems)
     return Preview(highlight=highlight, token_html=token_html(text, tok.input_ids, tok.offsets, tok.trained, tokenizer),

@@ -120,6 +120,8 @@ def test_train_on_last_and_eot_switches():
     assert trained_char_set(last) < trained_char_set(all_)
     assert not any(s.endswith("<|eot_id|>") for s, lab in no_eot.highlight if lab == H.TRAINED)
     assert "eot_not_trained" in no_eot.problems
+    assert "`<|eot_id|>` trained in **3 of 3** assistant turns" in all_.summary  # sample 0 has 3 replies
+    assert "`<|eot_id|>` trained in **0 of 3** assistant turns" in no_eot.summary
 
 
 def test_bad_delimiter_or_template_gives_a_problem_message_not_an_exception():
