@@ -75,6 +75,8 @@ __all__ = [
     "tokenize",
     "tokenize_batch",
     "check_sample",
+    "PortableTokenizer",
+    "portable_spec",
     "check_dataset",
     "eot_token_ids",
     "PROBLEM_CODES",
@@ -807,6 +809,20 @@ def tokenize_batch(texts: list[str], spans_list, tokenizer) -> list[TokenizedSam
         raise ValueError(f"tokenize_batch: {len(texts)} texts but {len(spans_list)} span lists")
     if not texts:
         return []
+    ids, trained, offsets, bounds = _tokenize_flat(texts, spans_list, tokenizer)
+    cuts = bounds.tolist()
+    return [
+        TokenizedSample(input_ids=ids[a:z], trained=trained[a:z], offsets=offsets[a:z])
+        for a, z in zip(cuts[:-1], cuts[1:])
+    ]
+
+
+def _tokenize_flat(texts: list[str], spans_list, tokenizer):
+    """`tokenize_batch` without the per-sample split: (ids (N,) int64, trained (N,) bool, offsets (N, 2) int64,
+    bounds (n+1,) int64); sample i is ``[bounds[i], bounds[i+1])``."""
+    n = len(texts)
+    if n == 0:
+        return np.zeros(0, np.int64), np.zeros(0, bool), np.zeros((0, 2), np.int64), np.zeros(1, np.int64)
     info = _info(tokenizer)
     backend = _fast_backend(tokenizer)
     if backend is not None:
@@ -816,7 +832,6 @@ def tokenize_batch(texts: list[str], spans_list, tokenizer) -> list[TokenizedSam
     else:
         enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
         ids_lists, off_lists = enc["input_ids"], enc["offset_mapping"]
-    n = len(texts)
     lengths = np.fromiter((len(x) for x in ids_lists), dtype=np.int64, count=n)
     total = int(lengths.sum())
     ids = np.fromiter(chain.from_iterable(ids_lists), dtype=np.int64, count=total)
@@ -837,15 +852,65 @@ def tokenize_batch(texts: list[str], spans_list, tokenizer) -> list[TokenizedSam
     bounds = np.concatenate([[0], np.cumsum(lengths)])
     token_base = np.repeat(base, lengths)
     flat_spans = []
-    for b, spans in zip(base.tolist(), spans_list):
-        if spans:
-            flat_spans.extend((b + s, b + e) for s, e in (sorted(spans) if len(spans) > 1 else spans))
+    for b, m, spans in zip(base.tolist(), text_lens.tolist(), spans_list):
+        if spans:  # clipped to the text: a span past its end must not reach into the next sample
+            flat_spans.extend((b + max(0, min(s, m)), b + max(0, min(e, m)))
+                              for s, e in (sorted(spans) if len(spans) > 1 else spans))
     trained = _mask_from_offsets(offsets + token_base[:, None], flat_spans)
-    cuts = bounds.tolist()
-    return [
-        TokenizedSample(input_ids=ids[a:z], trained=trained[a:z], offsets=offsets[a:z])
-        for a, z in zip(cuts[:-1], cuts[1:])
-    ]
+    return ids, trained, offsets, bounds
+
+
+class PortableTokenizer:
+    """What `render`, `tokenize_batch` and `check_sample` need from a fast tokenizer, rebuilt from a picklable
+    spec with the `tokenizers` library only: worker processes start in a fraction of a second instead of
+    importing transformers (seconds) and loading the tokenizer again.
+
+    >>> spec = portable_spec(AutoTokenizer.from_pretrained("assets/tiny-llama"))   # in the parent
+    >>> tok = PortableTokenizer(spec)                                              # in a worker
+    >>> tokenize_batch(["<|begin_of_text|>Hi"], [[(17, 19)]], tok)[0].input_ids    # same ids as the original
+    """
+
+    def __init__(self, spec: dict):
+        from tokenizers import Tokenizer
+
+        self._tokenizer = Tokenizer.from_str(spec["backend"])
+        # what the transformers wrapper sets before every call (tokenize_batch checks these)
+        self._tokenizer.no_truncation()
+        self._tokenizer.no_padding()
+        self.split_special_tokens = spec["split_special_tokens"]
+        self._tokenizer.encode_special_tokens = self.split_special_tokens
+        self.chat_template = spec["chat_template"]
+        self.name_or_path = spec["name_or_path"]
+        self.bos_token_id = spec["info"]["bos_id"]
+        self.eos_token_id = spec["eos_token_id"]
+        info = dict(spec["info"])
+        info["regex"] = re.compile("|".join(re.escape(t) for t in info["specials"])) if info["specials"] else None
+        _info_cache[self] = info
+
+    def __call__(self, texts, add_special_tokens=True, return_offsets_mapping=False):
+        single = isinstance(texts, str)
+        encs = self._tokenizer.encode_batch([texts] if single else list(texts), add_special_tokens=add_special_tokens)
+        out = {"input_ids": [e.ids for e in encs]}
+        if return_offsets_mapping:
+            out["offset_mapping"] = [e.offsets for e in encs]
+        return {k: v[0] for k, v in out.items()} if single else out
+
+    def convert_tokens_to_ids(self, token):
+        return self._tokenizer.token_to_id(token)
+
+
+def portable_spec(tokenizer) -> dict:
+    """A picklable description of a fast tokenizer for `PortableTokenizer` (raises ValueError for slow ones)."""
+    backend = _fast_backend(tokenizer)
+    if backend is None:
+        raise ValueError("not a fast tokenizer with default truncation/padding")
+    info = {k: v for k, v in _info(tokenizer).items() if k not in ("regex", "structures")}
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):
+        template = template.get("default")
+    return {"backend": backend.to_str(), "split_special_tokens": bool(getattr(tokenizer, "split_special_tokens", False)),
+            "chat_template": template, "name_or_path": str(getattr(tokenizer, "name_or_path", "")),
+            "eos_token_id": tokenizer.eos_token_id, "info": info}
 
 
 # ------------------------------------------------------------------------------------------ health checks

@@ -54,7 +54,6 @@ from pathlib import Path
 
 import numpy as np
 
-from backend.config import ConfigError, PrepareConfig, config_hash, dump_yaml
 from backend.dataset import ShardWriter, TokenDataset, descriptor_name
 
 __all__ = ["prepare", "PrepareError", "repair_spans", "split_assignment", "main"]
@@ -268,6 +267,7 @@ def _load_kwargs(ds_cfg, loading_workers: int) -> dict:
 
 
 def _pick_split(obj, split: str, path: str):
+    from backend.config import ConfigError  # lazy: workers never need pydantic
     from datasets import DatasetDict
 
     if isinstance(obj, DatasetDict):
@@ -279,6 +279,7 @@ def _pick_split(obj, split: str, path: str):
 
 def open_source(cfg: PrepareConfig):
     """The configured input as a row source (`_JsonlSource` or `_HFSource`)."""
+    from backend.config import ConfigError  # lazy: workers never need pydantic
     ds = cfg.dataset
     path = ds.path
     workers = max(1, min(cfg.loading_workers, os.cpu_count() or 1))
@@ -349,6 +350,7 @@ class _Job:
     masking: dict
     chat_template: str | None
     vocab_size: int
+    tokenizer_spec: dict | None = None  # chat.portable_spec(): workers rebuild the tokenizer without transformers
 
 
 @dataclass
@@ -370,12 +372,17 @@ def _load_tokenizer(path: str):
         raise PrepareError(f"tokenizer.path: could not load tokenizer {path!r}: {type(e).__name__}: {e}") from None
 
 
-def _init_worker(job: _Job, tokenizer=None):
+def _init_worker(job: _Job, tokenizer=None, workers: int = 1):
     from backend import chat
 
+    if workers > 1:  # one Rust thread per worker: N workers x N threads only fight over the same cores
+        os.environ.setdefault("RAYON_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+    if tokenizer is None and job.tokenizer_spec is not None:
+        tokenizer = chat.PortableTokenizer(job.tokenizer_spec)
+    if tokenizer is None:
+        tokenizer = _load_tokenizer(job.tokenizer_path)
     _WORKER.clear()
-    _WORKER.update(job=job, tokenizer=tokenizer or _load_tokenizer(job.tokenizer_path),
-                   masking=chat.Masking(**job.masking))
+    _WORKER.update(job=job, tokenizer=tokenizer, masking=chat.Masking(**job.masking))
 
 
 def _process_chunk(start: int, task) -> _ChunkResult:
@@ -429,16 +436,24 @@ def _process_chunk(start: int, task) -> _ChunkResult:
 
     docs = []
     if texts:
+        # the whole chunk as flat arrays (one dtype cast, one cumsum); per document only views are cut
         dtype = np.uint8 if job.vocab_size <= 256 else np.uint16 if job.vocab_size <= 65536 else np.uint32
-        for r, rendered, tok in zip(rows, rendered_list, chat.tokenize_batch(texts, spans_list, tokenizer)):
-            if not tok.trained.any():
-                problems.append((r, "no_trained_tokens", f"no token is trained ({len(tok.input_ids)} tokens)", True))
+        ids, trained, offsets, bounds = chat._tokenize_flat(texts, spans_list, tokenizer)
+        ids = ids.astype(dtype)
+        csum = np.concatenate([[0], np.cumsum(trained, dtype=np.int64)])
+        n_trained = (csum[bounds[1:]] - csum[bounds[:-1]]).tolist()
+        cuts = bounds.tolist()
+        for j, (r, rendered) in enumerate(zip(rows, rendered_list)):
+            a, z = cuts[j], cuts[j + 1]
+            if n_trained[j] == 0:
+                problems.append((r, "no_trained_tokens", f"no token is trained ({z - a} tokens)", True))
                 continue
             if rendered is not None:  # health warnings of the one-step form (e.g. eot_not_trained)
+                tok = chat.TokenizedSample(input_ids=ids[a:z], trained=trained[a:z], offsets=offsets[a:z])
                 for p in chat.check_sample(rendered, tok, tokenizer):
                     code, _, message = p.partition(": ")
                     problems.append((r, code, message, False))
-            docs.append((r, tok.input_ids.astype(dtype), tok.trained))
+            docs.append((r, ids[a:z], trained[a:z]))
     return _ChunkResult(n, docs, problems)
 
 
@@ -457,10 +472,18 @@ def _run_chunks(job: _Job, source, n_rows: int, workers: int, tokenizer):
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    # spawn: the parent may already have used the Rust tokenizer's thread pool, which does not survive fork.
+    # Not plain fork: the parent may already have used the Rust tokenizer's thread pool, which does not survive
+    # fork. forkserver: one clean server process imports the worker modules once (kept for later pools of this
+    # process), and each worker is forked from it, ready at once; the workers rebuild the tokenizer from
+    # job.tokenizer_spec without importing transformers. spawn where forkserver does not exist.
     # ProcessPoolExecutor (not Pool) raises BrokenProcessPool if a worker dies instead of hanging.
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_init_worker, initargs=(job,)) as pool:
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["numpy", "tokenizers", "backend.chat", "backend.prepare"])
+    else:
+        ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=ctx,
+                             initializer=_init_worker, initargs=(job, None, workers)) as pool:
         pending = deque()
         for s, task in tasks:
             pending.append(pool.submit(_worker_chunk, (s, task)))
@@ -471,6 +494,7 @@ def _run_chunks(job: _Job, source, n_rows: int, workers: int, tokenizer):
 
 
 def _detect_form(cfg: PrepareConfig, columns: list[str], where: str) -> tuple[str, str | None]:
+    from backend.config import ConfigError  # lazy: workers never need pydantic
     ds = cfg.dataset
     listed = ", ".join(columns) if columns else "(none)"
     if ds.loss_masking_spans:
@@ -516,6 +540,7 @@ def tokenizer_info(tokenizer, path: str, chat_template: str | None) -> dict:
 def output_hash(cfg: PrepareConfig) -> str:
     """`config_hash` of the settings that change the output's content: worker counts (same output, by design)
     and output_path (where it lies) are left out."""
+    from backend.config import config_hash  # lazy: workers never need pydantic
     return config_hash(cfg.model_copy(update={"output_path": ".", "loading_workers": 1, "tokenize_workers": 1,
                                               "saving_workers": 1}))
 
@@ -602,7 +627,7 @@ def prepare(config, force: bool = False, progress: bool = True) -> dict:
     >>> s["status"], s["input_rows"] == s["written"] + s["skipped_rows"]
     ('prepared', True)
     """
-    from backend.config import load_prepare_config
+    from backend.config import PrepareConfig, load_prepare_config  # lazy: workers never need pydantic
 
     cfg = config if isinstance(config, PrepareConfig) else load_prepare_config(config)
     out = Path(cfg.output_path)
@@ -658,6 +683,7 @@ def prepare(config, force: bool = False, progress: bool = True) -> dict:
 
 
 def _prepare_into(cfg: PrepareConfig, tmp: Path, digest: str, fingerprint, progress: bool) -> dict:
+    from backend.config import ConfigError, dump_yaml  # lazy: workers never need pydantic
     from backend import chat
 
     tokenizer = _load_tokenizer(cfg.tokenizer.path)
@@ -692,6 +718,11 @@ def _prepare_into(cfg: PrepareConfig, tmp: Path, digest: str, fingerprint, progr
     if workers > (os.cpu_count() or 1):
         _print(f"note: tokenize_workers {workers} > {os.cpu_count()} CPUs here; using {os.cpu_count()}")
         workers = os.cpu_count() or 1
+    if workers > 1:
+        try:  # workers rebuild the tokenizer from this with `tokenizers` alone: no transformers import each
+            job.tokenizer_spec = chat.portable_spec(tokenizer)
+        except ValueError:
+            pass  # a slow tokenizer: each worker loads it with transformers
 
     counts: dict[str, int] = {}
     examples: dict[str, list] = {}

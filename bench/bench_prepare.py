@@ -6,7 +6,11 @@ Data: the guide's text+spans form, built from the shipped sample conversations (
 backend.chat), repeated to --rows rows, tokenized with assets/tiny-llama. Printed, medians of --repeats runs:
 1. tokens/s of `prepare` (1 worker) vs the baseline: one batched fast-tokenizer call per 512 texts on the same
    texts in the same process (no offsets, no masks, no writing). Target ratio >= 0.7.
-2. tokens/s with 2 workers vs 1 (process start-up included, as a user sees it).
+2. tokens/s with 2 workers vs 1 (process start-up included), measured two ways: in this process (the worker
+   pool's forkserver is started by the first 2-worker run and reused by later ones) and cold, each run in a
+   fresh Python process as `python -m backend.prepare` is (the forkserver start-up paid every time).
+   Then start-up cost separated from steady-state throughput: prepare on --rows and on --rows/4 rows; the
+   slope (extra tokens / extra seconds) is the steady-state rate, the intercept the fixed start-up seconds.
 3. peak RSS (resource.getrusage in a fresh subprocess) of prepare on N and 10N rows: flat means streaming.
 """
 
@@ -79,6 +83,30 @@ def run_baseline(data: Path) -> tuple[float, int]:
     return time.perf_counter() - t0, n
 
 
+def time_child(data: str, out: str, workers: str) -> None:
+    import contextlib
+    import io
+
+    from transformers import AutoTokenizer  # noqa: F401  imported first: only prepare's own start-up is timed
+
+    import backend.config  # noqa: F401
+    from backend import TINY_MODEL
+
+    AutoTokenizer.from_pretrained(TINY_MODEL)
+    with contextlib.redirect_stdout(io.StringIO()):
+        s, n = run_prepare(Path(data), Path(out), int(workers))
+    print(s, n)
+
+
+def cold(data: Path, out: Path, workers: int) -> tuple[float, int]:
+    """prepare() seconds and tokens in a fresh process (transformers import not counted, worker start-up
+    counted: the forkserver starts inside the call)."""
+    r = subprocess.run([sys.executable, __file__, "--time-child", str(data), str(out), str(workers)],
+                       capture_output=True, text=True, check=True, cwd=ROOT)
+    s, n = r.stdout.strip().splitlines()[-1].split()
+    return float(s), int(n)
+
+
 def peak_rss_child(data: str, out: str) -> None:
     import contextlib
     import io
@@ -99,9 +127,13 @@ def main():
     ap.add_argument("--rows", type=int, default=6000)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--rss-child", nargs=2, help=argparse.SUPPRESS)
+    ap.add_argument("--time-child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.rss_child:
         peak_rss_child(*args.rss_child)
+        return
+    if args.time_child:
+        time_child(*args.time_child)
         return
     import contextlib
     import io
@@ -125,6 +157,30 @@ def main():
         print(f"raw batched tokenizer     {b:12,.0f} tokens/s")
         print(f"prepare, 1 worker         {p1:12,.0f} tokens/s   ratio to tokenizer {p1 / b:.2f} (target >= 0.70)")
         print(f"prepare, 2 workers        {p2:12,.0f} tokens/s   ratio to 1 worker  {p2 / p1:.2f}")
+
+        c1, c2 = [], []
+        for _ in range(args.repeats):
+            s, n = cold(data, tmp / "c1", 1)
+            c1.append(n / s)
+            s, n = cold(data, tmp / "c2", 2)
+            c2.append(n / s)
+        c1, c2 = statistics.median(c1), statistics.median(c2)
+        print(f"cold process, 1 worker    {c1:12,.0f} tokens/s   ratio to tokenizer {c1 / b:.2f}")
+        print(f"cold process, 2 workers   {c2:12,.0f} tokens/s   ratio to 1 worker  {c2 / c1:.2f}")
+
+        small = tmp / "small.jsonl"
+        make_data(small, max(1, args.rows // 4))
+        for workers in (1, 2):
+            big_t, small_t = [], []
+            with quiet:
+                for _ in range(args.repeats):
+                    big_t.append(run_prepare(data, tmp / "s_big", workers))
+                    small_t.append(run_prepare(small, tmp / "s_small", workers))
+            (tb, nb), (ts, ns) = (min(x) for x in (big_t, small_t))  # least disturbed by other load
+            rate = (nb - ns) / (tb - ts) if tb > ts else float("nan")
+            startup = ts - ns / rate if rate == rate else float("nan")
+            print(f"{workers} worker(s): steady state {rate:12,.0f} tokens/s (ratio to tokenizer {rate / b:.2f}), "
+                  f"fixed start-up {startup:5.2f} s (warm forkserver)")
 
         big = tmp / "big.jsonl"
         make_data(big, 10 * args.rows)

@@ -566,3 +566,26 @@ def test_tokenize_batch_equals_the_tokenizer_call(family):
         assert o.trained.tolist() == _mask_from_offsets(o.offsets, sorted(sp)).tolist()
         single = tokenize(text, sp, t)
         assert np.array_equal(single.input_ids, o.input_ids) and np.array_equal(single.trained, o.trained)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_portable_tokenizer_equals_the_original(family):
+    """prepare's workers rebuild the tokenizer from `portable_spec` with `tokenizers` alone (pickled across the
+    process boundary): render and tokenize_batch must give exactly what the transformers tokenizer gives."""
+    import pickle
+
+    from backend.chat import PortableTokenizer, portable_spec
+
+    t = tok(family)
+    lite = PortableTokenizer(pickle.loads(pickle.dumps(portable_spec(t))))
+    convs = [[SYSTEM] + TURNS, TURNS] + [json.loads(line)["conversations"] for line in open(SAMPLE_DATA)][:30]
+    a = [render(c, t) for c in convs]
+    b = [render(c, lite) for c in convs]
+    for x, y in zip(a, b):
+        assert (x.text, x.trained_spans, x.turns, x.problems) == (y.text, y.trained_spans, y.turns, y.problems)
+    ta = tokenize_batch([x.text for x in a], [x.trained_spans for x in a], t)
+    tb = tokenize_batch([x.text for x in a], [x.trained_spans for x in a], lite)
+    for x, y in zip(ta, tb):
+        assert np.array_equal(x.input_ids, y.input_ids) and np.array_equal(x.trained, y.trained)
+        assert np.array_equal(x.offsets, y.offsets)
+    assert lite("Hi")["input_ids"] == t("Hi")["input_ids"]  # incl. the BOS its post-processor adds

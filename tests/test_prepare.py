@@ -301,6 +301,18 @@ def test_workers_do_not_change_the_output(tmp_path, tokenizer):
     assert a["prepare_hash"] == b["prepare_hash"]  # worker counts are not part of the output identity
 
 
+@pytest.mark.slow
+def test_workers_do_not_change_the_output_chat_form(tmp_path):
+    """Chat rows through 2 workers: each worker renders and tokenizes with chat.PortableTokenizer (rebuilt from the
+    parent's spec without transformers); the output must be byte-identical to the in-process path."""
+    rows = [json.loads(line) for line in open(SAMPLE_DATA)][:50]
+    write_jsonl(tmp_path / "d.jsonl", [rows[i % 50] for i in range(1100)])  # 3 chunks
+    prepare(make_cfg(tmp_path, tmp_path / "d.jsonl", out="c1", tokenize_workers=1), progress=False)
+    b = prepare(make_cfg(tmp_path, tmp_path / "d.jsonl", out="c2", tokenize_workers=2), progress=False)
+    assert b["tokenize_workers"] == min(2, os.cpu_count()) and b["written"] == 1100
+    assert dir_bytes(tmp_path / "c1") == dir_bytes(tmp_path / "c2")
+
+
 def test_same_config_same_split_different_seed_different_split(tmp_path):
     head_jsonl(SAMPLE_DATA, tmp_path / "d.jsonl", 30)
     prepare(make_cfg(tmp_path, tmp_path / "d.jsonl", out="a"), progress=False)
