@@ -15,6 +15,7 @@ reload or a studio restart finds a running job by reading the directory. Nothing
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -61,28 +62,35 @@ class JobStatus:
 # ------------------------------------------------------------------------------------------- process groups
 
 
-def group_alive(pgid: int | None) -> bool:
-    """True while any non-zombie process is in process group ``pgid``.
+def group_members(pgid: int | None) -> list[int]:
+    """Pids of the live (non-zombie) processes of process group ``pgid``, read from /proc.
 
-    Reads /proc where it exists, because a zombie (exited, not yet reaped by a parent that is not us) still
-    counts for ``killpg(pgid, 0)`` and would make a finished job look alive forever.
+    /proc rather than ``killpg(pgid, 0)``: a zombie (exited, not yet reaped by a parent that is not us) still
+    counts for killpg and would make a finished job look alive forever.
     """
     if not pgid:
+        return []
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # pid (comm) state ppid pgrp ...; comm may hold spaces and parentheses: split after the last ')'
+        fields = stat[stat.rfind(")") + 2:].split()
+        if len(fields) >= 3 and int(fields[2]) == pgid and fields[0] != "Z":
+            out.append(int(entry.name))
+    return out
+
+
+def group_alive(pgid: int | None) -> bool:
+    """True while any non-zombie process is in process group ``pgid``."""
+    if not pgid:
         return False
-    proc = Path("/proc")
-    if proc.is_dir():
-        for entry in proc.iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            # pid (comm) state ppid pgrp ...; comm may hold spaces and parentheses: split after the last ')'
-            fields = stat[stat.rfind(")") + 2:].split()
-            if len(fields) >= 3 and int(fields[2]) == pgid and fields[0] != "Z":
-                return True
-        return False
+    if Path("/proc").is_dir():
+        return bool(group_members(pgid))
     try:
         os.killpg(pgid, 0)
         return True
@@ -90,6 +98,63 @@ def group_alive(pgid: int | None) -> bool:
         return False
     except PermissionError:
         return True
+
+
+def _process_table() -> dict[int, tuple[int, str]]:
+    """pid -> (ppid, state) of every process, from /proc."""
+    table = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rfind(")") + 2:].split()
+            table[int(entry.name)] = (int(fields[1]), fields[0])
+    return table
+
+
+def job_processes(pgid: int | None) -> list[int]:
+    """Every live process of a job: its process group plus all their descendants.
+
+    Descendants matter because torch elastic (``accelerate launch``) starts each rank in its own session, so
+    the ranks are not in our group; the runner is their subreaper (studio/runner.py), so they stay findable.
+    """
+    if not pgid or not Path("/proc").is_dir():
+        return []
+    table = _process_table()
+    found = set(group_members(pgid))
+    frontier = list(found)
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, state) in table.items():
+        if state != "Z":
+            children.setdefault(ppid, []).append(pid)
+    while frontier:
+        for child in children.get(frontier.pop(), []):
+            if child not in found:
+                found.add(child)
+                frontier.append(child)
+    return sorted(found)
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+def training_workers(pgid: int | None) -> list[int]:
+    """The processes of the group that run the training loop itself (not the runner, not a launcher).
+
+    With ``accelerate launch`` the group holds: the runner, the launcher (torch elastic agent, whose command line
+    also names backend.train) and one worker per rank. The agent answers SIGTERM by killing its workers after a
+    short timeout, which could cut a large checkpoint short; so Stop signals the workers only and lets the
+    launcher end by itself once they have saved and exited.
+    """
+    return [pid for pid in job_processes(pgid)
+            if "backend.train" in (cmd := _cmdline(pid)) and "accelerate" not in cmd and "torchrun" not in cmd
+            and "torch.distributed.run" not in cmd]
 
 
 def _read_json(path: Path) -> dict | None:
@@ -118,7 +183,7 @@ def job_status(exp_dir) -> JobStatus:
 
     pgid = job.get("pgid") if job else None
     out.pgid = pgid
-    if pgid and group_alive(pgid):
+    if pgid and (group_alive(pgid) or job_processes(pgid)):
         out.state = "stopping" if job.get("stop_requested") else "running"
         out.message = f"running ({status.get('phase') or 'starting'}), process group {pgid}"
         return out
@@ -202,8 +267,9 @@ def launch(exp_dir, prepare_yaml: str | None, train_yaml: str, num_processes: in
     return job_status(exp)
 
 
-def stop(exp_dir, grace_s: float = 90.0) -> str:
-    """SIGTERM to the job's process group; SIGKILL to the group if anything is left after ``grace_s``.
+def stop(exp_dir, grace_s: float = 300.0) -> str:
+    """SIGTERM to the training processes (or the whole group while preparing); SIGKILL to the group if anything
+    is left after ``grace_s`` (generous: saving a sharded checkpoint of a large model takes minutes).
 
     Returns at once with a message; a daemon thread enforces the grace period. The backend saves a checkpoint
     on SIGTERM, so a stopped run resumes from where it was.
@@ -220,24 +286,34 @@ def stop(exp_dir, grace_s: float = 90.0) -> str:
     job["stop_requested"] = time.time()
     _atomic_write(exp / JOB_FILE, json.dumps(job, indent=1))
     pgid = st.pgid
+    workers = training_workers(pgid) if st.phase == "train" else []
     try:
-        os.killpg(pgid, signal.SIGTERM)
+        if workers:  # the training processes save a checkpoint and exit; the runner and launcher follow
+            for pid in workers:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+            target = f"{len(workers)} training process(es) {workers}"
+        else:  # preparing, or starting up: the whole group
+            os.killpg(pgid, signal.SIGTERM)
+            target = f"process group {pgid}"
     except ProcessLookupError:
         return "the job had already ended"
 
     def enforce():
         deadline = time.time() + grace_s
         while time.time() < deadline:
-            if not group_alive(pgid):
+            if not job_processes(pgid) and not group_alive(pgid):
                 return
             time.sleep(0.5)
-        try:
+        for pid in job_processes(pgid):  # ranks in their own sessions first, then the group
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
     threading.Thread(target=enforce, daemon=True).start()
-    return f"sent SIGTERM to process group {pgid}; the run saves a checkpoint and exits (SIGKILL after {grace_s:.0f} s)"
+    return (f"sent SIGTERM to {target}: the run saves a checkpoint and exits (the whole group is killed if "
+            f"anything is left after {grace_s:.0f} s)")
 
 
 def wait(exp_dir, timeout: float) -> JobStatus:

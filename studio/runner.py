@@ -10,6 +10,12 @@ and later reads ``studio_status.json``, ``events.jsonl`` and ``train.log``.
 ``studio_job.json``: ``{"steps": [{"name": "prepare", "argv": [...]}, {"name": "train", "argv": [...]}],
 "env": {...}}``. ``studio_status.json`` (written atomically): ``{"phase": "train", "returncode": null,
 "stopped": false, "time": ...}``. Nothing here imports torch.
+
+The runner makes itself a *child subreaper* (Linux ``prctl(PR_SET_CHILD_SUBREAPER)``) and exits only when no
+descendant is left. Why: ``accelerate launch`` (torch elastic) starts each rank in a NEW session, outside our
+process group; if the launcher dies first, its ranks would be re-parented to init and run on unseen. As a
+subreaper the runner inherits them, so "the runner is alive" == "some process of this job is alive", and the
+studio can find every rank among the runner's descendants.
 """
 
 from __future__ import annotations
@@ -31,6 +37,28 @@ def write_status(exp_dir: Path, **fields) -> None:
     tmp = exp_dir / (STATUS_FILE + ".tmp")
     tmp.write_text(json.dumps(fields), encoding="utf-8")
     os.replace(tmp, exp_dir / STATUS_FILE)
+
+
+def become_subreaper() -> bool:
+    """Orphaned descendants are re-parented to this process instead of init (Linux only; False elsewhere)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(36, 1, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):
+        return False
+
+
+def reap_all() -> None:
+    """Wait for every remaining child (orphaned ranks re-parented to us) so that we end last."""
+    while True:
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            return
+        except InterruptedError:
+            continue
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
+    become_subreaper()
 
     returncode = 0
     with open(exp_dir / "train.log", "a", encoding="utf-8", buffering=1) as log:
@@ -76,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             log.flush()
             if returncode != 0:
                 break
+        reap_all()
     write_status(exp_dir, phase="done", returncode=returncode, stopped=state["stopped"])
     return returncode
 

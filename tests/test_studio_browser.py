@@ -55,10 +55,10 @@ def tiny_train_yaml(root: Path) -> Path:
     return path
 
 
-def group_alive(pgid: int) -> bool:
-    from studio.jobs import group_alive as alive
+def job_alive(pgid: int) -> bool:
+    from studio.jobs import job_processes
 
-    return alive(pgid)
+    return bool(job_processes(pgid))
 
 
 def test_studio_in_a_real_browser(tmp_path):
@@ -127,9 +127,9 @@ def test_studio_in_a_real_browser(tmp_path):
         expect(page.locator("#train-action")).to_contain_text("SIGTERM", timeout=30_000)
         expect(page.locator("#train-status")).to_contain_text("stopped", timeout=180_000)
         deadline = time.time() + 30
-        while group_alive(pgid) and time.time() < deadline:
+        while job_alive(pgid) and time.time() < deadline:
             time.sleep(0.5)
-        assert not group_alive(pgid)
+        assert not job_alive(pgid)
         ckpts = sorted((exp / "checkpoints").glob("step_*"))
         assert ckpts and (ckpts[-1] / "COMPLETE").exists()
         browser.close()

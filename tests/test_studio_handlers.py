@@ -302,6 +302,58 @@ def group_pids(pgid: int) -> list[int]:
     return out
 
 
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_for_train_events(exp: Path, n: int, timeout: float = 300) -> H.RunView:
+    deadline = time.time() + timeout
+    view = H.poll_run(str(exp), {}, [])
+    while time.time() < deadline:
+        view = H.poll_run(str(exp), view.cursor, [])
+        if sum(e.get("event") == "train" for e in view.cursor["events"]) >= n:
+            return view
+        assert view.running, f"the job ended early: {view.status}\n{view.log}"
+        time.sleep(1)
+    raise AssertionError(f"fewer than {n} train events after {timeout} s:\n{view.log}")
+
+
+@pytest.mark.slow
+def test_stop_ends_every_rank_of_an_accelerate_launch(tmp_path):
+    """2 processes through `accelerate launch`: torch elastic starts each rank in its OWN session (outside the
+    job's process group). Stop must still reach every rank, they checkpoint, and nothing is left running."""
+    from studio import jobs
+
+    train, prep = tiny_yamls(tmp_path)
+    t = yaml.safe_load(train)
+    t["run"]["num_processes"] = 2
+    t["batch"]["batch_size"] = 2
+    train = yaml.safe_dump(t, sort_keys=False)
+    exp = tmp_path / "exp"
+    assert H.launch_run(train, prep).startswith("launched")
+    try:
+        wait_for_train_events(exp, 2)
+        st = jobs.job_status(exp)
+        procs = jobs.job_processes(st.pgid)
+        ranks = jobs.training_workers(st.pgid)
+        assert len(ranks) == 2, procs
+        assert set(ranks) - set(group_pids(st.pgid)), "expected the ranks outside the process group"
+        msg = H.stop_run(str(exp))
+        assert "2 training process(es)" in msg
+        st = jobs.wait(exp, 180)
+        assert st.state == "stopped" and st.returncode == 0, st
+        assert not [p for p in procs if alive(p)] and jobs.job_processes(st.pgid) == []
+        ckpts = sorted((exp / "checkpoints").glob("step_*"))
+        assert ckpts and (ckpts[-1] / "COMPLETE").exists()
+    finally:
+        st = jobs.job_status(exp)
+        for pid in jobs.job_processes(st.pgid):
+            os.kill(pid, 9)
+
+
 @pytest.mark.slow
 def test_launch_events_reattach_stop_checkpoint(tmp_path):
     from studio import jobs
@@ -329,14 +381,13 @@ def test_launch_events_reattach_stop_checkpoint(tmp_path):
         r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert r.stdout.split() == ["running", "train"], r.stderr[-2000:]
         st = jobs.job_status(exp)
-        pids = group_pids(st.pgid)
+        pids = jobs.job_processes(st.pgid)
         assert len(pids) >= 2  # the runner and the train process
         assert "SIGTERM" in H.stop_run(str(exp))
         st = jobs.wait(exp, 180)
         assert st.state == "stopped", st
-        assert group_pids(st.pgid) == [] and all(not Path(f"/proc/{p}").exists() or
-                                                 "Z" in Path(f"/proc/{p}/stat").read_text().split()[2]
-                                                 for p in pids)
+        assert group_pids(st.pgid) == [] and jobs.job_processes(st.pgid) == []
+        assert not [p for p in pids if alive(p)]
         ckpts = sorted((exp / "checkpoints").glob("step_*"))
         assert ckpts and (ckpts[-1] / "COMPLETE").exists()
         final = H.poll_run(str(exp), {}, [])
