@@ -88,14 +88,17 @@ def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
 def _forward_kwargs(model: nn.Module, batch: dict) -> dict:
     """Model inputs for a flattened packed batch: never a 2D attention mask, never a cache."""
     attn = getattr(getattr(_inner(model), "config", None), "_attn_implementation", "") or ""
-    if "flash" not in attn and _flattening_joins_rows(batch["position_ids"]):
+    # flash and sdpa_packed read document boundaries from cu_seq_lens (sdpa_packed only when the batch has them)
+    varlen = "flash" in attn or (attn == "sdpa_packed" and "cu_seq_lens_q" in batch)
+    if not varlen and _flattening_joins_rows(batch["position_ids"]):
         # sdpa/eager split a flattened row into documents by position ids alone: keep the (B, L) layout.
         return dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
     input_ids = batch["input_ids"].reshape(1, -1)  # (1, B*L)
     position_ids = batch["position_ids"].reshape(1, -1)  # (1, B*L)
     kwargs = dict(input_ids=input_ids, position_ids=position_ids, use_cache=False)
-    if "flash" in attn:
-        # flash-attention varlen: explicit boundaries over the flattened batch (collate computes them that way).
+    if varlen:
+        # flash-attention varlen / sdpa_packed: explicit boundaries over the flattened batch (collate computes them
+        # that way); without them sdpa_packed falls back to position-id restarts.
         for key in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"):
             if key not in batch:
                 raise KeyError(f"batch has no {key!r}: flash_attention_2 needs the cu_seq_lens from backend.packing.collate")

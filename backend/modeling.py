@@ -29,6 +29,7 @@ log = logging.getLogger("sft_studio.modeling")
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}
 FLASH = "flash_attention_2"
+PACKED_SDPA = "sdpa_packed"  # backend/attention.py: causal SDPA per document, no dense (L, L) mask
 
 
 def as_dtype(dtype) -> torch.dtype:
@@ -40,7 +41,8 @@ def as_dtype(dtype) -> torch.dtype:
 
 
 def select_attention(use_flash_attention: bool, device=None) -> tuple[str, str]:
-    """-> (attn_implementation, reason). flash_attention_2 only when asked for, importable and on CUDA; else sdpa.
+    """-> (attn_implementation, reason). flash_attention_2 only when asked for, importable and on CUDA; else
+    sdpa_packed (backend/attention.py: SDPA per document over the same boundaries, no O(L²) mask).
 
     The reason is logged and returned so that the trainer can put it in its start event.
     """
@@ -48,12 +50,14 @@ def select_attention(use_flash_attention: bool, device=None) -> tuple[str, str]:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     on_cuda = torch.device(device).type == "cuda" and torch.cuda.is_available()
     if not use_flash_attention:
-        impl, reason = "sdpa", "use_flash_attention is off: using sdpa (block mask built from position ids)"
+        impl, reason = PACKED_SDPA, "use_flash_attention is off: using sdpa_packed (causal SDPA per document)"
     elif importlib.util.find_spec("flash_attn") is None:
-        impl, reason = "sdpa", ("use_flash_attention is on but the flash_attn package is not installed "
-                                "(pip install 'sft-studio[gpu]'): falling back to sdpa with a dense block mask")
+        impl, reason = PACKED_SDPA, ("use_flash_attention is on but the flash_attn package is not installed "
+                                     "(pip install 'sft-studio[gpu]'): falling back to sdpa_packed "
+                                     "(causal SDPA per document)")
     elif not on_cuda:
-        impl, reason = "sdpa", f"use_flash_attention is on but the device is {device}, not CUDA: falling back to sdpa"
+        impl, reason = PACKED_SDPA, (f"use_flash_attention is on but the device is {device}, not CUDA: "
+                                     "falling back to sdpa_packed (causal SDPA per document)")
     else:
         impl, reason = FLASH, "flash_attention_2 (varlen over cu_seq_lens: packed documents stay separate)"
     log.info("attention: %s", reason)
@@ -72,6 +76,9 @@ def prepare_for_packed_training(model):
 def load_model(path, dtype="fp32", attn_implementation: str = "sdpa", random_init: bool = False):
     """Load a causal LM for packed training. random_init=True builds it from the config (`model_weights: no`)."""
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    if attn_implementation == PACKED_SDPA:
+        import backend.attention  # noqa: F401  registers sdpa_packed with transformers
 
     dtype = as_dtype(dtype)
     try:
@@ -107,7 +114,7 @@ def forward_packed(model, batch: dict, attn_impl: str, **kwargs):
         "position_ids": batch["position_ids"].to(device),  # (B, L)
         "use_cache": False,
     }
-    if attn_impl.startswith("flash"):
+    if attn_impl.startswith("flash") or attn_impl == PACKED_SDPA:  # document boundaries, authoritative
         inputs["cu_seq_lens_q"] = batch["cu_seq_lens_q"].to(device)
         inputs["cu_seq_lens_k"] = batch["cu_seq_lens_k"].to(device)
         inputs["max_length_q"] = int(batch["max_length_q"])

@@ -249,3 +249,32 @@ def test_rows_that_would_join_when_flattened_stay_separate(impl):
     with torch.no_grad():
         joined, _ = trained_token_loss(model, flat, "torch")
     assert not torch.allclose(joined, want, atol=1e-4)
+
+
+@pytest.mark.parametrize("impl", ["torch", "fused"])
+def test_sdpa_packed_with_cu_seq_lens_equals_sdpa(impl):
+    """The trainer's default attention (backend/attention.py) gives the same loss and gradients as sdpa's mask."""
+    import backend.attention  # noqa: F401  registers sdpa_packed
+
+    batch, documents = make_batch(ROWS)
+    B, L = batch["input_ids"].shape
+    bounds = sorted({0, B * L} | {b * L + e for b, _, e in documents} | {b * L + s for b, s, _ in documents}
+                    | {i for i in range(B * L)})  # padding tokens are one-token segments, like collate's
+    cu = torch.tensor(bounds, dtype=torch.int32)
+    batch.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=L, max_length_k=L)
+    # real documents are whole segments: drop the per-token bounds inside them
+    inside = {b * L + i for b, s, e in documents for i in range(s + 1, e)}
+    cu = torch.tensor([x for x in bounds if x not in inside], dtype=torch.int32)
+    batch.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu)
+
+    ref = tiny_llama(seed=5)
+    packed = tiny_llama(seed=5)
+    packed.config._attn_implementation = "sdpa_packed"
+    want, n_want = trained_token_loss(ref, batch, impl)
+    got, n_got = trained_token_loss(packed, batch, impl)
+    want.backward()
+    got.backward()
+    assert n_got == n_want > 0
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-6)
+    for (name, p), q in zip(packed.named_parameters(), ref.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-6), name

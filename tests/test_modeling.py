@@ -5,6 +5,8 @@ import copy
 
 import numpy as np
 import pytest
+
+import backend.attention  # noqa: F401  registers sdpa_packed
 import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -81,7 +83,7 @@ def with_real(batch, rows):
     return batch
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "sdpa_packed"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_packed_equals_separate_logits_loss_grads(attn, seed):
     ds, rows, batch = setup(seed)
@@ -130,15 +132,16 @@ def test_detection_works_for_any_micro_batch_size(B):
     assert (flat[real] - sep[real]).abs().max() < 1e-4
 
 
-def test_cross_document_attention_changes_logits():
+@pytest.mark.parametrize("attn", ["sdpa", "sdpa_packed"])
+def test_cross_document_attention_changes_logits(attn):
     ds, rows, batch = setup(3)
     rows = [r for r in rows if len(r) > 1]
     assert rows
     blocked = collate(rows, ds, L)
     cross = collate(rows, ds, L, cross_document_attention=True)
-    model = prepare_for_packed_training(tiny_model("sdpa"))
-    a = forward_packed(model, blocked, "sdpa").logits
-    b = forward_packed(model, cross, "sdpa").logits
+    model = prepare_for_packed_training(tiny_model(attn))
+    a = forward_packed(model, blocked, attn).logits
+    b = forward_packed(model, cross, attn).logits
     first = rows[0][0].end - rows[0][0].begin
     assert (a[0, :first] - b[0, :first]).abs().max() < 1e-4  # the first document sees nothing before it either way
     assert (a[0, first:] - b[0, first:]).abs().max() > 1e-2  # later documents now see earlier ones
@@ -172,9 +175,9 @@ def test_flatten_refuses_ambiguous_positions():
 
 def test_select_attention_falls_back_with_reason(caplog):
     impl, reason = select_attention(False, "cpu")
-    assert impl == "sdpa" and "off" in reason
+    assert impl == "sdpa_packed" and "off" in reason
     impl, reason = select_attention(True, "cpu")
-    assert impl == "sdpa" and ("not installed" in reason or "not CUDA" in reason)
+    assert impl == "sdpa_packed" and ("not installed" in reason or "not CUDA" in reason)
 
 
 def test_load_model_closes_trap(tmp_path):

@@ -249,7 +249,7 @@ def test_guide_yaml_runs_with_only_paths_and_iterations_changed(data, tmp_path):
         "training.train_iters=1", "training.evaluations.validation.iterations=1",
     ])
     start = events_of(run_dir, "start")[0]
-    assert start["attention"] == "sdpa" and "flash" in start["attention_reason"]  # the fallback is said
+    assert start["attention"] == "sdpa_packed" and "flash" in start["attention_reason"]  # the fallback is said
     assert start["mixed_precision"] == "bf16"
     assert summary["step"] == 1 and (run_dir / "export" / "final" / "model.safetensors").is_file()
     assert events_of(run_dir, "train")[0]["trained_tokens"] > 0
