@@ -93,12 +93,15 @@ def synthetic_conversations(n: int, seed: int = 0, median_tokens: float = 300.0,
 
 
 def write_jsonl(rows: list[dict], path: Path) -> Path:
+    """Write rows as JSON lines; an identical existing file is left untouched (backend.prepare's cache keys on the
+    input file, so rewriting the same content would force a needless re-prepare)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    text = "".join(json.dumps(row) + "\n" for row in rows)
+    if path.exists() and path.read_text() == text:
+        return path
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
+    tmp.write_text(text)
     tmp.replace(path)
     return path
 
@@ -129,7 +132,7 @@ def build_tokenizer(rows: list[dict], vocab_size: int = 8000):
     return fast
 
 
-def llama_config(shape: str, vocab_size: int, tokenizer=None, max_positions: int = 131072):
+def llama_config(shape: str, vocab_size: int, tokenizer=None, max_positions: int = 131072, layers: int | None = None):
     from transformers import LlamaConfig
 
     if shape not in SHAPES:
@@ -143,24 +146,28 @@ def llama_config(shape: str, vocab_size: int, tokenizer=None, max_positions: int
         tie_word_embeddings=shape != "llama3-8b", use_cache=False,
         rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                          "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-        **SHAPES[shape], **extra)
+        **{**SHAPES[shape], **({"num_hidden_layers": layers} if layers else {})}, **extra)
 
 
-def build_model_dir(out: Path, rows: list[dict], shape: str = "small", vocab_size: int = 8000, seed: int = 0) -> dict:
+def build_model_dir(out: Path, rows: list[dict], shape: str = "small", vocab_size: int = 8000, seed: int = 0,
+                    layers: int | None = None) -> dict:
     """Tokenizer + random Llama saved together in `out` (a HF model directory every contestant loads, so all start
     from the same weights). Reused when `out/BUILD.json` matches the arguments. Returns BUILD.json's content."""
     import torch
     from transformers import LlamaForCausalLM
 
     out = Path(out)
-    key = {"shape": shape, "vocab_size": vocab_size, "seed": seed, "rows": len(rows),
+    key = {"shape": shape, "vocab_size": vocab_size, "seed": seed, "rows": len(rows), "layers": layers,
            "first_id": rows[0]["id"] if rows else None}
     done = out / "BUILD.json"
     if done.exists() and json.loads(done.read_text()).get("key") == key:
         return json.loads(done.read_text())
     tok = build_tokenizer(rows, vocab_size)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(llama_config(shape, len(tok), tok))
+    # Llama-3.1-8B's embedding has 128,256 rows whatever our small BPE learned (the extra rows are never indexed
+    # but cost what they cost in the LM head)
+    vocab = max(len(tok), 128256) if shape == "llama3-8b" else len(tok)
+    model = LlamaForCausalLM(llama_config(shape, vocab, tok, layers=layers))
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
