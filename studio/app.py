@@ -241,12 +241,13 @@ def on_load_file(path: str) -> list:
     return [text] + on_yaml(text)[:-1] + [status]
 
 
-def on_save(train_text: str, prepare_text: str, path: str) -> tuple[str, str | None]:
+def on_save(train_text: str, prepare_text: str, path: str) -> tuple[str, dict]:
     s1 = H.save_yaml(train_text, path)
     p = Path(path or "")
     s2 = H.save_yaml(prepare_text, str(p.with_name(p.stem + "_prepare" + p.suffix))) if prepare_text else ""
     ok = not s1.startswith("⚠")
-    return "\n\n".join(x for x in (s1, s2) if x), (str(Path(path).resolve()) if ok else None)
+    return "\n\n".join(x for x in (s1, s2) if x), gr.update(value=str(Path(path).resolve()) if ok else None,
+                                                            visible=ok)
 
 
 def build_config_tab(train_config: str | None = None) -> ConfigTab:
@@ -259,10 +260,14 @@ def build_config_tab(train_config: str | None = None) -> ConfigTab:
         with gr.Column(scale=3):
             for group in GROUPS:
                 with gr.Accordion(group, open=group in ("Schedule", "Batch", "Learning rate")):
-                    with gr.Row():
-                        for k, b in enumerate(TRAIN_FIELDS):
-                            if b.group == group:
-                                widgets[k] = make_widget(b, values0[k])
+                    # checkboxes in their own row: squeezed between number boxes they wrap word by word
+                    for bools in (False, True):
+                        if not any(b.group == group and (b.kind == "bool") == bools for b in TRAIN_FIELDS):
+                            continue
+                        with gr.Row():
+                            for k, b in enumerate(TRAIN_FIELDS):
+                                if b.group == group and (b.kind == "bool") == bools:
+                                    widgets[k] = make_widget(b, values0[k])
             status = gr.Markdown(status0, elem_id="config-status")
         with gr.Column(scale=2):
             train_yaml = gr.Code(yaml0, language="yaml", label="train YAML (edit here or in the form)",
@@ -273,7 +278,7 @@ def build_config_tab(train_config: str | None = None) -> ConfigTab:
                 path = gr.Textbox("runs/studio_train.yaml", label="YAML file", scale=3)
                 load_b = gr.Button("Load", size="sm")
                 save_b = gr.Button("Save", size="sm")
-            download = gr.File(label="download", interactive=False, height=80)
+            download = gr.File(label="download", interactive=False, visible=False)
             file_status = gr.Markdown()
     for w in widgets:
         # .input (user edits only) in both directions, so that form -> YAML -> form does not loop.
@@ -281,6 +286,7 @@ def build_config_tab(train_config: str | None = None) -> ConfigTab:
         if isinstance(w, (gr.Number, gr.Textbox)):  # a pasted value fires no .input: leaving the field counts
             w.blur(on_form, [train_yaml] + widgets, [train_yaml, status], show_progress="hidden")
     train_yaml.input(on_yaml, [train_yaml], widgets + [status], show_progress="hidden")
+    train_yaml.blur(on_yaml, [train_yaml], widgets + [status], show_progress="hidden")
     load_b.click(on_load_file, [path], [train_yaml] + widgets + [file_status])
     save_b.click(on_save, [train_yaml, prepare_yaml, path], [file_status, download])
     return ConfigTab(widgets, train_yaml, prepare_yaml, status)
