@@ -142,8 +142,10 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
     sampler = PackedSampler(train_data.lengths, b.sequence_length, sampling.seed, sampling.packing,
                             sampling.packing_window, cfg.data.truncate_documents)
     if len(sampler.skipped):
-        print0(f"packing: {len(sampler.skipped)} of {len(train_data)} training documents are longer than "
-               f"sequence_length {b.sequence_length} and are skipped (data.truncate_documents: no)")
+        print0(f"packing: {len(sampler.skipped)} of {len(train_data)} training documents holding "
+               f"{sampler.tokens_skipped:,} tokens ({sampler.tokens_skipped / max(1, train_data.num_tokens):.1%} of "
+               f"tokens) are longer than sequence_length {b.sequence_length} and are skipped "
+               f"(data.truncate_documents: no)")
     val_cfg = t.evaluations.validation
     val_iters = 0
     if cfg.data.datasets.validation is not None and val_cfg.interval and val_cfg.iterations:
@@ -201,6 +203,7 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
                     mixed_precision=str(accelerator.mixed_precision), attention=attn_impl,
                     attention_reason=attn_reason, num_parameters=num_params, gradient_accumulation=grad_accum,
                     training_documents=len(train_data), skipped_documents=len(sampler.skipped),
+                    skipped_tokens=int(sampler.tokens_skipped),
                     validation_batches=val_iters, config_hash=config_hash(cfg), experiment_dir=str(run_dir))
 
     # ---- the loop
