@@ -121,24 +121,33 @@ def _stamp(path: str) -> tuple:
         return (path, 0)
 
 
-def get_tokenizer(path: str):
-    """The tokenizer at ``path``, loaded once per (path, mtime) through backend.modeling.load_tokenizer."""
-    check = check_path(path, "tokenizer")
+def _load_once(cache: dict, path: str, kind: str, load):
+    """``load(path)`` once per (path, mtime); loads are serialized (two concurrent transformers imports fail)."""
+    check = check_path(path, kind)
     if not check.ok:
         raise ValueError(check.message)
     key = _stamp(path)
     with _lock:
-        tok = _tokenizers.get(key)
-    if tok is None:
-        with _load_lock:
-            tok = _tokenizers.get(key)
-            if tok is None:
-                from backend.modeling import load_tokenizer  # imports torch: only here, lazily
-
-                tok = load_tokenizer(path)
+        hit = cache.get(key)
+    if hit is None:
+        with _load_lock:  # re-entrant: a model load also loads its tokenizer
+            hit = cache.get(key)
+            if hit is None:
+                hit = load(path)
                 with _lock:
-                    _tokenizers[key] = tok
-    return tok
+                    cache[key] = hit
+    return hit
+
+
+def get_tokenizer(path: str):
+    """The tokenizer at ``path``, loaded once per (path, mtime) through backend.modeling.load_tokenizer."""
+
+    def load(path):
+        from backend.modeling import load_tokenizer  # imports torch: only here, lazily
+
+        return load_tokenizer(path)
+
+    return _load_once(_tokenizers, path, "tokenizer", load)
 
 
 class RowSource:
@@ -917,25 +926,16 @@ def chat_models(runs_dir: str) -> list[str]:
 
 def get_model(path: str):
     """(model, tokenizer) for a model dir, loaded once per (path, mtime); imports torch/transformers lazily."""
-    check = check_path(path, "model")
-    if not check.ok:
-        raise ValueError(check.message)
-    key = _stamp(path)
-    with _lock:
-        hit = _models.get(key)
-    if hit is None:
-        with _load_lock:
-            hit = _models.get(key)
-            if hit is None:
-                from transformers import AutoModelForCausalLM
 
-                model = AutoModelForCausalLM.from_pretrained(path)
-                model.eval()
-                tok_dir = path if (Path(path) / "tokenizer_config.json").exists() else str(TINY_MODEL)
-                hit = (model, get_tokenizer(tok_dir))
-                with _lock:
-                    _models[key] = hit
-    return hit
+    def load(path):
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(path)
+        model.eval()
+        tok_dir = path if (Path(path) / "tokenizer_config.json").exists() else str(TINY_MODEL)
+        return model, get_tokenizer(tok_dir)
+
+    return _load_once(_models, path, "model", load)
 
 
 def chat_stream(model_path: str, history: list[dict], message: str, template_text: str = "",
