@@ -156,6 +156,11 @@ def export_hf(accelerator, model, tokenizer, export_dir, name: str) -> Path:
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
         unwrapped = accelerator.unwrap_model(model)
+        if getattr(unwrapped.config, "tie_word_embeddings", False):
+            # FSDP's gathered state dict holds tied weights as separate tensors, so save_pretrained cannot see
+            # the tie and would write lm_head.weight a second time; drop the tied copies as one process does.
+            for tied in (getattr(unwrapped, "_tied_weights_keys", None) or {}):
+                state_dict.pop(tied, None)
         # training runs with use_cache=False (packed rows); an exported model is for generation, where the
         # KV cache is what makes decoding fast
         use_cache, unwrapped.config.use_cache = unwrapped.config.use_cache, True
@@ -168,8 +173,13 @@ def export_hf(accelerator, model, tokenizer, export_dir, name: str) -> Path:
         if generation.pad_token_id is None:
             generation.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
         generation.save_pretrained(tmp)
+        # replace by renames: killed at any point, either the old or the new export is complete on disk
+        old = export_dir / (name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
         if final.exists():
-            shutil.rmtree(final)
+            final.rename(old)
         tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final

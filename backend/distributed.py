@@ -28,6 +28,7 @@ import os
 
 import torch
 from accelerate import Accelerator, FullyShardedDataParallelPlugin, PartialState
+from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
 __all__ = ["fsdp_plugin_from_config", "build_accelerator", "is_sharded", "describe", "print0", "mixed_precision_of"]
@@ -87,6 +88,11 @@ def build_accelerator(cfg, **accelerator_kwargs) -> Accelerator:
         # Under torchrun on a CPU machine Accelerate stays single-process (DistributedType.NO on each rank: N
         # independent runs) unless told to use the CPU; cpu=True makes it MULTI_CPU over gloo.
         accelerator_kwargs.setdefault("cpu", True)
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        # One process (python -m backend.train, or train() called again in a notebook or test): Accelerate keeps
+        # its state in class-level singletons and refuses a second Accelerator with another mixed precision.
+        # Nothing distributed has been initialized, so start from a clean state.
+        AcceleratorState._reset_state(reset_partial_state=True)
     handlers = [InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=float(cfg.model.distributed.timeout)))]
     accelerator = Accelerator(
         fsdp_plugin=plugin,

@@ -71,7 +71,7 @@ def final_weights(run_dir) -> dict:
 
 
 def assert_same_weights(a: dict, b: dict, tol: float):
-    assert a.keys() == b.keys()
+    assert a.keys() == b.keys(), f"only in the first: {sorted(a.keys() - b.keys())}, only in the second: {sorted(b.keys() - a.keys())}"
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     assert worst <= tol, f"weights differ by {worst}"
 
