@@ -36,7 +36,7 @@ setup_python() {
   fi
   local constraint=() gpu=no
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then gpu=yes; else constraint=(-c constraints/cpu.txt); fi
-  local stamp="$VENV/.sft-studio-$extras.stamp"
+  local stamp="$VENV/.sft-studio-${extras/,/-}.stamp"
   local want; want="$(cat pyproject.toml constraints/cpu.txt | sha256sum | cut -c1-16)-gpu=$gpu"
   if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then return 0; fi
   log "installing sft-studio[$extras] (gpu=$gpu) into $VENV"
@@ -63,10 +63,10 @@ setup_browser() {
 
 cmd="${1:-studio}"; shift || true
 case "$cmd" in
-  setup)  setup_python test ;;
-  studio) setup_python test; exec "$PY" -m studio "$@" ;;
+  setup)  setup_python test,bench ;;
+  studio) setup_python test,bench; exec "$PY" -m studio "$@" ;;
   test)
-    setup_python test
+    setup_python test,bench
     setup_browser
     export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
     exec "$PY" -m pytest "$@" ;;
