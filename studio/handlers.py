@@ -79,9 +79,9 @@ def check_path(text: str, what: str = "dataset", must_exist: bool = True) -> Pat
             return PathCheck(False, str(resolved), f"{what} path {raw} does not exist (looked at {resolved})")
         return PathCheck(True, raw, "", "")
     if what == "dataset":
-        if p.is_file() and p.suffix not in (".jsonl", ".json", ".parquet"):
-            return PathCheck(False, str(resolved), f"{raw}: expected a .jsonl, .json or .parquet file, or a "
-                                                   f"directory written by datasets.save_to_disk")
+        if p.is_file() and p.suffix not in (".jsonl", ".json", ".parquet", ".csv"):
+            return PathCheck(False, str(resolved), f"{raw}: expected a .jsonl, .json, .parquet or .csv file, or "
+                                                   f"a directory (save_to_disk output or data files)")
         return PathCheck(True, raw, "", "file" if p.is_file() else "dir")
     if what == "prepared":  # a descriptor written by backend.prepare, as data.datasets.*.path expects
         if p.is_dir():
@@ -175,10 +175,13 @@ class RowSource:
             import datasets  # lazily: parquet files, save_to_disk directories, hub ids
 
             if p.is_file():
-                self._ds = datasets.load_dataset("parquet", data_files=str(p), split="train")
-            elif p.is_dir():
-                ds = datasets.load_from_disk(str(p))
+                builder = {".parquet": "parquet", ".csv": "csv"}[p.suffix]
+                self._ds = datasets.load_dataset(builder, data_files=str(p), split="train")
+            elif p.is_dir() and ((p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists()):
+                ds = datasets.load_from_disk(str(p))  # written by save_to_disk
                 self._ds = ds["train"] if isinstance(ds, datasets.DatasetDict) else ds
+            elif p.is_dir():  # a folder of data files, as backend.prepare accepts
+                self._ds = datasets.load_dataset(str(p), split="train")
             else:
                 self._ds = datasets.load_dataset(path, split="train")
 

@@ -468,3 +468,21 @@ def test_chat_streams_a_reply_from_the_tiny_model(tmp_path):
     assert H.chat_models(str(tmp_path)) == [str(TINY_MODEL), str(export)]
     with pytest.raises(ValueError, match="config.json"):
         next(H.chat_stream(str(tmp_path), [], "hi"))
+
+
+def test_preview_reads_every_dataset_form_prepare_reads(tmp_path):
+    """Parquet, a save_to_disk directory and a folder of JSONL files preview the same sample as the JSONL file."""
+    import datasets
+
+    rows = [__import__("json").loads(line) for line in SAMPLE_DATA.read_text().splitlines()[:20]]
+    ds = datasets.Dataset.from_list(rows)
+    ds.to_parquet(str(tmp_path / "rows.parquet"))
+    ds.save_to_disk(str(tmp_path / "saved"))
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "part-0.jsonl").write_text("\n".join(SAMPLE_DATA.read_text().splitlines()[:20]) + "\n")
+    want = preview(3)
+    assert want.status == "" and want.trained_chars
+    for path in (tmp_path / "rows.parquet", tmp_path / "saved", tmp_path / "folder"):
+        got = H.preview_sample(str(path), TOK, 3, "auto", "", "", "all", True, "")
+        assert got.status == "", (path, got.status)
+        assert (got.n_rows, got.text, got.trained_chars) == (20, want.text, want.trained_chars), path
