@@ -215,18 +215,8 @@ def warm_up(tokenizer_path: str = str(TINY_MODEL)) -> None:
 
 
 def get_rows(path: str) -> RowSource:
-    check = check_path(path, "dataset")
-    if not check.ok:
-        raise ValueError(check.message)
-    key = _stamp(path)
-    with _lock:
-        src = _sources.get(key)
-    if src is None:
-        with _load_lock:
-            src = RowSource(path)
-        with _lock:
-            _sources[key] = src
-    return src
+    """The rows of the dataset at ``path``, opened once per (path, mtime)."""
+    return _load_once(_sources, path, "dataset", RowSource)
 
 
 # =============================================================================================== data tab
