@@ -258,14 +258,10 @@ def test_sdpa_packed_with_cu_seq_lens_equals_sdpa(impl):
 
     batch, documents = make_batch(ROWS)
     B, L = batch["input_ids"].shape
-    bounds = sorted({0, B * L} | {b * L + e for b, _, e in documents} | {b * L + s for b, s, _ in documents}
-                    | {i for i in range(B * L)})  # padding tokens are one-token segments, like collate's
-    cu = torch.tensor(bounds, dtype=torch.int32)
-    batch.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=L, max_length_k=L)
-    # real documents are whole segments: drop the per-token bounds inside them
+    # every token starts a segment (padding: one-token segments, like collate's) except inside a document
     inside = {b * L + i for b, s, e in documents for i in range(s + 1, e)}
-    cu = torch.tensor([x for x in bounds if x not in inside], dtype=torch.int32)
-    batch.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu)
+    cu = torch.tensor([i for i in range(B * L + 1) if i not in inside], dtype=torch.int32)
+    batch.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=L, max_length_k=L)
 
     ref = tiny_llama(seed=5)
     packed = tiny_llama(seed=5)
