@@ -142,15 +142,38 @@ class RenderedSample:
     messages: list[dict] = field(default_factory=list)  # the normalized conversation
 
 
-@dataclass
 class TokenizedSample:
-    input_ids: np.ndarray  # (T,) int64, BOS exactly once, never doubled
-    trained: np.ndarray  # (T,) bool: this token is a training TARGET (a label), before shifting
-    offsets: np.ndarray  # (T, 2) int64 char offsets into the text; (0, 0) for an added BOS
+    """Token ids + per-token trained mask of one text. ``offsets`` ((T, 2) int64 char offsets into the text,
+    (0, 0) for an added BOS) are built on first use when the sample came from the fast path of
+    `tokenize_batch`/prepare, which computes the mask without materializing them."""
+
+    __slots__ = ("input_ids", "trained", "_offsets", "_encoding", "_bos_added")
+
+    def __init__(self, input_ids: np.ndarray, trained: np.ndarray, offsets: np.ndarray | None = None, *,
+                 encoding=None, bos_added: bool = False):
+        if offsets is None and encoding is None:
+            raise ValueError("TokenizedSample needs offsets or the tokenizers Encoding they come from")
+        self.input_ids = input_ids  # (T,) int64, BOS exactly once, never doubled
+        self.trained = trained  # (T,) bool: this token is a training TARGET (a label), before shifting
+        self._offsets = offsets
+        self._encoding = encoding
+        self._bos_added = bos_added
+
+    @property
+    def offsets(self) -> np.ndarray:
+        if self._offsets is None:
+            off = np.asarray(self._encoding.offsets, dtype=np.int64).reshape(-1, 2)
+            if self._bos_added:
+                off = np.concatenate([np.zeros((1, 2), np.int64), off])
+            self._offsets = off
+        return self._offsets
 
     @property
     def n_trained(self) -> int:
         return int(self.trained.sum())
+
+    def __repr__(self):
+        return f"TokenizedSample({len(self.input_ids)} tokens, {self.n_trained} trained)"
 
 
 PROBLEM_CODES = {
@@ -799,9 +822,9 @@ def _fast_backend(tokenizer):
 def tokenize_batch(texts: list[str], spans_list, tokenizer) -> list[TokenizedSample]:
     """`tokenize` for many texts with one batched (parallel, Rust) tokenizer call.
 
-    The whole batch is converted to numpy at once (ids, offsets and the trained mask are computed on flat arrays
-    in "batch character coordinates", then cut into per-sample views): the per-sample Python work is a handful of
-    operations, not one per token.
+    The whole batch is converted to numpy at once; the per-sample Python work is a handful of operations, not
+    one per token. With a fast tokenizer the mask comes from the encodings' char -> token lookups at the span
+    edges (see `_char_lookup_ok`), and each sample's offsets are only built if something reads them.
     """
     texts = list(texts)
     spans_list = list(spans_list)
@@ -809,55 +832,178 @@ def tokenize_batch(texts: list[str], spans_list, tokenizer) -> list[TokenizedSam
         raise ValueError(f"tokenize_batch: {len(texts)} texts but {len(spans_list)} span lists")
     if not texts:
         return []
-    ids, trained, offsets, bounds = _tokenize_flat(texts, spans_list, tokenizer)
-    cuts = bounds.tolist()
-    return [
-        TokenizedSample(input_ids=ids[a:z], trained=trained[a:z], offsets=offsets[a:z])
-        for a, z in zip(cuts[:-1], cuts[1:])
-    ]
+    flat = _tokenize_flat(texts, spans_list, tokenizer)
+    return [flat.sample(j) for j in range(len(texts))]
 
 
-def _tokenize_flat(texts: list[str], spans_list, tokenizer):
-    """`tokenize_batch` without the per-sample split: (ids (N,) int64, trained (N,) bool, offsets (N, 2) int64,
-    bounds (n+1,) int64); sample i is ``[bounds[i], bounds[i+1])``."""
+@dataclass
+class _Flat:
+    """A tokenized batch as flat arrays: sample j is ``[bounds[j], bounds[j+1])``."""
+
+    ids: np.ndarray  # (N,) int64
+    trained: np.ndarray  # (N,) bool
+    bounds: np.ndarray  # (n+1,) int64
+    offsets: np.ndarray | None  # (N, 2) int64, or None when the encodings are kept instead
+    encodings: list | None
+    bos_added: np.ndarray  # (n,) bool
+
+    def sample(self, j: int) -> TokenizedSample:
+        a, z = int(self.bounds[j]), int(self.bounds[j + 1])
+        if self.offsets is not None:
+            return TokenizedSample(self.ids[a:z], self.trained[a:z], self.offsets[a:z])
+        return TokenizedSample(self.ids[a:z], self.trained[a:z], encoding=self.encodings[j],
+                               bos_added=bool(self.bos_added[j]))
+
+
+def _token_range(enc, b: int, e: int, n: int):
+    """Tokens overlapping chars ``[b, e)`` as ``(lo, hi)`` from an Encoding's char lookups, or None when a
+    char is covered by no token (then the caller uses the offsets). Valid for tokenizers whose offsets are
+    monotone (checked once per tokenizer by `_char_lookup_ok`)."""
+    lo = enc.char_to_token(b)
+    last = enc.char_to_token(e - 1)
+    if lo is None or last is None:
+        return None
+    hi = last + 1
+    while hi < n:  # the byte-fallback pieces of one character all carry its offsets
+        c = enc.token_to_chars(hi)
+        if c is None or c[0] >= e or c[1] <= c[0]:
+            break
+        hi += 1
+    return lo, hi
+
+
+_PROBE = ("Hello  world,\tthe end.\n\n  Ünïcödé «ok» — 日本語のテキスト, emoji 👋🏽🧑‍🚀 x\u0301 \r\n"
+          "```py\ndef f(x):\n    return x**2\n```   trailing   \n")
+
+
+def _char_lookup_ok(tokenizer, backend) -> bool:
+    """Whether `_token_range` gives exactly the offsets rule for this tokenizer.
+
+    It does for an encoding whose token starts and ends are both non-decreasing and whose tokens all have
+    positive width: the tokens overlapping ``[b, e)`` are then one run, from the first token containing ``b``
+    through the last containing ``e - 1`` (a char no token covers makes the lookup return None and the sample
+    falls back to its offsets). Checked once per tokenizer on probe texts (scripts, emoji, combining marks,
+    whitespace runs, code, the special tokens), plus direct comparisons on spans of the probe; a tokenizer
+    that fails keeps the offsets path."""
+    info = _info(tokenizer)
+    ok = info.get("char_lookup")
+    if ok is not None:
+        return ok
+    ok = True
+    try:
+        specials = info["specials"][:4]
+        texts = [_PROBE] + [s + _PROBE + s + _PROBE[:40] + s for s in specials]
+        for text, enc in zip(texts, backend.encode_batch(texts, add_special_tokens=False)):
+            off = np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)
+            n = len(off)
+            if n == 0 or (np.diff(off, axis=0) < 0).any() or (off[:, 1] <= off[:, 0]).any():
+                raise ValueError("offsets are not monotone with positive widths")
+            for b in range(0, len(text), 7):
+                for e in (b + 1, b + 2, b + 5, b + 13):
+                    e = min(e, len(text))
+                    r = _token_range(enc, b, e, n)
+                    if r is None:
+                        continue  # uncovered char: such a sample takes its offsets anyway
+                    got = np.zeros(n, dtype=bool)
+                    got[r[0]:r[1]] = True
+                    if not np.array_equal(got, _mask_from_offsets(off, [(b, e)])):
+                        raise ValueError(f"lookup differs from offsets on chars {b}..{e}")
+    except Exception:
+        ok = False
+    info["char_lookup"] = ok
+    return ok
+
+
+def _tokenize_flat(texts: list[str], spans_list, tokenizer, offsets: bool = False) -> _Flat:
+    """Tokenize a batch into flat arrays (see `_Flat`). ``offsets=True`` materializes every offset (else
+    they are kept in the encodings and the mask is built from char lookups when the tokenizer allows)."""
     n = len(texts)
-    if n == 0:
-        return np.zeros(0, np.int64), np.zeros(0, bool), np.zeros((0, 2), np.int64), np.zeros(1, np.int64)
     info = _info(tokenizer)
     backend = _fast_backend(tokenizer)
+    encs = None
     if backend is not None:
         encs = backend.encode_batch(texts, add_special_tokens=False)
         ids_lists = [e.ids for e in encs]
-        off_lists = [e.offsets for e in encs]
+        lookup = not offsets and _char_lookup_ok(tokenizer, backend)
+        off_lists = None if lookup else [e.offsets for e in encs]
     else:
         enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
         ids_lists, off_lists = enc["input_ids"], enc["offset_mapping"]
-    lengths = np.fromiter((len(x) for x in ids_lists), dtype=np.int64, count=n)
+        lookup = False
+    lengths = np.fromiter(map(len, ids_lists), dtype=np.int64, count=n)
     total = int(lengths.sum())
     ids = np.fromiter(chain.from_iterable(ids_lists), dtype=np.int64, count=total)
-    offsets = np.fromiter(chain.from_iterable(chain.from_iterable(off_lists)), dtype=np.int64,
-                          count=2 * total).reshape(total, 2)
+    offs = None
+    if off_lists is not None:
+        offs = np.fromiter(chain.from_iterable(chain.from_iterable(off_lists)), dtype=np.int64,
+                           count=2 * total).reshape(total, 2)
+    needs = np.zeros(n, dtype=bool)
     if info["adds_bos"]:
         bos = info["bos"]
         needs = np.fromiter((not (bos and t.startswith(bos)) for t in texts), dtype=bool, count=n)
         if needs.any():
             starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])[needs]
             ids = np.insert(ids, starts, info["bos_id"])
-            offsets = np.insert(offsets, starts, 0, axis=0)  # (0, 0): zero-width, never trained
+            if offs is not None:
+                offs = np.insert(offs, starts, 0, axis=0)  # (0, 0): zero-width, never trained
             lengths = lengths + needs
+    bounds = np.concatenate([[0], np.cumsum(lengths)])
+    if lookup:
+        trained = _mask_by_lookup(texts, spans_list, encs, bounds, needs, info)
+        return _Flat(ids, trained, bounds, None, encs, needs)
     # batch coordinates: sample i's characters live at [base[i], base[i] + len(text_i)); spans and offsets
     # shifted by base stay sorted and disjoint across samples, so one searchsorted gives every mask
-    text_lens = np.fromiter((len(t) for t in texts), dtype=np.int64, count=n)
+    text_lens = np.fromiter(map(len, texts), dtype=np.int64, count=n)
     base = np.concatenate([[0], np.cumsum(text_lens + 1)[:-1]])
-    bounds = np.concatenate([[0], np.cumsum(lengths)])
     token_base = np.repeat(base, lengths)
     flat_spans = []
     for b, m, spans in zip(base.tolist(), text_lens.tolist(), spans_list):
         if spans:  # clipped to the text: a span past its end must not reach into the next sample
             flat_spans.extend((b + max(0, min(s, m)), b + max(0, min(e, m)))
                               for s, e in (sorted(spans) if len(spans) > 1 else spans))
-    trained = _mask_from_offsets(offsets + token_base[:, None], flat_spans)
-    return ids, trained, offsets, bounds
+    trained = _mask_from_offsets(offs + token_base[:, None], flat_spans)
+    return _Flat(ids, trained, bounds, offs, None, needs)
+
+
+def _mask_by_lookup(texts, spans_list, encs, bounds, bos_added, info) -> np.ndarray:
+    """The offsets rule's mask from char -> token lookups at the span edges: O(spans) Python calls, no
+    per-token objects. A sample with a char no token covers takes its own offsets instead."""
+    total = int(bounds[-1])
+    edges = np.zeros(total + 1, dtype=np.int32)  # +1 at a trained run's first token, -1 after its last
+    lo_list, hi_list = [], []
+    fallback = []
+    for j, (text, spans, enc) in enumerate(zip(texts, spans_list, encs)):
+        if not spans:
+            continue
+        m = len(text)
+        shift = int(bounds[j]) + int(bos_added[j])
+        n_tok = int(bounds[j + 1]) - shift
+        ranges = []
+        for s, e in (sorted(spans) if len(spans) > 1 else spans):
+            s, e = max(0, min(s, m)), max(0, min(e, m))
+            if e <= s:
+                continue
+            r = _token_range(enc, s, e, n_tok)
+            if r is None:
+                break
+            ranges.append(r)
+        else:
+            for lo, hi in ranges:
+                if hi > lo:
+                    lo_list.append(shift + lo)
+                    hi_list.append(shift + hi)
+            continue
+        fallback.append(j)
+    if lo_list:
+        # runs of different spans may touch or share a token (a token straddling two spans): count, then > 0
+        np.add.at(edges, np.asarray(lo_list), 1)
+        np.add.at(edges, np.asarray(hi_list), -1)
+    trained = np.cumsum(edges[:-1]) > 0
+    for j in fallback:
+        a = int(bounds[j]) + int(bos_added[j])
+        off = np.asarray(encs[j].offsets, dtype=np.int64).reshape(-1, 2)
+        trained[a:int(bounds[j + 1])] = _mask_from_offsets(off, sorted(spans_list[j]))
+    return trained
 
 
 class PortableTokenizer:
@@ -918,6 +1064,29 @@ def _code(problem: str) -> str:
     return problem.split(":", 1)[0]
 
 
+def _overlapping_tokens(tokenized: TokenizedSample, b: int, e: int) -> np.ndarray:
+    """Indices of the tokens overlapping chars ``[b, e)`` (the offsets rule), without building the offsets
+    when the sample still has its encoding."""
+    if tokenized._offsets is None and tokenized._encoding is not None:
+        shift = int(tokenized._bos_added)
+        r = _token_range(tokenized._encoding, b, e, len(tokenized.input_ids) - shift)
+        if r is not None:
+            return np.arange(r[0] + shift, r[1] + shift)
+    off = tokenized.offsets
+    return np.flatnonzero((off[:, 0] < e) & (off[:, 1] > b) & (off[:, 1] > off[:, 0]))
+
+
+def _token_end_char(tokenized: TokenizedSample, t: int) -> int:
+    if tokenized._offsets is None and tokenized._encoding is not None:
+        k = t - int(tokenized._bos_added)
+        if k < 0:
+            return 0
+        chars = tokenized._encoding.token_to_chars(k)
+        if chars is not None:
+            return chars[1]
+    return int(tokenized.offsets[t, 1])
+
+
 def check_sample(rendered: RenderedSample, tokenized: TokenizedSample, tokenizer, sequence_length=None) -> list[str]:
     """Health problems of one sample, ``"code: message"`` (codes in `PROBLEM_CODES`); includes render problems."""
     problems = list(rendered.problems)
@@ -925,22 +1094,21 @@ def check_sample(rendered: RenderedSample, tokenized: TokenizedSample, tokenizer
     if not tokenized.trained.any():
         problems.append("no_trained_tokens: no token of this sample is trained")
     if rendered.turns:
-        starts, ends = tokenized.offsets[:, 0], tokenized.offsets[:, 1]
         for t in rendered.turns:
             if rendered.trained_spans and not any(b <= t.begin < e for b, e in rendered.trained_spans):
                 continue  # a turn not selected for training (train_on=last)
             if t.end <= t.content_end:
                 problems.append(f"eot_not_trained: the assistant turn at char {t.begin} has no end-of-turn marker")
                 continue
-            marker = (starts < t.end) & (ends > t.content_end)
-            if not tokenized.trained[marker].all() or not marker.any():
+            marker = _overlapping_tokens(tokenized, t.content_end, t.end)
+            if not tokenized.trained[marker].all() or not len(marker):
                 problems.append(
                     f"eot_not_trained: end-of-turn {rendered.text[t.content_end:t.end]!r} at char {t.content_end} "
                     "is not trained"
                 )
     if sequence_length is not None and n > sequence_length:
         problems.append(f"too_long: {n} tokens > sequence_length {sequence_length}")
-        limit = tokenized.offsets[sequence_length - 1, 1] if sequence_length > 0 else 0
+        limit = _token_end_char(tokenized, sequence_length - 1) if sequence_length > 0 else 0
         for t in rendered.turns:
             if t.begin < limit < t.end:
                 problems.append(f"assistant_cut: the assistant turn at char {t.begin} crosses token {sequence_length}")

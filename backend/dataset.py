@@ -130,26 +130,55 @@ class ShardWriter:
 
     def add(self, tokens, trained) -> None:
         """Append one document: ``tokens`` (T,) ints in ``[0, vocab_size)``, ``trained`` (T,) bool."""
+        tokens = np.asarray(tokens)
+        if tokens.ndim != 1:
+            raise ValueError(f"tokens {tokens.shape} must be 1-D")
+        if tokens.size == 0:
+            raise ValueError("empty document: prepare skips these before writing")
+        self.add_batch(tokens, trained, np.array([0, tokens.size], np.int64))
+
+    def add_batch(self, tokens, trained, bounds) -> None:
+        """Append documents given as flat arrays: document j is ``tokens[bounds[j]:bounds[j+1]]``.
+
+        Whole runs of documents go to the open shard in one write each; a new shard starts where the next
+        document would overflow it."""
         if self._closed:
             raise RuntimeError("ShardWriter.add after close()")
         tokens = np.asarray(tokens)
         trained = np.asarray(trained, dtype=np.bool_)
+        bounds = np.asarray(bounds, dtype=np.int64)
         if tokens.ndim != 1 or tokens.shape != trained.shape:
             raise ValueError(f"tokens {tokens.shape} and trained {trained.shape} must be 1-D of the same length")
-        if tokens.size == 0:
+        if bounds.ndim != 1 or bounds.size < 1 or bounds[0] != 0 or bounds[-1] != tokens.size:
+            raise ValueError(f"bounds must run from 0 to {tokens.size}")
+        lengths = np.diff(bounds)
+        if lengths.size == 0:
+            return
+        if (lengths <= 0).any():
             raise ValueError("empty document: prepare skips these before writing")
         low, high = int(tokens.min()), int(tokens.max())
         if low < 0 or high >= self.vocab_size:
             raise ValueError(f"token id out of range [0, {self.vocab_size}): min {low}, max {high}")
-        if self._shard is None or (self._shard_len > 0 and self._shard_len + tokens.size > self.shard_tokens):
-            self._close_shard()
-            self._open_shard()
-        tok_file, trained_file, index_file = self._shard
-        tok_file.append(tokens)
-        trained_file.append(trained)
-        self._shard_len += tokens.size
-        index_file.append(np.array([self._shard_len], np.int64))
-        self.num_documents += 1
+        d = 0
+        while d < lengths.size:
+            if self._shard is None:
+                self._open_shard()
+            room = self.shard_tokens - self._shard_len
+            # documents d..k-1 fit in the open shard: the largest k with bounds[k] - bounds[d] <= room
+            k = int(np.searchsorted(bounds, bounds[d] + room, side="right")) - 1
+            if k <= d:
+                if self._shard_len > 0:  # the next document does not fit: it starts a new shard
+                    self._close_shard()
+                    continue
+                k = d + 1  # a document longer than a shard gets a shard of its own
+            a, z = int(bounds[d]), int(bounds[k])
+            tok_file, trained_file, index_file = self._shard
+            tok_file.append(tokens[a:z])
+            trained_file.append(trained[a:z])
+            index_file.append(self._shard_len + bounds[d + 1:k + 1] - a)
+            self._shard_len += z - a
+            d = k
+        self.num_documents += int(lengths.size)
         self.num_tokens += int(tokens.size)
         self.num_trained_tokens += int(trained.sum())
 

@@ -118,6 +118,31 @@ def repair_spans(raw, text_len: int) -> tuple[list[tuple[int, int]] | None, list
     return merged, notes, None
 
 
+def _clean_trained_spans(raw, text_len: int) -> list[tuple[int, int]] | None:
+    """The trained ranges of masked spans that need no repair (a list of ``[begin, end]`` int pairs, sorted,
+    disjoint, inside the text): the common case in one pass. None: anything else, for `repair_spans`.
+
+    >>> _clean_trained_spans([[0, 2], [6, 7]], 10)
+    [(3, 6), (8, 10)]
+    """
+    if type(raw) is not list:
+        return None
+    out = []
+    pos = 0
+    for s in raw:
+        if type(s) is not list or len(s) != 2:
+            return None
+        b, e = s
+        if type(b) is not int or type(e) is not int or b < pos or e < b or e >= text_len:
+            return None
+        if b > pos:
+            out.append((pos, b))
+        pos = e + 1
+    if pos < text_len:
+        out.append((pos, text_len))
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- splitting
 def split_assignment(n_rows: int, splits: dict[str, float], seed: int) -> np.ndarray:
     """(n_rows,) uint8 index into ``list(splits)``: a seeded permutation cut by largest remainder.
@@ -355,8 +380,13 @@ class _Job:
 
 @dataclass
 class _ChunkResult:
+    """A chunk's documents as flat arrays: document j is row ``rows[j]``, tokens ``ids[bounds[j]:bounds[j+1]]``."""
+
     n_rows: int
-    docs: list  # [(row, tokens (T,) small uint, trained (T,) bool)]
+    rows: np.ndarray  # (D,) int64 input row of each document
+    ids: np.ndarray  # (N,) smallest uint dtype of the vocabulary
+    trained: np.ndarray  # (N,) bool
+    bounds: np.ndarray  # (D+1,) int64
     problems: list  # [(row, code, message, skipped: bool)]
 
 
@@ -421,12 +451,15 @@ def _process_chunk(start: int, task) -> _ChunkResult:
                 problems.append((r, "empty_text", f"{job.field!r} is {what}", True))
                 continue
             if job.form == "spans":
-                masked, notes, reason = repair_spans(row.get(job.spans_field), len(text))
-                if reason:
-                    problems.append((r, "bad_spans", f"{job.spans_field!r}: {reason}", True))
-                    continue
-                problems.extend((r, note.split(":", 1)[0], note.split(": ", 1)[1], False) for note in notes)
-                trained_spans = chat.spans_from_loss_masking(len(text), masked)
+                raw = row.get(job.spans_field)
+                trained_spans = _clean_trained_spans(raw, len(text))
+                if trained_spans is None:  # not already sorted, disjoint and in range: the full repair
+                    masked, notes, reason = repair_spans(raw, len(text))
+                    if reason:
+                        problems.append((r, "bad_spans", f"{job.spans_field!r}: {reason}", True))
+                        continue
+                    problems.extend((r, note.split(":", 1)[0], note.split(": ", 1)[1], False) for note in notes)
+                    trained_spans = chat.spans_from_loss_masking(len(text), masked)
             else:
                 trained_spans = [(0, len(text))]
         rows.append(r)
@@ -434,27 +467,30 @@ def _process_chunk(start: int, task) -> _ChunkResult:
         spans_list.append(trained_spans)
         rendered_list.append(rendered)
 
-    docs = []
-    if texts:
-        # the whole chunk as flat arrays (one dtype cast, one cumsum); per document only views are cut
-        dtype = np.uint8 if job.vocab_size <= 256 else np.uint16 if job.vocab_size <= 65536 else np.uint32
-        ids, trained, offsets, bounds = chat._tokenize_flat(texts, spans_list, tokenizer)
-        ids = ids.astype(dtype)
-        csum = np.concatenate([[0], np.cumsum(trained, dtype=np.int64)])
-        n_trained = (csum[bounds[1:]] - csum[bounds[:-1]]).tolist()
-        cuts = bounds.tolist()
-        for j, (r, rendered) in enumerate(zip(rows, rendered_list)):
-            a, z = cuts[j], cuts[j + 1]
-            if n_trained[j] == 0:
-                problems.append((r, "no_trained_tokens", f"no token is trained ({z - a} tokens)", True))
-                continue
-            if rendered is not None:  # health warnings of the one-step form (e.g. eot_not_trained)
-                tok = chat.TokenizedSample(input_ids=ids[a:z], trained=trained[a:z], offsets=offsets[a:z])
-                for p in chat.check_sample(rendered, tok, tokenizer):
-                    code, _, message = p.partition(": ")
-                    problems.append((r, code, message, False))
-            docs.append((r, ids[a:z], trained[a:z]))
-    return _ChunkResult(n, docs, problems)
+    if not texts:
+        return _ChunkResult(n, np.zeros(0, np.int64), np.zeros(0, np.uint8), np.zeros(0, bool),
+                            np.zeros(1, np.int64), problems)
+    # the whole chunk as flat arrays (one dtype cast, one cumsum); per document only views are cut
+    dtype = np.uint8 if job.vocab_size <= 256 else np.uint16 if job.vocab_size <= 65536 else np.uint32
+    flat = chat._tokenize_flat(texts, spans_list, tokenizer)
+    bounds = flat.bounds
+    csum = np.concatenate([[0], np.cumsum(flat.trained, dtype=np.int64)])
+    n_trained = csum[bounds[1:]] - csum[bounds[:-1]]
+    keep = n_trained > 0
+    for j in np.flatnonzero(~keep).tolist():
+        problems.append((rows[j], "no_trained_tokens", f"no token is trained ({bounds[j + 1] - bounds[j]} tokens)", True))
+    for j in np.flatnonzero(keep).tolist():
+        rendered = rendered_list[j]
+        if rendered is not None:  # health warnings of the one-step form (e.g. eot_not_trained)
+            for p in chat.check_sample(rendered, flat.sample(j), tokenizer):
+                code, _, message = p.partition(": ")
+                problems.append((rows[j], code, message, False))
+    ids, trained = flat.ids.astype(dtype), flat.trained
+    if not keep.all():
+        token_keep = np.repeat(keep, np.diff(bounds))
+        ids, trained = ids[token_keep], trained[token_keep]
+        bounds = np.concatenate([[0], np.cumsum(np.diff(bounds)[keep])])
+    return _ChunkResult(n, np.asarray(rows, np.int64)[keep], ids, trained, bounds, problems)
 
 
 def _worker_chunk(args):
@@ -735,8 +771,15 @@ def _prepare_into(cfg: PrepareConfig, tmp: Path, digest: str, fingerprint, progr
     t0 = time.perf_counter()
     try:
         for chunk in _run_chunks(job, source, n_rows, workers, tokenizer):
-            for r, tokens, trained in chunk.docs:
-                writers[names[assign[r]]].add(tokens, trained)
+            split_of = assign[chunk.rows]
+            for k, name in enumerate(names):
+                sel = split_of == k
+                if sel.all():
+                    writers[name].add_batch(chunk.ids, chunk.trained, chunk.bounds)
+                elif sel.any():
+                    tokens_sel = np.repeat(sel, np.diff(chunk.bounds))
+                    writers[name].add_batch(chunk.ids[tokens_sel], chunk.trained[tokens_sel],
+                                            np.concatenate([[0], np.cumsum(np.diff(chunk.bounds)[sel])]))
             for r, code, message, skipped in chunk.problems:
                 counts[code] = counts.get(code, 0) + 1
                 skipped_rows += bool(skipped)

@@ -589,3 +589,52 @@ def test_portable_tokenizer_equals_the_original(family):
         assert np.array_equal(x.input_ids, y.input_ids) and np.array_equal(x.trained, y.trained)
         assert np.array_equal(x.offsets, y.offsets)
     assert lite("Hi")["input_ids"] == t("Hi")["input_ids"]  # incl. the BOS its post-processor adds
+
+
+def _odd_tokenizers():
+    """Fast tokenizers unlike the shipped byte-level BPEs, built here with `tokenizers`: a Metaspace BPE with
+    byte fallback (SentencePiece-like, as Mistral/Gemma/Llama 2 ship) and a whitespace-splitting WordPiece
+    whose tokens do not cover the spaces (char -> token lookups return None there)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = ["Hello world, the end.", "Ünïcödé «ok» — 日本語", "def f(x):\n    return x**2", "emoji 🙂 done"] * 20
+    sp = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    sp.normalizer = normalizers.Sequence([normalizers.Replace(" ", "▁")])
+    sp.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    sp.decoder = decoders.Metaspace()
+    sp.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]))
+    wp = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    wp.normalizer = normalizers.BertNormalizer(lowercase=True)
+    wp.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    wp.train_from_iterator(corpus, trainers.WordPieceTrainer(vocab_size=300, special_tokens=["[UNK]", "[SEP]"]))
+    return {"metaspace-bytefallback": PreTrainedTokenizerFast(tokenizer_object=sp, bos_token="<s>", eos_token="</s>"),
+            "wordpiece-gaps": PreTrainedTokenizerFast(tokenizer_object=wp, unk_token="[UNK]", sep_token="[SEP]")}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES) + ["metaspace-bytefallback", "wordpiece-gaps"])
+def test_mask_from_char_lookups_equals_the_offsets_rule(family):
+    """prepare's mask comes from char -> token lookups at the span edges (no per-token offsets). For every span
+    of many random ones it must equal the offsets rule, whatever the tokenizer: emoji split into byte pieces,
+    spaces no token covers (that sample falls back to its offsets), spans that touch, spans past the text."""
+    from backend.chat import _mask_from_offsets, _tokenize_flat
+
+    t = tok(family) if family in FAMILIES else _odd_tokenizers()[family]
+    rng = np.random.default_rng(0)
+    base = ["Hello  world,\tthe end.\n\n", "emoji 🙂🧑‍🚀 done ", "日本語のテキスト x\u0301 ", "  def f(x):\n    return x**2\n"]
+    texts, spans_list = [], []
+    for _ in range(60):
+        text = "".join(rng.choice(base, size=rng.integers(1, 5)))
+        cuts = sorted(set(rng.integers(0, len(text) + 3, size=2 * rng.integers(0, 4)).tolist()))
+        texts.append(text)
+        spans_list.append([(cuts[i], cuts[i + 1]) for i in range(0, len(cuts) - 1, 2)])
+    fast = _tokenize_flat(texts, spans_list, t)
+    slow = _tokenize_flat(texts, spans_list, t, offsets=True)
+    assert np.array_equal(fast.ids, slow.ids) and np.array_equal(fast.bounds, slow.bounds)
+    for j, (text, spans) in enumerate(zip(texts, spans_list)):
+        a, z = slow.bounds[j], slow.bounds[j + 1]
+        want = _mask_from_offsets(slow.offsets[a:z], sorted((min(s, len(text)), min(e, len(text))) for s, e in spans))
+        assert fast.trained[a:z].tolist() == want.tolist(), (family, text, spans)
+        assert np.array_equal(fast.sample(j).offsets, slow.offsets[a:z])  # built lazily, the same
+    assert np.array_equal(fast.trained, slow.trained)

@@ -111,3 +111,26 @@ def test_writer_memory_is_streamed(tmp_path):
     assert path.stat().st_size >= 100 * 1000 * 2  # data already on disk before close
     w.close()
     assert np.load(path, mmap_mode="r").shape == (100_000,)
+
+
+@pytest.mark.parametrize("shard_tokens", [1, 7, 25, 10_000])
+def test_add_batch_writes_what_one_by_one_adds_write(tmp_path, shard_tokens):
+    """prepare hands whole chunks to `add_batch`: the shards (files and their bytes) must be exactly those that
+    adding the documents one at a time gives, for shards smaller than a document, exactly full, or roomy."""
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(1, 12, size=40)
+    docs = [(rng.integers(0, 300, size=n), rng.random(n) < 0.5) for n in lengths]
+    with ShardWriter(tmp_path / "one", "training", 300, shard_tokens=shard_tokens) as w:
+        for tokens, trained in docs:
+            w.add(tokens, trained)
+    with ShardWriter(tmp_path / "batch", "training", 300, shard_tokens=shard_tokens) as w:
+        for part in (docs[:3], docs[3:4], docs[4:]):  # several batches: shards continue across calls
+            bounds = np.concatenate([[0], np.cumsum([len(t) for t, _ in part])])
+            w.add_batch(np.concatenate([t for t, _ in part]), np.concatenate([m for _, m in part]), bounds)
+    one = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*.npy"))
+    batch = sorted(p.relative_to(tmp_path / "batch") for p in (tmp_path / "batch").rglob("*.npy"))
+    assert one == batch and len(one) >= 3
+    for p in one:
+        assert (tmp_path / "one" / p).read_bytes() == (tmp_path / "batch" / p).read_bytes(), p
+    ds = TokenDataset(tmp_path / "batch" / "fast_llm_config_training.yaml")
+    assert [ds.document(i)[0].tolist() for i in range(len(ds))] == [t.tolist() for t, _ in docs]
