@@ -204,6 +204,8 @@ _COLUMNS = ("conversations", "messages")
 
 
 def _content_text(content, i: int, key: str, role: str) -> str:
+    if type(content) is str and content and not content.isspace():
+        return content  # the common case, without building error context
     where = f"message {i} ({role})"
     if isinstance(content, list):
         texts = []
@@ -260,6 +262,9 @@ def normalize_conversation(obj, field: str | None = None) -> list[dict]:
         raise ConversationError(f"conversation must be a list of messages, got {type(obj).__name__}")
     if len(obj) == 0:
         raise ConversationError("conversation is empty; give at least one user and one assistant message")
+    out = _normalize_plain(obj)
+    if out is not None:
+        return out
     out = []
     for i, message in enumerate(obj):
         if not isinstance(message, dict):
@@ -282,6 +287,22 @@ def normalize_conversation(obj, field: str | None = None) -> list[dict]:
                 "user/human, assistant/gpt/model, system (tool messages are not supported)"
             )
         out.append({"role": role, "content": _content_text(message[content_key], i, content_key, role)})
+    return out
+
+
+def _normalize_plain(obj) -> list[dict] | None:
+    """`normalize_conversation`'s loop for the common case (dict messages, a known lower-case role, non-blank
+    string content), same key precedence; None sends anything else through the full loop and its errors."""
+    out = []
+    try:
+        for message in obj:
+            role = _ROLES.get(message["role"] if "role" in message else message["from"])
+            content = message["content"] if "content" in message else message["value"]
+            if role is None or type(content) is not str or not content or content.isspace():
+                return None
+            out.append({"role": role, "content": content})
+    except (KeyError, TypeError):
+        return None
     return out
 
 
@@ -365,6 +386,17 @@ def _render_generation(messages, tokenizer, template) -> tuple[str, list[tuple[i
 
 
 _GENERATION_RE = re.compile(r"\{%-?\s*generation\s*-?%\}")
+_generation_cache: dict[str, bool] = {}
+
+
+def _has_generation(template: str) -> bool:
+    """Whether the template marks replies with ``{% generation %}`` (cached: `render` asks for every row)."""
+    found = _generation_cache.get(template)
+    if found is None:
+        if len(_generation_cache) > 64:
+            _generation_cache.clear()
+        found = _generation_cache[template] = bool(_GENERATION_RE.search(template))
+    return found
 
 
 # ------------------------------------------------------------------------------------ per-tokenizer facts
@@ -488,22 +520,35 @@ def _auto_turns(messages, tokenizer, template, text, assistants, problems) -> li
 # templates write each message's content verbatim (or stripped) between fixed pieces of text that depend only
 # on the roles. For each role pattern we therefore render ONCE with sentinel contents, learn the fixed pieces
 # and where every turn lies (the full prefix diff, run on the sentinel conversation), and then, per row, build
-# the text by substitution. Per row the real final text is still rendered once and must EQUAL the substituted
-# text, else the row takes the full prefix diff (templates that inject a date, branch on content, trim it in
-# other ways, ...). The first _STRUCTURE_CHECKS rows of every pattern also run the full prefix diff and must give
-# the same turns, else the pattern is never used again.
+# the text by substitution. The first _STRUCTURE_CHECKS rows of every pattern also run the full prefix diff and
+# must give the same turns, else the pattern is never used again.
+# Per row the real text is rendered too and must EQUAL the substituted text (else the row takes the full prefix
+# diff: templates that inject a date, branch on content, trim it in other ways, ...) -- unless
+# `backend.template_probe` proved, from an instrumented render of the pattern, that the template never looks at
+# content at all. Then the substitution IS the rendering and only every _VERIFY_EVERY-th row is rendered as a
+# check (all rows with SFT_STUDIO_VERIFY_RENDER=1); a difference there is an internal error, raised loudly.
 _PAD = " \n"  # around each sentinel: tells a template that writes content verbatim from one that strips it
 _STRUCTURE_CHECKS = 3
+_VERIFY_EVERY = 64
+
+
+def _today():
+    import datetime
+
+    return datetime.date.today()
 
 
 class _Structure:
-    __slots__ = ("literals", "slots", "turns", "checks_left")
+    __slots__ = ("literals", "slots", "turns", "checks_left", "proven", "rows", "day")
 
-    def __init__(self, literals, slots, turns):
+    def __init__(self, literals, slots, turns, proven=False, day=None):
         self.literals = literals  # n_slots + 1 fixed strings
         self.slots = slots  # [(message index, strip: bool)] in text order
         self.turns = turns  # [(message index, slot number, marker length)] in turn order
         self.checks_left = _STRUCTURE_CHECKS
+        self.proven = proven  # the template never inspects content: no per-row render needed
+        self.rows = 0
+        self.day = day  # the date it was built on: a proven structure is rebuilt when the day changes
 
 
 def _sentinel(i: int) -> str:
@@ -546,21 +591,35 @@ def _build_structure(roles, tokenizer, template, target) -> "_Structure | None":
         if (t.begin, t.content_end) != (b, e) or t.end < e or t.end > e + len(literals[n + 1]):
             return None  # the turn is not exactly the content slot + a marker from the fixed text after it
         struct_turns.append((t.message_index, n, t.end - e))
-    return _Structure(literals, [(i, strip) for _, _, i, strip in found], struct_turns)
+    slots = [(i, strip) for _, _, i, strip in found]
+    proven, dated = False, False
+    if os.environ.get("SFT_STUDIO_VERIFY_RENDER", "") in ("", "0"):
+        from backend.template_probe import content_independent
+
+        stripped, impure, _ = content_independent(template, _compile(template).environment, probe, text,
+                                                  **_template_kwargs(tokenizer))
+        # a date from strftime_now is fine while the day lasts (the structure is rebuilt when it changes);
+        # any other impure call (lipsum, a function passed in) keeps the per-row render
+        proven = (stripped is not None and all(stripped.get(i) == strip for i, strip in slots)
+                  and impure <= {"strftime_now"})
+        dated = proven and bool(impure)
+    return _Structure(literals, slots, struct_turns, proven, _today() if dated else None)
 
 
-def _structure_turns(messages, tokenizer, template, target, train_on):
-    """(text, turns) from the role pattern's structure; turns is None when the full prefix diff must run (text
-    is then the real rendering when it was already made, else None)."""
+def _structure(messages, tokenizer, template, target, train_on) -> "_Structure | None":
+    """The role pattern's cached structure (built on first use, rebuilt when a dated template's day changed)."""
     cache = _info(tokenizer).setdefault("structures", {})
     key = (template, tuple(m["role"] for m in messages), train_on)
-    if key not in cache:
+    st = cache.get(key, False)
+    if st is False or (st is not None and st.day is not None and st.day != _today()):
         if len(cache) > 256:
             cache.clear()
-        cache[key] = _build_structure(key[1], tokenizer, template, target)
-    st = cache[key]
-    if st is None:
-        return None, None
+        st = cache[key] = _build_structure(key[1], tokenizer, template, target)
+    return st
+
+
+def _substitute(st: _Structure, messages, tokenizer, template) -> tuple[str, list, str | None]:
+    """(substituted text, [(begin, end)] of each slot, the real rendering when this row was rendered)."""
     literals = st.literals
     pieces = [literals[0]]
     slot_begin = []
@@ -574,8 +633,37 @@ def _structure_turns(messages, tokenizer, template, target, train_on):
         pieces.append(literals[n + 1])
         pos += len(c) + len(literals[n + 1])
     text = "".join(pieces)
-    real = render_messages(messages, tokenizer, template)  # the one real render: the proof for this row
-    if real != text:
+    st.rows += 1
+    real = None
+    if not st.proven or st.checks_left > 0 or st.rows % _VERIFY_EVERY == 0:
+        real = render_messages(messages, tokenizer, template)  # the one real render: the proof for this row
+        if real != text and st.proven:
+            roles = "/".join(m["role"] for m in messages)
+            raise TemplateError(
+                f"internal error: the chat template was proven not to depend on message content for roles "
+                f"{roles}, yet this row renders differently from the substitution (at char "
+                f"{_common_prefix_len(real, text)}). Please report it with the template; set "
+                "SFT_STUDIO_VERIFY_RENDER=1 to render every row meanwhile.")
+    return text, slot_begin, real
+
+
+def _proven_text(messages, tokenizer, template, assistants) -> str | None:
+    """The rendering by substitution when the template is proven content-independent for this role pattern
+    (delimiter masking needs the text only), else None."""
+    st = _structure(messages, tokenizer, template, assistants, "all")
+    if st is None or not st.proven:
+        return None
+    return _substitute(st, messages, tokenizer, template)[0]
+
+
+def _structure_turns(messages, tokenizer, template, target, train_on):
+    """(text, turns) from the role pattern's structure; turns is None when the full prefix diff must run (text
+    is then the real rendering when it was already made, else None)."""
+    st = _structure(messages, tokenizer, template, target, train_on)
+    if st is None:
+        return None, None
+    text, slot_begin, real = _substitute(st, messages, tokenizer, template)
+    if real is not None and real != text:
         return real, None
     turns = []
     for k, n, marker in st.turns:
@@ -584,9 +672,9 @@ def _structure_turns(messages, tokenizer, template, target, train_on):
     if st.checks_left > 0:
         st.checks_left -= 1
         problems: list[str] = []
-        if _auto_turns(messages, tokenizer, template, real, target, problems) != turns or problems:
-            cache[key] = None
-            return real, None
+        if _auto_turns(messages, tokenizer, template, text, target, problems) != turns or problems:
+            _info(tokenizer)["structures"][(template, tuple(m["role"] for m in messages), train_on)] = None
+            return text, None
     return text, turns
 
 
@@ -697,7 +785,7 @@ def _delimiter_turns(text, masking: Masking, messages, problems) -> list[Assista
 
 def _special_text_problems(messages, tokenizer, problems):
     regex = _info(tokenizer)["regex"]
-    if regex is None:
+    if regex is None or not regex.search("\x00".join([m["content"] for m in messages])):
         return
     for i, m in enumerate(messages):
         hit = regex.search(m["content"])
@@ -725,12 +813,16 @@ def render(conversation, tokenizer, masking: Masking | None = None, chat_templat
         target = assistants
 
     if masking.mode == "delimiters":
-        text = render_messages(messages, tokenizer, template)
+        text = None
+        if assistants and not _has_generation(template):  # the text alone, from a proven structure if any
+            text = _proven_text(messages, tokenizer, template, assistants)
+        if text is None:
+            text = render_messages(messages, tokenizer, template)
         turns = _delimiter_turns(text, masking, messages, problems)
         chosen = turns[-1:] if masking.train_on == "last" else turns
     else:
         turns = None
-        if _GENERATION_RE.search(template) and assistants:
+        if assistants and _has_generation(template):
             text, turns = _generation_turns(messages, tokenizer, template, assistants, problems)
         else:
             text = None
