@@ -50,7 +50,7 @@ import json
 import os
 import re
 import weakref
-from itertools import chain
+from itertools import accumulate, chain
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -107,6 +107,9 @@ class Masking:
                         f"chat.masking.{name}: must be a non-empty string in mode 'delimiters' (got {value!r}); "
                         "e.g. start '<|eot_id|><|start_header_id|>assistant<|end_header_id|>\\n\\n', end '<|eot_id|>'"
                     )
+
+
+_DEFAULT_MASKING = Masking()
 
 
 class ChatError(ValueError):
@@ -539,7 +542,7 @@ def _today():
 
 
 class _Structure:
-    __slots__ = ("literals", "slots", "turns", "checks_left", "proven", "rows", "day")
+    __slots__ = ("literals", "slots", "turns", "checks_left", "proven", "rows", "day", "pieces", "literal_ends")
 
     def __init__(self, literals, slots, turns, proven=False, day=None):
         self.literals = literals  # n_slots + 1 fixed strings
@@ -549,6 +552,8 @@ class _Structure:
         self.proven = proven  # the template never inspects content: no per-row render needed
         self.rows = 0
         self.day = day  # the date it was built on: a proven structure is rebuilt when the day changes
+        self.pieces = [x for lit in literals for x in (lit, None)][:-1]  # literals, a hole for each content
+        self.literal_ends = list(accumulate(map(len, literals)))  # chars of literals[0..n]
 
 
 def _sentinel(i: int) -> str:
@@ -620,19 +625,12 @@ def _structure(messages, tokenizer, template, target, train_on) -> "_Structure |
 
 def _substitute(st: _Structure, messages, tokenizer, template) -> tuple[str, list, str | None]:
     """(substituted text, [(begin, end)] of each slot, the real rendering when this row was rendered)."""
-    literals = st.literals
-    pieces = [literals[0]]
-    slot_begin = []
-    pos = len(literals[0])
-    for n, (i, strip) in enumerate(st.slots):
-        c = messages[i]["content"]
-        if strip:
-            c = c.strip()
-        slot_begin.append((pos, pos + len(c)))
-        pieces.append(c)
-        pieces.append(literals[n + 1])
-        pos += len(c) + len(literals[n + 1])
+    contents = [messages[i]["content"].strip() if strip else messages[i]["content"] for i, strip in st.slots]
+    pieces = st.pieces.copy()
+    pieces[1::2] = contents
     text = "".join(pieces)
+    before = accumulate(map(len, contents), initial=0)  # content chars before slot n
+    slots = [(e + c, e + c + len(x)) for e, c, x in zip(st.literal_ends, before, contents)]
     st.rows += 1
     real = None
     if not st.proven or st.checks_left > 0 or st.rows % _VERIFY_EVERY == 0:
@@ -644,7 +642,7 @@ def _substitute(st: _Structure, messages, tokenizer, template) -> tuple[str, lis
                 f"{roles}, yet this row renders differently from the substitution (at char "
                 f"{_common_prefix_len(real, text)}). Please report it with the template; set "
                 "SFT_STUDIO_VERIFY_RENDER=1 to render every row meanwhile.")
-    return text, slot_begin, real
+    return text, slots, real
 
 
 def _proven_text(messages, tokenizer, template, assistants) -> str | None:
@@ -802,7 +800,7 @@ def render(conversation, tokenizer, masking: Masking | None = None, chat_templat
     Raises `ConversationError` (bad messages) or `TemplateError` (bad/non-prefix-preserving template).
     Per-sample issues that still give a usable sample are in ``.problems`` as ``"code: message"``.
     """
-    masking = masking or Masking()
+    masking = masking or _DEFAULT_MASKING
     messages = conversation if _is_normalized(conversation) else normalize_conversation(conversation)
     template = resolve_template(tokenizer, chat_template)
     problems: list[str] = []

@@ -160,7 +160,7 @@ def test_a_wrong_proof_is_an_error_not_silent(monkeypatch):
     chat.render(conv, tok)
     st = next(s for k, s in chat._info(tok)["structures"].items() if k[1] == ("user", "assistant"))
     assert st.proven
-    st.literals = [st.literals[0] + "X"] + st.literals[1:]  # corrupt it, as a wrong proof would
+    st.pieces[0] += "X"  # corrupt it, as a wrong proof would
     st.checks_left = 0
     with pytest.raises(chat.TemplateError, match="SFT_STUDIO_VERIFY_RENDER=1"):
         for _ in range(chat._VERIFY_EVERY + 1):
