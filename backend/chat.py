@@ -801,7 +801,9 @@ def render(conversation, tokenizer, masking: Masking | None = None, chat_templat
     Per-sample issues that still give a usable sample are in ``.problems`` as ``"code: message"``.
     """
     masking = masking or _DEFAULT_MASKING
-    messages = conversation if _is_normalized(conversation) else normalize_conversation(conversation)
+    messages = _normalize_plain(conversation) if isinstance(conversation, list) else None
+    if messages is None:
+        messages = normalize_conversation(conversation)
     template = resolve_template(tokenizer, chat_template)
     problems: list[str] = []
     assistants = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
@@ -848,18 +850,6 @@ def render(conversation, tokenizer, masking: Masking | None = None, chat_templat
         problems=problems,
         turns=turns,
         messages=messages,
-    )
-
-
-def _is_normalized(obj) -> bool:
-    return (
-        isinstance(obj, list)
-        and len(obj) > 0
-        and all(
-            isinstance(m, dict) and m.keys() == {"role", "content"} and m["role"] in ("system", "user", "assistant")
-            and isinstance(m["content"], str) and m["content"].strip()
-            for m in obj
-        )
     )
 
 
@@ -1191,7 +1181,9 @@ def check_sample(rendered: RenderedSample, tokenized: TokenizedSample, tokenizer
                 problems.append(f"eot_not_trained: the assistant turn at char {t.begin} has no end-of-turn marker")
                 continue
             marker = _overlapping_tokens(tokenized, t.content_end, t.end)
-            if not tokenized.trained[marker].all() or not len(marker):
+            # a marker inside one trained span has all its tokens trained (the token rule): no array check
+            inside = any(b <= t.content_end and t.end <= e for b, e in rendered.trained_spans)
+            if not len(marker) or not (inside or tokenized.trained[marker].all()):
                 problems.append(
                     f"eot_not_trained: end-of-turn {rendered.text[t.content_end:t.end]!r} at char {t.content_end} "
                     "is not trained"

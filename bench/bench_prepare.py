@@ -11,7 +11,11 @@ backend.chat), repeated to --rows rows, tokenized with assets/tiny-llama. Printe
    fresh Python process as `python -m backend.prepare` is (the forkserver start-up paid every time).
    Then start-up cost separated from steady-state throughput: prepare on --rows and on --rows/4 rows; the
    slope (extra tokens / extra seconds) is the steady-state rate, the intercept the fixed start-up seconds.
-3. peak RSS (resource.getrusage in a fresh subprocess) of prepare on N and 10N rows: flat means streaming.
+   The Rust tokenizer already spreads one worker over the cores, so the same slopes are also measured in a
+   child process with RAYON_NUM_THREADS=1 (one thread per process): the scaling of the worker pool itself.
+4. the one-step form (raw conversations: render + mask + tokenize in prepare) vs the raw tokenizer on the same
+   conversations' rendered texts.
+5. peak RSS (resource.getrusage in a fresh subprocess) of prepare on N and 10N rows: flat means streaming.
 """
 
 from __future__ import annotations
@@ -47,24 +51,41 @@ def make_data(path: Path, rows: int) -> None:
             f.write(base[i % len(base)] + "\n")
 
 
-def config(data: Path, out: Path, workers: int) -> dict:
+def make_chat_data(path: Path, rows: int) -> list[str]:
+    """The sample conversations repeated to ``rows`` rows (the one-step form); returns their rendered texts."""
+    from transformers import AutoTokenizer
+
+    from backend import SAMPLE_DATA, TINY_MODEL, chat
+
+    tok = AutoTokenizer.from_pretrained(TINY_MODEL)
+    lines = SAMPLE_DATA.read_text().splitlines()
+    texts = [chat.render(json.loads(line)["conversations"], tok).text for line in lines]
+    with open(path, "w") as f:
+        for i in range(rows):
+            f.write(lines[i % len(lines)] + "\n")
+    return [texts[i % len(texts)] for i in range(rows)]
+
+
+def config(data: Path, out: Path, workers: int, chat_form: bool = False) -> dict:
     from backend import TINY_MODEL
 
-    return {"output_path": str(out), "tokenize_workers": workers,
-            "dataset": {"path": str(data), "loss_masking_spans": "spans"}, "tokenizer": {"path": str(TINY_MODEL)},
-            "splits": {"training": 0.99, "validation": 0.01}}
+    dataset = {"path": str(data), "loss_masking_spans": "spans"}
+    if chat_form:
+        dataset = {"path": str(data), "conversations_field": "conversations"}
+    return {"output_path": str(out), "tokenize_workers": workers, "dataset": dataset,
+            "tokenizer": {"path": str(TINY_MODEL)}, "splits": {"training": 0.99, "validation": 0.01}}
 
 
-def run_prepare(data: Path, out: Path, workers: int) -> tuple[float, int]:
+def run_prepare(data: Path, out: Path, workers: int, chat_form: bool = False) -> tuple[float, int]:
     from backend.config import load_prepare_config
     from backend.prepare import prepare
 
     t0 = time.perf_counter()
-    s = prepare(load_prepare_config(config(data, out, workers)), force=True, progress=False)
+    s = prepare(load_prepare_config(config(data, out, workers, chat_form)), force=True, progress=False)
     return time.perf_counter() - t0, s["num_tokens"]
 
 
-def run_baseline(data: Path) -> tuple[float, int]:
+def run_baseline(data: Path, texts_given: list[str] | None = None) -> tuple[float, int]:
     from transformers import AutoTokenizer
 
     from backend import TINY_MODEL
@@ -73,8 +94,9 @@ def run_baseline(data: Path) -> tuple[float, int]:
     t0 = time.perf_counter()
     texts, n = [], 0
     with open(data) as f:  # reading + JSON parsing counted too: prepare has to do it as well
-        for line in f:
-            texts.append(json.loads(line)["text"])
+        for i, line in enumerate(f):
+            row = json.loads(line)
+            texts.append(texts_given[i] if texts_given else row["text"])
             if len(texts) == 512:
                 n += sum(len(x) for x in tok(texts, add_special_tokens=False)["input_ids"])
                 texts = []
@@ -122,13 +144,38 @@ def peak_rss(data: Path, out: Path) -> int:
     return int(r.stdout.strip().splitlines()[-1])
 
 
+def steady_rates(data: Path, small: Path, tmp: Path, repeats: int) -> dict[int, tuple[float, float]]:
+    """workers -> (steady-state tokens/s, fixed start-up s): prepare on ``data`` and on the 4x smaller ``small``;
+    the slope is the rate, the intercept the start-up."""
+    out = {}
+    for workers in (1, 2):
+        big_t, small_t = [], []
+        for _ in range(repeats):
+            big_t.append(run_prepare(data, tmp / "s_big", workers))
+            small_t.append(run_prepare(small, tmp / "s_small", workers))
+        (tb, nb), (ts, ns) = (min(x) for x in (big_t, small_t))  # least disturbed by other load
+        rate = (nb - ns) / (tb - ts) if tb > ts else float("nan")
+        out[workers] = (rate, ts - ns / rate if rate == rate else float("nan"))
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=6000)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--rss-child", nargs=2, help=argparse.SUPPRESS)
     ap.add_argument("--time-child", nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument("--steady-child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.steady_child:
+        import contextlib
+        import io
+
+        data, small, tmp, repeats = args.steady_child
+        with contextlib.redirect_stdout(io.StringIO()):
+            rates = steady_rates(Path(data), Path(small), Path(tmp), int(repeats))
+        print(rates[1][0], rates[2][0])
+        return
     if args.rss_child:
         peak_rss_child(*args.rss_child)
         return
@@ -170,17 +217,32 @@ def main():
 
         small = tmp / "small.jsonl"
         make_data(small, max(1, args.rows // 4))
-        for workers in (1, 2):
-            big_t, small_t = [], []
-            with quiet:
-                for _ in range(args.repeats):
-                    big_t.append(run_prepare(data, tmp / "s_big", workers))
-                    small_t.append(run_prepare(small, tmp / "s_small", workers))
-            (tb, nb), (ts, ns) = (min(x) for x in (big_t, small_t))  # least disturbed by other load
-            rate = (nb - ns) / (tb - ts) if tb > ts else float("nan")
-            startup = ts - ns / rate if rate == rate else float("nan")
+        with quiet:
+            rates = steady_rates(data, small, tmp, args.repeats)
+        for workers, (rate, startup) in rates.items():
             print(f"{workers} worker(s): steady state {rate:12,.0f} tokens/s (ratio to tokenizer {rate / b:.2f}), "
                   f"fixed start-up {startup:5.2f} s (warm forkserver)")
+        # The tokenizer's Rust thread pool already spreads ONE worker over both cores here, so the lines above
+        # cannot show how the worker pool itself scales. With one Rust thread per process, they can:
+        r = subprocess.run([sys.executable, __file__, "--steady-child", str(data), str(small), str(tmp),
+                            str(args.repeats)], capture_output=True, text=True, check=True, cwd=ROOT,
+                           env=dict(os.environ, RAYON_NUM_THREADS="1"))
+        one_t, two_t = (float(x) for x in r.stdout.strip().splitlines()[-1].split())
+        print(f"one Rust thread per process: 1 worker {one_t:12,.0f} tokens/s, 2 workers {two_t:12,.0f} tokens/s, "
+              f"scaling {two_t / one_t:.2f}x on {os.cpu_count()} cores (linear = {min(2, os.cpu_count())}x)")
+
+        chat_data = tmp / "chat.jsonl"
+        rendered = make_chat_data(chat_data, args.rows)
+        base_c, one_c = [], []
+        with quiet:
+            for _ in range(args.repeats):
+                s, n = run_baseline(chat_data, rendered)
+                base_c.append(n / s)
+                s, n = run_prepare(chat_data, tmp / "chat_out", 1, chat_form=True)
+                one_c.append(n / s)
+        bc, pc = statistics.median(base_c), statistics.median(one_c)
+        print(f"one-step form (conversations -> render + mask + tokenize), 1 worker {pc:12,.0f} tokens/s vs the "
+              f"raw tokenizer on the rendered texts {bc:12,.0f}: ratio {pc / bc:.2f}")
 
         big = tmp / "big.jsonl"
         make_data(big, 10 * args.rows)
