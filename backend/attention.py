@@ -24,6 +24,8 @@ attention and mask registries on import; backend.modeling selects it instead of 
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
@@ -51,6 +53,30 @@ def segment_lengths(total: int, cu_seq_lens: torch.Tensor | None, position_ids: 
     return lengths
 
 
+_last_plan: list = [None, -1, None]  # [weakref to the boundary tensor, total, (chunks, attended)]
+
+
+def _chunk_plan(total: int, cu_seq_lens, position_ids) -> tuple[list[int], list[bool]]:
+    """Chunks to split the flattened batch into, and whether each is attended: each document of 2+ tokens, and
+    each run of one-token segments (padding) merged into one chunk.
+
+    Every layer of a forward gets the same boundary tensor: the plan (a ``.tolist()``, i.e. a host sync on GPU)
+    is computed once per forward and reused while that tensor is alive and the batch size is the same."""
+    source = cu_seq_lens if cu_seq_lens is not None else position_ids
+    ref, cached_total, plan = _last_plan
+    if ref is not None and ref() is source and cached_total == total:
+        return plan
+    chunks, attended = [], []
+    for seg in segment_lengths(total, cu_seq_lens, position_ids):
+        if seg == 1 and chunks and not attended[-1]:
+            chunks[-1] += 1
+        else:
+            chunks.append(seg)
+            attended.append(seg > 1)
+    _last_plan[:] = [weakref.ref(source), total, (chunks, attended)]
+    return chunks, attended
+
+
 def packed_sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """query (B, Hq, L, D), key/value (B, Hkv, L, D) -> (B, L, Hq, D), None (transformers' attention contract)."""
     batch, heads, length, dim = query.shape
@@ -67,15 +93,8 @@ def packed_sdpa_attention_forward(module, query, key, value, attention_mask, dro
     v = value.transpose(0, 1).reshape(value.shape[1], total, dim)  # (Hkv, T, D)
     dropout = dropout if module.training else 0.0
 
-    # Chunks: each document of 2+ tokens, and each run of one-token segments (padding) merged into one chunk.
     # torch.split, not slicing: a slice's backward writes into a zero tensor of the full size, per slice.
-    chunks, attended = [], []
-    for seg in segment_lengths(total, cu_seq_lens, position_ids):
-        if seg == 1 and chunks and not attended[-1]:
-            chunks[-1] += 1
-        else:
-            chunks.append(seg)
-            attended.append(seg > 1)
+    chunks, attended = _chunk_plan(total, cu_seq_lens, position_ids)
     pieces = []
     for q_c, k_c, v_c, attend in zip(q.split(chunks, 1), k.split(chunks, 1), v.split(chunks, 1), attended):
         if attend:

@@ -274,3 +274,31 @@ def test_sdpa_packed_with_cu_seq_lens_equals_sdpa(impl):
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-6)
     for (name, p), q in zip(packed.named_parameters(), ref.parameters()):
         assert torch.allclose(p.grad, q.grad, atol=1e-6), name
+
+
+def test_sdpa_packed_reads_the_boundaries_once_per_forward(monkeypatch):
+    """Every layer receives the same cu_seq_lens: the segment lengths (a .tolist(), a host sync on GPU) are read
+    once per forward, not once per layer, and a new batch is never served the previous batch's plan."""
+    import backend.attention as attention
+
+    calls = []
+    real = attention.segment_lengths
+    monkeypatch.setattr(attention, "segment_lengths", lambda *a: calls.append(1) or real(*a))
+    model = tiny_llama(seed=5)
+    model.config._attn_implementation = "sdpa_packed"
+    assert model.config.num_hidden_layers > 1
+    batch, documents = make_batch(ROWS)
+    B, L = batch["input_ids"].shape
+    inside = {b * L + i for b, s, e in documents for i in range(s + 1, e)}
+    cu = torch.tensor([i for i in range(B * L + 1) if i not in inside], dtype=torch.int32)
+    batch.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=L, max_length_k=L)
+    with torch.no_grad():
+        first, _ = trained_token_loss(model, batch, "torch")
+    assert len(calls) == 1
+    # the same rows as one document each (a different tensor): recomputed, and the loss changes with it
+    whole = torch.arange(0, B * L + 1, L, dtype=torch.int32)
+    batch.update(cu_seq_lens_q=whole, cu_seq_lens_k=whole)
+    with torch.no_grad():
+        joined, _ = trained_token_loss(model, batch, "torch")
+    assert len(calls) == 2
+    assert not torch.allclose(first, joined, atol=1e-4)
