@@ -495,6 +495,10 @@ def _auto_turns(messages, tokenizer, template, text, assistants, problems) -> li
 
     for k in assistants:
         pre = render_messages(messages[:k], tokenizer, template, add_generation_prompt=True) if k else ""
+        if not text.startswith(pre) and text.startswith(pre.rstrip()):
+            # the template ends every rendering with whitespace (a trailing newline after its last block): that
+            # is not how the reply's turn starts; the window begins before it and _trim_turn finds the reply
+            pre = pre.rstrip()
         if not text.startswith(pre):
             raise not_prefix_preserving(k, "the text before this reply differs from the full rendering", pre, text)
         if k == last:

@@ -11,8 +11,8 @@ backend.chat), repeated to --rows rows, tokenized with assets/tiny-llama. Printe
    fresh Python process as `python -m backend.prepare` is (the forkserver start-up paid every time).
    Then start-up cost separated from steady-state throughput: prepare on --rows and on --rows/4 rows; the
    slope (extra tokens / extra seconds) is the steady-state rate, the intercept the fixed start-up seconds.
-   The Rust tokenizer already spreads one worker over the cores, so the same slopes are also measured in a
-   child process with RAYON_NUM_THREADS=1 (one thread per process): the scaling of the worker pool itself.
+   The Rust tokenizer already spreads one worker over the cores, so worker scaling is also measured in a child
+   process with RAYON_NUM_THREADS=1 (one thread per process) on 4x the rows: the scaling of the pool itself.
 4. the one-step form (raw conversations: render + mask + tokenize in prepare) vs the raw tokenizer on the same
    conversations' rendered texts.
 5. peak RSS (resource.getrusage in a fresh subprocess) of prepare on N and 10N rows: flat means streaming.
@@ -144,6 +144,21 @@ def peak_rss(data: Path, out: Path) -> int:
     return int(r.stdout.strip().splitlines()[-1])
 
 
+def scaling_child(data: Path, tmp: Path, repeats: int) -> None:
+    """Median tokens/s with 1 and 2 workers (warm forkserver: one 2-worker run first), alternating."""
+    import contextlib
+    import io
+
+    rates = {1: [], 2: []}
+    with contextlib.redirect_stdout(io.StringIO()):
+        run_prepare(data, tmp / "scale_warm", 2)
+        for _ in range(repeats):
+            for workers in (1, 2):
+                s, n = run_prepare(data, tmp / f"scale_{workers}", workers)
+                rates[workers].append(n / s)
+    print(statistics.median(rates[1]), statistics.median(rates[2]))
+
+
 def steady_rates(data: Path, small: Path, tmp: Path, repeats: int) -> dict[int, tuple[float, float]]:
     """workers -> (steady-state tokens/s, fixed start-up s): prepare on ``data`` and on the 4x smaller ``small``;
     the slope is the rate, the intercept the start-up."""
@@ -165,16 +180,11 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--rss-child", nargs=2, help=argparse.SUPPRESS)
     ap.add_argument("--time-child", nargs=3, help=argparse.SUPPRESS)
-    ap.add_argument("--steady-child", nargs=4, help=argparse.SUPPRESS)
+    ap.add_argument("--scaling-child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.steady_child:
-        import contextlib
-        import io
-
-        data, small, tmp, repeats = args.steady_child
-        with contextlib.redirect_stdout(io.StringIO()):
-            rates = steady_rates(Path(data), Path(small), Path(tmp), int(repeats))
-        print(rates[1][0], rates[2][0])
+    if args.scaling_child:
+        data, tmp, repeats = args.scaling_child
+        scaling_child(Path(data), Path(tmp), int(repeats))
         return
     if args.rss_child:
         peak_rss_child(*args.rss_child)
@@ -223,13 +233,17 @@ def main():
             print(f"{workers} worker(s): steady state {rate:12,.0f} tokens/s (ratio to tokenizer {rate / b:.2f}), "
                   f"fixed start-up {startup:5.2f} s (warm forkserver)")
         # The tokenizer's Rust thread pool already spreads ONE worker over both cores here, so the lines above
-        # cannot show how the worker pool itself scales. With one Rust thread per process, they can:
-        r = subprocess.run([sys.executable, __file__, "--steady-child", str(data), str(small), str(tmp),
-                            str(args.repeats)], capture_output=True, text=True, check=True, cwd=ROOT,
+        # cannot show how the worker pool itself scales. With one Rust thread per process, on 4x the rows (enough
+        # 512-row chunks that both workers stay busy to the end), they can:
+        scale = tmp / "scale.jsonl"
+        make_data(scale, 4 * args.rows)
+        r = subprocess.run([sys.executable, __file__, "--scaling-child", str(scale), str(tmp), str(args.repeats)],
+                           capture_output=True, text=True, check=True, cwd=ROOT,
                            env=dict(os.environ, RAYON_NUM_THREADS="1"))
         one_t, two_t = (float(x) for x in r.stdout.strip().splitlines()[-1].split())
-        print(f"one Rust thread per process: 1 worker {one_t:12,.0f} tokens/s, 2 workers {two_t:12,.0f} tokens/s, "
-              f"scaling {two_t / one_t:.2f}x on {os.cpu_count()} cores (linear = {min(2, os.cpu_count())}x)")
+        print(f"one Rust thread per process, {4 * args.rows} rows: 1 worker {one_t:12,.0f} tokens/s, 2 workers "
+              f"{two_t:12,.0f} tokens/s, scaling {two_t / one_t:.2f}x on {os.cpu_count()} cores "
+              f"(linear = {min(2, os.cpu_count())}x)")
 
         chat_data = tmp / "chat.jsonl"
         rendered = make_chat_data(chat_data, args.rows)

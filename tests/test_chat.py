@@ -335,6 +335,21 @@ def test_non_prefix_preserving_template_is_a_clear_error():
         render(TURNS, t, chat_template=strip)
 
 
+def test_template_with_trailing_whitespace_after_every_rendering():
+    """Some templates (DeepSeek-V3 style) end every rendering with a newline after their last block and indent the
+    reply: the generation prompt then ends in whitespace the final text does not have at that place. That
+    whitespace is not the start of the reply's turn: the reply and its marker are still found, nothing else."""
+    t = tok("chatml")
+    tpl = ("{% for m in messages %}{% if m.role == 'user' %}<U>{{ m.content }}<|im_end|>{% else %}"
+           "    {{ m.content }}<|im_end|>{% endif %}{% endfor %}\n\n{% if add_generation_prompt %}{% endif %}")
+    r = render(TURNS, t, chat_template=tpl)
+    assert r.text == t.apply_chat_template(normalize_conversation(TURNS), chat_template=tpl, tokenize=False)
+    assert [r.text[b:e] for b, e in r.trained_spans] == [x + "<|im_end|>" for x in REPLIES]
+    for _ in range(5):  # the structure path (after its cross-checks) gives the same
+        again = render(TURNS, t, chat_template=tpl)
+        assert (again.text, again.trained_spans) == (r.text, r.trained_spans)
+
+
 def test_template_errors_are_clear():
     t = tok("gemma")
     with pytest.raises(TemplateError, match="alternate"):
