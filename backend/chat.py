@@ -1284,16 +1284,29 @@ def check_dataset(rows: Iterable, tokenizer, masking: Masking | None = None, cha
     rows = list(rows) if limit is None else [r for _, r in zip(range(limit), rows)]
     report = HealthReport(examples=examples)
     n = len(rows)
+    pending: list = []  # (row index, RenderedSample or the error), reported in row order per batch
+
+    def flush():
+        ok = [r for _, r in pending if isinstance(r, RenderedSample)]
+        toks = iter(tokenize_batch([r.text for r in ok], [r.trained_spans for r in ok], tokenizer))
+        for i, r in pending:
+            if isinstance(r, RenderedSample):
+                tok = next(toks)
+                report.add(i, check_sample(r, tok, tokenizer, sequence_length), len(tok.input_ids), tok.n_trained)
+            else:
+                report.add(i, [f"bad_conversation: row {i}: {r}"], 0, 0)
+            if progress is not None:
+                progress(i + 1, n)
+        pending.clear()
+
     for i, row in enumerate(rows):
         try:
-            r = render(row, tokenizer, masking, template)
+            pending.append((i, render(row, tokenizer, masking, template)))
         except ChatError as e:
-            report.add(i, [f"bad_conversation: row {i}: {e}"], 0, 0)
-        else:
-            tok = tokenize(r.text, r.trained_spans, tokenizer)
-            report.add(i, check_sample(r, tok, tokenizer, sequence_length), len(tok.input_ids), tok.n_trained)
-        if progress is not None:
-            progress(i + 1, n)
+            pending.append((i, e))
+        if len(pending) == 256:  # one batched tokenizer call per 256 rows
+            flush()
+    flush()
     return report
 
 

@@ -653,3 +653,25 @@ def test_mask_from_char_lookups_equals_the_offsets_rule(family):
         assert fast.trained[a:z].tolist() == want.tolist(), (family, text, spans)
         assert np.array_equal(fast.sample(j).offsets, slow.offsets[a:z])  # built lazily, the same
     assert np.array_equal(fast.trained, slow.trained)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_health_checks_agree_on_batched_and_single_tokenization(family):
+    """check_sample on a `tokenize_batch` sample (mask from char lookups, offsets never built) reports exactly
+    what it reports on a `tokenize` sample (offsets), including too_long / assistant_cut at a short
+    sequence_length and eot_not_trained when the marker is not trained."""
+    t = tok(family)
+    convs = [json.loads(line)["conversations"] for line in open(SAMPLE_DATA)][:60]
+    for masking in (Masking(), Masking(train_on_eot=False)):
+        rs = [render(c, t, masking) for c in convs]
+        batch = tokenize_batch([r.text for r in rs], [r.trained_spans for r in rs], t)
+        for r, b in zip(rs, batch):
+            assert b._offsets is None  # the char-lookup path ran: no offsets were built...
+            single = tokenize(r.text, r.trained_spans, t)
+            for seq in (None, 40, 80, 120, len(single.input_ids) - 3):
+                assert check_sample(r, b, t, seq) == check_sample(r, single, t, seq)
+            assert b._offsets is None  # ...and the health checks did not need them
+        problems = {p.split(":")[0] for r, s in zip(rs, batch) for seq in (40, 80, 120)
+                    for p in check_sample(r, s, t, seq)}
+        assert "too_long" in problems and "assistant_cut" in problems
+        assert ("eot_not_trained" in problems) == (not masking.train_on_eot)
