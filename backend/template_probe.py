@@ -37,9 +37,10 @@ _NOT_HOOKED = {
     "__setattr__", "__delattr__", "__reduce__", "__reduce_ex__", "__getnewargs__", "__dir__", "__sizeof__",
     "__doc__", "__getstate__", "__add__", "__bool__",
 }
-# tests whose answer is the same for every non-empty string
+# tests whose answer is the same for every non-empty string (not `is filter` / `is test`: they look the string
+# up as a name)
 _CONSTANT_TESTS = {"string", "defined", "undefined", "none", "iterable", "sequence", "mapping", "number",
-                   "integer", "float", "boolean", "true", "false", "callable", "filter", "test"}
+                   "integer", "float", "boolean", "true", "false", "callable"}
 # filters that, given a list/dict holding content, read that content only through hooked operations (tests
 # from the wrapped test table, comparisons, truthiness, attribute lookups) or merely hand it on
 _STRUCTURAL_FILTERS = {"length", "count", "first", "last", "list", "reverse", "batch", "slice", "map", "items",

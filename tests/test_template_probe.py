@@ -43,6 +43,7 @@ INSPECTING = {
     "filter block": "{% filter upper %}{{ message.content }}{% endfilter %}",
     "tilde then inspect": "{% set c = message.content ~ '' %}{% if c|length > 9 %}L{% endif %}{{ c }}",
     "lower test": "{% if message.content is lower %}l{% endif %}{{ message.content }}",
+    "filter test": "{% if message.content is filter %}F{% endif %}{{ message.content }}",
     "wordcount": "{{ message.content | wordcount }} {{ message.content }}",
     "messages map join": "{{ messages[:1] | map(attribute='content') | join('') | length }}{{ message.content }}",
     "written twice": "{{ message.content }}{{ message.content }}",
