@@ -296,6 +296,8 @@ def normalize_conversation(obj, field: str | None = None) -> list[dict]:
 def _normalize_plain(obj) -> list[dict] | None:
     """`normalize_conversation`'s loop for the common case (dict messages, a known lower-case role, non-blank
     string content), same key precedence; None sends anything else through the full loop and its errors."""
+    if not obj:
+        return None
     out = []
     try:
         for message in obj:

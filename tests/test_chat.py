@@ -393,6 +393,8 @@ def test_template_from_file(tmp_path):
 def test_bad_conversations(conv, match):
     with pytest.raises(ConversationError, match=match):
         normalize_conversation(conv)
+    with pytest.raises(ConversationError, match=match):  # render's own fast path gives the same errors
+        render(conv, tok("llama"))
 
 
 def test_conversation_shapes():
