@@ -61,6 +61,7 @@ __all__ = [
     "ChatError",
     "ConversationError",
     "TemplateError",
+    "RenderProofError",
     "AssistantTurn",
     "RenderedSample",
     "TokenizedSample",
@@ -122,6 +123,11 @@ class ConversationError(ChatError):
 
 class TemplateError(ChatError):
     """The chat template cannot be loaded, raised an error, or is not prefix-preserving."""
+
+
+class RenderProofError(RuntimeError):
+    """A template proven content-independent rendered a row differently from the substitution: a bug in the
+    proof. Not a `ChatError` on purpose: it must stop a prepare, not be skipped as one bad row."""
 
 
 @dataclass(frozen=True)
@@ -643,7 +649,7 @@ def _substitute(st: _Structure, messages, tokenizer, template) -> tuple[str, lis
         real = render_messages(messages, tokenizer, template)  # the one real render: the proof for this row
         if real != text and st.proven:
             roles = "/".join(m["role"] for m in messages)
-            raise TemplateError(
+            raise RenderProofError(
                 f"internal error: the chat template was proven not to depend on message content for roles "
                 f"{roles}, yet this row renders differently from the substitution (at char "
                 f"{_common_prefix_len(real, text)}). Please report it with the template; set "

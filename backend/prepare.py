@@ -845,9 +845,11 @@ def _prepare_into(cfg: PrepareConfig, tmp: Path, digest: str, fingerprint, progr
 
 def main(cfg: PrepareConfig, force: bool = False) -> int:
     """`run_cli` entry: 0 on success, 1 with a one-paragraph message (no traceback) when preparation fails."""
+    from backend.chat import RenderProofError
+
     try:
         prepare(cfg, force=force)
-    except PrepareError as e:
+    except (PrepareError, RenderProofError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

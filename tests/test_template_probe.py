@@ -155,7 +155,7 @@ def test_shipped_families_are_proven_and_render_skips_jinja(monkeypatch):
 
 def test_a_wrong_proof_is_an_error_not_silent(monkeypatch):
     """If a proven structure ever disagreed with the real rendering, the periodic check raises (naming the way
-    out) instead of writing wrong text."""
+    out) instead of writing wrong text; it is not a ChatError, which prepare would skip as one bad row."""
     tok = _tok()
     conv = ROWS[0]
     chat.render(conv, tok)
@@ -163,7 +163,8 @@ def test_a_wrong_proof_is_an_error_not_silent(monkeypatch):
     assert st.proven
     st.pieces[0] += "X"  # corrupt it, as a wrong proof would
     st.checks_left = 0
-    with pytest.raises(chat.TemplateError, match="SFT_STUDIO_VERIFY_RENDER=1"):
+    assert not issubclass(chat.RenderProofError, chat.ChatError)
+    with pytest.raises(chat.RenderProofError, match="SFT_STUDIO_VERIFY_RENDER=1"):
         for _ in range(chat._VERIFY_EVERY + 1):
             chat.render(conv, tok)
     chat._info(tok)["structures"] = {}
@@ -198,3 +199,26 @@ def test_time_dependent_templates(monkeypatch):
     finally:
         info["kwargs"] = old
         info["structures"] = {}
+
+
+def test_a_wrong_proof_stops_prepare(tmp_path, monkeypatch, capsys):
+    """prepare must not skip rows of a wrong proof as bad rows and carry on: it stops with exit 1, a message,
+    and no output directory. Simulated by a 'proof' that wrongly accepts a template that branches on content."""
+    import backend.template_probe as probe
+    from backend.config import load_prepare_config
+    from backend.prepare import main
+
+    def wrong(source, env, messages, expected_text, **kwargs):
+        return {i: False for i in range(len(messages))}, set(), ""
+
+    monkeypatch.setattr(probe, "content_independent", wrong)
+    template = LOOP.replace("{BODY}", "{% if 'LOUD' in message.content %}!{% endif %}{{ message.content }}")
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"},
+                          {"role": "assistant", "content": "LOUD" if i % 2 else f"a{i}"}]} for i in range(300)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_prepare_config({"output_path": str(tmp_path / "out"), "dataset": {"path": str(tmp_path / "d.jsonl")},
+                               "tokenizer": {"path": str(TINY_MODEL)}, "chat": {"template": template}})
+    chat._info_cache.clear()
+    assert main(cfg) == 1
+    assert "internal error" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
