@@ -52,7 +52,7 @@ import re
 import weakref
 from itertools import accumulate, chain
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, NamedTuple
 
 import numpy as np
 
@@ -130,10 +130,10 @@ class RenderProofError(RuntimeError):
     proof. Not a `ChatError` on purpose: it must stop a prepare, not be skipped as one bad row."""
 
 
-@dataclass(frozen=True)
-class AssistantTurn:
+class AssistantTurn(NamedTuple):
     """One assistant reply in the rendered text: ``text[begin:content_end]`` is the reply as rendered,
-    ``text[content_end:end]`` its end-of-turn marker (empty when the template writes none)."""
+    ``text[content_end:end]`` its end-of-turn marker (empty when the template writes none). Immutable (a
+    NamedTuple: built for every turn of every row, several times cheaper than a frozen dataclass)."""
 
     message_index: int
     begin: int
@@ -626,7 +626,7 @@ def _build_structure(roles, tokenizer, template, target) -> "_Structure | None":
 def _structure(messages, tokenizer, template, target, train_on) -> "_Structure | None":
     """The role pattern's cached structure (built on first use, rebuilt when a dated template's day changed)."""
     cache = _info(tokenizer).setdefault("structures", {})
-    key = (template, tuple(m["role"] for m in messages), train_on)
+    key = (template, tuple([m["role"] for m in messages]), train_on)
     st = cache.get(key, False)
     if st is False or (st is not None and st.day is not None and st.day != _today()):
         if len(cache) > 256:
