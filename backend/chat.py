@@ -70,6 +70,7 @@ __all__ = [
     "resolve_template",
     "render_messages",
     "render",
+    "render_fast_path",
     "get_spans",
     "spans_from_loss_masking",
     "loss_masking_from_spans",
@@ -554,9 +555,10 @@ def _today():
 
 
 class _Structure:
-    __slots__ = ("literals", "slots", "turns", "checks_left", "proven", "rows", "day", "pieces", "literal_ends")
+    __slots__ = ("literals", "slots", "turns", "checks_left", "proven", "rows", "day", "pieces", "literal_ends",
+                 "reason")
 
-    def __init__(self, literals, slots, turns, proven=False, day=None):
+    def __init__(self, literals, slots, turns, proven=False, day=None, reason=""):
         self.literals = literals  # n_slots + 1 fixed strings
         self.slots = slots  # [(message index, strip: bool)] in text order
         self.turns = turns  # [(message index, slot number, marker length)] in turn order
@@ -564,6 +566,7 @@ class _Structure:
         self.proven = proven  # the template never inspects content: no per-row render needed
         self.rows = 0
         self.day = day  # the date it was built on: a proven structure is rebuilt when the day changes
+        self.reason = reason  # why it is not proven ("" when it is)
         self.pieces = [x for lit in literals for x in (lit, None)][:-1]  # literals, a hole for each content
         self.literal_ends = list(accumulate(map(len, literals)))  # chars of literals[0..n]
 
@@ -609,18 +612,37 @@ def _build_structure(roles, tokenizer, template, target) -> "_Structure | None":
             return None  # the turn is not exactly the content slot + a marker from the fixed text after it
         struct_turns.append((t.message_index, n, t.end - e))
     slots = [(i, strip) for _, _, i, strip in found]
-    proven, dated = False, False
+    proven, dated, reason = False, False, "SFT_STUDIO_VERIFY_RENDER is set"
     if os.environ.get("SFT_STUDIO_VERIFY_RENDER", "") in ("", "0"):
         from backend.template_probe import content_independent
 
-        stripped, impure, _ = content_independent(template, _compile(template).environment, probe, text,
-                                                  **_template_kwargs(tokenizer))
+        stripped, impure, reason = content_independent(template, _compile(template).environment, probe, text,
+                                                       **_template_kwargs(tokenizer))
         # a date from strftime_now is fine while the day lasts (the structure is rebuilt when it changes);
         # any other impure call (lipsum, a function passed in) keeps the per-row render
-        proven = (stripped is not None and all(stripped.get(i) == strip for i, strip in slots)
-                  and impure <= {"strftime_now"})
+        if stripped is not None and not all(stripped.get(i) == strip for i, strip in slots):
+            reason = "a content is stripped on one side only"
+        elif stripped is not None and not impure <= {"strftime_now"}:
+            reason = f"the template calls {sorted(impure - {'strftime_now'})[0]}(), whose result may change"
+        proven = not reason
         dated = proven and bool(impure)
-    return _Structure(literals, slots, struct_turns, proven, _today() if dated else None)
+    return _Structure(literals, slots, struct_turns, proven, _today() if dated else None, reason)
+
+
+def render_fast_path(tokenizer, chat_template: str | None = None) -> dict:
+    """How `render` has been rendering with this template so far, per role pattern seen: ``{"patterns": n,
+    "proven": k, "reasons": [why a pattern is not proven, ...]}``. Proven patterns are rendered by substitution
+    (Jinja only as a periodic check); the others with one real render per row (same result, slower)."""
+    template = resolve_template(tokenizer, chat_template)
+    structures = [st for key, st in _info(tokenizer).get("structures", {}).items() if key[0] == template]
+    reasons = []
+    for st in structures:
+        why = ("the template does not write each message's content once, verbatim or stripped" if st is None
+               else st.reason)
+        if why and why not in reasons:
+            reasons.append(why)
+    return {"patterns": len(structures), "proven": sum(st is not None and st.proven for st in structures),
+            "reasons": reasons}
 
 
 def _structure(messages, tokenizer, template, target, train_on) -> "_Structure | None":

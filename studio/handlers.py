@@ -499,8 +499,26 @@ def check_whole_dataset(dataset_path: str, tokenizer_path: str, mode: str, start
             labels.append(f"row {r}: {code}")
     if not d["problems"]:
         lines.append("- ✓ no problems found")
+    lines.append(_fast_path_line(tokenizer, template))
     fig = length_histogram(lengths, seq)
     return CheckResult("\n".join(lines), fig, rows_out, labels, d)
+
+
+def _fast_path_line(tokenizer, template) -> str:
+    """One summary line: whether prepare will render these rows by substitution (proven) or row by row."""
+    from backend.chat import render_fast_path
+
+    try:
+        fp = render_fast_path(tokenizer, template)
+    except Exception:
+        return ""
+    if not fp["patterns"]:
+        return "- template speed: rendered row by row (no role pattern with a reply, or generation markers)"
+    if fp["proven"] == fp["patterns"]:
+        return (f"- template speed: proven not to look at message content for all {fp['patterns']} role pattern(s): "
+                "rows are rendered by substitution, Jinja only as a periodic check")
+    return (f"- template speed: {fp['patterns'] - fp['proven']} of {fp['patterns']} role pattern(s) rendered with Jinja "
+            f"row by row (same result, slower prepare): {fp['reasons'][0] if fp['reasons'] else 'not proven'}")
 
 
 # =============================================================================================== packing view

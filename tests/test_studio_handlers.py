@@ -169,6 +169,22 @@ def test_dataset_check_counts_match_check_dataset_and_tokens_lost():
     assert r.problem_rows and set(r.problem_rows) <= {int(i) for i in idx}
     first = r.problem_rows[0]
     assert "too_long" in preview(first, seq=100).problems
+    assert "proven not to look at message content" in r.summary  # the Llama 3.1 template: substitution
+
+
+def test_dataset_check_says_when_the_template_reads_content():
+    """A template that branches on message content cannot be rendered by substitution: the check says so and
+    why (prepare will render row by row: same result, slower)."""
+    from backend.chat import render_fast_path
+
+    tok = H.get_tokenizer(TOK)
+    reads = tok.chat_template.replace("message['content'] | trim", "(message['content'] | trim | upper)")
+    assert reads != tok.chat_template
+    r = H.check_whole_dataset(DATA, TOK, "auto", "", "", "all", True, reads, 100, False, max_rows=30)
+    assert r.status == "", r.status
+    assert "row by row" in r.summary and "upper" in r.summary
+    fp = render_fast_path(tok, reads)
+    assert fp["patterns"] > 0 and fp["proven"] == 0
 
 
 # ------------------------------------------------------------------------------------------------ packing view
