@@ -946,8 +946,7 @@ def tokenize_batch(texts: list[str], spans_list, tokenizer) -> list[TokenizedSam
         raise ValueError(f"tokenize_batch: {len(texts)} texts but {len(spans_list)} span lists")
     if not texts:
         return []
-    flat = _tokenize_flat(texts, spans_list, tokenizer)
-    return [flat.sample(j) for j in range(len(texts))]
+    return _tokenize_flat(texts, spans_list, tokenizer).samples()
 
 
 @dataclass
@@ -962,11 +961,20 @@ class _Flat:
     bos_added: np.ndarray  # (n,) bool
 
     def sample(self, j: int) -> TokenizedSample:
-        a, z = int(self.bounds[j]), int(self.bounds[j + 1])
+        return self.samples([j])[0]
+
+    def samples(self, which=None) -> list[TokenizedSample]:
+        """Samples ``which`` (default all), as views of the flat arrays."""
+        cuts = self.bounds.tolist()
+        which = range(len(cuts) - 1) if which is None else which
+        ids, trained = self.ids, self.trained
         if self.offsets is not None:
-            return TokenizedSample(self.ids[a:z], self.trained[a:z], self.offsets[a:z])
-        return TokenizedSample(self.ids[a:z], self.trained[a:z], encoding=self.encodings[j],
-                               bos_added=bool(self.bos_added[j]))
+            off = self.offsets
+            return [TokenizedSample(ids[cuts[j]:cuts[j + 1]], trained[cuts[j]:cuts[j + 1]], off[cuts[j]:cuts[j + 1]])
+                    for j in which]
+        encs, added = self.encodings, self.bos_added.tolist()
+        return [TokenizedSample(ids[cuts[j]:cuts[j + 1]], trained[cuts[j]:cuts[j + 1]], encoding=encs[j],
+                                bos_added=added[j]) for j in which]
 
 
 def _token_range(enc, b: int, e: int, n: int):
@@ -1086,12 +1094,13 @@ def _mask_by_lookup(texts, spans_list, encs, bounds, bos_added, info) -> np.ndar
     edges = np.zeros(total + 1, dtype=np.int32)  # +1 at a trained run's first token, -1 after its last
     lo_list, hi_list = [], []
     fallback = []
+    cuts, added = bounds.tolist(), bos_added.tolist()  # Python ints: no numpy scalar per row
     for j, (text, spans, enc) in enumerate(zip(texts, spans_list, encs)):
         if not spans:
             continue
         m = len(text)
-        shift = int(bounds[j]) + int(bos_added[j])
-        n_tok = int(bounds[j + 1]) - shift
+        shift = cuts[j] + added[j]
+        n_tok = cuts[j + 1] - shift
         ranges = []
         for s, e in (sorted(spans) if len(spans) > 1 else spans):
             s, e = max(0, min(s, m)), max(0, min(e, m))

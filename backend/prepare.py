@@ -479,12 +479,11 @@ def _process_chunk(start: int, task) -> _ChunkResult:
     keep = n_trained > 0
     for j in np.flatnonzero(~keep).tolist():
         problems.append((rows[j], "no_trained_tokens", f"no token is trained ({bounds[j + 1] - bounds[j]} tokens)", True))
-    for j in np.flatnonzero(keep).tolist():
-        rendered = rendered_list[j]
-        if rendered is not None:  # health warnings of the one-step form (e.g. eot_not_trained)
-            for p in chat.check_sample(rendered, flat.sample(j), tokenizer):
-                code, _, message = p.partition(": ")
-                problems.append((rows[j], code, message, False))
+    checked = [j for j in np.flatnonzero(keep).tolist() if rendered_list[j] is not None]
+    for j, sample in zip(checked, flat.samples(checked)):  # health warnings of the one-step form
+        for p in chat.check_sample(rendered_list[j], sample, tokenizer):
+            code, _, message = p.partition(": ")
+            problems.append((rows[j], code, message, False))
     ids, trained = flat.ids.astype(dtype), flat.trained
     if not keep.all():
         token_keep = np.repeat(keep, np.diff(bounds))
