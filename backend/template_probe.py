@@ -60,11 +60,8 @@ def _parts(x) -> list:
     return []
 
 
-class _Content(str):
-    """A message's content in the probe render."""
-
-    index: int
-    stripped: bool
+class _Tracked(str):
+    """What both probe strings allow freely: truthiness (always true) and concatenation (gives a `_Derived`)."""
 
     def __bool__(self):
         return True
@@ -74,6 +71,13 @@ class _Content(str):
 
     def __radd__(self, other):
         return _Derived.of(other, self)
+
+
+class _Content(_Tracked):
+    """A message's content in the probe render."""
+
+    index: int
+    stripped: bool
 
     def strip(self, chars=None):
         if chars is not None:
@@ -83,7 +87,7 @@ class _Content(str):
         return out
 
 
-class _Derived(str):
+class _Derived(_Tracked):
     """A string built by concatenating content with other strings."""
 
     parts: list
@@ -93,15 +97,6 @@ class _Derived(str):
         out = _Derived("".join(str.__str__(i) if isinstance(i, str) else _plain(i) for i in items))
         out.parts = [p for i in items for p in _parts(i)]
         return out
-
-    def __bool__(self):
-        return True
-
-    def __add__(self, other):
-        return _Derived.of(self, other)
-
-    def __radd__(self, other):
-        return _Derived.of(other, self)
 
 
 def _hook(cls, name):
@@ -128,7 +123,7 @@ def _plain(x) -> str:
 
 
 def _has_content(x, depth: int = 0) -> bool:
-    if isinstance(x, (_Content, _Derived)):
+    if isinstance(x, _Tracked):
         return True
     if depth > 6 or isinstance(x, str):
         return False
@@ -150,7 +145,7 @@ def _materialize(args):
 # --------------------------------------------------------------------------------- helpers the AST calls
 def _out(x):
     """`{{ x }}` at the top level: content is written (recorded), anything else as Jinja would."""
-    if isinstance(x, (_Content, _Derived)):
+    if isinstance(x, _Tracked):
         _state["written"].extend(_parts(x))
         return str.__str__(x)
     return x
@@ -165,7 +160,7 @@ def _out_captured(x):
 
 def _concat(*items):
     """`a ~ b ~ c`."""
-    if any(isinstance(i, (_Content, _Derived)) for i in items):
+    if any(isinstance(i, _Tracked) for i in items):
         return _Derived.of(*items)
     return "".join(_plain(i) for i in items)
 
@@ -179,7 +174,7 @@ class _In:
         self.container = container
 
     def __contains__(self, item):
-        if isinstance(item, (_Content, _Derived)) and not isinstance(self.container, (_Content, _Derived)):
+        if isinstance(item, _Tracked) and not isinstance(self.container, _Tracked):
             _record("content tested with `in`")
         return item in self.container
 
@@ -234,7 +229,7 @@ def _instrument(source: str, env):
     def checked_call(context, obj, *args, **kwargs):
         owner = getattr(obj, "__self__", _NO_OWNER)  # the object a bound method belongs to
         # a content's own methods hook themselves; any other callable handed content could read it unhooked
-        if (not any(obj is t for t in trusted) and not isinstance(owner, (_Content, _Derived))
+        if (not any(obj is t for t in trusted) and not isinstance(owner, _Tracked)
                 and (_has_content(args) or _has_content(kwargs))):
             _record(f"content passed to {getattr(obj, '__name__', type(obj).__name__)}()")
         if not (any(obj is t for t in pure) or isinstance(obj, Macro) or isinstance(owner, pure_owners)):
@@ -258,7 +253,7 @@ def _wrap_filter(name, f):
         value, rest = (args[skip] if len(args) > skip else None), args[skip + 1:]
         if name == "trim" and isinstance(value, _Content) and not rest and not kwargs:
             return value.strip()
-        direct = isinstance(value, (_Content, _Derived))
+        direct = isinstance(value, _Tracked)
         if (direct and name not in ("default", "d")) or _has_content(rest) or _has_content(kwargs) or (
                 not direct and name not in _STRUCTURAL_FILTERS and _has_content(value)):
             _record(f"content through filter {name!r}")
