@@ -645,10 +645,14 @@ def render_fast_path(tokenizer, chat_template: str | None = None) -> dict:
             "reasons": reasons}
 
 
+def _structure_key(messages, template, train_on) -> tuple:
+    return template, tuple([m["role"] for m in messages]), train_on
+
+
 def _structure(messages, tokenizer, template, target, train_on) -> "_Structure | None":
     """The role pattern's cached structure (built on first use, rebuilt when a dated template's day changed)."""
     cache = _info(tokenizer).setdefault("structures", {})
-    key = (template, tuple([m["role"] for m in messages]), train_on)
+    key = _structure_key(messages, template, train_on)
     st = cache.get(key, False)
     if st is False or (st is not None and st.day is not None and st.day != _today()):
         if len(cache) > 256:
@@ -705,7 +709,7 @@ def _structure_turns(messages, tokenizer, template, target, train_on):
         st.checks_left -= 1
         problems: list[str] = []
         if _auto_turns(messages, tokenizer, template, text, target, problems) != turns or problems:
-            _info(tokenizer)["structures"][(template, tuple(m["role"] for m in messages), train_on)] = None
+            _info(tokenizer)["structures"][_structure_key(messages, template, train_on)] = None
             return text, None
     return text, turns
 
@@ -959,9 +963,6 @@ class _Flat:
     offsets: np.ndarray | None  # (N, 2) int64, or None when the encodings are kept instead
     encodings: list | None
     bos_added: np.ndarray  # (n,) bool
-
-    def sample(self, j: int) -> TokenizedSample:
-        return self.samples([j])[0]
 
     def samples(self, which=None) -> list[TokenizedSample]:
         """Samples ``which`` (default all), as views of the flat arrays."""
