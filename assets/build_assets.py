@@ -132,14 +132,16 @@ def make_rows(n: int = N_ROWS, seed: int = SEED) -> list[dict]:
             cat, q, a = r.choice(TASKS)(r)
             cats.append(cat)
             conv += [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
-        rows.append({
-            "uuid": str(uuid.UUID(int=r.getrandbits(128), version=4)),
-            "conversations": conv,
-            "task_category": cats[0],
-            "difficulty": "very easy" if turns == 1 else "easy",
-            "model": "synthetic-rules-v1",
-            "turns": turns,
-        })
+        rows.append(
+            {
+                "uuid": str(uuid.UUID(int=r.getrandbits(128), version=4)),
+                "conversations": conv,
+                "task_category": cats[0],
+                "difficulty": "very easy" if turns == 1 else "easy",
+                "model": "synthetic-rules-v1",
+                "turns": turns,
+            }
+        )
     return rows
 
 
@@ -298,8 +300,7 @@ _LLAMA_GEN_TURN = (
     "            {{- message['content'] | trim + '<|eot_id|>' }}\n"
     "            {%- endgeneration %}\n"
     "        {%- else %}\n"
-    "    " + _LLAMA_PLAIN_TURN +
-    "        {%- endif %}\n"
+    "    " + _LLAMA_PLAIN_TURN + "        {%- endif %}\n"
 )
 assert LLAMA31_TEMPLATE.count(_LLAMA_PLAIN_TURN) == 1
 LLAMA31_GENERATION_TEMPLATE = LLAMA31_TEMPLATE.replace(_LLAMA_PLAIN_TURN, _LLAMA_GEN_TURN)
@@ -441,7 +442,9 @@ PHI3_TEMPLATE = (
 )
 
 LLAMA3_SPECIALS = dict(
-    bos="<|begin_of_text|>", eos="<|eot_id|>", pad="<|finetune_right_pad_id|>",
+    bos="<|begin_of_text|>",
+    eos="<|eot_id|>",
+    pad="<|finetune_right_pad_id|>",
     extra=["<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|python_tag|>"],
 )
 
@@ -452,8 +455,14 @@ FAMILIES = {
     "chatml": (QWEN25_TEMPLATE, None, "<|im_end|>", "<|endoftext|>", ["<|im_start|>"], False),
     "gemma": (GEMMA3_TEMPLATE, "<bos>", "<eos>", "<pad>", ["<unk>", "<start_of_turn>", "<end_of_turn>"], True),
     "mistral": (MISTRAL_TEMPLATE, "<s>", "</s>", None, ["<unk>"], True),
-    "phi3": (PHI3_TEMPLATE, "<s>", "<|endoftext|>", "<|endoftext|>",
-             ["<unk>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"], False),
+    "phi3": (
+        PHI3_TEMPLATE,
+        "<s>",
+        "<|endoftext|>",
+        "<|endoftext|>",
+        ["<unk>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"],
+        False,
+    ),
 }
 assert all(len(v) == 6 for v in FAMILIES.values())
 
@@ -484,7 +493,9 @@ def train_bpe(rows: list[dict]):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=BPE_VOCAB, min_frequency=2, show_progress=False,
+        vocab_size=BPE_VOCAB,
+        min_frequency=2,
+        show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(_corpus(rows), trainer=trainer)
@@ -504,13 +515,16 @@ def make_tokenizer(bpe_json: str, family: str):
     if add_bos:
         # Like Llama 3 / Gemma / Mistral: encode() prepends BOS, so re-tokenizing a rendered template (which
         # already starts with BOS) without add_special_tokens=False yields a double BOS.
-        tok.post_processor = processors.Sequence([
-            processors.ByteLevel(trim_offsets=False),
-            processors.TemplateProcessing(
-                single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
-                special_tokens=[(bos, tok.token_to_id(bos))],
-            ),
-        ])
+        tok.post_processor = processors.Sequence(
+            [
+                processors.ByteLevel(trim_offsets=False),
+                processors.TemplateProcessing(
+                    single=f"{bos}:0 $A:0",
+                    pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
+                    special_tokens=[(bos, tok.token_to_id(bos))],
+                ),
+            ]
+        )
     else:
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
     named = {"bos_token": bos, "eos_token": eos, "pad_token": pad}
@@ -518,7 +532,9 @@ def make_tokenizer(bpe_json: str, family: str):
     named["unk_token"] = unk
     others = [t for t in extra if t != unk]
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, model_max_length=4096, clean_up_tokenization_spaces=False,
+        tokenizer_object=tok,
+        model_max_length=4096,
+        clean_up_tokenization_spaces=False,
         **{k: v for k, v in named.items() if v is not None},
         extra_special_tokens=others,
     )
@@ -552,21 +568,37 @@ def build_tiny_llama(bpe_json: str) -> None:
 
     tok = make_tokenizer(bpe_json, "tiny-llama")
     config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=128, intermediate_size=384, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True,
-        rms_norm_eps=1e-5, hidden_act="silu",
+        vocab_size=len(tok),
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        rms_norm_eps=1e-5,
+        hidden_act="silu",
         # Llama 3.1 RoPE: theta 500000 with the "llama3" frequency scaling.
-        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                         "high_freq_factor": 4.0, "original_max_position_embeddings": 2048},
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.convert_tokens_to_ids(["<|end_of_text|>", "<|eot_id|>"]),
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 2048,
+        },
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.convert_tokens_to_ids(["<|end_of_text|>", "<|eot_id|>"]),
         pad_token_id=tok.pad_token_id,
     )
     torch.manual_seed(SEED)
     model = LlamaForCausalLM(config)
     model.generation_config = GenerationConfig(
-        bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        pad_token_id=tok.pad_token_id,
         eos_token_id=tok.convert_tokens_to_ids(["<|eot_id|>", "<|end_of_text|>"]),
-        do_sample=False, max_new_tokens=64,
+        do_sample=False,
+        max_new_tokens=64,
     )
     tmp = TINY_DIR.with_name(TINY_DIR.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -46,10 +46,12 @@ def segment_lengths(total: int, cu_seq_lens: torch.Tensor | None, position_ids: 
         starts = torch.ones_like(positions, dtype=torch.bool)
         starts[:, 1:] = positions[:, 1:] != positions[:, :-1] + 1
         begin = starts.reshape(-1).nonzero().squeeze(1).tolist() + [positions.numel()]
-        lengths = [e - b for b, e in zip(begin[:-1], begin[1:])]
+        lengths = [e - b for b, e in zip(begin[:-1], begin[1:], strict=False)]
     if sum(lengths) != total:
-        raise ValueError(f"sdpa_packed: document lengths sum to {sum(lengths)} but the batch holds {total} tokens; "
-                         "cu_seq_lens must describe the flattened micro-batch (backend.packing.collate)")
+        raise ValueError(
+            f"sdpa_packed: document lengths sum to {sum(lengths)} but the batch holds {total} tokens; "
+            "cu_seq_lens must describe the flattened micro-batch (backend.packing.collate)"
+        )
     return lengths
 
 
@@ -82,10 +84,15 @@ def packed_sdpa_attention_forward(module, query, key, value, attention_mask, dro
     batch, heads, length, dim = query.shape
     cu_seq_lens = kwargs.get("cu_seq_lens_q")
     position_ids = kwargs.get("position_ids")
-    if (key.shape[2] != length or attention_mask is not None or length == 1
-            or (cu_seq_lens is None and position_ids is None)):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
+    if (
+        key.shape[2] != length
+        or attention_mask is not None
+        or length == 1
+        or (cu_seq_lens is None and position_ids is None)
+    ):
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     groups = heads // key.shape[1]
     total = batch * length
     q = query.transpose(0, 1).reshape(heads, total, dim)  # (Hq, T, D)
@@ -96,12 +103,21 @@ def packed_sdpa_attention_forward(module, query, key, value, attention_mask, dro
     # torch.split, not slicing: a slice's backward writes into a zero tensor of the full size, per slice.
     chunks, attended = _chunk_plan(total, cu_seq_lens, position_ids)
     pieces = []
-    for q_c, k_c, v_c, attend in zip(q.split(chunks, 1), k.split(chunks, 1), v.split(chunks, 1), attended):
+    for q_c, k_c, v_c, attend in zip(
+        q.split(chunks, 1), k.split(chunks, 1), v.split(chunks, 1), attended, strict=False
+    ):
         if attend:
-            pieces.append(F.scaled_dot_product_attention(
-                q_c[None], k_c[None], v_c[None], dropout_p=dropout, is_causal=True, scale=scaling,
-                enable_gqa=groups > 1,
-            )[0])  # (Hq, seg, D)
+            pieces.append(
+                F.scaled_dot_product_attention(
+                    q_c[None],
+                    k_c[None],
+                    v_c[None],
+                    dropout_p=dropout,
+                    is_causal=True,
+                    scale=scaling,
+                    enable_gqa=groups > 1,
+                )[0]
+            )  # (Hq, seg, D)
         else:  # one-token segments: softmax over one key is 1, the output is the value itself
             pieces.append(v_c.repeat_interleave(groups, dim=0))
     out = torch.cat(pieces, dim=1)  # (Hq, T, D)

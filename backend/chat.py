@@ -50,9 +50,10 @@ import json
 import os
 import re
 import weakref
-from itertools import accumulate, chain
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, NamedTuple
+from itertools import accumulate, chain
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -159,8 +160,15 @@ class TokenizedSample:
 
     __slots__ = ("input_ids", "trained", "_offsets", "_encoding", "_bos_added")
 
-    def __init__(self, input_ids: np.ndarray, trained: np.ndarray, offsets: np.ndarray | None = None, *,
-                 encoding=None, bos_added: bool = False):
+    def __init__(
+        self,
+        input_ids: np.ndarray,
+        trained: np.ndarray,
+        offsets: np.ndarray | None = None,
+        *,
+        encoding=None,
+        bos_added: bool = False,
+    ):
         if offsets is None and encoding is None:
             raise ValueError("TokenizedSample needs offsets or the tokenizers Encoding they come from")
         self.input_ids = input_ids  # (T,) int64, BOS exactly once, never doubled
@@ -223,7 +231,11 @@ def _content_text(content, i: int, key: str, role: str) -> str:
             if isinstance(part, str):
                 texts.append(part)
                 continue
-            if not isinstance(part, dict) or part.get("type", "text") != "text" or not isinstance(part.get("text"), str):
+            if (
+                not isinstance(part, dict)
+                or part.get("type", "text") != "text"
+                or not isinstance(part.get("text"), str)
+            ):
                 kind = part.get("type") if isinstance(part, dict) else type(part).__name__
                 raise ConversationError(
                     f"{where}: {key!r} part {j} is of type {kind!r}; only text parts "
@@ -374,7 +386,10 @@ def render_messages(messages: list[dict], tokenizer, template: str, add_generati
     compiled = _compile(template)
     try:
         return compiled.render(
-            messages=messages, tools=None, documents=None, add_generation_prompt=add_generation_prompt,
+            messages=messages,
+            tools=None,
+            documents=None,
+            add_generation_prompt=add_generation_prompt,
             **_template_kwargs(tokenizer),
         )
     except jinja2.TemplateError as e:
@@ -412,7 +427,7 @@ def _has_generation(template: str) -> bool:
 
 
 # ------------------------------------------------------------------------------------ per-tokenizer facts
-_info_cache: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+_info_cache: weakref.WeakKeyDictionary[Any, dict] = weakref.WeakKeyDictionary()
 
 
 def _info(tokenizer) -> dict:
@@ -435,8 +450,14 @@ def _info(tokenizer) -> dict:
     bos_id = tokenizer.bos_token_id
     adds_bos = bos_id is not None and len(with_special) > len(without) and with_special[0] == bos_id
     kwargs = dict(tokenizer.special_tokens_map)
-    info = {"specials": specials_sorted, "regex": regex, "adds_bos": adds_bos, "bos": tokenizer.bos_token,
-            "bos_id": bos_id, "kwargs": kwargs}
+    info = {
+        "specials": specials_sorted,
+        "regex": regex,
+        "adds_bos": adds_bos,
+        "bos": tokenizer.bos_token,
+        "bos_id": bos_id,
+        "kwargs": kwargs,
+    }
     try:
         _info_cache[tokenizer] = info
     except TypeError:
@@ -497,7 +518,7 @@ def _auto_turns(messages, tokenizer, template, text, assistants, problems) -> li
         at = _common_prefix_len(a, b)
         return TemplateError(
             f"chat template is not prefix-preserving at message {k} (assistant): {what} at char {at} "
-            f"({a[at:at + 40]!r} vs {b[at:at + 40]!r}). The template rewrites earlier turns when later ones are "
+            f"({a[at : at + 40]!r} vs {b[at : at + 40]!r}). The template rewrites earlier turns when later ones are "
             "added (e.g. drops reasoning, injects a turn count or a date), so the reply cannot be located "
             "safely. Use chat.masking.mode=delimiters or a prefix-preserving template."
         )
@@ -522,11 +543,12 @@ def _auto_turns(messages, tokenizer, template, text, assistants, problems) -> li
         if not text.startswith(full[: turn.end]):
             cp = _common_prefix_len(full, text)
             if cp < turn.content_end:
-                raise not_prefix_preserving(k, "the reply is rendered differently once later messages are added",
-                                            full[: turn.end], text)
+                raise not_prefix_preserving(
+                    k, "the reply is rendered differently once later messages are added", full[: turn.end], text
+                )
             # the reply survives but what follows it differs (e.g. an eos written only at the very end, which is
             # not special for this tokenizer): take the marker from the part both renderings share
-            turn = _trim_turn(text, turn.begin, cp, text[turn.begin:turn.content_end], k, regex, problems)
+            turn = _trim_turn(text, turn.begin, cp, text[turn.begin : turn.content_end], k, regex, problems)
         turns.append(turn)
     return turns
 
@@ -555,8 +577,18 @@ def _today():
 
 
 class _Structure:
-    __slots__ = ("literals", "slots", "turns", "checks_left", "proven", "rows", "day", "pieces", "literal_ends",
-                 "reason")
+    __slots__ = (
+        "literals",
+        "slots",
+        "turns",
+        "checks_left",
+        "proven",
+        "rows",
+        "day",
+        "pieces",
+        "literal_ends",
+        "reason",
+    )
 
     def __init__(self, literals, slots, turns, proven=False, day=None, reason=""):
         self.literals = literals  # n_slots + 1 fixed strings
@@ -575,7 +607,7 @@ def _sentinel(i: int) -> str:
     return f"\x00SFT{i}\x00"
 
 
-def _build_structure(roles, tokenizer, template, target) -> "_Structure | None":
+def _build_structure(roles, tokenizer, template, target) -> _Structure | None:
     probe = [{"role": r, "content": _PAD + _sentinel(i) + _PAD} for i, r in enumerate(roles)]
     try:
         text = render_messages(probe, tokenizer, template)
@@ -616,8 +648,9 @@ def _build_structure(roles, tokenizer, template, target) -> "_Structure | None":
     if os.environ.get("SFT_STUDIO_VERIFY_RENDER", "") in ("", "0"):
         from backend.template_probe import content_independent
 
-        stripped, impure, reason = content_independent(template, _compile(template).environment, probe, text,
-                                                       **_template_kwargs(tokenizer))
+        stripped, impure, reason = content_independent(
+            template, _compile(template).environment, probe, text, **_template_kwargs(tokenizer)
+        )
         # a date from strftime_now is fine while the day lasts (the structure is rebuilt when it changes);
         # any other impure call (lipsum, a function passed in) keeps the per-row render
         if stripped is not None and not all(stripped.get(i) == strip for i, strip in slots):
@@ -637,19 +670,23 @@ def render_fast_path(tokenizer, chat_template: str | None = None) -> dict:
     structures = [st for key, st in _info(tokenizer).get("structures", {}).items() if key[0] == template]
     reasons = []
     for st in structures:
-        why = ("the template does not write each message's content once, verbatim or stripped" if st is None
-               else st.reason)
+        why = (
+            "the template does not write each message's content once, verbatim or stripped" if st is None else st.reason
+        )
         if why and why not in reasons:
             reasons.append(why)
-    return {"patterns": len(structures), "proven": sum(st is not None and st.proven for st in structures),
-            "reasons": reasons}
+    return {
+        "patterns": len(structures),
+        "proven": sum(st is not None and st.proven for st in structures),
+        "reasons": reasons,
+    }
 
 
 def _structure_key(messages, template, train_on) -> tuple:
     return template, tuple([m["role"] for m in messages]), train_on
 
 
-def _structure(messages, tokenizer, template, target, train_on) -> "_Structure | None":
+def _structure(messages, tokenizer, template, target, train_on) -> _Structure | None:
     """The role pattern's cached structure (built on first use, rebuilt when a dated template's day changed)."""
     cache = _info(tokenizer).setdefault("structures", {})
     key = _structure_key(messages, template, train_on)
@@ -668,7 +705,7 @@ def _substitute(st: _Structure, messages, tokenizer, template) -> tuple[str, lis
     pieces[1::2] = contents
     text = "".join(pieces)
     before = accumulate(map(len, contents), initial=0)  # content chars before slot n
-    slots = [(e + c, e + c + len(x)) for e, c, x in zip(st.literal_ends, before, contents)]
+    slots = [(e + c, e + c + len(x)) for e, c, x in zip(st.literal_ends, before, contents, strict=False)]
     st.rows += 1
     real = None
     if not st.proven or st.checks_left > 0 or st.rows % _VERIFY_EVERY == 0:
@@ -679,7 +716,8 @@ def _substitute(st: _Structure, messages, tokenizer, template) -> tuple[str, lis
                 f"internal error: the chat template was proven not to depend on message content for roles "
                 f"{roles}, yet this row renders differently from the substitution (at char "
                 f"{_common_prefix_len(real, text)}). Please report it with the template; set "
-                "SFT_STUDIO_VERIFY_RENDER=1 to render every row meanwhile.")
+                "SFT_STUDIO_VERIFY_RENDER=1 to render every row meanwhile."
+            )
     return text, slots, real
 
 
@@ -719,7 +757,10 @@ def _generation_turns(messages, tokenizer, template, assistants, problems):
     if len(blocks) != len(assistants):
         return text, None  # markers do not map one-to-one onto assistant messages: fall back to the prefix diff
     regex = _info(tokenizer)["regex"]
-    turns = [_trim_turn(text, b, e, messages[k]["content"], k, regex, problems) for (b, e), k in zip(blocks, assistants)]
+    turns = [
+        _trim_turn(text, b, e, messages[k]["content"], k, regex, problems)
+        for (b, e), k in zip(blocks, assistants, strict=False)
+    ]
     return text, turns
 
 
@@ -813,9 +854,7 @@ def _delimiter_turns(text, masking: Masking, messages, problems) -> list[Assista
         problems.append(f"span_not_found: start delimiter {sd!r} not found; nothing is trained")
     n_assistant = sum(m["role"] == "assistant" for m in messages)
     if messages and turns and len(turns) != n_assistant:
-        problems.append(
-            f"turn_count_mismatch: {len(turns)} trained span(s) for {n_assistant} assistant message(s)"
-        )
+        problems.append(f"turn_count_mismatch: {len(turns)} trained span(s) for {n_assistant} assistant message(s)")
     return turns
 
 
@@ -971,11 +1010,17 @@ class _Flat:
         ids, trained = self.ids, self.trained
         if self.offsets is not None:
             off = self.offsets
-            return [TokenizedSample(ids[cuts[j]:cuts[j + 1]], trained[cuts[j]:cuts[j + 1]], off[cuts[j]:cuts[j + 1]])
-                    for j in which]
+            return [
+                TokenizedSample(ids[cuts[j] : cuts[j + 1]], trained[cuts[j] : cuts[j + 1]], off[cuts[j] : cuts[j + 1]])
+                for j in which
+            ]
         encs, added = self.encodings, self.bos_added.tolist()
-        return [TokenizedSample(ids[cuts[j]:cuts[j + 1]], trained[cuts[j]:cuts[j + 1]], encoding=encs[j],
-                                bos_added=added[j]) for j in which]
+        return [
+            TokenizedSample(
+                ids[cuts[j] : cuts[j + 1]], trained[cuts[j] : cuts[j + 1]], encoding=encs[j], bos_added=added[j]
+            )
+            for j in which
+        ]
 
 
 def _token_range(enc, b: int, e: int, n: int):
@@ -995,8 +1040,10 @@ def _token_range(enc, b: int, e: int, n: int):
     return lo, hi
 
 
-_PROBE = ("Hello  world,\tthe end.\n\n  Ünïcödé «ok» — 日本語のテキスト, emoji 👋🏽🧑‍🚀 x\u0301 \r\n"
-          "```py\ndef f(x):\n    return x**2\n```   trailing   \n")
+_PROBE = (
+    "Hello  world,\tthe end.\n\n  Ünïcödé «ok» — 日本語のテキスト, emoji 👋🏽🧑‍🚀 x\u0301 \r\n"
+    "```py\ndef f(x):\n    return x**2\n```   trailing   \n"
+)
 
 
 def _char_lookup_ok(tokenizer, backend) -> bool:
@@ -1016,7 +1063,7 @@ def _char_lookup_ok(tokenizer, backend) -> bool:
     try:
         specials = info["specials"][:4]
         texts = [_PROBE] + [s + _PROBE + s + _PROBE[:40] + s for s in specials]
-        for text, enc in zip(texts, backend.encode_batch(texts, add_special_tokens=False)):
+        for text, enc in zip(texts, backend.encode_batch(texts, add_special_tokens=False), strict=False):
             off = np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)
             n = len(off)
             if n == 0 or (np.diff(off, axis=0) < 0).any() or (off[:, 1] <= off[:, 0]).any():
@@ -1028,7 +1075,7 @@ def _char_lookup_ok(tokenizer, backend) -> bool:
                     if r is None:
                         continue  # uncovered char: such a sample takes its offsets anyway
                     got = np.zeros(n, dtype=bool)
-                    got[r[0]:r[1]] = True
+                    got[r[0] : r[1]] = True
                     if not np.array_equal(got, _mask_from_offsets(off, [(b, e)])):
                         raise ValueError(f"lookup differs from offsets on chars {b}..{e}")
     except Exception:
@@ -1058,8 +1105,9 @@ def _tokenize_flat(texts: list[str], spans_list, tokenizer, offsets: bool = Fals
     ids = np.fromiter(chain.from_iterable(ids_lists), dtype=np.int64, count=total)
     offs = None
     if off_lists is not None:
-        offs = np.fromiter(chain.from_iterable(chain.from_iterable(off_lists)), dtype=np.int64,
-                           count=2 * total).reshape(total, 2)
+        offs = np.fromiter(
+            chain.from_iterable(chain.from_iterable(off_lists)), dtype=np.int64, count=2 * total
+        ).reshape(total, 2)
     needs = np.zeros(n, dtype=bool)
     if info["adds_bos"]:
         bos = info["bos"]
@@ -1080,10 +1128,11 @@ def _tokenize_flat(texts: list[str], spans_list, tokenizer, offsets: bool = Fals
     base = np.concatenate([[0], np.cumsum(text_lens + 1)[:-1]])
     token_base = np.repeat(base, lengths)
     flat_spans = []
-    for b, m, spans in zip(base.tolist(), text_lens.tolist(), spans_list):
+    for b, m, spans in zip(base.tolist(), text_lens.tolist(), spans_list, strict=False):
         if spans:  # clipped to the text: a span past its end must not reach into the next sample
-            flat_spans.extend((b + max(0, min(s, m)), b + max(0, min(e, m)))
-                              for s, e in (sorted(spans) if len(spans) > 1 else spans))
+            flat_spans.extend(
+                (b + max(0, min(s, m)), b + max(0, min(e, m))) for s, e in (sorted(spans) if len(spans) > 1 else spans)
+            )
     trained = _mask_from_offsets(offs + token_base[:, None], flat_spans)
     return _Flat(ids, trained, bounds, offs, None, needs)
 
@@ -1096,14 +1145,14 @@ def _mask_by_lookup(texts, spans_list, encs, bounds, bos_added, info) -> np.ndar
     lo_list, hi_list = [], []
     fallback = []
     cuts, added = bounds.tolist(), bos_added.tolist()  # Python ints: no numpy scalar per row
-    for j, (text, spans, enc) in enumerate(zip(texts, spans_list, encs)):
+    for j, (text, spans, enc) in enumerate(zip(texts, spans_list, encs, strict=False)):
         if not spans:
             continue
         m = len(text)
         shift = cuts[j] + added[j]
         n_tok = cuts[j + 1] - shift
         ranges = []
-        for s, e in (sorted(spans) if len(spans) > 1 else spans):
+        for s, e in sorted(spans) if len(spans) > 1 else spans:
             s, e = max(0, min(s, m)), max(0, min(e, m))
             if e <= s:
                 continue
@@ -1126,7 +1175,7 @@ def _mask_by_lookup(texts, spans_list, encs, bounds, bos_added, info) -> np.ndar
     for j in fallback:
         a = int(bounds[j]) + int(bos_added[j])
         off = np.asarray(encs[j].offsets, dtype=np.int64).reshape(-1, 2)
-        trained[a:int(bounds[j + 1])] = _mask_from_offsets(off, sorted(spans_list[j]))
+        trained[a : int(bounds[j + 1])] = _mask_from_offsets(off, sorted(spans_list[j]))
     return trained
 
 
@@ -1178,9 +1227,14 @@ def portable_spec(tokenizer) -> dict:
     template = getattr(tokenizer, "chat_template", None)
     if isinstance(template, dict):
         template = template.get("default")
-    return {"backend": backend.to_str(), "split_special_tokens": bool(getattr(tokenizer, "split_special_tokens", False)),
-            "chat_template": template, "name_or_path": str(getattr(tokenizer, "name_or_path", "")),
-            "eos_token_id": tokenizer.eos_token_id, "info": info}
+    return {
+        "backend": backend.to_str(),
+        "split_special_tokens": bool(getattr(tokenizer, "split_special_tokens", False)),
+        "chat_template": template,
+        "name_or_path": str(getattr(tokenizer, "name_or_path", "")),
+        "eos_token_id": tokenizer.eos_token_id,
+        "info": info,
+    }
 
 
 # ------------------------------------------------------------------------------------------ health checks
@@ -1229,7 +1283,7 @@ def check_sample(rendered: RenderedSample, tokenized: TokenizedSample, tokenizer
             inside = any(b <= t.content_end and t.end <= e for b, e in rendered.trained_spans)
             if not len(marker) or not (inside or tokenized.trained[marker].all()):
                 problems.append(
-                    f"eot_not_trained: end-of-turn {rendered.text[t.content_end:t.end]!r} at char {t.content_end} "
+                    f"eot_not_trained: end-of-turn {rendered.text[t.content_end : t.end]!r} at char {t.content_end} "
                     "is not trained"
                 )
     if sequence_length is not None and n > sequence_length:
@@ -1291,8 +1345,10 @@ class HealthReport:
             "trained_tokens": self.n_trained,
             "span_found_share": self.span_found_share,
             "trained_token_share": self.trained_token_share,
-            "problems": {c: {"count": n, "examples": self.example_indices[c], "first": self.first_messages[c]}
-                         for c, n in sorted(self.counts.items())},
+            "problems": {
+                c: {"count": n, "examples": self.example_indices[c], "first": self.first_messages[c]}
+                for c, n in sorted(self.counts.items())
+            },
             "lengths": list(self.lengths),
         }
 
@@ -1311,9 +1367,16 @@ class HealthReport:
         return "\n".join(lines)
 
 
-def check_dataset(rows: Iterable, tokenizer, masking: Masking | None = None, chat_template=None,
-                  sequence_length=None, limit=None, progress: Callable[[int, int], Any] | None = None,
-                  examples: int = 5) -> HealthReport:
+def check_dataset(
+    rows: Iterable,
+    tokenizer,
+    masking: Masking | None = None,
+    chat_template=None,
+    sequence_length=None,
+    limit=None,
+    progress: Callable[[int, int], Any] | None = None,
+    examples: int = 5,
+) -> HealthReport:
     """Render, tokenize and check every row (or the first ``limit``); rows that fail get ``bad_conversation``.
 
     A template error that is not about one row (syntax error, missing template) is raised at once.
@@ -1321,7 +1384,7 @@ def check_dataset(rows: Iterable, tokenizer, masking: Masking | None = None, cha
     masking = masking or Masking()
     template = resolve_template(tokenizer, chat_template)
     _compile(template)
-    rows = list(rows) if limit is None else [r for _, r in zip(range(limit), rows)]
+    rows = list(rows) if limit is None else [r for _, r in zip(range(limit), rows, strict=False)]
     report = HealthReport(examples=examples)
     n = len(rows)
     pending: list = []  # (row index, RenderedSample or the error), reported in row order per batch
@@ -1362,7 +1425,7 @@ def eot_token_ids(tokenizer, chat_template: str | None = None) -> list[int]:
         r = render(probe, tokenizer, Masking(), chat_template)
         regex = _info(tokenizer)["regex"]
         for t in r.turns[:1]:
-            for m in regex.finditer(r.text[t.content_end:t.end]) if regex else ():
+            for m in regex.finditer(r.text[t.content_end : t.end]) if regex else ():
                 tid = tokenizer.convert_tokens_to_ids(m.group())
                 if tid is not None and tid not in ids:
                     ids.append(int(tid))

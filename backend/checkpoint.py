@@ -58,7 +58,7 @@ def latest_complete(checkpoints_dir, warn=_warn) -> Path | None:
 
     Newer directories without the marker (a save cut short by a kill) are skipped with a warning.
     """
-    for step, path, complete in reversed(list_checkpoints(checkpoints_dir)):
+    for _step, path, complete in reversed(list_checkpoints(checkpoints_dir)):
         if complete:
             return path
         warn(f"ignoring incomplete checkpoint {path} (no {COMPLETE} marker: its save was interrupted)")
@@ -69,8 +69,9 @@ def read_meta(checkpoint_dir) -> dict:
     return json.loads((Path(checkpoint_dir) / "meta.json").read_text())
 
 
-def save_checkpoint(accelerator, checkpoints_dir, step: int, config_yaml: str, keep: int | None = None,
-                    meta: dict | None = None) -> Path:
+def save_checkpoint(
+    accelerator, checkpoints_dir, step: int, config_yaml: str, keep: int | None = None, meta: dict | None = None
+) -> Path:
     """Save a resumable checkpoint of everything ``accelerator.prepare`` saw (a collective: call on every rank).
 
     Returns ``checkpoints/step_XXXXXX``. Keeps the newest ``keep`` complete checkpoints (None or 0: all).
@@ -88,8 +89,13 @@ def save_checkpoint(accelerator, checkpoints_dir, step: int, config_yaml: str, k
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        info = {"step": int(step), "world_size": accelerator.num_processes, "time": time.time(),
-                "distributed_type": str(accelerator.distributed_type), **(meta or {})}
+        info = {
+            "step": int(step),
+            "world_size": accelerator.num_processes,
+            "time": time.time(),
+            "distributed_type": str(accelerator.distributed_type),
+            **(meta or {}),
+        }
         (tmp / "meta.json").write_text(json.dumps(info, indent=1))
         (tmp / "config.yaml").write_text(config_yaml)
         if final.exists():  # an older incomplete save of the same step (resumed from before it)
@@ -109,8 +115,9 @@ def load_checkpoint(accelerator, checkpoint_dir) -> dict:
     checkpoint_dir = Path(checkpoint_dir)
     meta = read_meta(checkpoint_dir)
     if meta.get("world_size") not in (None, accelerator.num_processes) and not accelerator.is_fsdp2:
-        _warn(f"{checkpoint_dir} was saved by {meta['world_size']} processes, resuming with "
-              f"{accelerator.num_processes}")
+        _warn(
+            f"{checkpoint_dir} was saved by {meta['world_size']} processes, resuming with {accelerator.num_processes}"
+        )
     accelerator.load_state(str(checkpoint_dir))
     return meta
 
@@ -159,7 +166,7 @@ def export_hf(accelerator, model, tokenizer, export_dir, name: str) -> Path:
         if getattr(unwrapped.config, "tie_word_embeddings", False):
             # FSDP's gathered state dict holds tied weights as separate tensors, so save_pretrained cannot see
             # the tie and would write lm_head.weight a second time; drop the tied copies as one process does.
-            for tied in (getattr(unwrapped, "_tied_weights_keys", None) or {}):
+            for tied in getattr(unwrapped, "_tied_weights_keys", None) or {}:
                 state_dict.pop(tied, None)
         # training runs with use_cache=False (packed rows); an exported model is for generation, where the
         # KV cache is what makes decoding fast

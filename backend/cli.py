@@ -16,10 +16,18 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable, Literal, NoReturn
+from collections.abc import Callable
+from typing import Literal, NoReturn
 
-from backend.config import (ConfigError, PrepareConfig, TrainConfig, dump_yaml, iter_fields, load_prepare_config,
-                            load_train_config)
+from backend.config import (
+    ConfigError,
+    PrepareConfig,
+    TrainConfig,
+    dump_yaml,
+    iter_fields,
+    load_prepare_config,
+    load_train_config,
+)
 
 
 def _keys_help(cls) -> str:
@@ -32,13 +40,23 @@ def _keys_help(cls) -> str:
 def build_parser(kind: Literal["prepare", "train"], description: str | None = None) -> argparse.ArgumentParser:
     cls = PrepareConfig if kind == "prepare" else TrainConfig
     parser = argparse.ArgumentParser(
-        prog=f"python -m backend.{kind}", description=description,
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_keys_help(cls))
+        prog=f"python -m backend.{kind}",
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_keys_help(cls),
+    )
     parser.add_argument("config", metavar="CONFIG", help=f"the {kind} YAML file")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="override a key, e.g. training.train_iters=100 (value read as YAML)")
-    parser.add_argument("--validate", action="store_true",
-                        help="only check the config: print 'OK' and the resolved YAML, or every problem")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="override a key, e.g. training.train_iters=100 (value read as YAML)",
+    )
+    parser.add_argument(
+        "--validate",
+        action="store_true",
+        help="only check the config: print 'OK' and the resolved YAML, or every problem",
+    )
     parser.add_argument("--print-config", action="store_true", help="print the resolved YAML and exit")
     if kind == "prepare":
         parser.add_argument("--force", action="store_true", help="overwrite an existing output_path")
@@ -52,8 +70,9 @@ def _report(e: ConfigError, config: str) -> None:
         print(f"  {p}", file=sys.stderr)
 
 
-def run_cli(argv: list[str] | None, kind: Literal["prepare", "train"], run_fn: Callable,
-            description: str | None = None) -> NoReturn:
+def run_cli(
+    argv: list[str] | None, kind: Literal["prepare", "train"], run_fn: Callable, description: str | None = None
+) -> NoReturn:
     """Parse argv, load and validate the config, then call `run_fn(cfg)` (prepare: `run_fn(cfg, force=...)`).
 
     Always ends with SystemExit: 0 on success, 2 on an invalid config (problems on stderr), or run_fn's int

@@ -36,9 +36,20 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 __all__ = [
-    "ConfigError", "PrepareConfig", "TrainConfig", "load_prepare_config", "load_train_config", "dump_yaml",
-    "config_hash", "field_description", "get_field", "set_field", "iter_fields", "check_world_size",
-    "gradient_accumulation_steps", "LEGACY_KEYS",
+    "ConfigError",
+    "PrepareConfig",
+    "TrainConfig",
+    "load_prepare_config",
+    "load_train_config",
+    "dump_yaml",
+    "config_hash",
+    "field_description",
+    "get_field",
+    "set_field",
+    "iter_fields",
+    "check_world_size",
+    "gradient_accumulation_steps",
+    "LEGACY_KEYS",
 ]
 
 
@@ -58,6 +69,7 @@ class ConfigError(ValueError):
 # Field types. Numbers reject booleans (YAML `yes` is True, and True silently becoming 1 hides a mistake);
 # numeric strings such as "3e-3" (PyYAML 1.1 reads a float without a dot as a string) go through pydantic's lax mode.
 
+
 def _not_bool(v: Any) -> Any:
     if isinstance(v, bool):
         raise ValueError(f"expected a number, got {v!r} (YAML reads yes/no/on/off as booleans)")
@@ -71,8 +83,7 @@ Float = Annotated[float, BeforeValidator(_not_bool)]
 class Section(BaseModel):
     """Base of every YAML section: unknown keys are errors, no inf/nan, numbers given for text become text."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, coerce_numbers_to_str=True,
-                              validate_default=True)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, coerce_numbers_to_str=True, validate_default=True)
 
 
 def _fail(*problems: str) -> None:
@@ -84,6 +95,12 @@ def _fail(*problems: str) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # Train config
 
+
+def _dtype_alias(v: Any) -> Any:
+    aliases = {"bfloat16": "bf16", "float32": "fp32", "float": "fp32", "float16": "fp16", "half": "fp16"}
+    return aliases.get(v, v) if isinstance(v, str) else v
+
+
 class LogsConfig(Section):
     interval: Int = Field(1, ge=1, description="Log training metrics every N iterations.")
 
@@ -94,8 +111,13 @@ class ValidationConfig(Section):
 
 
 class EvaluationsConfig(Section):
-    validation: ValidationConfig = Field(default_factory=ValidationConfig,
-                                         description="Periodic loss on the validation dataset.")
+    validation: ValidationConfig = Field(
+        default_factory=ValidationConfig, description="Periodic loss on the validation dataset."
+    )
+    samples: Int = Field(
+        0, ge=0, description="Greedy answers to this many fixed validation prompts at each validation (0 = none)."
+    )
+    sample_max_new_tokens: Int = Field(64, ge=1, description="Longest answer generated for each sample prompt.")
 
 
 class CheckpointConfig(Section):
@@ -105,17 +127,32 @@ class CheckpointConfig(Section):
 
 class ExportConfig(Section):
     format: Literal["llama", "huggingface"] = Field(
-        "llama", description="Export format: a Hugging Face Llama checkpoint ('llama' and 'huggingface' are the same).")
+        "llama", description="Export format: a Hugging Face Llama checkpoint ('llama' and 'huggingface' are the same)."
+    )
     interval: Int = Field(0, ge=0, description="Export every N iterations (0 = only the final export).")
+    keep: Int | None = Field(
+        None, ge=0, description="Intermediate exports kept on disk, newest first (null = all; final always kept)."
+    )
+    dtype: Annotated[Literal["bf16", "fp32", "fp16"] | None, BeforeValidator(_dtype_alias)] = Field(
+        None, description="Dtype of exported weights (null = the training dtype)."
+    )
+    max_shard_size: str = Field("5GB", description="Largest safetensors shard of an export (e.g. 5GB).")
+    merge: bool = Field(
+        True, description="LoRA: also write the merged full model at every export (no = only at the end)."
+    )
 
 
 class TrainingConfig(Section):
     train_iters: Int = Field(1000, ge=0, description="Number of optimizer steps to train.")
     test_iters: Int = Field(0, ge=0, description="Batches of the test dataset evaluated at the end (0 = none).")
     logs: LogsConfig = Field(default_factory=LogsConfig, description="Logging of training metrics.")
-    evaluations: EvaluationsConfig = Field(default_factory=EvaluationsConfig, description="Evaluations during training.")
+    evaluations: EvaluationsConfig = Field(
+        default_factory=EvaluationsConfig, description="Evaluations during training."
+    )
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Resumable checkpoints.")
-    export: ExportConfig = Field(default_factory=ExportConfig, description="Exports of the model in Hugging Face format.")
+    export: ExportConfig = Field(
+        default_factory=ExportConfig, description="Exports of the model in Hugging Face format."
+    )
 
 
 class BatchConfig(Section):
@@ -123,13 +160,16 @@ class BatchConfig(Section):
     sequence_length: Int = Field(2048, gt=0, description="Tokens per packed row.")
     batch_size: Int = Field(8, ge=1, description="Packed rows per optimizer step, over all processes.")
     cross_document_attention: bool = Field(
-        False, description="Let documents packed into one row attend to each other (false for SFT).")
+        False, description="Let documents packed into one row attend to each other (false for SFT)."
+    )
 
     @model_validator(mode="after")
     def _divisible(self):
         if self.batch_size % self.micro_batch_size:
-            _fail(f"batch_size: {self.batch_size} is not divisible by batch.micro_batch_size "
-                  f"({self.micro_batch_size}); make batch_size a multiple of micro_batch_size")
+            _fail(
+                f"batch_size: {self.batch_size} is not divisible by batch.micro_batch_size "
+                f"({self.micro_batch_size}); make batch_size a multiple of micro_batch_size"
+            )
         return self
 
 
@@ -141,30 +181,37 @@ class DatasetConfig(Section):
 class DatasetsConfig(Section):
     training: DatasetConfig = Field(..., description="Prepared training dataset.")
     validation: DatasetConfig | None = Field(None, description="Prepared validation dataset (optional).")
-    test: DatasetConfig | None = Field(None, description="Prepared test dataset, used by training.test_iters (optional).")
+    test: DatasetConfig | None = Field(
+        None, description="Prepared test dataset, used by training.test_iters (optional)."
+    )
 
 
 class SamplingConfig(Section):
     use_loss_masking_spans: bool = Field(True, description="Train only on tokens marked trained (assistant replies).")
     seed: Int = Field(1234, description="Seed of the per-epoch document shuffle.")
     packing: Literal["best_fit", "greedy"] = Field(
-        "best_fit", description="Packing strategy: best_fit (dense) or greedy (the guide's next-fit in shuffled order).")
+        "best_fit", description="Packing strategy: best_fit (dense) or greedy (the guide's next-fit in shuffled order)."
+    )
     packing_window: Int = Field(1000, ge=1, description="Documents considered together by best_fit packing.")
 
 
 class DataConfig(Section):
     datasets: DatasetsConfig = Field(..., description="Prepared datasets by split.")
     truncate_documents: bool = Field(
-        False, description="Cut documents across rows (yes) or start a new row and skip over-long documents (no).")
+        False, description="Cut documents across rows (yes) or start a new row and skip over-long documents (no)."
+    )
     sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="How documents become rows.")
 
 
 class LearningRateConfig(Section):
     base: Float = Field(1e-5, gt=0, description="Peak learning rate, reached after warmup.")
     minimum: Float = Field(0.0, ge=0, description="Learning rate at the end of the decay.")
-    decay_style: Literal["cosine", "linear", "constant"] = Field("cosine", description="Shape of the decay after warmup.")
+    decay_style: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="Shape of the decay after warmup."
+    )
     decay_iterations: Int | None = Field(
-        None, ge=1, description="Iterations from 0 to the end of the decay (null = training.train_iters).")
+        None, ge=1, description="Iterations from 0 to the end of the decay (null = training.train_iters)."
+    )
     warmup_iterations: Int = Field(0, ge=0, description="Iterations of linear warmup from 0 to base.")
 
     @model_validator(mode="after")
@@ -172,10 +219,15 @@ class LearningRateConfig(Section):
         problems = []
         if self.minimum > self.base:
             problems.append(f"minimum: {self.minimum} is larger than base ({self.base})")
-        if (self.decay_style != "constant" and self.decay_iterations is not None
-                and self.warmup_iterations > self.decay_iterations):
-            problems.append(f"warmup_iterations: {self.warmup_iterations} is larger than decay_iterations "
-                            f"({self.decay_iterations}); warmup must end before the decay does")
+        if (
+            self.decay_style != "constant"
+            and self.decay_iterations is not None
+            and self.warmup_iterations > self.decay_iterations
+        ):
+            problems.append(
+                f"warmup_iterations: {self.warmup_iterations} is larger than decay_iterations "
+                f"({self.decay_iterations}); warmup must end before the decay does"
+            )
         _fail(*problems)
         return self
 
@@ -192,33 +244,51 @@ class PretrainedConfig(Section):
     format: Literal["llama", "huggingface"] = Field("llama", description="Checkpoint format of the pretrained model.")
     path: str = Field(..., min_length=1, description="Pretrained model: a local directory or a hub id.")
     model_weights: bool = Field(True, description="Load the weights (no = same architecture, random weights).")
+    quantization: Literal["none", "4bit", "8bit"] = Field(
+        "none", description="QLoRA: load the frozen base in 4-bit NF4 or 8-bit (bitsandbytes, CUDA; LoRA only)."
+    )
 
 
 class TransformerConfig(Section):
     use_flash_attention: bool = Field(
-        True, description="Use flash-attention 2 when installed and on CUDA (else SDPA, with a log line).")
+        True, description="Use flash-attention 2 when installed and on CUDA (else SDPA, with a log line)."
+    )
+
+
+class PeftConfig(Section):
+    type: Literal["none", "lora"] = Field("none", description="Parameter-efficient finetuning: none or lora.")
+    rank: Int = Field(8, ge=1, description="LoRA rank r of the adapter matrices.")
+    alpha: Float = Field(16.0, gt=0, description="LoRA alpha: adapters are scaled by alpha / rank.")
+    dropout: Float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA adapters' input.")
+    target_modules: str | list[str] = Field(
+        "all-linear",
+        description="Modules that get adapters: 'all-linear' (every decoder linear, never the LM head) "
+        "or a list of module names (e.g. [q_proj, v_proj]).",
+    )
 
 
 class BaseModelConfig(Section):
     transformer: TransformerConfig = Field(default_factory=TransformerConfig, description="Transformer options.")
+    peft: PeftConfig = Field(default_factory=PeftConfig, description="LoRA adapters instead of full finetuning.")
     cross_entropy_impl: Literal["fused", "torch"] = Field(
-        "fused", description="Loss: fused (chunked, logits only at trained positions) or torch (plain reference).")
+        "fused", description="Loss: fused (chunked, logits only at trained positions) or torch (plain reference)."
+    )
 
 
 class MultiStageConfig(Section):
     zero_stage: Literal[0, 1, 2, 3] = Field(
-        3, description="ZeRO stage: 0 = replicate, 1/2 = shard optimizer+gradients, 3 = also shard weights (FSDP).")
-
-
-def _dtype_alias(v: Any) -> Any:
-    aliases = {"bfloat16": "bf16", "float32": "fp32", "float": "fp32", "float16": "fp16", "half": "fp16"}
-    return aliases.get(v, v) if isinstance(v, str) else v
+        3, description="ZeRO stage: 0 = replicate, 1/2 = shard optimizer+gradients, 3 = also shard weights (FSDP)."
+    )
+    activation_checkpointing: bool = Field(
+        False, description="Recompute each decoder layer's activations in backward (less memory, ~1/3 more compute)."
+    )
 
 
 class DistributedConfig(Section):
     timeout: Float = Field(600.0, gt=0, description="Seconds a collective may wait before the run fails.")
     training_dtype: Annotated[Literal["bf16", "fp32", "fp16"], BeforeValidator(_dtype_alias)] = Field(
-        "fp32", description="Compute dtype: bf16, fp32 or fp16.")
+        "fp32", description="Compute dtype: bf16, fp32 or fp16."
+    )
     seed: Int = Field(1234, description="Seed of weight init (model_weights: no) and dropout.")
 
 
@@ -229,9 +299,16 @@ class ModelConfig(Section):
 
 
 class RunConfig(Section):
-    experiment_dir: str = Field("runs/experiment", min_length=1,
-                                description="Directory for config, events, checkpoints and exports.")
+    experiment_dir: str = Field(
+        "runs/experiment", min_length=1, description="Directory for config, events, checkpoints and exports."
+    )
     num_processes: Int = Field(1, ge=1, description="Processes the studio launches (headless: the launcher decides).")
+    resume: Literal["auto", "force"] = Field(
+        "auto", description="auto: resume only if the checkpoint's config matches; force: resume despite changes."
+    )
+    trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=list, description="Experiment trackers that also get the logged scalars and the config."
+    )
 
 
 # Older Fast-LLM locations, accepted and moved: old dotted path -> new dotted path.
@@ -244,7 +321,9 @@ LEGACY_KEYS = {
 class TrainConfig(Section):
     """The train YAML (the guide's Step 4)."""
 
-    training: TrainingConfig = Field(default_factory=TrainingConfig, description="Iterations, logs, evaluations, checkpoints.")
+    training: TrainingConfig = Field(
+        default_factory=TrainingConfig, description="Iterations, logs, evaluations, checkpoints."
+    )
     batch: BatchConfig = Field(default_factory=BatchConfig, description="Batch shape.")
     data: DataConfig = Field(..., description="Datasets and sampling.")
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig, description="AdamW and learning rate.")
@@ -268,18 +347,32 @@ class TrainConfig(Section):
         if self.batch.batch_size % per_step:
             problems.append(
                 f"batch.batch_size: {self.batch.batch_size} is not divisible by batch.micro_batch_size "
-                f"({self.batch.micro_batch_size}) x run.num_processes ({procs}) = {per_step}")
+                f"({self.batch.micro_batch_size}) x run.num_processes ({procs}) = {per_step}"
+            )
         val = self.training.evaluations.validation
         if val.interval > 0 and val.iterations > 0 and self.data.datasets.validation is None:
-            problems.append("training.evaluations.validation.interval: validation is on but "
-                            "data.datasets.validation is not set; add it or set the interval to 0")
+            problems.append(
+                "training.evaluations.validation.interval: validation is on but "
+                "data.datasets.validation is not set; add it or set the interval to 0"
+            )
+        peft = self.model.base_model.peft
+        if self.pretrained.quantization != "none" and peft.type != "lora":
+            problems.append(
+                f"pretrained.quantization: {self.pretrained.quantization} needs model.base_model.peft.type: lora "
+                "(a quantized base cannot be trained directly)"
+            )
         if self.training.test_iters > 0 and self.data.datasets.test is None:
             problems.append("training.test_iters: is > 0 but data.datasets.test is not set")
         lr = self.optimizer.learning_rate
-        if (lr.decay_style != "constant" and lr.decay_iterations is None
-                and lr.warmup_iterations > self.training.train_iters):
-            problems.append(f"optimizer.learning_rate.warmup_iterations: {lr.warmup_iterations} is larger than "
-                            f"the decay (training.train_iters = {self.training.train_iters})")
+        if (
+            lr.decay_style != "constant"
+            and lr.decay_iterations is None
+            and lr.warmup_iterations > self.training.train_iters
+        ):
+            problems.append(
+                f"optimizer.learning_rate.warmup_iterations: {lr.warmup_iterations} is larger than "
+                f"the decay (training.train_iters = {self.training.train_iters})"
+            )
         _fail(*problems)
         return self
 
@@ -297,24 +390,33 @@ def check_world_size(cfg: TrainConfig, world_size: int) -> int:
     """
     per_step = cfg.batch.micro_batch_size * world_size
     if world_size < 1 or cfg.batch.batch_size % per_step:
-        raise ConfigError([f"batch.batch_size: {cfg.batch.batch_size} is not divisible by batch.micro_batch_size "
-                           f"({cfg.batch.micro_batch_size}) x world size ({world_size}) = {per_step}; change "
-                           f"batch_size or the number of processes"])
+        raise ConfigError(
+            [
+                f"batch.batch_size: {cfg.batch.batch_size} is not divisible by batch.micro_batch_size "
+                f"({cfg.batch.micro_batch_size}) x world size ({world_size}) = {per_step}; change "
+                f"batch_size or the number of processes"
+            ]
+        )
     return gradient_accumulation_steps(cfg, world_size)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Prepare config
 
+
 class PrepareDatasetConfig(Section):
-    path: str = Field(..., min_length=1, description="Dataset: a hub id, a save_to_disk directory, or a .jsonl/.json/.parquet file.")
+    path: str = Field(
+        ..., min_length=1, description="Dataset: a hub id, a save_to_disk directory, or a .jsonl/.json/.parquet file."
+    )
     split: str = Field("train", description="Split to load from the dataset.")
     trust_remote_code: bool = Field(False, description="Allow the dataset's own loading script to run.")
     field: str = Field("text", description="Column with the text (guide form, with loss_masking_spans).")
     loss_masking_spans: str | None = Field(
-        None, description="Column with inclusive character spans NOT trained (set = the guide's text+spans form).")
+        None, description="Column with inclusive character spans NOT trained (set = the guide's text+spans form)."
+    )
     conversations_field: str | None = Field(
-        None, description="Column with the conversation (null = 'conversations', then 'messages').")
+        None, description="Column with the conversation (null = 'conversations', then 'messages')."
+    )
     data_files: Any = Field(None, description="Files passed to datasets.load_dataset (text, list, or split -> files).")
     name: str | None = Field(None, description="Dataset configuration name passed to datasets.load_dataset.")
 
@@ -323,7 +425,12 @@ class PrepareDatasetConfig(Section):
     def _data_files(cls, v: Any) -> Any:
         def files(x):
             return isinstance(x, str) or (isinstance(x, list) and all(isinstance(i, str) for i in x))
-        if v is None or files(v) or (isinstance(v, dict) and all(isinstance(k, str) and files(x) for k, x in v.items())):
+
+        if (
+            v is None
+            or files(v)
+            or (isinstance(v, dict) and all(isinstance(k, str) and files(x) for k, x in v.items()))
+        ):
             return v
         raise ValueError(f"expected a file, a list of files or a mapping split -> files, got {v!r}")
 
@@ -334,29 +441,47 @@ class TokenizerConfig(Section):
 
 class MaskingConfig(Section):
     mode: Literal["auto", "delimiters"] = Field(
-        "auto", description="auto = assistant spans from the chat template; delimiters = between the two strings.")
+        "auto", description="auto = assistant spans from the chat template; delimiters = between the two strings."
+    )
     start_delimiter: str | None = Field(None, description="Text that opens a trained span (mode: delimiters).")
     end_delimiter: str | None = Field(None, description="Text that closes a trained span (mode: delimiters).")
 
     @model_validator(mode="after")
     def _delimiters(self):
         if self.mode == "delimiters":
-            _fail(*[f"{k}: required (non-empty) when mode is 'delimiters'"
-                    for k in ("start_delimiter", "end_delimiter") if not getattr(self, k)])
+            _fail(
+                *[
+                    f"{k}: required (non-empty) when mode is 'delimiters'"
+                    for k in ("start_delimiter", "end_delimiter")
+                    if not getattr(self, k)
+                ]
+            )
         return self
 
 
 class ChatConfig(Section):
-    template: str | None = Field(None, description="Chat template: null = the tokenizer's own, a file path, or Jinja text.")
+    template: str | None = Field(
+        None, description="Chat template: null = the tokenizer's own, a file path, or Jinja text."
+    )
     masking: MaskingConfig = Field(default_factory=MaskingConfig, description="How the trained spans are found.")
     train_on: Literal["all", "last"] = Field("all", description="Train on all assistant turns or only the last one.")
     train_on_eot: bool = Field(True, description="Train the end-of-turn marker after each assistant reply.")
+    final_eot: Literal["append", "leave"] = Field(
+        "append",
+        description="A final reply the template leaves open (no end-of-turn marker): append the template's "
+        "between-turns marker and train it, or leave it open.",
+    )
 
     def to_masking(self) -> dict:
         """Keyword arguments for `backend.chat.Masking(**cfg.chat.to_masking())`."""
         m = self.masking
-        return {"mode": m.mode, "start_delimiter": m.start_delimiter, "end_delimiter": m.end_delimiter,
-                "train_on": self.train_on, "train_on_eot": self.train_on_eot}
+        return {
+            "mode": m.mode,
+            "start_delimiter": m.start_delimiter,
+            "end_delimiter": m.end_delimiter,
+            "train_on": self.train_on,
+            "train_on_eot": self.train_on_eot,
+        }
 
 
 class ReportConfig(Section):
@@ -376,7 +501,8 @@ class PrepareConfig(Section):
     tokenizer: TokenizerConfig = Field(..., description="Tokenizer (and its chat template).")
     splits: dict[str, Float] = Field(
         default_factory=lambda: {"training": 0.998, "validation": 0.002},
-        description="Split name -> fraction of documents; fractions sum to 1.")
+        description="Split name -> fraction of documents; fractions sum to 1.",
+    )
     chat: ChatConfig = Field(default_factory=ChatConfig, description="One-step form: conversations -> trained spans.")
     report: ReportConfig = Field(default_factory=ReportConfig, description="Prepare report options.")
 
@@ -394,6 +520,7 @@ class PrepareConfig(Section):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Schema walking (used by error messages, field_description, the CLI help and the studio)
+
 
 def _unwrap(ann: Any) -> Any:
     """Optional[Section] / Annotated[...] -> the Section class or the plain type."""
@@ -432,6 +559,7 @@ def iter_fields(cls: type[BaseModel], prefix: str = ""):
 def field_description(cls: type[BaseModel], path: str) -> str:
     """One-line description of a dotted key: field_description(TrainConfig, "batch.batch_size")."""
     parts = path.split(".")
+    description = ""
     for i, p in enumerate(parts):
         if not _is_section(cls) or p not in cls.model_fields:
             if i > 0 and typing.get_origin(cls) is dict:  # a key inside a mapping (e.g. splits.training)
@@ -457,6 +585,7 @@ def _leaf_index(cls: type[BaseModel]) -> dict[str, list[str]]:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Errors: pydantic's -> "<yaml.path>: <message>" in plain words
+
 
 def _fmt(v: Any) -> str:
     s = repr(v)
@@ -486,8 +615,12 @@ def _unknown_key(root: type[BaseModel], loc: tuple) -> str:
 
 
 _TYPE_WORDS = {
-    "float": "a number", "int": "a whole number", "bool": "yes/no (true/false)", "string": "text",
-    "dict": "a section of key: value lines", "model": "a section of key: value lines",
+    "float": "a number",
+    "int": "a whole number",
+    "bool": "yes/no (true/false)",
+    "string": "text",
+    "dict": "a section of key: value lines",
+    "model": "a section of key: value lines",
 }
 
 
@@ -521,7 +654,11 @@ def _message(root: type[BaseModel], e: dict) -> list[tuple[tuple, str]]:
         return [(loc, f"expected a whole number, got {_fmt(got)}")]
     for kind, words in _TYPE_WORDS.items():
         if t.startswith(kind + "_") or t == kind + "_type":
-            hint = " (YAML reads yes/no/on/off as booleans: quote it)" if isinstance(got, bool) and kind == "string" else ""
+            hint = (
+                " (YAML reads yes/no/on/off as booleans: quote it)"
+                if isinstance(got, bool) and kind == "string"
+                else ""
+            )
             return [(loc, f"expected {words}, got {_fmt(got)}{hint}")]
     return [(loc, f"{e['msg']}, got {_fmt(got)}")]
 
@@ -539,6 +676,7 @@ def _problems(root: type[BaseModel], err: ValidationError) -> list[str]:
 # ----------------------------------------------------------------------------------------------------------------
 # Loading
 
+
 class _UniqueKeyLoader(yaml.SafeLoader):
     """safe_load that refuses duplicate keys (plain safe_load keeps the last one silently)."""
 
@@ -549,7 +687,8 @@ def _construct_mapping(loader, node, deep=False):
         key = loader.construct_object(key_node, deep=deep)
         if key in seen:
             raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r} (first at line {seen[key] + 1})", key_node.start_mark)
+                None, None, f"duplicate key {key!r} (first at line {seen[key] + 1})", key_node.start_mark
+            )
         seen[key] = key_node.start_mark.line
     return loader.construct_mapping(node, deep=deep)
 
@@ -592,8 +731,10 @@ def _move_legacy(raw: dict) -> tuple[dict, list[str]]:
         parts = new.split(".")
         present, current = _get_path(raw, parts)
         if present and current != value:
-            problems.append(f"{old}: {value!r} conflicts with {new}: {current!r}; {old} is the older location "
-                            f"of {new}, keep only {new}")
+            problems.append(
+                f"{old}: {value!r} conflicts with {new}: {current!r}; {old} is the older location "
+                f"of {new}, keep only {new}"
+            )
             continue
         d = raw
         for p in parts[:-1]:
@@ -627,7 +768,7 @@ def _apply_overrides(raw: dict, overrides, root: type[BaseModel]) -> tuple[dict,
             if d.get(p) is None:
                 d[p] = {}
             if not isinstance(d[p], dict):
-                problems.append(f"{'.'.join(parts[:i + 1])}: is {d[p]!r}, not a section; cannot set {key}")
+                problems.append(f"{'.'.join(parts[: i + 1])}: is {d[p]!r}, not a section; cannot set {key}")
                 break
             d = d[p]
         else:
@@ -678,10 +819,12 @@ def load_train_config(path_or_dict, overrides=()) -> TrainConfig:
 # ----------------------------------------------------------------------------------------------------------------
 # Dump, hash, dotted access
 
+
 def dump_yaml(cfg: BaseModel) -> str:
     """Nested YAML of the resolved config, in field order; loads back to an equal config."""
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, default_flow_style=False, allow_unicode=True,
-                          width=120)
+    return yaml.safe_dump(
+        cfg.model_dump(mode="json"), sort_keys=False, default_flow_style=False, allow_unicode=True, width=120
+    )
 
 
 def config_hash(cfg: BaseModel) -> str:

@@ -92,8 +92,15 @@ class ShardWriter:
     one past ``shard_tokens`` (a single document longer than that gets a shard of its own).
     """
 
-    def __init__(self, dir, split: str, vocab_size: int, shard_tokens: int = DEFAULT_SHARD_TOKENS,
-                 tokenizer_info: dict | None = None, prepare_config_hash: str | None = None):
+    def __init__(
+        self,
+        dir,
+        split: str,
+        vocab_size: int,
+        shard_tokens: int = DEFAULT_SHARD_TOKENS,
+        tokenizer_info: dict | None = None,
+        prepare_config_hash: str | None = None,
+    ):
         self.root = Path(dir)
         self.split = split
         self.vocab_size = int(vocab_size)
@@ -175,7 +182,7 @@ class ShardWriter:
             tok_file, trained_file, index_file = self._shard
             tok_file.append(tokens[a:z])
             trained_file.append(trained[a:z])
-            index_file.append(self._shard_len + bounds[d + 1:k + 1] - a)
+            index_file.append(self._shard_len + bounds[d + 1 : k + 1] - a)
             self._shard_len += z - a
             d = k
         self.num_documents += int(lengths.size)
@@ -263,7 +270,9 @@ class TokenDataset:
         if not isinstance(meta, dict) or meta.get("type") != DESCRIPTOR_TYPE:
             raise _not_prepared(self.descriptor_path, f"descriptor 'type' is not {DESCRIPTOR_TYPE!r}")
         if meta.get("version") != FORMAT_VERSION:
-            raise _not_prepared(self.descriptor_path, f"format version {meta.get('version')}, expected {FORMAT_VERSION}")
+            raise _not_prepared(
+                self.descriptor_path, f"format version {meta.get('version')}, expected {FORMAT_VERSION}"
+            )
         self.meta = meta
         self.split = str(meta["path"])
         self.root = self.descriptor_path.parent
@@ -289,7 +298,7 @@ class TokenDataset:
             self._trained.append(trained)
             lengths.append(np.diff(index))
             doc_counts.append(len(index) - 1)
-        self._offsets = [np.concatenate([[0], np.cumsum(l)]) if len(l) else np.zeros(1, np.int64) for l in lengths]
+        self._offsets = [np.concatenate([[0], np.cumsum(n)]) if len(n) else np.zeros(1, np.int64) for n in lengths]
         self.lengths = np.concatenate(lengths).astype(np.int64) if lengths else np.zeros(0, np.int64)
         self._shard_start = np.concatenate([[0], np.cumsum(doc_counts)]).astype(np.int64)
         if len(self.lengths) != int(meta["num_documents"]) or int(self.lengths.sum()) != self.num_tokens:
@@ -299,7 +308,9 @@ class TokenDataset:
         return len(self.lengths)
 
     def document(self, i: int, begin: int = 0, end: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Tokens ``(T,) int64`` and trained mask ``(T,) bool`` of document ``i`` (optionally its ``[begin, end)`` slice)."""
+        """Tokens ``(T,) int64`` and trained mask ``(T,) bool`` of document ``i``.
+
+        ``begin``/``end`` select its ``[begin, end)`` slice."""
         n = len(self.lengths)
         if not -n <= i < n:
             raise IndexError(f"document {i} out of range for {n} documents")
@@ -311,13 +322,17 @@ class TokenDataset:
         end = length if end is None else min(int(end), length)
         begin = max(0, int(begin))
         lo, hi = start + begin, start + max(begin, end)
-        return (np.asarray(self._tokens[shard][lo:hi], dtype=np.int64),
-                np.asarray(self._trained[shard][lo:hi], dtype=np.bool_))
+        return (
+            np.asarray(self._tokens[shard][lo:hi], dtype=np.int64),
+            np.asarray(self._trained[shard][lo:hi], dtype=np.bool_),
+        )
 
     def __iter__(self):
         for i in range(len(self)):
             yield self.document(i)
 
     def __repr__(self) -> str:
-        return (f"TokenDataset({str(self.descriptor_path)!r}: {len(self)} documents, {self.num_tokens} tokens, "
-                f"{self.num_trained_tokens} trained)")
+        return (
+            f"TokenDataset({str(self.descriptor_path)!r}: {len(self)} documents, {self.num_tokens} tokens, "
+            f"{self.num_trained_tokens} trained)"
+        )

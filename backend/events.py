@@ -157,12 +157,11 @@ class RunLock:
         self.path = self.directory / LOCK_NAME
         self.held = False
 
-    def acquire(self) -> "RunLock":
+    def acquire(self) -> RunLock:
         import sys
 
         self.directory.mkdir(parents=True, exist_ok=True)
-        info = {"pid": os.getpid(), "hostname": socket.gethostname(), "start_time": time.time(),
-                "argv": list(sys.argv)}
+        info = {"pid": os.getpid(), "hostname": socket.gethostname(), "start_time": time.time(), "argv": list(sys.argv)}
         for _ in range(2):
             try:
                 # O_EXCL makes creation atomic: of two runs started at once, exactly one wins.
@@ -183,7 +182,7 @@ class RunLock:
                     f"{self.directory} is in use by pid {current.get('pid')} on {current.get('hostname')} "
                     f"(started {when}); stop that run first, use another run.experiment_dir, or delete "
                     f"{self.path} if that run no longer exists"
-                )
+                ) from None
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 json.dump(info, f)
                 f.flush()
@@ -200,7 +199,7 @@ class RunLock:
             self.path.unlink(missing_ok=True)
         self.held = False
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:

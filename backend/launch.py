@@ -39,8 +39,9 @@ def cuda_present() -> bool:
     return shutil.which("nvidia-smi") is not None or Path("/dev/nvidia0").exists()
 
 
-def accelerate_config_yaml(num_processes: int, zero_stage: int, training_dtype: str = "fp32",
-                           main_process_port: int | None = None) -> str:
+def accelerate_config_yaml(
+    num_processes: int, zero_stage: int, training_dtype: str = "fp32", main_process_port: int | None = None
+) -> str:
     """Text of an accelerate launch config for one machine; see the module docstring for each choice."""
     lines = [
         "# written by backend.launch; the backend builds the FSDP plugin from the training config",
@@ -71,8 +72,14 @@ def _resolved(config_path, extra_overrides):
     return load_train_config(config_path, list(extra_overrides))
 
 
-def train_command(config_path, num_processes: int = 1, use_cpu: bool | None = None, extra_overrides=(),
-                  main_process_port: int | None = None, module: str = "backend.train") -> list[str]:
+def train_command(
+    config_path,
+    num_processes: int = 1,
+    use_cpu: bool | None = None,
+    extra_overrides=(),
+    main_process_port: int | None = None,
+    module: str = "backend.train",
+) -> list[str]:
     """argv that trains `config_path` with `num_processes` processes (writes the accelerate YAML when > 1).
 
     use_cpu: None = detect (no NVIDIA GPU -> CPU); only decides the environment (train_env), kept for callers
@@ -84,13 +91,25 @@ def train_command(config_path, num_processes: int = 1, use_cpu: bool | None = No
         return [sys.executable, "-m", module, config_path, *overrides]
     cfg = _resolved(config_path, overrides)
     yaml_path = Path(config_path).resolve().parent / f"accelerate_{int(num_processes)}proc.yaml"
-    text = accelerate_config_yaml(num_processes, int(cfg.model.multi_stage.zero_stage),
-                                  cfg.model.distributed.training_dtype, main_process_port)
+    text = accelerate_config_yaml(
+        num_processes, int(cfg.model.multi_stage.zero_stage), cfg.model.distributed.training_dtype, main_process_port
+    )
     tmp = yaml_path.with_name(yaml_path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, yaml_path)
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(yaml_path),
-            "--num_processes", str(int(num_processes)), "-m", module, config_path, *overrides]
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(yaml_path),
+        "--num_processes",
+        str(int(num_processes)),
+        "-m",
+        module,
+        config_path,
+        *overrides,
+    ]
 
 
 def prepare_command(config_path, force: bool = False) -> list[str]:

@@ -101,7 +101,9 @@ def _forward_kwargs(model: nn.Module, batch: dict) -> dict:
         # that way); without them sdpa_packed falls back to position-id restarts.
         for key in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"):
             if key not in batch:
-                raise KeyError(f"batch has no {key!r}: flash_attention_2 needs the cu_seq_lens from backend.packing.collate")
+                raise KeyError(
+                    f"batch has no {key!r}: flash_attention_2 needs the cu_seq_lens from backend.packing.collate"
+                )
             kwargs[key] = batch[key]
     return kwargs
 

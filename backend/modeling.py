@@ -26,8 +26,14 @@ import torch
 
 log = logging.getLogger("sft_studio.modeling")
 
-DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-          "fp32": torch.float32, "float32": torch.float32}
+DTYPES = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+}
 FLASH = "flash_attention_2"
 PACKED_SDPA = "sdpa_packed"  # backend/attention.py: causal SDPA per document, no dense (L, L) mask
 
@@ -52,12 +58,22 @@ def select_attention(use_flash_attention: bool, device=None) -> tuple[str, str]:
     if not use_flash_attention:
         impl, reason = PACKED_SDPA, "use_flash_attention is off: using sdpa_packed (causal SDPA per document)"
     elif importlib.util.find_spec("flash_attn") is None:
-        impl, reason = PACKED_SDPA, ("use_flash_attention is on but the flash_attn package is not installed "
-                                     "(pip install 'sft-studio[gpu]'): falling back to sdpa_packed "
-                                     "(causal SDPA per document)")
+        impl, reason = (
+            PACKED_SDPA,
+            (
+                "use_flash_attention is on but the flash_attn package is not installed "
+                "(pip install 'sft-studio[gpu]'): falling back to sdpa_packed "
+                "(causal SDPA per document)"
+            ),
+        )
     elif not on_cuda:
-        impl, reason = PACKED_SDPA, (f"use_flash_attention is on but the device is {device}, not CUDA: "
-                                     "falling back to sdpa_packed (causal SDPA per document)")
+        impl, reason = (
+            PACKED_SDPA,
+            (
+                f"use_flash_attention is on but the device is {device}, not CUDA: "
+                "falling back to sdpa_packed (causal SDPA per document)"
+            ),
+        )
     else:
         impl, reason = FLASH, "flash_attention_2 (varlen over cu_seq_lens: packed documents stay separate)"
     log.info("attention: %s", reason)
@@ -88,8 +104,10 @@ def load_model(path, dtype="fp32", attn_implementation: str = "sdpa", random_ini
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
     except (OSError, ValueError) as e:
-        raise type(e)(f"pretrained.path {path!s}: could not load the model ({e}). Check the path holds a Hugging "
-                      "Face model (config.json + weights) or a hub id reachable from this machine.") from e
+        raise type(e)(
+            f"pretrained.path {path!s}: could not load the model ({e}). Check the path holds a Hugging "
+            "Face model (config.json + weights) or a hub id reachable from this machine."
+        ) from e
     return prepare_for_packed_training(model)
 
 
@@ -128,7 +146,7 @@ def position_segments(position_ids: torch.Tensor) -> torch.Tensor:
     lengths = []
     for row in position_ids:
         starts = [0] + (torch.nonzero(torch.diff(row) != 1).flatten() + 1).tolist() + [len(row)]
-        lengths += [b - a for a, b in zip(starts[:-1], starts[1:])]
+        lengths += [b - a for a, b in zip(starts[:-1], starts[1:], strict=False)]
     return torch.tensor(lengths)
 
 
@@ -148,7 +166,9 @@ def flatten_micro_batch(batch: dict, check_positions: bool = True) -> dict:
         got = position_segments(out["position_ids"])
         want = torch.diff(batch["cu_seq_lens_q"].long())
         if not torch.equal(got, want):
-            raise ValueError("flatten_micro_batch: position ids of the flattened batch do not separate the documents "
-                             "as cu_seq_lens does (a continuation piece follows a row ending one position "
-                             "earlier); keep the (B, L) layout for sdpa/eager")
+            raise ValueError(
+                "flatten_micro_batch: position ids of the flattened batch do not separate the documents "
+                "as cu_seq_lens does (a continuation piece follows a row ending one position "
+                "earlier); keep the (B, L) layout for sdpa/eager"
+            )
     return out

@@ -112,8 +112,10 @@ class PackingPlan:
 
     def row(self, i: int) -> list[Piece]:
         a, b = self.row_offsets[i], self.row_offsets[i + 1]
-        return [Piece(int(d), int(s), int(e)) for d, s, e in
-                zip(self.piece_document[a:b], self.piece_begin[a:b], self.piece_end[a:b])]
+        return [
+            Piece(int(d), int(s), int(e))
+            for d, s, e in zip(self.piece_document[a:b], self.piece_begin[a:b], self.piece_end[a:b], strict=False)
+        ]
 
     @cached_property
     def rows(self) -> list[list[Piece]]:
@@ -154,7 +156,7 @@ class PackingPlan:
             "padding": self.padding,
         }
 
-    def take_rows(self, order: np.ndarray) -> "PackingPlan":
+    def take_rows(self, order: np.ndarray) -> PackingPlan:
         """The same plan with rows reordered (row k of the result is row order[k] of this one)."""
         order = np.asarray(order, dtype=np.int64)
         counts = np.diff(self.row_offsets)[order]
@@ -163,18 +165,40 @@ class PackingPlan:
         # index of each output piece in the input arrays
         starts = self.row_offsets[order]
         idx = np.repeat(starts - offsets[:-1], counts) + np.arange(offsets[-1], dtype=np.int64)
-        return PackingPlan(self.sequence_length, self.strategy, self.truncate_documents, offsets,
-                           self.piece_document[idx], self.piece_begin[idx], self.piece_end[idx], self.skipped,
-                           self.num_documents, self.num_tokens, self.tokens_skipped, self.documents_empty,
-                           dict(self.extra))
+        return PackingPlan(
+            self.sequence_length,
+            self.strategy,
+            self.truncate_documents,
+            offsets,
+            self.piece_document[idx],
+            self.piece_begin[idx],
+            self.piece_end[idx],
+            self.skipped,
+            self.num_documents,
+            self.num_tokens,
+            self.tokens_skipped,
+            self.documents_empty,
+            dict(self.extra),
+        )
 
-    def map_documents(self, ids: np.ndarray) -> "PackingPlan":
+    def map_documents(self, ids: np.ndarray) -> PackingPlan:
         """The same plan with document ids translated through `ids` (position in the packed order -> real id)."""
         ids = np.asarray(ids, dtype=np.int64)
-        return PackingPlan(self.sequence_length, self.strategy, self.truncate_documents, self.row_offsets,
-                           ids[self.piece_document], self.piece_begin, self.piece_end, ids[self.skipped],
-                           self.num_documents, self.num_tokens, self.tokens_skipped, self.documents_empty,
-                           dict(self.extra))
+        return PackingPlan(
+            self.sequence_length,
+            self.strategy,
+            self.truncate_documents,
+            self.row_offsets,
+            ids[self.piece_document],
+            self.piece_begin,
+            self.piece_end,
+            ids[self.skipped],
+            self.num_documents,
+            self.num_tokens,
+            self.tokens_skipped,
+            self.documents_empty,
+            dict(self.extra),
+        )
 
 
 def _check_lengths(lengths, sequence_length) -> np.ndarray:
@@ -191,15 +215,18 @@ def _check_lengths(lengths, sequence_length) -> np.ndarray:
     return lengths
 
 
-def pack(lengths, sequence_length: int, strategy: str = "best_fit", window: int = 1000,
-         truncate_documents: bool = False) -> PackingPlan:
+def pack(
+    lengths, sequence_length: int, strategy: str = "best_fit", window: int = 1000, truncate_documents: bool = False
+) -> PackingPlan:
     """Plan rows of `sequence_length` tokens over documents 0..D-1 taken in the given order.
 
     >>> plan = pack([5, 4, 9, 3], 12, strategy="greedy")
     >>> plan.rows   # [5,4] fit (9 tokens); 9 does not fit in the 3 left: new row; 3 fits with it
-    [[Piece(document=0, begin=0, end=5), Piece(document=1, begin=0, end=4)], [Piece(document=2, begin=0, end=9), Piece(document=3, begin=0, end=3)]]
+    [[Piece(document=0, begin=0, end=5), Piece(document=1, begin=0, end=4)],
+     [Piece(document=2, begin=0, end=9), Piece(document=3, begin=0, end=3)]]
     >>> pack([5, 4, 9, 3], 12, truncate_documents=True).rows   # stream cut at 12; piece of 2 starts 1 before the cut
-    [[Piece(document=0, begin=0, end=5), Piece(document=1, begin=0, end=4), Piece(document=2, begin=0, end=3)], [Piece(document=2, begin=2, end=9), Piece(document=3, begin=0, end=3)]]
+    [[Piece(document=0, begin=0, end=5), Piece(document=1, begin=0, end=4), Piece(document=2, begin=0, end=3)],
+     [Piece(document=2, begin=2, end=9), Piece(document=3, begin=0, end=3)]]
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"pack: unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
@@ -218,15 +245,31 @@ def pack(lengths, sequence_length: int, strategy: str = "best_fit", window: int 
             offsets, docs, begins, ends = _pack_greedy(lengths, L)
         else:
             offsets, docs, begins, ends = _pack_best_fit(lengths, L, int(window))
-    return PackingPlan(L, strategy, bool(truncate_documents), offsets, docs, begins, ends, skipped, n,
-                       int(lengths.sum()), int(lengths[skipped].sum()), empty)
+    return PackingPlan(
+        L,
+        strategy,
+        bool(truncate_documents),
+        offsets,
+        docs,
+        begins,
+        ends,
+        skipped,
+        n,
+        int(lengths.sum()),
+        int(lengths[skipped].sum()),
+        empty,
+    )
 
 
 def _arrays(row_sizes, docs, begins, ends):
     offsets = np.zeros(len(row_sizes) + 1, dtype=np.int64)
     np.cumsum(np.asarray(row_sizes, dtype=np.int64), out=offsets[1:])
-    return (offsets, np.asarray(docs, dtype=np.int64), np.asarray(begins, dtype=np.int64),
-            np.asarray(ends, dtype=np.int64))
+    return (
+        offsets,
+        np.asarray(docs, dtype=np.int64),
+        np.asarray(begins, dtype=np.int64),
+        np.asarray(ends, dtype=np.int64),
+    )
 
 
 def _pack_greedy(lengths: np.ndarray, L: int):
@@ -246,14 +289,14 @@ def _pack_greedy(lengths: np.ndarray, L: int):
 def _pack_best_fit(lengths: np.ndarray, L: int, window: int):
     out_docs, row_sizes = [], []
     for w0 in range(0, len(lengths), window):
-        lw = lengths[w0:w0 + window]
+        lw = lengths[w0 : w0 + window]
         ok = np.flatnonzero((lw > 0) & (lw <= L))
         # longest first; stable so that equal lengths keep the shuffled order
         order = ok[np.argsort(-lw[ok], kind="stable")]
         bins: list[list[int]] = []
         room: list[int] = []  # sorted remaining capacities of open rows
         room_bin: list[int] = []  # row index for each entry of `room`
-        for j, ln in zip((order + w0).tolist(), lw[order].tolist()):
+        for j, ln in zip((order + w0).tolist(), lw[order].tolist(), strict=False):
             k = bisect.bisect_left(room, ln)  # the open row with the least room that still fits
             if k < len(room):
                 left = room.pop(k) - ln
@@ -286,7 +329,9 @@ def _pack_stream(lengths: np.ndarray, L: int):
                 row_sizes.append(count)
                 used, count = 0, 0
             take = min(ln - start, L - used)
-            docs.append(d); begins.append(start); ends.append(start + take)
+            docs.append(d)
+            begins.append(start)
+            ends.append(start + take)
             used += take
             count += 1
             if start + take >= ln:
@@ -312,8 +357,15 @@ class PackedSampler:
     ([4], 2)
     """
 
-    def __init__(self, lengths, sequence_length: int, seed: int = 0, strategy: str = "best_fit",
-                 window: int = 1000, truncate_documents: bool = False):
+    def __init__(
+        self,
+        lengths,
+        sequence_length: int,
+        seed: int = 0,
+        strategy: str = "best_fit",
+        window: int = 1000,
+        truncate_documents: bool = False,
+    ):
         self.lengths = _check_lengths(lengths, sequence_length)
         self.sequence_length = int(sequence_length)
         self.seed = int(seed)
@@ -322,12 +374,16 @@ class PackedSampler:
         self.truncate_documents = bool(truncate_documents)
         if strategy not in STRATEGIES:
             raise ValueError(f"PackedSampler: unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
-        placeable = self.lengths > 0 if self.truncate_documents else (self.lengths > 0) & (self.lengths <= self.sequence_length)
+        placeable = (
+            self.lengths > 0 if self.truncate_documents else (self.lengths > 0) & (self.lengths <= self.sequence_length)
+        )
         if not placeable.any():
             raise ValueError(
                 f"PackedSampler: no document can be packed: {len(self.lengths)} documents, longest "
-                f"{int(self.lengths.max()) if len(self.lengths) else 0} tokens, sequence_length {self.sequence_length}. "
-                "Raise batch.sequence_length or set data.truncate_documents: yes.")
+                f"{int(self.lengths.max()) if len(self.lengths) else 0} tokens, "
+                f"sequence_length {self.sequence_length}. "
+                "Raise batch.sequence_length or set data.truncate_documents: yes."
+            )
         self._plans: dict[int, PackingPlan] = {}
         self._epoch_rows: list[int] = []  # rows in epochs 0..k-1
         self._epoch_start = [0]  # global index of each epoch's first row
@@ -386,8 +442,9 @@ class PackedSampler:
         return [self.row(i) for i in range(start, start + count)]
 
     @staticmethod
-    def micro_batch_indices(step: int, batch_size: int, micro_batch_size: int, rank: int = 0,
-                            world_size: int = 1) -> list[list[int]]:
+    def micro_batch_indices(
+        step: int, batch_size: int, micro_batch_size: int, rank: int = 0, world_size: int = 1
+    ) -> list[list[int]]:
         """Global row indices for one rank at one optimizer step, grouped in micro-batches.
 
         The step's rows are always [step*batch_size, (step+1)*batch_size), whatever the world size; rank r takes
@@ -395,26 +452,32 @@ class PackedSampler:
         rank 0 -> [[8s, 8s+1], [8s+2, 8s+3]], rank 1 -> [[8s+4, 8s+5], [8s+6, 8s+7]].
         """
         if micro_batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"micro_batches: bad micro_batch_size={micro_batch_size}, rank={rank}, "
-                             f"world_size={world_size}")
+            raise ValueError(
+                f"micro_batches: bad micro_batch_size={micro_batch_size}, rank={rank}, world_size={world_size}"
+            )
         if batch_size % (micro_batch_size * world_size):
             raise ValueError(
                 f"batch.batch_size ({batch_size}) must be a multiple of batch.micro_batch_size ({micro_batch_size}) "
                 f"x number of processes ({world_size}); e.g. batch_size: "
-                f"{max(1, round(batch_size / (micro_batch_size * world_size))) * micro_batch_size * world_size}")
+                f"{max(1, round(batch_size / (micro_batch_size * world_size))) * micro_batch_size * world_size}"
+            )
         per_rank = batch_size // world_size
         first = step * batch_size + rank * per_rank
         return [list(range(first + m, first + m + micro_batch_size)) for m in range(0, per_rank, micro_batch_size)]
 
-    def micro_batches(self, step: int, batch_size: int, micro_batch_size: int, rank: int = 0,
-                      world_size: int = 1) -> list[list[list[Piece]]]:
+    def micro_batches(
+        self, step: int, batch_size: int, micro_batch_size: int, rank: int = 0, world_size: int = 1
+    ) -> list[list[list[Piece]]]:
         """Rows (lists of `Piece`) for one rank at one step: a list of micro-batches, each a list of rows."""
-        return [[self.row(i) for i in mb]
-                for mb in self.micro_batch_indices(step, batch_size, micro_batch_size, rank, world_size)]
+        return [
+            [self.row(i) for i in mb]
+            for mb in self.micro_batch_indices(step, batch_size, micro_batch_size, rank, world_size)
+        ]
 
 
-def collate(rows: list[list[Piece]], dataset, sequence_length: int, cross_document_attention: bool = False,
-            pad_id: int = 0) -> dict:
+def collate(
+    rows: list[list[Piece]], dataset, sequence_length: int, cross_document_attention: bool = False, pad_id: int = 0
+) -> dict:
     """Rows of pieces -> model inputs (see the module docstring for a drawn example).
 
     `dataset.document(i) -> (tokens, trained)` (backend.dataset.TokenDataset or anything with that method).
@@ -437,23 +500,27 @@ def collate(rows: list[list[Piece]], dataset, sequence_length: int, cross_docume
             d, begin, end = int(piece[0]), int(piece[1]), int(piece[2])
             tokens, trained = dataset.document(d)
             if not 0 <= begin < end <= len(tokens):
-                raise ValueError(f"collate: row {r} piece {piece} is outside document {d} "
-                                 f"({len(tokens)} tokens); was the plan built from another dataset?")
+                raise ValueError(
+                    f"collate: row {r} piece {piece} is outside document {d} "
+                    f"({len(tokens)} tokens); was the plan built from another dataset?"
+                )
             n = end - begin
             if t + n > L:
-                raise ValueError(f"collate: row {r} holds {t + n} tokens > sequence_length {L}; the plan was "
-                                 "built with another sequence_length")
+                raise ValueError(
+                    f"collate: row {r} holds {t + n} tokens > sequence_length {L}; the plan was "
+                    "built with another sequence_length"
+                )
             tok = np.asarray(tokens[begin:end], dtype=np.int64)
             lab = np.where(np.asarray(trained[begin:end], dtype=bool), tok, IGNORE_INDEX)
             lab[0] = IGNORE_INDEX  # its predictor (slot t-1) is another document / row: never a target
-            input_ids[r, t:t + n] = tok
-            labels[r, t:t + n] = lab
-            position_ids[r, t:t + n] = np.arange(begin, end)  # continuation pieces continue their positions
+            input_ids[r, t : t + n] = tok
+            labels[r, t : t + n] = lab
+            position_ids[r, t : t + n] = np.arange(begin, end)  # continuation pieces continue their positions
             segments.append(n)
             t += n
         if cross_document_attention:
             position_ids[r] = np.arange(L)
-            segments[len(segments) - len(row):] = []
+            segments[len(segments) - len(row) :] = []
             segments.append(L)
         elif t < L:
             position_ids[r, t:] = np.arange(L - t)  # padding: its own segment, positions from 0

@@ -51,17 +51,28 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from backend.dataset import ShardWriter, TokenDataset, descriptor_name
 
+if TYPE_CHECKING:
+    from backend.config import PrepareConfig
+
 __all__ = ["prepare", "PrepareError", "repair_spans", "split_assignment", "main"]
 
 CHUNK_ROWS = 512  # rows per worker task: big enough for the batched tokenizer, small enough for smooth progress
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
-BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".tsv": "csv",
-            ".arrow": "arrow", ".txt": "text"}
+BUILDERS = {
+    ".json": "json",
+    ".jsonl": "json",
+    ".parquet": "parquet",
+    ".csv": "csv",
+    ".tsv": "csv",
+    ".arrow": "arrow",
+    ".txt": "text",
+}
 SKIP_REASONS = ("unparseable_row", "missing_field", "empty_text", "bad_spans", "bad_conversation", "no_trained_tokens")
 
 
@@ -93,16 +104,21 @@ def repair_spans(raw, text_len: int) -> tuple[list[tuple[int, int]] | None, list
         return None, [], f"spans must be a list of [begin, end] pairs, got {type(raw).__name__}"
     spans, notes = [], []
     for s in raw:
-        if (not isinstance(s, (list, tuple, np.ndarray)) or len(s) != 2
-                or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in s)):
+        if (
+            not isinstance(s, (list, tuple, np.ndarray))
+            or len(s) != 2
+            or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in s)
+        ):
             return None, [], f"span {s!r} is not a pair of integers [begin, end]"
         b, e = int(s[0]), int(s[1])
         if b > e:
             return None, [], f"reversed span [{b}, {e}] (begin > end)"
         if b < 0 or e > text_len - 1:
             cb, ce = max(b, 0), min(e, text_len - 1)
-            notes.append(f"spans_clipped: span [{b}, {e}] outside text of {text_len} chars"
-                         + (f" clipped to [{cb}, {ce}]" if cb <= ce else " dropped"))
+            notes.append(
+                f"spans_clipped: span [{b}, {e}] outside text of {text_len} chars"
+                + (f" clipped to [{cb}, {ce}]" if cb <= ce else " dropped")
+            )
             if cb > ce:
                 continue
             b, e = cb, ce
@@ -167,7 +183,7 @@ def split_assignment(n_rows: int, splits: dict[str, float], seed: int) -> np.nda
     out = np.empty(n_rows, dtype=np.uint8)
     bounds = np.concatenate([[0], np.cumsum(counts)])
     for k in range(len(names)):
-        out[perm[bounds[k]:bounds[k + 1]]] = k
+        out[perm[bounds[k] : bounds[k + 1]]] = k
     return out
 
 
@@ -219,7 +235,7 @@ class _JsonlSource:
         file_ids, offsets, lines = task
         handle, current = None, -1
         try:
-            for f_id, off, lineno in zip(file_ids, offsets, lines):
+            for f_id, off, lineno in zip(file_ids, offsets, lines, strict=False):
                 if f_id != current:
                     if handle:
                         handle.close()
@@ -231,8 +247,11 @@ class _JsonlSource:
                 except (ValueError, UnicodeDecodeError) as e:
                     yield _BadRow(f"{self.files[f_id]} line {lineno}: not valid JSON ({e})")
                     continue
-                yield row if isinstance(row, dict) else _BadRow(
-                    f"{self.files[f_id]} line {lineno}: a JSON {type(row).__name__}, expected an object")
+                yield (
+                    row
+                    if isinstance(row, dict)
+                    else _BadRow(f"{self.files[f_id]} line {lineno}: a JSON {type(row).__name__}, expected an object")
+                )
         finally:
             if handle:
                 handle.close()
@@ -262,8 +281,8 @@ class _HFSource:
         start, stop = task
         cols = [c for c in self.needed if c in self.dataset.column_names] or self.dataset.column_names
         batch = self.dataset.select_columns(cols)[start:stop]
-        for values in zip(*(batch[c] for c in cols)):
-            yield dict(zip(cols, values))
+        for values in zip(*(batch[c] for c in cols), strict=False):
+            yield dict(zip(cols, values, strict=False))
 
 
 def _input_files(path: str) -> list[str] | None:
@@ -284,16 +303,20 @@ def _load_kwargs(ds_cfg, loading_workers: int) -> dict:
         kwargs["trust_remote_code"] = ds_cfg.trust_remote_code
     elif ds_cfg.trust_remote_code:
         import datasets
-        _print(f"note: dataset.trust_remote_code is set but datasets {datasets.__version__} no longer runs dataset "
-               "loading scripts; the option is ignored")
+
+        _print(
+            f"note: dataset.trust_remote_code is set but datasets {datasets.__version__} no longer runs dataset "
+            "loading scripts; the option is ignored"
+        )
     if loading_workers > 1:
         kwargs["num_proc"] = loading_workers
     return kwargs
 
 
 def _pick_split(obj, split: str, path: str):
-    from backend.config import ConfigError  # lazy: workers never need pydantic
     from datasets import DatasetDict
+
+    from backend.config import ConfigError  # lazy: workers never need pydantic
 
     if isinstance(obj, DatasetDict):
         if split not in obj:
@@ -305,11 +328,11 @@ def _pick_split(obj, split: str, path: str):
 def open_source(cfg: PrepareConfig):
     """The configured input as a row source (`_JsonlSource` or `_HFSource`)."""
     from backend.config import ConfigError  # lazy: workers never need pydantic
+
     ds = cfg.dataset
     path = ds.path
     workers = max(1, min(cfg.loading_workers, os.cpu_count() or 1))
     try:
-        import datasets
         from datasets import load_dataset, load_from_disk
 
         if ds.data_files is not None:
@@ -324,8 +347,12 @@ def open_source(cfg: PrepareConfig):
                 return _JsonlSource(files, path)
             unknown = suffixes - set(BUILDERS)
             if unknown or len({BUILDERS[s] for s in suffixes}) != 1:
-                raise ConfigError([f"dataset.path: cannot tell the file format of {path!r} (suffixes "
-                                   f"{sorted(suffixes)}); use one of {', '.join(sorted(BUILDERS))}"])
+                raise ConfigError(
+                    [
+                        f"dataset.path: cannot tell the file format of {path!r} (suffixes "
+                        f"{sorted(suffixes)}); use one of {', '.join(sorted(BUILDERS))}"
+                    ]
+                )
             builder = BUILDERS[suffixes.pop()]
             kwargs = _load_kwargs(ds, workers)
             kwargs.pop("trust_remote_code", None)
@@ -338,8 +365,12 @@ def open_source(cfg: PrepareConfig):
                 return _HFSource(_pick_split(load_from_disk(path), ds.split, path), path)
             return _HFSource(load_dataset(path, ds.name, split=ds.split, **_load_kwargs(ds, workers)), path)
         if path.startswith((".", "/", "~")) or Path(path).suffix.lower() in BUILDERS:
-            raise ConfigError([f"dataset.path: {path!r} does not exist (relative paths are resolved against "
-                               f"the current directory {os.getcwd()})"])
+            raise ConfigError(
+                [
+                    f"dataset.path: {path!r} does not exist (relative paths are resolved against "
+                    f"the current directory {os.getcwd()})"
+                ]
+            )
         return _HFSource(load_dataset(path, ds.name, split=ds.split, **_load_kwargs(ds, workers)), path)
     except (ConfigError, PrepareError):
         raise
@@ -468,8 +499,9 @@ def _process_chunk(start: int, task) -> _ChunkResult:
         rendered_list.append(rendered)
 
     if not texts:
-        return _ChunkResult(n, np.zeros(0, np.int64), np.zeros(0, np.uint8), np.zeros(0, bool),
-                            np.zeros(1, np.int64), problems)
+        return _ChunkResult(
+            n, np.zeros(0, np.int64), np.zeros(0, np.uint8), np.zeros(0, bool), np.zeros(1, np.int64), problems
+        )
     # the whole chunk as flat arrays (one dtype cast, one cumsum); per document only views are cut
     dtype = np.uint8 if job.vocab_size <= 256 else np.uint16 if job.vocab_size <= 65536 else np.uint32
     flat = chat._tokenize_flat(texts, spans_list, tokenizer)
@@ -478,9 +510,11 @@ def _process_chunk(start: int, task) -> _ChunkResult:
     n_trained = csum[bounds[1:]] - csum[bounds[:-1]]
     keep = n_trained > 0
     for j in np.flatnonzero(~keep).tolist():
-        problems.append((rows[j], "no_trained_tokens", f"no token is trained ({bounds[j + 1] - bounds[j]} tokens)", True))
+        problems.append(
+            (rows[j], "no_trained_tokens", f"no token is trained ({bounds[j + 1] - bounds[j]} tokens)", True)
+        )
     checked = [j for j in np.flatnonzero(keep).tolist() if rendered_list[j] is not None]
-    for j, sample in zip(checked, flat.samples(checked)):  # health warnings of the one-step form
+    for j, sample in zip(checked, flat.samples(checked), strict=False):  # health warnings of the one-step form
         for p in chat.check_sample(rendered_list[j], sample, tokenizer):
             code, _, message = p.partition(": ")
             problems.append((rows[j], code, message, False))
@@ -517,8 +551,7 @@ def _run_chunks(job: _Job, source, n_rows: int, workers: int, tokenizer):
         ctx.set_forkserver_preload(["numpy", "tokenizers", "backend.chat", "backend.prepare"])
     else:
         ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=ctx,
-                             initializer=_init_worker, initargs=(job, None, workers)) as pool:
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(job, None, workers)) as pool:
         pending = deque()
         for s, task in tasks:
             pending.append(pool.submit(_worker_chunk, (s, task)))
@@ -530,27 +563,39 @@ def _run_chunks(job: _Job, source, n_rows: int, workers: int, tokenizer):
 
 def _detect_form(cfg: PrepareConfig, columns: list[str], where: str) -> tuple[str, str | None]:
     from backend.config import ConfigError  # lazy: workers never need pydantic
+
     ds = cfg.dataset
     listed = ", ".join(columns) if columns else "(none)"
     if ds.loss_masking_spans:
-        missing = [f"dataset.{k}: column {v!r} not found in {where}; its columns are: {listed}"
-                   for k, v in (("field", ds.field), ("loss_masking_spans", ds.loss_masking_spans)) if v not in columns]
+        missing = [
+            f"dataset.{k}: column {v!r} not found in {where}; its columns are: {listed}"
+            for k, v in (("field", ds.field), ("loss_masking_spans", ds.loss_masking_spans))
+            if v not in columns
+        ]
         if missing:
             raise ConfigError(missing)
         return "spans", None
     if ds.conversations_field:
         if ds.conversations_field not in columns:
-            raise ConfigError([f"dataset.conversations_field: column {ds.conversations_field!r} not found in "
-                               f"{where}; its columns are: {listed}"])
+            raise ConfigError(
+                [
+                    f"dataset.conversations_field: column {ds.conversations_field!r} not found in "
+                    f"{where}; its columns are: {listed}"
+                ]
+            )
         return "chat", ds.conversations_field
     for name in ("conversations", "messages"):
         if name in columns:
             return "chat", name
     if ds.field in columns:
         return "text", None
-    raise ConfigError([f"dataset.field: column {ds.field!r} not found in {where}, and no 'conversations' or "
-                       f"'messages' column either; its columns are: {listed}. Set dataset.field (plus "
-                       "dataset.loss_masking_spans for the guide's text+spans form) or dataset.conversations_field"])
+    raise ConfigError(
+        [
+            f"dataset.field: column {ds.field!r} not found in {where}, and no 'conversations' or "
+            f"'messages' column either; its columns are: {listed}. Set dataset.field (plus "
+            "dataset.loss_masking_spans for the guide's text+spans form) or dataset.conversations_field"
+        ]
+    )
 
 
 def tokenizer_info(tokenizer, path: str, chat_template: str | None) -> dict:
@@ -576,8 +621,10 @@ def output_hash(cfg: PrepareConfig) -> str:
     """`config_hash` of the settings that change the output's content: worker counts (same output, by design)
     and output_path (where it lies) are left out."""
     from backend.config import config_hash  # lazy: workers never need pydantic
-    return config_hash(cfg.model_copy(update={"output_path": ".", "loading_workers": 1, "tokenize_workers": 1,
-                                              "saving_workers": 1}))
+
+    return config_hash(
+        cfg.model_copy(update={"output_path": ".", "loading_workers": 1, "tokenize_workers": 1, "saving_workers": 1})
+    )
 
 
 # ------------------------------------------------------------------------------------ output directories
@@ -594,7 +641,7 @@ def _pid_alive(pid: int) -> bool:
 def _clean_stale(out: Path) -> None:
     """Remove ``<out>.tmp-<pid>`` / ``<out>.old-<pid>`` left by a killed run; refuse if that run is alive."""
     for p in out.parent.glob(f"{glob.escape(out.name)}.*-*"):
-        kind, _, pid = p.name[len(out.name) + 1:].partition("-")
+        kind, _, pid = p.name[len(out.name) + 1 :].partition("-")
         if kind not in ("tmp", "old") or not pid.isdigit():
             continue
         if int(pid) != os.getpid() and _pid_alive(int(pid)):
@@ -627,25 +674,36 @@ def _percentiles(lengths: np.ndarray) -> dict:
     if len(lengths) == 0:
         return {}
     q = np.percentile(lengths, [50, 90, 99])
-    return {"min": int(lengths.min()), "p50": float(q[0]), "p90": float(q[1]), "p99": float(q[2]),
-            "max": int(lengths.max()), "mean": float(lengths.mean())}
+    return {
+        "min": int(lengths.min()),
+        "p50": float(q[0]),
+        "p90": float(q[1]),
+        "p99": float(q[2]),
+        "max": int(lengths.max()),
+        "mean": float(lengths.mean()),
+    }
 
 
 def _summary_lines(summary: dict) -> list[str]:
-    lines = [f"prepared {summary['output_path']}: {summary['input_rows']} input rows -> "
-             f"{summary['num_documents']} documents, {summary['num_tokens']:,} tokens, "
-             f"{summary['trained_token_share']:.1%} trained"]
+    lines = [
+        f"prepared {summary['output_path']}: {summary['input_rows']} input rows -> "
+        f"{summary['num_documents']} documents, {summary['num_tokens']:,} tokens, "
+        f"{summary['trained_token_share']:.1%} trained"
+    ]
     for name, s in summary["splits"].items():
         lines.append(f"  {name}: {s['num_documents']} documents, {s['num_tokens']:,} tokens")
     lp = summary["length_percentiles"]
     if lp:
-        lines.append(f"  document length: p50 {lp['p50']:.0f}, p90 {lp['p90']:.0f}, p99 {lp['p99']:.0f}, "
-                     f"max {lp['max']}")
+        lines.append(
+            f"  document length: p50 {lp['p50']:.0f}, p90 {lp['p90']:.0f}, p99 {lp['p99']:.0f}, max {lp['max']}"
+        )
     long = summary.get("longer_than_sequence_length")
     if long:
-        lines.append(f"  longer than sequence_length {long['sequence_length']}: {long['documents']} documents "
-                     f"holding {long['tokens']:,} tokens ({long['token_share']:.1%} of tokens) - skipped in "
-                     "training with truncate_documents: no")
+        lines.append(
+            f"  longer than sequence_length {long['sequence_length']}: {long['documents']} documents "
+            f"holding {long['tokens']:,} tokens ({long['token_share']:.1%} of tokens) - skipped in "
+            "training with truncate_documents: no"
+        )
     for title, key in (("skipped", "skipped"), ("repaired / warnings (rows kept)", "warnings")):
         for code, count in summary[key].items():
             ex = summary["examples"].get(code, [])
@@ -675,8 +733,10 @@ def prepare(config, force: bool = False, progress: bool = True) -> dict:
         done = _read_done(out)
         if done is None:
             if not force:
-                raise PrepareError(f"output_path {out} exists but is not a completed prepare (no DONE marker); "
-                                   "remove it, choose another output_path, or pass --force to replace it")
+                raise PrepareError(
+                    f"output_path {out} exists but is not a completed prepare (no DONE marker); "
+                    "remove it, choose another output_path, or pass --force to replace it"
+                )
         elif done.get("prepare_hash") == digest and done.get("input_fingerprint") == fingerprint and not force:
             _print(f"{out}: already prepared, nothing to do (config hash {digest})")
             try:
@@ -685,11 +745,16 @@ def prepare(config, force: bool = False, progress: bool = True) -> dict:
                 summary = {}
             return {**summary, "status": "already_prepared"}
         elif not force:
-            why = ("the input files changed since" if done.get("prepare_hash") == digest
-                   else f"it was prepared with a different config (hash {done.get('prepare_hash')}, now {digest}); "
-                        f"see {out / 'prepare_config.yaml'}")
-            raise PrepareError(f"output_path {out} already holds a prepared dataset and {why}. Pass --force to "
-                               "replace it, or choose another output_path")
+            why = (
+                "the input files changed since"
+                if done.get("prepare_hash") == digest
+                else f"it was prepared with a different config (hash {done.get('prepare_hash')}, now {digest}); "
+                f"see {out / 'prepare_config.yaml'}"
+            )
+            raise PrepareError(
+                f"output_path {out} already holds a prepared dataset and {why}. Pass --force to "
+                "replace it, or choose another output_path"
+            )
 
     tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -698,8 +763,12 @@ def prepare(config, force: bool = False, progress: bool = True) -> dict:
         summary = _prepare_into(cfg, tmp, digest, fingerprint, progress)
         summary["output_path"] = str(out)
         # the order below is what makes a kill safe: DONE last inside tmp, then renames
-        (tmp / "DONE").write_text(json.dumps({"prepare_hash": digest, "input_fingerprint": fingerprint,
-                                              "time": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
+        (tmp / "DONE").write_text(
+            json.dumps(
+                {"prepare_hash": digest, "input_fingerprint": fingerprint, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            )
+            + "\n"
+        )
         _fsync_dir(tmp)
         old = None
         if out.exists():
@@ -718,8 +787,8 @@ def prepare(config, force: bool = False, progress: bool = True) -> dict:
 
 
 def _prepare_into(cfg: PrepareConfig, tmp: Path, digest: str, fingerprint, progress: bool) -> dict:
-    from backend.config import ConfigError, dump_yaml  # lazy: workers never need pydantic
     from backend import chat
+    from backend.config import ConfigError, dump_yaml  # lazy: workers never need pydantic
 
     tokenizer = _load_tokenizer(cfg.tokenizer.path)
     source = open_source(cfg)
@@ -736,19 +805,29 @@ def _prepare_into(cfg: PrepareConfig, tmp: Path, digest: str, fingerprint, progr
         except chat.ChatError as e:
             raise ConfigError([f"chat.template: {e}"]) from None
     elif form == "text":
-        _print(f"note: {where} has a {cfg.dataset.field!r} column but no loss_masking_spans and no conversations: "
-               "every token is trained")
-    _print(f"preparing {where}: {n_rows} rows, form "
-           f"{ {'spans': 'text + loss_masking_spans (guide)', 'chat': f'conversations ({conv_field!r})', 'text': 'plain text'}[form] }")
+        _print(
+            f"note: {where} has a {cfg.dataset.field!r} column but no loss_masking_spans and no conversations: "
+            "every token is trained"
+        )
+    form_name = {"spans": "text + loss_masking_spans (guide)", "chat": f"conversations ({conv_field!r})"}
+    _print(f"preparing {where}: {n_rows} rows, form {form_name.get(form, 'plain text')}")
 
     info = tokenizer_info(tokenizer, cfg.tokenizer.path, cfg.chat.template)
     vocab = info["vocab_size"]
     names = list(cfg.splits)
     assign = split_assignment(n_rows, cfg.splits, cfg.seed)
     writers = {name: ShardWriter(tmp, name, vocab, tokenizer_info=info, prepare_config_hash=digest) for name in names}
-    job = _Job(source=source, form=form, field=cfg.dataset.field, spans_field=cfg.dataset.loss_masking_spans,
-               conversations_field=conv_field, tokenizer_path=cfg.tokenizer.path, masking=cfg.chat.to_masking(),
-               chat_template=cfg.chat.template, vocab_size=vocab)
+    job = _Job(
+        source=source,
+        form=form,
+        field=cfg.dataset.field,
+        spans_field=cfg.dataset.loss_masking_spans,
+        conversations_field=conv_field,
+        tokenizer_path=cfg.tokenizer.path,
+        masking=cfg.chat.to_masking(),
+        chat_template=cfg.chat.template,
+        vocab_size=vocab,
+    )
     workers = max(1, cfg.tokenize_workers)
     if workers > (os.cpu_count() or 1):
         _print(f"note: tokenize_workers {workers} > {os.cpu_count()} CPUs here; using {os.cpu_count()}")
@@ -766,6 +845,7 @@ def _prepare_into(cfg: PrepareConfig, tmp: Path, digest: str, fingerprint, progr
     bar = None
     if progress:
         from tqdm.auto import tqdm
+
         bar = tqdm(total=n_rows, unit="row", desc="prepare", file=sys.stderr)
     t0 = time.perf_counter()
     try:
@@ -777,8 +857,11 @@ def _prepare_into(cfg: PrepareConfig, tmp: Path, digest: str, fingerprint, progr
                     writers[name].add_batch(chunk.ids, chunk.trained, chunk.bounds)
                 elif sel.any():
                     tokens_sel = np.repeat(sel, np.diff(chunk.bounds))
-                    writers[name].add_batch(chunk.ids[tokens_sel], chunk.trained[tokens_sel],
-                                            np.concatenate([[0], np.cumsum(np.diff(chunk.bounds)[sel])]))
+                    writers[name].add_batch(
+                        chunk.ids[tokens_sel],
+                        chunk.trained[tokens_sel],
+                        np.concatenate([[0], np.cumsum(np.diff(chunk.bounds)[sel])]),
+                    )
             for r, code, message, skipped in chunk.problems:
                 counts[code] = counts.get(code, 0) + 1
                 skipped_rows += bool(skipped)
@@ -833,8 +916,11 @@ def _prepare_into(cfg: PrepareConfig, tmp: Path, digest: str, fingerprint, progr
     if seq is not None:
         longer = lengths > seq
         summary["longer_than_sequence_length"] = {
-            "sequence_length": int(seq), "documents": int(longer.sum()), "tokens": int(lengths[longer].sum()),
-            "token_share": float(lengths[longer].sum() / num_tokens) if num_tokens else 0.0}
+            "sequence_length": int(seq),
+            "documents": int(longer.sum()),
+            "tokens": int(lengths[longer].sum()),
+            "token_share": float(lengths[longer].sum() / num_tokens) if num_tokens else 0.0,
+        }
     if written + skipped_rows != n_rows:
         raise PrepareError(f"internal error: {written} written + {skipped_rows} skipped != {n_rows} rows")
     (tmp / "prepare_report.json").write_text(json.dumps({"summary": summary, "tokenizer": info}, indent=2) + "\n")

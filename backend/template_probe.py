@@ -33,19 +33,69 @@ _state: dict = {"events": [], "written": [], "impure": set()}
 
 # methods of str that a template may use on content without the rendering depending on the content
 _NOT_HOOKED = {
-    "__new__", "__init__", "__init_subclass__", "__subclasshook__", "__class__", "__getattribute__",
-    "__setattr__", "__delattr__", "__reduce__", "__reduce_ex__", "__getnewargs__", "__dir__", "__sizeof__",
-    "__doc__", "__getstate__", "__add__", "__bool__",
+    "__new__",
+    "__init__",
+    "__init_subclass__",
+    "__subclasshook__",
+    "__class__",
+    "__getattribute__",
+    "__setattr__",
+    "__delattr__",
+    "__reduce__",
+    "__reduce_ex__",
+    "__getnewargs__",
+    "__dir__",
+    "__sizeof__",
+    "__doc__",
+    "__getstate__",
+    "__add__",
+    "__bool__",
 }
 # tests whose answer is the same for every non-empty string (not `is filter` / `is test`: they look the string
 # up as a name)
-_CONSTANT_TESTS = {"string", "defined", "undefined", "none", "iterable", "sequence", "mapping", "number",
-                   "integer", "float", "boolean", "true", "false", "callable"}
+_CONSTANT_TESTS = {
+    "string",
+    "defined",
+    "undefined",
+    "none",
+    "iterable",
+    "sequence",
+    "mapping",
+    "number",
+    "integer",
+    "float",
+    "boolean",
+    "true",
+    "false",
+    "callable",
+}
 # filters that, given a list/dict holding content, read that content only through hooked operations (tests
 # from the wrapped test table, comparisons, truthiness, attribute lookups) or merely hand it on
-_STRUCTURAL_FILTERS = {"length", "count", "first", "last", "list", "reverse", "batch", "slice", "map", "items",
-                       "default", "d", "select", "reject", "selectattr", "rejectattr", "sort", "unique", "min",
-                       "max", "groupby", "dictsort", "attr"}
+_STRUCTURAL_FILTERS = {
+    "length",
+    "count",
+    "first",
+    "last",
+    "list",
+    "reverse",
+    "batch",
+    "slice",
+    "map",
+    "items",
+    "default",
+    "d",
+    "select",
+    "reject",
+    "selectattr",
+    "rejectattr",
+    "sort",
+    "unique",
+    "min",
+    "max",
+    "groupby",
+    "dictsort",
+    "attr",
+}
 
 
 def _record(what: str) -> None:
@@ -93,7 +143,7 @@ class _Derived(_Tracked):
     parts: list
 
     @staticmethod
-    def of(*items) -> "_Derived":
+    def of(*items) -> _Derived:
         out = _Derived("".join(str.__str__(i) if isinstance(i, str) else _plain(i) for i in items))
         out.parts = [p for i in items for p in _parts(i)]
         return out
@@ -196,9 +246,12 @@ def _instrument(source: str, env):
 
     def rewrite(node, captured):
         if isinstance(node, nodes.Output):
-            node.nodes = [n if isinstance(n, nodes.TemplateData) else
-                          call("__sft_out_captured" if captured else "__sft_out", [rewrite(n, captured)], n.lineno)
-                          for n in node.nodes]
+            node.nodes = [
+                n
+                if isinstance(n, nodes.TemplateData)
+                else call("__sft_out_captured" if captured else "__sft_out", [rewrite(n, captured)], n.lineno)
+                for n in node.nodes
+            ]
             return node
         if isinstance(node, nodes.Concat):
             return call("__sft_concat", [rewrite(n, captured) for n in node.nodes], node.lineno)
@@ -229,8 +282,11 @@ def _instrument(source: str, env):
     def checked_call(context, obj, *args, **kwargs):
         owner = getattr(obj, "__self__", _NO_OWNER)  # the object a bound method belongs to
         # a content's own methods hook themselves; any other callable handed content could read it unhooked
-        if (not any(obj is t for t in trusted) and not isinstance(owner, _Tracked)
-                and (_has_content(args) or _has_content(kwargs))):
+        if (
+            not any(obj is t for t in trusted)
+            and not isinstance(owner, _Tracked)
+            and (_has_content(args) or _has_content(kwargs))
+        ):
             _record(f"content passed to {getattr(obj, '__name__', type(obj).__name__)}()")
         if not (any(obj is t for t in pure) or isinstance(obj, Macro) or isinstance(owner, pure_owners)):
             _state["impure"].add(getattr(obj, "__name__", type(obj).__name__))
@@ -250,12 +306,16 @@ def _wrap_filter(name, f):
 
     def wrapper(*args, **kwargs):
         args = list(args[:skip]) + _materialize(args[skip:])
-        value, rest = (args[skip] if len(args) > skip else None), args[skip + 1:]
+        value, rest = (args[skip] if len(args) > skip else None), args[skip + 1 :]
         if name == "trim" and isinstance(value, _Content) and not rest and not kwargs:
             return value.strip()
         direct = isinstance(value, _Tracked)
-        if (direct and name not in ("default", "d")) or _has_content(rest) or _has_content(kwargs) or (
-                not direct and name not in _STRUCTURAL_FILTERS and _has_content(value)):
+        if (
+            (direct and name not in ("default", "d"))
+            or _has_content(rest)
+            or _has_content(kwargs)
+            or (not direct and name not in _STRUCTURAL_FILTERS and _has_content(value))
+        ):
             _record(f"content through filter {name!r}")
         return f(*args, **kwargs)
 
@@ -268,7 +328,7 @@ def _wrap_test(name, f):
     skip = _pass_arg_count(f)
 
     def wrapper(*args, **kwargs):
-        value, rest = (args[skip] if len(args) > skip else None), args[skip + 1:]
+        value, rest = (args[skip] if len(args) > skip else None), args[skip + 1 :]
         if (name not in _CONSTANT_TESTS and _has_content(value)) or _has_content(rest) or _has_content(kwargs):
             _record(f"content through test {name!r}")
         return f(*args, **kwargs)
@@ -281,8 +341,9 @@ def _wrap_test(name, f):
 _instrumented: dict = {}
 
 
-def content_independent(source: str, env, messages: list[dict], expected_text: str,
-                        **kwargs) -> tuple[dict[int, bool] | None, set[str], str]:
+def content_independent(
+    source: str, env, messages: list[dict], expected_text: str, **kwargs
+) -> tuple[dict[int, bool] | None, set[str], str]:
     """Whether rendering ``messages`` (normalized, plain strings) with the template ``source`` depends on the
     contents only by writing each of them once, verbatim or stripped.
 
@@ -304,12 +365,13 @@ def content_independent(source: str, env, messages: list[dict], expected_text: s
             c = _Content(m["content"])
             c.index, c.stripped = i, False
             contents.append(c)
-        probe_messages = [{"role": m["role"], "content": c} for m, c in zip(messages, contents)]
+        probe_messages = [{"role": m["role"], "content": c} for m, c in zip(messages, contents, strict=False)]
         with _lock:
             _state.update(events=[], written=[], impure=set())
             try:
-                text = probe.render(messages=probe_messages, tools=None, documents=None,
-                                    add_generation_prompt=False, **kwargs)
+                text = probe.render(
+                    messages=probe_messages, tools=None, documents=None, add_generation_prompt=False, **kwargs
+                )
             finally:
                 events, written, impure = _state["events"], _state["written"], _state["impure"]
                 _state.update(events=[], written=[], impure=set())

@@ -105,10 +105,12 @@ def evaluate(model, accelerator, sampler, dataset, cfg, iterations: int) -> floa
     loss_sum = count = 0.0
     with torch.no_grad():
         for i in range(iterations):
-            for rows in sampler.micro_batches(i, b.batch_size, b.micro_batch_size, accelerator.process_index,
-                                              accelerator.num_processes):
-                batch = _to_device(collate(rows, dataset, b.sequence_length, b.cross_document_attention),
-                                   accelerator.device)
+            for rows in sampler.micro_batches(
+                i, b.batch_size, b.micro_batch_size, accelerator.process_index, accelerator.num_processes
+            ):
+                batch = _to_device(
+                    collate(rows, dataset, b.sequence_length, b.cross_document_attention), accelerator.device
+                )
                 s, n = trained_token_loss(model, batch, cfg.model.base_model.cross_entropy_impl)
                 loss_sum += float(s)
                 count += n
@@ -139,36 +141,54 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
     # ---- data: the rows of step s are a pure function of (seed, s), so resuming at step s is exact
     train_data = TokenDataset(cfg.data.datasets.training.path, "training")
     sampling = cfg.data.sampling
-    sampler = PackedSampler(train_data.lengths, b.sequence_length, sampling.seed, sampling.packing,
-                            sampling.packing_window, cfg.data.truncate_documents)
+    sampler = PackedSampler(
+        train_data.lengths,
+        b.sequence_length,
+        sampling.seed,
+        sampling.packing,
+        sampling.packing_window,
+        cfg.data.truncate_documents,
+    )
     if len(sampler.skipped):
-        print0(f"packing: {len(sampler.skipped)} of {len(train_data)} training documents holding "
-               f"{sampler.tokens_skipped:,} tokens ({sampler.tokens_skipped / max(1, train_data.num_tokens):.1%} of "
-               f"tokens) are longer than sequence_length {b.sequence_length} and are skipped "
-               f"(data.truncate_documents: no)")
+        print0(
+            f"packing: {len(sampler.skipped)} of {len(train_data)} training documents holding "
+            f"{sampler.tokens_skipped:,} tokens ({sampler.tokens_skipped / max(1, train_data.num_tokens):.1%} of "
+            f"tokens) are longer than sequence_length {b.sequence_length} and are skipped "
+            f"(data.truncate_documents: no)"
+        )
     val_cfg = t.evaluations.validation
     val_iters = 0
     if cfg.data.datasets.validation is not None and val_cfg.interval and val_cfg.iterations:
         val_data = TokenDataset(cfg.data.datasets.validation.path, "validation")
-        val_sampler = PackedSampler(val_data.lengths, b.sequence_length, sampling.seed, sampling.packing,
-                                    sampling.packing_window, cfg.data.truncate_documents)
+        val_sampler = PackedSampler(
+            val_data.lengths,
+            b.sequence_length,
+            sampling.seed,
+            sampling.packing,
+            sampling.packing_window,
+            cfg.data.truncate_documents,
+        )
         # evaluate each validation row at most once: cap at the batches one epoch of the split holds
         val_iters = min(val_cfg.iterations, max(1, val_sampler.num_rows_in_epoch(0) // b.batch_size))
         if val_iters < val_cfg.iterations:
-            print0(f"validation: the split holds {val_sampler.num_rows_in_epoch(0)} rows, so "
-                   f"{val_iters} batches instead of {val_cfg.iterations}")
+            print0(
+                f"validation: the split holds {val_sampler.num_rows_in_epoch(0)} rows, so "
+                f"{val_iters} batches instead of {val_cfg.iterations}"
+            )
 
     # ---- model, tokenizer, optimizer
     set_seed(cfg.model.distributed.seed)  # same random init on every rank when model_weights: no
-    attn_impl, attn_reason = select_attention(cfg.model.base_model.transformer.use_flash_attention,
-                                              accelerator.device)
+    attn_impl, attn_reason = select_attention(cfg.model.base_model.transformer.use_flash_attention, accelerator.device)
     print0(f"attention: {attn_reason}")
     # weights stay fp32 (master copy); bf16/fp16 compute comes from the Accelerator's mixed precision
     model = load_model(cfg.pretrained.path, "fp32", attn_impl, random_init=not cfg.pretrained.model_weights)
     tokenizer = load_tokenizer(cfg.pretrained.path)
     num_params = sum(p.numel() for p in model.parameters())
-    optimizer = torch.optim.AdamW(param_groups(model, opt.weight_decay), lr=lr_at(0, opt.learning_rate, t.train_iters),
-                                  betas=(opt.beta_1, opt.beta_2))
+    optimizer = torch.optim.AdamW(
+        param_groups(model, opt.weight_decay),
+        lr=lr_at(0, opt.learning_rate, t.train_iters),
+        betas=(opt.beta_1, opt.beta_2),
+    )
     # prepare: wraps/shards the model (FSDP2 turns parameters into DTensors) and re-points the optimizer at them
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
@@ -184,8 +204,9 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
     config_yaml = dump_yaml(cfg)
 
     def save(step):
-        path = save_checkpoint(accelerator, checkpoints, step, config_yaml, t.checkpoint.keep,
-                               {"config_hash": config_hash(cfg)})
+        path = save_checkpoint(
+            accelerator, checkpoints, step, config_yaml, t.checkpoint.keep, {"config_hash": config_hash(cfg)}
+        )
         if accelerator.is_main_process:
             events.emit("checkpoint", step, path=str(path))
         return path
@@ -198,20 +219,38 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
 
     sharded = is_sharded(model)
     if accelerator.is_main_process:
-        events.emit("start", start_step, resumed_from=resumed_from, train_iters=t.train_iters, world_size=world,
-                    distributed_type=describe(accelerator)["distributed_type"], sharded=sharded,
-                    mixed_precision=str(accelerator.mixed_precision), attention=attn_impl,
-                    attention_reason=attn_reason, num_parameters=num_params, gradient_accumulation=grad_accum,
-                    training_documents=len(train_data), skipped_documents=len(sampler.skipped),
-                    skipped_tokens=int(sampler.tokens_skipped),
-                    validation_batches=val_iters, config_hash=config_hash(cfg), experiment_dir=str(run_dir))
+        events.emit(
+            "start",
+            start_step,
+            resumed_from=resumed_from,
+            train_iters=t.train_iters,
+            world_size=world,
+            distributed_type=describe(accelerator)["distributed_type"],
+            sharded=sharded,
+            mixed_precision=str(accelerator.mixed_precision),
+            attention=attn_impl,
+            attention_reason=attn_reason,
+            num_parameters=num_params,
+            gradient_accumulation=grad_accum,
+            training_documents=len(train_data),
+            skipped_documents=len(sampler.skipped),
+            skipped_tokens=int(sampler.tokens_skipped),
+            validation_batches=val_iters,
+            config_hash=config_hash(cfg),
+            experiment_dir=str(run_dir),
+        )
 
     # ---- the loop
     step, last_saved, stopped = start_step, start_step if latest is not None else None, False
     first_val = last_val = first_loss = last_loss = None
     tokens_per_step = b.batch_size * b.sequence_length  # positions through the model, padding included
-    bar = tqdm(total=t.train_iters, initial=start_step, desc="train", disable=not accelerator.is_main_process,
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=t.train_iters,
+        initial=start_step,
+        desc="train",
+        disable=not accelerator.is_main_process,
+        dynamic_ncols=True,
+    )
     session_start = time.perf_counter()
     interval_trained, interval_time = 0, 0.0
     while step < t.train_iters:
@@ -219,8 +258,10 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
         lr = lr_at(step, opt.learning_rate, t.train_iters)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        micro_batches = [collate(rows, train_data, b.sequence_length, b.cross_document_attention)
-                         for rows in sampler.micro_batches(step, b.batch_size, b.micro_batch_size, rank, world)]
+        micro_batches = [
+            collate(rows, train_data, b.sequence_length, b.cross_document_attention)
+            for rows in sampler.micro_batches(step, b.batch_size, b.micro_batch_size, rank, world)
+        ]
         # the loss is a mean over the trained tokens of the whole step on all ranks: count them first
         global_count = global_trained_count(accelerator, [mb["num_trained"] for mb in micro_batches])
         scale = loss_scale(global_count, world)
@@ -242,7 +283,8 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
             raise TrainingDiverged(
                 f"step {step + 1}: loss is {loss} and gradient norm {grad_norm}; stopped before the optimizer "
                 f"step, nothing saved. The last good checkpoint is {latest_complete(checkpoints, warn=print0)}. "
-                f"Lower optimizer.learning_rate.base (now {opt.learning_rate.base}) or check the data.")
+                f"Lower optimizer.learning_rate.base (now {opt.learning_rate.base}) or check the data."
+            )
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -258,10 +300,18 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
             elapsed = now - session_start
             eta = elapsed / (step - start_step) * (t.train_iters - step)
             if accelerator.is_main_process:
-                events.emit("train", step, loss=loss, lr=lr, grad_norm=grad_norm,
-                            tokens_per_s=tokens_per_step * steps_in_interval / interval_time,
-                            trained_tokens=global_count, trained_tokens_per_s=interval_trained / interval_time,
-                            elapsed=elapsed, eta=eta)
+                events.emit(
+                    "train",
+                    step,
+                    loss=loss,
+                    lr=lr,
+                    grad_norm=grad_norm,
+                    tokens_per_s=tokens_per_step * steps_in_interval / interval_time,
+                    trained_tokens=global_count,
+                    trained_tokens_per_s=interval_trained / interval_time,
+                    elapsed=elapsed,
+                    eta=eta,
+                )
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
             interval_trained, interval_time = 0, 0.0
 
@@ -290,10 +340,18 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
         if last_saved != step:  # e.g. resumed at the end: make sure the final state is saved
             save(step)
         final_export = str(export(step, "final"))
-    summary = {"stopped": stopped, "resumed_from": resumed_from, "first_loss": first_loss,
-               "last_loss": last_loss, "first_validation_loss": first_val, "last_validation_loss": last_val,
-               "export": final_export, "sharded": sharded, "world_size": world,
-               "experiment_dir": str(run_dir)}
+    summary = {
+        "stopped": stopped,
+        "resumed_from": resumed_from,
+        "first_loss": first_loss,
+        "last_loss": last_loss,
+        "first_validation_loss": first_val,
+        "last_validation_loss": last_val,
+        "export": final_export,
+        "sharded": sharded,
+        "world_size": world,
+        "experiment_dir": str(run_dir),
+    }
     if accelerator.is_main_process:
         events.emit("end", step, **summary)
     return {"step": step, **summary}
@@ -327,8 +385,11 @@ def train(config, overrides=()) -> dict:
         except LockedError as e:
             lock_error = e
     # every rank must learn that rank 0 could not take the lock, or the others would wait in a collective forever
-    locked_out = _global_sum(accelerator, [1.0 if lock_error else 0.0])[0] > 0 if accelerator.num_processes > 1 \
+    locked_out = (
+        _global_sum(accelerator, [1.0 if lock_error else 0.0])[0] > 0
+        if accelerator.num_processes > 1
         else lock_error is not None
+    )
     if locked_out:
         raise lock_error or LockedError(f"{run_dir} is in use by another run (see {run_dir / 'LOCK'})")
     try:
@@ -341,8 +402,12 @@ def train(config, overrides=()) -> dict:
     except BaseException as e:
         if accelerator.is_main_process:
             message = str(e) if isinstance(e, TrainingDiverged) else f"{type(e).__name__}: {e}"
-            events.emit("error", _last_step(run_dir / "events.jsonl"), message=message,
-                        kind="diverged" if isinstance(e, TrainingDiverged) else type(e).__name__)
+            events.emit(
+                "error",
+                _last_step(run_dir / "events.jsonl"),
+                message=message,
+                kind="diverged" if isinstance(e, TrainingDiverged) else type(e).__name__,
+            )
         raise
     finally:
         lock.release()

@@ -43,13 +43,16 @@ def main():
     ap.add_argument("--tokenizer", default=str(TINY_MODEL))
     args = ap.parse_args()
     tok = AutoTokenizer.from_pretrained(args.tokenizer)
-    rows = [json.loads(line) for _, line in zip(range(args.rows), open(SAMPLE_DATA))]
+    rows = [json.loads(line) for _, line in zip(range(args.rows), open(SAMPLE_DATA), strict=False)]
     n = len(rows)
     rendered = [render(r, tok) for r in rows]
     texts = [r.text for r in rendered]
     spans = [r.trained_spans for r in rendered]
-    delim = Masking(mode="delimiters", start_delimiter="<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
-                    end_delimiter="<|eot_id|>")
+    delim = Masking(
+        mode="delimiters",
+        start_delimiter="<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
+        end_delimiter="<|eot_id|>",
+    )
     last = Masking(train_on="last")
 
     def total():
@@ -75,8 +78,10 @@ def main():
     for _ in range(args.repeats):
         for name, fn in contestants.items():
             times[name].append(timed(fn, 1))
-    ratios = {name: statistics.median(t / f for t, f in zip(times[name], times["floor (batched tokenize)"]))
-              for name in contestants}
+    ratios = {
+        name: statistics.median(t / f for t, f in zip(times[name], times["floor (batched tokenize)"], strict=False))
+        for name in contestants
+    }
     results = {name: statistics.median(t) for name, t in times.items()}
     turns = sum(sum(m["role"] == "assistant" for m in r.messages) for r in rendered) / n
     tokens = sum(len(x) for x in tok(texts, add_special_tokens=False)["input_ids"]) / n

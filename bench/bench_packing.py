@@ -36,15 +36,21 @@ def main(argv=None):
     a = ap.parse_args(argv)
     lengths = chat_lengths(a.documents)
     L = a.sequence_length
-    print(f"{a.documents:,} documents, median {int(np.median(lengths)):,} tokens, "
-          f"{(lengths > 8000).mean():.1%} over 8,000, {(lengths > L).mean():.1%} over {L:,}; "
-          f"{int(lengths.sum()):,} tokens; sequence_length {L:,}")
-    cases = [("greedy (baseline)", dict(strategy="greedy")),
-             (f"best_fit window {a.window}", dict(strategy="best_fit", window=a.window)),
-             ("best_fit whole set", dict(strategy="best_fit", window=a.documents)),
-             ("truncate_documents", dict(truncate_documents=True))]
-    print(f"{'packing':<26}{'rows':>10}{'fill':>8}{'vs greedy':>10}{'docs skipped':>15}{'tokens skipped':>19}"
-          f"{'cont. pieces':>14}{'time s (med)':>14}")
+    print(
+        f"{a.documents:,} documents, median {int(np.median(lengths)):,} tokens, "
+        f"{(lengths > 8000).mean():.1%} over 8,000, {(lengths > L).mean():.1%} over {L:,}; "
+        f"{int(lengths.sum()):,} tokens; sequence_length {L:,}"
+    )
+    cases = [
+        ("greedy (baseline)", dict(strategy="greedy")),
+        (f"best_fit window {a.window}", dict(strategy="best_fit", window=a.window)),
+        ("best_fit whole set", dict(strategy="best_fit", window=a.documents)),
+        ("truncate_documents", dict(truncate_documents=True)),
+    ]
+    print(
+        f"{'packing':<26}{'rows':>10}{'fill':>8}{'vs greedy':>10}{'docs skipped':>15}{'tokens skipped':>19}"
+        f"{'cont. pieces':>14}{'time s (med)':>14}"
+    )
     base = None
     for name, kw in cases:
         times, plan = [], None
@@ -54,10 +60,12 @@ def main(argv=None):
             times.append(time.perf_counter() - t0)
         s = plan.stats()
         base = base or s["fill"]
-        print(f"{name:<26}{s['rows']:>10,}{s['fill']:>8.4f}{s['fill'] / base:>10.3f}"
-              f"{s['documents_skipped']:>8,} ({s['documents_skipped_share']:>4.1%})"
-              f"{s['tokens_skipped']:>13,} ({s['tokens_skipped_share']:>3.0%})"
-              f"{s['continuation_pieces']:>14,}{statistics.median(times):>14.2f}")
+        print(
+            f"{name:<26}{s['rows']:>10,}{s['fill']:>8.4f}{s['fill'] / base:>10.3f}"
+            f"{s['documents_skipped']:>8,} ({s['documents_skipped_share']:>4.1%})"
+            f"{s['tokens_skipped']:>13,} ({s['tokens_skipped_share']:>3.0%})"
+            f"{s['continuation_pieces']:>14,}{statistics.median(times):>14.2f}"
+        )
 
 
 if __name__ == "__main__":

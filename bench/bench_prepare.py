@@ -72,8 +72,13 @@ def config(data: Path, out: Path, workers: int, chat_form: bool = False) -> dict
     dataset = {"path": str(data), "loss_masking_spans": "spans"}
     if chat_form:
         dataset = {"path": str(data), "conversations_field": "conversations"}
-    return {"output_path": str(out), "tokenize_workers": workers, "dataset": dataset,
-            "tokenizer": {"path": str(TINY_MODEL)}, "splits": {"training": 0.99, "validation": 0.01}}
+    return {
+        "output_path": str(out),
+        "tokenize_workers": workers,
+        "dataset": dataset,
+        "tokenizer": {"path": str(TINY_MODEL)},
+        "splits": {"training": 0.99, "validation": 0.01},
+    }
 
 
 def run_prepare(data: Path, out: Path, workers: int, chat_form: bool = False) -> tuple[float, int]:
@@ -123,8 +128,13 @@ def time_child(data: str, out: str, workers: str) -> None:
 def cold(data: Path, out: Path, workers: int) -> tuple[float, int]:
     """prepare() seconds and tokens in a fresh process (transformers import not counted, worker start-up
     counted: the forkserver starts inside the call)."""
-    r = subprocess.run([sys.executable, __file__, "--time-child", str(data), str(out), str(workers)],
-                       capture_output=True, text=True, check=True, cwd=ROOT)
+    r = subprocess.run(
+        [sys.executable, __file__, "--time-child", str(data), str(out), str(workers)],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    )
     s, n = r.stdout.strip().splitlines()[-1].split()
     return float(s), int(n)
 
@@ -139,8 +149,13 @@ def peak_rss_child(data: str, out: str) -> None:
 
 
 def peak_rss(data: Path, out: Path) -> int:
-    r = subprocess.run([sys.executable, __file__, "--rss-child", str(data), str(out)], capture_output=True,
-                       text=True, check=True, cwd=ROOT)
+    r = subprocess.run(
+        [sys.executable, __file__, "--rss-child", str(data), str(out)],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    )
     return int(r.stdout.strip().splitlines()[-1])
 
 
@@ -230,20 +245,29 @@ def main():
         with quiet:
             rates = steady_rates(data, small, tmp, args.repeats)
         for workers, (rate, startup) in rates.items():
-            print(f"{workers} worker(s): steady state {rate:12,.0f} tokens/s (ratio to tokenizer {rate / b:.2f}), "
-                  f"fixed start-up {startup:5.2f} s (warm forkserver)")
+            print(
+                f"{workers} worker(s): steady state {rate:12,.0f} tokens/s (ratio to tokenizer {rate / b:.2f}), "
+                f"fixed start-up {startup:5.2f} s (warm forkserver)"
+            )
         # The tokenizer's Rust thread pool already spreads ONE worker over both cores here, so the lines above
         # cannot show how the worker pool itself scales. With one Rust thread per process, on 4x the rows (enough
         # 512-row chunks that both workers stay busy to the end), they can:
         scale = tmp / "scale.jsonl"
         make_data(scale, 4 * args.rows)
-        r = subprocess.run([sys.executable, __file__, "--scaling-child", str(scale), str(tmp), str(args.repeats)],
-                           capture_output=True, text=True, check=True, cwd=ROOT,
-                           env=dict(os.environ, RAYON_NUM_THREADS="1"))
+        r = subprocess.run(
+            [sys.executable, __file__, "--scaling-child", str(scale), str(tmp), str(args.repeats)],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=ROOT,
+            env=dict(os.environ, RAYON_NUM_THREADS="1"),
+        )
         one_t, two_t = (float(x) for x in r.stdout.strip().splitlines()[-1].split())
-        print(f"one Rust thread per process, {4 * args.rows} rows: 1 worker {one_t:12,.0f} tokens/s, 2 workers "
-              f"{two_t:12,.0f} tokens/s, scaling {two_t / one_t:.2f}x on {os.cpu_count()} cores "
-              f"(linear = {min(2, os.cpu_count())}x)")
+        print(
+            f"one Rust thread per process, {4 * args.rows} rows: 1 worker {one_t:12,.0f} tokens/s, 2 workers "
+            f"{two_t:12,.0f} tokens/s, scaling {two_t / one_t:.2f}x on {os.cpu_count()} cores "
+            f"(linear = {min(2, os.cpu_count())}x)"
+        )
 
         chat_data = tmp / "chat.jsonl"
         rendered = make_chat_data(chat_data, args.rows)
@@ -255,15 +279,19 @@ def main():
                 s, n = run_prepare(chat_data, tmp / "chat_out", 1, chat_form=True)
                 one_c.append(n / s)
         bc, pc = statistics.median(base_c), statistics.median(one_c)
-        print(f"one-step form (conversations -> render + mask + tokenize), 1 worker {pc:12,.0f} tokens/s vs the "
-              f"raw tokenizer on the rendered texts {bc:12,.0f}: ratio {pc / bc:.2f}")
+        print(
+            f"one-step form (conversations -> render + mask + tokenize), 1 worker {pc:12,.0f} tokens/s vs the "
+            f"raw tokenizer on the rendered texts {bc:12,.0f}: ratio {pc / bc:.2f}"
+        )
 
         big = tmp / "big.jsonl"
         make_data(big, 10 * args.rows)
         small_rss = statistics.median(peak_rss(data, tmp / "r1") for _ in range(args.repeats))
         big_rss = statistics.median(peak_rss(big, tmp / "r10") for _ in range(args.repeats))
         print(f"peak RSS, {args.rows} rows   {small_rss / 1024:8.1f} MiB")
-        print(f"peak RSS, {10 * args.rows} rows  {big_rss / 1024:8.1f} MiB   ratio {big_rss / small_rss:.2f} (flat ~ 1)")
+        print(
+            f"peak RSS, {10 * args.rows} rows  {big_rss / 1024:8.1f} MiB   ratio {big_rss / small_rss:.2f} (flat ~ 1)"
+        )
 
 
 if __name__ == "__main__":

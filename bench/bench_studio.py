@@ -26,8 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from backend import TINY_MODEL  # noqa: E402
 from studio import handlers as H  # noqa: E402
 
-QA = [("What is {a} + {b}?", "{a} + {b} = {c}. Adding the ones and then the tens gives the same result."),
-      ("Reverse the words: river rocket number {a}", "Reversed: number {a} rocket river, as you asked.")]
+QA = [
+    ("What is {a} + {b}?", "{a} + {b} = {c}. Adding the ones and then the tens gives the same result."),
+    ("Reverse the words: river rocket number {a}", "Reversed: number {a} rocket river, as you asked."),
+]
 
 
 def long_conversation(target_tokens: int, tokenizer) -> dict:
@@ -35,12 +37,16 @@ def long_conversation(target_tokens: int, tokenizer) -> dict:
     turns, k = [], 0
     while True:
         q, a = QA[k % 2]
-        turns += [{"from": "human", "value": q.format(a=k, b=k + 7, c=2 * k + 7)},
-                  {"from": "gpt", "value": a.format(a=k, b=k + 7, c=2 * k + 7)}]
+        turns += [
+            {"from": "human", "value": q.format(a=k, b=k + 7, c=2 * k + 7)},
+            {"from": "gpt", "value": a.format(a=k, b=k + 7, c=2 * k + 7)},
+        ]
         k += 1
         if k % 4 == 0:
-            text = tokenizer.apply_chat_template([{"role": "user" if t["from"] == "human" else "assistant",
-                                                   "content": t["value"]} for t in turns], tokenize=False)
+            text = tokenizer.apply_chat_template(
+                [{"role": "user" if t["from"] == "human" else "assistant", "content": t["value"]} for t in turns],
+                tokenize=False,
+            )
             if len(tokenizer(text, add_special_tokens=False)["input_ids"]) >= target_tokens:
                 return {"conversations": turns}
 
@@ -71,8 +77,9 @@ def main(argv=None) -> int:
 
         def rerender():  # each call is a delimiter edit: alternate between two start delimiters
             state["i"] += 1
-            p = H.preview_sample(str(data), str(TINY_MODEL), 0, "delimiters", edits[state["i"] % 2], "<|eot_id|>",
-                                 "all", True, "", 4096)
+            p = H.preview_sample(
+                str(data), str(TINY_MODEL), 0, "delimiters", edits[state["i"] % 2], "<|eot_id|>", "all", True, "", 4096
+            )
             assert p.status == "", p.status
             return p
 
@@ -83,8 +90,10 @@ def main(argv=None) -> int:
         preview = median_ms(rerender, args.repeats)
     print(f"sample: {n_tokens} tokens, {len(text)} characters, tiny tokenizer (vocab {tok.vocab_size})")
     print(f"baseline  tokenizer(text) with offsets            median {base:8.2f} ms")
-    print(f"re-render after a delimiter edit (whole handler)  median {preview:8.2f} ms  "
-          f"({preview / base:.1f}x baseline; target < 100 ms: {'met' if preview < 100 else 'NOT met'})")
+    print(
+        f"re-render after a delimiter edit (whole handler)  median {preview:8.2f} ms  "
+        f"({preview / base:.1f}x baseline; target < 100 ms: {'met' if preview < 100 else 'NOT met'})"
+    )
     return 0
 
 

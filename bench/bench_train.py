@@ -24,15 +24,13 @@ import shutil
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import matmul_peak_flops  # noqa: E402
-
 from backend import TINY_MODEL  # noqa: E402
+from bench.common import matmul_peak_flops  # noqa: E402
 
 
 def build_model(out: Path, vocab: int, seed: int = 0) -> int:
@@ -40,9 +38,19 @@ def build_model(out: Path, vocab: int, seed: int = 0) -> int:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
-                         num_key_value_heads=4, vocab_size=vocab, max_position_embeddings=4096,
-                         tie_word_embeddings=True, bos_token_id=1000, eos_token_id=1001, pad_token_id=1002)
+    config = LlamaConfig(
+        hidden_size=512,
+        intermediate_size=1376,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        vocab_size=vocab,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        bos_token_id=1000,
+        eos_token_id=1001,
+        pad_token_id=1002,
+    )
     model = LlamaForCausalLM(config)
     model.save_pretrained(out)
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
@@ -70,21 +78,31 @@ def run_once(model_dir: Path, data_dir: Path, run_dir: Path, args) -> dict:
     from backend.events import read_events
     from backend.train import train
 
-    train(Path(__file__).resolve().parent.parent / "assets" / "configs" / "tiny_train.yaml", [
-        f"pretrained.path={model_dir}",
-        f"data.datasets.training.path={data_dir / 'fast_llm_config_training.yaml'}",
-        f"data.datasets.validation.path={data_dir / 'fast_llm_config_validation.yaml'}",
-        f"run.experiment_dir={run_dir}",
-        f"training.train_iters={args.steps}", "training.logs.interval=1",
-        "training.evaluations.validation.interval=0", f"training.checkpoint.interval={10**6}",
-        f"batch.sequence_length={args.sequence_length}", f"batch.batch_size={args.batch_size}",
-        "batch.micro_batch_size=1", f"model.base_model.cross_entropy_impl={args.impl}",
-        "optimizer.learning_rate.warmup_iterations=0", f"optimizer.learning_rate.decay_iterations={args.steps}",
-    ])
+    train(
+        Path(__file__).resolve().parent.parent / "assets" / "configs" / "tiny_train.yaml",
+        [
+            f"pretrained.path={model_dir}",
+            f"data.datasets.training.path={data_dir / 'fast_llm_config_training.yaml'}",
+            f"data.datasets.validation.path={data_dir / 'fast_llm_config_validation.yaml'}",
+            f"run.experiment_dir={run_dir}",
+            f"training.train_iters={args.steps}",
+            "training.logs.interval=1",
+            "training.evaluations.validation.interval=0",
+            f"training.checkpoint.interval={10**6}",
+            f"batch.sequence_length={args.sequence_length}",
+            f"batch.batch_size={args.batch_size}",
+            "batch.micro_batch_size=1",
+            f"model.base_model.cross_entropy_impl={args.impl}",
+            "optimizer.learning_rate.warmup_iterations=0",
+            f"optimizer.learning_rate.decay_iterations={args.steps}",
+        ],
+    )
     events, _ = read_events(run_dir / "events.jsonl")
     steps = [e for e in events if e["event"] == "train"][1:]  # first step: warm-up (allocations, lazy init)
-    return {"tokens_per_s": statistics.median(e["tokens_per_s"] for e in steps),
-            "trained_tokens_per_s": statistics.median(e["trained_tokens_per_s"] for e in steps)}
+    return {
+        "tokens_per_s": statistics.median(e["tokens_per_s"] for e in steps),
+        "trained_tokens_per_s": statistics.median(e["trained_tokens_per_s"] for e in steps),
+    }
 
 
 def main():
@@ -112,9 +130,11 @@ def main():
     tps = statistics.median(r["tokens_per_s"] for r in results)
     trained = statistics.median(r["trained_tokens_per_s"] for r in results)
     mfu = 6 * n_params * tps / peak
-    print(f"\nbackend.train, random Llama {n_params / 1e6:.1f}M params, vocab {args.vocab}, "
-          f"{args.batch_size} x {args.sequence_length} tokens/step, micro-batch 1, fp32, {args.impl} CE, "
-          f"torch threads {torch.get_num_threads()}, medians of {args.repeats}")
+    print(
+        f"\nbackend.train, random Llama {n_params / 1e6:.1f}M params, vocab {args.vocab}, "
+        f"{args.batch_size} x {args.sequence_length} tokens/step, micro-batch 1, fp32, {args.impl} CE, "
+        f"torch threads {torch.get_num_threads()}, medians of {args.repeats}"
+    )
     print(f"| {'measure':28s} | {'value':>12s} |")
     print(f"|{'-' * 30}|{'-' * 14}|")
     print(f"| {'fp32 matmul FLOP/s (peak)':28s} | {peak / 1e9:9.1f} G |")

@@ -33,18 +33,27 @@ LLAMA31_GENERATION_TEMPLATE = ASSETS / "tokenizers" / "llama-generation" / "chat
 # Model shapes. "small" is FACTS.md's peer-baseline model (5.0M parameters with the 8k vocabulary), so the figures
 # here are comparable to the targets there. "llama3-8b" is Llama-3.1-8B's shape (GPU only, see bench/README.md).
 SHAPES = {
-    "tiny": dict(hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2),
-    "small": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
-                  num_key_value_heads=2),
-    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=8),
+    "tiny": dict(
+        hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+    ),
+    "small": dict(
+        hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2
+    ),
+    "llama3-8b": dict(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8
+    ),
 }
 
-_SYLLABLES = ("ka ri to na me lo su pa ve di mo ra ne ti lu sa po ke mi da go re ni fa ju ko be zu wa yo "
-              "an el is or um ar en ol ir us").split()
-_SYSTEM = ["You are a helpful assistant.", "You are a concise assistant. Answer briefly and precisely.",
-           "You are an expert tutor who explains step by step.", ""]
+_SYLLABLES = (
+    "ka ri to na me lo su pa ve di mo ra ne ti lu sa po ke mi da go re ni fa ju ko be zu wa yo "
+    "an el is or um ar en ol ir us"
+).split()
+_SYSTEM = [
+    "You are a helpful assistant.",
+    "You are a concise assistant. Answer briefly and precisely.",
+    "You are an expert tutor who explains step by step.",
+    "",
+]
 
 
 def _lexicon(n: int, rng: random.Random) -> list[str]:
@@ -84,7 +93,7 @@ def synthetic_conversations(n: int, seed: int = 0, median_tokens: float = 300.0,
         system = rng.choice(_SYSTEM)
         if system:
             messages.append({"role": "system", "content": system})
-        for t in range(turns):
+        for _t in range(turns):
             share = words / turns
             messages.append({"role": "user", "content": _text(int(share * 0.3) + 2, lexicon, weights, rng)})
             messages.append({"role": "assistant", "content": _text(int(share * 0.7) + 2, lexicon, weights, rng)})
@@ -123,8 +132,12 @@ def build_tokenizer(rows: list[dict], vocab_size: int = 8000):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     corpus = ba.GENERIC_ENGLISH.splitlines() + _SYSTEM[:-1] + [m["content"] for r in rows for m in r["messages"]]
     tok.train_from_iterator(corpus, trainer=trainer)
     fast = ba.make_tokenizer(tok.to_str(), "tiny-llama")
@@ -139,26 +152,48 @@ def llama_config(shape: str, vocab_size: int, tokenizer=None, max_positions: int
         raise ValueError(f"unknown --model-shape {shape!r}; use one of {', '.join(SHAPES)}")
     extra = {}
     if tokenizer is not None:
-        extra = dict(bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id,
-                     eos_token_id=tokenizer.convert_tokens_to_ids(["<|end_of_text|>", "<|eot_id|>"]))
+        extra = dict(
+            bos_token_id=tokenizer.bos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.convert_tokens_to_ids(["<|end_of_text|>", "<|eot_id|>"]),
+        )
     return LlamaConfig(
-        vocab_size=vocab_size, max_position_embeddings=max_positions, rms_norm_eps=1e-5, hidden_act="silu",
-        tie_word_embeddings=shape != "llama3-8b", use_cache=False,
-        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-        **{**SHAPES[shape], **({"num_hidden_layers": layers} if layers else {})}, **extra)
+        vocab_size=vocab_size,
+        max_position_embeddings=max_positions,
+        rms_norm_eps=1e-5,
+        hidden_act="silu",
+        tie_word_embeddings=shape != "llama3-8b",
+        use_cache=False,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+        **{**SHAPES[shape], **({"num_hidden_layers": layers} if layers else {})},
+        **extra,
+    )
 
 
-def build_model_dir(out: Path, rows: list[dict], shape: str = "small", vocab_size: int = 8000, seed: int = 0,
-                    layers: int | None = None) -> dict:
+def build_model_dir(
+    out: Path, rows: list[dict], shape: str = "small", vocab_size: int = 8000, seed: int = 0, layers: int | None = None
+) -> dict:
     """Tokenizer + random Llama saved together in `out` (a HF model directory every contestant loads, so all start
     from the same weights). Reused when `out/BUILD.json` matches the arguments. Returns BUILD.json's content."""
     import torch
     from transformers import LlamaForCausalLM
 
     out = Path(out)
-    key = {"shape": shape, "vocab_size": vocab_size, "seed": seed, "rows": len(rows), "layers": layers,
-           "first_id": rows[0]["id"] if rows else None}
+    key = {
+        "shape": shape,
+        "vocab_size": vocab_size,
+        "seed": seed,
+        "rows": len(rows),
+        "layers": layers,
+        "first_id": rows[0]["id"] if rows else None,
+    }
     done = out / "BUILD.json"
     if done.exists() and json.loads(done.read_text()).get("key") == key:
         return json.loads(done.read_text())

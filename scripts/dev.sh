@@ -69,6 +69,8 @@ case "$cmd" in
     setup_python test,bench
     setup_browser
     export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+    # lint and format first: a new finding fails the run like a failing test (config in pyproject.toml)
+    "$VENV/bin/ruff" check . && "$VENV/bin/ruff" format --check .
     exec "$PY" -m pytest "$@" ;;
   *) log "usage: bash scripts/dev.sh {studio|test|setup} [args...]"; exit 2 ;;
 esac

@@ -35,9 +35,11 @@ def check_exposure(host: str, share: bool, auth: tuple[str, str] | None) -> str 
     if share:
         exposed.append("--share publishes a public link")
     if exposed and auth is None:
-        return ("refusing to start: " + " and ".join(exposed) + ", and the studio launches processes and reads "
-                "files here. Add --auth user:password (or set SFT_STUDIO_AUTH=user:password), or use --host "
-                "127.0.0.1 without --share.")
+        return (
+            "refusing to start: " + " and ".join(exposed) + ", and the studio launches processes and reads "
+            "files here. Add --auth user:password (or set SFT_STUDIO_AUTH=user:password), or use --host "
+            "127.0.0.1 without --share."
+        )
     return None
 
 
@@ -48,8 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--auth", default=None, help="user:password (default: env SFT_STUDIO_AUTH)")
     ap.add_argument("--share", action="store_true", help="public gradio link (needs --auth)")
     ap.add_argument("--runs-dir", default="runs", help="where experiment directories live (default runs/)")
-    ap.add_argument("--config", default=None,
-                    help="train YAML to open in the Config tab (default: assets/configs/tiny_train.yaml)")
+    ap.add_argument(
+        "--config", default=None, help="train YAML to open in the Config tab (default: assets/configs/tiny_train.yaml)"
+    )
     args = ap.parse_args(argv)
     if args.config and not os.path.isfile(args.config):
         print(f"--config: no such file: {os.path.abspath(args.config)}", file=sys.stderr)
@@ -69,8 +72,15 @@ def main(argv: list[str] | None = None) -> int:
     warm_up()
     demo = build_app(runs_dir=args.runs_dir, train_config=args.config)
     demo.queue(default_concurrency_limit=4)
-    demo.launch(server_name=args.host, server_port=args.port, auth=auth, share=args.share, css=CSS,
-                footer_links=[], show_error=False)
+    demo.launch(
+        server_name=args.host,
+        server_port=args.port,
+        auth=auth,
+        share=args.share,
+        css=CSS,
+        footer_links=[],
+        show_error=False,
+    )
     return 0
 
 

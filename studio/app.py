@@ -46,18 +46,36 @@ class DataTab:
     template: gr.Code
     index: gr.Number
     n_rows: gr.State
-    outputs: list            # preview outputs: highlight, tokens, summary, problems, status, index, n_rows
-    buttons: tuple           # prev, next, random
+    outputs: list  # preview outputs: highlight, tokens, summary, problems, status, index, n_rows
+    buttons: tuple  # prev, next, random
 
     @property
     def masking_inputs(self) -> list:
         """The inputs every data handler takes, in the handlers' argument order."""
-        return [self.dataset, self.tokenizer, self.mode, self.start, self.end, self.train_on, self.train_on_eot,
-                self.template]
+        return [
+            self.dataset,
+            self.tokenizer,
+            self.mode,
+            self.start,
+            self.end,
+            self.train_on,
+            self.train_on_eot,
+            self.template,
+        ]
 
 
-def on_preview(dataset: str, tokenizer: str, index: float, mode: str, start: str, end: str, train_on: str,
-               train_on_eot: bool, template: str, seq_len: float | None) -> tuple:
+def on_preview(
+    dataset: str,
+    tokenizer: str,
+    index: float,
+    mode: str,
+    start: str,
+    end: str,
+    train_on: str,
+    train_on_eot: bool,
+    template: str,
+    seq_len: float | None,
+) -> tuple:
     p = H.preview_sample(dataset, tokenizer, index, mode, start, end, train_on, train_on_eot, template, seq_len)
     return p.highlight, p.token_html, p.summary, p.problems, p.status, p.index, p.n_rows
 
@@ -65,6 +83,7 @@ def on_preview(dataset: str, tokenizer: str, index: float, mode: str, start: str
 def on_step(delta: int):
     def step(index: float, n_rows: int) -> int:
         return H.step_index(index, delta, n_rows)
+
     return step
 
 
@@ -75,21 +94,32 @@ def on_load_template(tokenizer: str) -> str:
 def build_data_tab() -> DataTab:
     """Lay out the Data tab; `wire_data_tab` connects it once the Config tab (sequence length) exists."""
     with gr.Row():
-        dataset = gr.Textbox(_rel(SAMPLE_DATA), label="Dataset", scale=3,
-                             info="a .jsonl/.json/.parquet file, a save_to_disk directory, or a hub id")
+        dataset = gr.Textbox(
+            _rel(SAMPLE_DATA),
+            label="Dataset",
+            scale=3,
+            info="a .jsonl/.json/.parquet file, a save_to_disk directory, or a hub id",
+        )
         tokenizer = gr.Textbox(_rel(TINY_MODEL), label="Tokenizer", scale=2, info="directory or hub id")
     with gr.Row():
-        mode = gr.Radio(["auto", "delimiters"], value="auto", label="Masking",
-                        info="auto: assistant spans from the chat template itself")
-        start = gr.Textbox("<|start_header_id|>assistant<|end_header_id|>\\n\\n", label="start delimiter",
-                           info="'\\n' = newline", elem_id="start-delim")
+        mode = gr.Radio(
+            ["auto", "delimiters"],
+            value="auto",
+            label="Masking",
+            info="auto: assistant spans from the chat template itself",
+        )
+        start = gr.Textbox(
+            "<|start_header_id|>assistant<|end_header_id|>\\n\\n",
+            label="start delimiter",
+            info="'\\n' = newline",
+            elem_id="start-delim",
+        )
         end = gr.Textbox("<|eot_id|>", label="end delimiter", elem_id="end-delim")
         train_on = gr.Radio(["all", "last"], value="all", label="Train on assistant turns")
         train_on_eot = gr.Checkbox(True, label="Train end-of-turn token")
     with gr.Accordion("Chat template (editable; re-renders at once)", open=False):
         # Filled on page load (loading the tokenizer takes seconds; building the page should not).
-        template = gr.Code("", language="jinja2", label="chat template",
-                           elem_id="chat-template")
+        template = gr.Code("", language="jinja2", label="chat template", elem_id="chat-template")
     with gr.Row():
         prev_b = gr.Button("◀ prev", size="sm")
         next_b = gr.Button("next ▶", size="sm")
@@ -98,14 +128,31 @@ def build_data_tab() -> DataTab:
     n_rows = gr.State(0)
     status = gr.Markdown("", elem_classes="sft-status", elem_id="data-status")
     summary = gr.Markdown(elem_id="preview-summary")
-    highlight = gr.HighlightedText(label="Rendered sample: trained vs masked tokens", color_map=H.COLOR_MAP,
-                                   show_legend=True, combine_adjacent=False, show_inline_category=False,
-                                   elem_id="preview")
+    highlight = gr.HighlightedText(
+        label="Rendered sample: trained vs masked tokens",
+        color_map=H.COLOR_MAP,
+        show_legend=True,
+        combine_adjacent=False,
+        show_inline_category=False,
+        elem_id="preview",
+    )
     problems = gr.Markdown(elem_id="preview-problems")
     with gr.Accordion("Tokens (boundaries and ids)", open=False):
         tokens = gr.HTML()
-    return DataTab(dataset, tokenizer, mode, start, end, train_on, train_on_eot, template, index, n_rows,
-                   [highlight, tokens, summary, problems, status, index, n_rows], (prev_b, next_b, rand_b))
+    return DataTab(
+        dataset,
+        tokenizer,
+        mode,
+        start,
+        end,
+        train_on,
+        train_on_eot,
+        template,
+        index,
+        n_rows,
+        [highlight, tokens, summary, problems, status, index, n_rows],
+        (prev_b, next_b, rand_b),
+    )
 
 
 def wire_data_tab(tab: DataTab, seq_len: gr.Number, demo: gr.Blocks) -> None:
@@ -131,14 +178,39 @@ def wire_data_tab(tab: DataTab, seq_len: gr.Number, demo: gr.Blocks) -> None:
     demo.load(on_load_template, [tokenizer], [template])
 
 
-def on_check(dataset: str, tokenizer: str, mode: str, start: str, end: str, train_on: str, train_on_eot: bool,
-             template: str, seq_len: float, truncate: bool, max_rows: float, progress=gr.Progress()) -> tuple:
+def on_check(
+    dataset: str,
+    tokenizer: str,
+    mode: str,
+    start: str,
+    end: str,
+    train_on: str,
+    train_on_eot: bool,
+    template: str,
+    seq_len: float,
+    truncate: bool,
+    max_rows: float,
+    progress=gr.Progress(),
+) -> tuple:
     def report(i, n):
         if i % 50 == 0 or i == n:
             progress((i, n), desc="checking samples")
-    r = H.check_whole_dataset(dataset, tokenizer, mode, start, end, train_on, train_on_eot, template, seq_len,
-                              truncate, max_rows, progress=report)
-    choices = [(label, row) for label, row in zip(r.problem_labels, r.problem_rows)]
+
+    r = H.check_whole_dataset(
+        dataset,
+        tokenizer,
+        mode,
+        start,
+        end,
+        train_on,
+        train_on_eot,
+        template,
+        seq_len,
+        truncate,
+        max_rows,
+        progress=report,
+    )
+    choices = [(label, row) for label, row in zip(r.problem_labels, r.problem_rows, strict=False)]
     return r.summary or r.status, r.figure, gr.update(choices=choices, value=None)
 
 
@@ -160,24 +232,56 @@ def build_check_section(data: DataTab):
 
     def wire(seq_len, truncate):
         run.click(on_check, data.masking_inputs + [seq_len, truncate, max_rows], [summary, plot, jump])
+
     return wire
 
 
 # ============================================================================================ packing tab
 
 
-def on_packing(dataset: str, tokenizer: str, mode: str, start: str, end: str, train_on: str, train_on_eot: bool,
-               template: str, seq_len: float, micro_batch: float, strategy: str, truncate: bool, cross_doc: bool,
-               max_docs: float, mask_row: float) -> tuple:
-    v = H.packing_view(dataset, tokenizer, mode, start, end, train_on, train_on_eot, template, seq_len,
-                       micro_batch, strategy, truncate, cross_doc, max_docs, mask_row)
+def on_packing(
+    dataset: str,
+    tokenizer: str,
+    mode: str,
+    start: str,
+    end: str,
+    train_on: str,
+    train_on_eot: bool,
+    template: str,
+    seq_len: float,
+    micro_batch: float,
+    strategy: str,
+    truncate: bool,
+    cross_doc: bool,
+    max_docs: float,
+    mask_row: float,
+) -> tuple:
+    v = H.packing_view(
+        dataset,
+        tokenizer,
+        mode,
+        start,
+        end,
+        train_on,
+        train_on_eot,
+        template,
+        seq_len,
+        micro_batch,
+        strategy,
+        truncate,
+        cross_doc,
+        max_docs,
+        mask_row,
+    )
     return v.figure, v.mask_figure, v.summary or v.status
 
 
 def build_packing_tab(data: DataTab):
     """Lay out the packing view; returns a function that wires it to the Config tab's widgets."""
-    gr.Markdown("One packed micro-batch of the first documents, built by `backend.packing.pack` + `collate` "
-                "(the training code). These toggles are a what-if: the Config tab decides what runs.")
+    gr.Markdown(
+        "One packed micro-batch of the first documents, built by `backend.packing.pack` + `collate` "
+        "(the training code). These toggles are a what-if: the Config tab decides what runs."
+    )
     with gr.Row():
         strategy = gr.Radio(["best_fit", "greedy"], value="best_fit", label="packing strategy")
         truncate = gr.Checkbox(False, label="truncate_documents")
@@ -194,6 +298,7 @@ def build_packing_tab(data: DataTab):
         run.click(on_packing, inputs, [plot, mask, summary])
         for w in (strategy, truncate, cross_doc, mask_row):
             w.change(on_packing, inputs, [plot, mask, summary])
+
     return wire
 
 
@@ -202,7 +307,7 @@ def build_packing_tab(data: DataTab):
 
 @dataclass
 class ConfigTab:
-    widgets: list            # one per TRAIN_FIELDS row, same order
+    widgets: list  # one per TRAIN_FIELDS row, same order
     train_yaml: gr.Code
     prepare_yaml: gr.Code
     status: gr.Markdown
@@ -246,8 +351,7 @@ def on_save(train_text: str, prepare_text: str, path: str) -> tuple[str, dict]:
     p = Path(path or "")
     s2 = H.save_yaml(prepare_text, str(p.with_name(p.stem + "_prepare" + p.suffix))) if prepare_text else ""
     ok = not s1.startswith("⚠")
-    return "\n\n".join(x for x in (s1, s2) if x), gr.update(value=str(Path(path).resolve()) if ok else None,
-                                                            visible=ok)
+    return "\n\n".join(x for x in (s1, s2) if x), gr.update(value=str(Path(path).resolve()) if ok else None, visible=ok)
 
 
 def build_config_tab(train_config: str | None = None) -> ConfigTab:
@@ -270,10 +374,16 @@ def build_config_tab(train_config: str | None = None) -> ConfigTab:
                                     widgets[k] = make_widget(b, values0[k])
             status = gr.Markdown(status0, elem_id="config-status")
         with gr.Column(scale=2):
-            train_yaml = gr.Code(yaml0, language="yaml", label="train YAML (edit here or in the form)",
-                                 elem_id="train-yaml", interactive=True)
-            prepare_yaml = gr.Code("", language="yaml", label="prepare YAML (from the Data tab)",
-                                   elem_id="prepare-yaml", interactive=True)
+            train_yaml = gr.Code(
+                yaml0,
+                language="yaml",
+                label="train YAML (edit here or in the form)",
+                elem_id="train-yaml",
+                interactive=True,
+            )
+            prepare_yaml = gr.Code(
+                "", language="yaml", label="prepare YAML (from the Data tab)", elem_id="prepare-yaml", interactive=True
+            )
             with gr.Row():
                 path = gr.Textbox("runs/studio_train.yaml", label="YAML file", scale=3)
                 load_b = gr.Button("Load", size="sm")
@@ -292,10 +402,20 @@ def build_config_tab(train_config: str | None = None) -> ConfigTab:
     return ConfigTab(widgets, train_yaml, prepare_yaml, status)
 
 
-def on_prepare_yaml(train_text: str, dataset: str, tokenizer: str, mode: str, start: str, end: str, train_on: str,
-                    train_on_eot: bool, template: str) -> str:
-    text, status = H.prepare_yaml_from(train_text, dataset, tokenizer, mode, start, end, train_on, train_on_eot,
-                                       template)
+def on_prepare_yaml(
+    train_text: str,
+    dataset: str,
+    tokenizer: str,
+    mode: str,
+    start: str,
+    end: str,
+    train_on: str,
+    train_on_eot: bool,
+    template: str,
+) -> str:
+    text, status = H.prepare_yaml_from(
+        train_text, dataset, tokenizer, mode, start, end, train_on, train_on_eot, template
+    )
     return text
 
 
@@ -312,9 +432,11 @@ def wire_prepare_yaml(data: DataTab, cfg: ConfigTab, demo: gr.Blocks) -> None:
 
 def _progress_html(fraction: float) -> str:
     pct = max(0.0, min(1.0, float(fraction or 0))) * 100
-    return (f'<div style="background:#eee;border-radius:4px;height:14px"><div id="run-progress" '
-            f'style="width:{pct:.1f}%;background:#2ca02c;height:14px;border-radius:4px"></div></div>'
-            f'<small>{pct:.0f}%</small>')
+    return (
+        f'<div style="background:#eee;border-radius:4px;height:14px"><div id="run-progress" '
+        f'style="width:{pct:.1f}%;background:#2ca02c;height:14px;border-radius:4px"></div></div>'
+        f"<small>{pct:.0f}%</small>"
+    )
 
 
 def on_poll(exp_dir: str, cursor: dict, overlays: list[str] | None) -> tuple:
@@ -323,7 +445,9 @@ def on_poll(exp_dir: str, cursor: dict, overlays: list[str] | None) -> tuple:
     log_size = len(v.log)
     v.cursor["state"], v.cursor["log_size"] = v.status, log_size
     v.cursor["overlays"] = list(overlays or [])
-    changed = before != (v.cursor["offset"], v.status, log_size) or (cursor or {}).get("overlays") != v.cursor["overlays"]
+    changed = (
+        before != (v.cursor["offset"], v.status, log_size) or (cursor or {}).get("overlays") != v.cursor["overlays"]
+    )
     if not changed:  # nothing new: do not resend the figure every second
         return gr.skip(), gr.skip(), gr.skip(), gr.skip(), v.cursor
     return v.figure, v.log, v.status, _progress_html(v.progress), v.cursor
@@ -361,8 +485,9 @@ def on_page_load(runs_dir: str, train_text: str) -> list:
 def build_train_tab(cfg: ConfigTab, runs_dir: str, demo: gr.Blocks) -> None:
     runs_state = gr.State(runs_dir)
     with gr.Row():
-        exp_dir = gr.Textbox("", label="experiment dir (run.experiment_dir of the train YAML)", scale=3,
-                             elem_id="exp-dir")
+        exp_dir = gr.Textbox(
+            "", label="experiment dir (run.experiment_dir of the train YAML)", scale=3, elem_id="exp-dir"
+        )
         launch_b = gr.Button("Launch / Resume", variant="primary", elem_id="launch-button")
         stop_b = gr.Button("■ Stop (checkpoint, then exit)", variant="stop", elem_id="stop-button")
     action = gr.Markdown(elem_id="train-action")
@@ -387,8 +512,15 @@ def build_train_tab(cfg: ConfigTab, runs_dir: str, demo: gr.Blocks) -> None:
 # ============================================================================================ chat tab
 
 
-def on_chat(model_path: str, base_path: str, compare: bool, template: str, message: str, history: list[dict],
-            history_base: list[dict]):
+def on_chat(
+    model_path: str,
+    base_path: str,
+    compare: bool,
+    template: str,
+    message: str,
+    history: list[dict],
+    history_base: list[dict],
+):
     history = list(history or [])
     history_base = list(history_base or [])
     if not (message or "").strip():
@@ -396,16 +528,26 @@ def on_chat(model_path: str, base_path: str, compare: bool, template: str, messa
         return
     try:
         for reply in H.chat_stream(model_path, history, message, template):
-            yield history + [{"role": "user", "content": message}, {"role": "assistant", "content": reply}], \
-                history_base, ""
+            yield (
+                history + [{"role": "user", "content": message}, {"role": "assistant", "content": reply}],
+                history_base,
+                "",
+            )
         history = history + [{"role": "user", "content": message}, {"role": "assistant", "content": reply}]
         if compare:
             for reply_b in H.chat_stream(base_path, history_base, message, template):
-                yield history, history_base + [{"role": "user", "content": message},
-                                               {"role": "assistant", "content": reply_b}], ""
+                yield (
+                    history,
+                    history_base + [{"role": "user", "content": message}, {"role": "assistant", "content": reply_b}],
+                    "",
+                )
     except Exception as e:  # a bad model dir: show it in the chat rather than a traceback
-        yield history + [{"role": "user", "content": message},
-                         {"role": "assistant", "content": f"⚠ {type(e).__name__}: {e}"}], history_base, ""
+        yield (
+            history
+            + [{"role": "user", "content": message}, {"role": "assistant", "content": f"⚠ {type(e).__name__}: {e}"}],
+            history_base,
+            "",
+        )
 
 
 def on_refresh_models(runs_dir: str) -> dict:
@@ -415,8 +557,13 @@ def on_refresh_models(runs_dir: str) -> dict:
 def build_chat_tab(data: DataTab, runs_dir: str, demo: gr.Blocks) -> None:
     runs_state = gr.State(runs_dir)
     with gr.Row():
-        model = gr.Dropdown([str(TINY_MODEL)], value=str(TINY_MODEL), label="model (export dir or base)",
-                            allow_custom_value=True, scale=3)
+        model = gr.Dropdown(
+            [str(TINY_MODEL)],
+            value=str(TINY_MODEL),
+            label="model (export dir or base)",
+            allow_custom_value=True,
+            scale=3,
+        )
         base = gr.Textbox(_rel(TINY_MODEL), label="base model (for before vs after)", scale=2)
         compare = gr.Checkbox(True, label="side by side with the base")
         refresh = gr.Button("↻ models", size="sm")

@@ -16,10 +16,10 @@ from typing import Any
 
 @dataclass(frozen=True)
 class Binding:
-    path: str                      # dotted TrainConfig path, e.g. "optimizer.learning_rate.base"
-    kind: str                      # "int" | "float" | "bool" | "choice" | "text"
-    choices: tuple = ()            # for kind == "choice"
-    group: str = "Training"        # which accordion/column of the form it sits in
+    path: str  # dotted TrainConfig path, e.g. "optimizer.learning_rate.base"
+    kind: str  # "int" | "float" | "bool" | "choice" | "text"
+    choices: tuple = ()  # for kind == "choice"
+    group: str = "Training"  # which accordion/column of the form it sits in
 
 
 TRAIN_FIELDS: tuple[Binding, ...] = (
@@ -127,7 +127,7 @@ def apply_form_values(config_dict: dict, values: list) -> dict:
     out = copy.deepcopy(config_dict) if config_dict else {}
     if len(values) != len(TRAIN_FIELDS):
         raise ValueError(f"expected {len(TRAIN_FIELDS)} form values, got {len(values)}")
-    for b, v in zip(TRAIN_FIELDS, values):
+    for b, v in zip(TRAIN_FIELDS, values, strict=False):
         v = coerce(b, v)
         if v is None and _get(out, b.path) is None:
             continue

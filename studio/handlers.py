@@ -14,21 +14,20 @@ only torch import of the UI process; `import studio.app` itself stays torch-free
 
 from __future__ import annotations
 
-import html
 import json
 import os
 import random
 import re
 import threading
-import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import yaml
 
-from backend import ASSETS, SAMPLE_DATA, TINY_MODEL
+from backend import ASSETS, TINY_MODEL
 
 DEFAULT_PREPARE_YAML = ASSETS / "configs" / "tiny_prepare.yaml"
 DEFAULT_TRAIN_YAML = ASSETS / "configs" / "tiny_train.yaml"
@@ -43,9 +42,9 @@ TOKEN_VIEW_LIMIT = 3000  # tokens drawn in the token view (the highlight always 
 @dataclass
 class PathCheck:
     ok: bool
-    path: str          # what to pass on (resolved local path, or the hub id as typed)
-    message: str       # "" when fine, else what is wrong and what to do
-    kind: str = ""     # "file" | "dir" | "hub"
+    path: str  # what to pass on (resolved local path, or the hub id as typed)
+    message: str  # "" when fine, else what is wrong and what to do
+    kind: str = ""  # "file" | "dir" | "hub"
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
@@ -80,13 +79,20 @@ def check_path(text: str, what: str = "dataset", must_exist: bool = True) -> Pat
         return PathCheck(True, raw, "", "")
     if what == "dataset":
         if p.is_file() and p.suffix not in (".jsonl", ".json", ".parquet", ".csv"):
-            return PathCheck(False, str(resolved), f"{raw}: expected a .jsonl, .json, .parquet or .csv file, or "
-                                                   f"a directory (save_to_disk output or data files)")
+            return PathCheck(
+                False,
+                str(resolved),
+                f"{raw}: expected a .jsonl, .json, .parquet or .csv file, or "
+                f"a directory (save_to_disk output or data files)",
+            )
         return PathCheck(True, raw, "", "file" if p.is_file() else "dir")
     if what == "prepared":  # a descriptor written by backend.prepare, as data.datasets.*.path expects
         if p.is_dir():
-            return PathCheck(False, str(resolved), f"{raw} is a directory; point at its "
-                                                   f"fast_llm_config_training.yaml (written by prepare)")
+            return PathCheck(
+                False,
+                str(resolved),
+                f"{raw} is a directory; point at its fast_llm_config_training.yaml (written by prepare)",
+            )
         if not (p.parent / "DONE").exists():
             return PathCheck(False, str(resolved), f"{raw}: {p.parent} is not a completed prepare output (no DONE)")
         return PathCheck(True, raw, "", "file")
@@ -95,8 +101,11 @@ def check_path(text: str, what: str = "dataset", must_exist: bool = True) -> Pat
             return PathCheck(False, str(resolved), f"{what} path {raw} is a file; pass the model directory")
         needed = ["config.json"] if what == "model" else ["tokenizer.json", "tokenizer_config.json"]
         if what == "model" and not (p / "config.json").exists():
-            return PathCheck(False, str(resolved), f"{raw} holds no config.json: not a Hugging Face model "
-                                                   f"directory (export/final or export/step_* are)")
+            return PathCheck(
+                False,
+                str(resolved),
+                f"{raw} holds no config.json: not a Hugging Face model directory (export/final or export/step_* are)",
+            )
         if what == "tokenizer" and not any((p / n).exists() for n in needed):
             return PathCheck(False, str(resolved), f"{raw} holds no tokenizer.json / tokenizer_config.json")
         return PathCheck(True, raw, "", "dir")
@@ -110,7 +119,7 @@ _lock = threading.Lock()
 # module ("cannot import name 'AutoTokenizer'"), and loading the same tokenizer twice wastes seconds.
 _load_lock = threading.RLock()
 _tokenizers: dict[tuple, Any] = {}
-_sources: dict[tuple, "RowSource"] = {}
+_sources: dict[tuple, RowSource] = {}
 
 
 def _stamp(path: str) -> tuple:
@@ -162,8 +171,11 @@ class RowSource:
             data = p.read_bytes()
             ends = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == 10)
             starts = np.concatenate([[0], ends + 1])
-            lines = [(int(s), int(e)) for s, e in zip(starts, np.concatenate([ends, [len(data)]]))
-                     if data[s:e].strip()]
+            lines = [
+                (int(s), int(e))
+                for s, e in zip(starts, np.concatenate([ends, [len(data)]]), strict=False)
+                if data[s:e].strip()
+            ]
             self._offsets = lines
             self._data = data
         elif p.is_file() and p.suffix == ".json":
@@ -206,11 +218,13 @@ class RowSource:
 
 def warm_up(tokenizer_path: str = str(TINY_MODEL)) -> None:
     """Load the default tokenizer in the background at startup, so the first preview does not wait for it."""
+
     def run():
         try:
             get_tokenizer(tokenizer_path)
         except Exception:
             pass  # the preview will show the problem
+
     threading.Thread(target=run, daemon=True).start()
 
 
@@ -227,8 +241,13 @@ def make_masking(mode: str, start_delimiter: str, end_delimiter: str, train_on: 
     from backend.chat import Masking
 
     if mode == "delimiters":
-        return Masking(mode="delimiters", start_delimiter=_unescape(start_delimiter),
-                       end_delimiter=_unescape(end_delimiter), train_on=train_on, train_on_eot=bool(train_on_eot))
+        return Masking(
+            mode="delimiters",
+            start_delimiter=_unescape(start_delimiter),
+            end_delimiter=_unescape(end_delimiter),
+            train_on=train_on,
+            train_on_eot=bool(train_on_eot),
+        )
     return Masking(mode="auto", train_on=train_on, train_on_eot=bool(train_on_eot))
 
 
@@ -265,11 +284,11 @@ def _template_arg(template_text: str, tokenizer) -> str | None:
 
 @dataclass
 class Preview:
-    highlight: list[tuple[str, str | None]]   # for gr.HighlightedText: (text, "trained" | "masked")
-    token_html: str                           # token boundaries and ids
-    summary: str                              # markdown: counts
-    problems: str                             # markdown: per-sample problems ("" if none)
-    status: str                               # "" when fine; else the error (bad delimiter/template/row)
+    highlight: list[tuple[str, str | None]]  # for gr.HighlightedText: (text, "trained" | "masked")
+    token_html: str  # token boundaries and ids
+    summary: str  # markdown: counts
+    problems: str  # markdown: per-sample problems ("" if none)
+    status: str  # "" when fine; else the error (bad delimiter/template/row)
     n_rows: int = 0
     index: int = 0
     trained_chars: list[tuple[int, int]] = field(default_factory=list)  # half-open ranges highlighted trained
@@ -292,19 +311,22 @@ def runs_of(mask: np.ndarray) -> list[tuple[int, int, bool]]:
         return []
     change = np.flatnonzero(mask[1:] != mask[:-1]) + 1
     bounds = np.concatenate([[0], change, [len(mask)]])
-    return [(int(a), int(b), bool(mask[a])) for a, b in zip(bounds[:-1], bounds[1:])]
+    return [(int(a), int(b), bool(mask[a])) for a, b in zip(bounds[:-1], bounds[1:], strict=False)]
 
 
-_TOKEN_CSS = (".sft-tokens{font-family:monospace;font-size:12px;line-height:2.2}"
-              ".sft-tokens span{display:inline-block;border:1px solid #bbb;background:#eee;margin:1px;"
-              "padding:0 2px;vertical-align:top;text-align:center}"
-              ".sft-tokens span.t{border-color:#2ca02c;background:#e5f5e0}"
-              ".sft-tokens sub{color:#666}")
+_TOKEN_CSS = (
+    ".sft-tokens{font-family:monospace;font-size:12px;line-height:2.2}"
+    ".sft-tokens span{display:inline-block;border:1px solid #bbb;background:#eee;margin:1px;"
+    "padding:0 2px;vertical-align:top;text-align:center}"
+    ".sft-tokens span.t{border-color:#2ca02c;background:#e5f5e0}"
+    ".sft-tokens sub{color:#666}"
+)
 _VISIBLE = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "\n": "↵", " ": "␣"})
 
 
-def token_html(text: str, input_ids: np.ndarray, offsets: np.ndarray, trained: np.ndarray, tokenizer,
-               limit: int = TOKEN_VIEW_LIMIT) -> str:
+def token_html(
+    text: str, input_ids: np.ndarray, offsets: np.ndarray, trained: np.ndarray, tokenizer, limit: int = TOKEN_VIEW_LIMIT
+) -> str:
     """Each token as a box: its text (whitespace made visible) over its id; green (class t) = trained.
 
     Styling sits in one <style> block, so the per-token markup stays short (this runs on every edit).
@@ -314,10 +336,12 @@ def token_html(text: str, input_ids: np.ndarray, offsets: np.ndarray, trained: n
     offs = offsets[:limit].tolist()
     tr = trained[:limit].tolist()
     parts = [f'<style>{_TOKEN_CSS}</style><div class="sft-tokens">']
-    for t, (tid, (s, e), k) in enumerate(zip(ids, offs, tr)):
+    for t, (tid, (s, e), k) in enumerate(zip(ids, offs, tr, strict=False)):
         piece = text[s:e] if e > s else tokenizer.convert_ids_to_tokens(tid)
-        parts.append(f'<span{" class=t" if k else ""} title="token {t}, chars {s}-{e}">'
-                     f'{piece.translate(_VISIBLE) or "∅"}<br><sub>{tid}</sub></span>')
+        parts.append(
+            f'<span{" class=t" if k else ""} title="token {t}, chars {s}-{e}">'
+            f"{piece.translate(_VISIBLE) or '∅'}<br><sub>{tid}</sub></span>"
+        )
     if n > limit:
         parts.append(f"<p>… {n - limit} more tokens not drawn (the highlight above shows the whole sample)</p>")
     parts.append("</div>")
@@ -328,21 +352,34 @@ def _render_row(row: dict, tokenizer, masking, template):
     """A dataset row -> (RenderedSample-like, TokenizedSample). Guide form rows (text + spans) are accepted."""
     from backend.chat import RenderedSample, render, spans_from_loss_masking, tokenize
 
-    if isinstance(row, dict) and isinstance(row.get("text"), str) and not any(
-            k in row for k in ("conversations", "messages")):
+    if (
+        isinstance(row, dict)
+        and isinstance(row.get("text"), str)
+        and not any(k in row for k in ("conversations", "messages"))
+    ):
         spans_key = next((k for k in ("loss_masking_spans", "spans") if k in row), None)
         text = row["text"]
         trained = spans_from_loss_masking(len(text), row[spans_key]) if spans_key else [(0, len(text))]
-        rendered = RenderedSample(text=text, trained_spans=list(trained), loss_masking_spans=row.get(spans_key) or [],
-                                  problems=[])
+        rendered = RenderedSample(
+            text=text, trained_spans=list(trained), loss_masking_spans=row.get(spans_key) or [], problems=[]
+        )
     else:
         rendered = render(row, tokenizer, masking, template)
     return rendered, tokenize(rendered.text, rendered.trained_spans, tokenizer)
 
 
-def preview_sample(dataset_path: str, tokenizer_path: str, index: int | float | None, mode: str,
-                   start_delimiter: str, end_delimiter: str, train_on: str, train_on_eot: bool,
-                   template_text: str, sequence_length: int | float | None = None) -> Preview:
+def preview_sample(
+    dataset_path: str,
+    tokenizer_path: str,
+    index: int | float | None,
+    mode: str,
+    start_delimiter: str,
+    end_delimiter: str,
+    train_on: str,
+    train_on_eot: bool,
+    template_text: str,
+    sequence_length: int | float | None = None,
+) -> Preview:
     """Render sample ``index`` and highlight its trained tokens. Never raises: problems go to ``.status``."""
     empty = Preview([], "", "", "", "")
     try:
@@ -392,9 +429,13 @@ def _preview_from(rendered, tok, tokenizer, i: int, n: int, sequence_length=None
     T, k = len(tok.input_ids), int(tok.trained.sum())
     seq = int(sequence_length) if sequence_length else None
     problems = check_sample(rendered, tok, tokenizer, seq)
-    summary = (f"**Sample {i} of {n}** — **{T} tokens**: <span style='color:#2ca02c'>■</span> {k} trained "
-               f"({k / T:.1%}), <span style='color:#999'>■</span> {T - k} masked; "
-               f"{len(rendered.trained_spans)} trained span(s)" if T else f"Sample {i}: empty")
+    summary = (
+        f"**Sample {i} of {n}** — **{T} tokens**: <span style='color:#2ca02c'>■</span> {k} trained "
+        f"({k / T:.1%}), <span style='color:#999'>■</span> {T - k} masked; "
+        f"{len(rendered.trained_spans)} trained span(s)"
+        if T
+        else f"Sample {i}: empty"
+    )
     eot = _eot_ids(tokenizer, template)
     turns = getattr(rendered, "turns", None) or []
     if T and eot and turns:
@@ -406,13 +447,23 @@ def _preview_from(rendered, tok, tokenizer, i: int, n: int, sequence_length=None
             in_marker |= (starts >= t.content_end) & (starts < max(t.end, t.content_end + 1))
         mine = is_eot & in_marker
         name = tokenizer.convert_ids_to_tokens(eot[0])
-        summary += (f"; end-of-turn `{name}` trained in **{int((mine & tok.trained).sum())} of {len(turns)}** "
-                    f"assistant turns")
-    problems_md = "\n".join(f"- ⚠ `{p.split(':', 1)[0]}`: {p.split(':', 1)[1].strip() if ':' in p else p}"
-                            for p in problems)
-    return Preview(highlight=highlight, token_html=token_html(text, tok.input_ids, tok.offsets, tok.trained, tokenizer),
-                   summary=summary, problems=problems_md or "✓ no problems in this sample", status="",
-                   n_rows=n, index=i, trained_chars=trained_chars, text=text)
+        summary += (
+            f"; end-of-turn `{name}` trained in **{int((mine & tok.trained).sum())} of {len(turns)}** assistant turns"
+        )
+    problems_md = "\n".join(
+        f"- ⚠ `{p.split(':', 1)[0]}`: {p.split(':', 1)[1].strip() if ':' in p else p}" for p in problems
+    )
+    return Preview(
+        highlight=highlight,
+        token_html=token_html(text, tok.input_ids, tok.offsets, tok.trained, tokenizer),
+        summary=summary,
+        problems=problems_md or "✓ no problems in this sample",
+        status="",
+        n_rows=n,
+        index=i,
+        trained_chars=trained_chars,
+        text=text,
+    )
 
 
 def step_index(index: int | float | None, delta: int, n_rows: int) -> int:
@@ -428,11 +479,11 @@ def step_index(index: int | float | None, delta: int, n_rows: int) -> int:
 
 @dataclass
 class CheckResult:
-    summary: str                     # markdown
-    figure: Any                      # plotly length histogram
-    problem_rows: list[int]          # example row indices, for the "jump to" dropdown
-    problem_labels: list[str]        # "row 17: eot_not_trained" (same order)
-    report: dict                     # HealthReport.to_dict() with row indices mapped back to the dataset
+    summary: str  # markdown
+    figure: Any  # plotly length histogram
+    problem_rows: list[int]  # example row indices, for the "jump to" dropdown
+    problem_labels: list[str]  # "row 17: eot_not_trained" (same order)
+    report: dict  # HealthReport.to_dict() with row indices mapped back to the dataset
     status: str = ""
 
 
@@ -443,10 +494,20 @@ def _sample_indices(n: int, max_rows: int, seed: int = 0) -> tuple[np.ndarray, b
     return np.sort(rng.choice(n, size=max_rows, replace=False)), True
 
 
-def check_whole_dataset(dataset_path: str, tokenizer_path: str, mode: str, start_delimiter: str,
-                        end_delimiter: str, train_on: str, train_on_eot: bool, template_text: str,
-                        sequence_length: int | float, truncate_documents: bool, max_rows: int | float = 5000,
-                        progress: Callable[[int, int], Any] | None = None) -> CheckResult:
+def check_whole_dataset(
+    dataset_path: str,
+    tokenizer_path: str,
+    mode: str,
+    start_delimiter: str,
+    end_delimiter: str,
+    train_on: str,
+    train_on_eot: bool,
+    template_text: str,
+    sequence_length: int | float,
+    truncate_documents: bool,
+    max_rows: int | float = 5000,
+    progress: Callable[[int, int], Any] | None = None,
+) -> CheckResult:
     """backend.chat.check_dataset over the dataset (or an even random sample of ``max_rows``), summarized."""
     from backend.chat import check_dataset
     from studio.plots import length_histogram
@@ -461,8 +522,9 @@ def check_whole_dataset(dataset_path: str, tokenizer_path: str, mode: str, start
     seq = int(sequence_length) if sequence_length else None
     idx, sampled = _sample_indices(len(rows), int(max_rows or 5000))
     try:
-        report = check_dataset((rows[int(i)] for i in idx), tokenizer, masking, template, seq,
-                               progress=progress, examples=5)
+        report = check_dataset(
+            (rows[int(i)] for i in idx), tokenizer, masking, template, seq, progress=progress, examples=5
+        )
     except Exception as e:
         return CheckResult("", None, [], [], {}, f"⚠ {type(e).__name__}: {e}")
     d = report.to_dict()
@@ -474,23 +536,34 @@ def check_whole_dataset(dataset_path: str, tokenizer_path: str, mode: str, start
     eot_bad = d["problems"].get("eot_not_trained", {}).get("count", 0)
     nothing = d["problems"].get("no_trained_tokens", {}).get("count", 0)
     lines = [
-        f"**{n} samples checked**" + (f" (an even random sample of {len(rows)} rows; raise the limit to check all)"
-                                      if sampled else " (the whole dataset)"),
+        f"**{n} samples checked**"
+        + (
+            f" (an even random sample of {len(rows)} rows; raise the limit to check all)"
+            if sampled
+            else " (the whole dataset)"
+        ),
         f"- assistant spans found in **{report.span_found_share:.1%}** of samples",
         f"- samples with nothing to train: **{nothing}**",
-        f"- end-of-turn marker trained: **{'yes, in every trained turn' if not eot_bad else f'NO in {eot_bad} samples'}**"
+        "- end-of-turn marker trained: "
+        f"**{'yes, in every trained turn' if not eot_bad else f'NO in {eot_bad} samples'}**"
         + ("" if train_on_eot else " (train_on_eot is off: the model will not learn to stop)"),
         f"- trained tokens: **{report.n_trained} / {report.n_tokens} ({report.trained_token_share:.1%})**",
     ]
     if seq:
         lost_tok = int(too_long.sum())
         share = lost_tok / report.n_tokens if report.n_tokens else 0.0
-        verb = "cut at row edges (truncate_documents: yes)" if truncate_documents else "SKIPPED (truncate_documents: no)"
-        lines.append(f"- longer than sequence_length {seq}: **{len(too_long)} documents holding {lost_tok} tokens "
-                     f"({share:.1%} of all tokens)**, {verb}")
+        verb = (
+            "cut at row edges (truncate_documents: yes)" if truncate_documents else "SKIPPED (truncate_documents: no)"
+        )
+        lines.append(
+            f"- longer than sequence_length {seq}: **{len(too_long)} documents holding {lost_tok} tokens "
+            f"({share:.1%} of all tokens)**, {verb}"
+        )
     if lengths.size:
-        lines.append(f"- length: median {int(np.median(lengths))}, p99 {int(np.percentile(lengths, 99))}, "
-                     f"max {int(lengths.max())} tokens")
+        lines.append(
+            f"- length: median {int(np.median(lengths))}, p99 {int(np.percentile(lengths, 99))}, "
+            f"max {int(lengths.max())} tokens"
+        )
     rows_out, labels = [], []
     for code, c in d["problems"].items():
         lines.append(f"- ⚠ `{code}`: {c['count']} sample(s), e.g. rows {c['examples']} — {c['first']}")
@@ -515,10 +588,14 @@ def _fast_path_line(tokenizer, template) -> str:
     if not fp["patterns"]:
         return "- template speed: rendered row by row (no role pattern with a reply, or generation markers)"
     if fp["proven"] == fp["patterns"]:
-        return (f"- template speed: proven not to look at message content for all {fp['patterns']} role pattern(s): "
-                "rows are rendered by substitution, Jinja only as a periodic check")
-    return (f"- template speed: {fp['patterns'] - fp['proven']} of {fp['patterns']} role pattern(s) rendered with Jinja "
-            f"row by row (same result, slower prepare): {fp['reasons'][0] if fp['reasons'] else 'not proven'}")
+        return (
+            f"- template speed: proven not to look at message content for all {fp['patterns']} role pattern(s): "
+            "rows are rendered by substitution, Jinja only as a periodic check"
+        )
+    return (
+        f"- template speed: {fp['patterns'] - fp['proven']} of {fp['patterns']} role pattern(s) rendered with Jinja "
+        f"row by row (same result, slower prepare): {fp['reasons'][0] if fp['reasons'] else 'not proven'}"
+    )
 
 
 # =============================================================================================== packing view
@@ -543,8 +620,9 @@ class PackingView:
     status: str = ""
 
 
-def tokenize_documents(dataset_path: str, tokenizer_path: str, masking, template_text: str,
-                       max_docs: int) -> list[tuple[np.ndarray, np.ndarray]]:
+def tokenize_documents(
+    dataset_path: str, tokenizer_path: str, masking, template_text: str, max_docs: int
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """The first ``max_docs`` rows as (tokens, trained) pairs; rows that fail to render are left out."""
     from backend.chat import ChatError
 
@@ -561,11 +639,24 @@ def tokenize_documents(dataset_path: str, tokenizer_path: str, masking, template
     return docs
 
 
-def packing_view(dataset_path: str, tokenizer_path: str, mode: str, start_delimiter: str, end_delimiter: str,
-                 train_on: str, train_on_eot: bool, template_text: str, sequence_length: int | float,
-                 micro_batch_size: int | float, strategy: str, truncate_documents: bool,
-                 cross_document_attention: bool, max_docs: int | float = 300, mask_row: int | float = 0,
-                 window: int = 1000) -> PackingView:
+def packing_view(
+    dataset_path: str,
+    tokenizer_path: str,
+    mode: str,
+    start_delimiter: str,
+    end_delimiter: str,
+    train_on: str,
+    train_on_eot: bool,
+    template_text: str,
+    sequence_length: int | float,
+    micro_batch_size: int | float,
+    strategy: str,
+    truncate_documents: bool,
+    cross_document_attention: bool,
+    max_docs: int | float = 300,
+    mask_row: int | float = 0,
+    window: int = 1000,
+) -> PackingView:
     """Pack the first ``max_docs`` documents with backend.packing.pack, collate the first micro-batch with
     backend.packing.collate and draw it: documents in alternating colors, trained vs masked labels, padding."""
     from backend.packing import collate, pack
@@ -575,8 +666,13 @@ def packing_view(dataset_path: str, tokenizer_path: str, mode: str, start_delimi
         masking = make_masking(mode, start_delimiter, end_delimiter, train_on, train_on_eot)
         docs = tokenize_documents(dataset_path, tokenizer_path, masking, template_text, int(max_docs or 300))
         L = int(sequence_length)
-        plan = pack(np.array([len(d[0]) for d in docs], dtype=np.int64), L, strategy=strategy, window=window,
-                    truncate_documents=bool(truncate_documents))
+        plan = pack(
+            np.array([len(d[0]) for d in docs], dtype=np.int64),
+            L,
+            strategy=strategy,
+            window=window,
+            truncate_documents=bool(truncate_documents),
+        )
     except Exception as e:
         return PackingView(None, None, "", {}, f"⚠ {type(e).__name__}: {e}")
     stats = plan.stats()
@@ -585,22 +681,25 @@ def packing_view(dataset_path: str, tokenizer_path: str, mode: str, start_delimi
     if not rows:
         return PackingView(None, None, "", stats, "⚠ nothing to pack: every document was skipped or empty")
     batch = collate(rows, _MemoryDocs(docs), L, cross_document_attention=bool(cross_document_attention))
-    labels = batch["labels"].numpy()            # (B, L)
-    positions = batch["position_ids"].numpy()   # (B, L)
-    input_ids = batch["input_ids"].numpy()      # (B, L)
+    labels = batch["labels"].numpy()  # (B, L)
+    positions = batch["position_ids"].numpy()  # (B, L)
+    input_ids = batch["input_ids"].numpy()  # (B, L)
     codes = np.full((B, L), PAD, dtype=np.int8)
     hover = [[""] * L for _ in range(B)]
     for r, row in enumerate(rows):
         t = 0
         for k, piece in enumerate(row):
             n = piece.end - piece.begin
-            trained = labels[r, t:t + n] != -100
-            codes[r, t:t + n] = np.where(trained, TRAINED_A if k % 2 == 0 else TRAINED_B,
-                                         MASKED_A if k % 2 == 0 else MASKED_B)
+            trained = labels[r, t : t + n] != -100
+            codes[r, t : t + n] = np.where(
+                trained, TRAINED_A if k % 2 == 0 else TRAINED_B, MASKED_A if k % 2 == 0 else MASKED_B
+            )
             for j in range(t, t + n):
-                hover[r][j] = (f"row {r} slot {j}<br>doc {piece.document} token {piece.begin + j - t}<br>"
-                               f"id {input_ids[r, j]} pos {positions[r, j]}<br>"
-                               f"label {'trained' if labels[r, j] != -100 else '-100'}")
+                hover[r][j] = (
+                    f"row {r} slot {j}<br>doc {piece.document} token {piece.begin + j - t}<br>"
+                    f"id {input_ids[r, j]} pos {positions[r, j]}<br>"
+                    f"label {'trained' if labels[r, j] != -100 else '-100'}"
+                )
             t += n
         for j in range(t, L):
             hover[r][j] = f"row {r} slot {j}<br>padding, pos {positions[r, j]}"
@@ -618,13 +717,20 @@ def packing_view(dataset_path: str, tokenizer_path: str, mode: str, start_delimi
     s = seg[::stride]
     idx = np.arange(L)[::stride]
     mask = (s[:, None] == s[None, :]) & (idx[None, :] <= idx[:, None])
-    mask_fig = block_mask_figure(mask, f"row {r} attention mask ({'documents see each other' if cross_document_attention else 'block-diagonal: each document sees only itself'})"
-                                 + (f", every {stride}th position" if stride > 1 else ""))
-    summary = (f"**{stats['documents']} documents → {stats['rows']} rows** ({strategy}, truncate_documents: "
-               f"{'yes' if truncate_documents else 'no'}): fill **{stats['fill']:.1%}**, padding {stats['padding']:.1%}; "
-               f"skipped {stats['documents_skipped']} documents holding **{stats['tokens_skipped']} tokens "
-               f"({stats['tokens_skipped_share']:.1%})**. Shown micro-batch: fill {shown_fill:.1%}, "
-               f"{batch['num_trained']} trained labels.")
+    mask_fig = block_mask_figure(
+        mask,
+        "row {} attention mask ({})".format(
+            r, "documents see each other" if cross_document_attention else "block-diagonal: each document sees itself"
+        )
+        + (f", every {stride}th position" if stride > 1 else ""),
+    )
+    summary = (
+        f"**{stats['documents']} documents → {stats['rows']} rows** ({strategy}, truncate_documents: "
+        f"{'yes' if truncate_documents else 'no'}): fill **{stats['fill']:.1%}**, padding {stats['padding']:.1%}; "
+        f"skipped {stats['documents_skipped']} documents holding **{stats['tokens_skipped']} tokens "
+        f"({stats['tokens_skipped_share']:.1%})**. Shown micro-batch: fill {shown_fill:.1%}, "
+        f"{batch['num_trained']} trained labels."
+    )
     stats["shown_fill"] = shown_fill
     return PackingView(fig, mask_fig, summary, stats)
 
@@ -655,9 +761,9 @@ def _parse_yaml(text: str, name: str) -> tuple[dict | None, str]:
 
 
 def problems_markdown(problems: list[str]) -> str:
-    return "⚠ **Invalid config** — fix these keys:\n" + "\n".join(f"- `{p.split(':', 1)[0]}`:"
-                                                                   f"{p.split(':', 1)[1] if ':' in p else ''}"
-                                                                   for p in problems)
+    return "⚠ **Invalid config** — fix these keys:\n" + "\n".join(
+        f"- `{p.split(':', 1)[0]}`:{p.split(':', 1)[1] if ':' in p else ''}" for p in problems
+    )
 
 
 def form_to_train_yaml(yaml_text: str, *values) -> tuple[str, str]:
@@ -695,8 +801,17 @@ def train_yaml_to_form(yaml_text: str) -> tuple[list, str, bool]:
     return form_values_from_config(cfg), "✓ valid train config", True
 
 
-def prepare_yaml_from(train_yaml: str, dataset_path: str, tokenizer_path: str, mode: str, start_delimiter: str,
-                      end_delimiter: str, train_on: str, train_on_eot: bool, template_text: str) -> tuple[str, str]:
+def prepare_yaml_from(
+    train_yaml: str,
+    dataset_path: str,
+    tokenizer_path: str,
+    mode: str,
+    start_delimiter: str,
+    end_delimiter: str,
+    train_on: str,
+    train_on_eot: bool,
+    template_text: str,
+) -> tuple[str, str]:
     """The prepare YAML for the Data tab's settings, writing where the train YAML reads its datasets.
 
     output_path = the directory of ``data.datasets.training.path`` (so the two files can never disagree).
@@ -723,10 +838,14 @@ def prepare_yaml_from(train_yaml: str, dataset_path: str, tokenizer_path: str, m
             template = _template_arg(template_text, get_tokenizer(tokenizer_path))
         except Exception:
             template = template_text
-    base["chat"] = {"template": template,
-                    "masking": {"mode": mode} if mode != "delimiters" else
-                    {"mode": mode, "start_delimiter": _unescape(start_delimiter), "end_delimiter": _unescape(end_delimiter)},
-                    "train_on": train_on, "train_on_eot": bool(train_on_eot)}
+    base["chat"] = {
+        "template": template,
+        "masking": {"mode": mode}
+        if mode != "delimiters"
+        else {"mode": mode, "start_delimiter": _unescape(start_delimiter), "end_delimiter": _unescape(end_delimiter)},
+        "train_on": train_on,
+        "train_on_eot": bool(train_on_eot),
+    }
     try:
         return dump_yaml(load_prepare_config(base)), "✓ valid prepare config"
     except ConfigError as e:
@@ -760,10 +879,10 @@ def load_yaml_file(path: str) -> tuple[str | None, str]:
 class RunView:
     figure: Any
     log: str
-    status: str          # markdown
-    progress: float      # 0..1
+    status: str  # markdown
+    progress: float  # 0..1
     running: bool
-    cursor: dict         # per-session tail state: {"exp": str, "offset": int, "events": [...]}
+    cursor: dict  # per-session tail state: {"exp": str, "offset": int, "events": [...]}
 
 
 def prepared_is_current(prepare_yaml: str) -> tuple[bool, bool, str]:
@@ -815,8 +934,10 @@ def launch_run(train_yaml: str, prepare_yaml: str) -> str:
             return problems_markdown([f"(prepare) {p}" for p in e.problems])
         expected = Path(pcfg.output_path) / "fast_llm_config_training.yaml"
         if Path(cfg.data.datasets.training.path).resolve() != expected.resolve():
-            return (f"⚠ `data.datasets.training.path` is {cfg.data.datasets.training.path} but prepare writes "
-                    f"{expected}; set it to {expected}")
+            return (
+                f"⚠ `data.datasets.training.path` is {cfg.data.datasets.training.path} but prepare writes "
+                f"{expected}; set it to {expected}"
+            )
         current, exists, why = prepared_is_current(prepare_yaml)
         run_prepare, force = not current, exists and not current
     else:
@@ -828,8 +949,14 @@ def launch_run(train_yaml: str, prepare_yaml: str) -> str:
     if not check.ok:
         return f"⚠ `run.experiment_dir`: {check.message}"
     try:
-        st = jobs.launch(exp, prepare_yaml if (prepare_yaml or "").strip() else None, train_yaml,
-                         cfg.run.num_processes, run_prepare=run_prepare, force_prepare=force)
+        jobs.launch(
+            exp,
+            prepare_yaml if (prepare_yaml or "").strip() else None,
+            train_yaml,
+            cfg.run.num_processes,
+            run_prepare=run_prepare,
+            force_prepare=force,
+        )
     except jobs.JobError as e:
         return f"⚠ {e}"
     return f"launched in {exp}: {'prepare, then ' if run_prepare else ''}train. {why}"
@@ -888,8 +1015,14 @@ def poll_run(exp_dir: str, cursor: dict | None, overlays: list[str] | None = Non
         runs[Path(o).name] = _events_of(Path(o) / "events.jsonl", _past_cache.setdefault(o, {}))
     fig = training_figure(runs)
     trains = [e for e in cursor["events"] if e.get("event") == "train"]
-    total = st.train_iters or next((e.get("train_iters") for e in reversed(cursor["events"])
-                                    if e.get("event") == "start" and e.get("train_iters")), None)
+    total = st.train_iters or next(
+        (
+            e.get("train_iters")
+            for e in reversed(cursor["events"])
+            if e.get("event") == "start" and e.get("train_iters")
+        ),
+        None,
+    )
     step = trains[-1]["step"] if trains else 0
     progress = min(1.0, step / total) if total else 0.0
     state = st.state if st.state != "none" else f"no run in {exp} yet"
@@ -897,8 +1030,12 @@ def poll_run(exp_dir: str, cursor: dict | None, overlays: list[str] | None = Non
     if trains:
         last = trains[-1]
         eta = last.get("eta")
-        parts.append(f"step {step}" + (f" / {total}" if total else "") + f", loss {last.get('loss'):.4f}"
-                     + (f", ETA {eta:.0f} s" if isinstance(eta, (int, float)) else ""))
+        parts.append(
+            f"step {step}"
+            + (f" / {total}" if total else "")
+            + f", loss {last.get('loss'):.4f}"
+            + (f", ETA {eta:.0f} s" if isinstance(eta, (int, float)) else "")
+        )
     vals = [e for e in cursor["events"] if e.get("event") == "validation"]
     if vals:
         parts.append(f"validation loss {vals[-1].get('loss'):.4f} (step {vals[-1]['step']})")
@@ -949,8 +1086,14 @@ def get_model(path: str):
     return _load_once(_models, path, "model", load)
 
 
-def chat_stream(model_path: str, history: list[dict], message: str, template_text: str = "",
-                max_new_tokens: int = 64, temperature: float = 0.0):
+def chat_stream(
+    model_path: str,
+    history: list[dict],
+    message: str,
+    template_text: str = "",
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+):
     """Yield the growing assistant reply for ``message`` after ``history`` (OpenAI-style message dicts).
 
     Uses the same chat template as the Data tab (``template_text``, or the tokenizer's own) with
@@ -965,13 +1108,18 @@ def chat_stream(model_path: str, history: list[dict], message: str, template_tex
     messages.append({"role": "user", "content": message})
     template = resolve_template(tok, _template_arg(template_text, tok))
     prompt = render_messages(messages, tok, template, add_generation_prompt=True)
-    enc = tok(prompt, add_special_tokens=not (tok.bos_token and prompt.startswith(tok.bos_token)),
-              return_tensors="pt")
+    enc = tok(prompt, add_special_tokens=not (tok.bos_token and prompt.startswith(tok.bos_token)), return_tensors="pt")
     streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
     from backend.chat import eot_token_ids
 
-    kwargs = dict(**enc, max_new_tokens=int(max_new_tokens), streamer=streamer, use_cache=True,
-                  eos_token_id=eot_token_ids(tok, template) or None, pad_token_id=tok.pad_token_id or 0)
+    kwargs = dict(
+        **enc,
+        max_new_tokens=int(max_new_tokens),
+        streamer=streamer,
+        use_cache=True,
+        eos_token_id=eot_token_ids(tok, template) or None,
+        pad_token_id=tok.pad_token_id or 0,
+    )
     if temperature and temperature > 0:
         kwargs.update(do_sample=True, temperature=float(temperature))
     else:

@@ -43,12 +43,12 @@ class JobError(RuntimeError):
 
 @dataclass
 class JobStatus:
-    state: str                      # "none" | "running" | "stopping" | "finished" | "stopped" | "failed"
+    state: str  # "none" | "running" | "stopping" | "finished" | "stopped" | "failed"
     exp_dir: str
-    phase: str | None = None        # "prepare" | "train" | "done"
+    phase: str | None = None  # "prepare" | "train" | "done"
     pgid: int | None = None
     returncode: int | None = None
-    message: str = ""               # error message of a failed run, or what is going on
+    message: str = ""  # error message of a failed run, or what is going on
     last_step: int | None = None
     train_iters: int | None = None
     eta_s: float | None = None
@@ -79,7 +79,7 @@ def group_members(pgid: int | None) -> list[int]:
         except OSError:
             continue
         # pid (comm) state ppid pgrp ...; comm may hold spaces and parentheses: split after the last ')'
-        fields = stat[stat.rfind(")") + 2:].split()
+        fields = stat[stat.rfind(")") + 2 :].split()
         if len(fields) >= 3 and int(fields[2]) == pgid and fields[0] != "Z":
             out.append(int(entry.name))
     return out
@@ -109,7 +109,7 @@ def _process_table() -> dict[int, tuple[int, str]]:
                 stat = (entry / "stat").read_text()
             except OSError:
                 continue
-            fields = stat[stat.rfind(")") + 2:].split()
+            fields = stat[stat.rfind(")") + 2 :].split()
             table[int(entry.name)] = (int(fields[1]), fields[0])
     return table
 
@@ -152,9 +152,14 @@ def training_workers(pgid: int | None) -> list[int]:
     short timeout, which could cut a large checkpoint short; so Stop signals the workers only and lets the
     launcher end by itself once they have saved and exited.
     """
-    return [pid for pid in job_processes(pgid)
-            if "backend.train" in (cmd := _cmdline(pid)) and "accelerate" not in cmd and "torchrun" not in cmd
-            and "torch.distributed.run" not in cmd]
+    return [
+        pid
+        for pid in job_processes(pgid)
+        if "backend.train" in (cmd := _cmdline(pid))
+        and "accelerate" not in cmd
+        and "torchrun" not in cmd
+        and "torch.distributed.run" not in cmd
+    ]
 
 
 def _read_json(path: Path) -> dict | None:
@@ -221,21 +226,33 @@ def job_status(exp_dir) -> JobStatus:
 # ------------------------------------------------------------------------------------------- launch / stop
 
 
-def build_steps(exp_dir: Path, num_processes: int, run_prepare: bool, force_prepare: bool = False) -> tuple[list[dict], dict]:
+def build_steps(
+    exp_dir: Path, num_processes: int, run_prepare: bool, force_prepare: bool = False
+) -> tuple[list[dict], dict]:
     """The runner's steps and environment, from backend.launch (the one place that knows the command lines)."""
     from backend import launch as L
 
     steps = []
     if run_prepare:
-        steps.append({"name": "prepare", "argv": [str(a) for a in L.prepare_command(exp_dir / PREPARE_YAML,
-                                                                                       force=force_prepare)]})
+        steps.append(
+            {
+                "name": "prepare",
+                "argv": [str(a) for a in L.prepare_command(exp_dir / PREPARE_YAML, force=force_prepare)],
+            }
+        )
     steps.append({"name": "train", "argv": [str(a) for a in L.train_command(exp_dir / TRAIN_YAML, num_processes)]})
     env = {k: str(v) for k, v in (L.train_env(num_processes) or {}).items()}
     return steps, env
 
 
-def launch(exp_dir, prepare_yaml: str | None, train_yaml: str, num_processes: int = 1,
-           run_prepare: bool = True, force_prepare: bool = False) -> JobStatus:
+def launch(
+    exp_dir,
+    prepare_yaml: str | None,
+    train_yaml: str,
+    num_processes: int = 1,
+    run_prepare: bool = True,
+    force_prepare: bool = False,
+) -> JobStatus:
     """Write the YAMLs into ``exp_dir`` and start the runner in a new process group.
 
     Raises JobError if a job already runs there (the backend's RunLock would refuse too, later and less clearly).
@@ -243,8 +260,9 @@ def launch(exp_dir, prepare_yaml: str | None, train_yaml: str, num_processes: in
     exp = Path(exp_dir)
     current = job_status(exp)
     if current.running:
-        raise JobError(f"{exp} already has a running job ({current.message}); stop it first or pick another "
-                       f"run.experiment_dir")
+        raise JobError(
+            f"{exp} already has a running job ({current.message}); stop it first or pick another run.experiment_dir"
+        )
     exp.mkdir(parents=True, exist_ok=True)
     if prepare_yaml is not None:
         _atomic_write(exp / PREPARE_YAML, prepare_yaml)
@@ -256,9 +274,14 @@ def launch(exp_dir, prepare_yaml: str | None, train_yaml: str, num_processes: in
     child_env = dict(os.environ)
     # The runner must import studio/backend even when the studio was started from another directory.
     child_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), child_env.get("PYTHONPATH", "")) if p)
-    proc = subprocess.Popen([sys.executable, "-m", "studio.runner", str(exp)], start_new_session=True,
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=child_env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "studio.runner", str(exp)],
+        start_new_session=True,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=child_env,
+    )
     job["pgid"] = proc.pid  # start_new_session: the runner leads its own group, pgid == pid
     job["pid"] = proc.pid
     _atomic_write(exp / JOB_FILE, json.dumps(job, indent=1))
@@ -312,8 +335,10 @@ def stop(exp_dir, grace_s: float = 300.0) -> str:
             os.killpg(pgid, signal.SIGKILL)
 
     threading.Thread(target=enforce, daemon=True).start()
-    return (f"sent SIGTERM to {target}: the run saves a checkpoint and exits (the whole group is killed if "
-            f"anything is left after {grace_s:.0f} s)")
+    return (
+        f"sent SIGTERM to {target}: the run saves a checkpoint and exits (the whole group is killed if "
+        f"anything is left after {grace_s:.0f} s)"
+    )
 
 
 def wait(exp_dir, timeout: float) -> JobStatus:

@@ -25,8 +25,13 @@ def length_histogram(lengths, sequence_length: int | None, title: str = "Documen
     lengths = np.asarray(lengths)
     fig = go.Figure(go.Histogram(x=lengths, nbinsx=50, marker_color="#4c78a8", name="documents"))
     if sequence_length:
-        fig.add_vline(x=sequence_length, line_color="#d62728", line_dash="dash",
-                      annotation_text=f"sequence_length {sequence_length}", annotation_position="top right")
+        fig.add_vline(
+            x=sequence_length,
+            line_color="#d62728",
+            line_dash="dash",
+            annotation_text=f"sequence_length {sequence_length}",
+            annotation_position="top right",
+        )
     fig.update_xaxes(title="tokens")
     fig.update_yaxes(title="documents")
     return _layout(fig, title)
@@ -39,13 +44,31 @@ def packed_batch_figure(codes: np.ndarray, hover: list[list[str]], title: str) -
     scale = []
     for i, c in enumerate(_PACK_COLORS):
         scale += [[i / n, c], [(i + 1) / n, c]]
-    fig = go.Figure(go.Heatmap(
-        z=codes, zmin=-0.5, zmax=n - 0.5, colorscale=scale, text=hover, hoverinfo="text", xgap=0, ygap=2,
-        showscale=False,
-    ))
-    for name, color in zip(_PACK_NAMES, _PACK_COLORS):  # a legend of colored squares instead of a colorbar
-        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=name,
-                                 marker=dict(symbol="square", size=12, color=color, line=dict(color="#999", width=1))))
+    fig = go.Figure(
+        go.Heatmap(
+            z=codes,
+            zmin=-0.5,
+            zmax=n - 0.5,
+            colorscale=scale,
+            text=hover,
+            hoverinfo="text",
+            xgap=0,
+            ygap=2,
+            showscale=False,
+        )
+    )
+    for name, color in zip(
+        _PACK_NAMES, _PACK_COLORS, strict=False
+    ):  # a legend of colored squares instead of a colorbar
+        fig.add_trace(
+            go.Scatter(
+                x=[None],
+                y=[None],
+                mode="markers",
+                name=name,
+                marker=dict(symbol="square", size=12, color=color, line=dict(color="#999", width=1)),
+            )
+        )
     fig.update_layout(legend=dict(orientation="h", y=1.02, yanchor="bottom", x=1, xanchor="right"))
     fig.update_yaxes(autorange="reversed", title="row", tickmode="linear", dtick=1)
     fig.update_xaxes(title="position")
@@ -56,8 +79,14 @@ def packed_batch_figure(codes: np.ndarray, hover: list[list[str]], title: str) -
 
 def block_mask_figure(mask: np.ndarray, title: str) -> go.Figure:
     """(L, L) bool: query i may attend to key j. Drawn dark where attention is allowed."""
-    fig = go.Figure(go.Heatmap(z=mask.astype(np.int8), colorscale=[[0, "#ffffff"], [1, "#08306b"]],
-                               showscale=False, hovertemplate="query %{y}, key %{x}: %{z}<extra></extra>"))
+    fig = go.Figure(
+        go.Heatmap(
+            z=mask.astype(np.int8),
+            colorscale=[[0, "#ffffff"], [1, "#08306b"]],
+            showscale=False,
+            hovertemplate="query %{y}, key %{x}: %{z}<extra></extra>",
+        )
+    )
     fig.update_yaxes(autorange="reversed", title="query position")
     fig.update_xaxes(title="key position")
     return _layout(fig, title, height=420)
@@ -68,25 +97,66 @@ def training_figure(runs: dict[str, list[dict]], title: str = "") -> go.Figure:
 
     ``runs``: {"run name": [event dicts from events.jsonl]}; the first run is the live one.
     """
-    fig = make_subplots(rows=1, cols=3, subplot_titles=("loss", "learning rate", "tokens/s"),
-                        horizontal_spacing=0.07)
+    fig = make_subplots(rows=1, cols=3, subplot_titles=("loss", "learning rate", "tokens/s"), horizontal_spacing=0.07)
     palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
     for k, (name, events) in enumerate(runs.items()):
         color = palette[k % len(palette)]
         train = [e for e in events if e.get("event") == "train" and _finite(e.get("loss"))]
         val = [e for e in events if e.get("event") == "validation" and _finite(e.get("loss"))]
         steps = [e["step"] for e in train]
-        fig.add_trace(go.Scatter(x=steps, y=[e["loss"] for e in train], mode="lines+markers", marker_size=4,
-                                 name=f"{name} train", line_color=color, legendgroup=name), row=1, col=1)
+        fig.add_trace(
+            go.Scatter(
+                x=steps,
+                y=[e["loss"] for e in train],
+                mode="lines+markers",
+                marker_size=4,
+                name=f"{name} train",
+                line_color=color,
+                legendgroup=name,
+            ),
+            row=1,
+            col=1,
+        )
         if val:
-            fig.add_trace(go.Scatter(x=[e["step"] for e in val], y=[e["loss"] for e in val], mode="lines+markers",
-                                     name=f"{name} validation", line=dict(color=color, dash="dash"),
-                                     marker_symbol="diamond", legendgroup=name), row=1, col=1)
-        fig.add_trace(go.Scatter(x=steps, y=[e.get("lr") for e in train], mode="lines", name=f"{name} lr",
-                                 line_color=color, showlegend=False, legendgroup=name), row=1, col=2)
-        fig.add_trace(go.Scatter(x=steps, y=[e.get("tokens_per_s") for e in train], mode="lines",
-                                 name=f"{name} tokens/s", line_color=color, showlegend=False,
-                                 legendgroup=name), row=1, col=3)
+            fig.add_trace(
+                go.Scatter(
+                    x=[e["step"] for e in val],
+                    y=[e["loss"] for e in val],
+                    mode="lines+markers",
+                    name=f"{name} validation",
+                    line=dict(color=color, dash="dash"),
+                    marker_symbol="diamond",
+                    legendgroup=name,
+                ),
+                row=1,
+                col=1,
+            )
+        fig.add_trace(
+            go.Scatter(
+                x=steps,
+                y=[e.get("lr") for e in train],
+                mode="lines",
+                name=f"{name} lr",
+                line_color=color,
+                showlegend=False,
+                legendgroup=name,
+            ),
+            row=1,
+            col=2,
+        )
+        fig.add_trace(
+            go.Scatter(
+                x=steps,
+                y=[e.get("tokens_per_s") for e in train],
+                mode="lines",
+                name=f"{name} tokens/s",
+                line_color=color,
+                showlegend=False,
+                legendgroup=name,
+            ),
+            row=1,
+            col=3,
+        )
     fig.update_xaxes(title="step")
     fig.update_layout(legend=dict(orientation="h", y=-0.25))
     return _layout(fig, title, height=360)

@@ -97,8 +97,9 @@ def main(argv: list[str] | None = None) -> int:
             write_status(exp_dir, phase=step["name"], returncode=None, stopped=False)
             log.write(f"\n== {step['name']}: {' '.join(step['argv'])}\n")
             log.flush()
-            state["child"] = subprocess.Popen(step["argv"], stdout=log, stderr=subprocess.STDOUT, env=env,
-                                              cwd=job.get("cwd") or None)
+            state["child"] = subprocess.Popen(
+                step["argv"], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=job.get("cwd") or None
+            )
             returncode = state["child"].wait()
             state["child"] = None
             log.write(f"== {step['name']} exited with code {returncode}\n")

@@ -32,16 +32,26 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serve(runs_dir: str, port: int | None = None, timeout: float = 180.0, log_path: str | None = None,
-          cwd: str | None = None, extra_args: tuple = ()):
+def serve(
+    runs_dir: str,
+    port: int | None = None,
+    timeout: float = 180.0,
+    log_path: str | None = None,
+    cwd: str | None = None,
+    extra_args: tuple = (),
+):
     """Run `python -m studio` on 127.0.0.1 in its own process group; yield its URL; stop the group after."""
     port = port or free_port()
     env = dict(os.environ, PYTHONPATH=str(ROOT), GRADIO_ANALYTICS_ENABLED="False", OMP_NUM_THREADS="1")
     log = open(log_path or os.devnull, "w")
-    proc = subprocess.Popen([sys.executable, "-m", "studio", "--port", str(port), "--runs-dir", str(runs_dir),
-                             *map(str, extra_args)],
-                            cwd=cwd or str(ROOT), env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "studio", "--port", str(port), "--runs-dir", str(runs_dir), *map(str, extra_args)],
+        cwd=cwd or str(ROOT),
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}/"
     try:
         deadline = time.time() + timeout
@@ -53,7 +63,7 @@ def serve(runs_dir: str, port: int | None = None, timeout: float = 180.0, log_pa
                 break
             except OSError:
                 if time.time() > deadline:
-                    raise TimeoutError(f"the studio did not answer on {url} within {timeout:.0f} s")
+                    raise TimeoutError(f"the studio did not answer on {url} within {timeout:.0f} s") from None
                 time.sleep(0.5)
         yield url
     finally:
@@ -129,8 +139,10 @@ def take(out: Path, runs_dir: str, chromium: str = CHROMIUM, with_run: bool = Tr
         open_tab(page, "Train")
         if with_run:
             page.locator("#launch-button").click()
-            page.wait_for_function("() => /finished|failed|stopped/.test("
-                                   "document.querySelector('#train-status').innerText)", timeout=600_000)
+            page.wait_for_function(
+                "() => /finished|failed|stopped/.test(document.querySelector('#train-status').innerText)",
+                timeout=600_000,
+            )
         shot("train.png")
         open_tab(page, "Chat")
         if with_run:

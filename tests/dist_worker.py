@@ -71,8 +71,15 @@ def main():
 
     torch.manual_seed(0)  # same initial weights on every rank
     config = LlamaConfig(
-        vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True, use_cache=False,
+        vocab_size=V,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+        use_cache=False,
     )
     config._attn_implementation = "sdpa"
     model = LlamaForCausalLM(config)
@@ -108,8 +115,15 @@ def main():
     out = Path(cfg.run.experiment_dir)
     if accelerator.is_main_process:
         torch.save({k: v.detach().cpu().float() for k, v in state.items()}, out / "weights.pt")
-    info = {"losses": losses, "grad_norms": grad_norms, "is_sharded": sharded, "describe": describe(accelerator),
-            "last_step_counts": counts, "world_env": os.environ.get("WORLD_SIZE"), "impl": impl}
+    info = {
+        "losses": losses,
+        "grad_norms": grad_norms,
+        "is_sharded": sharded,
+        "describe": describe(accelerator),
+        "last_step_counts": counts,
+        "world_env": os.environ.get("WORLD_SIZE"),
+        "impl": impl,
+    }
     tmp = out / f"rank{rank}.json.tmp"
     tmp.write_text(json.dumps(info))
     tmp.rename(out / f"rank{rank}.json")

@@ -31,7 +31,9 @@ CONV = [
     {"role": "user", "content": "Uppercase this word: tiger"},
 ]
 
-LLAMA_SYS = "<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"
+LLAMA_SYS = (
+    "<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"
+)
 LLAMA_EXPECTED = (
     "<|begin_of_text|>" + LLAMA_SYS + "Be brief.<|eot_id|>"
     "<|start_header_id|>user<|end_header_id|>\n\nWhat is 2 + 3?<|eot_id|>"
@@ -69,8 +71,14 @@ FAMILY_EXPECTED = {
 }
 
 FAMILY_SPECIALS = {
-    "tiny-llama": ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
-                   "<|eot_id|>", "<|finetune_right_pad_id|>"],
+    "tiny-llama": [
+        "<|begin_of_text|>",
+        "<|end_of_text|>",
+        "<|start_header_id|>",
+        "<|end_header_id|>",
+        "<|eot_id|>",
+        "<|finetune_right_pad_id|>",
+    ],
     "chatml": ["<|im_start|>", "<|im_end|>", "<|endoftext|>"],
     "gemma": ["<bos>", "<eos>", "<pad>", "<start_of_turn>", "<end_of_turn>"],
     "mistral": ["<s>", "</s>"],
@@ -94,7 +102,8 @@ def test_tiny_model_loads_and_generates(tiny_tok):
     assert model.config.model_type == "llama" and model.config.tie_word_embeddings
     assert model.config.vocab_size == len(tiny_tok)
     assert set(model.generation_config.eos_token_id) == set(
-        tiny_tok.convert_tokens_to_ids(["<|eot_id|>", "<|end_of_text|>"]))
+        tiny_tok.convert_tokens_to_ids(["<|eot_id|>", "<|end_of_text|>"])
+    )
     n_params = sum(p.numel() for p in model.parameters())
     assert 200_000 < n_params < 2_000_000
     enc = tiny_tok.apply_chat_template(CONV, add_generation_prompt=True, return_tensors="pt", return_dict=True)
@@ -153,7 +162,7 @@ def test_generation_markers_cover_assistant_content_and_eot():
     tok = AutoTokenizer.from_pretrained(TOKS / "llama-generation")
     enc = tok.apply_chat_template(CONV[:5], return_dict=True, return_assistant_tokens_mask=True)
     ids, mask = enc["input_ids"], enc["assistant_masks"]
-    trained = tok.decode([i for i, m in zip(ids, mask) if m])
+    trained = tok.decode([i for i, m in zip(ids, mask, strict=False) if m])
     assert trained == "2 + 3 = 5.<|eot_id|>Reversed: blue red<|eot_id|>"
     # The plain tiny-llama template has no markers: the ids agree, only the mask is missing.
     plain = AutoTokenizer.from_pretrained(TINY).apply_chat_template(CONV[:5], return_dict=True)
@@ -195,12 +204,13 @@ def test_sample_data_shapes_agree():
     assert 2000 <= len(share) == len(oai)
     role_of = {"system": "system", "human": "user", "gpt": "assistant"}
     n_system = 0
-    for s, o in zip(share, oai):
+    for s, o in zip(share, oai, strict=False):
         assert set(s) == {"uuid", "conversations", "task_category", "difficulty", "model", "turns"}
         assert set(o) == {"uuid", "messages", "task_category", "difficulty", "model", "turns"}
         assert s["uuid"] == o["uuid"]
         assert [(role_of[m["from"]], m["value"]) for m in s["conversations"]] == [
-            (m["role"], m["content"]) for m in o["messages"]]
+            (m["role"], m["content"]) for m in o["messages"]
+        ]
         conv = [m for m in s["conversations"] if m["from"] != "system"]
         n_system += len(conv) != len(s["conversations"])
         assert [m["from"] for m in conv] == ["human", "gpt"] * s["turns"] and 1 <= s["turns"] <= 3

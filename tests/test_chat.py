@@ -4,8 +4,8 @@ Run: .venv/bin/pytest tests/test_chat.py -x -q
 """
 
 import json
-import re
 import multiprocessing as mp
+import re
 
 import numpy as np
 import pytest
@@ -69,7 +69,7 @@ def trained_text(r):
 
 def token_covered_text(text, tk):
     """The characters covered by trained tokens, per token (its offset range)."""
-    return "".join(text[s:e] for (s, e), t in zip(tk.offsets.tolist(), tk.trained) if t)
+    return "".join(text[s:e] for (s, e), t in zip(tk.offsets.tolist(), tk.trained, strict=False) if t)
 
 
 def n_bos(family, tk):
@@ -97,7 +97,7 @@ def test_auto_trains_exactly_replies_and_eot(family, with_system):
     for other in OTHER_TEXT:
         pos = r.text.find(other)
         if pos >= 0:
-            assert not trained[pos:pos + len(other)].any()
+            assert not trained[pos : pos + len(other)].any()
     # the loss-masking spans are the inclusive complement
     assert spans_from_loss_masking(len(r.text), r.loss_masking_spans) == r.trained_spans
     # token mask agrees with the char spans: trained tokens cover the replies (+ at most straddling whitespace)
@@ -105,9 +105,11 @@ def test_auto_trains_exactly_replies_and_eot(family, with_system):
     covered = token_covered_text(r.text, tk)
     assert covered.replace(" ", "") == trained_text(r).replace(" ", "")
     ids = t(r.text, add_special_tokens=False)["input_ids"]
-    assert tk.input_ids[-len(ids):].tolist() == ids  # nothing appended, nothing changed
+    assert tk.input_ids[-len(ids) :].tolist() == ids  # nothing appended, nothing changed
     # BOS exactly once when the tokenizer or template uses one, never doubled
-    expected_bos = 1 if (t.bos_token and (r.text.startswith(t.bos_token) or t("a")["input_ids"][0] == t.bos_token_id)) else 0
+    expected_bos = (
+        1 if (t.bos_token and (r.text.startswith(t.bos_token) or t("a")["input_ids"][0] == t.bos_token_id)) else 0
+    )
     assert n_bos(family, tk) == expected_bos
     assert check_sample(r, tk, t) == []
 
@@ -136,8 +138,9 @@ def test_generation_markers_agree_with_prefix_diff():
         assert a.text == b.text
         assert a.trained_spans == b.trained_spans
         # and with transformers' own token-level assistant mask
-        out = t.apply_chat_template(normalize_conversation(conv), tokenize=True, return_dict=True,
-                                    return_assistant_tokens_mask=True)
+        out = t.apply_chat_template(
+            normalize_conversation(conv), tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
         tk = tokenize(a.text, a.trained_spans, t)
         assert tk.input_ids.tolist() == list(out["input_ids"])
         assert tk.trained.astype(int).tolist() == list(out["assistant_masks"])
@@ -146,8 +149,11 @@ def test_generation_markers_agree_with_prefix_diff():
 def test_llama_matches_guide_delimiters():
     """Auto mode on Llama 3.1 gives the same spans as the guide's delimiters."""
     t = tok("llama")
-    m = Masking(mode="delimiters", start_delimiter="<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
-                end_delimiter="<|eot_id|>")
+    m = Masking(
+        mode="delimiters",
+        start_delimiter="<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
+        end_delimiter="<|eot_id|>",
+    )
     for conv in ([SYSTEM] + TURNS, TURNS):
         a, d = render(conv, t), render(conv, t, m)
         assert a.text == d.text and a.trained_spans == d.trained_spans and d.problems == []
@@ -230,7 +236,9 @@ def test_delimiters_missing_end_delimiter_trains_to_end():
 @pytest.mark.timeout(10)
 def test_delimiters_absent():
     t = tok("llama")
-    r = render(TURNS, t, Masking(mode="delimiters", start_delimiter="<|im_start|>assistant\n", end_delimiter="<|im_end|>"))
+    r = render(
+        TURNS, t, Masking(mode="delimiters", start_delimiter="<|im_start|>assistant\n", end_delimiter="<|im_end|>")
+    )
     assert r.trained_spans == [] and r.loss_masking_spans == [(0, len(r.text) - 1)]
     tk = tokenize(r.text, r.trained_spans, t)
     codes = [p.split(":")[0] for p in check_sample(r, tk, t)]
@@ -240,8 +248,10 @@ def test_delimiters_absent():
 @pytest.mark.timeout(10)
 def test_delimiter_text_in_content_terminates_and_is_reported():
     t = tok("llama")
-    conv = [{"role": "user", "content": "Say <|eot_id|> please"},
-            {"role": "assistant", "content": "Here: <|eot_id|> done"}]
+    conv = [
+        {"role": "user", "content": "Say <|eot_id|> please"},
+        {"role": "assistant", "content": "Here: <|eot_id|> done"},
+    ]
     r = render(conv, t, DELIM)
     # the reply is cut at the end delimiter inside it: reported, never a hang
     assert trained_text(r) == "Here: <|eot_id|>"
@@ -293,7 +303,7 @@ def test_tokenize_batch_equals_tokenize():
     t = tok("llama")
     rs = [render(r, t) for r in [json.loads(line) for line in open(SAMPLE_DATA)][:20]]
     batch = tokenize_batch([r.text for r in rs], [r.trained_spans for r in rs], t)
-    for r, b in zip(rs, batch):
+    for r, b in zip(rs, batch, strict=False):
         s = tokenize(r.text, r.trained_spans, t)
         assert np.array_equal(s.input_ids, b.input_ids) and np.array_equal(s.trained, b.trained)
         assert n_bos("llama", b) == 1
@@ -328,9 +338,11 @@ def test_non_prefix_preserving_template_is_a_clear_error():
     with pytest.raises(TemplateError, match="not prefix-preserving at message 1"):
         render(TURNS, t, chat_template=bad)
     # a template that rewrites earlier replies (like reasoning stripping) once later turns exist
-    strip = ("{% for m in messages %}{% if m.role == 'assistant' and not loop.last %}<A>{{ m.content[:3] }}</A>"
-             "{% elif m.role == 'assistant' %}<A>{{ m.content }}</A>{% else %}<U>{{ m.content }}</U>{% endif %}"
-             "{% endfor %}{% if add_generation_prompt %}<A>{% endif %}")
+    strip = (
+        "{% for m in messages %}{% if m.role == 'assistant' and not loop.last %}<A>{{ m.content[:3] }}</A>"
+        "{% elif m.role == 'assistant' %}<A>{{ m.content }}</A>{% else %}<U>{{ m.content }}</U>{% endif %}"
+        "{% endfor %}{% if add_generation_prompt %}<A>{% endif %}"
+    )
     with pytest.raises(TemplateError, match="message 1"):
         render(TURNS, t, chat_template=strip)
 
@@ -340,8 +352,10 @@ def test_template_with_trailing_whitespace_after_every_rendering():
     reply: the generation prompt then ends in whitespace the final text does not have at that place. That
     whitespace is not the start of the reply's turn: the reply and its marker are still found, nothing else."""
     t = tok("chatml")
-    tpl = ("{% for m in messages %}{% if m.role == 'user' %}<U>{{ m.content }}<|im_end|>{% else %}"
-           "    {{ m.content }}<|im_end|>{% endif %}{% endfor %}\n\n{% if add_generation_prompt %}{% endif %}")
+    tpl = (
+        "{% for m in messages %}{% if m.role == 'user' %}<U>{{ m.content }}<|im_end|>{% else %}"
+        "    {{ m.content }}<|im_end|>{% endif %}{% endfor %}\n\n{% if add_generation_prompt %}{% endif %}"
+    )
     r = render(TURNS, t, chat_template=tpl)
     assert r.text == t.apply_chat_template(normalize_conversation(TURNS), chat_template=tpl, tokenize=False)
     assert [r.text[b:e] for b, e in r.trained_spans] == [x + "<|im_end|>" for x in REPLIES]
@@ -353,8 +367,10 @@ def test_template_with_trailing_whitespace_after_every_rendering():
 def test_template_errors_are_clear():
     t = tok("gemma")
     with pytest.raises(TemplateError, match="alternate"):
-        render([{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
-                {"role": "assistant", "content": "c"}], t)
+        render(
+            [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}, {"role": "assistant", "content": "c"}],
+            t,
+        )
     with pytest.raises(TemplateError, match="syntax error at line 2"):
         render(TURNS, t, chat_template="{% for m in messages %}\n{{ m.content }\n{% endfor %}")
     with pytest.raises(TemplateError, match="does not exist"):
@@ -381,10 +397,16 @@ def test_template_from_file(tmp_path):
         ([{"role": "user", "content": "hi"}, {"role": "assistant"}], r"message 1: missing key 'content'"),
         ([{"from": "human"}], r"message 0: missing key 'value'"),
         ([{"content": "hi"}], r"message 0: missing key 'role'"),
-        ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}], r"message 1 \(assistant\): 'content' is empty"),
+        (
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}],
+            r"message 1 \(assistant\): 'content' is empty",
+        ),
         ([{"role": "user", "content": 5}], r"message 0 \(user\): 'content' must be a string"),
         ([{"role": "user", "content": None}], r"message 0 \(user\): 'content' is null"),
-        ([{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}], r"message 0 \(user\): 'content' part 0"),
+        (
+            [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}],
+            r"message 0 \(user\): 'content' part 0",
+        ),
         ({"text": "hi"}, r"no 'conversations' or 'messages' column"),
         ([], r"empty"),
         (["hi"], r"message 0: must be a dict"),
@@ -398,17 +420,24 @@ def test_bad_conversations(conv, match):
 
 
 def test_conversation_shapes():
-    want = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}, {"role": "assistant", "content": "ab"}]
+    want = [
+        {"role": "system", "content": "s"},
+        {"role": "user", "content": "u"},
+        {"role": "assistant", "content": "ab"},
+    ]
     share = [{"from": "system", "value": "s"}, {"from": "human", "value": "u"}, {"from": "gpt", "value": "ab"}]
-    openai = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
-              {"role": "assistant", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
+    openai = [
+        {"role": "system", "content": "s"},
+        {"role": "user", "content": "u"},
+        {"role": "assistant", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+    ]
     assert normalize_conversation(share) == want
     assert normalize_conversation({"conversations": share, "uuid": 1}) == want
     assert normalize_conversation({"messages": openai}) == want
     assert normalize_conversation([{"role": "model", "content": "x"}])[0]["role"] == "assistant"
     rows = [json.loads(line) for line in open(SAMPLE_DATA_OPENAI_PATH())][:3]
     shares = [json.loads(line) for line in open(SAMPLE_DATA)][:3]
-    for a, b in zip(rows, shares):
+    for a, b in zip(rows, shares, strict=False):
         assert render(a, tok("llama")).text == render(b, tok("llama")).text
 
 
@@ -494,8 +523,12 @@ def test_structure_cache_equals_full_prefix_diff(family):
     replies with surrounding whitespace (stripping templates) give exactly the reference text and turns."""
     t = tok(family)
     rows = [json.loads(line) for line in open(SAMPLE_DATA)][:120]
-    padded = [{"from": "human", "value": "  Hi  \n"}, {"from": "gpt", "value": "\n  Padded reply.  \n"},
-              {"from": "human", "value": "again"}, {"from": "gpt", "value": " x "}]
+    padded = [
+        {"from": "human", "value": "  Hi  \n"},
+        {"from": "gpt", "value": "\n  Padded reply.  \n"},
+        {"from": "human", "value": "again"},
+        {"from": "gpt", "value": " x "},
+    ]
     convs = [r["conversations"] for r in rows] + [TURNS, [SYSTEM] + TURNS, padded, padded]
     for train_on in ("all", "last"):
         for conv in convs:
@@ -519,13 +552,23 @@ def test_content_dependent_template_falls_back_to_prefix_diff():
     """A template that rewrites some replies (upper-cases those with '!') and strips others: rows where the
     substituted text differs from the real rendering must take the full prefix diff and still be exact."""
     t = tok("chatml")
-    tpl = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{% if '!' in m.content %}{{ m.content|upper }}"
-           "{% else %}{{ m.content|trim }}{% endif %}<|im_end|>\n{% endfor %}"
-           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    plain = [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "  calm reply "},
-             {"from": "human", "value": "more"}, {"from": "gpt", "value": "also calm"}]
-    loud = [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "loud reply!"},
-            {"from": "human", "value": "more"}, {"from": "gpt", "value": "also calm"}]
+    tpl = (
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{% if '!' in m.content %}{{ m.content|upper }}"
+        "{% else %}{{ m.content|trim }}{% endif %}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    plain = [
+        {"from": "human", "value": "hi"},
+        {"from": "gpt", "value": "  calm reply "},
+        {"from": "human", "value": "more"},
+        {"from": "gpt", "value": "also calm"},
+    ]
+    loud = [
+        {"from": "human", "value": "hi"},
+        {"from": "gpt", "value": "loud reply!"},
+        {"from": "human", "value": "more"},
+        {"from": "gpt", "value": "also calm"},
+    ]
     for conv in [plain] * 4 + [loud] + [plain] * 2 + [loud]:
         r = render(conv, t, chat_template=tpl)
         ref_text, ref_turns, _ = _reference(conv, t, tpl)
@@ -534,7 +577,7 @@ def test_content_dependent_template_falls_back_to_prefix_diff():
     assert [r.text[b:e] for b, e in r.trained_spans] == ["calm reply<|im_end|>", "also calm<|im_end|>"]
     r = render(loud, t, chat_template=tpl)
     assert [r.text[b:e] for b, e in r.trained_spans][1] == "also calm<|im_end|>"
-    assert r.text[r.trained_spans[0][0]:r.trained_spans[0][1]].startswith("LOUD REPLY!")
+    assert r.text[r.trained_spans[0][0] : r.trained_spans[0][1]].startswith("LOUD REPLY!")
 
 
 def test_date_injecting_template_is_exact():
@@ -544,8 +587,10 @@ def test_date_injecting_template_is_exact():
 
     t = tok("chatml")
     day = {"today": "1 Jan"}
-    tpl = ("Today: {{ today() }}\n{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"
-           "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    tpl = (
+        "Today: {{ today() }}\n{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
     info = chat._info(t)
     old = info["kwargs"]
     info["kwargs"] = dict(old, today=lambda: day["today"])
@@ -576,7 +621,7 @@ def test_tokenize_batch_equals_the_tokenizer_call(family):
     out = tokenize_batch(texts, spans, t)
     enc = t(texts, add_special_tokens=False, return_offsets_mapping=True)
     adds_bos = t.bos_token_id is not None and t("a")["input_ids"][0] == t.bos_token_id
-    for text, sp, o, ids, offs in zip(texts, spans, out, enc["input_ids"], enc["offset_mapping"]):
+    for text, sp, o, ids, offs in zip(texts, spans, out, enc["input_ids"], enc["offset_mapping"], strict=False):
         extra = int(adds_bos and not text.startswith(t.bos_token))
         assert o.input_ids.tolist() == [t.bos_token_id] * extra + list(ids)
         assert o.offsets.tolist() == [[0, 0]] * extra + [list(x) for x in offs]
@@ -598,11 +643,11 @@ def test_portable_tokenizer_equals_the_original(family):
     convs = [[SYSTEM] + TURNS, TURNS] + [json.loads(line)["conversations"] for line in open(SAMPLE_DATA)][:30]
     a = [render(c, t) for c in convs]
     b = [render(c, lite) for c in convs]
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):
         assert (x.text, x.trained_spans, x.turns, x.problems) == (y.text, y.trained_spans, y.turns, y.problems)
     ta = tokenize_batch([x.text for x in a], [x.trained_spans for x in a], t)
     tb = tokenize_batch([x.text for x in a], [x.trained_spans for x in a], lite)
-    for x, y in zip(ta, tb):
+    for x, y in zip(ta, tb, strict=False):
         assert np.array_equal(x.input_ids, y.input_ids) and np.array_equal(x.trained, y.trained)
         assert np.array_equal(x.offsets, y.offsets)
     assert lite("Hi")["input_ids"] == t("Hi")["input_ids"]  # incl. the BOS its post-processor adds
@@ -620,14 +665,20 @@ def _odd_tokenizers():
     sp.normalizer = normalizers.Sequence([normalizers.Replace(" ", "▁")])
     sp.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
     sp.decoder = decoders.Metaspace()
-    sp.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]))
+    sp.train_from_iterator(
+        corpus,
+        trainers.BpeTrainer(
+            vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+        ),
+    )
     wp = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     wp.normalizer = normalizers.BertNormalizer(lowercase=True)
     wp.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     wp.train_from_iterator(corpus, trainers.WordPieceTrainer(vocab_size=300, special_tokens=["[UNK]", "[SEP]"]))
-    return {"metaspace-bytefallback": PreTrainedTokenizerFast(tokenizer_object=sp, bos_token="<s>", eos_token="</s>"),
-            "wordpiece-gaps": PreTrainedTokenizerFast(tokenizer_object=wp, unk_token="[UNK]", sep_token="[SEP]")}
+    return {
+        "metaspace-bytefallback": PreTrainedTokenizerFast(tokenizer_object=sp, bos_token="<s>", eos_token="</s>"),
+        "wordpiece-gaps": PreTrainedTokenizerFast(tokenizer_object=wp, unk_token="[UNK]", sep_token="[SEP]"),
+    }
 
 
 @pytest.mark.parametrize("family", list(FAMILIES) + ["metaspace-bytefallback", "wordpiece-gaps"])
@@ -639,7 +690,12 @@ def test_mask_from_char_lookups_equals_the_offsets_rule(family):
 
     t = tok(family) if family in FAMILIES else _odd_tokenizers()[family]
     rng = np.random.default_rng(0)
-    base = ["Hello  world,\tthe end.\n\n", "emoji 🙂🧑‍🚀 done ", "日本語のテキスト x\u0301 ", "  def f(x):\n    return x**2\n"]
+    base = [
+        "Hello  world,\tthe end.\n\n",
+        "emoji 🙂🧑‍🚀 done ",
+        "日本語のテキスト x\u0301 ",
+        "  def f(x):\n    return x**2\n",
+    ]
     texts, spans_list = [], []
     for _ in range(60):
         text = "".join(rng.choice(base, size=rng.integers(1, 5)))
@@ -649,7 +705,7 @@ def test_mask_from_char_lookups_equals_the_offsets_rule(family):
     fast = _tokenize_flat(texts, spans_list, t)
     slow = _tokenize_flat(texts, spans_list, t, offsets=True)
     assert np.array_equal(fast.ids, slow.ids) and np.array_equal(fast.bounds, slow.bounds)
-    for j, (text, spans) in enumerate(zip(texts, spans_list)):
+    for j, (text, spans) in enumerate(zip(texts, spans_list, strict=False)):
         a, z = slow.bounds[j], slow.bounds[j + 1]
         want = _mask_from_offsets(slow.offsets[a:z], sorted((min(s, len(text)), min(e, len(text))) for s, e in spans))
         assert fast.trained[a:z].tolist() == want.tolist(), (family, text, spans)
@@ -667,13 +723,17 @@ def test_health_checks_agree_on_batched_and_single_tokenization(family):
     for masking in (Masking(), Masking(train_on_eot=False)):
         rs = [render(c, t, masking) for c in convs]
         batch = tokenize_batch([r.text for r in rs], [r.trained_spans for r in rs], t)
-        for r, b in zip(rs, batch):
+        for r, b in zip(rs, batch, strict=False):
             assert b._offsets is None  # the char-lookup path ran: no offsets were built...
             single = tokenize(r.text, r.trained_spans, t)
             for seq in (None, 40, 80, 120, len(single.input_ids) - 3):
                 assert check_sample(r, b, t, seq) == check_sample(r, single, t, seq)
             assert b._offsets is None  # ...and the health checks did not need them
-        problems = {p.split(":")[0] for r, s in zip(rs, batch) for seq in (40, 80, 120)
-                    for p in check_sample(r, s, t, seq)}
+        problems = {
+            p.split(":")[0]
+            for r, s in zip(rs, batch, strict=False)
+            for seq in (40, 80, 120)
+            for p in check_sample(r, s, t, seq)
+        }
         assert "too_long" in problems and "assistant_cut" in problems
         assert ("eot_not_trained" in problems) == (not masking.train_on_eot)

@@ -10,16 +10,29 @@ import yaml
 
 from backend import ASSETS, ROOT
 from backend.cli import run_cli
-from backend.config import (ConfigError, PrepareConfig, TrainConfig, check_world_size, config_hash, dump_yaml,
-                            field_description, get_field, iter_fields, load_prepare_config, load_train_config,
-                            set_field)
+from backend.config import (
+    ConfigError,
+    PrepareConfig,
+    TrainConfig,
+    check_world_size,
+    config_hash,
+    dump_yaml,
+    field_description,
+    get_field,
+    iter_fields,
+    load_prepare_config,
+    load_train_config,
+    set_field,
+)
 
 CONFIGS = sorted((ASSETS / "configs").glob("*.yaml"))
 GUIDE_TRAIN = ASSETS / "configs" / "guide_train.yaml"
 GUIDE_PREPARE = ASSETS / "configs" / "guide_prepare.yaml"
 
-MINIMAL_TRAIN = {"data": {"datasets": {"training": {"path": "d/fast_llm_config_training.yaml"}}},
-                 "pretrained": {"path": "m"}}
+MINIMAL_TRAIN = {
+    "data": {"datasets": {"training": {"path": "d/fast_llm_config_training.yaml"}}},
+    "pretrained": {"path": "m"},
+}
 
 
 def _loader(path):
@@ -80,22 +93,28 @@ def test_minimal_train_config_uses_defaults():
 
 def test_numbers_as_yaml_writes_them(tmp_path):
     # PyYAML 1.1 reads 3e-3 (no dot) as a string and 1_000 as an int: both must become numbers.
-    p = _write(tmp_path, """\
+    p = _write(
+        tmp_path,
+        """\
         optimizer: {learning_rate: {base: 3e-3, minimum: 1.0e-5, decay_iterations: 1_000}}
         data: {datasets: {training: {path: d}}}
         pretrained: {path: m}
-        """)
+        """,
+    )
     lr = load_train_config(p).optimizer.learning_rate
     assert lr.base == pytest.approx(3e-3) and lr.minimum == pytest.approx(1e-5) and lr.decay_iterations == 1000
 
 
 def test_typo_rejected_with_suggestion_and_file(tmp_path):
-    p = _write(tmp_path, """\
+    p = _write(
+        tmp_path,
+        """\
         training:
           train_itrs: 10
         data: {datasets: {training: {path: d}}}
         pretrained: {path: m}
-        """)
+        """,
+    )
     with pytest.raises(ConfigError) as info:
         load_train_config(p)
     assert info.value.problems == ["training.train_itrs: unknown key; did you mean 'train_iters'?"]
@@ -134,23 +153,36 @@ def test_inconsistent_batch_names_the_keys():
 
 
 def test_all_problems_at_once(tmp_path):
-    p = _write(tmp_path, """\
+    p = _write(
+        tmp_path,
+        """\
         training: {train_itrs: 5}
         batch: {sequence_length: 0}
         optimizer: {learning_rate: {decay_style: cosinus}}
         data: {datasets: {training: {path: d}}}
         pretrained: {path: m}
-        """)
+        """,
+    )
     problems = _problems(load_train_config, p)
     assert len(problems) == 3, problems
     assert [q.split(":")[0] for q in problems] == [
-        "training.train_itrs", "batch.sequence_length", "optimizer.learning_rate.decay_style"]
+        "training.train_itrs",
+        "batch.sequence_length",
+        "optimizer.learning_rate.decay_style",
+    ]
 
 
-@pytest.mark.parametrize("section, value, key", [
-    ("learning_rate", {"base": 1e-4, "minimum": 1e-3}, "optimizer.learning_rate.minimum"),
-    ("learning_rate", {"warmup_iterations": 200, "decay_iterations": 100}, "optimizer.learning_rate.warmup_iterations"),
-])
+@pytest.mark.parametrize(
+    "section, value, key",
+    [
+        ("learning_rate", {"base": 1e-4, "minimum": 1e-3}, "optimizer.learning_rate.minimum"),
+        (
+            "learning_rate",
+            {"warmup_iterations": 200, "decay_iterations": 100},
+            "optimizer.learning_rate.warmup_iterations",
+        ),
+    ],
+)
 def test_learning_rate_checks(section, value, key):
     (problem,) = _problems(load_train_config, {**MINIMAL_TRAIN, "optimizer": {section: value}})
     assert problem.startswith(key + ":")
@@ -167,17 +199,25 @@ def test_validation_without_dataset_is_an_error():
     assert problem.startswith("training.evaluations.validation.interval:") and "data.datasets.validation" in problem
 
 
-@pytest.mark.parametrize("key, value", [("model.multi_stage.zero_stage", 4),
-                                        ("model.distributed.training_dtype", "int8"),
-                                        ("training.export.format", "gguf"),
-                                        ("training.checkpoint.keep", 0)])
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("model.multi_stage.zero_stage", 4),
+        ("model.distributed.training_dtype", "int8"),
+        ("training.export.format", "gguf"),
+        ("training.checkpoint.keep", 0),
+    ],
+)
 def test_enumerations_and_bounds(key, value):
     (problem,) = _problems(load_train_config, MINIMAL_TRAIN, [f"{key}={value}"])
     assert problem.startswith(key + ":") and str(value) in problem
 
 
 def test_dtype_aliases():
-    assert load_train_config(MINIMAL_TRAIN, ["model.distributed.training_dtype=bfloat16"]).model.distributed.training_dtype == "bf16"
+    assert (
+        load_train_config(MINIMAL_TRAIN, ["model.distributed.training_dtype=bfloat16"]).model.distributed.training_dtype
+        == "bf16"
+    )
 
 
 def test_legacy_batch_keys_are_moved():
@@ -196,12 +236,20 @@ def test_legacy_batch_keys_are_moved():
 
 
 def test_overrides():
-    cfg = load_train_config(GUIDE_TRAIN, ["training.train_iters=7", "optimizer.learning_rate.base=3e-3",
-                                          "batch.cross_document_attention=yes", "run.experiment_dir=runs/x"])
+    cfg = load_train_config(
+        GUIDE_TRAIN,
+        [
+            "training.train_iters=7",
+            "optimizer.learning_rate.base=3e-3",
+            "batch.cross_document_attention=yes",
+            "run.experiment_dir=runs/x",
+        ],
+    )
     assert cfg.training.train_iters == 7 and cfg.optimizer.learning_rate.base == pytest.approx(3e-3)
     assert cfg.batch.cross_document_attention is True and cfg.run.experiment_dir == "runs/x"
     assert _problems(load_train_config, GUIDE_TRAIN, ["training.train_itrs=7"]) == [
-        "training.train_itrs: unknown key; did you mean 'train_iters'?"]
+        "training.train_itrs: unknown key; did you mean 'train_iters'?"
+    ]
     (problem,) = _problems(load_train_config, GUIDE_TRAIN, ["training.train_iters"])
     assert "key=value" in problem
     p = load_prepare_config(GUIDE_PREPARE, ["splits={training: 1.0}", "dataset.loss_masking_spans=null"])
@@ -220,12 +268,23 @@ def test_prepare_checks():
 
 
 def test_chat_to_masking_matches_chat_masking():
-    cfg = load_prepare_config(ASSETS / "configs" / "tiny_prepare.yaml",
-                              ["chat.train_on=last", "chat.masking.mode=delimiters",
-                               "chat.masking.start_delimiter=<a>", "chat.masking.end_delimiter=<b>"])
+    cfg = load_prepare_config(
+        ASSETS / "configs" / "tiny_prepare.yaml",
+        [
+            "chat.train_on=last",
+            "chat.masking.mode=delimiters",
+            "chat.masking.start_delimiter=<a>",
+            "chat.masking.end_delimiter=<b>",
+        ],
+    )
     kwargs = cfg.chat.to_masking()
-    assert kwargs == {"mode": "delimiters", "start_delimiter": "<a>", "end_delimiter": "<b>", "train_on": "last",
-                      "train_on_eot": True}
+    assert kwargs == {
+        "mode": "delimiters",
+        "start_delimiter": "<a>",
+        "end_delimiter": "<b>",
+        "train_on": "last",
+        "train_on_eot": True,
+    }
     chat = pytest.importorskip("backend.chat")
     assert chat.Masking(**kwargs).train_on == "last"
 
@@ -276,6 +335,7 @@ def test_dotted_access_and_descriptions():
 # ----------------------------------------------------------------------------------------------------------------
 # CLI
 
+
 def test_cli_validate_good(capsys):
     with pytest.raises(SystemExit) as info:
         run_cli([str(GUIDE_TRAIN), "--validate", "training.train_iters=3"], "train", _never)
@@ -298,6 +358,7 @@ def test_cli_runs_with_force(capsys):
 
     def run(cfg, force):
         seen.update(cfg=cfg, force=force)
+
     with pytest.raises(SystemExit) as info:
         run_cli([str(GUIDE_PREPARE), "--force", "tokenize_workers=2"], "prepare", run)
     assert info.value.code == 0 and seen["force"] is True and seen["cfg"].tokenize_workers == 2
@@ -306,8 +367,9 @@ def test_cli_runs_with_force(capsys):
 def test_cli_subprocess_has_no_traceback(tmp_path):
     p = _write(tmp_path, "batch: {batch_size: many}\ndata: {datasets: {training: {path: d}}}\npretrained: {path: m}\n")
     code = "import sys; from backend.cli import run_cli; run_cli(sys.argv[1:], 'train', print)"
-    r = subprocess.run([sys.executable, "-c", code, str(p), "--validate"], cwd=ROOT, capture_output=True, text=True,
-                       timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-c", code, str(p), "--validate"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 2
     assert "batch.batch_size: expected a whole number, got 'many'" in r.stderr
     assert "Traceback" not in r.stderr

@@ -16,8 +16,9 @@ def _random_docs(n, vocab, seed=0, max_len=40):
     return docs
 
 
-@pytest.mark.parametrize("vocab,expected", [(256, np.uint8), (257, np.uint16), (65536, np.uint16),
-                                            (65537, np.uint32), (128256, np.uint32)])
+@pytest.mark.parametrize(
+    "vocab,expected", [(256, np.uint8), (257, np.uint16), (65536, np.uint16), (65537, np.uint32), (128256, np.uint32)]
+)
 def test_token_dtype_is_smallest_unsigned(vocab, expected):
     assert token_dtype(vocab) == np.dtype(expected)
 
@@ -27,8 +28,9 @@ def test_token_dtype_is_smallest_unsigned(vocab, expected):
 def test_round_trip_across_shards(tmp_path, vocab, shard_tokens):
     docs = _random_docs(60, vocab)
     info = {"path": "tok", "vocab_size": vocab}
-    with ShardWriter(tmp_path, "training", vocab, shard_tokens=shard_tokens, tokenizer_info=info,
-                     prepare_config_hash="abc") as w:
+    with ShardWriter(
+        tmp_path, "training", vocab, shard_tokens=shard_tokens, tokenizer_info=info, prepare_config_hash="abc"
+    ) as w:
         for tokens, trained in docs:
             w.add(tokens, trained)
     counts = w.close()

@@ -32,10 +32,16 @@ def free_port() -> int:
 def run_worker(tmp_path, name, num_processes, zero_stage, impl="fused"):
     out = tmp_path / name
     out.mkdir()
-    cfg = load_train_config(ASSETS / "configs" / "tiny_train.yaml", [
-        f"model.multi_stage.zero_stage={zero_stage}", f"model.base_model.cross_entropy_impl={impl}",
-        "model.distributed.timeout=60", f"run.num_processes={num_processes}", f"run.experiment_dir={out}",
-    ])
+    cfg = load_train_config(
+        ASSETS / "configs" / "tiny_train.yaml",
+        [
+            f"model.multi_stage.zero_stage={zero_stage}",
+            f"model.base_model.cross_entropy_impl={impl}",
+            "model.distributed.timeout=60",
+            f"run.num_processes={num_processes}",
+            f"run.experiment_dir={out}",
+        ],
+    )
     config_path = out / "config.yaml"
     config_path.write_text(dump_yaml(cfg))
     cmd = train_command(config_path, num_processes, main_process_port=free_port(), module="tests.dist_worker")
@@ -95,19 +101,39 @@ def test_two_process_ddp_matches_one_process(tmp_path, references):
 
 def test_launch_commands_and_yaml(tmp_path):
     config_path = tmp_path / "config.yaml"
-    config_path.write_text(dump_yaml(load_train_config(ASSETS / "configs" / "tiny_train.yaml", [
-        "model.multi_stage.zero_stage=2", "model.distributed.training_dtype=bf16", "run.num_processes=2"])))
+    config_path.write_text(
+        dump_yaml(
+            load_train_config(
+                ASSETS / "configs" / "tiny_train.yaml",
+                ["model.multi_stage.zero_stage=2", "model.distributed.training_dtype=bf16", "run.num_processes=2"],
+            )
+        )
+    )
     assert train_command(config_path) == [sys.executable, "-m", "backend.train", str(config_path)]
     cmd = train_command(config_path, 2, extra_overrides=["training.train_iters=5"])
     yaml_path = tmp_path / "accelerate_2proc.yaml"
-    assert cmd == [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(yaml_path),
-                   "--num_processes", "2", "-m", "backend.train", str(config_path), "training.train_iters=5"]
+    assert cmd == [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(yaml_path),
+        "--num_processes",
+        "2",
+        "-m",
+        "backend.train",
+        str(config_path),
+        "training.train_iters=5",
+    ]
     text = yaml_path.read_text()
     assert "distributed_type: FSDP" in text and "fsdp_reshard_after_forward: false" in text
     assert "mixed_precision: 'bf16'" in text and "use_cpu: false" in text
     assert "distributed_type: MULTI_GPU" in accelerate_config_yaml(2, zero_stage=1)
     assert train_env(2, use_cpu=True, threads=1) == {
-        "PYTHONUNBUFFERED": "1", "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+        "PYTHONUNBUFFERED": "1",
+        "ACCELERATE_USE_CPU": "true",
+        "OMP_NUM_THREADS": "1",
+    }
     # the studio imports backend.launch: it must not pull in torch or accelerate
     probe = "import sys, backend.launch; print('torch' in sys.modules, 'accelerate' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60)

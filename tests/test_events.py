@@ -65,8 +65,9 @@ def test_lock_refuses_a_second_live_run_and_names_the_pid(tmp_path):
     # a live foreign process holds the lock
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        (tmp_path / "LOCK").write_text(json.dumps(
-            {"pid": holder.pid, "hostname": socket.gethostname(), "start_time": 0.0, "argv": ["x"]}))
+        (tmp_path / "LOCK").write_text(
+            json.dumps({"pid": holder.pid, "hostname": socket.gethostname(), "start_time": 0.0, "argv": ["x"]})
+        )
         info = read_lock(tmp_path)
         assert info["pid"] == holder.pid and info["alive"] is True
         with pytest.raises(LockedError, match=f"in use by pid {holder.pid}"):
@@ -83,8 +84,7 @@ def test_lock_refuses_a_second_live_run_and_names_the_pid(tmp_path):
 
 
 def test_lock_from_another_host_is_refused(tmp_path):
-    (tmp_path / "LOCK").write_text(json.dumps(
-        {"pid": 1, "hostname": "some-other-host", "start_time": 0.0, "argv": []}))
+    (tmp_path / "LOCK").write_text(json.dumps({"pid": 1, "hostname": "some-other-host", "start_time": 0.0, "argv": []}))
     assert read_lock(tmp_path)["alive"] is None  # cannot tell
     with pytest.raises(LockedError, match="some-other-host"):
         RunLock(tmp_path).acquire()

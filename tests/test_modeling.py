@@ -5,15 +5,19 @@ import copy
 
 import numpy as np
 import pytest
-
-import backend.attention  # noqa: F401  registers sdpa_packed
 import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
+import backend.attention  # noqa: F401  registers sdpa_packed
 from backend import IGNORE_INDEX
-from backend.modeling import (flatten_micro_batch, forward_packed, load_model, prepare_for_packed_training,
-                              select_attention)
+from backend.modeling import (
+    flatten_micro_batch,
+    forward_packed,
+    load_model,
+    prepare_for_packed_training,
+    select_attention,
+)
 from backend.packing import PackedSampler, collate
 
 torch.set_num_threads(1)
@@ -32,9 +36,16 @@ class MemDataset:
 
 def tiny_model(attn="sdpa", use_cache=True, seed=0):
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      use_cache=use_cache)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        use_cache=use_cache,
+    )
     cfg._attn_implementation = attn
     return LlamaForCausalLM(cfg).float()
 
@@ -50,8 +61,12 @@ def setup(seed, truncate=False, rows=4, n=40):
 
 def shifted_ce_sum(logits, labels):
     """Sum of per-token CE with transformers' shift: logit t predicts label t+1."""
-    return F.cross_entropy(logits[..., :-1, :].reshape(-1, logits.shape[-1]).float(),
-                           labels[..., 1:].reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+    return F.cross_entropy(
+        logits[..., :-1, :].reshape(-1, logits.shape[-1]).float(),
+        labels[..., 1:].reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
 
 
 def separate(model, ds, rows):
@@ -63,12 +78,12 @@ def separate(model, ds, rows):
         t = 0
         for p in row:
             tok, tr = ds.document(p.document)
-            ids = torch.tensor(tok[p.begin:p.end]).long()[None]
-            lab = torch.where(torch.tensor(tr[p.begin:p.end]), ids[0], IGNORE_INDEX)[None]
+            ids = torch.tensor(tok[p.begin : p.end]).long()[None]
+            lab = torch.where(torch.tensor(tr[p.begin : p.end]), ids[0], IGNORE_INDEX)[None]
             lab[0, 0] = IGNORE_INDEX
             pos = torch.arange(p.begin, p.end)[None]
             logits = model(input_ids=ids, position_ids=pos, use_cache=False).logits
-            out[r, t:t + ids.shape[1]] = logits[0]
+            out[r, t : t + ids.shape[1]] = logits[0]
             loss = loss + shifted_ce_sum(logits, lab)
             t += ids.shape[1]
     return out, loss
@@ -78,7 +93,7 @@ def with_real(batch, rows):
     """Add batch["real"]: (B, L) True on real tokens, False on padding (from the pieces, not from pad ids)."""
     real = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
     for r, row in enumerate(rows):
-        real[r, :sum(p.end - p.begin for p in row)] = True
+        real[r, : sum(p.end - p.begin for p in row)] = True
     batch["real"] = real
     return batch
 
@@ -100,7 +115,7 @@ def test_packed_equals_separate_logits_loss_grads(attn, seed):
     assert torch.allclose(loss, sep_loss, rtol=1e-5, atol=1e-4)
     loss.backward()
     sep_loss.backward()
-    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+    for (name, p), q in zip(model.named_parameters(), ref.parameters(), strict=False):
         assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-6), name
 
 
@@ -165,9 +180,12 @@ def test_use_cache_trap_is_real_and_the_guard_closes_it():
 
 def test_flatten_refuses_ambiguous_positions():
     """A row ending at position p followed by a row starting a continuation at p+1 would merge when flattened."""
-    batch = {"input_ids": torch.ones(2, 4, dtype=torch.long), "labels": torch.zeros(2, 4, dtype=torch.long),
-             "position_ids": torch.tensor([[0, 1, 0, 1], [2, 3, 4, 5]]),
-             "cu_seq_lens_q": torch.tensor([0, 2, 4, 8], dtype=torch.int32)}
+    batch = {
+        "input_ids": torch.ones(2, 4, dtype=torch.long),
+        "labels": torch.zeros(2, 4, dtype=torch.long),
+        "position_ids": torch.tensor([[0, 1, 0, 1], [2, 3, 4, 5]]),
+        "cu_seq_lens_q": torch.tensor([0, 2, 4, 8], dtype=torch.int32),
+    }
     with pytest.raises(ValueError, match="keep the \\(B, L\\) layout"):
         flatten_micro_batch(batch)
     assert flatten_micro_batch(batch, check_positions=False)["input_ids"].shape == (1, 8)

@@ -55,8 +55,9 @@ def test_notebook_is_committed_clean(name):
     assert "meta-llama/Llama-3.1-8B-Instruct" in source
     assert "Magpie-Align/Magpie-Llama-3.1-Pro-MT-300K-Filtered" in source
     assert "SFT_NOTEBOOK_WORKDIR" in source or "work_dir()" in source or name.startswith("01")
-    assert sum(line.lstrip().startswith("assert ") for line in source.splitlines()) >= 3, \
+    assert sum(line.lstrip().startswith("assert ") for line in source.splitlines()) >= 3, (
         f"{name}: needs assert cells that check real outputs"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- execution
@@ -66,11 +67,15 @@ def notebook_env(tmp_path_factory):
     jupyter_dir = tmp_path_factory.mktemp("jupyter")
     spec_dir = jupyter_dir / "kernels" / "python3"
     spec_dir.mkdir(parents=True)
-    (spec_dir / "kernel.json").write_text(json.dumps({
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": "Python 3 (tests)",
-        "language": "python",
-    }))
+    (spec_dir / "kernel.json").write_text(
+        json.dumps(
+            {
+                "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                "display_name": "Python 3 (tests)",
+                "language": "python",
+            }
+        )
+    )
     work_dir = tmp_path_factory.mktemp("notebook_work")
     mp = pytest.MonkeyPatch()
     mp.setenv("JUPYTER_PATH", os.pathsep.join(p for p in (str(jupyter_dir), os.environ.get("JUPYTER_PATH")) if p))
@@ -89,8 +94,9 @@ def test_notebook_executes(name, notebook_env):
     nb = _read(name)
     # a first cell that reports the kernel's interpreter: the notebooks must run on this environment's python
     nb.cells.insert(0, nbformat.v4.new_code_cell("import sys; print(sys.executable)"))
-    client = nbclient.NotebookClient(nb, kernel_name="python3", timeout=CELL_TIMEOUT_S,
-                                     resources={"metadata": {"path": str(ROOT)}})
+    client = nbclient.NotebookClient(
+        nb, kernel_name="python3", timeout=CELL_TIMEOUT_S, resources={"metadata": {"path": str(ROOT)}}
+    )
     try:
         client.execute()
     except nbclient.exceptions.CellExecutionError as e:

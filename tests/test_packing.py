@@ -108,6 +108,7 @@ def test_bad_input_messages():
 
 # --- sampler --------------------------------------------------------------------------------------------------------
 
+
 def test_sampler_deterministic_epochs_and_resume():
     lengths = random_lengths(4, n=300, hi=100)
     a = PackedSampler(lengths, 64, seed=7, strategy="best_fit", window=50)
@@ -117,16 +118,16 @@ def test_sampler_deterministic_epochs_and_resume():
     # a fresh sampler asked directly for row k (a resume) gives the same rows, no replay needed
     for k in [0, n0 - 1, n0, n0 + 3, n0 + n1 + 4]:
         assert PackedSampler(lengths, 64, seed=7, strategy="best_fit", window=50).row(k) == stream[k]
-    assert b.rows(n0 - 2, 4) == stream[n0 - 2:n0 + 2]
+    assert b.rows(n0 - 2, 4) == stream[n0 - 2 : n0 + 2]
     # each epoch holds every packable document whole, exactly once
     long = set(np.flatnonzero(lengths > 64).tolist())
     for e, (s, n) in enumerate([(0, n0), (n0, n1)]):
-        docs = Counter(p.document for r in stream[s:s + n] for p in r)
+        docs = Counter(p.document for r in stream[s : s + n] for p in r)
         assert set(docs) == set(range(len(lengths))) - long and max(docs.values()) == 1, e
     assert a.skipped.tolist() == sorted(long)
     assert a.tokens_skipped == int(lengths[sorted(long)].sum()) == a.stats()["tokens_skipped"]
     # epochs differ (reshuffled); a different seed differs
-    assert stream[:n0] != stream[n0:2 * n0]
+    assert stream[:n0] != stream[n0 : 2 * n0]
     assert PackedSampler(lengths, 64, seed=8, window=50).rows(0, 5) != stream[:5]
 
 
@@ -146,6 +147,7 @@ def test_micro_batches_same_global_batch_for_any_world_size():
 
 
 # --- collate --------------------------------------------------------------------------------------------------------
+
 
 def segments_from_positions(pos_row):
     starts = [0] + [t for t in range(1, len(pos_row)) if pos_row[t] != pos_row[t - 1] + 1]
@@ -174,12 +176,12 @@ def test_collate_labels_positions_segments(seed, truncate):
         for p in row:
             tok, tr = ds.document(p.document)
             n = p.end - p.begin
-            assert (ids[r, t:t + n] == tok[p.begin:p.end]).all()
-            assert (pos[r, t:t + n] == np.arange(p.begin, p.end)).all()
+            assert (ids[r, t : t + n] == tok[p.begin : p.end]).all()
+            assert (pos[r, t : t + n] == np.arange(p.begin, p.end)).all()
             assert labels[r, t] == IGNORE_INDEX  # never predicted across a boundary
-            want = np.where(tr[p.begin + 1:p.end], tok[p.begin + 1:p.end], IGNORE_INDEX)
-            assert (labels[r, t + 1:t + n] == want).all()
-            expected_trained += int(tr[p.begin + 1:p.end].sum())
+            want = np.where(tr[p.begin + 1 : p.end], tok[p.begin + 1 : p.end], IGNORE_INDEX)
+            assert (labels[r, t + 1 : t + n] == want).all()
+            expected_trained += int(tr[p.begin + 1 : p.end].sum())
             t += n
         assert (labels[r, t:] == IGNORE_INDEX).all() and (ids[r, t:] == 0).all()  # padding never trained
         assert (pos[r, t:] == np.arange(L - t)).all()
@@ -189,8 +191,10 @@ def test_collate_labels_positions_segments(seed, truncate):
 def test_collate_docstring_example_and_cross_document():
     class DS:
         def document(self, i):
-            return [(np.array([10, 11, 12, 13, 14]), np.array([0, 0, 1, 1, 1], bool)),
-                    (np.array([20, 21, 22, 23]), np.array([0, 0, 1, 1], bool))][i]
+            return [
+                (np.array([10, 11, 12, 13, 14]), np.array([0, 0, 1, 1, 1], bool)),
+                (np.array([20, 21, 22, 23]), np.array([0, 0, 1, 1], bool)),
+            ][i]
 
     rows = [[Piece(0, 0, 5), Piece(1, 0, 4)]]
     b = collate(rows, DS(), 12, pad_id=0)

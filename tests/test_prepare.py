@@ -40,8 +40,13 @@ def write_jsonl(path, rows):
 
 
 def make_cfg(tmp_path, data, out="out", **sections):
-    d = {"output_path": str(tmp_path / out), "dataset": {"path": str(data)}, "tokenizer": {"path": str(TINY_MODEL)},
-         "splits": {"training": 0.8, "validation": 0.2}, "report": {"sequence_length": 64, "examples": 3}}
+    d = {
+        "output_path": str(tmp_path / out),
+        "dataset": {"path": str(data)},
+        "tokenizer": {"path": str(TINY_MODEL)},
+        "splits": {"training": 0.8, "validation": 0.2},
+        "report": {"sequence_length": 64, "examples": 3},
+    }
     for k, v in sections.items():
         if isinstance(v, dict) and isinstance(d.get(k), dict):
             d[k] = {**d[k], **v}
@@ -75,7 +80,7 @@ def assert_same(got, want):
     assert got.keys() == want.keys()
     for name in got:
         assert len(got[name]) == len(want[name]), name
-        for (t1, m1), (t2, m2) in zip(got[name], want[name]):
+        for (t1, m1), (t2, m2) in zip(got[name], want[name], strict=False):
             np.testing.assert_array_equal(t1, t2)
             np.testing.assert_array_equal(m1, m2)
 
@@ -155,14 +160,16 @@ def test_summary_counts_long_documents(tmp_path):
 
 def test_bad_conversations_are_skipped_and_reported(tmp_path, tokenizer, capsys):
     good = head_jsonl(SAMPLE_DATA, tmp_path / "g.jsonl", 6)
-    rows = [good[0],
-            {"conversations": [{"from": "human"}]},                                  # missing 'value'
-            {"conversations": []},                                                    # empty
-            '{"conversations": [broken json',                                         # unparseable line
-            '[1, 2, 3]',                                                              # not an object
-            {"conversations": [{"from": "human", "value": "hi"}]},                   # nothing trained
-            {"other": 1},                                                             # no conversations key
-            good[1]]
+    rows = [
+        good[0],
+        {"conversations": [{"from": "human"}]},  # missing 'value'
+        {"conversations": []},  # empty
+        '{"conversations": [broken json',  # unparseable line
+        "[1, 2, 3]",  # not an object
+        {"conversations": [{"from": "human", "value": "hi"}]},  # nothing trained
+        {"other": 1},  # no conversations key
+        good[1],
+    ]
     write_jsonl(tmp_path / "bad.jsonl", rows)
     s = prepare(make_cfg(tmp_path, tmp_path / "bad.jsonl"), progress=False)
     assert s["input_rows"] == 8 and s["written"] == 2 and s["written"] + s["skipped_rows"] == 8
@@ -190,17 +197,17 @@ def test_guide_form_bad_spans(tmp_path, tokenizer):
     base = _guide_rows(tokenizer, 8)
     t = base[0]["text"]
     rows = [
-        base[0],                                                            # 0 fine
-        {"text": None, "spans": []},                                        # 1 null text
-        {"text": "", "spans": []},                                          # 2 empty text
-        {"text": t, "spans": [[10, 5]]},                                    # 3 reversed -> skipped
-        {"text": t, "spans": base[0]["spans"] + [[3, 20], [0, 8]]},         # 4 overlapping -> merged, kept
+        base[0],  # 0 fine
+        {"text": None, "spans": []},  # 1 null text
+        {"text": "", "spans": []},  # 2 empty text
+        {"text": t, "spans": [[10, 5]]},  # 3 reversed -> skipped
+        {"text": t, "spans": base[0]["spans"] + [[3, 20], [0, 8]]},  # 4 overlapping -> merged, kept
         {"text": t, "spans": [[-5, 3]] + base[0]["spans"][1:] + [[len(t) - 3, len(t) + 50]]},  # 5 clipped, kept
-        {"text": t, "spans": [[0, len(t) - 1]]},                            # 6 all masked -> nothing trained
-        {"text": t, "spans": [[0, "a"]]},                                   # 7 malformed span
-        {"text": t, "spans": None},                                         # 8 null spans
-        {"words": "x"},                                                     # 9 no text field
-        base[1],                                                            # 10 fine
+        {"text": t, "spans": [[0, len(t) - 1]]},  # 6 all masked -> nothing trained
+        {"text": t, "spans": [[0, "a"]]},  # 7 malformed span
+        {"text": t, "spans": None},  # 8 null spans
+        {"words": "x"},  # 9 no text field
+        base[1],  # 10 fine
     ]
     write_jsonl(tmp_path / "spans.jsonl", rows)
     cfg = make_cfg(tmp_path, tmp_path / "spans.jsonl", dataset={"loss_masking_spans": "spans"})
@@ -251,8 +258,10 @@ def test_parquet_and_glob_and_save_to_disk_inputs(tmp_path, tokenizer):
     assert_same(outs[0], outs[1])
     assert_same(outs[0], outs[2])
     with pytest.raises(ConfigError, match="no split 'test'.*train"):
-        prepare(make_cfg(tmp_path, tmp_path / "saved", out="o9", dataset={"loss_masking_spans": "spans",
-                                                                          "split": "test"}), progress=False)
+        prepare(
+            make_cfg(tmp_path, tmp_path / "saved", out="o9", dataset={"loss_masking_spans": "spans", "split": "test"}),
+            progress=False,
+        )
     with pytest.raises(ConfigError, match="does not exist"):
         prepare(make_cfg(tmp_path, tmp_path / "missing.jsonl", out="o9"), progress=False)
 
@@ -261,13 +270,20 @@ def test_parquet_and_glob_and_save_to_disk_inputs(tmp_path, tokenizer):
 def test_guide_step2_script_then_guide_prepare_config(tmp_path, tokenizer):
     """The guide's own two steps: its step-2 script (paths adapted) then its step-3 YAML (paths overridden)."""
     head_jsonl(SAMPLE_DATA, tmp_path / "s.jsonl", 24)
-    subprocess.run([PY, str(ROOT / "scripts" / "guide_step2.py"), str(tmp_path / "hf_dataset"), str(tmp_path / "s.jsonl")],
-                   cwd=ROOT, env=ENV, check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [PY, str(ROOT / "scripts" / "guide_step2.py"), str(tmp_path / "hf_dataset"), str(tmp_path / "s.jsonl")],
+        cwd=ROOT,
+        env=ENV,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     guide = yaml.safe_load((ROOT / "assets" / "configs" / "guide_prepare.yaml").read_text())
     assert guide["dataset"]["path"] == "runs/guide/hf_dataset" and guide["dataset"]["loss_masking_spans"] == "spans"
-    cfg = load_prepare_config(ROOT / "assets" / "configs" / "guide_prepare.yaml",
-                              [f"output_path={tmp_path / 'tok'}", f"dataset.path={tmp_path / 'hf_dataset'}",
-                               "tokenize_workers=1"])
+    cfg = load_prepare_config(
+        ROOT / "assets" / "configs" / "guide_prepare.yaml",
+        [f"output_path={tmp_path / 'tok'}", f"dataset.path={tmp_path / 'hf_dataset'}", "tokenize_workers=1"],
+    )
     s = prepare(cfg, progress=False)
     assert s["form"] == "spans" and s["written"] == 24 and s["splits"]["validation"]["num_documents"] == 1
 
@@ -284,7 +300,9 @@ def test_guide_step2_script_then_guide_prepare_config(tmp_path, tokenizer):
     assert_same(got, expected_docs(24, cfg, reference))
     # the guide's delimiter spans train each reply and its <|eot_id|>, never a header
     tokens, trained = got["training"][0]
-    assert tokenizer.decode(tokens[trained]).count("<|eot_id|>") == tokenizer.decode(tokens).count("assistant<|end_header_id|>")
+    assert tokenizer.decode(tokens[trained]).count("<|eot_id|>") == tokenizer.decode(tokens).count(
+        "assistant<|end_header_id|>"
+    )
     assert "<|start_header_id|>" not in tokenizer.decode(tokens[trained])
 
 
@@ -368,9 +386,12 @@ def test_foreign_directory_and_stale_tmp(tmp_path):
 def _write_big(tmp_path, tokenizer, n):
     rows = _guide_rows(tokenizer, 40)
     write_jsonl(tmp_path / "big.jsonl", [rows[i % len(rows)] for i in range(n)])
-    cfg = {"output_path": str(tmp_path / "out"), "dataset": {"path": str(tmp_path / "big.jsonl"),
-           "loss_masking_spans": "spans"}, "tokenizer": {"path": str(TINY_MODEL)},
-           "splits": {"training": 0.9, "validation": 0.1}}
+    cfg = {
+        "output_path": str(tmp_path / "out"),
+        "dataset": {"path": str(tmp_path / "big.jsonl"), "loss_masking_spans": "spans"},
+        "tokenizer": {"path": str(TINY_MODEL)},
+        "splits": {"training": 0.9, "validation": 0.1},
+    }
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     return cfg
 
@@ -382,9 +403,15 @@ def test_sigkill_leaves_old_output_or_none(tmp_path, tokenizer):
     prepare(load_prepare_config({**cfg, "output_path": str(reference)}), progress=False)
     rng = random.Random(0)
     killed_midway = 0
-    for attempt in range(2):
-        proc = subprocess.Popen([PY, "-m", "backend.prepare", str(tmp_path / "cfg.yaml")], cwd=ROOT, env=ENV,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    for _attempt in range(2):
+        proc = subprocess.Popen(
+            [PY, "-m", "backend.prepare", str(tmp_path / "cfg.yaml")],
+            cwd=ROOT,
+            env=ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         deadline = time.time() + 120
         while not list(tmp_path.glob("out.tmp-*")) and proc.poll() is None and time.time() < deadline:
             time.sleep(0.05)  # wait until it has started writing, then kill at a random moment
@@ -399,8 +426,14 @@ def test_sigkill_leaves_old_output_or_none(tmp_path, tokenizer):
             assert dir_bytes(out) == dir_bytes(reference)
     assert killed_midway >= 1
     # rerun: stale tmp directories go away and the result equals the uninterrupted run
-    r = subprocess.run([PY, "-m", "backend.prepare", str(tmp_path / "cfg.yaml")], cwd=ROOT, env=ENV,
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [PY, "-m", "backend.prepare", str(tmp_path / "cfg.yaml")],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     assert dir_bytes(tmp_path / "out") == dir_bytes(reference)
     assert not list(tmp_path.glob("out.tmp-*")) and not list(tmp_path.glob("out.old-*"))
@@ -412,8 +445,11 @@ def test_cli_validate_exit_codes(tmp_path, capsys):
     from backend.prepare import main
 
     head_jsonl(SAMPLE_DATA, tmp_path / "d.jsonl", 10)
-    good = {"output_path": str(tmp_path / "out"), "dataset": {"path": str(tmp_path / "d.jsonl")},
-            "tokenizer": {"path": str(TINY_MODEL)}}
+    good = {
+        "output_path": str(tmp_path / "out"),
+        "dataset": {"path": str(tmp_path / "d.jsonl")},
+        "tokenizer": {"path": str(TINY_MODEL)},
+    }
     (tmp_path / "good.yaml").write_text(yaml.safe_dump(good))
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**good, "tokenize_wrkers": 2}))
     with pytest.raises(SystemExit) as e:
@@ -440,9 +476,21 @@ def test_cli_validate_exit_codes(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_cli_subprocess_validate(tmp_path):
-    r = subprocess.run([PY, "-m", "backend.prepare", "assets/configs/tiny_prepare.yaml", "--validate"], cwd=ROOT,
-                       env=ENV, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [PY, "-m", "backend.prepare", "assets/configs/tiny_prepare.yaml", "--validate"],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0 and "OK" in r.stdout
-    r = subprocess.run([PY, "-m", "backend.prepare", "assets/configs/tiny_prepare.yaml", "splits.training=2",
-                        "--validate"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [PY, "-m", "backend.prepare", "assets/configs/tiny_prepare.yaml", "splits.training=2", "--validate"],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2 and "Traceback" not in r.stderr

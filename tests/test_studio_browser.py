@@ -17,24 +17,25 @@ from pathlib import Path
 import pytest
 import yaml
 
-from backend import ROOT, SAMPLE_DATA, TINY_MODEL
+from backend import ROOT
 
 CHROMIUM = "/usr/bin/chromium"
 pytestmark = pytest.mark.browser
 
 if not Path(CHROMIUM).exists():
     if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"CI=true but {CHROMIUM} is missing: install chromium (apt-get install -y chromium)",
-                    pytrace=False)
-    pytest.skip(f"{CHROMIUM} is missing (apt-get install -y chromium); the browser test needs it",
-                allow_module_level=True)
+        pytest.fail(f"CI=true but {CHROMIUM} is missing: install chromium (apt-get install -y chromium)", pytrace=False)
+    pytest.skip(
+        f"{CHROMIUM} is missing (apt-get install -y chromium); the browser test needs it", allow_module_level=True
+    )
 
 TRAINED_STYLE = "44, 160, 44"  # COLOR_MAP["trained"] #2ca02c as the rgba() the page renders
 
 
 def trained_texts(page) -> list[str]:
     return page.eval_on_selector_all(
-        f'#preview span.token[style*="{TRAINED_STYLE}"] .text', "els => els.map(e => e.textContent)")
+        f'#preview span.token[style*="{TRAINED_STYLE}"] .text', "els => els.map(e => e.textContent)"
+    )
 
 
 def summary_trained(page) -> str:
@@ -68,8 +69,10 @@ def test_studio_in_a_real_browser(tmp_path):
 
     config = tiny_train_yaml(tmp_path)
     exp = tmp_path / "exp"
-    with serve(str(tmp_path), log_path=str(tmp_path / "studio.log"), extra_args=("--config", config)) as url, \
-            sync_playwright() as p:
+    with (
+        serve(str(tmp_path), log_path=str(tmp_path / "studio.log"), extra_args=("--config", config)) as url,
+        sync_playwright() as p,
+    ):
         browser = launch_browser(p)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.set_default_timeout(120_000)
@@ -88,7 +91,9 @@ def test_studio_in_a_real_browser(tmp_path):
         start.fill("<|start_header_id|>user<|end_header_id|>\\n\\n")
         page.wait_for_function(
             f"""() => Array.from(document.querySelectorAll('#preview span.token[style*="{TRAINED_STYLE}"] .text'))
-                     .some(e => e.textContent.includes('What is 5 + 37?'))""", timeout=60_000)
+                     .some(e => e.textContent.includes('What is 5 + 37?'))""",
+            timeout=60_000,
+        )
         assert summary_trained(page) != before
         # an empty delimiter is a visible problem, not a traceback
         start.fill("")
@@ -109,16 +114,18 @@ def test_studio_in_a_real_browser(tmp_path):
         open_tab(page, "Train")
         page.locator("#launch-button").click()
         expect(page.locator("#train-action")).to_contain_text("launched", timeout=60_000)
-        page.wait_for_function("() => document.querySelectorAll('#train-plot .scatterlayer .point').length >= 2",
-                               timeout=300_000)
+        page.wait_for_function(
+            "() => document.querySelectorAll('#train-plot .scatterlayer .point').length >= 2", timeout=300_000
+        )
         expect(page.locator("#train-status")).to_contain_text("running")
 
         # 5. a page reload reattaches to the running job (status + curve come back from the directory)
         page.reload()
         open_tab(page, "Train")
         expect(page.locator("#train-status")).to_contain_text("running", timeout=60_000)
-        page.wait_for_function("() => document.querySelectorAll('#train-plot .scatterlayer .point').length >= 2",
-                               timeout=60_000)
+        page.wait_for_function(
+            "() => document.querySelectorAll('#train-plot .scatterlayer .point').length >= 2", timeout=60_000
+        )
         assert page.locator("#exp-dir input, #exp-dir textarea").first.input_value() == str(exp)
 
         # 6. Stop: SIGTERM to the group, the run checkpoints and every process ends

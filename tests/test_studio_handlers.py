@@ -1,6 +1,6 @@
 """Studio handlers without a browser: what the preview highlights, config form <-> YAML, packing view, jobs.
 
-    .venv/bin/pytest tests/test_studio_handlers.py -x -q            (the job test is marked slow; it still runs)
+.venv/bin/pytest tests/test_studio_handlers.py -x -q            (the job test is marked slow; it still runs)
 """
 
 from __future__ import annotations
@@ -36,9 +36,11 @@ def trained_char_set(p: H.Preview) -> set[int]:
 
 
 def test_importing_the_studio_does_not_import_torch():
-    code = ("import sys, studio.app, studio.jobs, studio.handlers, studio.plots, studio.bindings, studio.__main__; "
-            "assert 'torch' not in sys.modules, 'torch was imported'; "
-            "assert 'transformers' not in sys.modules, 'transformers was imported'")
+    code = (
+        "import sys, studio.app, studio.jobs, studio.handlers, studio.plots, studio.bindings, studio.__main__; "
+        "assert 'torch' not in sys.modules, 'torch was imported'; "
+        "assert 'transformers' not in sys.modules, 'transformers was imported'"
+    )
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
 
@@ -46,8 +48,9 @@ def test_importing_the_studio_does_not_import_torch():
 @pytest.mark.parametrize("args", [["--host", "0.0.0.0"], ["--share"], ["--host", "192.168.1.5", "--share"]])
 def test_exposed_studio_refuses_to_start_without_auth(args):
     env = {k: v for k, v in os.environ.items() if k != "SFT_STUDIO_AUTH"}
-    r = subprocess.run([sys.executable, "-m", "studio", *args], cwd=ROOT, capture_output=True, text=True,
-                       timeout=120, env=env)
+    r = subprocess.run(
+        [sys.executable, "-m", "studio", *args], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env
+    )
     assert r.returncode == 2
     assert "refusing to start" in r.stderr and "--auth" in r.stderr and "SFT_STUDIO_AUTH" in r.stderr
 
@@ -66,8 +69,9 @@ def test_exposure_rules():
 
 
 def test_bad_auth_value_exits_2():
-    r = subprocess.run([sys.executable, "-m", "studio", "--auth", "nopassword"], cwd=ROOT, capture_output=True,
-                       text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "studio", "--auth", "nopassword"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 2 and "user:password" in r.stderr
 
 
@@ -87,7 +91,7 @@ def test_preview_highlights_exactly_the_trained_tokens_of_render():
         # the highlight is the whole rendered text, in order, nothing added or lost
         assert "".join(s for s, _ in p.highlight) == r.text == p.text
         # highlighted-trained characters = the characters of the tokens tokenize() marks trained
-        expected = {c for (a, b), k in zip(t.offsets, t.trained) if k for c in range(a, b)}
+        expected = {c for (a, b), k in zip(t.offsets, t.trained, strict=False) if k for c in range(a, b)}
         assert trained_char_set(p) == expected
         # ... which cover every trained span of render() and nothing from a masked token
         for a, b in r.trained_spans:
@@ -97,7 +101,7 @@ def test_preview_highlights_exactly_the_trained_tokens_of_render():
         trained_text = [s for s, lab in p.highlight if lab == H.TRAINED]
         replies = [m["content"] for m in r.messages if m["role"] == "assistant"]
         assert len(trained_text) == len(replies)
-        for s, reply in zip(trained_text, replies):
+        for s, reply in zip(trained_text, replies, strict=False):
             assert reply in s and s.endswith("<|eot_id|>")
 
 
@@ -197,6 +201,7 @@ def test_packing_view_fill_matches_pack_stats(strategy, truncate):
     v = H.packing_view(DATA, TOK, "auto", "", "", "all", True, "", 256, 3, strategy, truncate, False, max_docs=60)
     assert v.status == ""
     from backend.chat import Masking
+
     docs = H.tokenize_documents(DATA, TOK, Masking(), "", 60)
     plan = pack(np.array([len(d[0]) for d in docs]), 256, strategy=strategy, truncate_documents=truncate)
     assert v.stats["fill"] == pytest.approx(plan.stats()["fill"])
@@ -263,8 +268,7 @@ def test_prepare_yaml_follows_data_tab_and_train_dataset_path():
     from backend.config import load_prepare_config
 
     train = H.default_train_yaml().replace("runs/tiny/data/", "runs/other/data/")
-    text, status = H.prepare_yaml_from(train, DATA, TOK, "delimiters", ASSISTANT_START, "<|eot_id|>", "last",
-                                       False, "")
+    text, status = H.prepare_yaml_from(train, DATA, TOK, "delimiters", ASSISTANT_START, "<|eot_id|>", "last", False, "")
     assert status.startswith("✓")
     cfg = load_prepare_config(yaml.safe_load(text))
     assert cfg.output_path == "runs/other/data"
@@ -312,7 +316,7 @@ def group_pids(pgid: int) -> list[int]:
                 stat = (e / "stat").read_text()
             except OSError:
                 continue
-            f = stat[stat.rfind(")") + 2:].split()
+            f = stat[stat.rfind(")") + 2 :].split()
             if int(f[2]) == pgid and f[0] != "Z":
                 out.append(int(e.name))
     return out
@@ -475,7 +479,7 @@ def test_launch_refuses_mismatched_or_unprepared_dataset_path(tmp_path):
 def test_chat_streams_a_reply_from_the_tiny_model(tmp_path):
     replies = list(H.chat_stream(str(TINY_MODEL), [], "What is 5 + 37?", "", max_new_tokens=12))
     assert replies, "no streamed text"
-    assert all(b.startswith(a) for a, b in zip(replies, replies[1:]))  # each update extends the last
+    assert all(b.startswith(a) for a, b in zip(replies, replies[1:], strict=False))  # each update extends the last
     # an export dir under the runs dir is offered, after the base model
     export = tmp_path / "exp" / "export" / "final"
     export.mkdir(parents=True)

@@ -10,8 +10,10 @@ import pytest
 from backend import SAMPLE_DATA, TEMPLATE_TOKENIZERS, TINY_MODEL, chat
 from backend.template_probe import content_independent
 
-LOOP = "{% for message in messages %}<|im_start|>{{ message.role }}\n{BODY}<|im_end|>\n{% endfor %}" \
-       "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+LOOP = (
+    "{% for message in messages %}<|im_start|>{{ message.role }}\n{BODY}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 # each writes the content once but ALSO looks at it: the rendering of some rows differs from a substitution
 INSPECTING = {
@@ -50,11 +52,11 @@ INSPECTING = {
     "not written": "{{ message.role }}",
     "hash": "{{ {message.content: 1} | length }}{{ message.content }}",
     "selectattr on content": "{{ messages[:1] | selectattr('content', 'equalto', 'Hi') | list | length }}"
-                             "{{ message.content }}",
+    "{{ message.content }}",
     "sort by content": "{{ (messages[:1] + [{'role': 'x', 'content': 'M'}]) | sort(attribute='content') | first }}"
-                       "{{ message.content }}",
+    "{{ message.content }}",
     "unique contents": "{{ (messages[:1] + [{'content': 'Hi'}]) | map(attribute='content') | unique | list | length }}"
-                       "{{ message.content }}",
+    "{{ message.content }}",
 }
 
 INDEPENDENT = {
@@ -67,7 +69,7 @@ INDEPENDENT = {
     "namespace": "{% set ns = namespace(c=message.content) %}{{ ns.c }}",
     "truthiness and type": "{% if message.content and message.content is string %}{{ message.content }}{% endif %}",
     "selectattr on roles": "{{ messages | selectattr('role', 'equalto', 'user') | list | length }}"
-                           "{{ message.content }}",
+    "{{ message.content }}",
     "list of contents": "{% set cs = messages | map(attribute='content') | list %}{{ cs[loop.index0] }}",
 }
 
@@ -81,8 +83,7 @@ def _tok():
 def _probe(tok, template, roles=("system", "user", "assistant", "user", "assistant")):
     msgs = [{"role": r, "content": chat._PAD + chat._sentinel(i) + chat._PAD} for i, r in enumerate(roles)]
     text = chat.render_messages(msgs, tok, template)
-    return content_independent(template, chat._compile(template).environment, msgs, text,
-                               **chat._template_kwargs(tok))
+    return content_independent(template, chat._compile(template).environment, msgs, text, **chat._template_kwargs(tok))
 
 
 ROWS = [
@@ -132,7 +133,7 @@ def test_shipped_families_are_proven_and_render_skips_jinja(monkeypatch):
         calls = {"n": 0}
         real = chat.render_messages
 
-        def counting(*a, **k):
+        def counting(*a, calls=calls, real=real, **k):
             calls["n"] += 1
             return real(*a, **k)
 
@@ -148,7 +149,7 @@ def test_shipped_families_are_proven_and_render_skips_jinja(monkeypatch):
         slow = [chat.render(r, tok) for r in rows]
         monkeypatch.delenv("SFT_STUDIO_VERIFY_RENDER")
         assert not any(s is not None and s.proven for s in chat._info(tok)["structures"].values())
-        for a, b, r in zip(fast, slow, rows):
+        for a, b, r in zip(fast, slow, rows, strict=False):
             assert (a.text, a.trained_spans, a.turns) == (b.text, b.trained_spans, b.turns), (path, r)
         chat._info(tok)["structures"] = {}
 
@@ -213,11 +214,24 @@ def test_a_wrong_proof_stops_prepare(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(probe, "content_independent", wrong)
     template = LOOP.replace("{BODY}", "{% if 'LOUD' in message.content %}!{% endif %}{{ message.content }}")
-    rows = [{"messages": [{"role": "user", "content": f"q{i}"},
-                          {"role": "assistant", "content": "LOUD" if i % 2 else f"a{i}"}]} for i in range(300)]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"q{i}"},
+                {"role": "assistant", "content": "LOUD" if i % 2 else f"a{i}"},
+            ]
+        }
+        for i in range(300)
+    ]
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = load_prepare_config({"output_path": str(tmp_path / "out"), "dataset": {"path": str(tmp_path / "d.jsonl")},
-                               "tokenizer": {"path": str(TINY_MODEL)}, "chat": {"template": template}})
+    cfg = load_prepare_config(
+        {
+            "output_path": str(tmp_path / "out"),
+            "dataset": {"path": str(tmp_path / "d.jsonl")},
+            "tokenizer": {"path": str(TINY_MODEL)},
+            "chat": {"template": template},
+        }
+    )
     chat._info_cache.clear()
     assert main(cfg) == 1
     assert "internal error" in capsys.readouterr().err

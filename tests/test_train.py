@@ -12,7 +12,6 @@ What each test proves:
 - 1 process and 2 FSDP processes (gloo, real DTensor shards) give the same losses and weights.
 """
 
-import json
 import os
 import random
 import shutil
@@ -29,7 +28,7 @@ import yaml
 from backend import ASSETS, ROOT, TINY_MODEL
 from backend.checkpoint import COMPLETE, latest_complete, list_checkpoints
 from backend.events import LockedError, read_events
-from backend.train import EXIT_DIVERGED, TrainingDiverged, lr_at, train
+from backend.train import EXIT_DIVERGED, lr_at, train
 
 TINY_TRAIN = ASSETS / "configs" / "tiny_train.yaml"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -39,8 +38,13 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 def data(tmp_path_factory):
     """The tiny one-step prepare (sample conversations -> masked, tokenized splits)."""
     out = tmp_path_factory.mktemp("data") / "tiny"
-    subprocess.run([sys.executable, "-m", "backend.prepare", str(ASSETS / "configs" / "tiny_prepare.yaml"),
-                    f"output_path={out}"], cwd=ROOT, env=ENV, check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "backend.prepare", str(ASSETS / "configs" / "tiny_prepare.yaml"), f"output_path={out}"],
+        cwd=ROOT,
+        env=ENV,
+        check=True,
+        capture_output=True,
+    )
     return out
 
 
@@ -50,9 +54,13 @@ def overrides(data, experiment_dir, **extra) -> list[str]:
         "data.datasets.training.path": data / "fast_llm_config_training.yaml",
         "data.datasets.validation.path": data / "fast_llm_config_validation.yaml",
         "run.experiment_dir": experiment_dir,
-        "batch.sequence_length": 256, "batch.batch_size": 4, "batch.micro_batch_size": 2,
-        "training.logs.interval": 1, "training.evaluations.validation.iterations": 2,
-        "training.evaluations.validation.interval": 10, "training.checkpoint.interval": 10,
+        "batch.sequence_length": 256,
+        "batch.batch_size": 4,
+        "batch.micro_batch_size": 2,
+        "training.logs.interval": 1,
+        "training.evaluations.validation.iterations": 2,
+        "training.evaluations.validation.interval": 10,
+        "training.checkpoint.interval": 10,
         "optimizer.learning_rate.warmup_iterations": 5,
         **extra,
     }
@@ -71,15 +79,23 @@ def final_weights(run_dir) -> dict:
 
 
 def assert_same_weights(a: dict, b: dict, tol: float):
-    assert a.keys() == b.keys(), f"only in the first: {sorted(a.keys() - b.keys())}, only in the second: {sorted(b.keys() - a.keys())}"
+    assert a.keys() == b.keys(), (
+        f"only in the first: {sorted(a.keys() - b.keys())}, only in the second: {sorted(b.keys() - a.keys())}"
+    )
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     assert worst <= tol, f"weights differ by {worst}"
 
 
 def start_cli(args, log_path) -> subprocess.Popen:
     log = open(log_path, "w")
-    return subprocess.Popen([sys.executable, "-m", "backend.train", str(TINY_TRAIN), *args], cwd=ROOT, env=ENV,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "backend.train", str(TINY_TRAIN), *args],
+        cwd=ROOT,
+        env=ENV,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def wait_for(predicate, proc, timeout=240, what="condition"):
@@ -111,9 +127,14 @@ def test_lr_schedule_warmup_then_cosine_to_minimum():
 def finished_run(data, tmp_path_factory):
     """20 steps from the tiny pretrained model (checkpoints at 5, 10, 15, 20; keep 2)."""
     run_dir = tmp_path_factory.mktemp("run") / "exp"
-    summary = train(TINY_TRAIN, overrides(data, run_dir, **{"training.train_iters": 20,
-                                                             "training.checkpoint.interval": 5,
-                                                             "training.checkpoint.keep": 2}))
+    summary = train(
+        TINY_TRAIN,
+        overrides(
+            data,
+            run_dir,
+            **{"training.train_iters": 20, "training.checkpoint.interval": 5, "training.checkpoint.keep": 2},
+        ),
+    )
     return run_dir, summary
 
 
@@ -156,8 +177,12 @@ def test_export_loads_with_transformers_and_stops_at_end_of_turn(finished_run):
     eos = model.generation_config.eos_token_id
     assert eot in (eos if isinstance(eos, list) else [eos])
     assert tokenizer.chat_template and "<|start_header_id|>" in tokenizer.chat_template
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}], add_generation_prompt=True,
-                                        return_tensors="pt", return_dict=True)["input_ids"]
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is 2 + 3?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )["input_ids"]
     out = model.generate(ids, max_new_tokens=12, do_sample=False)
     assert out.shape[1] > ids.shape[1]
     # the export holds the trained weights, not the initial ones
@@ -171,9 +196,19 @@ def test_nan_loss_stops_with_an_error_and_keeps_the_last_good_checkpoint(finishe
     before = len(events_of(run_dir))
     data = Path(yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["datasets"]["training"]["path"]).parent
     proc = subprocess.run(
-        [sys.executable, "-m", "backend.train", str(TINY_TRAIN),
-         *overrides(data, run_dir, **{"training.train_iters": 30, "optimizer.learning_rate.base": 1e30})],
-        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "backend.train",
+            str(TINY_TRAIN),
+            *overrides(data, run_dir, **{"training.train_iters": 30, "optimizer.learning_rate.base": 1e30}),
+        ],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == EXIT_DIVERGED, proc.stderr[-2000:]
     new = events_of(run_dir)[before:]
     assert new[0]["event"] == "start" and new[0]["resumed_from"].endswith("step_000020")
@@ -185,16 +220,25 @@ def test_nan_loss_stops_with_an_error_and_keeps_the_last_good_checkpoint(finishe
 
 
 def test_sigkill_then_restart_matches_an_uninterrupted_run(data, tmp_path):
-    common = {"training.train_iters": 6, "training.checkpoint.interval": 2,
-              "training.evaluations.validation.interval": 3}
+    common = {
+        "training.train_iters": 6,
+        "training.checkpoint.interval": 2,
+        "training.evaluations.validation.interval": 3,
+    }
     reference = tmp_path / "reference"
     train(TINY_TRAIN, overrides(data, reference, **common))
 
     killed = tmp_path / "killed"
     kill_after = random.choice([2, 4])  # a random checkpointed step; the kill lands somewhere after it
     proc = start_cli(overrides(data, killed, **common), tmp_path / "killed.log")
-    wait_for(lambda: (latest := latest_complete(killed / "checkpoints", warn=lambda m: None)) is not None
-             and int(latest.name.split("_")[1]) >= kill_after, proc, what=f"a checkpoint at step {kill_after}")
+    wait_for(
+        lambda: (
+            (latest := latest_complete(killed / "checkpoints", warn=lambda m: None)) is not None
+            and int(latest.name.split("_")[1]) >= kill_after
+        ),
+        proc,
+        what=f"a checkpoint at step {kill_after}",
+    )
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not events_of(killed, "end")
@@ -216,15 +260,28 @@ def test_sigkill_then_restart_matches_an_uninterrupted_run(data, tmp_path):
 
 def test_sigterm_saves_and_ends_and_a_second_run_is_refused(data, tmp_path):
     run_dir = tmp_path / "exp"
-    args = overrides(data, run_dir, **{"training.train_iters": 10_000, "training.checkpoint.interval": 10_000,
-                                       "training.evaluations.validation.interval": 0})
+    args = overrides(
+        data,
+        run_dir,
+        **{
+            "training.train_iters": 10_000,
+            "training.checkpoint.interval": 10_000,
+            "training.evaluations.validation.interval": 0,
+        },
+    )
     proc = start_cli(args, tmp_path / "run.log")
     try:
         wait_for(lambda: len(events_of(run_dir, "train")) >= 2, proc, what="two train events")
         with pytest.raises(LockedError, match=f"pid {proc.pid}"):
             train(TINY_TRAIN, args)
-        second = subprocess.run([sys.executable, "-m", "backend.train", str(TINY_TRAIN), *args], cwd=ROOT, env=ENV,
-                                capture_output=True, text=True, timeout=120)
+        second = subprocess.run(
+            [sys.executable, "-m", "backend.train", str(TINY_TRAIN), *args],
+            cwd=ROOT,
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert second.returncode == 3 and f"pid {proc.pid}" in second.stderr
         os.killpg(proc.pid, signal.SIGTERM)
         assert proc.wait(timeout=120) == 0
@@ -242,12 +299,16 @@ def test_sigterm_saves_and_ends_and_a_second_run_is_refused(data, tmp_path):
 @pytest.mark.slow
 def test_guide_yaml_runs_with_only_paths_and_iterations_changed(data, tmp_path):
     run_dir = tmp_path / "guide"
-    summary = train(ASSETS / "configs" / "guide_train.yaml", [
-        f"data.datasets.training.path={data / 'fast_llm_config_training.yaml'}",
-        f"data.datasets.validation.path={data / 'fast_llm_config_validation.yaml'}",
-        f"run.experiment_dir={run_dir}",
-        "training.train_iters=1", "training.evaluations.validation.iterations=1",
-    ])
+    summary = train(
+        ASSETS / "configs" / "guide_train.yaml",
+        [
+            f"data.datasets.training.path={data / 'fast_llm_config_training.yaml'}",
+            f"data.datasets.validation.path={data / 'fast_llm_config_validation.yaml'}",
+            f"run.experiment_dir={run_dir}",
+            "training.train_iters=1",
+            "training.evaluations.validation.iterations=1",
+        ],
+    )
     start = events_of(run_dir, "start")[0]
     assert start["attention"] == "sdpa_packed" and "flash" in start["attention_reason"]  # the fallback is said
     assert start["mixed_precision"] == "bf16"
@@ -261,16 +322,22 @@ def test_two_fsdp_processes_match_one_process(data, tmp_path):
 
     config = tmp_path / "train.yaml"
     shutil.copy(TINY_TRAIN, config)
-    common = {"training.train_iters": 4, "training.checkpoint.interval": 2,
-              "training.evaluations.validation.interval": 2, "batch.micro_batch_size": 1,
-              "model.multi_stage.zero_stage": 3}
+    common = {
+        "training.train_iters": 4,
+        "training.checkpoint.interval": 2,
+        "training.evaluations.validation.interval": 2,
+        "batch.micro_batch_size": 1,
+        "model.multi_stage.zero_stage": 3,
+    }
     runs = {}
     for n in (1, 2):
         run_dir = tmp_path / f"p{n}"
-        cmd = train_command(config, n, use_cpu=True,
-                            extra_overrides=overrides(data, run_dir, **common, **{"run.num_processes": n}))
-        proc = subprocess.run(cmd, cwd=ROOT, env={**ENV, **train_env(n, use_cpu=True)}, capture_output=True,
-                              text=True, timeout=400)
+        cmd = train_command(
+            config, n, use_cpu=True, extra_overrides=overrides(data, run_dir, **common, **{"run.num_processes": n})
+        )
+        proc = subprocess.run(
+            cmd, cwd=ROOT, env={**ENV, **train_env(n, use_cpu=True)}, capture_output=True, text=True, timeout=400
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs[n] = run_dir
     one, two = (events_of(runs[n], "start")[0] for n in (1, 2))
