@@ -282,3 +282,78 @@ def compare_modes(docs, sequence_length: int) -> dict:
     for key in ("skip", "truncate", "split_turns"):
         out[key]["trained_share"] = out[key]["trained"] / total if total else 0.0
     return out
+
+
+def split_documents(rows, ids, trained, bounds, rendered, tokenized_of, tokenizer, masking, chat_template, length):
+    """Prepare's flat chunk (document ``j`` = ``ids[bounds[j]:bounds[j+1]]`` from input row ``rows[j]``) with every
+    conversation longer than ``length`` replaced by its pieces (same row: the pieces stay in one split).
+
+    ``rendered[j]``: the `chat.RenderedSample` of document j (None: not a conversation, kept whole);
+    ``tokenized_of(j)``: its `chat.TokenizedSample`. Returns ``(rows, ids, trained, bounds, stats, problems)``,
+    problems as prepare's ``(row, code, message, skipped)``.
+    """
+    from backend import chat
+
+    L = int(length)
+    stats = {
+        "conversations_split": 0,
+        "pieces": 0,
+        "context_tokens": 0,
+        "truncated_groups": 0,
+        "dropped_trained_tokens": 0,
+        "not_split": 0,
+    }
+    problems = []
+    lengths = np.diff(bounds)
+    if not (lengths > L).any():
+        return rows, ids, trained, bounds, stats, problems
+    out_rows, out_ids, out_trained, out_len = [], [], [], []
+    for j in range(len(lengths)):
+        a, b = int(bounds[j]), int(bounds[j + 1])
+        pieces = None
+        if b - a > L and rendered[j] is not None:
+            try:
+                res = split_conversation(rendered[j], tokenized_of(j), tokenizer, L, masking, chat_template)
+            except chat.ChatError as e:
+                problems.append((rows[j], "not_split", f"a piece could not be rendered: {e}", False))
+            else:
+                if res.pieces:
+                    pieces = res.pieces
+                    stats["conversations_split"] += 1
+                    stats["pieces"] += len(pieces)
+                    stats["context_tokens"] += res.context_tokens
+                    stats["truncated_groups"] += res.truncated_groups
+                    stats["dropped_trained_tokens"] += res.dropped_trained_tokens
+                    if res.truncated_groups:
+                        problems.append(
+                            (
+                                rows[j],
+                                "reply_truncated",
+                                f"{res.truncated_groups} exchange(s) longer than {L} tokens alone: reply cut at {L} "
+                                f"tokens, {res.dropped_trained_tokens} trained tokens dropped",
+                                False,
+                            )
+                        )
+                else:
+                    problems.append((rows[j], "not_split", "no piece keeps a trained token: kept whole", False))
+        if pieces is None:
+            stats["not_split"] += int(b - a > L)
+            out_rows.append(rows[j])
+            out_ids.append(ids[a:b])
+            out_trained.append(trained[a:b])
+            out_len.append(b - a)
+            continue
+        for p in pieces:
+            out_rows.append(rows[j])
+            out_ids.append(p.input_ids.astype(ids.dtype))
+            out_trained.append(p.trained)
+            out_len.append(len(p.input_ids))
+    new_bounds = np.concatenate([[0], np.cumsum(out_len, dtype=np.int64)])
+    return (
+        np.asarray(out_rows, np.int64),
+        np.concatenate(out_ids),
+        np.concatenate(out_trained),
+        new_bounds,
+        stats,
+        problems,
+    )
