@@ -176,7 +176,11 @@ def test_prepare_split_turns_end_to_end(tmp_path):
         "report": {"sequence_length": L},
     }
     keep = prepare(load_prepare_config({**base, "output_path": str(tmp_path / "keep")}), progress=False)
-    cfg = {**base, "output_path": str(tmp_path / "split"), "long_documents": {"mode": "split_turns", "sequence_length": L}}
+    cfg = {
+        **base,
+        "output_path": str(tmp_path / "split"),
+        "long_documents": {"mode": "split_turns", "sequence_length": L},
+    }
     s = prepare(load_prepare_config(cfg), progress=False)
     ld = s["long_documents"]
     assert keep["longer_than_sequence_length"]["documents"] > 100  # the case matters on this data
