@@ -42,6 +42,8 @@ __all__ = [
     "plan_pieces",
     "split_conversation",
     "compare_modes",
+    "long_document_stats",
+    "split_documents",
 ]
 
 LONG_DOCUMENT_MODES = ("keep", "split_turns")
@@ -243,7 +245,21 @@ def split_conversation(
         i = min(nxt)
 
 
-def compare_modes(docs, sequence_length: int) -> dict:
+def long_document_stats(rendered, tokenized, tokenizer, sequence_length, masking=None, chat_template=None):
+    """``(n_tokens, n_trained, trained_after_first_cut, pieces)`` of one document for `compare_modes`; pieces
+    (``[(tokens, trained)]`` of split_turns) only for a conversation longer than ``sequence_length``."""
+    L = int(sequence_length)
+    T, k = len(tokenized.input_ids), int(tokenized.trained.sum())
+    if T <= L:
+        return T, k, 0, None
+    pieces = []
+    if getattr(rendered, "messages", None):  # guide-form text has no turns: it cannot be split
+        res = split_conversation(rendered, tokenized, tokenizer, L, masking, chat_template)
+        pieces = [(len(p.input_ids), int(p.trained.sum())) for p in res.pieces]
+    return T, k, int(tokenized.trained[L:].sum()), pieces
+
+
+def compare_modes(docs, sequence_length: int, fitting: tuple[int, int, int] = (0, 0, 0)) -> dict:
     """What each way of handling long documents keeps and trains.
 
     ``docs``: iterable of ``(n_tokens, n_trained, trained_after_first_cut, pieces)``: a document's tokens, trained
@@ -260,6 +276,9 @@ def compare_modes(docs, sequence_length: int) -> dict:
         "truncate": {"documents": 0, "tokens": 0, "trained": 0, "trained_after_cut": 0},
         "split_turns": {"documents": 0, "tokens": 0, "trained": 0, "long_documents": 0},
     }
+    for key in ("all", "skip", "truncate", "split_turns"):
+        for name, v in zip(("documents", "tokens", "trained"), fitting, strict=True):
+            out[key][name] += int(v)
     for n_tokens, n_trained, after_cut, pieces in docs:
         for key in ("all", "truncate"):
             out[key]["documents"] += 1
