@@ -194,7 +194,7 @@ def split_conversation(
             r = chat.render(msgs, tokenizer, all_turns, chat_template)
             piece_targets = {k - offset for k in wanted if groups[i][0] <= k < groups[j][1]}
             spans = _piece_spans(r, groups[i][0] - offset, piece_targets)
-            tok = chat.tokenize(r.text, spans, tokenizer)
+            tok = chat.tokenize_batch([r.text], [spans], tokenizer)[0]  # the Rust fast path of prepare
             cache[key] = (msgs, r, tok, sorted(k + offset for k in piece_targets))
         return cache[key]
 
