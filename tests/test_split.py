@@ -243,3 +243,34 @@ def test_studio_packing_shows_split_pieces_with_context_masked():
     assert not v.status and v.stats["documents_skipped"] == 0 and "split_turns" in v.summary
     plain = H.packing_view(*_studio_args(), 100, 1, "best_fit", False, False, 60, 0)
     assert plain.stats["documents_skipped"] > 0
+
+
+def test_prepare_reports_truncated_and_unsplittable_rows(tmp_path, capsys):
+    from backend.config import load_prepare_config
+    from backend.prepare import prepare
+
+    base = long_conversation(6, system=False)
+    huge_reply = long_conversation(2, system=False) + [
+        {"role": "user", "content": "Tell me everything."},
+        {"role": "assistant", "content": " ".join(["and then more"] * 120)},
+    ]
+    huge_question = [{"role": "user", "content": " ".join(["why"] * 300)}, {"role": "assistant", "content": "Yes."}]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"messages": m}) + "\n" for m in (base, huge_reply, huge_question)))
+    L = 120
+    cfg = {
+        "output_path": str(tmp_path / "out"),
+        "dataset": {"path": str(data)},
+        "tokenizer": {"path": str(TINY_MODEL)},
+        "splits": {"training": 1.0},
+        "report": {"sequence_length": L},
+        "long_documents": {"mode": "split_turns", "sequence_length": L},
+    }
+    s = prepare(load_prepare_config(cfg), progress=False)
+    ld = s["long_documents"]
+    assert ld["truncated_groups"] == 1 and ld["dropped_trained_tokens"] > 0
+    assert ld["not_split"] == 1  # the question alone is longer than L: nothing to train in a piece, kept whole
+    assert s["warnings"]["reply_truncated"] == 1 and s["warnings"]["not_split"] == 1
+    assert s["written"] == 3 and s["num_documents"] == 1 + ld["pieces"]
+    out = capsys.readouterr().out
+    assert f"split_turns at {L}: {ld['conversations_split']} conversations" in out and "reply_truncated" in out
