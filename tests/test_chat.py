@@ -332,19 +332,29 @@ def test_unicode_emoji_long_and_special_text(family):
 
 
 # ------------------------------------------------------------------------------------- template problems
-def test_non_prefix_preserving_template_is_a_clear_error():
+def test_non_prefix_preserving_template_is_located_or_refused_with_the_reason():
     t = tok("chatml")
-    bad = "Turns: {{ messages|length }}\n" + t.chat_template
-    with pytest.raises(TemplateError, match="not prefix-preserving at message 1"):
-        render(TURNS, t, chat_template=bad)
-    # a template that rewrites earlier replies (like reasoning stripping) once later turns exist
+    # a template that injects the turn count changes every earlier character, yet writes each reply verbatim:
+    # the replies are located in the one full rendering, each with its marker
+    counted = "Turns: {{ messages|length }}\n" + t.chat_template
+    r = render(TURNS, t, chat_template=counted)
+    assert r.text == t.apply_chat_template(normalize_conversation(TURNS), chat_template=counted, tokenize=False)
+    assert [r.text[b:e] for b, e in r.trained_spans] == [x + "<|im_end|>" for x in REPLIES]
+    assert r.problems == []
+    # a template that rewrites earlier replies (like reasoning stripping) once later turns exist: refused, naming
+    # the message and what differs
     strip = (
         "{% for m in messages %}{% if m.role == 'assistant' and not loop.last %}<A>{{ m.content[:3] }}</A>"
         "{% elif m.role == 'assistant' %}<A>{{ m.content }}</A>{% else %}<U>{{ m.content }}</U>{% endif %}"
         "{% endfor %}{% if add_generation_prompt %}<A>{% endif %}"
     )
-    with pytest.raises(TemplateError, match="message 1"):
+    with pytest.raises(TemplateError, match=r"message 1 \(assistant\) verbatim.*earlier turn is rewritten"):
         render(TURNS, t, chat_template=strip)
+    # a template that rewrites the reply itself, wherever it is
+    upper = strip.replace("{{ m.content[:3] }}", "{{ m.content|upper }}").replace("and not loop.last", "")
+    upper = "{{ messages|length }}" + upper
+    with pytest.raises(TemplateError, match=r"message 1 \(assistant\).*rewrites the reply itself"):
+        render(TURNS, t, chat_template=upper)
 
 
 def test_template_with_trailing_whitespace_after_every_rendering():
