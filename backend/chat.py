@@ -611,6 +611,9 @@ def _close_turn(text, k, begin, content_end, messages, tokenizer, template, prob
     has it right there. A final reply the template leaves open ends at the reply (`render` may append)."""
     eot = _eot(tuple([m["role"] for m in messages[: k + 1]]), tokenizer, template)
     marker = eot.between if k < len(messages) - 1 else eot.final
+    trimmed = begin + len(text[begin:content_end].rstrip())
+    if marker and not text.startswith(marker, content_end) and text.startswith(marker, trimmed):
+        content_end = trimmed  # the reply's trailing whitespace was not written: it is the marker's (' ' + eos)
     if marker is None:
         problems.append(f"eot_undecided: message {k}: {eot.why}; no end-of-turn marker is trained after this reply")
     elif marker and not text.startswith(marker, content_end):
