@@ -1487,9 +1487,15 @@ class HealthReport:
         self.first_messages: dict[str, str] = {}
         self.lengths: list[int] = []
         self.n_with_spans = 0
+        self.n_appended = 0  # samples whose final reply got the template's marker appended (chat.final_eot)
+        self.appended_indices: list[int] = []
 
-    def add(self, index: int, problems: list[str], n_tokens: int, n_trained: int) -> None:
+    def add(self, index: int, problems: list[str], n_tokens: int, n_trained: int, appended: int = 0) -> None:
         self.n_samples += 1
+        if appended:
+            self.n_appended += 1
+            if len(self.appended_indices) < self.examples:
+                self.appended_indices.append(int(index))
         self.n_tokens += int(n_tokens)
         self.n_trained += int(n_trained)
         if n_tokens:
@@ -1528,6 +1534,7 @@ class HealthReport:
                 for c, n in sorted(self.counts.items())
             },
             "lengths": list(self.lengths),
+            "appended_eot": {"count": self.n_appended, "examples": list(self.appended_indices)},
         }
 
     def summary(self) -> str:
@@ -1540,6 +1547,11 @@ class HealthReport:
             lines.append(f"length: median {int(np.median(arr))}, p99 {int(np.percentile(arr, 99))}, max {arr.max()}")
         for c, n in sorted(self.counts.items(), key=lambda kv: -kv[1]):
             lines.append(f"{c}: {n} sample(s), e.g. rows {self.example_indices[c]}: {self.first_messages[c]}")
+        if self.n_appended:
+            lines.append(
+                f"end-of-turn marker appended (chat.final_eot: append): {self.n_appended} sample(s) whose final reply "
+                f"the template leaves open, e.g. rows {self.appended_indices}"
+            )
         if not self.counts:
             lines.append("no problems found")
         return "\n".join(lines)
@@ -1573,7 +1585,8 @@ def check_dataset(
         for i, r in pending:
             if isinstance(r, RenderedSample):
                 tok = next(toks)
-                report.add(i, check_sample(r, tok, tokenizer, sequence_length), len(tok.input_ids), tok.n_trained)
+                problems = check_sample(r, tok, tokenizer, sequence_length)
+                report.add(i, problems, len(tok.input_ids), tok.n_trained, appended=len(r.appended))
             else:
                 report.add(i, [f"bad_conversation: row {i}: {r}"], 0, 0)
             if progress is not None:
