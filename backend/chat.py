@@ -16,22 +16,24 @@ Pipeline, for one ShareGPT row::
     tok.trained            # (T,) bool, True for the tokens of 'Hello!' and '<|eot_id|>'
 
 Masking modes (`Masking`):
-- ``auto`` (default). If the template has ``{% generation %}`` markers, transformers' character indices of those
-  blocks are used. Otherwise the *prefix diff*: for assistant message k,
-  ``pre = render(msgs[:k], add_generation_prompt=True)`` and ``full = render(msgs[:k+1])``; the turn's window in
-  the final text is ``[len(pre), common_prefix(full, final))``. Every ``pre`` must be a prefix of the final
-  text (else `TemplateError`: the template is not prefix-preserving and we refuse to guess). The window is then
-  trimmed to *the reply text as the template wrote it* plus its *end-of-turn marker*: the text after the reply,
-  up to and including the first special-token string (``<|eot_id|>``, ``<|im_end|>``, ``<end_of_turn>``,
-  ``</s>``, ``<|end|>``); header residue before the reply and whitespace after the marker are never trained.
-  Spans are always located in the FINAL rendering, so templates that render the last turn differently (an
-  extra newline, an eos appended only at the very end) are handled.
+- ``auto`` (default). The reply of assistant message k is located in the FINAL rendering: from transformers'
+  ``{% generation %}`` blocks when the template has them; else right after ``pre = render(msgs[:k],
+  add_generation_prompt=True)`` when ``pre`` is a prefix of the final text (the *prefix diff*); else (templates
+  that move the system prompt, add ``<think>\n`` in the generation prompt, drop reasoning from earlier turns)
+  verbatim in the full rendering, in order (`_auto_turns`). A reply not written verbatim there is a
+  `TemplateError` naming the message and what differs: we refuse to guess. The reply is followed by its
+  *end-of-turn marker*, read from the template itself (`_eot`): the text it writes after a reply whatever comes
+  next, cut where one of its output pieces ends (``<|end|><|user|>`` trains ``<|end|>``), without trailing
+  whitespace. Header residue, the next turn's opening and whitespace after the marker are never trained; a marker
+  that cannot be decided is not trained and reported (``eot_undecided``).
 - ``delimiters``: the guide's ``get_spans`` semantics (mask from the start of the text through each start
   delimiter; train from there through and including the end delimiter), with its hangs fixed (see
   `get_spans`).
 
 Options: ``train_on="all"|"last"`` assistant turns; ``train_on_eot`` trains the end-of-turn marker (default on:
-a model that never sees its end-of-turn token as a target never learns to stop).
+a model that never sees its end-of-turn token as a target never learns to stop); ``final_eot``: a final reply the
+template leaves open (it writes its marker only before a following message) gets that marker appended right
+after it and trained (``"append"``, recorded in ``RenderedSample.appended``) or stays open (``"leave"``).
 
 Token rule (`tokenize`): a token is trained iff its character range overlaps a trained character range
 (``start < span_end and end > span_start``). A token that straddles a boundary (e.g. a merged ``"\\n\\n"`` that
@@ -40,8 +42,8 @@ ends a header and starts a reply) is therefore trained. Zero-width tokens (an ad
 
 BOS: if the text already starts with the tokenizer's BOS string (Llama 3.1, Gemma, Mistral templates write it),
 the text is tokenized with ``add_special_tokens=False`` (no double BOS). If the tokenizer's post-processor would
-add a BOS and the text lacks it, one BOS id is prepended. Nothing is ever appended: the template's end-of-turn
-marker is the end of the document.
+add a BOS and the text lacks it, one BOS id is prepended. Nothing else is added at tokenization: the end-of-turn
+marker (the template's, or the appended one) is the end of the document.
 """
 
 from __future__ import annotations
