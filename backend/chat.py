@@ -640,8 +640,8 @@ def _rewrite_reason(messages, k, tokenizer, template, text, pre, alone) -> str:
     history = render_messages(messages[:k], tokenizer, template) if k else ""
     system = messages[0]["content"].strip() if messages[0]["role"] == "system" else ""
     if k and text.startswith(history) and not text.startswith(pre):
-        gp = pre[_common_prefix_len(pre, history) :]
-        why += f"; besides, the generation prompt {gp[:40]!r} is not in the history"
+        gp = pre[_common_prefix_len(pre, text) :]
+        why += f"; besides, the generation prompt's {gp[:40]!r} is not in the history"
     elif system and history.find(system) != text.find(system):
         why += "; besides, the system prompt is moved (written elsewhere once later messages are added)"
     return why
