@@ -129,7 +129,7 @@ class ConversationError(ChatError):
 
 
 class TemplateError(ChatError):
-    """The chat template cannot be loaded, raised an error, or is not prefix-preserving."""
+    """The chat template cannot be loaded, raised an error, or does not write a reply verbatim where it must."""
 
 
 class RenderProofError(RuntimeError):
@@ -1029,7 +1029,7 @@ def _special_text_problems(messages, tokenizer, problems):
 def render(conversation, tokenizer, masking: Masking | None = None, chat_template: str | None = None) -> RenderedSample:
     """Render a conversation with the chat template and find what is trained. See the module docstring.
 
-    Raises `ConversationError` (bad messages) or `TemplateError` (bad/non-prefix-preserving template).
+    Raises `ConversationError` (bad messages) or `TemplateError` (bad template, or a reply it rewrites).
     Per-sample issues that still give a usable sample are in ``.problems`` as ``"code: message"``.
     """
     masking = masking or _DEFAULT_MASKING
