@@ -16,22 +16,24 @@ Pipeline, for one ShareGPT row::
     tok.trained            # (T,) bool, True for the tokens of 'Hello!' and '<|eot_id|>'
 
 Masking modes (`Masking`):
-- ``auto`` (default). If the template has ``{% generation %}`` markers, transformers' character indices of those
-  blocks are used. Otherwise the *prefix diff*: for assistant message k,
-  ``pre = render(msgs[:k], add_generation_prompt=True)`` and ``full = render(msgs[:k+1])``; the turn's window in
-  the final text is ``[len(pre), common_prefix(full, final))``. Every ``pre`` must be a prefix of the final
-  text (else `TemplateError`: the template is not prefix-preserving and we refuse to guess). The window is then
-  trimmed to *the reply text as the template wrote it* plus its *end-of-turn marker*: the text after the reply,
-  up to and including the first special-token string (``<|eot_id|>``, ``<|im_end|>``, ``<end_of_turn>``,
-  ``</s>``, ``<|end|>``); header residue before the reply and whitespace after the marker are never trained.
-  Spans are always located in the FINAL rendering, so templates that render the last turn differently (an
-  extra newline, an eos appended only at the very end) are handled.
+- ``auto`` (default). The reply of assistant message k is located in the FINAL rendering: from transformers'
+  ``{% generation %}`` blocks when the template has them; else right after ``pre = render(msgs[:k],
+  add_generation_prompt=True)`` when ``pre`` is a prefix of the final text (the *prefix diff*); else (templates
+  that move the system prompt, add ``<think>\n`` in the generation prompt, drop reasoning from earlier turns)
+  verbatim in the full rendering, in order (`_auto_turns`). A reply not written verbatim there is a
+  `TemplateError` naming the message and what differs: we refuse to guess. The reply is followed by its
+  *end-of-turn marker*, read from the template itself (`_eot`): the text it writes after a reply whatever comes
+  next, cut where one of its output pieces ends (``<|end|><|user|>`` trains ``<|end|>``), without trailing
+  whitespace. Header residue, the next turn's opening and whitespace after the marker are never trained; a marker
+  that cannot be decided is not trained and reported (``eot_undecided``).
 - ``delimiters``: the guide's ``get_spans`` semantics (mask from the start of the text through each start
   delimiter; train from there through and including the end delimiter), with its hangs fixed (see
   `get_spans`).
 
 Options: ``train_on="all"|"last"`` assistant turns; ``train_on_eot`` trains the end-of-turn marker (default on:
-a model that never sees its end-of-turn token as a target never learns to stop).
+a model that never sees its end-of-turn token as a target never learns to stop); ``final_eot``: a final reply the
+template leaves open (it writes its marker only before a following message) gets that marker appended right
+after it and trained (``"append"``, recorded in ``RenderedSample.appended``) or stays open (``"leave"``).
 
 Token rule (`tokenize`): a token is trained iff its character range overlaps a trained character range
 (``start < span_end and end > span_start``). A token that straddles a boundary (e.g. a merged ``"\\n\\n"`` that
@@ -40,8 +42,8 @@ ends a header and starts a reply) is therefore trained. Zero-width tokens (an ad
 
 BOS: if the text already starts with the tokenizer's BOS string (Llama 3.1, Gemma, Mistral templates write it),
 the text is tokenized with ``add_special_tokens=False`` (no double BOS). If the tokenizer's post-processor would
-add a BOS and the text lacks it, one BOS id is prepended. Nothing is ever appended: the template's end-of-turn
-marker is the end of the document.
+add a BOS and the text lacks it, one BOS id is prepended. Nothing else is added at tokenization: the end-of-turn
+marker (the template's, or the appended one) is the end of the document.
 """
 
 from __future__ import annotations
@@ -96,12 +98,15 @@ class Masking:
     end_delimiter: str | None = None
     train_on: str = "all"  # "all" assistant turns | "last"
     train_on_eot: bool = True  # train the end-of-turn marker after each assistant reply
+    final_eot: str = "append"  # a final reply the template leaves open: "append" its between-turns marker | "leave"
 
     def __post_init__(self):
         if self.mode not in ("auto", "delimiters"):
             raise ValueError(f"chat.masking.mode: {self.mode!r} is not one of 'auto', 'delimiters'")
         if self.train_on not in ("all", "last"):
             raise ValueError(f"chat.train_on: {self.train_on!r} is not one of 'all', 'last'")
+        if self.final_eot not in ("append", "leave"):
+            raise ValueError(f"chat.final_eot: {self.final_eot!r} is not one of 'append', 'leave'")
         if self.mode == "delimiters":
             for name in ("start_delimiter", "end_delimiter"):
                 value = getattr(self, name)
@@ -124,7 +129,7 @@ class ConversationError(ChatError):
 
 
 class TemplateError(ChatError):
-    """The chat template cannot be loaded, raised an error, or is not prefix-preserving."""
+    """The chat template cannot be loaded, raised an error, or does not write a reply verbatim where it must."""
 
 
 class RenderProofError(RuntimeError):
@@ -151,6 +156,9 @@ class RenderedSample:
     problems: list[str]  # "code: message", e.g. "span_not_found: start delimiter not found"
     turns: list[AssistantTurn] = field(default_factory=list)  # every assistant turn found (trained or not)
     messages: list[dict] = field(default_factory=list)  # the normalized conversation
+    # half-open ranges of text NOT written by the template: the between-turns marker appended after a final reply
+    # the template leaves open (chat.final_eot: append); trained, and shown apart in the studio
+    appended: list[tuple[int, int]] = field(default_factory=list)
 
 
 class TokenizedSample:
@@ -197,6 +205,7 @@ class TokenizedSample:
 PROBLEM_CODES = {
     "no_trained_tokens": "nothing in the sample is trained",
     "eot_not_trained": "an assistant turn's end-of-turn marker is not trained (the model never learns to stop)",
+    "eot_undecided": "the template's end-of-turn marker after a reply could not be decided: none is trained there",
     "span_not_found": "no assistant span was found",
     "too_long": "longer than sequence_length: skipped when truncate_documents is no",
     "assistant_cut": "an assistant turn crosses sequence_length",
@@ -480,76 +489,220 @@ def _common_prefix_len(a: str, b: str) -> int:
     return lo
 
 
-def _trim_turn(text: str, begin: int, end: int, content: str, k: int, regex, problems: list) -> AssistantTurn:
-    """Within the window text[begin:end] of assistant message k: locate the reply and its end-of-turn marker."""
-    window = text[begin:end]
-    pos, length = window.find(content), len(content)
-    if pos < 0:
-        stripped = content.strip()
-        pos, length = window.find(stripped), len(stripped)
-    if pos < 0:
-        # The template rewrote the reply (e.g. a filter); train the window minus surrounding whitespace, say so.
-        problems.append(
-            f"content_not_verbatim: message {k}: the template does not write the reply verbatim; trained the "
-            f"whole turn text at chars {begin}..{end}"
+def _find_reply(text: str, content: str, lo: int, hi: int) -> tuple[int, int] | None:
+    """The reply as the template wrote it in ``text[lo:hi]``: verbatim, else with its surrounding whitespace
+    removed on one side or both (templates that ``| trim`` or ``lstrip`` contents); None when not written."""
+    for variant in dict.fromkeys((content, content.rstrip(), content.lstrip(), content.strip())):
+        if variant:
+            pos = text.find(variant, lo, hi)
+            if pos >= 0:
+                return pos, pos + len(variant)
+    return None
+
+
+class _Eot(NamedTuple):
+    """What a template writes after an assistant reply (see `_eot`)."""
+
+    between: str | None  # the end-of-turn marker when another message follows; None = could not be decided
+    final: str  # the marker when the reply is the last message; "" = the template leaves it open
+    why: str  # why ``between`` is None
+
+
+def _render_chunks(messages, tokenizer, template, add_generation_prompt=False) -> tuple[str, set[int]] | None:
+    """The rendering and the character offsets where the template's output pieces end (each ``{{ ... }}``
+    and each run of literal text is one piece), or None when the template rejects the conversation."""
+    try:
+        parts = list(
+            _compile(template).generate(
+                messages=messages,
+                tools=None,
+                documents=None,
+                add_generation_prompt=add_generation_prompt,
+                **_template_kwargs(tokenizer),
+            )
         )
-        lead = len(window) - len(window.lstrip())
-        tail = window.rstrip()
-        return AssistantTurn(k, begin + lead, begin + len(tail), begin + len(tail))
-    content_begin = begin + pos
-    content_end = content_begin + length
-    tail = text[content_end:end]
-    m = regex.search(tail) if regex is not None else None
-    if m is not None:
-        marker_len = m.end()
-    else:  # no special token: the marker is the text up to the first whitespace (e.g. a plain '<|end|>\n')
-        w = re.search(r"\s", tail)
-        marker_len = w.start() if w else len(tail)
-    return AssistantTurn(k, content_begin, content_end, content_end + marker_len)
+    except Exception:
+        return None
+    return "".join(parts), set(accumulate(map(len, parts)))
+
+
+def _eot(roles: tuple, tokenizer, template) -> _Eot:
+    """The end-of-turn marker a template writes after the reply of the last message in ``roles`` (an assistant),
+    read from the template itself, once per role prefix (cached).
+
+    The conversation is rendered with sentinel contents ending at the reply, followed by a user message, and
+    with the generation prompt (and followed by a system message when the template accepts it). The marker is
+    the text after the reply that these renderings share, cut at the end of one of the template's output pieces
+    (so ``<|end|><|user|>`` vs ``<|end|><|endoftext|>`` gives ``<|end|>``, not ``<|end|><|``) and without
+    trailing whitespace. When the template leaves a final reply open, the marker between turns is what follows
+    the reply minus the next turn's opening, as the template writes that opening at the start of a
+    conversation. What cannot be decided this way is None: no marker is trained, never a guess."""
+    cache = _info(tokenizer).setdefault("eot", {})
+    key = (template, roles)
+    found = cache.get(key)
+    if found is not None:
+        return found
+    head = [{"role": r, "content": _sentinel(i)} for i, r in enumerate(roles)]
+    reply, probe = _sentinel(len(roles) - 1), _sentinel(len(roles))
+
+    def after_reply(messages, generation=False):
+        r = _render_chunks(messages, tokenizer, template, generation)
+        if r is None:
+            return None
+        text, ends = r
+        pos = text.find(reply)
+        if pos < 0 or text.find(reply, pos + 1) >= 0:
+            return None
+        e = pos + len(reply)
+        return text[e:], {x - e for x in ends if x > e}
+
+    last = after_reply(head)
+    follows = []
+    for variant in (
+        after_reply(head + [{"role": "user", "content": probe}]),
+        after_reply(head, generation=True),
+        after_reply(head + [{"role": "system", "content": probe}]),
+    ):
+        if variant is not None and (last is None or variant[0] != last[0]) and variant not in follows:
+            follows.append(variant)
+    between, why = None, ""
+    closes = last is not None and last[0].strip() != ""
+    pool = follows + ([last] if closes else [])
+    if len(pool) >= 2:
+        rests = [t for t, _ in pool]
+        shared = min(_common_prefix_len(rests[0], t) for t in rests[1:])
+        cut = max((b for b in set.intersection(*[b for _, b in pool]) if b <= shared), default=0)
+        between = rests[0][:cut].rstrip() or None
+    if between is None and follows:
+        between = _between_from_opening(follows, probe, tokenizer, template)
+    if between is None:
+        why = (
+            "the template writes no text after the reply that every next message shares, up to the next turn's opening"
+            if follows
+            else "the template rejects every conversation that continues after this reply"
+        )
+    final = ""
+    if closes:
+        final = between if between and last[0].startswith(between) else last[0].rstrip()
+    if len(cache) > 1024:
+        cache.clear()
+    found = cache[key] = _Eot(between, final, why)
+    return found
+
+
+def _between_from_opening(follows, probe, tokenizer, template) -> str | None:
+    """For a template that leaves a final reply open: the text between a reply and a following user message,
+    minus the user turn's opening as the template writes it at the start of a conversation (their common
+    suffix). Kept only when every continuation starts with it."""
+    first = _render_chunks([{"role": "user", "content": probe}], tokenizer, template)
+    rest = follows[0][0]
+    if first is None or probe not in rest:
+        return None
+    gap, opening = rest[: rest.find(probe)], first[0][: first[0].find(probe)]
+    shared = 0
+    while shared < min(len(gap), len(opening)) and gap[-1 - shared] == opening[-1 - shared]:
+        shared += 1
+    marker = gap[: len(gap) - shared].rstrip()
+    if not marker or not all(t.startswith(marker) for t, _ in follows):
+        return None
+    return marker
+
+
+def _close_turn(text, k, begin, content_end, messages, tokenizer, template, problems) -> AssistantTurn:
+    """The reply of message k at ``text[begin:content_end]`` with its end-of-turn marker (`_eot`) when the text
+    has it right there. A final reply the template leaves open ends at the reply (`render` may append)."""
+    eot = _eot(tuple([m["role"] for m in messages[: k + 1]]), tokenizer, template)
+    marker = eot.between if k < len(messages) - 1 else eot.final
+    trimmed = begin + len(text[begin:content_end].rstrip())
+    if marker and not text.startswith(marker, content_end) and text.startswith(marker, trimmed):
+        content_end = trimmed  # the reply's trailing whitespace was not written: it is the marker's (' ' + eos)
+    if marker is None:
+        problems.append(f"eot_undecided: message {k}: {eot.why}; no end-of-turn marker is trained after this reply")
+    elif marker and not text.startswith(marker, content_end):
+        problems.append(
+            f"eot_undecided: message {k}: the template's end-of-turn marker {marker!r} does not follow this reply "
+            f"(the text has {text[content_end : content_end + len(marker) + 8]!r}); none is trained after it"
+        )
+    elif marker:
+        return AssistantTurn(k, begin, content_end, content_end + len(marker))
+    return AssistantTurn(k, begin, content_end, content_end)
+
+
+def _rewrite_reason(messages, k, tokenizer, template, text, pre, alone) -> str:
+    """What differs between the full rendering and the one that ends at reply k (for the refusal message)."""
+    if _find_reply(alone, messages[k]["content"], 0, len(alone)) is not None:
+        why = (
+            "an earlier turn is rewritten: the reply is written verbatim while it is the last message, but not once "
+            "later messages are added (e.g. reasoning dropped from earlier turns)"
+        )
+    else:
+        why = "the template rewrites the reply itself (it is not written verbatim even as the last message)"
+    history = render_messages(messages[:k], tokenizer, template) if k else ""
+    system = messages[0]["content"].strip() if messages[0]["role"] == "system" else ""
+    if k and text.startswith(history) and not text.startswith(pre):
+        gp = pre[_common_prefix_len(pre, text) :]
+        why += f"; besides, the generation prompt's {gp[:40]!r} is not in the history"
+    elif system and history.find(system) != text.find(system):
+        why += "; besides, the system prompt is moved (written elsewhere once later messages are added)"
+    return why
 
 
 def _auto_turns(messages, tokenizer, template, text, assistants, problems) -> list[AssistantTurn]:
-    """Prefix-diff windows, trimmed to reply + end-of-turn marker, located in the final text."""
-    regex = _info(tokenizer)["regex"]
-    turns = []
-    last = len(messages) - 1
+    """Each reply located in the final text, with its end-of-turn marker (`_close_turn`).
 
-    def not_prefix_preserving(k, what, a, b):
-        at = _common_prefix_len(a, b)
-        return TemplateError(
-            f"chat template is not prefix-preserving at message {k} (assistant): {what} at char {at} "
-            f"({a[at : at + 40]!r} vs {b[at : at + 40]!r}). The template rewrites earlier turns when later ones are "
-            "added (e.g. drops reasoning, injects a turn count or a date), so the reply cannot be located "
-            "safely. Use chat.masking.mode=delimiters or a prefix-preserving template."
-        )
-
+    Where the template is prefix-preserving (the rendering up to the reply's generation prompt is a prefix of
+    the final text) the reply is searched right after that prompt. Where it is not (a system prompt moved into
+    the last user turn, a generation prompt that adds ``<think>\\n``, reasoning dropped from earlier turns) the
+    reply is searched verbatim in the one full rendering, in order, after the part both renderings share and
+    after the message before it; a reply not written verbatim there is refused with the message index and what
+    differs."""
+    pres = []
     for k in assistants:
         pre = render_messages(messages[:k], tokenizer, template, add_generation_prompt=True) if k else ""
         if not text.startswith(pre) and text.startswith(pre.rstrip()):
             # the template ends every rendering with whitespace (a trailing newline after its last block): that
-            # is not how the reply's turn starts; the window begins before it and _trim_turn finds the reply
+            # is not how the reply's turn starts; the reply is searched from before it
             pre = pre.rstrip()
-        if not text.startswith(pre):
-            raise not_prefix_preserving(k, "the text before this reply differs from the full rendering", pre, text)
-        if k == last:
-            turns.append(_trim_turn(text, len(pre), len(text), messages[k]["content"], k, regex, problems))
-            continue
-        full = render_messages(messages[: k + 1], tokenizer, template)
-        if not full.startswith(pre):
-            raise not_prefix_preserving(k, "the generation prompt is not how the reply's turn starts", pre, full)
-        turn = _trim_turn(full, len(pre), len(full), messages[k]["content"], k, regex, problems)
-        # the reply and its marker must survive unchanged into the final text (an eos that the template adds
-        # only at the very end may differ: it lies after the marker)
-        if not text.startswith(full[: turn.end]):
-            cp = _common_prefix_len(full, text)
-            if cp < turn.content_end:
-                raise not_prefix_preserving(
-                    k, "the reply is rendered differently once later messages are added", full[: turn.end], text
-                )
-            # the reply survives but what follows it differs (e.g. an eos written only at the very end, which is
-            # not special for this tokenizer): take the marker from the part both renderings share
-            turn = _trim_turn(text, turn.begin, cp, text[turn.begin : turn.content_end], k, regex, problems)
+        pres.append(pre)
+    turns = []
+    cursor = 0
+    last = len(messages) - 1
+    for i, k in enumerate(assistants):
+        pre, content = pres[i], messages[k]["content"]
+        exact = text.startswith(pre)
+        lo = max(len(pre) if exact else _common_prefix_len(pre, text), cursor)
+        hi = len(pres[i + 1]) if i + 1 < len(pres) and text.startswith(pres[i + 1]) else len(text)
+        span = _find_reply(text, content, lo, hi)
+        if span is not None and not exact and k and messages[k - 1]["role"] != "assistant":
+            # the message before the reply, found before it: the reply is after it (not a quote inside it)
+            before = messages[k - 1]["content"].strip()
+            p = text.find(before, lo, hi)
+            if 0 <= p < span[0]:
+                span = _find_reply(text, content, p + len(before), hi) or span
+        alone = None
+        if span is None:
+            alone = render_messages(messages[: k + 1], tokenizer, template) if k != last else text
+        if span is None and (not exact or _find_reply(alone, content, lo, len(alone)) is not None):
+            raise TemplateError(
+                f"chat template does not write message {k} (assistant) verbatim in the full rendering, so the reply "
+                f"cannot be located: {_rewrite_reason(messages, k, tokenizer, template, text, pre, alone)}. Use "
+                "chat.masking.mode=delimiters or a template that writes each reply verbatim."
+            )
+        if span is None:
+            # the template rewrites the reply wherever it is (e.g. a filter), in a prefix-preserving rendering:
+            # train the turn's text minus surrounding whitespace, and say so
+            end = _common_prefix_len(alone, text)
+            window = text[lo:end]
+            problems.append(
+                f"content_not_verbatim: message {k}: the template does not write the reply verbatim; trained the "
+                f"whole turn text at chars {lo}..{end}"
+            )
+            b, e = lo + len(window) - len(window.lstrip()), lo + len(window.rstrip())
+            turn = AssistantTurn(k, b, max(b, e), max(b, e))
+        else:
+            turn = _close_turn(text, k, span[0], span[1], messages, tokenizer, template, problems)
         turns.append(turn)
+        cursor = turn.end
     return turns
 
 
@@ -756,11 +909,13 @@ def _generation_turns(messages, tokenizer, template, assistants, problems):
     text, blocks = _render_generation(messages, tokenizer, template)
     if len(blocks) != len(assistants):
         return text, None  # markers do not map one-to-one onto assistant messages: fall back to the prefix diff
-    regex = _info(tokenizer)["regex"]
-    turns = [
-        _trim_turn(text, b, e, messages[k]["content"], k, regex, problems)
-        for (b, e), k in zip(blocks, assistants, strict=False)
-    ]
+    turns, found = [], []
+    for (b, e), k in zip(blocks, assistants, strict=False):
+        span = _find_reply(text, messages[k]["content"], b, e)
+        if span is None:
+            return text, None  # the block does not hold the reply verbatim: the prefix diff decides
+        turns.append(_close_turn(text, k, span[0], span[1], messages, tokenizer, template, found))
+    problems.extend(found)
     return text, turns
 
 
@@ -874,7 +1029,7 @@ def _special_text_problems(messages, tokenizer, problems):
 def render(conversation, tokenizer, masking: Masking | None = None, chat_template: str | None = None) -> RenderedSample:
     """Render a conversation with the chat template and find what is trained. See the module docstring.
 
-    Raises `ConversationError` (bad messages) or `TemplateError` (bad/non-prefix-preserving template).
+    Raises `ConversationError` (bad messages) or `TemplateError` (bad template, or a reply it rewrites).
     Per-sample issues that still give a usable sample are in ``.problems`` as ``"code: message"``.
     """
     masking = masking or _DEFAULT_MASKING
@@ -889,6 +1044,7 @@ def render(conversation, tokenizer, masking: Masking | None = None, chat_templat
     else:
         target = assistants
 
+    appended: list[tuple[int, int]] = []
     if masking.mode == "delimiters":
         text = None
         if assistants and not _has_generation(template):  # the text alone, from a proven structure if any
@@ -909,6 +1065,9 @@ def render(conversation, tokenizer, masking: Masking | None = None, chat_templat
                 text = render_messages(messages, tokenizer, template)
         if turns is None:
             turns = _auto_turns(messages, tokenizer, template, text, target, problems)
+        appended = []
+        if target and target[-1] == len(messages) - 1 and masking.train_on_eot and masking.final_eot == "append":
+            text, turns, appended = _append_final_eot(text, turns, messages, tokenizer, template, problems)
         wanted = set(target)
         chosen = [t for t in turns if t.message_index in wanted]
         if not assistants:
@@ -927,7 +1086,28 @@ def render(conversation, tokenizer, masking: Masking | None = None, chat_templat
         problems=problems,
         turns=turns,
         messages=messages,
+        appended=appended,
     )
+
+
+def _append_final_eot(text, turns, messages, tokenizer, template, problems):
+    """A final reply the template leaves open (no marker after it in the rendering): insert the template's
+    between-turns marker right after it (chat.final_eot: append). Returns (text, turns, appended ranges)."""
+    t = turns[-1] if turns else None
+    if t is None or t.message_index != len(messages) - 1 or t.end > t.content_end:
+        return text, turns, []
+    eot = _eot(tuple([m["role"] for m in messages]), tokenizer, template)
+    if eot.final or t.begin == t.content_end:
+        return text, turns, []  # the template closes it in its own way (or the turn has no reply text)
+    if eot.between is None:
+        problems.append(
+            f"eot_undecided: message {t.message_index}: the template leaves the final reply open and its "
+            f"between-turns marker could not be decided ({eot.why}); nothing appended"
+        )
+        return text, turns, []
+    at, marker = t.content_end, eot.between
+    text = text[:at] + marker + text[at:]
+    return text, turns[:-1] + [AssistantTurn(t.message_index, t.begin, at, at + len(marker))], [(at, at + len(marker))]
 
 
 # ----------------------------------------------------------------------------------------------- tokenize
@@ -1223,7 +1403,7 @@ def portable_spec(tokenizer) -> dict:
     backend = _fast_backend(tokenizer)
     if backend is None:
         raise ValueError("not a fast tokenizer with default truncation/padding")
-    info = {k: v for k, v in _info(tokenizer).items() if k not in ("regex", "structures")}
+    info = {k: v for k, v in _info(tokenizer).items() if k not in ("regex", "structures", "eot")}
     template = getattr(tokenizer, "chat_template", None)
     if isinstance(template, dict):
         template = template.get("default")
@@ -1309,9 +1489,15 @@ class HealthReport:
         self.first_messages: dict[str, str] = {}
         self.lengths: list[int] = []
         self.n_with_spans = 0
+        self.n_appended = 0  # samples whose final reply got the template's marker appended (chat.final_eot)
+        self.appended_indices: list[int] = []
 
-    def add(self, index: int, problems: list[str], n_tokens: int, n_trained: int) -> None:
+    def add(self, index: int, problems: list[str], n_tokens: int, n_trained: int, appended: int = 0) -> None:
         self.n_samples += 1
+        if appended:
+            self.n_appended += 1
+            if len(self.appended_indices) < self.examples:
+                self.appended_indices.append(int(index))
         self.n_tokens += int(n_tokens)
         self.n_trained += int(n_trained)
         if n_tokens:
@@ -1350,6 +1536,7 @@ class HealthReport:
                 for c, n in sorted(self.counts.items())
             },
             "lengths": list(self.lengths),
+            "appended_eot": {"count": self.n_appended, "examples": list(self.appended_indices)},
         }
 
     def summary(self) -> str:
@@ -1362,6 +1549,11 @@ class HealthReport:
             lines.append(f"length: median {int(np.median(arr))}, p99 {int(np.percentile(arr, 99))}, max {arr.max()}")
         for c, n in sorted(self.counts.items(), key=lambda kv: -kv[1]):
             lines.append(f"{c}: {n} sample(s), e.g. rows {self.example_indices[c]}: {self.first_messages[c]}")
+        if self.n_appended:
+            lines.append(
+                f"end-of-turn marker appended (chat.final_eot: append): {self.n_appended} sample(s) whose final reply "
+                f"the template leaves open, e.g. rows {self.appended_indices}"
+            )
         if not self.counts:
             lines.append("no problems found")
         return "\n".join(lines)
@@ -1395,7 +1587,8 @@ def check_dataset(
         for i, r in pending:
             if isinstance(r, RenderedSample):
                 tok = next(toks)
-                report.add(i, check_sample(r, tok, tokenizer, sequence_length), len(tok.input_ids), tok.n_trained)
+                problems = check_sample(r, tok, tokenizer, sequence_length)
+                report.add(i, problems, len(tok.input_ids), tok.n_trained, appended=len(r.appended))
             else:
                 report.add(i, [f"bad_conversation: row {i}: {r}"], 0, 0)
             if progress is not None:

@@ -481,6 +481,7 @@ class ChatConfig(Section):
             "end_delimiter": m.end_delimiter,
             "train_on": self.train_on,
             "train_on_eot": self.train_on_eot,
+            "final_eot": self.final_eot,
         }
 
 

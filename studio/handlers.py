@@ -31,8 +31,9 @@ from backend import ASSETS, TINY_MODEL
 
 DEFAULT_PREPARE_YAML = ASSETS / "configs" / "tiny_prepare.yaml"
 DEFAULT_TRAIN_YAML = ASSETS / "configs" / "tiny_train.yaml"
-TRAINED, MASKED = "trained", "masked"
-COLOR_MAP = {TRAINED: "#2ca02c", MASKED: "#d9d9d9"}
+TRAINED, MASKED, APPENDED = "trained", "masked", "appended (trained)"
+# APPENDED: the end-of-turn marker added after a final reply the template leaves open (chat.final_eot: append)
+COLOR_MAP = {TRAINED: "#2ca02c", MASKED: "#d9d9d9", APPENDED: "#ff7f0e"}
 TOKEN_VIEW_LIMIT = 3000  # tokens drawn in the token view (the highlight always shows the whole sample)
 
 
@@ -462,6 +463,14 @@ def _preview_from(rendered, tok, tokenizer, i: int, n: int, sequence_length=None
     mask = char_labels(len(text), tok.offsets, tok.trained)
     runs = runs_of(mask)
     highlight = [(text[a:b], TRAINED if v else MASKED) for a, b, v in runs]
+    appended = getattr(rendered, "appended", None) or []
+    if appended:  # the appended marker in its own colour: not written by the template, trained
+        kind = mask.astype(np.int8)
+        for a, b in appended:
+            kind[a:b] = 2
+        cuts = np.concatenate([[0], np.flatnonzero(kind[1:] != kind[:-1]) + 1, [len(kind)]]).tolist()
+        label = {0: MASKED, 1: TRAINED, 2: APPENDED}
+        highlight = [(text[a:b], label[int(kind[a])]) for a, b in zip(cuts[:-1], cuts[1:], strict=False)]
     trained_chars = [(a, b) for a, b, v in runs if v]
     T, k = len(tok.input_ids), int(tok.trained.sum())
     seq = int(sequence_length) if sequence_length else None
@@ -473,6 +482,8 @@ def _preview_from(rendered, tok, tokenizer, i: int, n: int, sequence_length=None
         if T
         else f"Sample {i}: empty"
     )
+    if appended:
+        summary += f"; <span style='color:{COLOR_MAP[APPENDED]}'>■</span> end-of-turn marker appended (chat.final_eot)"
     eot = _eot_ids(tokenizer, template)
     turns = getattr(rendered, "turns", None) or []
     if T and eot and turns:
@@ -565,7 +576,7 @@ def check_whole_dataset(
     except Exception as e:
         return CheckResult("", None, [], [], {}, f"⚠ {type(e).__name__}: {e}")
     d = report.to_dict()
-    for c in d["problems"].values():  # positions in the sample -> rows of the dataset
+    for c in [*d["problems"].values(), d["appended_eot"]]:  # positions in the sample -> rows of the dataset
         c["examples"] = [int(idx[j]) for j in c["examples"]]
     lengths = np.asarray(report.lengths, dtype=np.int64)
     n = report.n_samples
@@ -586,6 +597,14 @@ def check_whole_dataset(
         + ("" if train_on_eot else " (train_on_eot is off: the model will not learn to stop)"),
         f"- trained tokens: **{report.n_trained} / {report.n_tokens} ({report.trained_token_share:.1%})**",
     ]
+    undecided = d["problems"].get("eot_undecided", {}).get("count", 0)
+    if undecided:
+        lines.append(f"- end-of-turn marker undecidable from the template (not trained): **{undecided} samples**")
+    if report.n_appended:
+        lines.append(
+            f"- end-of-turn marker appended after a final reply the template leaves open: **{report.n_appended} "
+            "samples** (chat.final_eot: append; shown in its own colour in the preview)"
+        )
     if seq:
         lost_tok = int(too_long.sum())
         share = lost_tok / report.n_tokens if report.n_tokens else 0.0

@@ -332,19 +332,70 @@ def test_unicode_emoji_long_and_special_text(family):
 
 
 # ------------------------------------------------------------------------------------- template problems
-def test_non_prefix_preserving_template_is_a_clear_error():
+def test_non_prefix_preserving_template_is_located_or_refused_with_the_reason():
     t = tok("chatml")
-    bad = "Turns: {{ messages|length }}\n" + t.chat_template
-    with pytest.raises(TemplateError, match="not prefix-preserving at message 1"):
-        render(TURNS, t, chat_template=bad)
-    # a template that rewrites earlier replies (like reasoning stripping) once later turns exist
+    # a template that injects the turn count changes every earlier character, yet writes each reply verbatim:
+    # the replies are located in the one full rendering, each with its marker
+    counted = "Turns: {{ messages|length }}\n" + t.chat_template
+    r = render(TURNS, t, chat_template=counted)
+    assert r.text == t.apply_chat_template(normalize_conversation(TURNS), chat_template=counted, tokenize=False)
+    assert [r.text[b:e] for b, e in r.trained_spans] == [x + "<|im_end|>" for x in REPLIES]
+    assert r.problems == []
+    # a template that rewrites earlier replies (like reasoning stripping) once later turns exist: refused, naming
+    # the message and what differs
     strip = (
         "{% for m in messages %}{% if m.role == 'assistant' and not loop.last %}<A>{{ m.content[:3] }}</A>"
         "{% elif m.role == 'assistant' %}<A>{{ m.content }}</A>{% else %}<U>{{ m.content }}</U>{% endif %}"
         "{% endfor %}{% if add_generation_prompt %}<A>{% endif %}"
     )
-    with pytest.raises(TemplateError, match="message 1"):
+    with pytest.raises(TemplateError, match=r"message 1 \(assistant\) verbatim.*earlier turn is rewritten"):
         render(TURNS, t, chat_template=strip)
+    # a template that rewrites the reply itself, wherever it is
+    upper = strip.replace("{{ m.content[:3] }}", "{{ m.content|upper }}").replace("and not loop.last", "")
+    upper = "{{ messages|length }}" + upper
+    with pytest.raises(TemplateError, match=r"message 1 \(assistant\).*rewrites the reply itself"):
+        render(TURNS, t, chat_template=upper)
+
+
+def test_refusals_name_what_differs():
+    """Besides the rewritten reply, the refusal names a system prompt moved into the last user turn and a
+    generation prompt that is not how the history writes a reply's turn."""
+    t = tok("chatml")
+    conv = [SYSTEM] + TURNS[:4]
+    moved = (
+        "{% set sys = messages[0].content if messages[0].role == 'system' else '' %}"
+        "{% for m in messages if m.role != 'system' %}{% if m.role == 'user' %}[U]{% if loop.last and sys %}"
+        "{{ sys }} {% endif %}{{ m.content }}[/U]{% elif loop.last %}{{ m.content }}</s>{% else %}{{ m.content[:5] }}"
+        "</s>{% endif %}{% endfor %}"
+    )
+    with pytest.raises(
+        TemplateError, match=r"message 2 \(assistant\).*earlier turn is rewritten.*system prompt is moved"
+    ):
+        render(conv, t, chat_template=moved)
+    think = (
+        "{% for m in messages %}{% if m.role == 'user' %}<U>{{ m.content }}{% elif m.role == 'assistant' %}<A>"
+        "{% if loop.last %}{{ m.content }}{% else %}{{ m.content[:4] }}{% endif %}<E>{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}<A><think>\n{% endif %}"
+    )
+    with pytest.raises(TemplateError, match=r"message 2 .*generation prompt's '<think>\\n' is not in the history"):
+        render(conv, t, chat_template=think)
+    # the same generation prompt with replies written verbatim: located in the full rendering, no refusal
+    verbatim = think.replace("{{ m.content[:4] }}", "{{ m.content }}")
+    r = render(conv, t, chat_template=verbatim)
+    assert [r.text[b:e] for b, e in r.trained_spans] == [x + "<E>" for x in REPLIES[:2]] and r.problems == []
+
+
+def test_undecidable_marker_trains_none_and_says_so():
+    """A template that writes only a newline between turns has no end-of-turn marker: nothing after the replies
+    is trained (never the next turn's 'user: ' opening), each reply says eot_undecided, the check eot_not_trained."""
+    t = tok("chatml")
+    plain = "{% for m in messages %}{{ m.role + ': ' + m.content + '\\n' }}{% endfor %}"
+    r = render(TURNS, t, chat_template=plain)
+    assert [r.text[b:e] for b, e in r.trained_spans] == REPLIES and r.appended == []
+    assert [p.split(":")[0] for p in r.problems] == ["eot_undecided"] * 3
+    assert "message 5" in r.problems[-1] and "nothing appended" in r.problems[-1]
+    tk = tokenize(r.text, r.trained_spans, t)
+    assert sum(p.startswith("eot_not_trained") for p in check_sample(r, tk, t)) == 3
 
 
 def test_template_with_trailing_whitespace_after_every_rendering():

@@ -284,9 +284,12 @@ def test_chat_to_masking_matches_chat_masking():
         "end_delimiter": "<b>",
         "train_on": "last",
         "train_on_eot": True,
+        "final_eot": "append",
     }
     chat = pytest.importorskip("backend.chat")
     assert chat.Masking(**kwargs).train_on == "last"
+    leave = load_prepare_config(ASSETS / "configs" / "tiny_prepare.yaml", ["chat.final_eot=leave"])
+    assert chat.Masking(**leave.chat.to_masking()).final_eot == "leave"
 
 
 def test_yaml_syntax_error_names_file_and_line(tmp_path):

@@ -191,6 +191,36 @@ def test_dataset_check_says_when_the_template_reads_content():
     assert fp["patterns"] > 0 and fp["proven"] == 0
 
 
+def test_appended_marker_has_its_own_colour_and_the_check_counts_it():
+    """vLLM's ChatML template writes <|im_end|> only before a following message: the final reply gets it appended
+    (chat.final_eot: append), the preview shows it apart, and the dataset check counts it, like check_dataset."""
+    from backend.chat import Masking, check_dataset, render
+
+    open_final = (ROOT / "tests" / "data" / "chat_templates" / "chatml-vllm.jinja").read_text()
+    rows = H.get_rows(DATA)
+    tok = H.get_tokenizer(TOK)
+    p = preview(0, template=open_final)
+    r = render(rows[0], tok, chat_template=open_final)
+    assert p.status == "" and "".join(x for x, _ in p.highlight) == r.text
+    assert [x for x, lab in p.highlight if lab == H.APPENDED] == [r.text[b:e] for b, e in r.appended] == ["<|im_end|>"]
+    assert H.APPENDED in H.COLOR_MAP and "appended" in p.summary
+    assert p.highlight[-1] == ("<|im_end|>", H.APPENDED) and "<|im_end|>" in r.text[: r.appended[0][0]]
+
+    c = H.check_whole_dataset(DATA, TOK, "auto", "", "", "all", True, open_final, None, False, max_rows=40)
+    idx, _ = H._sample_indices(len(rows), 40)
+    sample = [rows[int(i)] for i in idx]
+    ref = check_dataset(sample, tok, Masking(), open_final)
+    ends_with_reply = sum(
+        normalized[-1]["role"] == "assistant" for normalized in (render(x, tok).messages for x in sample)
+    )
+    assert c.report["appended_eot"]["count"] == ref.n_appended == ends_with_reply > 0
+    assert f"**{ends_with_reply} samples** (chat.final_eot: append" in c.summary
+    assert "end-of-turn marker trained: **yes, in every trained turn**" in c.summary
+    # left open instead: the check reports every such final marker as untrained
+    left = check_dataset(sample, tok, Masking(final_eot="leave"), open_final)
+    assert left.n_appended == 0 and left.counts["eot_not_trained"] == ends_with_reply
+
+
 # ------------------------------------------------------------------------------------------------ packing view
 
 
