@@ -506,7 +506,7 @@ def _process_chunk(start: int, task) -> _ChunkResult:
         )
     # the whole chunk as flat arrays (one dtype cast, one cumsum); per document only views are cut
     dtype = np.uint8 if job.vocab_size <= 256 else np.uint16 if job.vocab_size <= 65536 else np.uint32
-    flat = chat._tokenize_flat(texts, spans_list, tokenizer)
+    flat = chat.tokens._tokenize_flat(texts, spans_list, tokenizer)
     bounds = flat.bounds
     csum = np.concatenate([[0], np.cumsum(flat.trained, dtype=np.int64)])
     n_trained = csum[bounds[1:]] - csum[bounds[:-1]]
@@ -830,7 +830,7 @@ def _prepare_into(cfg: PrepareConfig, tmp: Path, digest: str, fingerprint, progr
         source.needed = [c for c in (cfg.dataset.field, cfg.dataset.loss_masking_spans, conv_field) if c]
     if form == "chat":
         try:  # a template that cannot work for any row is a config problem, not 3000 skipped rows
-            chat._compile(chat.resolve_template(tokenizer, cfg.chat.template))
+            chat.templates._compile(chat.resolve_template(tokenizer, cfg.chat.template))
         except chat.ChatError as e:
             raise ConfigError([f"chat.template: {e}"]) from None
     elif form == "text":

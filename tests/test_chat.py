@@ -1,4 +1,4 @@
-"""Tests for backend/chat.py: what is trained, for every chat-template family shipped in assets/.
+"""Tests for backend/chat/: what is trained, for every chat-template family shipped in assets/.
 
 Run: .venv/bin/pytest tests/test_chat.py -x -q
 """
@@ -565,7 +565,7 @@ def _reference(conv, t, template=None, train_on="all"):
     assistants = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
     target = assistants[-1:] if train_on == "last" else assistants
     problems = []
-    return text, chat._auto_turns(msgs, t, template, text, target, problems), problems
+    return text, chat.templates._auto_turns(msgs, t, template, text, target, problems), problems
 
 
 @pytest.mark.parametrize("family", ["llama", "chatml", "gemma", "mistral", "phi3"])
@@ -596,7 +596,7 @@ def test_structure_cache_equals_full_prefix_diff(family):
     from backend import chat
 
     # the fast path is really taken for these templates (a learned structure per role pattern)
-    assert sum(v is not None for v in chat._info(t)["structures"].values()) >= 2
+    assert sum(v is not None for v in chat.tokens._info(t)["structures"].values()) >= 2
 
 
 def test_content_dependent_template_falls_back_to_prefix_diff():
@@ -642,7 +642,7 @@ def test_date_injecting_template_is_exact():
         "Today: {{ today() }}\n{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"
         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
     )
-    info = chat._info(t)
+    info = chat.tokens._info(t)
     old = info["kwargs"]
     info["kwargs"] = dict(old, today=lambda: day["today"])
     try:
@@ -662,7 +662,7 @@ def test_date_injecting_template_is_exact():
 def test_tokenize_batch_equals_the_tokenizer_call(family):
     """The batched fast path (Rust encodings -> flat numpy) gives the tokenizer's own ids and offsets, BOS added
     once where the text lacks it, and the mask of the token rule computed per sample."""
-    from backend.chat import _mask_from_offsets
+    from backend.chat.tokens import _mask_from_offsets
 
     t = tok(family)
     texts = ["Hello world", "  two  spaces ", "émoji 🙂 done", "x"]
@@ -737,7 +737,7 @@ def test_mask_from_char_lookups_equals_the_offsets_rule(family):
     """prepare's mask comes from char -> token lookups at the span edges (no per-token offsets). For every span
     of many random ones it must equal the offsets rule, whatever the tokenizer: emoji split into byte pieces,
     spaces no token covers (that sample falls back to its offsets), spans that touch, spans past the text."""
-    from backend.chat import _mask_from_offsets, _tokenize_flat
+    from backend.chat.tokens import _mask_from_offsets, _tokenize_flat
 
     t = tok(family) if family in FAMILIES else _odd_tokenizers()[family]
     rng = np.random.default_rng(0)

@@ -81,9 +81,14 @@ def _tok():
 
 
 def _probe(tok, template, roles=("system", "user", "assistant", "user", "assistant")):
-    msgs = [{"role": r, "content": chat._PAD + chat._sentinel(i) + chat._PAD} for i, r in enumerate(roles)]
+    msgs = [
+        {"role": r, "content": chat.fastpath._PAD + chat.templates._sentinel(i) + chat.fastpath._PAD}
+        for i, r in enumerate(roles)
+    ]
     text = chat.render_messages(msgs, tok, template)
-    return content_independent(template, chat._compile(template).environment, msgs, text, **chat._template_kwargs(tok))
+    return content_independent(
+        template, chat.templates._compile(template).environment, msgs, text, **chat.templates._template_kwargs(tok)
+    )
 
 
 ROWS = [
@@ -131,27 +136,27 @@ def test_shipped_families_are_proven_and_render_skips_jinja(monkeypatch):
     for path in [TINY_MODEL] + [TEMPLATE_TOKENIZERS / f for f in ("chatml", "gemma", "mistral", "phi3")]:
         tok = AutoTokenizer.from_pretrained(str(path))
         calls = {"n": 0}
-        real = chat.render_messages
+        real = chat.templates.render_messages
 
         def counting(*a, calls=calls, real=real, **k):
             calls["n"] += 1
             return real(*a, **k)
 
-        monkeypatch.setattr(chat, "render_messages", counting)
+        monkeypatch.setattr(chat.templates, "render_messages", counting)
         fast = [chat.render(r, tok) for r in rows]
-        monkeypatch.setattr(chat, "render_messages", real)
-        structures = chat._info(tok)["structures"]
+        monkeypatch.setattr(chat.templates, "render_messages", real)
+        structures = chat.tokens._info(tok)["structures"]
         assert structures and all(s is not None and s.proven for s in structures.values()), path
         # well under one Jinja render per row (the per-row proof would be >= 405)
         assert calls["n"] < len(rows) / 2, (path, calls["n"])
         monkeypatch.setenv("SFT_STUDIO_VERIFY_RENDER", "1")
-        chat._info(tok)["structures"] = {}
+        chat.tokens._info(tok)["structures"] = {}
         slow = [chat.render(r, tok) for r in rows]
         monkeypatch.delenv("SFT_STUDIO_VERIFY_RENDER")
-        assert not any(s is not None and s.proven for s in chat._info(tok)["structures"].values())
+        assert not any(s is not None and s.proven for s in chat.tokens._info(tok)["structures"].values())
         for a, b, r in zip(fast, slow, rows, strict=False):
             assert (a.text, a.trained_spans, a.turns) == (b.text, b.trained_spans, b.turns), (path, r)
-        chat._info(tok)["structures"] = {}
+        chat.tokens._info(tok)["structures"] = {}
 
 
 def test_a_wrong_proof_is_an_error_not_silent(monkeypatch):
@@ -160,15 +165,15 @@ def test_a_wrong_proof_is_an_error_not_silent(monkeypatch):
     tok = _tok()
     conv = ROWS[0]
     chat.render(conv, tok)
-    st = next(s for k, s in chat._info(tok)["structures"].items() if k[1] == ("user", "assistant"))
+    st = next(s for k, s in chat.tokens._info(tok)["structures"].items() if k[1] == ("user", "assistant"))
     assert st.proven
     st.pieces[0] += "X"  # corrupt it, as a wrong proof would
     st.checks_left = 0
     assert not issubclass(chat.RenderProofError, chat.ChatError)
     with pytest.raises(chat.RenderProofError, match="SFT_STUDIO_VERIFY_RENDER=1"):
-        for _ in range(chat._VERIFY_EVERY + 1):
+        for _ in range(chat.fastpath._VERIFY_EVERY + 1):
             chat.render(conv, tok)
-    chat._info(tok)["structures"] = {}
+    chat.tokens._info(tok)["structures"] = {}
 
 
 def test_time_dependent_templates(monkeypatch):
@@ -180,16 +185,16 @@ def test_time_dependent_templates(monkeypatch):
     stripped, impure, _ = _probe(tok, dated)
     assert stripped is not None and impure == {"strftime_now"}
     chat.render(ROWS[0], tok, chat_template=dated)
-    key = next(k for k in chat._info(tok)["structures"] if k[0] == dated)
-    first = chat._info(tok)["structures"][key]
+    key = next(k for k in chat.tokens._info(tok)["structures"] if k[0] == dated)
+    first = chat.tokens._info(tok)["structures"][key]
     assert first.proven
     import datetime
 
-    monkeypatch.setattr(chat, "_today", lambda: datetime.date(2100, 1, 1))
+    monkeypatch.setattr(chat.fastpath, "_today", lambda: datetime.date(2100, 1, 1))
     chat.render(ROWS[0], tok, chat_template=dated)
-    assert chat._info(tok)["structures"][key] is not first  # rebuilt for the new day
+    assert chat.tokens._info(tok)["structures"][key] is not first  # rebuilt for the new day
 
-    info = chat._info(tok)
+    info = chat.tokens._info(tok)
     old = info["kwargs"]
     info["kwargs"] = dict(old, today=lambda: "1 Jan")
     try:
@@ -232,7 +237,7 @@ def test_a_wrong_proof_stops_prepare(tmp_path, monkeypatch, capsys):
             "chat": {"template": template},
         }
     )
-    chat._info_cache.clear()
+    chat.tokens._info_cache.clear()
     assert main(cfg) == 1
     assert "internal error" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

@@ -1,0 +1,589 @@
+"""Rendering and spans: chat templates, the end-of-turn marker, assistant spans, delimiters and `render`.
+
+Part of `backend.chat` (import from there). `render` is the one function that decides what is trained; the
+substitution fast path (`backend.chat.fastpath`) sits behind one call in it and is used only where it is
+proven to give the same text.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from itertools import accumulate
+from typing import Any, NamedTuple
+
+from backend.chat.conversations import (
+    _DEFAULT_MASKING,
+    AssistantTurn,
+    ChatError,
+    Masking,
+    RenderedSample,
+    TemplateError,
+    _normalize_plain,
+    normalize_conversation,
+)
+from backend.chat.tokens import _info
+
+
+# ----------------------------------------------------------------------------------------------- templates
+def resolve_template(tokenizer, chat_template: str | None = None) -> str:
+    """The Jinja source to use: ``chat_template`` (a Jinja string or a file path) or the tokenizer's own."""
+    if chat_template is None:
+        chat_template = getattr(tokenizer, "chat_template", None)
+        if isinstance(chat_template, dict):
+            chat_template = chat_template.get("default")
+        if not chat_template:
+            raise TemplateError(
+                f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template; set chat.template "
+                "to a Jinja string or a .jinja file"
+            )
+        return chat_template
+    if not isinstance(chat_template, str) or not chat_template.strip():
+        raise TemplateError("chat.template must be a non-empty Jinja string or a file path")
+    if "{" not in chat_template and "\n" not in chat_template:
+        if not os.path.isfile(chat_template):
+            raise TemplateError(f"chat.template: file {chat_template!r} does not exist (and it is not a Jinja string)")
+        with open(chat_template, encoding="utf-8") as f:
+            return f.read()
+    return chat_template
+
+
+_compiled_cache: dict[str, Any] = {}
+
+
+def _compile(template: str):
+    """Compile once per template source; Jinja syntax errors become a `TemplateError` with the line."""
+    compiled = _compiled_cache.get(template)
+    if compiled is None:
+        import jinja2
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+
+        try:
+            compiled = _compile_jinja_template(template)
+        except jinja2.TemplateSyntaxError as e:
+            raise TemplateError(f"chat template has a Jinja syntax error at line {e.lineno}: {e.message}") from None
+        if len(_compiled_cache) > 64:
+            _compiled_cache.clear()
+        _compiled_cache[template] = compiled
+    return compiled
+
+
+def _template_kwargs(tokenizer) -> dict:
+    # apply_chat_template passes the special tokens (bos_token, eos_token, ...) as template variables
+    return _info(tokenizer)["kwargs"]
+
+
+def render_messages(messages: list[dict], tokenizer, template: str, add_generation_prompt=False) -> str:
+    """Render normalized messages with a Jinja template, exactly like ``apply_chat_template(tokenize=False)``
+    but without its per-call overhead (messages are already plain dicts of strings)."""
+    import jinja2
+
+    compiled = _compile(template)
+    try:
+        return compiled.render(
+            messages=messages,
+            tools=None,
+            documents=None,
+            add_generation_prompt=add_generation_prompt,
+            **_template_kwargs(tokenizer),
+        )
+    except jinja2.TemplateError as e:
+        roles = "/".join(m["role"] for m in messages)
+        raise TemplateError(f"chat template rejected the conversation (roles {roles}): {e}") from None
+    except Exception as e:  # a template bug (e.g. indexing an empty list): still not a Jinja-internals traceback
+        raise TemplateError(f"chat template failed on the conversation: {type(e).__name__}: {e}") from None
+
+
+def _render_generation(messages, tokenizer, template) -> tuple[str, list[tuple[int, int]]]:
+    """Render with ``{% generation %}`` tracking: (text, char ranges of the generation blocks)."""
+    import jinja2
+    from transformers.utils.chat_template_utils import _render_with_assistant_indices
+
+    try:
+        return _render_with_assistant_indices(
+            _compile(template), messages, None, None, False, **_template_kwargs(tokenizer)
+        )
+    except jinja2.TemplateError as e:
+        raise TemplateError(f"chat template rejected the conversation: {e}") from None
+
+
+_GENERATION_RE = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
+_generation_cache: dict[str, bool] = {}
+
+
+def _has_generation(template: str) -> bool:
+    """Whether the template marks replies with ``{% generation %}`` (cached: `render` asks for every row)."""
+    found = _generation_cache.get(template)
+    if found is None:
+        if len(_generation_cache) > 64:
+            _generation_cache.clear()
+        found = _generation_cache[template] = bool(_GENERATION_RE.search(template))
+    return found
+
+
+# ------------------------------------------------------------------------------------------- span finding
+def _common_prefix_len(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # binary search on slice equality: C-speed compares instead of a Python char loop
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _find_reply(text: str, content: str, lo: int, hi: int) -> tuple[int, int] | None:
+    """The reply as the template wrote it in ``text[lo:hi]``: verbatim, else with its surrounding whitespace
+    removed on one side or both (templates that ``| trim`` or ``lstrip`` contents); None when not written."""
+    for variant in dict.fromkeys((content, content.rstrip(), content.lstrip(), content.strip())):
+        if variant:
+            pos = text.find(variant, lo, hi)
+            if pos >= 0:
+                return pos, pos + len(variant)
+    return None
+
+
+class _Eot(NamedTuple):
+    """What a template writes after an assistant reply (see `_eot`)."""
+
+    between: str | None  # the end-of-turn marker when another message follows; None = could not be decided
+    final: str  # the marker when the reply is the last message; "" = the template leaves it open
+    why: str  # why ``between`` is None
+
+
+def _render_chunks(messages, tokenizer, template, add_generation_prompt=False) -> tuple[str, set[int]] | None:
+    """The rendering and the character offsets where the template's output pieces end (each ``{{ ... }}``
+    and each run of literal text is one piece), or None when the template rejects the conversation."""
+    try:
+        parts = list(
+            _compile(template).generate(
+                messages=messages,
+                tools=None,
+                documents=None,
+                add_generation_prompt=add_generation_prompt,
+                **_template_kwargs(tokenizer),
+            )
+        )
+    except Exception:
+        return None
+    return "".join(parts), set(accumulate(map(len, parts)))
+
+
+def _eot(roles: tuple, tokenizer, template) -> _Eot:
+    """The end-of-turn marker a template writes after the reply of the last message in ``roles`` (an assistant),
+    read from the template itself, once per role prefix (cached).
+
+    The conversation is rendered with sentinel contents ending at the reply, followed by a user message, and
+    with the generation prompt (and followed by a system message when the template accepts it). The marker is
+    the text after the reply that these renderings share, cut at the end of one of the template's output pieces
+    (so ``<|end|><|user|>`` vs ``<|end|><|endoftext|>`` gives ``<|end|>``, not ``<|end|><|``) and without
+    trailing whitespace. When the template leaves a final reply open, the marker between turns is what follows
+    the reply minus the next turn's opening, as the template writes that opening at the start of a
+    conversation. What cannot be decided this way is None: no marker is trained, never a guess."""
+    cache = _info(tokenizer).setdefault("eot", {})
+    key = (template, roles)
+    found = cache.get(key)
+    if found is not None:
+        return found
+    head = [{"role": r, "content": _sentinel(i)} for i, r in enumerate(roles)]
+    reply, probe = _sentinel(len(roles) - 1), _sentinel(len(roles))
+
+    def after_reply(messages, generation=False):
+        r = _render_chunks(messages, tokenizer, template, generation)
+        if r is None:
+            return None
+        text, ends = r
+        pos = text.find(reply)
+        if pos < 0 or text.find(reply, pos + 1) >= 0:
+            return None
+        e = pos + len(reply)
+        return text[e:], {x - e for x in ends if x > e}
+
+    last = after_reply(head)
+    follows = []
+    for variant in (
+        after_reply(head + [{"role": "user", "content": probe}]),
+        after_reply(head, generation=True),
+        after_reply(head + [{"role": "system", "content": probe}]),
+    ):
+        if variant is not None and (last is None or variant[0] != last[0]) and variant not in follows:
+            follows.append(variant)
+    between, why = None, ""
+    closes = last is not None and last[0].strip() != ""
+    pool = follows + ([last] if closes else [])
+    if len(pool) >= 2:
+        rests = [t for t, _ in pool]
+        shared = min(_common_prefix_len(rests[0], t) for t in rests[1:])
+        cut = max((b for b in set.intersection(*[b for _, b in pool]) if b <= shared), default=0)
+        between = rests[0][:cut].rstrip() or None
+    if between is None and follows:
+        between = _between_from_opening(follows, probe, tokenizer, template)
+    if between is None:
+        why = (
+            "the template writes no text after the reply that every next message shares, up to the next turn's opening"
+            if follows
+            else "the template rejects every conversation that continues after this reply"
+        )
+    final = ""
+    if closes:
+        final = between if between and last[0].startswith(between) else last[0].rstrip()
+    if len(cache) > 1024:
+        cache.clear()
+    found = cache[key] = _Eot(between, final, why)
+    return found
+
+
+def _between_from_opening(follows, probe, tokenizer, template) -> str | None:
+    """For a template that leaves a final reply open: the text between a reply and a following user message,
+    minus the user turn's opening as the template writes it at the start of a conversation (their common
+    suffix). Kept only when every continuation starts with it."""
+    first = _render_chunks([{"role": "user", "content": probe}], tokenizer, template)
+    rest = follows[0][0]
+    if first is None or probe not in rest:
+        return None
+    gap, opening = rest[: rest.find(probe)], first[0][: first[0].find(probe)]
+    shared = 0
+    while shared < min(len(gap), len(opening)) and gap[-1 - shared] == opening[-1 - shared]:
+        shared += 1
+    marker = gap[: len(gap) - shared].rstrip()
+    if not marker or not all(t.startswith(marker) for t, _ in follows):
+        return None
+    return marker
+
+
+def _close_turn(text, k, begin, content_end, messages, tokenizer, template, problems) -> AssistantTurn:
+    """The reply of message k at ``text[begin:content_end]`` with its end-of-turn marker (`_eot`) when the text
+    has it right there. A final reply the template leaves open ends at the reply (`render` may append)."""
+    eot = _eot(tuple([m["role"] for m in messages[: k + 1]]), tokenizer, template)
+    marker = eot.between if k < len(messages) - 1 else eot.final
+    trimmed = begin + len(text[begin:content_end].rstrip())
+    if marker and not text.startswith(marker, content_end) and text.startswith(marker, trimmed):
+        content_end = trimmed  # the reply's trailing whitespace was not written: it is the marker's (' ' + eos)
+    if marker is None:
+        problems.append(f"eot_undecided: message {k}: {eot.why}; no end-of-turn marker is trained after this reply")
+    elif marker and not text.startswith(marker, content_end):
+        problems.append(
+            f"eot_undecided: message {k}: the template's end-of-turn marker {marker!r} does not follow this reply "
+            f"(the text has {text[content_end : content_end + len(marker) + 8]!r}); none is trained after it"
+        )
+    elif marker:
+        return AssistantTurn(k, begin, content_end, content_end + len(marker))
+    return AssistantTurn(k, begin, content_end, content_end)
+
+
+def _rewrite_reason(messages, k, tokenizer, template, text, pre, alone) -> str:
+    """What differs between the full rendering and the one that ends at reply k (for the refusal message)."""
+    if _find_reply(alone, messages[k]["content"], 0, len(alone)) is not None:
+        why = (
+            "an earlier turn is rewritten: the reply is written verbatim while it is the last message, but not once "
+            "later messages are added (e.g. reasoning dropped from earlier turns)"
+        )
+    else:
+        why = "the template rewrites the reply itself (it is not written verbatim even as the last message)"
+    history = render_messages(messages[:k], tokenizer, template) if k else ""
+    system = messages[0]["content"].strip() if messages[0]["role"] == "system" else ""
+    if k and text.startswith(history) and not text.startswith(pre):
+        gp = pre[_common_prefix_len(pre, text) :]
+        why += f"; besides, the generation prompt's {gp[:40]!r} is not in the history"
+    elif system and history.find(system) != text.find(system):
+        why += "; besides, the system prompt is moved (written elsewhere once later messages are added)"
+    return why
+
+
+def _auto_turns(messages, tokenizer, template, text, assistants, problems) -> list[AssistantTurn]:
+    """Each reply located in the final text, with its end-of-turn marker (`_close_turn`).
+
+    Where the template is prefix-preserving (the rendering up to the reply's generation prompt is a prefix of
+    the final text) the reply is searched right after that prompt. Where it is not (a system prompt moved into
+    the last user turn, a generation prompt that adds ``<think>\\n``, reasoning dropped from earlier turns) the
+    reply is searched verbatim in the one full rendering, in order, after the part both renderings share and
+    after the message before it; a reply not written verbatim there is refused with the message index and what
+    differs."""
+    pres = []
+    for k in assistants:
+        pre = render_messages(messages[:k], tokenizer, template, add_generation_prompt=True) if k else ""
+        if not text.startswith(pre) and text.startswith(pre.rstrip()):
+            # the template ends every rendering with whitespace (a trailing newline after its last block): that
+            # is not how the reply's turn starts; the reply is searched from before it
+            pre = pre.rstrip()
+        pres.append(pre)
+    turns = []
+    cursor = 0
+    last = len(messages) - 1
+    for i, k in enumerate(assistants):
+        pre, content = pres[i], messages[k]["content"]
+        exact = text.startswith(pre)
+        lo = max(len(pre) if exact else _common_prefix_len(pre, text), cursor)
+        hi = len(pres[i + 1]) if i + 1 < len(pres) and text.startswith(pres[i + 1]) else len(text)
+        span = _find_reply(text, content, lo, hi)
+        if span is not None and not exact and k and messages[k - 1]["role"] != "assistant":
+            # the message before the reply, found before it: the reply is after it (not a quote inside it)
+            before = messages[k - 1]["content"].strip()
+            p = text.find(before, lo, hi)
+            if 0 <= p < span[0]:
+                span = _find_reply(text, content, p + len(before), hi) or span
+        alone = None
+        if span is None:
+            alone = render_messages(messages[: k + 1], tokenizer, template) if k != last else text
+        if span is None and (not exact or _find_reply(alone, content, lo, len(alone)) is not None):
+            raise TemplateError(
+                f"chat template does not write message {k} (assistant) verbatim in the full rendering, so the reply "
+                f"cannot be located: {_rewrite_reason(messages, k, tokenizer, template, text, pre, alone)}. Use "
+                "chat.masking.mode=delimiters or a template that writes each reply verbatim."
+            )
+        if span is None:
+            # the template rewrites the reply wherever it is (e.g. a filter), in a prefix-preserving rendering:
+            # train the turn's text minus surrounding whitespace, and say so
+            end = _common_prefix_len(alone, text)
+            window = text[lo:end]
+            problems.append(
+                f"content_not_verbatim: message {k}: the template does not write the reply verbatim; trained the "
+                f"whole turn text at chars {lo}..{end}"
+            )
+            b, e = lo + len(window) - len(window.lstrip()), lo + len(window.rstrip())
+            turn = AssistantTurn(k, b, max(b, e), max(b, e))
+        else:
+            turn = _close_turn(text, k, span[0], span[1], messages, tokenizer, template, problems)
+        turns.append(turn)
+        cursor = turn.end
+    return turns
+
+
+def _sentinel(i: int) -> str:
+    return f"\x00SFT{i}\x00"
+
+
+def _generation_turns(messages, tokenizer, template, assistants, problems):
+    text, blocks = _render_generation(messages, tokenizer, template)
+    if len(blocks) != len(assistants):
+        return text, None  # markers do not map one-to-one onto assistant messages: fall back to the prefix diff
+    turns, found = [], []
+    for (b, e), k in zip(blocks, assistants, strict=False):
+        span = _find_reply(text, messages[k]["content"], b, e)
+        if span is None:
+            return text, None  # the block does not hold the reply verbatim: the prefix diff decides
+        turns.append(_close_turn(text, k, span[0], span[1], messages, tokenizer, template, found))
+    problems.extend(found)
+    return text, turns
+
+
+def get_spans(text: str, start_delimiter: str, end_delimiter: str) -> list[list[int]]:
+    """The guide's ``get_spans``, fixed: inclusive character spans that are NOT trained.
+
+    Semantics kept: mask from the start of the text through each start delimiter; train from there through and
+    including the next end delimiter; repeat after it. Fixed: it always terminates (every iteration advances);
+    a start delimiter that is not found masks the rest of the text (the original appended a bogus span and
+    looped); a missing end delimiter trains to the end of the text (the original jumped back and looped).
+
+    >>> get_spans("Uhi|A:yo.|", "|A:", ".")
+    [[0, 5]]
+    """
+    if not start_delimiter or not end_delimiter:
+        raise ValueError("start_delimiter and end_delimiter must be non-empty strings")
+    spans = []
+    start = 0
+    n = len(text)
+    while start < n:
+        found = text.find(start_delimiter, start)
+        if found < 0:
+            spans.append([start, n - 1])  # no more assistant turns: mask the rest
+            break
+        end = found + len(start_delimiter)
+        spans.append([start, end - 1])  # character span indices are inclusive
+        close = text.find(end_delimiter, end)
+        if close < 0:
+            break  # unclosed final turn: trained to the end of the text (reported by render)
+        start = close + len(end_delimiter)
+    return spans
+
+
+def spans_from_loss_masking(text_len: int, loss_masking_spans) -> list[tuple[int, int]]:
+    """Guide form (inclusive spans NOT trained) -> half-open trained ranges.
+
+    >>> spans_from_loss_masking(10, [[0, 2], [6, 7]])
+    [(3, 6), (8, 10)]
+    """
+    out = []
+    pos = 0
+    for b, e in sorted((int(b), int(e)) for b, e in loss_masking_spans):
+        b, e = max(b, 0), min(e, text_len - 1)
+        if b > pos:
+            out.append((pos, b))
+        pos = max(pos, e + 1)
+    if pos < text_len:
+        out.append((pos, text_len))
+    return out
+
+
+def loss_masking_from_spans(text_len: int, trained_spans) -> list[tuple[int, int]]:
+    """Half-open trained ranges -> inclusive spans NOT trained (the guide's ``spans`` field).
+
+    >>> loss_masking_from_spans(10, [(3, 6), (8, 10)])
+    [(0, 2), (6, 7)]
+    """
+    out = []
+    pos = 0
+    for b, e in trained_spans:
+        if b > pos:
+            out.append((pos, b - 1))
+        pos = max(pos, e)
+    if pos < text_len:
+        out.append((pos, text_len - 1))
+    return out
+
+
+def _delimiter_turns(text, masking: Masking, messages, problems) -> list[AssistantTurn]:
+    sd, ed = masking.start_delimiter, masking.end_delimiter
+    for i, m in enumerate(messages):
+        for name, d in (("start", sd), ("end", ed)):
+            if d in m["content"]:
+                problems.append(
+                    f"delimiter_in_content: message {i} ({m['role']}) contains the {name} delimiter {d!r}; "
+                    "the delimiter spans may not follow the turns (use chat.masking.mode=auto)"
+                )
+    turns = []
+    masked = get_spans(text, sd, ed)
+    # trained ranges are the gaps between masked spans; each one starts right after a start delimiter
+    trained = spans_from_loss_masking(len(text), masked)
+    for b, e in trained:
+        if text.endswith(ed, b, e) and e - b >= len(ed):
+            turns.append(AssistantTurn(-1, b, e - len(ed), e))
+        else:
+            problems.append(
+                f"end_delimiter_missing: end delimiter {ed!r} not found after char {b}; trained to the end of the text"
+            )
+            turns.append(AssistantTurn(-1, b, e, e))
+    if not turns:
+        problems.append(f"span_not_found: start delimiter {sd!r} not found; nothing is trained")
+    n_assistant = sum(m["role"] == "assistant" for m in messages)
+    if messages and turns and len(turns) != n_assistant:
+        problems.append(f"turn_count_mismatch: {len(turns)} trained span(s) for {n_assistant} assistant message(s)")
+    return turns
+
+
+def _special_text_problems(messages, tokenizer, problems):
+    regex = _info(tokenizer)["regex"]
+    if regex is None or not regex.search("\x00".join([m["content"] for m in messages])):
+        return
+    for i, m in enumerate(messages):
+        hit = regex.search(m["content"])
+        if hit:
+            problems.append(
+                f"special_text_in_content: message {i} ({m['role']}) contains {hit.group()!r}, which tokenizes "
+                "as the special token, not as text; clean the data if this is not intended"
+            )
+
+
+def render(conversation, tokenizer, masking: Masking | None = None, chat_template: str | None = None) -> RenderedSample:
+    """Render a conversation with the chat template and find what is trained. See the module docstring.
+
+    Raises `ConversationError` (bad messages) or `TemplateError` (bad template, or a reply it rewrites).
+    Per-sample issues that still give a usable sample are in ``.problems`` as ``"code: message"``.
+    """
+    from backend.chat.fastpath import _proven_text, _structure_turns  # the fast path, behind these two calls
+
+    masking = masking or _DEFAULT_MASKING
+    messages = _normalize_plain(conversation) if isinstance(conversation, list) else None
+    if messages is None:
+        messages = normalize_conversation(conversation)
+    template = resolve_template(tokenizer, chat_template)
+    problems: list[str] = []
+    assistants = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if masking.train_on == "last":
+        target = assistants[-1:]
+    else:
+        target = assistants
+
+    appended: list[tuple[int, int]] = []
+    if masking.mode == "delimiters":
+        text = None
+        if assistants and not _has_generation(template):  # the text alone, from a proven structure if any
+            text = _proven_text(messages, tokenizer, template, assistants)
+        if text is None:
+            text = render_messages(messages, tokenizer, template)
+        turns = _delimiter_turns(text, masking, messages, problems)
+        chosen = turns[-1:] if masking.train_on == "last" else turns
+    else:
+        turns = None
+        if assistants and _has_generation(template):
+            text, turns = _generation_turns(messages, tokenizer, template, assistants, problems)
+        else:
+            text = None
+            if target:
+                text, turns = _structure_turns(messages, tokenizer, template, target, masking.train_on)
+            if text is None:
+                text = render_messages(messages, tokenizer, template)
+        if turns is None:
+            turns = _auto_turns(messages, tokenizer, template, text, target, problems)
+        appended = []
+        if target and target[-1] == len(messages) - 1 and masking.train_on_eot and masking.final_eot == "append":
+            text, turns, appended = _append_final_eot(text, turns, messages, tokenizer, template, problems)
+        wanted = set(target)
+        chosen = [t for t in turns if t.message_index in wanted]
+        if not assistants:
+            problems.append("span_not_found: the conversation has no assistant message; nothing is trained")
+
+    trained = []
+    for t in chosen:
+        e = t.end if masking.train_on_eot else t.content_end
+        if e > t.begin:
+            trained.append((t.begin, e))
+    _special_text_problems(messages, tokenizer, problems)
+    return RenderedSample(
+        text=text,
+        trained_spans=trained,
+        loss_masking_spans=loss_masking_from_spans(len(text), trained),
+        problems=problems,
+        turns=turns,
+        messages=messages,
+        appended=appended,
+    )
+
+
+def _append_final_eot(text, turns, messages, tokenizer, template, problems):
+    """A final reply the template leaves open (no marker after it in the rendering): insert the template's
+    between-turns marker right after it (chat.final_eot: append). Returns (text, turns, appended ranges)."""
+    t = turns[-1] if turns else None
+    if t is None or t.message_index != len(messages) - 1 or t.end > t.content_end:
+        return text, turns, []
+    eot = _eot(tuple([m["role"] for m in messages]), tokenizer, template)
+    if eot.final or t.begin == t.content_end:
+        return text, turns, []  # the template closes it in its own way (or the turn has no reply text)
+    if eot.between is None:
+        problems.append(
+            f"eot_undecided: message {t.message_index}: the template leaves the final reply open and its "
+            f"between-turns marker could not be decided ({eot.why}); nothing appended"
+        )
+        return text, turns, []
+    at, marker = t.content_end, eot.between
+    text = text[:at] + marker + text[at:]
+    return text, turns[:-1] + [AssistantTurn(t.message_index, t.begin, at, at + len(marker))], [(at, at + len(marker))]
+
+
+def eot_token_ids(tokenizer, chat_template: str | None = None) -> list[int]:
+    """Token ids that end an assistant turn under this template (then the tokenizer's eos, if different).
+
+    Found by rendering a probe conversation and reading the special tokens of the first reply's end-of-turn
+    marker; e.g. Llama 3.1 -> [<|eot_id|>], ChatML -> [<|im_end|>, ...], Gemma -> [<end_of_turn>, <eos>].
+    """
+    probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    ids: list[int] = []
+    try:
+        r = render(probe, tokenizer, Masking(), chat_template)
+        regex = _info(tokenizer)["regex"]
+        for t in r.turns[:1]:
+            for m in regex.finditer(r.text[t.content_end : t.end]) if regex else ():
+                tid = tokenizer.convert_tokens_to_ids(m.group())
+                if tid is not None and tid not in ids:
+                    ids.append(int(tid))
+    except ChatError:
+        pass
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(int(tokenizer.eos_token_id))
+    return ids
