@@ -52,7 +52,9 @@ def checkpoint_state_dict(checkpoint_dir, model) -> dict:
         raise KeyError(f"{shards}: the checkpoint lacks {len(missing)} weights of the model, e.g. {missing[:3]}")
     wanted = {k: v for k, v in target.items() if k in saved}
     # DCP loads in place into the given tensors; no_dist: one process reads every rank's shards
-    dcp.load({"model": wanted}, storage_reader=reader, planner=DefaultLoadPlanner(allow_partial_load=True), no_dist=True)
+    dcp.load(
+        {"model": wanted}, storage_reader=reader, planner=DefaultLoadPlanner(allow_partial_load=True), no_dist=True
+    )
     return wanted
 
 
