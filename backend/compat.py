@@ -10,7 +10,8 @@ with, and the config of the checkpoint it resumes. Every refusal is a ``ConfigEr
 Resume rule: a restart in the same ``run.experiment_dir`` continues from the newest checkpoint only when the
 settings that decide which rows are trained and how (batch shape, seed, data, model, optimizer, ...) are those
 the checkpoint was made with. SAFE_CHANGES (more iterations, intervals, keep, logs, exports, trackers,
-evaluations) are accepted and logged; any other change is refused unless ``run.resume: force``.
+evaluations; a training path that holds the same prepared content) are accepted and logged; any other change is
+refused unless ``run.resume: force``.
 """
 
 from __future__ import annotations
@@ -92,8 +93,13 @@ def check_resume(checkpoint_dir, cfg, data: dict | None = None, log=print) -> li
         saved_data = None
     if saved_data and data and saved_data != data:
         changes.append(("data.datasets.training (content)", saved_data, data))
-    unsafe = [c for c in changes if not is_safe_change(c[0])]
-    safe = [c for c in changes if is_safe_change(c[0])]
+    same_data = bool(saved_data and data and saved_data == data)  # moved or renamed, same prepared content
+
+    def safe_change(key: str) -> bool:
+        return is_safe_change(key) or (key == "data.datasets.training.path" and same_data)
+
+    unsafe = [c for c in changes if not safe_change(c[0])]
+    safe = [c for c in changes if safe_change(c[0])]
     lines = [f"resume: accepted change {k}: {a!r} -> {b!r}" for k, a, b in safe]
     lr = cfg.optimizer.learning_rate
     if any(k == "training.train_iters" for k, _, _ in safe) and lr.decay_iterations is None:

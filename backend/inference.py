@@ -13,6 +13,7 @@ at once, and nothing is written into the run directory.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 FSDP_MODEL_DIR = "pytorch_model_fsdp_0"  # accelerate's name for the DCP model shards of save_state under FSDP
@@ -52,9 +53,11 @@ def checkpoint_state_dict(checkpoint_dir, model) -> dict:
         raise KeyError(f"{shards}: the checkpoint lacks {len(missing)} weights of the model, e.g. {missing[:3]}")
     wanted = {k: v for k, v in target.items() if k in saved}
     # DCP loads in place into the given tensors; no_dist: one process reads every rank's shards
-    dcp.load(
-        {"model": wanted}, storage_reader=reader, planner=DefaultLoadPlanner(allow_partial_load=True), no_dist=True
-    )
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(
+            {"model": wanted}, storage_reader=reader, planner=DefaultLoadPlanner(allow_partial_load=True), no_dist=True
+        )
     return wanted
 
 

@@ -9,7 +9,8 @@ export/step_XXXXXX/ and export/final/ (see backend/checkpoint.py). A run resumes
 complete checkpoint there (same data position: the step number fixes the sampler's rows).
 
 Exit codes: 0 done, or stopped by SIGTERM/SIGINT after saving a checkpoint ("end" event with "stopped": true);
-1 unexpected error ("error" event, traceback on stderr); 2 invalid config or arguments; 3 another live run holds
+1 unexpected error ("error" event, traceback on stderr); 2 invalid config or arguments, or a resume refused
+because the config changed (backend/compat.py), or data the model cannot take ("error" event); 3 another live run holds
 the experiment directory; 4 the loss or gradient became NaN/inf (the last good checkpoint is kept, nothing saved).
 """
 
@@ -197,7 +198,6 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
     set_seed(cfg.model.distributed.seed)  # same random init on every rank when model_weights: no
     attn_impl, attn_reason = select_attention(cfg.model.base_model.transformer.use_flash_attention, accelerator.device)
     print0(f"attention: {attn_reason}")
-    # weights stay fp32 (master copy); bf16/fp16 compute comes from the Accelerator's mixed precision
     # the tokenizer the data was prepared with (its chat template and stop tokens go into every export), checked
     # against the model: ids within its vocabulary, same vocabulary as pretrained.path's tokenizer
     tokenizer, tokenizer_source = compat.data_tokenizer(train_data, cfg.pretrained.path, log=print0)
@@ -205,6 +205,7 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
     test_data = _test_split(cfg)
     splits = {"training": train_data, "validation": val_data, "test": test_data}
     compat.check_data_fits_model(splits, compat.model_vocab(cfg.pretrained.path), cfg.pretrained.path, tokenizer_source)
+    # weights stay fp32 (master copy); bf16/fp16 compute comes from the Accelerator's mixed precision
     model = load_model(cfg.pretrained.path, "fp32", attn_impl, random_init=not cfg.pretrained.model_weights)
     num_params = sum(p.numel() for p in model.parameters())
     optimizer = torch.optim.AdamW(

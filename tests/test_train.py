@@ -354,6 +354,16 @@ def test_two_fsdp_processes_match_one_process(data, tmp_path):
         assert len(a) == len(b) > 0
         assert a == pytest.approx(b, abs=1e-5)
     assert_same_weights(final_weights(runs[1]), final_weights(runs[2]), 1e-5)
+    # the Chat tab's reading of a sharded checkpoint (DCP shards, one process) equals the export of that step
+    from backend.inference import FSDP_MODEL_DIR, load_for_chat
+
+    checkpoint = latest_complete(runs[2] / "checkpoints")
+    assert checkpoint.name == "step_000004" and (checkpoint / FSDP_MODEL_DIR).is_dir()
+    from_shards, tokenizer = load_for_chat(checkpoint)
+    exported, _ = load_for_chat(runs[2] / "export" / "final")
+    ids = tokenizer("What is 2 + 3?", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert (from_shards(ids).logits - exported(ids).logits).abs().max().item() < 1e-5
 
 
 # ------------------------------------------------------------------------------ issue 15: runs and exports to trust
@@ -560,3 +570,31 @@ def test_reductions_are_float64_except_on_mps():
 
     assert _global_sum(TwoProcesses(), [0.1, 1e-17]) == [0.2, 2e-17]
     assert TwoProcesses.seen == [(torch.float64, "cpu", "sum")]
+
+
+def test_resume_rule_on_config_changes(finished_run, tmp_path):
+    """Unit view of the rule the CLI test exercises: which keys may change, force, and moved data."""
+    from backend.compat import check_resume, data_fingerprint
+    from backend.config import ConfigError, load_train_config
+    from backend.dataset import TokenDataset
+
+    run_dir = finished_run[0]
+    checkpoint = latest_complete(run_dir / "checkpoints")
+    saved = load_train_config(checkpoint / "config.yaml")
+    data = Path(saved.data.datasets.training.path)
+    fingerprint = data_fingerprint(TokenDataset(data))
+    assert check_resume(checkpoint, saved, fingerprint, log=lambda m: None) == []
+    seed = load_train_config(saved, ["data.sampling.seed=7", "optimizer.beta_2=0.9"])
+    with pytest.raises(ConfigError) as e:
+        check_resume(checkpoint, seed, fingerprint, log=lambda m: None)
+    assert "data.sampling.seed: 1234 -> 7" in str(e.value) and "optimizer.beta_2: 0.95 -> 0.9" in str(e.value)
+    forced = check_resume(checkpoint, load_train_config(seed, ["run.resume=force"]), fingerprint, log=lambda m: None)
+    assert any("FORCED" in line and "data.sampling.seed" in line for line in forced)
+    # the same prepared data at another path is fine; other content at the same path is not
+    moved = tmp_path / "moved"
+    shutil.copytree(data.parent, moved)
+    relocated = load_train_config(saved, [f"data.datasets.training.path={moved / data.name}"])
+    lines = check_resume(checkpoint, relocated, data_fingerprint(TokenDataset(moved / data.name)), log=lambda m: None)
+    assert any("data.datasets.training.path" in line for line in lines)
+    with pytest.raises(ConfigError, match=r"data.datasets.training \(content\)"):
+        check_resume(checkpoint, saved, {**fingerprint, "num_tokens": fingerprint["num_tokens"] + 1}, log=print)
