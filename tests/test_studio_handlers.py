@@ -449,6 +449,9 @@ def test_poll_overlays_past_runs_and_reports_progress(tmp_path):
     nxt = H.poll_run(str(tmp_path / "a"), view.cursor, [])
     assert [e["step"] for e in nxt.cursor["events"] if e["event"] == "train"] == [1, 2, 3, 4]
     assert H.past_runs(str(tmp_path)) and set(map(Path, H.past_runs(str(tmp_path)))) == {tmp_path / "a", tmp_path / "b"}
+    # training.test_iters: the test loss at the end is in the Train tab's summary line
+    EventLog(tmp_path / "a" / "events.jsonl").emit("test", 4, loss=1.25, batches=3)
+    assert "test loss 1.2500 (3 batches)" in H.poll_run(str(tmp_path / "a"), nxt.cursor, []).status
 
 
 def test_crashed_job_shows_its_error(tmp_path):
