@@ -156,8 +156,9 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
     if not sampling.use_loss_masking_spans:  # the guide's "no": every token is a target, prompts included
         train_data = EveryTokenTrained(train_data)
     # a restart continues only with the settings its checkpoint was made with (or run.resume: force)
+    resume_changes = []
     if (latest := latest_complete(run_dir / "checkpoints", warn=lambda message: None)) is not None:
-        compat.check_resume(latest, cfg, data_fingerprint, log=print0)
+        resume_changes = compat.check_resume(latest, cfg, data_fingerprint, log=print0)
     sampler = PackedSampler(
         train_data.lengths,
         b.sequence_length,
@@ -252,6 +253,7 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
             "start",
             start_step,
             resumed_from=resumed_from,
+            resume_changes=resume_changes,
             train_iters=t.train_iters,
             world_size=world,
             distributed_type=describe(accelerator)["distributed_type"],

@@ -508,6 +508,7 @@ def test_resume_refuses_a_changed_batch_size_and_accepts_more_iterations(finishe
     assert "accepted change training.checkpoint.keep: 2 -> 3" in more.stdout + more.stderr
     start = events_of(run_dir, "start")[-1]
     assert start["resumed_from"].endswith("step_000020")
+    assert any("training.train_iters: 20 -> 22" in line for line in start["resume_changes"])  # the UI sees it too
     assert [e["step"] for e in events_of(run_dir, "train")[-2:]] == [21, 22]
     meta = json.loads((run_dir / "checkpoints" / "step_000022" / "meta.json").read_text())
     assert meta["data"]["num_documents"] > 0 and meta["data"]["prepare_config_hash"]
