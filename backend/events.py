@@ -241,6 +241,11 @@ class RunLock:
                     time.sleep(0.05)
                     continue
                 raise self._refuse(current) from None
+            except OSError as e:  # a filesystem without flock (some network mounts): the pid in the file decides
+                print(f"warning: {self.path}: no OS lock on this filesystem ({e}); relying on the pid", file=sys.stderr)
+                os_locked = False
+            else:
+                os_locked = True
             try:
                 on_disk = os.stat(self.path)
             except FileNotFoundError:
@@ -257,7 +262,7 @@ class RunLock:
                 if _pid_lock_alive(current) is not False and current.get("pid") != me["pid"]:
                     os.close(fd)
                     raise self._refuse(current)
-            info = {**me, "start_time": time.time(), "argv": list(sys.argv), "flock": True}
+            info = {**me, "start_time": time.time(), "argv": list(sys.argv), "flock": os_locked}
             os.ftruncate(fd, 0)
             os.pwrite(fd, json.dumps(info).encode(), 0)
             os.fsync(fd)

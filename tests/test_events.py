@@ -137,3 +137,18 @@ def test_a_killed_runs_lock_is_free_even_when_its_pid_is_reused(tmp_path):
     assert read_lock(tmp_path)["alive"] is False
     with RunLock(tmp_path):
         assert read_lock(tmp_path)["pid"] == os.getpid()
+
+
+def test_without_os_locks_the_pid_in_the_file_decides(tmp_path, monkeypatch):
+    import errno
+
+    import backend.events as events_module
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(events_module.fcntl, "flock", no_flock)
+    with RunLock(tmp_path):
+        info = read_lock(tmp_path)
+        assert info["flock"] is False and info["pid"] == os.getpid() and info["alive"] is True
+    assert read_lock(tmp_path) is None

@@ -599,3 +599,18 @@ def test_resume_rule_on_config_changes(finished_run, tmp_path):
     assert any("data.datasets.training.path" in line for line in lines)
     with pytest.raises(ConfigError, match=r"data.datasets.training \(content\)"):
         check_resume(checkpoint, saved, {**fingerprint, "num_tokens": fingerprint["num_tokens"] + 1}, log=print)
+
+
+def test_data_prepared_before_tokenizers_were_saved_uses_the_recorded_tokenizer(data, tmp_path):
+    from backend.compat import data_tokenizer
+    from backend.dataset import TokenDataset
+
+    old = tmp_path / "old"
+    shutil.copytree(data, old, ignore=shutil.ignore_patterns("tokenizer"))
+    ds = TokenDataset(old / "fast_llm_config_training.yaml")
+    said = []
+    tokenizer, source = data_tokenizer(ds, "fallback/path", log=said.append)
+    assert source == ds.tokenizer_info["path"] and "no saved tokenizer" in said[0]
+    assert len(tokenizer) == ds.vocab_size
+    tokenizer, source = data_tokenizer(TokenDataset(data / "fast_llm_config_training.yaml"), "x", log=said.append)
+    assert source == str(data / "tokenizer")
