@@ -489,6 +489,18 @@ class ReportConfig(Section):
     examples: Int = Field(3, ge=0, description="Example rows shown per problem in the prepare report.")
 
 
+class LongDocumentsConfig(Section):
+    mode: Literal["keep", "split_turns"] = Field(
+        "keep",
+        description="Conversations longer than sequence_length: keep = one document as today (training skips or "
+        "cuts it per data.truncate_documents); split_turns = several documents cut at turn boundaries, earlier "
+        "turns as masked context.",
+    )
+    sequence_length: Int = Field(
+        4096, ge=2, description="Longest document written with split_turns (set it to batch.sequence_length)."
+    )
+
+
 class PrepareConfig(Section):
     """The prepare YAML (the guide's Step 3, plus the one-step chat form)."""
 
@@ -505,6 +517,9 @@ class PrepareConfig(Section):
     )
     chat: ChatConfig = Field(default_factory=ChatConfig, description="One-step form: conversations -> trained spans.")
     report: ReportConfig = Field(default_factory=ReportConfig, description="Prepare report options.")
+    long_documents: LongDocumentsConfig = Field(
+        default_factory=LongDocumentsConfig, description="What to do with conversations longer than a sequence."
+    )
 
     @field_validator("splits")
     @classmethod

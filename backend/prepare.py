@@ -407,6 +407,7 @@ class _Job:
     chat_template: str | None
     vocab_size: int
     tokenizer_spec: dict | None = None  # chat.portable_spec(): workers rebuild the tokenizer without transformers
+    split_length: int | None = None  # long_documents.mode split_turns: cut longer conversations at turns
 
 
 @dataclass
@@ -419,6 +420,7 @@ class _ChunkResult:
     trained: np.ndarray  # (N,) bool
     bounds: np.ndarray  # (D+1,) int64
     problems: list  # [(row, code, message, skipped: bool)]
+    split_stats: dict = field(default_factory=dict)  # backend.split.split_documents counts (split_turns only)
 
 
 _WORKER: dict = {}
@@ -523,7 +525,26 @@ def _process_chunk(start: int, task) -> _ChunkResult:
         token_keep = np.repeat(keep, np.diff(bounds))
         ids, trained = ids[token_keep], trained[token_keep]
         bounds = np.concatenate([[0], np.cumsum(np.diff(bounds)[keep])])
-    return _ChunkResult(n, np.asarray(rows, np.int64)[keep], ids, trained, bounds, problems)
+    rows = np.asarray(rows, np.int64)[keep]
+    split_stats = {}
+    if job.split_length is not None and job.form == "chat":  # long conversations -> pieces cut at turns
+        from backend.split import split_documents
+
+        kept = np.flatnonzero(keep)
+        rows, ids, trained, bounds, split_stats, split_problems = split_documents(
+            rows,
+            ids,
+            trained,
+            bounds,
+            [rendered_list[j] for j in kept],
+            lambda m: flat.samples([int(kept[m])])[0],
+            tokenizer,
+            _WORKER["masking"],
+            job.chat_template,
+            job.split_length,
+        )
+        problems.extend(split_problems)
+    return _ChunkResult(n, rows, ids, trained, bounds, problems, split_stats)
 
 
 def _worker_chunk(args):
@@ -724,6 +745,14 @@ def _summary_lines(summary: dict) -> list[str]:
             f"holding {long['tokens']:,} tokens ({long['token_share']:.1%} of tokens) - skipped in "
             "training with truncate_documents: no"
         )
+    ld = summary.get("long_documents")
+    if ld:
+        lines.append(
+            f"  split_turns at {ld['sequence_length']}: {ld['conversations_split']} conversations -> {ld['pieces']} "
+            f"documents cut at turn boundaries ({ld['context_tokens']:,} tokens of masked context repeated); "
+            f"{ld['truncated_groups']} exchange(s) longer than a sequence alone: reply cut, "
+            f"{ld['dropped_trained_tokens']:,} trained tokens dropped; {ld['not_split']} long document(s) not split"
+        )
     for title, key in (("skipped", "skipped"), ("repaired / warnings (rows kept)", "warnings")):
         for code, count in summary[key].items():
             ex = summary["examples"].get(code, [])
@@ -849,6 +878,7 @@ def _prepare_into(cfg: PrepareConfig, tmp: Path, digest: str, fingerprint, progr
         masking=cfg.chat.to_masking(),
         chat_template=cfg.chat.template,
         vocab_size=vocab,
+        split_length=cfg.long_documents.sequence_length if cfg.long_documents.mode == "split_turns" else None,
     )
     workers = max(1, cfg.tokenize_workers)
     if workers > (os.cpu_count() or 1):
@@ -862,6 +892,7 @@ def _prepare_into(cfg: PrepareConfig, tmp: Path, digest: str, fingerprint, progr
 
     counts: dict[str, int] = {}
     examples: dict[str, list] = {}
+    split_stats: dict[str, int] = {}
     skipped_rows = 0  # each row is skipped at most once (processing stops at its first fatal problem)
     seen_rows = 0
     bar = None
@@ -890,6 +921,8 @@ def _prepare_into(cfg: PrepareConfig, tmp: Path, digest: str, fingerprint, progr
                 ex = examples.setdefault(code, [])
                 if len(ex) < cfg.report.examples:
                     ex.append({"row": int(r), "where": source.where(r), "message": message})
+            for k, v in chunk.split_stats.items():
+                split_stats[k] = split_stats.get(k, 0) + v
             seen_rows += chunk.n_rows
             if bar is not None:
                 bar.update(chunk.n_rows)
@@ -911,7 +944,8 @@ def _prepare_into(cfg: PrepareConfig, tmp: Path, digest: str, fingerprint, progr
     lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
     num_tokens = sum(c["num_tokens"] for c in split_counts.values())
     num_trained = sum(c["num_trained_tokens"] for c in split_counts.values())
-    written = sum(c["num_documents"] for c in split_counts.values())
+    num_documents = sum(c["num_documents"] for c in split_counts.values())
+    written = num_documents - split_stats.get("pieces", 0) + split_stats.get("conversations_split", 0)  # rows
     skipped = {c: n for c, n in counts.items() if c in SKIP_REASONS}
     summary = {
         "status": "prepared",
@@ -920,7 +954,7 @@ def _prepare_into(cfg: PrepareConfig, tmp: Path, digest: str, fingerprint, progr
         "input_rows": n_rows,
         "written": written,
         "skipped_rows": skipped_rows,
-        "num_documents": written,
+        "num_documents": num_documents,
         "num_tokens": num_tokens,
         "num_trained_tokens": num_trained,
         "trained_token_share": num_trained / num_tokens if num_tokens else 0.0,
@@ -942,6 +976,14 @@ def _prepare_into(cfg: PrepareConfig, tmp: Path, digest: str, fingerprint, progr
             "documents": int(longer.sum()),
             "tokens": int(lengths[longer].sum()),
             "token_share": float(lengths[longer].sum() / num_tokens) if num_tokens else 0.0,
+        }
+    if cfg.long_documents.mode != "keep":
+        summary["long_documents"] = {
+            "mode": cfg.long_documents.mode,
+            "sequence_length": cfg.long_documents.sequence_length,
+            **{k: 0 for k in ("conversations_split", "pieces", "context_tokens", "truncated_groups")},
+            **{k: 0 for k in ("dropped_trained_tokens", "not_split")},
+            **split_stats,
         }
     if written + skipped_rows != n_rows:
         raise PrepareError(f"internal error: {written} written + {skipped_rows} skipped != {n_rows} rows")

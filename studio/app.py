@@ -255,6 +255,7 @@ def on_packing(
     cross_doc: bool,
     max_docs: float,
     mask_row: float,
+    split_turns: bool = False,
 ) -> tuple:
     v = H.packing_view(
         dataset,
@@ -272,6 +273,7 @@ def on_packing(
         cross_doc,
         max_docs,
         mask_row,
+        split_turns=split_turns,
     )
     return v.figure, v.mask_figure, v.summary or v.status
 
@@ -288,6 +290,7 @@ def build_packing_tab(data: DataTab):
         cross_doc = gr.Checkbox(False, label="cross-document attention")
         max_docs = gr.Number(300, label="documents to pack", precision=0)
         mask_row = gr.Number(0, label="row for the block mask", precision=0)
+        split_turns = gr.Checkbox(False, label="split long conversations at turns (prepare long_documents)")
         run = gr.Button("Draw", variant="primary", elem_id="pack-button")
     summary = gr.Markdown(elem_id="pack-summary")
     plot = gr.Plot(label="packed micro-batch")
@@ -295,8 +298,9 @@ def build_packing_tab(data: DataTab):
 
     def wire(seq_len, micro_batch):
         inputs = data.masking_inputs + [seq_len, micro_batch, strategy, truncate, cross_doc, max_docs, mask_row]
+        inputs.append(split_turns)
         run.click(on_packing, inputs, [plot, mask, summary])
-        for w in (strategy, truncate, cross_doc, mask_row):
+        for w in (strategy, truncate, cross_doc, mask_row, split_turns):
             w.change(on_packing, inputs, [plot, mask, summary])
 
     return wire

@@ -404,7 +404,44 @@ def preview_sample(
     except Exception as e:  # ChatError (row or template), ValueError (masking), jinja errors
         empty.status = f"⚠ sample {i}: {type(e).__name__}: {e}"
         return empty
-    return _preview_from(rendered, tok, tokenizer, i, n, sequence_length, template)
+    p = _preview_from(rendered, tok, tokenizer, i, n, sequence_length, template)
+    if sequence_length and len(tok.input_ids) > int(sequence_length):
+        p.summary += _cut_lines(rendered, tok, tokenizer, masking, template, int(sequence_length))
+    return p
+
+
+def _cut_lines(rendered, tok, tokenizer, masking, template, seq: int) -> str:
+    """Preview summary lines: where a sample longer than ``seq`` would be cut by truncate and by split_turns."""
+    from backend.split import split_conversation, turn_groups
+
+    at = int(tok.offsets[seq, 0])
+    inside = [t for t in getattr(rendered, "turns", None) or [] if t.begin <= at < max(t.end, t.content_end)]
+    where = f"inside assistant message {inside[0].message_index}" if inside else "outside the assistant replies"
+    out = (
+        f"\n\n✂ **{len(tok.input_ids)} tokens > sequence_length {seq}**: truncate_documents: yes cuts at token "
+        f"{seq} (char {at}, {where}; the rest goes on without the start of the conversation); no: skipped."
+    )
+    messages = getattr(rendered, "messages", None)
+    if not messages:
+        return out + " split_turns needs conversations (turns): this row is not split."
+    try:
+        res = split_conversation(rendered, tok, tokenizer, seq, masking, template)
+    except Exception as e:
+        return out + f" split_turns: a piece could not be rendered ({type(e).__name__}: {e})."
+    n_sys = turn_groups(messages)[0]
+    parts = []
+    for k, piece in enumerate(res.pieces, 1):
+        stop = piece.trained_messages[-1] + 1
+        first = stop - (len(piece.messages) - n_sys)
+        ctx = (
+            f"context messages {first}–{first + piece.context_messages - 1} masked, " if piece.context_messages else ""
+        )
+        cut = f", reply cut: {piece.dropped_trained} trained tokens dropped" if piece.truncated_tokens else ""
+        trains = ", ".join(str(m) for m in piece.trained_messages)
+        parts.append(
+            f"{k}) {'system + ' if n_sys else ''}{ctx}trains replies {trains} ({len(piece.input_ids)} tokens{cut})"
+        )
+    return out + f" split_turns cuts it at turn boundaries into **{len(res.pieces)} pieces**: " + "; ".join(parts)
 
 
 _eot_cache: dict[tuple, list[int]] = {}
@@ -561,6 +598,8 @@ def check_whole_dataset(
             f"- longer than sequence_length {seq}: **{len(too_long)} documents holding {lost_tok} tokens "
             f"({share:.1%} of all tokens)**, {verb}"
         )
+    if seq and len(too_long):
+        lines += _long_mode_lines(rows, idx, lengths, report, tokenizer, masking, template, seq)
     if lengths.size:
         lines.append(
             f"- length: median {int(np.median(lengths))}, p99 {int(np.percentile(lengths, 99))}, "
@@ -577,6 +616,37 @@ def check_whole_dataset(
     lines.append(_fast_path_line(tokenizer, template))
     fig = length_histogram(lengths, seq)
     return CheckResult("\n".join(lines), fig, rows_out, labels, d)
+
+
+def _long_mode_lines(rows, idx, lengths, report, tokenizer, masking, template, seq: int) -> list[str]:
+    """What skip / truncate / split_turns keep and train at ``seq`` (backend.split); only long rows are re-rendered."""
+    from backend.split import compare_modes, long_document_stats
+
+    aligned = len(lengths) == len(idx)  # lengths skip rows that failed: then every row is rendered again
+    docs = []
+    for j in np.flatnonzero(lengths > seq).tolist() if aligned else range(len(idx)):
+        try:
+            rendered, tok = _render_row(rows[int(idx[j])], tokenizer, masking, template)
+            docs.append(long_document_stats(rendered, tok, tokenizer, seq, masking, template))
+        except Exception:  # a row that failed in the check already counts as bad_conversation
+            continue
+    fitting = (0, 0, 0)
+    if aligned:
+        fit = lengths <= seq
+        fitting = (int(fit.sum()), int(lengths[fit].sum()), report.n_trained - sum(d[1] for d in docs))
+    m = compare_modes(docs, seq, fitting)
+    s, t, sp = m["skip"], m["truncate"], m["split_turns"]
+    return [
+        f"- long documents at sequence_length {seq}, what each choice keeps and trains:",
+        f"    - skip (truncate_documents: no): {s['tokens']:,} tokens kept, **{s['trained']:,} trained "
+        f"({s['trained_share']:.1%})**",
+        f"    - truncate (truncate_documents: yes): {t['tokens']:,} tokens, {t['trained']:,} trained "
+        f"({t['trained_share']:.1%}), of which {t['trained_after_cut']:,} after the cut, without the start of "
+        "their conversation",
+        f"    - split_turns (prepare long_documents.mode): {sp['long_documents']} conversations → "
+        f"{sp['documents'] - s['documents']} pieces cut at turn boundaries, {sp['tokens']:,} tokens (context "
+        f"repeated, masked), **{sp['trained']:,} trained ({sp['trained_share']:.1%})**, each with its question",
+    ]
 
 
 def _fast_path_line(tokenizer, template) -> str:
@@ -623,10 +693,19 @@ class PackingView:
 
 
 def tokenize_documents(
-    dataset_path: str, tokenizer_path: str, masking, template_text: str, max_docs: int
+    dataset_path: str,
+    tokenizer_path: str,
+    masking,
+    template_text: str,
+    max_docs: int,
+    split_length: int | None = None,
+    split_info: list | None = None,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The first ``max_docs`` rows as (tokens, trained) pairs; rows that fail to render are left out."""
+    """The first ``max_docs`` rows as (tokens, trained) pairs; rows that fail to render are left out. With
+    ``split_length``, a conversation longer than that becomes its split_turns pieces (backend.split), and
+    ``split_info`` (if given) receives ``(row, tokens, [document index of each piece])`` per split conversation."""
     from backend.chat import ChatError
+    from backend.split import split_conversation
 
     rows = get_rows(dataset_path)
     tokenizer = get_tokenizer(tokenizer_path)
@@ -634,7 +713,14 @@ def tokenize_documents(
     docs = []
     for i in range(min(len(rows), int(max_docs))):
         try:
-            _, tok = _render_row(rows[i], tokenizer, masking, template)
+            rendered, tok = _render_row(rows[i], tokenizer, masking, template)
+            if split_length and len(tok.input_ids) > split_length and rendered.messages:
+                pieces = split_conversation(rendered, tok, tokenizer, split_length, masking, template).pieces
+                if pieces:
+                    if split_info is not None:
+                        split_info.append((i, len(tok.input_ids), list(range(len(docs), len(docs) + len(pieces)))))
+                    docs += [(p.input_ids, p.trained) for p in pieces]
+                    continue
         except ChatError:
             continue
         docs.append((tok.input_ids, tok.trained))
@@ -658,6 +744,7 @@ def packing_view(
     max_docs: int | float = 300,
     mask_row: int | float = 0,
     window: int = 1000,
+    split_turns: bool = False,
 ) -> PackingView:
     """Pack the first ``max_docs`` documents with backend.packing.pack, collate the first micro-batch with
     backend.packing.collate and draw it: documents in alternating colors, trained vs masked labels, padding."""
@@ -666,8 +753,17 @@ def packing_view(
 
     try:
         masking = make_masking(mode, start_delimiter, end_delimiter, train_on, train_on_eot)
-        docs = tokenize_documents(dataset_path, tokenizer_path, masking, template_text, int(max_docs or 300))
         L = int(sequence_length)
+        split_info: list = []
+        docs = tokenize_documents(
+            dataset_path,
+            tokenizer_path,
+            masking,
+            template_text,
+            int(max_docs or 300),
+            L if split_turns else None,
+            split_info,
+        )
         plan = pack(
             np.array([len(d[0]) for d in docs], dtype=np.int64),
             L,
@@ -680,6 +776,18 @@ def packing_view(
     stats = plan.stats()
     B = max(1, min(int(micro_batch_size or 1), plan.num_rows))
     rows = plan.rows[:B]
+    split_line = ""
+    if split_info:  # show the first split conversation: the rows holding its pieces come first
+        row_id, n_tok, piece_docs = split_info[0]
+        holding = [k for k, row in enumerate(plan.rows) if any(pc.document in piece_docs for pc in row)]
+        order = holding + [k for k in range(plan.num_rows) if k not in set(holding)]
+        B = max(B, min(len(holding), 8))
+        rows = [plan.rows[k] for k in order[:B]]
+        split_line = (
+            f" split_turns: {len(split_info)} conversations longer than {L} tokens cut at turn boundaries; shown "
+            f"first: row {row_id} ({n_tok} tokens) → documents {piece_docs} (lengths "
+            f"{[len(docs[d][0]) for d in piece_docs]}), each piece's earlier turns masked context."
+        )
     if not rows:
         return PackingView(None, None, "", stats, "⚠ nothing to pack: every document was skipped or empty")
     batch = collate(rows, _MemoryDocs(docs), L, cross_document_attention=bool(cross_document_attention))
@@ -732,7 +840,7 @@ def packing_view(
         f"skipped {stats['documents_skipped']} documents holding **{stats['tokens_skipped']} tokens "
         f"({stats['tokens_skipped_share']:.1%})**. Shown micro-batch: fill {shown_fill:.1%}, "
         f"{batch['num_trained']} trained labels."
-    )
+    ) + split_line
     stats["shown_fill"] = shown_fill
     return PackingView(fig, mask_fig, summary, stats)
 

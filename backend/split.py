@@ -1,0 +1,378 @@
+"""Long conversations -> several documents cut at turn boundaries (prepare's ``long_documents.mode: split_turns``).
+
+A conversation whose tokens exceed ``sequence_length`` is not skipped (``truncate_documents: no``) nor cut
+mid-reply (``yes``): it becomes pieces, each the chat template applied to the piece's own messages::
+
+    conversation  [system] U1 A1 U2 A2 U3 A3 U4 A4          (6,000 tokens, sequence_length 4,096)
+    piece 1       [system] U1 A1 U2 A2                       A1, A2 trained
+    piece 2       [system] U2 A2 U3 A3 U4 A4                 U2 A2 masked context, A3, A4 trained
+
+Rules (each has a test in tests/test_split.py):
+
+* Cuts fall only at *turn boundaries*: before a user message that follows an assistant message. The messages
+  between two boundaries form a *group* (its user question(s), then its assistant reply or replies).
+* Each piece is: the leading system message(s), then context groups (rendered, all tokens masked), then the groups
+  it trains. Trained groups are taken greedily (as many as fit); then as many preceding groups as still fit are
+  added as context. Every trained assistant reply is trained in exactly one piece, and that piece holds its
+  question (the reply's own group).
+* The rendered text of a piece is exactly ``chat.render(piece_messages)``: the template applied to those messages,
+  nothing invented, so a piece looks like a conversation the model will meet at inference.
+* Token counts are planned from the full conversation's tokenization (per-group token costs), then every piece is
+  rendered, tokenized and checked; one that is still too long loses a context group, then a trained group (which
+  moves to the next piece). Nothing longer than ``sequence_length`` is ever returned.
+* A group that alone (with the system prompt) exceeds ``sequence_length`` is truncated at ``sequence_length``
+  tokens, inside its reply: the tail is dropped, counted in ``SplitResult.truncated_groups`` and
+  ``dropped_trained_tokens``. A piece left with no trained token is dropped.
+
+`plan_pieces` is the same planner on token counts alone (no tokenizer): the benchmark and the studio's
+comparison use it on simulated or measured group lengths.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = [
+    "LONG_DOCUMENT_MODES",
+    "Piece",
+    "SplitResult",
+    "turn_groups",
+    "plan_pieces",
+    "split_conversation",
+    "compare_modes",
+    "long_document_stats",
+    "split_documents",
+]
+
+LONG_DOCUMENT_MODES = ("keep", "split_turns")
+
+
+@dataclass
+class Piece:
+    """One document made from a long conversation."""
+
+    messages: list[dict]  # the piece's own messages: system, context groups, trained groups
+    trained_messages: list[int]  # indices (in the ORIGINAL conversation) of the assistant messages trained here
+    context_messages: int  # messages after the system prompt that are masked context
+    text: str  # the template applied to ``messages`` (exactly chat.render(messages).text)
+    input_ids: np.ndarray  # (T,) int64, T <= sequence_length
+    trained: np.ndarray  # (T,) bool
+    truncated_tokens: int = 0  # tokens cut off the end (the group alone exceeded sequence_length)
+    dropped_trained: int = 0  # of which trained
+
+
+@dataclass
+class SplitResult:
+    pieces: list[Piece] = field(default_factory=list)
+    truncated_groups: int = 0  # groups that alone exceeded sequence_length (their reply tail was dropped)
+    dropped_trained_tokens: int = 0  # trained tokens lost to that truncation (and to pieces left with none)
+    context_tokens: int = 0  # masked tokens before the first trained one, in every piece but the first
+
+
+def turn_groups(messages: list[dict]) -> tuple[int, list[tuple[int, int]]]:
+    """(number of leading system messages, [(start, stop) message ranges of the groups]).
+
+    A group starts at the first non-system message and at every user message that follows an assistant message.
+
+    >>> turn_groups([{"role": "system"}, {"role": "user"}, {"role": "assistant"}, {"role": "user"},
+    ...              {"role": "assistant"}, {"role": "assistant"}, {"role": "user"}])
+    (1, [(1, 3), (3, 6), (6, 7)])
+    """
+    n_sys = 0
+    while n_sys < len(messages) and messages[n_sys]["role"] == "system":
+        n_sys += 1
+    starts = [n_sys] if n_sys < len(messages) else []
+    for k in range(n_sys + 1, len(messages)):
+        if messages[k]["role"] == "user" and messages[k - 1]["role"] == "assistant":
+            starts.append(k)
+    bounds = starts + [len(messages)]
+    return n_sys, [(bounds[g], bounds[g + 1]) for g in range(len(starts))]
+
+
+def _plan_one(i: int, head: int, costs, targets: set, length: int) -> tuple[int, int]:
+    """The piece that trains group ``i`` first: (first context group, last trained group)."""
+    total = head + costs[i]
+    j = i
+    while j + 1 < len(costs) and total + costs[j + 1] <= length:
+        j += 1
+        total += costs[j]
+    while j > i and j not in targets:  # a piece ends with a reply it trains
+        total -= costs[j]
+        j -= 1
+    c = i
+    while c > 0 and total + costs[c - 1] <= length:
+        c -= 1
+        total += costs[c]
+    return c, j
+
+
+def plan_pieces(head: int, costs, length: int, targets=None) -> list[tuple[int, int, int]]:
+    """Pieces on token counts: ``head`` tokens of system prompt (and BOS), ``costs[g]`` tokens of group ``g``,
+    ``targets`` the groups holding a trained reply (default all). Returns ``[(context_start, first_trained,
+    last_trained)]`` (inclusive group indices); a piece with ``head + costs[first] > length`` is one group that
+    will be truncated.
+
+    >>> plan_pieces(10, [50, 50, 50, 50], 120)
+    [(0, 0, 1), (1, 2, 2), (2, 3, 3)]
+    """
+    costs = list(costs)
+    targets = set(range(len(costs))) if targets is None else set(targets)
+    out = []
+    i = min(targets, default=len(costs))
+    while i < len(costs):
+        c, j = _plan_one(i, head, costs, targets, length)
+        out.append((c, i, j))
+        i = min((g for g in targets if g > j), default=len(costs))
+    return out
+
+
+def _piece_spans(rendered, first_trained_message: int, piece_targets: set) -> list[tuple[int, int]]:
+    """The trained character spans of a piece: render's own spans that overlap a trained reply's turn window.
+    Turns from delimiter masking carry no message index: they are matched to assistant messages in order."""
+    assistants = [k for k, m in enumerate(rendered.messages) if m["role"] == "assistant"]
+    windows = []
+    turns = list(rendered.turns)
+    for n, t in enumerate(turns):
+        k = t.message_index if t.message_index >= 0 else (assistants[n] if n < len(assistants) else -1)
+        if k >= first_trained_message and k in piece_targets:
+            windows.append((t.begin, max(t.end, t.content_end)))
+    return [(b, e) for b, e in rendered.trained_spans if any(b < we and e > wb for wb, we in windows)]
+
+
+def split_conversation(
+    rendered, tokenized, tokenizer, sequence_length: int, masking=None, chat_template: str | None = None
+) -> SplitResult:
+    """Split one rendered conversation (``chat.render`` output) whose tokens (``tokenized``) exceed
+    ``sequence_length``; see the module docstring. ``masking`` as given to render (train_on 'last' trains only the
+    last reply: then one piece, the last group with as much context as fits)."""
+    from backend import chat
+
+    masking = masking or chat.Masking()
+    all_turns = chat.Masking(
+        mode=masking.mode,
+        start_delimiter=masking.start_delimiter,
+        end_delimiter=masking.end_delimiter,
+        train_on="all",
+        train_on_eot=masking.train_on_eot,
+    )
+    L = int(sequence_length)
+    messages = rendered.messages
+    n_sys, groups = turn_groups(messages)
+    assistants = [k for k, m in enumerate(messages) if m["role"] == "assistant"]
+    wanted = set(assistants[-1:] if masking.train_on == "last" else assistants)
+    targets = {g for g, (a, b) in enumerate(groups) if any(a <= k < b for k in wanted)}
+    result = SplitResult()
+    if not groups or not targets:
+        return result
+
+    if len(rendered.turns) < len(assistants):  # train_on 'last' finds only the trained turn: find them all
+        rendered = chat.render(messages, tokenizer, all_turns, chat_template)
+        tokenized = chat.tokenize(rendered.text, [], tokenizer)
+    # per-group token costs from the full tokenization: group g ends where its last reply's turn ends
+    ends = {}
+    for n, t in enumerate(rendered.turns):
+        k = t.message_index if t.message_index >= 0 else (assistants[n] if n < len(assistants) else -1)
+        ends[k] = max(t.end, t.content_end)
+    starts_tok = tokenized.offsets[:, 0]
+    T = len(tokenized.input_ids)
+    bound = [0]
+    for a, b in groups[:-1]:
+        last = max((ends[k] for k in range(a, b) if k in ends), default=None)
+        bound.append(bound[-1] if last is None else max(bound[-1], int(np.searchsorted(starts_tok, last))))
+    bound.append(T)
+    costs = [max(0, bound[g + 1] - bound[g]) for g in range(len(groups))]
+    head = 0
+    cache: dict = {}
+
+    def build(c: int, i: int, j: int):
+        key = (c, i, j)
+        if key not in cache:
+            msgs = messages[:n_sys] + messages[groups[c][0] : groups[j][1]]
+            offset = groups[c][0] - n_sys  # original index = piece index + offset (after the system messages)
+            r = chat.render(msgs, tokenizer, all_turns, chat_template)
+            piece_targets = {k - offset for k in wanted if groups[i][0] <= k < groups[j][1]}
+            spans = _piece_spans(r, groups[i][0] - offset, piece_targets)
+            tok = chat.tokenize_batch([r.text], [spans], tokenizer)[0]  # the Rust fast path of prepare
+            cache[key] = (msgs, r, tok, sorted(k + offset for k in piece_targets))
+        return cache[key]
+
+    if len(groups) > 1:  # the system prompt's cost: the second group rendered alone, minus its own cost
+        head = max(0, len(build(1, 1, 1)[2].input_ids) - costs[1])
+    i = min(targets)
+    while True:
+        c, j = _plan_one(i, head, costs, targets, L)
+        while True:
+            msgs, r, tok, trained_msgs = build(c, i, j)
+            if len(tok.input_ids) <= L:
+                break
+            if c < i:
+                c += 1
+            elif j > i:
+                j -= 1
+                while j > i and j not in targets:
+                    j -= 1
+            else:
+                break  # one group alone is too long: truncated below
+        ids, trained = tok.input_ids, tok.trained
+        cut = max(0, len(ids) - L)
+        dropped = int(trained[L:].sum()) if cut else 0
+        if cut:
+            result.truncated_groups += 1
+            ids, trained = ids[:L], trained[:L]
+        if trained.any():
+            if result.pieces:  # masked tokens before the first trained one: repeated system prompt and context
+                result.context_tokens += int(np.argmax(trained))
+            result.pieces.append(
+                Piece(
+                    messages=msgs,
+                    trained_messages=trained_msgs,
+                    context_messages=groups[i][0] - groups[c][0],
+                    text=r.text,
+                    input_ids=ids,
+                    trained=trained,
+                    truncated_tokens=cut,
+                    dropped_trained=dropped,
+                )
+            )
+        else:
+            dropped = int(tok.trained.sum())
+        result.dropped_trained_tokens += dropped
+        nxt = [g for g in targets if g > j]
+        if not nxt:
+            return result
+        i = min(nxt)
+
+
+def long_document_stats(rendered, tokenized, tokenizer, sequence_length, masking=None, chat_template=None):
+    """``(n_tokens, n_trained, trained_after_first_cut, pieces)`` of one document for `compare_modes`; pieces
+    (``[(tokens, trained)]`` of split_turns) only for a conversation longer than ``sequence_length``."""
+    L = int(sequence_length)
+    T, k = len(tokenized.input_ids), int(tokenized.trained.sum())
+    if T <= L:
+        return T, k, 0, None
+    pieces = []
+    if getattr(rendered, "messages", None):  # guide-form text has no turns: it cannot be split
+        res = split_conversation(rendered, tokenized, tokenizer, L, masking, chat_template)
+        pieces = [(len(p.input_ids), int(p.trained.sum())) for p in res.pieces]
+    return T, k, int(tokenized.trained[L:].sum()), pieces
+
+
+def compare_modes(docs, sequence_length: int, fitting: tuple[int, int, int] = (0, 0, 0)) -> dict:
+    """What each way of handling long documents keeps and trains.
+
+    ``docs``: iterable of ``(n_tokens, n_trained, trained_after_first_cut, pieces)``: a document's tokens, trained
+    tokens, trained tokens past its first ``sequence_length`` tokens, and for a long one the ``(tokens, trained)``
+    of each split_turns piece (None for a document that fits). Returns, per mode, documents, tokens and trained
+    tokens kept; for truncate also the trained tokens that land after the cut, without the start of their
+    conversation (system prompt, first questions) in view.
+    """
+    L = int(sequence_length)
+    out = {
+        "sequence_length": L,
+        "all": {"documents": 0, "tokens": 0, "trained": 0},
+        "skip": {"documents": 0, "tokens": 0, "trained": 0},
+        "truncate": {"documents": 0, "tokens": 0, "trained": 0, "trained_after_cut": 0},
+        "split_turns": {"documents": 0, "tokens": 0, "trained": 0, "long_documents": 0},
+    }
+    for key in ("all", "skip", "truncate", "split_turns"):
+        for name, v in zip(("documents", "tokens", "trained"), fitting, strict=True):
+            out[key][name] += int(v)
+    for n_tokens, n_trained, after_cut, pieces in docs:
+        for key in ("all", "truncate"):
+            out[key]["documents"] += 1
+            out[key]["tokens"] += n_tokens
+            out[key]["trained"] += n_trained
+        if n_tokens <= L:
+            for key in ("skip", "split_turns"):
+                out[key]["documents"] += 1
+                out[key]["tokens"] += n_tokens
+                out[key]["trained"] += n_trained
+            continue
+        out["truncate"]["trained_after_cut"] += after_cut
+        s = out["split_turns"]
+        s["long_documents"] += 1
+        for t, k in pieces or ():
+            s["documents"] += 1
+            s["tokens"] += t
+            s["trained"] += k
+    total = out["all"]["trained"]
+    for key in ("skip", "truncate", "split_turns"):
+        out[key]["trained_share"] = out[key]["trained"] / total if total else 0.0
+    return out
+
+
+def split_documents(rows, ids, trained, bounds, rendered, tokenized_of, tokenizer, masking, chat_template, length):
+    """Prepare's flat chunk (document ``j`` = ``ids[bounds[j]:bounds[j+1]]`` from input row ``rows[j]``) with every
+    conversation longer than ``length`` replaced by its pieces (same row: the pieces stay in one split).
+
+    ``rendered[j]``: the `chat.RenderedSample` of document j (None: not a conversation, kept whole);
+    ``tokenized_of(j)``: its `chat.TokenizedSample`. Returns ``(rows, ids, trained, bounds, stats, problems)``,
+    problems as prepare's ``(row, code, message, skipped)``.
+    """
+    from backend import chat
+
+    L = int(length)
+    stats = {
+        "conversations_split": 0,
+        "pieces": 0,
+        "context_tokens": 0,
+        "truncated_groups": 0,
+        "dropped_trained_tokens": 0,
+        "not_split": 0,
+    }
+    problems = []
+    lengths = np.diff(bounds)
+    if not (lengths > L).any():
+        return rows, ids, trained, bounds, stats, problems
+    out_rows, out_ids, out_trained, out_len = [], [], [], []
+    for j in range(len(lengths)):
+        a, b = int(bounds[j]), int(bounds[j + 1])
+        pieces = None
+        if b - a > L and rendered[j] is not None:
+            try:
+                res = split_conversation(rendered[j], tokenized_of(j), tokenizer, L, masking, chat_template)
+            except chat.ChatError as e:
+                problems.append((rows[j], "not_split", f"a piece could not be rendered: {e}", False))
+            else:
+                if res.pieces:
+                    pieces = res.pieces
+                    stats["conversations_split"] += 1
+                    stats["pieces"] += len(pieces)
+                    stats["context_tokens"] += res.context_tokens
+                    stats["truncated_groups"] += res.truncated_groups
+                    stats["dropped_trained_tokens"] += res.dropped_trained_tokens
+                    if res.truncated_groups:
+                        problems.append(
+                            (
+                                rows[j],
+                                "reply_truncated",
+                                f"{res.truncated_groups} exchange(s) longer than {L} tokens alone: reply cut at {L} "
+                                f"tokens, {res.dropped_trained_tokens} trained tokens dropped",
+                                False,
+                            )
+                        )
+                else:
+                    problems.append((rows[j], "not_split", "no piece keeps a trained token: kept whole", False))
+        if pieces is None:
+            stats["not_split"] += int(b - a > L)
+            out_rows.append(rows[j])
+            out_ids.append(ids[a:b])
+            out_trained.append(trained[a:b])
+            out_len.append(b - a)
+            continue
+        for p in pieces:
+            out_rows.append(rows[j])
+            out_ids.append(p.input_ids.astype(ids.dtype))
+            out_trained.append(p.trained)
+            out_len.append(len(p.input_ids))
+    new_bounds = np.concatenate([[0], np.cumsum(out_len, dtype=np.int64)])
+    return (
+        np.asarray(out_rows, np.int64),
+        np.concatenate(out_ids),
+        np.concatenate(out_trained),
+        new_bounds,
+        stats,
+        problems,
+    )

@@ -1,0 +1,276 @@
+"""Tests for backend/split.py (long conversations cut at turn boundaries) and prepare's long_documents.mode.
+
+Run: .venv/bin/pytest tests/test_split.py -x -q
+"""
+
+import json
+
+import numpy as np
+import pytest
+
+from backend import SAMPLE_DATA_OPENAI, TEMPLATE_TOKENIZERS, TINY_MODEL
+from backend.chat import Masking, render, tokenize
+from backend.split import compare_modes, plan_pieces, split_conversation, turn_groups
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+FAMILIES = {
+    "llama": TINY_MODEL,
+    "chatml": TEMPLATE_TOKENIZERS / "chatml",
+    "gemma": TEMPLATE_TOKENIZERS / "gemma",
+    "mistral": TEMPLATE_TOKENIZERS / "mistral",
+    "phi3": TEMPLATE_TOKENIZERS / "phi3",
+    "llama-generation": TEMPLATE_TOKENIZERS / "llama-generation",
+}
+_tok_cache = {}
+
+
+def tok(family):
+    from transformers import AutoTokenizer
+
+    if family not in _tok_cache:
+        _tok_cache[family] = AutoTokenizer.from_pretrained(str(FAMILIES[family]))
+    return _tok_cache[family]
+
+
+def long_conversation(n_rows=12, system=True, start=0):
+    """User/assistant exchanges of several sample rows joined into one long conversation."""
+    rows = [json.loads(line) for line in open(SAMPLE_DATA_OPENAI)][start : start + n_rows]
+    msgs = [{"role": "system", "content": "You are terse and exact."}] if system else []
+    for r in rows:
+        msgs += [m for m in r["messages"] if m["role"] != "system"]
+    return msgs
+
+
+def full_and_split(family, messages, length, masking=None):
+    t = tok(family)
+    masking = masking or Masking()
+    r = render(messages, t, masking)
+    full = tokenize(r.text, r.trained_spans, t)
+    return t, r, full, split_conversation(r, full, t, length, masking)
+
+
+def reply_token_ids(rendered, tokenized, k):
+    """Trained token ids inside assistant message k's turn window."""
+    t = next(t for t in rendered.turns if t.message_index == k)
+    s, e = tokenized.offsets[:, 0], tokenized.offsets[:, 1]
+    inside = (s < max(t.end, t.content_end)) & (e > t.begin) & tokenized.trained
+    return tokenized.input_ids[inside]
+
+
+def piece_rendering(t, piece):
+    r = render(piece.messages, t, Masking())
+    return r, tokenize(r.text, [], t)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_pieces_cover_every_reply_once_with_its_question(family):
+    messages = long_conversation()
+    t, r, full, res = full_and_split(family, messages, 160)
+    assert len(full.input_ids) > 160 and len(res.pieces) >= 3
+    assert res.truncated_groups == 0 and res.dropped_trained_tokens == 0
+    assistants = [k for k, m in enumerate(messages) if m["role"] == "assistant"]
+    seen = [k for p in res.pieces for k in p.trained_messages]
+    assert sorted(seen) == assistants and len(seen) == len(set(seen))  # every reply trained exactly once
+    assert sum(int(p.trained.sum()) for p in res.pieces) == full.n_trained
+    for p in res.pieces:
+        assert len(p.input_ids) <= 160
+        pr, ptok = piece_rendering(t, p)
+        assert pr.text == p.text and np.array_equal(ptok.input_ids, p.input_ids)
+        # no invented text: the piece is the template applied to its own messages
+        assert p.text == t.apply_chat_template(p.messages, tokenize=False)
+        n_sys, groups = turn_groups(messages)
+        stop = p.trained_messages[-1] + 1  # a piece ends with the last reply it trains
+        first = stop - (len(p.messages) - n_sys)  # original index of the piece's first message after the system
+        assert p.messages == messages[:n_sys] + messages[first:stop] and first in {a for a, _ in groups}
+        trained_windows = []
+        for turn in pr.turns:
+            k = turn.message_index - n_sys + first
+            if k in p.trained_messages:
+                trained_windows.append((turn.begin, max(turn.end, turn.content_end)))
+                # its own question is in the piece, right before the reply
+                assert messages[k - 1]["role"] == "user" and k - 1 >= first
+                assert p.text.find(messages[k - 1]["content"]) < turn.begin
+                # the reply is trained exactly as in the whole conversation
+                piece_tok = type(full)(p.input_ids, p.trained, ptok.offsets)
+                assert np.array_equal(reply_token_ids(pr, piece_tok, turn.message_index), reply_token_ids(r, full, k))
+        # as much context as fits: one more group before the piece would not fit
+        first_trained_group = max(a for a, _ in groups if a <= min(p.trained_messages))
+        assert p.context_messages == first_trained_group - first
+        if first > groups[0][0]:
+            before = max(a for a, _ in groups if a < first)
+            more = render(messages[:n_sys] + messages[before:stop], t, Masking())
+            assert len(tokenize(more.text, [], t).input_ids) > 160
+        # context tokens (and everything outside the trained replies' turns) are never targets
+        starts, ends = ptok.offsets[:, 0], ptok.offsets[:, 1]
+        in_trained = np.zeros(len(starts), bool)
+        for b, e in trained_windows:  # chat's token rule: a token is trained iff it overlaps a trained range
+            in_trained |= (starts < e) & (ends > b)
+        assert not (p.trained & ~in_trained).any()
+        assert p.trained.any()
+    # every piece starts with the system prompt
+    assert all(p.messages[0] == messages[0] for p in res.pieces)
+
+
+def test_a_group_too_long_alone_is_truncated_and_counted():
+    messages = long_conversation(4)
+    messages[4] = {"role": "assistant", "content": " ".join(["a long reply"] * 200)}
+    t, r, full, res = full_and_split("llama", messages, 120)
+    assert res.truncated_groups == 1
+    assert all(len(p.input_ids) <= 120 for p in res.pieces)
+    cut = [p for p in res.pieces if p.truncated_tokens]
+    assert len(cut) == 1 and cut[0].trained_messages == [4] and len(cut[0].input_ids) == 120
+    assert cut[0].dropped_trained > 0
+    assert sum(int(p.trained.sum()) for p in res.pieces) + res.dropped_trained_tokens == full.n_trained
+    # the other replies are whole and trained once
+    seen = [k for p in res.pieces for k in p.trained_messages]
+    assert sorted(seen) == [k for k, m in enumerate(messages) if m["role"] == "assistant"]
+
+
+def test_train_on_last_gives_one_piece_with_context():
+    messages = long_conversation()
+    t, r, full, res = full_and_split("llama", messages, 160, Masking(train_on="last"))
+    assert len(res.pieces) == 1
+    p = res.pieces[0]
+    assert p.trained_messages == [len(messages) - 1] and p.context_messages > 0
+    assert int(p.trained.sum()) == full.n_trained and len(p.input_ids) <= 160
+
+
+def test_turn_groups_and_plan_pieces_properties():
+    n_sys, groups = turn_groups(long_conversation(3))
+    assert n_sys == 1 and groups[0][0] == 1 and groups[-1][1] == len(long_conversation(3))
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        costs = rng.integers(1, 60, size=rng.integers(1, 12)).tolist()
+        head, L = int(rng.integers(0, 20)), int(rng.integers(40, 160))
+        targets = set(np.flatnonzero(rng.random(len(costs)) < 0.8).tolist()) or {len(costs) - 1}
+        plan = plan_pieces(head, costs, L, targets)
+        trained = [g for c, i, j in plan for g in range(i, j + 1) if g in targets]
+        assert trained == sorted(targets)  # every target group exactly once, in order
+        for c, i, j in plan:
+            assert c <= i <= j and i in targets and j in targets
+            size = head + sum(costs[c : j + 1])
+            assert size <= L or (c == i == j and head + costs[i] > L)
+            if c > 0 and size <= L:  # as much context as fits
+                assert size + costs[c - 1] > L
+
+
+def test_compare_modes_counts():
+    docs = [(100, 40, 0, None), (300, 120, 70, [(150, 60), (180, 60)])]
+    m = compare_modes(docs, 200)
+    assert m["skip"]["trained"] == 40 and m["truncate"]["trained"] == 160
+    assert m["truncate"]["trained_after_cut"] == 70 and m["split_turns"]["trained"] == 160
+    assert m["split_turns"]["documents"] == 3 and m["split_turns"]["trained_share"] == 1.0
+
+
+def test_prepare_split_turns_end_to_end(tmp_path):
+    from backend.config import load_prepare_config
+    from backend.dataset import TokenDataset, descriptor_name
+    from backend.prepare import prepare
+
+    L = 100
+    base = {
+        "dataset": {"path": str(SAMPLE_DATA_OPENAI)},
+        "tokenizer": {"path": str(TINY_MODEL)},
+        "splits": {"training": 0.9, "validation": 0.1},
+        "report": {"sequence_length": L},
+    }
+    keep = prepare(load_prepare_config({**base, "output_path": str(tmp_path / "keep")}), progress=False)
+    cfg = {
+        **base,
+        "output_path": str(tmp_path / "split"),
+        "long_documents": {"mode": "split_turns", "sequence_length": L},
+    }
+    s = prepare(load_prepare_config(cfg), progress=False)
+    ld = s["long_documents"]
+    assert keep["longer_than_sequence_length"]["documents"] > 100  # the case matters on this data
+    assert ld["conversations_split"] > 0 and ld["pieces"] > ld["conversations_split"]
+    assert s["input_rows"] == s["written"] + s["skipped_rows"] == keep["written"]
+    assert s["num_documents"] == keep["num_documents"] + ld["pieces"] - ld["conversations_split"]
+    # every trained token is kept, except the counted tails of groups too long alone
+    assert s["num_trained_tokens"] + ld["dropped_trained_tokens"] == keep["num_trained_tokens"]
+    report = json.loads((tmp_path / "split" / "prepare_report.json").read_text())["summary"]
+    assert report["long_documents"] == ld
+    longer = sum(int((TokenDataset(tmp_path / "split" / descriptor_name(n)).lengths > L).sum()) for n in base["splits"])
+    assert longer == s["longer_than_sequence_length"]["documents"] == ld["not_split"]
+
+
+# ------------------------------------------------------------------------------------------------ studio
+def _studio_args():
+    from backend import SAMPLE_DATA
+
+    return str(SAMPLE_DATA), str(TINY_MODEL), "auto", "", "", "all", True, ""
+
+
+def test_studio_check_compares_the_three_choices():
+    from studio import handlers as H
+
+    r = H.check_whole_dataset(*_studio_args(), 100, False, 300)
+    assert not r.status
+    line = {k: ln for ln in r.summary.splitlines() for k in ("skip (", "truncate (", "split_turns (") if k in ln}
+    assert len(line) == 3
+    trained = r.report["trained_tokens"]
+    assert f"{trained:,} trained (100.0%)" in line["split_turns ("] and f"{trained:,} trained" in line["truncate ("]
+    assert "(100.0%)" not in line["skip ("]  # skipping loses trained tokens on this data at 100
+
+
+def test_studio_preview_shows_where_a_long_sample_is_cut():
+    from studio import handlers as H
+
+    p = H.preview_sample(*_studio_args()[:2], 27, *_studio_args()[2:], 100)
+    assert not p.status and "✂" in p.summary and "cuts at token 100" in p.summary
+    t = tok("llama")
+    rows = [json.loads(line) for line in open(_studio_args()[0])]
+    r = render(rows[27], t)
+    res = split_conversation(r, tokenize(r.text, r.trained_spans, t), t, 100)
+    assert f"**{len(res.pieces)} pieces**" in p.summary
+    short = H.preview_sample(*_studio_args()[:2], 27, *_studio_args()[2:], 4096)
+    assert "✂" not in short.summary
+
+
+def test_studio_packing_shows_split_pieces_with_context_masked():
+    from studio import handlers as H
+
+    info: list = []
+    docs = H.tokenize_documents(*_studio_args()[:2], Masking(), "", 60, 100, info)
+    assert info and all(len(d[0]) <= 100 for d in docs)
+    row, n_tok, piece_docs = info[0]
+    assert n_tok > 100 and len(piece_docs) >= 2
+    for d in piece_docs[1:]:  # a later piece: its system prompt / context is masked, its reply trained
+        ids, trained = docs[d]
+        assert trained.any() and not trained[: int(np.argmax(trained))].any()
+    v = H.packing_view(*_studio_args(), 100, 1, "best_fit", False, False, 60, 0, split_turns=True)
+    assert not v.status and v.stats["documents_skipped"] == 0 and "split_turns" in v.summary
+    plain = H.packing_view(*_studio_args(), 100, 1, "best_fit", False, False, 60, 0)
+    assert plain.stats["documents_skipped"] > 0
+
+
+def test_prepare_reports_truncated_and_unsplittable_rows(tmp_path, capsys):
+    from backend.config import load_prepare_config
+    from backend.prepare import prepare
+
+    base = long_conversation(6, system=False)
+    huge_reply = long_conversation(2, system=False) + [
+        {"role": "user", "content": "Tell me everything."},
+        {"role": "assistant", "content": " ".join(["and then more"] * 120)},
+    ]
+    huge_question = [{"role": "user", "content": " ".join(["why"] * 300)}, {"role": "assistant", "content": "Yes."}]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"messages": m}) + "\n" for m in (base, huge_reply, huge_question)))
+    L = 120
+    cfg = {
+        "output_path": str(tmp_path / "out"),
+        "dataset": {"path": str(data)},
+        "tokenizer": {"path": str(TINY_MODEL)},
+        "splits": {"training": 1.0},
+        "report": {"sequence_length": L},
+        "long_documents": {"mode": "split_turns", "sequence_length": L},
+    }
+    s = prepare(load_prepare_config(cfg), progress=False)
+    ld = s["long_documents"]
+    assert ld["truncated_groups"] == 1 and ld["dropped_trained_tokens"] > 0
+    assert ld["not_split"] == 1  # the question alone is longer than L: nothing to train in a piece, kept whole
+    assert s["warnings"]["reply_truncated"] == 1 and s["warnings"]["not_split"] == 1
+    assert s["written"] == 3 and s["num_documents"] == 1 + ld["pieces"]
+    out = capsys.readouterr().out
+    assert f"split_turns at {L}: {ld['conversations_split']} conversations" in out and "reply_truncated" in out
