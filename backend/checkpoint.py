@@ -147,6 +147,23 @@ def eot_ids(tokenizer) -> list[int]:
     return ids
 
 
+def export_generation_config(generation, tokenizer):
+    """The generation_config an export ships: a copy of the training model's with the KV cache back on
+    (training turns it off, backend.modeling), eos = the chat template's end-of-turn id(s) then the tokenizer's
+    eos, a pad id, and the tokenizer's bos; the base model's sampling settings are kept as they were."""
+    import copy
+
+    generation = copy.deepcopy(generation)
+    generation.use_cache = True
+    eos = eot_ids(tokenizer)
+    generation.eos_token_id = eos if len(eos) > 1 else eos[0]
+    if tokenizer.bos_token_id is not None:
+        generation.bos_token_id = tokenizer.bos_token_id
+    if generation.pad_token_id is None:
+        generation.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    return generation
+
+
 def export_hf(accelerator, model, tokenizer, export_dir, name: str) -> Path:
     """Write ``export_dir/<name>`` as a Hugging Face model directory (a collective: call on every rank).
 
@@ -173,13 +190,8 @@ def export_hf(accelerator, model, tokenizer, export_dir, name: str) -> Path:
         use_cache, unwrapped.config.use_cache = unwrapped.config.use_cache, True
         unwrapped.save_pretrained(tmp, state_dict=state_dict, is_main_process=True)
         unwrapped.config.use_cache = use_cache
-        tokenizer.save_pretrained(tmp)  # includes chat_template.jinja
-        generation = unwrapped.generation_config
-        eos = eot_ids(tokenizer)
-        generation.eos_token_id = eos if len(eos) > 1 else eos[0]
-        if generation.pad_token_id is None:
-            generation.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-        generation.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)  # includes chat_template.jinja (the prepared data's, see train.py)
+        export_generation_config(unwrapped.generation_config, tokenizer).save_pretrained(tmp)
         # replace by renames: killed at any point, either the old or the new export is complete on disk
         old = export_dir / (name + ".old")
         if old.exists():

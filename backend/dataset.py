@@ -336,3 +336,25 @@ class TokenDataset:
             f"TokenDataset({str(self.descriptor_path)!r}: {len(self)} documents, {self.num_tokens} tokens, "
             f"{self.num_trained_tokens} trained)"
         )
+
+
+class EveryTokenTrained:
+    """A split read with every token marked trained: ``data.sampling.use_loss_masking_spans: no``.
+
+    The prepared mask is ignored (the guide's meaning: train on the whole text, prompts included); collate still
+    never makes the first token of a document (its predictor is another document) or padding a target.
+    Everything else (lengths, counts, descriptor) is the wrapped dataset's.
+    """
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __getattr__(self, name):
+        return getattr(self.dataset, name)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def document(self, i: int, begin: int = 0, end: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        tokens, _ = self.dataset.document(i, begin, end)
+        return tokens, np.ones(len(tokens), dtype=np.bool_)

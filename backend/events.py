@@ -6,6 +6,7 @@
     {"event": "train", "step": 1, "time": ..., "loss": 6.21, "lr": 2e-05, "grad_norm": 1.9,
      "tokens_per_s": 1830.0, "trained_tokens": 1210, "elapsed": 0.7, "eta": 69.3}
     {"event": "validation", "step": 100, "time": ..., "loss": 5.98}
+    {"event": "test", "step": 300, "time": ..., "loss": 5.91, "batches": 10}     (training.test_iters, at the end)
     {"event": "checkpoint", "step": 100, "time": ..., "path": "runs/x/checkpoints/step_000100"}
     {"event": "export", "step": 100, "time": ..., "path": "runs/x/export/step_000100"}
     {"event": "end", "step": 300, "time": ..., "stopped": false}
@@ -14,14 +15,16 @@
 A reader tails the file with ``read_events(path, offset) -> (events, new_offset)``; a line still being written
 (no trailing newline yet) is left for the next call, so a tailer never sees half an object.
 
-``LOCK`` (``RunLock``) holds ``{"pid", "hostname", "start_time", "argv"}`` of the live run, so that a second run
-cannot write into the same directory and the studio can reattach after a page reload (``read_lock``).
+``LOCK`` (``RunLock``) is held with an OS lock (``fcntl.flock``, released by the kernel when the run dies) and
+holds ``{"pid", "hostname", "start_time", "argv", "flock"}`` of the live run, so that a second run cannot write
+into the same directory and the studio can reattach after a page reload (``read_lock``).
 
 Nothing here imports torch: the studio imports this module.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
@@ -29,7 +32,7 @@ import socket
 import time
 from pathlib import Path
 
-EVENTS = ("start", "train", "validation", "checkpoint", "export", "end", "error")
+EVENTS = ("start", "train", "validation", "test", "checkpoint", "export", "end", "error")
 LOCK_NAME = "LOCK"
 
 
@@ -123,80 +126,159 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _flock_held(path: Path) -> bool:
+    """True when some open file description holds an flock on ``path`` (probe: a non-blocking shared lock).
+
+    The kernel drops an flock when its holder dies (even by SIGKILL), so this is the authoritative liveness test
+    for locks taken by RunLock; the probe holds the shared lock for microseconds only (acquire retries past it).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:  # a filesystem without flock: fall back to the pid in the file
+        return False
+    finally:
+        os.close(fd)  # closing releases the probe's shared lock
+    return False
+
+
 def read_lock(directory) -> dict | None:
     """The lock of ``directory`` as a dict ``{"pid", "hostname", "start_time", "argv", "alive"}``, or None.
 
-    ``alive`` is True/False when the lock was taken on this host (we can check the pid), None otherwise.
+    ``alive``: True while a process holds the OS lock (fcntl.flock) on ``LOCK``, even one that has not written
+    its pid yet (then pid is None and ``starting`` is True); False once the kernel has released it. A LOCK file
+    without the ``flock`` mark (written by an older version) is judged by its pid: True/False on this host,
+    None (cannot tell) from another host.
     """
     path = Path(directory) / LOCK_NAME
     try:
-        info = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         return None
-    except (json.JSONDecodeError, OSError):
-        return {"pid": None, "hostname": None, "start_time": None, "argv": None, "alive": False, "corrupt": True}
-    same_host = info.get("hostname") == socket.gethostname()
-    pid = info.get("pid")
-    info["alive"] = (_pid_alive(int(pid)) if isinstance(pid, int) else False) if same_host else None
+    except OSError:
+        text = ""
+    held = _flock_held(path)
+    try:
+        info = json.loads(text)
+        if not isinstance(info, dict):
+            raise ValueError(text)
+    except ValueError:
+        # empty or half-written: a starter between taking the flock and writing its pid, or a dead writer's debris
+        info = {"pid": None, "hostname": None, "start_time": None, "argv": None}
+        info["starting" if held else "corrupt"] = True
+        info["alive"] = held
+        return info
+    if held:
+        info["alive"] = True
+    elif info.get("flock"):
+        info["alive"] = False  # taken with an OS lock that no process holds any more: its holder is gone
+    else:
+        info["alive"] = _pid_lock_alive(info)
     return info
+
+
+def _pid_lock_alive(info: dict) -> bool | None:
+    """Liveness of a LOCK written without an OS lock (older versions): by its pid on this host, None elsewhere."""
+    if info.get("hostname") != socket.gethostname():
+        return None
+    pid = info.get("pid")
+    return _pid_alive(int(pid)) if isinstance(pid, int) else False
 
 
 class RunLock:
     """Exclusive ownership of an experiment directory by one live run.
 
-    >>> with RunLock("runs/x"):      # writes runs/x/LOCK = {"pid": 4242, "hostname": "box", "start_time": ...}
+    >>> with RunLock("runs/x"):      # flock(runs/x/LOCK) + writes {"pid": 4242, "hostname": "box", "flock": true, ...}
     ...     train()
     RunLock("runs/x") while pid 4242 is alive -> LockedError("runs/x is in use by pid 4242 on box since ...")
 
-    A lock whose pid is dead (same host) is stale and taken over. A lock from another host cannot be checked:
-    it is refused, and the message says to delete the LOCK file if that run is gone.
+    The OS lock (``fcntl.flock`` on ``LOCK``) is what excludes: the kernel releases it when the holder dies, so a
+    killed run's lock is free at once and a starter that has not written its pid yet still holds it. The pid and
+    host in the file are for messages and for the studio (Stop signals that pid). A LOCK without the flock mark
+    (an older version's) is respected while its pid lives; one from another host is refused with how to remove it.
     """
 
     def __init__(self, directory):
         self.directory = Path(directory)
         self.path = self.directory / LOCK_NAME
         self.held = False
+        self._fd: int | None = None
+
+    def _refuse(self, current: dict | None) -> LockedError:
+        if not current or current.get("pid") is None:
+            return LockedError(
+                f"{self.directory} is being taken by another run that is starting right now ({self.path} is "
+                "locked but not written yet); wait for it, stop it, or use another run.experiment_dir"
+            )
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(current.get("start_time") or 0))
+        return LockedError(
+            f"{self.directory} is in use by pid {current.get('pid')} on {current.get('hostname')} "
+            f"(started {when}); stop that run first, use another run.experiment_dir, or delete "
+            f"{self.path} if that run no longer exists"
+        )
 
     def acquire(self) -> RunLock:
         import sys
 
         self.directory.mkdir(parents=True, exist_ok=True)
-        info = {"pid": os.getpid(), "hostname": socket.gethostname(), "start_time": time.time(), "argv": list(sys.argv)}
-        for _ in range(2):
+        me = {"pid": os.getpid(), "hostname": socket.gethostname()}
+        for attempt in range(20):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                # O_EXCL makes creation atomic: of two runs started at once, exactly one wins.
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
                 current = read_lock(self.directory)
-                if current is None:
-                    continue  # released between our open and our read: try again
-                if current.get("pid") == os.getpid() and current.get("hostname") == info["hostname"]:
-                    self.held = True  # re-entrant within one process
+                if current and current.get("pid") == me["pid"] and current.get("hostname") == me["hostname"]:
+                    self.held = True  # re-entrant within one process (the other RunLock keeps the OS lock)
                     return self
-                if current.get("alive") is False:
-                    # stale: the run that held it died without releasing (SIGKILL, power loss)
-                    self.path.unlink(missing_ok=True)
+                if attempt < 5:  # maybe only read_lock's brief probe: look again
+                    time.sleep(0.05)
                     continue
-                when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(current.get("start_time") or 0))
-                raise LockedError(
-                    f"{self.directory} is in use by pid {current.get('pid')} on {current.get('hostname')} "
-                    f"(started {when}); stop that run first, use another run.experiment_dir, or delete "
-                    f"{self.path} if that run no longer exists"
-                ) from None
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(info, f)
-                f.flush()
-                os.fsync(f.fileno())
-            self.held = True
+                raise self._refuse(current) from None
+            except OSError as e:  # a filesystem without flock (some network mounts): the pid in the file decides
+                print(f"warning: {self.path}: no OS lock on this filesystem ({e}); relying on the pid", file=sys.stderr)
+                os_locked = False
+            else:
+                os_locked = True
+            try:
+                on_disk = os.stat(self.path)
+            except FileNotFoundError:
+                on_disk = None
+            if on_disk is None or on_disk.st_ino != os.fstat(fd).st_ino:
+                os.close(fd)  # we locked a file its holder unlinked as it released: open the path again
+                continue
+            try:
+                current = json.loads(os.read(fd, 1 << 16) or b"null")
+            except ValueError:
+                current = None  # empty/corrupt: its writer died before finishing (we hold the OS lock now)
+            if isinstance(current, dict) and not current.get("flock"):
+                # an older version's pid lock (no OS lock): respected while its pid lives
+                if _pid_lock_alive(current) is not False and current.get("pid") != me["pid"]:
+                    os.close(fd)
+                    raise self._refuse(current)
+            info = {**me, "start_time": time.time(), "argv": list(sys.argv), "flock": os_locked}
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(info).encode(), 0)
+            os.fsync(fd)
+            self._fd, self.held = fd, True
             return self
         raise LockedError(f"could not take {self.path}: it keeps reappearing; another run is starting there")
 
     def release(self) -> None:
         if not self.held:
             return
-        current = read_lock(self.directory)
-        if current is not None and current.get("pid") == os.getpid():
+        if self._fd is not None:
+            # unlink while still holding the OS lock, then close (which releases it); a starter that opened the
+            # old file meanwhile sees that it is no longer the path's file and opens the path again
             self.path.unlink(missing_ok=True)
+            os.close(self._fd)
+            self._fd = None
         self.held = False
 
     def __enter__(self) -> RunLock:

@@ -638,6 +638,26 @@ def tokenizer_info(tokenizer, path: str, chat_template: str | None) -> dict:
     }
 
 
+TOKENIZER_DIR = "tokenizer"  # output_path/tokenizer/: the tokenizer + chat template the data was prepared with
+
+
+def save_tokenizer(tokenizer, chat_template: str | None, directory: Path) -> None:
+    """Save ``tokenizer`` with the chat template prepare rendered with (chat.template, or the tokenizer's own)."""
+    from backend import chat
+
+    try:
+        template = chat.resolve_template(tokenizer, chat_template)
+    except chat.ChatError:
+        template = None  # the guide's text+spans form needs no template
+    own = getattr(tokenizer, "chat_template", None)
+    try:
+        if template is not None:
+            tokenizer.chat_template = template
+        tokenizer.save_pretrained(str(directory))
+    finally:
+        tokenizer.chat_template = own
+
+
 def output_hash(cfg: PrepareConfig) -> str:
     """`config_hash` of the settings that change the output's content: worker counts (same output, by design)
     and output_path (where it lies) are left out."""
@@ -841,7 +861,9 @@ def _prepare_into(cfg: PrepareConfig, tmp: Path, digest: str, fingerprint, progr
     form_name = {"spans": "text + loss_masking_spans (guide)", "chat": f"conversations ({conv_field!r})"}
     _print(f"preparing {where}: {n_rows} rows, form {form_name.get(form, 'plain text')}")
 
-    info = tokenizer_info(tokenizer, cfg.tokenizer.path, cfg.chat.template)
+    # the tokenizer (with the chat template the rows were rendered with) is saved next to the shards: training
+    # exports it, so an export's template and stop tokens are the data's, not pretrained.path's
+    info = {**tokenizer_info(tokenizer, cfg.tokenizer.path, cfg.chat.template), "saved": TOKENIZER_DIR}
     vocab = info["vocab_size"]
     names = list(cfg.splits)
     assign = split_assignment(n_rows, cfg.splits, cfg.seed)
@@ -966,6 +988,7 @@ def _prepare_into(cfg: PrepareConfig, tmp: Path, digest: str, fingerprint, progr
     if written + skipped_rows != n_rows:
         raise PrepareError(f"internal error: {written} written + {skipped_rows} skipped != {n_rows} rows")
     (tmp / "prepare_report.json").write_text(json.dumps({"summary": summary, "tokenizer": info}, indent=2) + "\n")
+    save_tokenizer(tokenizer, cfg.chat.template, tmp / TOKENIZER_DIR)
     (tmp / "prepare_config.yaml").write_text(dump_yaml(cfg))
     return summary
 

@@ -9,7 +9,8 @@ export/step_XXXXXX/ and export/final/ (see backend/checkpoint.py). A run resumes
 complete checkpoint there (same data position: the step number fixes the sampler's rows).
 
 Exit codes: 0 done, or stopped by SIGTERM/SIGINT after saving a checkpoint ("end" event with "stopped": true);
-1 unexpected error ("error" event, traceback on stderr); 2 invalid config or arguments; 3 another live run holds
+1 unexpected error ("error" event, traceback on stderr); 2 invalid config or arguments, or a resume refused
+because the config changed (backend/compat.py), or data the model cannot take ("error" event); 3 another live run holds
 the experiment directory; 4 the loss or gradient became NaN/inf (the last good checkpoint is kept, nothing saved).
 """
 
@@ -79,14 +80,23 @@ class StopRequest:
             signal.signal(sig, previous)
 
 
-def _global_sum(accelerator, values: list[float]) -> list[float]:
-    """Sum a few floats over ranks (float64, so that 1 and 2 processes give the same loss to ~1e-12)."""
+def _reduction_dtype(device):
+    """float64 where the device has it (CPU, CUDA), float32 on Apple MPS, which has no float64."""
     import torch
 
-    t = torch.tensor(values, dtype=torch.float64, device=accelerator.device)
-    if accelerator.num_processes > 1:
-        t = accelerator.reduce(t, reduction="sum")
-    return t.tolist()
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
+def _global_sum(accelerator, values: list[float]) -> list[float]:
+    """Sum a few floats over ranks. One process: Python floats (float64 on the CPU), no device tensor at all.
+    Several: reduced on the device the collective backend needs, in float64 (so that 1 and 2 processes give
+    the same loss to ~1e-12) or float32 where the device lacks float64 (MPS)."""
+    if accelerator.num_processes == 1:
+        return [float(v) for v in values]
+    import torch
+
+    t = torch.tensor(values, dtype=_reduction_dtype(accelerator.device), device=accelerator.device)
+    return [float(v) for v in accelerator.reduce(t, reduction="sum").tolist()]
 
 
 def _to_device(batch: dict, device) -> dict:
@@ -125,12 +135,13 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
+    from backend import compat
     from backend.checkpoint import export_hf, latest_complete, load_checkpoint, save_checkpoint, step_dir_name
     from backend.config import check_world_size, config_hash, dump_yaml
-    from backend.dataset import TokenDataset
+    from backend.dataset import EveryTokenTrained, TokenDataset
     from backend.distributed import describe, is_sharded, print0
     from backend.loss import global_trained_count, loss_scale, trained_token_loss
-    from backend.modeling import load_model, load_tokenizer, select_attention
+    from backend.modeling import load_model, select_attention
     from backend.packing import PackedSampler, collate
 
     run_dir = Path(cfg.run.experiment_dir)
@@ -141,6 +152,13 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
     # ---- data: the rows of step s are a pure function of (seed, s), so resuming at step s is exact
     train_data = TokenDataset(cfg.data.datasets.training.path, "training")
     sampling = cfg.data.sampling
+    data_fingerprint = compat.data_fingerprint(train_data)
+    if not sampling.use_loss_masking_spans:  # the guide's "no": every token is a target, prompts included
+        train_data = EveryTokenTrained(train_data)
+    # a restart continues only with the settings its checkpoint was made with (or run.resume: force)
+    resume_changes = []
+    if (latest := latest_complete(run_dir / "checkpoints", warn=lambda message: None)) is not None:
+        resume_changes = compat.check_resume(latest, cfg, data_fingerprint, log=print0)
     sampler = PackedSampler(
         train_data.lengths,
         b.sequence_length,
@@ -157,9 +175,10 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
             f"(data.truncate_documents: no)"
         )
     val_cfg = t.evaluations.validation
-    val_iters = 0
+    val_iters, val_data = 0, None
     if cfg.data.datasets.validation is not None and val_cfg.interval and val_cfg.iterations:
         val_data = TokenDataset(cfg.data.datasets.validation.path, "validation")
+        val_data = val_data if sampling.use_loss_masking_spans else EveryTokenTrained(val_data)
         val_sampler = PackedSampler(
             val_data.lengths,
             b.sequence_length,
@@ -180,9 +199,15 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
     set_seed(cfg.model.distributed.seed)  # same random init on every rank when model_weights: no
     attn_impl, attn_reason = select_attention(cfg.model.base_model.transformer.use_flash_attention, accelerator.device)
     print0(f"attention: {attn_reason}")
+    # the tokenizer the data was prepared with (its chat template and stop tokens go into every export), checked
+    # against the model: ids within its vocabulary, same vocabulary as pretrained.path's tokenizer
+    tokenizer, tokenizer_source = compat.data_tokenizer(train_data, cfg.pretrained.path, log=print0)
+    compat.check_tokenizers_compatible(tokenizer, tokenizer_source, cfg.pretrained.path, log=print0)
+    test_data = _test_split(cfg)
+    splits = {"training": train_data, "validation": val_data, "test": test_data}
+    compat.check_data_fits_model(splits, compat.model_vocab(cfg.pretrained.path), cfg.pretrained.path, tokenizer_source)
     # weights stay fp32 (master copy); bf16/fp16 compute comes from the Accelerator's mixed precision
     model = load_model(cfg.pretrained.path, "fp32", attn_impl, random_init=not cfg.pretrained.model_weights)
-    tokenizer = load_tokenizer(cfg.pretrained.path)
     num_params = sum(p.numel() for p in model.parameters())
     optimizer = torch.optim.AdamW(
         param_groups(model, opt.weight_decay),
@@ -205,7 +230,12 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
 
     def save(step):
         path = save_checkpoint(
-            accelerator, checkpoints, step, config_yaml, t.checkpoint.keep, {"config_hash": config_hash(cfg)}
+            accelerator,
+            checkpoints,
+            step,
+            config_yaml,
+            t.checkpoint.keep,
+            {"config_hash": config_hash(cfg), "data": data_fingerprint},
         )
         if accelerator.is_main_process:
             events.emit("checkpoint", step, path=str(path))
@@ -223,6 +253,7 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
             "start",
             start_step,
             resumed_from=resumed_from,
+            resume_changes=resume_changes,
             train_iters=t.train_iters,
             world_size=world,
             distributed_type=describe(accelerator)["distributed_type"],
@@ -335,6 +366,12 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
             break
     bar.close()
 
+    test_loss = None
+    if test_data is not None and not stopped:  # training.test_iters: once, at the end, on data.datasets.test
+        test_loss, test_batches = _test_evaluation(model, accelerator, test_data, cfg)
+        if accelerator.is_main_process:
+            events.emit("test", step, loss=test_loss, batches=test_batches)
+        print0(f"test loss {test_loss:.4f} over {test_batches} batches")
     final_export = None
     if not stopped:
         if last_saved != step:  # e.g. resumed at the end: make sure the final state is saved
@@ -347,6 +384,7 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
         "last_loss": last_loss,
         "first_validation_loss": first_val,
         "last_validation_loss": last_val,
+        "test_loss": test_loss,
         "export": final_export,
         "sharded": sharded,
         "world_size": world,
@@ -355,6 +393,36 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
     if accelerator.is_main_process:
         events.emit("end", step, **summary)
     return {"step": step, **summary}
+
+
+def _test_split(cfg):
+    """The test split (training.test_iters > 0 with data.datasets.test), read as training reads its data."""
+    from backend.dataset import EveryTokenTrained, TokenDataset
+
+    if not cfg.training.test_iters or cfg.data.datasets.test is None:
+        return None
+    data = TokenDataset(cfg.data.datasets.test.path, "test")
+    return data if cfg.data.sampling.use_loss_masking_spans else EveryTokenTrained(data)
+
+
+def _test_evaluation(model, accelerator, test_data, cfg) -> tuple[float, int]:
+    """Mean CE over the trained tokens of ``training.test_iters`` test batches (at most one epoch of the split)."""
+    from backend.distributed import print0
+    from backend.packing import PackedSampler
+
+    b, sampling = cfg.batch, cfg.data.sampling
+    sampler = PackedSampler(
+        test_data.lengths,
+        b.sequence_length,
+        sampling.seed,
+        sampling.packing,
+        sampling.packing_window,
+        cfg.data.truncate_documents,
+    )
+    iters = min(cfg.training.test_iters, max(1, sampler.num_rows_in_epoch(0) // b.batch_size))
+    if iters < cfg.training.test_iters:
+        print0(f"test: the split holds {sampler.num_rows_in_epoch(0)} rows, so {iters} batches")
+    return evaluate(model, accelerator, sampler, test_data, cfg, iters), iters
 
 
 def _nullcontext():

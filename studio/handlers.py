@@ -101,6 +101,8 @@ def check_path(text: str, what: str = "dataset", must_exist: bool = True) -> Pat
         if not p.is_dir():
             return PathCheck(False, str(resolved), f"{what} path {raw} is a file; pass the model directory")
         needed = ["config.json"] if what == "model" else ["tokenizer.json", "tokenizer_config.json"]
+        if what == "model" and (p / "COMPLETE").exists() and (p / "config.yaml").exists():
+            return PathCheck(True, raw, "", "dir")  # a run's checkpoint: base config + its weights (Chat tab)
         if what == "model" and not (p / "config.json").exists():
             return PathCheck(
                 False,
@@ -1166,6 +1168,9 @@ def poll_run(exp_dir: str, cursor: dict | None, overlays: list[str] | None = Non
     vals = [e for e in cursor["events"] if e.get("event") == "validation"]
     if vals:
         parts.append(f"validation loss {vals[-1].get('loss'):.4f} (step {vals[-1]['step']})")
+    tests = [e for e in cursor["events"] if e.get("event") == "test"]
+    if tests and isinstance(tests[-1].get("loss"), (int, float)):
+        parts.append(f"test loss {tests[-1]['loss']:.4f} ({tests[-1].get('batches')} batches)")
     ckpts = [e for e in cursor["events"] if e.get("event") == "checkpoint"]
     if ckpts:
         parts.append(f"last checkpoint: `{ckpts[-1].get('path')}`")
@@ -1187,7 +1192,8 @@ _models: dict[tuple, Any] = {}
 
 
 def chat_models(runs_dir: str) -> list[str]:
-    """The base tiny model, then every exported (HF-loadable) model under the runs dir, newest first."""
+    """The base tiny model, then every export (HF-loadable) and every complete checkpoint under the runs dir,
+    newest first: a stopped run has checkpoints but no export yet, and can still be tried."""
     found = []
     root = Path(runs_dir or "runs")
     if root.is_dir():
@@ -1195,6 +1201,7 @@ def chat_models(runs_dir: str) -> list[str]:
             d = cfg.parent
             if any(d.glob("*.safetensors")) or any(d.glob("*.bin")):
                 found.append(d)
+        found += [marker.parent for marker in root.glob("**/checkpoints/step_*/COMPLETE")]
     found.sort(key=lambda d: d.stat().st_mtime, reverse=True)
     return [str(TINY_MODEL)] + [str(d) for d in found]
 
@@ -1205,6 +1212,10 @@ def get_model(path: str):
     def load(path):
         from transformers import AutoModelForCausalLM
 
+        if not (Path(path) / "config.json").exists():  # a checkpoint: backend.inference builds it (torch: lazily)
+            from backend.inference import load_checkpoint_model
+
+            return load_checkpoint_model(path)
         model = AutoModelForCausalLM.from_pretrained(path)
         model.eval()
         tok_dir = path if (Path(path) / "tokenizer_config.json").exists() else str(TINY_MODEL)

@@ -62,56 +62,37 @@ class JobStatus:
 # ------------------------------------------------------------------------------------------- process groups
 
 
-def group_members(pgid: int | None) -> list[int]:
-    """Pids of the live (non-zombie) processes of process group ``pgid``, read from /proc.
+def _live_processes() -> dict[int, tuple[int, int | None]]:
+    """pid -> (ppid, pgid) of every live (non-zombie) process, through psutil (Linux and macOS alike)."""
+    import psutil
 
-    /proc rather than ``killpg(pgid, 0)``: a zombie (exited, not yet reaped by a parent that is not us) still
+    table = {}
+    for proc in psutil.process_iter(["pid", "ppid", "status"]):
+        info = proc.info
+        if info.get("status") == psutil.STATUS_ZOMBIE or info.get("pid") is None:
+            continue
+        try:
+            pgid = os.getpgid(info["pid"])
+        except (ProcessLookupError, PermissionError):
+            continue  # gone since the listing, or not ours to ask about
+        table[info["pid"]] = (info.get("ppid") or 0, pgid)
+    return table
+
+
+def group_members(pgid: int | None) -> list[int]:
+    """Pids of the live (non-zombie) processes of process group ``pgid``.
+
+    Listed rather than ``killpg(pgid, 0)``: a zombie (exited, not yet reaped by a parent that is not us) still
     counts for killpg and would make a finished job look alive forever.
     """
     if not pgid:
         return []
-    out = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # pid (comm) state ppid pgrp ...; comm may hold spaces and parentheses: split after the last ')'
-        fields = stat[stat.rfind(")") + 2 :].split()
-        if len(fields) >= 3 and int(fields[2]) == pgid and fields[0] != "Z":
-            out.append(int(entry.name))
-    return out
+    return sorted(pid for pid, (_, group) in _live_processes().items() if group == pgid)
 
 
 def group_alive(pgid: int | None) -> bool:
     """True while any non-zombie process is in process group ``pgid``."""
-    if not pgid:
-        return False
-    if Path("/proc").is_dir():
-        return bool(group_members(pgid))
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-
-
-def _process_table() -> dict[int, tuple[int, str]]:
-    """pid -> (ppid, state) of every process, from /proc."""
-    table = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            fields = stat[stat.rfind(")") + 2 :].split()
-            table[int(entry.name)] = (int(fields[1]), fields[0])
-    return table
+    return bool(group_members(pgid))
 
 
 def job_processes(pgid: int | None) -> list[int]:
@@ -120,15 +101,14 @@ def job_processes(pgid: int | None) -> list[int]:
     Descendants matter because torch elastic (``accelerate launch``) starts each rank in its own session, so
     the ranks are not in our group; the runner is their subreaper (studio/runner.py), so they stay findable.
     """
-    if not pgid or not Path("/proc").is_dir():
+    if not pgid:
         return []
-    table = _process_table()
-    found = set(group_members(pgid))
+    table = _live_processes()
+    found = {pid for pid, (_, group) in table.items() if group == pgid}
     frontier = list(found)
     children: dict[int, list[int]] = {}
-    for pid, (ppid, state) in table.items():
-        if state != "Z":
-            children.setdefault(ppid, []).append(pid)
+    for pid, (ppid, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
     while frontier:
         for child in children.get(frontier.pop(), []):
             if child not in found:
@@ -138,9 +118,11 @@ def job_processes(pgid: int | None) -> list[int]:
 
 
 def _cmdline(pid: int) -> str:
+    import psutil
+
     try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode("utf-8", "replace")
-    except OSError:
+        return " ".join(psutil.Process(pid).cmdline())
+    except (psutil.Error, OSError):
         return ""
 
 

@@ -380,3 +380,102 @@ def test_cli_subprocess_has_no_traceback(tmp_path):
 
 def _never(*a, **k):
     raise AssertionError("run_fn must not be called")
+
+
+# ------------------------------------------------------------------- every config key does something (issue 15)
+
+# Contract fields (backend/config.py, "the config contract of the next wave") that other branches wire. The lead
+# empties this list after the merge: the test fails on an entry once that field is read, so none stays by mistake.
+WIRED_ELSEWHERE = {
+    "training.evaluations.samples": "wired by branch learn (issue 17: sample answers during training)",
+    "training.evaluations.sample_max_new_tokens": "wired by branch learn (issue 17)",
+    "run.trackers": "wired by branch learn (issue 17: tensorboard/wandb/mlflow)",
+    "training.export.keep": "wired by branch gpu (issue 13: export dtype/sharding/keep)",
+    "training.export.dtype": "wired by branch gpu (issue 13)",
+    "training.export.max_shard_size": "wired by branch gpu (issue 13)",
+    "training.export.merge": "wired by branch lora (issue 14: merged LoRA exports)",
+    "pretrained.quantization": "wired by branch lora (issue 14: QLoRA)",
+    "model.base_model.peft.type": "wired by branch lora (issue 14)",
+    "model.base_model.peft.rank": "wired by branch lora (issue 14)",
+    "model.base_model.peft.alpha": "wired by branch lora (issue 14)",
+    "model.base_model.peft.dropout": "wired by branch lora (issue 14)",
+    "model.base_model.peft.target_modules": "wired by branch lora (issue 14)",
+    "chat.final_eot": "wired by branch masks (issue 19)",
+}
+# The guide's keys whose every accepted value means the one thing this code does: validation is their whole effect
+# (a value outside the Literal is refused), so there is nothing to read.
+VALIDATED_ONLY = {
+    "pretrained.format": "llama | huggingface: both are a Hugging Face directory",
+    "training.export.format": "llama | huggingface: exports are always Hugging Face Llama directories",
+    "data.datasets.training.type": "file: the only dataset kind",
+    "data.datasets.validation.type": "file: the only dataset kind",
+    "data.datasets.test.type": "file: the only dataset kind",
+}
+
+
+def _code_only(source: str) -> str:
+    """``source`` without comments and docstrings: a key named in prose is not read."""
+    import ast
+    import io
+    import tokenize
+
+    drop = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(getattr(first.value, "value", None), str):
+                drop.update(range(first.lineno - 1, first.end_lineno))
+    comments = {
+        tok.start[0] - 1: tok.start[1]
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+        if tok.type == tokenize.COMMENT
+    }
+    lines = source.splitlines()
+    return "\n".join("" if i in drop else line[: comments.get(i, len(line))] for i, line in enumerate(lines))
+
+
+def _unread_fields() -> list[str]:
+    """Dotted keys of TrainConfig and PrepareConfig that no module of backend/ or studio/ reads.
+
+    backend/config.py (which declares and validates them), comments and docstrings do not count; a lexical net,
+    not a proof. A key counts as read when its dotted path appears, or its ``parent.leaf`` access; a leaf name
+    used by one key only may also be reached through an alias (``b = cfg.batch; b.sequence_length``): then
+    ``.leaf`` plus the parent's name in the same file is enough."""
+    import collections
+    import re
+
+    from backend import ROOT
+    from backend.config import PrepareConfig, TrainConfig, iter_fields
+
+    files = [p for d in ("backend", "studio") for p in (ROOT / d).rglob("*.py") if p.name != "config.py"]
+    texts = [_code_only(p.read_text()) for p in files]
+    paths = [p for cls in (TrainConfig, PrepareConfig) for p, _ in iter_fields(cls)]
+    leaf_count = collections.Counter(p.split(".")[-1] for p in paths)
+    unread = []
+    for path in paths:
+        *parents, leaf = path.split(".")
+        parent = parents[-1] if parents else None
+        exact = [r"\b" + re.escape(path) + r"\b"]  # the dotted path, e.g. in a studio binding table
+        if parent:
+            exact.append(rf"\b{parent}\.{leaf}\b|\b{parent}\[[\"']{leaf}[\"']\]")
+        alias = rf"\.{leaf}\b|\[[\"']{leaf}[\"']\]" if leaf_count[leaf] == 1 or not parent else None
+        if not any(
+            any(re.search(p, text) for p in exact)
+            or (alias and re.search(alias, text) and (not parent or re.search(rf"\b{parent}\b", text)))
+            for text in texts
+        ):
+            unread.append(path)
+    return unread
+
+
+def test_every_config_key_is_read_somewhere():
+    from backend.config import PrepareConfig, TrainConfig, iter_fields
+
+    known = {p for cls in (TrainConfig, PrepareConfig) for p, _ in iter_fields(cls)}
+    listed = {**WIRED_ELSEWHERE, **VALIDATED_ONLY}
+    assert set(listed) <= known, f"allow-listed keys that do not exist: {sorted(set(listed) - known)}"
+    unread = set(_unread_fields())
+    silent = sorted(unread - set(listed))
+    assert not silent, f"config keys accepted but read nowhere in backend/ or studio/: {silent}"
+    now_read = sorted(set(WIRED_ELSEWHERE) - unread)
+    assert not now_read, f"these keys are read now: remove them from WIRED_ELSEWHERE: {now_read}"

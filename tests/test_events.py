@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from backend import ROOT
 from backend.events import EVENTS, EventLog, LockedError, RunLock, read_events, read_lock
 
 
@@ -27,7 +28,7 @@ def test_emit_appends_one_json_line_per_event(tmp_path):
 def test_emit_rejects_unknown_event(tmp_path):
     with pytest.raises(ValueError, match="unknown event 'trian'"):
         EventLog(tmp_path / "e.jsonl").emit("trian", 1)
-    assert set(EVENTS) == {"start", "train", "validation", "checkpoint", "export", "end", "error"}
+    assert set(EVENTS) == {"start", "train", "validation", "test", "checkpoint", "export", "end", "error"}
 
 
 def test_read_events_tails_incrementally_and_leaves_a_partial_line(tmp_path):
@@ -88,3 +89,66 @@ def test_lock_from_another_host_is_refused(tmp_path):
     assert read_lock(tmp_path)["alive"] is None  # cannot tell
     with pytest.raises(LockedError, match="some-other-host"):
         RunLock(tmp_path).acquire()
+
+
+def test_a_lock_read_empty_from_a_racing_starter_is_live_and_freed_by_the_kernel_on_death(tmp_path):
+    # a starter that holds the OS lock but has not written its pid yet (the window between open and write)
+    code = (
+        "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+        "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)"
+    )
+    starter = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "LOCK")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert starter.stdout.readline().strip() == "locked"
+        assert (tmp_path / "LOCK").read_text() == ""
+        info = read_lock(tmp_path)
+        assert info["alive"] is True and info["pid"] is None and info.get("starting") is True
+        with pytest.raises(LockedError, match="starting right now"):
+            RunLock(tmp_path).acquire()
+        assert (tmp_path / "LOCK").exists()  # not removed as stale
+    finally:
+        starter.kill()  # SIGKILL: no cleanup code runs, only the kernel releases the lock
+        starter.wait()
+    assert read_lock(tmp_path)["alive"] is False
+    with RunLock(tmp_path) as lock:
+        info = read_lock(tmp_path)
+        assert lock.held and info["pid"] == os.getpid() and info["alive"] is True and info["flock"] is True
+    assert read_lock(tmp_path) is None
+
+
+def test_a_killed_runs_lock_is_free_even_when_its_pid_is_reused(tmp_path):
+    # the LOCK names a live pid (ours, as if the dead run's pid had been reused) but no process holds the OS lock
+    holder = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from backend.events import RunLock; import os, sys; RunLock(sys.argv[1]).acquire(); os._exit(0)",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert holder.returncode == 0, holder.stderr
+    info = json.loads((tmp_path / "LOCK").read_text())
+    info["pid"] = os.getppid()  # alive, not us
+    (tmp_path / "LOCK").write_text(json.dumps(info))
+    assert read_lock(tmp_path)["alive"] is False
+    with RunLock(tmp_path):
+        assert read_lock(tmp_path)["pid"] == os.getpid()
+
+
+def test_without_os_locks_the_pid_in_the_file_decides(tmp_path, monkeypatch):
+    import errno
+
+    import backend.events as events_module
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(events_module.fcntl, "flock", no_flock)
+    with RunLock(tmp_path):
+        info = read_lock(tmp_path)
+        assert info["flock"] is False and info["pid"] == os.getpid() and info["alive"] is True
+    assert read_lock(tmp_path) is None

@@ -147,6 +147,26 @@ def test_one_step_round_trip_and_openai_shape(tmp_path, tokenizer):
     assert_same(read_all(tmp_path / "out_openai"), got)
 
 
+def test_the_prepared_tokenizer_and_template_are_saved_with_the_data(tmp_path, tokenizer):
+    """Training exports this tokenizer: it must be the one the rows were rendered with, custom template included."""
+    from transformers import AutoTokenizer
+
+    rows = head_jsonl(SAMPLE_DATA, tmp_path / "d.jsonl", 10)
+    template = "{#- this dataset's own template -#}\n" + tokenizer.chat_template
+    prepare(make_cfg(tmp_path, tmp_path / "d.jsonl", chat={"template": template}), progress=False)
+    ds = TokenDataset(tmp_path / "out" / "fast_llm_config_training.yaml")
+    saved = AutoTokenizer.from_pretrained(ds.root / ds.tokenizer_info["saved"])
+    assert saved.chat_template == template != tokenizer.chat_template
+    assert saved.get_vocab() == tokenizer.get_vocab() and saved.eos_token == tokenizer.eos_token
+    # the saved tokenizer renders the rows to the very tokens that were stored
+    r = chat.render(rows[0]["conversations"], saved)
+    stored = [ds.document(i)[0] for i in range(len(ds))] + [
+        TokenDataset(tmp_path / "out", split="validation").document(i)[0]
+        for i in range(len(TokenDataset(tmp_path / "out", split="validation")))
+    ]
+    assert any(np.array_equal(chat.tokenize(r.text, r.trained_spans, saved).input_ids, t) for t in stored)
+
+
 def test_summary_counts_long_documents(tmp_path):
     head_jsonl(SAMPLE_DATA, tmp_path / "d.jsonl", 30)
     s = prepare(make_cfg(tmp_path, tmp_path / "d.jsonl", report={"sequence_length": 90}), progress=False)

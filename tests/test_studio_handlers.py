@@ -479,6 +479,9 @@ def test_poll_overlays_past_runs_and_reports_progress(tmp_path):
     nxt = H.poll_run(str(tmp_path / "a"), view.cursor, [])
     assert [e["step"] for e in nxt.cursor["events"] if e["event"] == "train"] == [1, 2, 3, 4]
     assert H.past_runs(str(tmp_path)) and set(map(Path, H.past_runs(str(tmp_path)))) == {tmp_path / "a", tmp_path / "b"}
+    # training.test_iters: the test loss at the end is in the Train tab's summary line
+    EventLog(tmp_path / "a" / "events.jsonl").emit("test", 4, loss=1.25, batches=3)
+    assert "test loss 1.2500 (3 batches)" in H.poll_run(str(tmp_path / "a"), nxt.cursor, []).status
 
 
 def test_crashed_job_shows_its_error(tmp_path):
@@ -518,6 +521,56 @@ def test_chat_streams_a_reply_from_the_tiny_model(tmp_path):
     assert H.chat_models(str(tmp_path)) == [str(TINY_MODEL), str(export)]
     with pytest.raises(ValueError, match="config.json"):
         next(H.chat_stream(str(tmp_path), [], "hi"))
+
+
+@pytest.mark.slow
+def test_chat_offers_the_checkpoint_of_a_stopped_run(tmp_path):
+    """Stop leaves a checkpoint and no export: the Chat tab lists the checkpoint and chats with its weights
+    (base config + checkpoint weights), also when the weights are FSDP's DCP shards."""
+    import torch
+    from safetensors.torch import load_file
+
+    from backend.inference import FSDP_MODEL_DIR, load_for_chat
+    from studio import jobs
+
+    train, prep = tiny_yamls(tmp_path)
+    exp = tmp_path / "exp"
+    assert H.launch_run(train, prep).startswith("launched")
+    try:
+        wait_for_train_events(exp, 1)
+        assert "SIGTERM" in H.stop_run(str(exp))
+        assert jobs.wait(exp, 180).state == "stopped"
+    finally:
+        st = jobs.job_status(exp)
+        if st.running and st.pgid:
+            os.killpg(st.pgid, 9)
+    (checkpoint,) = sorted((exp / "checkpoints").glob("step_*"))
+    assert not (exp / "export").exists()
+    assert str(checkpoint) in H.chat_models(str(tmp_path))
+    model, tok = H.get_model(str(checkpoint))
+    saved = load_file(str(checkpoint / "model.safetensors"))
+    got = model.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in saved.items())  # the checkpoint's weights, not the base's
+    assert not torch.equal(
+        saved["model.embed_tokens.weight"],
+        load_file(str(TINY_MODEL / "model.safetensors"))["model.embed_tokens.weight"],
+    )
+    assert model.generation_config.use_cache is True and tok.chat_template
+    replies = list(H.chat_stream(str(checkpoint), [], "What is 5 + 37?", "", max_new_tokens=6))
+    assert replies and all(b.startswith(a) for a, b in zip(replies, replies[1:], strict=False))
+
+    # the same checkpoint as FSDP writes it (accelerate: DCP shards of {"model": state_dict}) gives the same model
+    import shutil
+
+    import torch.distributed.checkpoint as dcp
+
+    sharded = tmp_path / "sharded" / checkpoint.name
+    shutil.copytree(checkpoint, sharded, ignore=shutil.ignore_patterns("model.safetensors", "optimizer.bin"))
+    dcp.save({"model": dict(saved)}, storage_writer=dcp.FileSystemWriter(str(sharded / FSDP_MODEL_DIR)), no_dist=True)
+    from_shards, _ = load_for_chat(sharded)
+    ids = tok("Hello there", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(from_shards(ids).logits, model(ids).logits)
 
 
 def test_preview_reads_every_dataset_form_prepare_reads(tmp_path):

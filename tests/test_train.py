@@ -12,6 +12,7 @@ What each test proves:
 - 1 process and 2 FSDP processes (gloo, real DTensor shards) give the same losses and weights.
 """
 
+import json
 import os
 import random
 import shutil
@@ -201,7 +202,12 @@ def test_nan_loss_stops_with_an_error_and_keeps_the_last_good_checkpoint(finishe
             "-m",
             "backend.train",
             str(TINY_TRAIN),
-            *overrides(data, run_dir, **{"training.train_iters": 30, "optimizer.learning_rate.base": 1e30}),
+            *overrides(
+                data,
+                run_dir,
+                # a changed learning rate is refused on resume unless forced (tested below); forced here
+                **{"training.train_iters": 30, "optimizer.learning_rate.base": 1e30, "run.resume": "force"},
+            ),
         ],
         cwd=ROOT,
         env=ENV,
@@ -348,3 +354,263 @@ def test_two_fsdp_processes_match_one_process(data, tmp_path):
         assert len(a) == len(b) > 0
         assert a == pytest.approx(b, abs=1e-5)
     assert_same_weights(final_weights(runs[1]), final_weights(runs[2]), 1e-5)
+    # the Chat tab's reading of a sharded checkpoint (DCP shards, one process) equals the export of that step
+    from backend.inference import FSDP_MODEL_DIR, load_for_chat
+
+    checkpoint = latest_complete(runs[2] / "checkpoints")
+    assert checkpoint.name == "step_000004" and (checkpoint / FSDP_MODEL_DIR).is_dir()
+    from_shards, tokenizer = load_for_chat(checkpoint)
+    exported, _ = load_for_chat(runs[2] / "export" / "final")
+    ids = tokenizer("What is 2 + 3?", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert (from_shards(ids).logits - exported(ids).logits).abs().max().item() < 1e-5
+
+
+# ------------------------------------------------------------------------------ issue 15: runs and exports to trust
+
+
+def run_cli(args, config=TINY_TRAIN, timeout=300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "backend.train", str(config), *args],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_export_generates_with_the_kv_cache(finished_run):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    path = finished_run[0] / "export" / "final"
+    assert GenerationConfig.from_pretrained(path).use_cache is True
+    model = AutoModelForCausalLM.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Name a color."}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )["input_ids"]
+    seen = []  # tokens fed to the decoder at each forward call
+    handle = model.model.register_forward_pre_hook(
+        lambda m, args, kw: seen.append(kw["input_ids"].shape[1]), with_kwargs=True
+    )
+    try:
+        out = model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)  # settings of the export
+    finally:
+        handle.remove()
+    new = out.shape[1] - ids.shape[1]
+    assert new == 8 and len(seen) == new
+    # with the cache: the prompt once, then one token per step (without it, every call re-reads the prefix)
+    assert seen == [ids.shape[1]] + [1] * (new - 1), seen
+
+
+def test_export_carries_the_prepared_tokenizer_template_and_stop_tokens(tmp_path):
+    """Prepare with a base-style tokenizer (eos <|end_of_text|>) and a custom chat.template file, train the tiny
+    model (pretrained.path has another template and eos): the export has the data's template, and generation
+    stops on the template's end-of-turn id first, then the tokenizer's eos."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    base_tok = tmp_path / "base-tokenizer"
+    tok = AutoTokenizer.from_pretrained(TINY_MODEL)
+    tok.eos_token = "<|end_of_text|>"
+    tok.save_pretrained(base_tok)
+    template = (TINY_MODEL / "chat_template.jinja").read_text()
+    custom = tmp_path / "custom.jinja"
+    custom.write_text("{#- custom template of this dataset -#}\n" + template)
+    data = tmp_path / "data"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "backend.prepare",
+            str(ASSETS / "configs" / "tiny_prepare.yaml"),
+            f"output_path={data}",
+            f"tokenizer.path={base_tok}",
+            f"chat.template={custom}",
+        ],
+        cwd=ROOT,
+        env=ENV,
+        check=True,
+        capture_output=True,
+    )
+    run_dir = tmp_path / "exp"
+    proc = run_cli(
+        overrides(data, run_dir, **{"training.train_iters": 1, "training.evaluations.validation.interval": 0})
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    export = run_dir / "export" / "final"
+    exported = AutoTokenizer.from_pretrained(export)
+    assert exported.chat_template == custom.read_text() != AutoTokenizer.from_pretrained(TINY_MODEL).chat_template
+    assert exported.eos_token == "<|end_of_text|>"
+    eos = GenerationConfig.from_pretrained(export).eos_token_id
+    assert eos == [exported.convert_tokens_to_ids("<|eot_id|>"), exported.convert_tokens_to_ids("<|end_of_text|>")]
+
+
+def test_data_from_another_vocabulary_exits_2_naming_both_tokenizers(tmp_path):
+    data = tmp_path / "chatml"
+    chatml = ASSETS / "tokenizers" / "chatml"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "backend.prepare",
+            str(ASSETS / "configs" / "tiny_prepare.yaml"),
+            f"output_path={data}",
+            f"tokenizer.path={chatml}",
+        ],
+        cwd=ROOT,
+        env=ENV,
+        check=True,
+        capture_output=True,
+    )
+    run_dir = tmp_path / "exp"
+    proc = run_cli(overrides(data, run_dir, **{"training.train_iters": 1}))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert str(data / "tokenizer") in proc.stderr and f"pretrained.path {TINY_MODEL.relative_to(ROOT)}" in proc.stderr
+    assert "<|im_start|>" in proc.stderr or "<|im_end|>" in proc.stderr  # which ids differ, shown
+    error = events_of(run_dir, "error")[-1]
+    assert error["kind"] == "ConfigError" and "vocabulary differs" in error["message"]
+    assert not (run_dir / "checkpoints").exists()
+
+
+def test_token_ids_beyond_the_model_vocabulary_are_refused_before_training(data):
+    from backend.compat import check_data_fits_model, max_token_id
+    from backend.config import ConfigError
+    from backend.dataset import TokenDataset
+
+    ds = TokenDataset(data / "fast_llm_config_training.yaml")
+    top = max_token_id(ds)
+    assert top == max(int(ds.document(i)[0].max()) for i in range(len(ds)))  # the scan sees every document
+    check_data_fits_model({"training": ds}, top + 1, "m", "t")  # exactly fits
+    with pytest.raises(ConfigError, match=f"holds token id {top}.*pretrained.path small-model has {top}"):
+        check_data_fits_model({"training": ds}, top, "small-model", "tok-path")
+
+
+def test_resume_refuses_a_changed_batch_size_and_accepts_more_iterations(finished_run, tmp_path):
+    run_dir = tmp_path / "exp"
+    shutil.copytree(finished_run[0], run_dir)
+    data = Path(yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["datasets"]["training"]["path"]).parent
+    before = len(events_of(run_dir))
+
+    changed = run_cli(overrides(data, run_dir, **{"training.train_iters": 20, "batch.batch_size": 8}))
+    assert changed.returncode == 2, changed.stderr[-2000:]
+    assert "batch.batch_size: 4 -> 8" in changed.stderr
+    assert "run.experiment_dir" in changed.stderr and "run.resume=force" in changed.stderr
+    assert [e["event"] for e in events_of(run_dir)[before:]] == ["error"]  # refused before anything ran
+    assert latest_complete(run_dir / "checkpoints").name == "step_000020"
+
+    more = run_cli(overrides(data, run_dir, **{"training.train_iters": 22, "training.checkpoint.keep": 3}))
+    assert more.returncode == 0, more.stderr[-2000:]
+    assert "accepted change training.train_iters: 20 -> 22" in more.stdout + more.stderr
+    assert "accepted change training.checkpoint.keep: 2 -> 3" in more.stdout + more.stderr
+    start = events_of(run_dir, "start")[-1]
+    assert start["resumed_from"].endswith("step_000020")
+    assert any("training.train_iters: 20 -> 22" in line for line in start["resume_changes"])  # the UI sees it too
+    assert [e["step"] for e in events_of(run_dir, "train")[-2:]] == [21, 22]
+    meta = json.loads((run_dir / "checkpoints" / "step_000022" / "meta.json").read_text())
+    assert meta["data"]["num_documents"] > 0 and meta["data"]["prepare_config_hash"]
+
+
+def test_loss_masking_off_trains_every_token_and_test_iters_writes_a_test_event(data, tmp_path):
+    from backend.config import load_train_config
+    from backend.dataset import TokenDataset
+    from backend.packing import PackedSampler, collate
+
+    run_dir = tmp_path / "exp"
+    args = overrides(
+        data,
+        run_dir,
+        **{
+            "training.train_iters": 1,
+            "training.evaluations.validation.interval": 0,
+            "data.sampling.use_loss_masking_spans": "no",
+            "training.test_iters": 2,
+            "data.datasets.test.path": data / "fast_llm_config_validation.yaml",
+        },
+    )
+    proc = run_cli(args)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    cfg = load_train_config(TINY_TRAIN, args)
+    b, s = cfg.batch, cfg.data.sampling
+    ds = TokenDataset(data / "fast_llm_config_training.yaml")
+    sampler = PackedSampler(ds.lengths, b.sequence_length, s.seed, s.packing, s.packing_window, False)
+    pieces = [p for mb in sampler.micro_batches(0, b.batch_size, b.micro_batch_size) for row in mb for p in row]
+    every_target = sum(p.end - p.begin - 1 for p in pieces)  # all tokens but each document's first
+    masked = sum(
+        collate(rows, ds, b.sequence_length)["num_trained"]
+        for rows in sampler.micro_batches(0, b.batch_size, b.micro_batch_size)
+    )
+    trained = events_of(run_dir, "train")[0]["trained_tokens"]
+    assert trained == every_target > masked  # more than the assistant tokens: the prompts are trained too
+    (test,) = events_of(run_dir, "test")
+    assert test["step"] == 1 and test["batches"] == 2 and 0 < test["loss"] < 20
+    end = events_of(run_dir, "end")[-1]
+    assert end["test_loss"] == test["loss"]
+
+
+def test_reductions_are_float64_except_on_mps():
+    from backend.train import _global_sum, _reduction_dtype
+
+    assert _reduction_dtype("cpu") == torch.float64 and _reduction_dtype("cuda") == torch.float64
+    assert _reduction_dtype(torch.device("mps")) == torch.float32  # MPS has no float64
+
+    class OneProcessOnMps:  # torch cannot build an MPS tensor here: one process must not make one
+        num_processes, device = 1, torch.device("mps")
+
+    assert _global_sum(OneProcessOnMps(), [0.1, 2]) == [0.1, 2.0]
+
+    class TwoProcesses:
+        num_processes, device, seen = 2, torch.device("cpu"), []
+
+        def reduce(self, t, reduction):
+            self.seen.append((t.dtype, t.device.type, reduction))
+            return t * 2  # the other rank holds the same values
+
+    assert _global_sum(TwoProcesses(), [0.1, 1e-17]) == [0.2, 2e-17]
+    assert TwoProcesses.seen == [(torch.float64, "cpu", "sum")]
+
+
+def test_resume_rule_on_config_changes(finished_run, tmp_path):
+    """Unit view of the rule the CLI test exercises: which keys may change, force, and moved data."""
+    from backend.compat import check_resume, data_fingerprint
+    from backend.config import ConfigError, load_train_config
+    from backend.dataset import TokenDataset
+
+    run_dir = finished_run[0]
+    checkpoint = latest_complete(run_dir / "checkpoints")
+    saved = load_train_config(checkpoint / "config.yaml")
+    data = Path(saved.data.datasets.training.path)
+    fingerprint = data_fingerprint(TokenDataset(data))
+    assert check_resume(checkpoint, saved, fingerprint, log=lambda m: None) == []
+    seed = load_train_config(saved, ["data.sampling.seed=7", "optimizer.beta_2=0.9"])
+    with pytest.raises(ConfigError) as e:
+        check_resume(checkpoint, seed, fingerprint, log=lambda m: None)
+    assert "data.sampling.seed: 1234 -> 7" in str(e.value) and "optimizer.beta_2: 0.95 -> 0.9" in str(e.value)
+    forced = check_resume(checkpoint, load_train_config(seed, ["run.resume=force"]), fingerprint, log=lambda m: None)
+    assert any("FORCED" in line and "data.sampling.seed" in line for line in forced)
+    # the same prepared data at another path is fine; other content at the same path is not
+    moved = tmp_path / "moved"
+    shutil.copytree(data.parent, moved)
+    relocated = load_train_config(saved, [f"data.datasets.training.path={moved / data.name}"])
+    lines = check_resume(checkpoint, relocated, data_fingerprint(TokenDataset(moved / data.name)), log=lambda m: None)
+    assert any("data.datasets.training.path" in line for line in lines)
+    with pytest.raises(ConfigError, match=r"data.datasets.training \(content\)"):
+        check_resume(checkpoint, saved, {**fingerprint, "num_tokens": fingerprint["num_tokens"] + 1}, log=print)
+
+
+def test_data_prepared_before_tokenizers_were_saved_uses_the_recorded_tokenizer(data, tmp_path):
+    from backend.compat import data_tokenizer
+    from backend.dataset import TokenDataset
+
+    old = tmp_path / "old"
+    shutil.copytree(data, old, ignore=shutil.ignore_patterns("tokenizer"))
+    ds = TokenDataset(old / "fast_llm_config_training.yaml")
+    said = []
+    tokenizer, source = data_tokenizer(ds, "fallback/path", log=said.append)
+    assert source == ds.tokenizer_info["path"] and "no saved tokenizer" in said[0]
+    assert len(tokenizer) == ds.vocab_size
+    tokenizer, source = data_tokenizer(TokenDataset(data / "fast_llm_config_training.yaml"), "x", log=said.append)
+    assert source == str(data / "tokenizer")
