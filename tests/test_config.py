@@ -400,7 +400,6 @@ WIRED_ELSEWHERE = {
     "model.base_model.peft.alpha": "wired by branch lora (issue 14)",
     "model.base_model.peft.dropout": "wired by branch lora (issue 14)",
     "model.base_model.peft.target_modules": "wired by branch lora (issue 14)",
-    "chat.final_eot": "wired by branch masks (issue 19)",
 }
 # The guide's keys whose every accepted value means the one thing this code does: validation is their whole effect
 # (a value outside the Literal is refused), so there is nothing to read.
