@@ -73,7 +73,9 @@ def fsdp_plugin_from_config(cfg) -> FullyShardedDataParallelPlugin | None:
         auto_wrap_policy="transformer_based_wrap",  # classes from model._no_split_modules at prepare()
         state_dict_type="SHARDED_STATE_DICT",
         mixed_precision_policy=mixed,
-        cpu_ram_efficient_loading=False,
+        # prepare() broadcasts rank 0's weights into the shards; the other ranks hold no weights before it
+        # (backend.scaling.load_model_for_rank)
+        cpu_ram_efficient_loading=True,
     )
 
 

@@ -130,8 +130,9 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
     from backend.dataset import TokenDataset
     from backend.distributed import describe, is_sharded, print0
     from backend.loss import global_trained_count, loss_scale, trained_token_loss
-    from backend.modeling import load_model, load_tokenizer, select_attention
+    from backend.modeling import load_tokenizer, select_attention
     from backend.packing import PackedSampler, collate
+    from backend.scaling import Probe, enable_activation_checkpointing, load_model_for_rank, micro_batch_sync
 
     run_dir = Path(cfg.run.experiment_dir)
     t, b, opt = cfg.training, cfg.batch, cfg.optimizer
@@ -180,8 +181,17 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
     set_seed(cfg.model.distributed.seed)  # same random init on every rank when model_weights: no
     attn_impl, attn_reason = select_attention(cfg.model.base_model.transformer.use_flash_attention, accelerator.device)
     print0(f"attention: {attn_reason}")
-    # weights stay fp32 (master copy); bf16/fp16 compute comes from the Accelerator's mixed precision
-    model = load_model(cfg.pretrained.path, "fp32", attn_impl, random_init=not cfg.pretrained.model_weights)
+    # weights stay fp32 (master copy); bf16/fp16 compute comes from the Accelerator's mixed precision. Under FSDP
+    # only rank 0 reads the weights; prepare() broadcasts them into the shards (backend/scaling.py)
+    fsdp = describe(accelerator)["distributed_type"] == "FSDP"
+    probe = Probe(rank)  # measurements for the tests, only with SFT_STUDIO_PROBE set
+    probe.before_load()
+    model = load_model_for_rank(
+        cfg.pretrained.path, attn_impl, not cfg.pretrained.model_weights, rank, world, fsdp and world > 1
+    )
+    if cfg.model.multi_stage.activation_checkpointing:
+        layers = enable_activation_checkpointing(model)
+        print0(f"activation checkpointing: {layers} decoder layers recompute their forward in backward")
     tokenizer = load_tokenizer(cfg.pretrained.path)
     num_params = sum(p.numel() for p in model.parameters())
     optimizer = torch.optim.AdamW(
@@ -192,6 +202,7 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
     # prepare: wraps/shards the model (FSDP2 turns parameters into DTensors) and re-points the optimizer at them
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
+    probe.after_prepare(model)
 
     # ---- resume from the newest complete checkpoint (a save cut short has no COMPLETE marker: skipped)
     checkpoints = run_dir / "checkpoints"
@@ -268,12 +279,14 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
         local_loss = 0.0
         for i, mb in enumerate(micro_batches):
             mb = _to_device(mb, accelerator.device)
-            # no_sync: gradients are only reduced across ranks on the step's last micro-batch
-            sync = accelerator.no_sync(model) if i < len(micro_batches) - 1 else _nullcontext()
+            # DDP: no_sync until the step's last micro-batch (one all-reduce). FSDP: reduce-scatter every micro-batch,
+            # so that no rank holds the whole model's gradient unsharded (backend/scaling.py)
+            sync = micro_batch_sync(accelerator, model, last=i == len(micro_batches) - 1)
             with sync, accelerator.autocast():
                 loss_sum, _ = trained_token_loss(model, mb, cfg.model.base_model.cross_entropy_impl)
                 accelerator.backward(loss_sum * scale)  # Accelerator has gradient_accumulation_steps=1: no division
             local_loss += float(loss_sum.detach())
+            probe.micro_batch(step, model)
         (loss_total,) = _global_sum(accelerator, [local_loss])
         loss = loss_total / global_count if global_count else float("nan")
         # clip_grad_norm_ returns the norm before clipping (all ranks' shards); inf = only measure it
@@ -287,6 +300,7 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
             )
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        probe.write()
         step += 1
         bar.update(1)
         interval_trained += global_count
@@ -355,12 +369,6 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
     if accelerator.is_main_process:
         events.emit("end", step, **summary)
     return {"step": step, **summary}
-
-
-def _nullcontext():
-    import contextlib
-
-    return contextlib.nullcontext()
 
 
 def train(config, overrides=()) -> dict:
