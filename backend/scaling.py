@@ -15,13 +15,15 @@ loading that does not put the full model in every rank's host memory. backend/tr
         torch.utils.checkpoint(use_reentrant=False): works under FSDP2 (the recompute runs inside the layer's
         pre-backward all-gather) and in one process. Only each layer's input is kept from forward to backward.
 
-    load_model_for_rank(path, attn_impl, random_init, rank, world, fsdp)
+    load_model_for_rank(path, attn_impl, random_init, rank, world, fsdp) -> model, finish
         FSDP with several processes: rank 0 loads the weights (or draws the random init, model_weights: no); every
         other rank builds the model with parameters that own no data yet (torch.empty, pages never written, so no
-        host memory) and real buffers (rotary frequencies). accelerator.prepare then shards the model and
-        broadcasts rank 0's weights one tensor at a time (Accelerate's cpu_ram_efficient_loading, switched on
-        for FSDP by backend.distributed), re-tying tied embeddings. Peak host memory of a rank > 0: one full
-        tensor plus its shard. DDP and one process load normally (each rank needs a full replica anyway).
+        host memory), real buffers (rotary frequencies) and the same ties. accelerator.prepare shards it (each
+        rank > 0 now holds shards of garbage), then `finish(model)` scatters rank 0's tensors into the shards one
+        at a time (scatter_from_rank0). Host memory of a rank > 0: its shards plus one chunk. DDP and one process
+        load normally (each rank needs a full replica anyway). Accelerate's own cpu_ram_efficient_loading is not
+        used: it broadcasts every full tensor to every rank, and its rank-0 copy of the state dict maps the
+        optimizer by data_ptr(), which is 0 for every meta tensor.
 
     gradient_bytes(model)                        bytes of gradient this rank holds now (the probe of the tests)
 
@@ -79,23 +81,63 @@ def enable_activation_checkpointing(model) -> int:
 
 
 def load_model_for_rank(path, attn_implementation: str, random_init: bool, rank: int, world: int, fsdp: bool):
-    """The model this rank feeds to accelerator.prepare (fp32 master weights). See the module docstring."""
+    """-> (model for accelerator.prepare, fp32 master weights; `finish(prepared_model)` or None).
+
+    FSDP with several processes: rank 0 loads; the others build an empty model (see module docstring). Call
+    `finish` on every rank right after prepare: it scatters rank 0's weights into every rank's shards."""
     from backend.modeling import load_model
 
-    if not fsdp or world == 1 or rank == 0:
-        return load_model(path, "fp32", attn_implementation, random_init=random_init)
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    if not fsdp or world == 1:
+        return load_model(path, "fp32", attn_implementation, random_init=random_init), None
+    if rank == 0:
+        model = load_model(path, "fp32", attn_implementation, random_init=random_init)
+        full = model.state_dict()  # keeps rank 0's full tensors alive through prepare(), which frees the model's
+    else:
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModelForCausalLM
 
-    from backend.modeling import prepare_for_packed_training, register_attention
+        from backend.modeling import prepare_for_packed_training, register_attention
 
-    register_attention(attn_implementation)
-    config = AutoConfig.from_pretrained(path)
-    with init_empty_weights(include_buffers=False):  # parameters on meta, buffers computed for real
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attn_implementation)
-    _materialize_empty(model)
-    model.tie_weights()  # init_empty_weights re-creates each assigned parameter, which unties tied embeddings
-    return prepare_for_packed_training(model)
+        register_attention(attn_implementation)
+        config = AutoConfig.from_pretrained(path)
+        with init_empty_weights(include_buffers=False):  # parameters on meta, buffers computed for real
+            model = AutoModelForCausalLM.from_config(
+                config, dtype=torch.float32, attn_implementation=attn_implementation
+            )
+        _materialize_empty(model)
+        model.tie_weights()  # init_empty_weights re-creates each assigned parameter, which unties tied embeddings
+        model, full = prepare_for_packed_training(model), None
+
+    def finish(prepared) -> None:
+        scatter_from_rank0(prepared, full)
+        full.clear() if full is not None else None
+
+    return model, finish
+
+
+@torch.no_grad()
+def scatter_from_rank0(model: torch.nn.Module, full: dict | None) -> None:
+    """Copy rank 0's full tensors (``full``, None on other ranks) into every rank's FSDP2 shards, one tensor at a
+    time: rank 0 scatters each tensor's chunks (distribute_tensor, src_data_rank=0), so a rank > 0 never holds more
+    than one chunk beyond its own shards. Unsharded tensors (buffers) are broadcast whole. A collective."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    rank = dist.get_rank()
+    done: set[int] = set()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) in done:  # tied parameters appear under two names
+            continue
+        done.add(id(tensor))
+        if isinstance(tensor, DTensor):
+            dtype, device = tensor.dtype, tensor.to_local().device
+            source = full[name] if rank == 0 else torch.empty(tensor.shape, dtype=dtype, device=device)  # unwritten
+            shard = distribute_tensor(source.to(device, dtype), tensor.device_mesh, tensor.placements)
+            tensor.to_local().copy_(shard.to_local())
+        else:
+            if rank == 0:
+                tensor.copy_(full[name])
+            dist.broadcast(tensor.data, src=0)
 
 
 def _materialize_empty(model: torch.nn.Module) -> None:
@@ -172,10 +214,15 @@ class Probe:
         if self:
             self.data.update(rss_before_load=_rss(), peak_rss_before_load=_peak_rss())
 
+    def after_load(self) -> None:
+        if self:
+            self.data.update(rss_after_load=_rss(), peak_rss_after_load=_peak_rss())
+
     def after_prepare(self, model) -> None:
         if self:
             local = sum(getattr(p, "_local_tensor", p).numel() * p.element_size() for p in model.parameters())
             self.data.update(
+                rss_after_prepare=_rss(),
                 peak_rss_after_prepare=_peak_rss(),
                 parameter_bytes_local=local,
                 parameter_bytes_full=sum(p.numel() * p.element_size() for p in model.parameters()),

@@ -186,9 +186,10 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
     fsdp = describe(accelerator)["distributed_type"] == "FSDP"
     probe = Probe(rank)  # measurements for the tests, only with SFT_STUDIO_PROBE set
     probe.before_load()
-    model = load_model_for_rank(
+    model, finish_loading = load_model_for_rank(
         cfg.pretrained.path, attn_impl, not cfg.pretrained.model_weights, rank, world, fsdp and world > 1
     )
+    probe.after_load()
     if cfg.model.multi_stage.activation_checkpointing:
         layers = enable_activation_checkpointing(model)
         print0(f"activation checkpointing: {layers} decoder layers recompute their forward in backward")
@@ -201,6 +202,8 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
     )
     # prepare: wraps/shards the model (FSDP2 turns parameters into DTensors) and re-points the optimizer at them
     model, optimizer = accelerator.prepare(model, optimizer)
+    if finish_loading is not None:
+        finish_loading(model)  # FSDP: rank 0's weights scattered into every rank's shards
     model.train()
     probe.after_prepare(model)
 
