@@ -226,9 +226,15 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
         return path
 
     def export(step, name):
-        path = export_hf(accelerator, model, tokenizer, run_dir / "export", name)
+        from backend.checkpoint import export_dtype, prune_exports
+
+        path = export_hf(
+            accelerator, model, tokenizer, run_dir / "export", name, export_dtype(cfg), t.export.max_shard_size
+        )
         if accelerator.is_main_process:
             events.emit("export", step, path=str(path))
+            for old in prune_exports(run_dir / "export", t.export.keep):  # training.export.keep; final is kept
+                print0(f"export: removed {old} (training.export.keep: {t.export.keep})")
         return path
 
     sharded = is_sharded(model)
