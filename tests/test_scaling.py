@@ -108,15 +108,16 @@ def probes(directory: Path, world: int) -> list[dict]:
     return [json.loads((directory / f"rank{r}.json").read_text()) for r in range(world)]
 
 
+def reference_run(data, run_dir, **extra) -> Path:
+    """The tiny model, 3 steps of 8 micro-batches of 1 row, one process, no checkpointing: the reference."""
+    values = {"batch.batch_size": 8, "training.train_iters": 3, "model.multi_stage.zero_stage": 0, **extra}
+    run(write_config(run_dir, data, **values), 1)
+    return run_dir
+
+
 @pytest.fixture(scope="module")
 def one_process(data, tmp_path_factory):
-    """The tiny model, 3 steps of 8 micro-batches of 1 row, one process, no checkpointing: the reference."""
-    run_dir = tmp_path_factory.mktemp("ref") / "exp"
-    config = write_config(
-        run_dir, data, **{"batch.batch_size": 8, "training.train_iters": 3, "model.multi_stage.zero_stage": 0}
-    )
-    run(config, 1)
-    return run_dir
+    return reference_run(data, tmp_path_factory.mktemp("ref") / "exp")
 
 
 def test_fsdp_accumulation_keeps_gradients_sharded_and_matches_one_process(data, one_process, tmp_path):
@@ -213,9 +214,12 @@ def test_rank0_loading_keeps_other_ranks_light_and_trains_like_one_process(data,
     assert losses(run_dir) == pytest.approx(losses(ref_dir), abs=1e-5)
 
 
-def test_two_machines_with_accelerate_launch_match_one_process(data, one_process, tmp_path):
+def test_two_machines_with_accelerate_launch_match_one_process(data, tmp_path):
     """`accelerate launch --num_machines 2 --machine_rank r --main_process_ip ... --main_process_port ...` on each
-    "machine" (here two processes on loopback, one per machine), with the config file backend.launch writes."""
+    "machine" (here two processes on loopback, one per machine), with the config file backend.launch writes.
+    model_weights: no, so this also checks that rank 0's random init reaches rank 1 (the other machine)."""
+    random_init = {"pretrained.model_weights": False}
+    reference = reference_run(data, tmp_path / "ref", **random_init)
     run_dir = tmp_path / "exp"
     config = write_config(
         run_dir,
@@ -225,6 +229,7 @@ def test_two_machines_with_accelerate_launch_match_one_process(data, one_process
             "training.train_iters": 3,
             "model.multi_stage.zero_stage": 3,
             "run.num_processes": 2,
+            **random_init,
         },
     )
     port = free_port()
@@ -253,4 +258,4 @@ def test_two_machines_with_accelerate_launch_match_one_process(data, one_process
         assert p.returncode == 0, out[-6000:]
     start = start_event(run_dir)
     assert (start["world_size"], start["distributed_type"], start["sharded"]) == (2, "FSDP", True)
-    assert losses(run_dir) == pytest.approx(losses(one_process), abs=1e-5)
+    assert losses(run_dir) == pytest.approx(losses(reference), abs=1e-5)
