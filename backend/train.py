@@ -182,7 +182,7 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
     attn_impl, attn_reason = select_attention(cfg.model.base_model.transformer.use_flash_attention, accelerator.device)
     print0(f"attention: {attn_reason}")
     # weights stay fp32 (master copy); bf16/fp16 compute comes from the Accelerator's mixed precision. Under FSDP
-    # only rank 0 reads the weights; prepare() broadcasts them into the shards (backend/scaling.py)
+    # only rank 0 reads the weights; finish_loading scatters them into the shards after prepare() (backend/scaling.py)
     fsdp = describe(accelerator)["distributed_type"] == "FSDP"
     probe = Probe(rank)  # measurements for the tests, only with SFT_STUDIO_PROBE set
     probe.before_load()
