@@ -9,8 +9,11 @@ Layout under ``run.experiment_dir``::
         meta.json                                    {"step": 100, "world_size": 2, "config_hash": "...", ...}
         config.yaml                                  the resolved config the run had
         COMPLETE                                     written last: a directory without it is ignored
-    export/step_000100/, export/final/  HF directories: config.json, model.safetensors, tokenizer files,
-                                        chat_template.jinja, generation_config.json (eos = end-of-turn ids)
+    export/step_000100/, export/final/  HF directories: config.json, model.safetensors (or shards of
+                                        training.export.max_shard_size + model.safetensors.index.json), tokenizer
+                                        files, chat_template.jinja, generation_config.json (eos = end-of-turn ids);
+                                        weights in training.export.dtype (default: the training dtype);
+                                        training.export.keep prunes old step_* exports, final is always kept
 
 Both are written into ``<name>.tmp`` and renamed when whole, so a crash leaves either nothing or a ``.tmp``
 that is ignored and cleaned. The learning-rate schedule is a pure function of the step (see
@@ -164,11 +167,55 @@ def export_generation_config(generation, tokenizer):
     return generation
 
 
-def export_hf(accelerator, model, tokenizer, export_dir, name: str) -> Path:
+def export_dtype(cfg) -> str:
+    """Dtype of exported weights: training.export.dtype, else the training dtype (bf16 runs export bf16)."""
+    return cfg.training.export.dtype or cfg.model.distributed.training_dtype
+
+
+def _cast_state_dict(state_dict: dict, dtype) -> dict:
+    """Floating-point tensors to ``dtype`` (the fp32 master weights of a bf16 run export as bf16: half the disk)."""
+    from backend.modeling import as_dtype
+
+    dtype = as_dtype(dtype)
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+
+
+def _record_dtype(model_dir: Path, dtype) -> None:
+    """save_pretrained writes the dtype of the (fp32) model into config.json: write the exported one instead."""
+    from backend.modeling import as_dtype
+
+    config_path = model_dir / "config.json"
+    config = json.loads(config_path.read_text())
+    config["dtype"] = str(as_dtype(dtype)).split(".")[1]
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def prune_exports(export_dir, keep: int | None) -> list[Path]:
+    """Delete all but the newest ``keep`` intermediate exports (``export/step_XXXXXX``); ``final`` is never
+    touched. None keeps all. Returns the deleted directories."""
+    if keep is None:
+        return []
+    root = Path(export_dir)
+    steps = sorted(
+        (int(m.group(1)), child)
+        for child in (root.iterdir() if root.is_dir() else [])
+        if (m := _STEP_DIR.match(child.name)) and child.is_dir()
+    )
+    doomed = [path for _, path in steps[: max(0, len(steps) - keep)]]
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+    return doomed
+
+
+def export_hf(
+    accelerator, model, tokenizer, export_dir, name: str, dtype: str | None = None, max_shard_size: str = "5GB"
+) -> Path:
     """Write ``export_dir/<name>`` as a Hugging Face model directory (a collective: call on every rank).
 
     ``AutoModelForCausalLM.from_pretrained(path)`` + ``AutoTokenizer.from_pretrained(path)`` load it; its
     generation_config stops on the end-of-turn token(s), so ``generate`` ends replies like the chat template.
+    Weights in ``dtype`` (None: as trained, fp32), in safetensors shards of at most ``max_shard_size`` (an index
+    file lists them when there are several).
     """
     export_dir = Path(export_dir)
     final = export_dir / name
@@ -188,8 +235,12 @@ def export_hf(accelerator, model, tokenizer, export_dir, name: str) -> Path:
         # training runs with use_cache=False (packed rows); an exported model is for generation, where the
         # KV cache is what makes decoding fast
         use_cache, unwrapped.config.use_cache = unwrapped.config.use_cache, True
-        unwrapped.save_pretrained(tmp, state_dict=state_dict, is_main_process=True)
+        if dtype is not None:
+            state_dict = _cast_state_dict(state_dict, dtype)
+        unwrapped.save_pretrained(tmp, state_dict=state_dict, is_main_process=True, max_shard_size=max_shard_size)
         unwrapped.config.use_cache = use_cache
+        if dtype is not None:
+            _record_dtype(tmp, dtype)
         tokenizer.save_pretrained(tmp)  # includes chat_template.jinja (the prepared data's, see train.py)
         export_generation_config(unwrapped.generation_config, tokenizer).save_pretrained(tmp)
         # replace by renames: killed at any point, either the old or the new export is complete on disk

@@ -73,6 +73,7 @@ def fsdp_plugin_from_config(cfg) -> FullyShardedDataParallelPlugin | None:
         auto_wrap_policy="transformer_based_wrap",  # classes from model._no_split_modules at prepare()
         state_dict_type="SHARDED_STATE_DICT",
         mixed_precision_policy=mixed,
+        # ranks > 0 hold no weights before prepare(); backend.scaling scatters rank 0's into the shards after it
         cpu_ram_efficient_loading=False,
     )
 

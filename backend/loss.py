@@ -89,7 +89,7 @@ def _forward_kwargs(model: nn.Module, batch: dict) -> dict:
     """Model inputs for a flattened packed batch: never a 2D attention mask, never a cache."""
     attn = getattr(getattr(_inner(model), "config", None), "_attn_implementation", "") or ""
     # flash and sdpa_packed read document boundaries from cu_seq_lens (sdpa_packed only when the batch has them)
-    varlen = "flash" in attn or (attn == "sdpa_packed" and "cu_seq_lens_q" in batch)
+    varlen = "flash" in attn or (attn in ("sdpa_packed", "torch_varlen") and "cu_seq_lens_q" in batch)
     if not varlen and _flattening_joins_rows(batch["position_ids"]):
         # sdpa/eager split a flattened row into documents by position ids alone: keep the (B, L) layout.
         return dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)

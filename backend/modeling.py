@@ -15,6 +15,8 @@ the detection):
                         B = 1, 2, 4 in the tests) and builds a dense (B, 1, L, L) block-causal mask.
     flash_attention_2:  the same + cu_seq_lens_q/k, max_length_q/k  -> flash_attn_varlen_func over the flattened
                         B*L tokens (position-only detection works for B = 1 only, so the kwargs are mandatory).
+    torch_varlen / sdpa_packed: the same kwargs -> torch.nn.attention.varlen / causal SDPA per document
+                        (backend/attention_varlen.py, backend/attention.py); `select_attention` picks the tier.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ DTYPES = {
 }
 FLASH = "flash_attention_2"
 PACKED_SDPA = "sdpa_packed"  # backend/attention.py: causal SDPA per document, no dense (L, L) mask
+TORCH_VARLEN = "torch_varlen"  # backend/attention_varlen.py: torch.nn.attention.varlen (CUDA, torch >= 2.10)
 
 
 def as_dtype(dtype) -> torch.dtype:
@@ -46,38 +49,58 @@ def as_dtype(dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def select_attention(use_flash_attention: bool, device=None) -> tuple[str, str]:
-    """-> (attn_implementation, reason). flash_attention_2 only when asked for, importable and on CUDA; else
-    sdpa_packed (backend/attention.py: SDPA per document over the same boundaries, no O(L²) mask).
+def select_attention(use_flash_attention: bool, device=None, _has_module=None) -> tuple[str, str]:
+    """-> (attn_implementation, reason): the one place that picks packed attention. Three tiers on CUDA, in order:
 
-    The reason is logged and returned so that the trainer can put it in its start event.
+        flash_attention_2   the flash-attn package is installed: its varlen kernel over cu_seq_lens
+        torch_varlen        PyTorch's own flash varlen kernel, torch.nn.attention.varlen (torch >= 2.10, nothing
+                            to compile; backend/attention_varlen.py)
+        sdpa_packed         causal SDPA per document (backend/attention.py): no O(L²) mask, one call per document
+
+    Off CUDA, or with use_flash_attention off, sdpa_packed. The reason is logged and returned so that the trainer
+    can put it in its start event. `_has_module(name) -> bool` is for tests (default: importlib's find_spec).
     """
+    if _has_module is None:
+        _has_module = _module_available
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     on_cuda = torch.device(device).type == "cuda" and torch.cuda.is_available()
+    fallback = "falling back to sdpa_packed (causal SDPA per document)"
     if not use_flash_attention:
         impl, reason = PACKED_SDPA, "use_flash_attention is off: using sdpa_packed (causal SDPA per document)"
-    elif importlib.util.find_spec("flash_attn") is None:
-        impl, reason = (
-            PACKED_SDPA,
-            (
-                "use_flash_attention is on but the flash_attn package is not installed "
-                "(pip install 'sft-studio[gpu]'): falling back to sdpa_packed "
-                "(causal SDPA per document)"
-            ),
-        )
     elif not on_cuda:
+        impl, reason = PACKED_SDPA, f"use_flash_attention is on but the device is {device}, not CUDA: {fallback}"
+    elif _has_module("flash_attn"):
+        impl, reason = FLASH, "flash_attention_2 (flash-attn varlen over cu_seq_lens: packed documents stay separate)"
+    elif _has_module("torch.nn.attention.varlen"):
         impl, reason = (
-            PACKED_SDPA,
-            (
-                f"use_flash_attention is on but the device is {device}, not CUDA: "
-                "falling back to sdpa_packed (causal SDPA per document)"
-            ),
+            TORCH_VARLEN,
+            f"the flash_attn package is not installed: using torch_varlen (torch {torch.__version__} "
+            "torch.nn.attention.varlen, flash kernels over cu_seq_lens, nothing to compile)",
         )
     else:
-        impl, reason = FLASH, "flash_attention_2 (varlen over cu_seq_lens: packed documents stay separate)"
+        impl, reason = (
+            PACKED_SDPA,
+            f"neither the flash_attn package (pip install 'sft-studio[gpu]') nor torch.nn.attention.varlen "
+            f"(torch >= 2.10; this is {torch.__version__}) is available: {fallback}",
+        )
     log.info("attention: %s", reason)
     return impl, reason
+
+
+def _module_available(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # a parent package is missing
+        return False
+
+
+def register_attention(attn_implementation: str) -> None:
+    """Import the module that registers our own attention names with transformers (no-op for built-in ones)."""
+    if attn_implementation == PACKED_SDPA:
+        import backend.attention  # noqa: F401
+    elif attn_implementation == TORCH_VARLEN:
+        import backend.attention_varlen  # noqa: F401
 
 
 def prepare_for_packed_training(model):
@@ -93,9 +116,7 @@ def load_model(path, dtype="fp32", attn_implementation: str = "sdpa", random_ini
     """Load a causal LM for packed training. random_init=True builds it from the config (`model_weights: no`)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    if attn_implementation == PACKED_SDPA:
-        import backend.attention  # noqa: F401  registers sdpa_packed with transformers
-
+    register_attention(attn_implementation)
     dtype = as_dtype(dtype)
     try:
         if random_init:
@@ -132,7 +153,7 @@ def forward_packed(model, batch: dict, attn_impl: str, **kwargs):
         "position_ids": batch["position_ids"].to(device),  # (B, L)
         "use_cache": False,
     }
-    if attn_impl.startswith("flash") or attn_impl == PACKED_SDPA:  # document boundaries, authoritative
+    if attn_impl.startswith("flash") or attn_impl in (PACKED_SDPA, TORCH_VARLEN):  # document boundaries, authoritative
         inputs["cu_seq_lens_q"] = batch["cu_seq_lens_q"].to(device)
         inputs["cu_seq_lens_k"] = batch["cu_seq_lens_k"].to(device)
         inputs["max_length_q"] = int(batch["max_length_q"])

@@ -141,8 +141,9 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
     from backend.dataset import EveryTokenTrained, TokenDataset
     from backend.distributed import describe, is_sharded, print0
     from backend.loss import global_trained_count, loss_scale, trained_token_loss
-    from backend.modeling import load_model, select_attention
+    from backend.modeling import select_attention
     from backend.packing import PackedSampler, collate
+    from backend.scaling import Probe, enable_activation_checkpointing, load_model_for_rank, micro_batch_sync
 
     run_dir = Path(cfg.run.experiment_dir)
     t, b, opt = cfg.training, cfg.batch, cfg.optimizer
@@ -206,8 +207,18 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
     test_data = _test_split(cfg)
     splits = {"training": train_data, "validation": val_data, "test": test_data}
     compat.check_data_fits_model(splits, compat.model_vocab(cfg.pretrained.path), cfg.pretrained.path, tokenizer_source)
-    # weights stay fp32 (master copy); bf16/fp16 compute comes from the Accelerator's mixed precision
-    model = load_model(cfg.pretrained.path, "fp32", attn_impl, random_init=not cfg.pretrained.model_weights)
+    # weights stay fp32 (master copy); bf16/fp16 compute comes from the Accelerator's mixed precision. Under FSDP
+    # only rank 0 reads the weights; finish_loading scatters them into the shards after prepare() (backend/scaling.py)
+    fsdp = describe(accelerator)["distributed_type"] == "FSDP"
+    probe = Probe(rank)  # measurements for the tests, only with SFT_STUDIO_PROBE set
+    probe.before_load()
+    model, finish_loading = load_model_for_rank(
+        cfg.pretrained.path, attn_impl, not cfg.pretrained.model_weights, rank, world, fsdp and world > 1
+    )
+    probe.after_load()
+    if cfg.model.multi_stage.activation_checkpointing:
+        layers = enable_activation_checkpointing(model)
+        print0(f"activation checkpointing: {layers} decoder layers recompute their forward in backward")
     num_params = sum(p.numel() for p in model.parameters())
     optimizer = torch.optim.AdamW(
         param_groups(model, opt.weight_decay),
@@ -216,7 +227,10 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
     )
     # prepare: wraps/shards the model (FSDP2 turns parameters into DTensors) and re-points the optimizer at them
     model, optimizer = accelerator.prepare(model, optimizer)
+    if finish_loading is not None:
+        finish_loading(model)  # FSDP: rank 0's weights scattered into every rank's shards
     model.train()
+    probe.after_prepare(model)
 
     # ---- resume from the newest complete checkpoint (a save cut short has no COMPLETE marker: skipped)
     checkpoints = run_dir / "checkpoints"
@@ -242,9 +256,15 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
         return path
 
     def export(step, name):
-        path = export_hf(accelerator, model, tokenizer, run_dir / "export", name)
+        from backend.checkpoint import export_dtype, prune_exports
+
+        path = export_hf(
+            accelerator, model, tokenizer, run_dir / "export", name, export_dtype(cfg), t.export.max_shard_size
+        )
         if accelerator.is_main_process:
             events.emit("export", step, path=str(path))
+            for old in prune_exports(run_dir / "export", t.export.keep):  # training.export.keep; final is kept
+                print0(f"export: removed {old} (training.export.keep: {t.export.keep})")
         return path
 
     sharded = is_sharded(model)
@@ -299,12 +319,14 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
         local_loss = 0.0
         for i, mb in enumerate(micro_batches):
             mb = _to_device(mb, accelerator.device)
-            # no_sync: gradients are only reduced across ranks on the step's last micro-batch
-            sync = accelerator.no_sync(model) if i < len(micro_batches) - 1 else _nullcontext()
+            # DDP: no_sync until the step's last micro-batch (one all-reduce). FSDP: reduce-scatter every micro-batch,
+            # so that no rank holds the whole model's gradient unsharded (backend/scaling.py)
+            sync = micro_batch_sync(accelerator, model, last=i == len(micro_batches) - 1)
             with sync, accelerator.autocast():
                 loss_sum, _ = trained_token_loss(model, mb, cfg.model.base_model.cross_entropy_impl)
                 accelerator.backward(loss_sum * scale)  # Accelerator has gradient_accumulation_steps=1: no division
             local_loss += float(loss_sum.detach())
+            probe.micro_batch(step, model)
         (loss_total,) = _global_sum(accelerator, [local_loss])
         loss = loss_total / global_count if global_count else float("nan")
         # clip_grad_norm_ returns the norm before clipping (all ranks' shards); inf = only measure it
@@ -318,6 +340,7 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
             )
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        probe.write()
         step += 1
         bar.update(1)
         interval_trained += global_count
@@ -425,10 +448,6 @@ def _test_evaluation(model, accelerator, test_data, cfg) -> tuple[float, int]:
     return evaluate(model, accelerator, sampler, test_data, cfg, iters), iters
 
 
-def _nullcontext():
-    import contextlib
-
-    return contextlib.nullcontext()
 
 
 def train(config, overrides=()) -> dict:
