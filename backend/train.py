@@ -448,8 +448,6 @@ def _test_evaluation(model, accelerator, test_data, cfg) -> tuple[float, int]:
     return evaluate(model, accelerator, sampler, test_data, cfg, iters), iters
 
 
-
-
 def train(config, overrides=()) -> dict:
     """Run training; ``config`` is a TrainConfig, a YAML path or a dict. Returns the summary of the end event.
 
