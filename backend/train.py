@@ -132,6 +132,7 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
     from backend.loss import global_trained_count, loss_scale, trained_token_loss
     from backend.modeling import load_model, load_tokenizer, select_attention
     from backend.packing import PackedSampler, collate
+    from backend.plan import disk_estimate
 
     run_dir = Path(cfg.run.experiment_dir)
     t, b, opt = cfg.training, cfg.batch, cfg.optimizer
@@ -218,6 +219,11 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
         return path
 
     sharded = is_sharded(model)
+    disk = disk_estimate(cfg, num_params, sum(p.numel() for p in model.parameters() if p.requires_grad))
+    print0(
+        f"disk: {_gib(disk['checkpoint_bytes'])} per checkpoint, {_gib(disk['export_bytes'])} per export, "
+        f"{_gib(disk['total_bytes'])} in all (kept checkpoints and exports, backend.plan.disk_estimate)"
+    )
     if accelerator.is_main_process:
         events.emit(
             "start",
@@ -238,6 +244,7 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
             validation_batches=val_iters,
             config_hash=config_hash(cfg),
             experiment_dir=str(run_dir),
+            disk_bytes=disk,
         )
 
     # ---- the loop
@@ -311,6 +318,7 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
                     trained_tokens_per_s=interval_trained / interval_time,
                     elapsed=elapsed,
                     eta=eta,
+                    **({"peak_memory_bytes": torch.cuda.max_memory_allocated()} if torch.cuda.is_available() else {}),
                 )
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
             interval_trained, interval_time = 0, 0.0
@@ -355,6 +363,10 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
     if accelerator.is_main_process:
         events.emit("end", step, **summary)
     return {"step": step, **summary}
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB"
 
 
 def _nullcontext():
