@@ -314,11 +314,21 @@ class MemoryPlan:
         """(name, bytes, how) in display order."""
         ckpt = "on" if self.checkpointing else "off"
         where = f"/ {self.world_size} GPUs" if self.sharded else "replicated"
+        lora = self.trainable_params < self.num_params
+        copy = (
+            ("zero_stage 3: root + 2 layers" if self.zero_stage == 3 else "zero_stage 2: every layer")
+            if self.sharded
+            else "autocast casts of the trained weights"
+        )
         return [
-            ("parameters (sharded master)", self.params_sharded, f"fp32 {where}"),
-            ("parameters (gathered compute copy)", self.params_gathered, f"zero_stage {self.zero_stage}"),
-            ("gradients", self.gradients, f"fp32 {where}"),
-            ("optimizer state", self.optimizer, f"AdamW 2 x fp32 {where}"),
+            (
+                "parameters (frozen base + fp32 adapters)" if lora else "parameters (fp32 master)",
+                self.params_sharded,
+                where,
+            ),
+            ("parameters (gathered compute copy)", self.params_gathered, copy),
+            ("gradients", self.gradients, f"fp32, trained parameters, {where}"),
+            ("optimizer state", self.optimizer, f"AdamW 2 x fp32, {where}"),
             (f"activations (checkpointing {ckpt})", self.activations, f"{self.tokens:,} tokens per micro-batch"),
             ("logits / cross-entropy", max(self.loss_forward, self.loss_saved), "fused loss: chunked LM head"),
             ("communication buffers", self.comm, "reduce-scatter / gather / buckets"),
@@ -359,9 +369,10 @@ class MemoryPlan:
 
     def table(self) -> str:
         """Markdown table (the studio's Config tab)."""
-        rows = ["| part | GiB per GPU | how |", "|---|---:|---|"]
-        rows += [f"| {name} | {b / GIB:.2f} | {how} |" for name, b, how in self.parts()]
-        rows.append(f"| **peak** | **{self.peak_bytes / GIB:.2f}** | |")
+        unit, size = ("GiB", GIB) if self.peak_bytes >= GIB else ("MiB", 2**20)
+        rows = [f"| part | {unit} per GPU | how |", "|---|---:|---|"]
+        rows += [f"| {name} | {b / size:.2f} | {how} |" for name, b, how in self.parts()]
+        rows.append(f"| **peak** | **{self.peak_bytes / size:.2f}** | |")
         head = "\n".join(self.lines()[-2:]) if self.gpu_memory_bytes is not None and not self.fits else ""
         if self.gpu_memory_bytes is not None and self.fits:
             head = self.lines()[-1]
@@ -376,7 +387,7 @@ class MemoryPlan:
 
 
 def _gib(b: float) -> str:
-    return f"{b / GIB:.2f} GiB"
+    return f"{b / GIB:.2f} GiB" if b >= GIB / 4 or b == 0 else f"{b / 2**20:.1f} MiB"
 
 
 def _activation_parts(shape: ModelShape, tokens: int, b: int, r: int, lora_rank: int | None) -> tuple[int, int, int]:
@@ -462,7 +473,7 @@ def _plan(cfg, world: int, shape: ModelShape) -> MemoryPlan:
     w_bytes = b if fsdp or lora else 4  # the LM head weight as the loss sees it
     vh = shape.vocab * shape.hidden
     if cfg.model.base_model.cross_entropy_impl == "fused":
-        chunk = max(1, FUSED_CHUNK_ELEMENTS // shape.vocab)
+        chunk = min(tokens, max(1, FUSED_CHUNK_ELEMENTS // shape.vocab))
         k = tokens  # worst case: every position trained
         loss_saved = k * shape.hidden * r + (vh * w_bytes if head_trained else 0)
         loss_forward = k * shape.hidden * r + (8 * vh if head_trained else 0) + chunk * shape.vocab * (4 + b)

@@ -294,3 +294,29 @@ def test_cli_verdict_exit_codes_and_errors(capsys):
     assert "pretrained.path /nonexistent/model" in capsys.readouterr().err
     assert main([str(GUIDE_8B), "batch.sequence_lenght=5"]) == 2
     assert "did you mean" in capsys.readouterr().err
+
+
+# ---- the studio's Config tab (studio.handlers.memory_plan_markdown, wired to the YAML and the two plan fields)
+
+
+def test_studio_plan_follows_the_yaml_and_the_gpu_fields():
+    import yaml
+
+    from studio import handlers as H
+
+    text = dump_yaml(guide_8b())
+    shown = H.memory_plan_markdown(text, 8, 80)
+    plan = plan_memory(guide_8b(), 8, 80)
+    assert "**Fits**" in shown and f"{plan.peak_bytes / GIB:.1f} GiB" in shown and "| parameters" in shown
+    # a field changed in the form rewrites the YAML; the plan follows it
+    raw = yaml.safe_load(text)
+    raw["model"]["multi_stage"]["zero_stage"] = 2
+    shown = H.memory_plan_markdown(yaml.safe_dump(raw), 8, 24)
+    assert "**Does not fit**" in shown and "Smallest change that fits: `" in shown
+    assert plan_memory(guide_8b("model.multi_stage.zero_stage=2"), 8, 24).suggestion in shown
+    assert "on 4 GPUs" in H.memory_plan_markdown(text, 4, None) and "Fits" not in H.memory_plan_markdown(text, 4, None)
+    # problems are messages, never exceptions
+    assert "does not parse" in H.memory_plan_markdown("a: [", 8, 80)
+    assert "not valid yet" in H.memory_plan_markdown(text.replace("micro_batch_size: 1", "micro_batch_size: 0"), 8, 80)
+    raw["pretrained"]["path"] = "/nonexistent/model"
+    assert "pretrained.path /nonexistent/model" in H.memory_plan_markdown(yaml.safe_dump(raw), 8, 80)
