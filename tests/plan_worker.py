@@ -89,7 +89,7 @@ def main():
 
         def pack(t, saved=saved):
             base = t if t._base is None else t._base  # a Linear saves weight.t(), a view of the parameter
-            if not (base.is_leaf and base.requires_grad):  # parameters are the params part, not activations
+            if not isinstance(base, torch.nn.Parameter):  # parameters are the params part, not activations
                 s = _local(t).untyped_storage()
                 saved[s.data_ptr()] = s.nbytes()
             return t

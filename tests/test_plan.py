@@ -68,6 +68,32 @@ def test_tiny_model_parameter_count_matches_the_loaded_weights():
     assert model_shape(TINY_MODEL).num_params == sum(p.numel() for p in model.parameters())
 
 
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("tied", [False, True])
+def test_llama_family_counts_from_json_match_transformers(tmp_path, model_type, tied):
+    """The JSON-only count (biases of Qwen2's q/k/v, Qwen3's q/k norms, tied heads) against the real modules."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        model_type,
+        hidden_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=24,
+        intermediate_size=96,
+        vocab_size=300,
+        tie_word_embeddings=tied,
+    )
+    config.save_pretrained(tmp_path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    shape = model_shape(tmp_path)
+    assert shape.num_params_override is None  # counted from the JSON, not on the meta device
+    assert shape.num_params == sum(p.numel() for p in model.parameters())
+
+
 def test_planning_does_not_import_torch():
     code = (
         "import sys; from backend.config import load_train_config; from backend.plan import plan_memory; "
@@ -153,6 +179,67 @@ def test_plan_matches_measured_bytes_two_processes_fsdp(tmp_path, model):
     assert_parts_match(cfg, measured, 2)
     one = plan_memory(set_field(cfg, "model.multi_stage.zero_stage", 0), 1)
     assert measured[0]["optimizer"] < 0.6 * one.optimizer  # sharded: about half of one process's
+
+
+def test_lora_parts_match_a_peft_model_on_the_real_loss(tmp_path):
+    """LoRA (peft, all-linear, fp32 here): frozen base + adapters, adapter-only gradients and AdamW state, and the
+    saved activations (frozen norms save less, each adapter saves its A output) measured on trained_token_loss."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from backend.loss import trained_token_loss
+    from backend.modeling import load_model
+    from backend.packing import collate
+    from tests.plan_worker import _bytes, _Documents
+
+    cfg = load_train_config(
+        ASSETS / "configs" / "tiny_train.yaml",
+        ["model.base_model.peft.type=lora", "model.base_model.peft.rank=8", "batch.micro_batch_size=2"],
+    )
+    cfg = set_field(cfg, "batch.sequence_length", 256)
+    peft_model = get_peft_model(
+        load_model(TINY_MODEL, "fp32", "sdpa_packed"), LoraConfig(r=8, lora_alpha=16, target_modules="all-linear")
+    )
+    model = peft_model.base_model.model  # the LlamaForCausalLM holding the adapters (backend.loss swaps its lm_head)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    lengths = [64, 128, 56] * 2
+    rows = [[(3 * r + j, 0, lengths[3 * r + j]) for j in range(3)] for r in range(2)]
+    batch = collate(rows, _Documents(lengths, model.config.vocab_size, 0), 256)
+    saved = {}
+
+    def pack(t):
+        base = t if t._base is None else t._base
+        if not isinstance(base, torch.nn.Parameter):
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss_sum, trained = trained_token_loss(model, batch)
+    loss_sum.backward()
+    optimizer.step()
+    plan = plan_memory(cfg, 1)
+    lora = [p for p in model.parameters() if p.requires_grad]
+    assert (
+        plan.trainable_params == sum(p.numel() for p in lora)
+        and plan.num_params == peft_model.get_nb_trainable_parameters()[1] - plan.trainable_params
+    )
+    loss_saved = plan.loss_saved - (plan.tokens - trained) * model.config.hidden_size * 4
+    measured = {
+        "params": _bytes(model.parameters()),
+        "gradients": _bytes(p.grad for p in lora),
+        "optimizer": _bytes(v for s in optimizer.state.values() for k, v in s.items() if k != "step"),
+        "saved": sum(saved.values()),
+    }
+    expected = {
+        "params": plan.params_sharded,
+        "gradients": plan.gradients,
+        "optimizer": plan.optimizer,
+        "saved": plan.activations_full + loss_saved,
+    }
+    for part, want in expected.items():
+        assert abs(measured[part] - want) <= TOLERANCE * measured[part], (
+            f"{part}: measured {measured[part]}, plan {want}"
+        )
 
 
 # ---- the guide's 8B (numbers in bench/README.md "Memory plan")
