@@ -266,16 +266,19 @@ def main(argv=None) -> int:
                 ["model.base_model.peft.type=lora", "pretrained.quantization=4bit",
                  "model.multi_stage.activation_checkpointing=yes"],
             ))  # fmt: skip
-    rows, first_attention = [], None
+    rows, first_attention, durations = [], None, []
     for name, overrides in cases:
         if "flash no" in name and first_attention == "sdpa_packed":
             print(f"skip {name}: use_flash_attention on already selected sdpa_packed", flush=True)
             continue
-        if time.time() - t0 > args.budget_s:
-            print(f"skip {name}: time budget of {args.budget_s:.0f} s spent", flush=True)
+        left = args.budget_s - (time.time() - t0)
+        if left < max(durations, default=60):  # the next case would likely overrun the budget
+            print(f"skip {name}: {left:.0f} s left of the {args.budget_s:.0f} s budget", flush=True)
             continue
         print(f"run {name} ...", flush=True)
-        result = run_case(name, base + overrides, work, args.steps, timeout=240)
+        case_start = time.time()
+        result = run_case(name, base + overrides, work, args.steps, timeout=min(240, left + 30))
+        durations.append(time.time() - case_start)
         f = figures(result, tflops, model_dir)
         if first_attention is None and "error" not in result:
             first_attention = f["attention"]
