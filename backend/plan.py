@@ -562,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m backend.plan",
         description="Per-GPU memory plan of a training config, before launch.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__.split("How this repository trains")[1] if "How this repository trains" in __doc__ else None,
+        epilog="How this repository trains" + __doc__.partition("How this repository trains")[2],
     )
     parser.add_argument("config", metavar="TRAIN.yaml")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override a key (value read as YAML)")

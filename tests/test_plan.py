@@ -416,3 +416,10 @@ def test_studio_plan_follows_the_yaml_and_the_gpu_fields():
     assert "not valid yet" in H.memory_plan_markdown(text.replace("micro_batch_size: 1", "micro_batch_size: 0"), 8, 80)
     raw["pretrained"]["path"] = "/nonexistent/model"
     assert "pretrained.path /nonexistent/model" in H.memory_plan_markdown(yaml.safe_dump(raw), 8, 80)
+
+
+def test_plan_models_the_loss_chunk_the_loss_uses():
+    import backend.loss
+    import backend.plan
+
+    assert backend.plan.FUSED_CHUNK_ELEMENTS == backend.loss.FUSED_CHUNK_ELEMENTS
