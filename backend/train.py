@@ -143,6 +143,7 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
     from backend.loss import global_trained_count, loss_scale, trained_token_loss
     from backend.modeling import select_attention
     from backend.packing import PackedSampler, collate
+    from backend.plan import disk_estimate
     from backend.scaling import Probe, enable_activation_checkpointing, load_model_for_rank, micro_batch_sync
 
     run_dir = Path(cfg.run.experiment_dir)
@@ -268,6 +269,11 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
         return path
 
     sharded = is_sharded(model)
+    disk = disk_estimate(cfg, num_params, sum(p.numel() for p in model.parameters() if p.requires_grad))
+    print0(
+        f"disk: {_gib(disk['checkpoint_bytes'])} per checkpoint, {_gib(disk['export_bytes'])} per export, "
+        f"{_gib(disk['total_bytes'])} in all (kept checkpoints and exports, backend.plan.disk_estimate)"
+    )
     if accelerator.is_main_process:
         events.emit(
             "start",
@@ -289,6 +295,7 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
             validation_batches=val_iters,
             config_hash=config_hash(cfg),
             experiment_dir=str(run_dir),
+            disk_bytes=disk,
         )
 
     # ---- the loop
@@ -365,6 +372,7 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
                     trained_tokens_per_s=interval_trained / interval_time,
                     elapsed=elapsed,
                     eta=eta,
+                    **({"peak_memory_bytes": torch.cuda.max_memory_allocated()} if torch.cuda.is_available() else {}),
                 )
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
             interval_trained, interval_time = 0, 0.0
@@ -416,6 +424,10 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
     if accelerator.is_main_process:
         events.emit("end", step, **summary)
     return {"step": step, **summary}
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB"
 
 
 def _test_split(cfg):

@@ -394,6 +394,11 @@ def build_config_tab(train_config: str | None = None) -> ConfigTab:
                 save_b = gr.Button("Save", size="sm")
             download = gr.File(label="download", interactive=False, visible=False)
             file_status = gr.Markdown()
+            with gr.Accordion("Memory plan (backend.plan)", open=True):
+                with gr.Row():
+                    plan_gpus = gr.Number(None, precision=0, label="GPUs (empty: run.num_processes)", min_width=120)
+                    plan_memory = gr.Number(80, label="GiB per GPU", min_width=120)
+                plan_md = gr.Markdown(H.memory_plan_markdown(yaml0, None, 80), elem_id="memory-plan")
     for w in widgets:
         # .input (user edits only) in both directions, so that form -> YAML -> form does not loop.
         w.input(on_form, [train_yaml] + widgets, [train_yaml, status], show_progress="hidden")
@@ -403,6 +408,8 @@ def build_config_tab(train_config: str | None = None) -> ConfigTab:
     train_yaml.blur(on_yaml, [train_yaml], widgets + [status], show_progress="hidden")
     load_b.click(on_load_file, [path], [train_yaml] + widgets + [file_status])
     save_b.click(on_save, [train_yaml, prepare_yaml, path], [file_status, download])
+    for w in (train_yaml, plan_gpus, plan_memory):  # .change: also when the form rewrites the YAML
+        w.change(H.memory_plan_markdown, [train_yaml, plan_gpus, plan_memory], [plan_md], show_progress="hidden")
     return ConfigTab(widgets, train_yaml, prepare_yaml, status)
 
 

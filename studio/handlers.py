@@ -930,6 +930,43 @@ def train_yaml_to_form(yaml_text: str) -> tuple[list, str, bool]:
     return form_values_from_config(cfg), "✓ valid train config", True
 
 
+def memory_plan_markdown(train_yaml: str, gpus: float | None = None, gpu_memory_gb: float | None = None) -> str:
+    """The Config tab's memory plan (backend.plan) of the YAML on `gpus` GPUs (None: run.num_processes) of
+    `gpu_memory_gb` GiB each: verdict, the smallest change that fits, and the per-GPU table. Never raises."""
+    from backend.config import ConfigError, load_train_config
+    from backend.plan import plan_memory
+
+    raw, err = _parse_yaml(train_yaml, "train")
+    if raw is None:
+        return f"Memory plan: {err}"
+    try:
+        cfg = load_train_config(raw)
+    except ConfigError as e:
+        return "Memory plan: the config is not valid yet (see the problems on the left; first: " + (
+            f"`{e.problems[0]}`)" if e.problems else ")"
+        )
+    world = int(gpus) if gpus and gpus >= 1 else cfg.run.num_processes
+    memory = float(gpu_memory_gb) if gpu_memory_gb and gpu_memory_gb > 0 else None
+    try:
+        plan = plan_memory(cfg, world, memory)
+    except (FileNotFoundError, ValueError) as e:
+        return f"Memory plan: {e}"
+    verdict = ""
+    if plan.fits is not None:
+        verdict = (
+            f"✓ **Fits**: peak {plan.peak_bytes / 2**30:.1f} GiB per GPU of {memory:g} GiB"
+            if plan.fits
+            else f"⚠ **Does not fit**: peak {plan.peak_bytes / 2**30:.1f} GiB per GPU of {memory:g} GiB. "
+            + (f"Smallest change that fits: `{plan.suggestion}`" if plan.suggestion else "No single change fits.")
+        )
+    head = (
+        f"{plan.num_params:,} parameters ({plan.trainable_params:,} trained) on {world} GPU{'s' if world > 1 else ''}"
+    )
+    table = plan.table()
+    table = table[table.index("| part") :]  # the verdict is written above, in the studio's words
+    return "\n\n".join(x for x in (verdict, head, table) if x)
+
+
 def prepare_yaml_from(
     train_yaml: str,
     dataset_path: str,

@@ -165,6 +165,12 @@ def test_training_lowers_loss_and_writes_the_event_contract(finished_run):
     assert saved["training"]["train_iters"] == 20 and saved["batch"]["sequence_length"] == 256
     assert (run_dir / "config.yaml").is_file() and not (run_dir / "LOCK").exists()
     assert events_of(run_dir, "export")[-1]["path"] == str(run_dir / "export" / "final")
+    # the start event's disk estimate (backend.plan.disk_estimate) against what was written
+    disk, files = events[0]["disk_bytes"], (run_dir / "checkpoints" / "step_000020").rglob("*")
+    written = sum(f.stat().st_size for f in files if f.is_file())
+    assert abs(written - disk["checkpoint_bytes"]) <= 0.05 * written, (written, disk)
+    written = sum(f.stat().st_size for f in (run_dir / "export" / "final").glob("*.safetensors"))
+    assert abs(written - disk["export_bytes"]) <= 0.05 * written, (written, disk)
 
 
 def test_export_loads_with_transformers_and_stops_at_end_of_turn(finished_run):

@@ -1,0 +1,600 @@
+"""Memory plan before launch: will this training config fit on these GPUs, and if not, what is the smallest change?
+
+    python -m backend.plan TRAIN.yaml [--gpus N] [--gpu-memory GB] [--model-config DIR] [key=value ...]
+    from backend.plan import plan_memory; plan = plan_memory(cfg, world_size=8, gpu_memory_gb=80); print(plan.table())
+
+Reads only the model's config.json (no weights, no torch for Llama-family models), so the studio can call it as a
+field changes. Every figure is bytes PER GPU at the steady state of training (optimizer state exists, step 2 on).
+GB here means GiB (2**30 bytes): an "80 GB" H100 holds 80 GiB.
+
+Notation: N parameters, W = world size, b = bytes of the compute dtype (bf16/fp16 2, fp32 4), T = tokens per
+micro-batch (micro_batch_size x sequence_length), h hidden, q = heads x head_dim, kv = kv_heads x head_dim,
+i intermediate, V vocabulary, P_layer parameters of one decoder layer, P_root = embeddings + final norm + LM head
+(the FSDP root unit), K = trained positions of a micro-batch (the fused loss runs the LM head only there; the plan
+takes K = T, the worst case).
+
+How this repository trains (backend/distributed.py, backend/train.py, backend/loss.py), and so what is counted:
+
+parameters   sharded: the fp32 master copy, 4N/W under FSDP2 (zero_stage 2/3 with W > 1), 4N otherwise (DDP and one
+             process replicate it; zero_stage 1 is DDP here: nothing of it is sharded).
+             gathered: the compute copy. zero_stage 3 (reshard after forward): the root unit stays gathered from
+             forward to backward (FSDP2 never reshards its root), plus two decoder layers (the one computing and the
+             one prefetched): b x (P_root + 2 P_layer). zero_stage 2 keeps every layer gathered from forward to
+             backward: b x N. Without FSDP and with mixed precision, autocast caches a b-byte copy of every Linear
+             weight for the forward and backward of a micro-batch: b x (linear parameters). fp32 without FSDP: 0.
+gradients    fp32 like the master, sharded as it is: 4N/W under FSDP2 (reduce-scattered every micro-batch, so no
+             unsharded accumulation), 4N otherwise.
+optimizer    AdamW: two fp32 moments, 8 bytes per trained parameter, sharded as the parameters are.
+activations  saved for backward, per decoder layer per token (measured op by op on transformers' Llama and
+             pinned by tests/test_plan.py):
+                 RMSNorm x2      4h (the fp32 input of pow) + r h (normalized, cast back) + the Linear input
+                                  (r h when r = b, else one b-byte autocast copy per Linear reading it: 3 + 2)
+                 attention       b (3q + 2kv) + 4 heads: q, k, v, the attention output, the o_proj input, the
+                                  fp32 log-sum-exp
+                 MLP             4 b i: gate, silu(gate), up, their product
+             r is the residual stream's dtype: 4 when the master weights are the compute weights (one process
+             or DDP under autocast, or fp32), b under FSDP2 mixed precision. Times T and the layer count.
+             With model.multi_stage.activation_checkpointing each layer keeps only its input (r h per token)
+             and one layer at a time is recomputed in backward (its full activations, counted once).
+             Outside the layers: the final norm (4h + r h per token), token ids, cos/sin (8 x head_dim per token).
+             LoRA: frozen norms and Linears do not save their inputs for a weight gradient, the adapters' A
+             matrices do (same tensors), so the count is the same less one r h per norm, plus b x rank per token
+             for each adapted Linear (the output of A).
+logits / CE  the fused loss (cross_entropy_impl: fused) saves dL/dhidden (K h b) and dL/dW_lm_head (V h, in the
+             LM head's compute dtype) for backward; during its forward it holds an fp32 accumulator of dL/dW
+             plus the fp32 product being added (2 x 4 V h) and one chunk of logits (c x V fp32, c =
+             FUSED_CHUNK_ELEMENTS // V rows: 128 MiB) plus its b-byte copy. No dL/dW when the LM head is frozen
+             (LoRA). cross_entropy_impl: torch holds the full logits: T V (b + 4 + 4).
+comm         FSDP2: the unsharded gradient of one layer before its reduce-scatter (b, plus its fp32 copy for the
+             fp32 reduction), and the root's unsharded LM-head gradient, held from the first backward op to the
+             root's reduce-scatter at the end (b V h). DDP: gradient buckets, a second copy of the gradients
+             (4N). One process: 0.
+backward     gradient temporaries of the layer being differentiated: taken as one layer's activations (an upper
+             estimate), plus one layer's recompute under activation checkpointing.
+
+peak = parameters (sharded + gathered) + gradients + optimizer + activations + max(logits/CE forward transient,
+       logits/CE saved + comm + backward). fits when peak <= 90% of the GPU memory: the rest is the CUDA context,
+       cuBLAS/NCCL workspaces and allocator fragmentation.
+
+Quantized frozen base (QLoRA, pretrained.quantization): 4bit = NF4 with double quantization, 0.5 byte per weight
+plus the quantization constants (an 8-bit absmax per 64 weights and an fp32 scale per 256 of those: 1/64 +
+4/16384 byte per weight); 8bit = 1 byte per weight plus an fp32 scale per output row. Only the decoder Linears are
+quantized; embeddings, norms and the LM head stay in the compute dtype; a dequantized copy of the largest Linear
+is a transient of the forward/backward.
+
+Host RAM at load: rank 0 alone materializes the full model (fp32 for full finetuning, the compute dtype for a LoRA
+base; a 4-bit base is quantized shard by shard, so about one 5 GB safetensors shard); other ranks hold none.
+Disk: a checkpoint is the fp32 parameters and the optimizer state of the trained parameters (12 bytes each);
+an export is every parameter in training.export.dtype (default: the training dtype). LoRA checkpoints hold the
+adapters only; LoRA exports are the adapters plus, with export.merge, the merged model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+from pathlib import Path
+
+GIB = 2**30
+USABLE_FRACTION = 0.9  # of the GPU memory: the rest is CUDA context, workspaces, fragmentation
+FUSED_CHUNK_ELEMENTS = 2**25  # backend.loss.FUSED_CHUNK_ELEMENTS (not imported: that module needs torch)
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+QUANT_BYTES = {"4bit": 0.5 + 1 / 64 + 4 / (64 * 256), "8bit": 1.0}
+LLAMA_LIKE = {"llama", "mistral", "qwen2", "qwen3"}
+
+__all__ = ["ModelShape", "MemoryPlan", "model_shape", "plan_memory", "disk_estimate", "main"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The model's shape, from config.json
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelShape:
+    """What the plan needs of a decoder-only transformer; `num_params` is exact."""
+
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    tied: bool
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False  # Qwen3: an RMSNorm over head_dim on q and k
+    num_params_override: int | None = None  # exact count for architectures the formulas below do not describe
+
+    @property
+    def q(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    def linears(self) -> list[tuple[int, int]]:
+        """(in, out) of each Linear in one decoder layer: q, k, v, o, gate, up, down (what LoRA all-linear adapts)."""
+        h, q, kv, i = self.hidden, self.q, self.kv, self.intermediate
+        return [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]
+
+    @property
+    def layer_linear_params(self) -> int:
+        return sum(a * b for a, b in self.linears())
+
+    @property
+    def layer_params(self) -> int:
+        bias = (self.q + 2 * self.kv) * self.attention_bias + (2 * self.intermediate + self.hidden) * self.mlp_bias
+        return self.layer_linear_params + bias + 2 * self.hidden + 2 * self.head_dim * self.qk_norm
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab * self.hidden
+
+    @property
+    def lm_head_params(self) -> int:
+        return 0 if self.tied else self.vocab * self.hidden
+
+    @property
+    def root_params(self) -> int:
+        """The FSDP root unit: embeddings, final norm, LM head."""
+        return self.embedding_params + self.hidden + self.lm_head_params
+
+    @property
+    def num_params(self) -> int:
+        if self.num_params_override is not None:
+            return self.num_params_override
+        return self.root_params + self.layers * self.layer_params
+
+
+def _config_dir(path: str | Path) -> Path | None:
+    p = Path(path)
+    if (p / "config.json").is_file():
+        return p
+    if p.name == "config.json" and p.is_file():
+        return p.parent
+    return None
+
+
+def model_shape(path: str | Path) -> ModelShape:
+    """Shape of the model at `path` (a directory holding config.json, the file itself, or a hub id whose config is
+    in the local Hugging Face cache). Llama-family models are read from the JSON alone; anything else is built on
+    the meta device (needs torch and transformers; no weights) to count its parameters exactly."""
+    local = _config_dir(path)
+    if local is not None:
+        raw = json.loads((local / "config.json").read_text(encoding="utf-8"))
+    else:
+        try:
+            from transformers import AutoConfig
+
+            raw = AutoConfig.from_pretrained(str(path)).to_dict()
+        except Exception as e:  # noqa: BLE001 - any failure means the same thing to the user
+            raise FileNotFoundError(
+                f"pretrained.path {path}: no config.json here and none in the local Hugging Face cache ({e}). "
+                "Pass --model-config DIR (a directory with the model's config.json) or download the model first."
+            ) from None
+    raw = {**raw, **raw.get("text_config", {})}  # multimodal wrappers keep the decoder under text_config
+    try:
+        h, heads = int(raw["hidden_size"]), int(raw["num_attention_heads"])
+        shape = ModelShape(
+            hidden=h,
+            layers=int(raw["num_hidden_layers"]),
+            heads=heads,
+            kv_heads=int(raw.get("num_key_value_heads") or heads),
+            head_dim=int(raw.get("head_dim") or h // heads),
+            intermediate=int(raw["intermediate_size"]),
+            vocab=int(raw["vocab_size"]),
+            tied=bool(raw.get("tie_word_embeddings", False)),
+            attention_bias=bool(raw.get("attention_bias", raw.get("model_type") == "qwen2")),
+            mlp_bias=bool(raw.get("mlp_bias", False)),
+            qk_norm=raw.get("model_type") == "qwen3",
+        )
+    except KeyError as e:
+        raise ValueError(f"pretrained.path {path}: config.json has no {e.args[0]!r}; not a decoder-only LM?") from None
+    if raw.get("model_type") not in LLAMA_LIKE:
+        shape = dataclasses.replace(shape, num_params_override=_count_on_meta(raw))
+    return shape
+
+
+def _count_on_meta(raw: dict) -> int:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(**{k: v for k, v in raw.items() if k != "text_config"})
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Disk
+
+
+def _export_dtype(cfg) -> str:
+    return cfg.training.export.dtype or cfg.model.distributed.training_dtype
+
+
+def _adapter_params(shape: ModelShape, cfg) -> int:
+    """LoRA parameters: rank x (in + out) for each adapted Linear of each layer."""
+    peft = cfg.model.base_model.peft
+    names = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    targets = names if peft.target_modules == "all-linear" else [n for n in names if n in peft.target_modules]
+    per_layer = sum(peft.rank * (a + b) for n, (a, b) in zip(names, shape.linears(), strict=True) if n in targets)
+    return per_layer * shape.layers
+
+
+def disk_estimate(cfg, num_params: int, trainable_params: int | None = None) -> dict:
+    """Disk that checkpoints and exports of this run will take at most (the newest `keep` of each).
+
+    checkpoint_bytes: one checkpoint (fp32 trained parameters + AdamW moments: 12 bytes each; for LoRA the frozen
+    base is not saved). export_bytes: one export (every parameter in the export dtype; LoRA: adapters, plus the
+    merged model when export.merge). total_bytes: kept checkpoints x checkpoint_bytes + kept exports x export_bytes.
+    """
+    t = cfg.training
+    lora = cfg.model.base_model.peft.type == "lora"
+    trained = trainable_params if trainable_params is not None else num_params
+    checkpoint = 12 * trained
+    export_one = DTYPE_BYTES[_export_dtype(cfg)] * num_params
+    if lora:
+        export_one = DTYPE_BYTES[_export_dtype(cfg)] * trained + (export_one if t.export.merge else 0)
+    # train.py saves every checkpoint.interval steps and at the end; exports every export.interval steps (not
+    # at the end) plus the final one
+    saves = math.ceil(t.train_iters / t.checkpoint.interval) if t.checkpoint.interval else 1
+    checkpoints_kept = min(t.checkpoint.keep, max(1, saves))
+    intermediate = (t.train_iters - 1) // t.export.interval if t.export.interval and t.train_iters else 0
+    exports_kept = min(intermediate, t.export.keep) if t.export.keep is not None else intermediate
+    final = export_one
+    if lora and not t.export.merge:  # the merged model is written at the end in any case
+        final += DTYPE_BYTES[_export_dtype(cfg)] * num_params
+    return {
+        "checkpoint_bytes": checkpoint,
+        "export_bytes": export_one,
+        "checkpoints_kept": checkpoints_kept,
+        "exports_kept": exports_kept + 1,
+        "total_bytes": checkpoints_kept * checkpoint + exports_kept * export_one + final,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The plan
+
+
+@dataclasses.dataclass
+class MemoryPlan:
+    """Bytes per GPU of each part (see the module docstring for each formula)."""
+
+    world_size: int
+    num_params: int
+    trainable_params: int
+    params_sharded: int
+    params_gathered: int
+    gradients: int
+    optimizer: int
+    activations: int  # with the config's activation_checkpointing
+    activations_checkpointed: int
+    activations_full: int
+    loss_forward: int  # logits / CE transient during the loss forward
+    loss_saved: int  # what the loss keeps for backward
+    comm: int
+    backward: int  # gradient temporaries of one layer (+ its recompute with checkpointing)
+    host_ram_bytes: int
+    disk: dict
+    checkpointing: bool
+    zero_stage: int
+    sharded: bool
+    tokens: int  # per micro-batch
+    gpu_memory_bytes: int | None = None
+    suggestions: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def static_bytes(self) -> int:
+        return self.params_sharded + self.params_gathered + self.gradients + self.optimizer
+
+    @property
+    def peak_bytes(self) -> int:
+        return (
+            self.static_bytes + self.activations + max(self.loss_forward, self.loss_saved + self.comm + self.backward)
+        )
+
+    @property
+    def fits(self) -> bool | None:
+        if self.gpu_memory_bytes is None:
+            return None
+        return self.peak_bytes <= USABLE_FRACTION * self.gpu_memory_bytes
+
+    @property
+    def suggestion(self) -> str | None:
+        return self.suggestions[0] if self.suggestions else None
+
+    def parts(self) -> list[tuple[str, int, str]]:
+        """(name, bytes, how) in display order."""
+        ckpt = "on" if self.checkpointing else "off"
+        where = f"/ {self.world_size} GPUs" if self.sharded else "replicated"
+        lora = self.trainable_params < self.num_params
+        copy = (
+            ("zero_stage 3: root + 2 layers" if self.zero_stage == 3 else "zero_stage 2: every layer")
+            if self.sharded
+            else "autocast casts of the trained weights"
+        )
+        return [
+            (
+                "parameters (frozen base + fp32 adapters)" if lora else "parameters (fp32 master)",
+                self.params_sharded,
+                where,
+            ),
+            ("parameters (gathered compute copy)", self.params_gathered, copy),
+            ("gradients", self.gradients, f"fp32, trained parameters, {where}"),
+            ("optimizer state", self.optimizer, f"AdamW 2 x fp32, {where}"),
+            (f"activations (checkpointing {ckpt})", self.activations, f"{self.tokens:,} tokens per micro-batch"),
+            ("logits / cross-entropy", max(self.loss_forward, self.loss_saved), "fused loss: chunked LM head"),
+            ("communication buffers", self.comm, "reduce-scatter / gather / buckets"),
+            ("backward temporaries", self.backward, "one layer"),
+        ]
+
+    def lines(self) -> list[str]:
+        out = [
+            f"memory plan per GPU: {self.num_params:,} parameters ({self.trainable_params:,} trained), "
+            f"{self.world_size} GPU{'s' if self.world_size != 1 else ''}, zero_stage {self.zero_stage}"
+        ]
+        out += [f"  {name:38s} {_gib(b):>9s}  {how}" for name, b, how in self.parts()]
+        out.append(f"  {'peak':38s} {_gib(self.peak_bytes):>9s}")
+        out.append(
+            f"  activations: {_gib(self.activations_full)} without checkpointing, "
+            f"{_gib(self.activations_checkpointed)} with"
+        )
+        out.append(f"  host RAM at load: {_gib(self.host_ram_bytes)} on rank 0, none on the others")
+        d = self.disk
+        out.append(
+            f"  disk: {_gib(d['checkpoint_bytes'])} per checkpoint (x{d['checkpoints_kept']} kept), "
+            f"{_gib(d['export_bytes'])} per export (x{d['exports_kept']}), {_gib(d['total_bytes'])} in all"
+        )
+        if self.gpu_memory_bytes is not None:
+            usable = USABLE_FRACTION * self.gpu_memory_bytes
+            verdict = "FITS" if self.fits else "DOES NOT FIT"
+            out.append(
+                f"  {verdict} in {_gib(self.gpu_memory_bytes)} per GPU ({_gib(usable)} usable: "
+                f"{USABLE_FRACTION:.0%}, the rest is CUDA context, workspaces, fragmentation)"
+            )
+            if not self.fits:
+                out.append(
+                    f"  smallest change that fits: {self.suggestion}"
+                    if self.suggestion
+                    else "  no single change found that fits"
+                )
+        return out
+
+    def table(self) -> str:
+        """Markdown table (the studio's Config tab)."""
+        unit, size = ("GiB", GIB) if self.peak_bytes >= GIB else ("MiB", 2**20)
+        rows = [f"| part | {unit} per GPU | how |", "|---|---:|---|"]
+        rows += [f"| {name} | {b / size:.2f} | {how} |" for name, b, how in self.parts()]
+        rows.append(f"| **peak** | **{self.peak_bytes / size:.2f}** | |")
+        head = "\n".join(self.lines()[-2:]) if self.gpu_memory_bytes is not None and not self.fits else ""
+        if self.gpu_memory_bytes is not None and self.fits:
+            head = self.lines()[-1]
+        d = self.disk
+        tail = (
+            f"\n\nActivations: {self.activations_full / GIB:.2f} GiB without checkpointing, "
+            f"{self.activations_checkpointed / GIB:.2f} GiB with. Host RAM at load: "
+            f"{self.host_ram_bytes / GIB:.1f} GiB (rank 0). Disk: {d['total_bytes'] / GIB:.1f} GiB "
+            f"({d['checkpoint_bytes'] / GIB:.1f} GiB per checkpoint, {d['export_bytes'] / GIB:.1f} GiB per export)."
+        )
+        return (head.strip() + "\n\n" if head else "") + "\n".join(rows) + tail
+
+
+def _gib(b: float) -> str:
+    return f"{b / GIB:.2f} GiB" if b >= GIB / 4 or b == 0 else f"{b / 2**20:.1f} MiB"
+
+
+def _activation_parts(shape: ModelShape, tokens: int, b: int, r: int, lora_rank: int | None) -> tuple[int, int, int]:
+    """(per decoder layer, per layer with checkpointing, outside the layers) saved bytes for `tokens` tokens."""
+    h, q, kv, i = shape.hidden, shape.q, shape.kv, shape.intermediate
+
+    def norm(linears_reading: int) -> int:
+        normalized = 0 if lora_rank is not None else r * h  # saved for the (trained) norm weight's gradient
+        linear_input = r * h if r == b else linears_reading * b * h
+        return 4 * h + 4 + normalized + linear_input
+
+    per_token = norm(3) + norm(2) + b * (3 * q + 2 * kv) + 4 * shape.heads + 4 * b * i
+    if lora_rank is not None:
+        per_token += 7 * b * lora_rank
+    outside = tokens * (8 + 4 * h + 4 + r * h + 8 * shape.head_dim)
+    return tokens * per_token, tokens * r * h, outside
+
+
+def plan_memory(cfg, world_size: int, gpu_memory_gb: float | None = None, shape: ModelShape | None = None):
+    """The memory plan of `cfg` (a TrainConfig) on `world_size` GPUs; fits/suggestions when gpu_memory_gb is given.
+
+    `shape` defaults to model_shape(cfg.pretrained.path)."""
+    shape = shape or model_shape(cfg.pretrained.path)
+    plan = _plan(cfg, world_size, shape)
+    if gpu_memory_gb is not None:
+        plan.gpu_memory_bytes = int(gpu_memory_gb * GIB)
+        if not plan.fits:
+            plan.suggestions = _suggestions(cfg, world_size, shape, plan.gpu_memory_bytes)
+    return plan
+
+
+def _plan(cfg, world: int, shape: ModelShape) -> MemoryPlan:
+    dtype = cfg.model.distributed.training_dtype
+    b = DTYPE_BYTES[dtype]
+    mixed = dtype != "fp32"
+    stage = int(cfg.model.multi_stage.zero_stage)
+    ckpt = bool(cfg.model.multi_stage.activation_checkpointing)
+    fsdp = stage >= 2 and world > 1
+    ddp = not fsdp and world > 1
+    peft, quant = cfg.model.base_model.peft, cfg.pretrained.quantization
+    lora = peft.type == "lora"
+    tokens = cfg.batch.micro_batch_size * cfg.batch.sequence_length
+    n = shape.num_params
+    L = shape.layers
+    shard = world if fsdp else 1
+
+    if lora:
+        trained = _adapter_params(shape, cfg)
+        decoder_linear = L * shape.layer_linear_params
+        base_bytes = b * (n - decoder_linear)
+        base_bytes += decoder_linear * (QUANT_BYTES[quant] if quant != "none" else b)
+        if quant == "8bit":
+            base_bytes += 4 * L * sum(out for _, out in shape.linears())
+        params_sharded = (base_bytes + 4 * trained) // shard
+        # compute copy: autocast's b-byte cast of each adapter (fp32 masters); FSDP gathers layer by layer
+        params_gathered = b * trained if mixed else 0
+        if fsdp:
+            per_layer_bytes = base_bytes // max(1, L) + 4 * trained // max(1, L)
+            params_gathered = (2 if stage == 3 else L) * per_layer_bytes + b * shape.root_params
+        if quant != "none":  # dequantized copy of the largest Linear, forward and backward
+            params_gathered += b * max(a * c for a, c in shape.linears())
+        r = b
+    else:
+        trained = n
+        params_sharded = 4 * n // shard
+        if fsdp:
+            params_gathered = b * (shape.root_params + 2 * shape.layer_params) if stage == 3 else b * n
+        else:
+            params_gathered = b * (L * shape.layer_linear_params + shape.lm_head_params) if mixed else 0
+            if mixed and shape.tied:
+                params_gathered += b * shape.embedding_params  # the tied LM head's cast
+        r = b if fsdp else 4
+    gradients = 4 * trained // shard
+    optimizer = 8 * trained // shard
+
+    layer, layer_ckpt, outside = _activation_parts(shape, tokens, b, r, peft.rank if lora else None)
+    activations_full = L * layer + outside
+    activations_ckpt = L * layer_ckpt + outside
+    activations = activations_ckpt if ckpt else activations_full
+    backward = layer * (2 if ckpt else 1)
+
+    head_trained = not lora  # LoRA never adapts the LM head: no dL/dW
+    w_bytes = b if fsdp or lora else 4  # the LM head weight as the loss sees it
+    vh = shape.vocab * shape.hidden
+    if cfg.model.base_model.cross_entropy_impl == "fused":
+        chunk = min(tokens, max(1, FUSED_CHUNK_ELEMENTS // shape.vocab))
+        k = tokens  # worst case: every position trained
+        loss_saved = k * shape.hidden * r + (vh * w_bytes if head_trained else 0)
+        loss_forward = k * shape.hidden * r + (8 * vh if head_trained else 0) + chunk * shape.vocab * (4 + b)
+    else:
+        loss_saved = loss_forward = tokens * shape.vocab * (b + 4 + 4)
+
+    if fsdp:
+        per_layer_trained = shape.layer_params if not lora else trained // max(1, L)
+        comm = per_layer_trained * (b + 4) + (vh * b if head_trained else 0)
+    elif ddp:
+        comm = 4 * trained
+    else:
+        comm = 0
+
+    if lora:
+        host = (base_bytes if quant == "none" else 5 * 10**9) + 4 * trained
+    else:
+        host = 4 * n
+    return MemoryPlan(
+        world_size=world,
+        num_params=n,
+        trainable_params=trained,
+        params_sharded=int(params_sharded),
+        params_gathered=int(params_gathered),
+        gradients=int(gradients),
+        optimizer=int(optimizer),
+        activations=int(activations),
+        activations_checkpointed=int(activations_ckpt),
+        activations_full=int(activations_full),
+        loss_forward=int(loss_forward),
+        loss_saved=int(loss_saved),
+        comm=int(comm),
+        backward=int(backward),
+        host_ram_bytes=int(host),
+        disk=disk_estimate(cfg, n, trained if lora else None),
+        checkpointing=ckpt,
+        zero_stage=stage,
+        sharded=fsdp,
+        tokens=tokens,
+    )
+
+
+def _suggestions(cfg, world: int, shape: ModelShape, gpu_bytes: int) -> list[str]:
+    """Changes that make the plan fit, smallest first: activation checkpointing, zero_stage 3, micro_batch_size 1,
+    more GPUs, a shorter sequence; when no single change is enough, checkpointing together with each other one."""
+    from backend.config import set_field
+
+    def fits(c, w) -> bool:
+        return _plan(c, w, shape).peak_bytes <= USABLE_FRACTION * gpu_bytes
+
+    def singles(c, prefix: str) -> list[str]:
+        out, stage = [], c.model.multi_stage.zero_stage
+        if world > 1 and stage < 3 and fits(set_field(c, "model.multi_stage.zero_stage", 3), world):
+            out.append(f"{prefix}model.multi_stage.zero_stage=3")
+        if c.batch.micro_batch_size > 1 and fits(set_field(c, "batch.micro_batch_size", 1), world):
+            out.append(f"{prefix}batch.micro_batch_size=1")
+        sharded = c if stage >= 2 else set_field(c, "model.multi_stage.zero_stage", 3)
+        more = next((w for w in range(world + 1, 64 * world + 1) if fits(sharded, w)), None)
+        if more is not None:
+            extra = "" if sharded is c else "model.multi_stage.zero_stage=3 and "
+            out.append(f"{prefix}{extra}{more} GPUs (--gpus {more})")
+        seq = c.batch.sequence_length
+        while seq > 128:
+            seq //= 2
+            if fits(set_field(c, "batch.sequence_length", seq), world):
+                out.append(f"{prefix}batch.sequence_length={seq}")
+                break
+        return out
+
+    if cfg.model.multi_stage.activation_checkpointing:
+        return singles(cfg, "")
+    ckpt = set_field(cfg, "model.multi_stage.activation_checkpointing", True)
+    first = ["model.multi_stage.activation_checkpointing=yes"] if fits(ckpt, world) else []
+    return first + singles(cfg, "") or singles(ckpt, "model.multi_stage.activation_checkpointing=yes and ")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit 0 when it fits (or no --gpu-memory), 1 when it does not, 2 on a bad config or model path."""
+    from backend.config import ConfigError, load_train_config
+
+    parser = argparse.ArgumentParser(
+        prog="python -m backend.plan",
+        description="Per-GPU memory plan of a training config, before launch.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="How this repository trains" + __doc__.partition("How this repository trains")[2],
+    )
+    parser.add_argument("config", metavar="TRAIN.yaml")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override a key (value read as YAML)")
+    parser.add_argument("--gpus", type=int, default=None, help="world size (default: run.num_processes)")
+    parser.add_argument("--gpu-memory", type=float, default=None, metavar="GB", help="memory of one GPU, GiB")
+    parser.add_argument(
+        "--model-config", default=None, metavar="DIR", help="directory with config.json (default: pretrained.path)"
+    )
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    args = parser.parse_intermixed_args(argv)
+    try:
+        cfg = load_train_config(args.config, args.overrides)
+        shape = model_shape(args.model_config or cfg.pretrained.path)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    world = args.gpus or cfg.run.num_processes
+    if world < 1:
+        print("error: --gpus must be >= 1", file=sys.stderr)
+        return 2
+    plan = plan_memory(cfg, world, args.gpu_memory, shape)
+    if args.json:
+        d = dataclasses.asdict(plan)
+        d.update(peak_bytes=plan.peak_bytes, fits=plan.fits, suggestion=plan.suggestion)
+        print(json.dumps(d, indent=2))
+    else:
+        print("\n".join(plan.lines()))
+    return 1 if plan.fits is False else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -1,0 +1,80 @@
+"""scripts/gpu_check.sh and bench/bench_gpu.py on a machine without CUDA: they refuse clearly (exit 2, nothing
+written) and document themselves; the harness pieces (data, model, run-and-stop of backend.train) work on CPU."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from backend import ROOT, TINY_MODEL
+
+SCRIPT = ROOT / "scripts" / "gpu_check.sh"
+NO_CUDA = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHON": sys.executable}
+
+
+def test_gpu_check_help_lists_what_it_runs_and_the_wheels_it_needs():
+    out = subprocess.run(["bash", str(SCRIPT), "--help"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0
+    for word in ("pytest -m gpu", "bench/GPU.md", "pydantic", "typing-inspection", "annotated-types", "Exit codes"):
+        assert word in out.stdout, word
+
+
+def test_gpu_check_refuses_without_cuda_and_writes_nothing(tmp_path):
+    report = tmp_path / "GPU.md"
+    out = subprocess.run(
+        ["bash", str(SCRIPT), "--out", str(report)], env=NO_CUDA, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 2 and "no CUDA device" in out.stderr
+    assert not report.exists()
+    out = subprocess.run(["bash", str(SCRIPT), "--layers"], env=NO_CUDA, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2 and "--layers needs a value" in out.stderr
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "bench_gpu.py"), "--out", str(report)],
+        env=NO_CUDA,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2 and "no CUDA device" in out.stderr and not report.exists()
+
+
+def test_harness_runs_backend_train_and_stops_after_the_last_step(tmp_path):
+    """What bench_gpu does per case, on the tiny model and CPU: data written, trainer stopped after its last train
+    event (no checkpoint or export wanted), figures computed against the plan."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import bench_gpu
+
+    model = bench_gpu.write_model(tmp_path / "model8b", layers=2)
+    config = json.loads((model / "config.json").read_text())
+    assert config["num_hidden_layers"] == 2 and config["vocab_size"] == 128256 and (model / "tokenizer.json").exists()
+    data = bench_gpu.write_data(tmp_path / "data", tokens=20_000, vocab=1008)
+    from backend.dataset import TokenDataset
+
+    ds = TokenDataset(data)
+    tokens, trained = ds.document(0)
+    assert ds.num_tokens >= 20_000 and tokens.max() < 1008 and not trained[0] and trained[-1]
+    lengths = np.asarray(ds.lengths)
+    assert 300 < np.median(lengths) < 3000  # Magpie-like
+    overrides = [
+        f"pretrained.path={TINY_MODEL}",
+        f"data.datasets.training.path={data}",
+        "data.datasets.validation=null",
+        "training.train_iters=50",
+        "training.logs.interval=1",
+        "training.evaluations.validation.interval=0",
+        "batch.sequence_length=256",
+        "batch.micro_batch_size=1",
+        "batch.batch_size=1",
+        "model.multi_stage.zero_stage=0",
+        "model.distributed.training_dtype=fp32",
+        "model.base_model.transformer.use_flash_attention=no",
+        "run.num_processes=1",
+    ]
+    result = bench_gpu.run_case("tiny cpu", overrides, tmp_path / "work", steps=4, timeout=120)
+    assert "error" not in result, result.get("error")
+    assert result["start"]["attention"] == "sdpa_packed" and len(result["train"]) >= 4
+    assert result["train"][-1]["step"] < 50  # stopped by the harness, not run to the end
+    figures = bench_gpu.figures(result, tflops=1.0, model_dir=TINY_MODEL)
+    assert figures["tokens_per_s"] > 0 and figures["planned_peak"] > 0 and figures["peak"] is None  # no CUDA
