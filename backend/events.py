@@ -29,7 +29,7 @@ import socket
 import time
 from pathlib import Path
 
-EVENTS = ("start", "train", "validation", "checkpoint", "export", "end", "error")
+EVENTS = ("start", "train", "validation", "samples", "checkpoint", "export", "end", "error")
 LOCK_NAME = "LOCK"
 
 
