@@ -16,6 +16,7 @@ import gradio as gr
 
 from backend import SAMPLE_DATA, TINY_MODEL
 from studio import handlers as H
+from studio import learned
 from studio.bindings import GROUPS, TRAIN_FIELDS, Binding, label_and_info
 
 CSS = """
@@ -498,6 +499,7 @@ def build_train_tab(cfg: ConfigTab, runs_dir: str, demo: gr.Blocks) -> None:
         overlays = gr.Dropdown([], multiselect=True, label="overlay past runs", scale=4)
         refresh = gr.Button("↻ runs", size="sm")
     log = gr.Textbox(label="train.log (tail)", lines=14, max_lines=14, autoscroll=True, elem_id="train-log")
+    learned.build_samples_section(exp_dir)  # answers to fixed validation prompts + tracker paths (studio/learned.py)
     cursor = gr.State({})
     timer = gr.Timer(1.0)
     timer.tick(on_poll, [exp_dir, cursor, overlays], [plot, log, status, progress, cursor], show_progress="hidden")
@@ -590,6 +592,7 @@ def build_app(runs_dir: str = "runs", train_config: str | None = None) -> gr.Blo
             with gr.Tab("Data", id="data"):
                 data = build_data_tab()
                 wire_check = build_check_section(data)
+                wire_loss = learned.build_loss_section(data, runs_dir, demo)  # per-token loss (studio/learned.py)
             with gr.Tab("Packing", id="packing"):
                 wire_packing = build_packing_tab(data)
             with gr.Tab("Config", id="config"):
@@ -603,4 +606,5 @@ def build_app(runs_dir: str = "runs", train_config: str | None = None) -> gr.Blo
         wire_check(seq_len, cfg.widget("data.truncate_documents"))
         wire_packing(seq_len, cfg.widget("batch.micro_batch_size"))
         wire_prepare_yaml(data, cfg, demo)
+        wire_loss(cfg.train_yaml)
     return demo

@@ -14,6 +14,7 @@ What each test proves:
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -221,3 +222,61 @@ def test_two_fsdp_processes_generate_together_and_finish(data, tmp_path):
     tokenizer = load_tokenizer(TINY_MODEL)
     expected = [tokenizer.decode(a, skip_special_tokens=True).strip() for a in greedy_answers(model, prompts, 8, stop)]
     assert [s["answer"] for s in samples["samples"]] == expected
+
+
+def test_studio_loss_view_samples_table_and_trackers(tracked_run, data):
+    """The studio handlers (studio/learned.py): what the page shows, without a browser."""
+    from backend.chat import Masking, render, tokenize
+    from studio import handlers as H
+    from studio import learned
+
+    export = str(tracked_run / "export" / "final")
+    choices, model, base = learned.model_choices(str(tracked_run))
+    assert model == export and Path(base).resolve() == TINY_MODEL.resolve()
+    dataset = str(ASSETS / "data" / "sample_sharegpt.jsonl")
+    args = (dataset, str(TINY_MODEL), 7, "auto", "", "", "all", True, "")
+    view = learned.sample_loss(export, base, *args)
+    assert view.status == "" and "loss-delta" in view.tokens and "worst-tokens" in view.summary
+    # the mean shown is the trainer's loss on that sample, tokenized as prepare does
+    rows = H.get_rows(dataset)
+    tokenizer = load_tokenizer(TINY_MODEL)
+    rendered = render(rows[7], tokenizer, Masking())
+    tok = tokenize(rendered.text, rendered.trained_spans, tokenizer)
+    batch = collate([[Piece(0, 0, len(tok.input_ids))]], learned_docs(tok), len(tok.input_ids))
+    with torch.no_grad():
+        loss_sum, count = trained_token_loss(load_scoring_model(export), batch, "fused")
+    assert view.mean == pytest.approx(float(loss_sum) / count, abs=1e-5)
+    assert f"{view.mean:.6f}" in view.summary
+
+    # highest-loss validation documents, and the row each came from (prepare keeps input order in a split)
+    picks, message = learned.worst_validation(str(tracked_run), export, dataset, 10)
+    assert len(picks) == 10 and "scored" in message
+    losses = [float(label.split()[1]) for label, _ in picks]
+    assert losses == sorted(losses, reverse=True)
+    valid_rows = learned.validation_rows(str(tracked_run), dataset)
+    document = picks[0][1]
+    row, _ = learned.pick_validation(str(tracked_run), export, None, dataset, document)
+    assert row == valid_rows[document]
+    r = render(rows[row], tokenizer, Masking())
+    tokens, trained = TokenDataset(data, "validation").document(document)
+    assert np.array_equal(tokenize(r.text, r.trained_spans, tokenizer).input_ids, tokens)
+
+    # the Train tab's answers table and the tracker's path
+    table, trackers, cursor = learned.poll_samples(str(tracked_run), None)
+    assert table.count("<th>step") == 2 and "samples-table" in table
+    for s in events_of(tracked_run, "samples")[-1]["samples"]:
+        assert html_escape(s["reference"]) in table
+    assert "tensorboard" in trackers and str(tracked_run / "trackers") in trackers
+    assert learned.poll_samples(str(tracked_run), cursor)[0] is None  # nothing new: nothing resent
+
+
+def learned_docs(tok):
+    from backend.evaluate import _Docs
+
+    return _Docs([(tok.input_ids, tok.trained)])
+
+
+def html_escape(text):
+    import html
+
+    return html.escape(text)
