@@ -206,7 +206,9 @@ def test_two_fsdp_processes_generate_together_and_finish(data, tmp_path):
         "model.distributed.timeout": 60,
         "run.num_processes": 2,
     }
-    cmd = train_command(TINY_TRAIN, 2, use_cpu=True, extra_overrides=overrides(data, run_dir, **extra))
+    config = tmp_path / "train.yaml"  # train_command writes its accelerate config next to it
+    config.write_text(TINY_TRAIN.read_text())
+    cmd = train_command(config, 2, use_cpu=True, extra_overrides=overrides(data, run_dir, **extra))
     proc = subprocess.run(
         cmd, cwd=ROOT, env={**ENV, **train_env(2, use_cpu=True)}, capture_output=True, text=True, timeout=300
     )
