@@ -9,6 +9,7 @@ Importing it does not import torch (tests check it); tokenizers and models load 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -193,9 +194,11 @@ def on_check(
     max_rows: float,
     progress=gr.Progress(),
 ) -> tuple:
+    started = time.perf_counter()
+
     def report(i, n):
         if i % 50 == 0 or i == n:
-            progress((i, n), desc="checking samples")
+            progress((i, n), desc=f"checking samples: {learned.eta_text(i, n, started)}")
 
     r = H.check_whole_dataset(
         dataset,
@@ -522,6 +525,7 @@ def on_chat(
     message: str,
     history: list[dict],
     history_base: list[dict],
+    progress=gr.Progress(track_tqdm=True),  # loading a model: transformers' "Loading weights" bar, with its ETA
 ):
     history = list(history or [])
     history_base = list(history_base or [])

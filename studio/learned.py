@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import html
 import math
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -339,6 +340,7 @@ def build_loss_section(data, runs_dir: str, demo):
             run = gr.Dropdown(run_choices(runs_dir), label="run", allow_custom_value=True, scale=3, elem_id="loss-run")
             model = gr.Dropdown([], label="score with (checkpoint or export)", scale=3, elem_id="loss-model")
             compare = gr.Dropdown([], label="compare with (base or earlier)", scale=3, elem_id="loss-compare")
+            refresh = gr.Button("↻", size="sm", elem_id="loss-refresh", min_width=40)
             score = gr.Button("Score this sample", variant="primary", elem_id="loss-button")
         status = gr.Markdown(elem_classes="sft-status", elem_id="loss-status")
         summary = gr.HTML(elem_id="loss-summary")
@@ -377,6 +379,7 @@ def build_loss_section(data, runs_dir: str, demo):
         return gr.skip(), view.summary, view.tokens, view.status
 
     run.change(on_run, [run], [model, compare])
+    refresh.click(on_run, [run], [model, compare])  # new checkpoints and exports of a running job
     score.click(on_score, sample_inputs, [summary, tokens, status])
     data.index.change(on_index, sample_inputs, [summary, tokens, status], trigger_mode="always_last")
     worst_b.click(on_worst, [run, model, data.dataset, limit], [worst, worst_status])
@@ -408,3 +411,38 @@ def build_samples_section(exp_dir) -> None:
         return (gr.skip() if html_ is None else html_), (gr.skip() if md is None else md), c
 
     timer.tick(on_tick, [exp_dir, cursor], [table, trackers, cursor], show_progress="hidden")
+
+
+# ============================================================================================ progress while waiting
+
+_TQDM = re.compile(
+    r"^(?P<desc>[^:|]*):\s*(?P<pct>\d+)%\|.*?\|\s*(?P<i>[\d.]+\w?)/(?P<n>[\d.]+\w?)\s*\[(?P<el>[\d:]+)<(?P<eta>[\d:?]+)"
+)
+
+
+def tqdm_progress(log: str) -> str:
+    """The last tqdm bar of a log as a status line: "prepare 45% (1,350/3,000), 3 s elapsed, ETA 4 s"; "" if none."""
+    for line in reversed(log.splitlines()):
+        m = _TQDM.match(line.rsplit("\r", 1)[-1].strip())
+        if m:
+            return (
+                f"{m['desc'].strip()} {m['pct']}% ({m['i']}/{m['n']}), {_seconds(m['el'])} elapsed, "
+                f"ETA {_seconds(m['eta'])}"
+            )
+    return ""
+
+
+def _seconds(clock: str) -> str:
+    if "?" in clock:
+        return "?"
+    total = 0
+    for part in clock.split(":"):
+        total = total * 60 + int(part)
+    return f"{total} s"
+
+
+def eta_text(done: int, total: int, started: float) -> str:
+    """ "1,200/5,000, ETA 9 s" from the rate so far (for gr.Progress descriptions)."""
+    elapsed = time.perf_counter() - started
+    eta = elapsed / done * (total - done) if done else float("nan")
+    return f"{done:,}/{total:,}" + (f", ETA {eta:.0f} s" if math.isfinite(eta) else "")
