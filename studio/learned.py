@@ -349,7 +349,7 @@ def build_loss_section(data, runs_dir: str, demo):
             limit = gr.Number(100, label="validation documents to rank", precision=0)
             worst_b = gr.Button("Highest-loss validation samples", elem_id="worst-button")
             worst = gr.Dropdown([], label="open one", interactive=True, scale=3, elem_id="worst-pick")
-        worst_status = gr.Markdown()
+        worst_status = gr.Markdown(elem_id="worst-status")
 
     sample_inputs = [model, compare] + [data.dataset, data.tokenizer, data.index] + data.masking_inputs[2:]
 
