@@ -87,10 +87,18 @@ def test_samples_table_loss_view_and_chat(tmp_path):
         assert abs(shown - trainer_loss(exp / "export" / "final", 0)) <= 1e-4
         assert page.locator("#loss-tokens span.sft-loss").count() > 0
         assert page.locator("#loss-delta span.sft-loss").count() > 0  # change from the base model
-        # the highest-loss validation samples: one click opens one
+        # the highest-loss validation samples: one click opens one (the Data tab jumps to its source row)
         page.locator("#worst-button").click()
-        page.wait_for_timeout(500)
-        expect(page.locator("#loss-status")).to_have_text("", timeout=60_000)
+        expect(page.locator("#worst-status")).to_contain_text("validation documents scored", timeout=120_000)
+        page.locator("#worst-pick input").click()
+        first = page.get_by_role("option").first
+        label = first.inner_text()
+        row = int(label.rsplit("row", 1)[1])
+        first.click()
+        expect(page.locator("#sample-index input")).to_have_value(str(row), timeout=60_000)
+        expect(page.locator("#loss-view")).to_contain_text(f"sample {row}:", timeout=120_000)
+        shown = float(page.locator("#loss-mean").inner_text())
+        assert f"loss {shown:.3f}" in label  # the ranked loss is the one the view shows for that sample
 
         # 3. Chat answers with the export
         open_tab(page, "Chat")
