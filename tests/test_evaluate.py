@@ -282,3 +282,18 @@ def html_escape(text):
     import html
 
     return html.escape(text)
+
+
+def test_progress_lines_for_waits():
+    """Prepare inside Launch shows its bar's state and ETA; the dataset check's ETA follows the rate so far."""
+    from studio.learned import eta_text, tqdm_progress
+
+    log = (
+        "distributed: ...\n"
+        "prepare:  12%|█         | 360/3000 [00:01<00:07, 360.00row/s]\r"
+        "prepare:  45%|████▌     | 1350/3000 [00:03<01:04, 400.00row/s]\n"
+    )
+    assert tqdm_progress(log) == "prepare 45% (1350/3000), 3 s elapsed, ETA 64 s"
+    assert tqdm_progress("no bar here\n") == ""
+    assert eta_text(0, 10, 0.0) == "0/10"
+    assert eta_text(5, 10, __import__("time").perf_counter() - 2.0) == "5/10, ETA 2 s"
