@@ -224,6 +224,12 @@ def test_two_fsdp_processes_generate_together_and_finish(data, tmp_path):
     tokenizer = load_tokenizer(TINY_MODEL)
     expected = [tokenizer.decode(a, skip_special_tokens=True).strip() for a in greedy_answers(model, prompts, 8, stop)]
     assert [s["answer"] for s in samples["samples"]] == expected
+    # the final checkpoint holds FSDP (DCP) shards: scored after gathering them, it equals the export
+    (checkpoint,) = [path for label, path in run_models(run_dir) if label.startswith("checkpoint")]
+    assert (Path(checkpoint) / "pytorch_model_fsdp_0").is_dir()
+    tokens, trained = TokenDataset(data, "validation").document(0)
+    a = token_losses(load_scoring_model(checkpoint), tokens, trained)
+    assert np.allclose(a, token_losses(model, tokens, trained), atol=1e-5, equal_nan=True)
 
 
 def test_studio_loss_view_samples_table_and_trackers(tracked_run, data):
