@@ -94,6 +94,10 @@ def build_accelerator(cfg, **accelerator_kwargs) -> Accelerator:
         # its state in class-level singletons and refuses a second Accelerator with another mixed precision.
         # Nothing distributed has been initialized, so start from a clean state.
         AcceleratorState._reset_state(reset_partial_state=True)
+    if cfg.run.trackers:  # Accelerate's tracker integrations; backend/trackers.py starts them and logs to them
+        from backend.trackers import accelerator_tracker_kwargs
+
+        accelerator_kwargs = {**accelerator_tracker_kwargs(cfg), **accelerator_kwargs}
     handlers = [InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=float(cfg.model.distributed.timeout)))]
     accelerator = Accelerator(
         fsdp_plugin=plugin,

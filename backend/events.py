@@ -32,7 +32,7 @@ import socket
 import time
 from pathlib import Path
 
-EVENTS = ("start", "train", "validation", "test", "checkpoint", "export", "end", "error")
+EVENTS = ("start", "train", "validation", "samples", "test", "checkpoint", "export", "end", "error")
 LOCK_NAME = "LOCK"
 
 

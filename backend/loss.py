@@ -67,6 +67,7 @@ FUSED_CHUNK_ELEMENTS = 2**25
 
 __all__ = [
     "trained_token_loss",
+    "trained_token_losses",
     "shifted_targets",
     "global_trained_count",
     "loss_scale",
@@ -158,6 +159,21 @@ def trained_token_loss(model: nn.Module, batch: dict, impl: str = "fused") -> tu
     with _lm_head_computes_loss(_inner(model), kept_targets, select):
         loss_sum = model(**kwargs, logits_to_keep=keep).logits  # 0-dim: the wrapper returned the CE sum
     return loss_sum.float(), int(kept_targets.numel())
+
+
+def trained_token_losses(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward one packed batch; return (CE of each trained target (N,) fp32, its flat position (N,) in B*L).
+
+    The per-token view of `trained_token_loss` (impl="torch", same inputs, same shifted targets): the sum of the
+    first tensor is that loss sum. Position p of row-major (B, L) predicts label p+1 of its row, so the token a
+    loss belongs to is flat index p + 1. The studio's loss view and notebook 04 read the model through this.
+    """
+    targets = shifted_targets(batch["labels"])  # (B*L,)
+    logits = model(**_forward_kwargs(model, batch)).logits  # (1, B*L, V) or (B, L, V)
+    logits = logits.reshape(-1, logits.shape[-1])  # (B*L, V)
+    positions = (targets != IGNORE_INDEX).nonzero().squeeze(1)  # (N,)
+    losses = F.cross_entropy(logits[positions].float(), targets[positions], reduction="none")  # (N,)
+    return losses, positions
 
 
 class _ChunkedCELMHead(nn.Module):

@@ -220,6 +220,11 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
     if cfg.model.multi_stage.activation_checkpointing:
         layers = enable_activation_checkpointing(model)
         print0(f"activation checkpointing: {layers} decoder layers recompute their forward in backward")
+    sample_writer = None
+    if val_iters and t.evaluations.samples:  # greedy answers to fixed validation prompts (backend/evaluate.py)
+        from backend.evaluate import SampleWriter
+
+        sample_writer = SampleWriter(val_data, tokenizer, t.evaluations.samples, t.evaluations.sample_max_new_tokens)
     num_params = sum(p.numel() for p in model.parameters())
     optimizer = torch.optim.AdamW(
         param_groups(model, opt.weight_decay),
@@ -383,6 +388,8 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
             last_val = val_loss
             if accelerator.is_main_process:
                 events.emit("validation", step, loss=val_loss, batches=val_iters)
+            if sample_writer is not None:  # a collective: every rank generates (FSDP), rank 0 writes the event
+                sample_writer.write(model, accelerator, events, step)
             bar.write(f"step {step}: validation loss {val_loss:.4f}") if accelerator.is_main_process else None
 
         # Stop (SIGTERM/SIGINT): every rank must take the same branch, so the flag is summed over ranks
@@ -494,6 +501,10 @@ def train(config, overrides=()) -> dict:
             tmp = run_dir / "config.yaml.tmp"
             tmp.write_text(dump_yaml(cfg))
             tmp.replace(run_dir / "config.yaml")
+        if cfg.run.trackers:  # the same scalars + the config to TensorBoard / wandb / MLflow (backend/trackers.py)
+            from backend.trackers import start_trackers
+
+            events = start_trackers(accelerator, cfg, events)
         with StopRequest() as stop:
             return fit(cfg, accelerator, events, stop)
     except BaseException as e:
@@ -507,6 +518,8 @@ def train(config, overrides=()) -> dict:
             )
         raise
     finally:
+        if cfg.run.trackers:
+            accelerator.end_training()  # flushes and closes every tracker
         lock.release()
 
 

@@ -9,6 +9,7 @@ Importing it does not import torch (tests check it); tokenizers and models load 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import gradio as gr
 
 from backend import SAMPLE_DATA, TINY_MODEL
 from studio import handlers as H
+from studio import learned
 from studio.bindings import GROUPS, TRAIN_FIELDS, Binding, label_and_info
 
 CSS = """
@@ -192,9 +194,11 @@ def on_check(
     max_rows: float,
     progress=gr.Progress(),
 ) -> tuple:
+    started = time.perf_counter()
+
     def report(i, n):
         if i % 50 == 0 or i == n:
-            progress((i, n), desc="checking samples")
+            progress((i, n), desc=f"checking samples: {learned.eta_text(i, n, started)}")
 
     r = H.check_whole_dataset(
         dataset,
@@ -509,6 +513,7 @@ def build_train_tab(cfg: ConfigTab, runs_dir: str, demo: gr.Blocks) -> None:
         overlays = gr.Dropdown([], multiselect=True, label="overlay past runs", scale=4)
         refresh = gr.Button("↻ runs", size="sm")
     log = gr.Textbox(label="train.log (tail)", lines=14, max_lines=14, autoscroll=True, elem_id="train-log")
+    learned.build_samples_section(exp_dir)  # answers to fixed validation prompts + tracker paths (studio/learned.py)
     cursor = gr.State({})
     timer = gr.Timer(1.0)
     timer.tick(on_poll, [exp_dir, cursor, overlays], [plot, log, status, progress, cursor], show_progress="hidden")
@@ -531,6 +536,7 @@ def on_chat(
     message: str,
     history: list[dict],
     history_base: list[dict],
+    progress=gr.Progress(track_tqdm=True),  # loading a model: transformers' "Loading weights" bar, with its ETA
 ):
     history = list(history or [])
     history_base = list(history_base or [])
@@ -601,6 +607,7 @@ def build_app(runs_dir: str = "runs", train_config: str | None = None) -> gr.Blo
             with gr.Tab("Data", id="data"):
                 data = build_data_tab()
                 wire_check = build_check_section(data)
+                wire_loss = learned.build_loss_section(data, runs_dir, demo)  # per-token loss (studio/learned.py)
             with gr.Tab("Packing", id="packing"):
                 wire_packing = build_packing_tab(data)
             with gr.Tab("Config", id="config"):
@@ -614,4 +621,5 @@ def build_app(runs_dir: str = "runs", train_config: str | None = None) -> gr.Blo
         wire_check(seq_len, cfg.widget("data.truncate_documents"))
         wire_packing(seq_len, cfg.widget("batch.micro_batch_size"))
         wire_prepare_yaml(data, cfg, demo)
+        wire_loss(cfg.train_yaml)
     return demo

@@ -40,6 +40,7 @@ TRAIN_FIELDS: tuple[Binding, ...] = (
     Binding("training.export.interval", "int", group="Intervals"),
     Binding("training.evaluations.validation.interval", "int", group="Intervals"),
     Binding("training.evaluations.validation.iterations", "int", group="Intervals"),
+    Binding("training.evaluations.samples", "int", group="Intervals"),
     Binding("model.distributed.training_dtype", "choice", ("bf16", "fp32", "fp16"), group="Hardware"),
     Binding("model.multi_stage.zero_stage", "choice", (0, 1, 2, 3), group="Hardware"),
     Binding("run.num_processes", "int", group="Hardware"),

@@ -1214,6 +1214,10 @@ def poll_run(exp_dir: str, cursor: dict | None, overlays: list[str] | None = Non
     if st.state == "failed":
         parts.append(f"✗ {st.message}")
     log = jobs.tail(exp / jobs.LOG_FILE, 60)
+    if st.running and st.phase == "prepare":  # prepare inside Launch: its progress bar and ETA from the log
+        from studio.learned import tqdm_progress
+
+        parts.insert(1, tqdm_progress(log) or "preparing the dataset")
     return RunView(fig, log, " · ".join(parts), progress, st.running, cursor)
 
 

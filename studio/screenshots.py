@@ -3,7 +3,8 @@
     python -m studio.screenshots [--out assets/screenshots] [--runs-dir RUNS] [--chromium /usr/bin/chromium]
 
 Starts `python -m studio` on a free 127.0.0.1 port in a subprocess, drives it with playwright (no browser
-download: the system Chromium), and writes data.png, check.png, packing.png, config.png, train.png, chat.png.
+download: the system Chromium), and writes data.png, check.png, packing.png, config.png, train.png, learned.png,
+chat.png.
 `serve()` and `launch_browser()` are also used by tests/test_studio_browser.py.
 """
 
@@ -144,6 +145,14 @@ def take(out: Path, runs_dir: str, chromium: str = CHROMIUM, with_run: bool = Tr
                 timeout=600_000,
             )
         shot("train.png")
+        if with_run:  # what the model learned: the sample's tokens coloured by their loss under the export
+            open_tab(page, "Data")
+            page.locator("#loss-refresh").click()
+            page.wait_for_timeout(1500)
+            page.locator("#loss-button").click()
+            page.locator("#loss-mean").wait_for()
+            page.locator("#loss-summary").scroll_into_view_if_needed()
+            shot("learned.png")
         open_tab(page, "Chat")
         if with_run:
             export = runs / "tiny-run" / "export" / "final"

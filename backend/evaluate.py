@@ -1,0 +1,316 @@
+"""What a model learned: the loss of each trained token of a document, and greedy answers to fixed prompts.
+
+    from backend.evaluate import load_scoring_model, document_loss, rank_documents, run_models
+    model = load_scoring_model("runs/tiny/experiment/export/final")      # an export, a checkpoint or a base model
+    d = document_loss(model, tokens, trained, eot_ids=[128009])
+    d.losses      # (T,) float64: loss of token t as a target (predicted at t-1); NaN where it is not trained
+    d.mean        # == the trainer's loss on this document (backend.loss.trained_token_loss / count)
+    rank_documents(model, TokenDataset(data_dir, "validation"))        # [(document, mean loss, count)], worst first
+
+    prompts = sample_prompts(validation_dataset, n=3)                   # the training loop's fixed prompts
+    answers = greedy_answers(model, prompts, max_new_tokens=64, stop_ids=[...], accelerator=accelerator)
+
+The loss goes through the trainer's own code: `backend.packing.collate` turns the document into the packed batch
+the trainer would see (labels, position ids, document boundaries) and `backend.loss.trained_token_losses` is
+the per-token form of the training loss on that batch. Nothing here re-derives which token is a target.
+
+Generation under FSDP2: a sharded model all-gathers each layer's parameters inside every forward, so every rank
+must run every forward. `greedy_answers` is called on all ranks with the same prompts; after each new token the
+ranks agree (one all-reduce) whether to stop, so no rank leaves the loop while another still waits in a forward.
+The model trains with `use_cache=False` (backend/modeling.py: the packed-training trap); generation passes its
+own `DynamicCache` and `use_cache=True` per call and leaves the config untouched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "DocumentLoss",
+    "document_loss",
+    "token_losses",
+    "rank_documents",
+    "load_scoring_model",
+    "run_models",
+    "SamplePrompt",
+    "sample_prompts",
+    "greedy_answers",
+    "SampleWriter",
+]
+
+
+class _Docs:
+    """What collate reads (`document(i) -> (tokens, trained)`) for documents held in memory."""
+
+    def __init__(self, docs):
+        self.docs = docs
+
+    def document(self, i: int):
+        return self.docs[i]
+
+
+def token_losses(model, tokens, trained) -> np.ndarray:
+    """(T,) float64 loss of each token as a target under ``model``; NaN where it is not one (masked, or token 0).
+
+    One document collated alone into one row of its own length, exactly as the trainer collates it.
+    """
+    import torch
+
+    from backend.loss import trained_token_losses
+    from backend.packing import Piece, collate
+
+    tokens, trained = np.asarray(tokens), np.asarray(trained, dtype=bool)
+    n = len(tokens)
+    out = np.full(n, np.nan)
+    if n < 2:
+        return out
+    batch = collate([[Piece(0, 0, n)]], _Docs([(tokens, trained)]), n)
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
+    with torch.no_grad():
+        losses, positions = trained_token_losses(model, batch)
+    out[positions.cpu().numpy() + 1] = losses.double().cpu().numpy()  # position p predicts token p + 1
+    return out
+
+
+@dataclass
+class DocumentLoss:
+    losses: np.ndarray  # (T,) per-token loss, NaN where not a target
+    mean: float  # mean over the targets: the trainer's loss on this document
+    count: int  # number of targets
+    eot_loss: float  # mean loss of the trained end-of-turn tokens (NaN when there is none)
+    eot_count: int
+    worst: list[tuple[int, float]] = field(default_factory=list)  # (token index, loss), highest first
+
+
+def document_loss(model, tokens, trained, eot_ids=(), worst: int = 10) -> DocumentLoss:
+    """Per-token loss of one document plus its summary: mean, end-of-turn loss, the worst tokens."""
+    losses = token_losses(model, tokens, trained)
+    scored = np.isfinite(losses)
+    at_eot = scored & np.isin(np.asarray(tokens), list(eot_ids))
+    order = np.flatnonzero(scored)[np.argsort(-losses[scored], kind="stable")][:worst]
+    return DocumentLoss(
+        losses=losses,
+        mean=float(losses[scored].mean()) if scored.any() else float("nan"),
+        count=int(scored.sum()),
+        eot_loss=float(losses[at_eot].mean()) if at_eot.any() else float("nan"),
+        eot_count=int(at_eot.sum()),
+        worst=[(int(t), float(losses[t])) for t in order],
+    )
+
+
+def rank_documents(model, dataset, limit: int | None = 200, progress=None) -> list[tuple[int, float, int]]:
+    """[(document, mean loss, trained targets)] of the first ``limit`` documents of a TokenDataset, worst first.
+
+    ``progress(i, n)`` is called after each document (the studio shows it).
+    """
+    n = len(dataset) if limit is None else min(len(dataset), int(limit))
+    ranked = []
+    for d in range(n):
+        tokens, trained = dataset.document(d)
+        losses = token_losses(model, tokens, trained)
+        scored = np.isfinite(losses)
+        if scored.any():
+            ranked.append((d, float(losses[scored].mean()), int(scored.sum())))
+        if progress is not None:
+            progress(d + 1, n)
+    return sorted(ranked, key=lambda r: -r[1])
+
+
+# ----------------------------------------------------------------------------------------------- models of a run
+
+
+def run_models(run_dir) -> list[tuple[str, str]]:
+    """[(label, path)] a run can be scored with: its base model, complete checkpoints, exports (oldest first)."""
+    from backend.checkpoint import list_checkpoints
+
+    run_dir = Path(run_dir)
+    found = []
+    base = _pretrained_path(run_dir / "config.yaml")
+    if base:
+        found.append((f"base: {base}", base))
+    for step, path, complete in list_checkpoints(run_dir / "checkpoints"):
+        if complete:
+            found.append((f"checkpoint step {step}", str(path)))
+    exports = run_dir / "export"
+    if exports.is_dir():
+        for d in sorted(exports.iterdir(), key=lambda p: (p.name == "final", p.name)):
+            if (d / "config.json").is_file() and not d.name.endswith((".tmp", ".old")):
+                found.append((f"export {d.name}", str(d)))
+    return found
+
+
+def _pretrained_path(config_yaml: Path) -> str | None:
+    import yaml
+
+    try:
+        raw = yaml.safe_load(config_yaml.read_text(encoding="utf-8")) or {}
+    except OSError:
+        return None
+    return (raw.get("pretrained") or {}).get("path")
+
+
+def load_scoring_model(path, dtype: str = "fp32"):
+    """An eval-mode model for scoring, with the trainer's attention (sdpa_packed).
+
+    ``path``: a Hugging Face directory (an export or a base model) or a checkpoint directory of a run
+    (``checkpoints/step_XXXXXX``: the architecture comes from its config.yaml's ``pretrained.path``, the weights
+    from ``model.safetensors``, or from the FSDP shards ``pytorch_model_fsdp_0/``).
+    """
+    from backend.modeling import PACKED_SDPA, load_model
+
+    path = Path(path)
+    if (path / "meta.json").is_file() and not (path / "config.json").is_file():
+        base = _pretrained_path(path / "config.yaml")
+        if not base:
+            raise ValueError(f"{path}: checkpoint without config.yaml/pretrained.path; score an export instead")
+        model = load_model(base, dtype, PACKED_SDPA)
+        state = _checkpoint_state_dict(path)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        # tied LM heads are saved once (as the embedding): a missing lm_head.weight is expected then
+        missing = [k for k in missing if not (k == "lm_head.weight" and model.config.tie_word_embeddings)]
+        if missing or unexpected:
+            raise ValueError(
+                f"{path}: checkpoint does not match {base} (missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
+        if getattr(model.config, "tie_word_embeddings", False):
+            model.tie_weights()
+    else:
+        model = load_model(str(path), dtype, PACKED_SDPA)
+    return model.eval()
+
+
+def _checkpoint_state_dict(path: Path) -> dict:
+    file = path / "model.safetensors"
+    if file.is_file():
+        from safetensors.torch import load_file
+
+        return load_file(str(file))
+    shards = path / "pytorch_model_fsdp_0"
+    if shards.is_dir():
+        import tempfile
+
+        import torch
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+        with tempfile.TemporaryDirectory() as tmp:
+            dcp_to_torch_save(str(shards), f"{tmp}/model.pt")
+            state = torch.load(f"{tmp}/model.pt", weights_only=False)
+        return state.get("model", state)
+    raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model_fsdp_0/ in this checkpoint")
+
+
+# ----------------------------------------------------------------------------------------------- sample answers
+
+
+@dataclass
+class SamplePrompt:
+    document: int  # index in the validation split
+    prompt_ids: np.ndarray  # (P,) the document up to its last trained stretch (the last assistant reply)
+    reference_ids: np.ndarray  # (R,) that stretch: the reference reply, end-of-turn token included
+    turn_begin: int = 0  # where the prompt's last masked stretch starts (after the previous reply): the question
+
+
+def sample_prompts(dataset, n: int) -> list[SamplePrompt]:
+    """The first ``n`` documents of a split that have a trained stretch after some masked tokens, cut there."""
+    prompts = []
+    for d in range(len(dataset)):
+        if len(prompts) >= n:
+            break
+        tokens, trained = dataset.document(d)
+        trained = np.asarray(trained, dtype=bool)
+        starts = np.flatnonzero(trained[1:] & ~trained[:-1]) + 1  # starts of trained stretches
+        if not len(starts):
+            continue
+        begin = int(starts[-1])
+        end = begin + int(np.argmin(np.append(trained[begin:], False)))  # first masked token after it
+        ends = np.flatnonzero(trained[: begin - 1] & ~trained[1:begin]) + 1  # ends of earlier stretches
+        turn_begin = int(ends[-1]) if len(ends) else 0
+        prompts.append(SamplePrompt(d, np.asarray(tokens[:begin]), np.asarray(tokens[begin:end]), turn_begin))
+    return prompts
+
+
+def greedy_answers(model, prompts, max_new_tokens: int, stop_ids, accelerator=None) -> list[list[int]]:
+    """Greedy continuation of each prompt with a KV cache; a collective when ``accelerator`` has several ranks.
+
+    Every rank must call this with the same prompts. Stop is decided together: after each token the ranks
+    all-reduce "some rank has stopped", so all run the same number of forwards (a sharded model needs them all).
+    """
+    import contextlib
+    import inspect
+
+    import torch
+    from transformers import DynamicCache
+
+    from backend.loss import _inner
+
+    stop_ids = {int(s) for s in stop_ids}
+    # transformers renamed the forward's `past_key_values` to `cache` (the old name warns, later fails)
+    params = inspect.signature(type(_inner(model)).forward).parameters
+    cache_arg = "cache" if "cache" in params else "past_key_values"
+    device = next(model.parameters()).device
+    world = accelerator.num_processes if accelerator is not None else 1
+    autocast = accelerator.autocast() if accelerator is not None else contextlib.nullcontext()
+    was_training = model.training
+    model.eval()
+    answers = []
+    try:
+        with torch.no_grad(), autocast:
+            for p in prompts:
+                cache = DynamicCache(config=_inner(model).config)
+                ids = torch.as_tensor(np.asarray(p.prompt_ids, dtype=np.int64), device=device)[None]  # (1, P)
+                answer = []
+                for _ in range(int(max_new_tokens)):
+                    logits = model(input_ids=ids, **{cache_arg: cache}, use_cache=True, logits_to_keep=1).logits
+                    token = int(logits[0, -1].argmax())
+                    answer.append(token)
+                    done = token in stop_ids
+                    if world > 1:  # agree: if any rank stops, all stop (they should agree anyway)
+                        flag = torch.tensor([float(done)], device=accelerator.device)
+                        done = bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+                    if done:
+                        break
+                    ids = torch.tensor([[token]], device=device)  # (1, 1): the cache holds the rest
+                answers.append(answer)
+    finally:
+        model.train(was_training)
+    return answers
+
+
+class SampleWriter:
+    """The training loop's `samples` event: fixed validation prompts answered at each validation.
+
+    Built once (the prompts are the split's first documents, the same at every step and every resume);
+    ``write(model, accelerator, events, step)`` is a collective (every rank calls it), rank 0 writes the event:
+
+        {"event": "samples", "step": 50, "samples": [{"document": 0, "prompt": "...", "reference": "...",
+          "answer": "...", "stopped": true}, ...]}
+    """
+
+    def __init__(self, dataset, tokenizer, n: int, max_new_tokens: int):
+        from backend.checkpoint import eot_ids
+
+        self.tokenizer = tokenizer
+        self.prompts = sample_prompts(dataset, n)
+        self.max_new_tokens = max_new_tokens
+        self.stop_ids = eot_ids(tokenizer)
+
+    def write(self, model, accelerator, events, step: int) -> list[dict]:
+        answers = greedy_answers(model, self.prompts, self.max_new_tokens, self.stop_ids, accelerator)
+        decode = self.tokenizer.decode
+        rows = [
+            {
+                "document": p.document,
+                "prompt": decode(p.prompt_ids[p.turn_begin :], skip_special_tokens=True).strip(),
+                "reference": decode(p.reference_ids, skip_special_tokens=True).strip(),
+                "answer": decode(a, skip_special_tokens=True).strip(),
+                "stopped": bool(a) and a[-1] in self.stop_ids,
+            }
+            for p, a in zip(self.prompts, answers, strict=True)
+        ]
+        if accelerator.is_main_process:
+            events.emit("samples", step, samples=rows)
+        return rows

@@ -1,0 +1,113 @@
+"""Experiment trackers (TensorBoard, Weights & Biases, MLflow) through Accelerate's integrations.
+
+    run:
+      trackers: [tensorboard]          # any of tensorboard | wandb | mlflow; default none
+
+The trackers get exactly what events.jsonl gets, no second bookkeeping: `start_trackers` wraps the run's
+EventLog so that every scalar field of a `train` or `validation` event is also `accelerator.log`ged, as
+``train/loss``, ``train/lr``, ``validation/loss``, ... at the event's step. The resolved config is stored once
+(flattened to ``a.b.c`` keys; TensorBoard's hparams accept only scalars).
+
+Where each one writes (``tracker_locations`` returns it; the studio shows it):
+    tensorboard  <experiment_dir>/trackers/sft-studio           tensorboard --logdir <that>
+    wandb        wandb's own dir under <experiment_dir>/trackers (WANDB_MODE=offline: no account, `wandb sync` later)
+    mlflow       $MLFLOW_TRACKING_URI (a server, or file:<dir> for a local store; default ./mlruns), experiment
+                 "sft-studio", run name = the experiment directory's name
+
+Accelerate creates the trackers on the main process only; `accelerator.log` is a no-op elsewhere.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+from backend.events import EventLog
+
+PROJECT = "sft-studio"
+LOGGED_EVENTS = ("train", "validation")
+
+__all__ = ["accelerator_tracker_kwargs", "start_trackers", "TrackedEventLog", "tracker_locations", "flat_config"]
+
+
+def trackers_dir(experiment_dir) -> Path:
+    return Path(experiment_dir) / "trackers"
+
+
+def accelerator_tracker_kwargs(cfg) -> dict:
+    """Accelerator(...) arguments for ``run.trackers`` (empty when there is none)."""
+    if not cfg.run.trackers:
+        return {}
+    return {"log_with": list(cfg.run.trackers), "project_dir": str(trackers_dir(cfg.run.experiment_dir))}
+
+
+def flat_config(cfg) -> dict:
+    """The resolved config as {"a.b.c": bool | int | float | str} (lists and None as their text)."""
+    out = {}
+
+    def walk(prefix, value):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        elif isinstance(value, (bool, int, float, str)):
+            out[prefix] = value
+        else:
+            out[prefix] = str(value)
+
+    walk("", cfg.model_dump(mode="json"))
+    return out
+
+
+class TrackedEventLog(EventLog):
+    """An EventLog that also logs the scalars of train/validation events to the Accelerator's trackers."""
+
+    def __init__(self, path, accelerator):
+        super().__init__(path)
+        self.accelerator = accelerator
+
+    def emit(self, event: str, step: int, **fields) -> dict:
+        record = super().emit(event, step, **fields)
+        if event in LOGGED_EVENTS:
+            scalars = {
+                f"{event}/{k}": float(v)
+                for k, v in record.items()
+                if k not in ("event", "step", "time")
+                and isinstance(v, (int, float))
+                and not isinstance(v, bool)
+                and math.isfinite(v)
+            }
+            if scalars:
+                self.accelerator.log(scalars, step=int(step))
+        return record
+
+
+def start_trackers(accelerator, cfg, events: EventLog) -> TrackedEventLog:
+    """init_trackers with the config (a collective-free call on every rank); returns the wrapped event log."""
+    name = Path(cfg.run.experiment_dir).name or "run"
+    init_kwargs = {
+        "tensorboard": {},
+        "wandb": {"name": name, "dir": str(trackers_dir(cfg.run.experiment_dir))},
+        "mlflow": {"run_name": name},
+    }
+    if accelerator.is_main_process:
+        trackers_dir(cfg.run.experiment_dir).mkdir(parents=True, exist_ok=True)
+    accelerator.init_trackers(
+        PROJECT,
+        config=flat_config(cfg),
+        init_kwargs={k: v for k, v in init_kwargs.items() if k in cfg.run.trackers},
+    )
+    return TrackedEventLog(events.path, accelerator)
+
+
+def tracker_locations(experiment_dir, trackers) -> dict[str, str]:
+    """{tracker: where its data is} for a run (no tracker library is imported: the studio calls this)."""
+    out = {}
+    for name in trackers or ():
+        if name == "tensorboard":
+            out[name] = str(trackers_dir(experiment_dir) / PROJECT)
+        elif name == "wandb":
+            out[name] = str(trackers_dir(experiment_dir) / "wandb")
+        elif name == "mlflow":
+            out[name] = os.environ.get("MLFLOW_TRACKING_URI", "./mlruns") + f" (experiment {PROJECT})"
+    return out
