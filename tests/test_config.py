@@ -387,19 +387,8 @@ def _never(*a, **k):
 # Contract fields (backend/config.py, "the config contract of the next wave") that other branches wire. The lead
 # empties this list after the merge: the test fails on an entry once that field is read, so none stays by mistake.
 WIRED_ELSEWHERE = {
-    "training.evaluations.samples": "wired by branch learn (issue 17: sample answers during training)",
-    "training.evaluations.sample_max_new_tokens": "wired by branch learn (issue 17)",
-    "run.trackers": "wired by branch learn (issue 17: tensorboard/wandb/mlflow)",
-    "training.export.keep": "wired by branch gpu (issue 13: export dtype/sharding/keep)",
-    "training.export.dtype": "wired by branch gpu (issue 13)",
-    "training.export.max_shard_size": "wired by branch gpu (issue 13)",
-    "training.export.merge": "wired by branch lora (issue 14: merged LoRA exports)",
-    "pretrained.quantization": "wired by branch lora (issue 14: QLoRA)",
-    "model.base_model.peft.type": "wired by branch lora (issue 14)",
-    "model.base_model.peft.rank": "wired by branch lora (issue 14)",
     "model.base_model.peft.alpha": "wired by branch lora (issue 14)",
     "model.base_model.peft.dropout": "wired by branch lora (issue 14)",
-    "model.base_model.peft.target_modules": "wired by branch lora (issue 14)",
 }
 # The guide's keys whose every accepted value means the one thing this code does: validation is their whole effect
 # (a value outside the Literal is refused), so there is nothing to read.
