@@ -181,9 +181,16 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
     attn_impl, attn_reason = select_attention(cfg.model.base_model.transformer.use_flash_attention, accelerator.device)
     print0(f"attention: {attn_reason}")
     # weights stay fp32 (master copy); bf16/fp16 compute comes from the Accelerator's mixed precision
-    model = load_model(cfg.pretrained.path, "fp32", attn_impl, random_init=not cfg.pretrained.model_weights)
+    lora = cfg.model.base_model.peft.type == "lora"
+    if lora:  # frozen base (4/8-bit with pretrained.quantization) + trainable adapters: backend/lora.py
+        from backend.lora import load_lora_model, parameter_counts
+
+        model = load_lora_model(cfg, attn_impl)
+        trainable_params, num_params = parameter_counts(model)
+    else:
+        model = load_model(cfg.pretrained.path, "fp32", attn_impl, random_init=not cfg.pretrained.model_weights)
+        trainable_params = num_params = sum(p.numel() for p in model.parameters())
     tokenizer = load_tokenizer(cfg.pretrained.path)
-    num_params = sum(p.numel() for p in model.parameters())
     optimizer = torch.optim.AdamW(
         param_groups(model, opt.weight_decay),
         lr=lr_at(0, opt.learning_rate, t.train_iters),
@@ -192,29 +199,47 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
     # prepare: wraps/shards the model (FSDP2 turns parameters into DTensors) and re-points the optimizer at them
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
+    state_io = {}  # LoRA checkpoints hold the adapters and their optimizer state only, not the frozen base
+    if lora:
+        from backend.lora import export_lora, lora_state_loader, lora_state_saver
+
+        state_io = {"save": lora_state_saver(accelerator, model, optimizer)}
+        state_io["load"] = lora_state_loader(accelerator, model, optimizer)
 
     # ---- resume from the newest complete checkpoint (a save cut short has no COMPLETE marker: skipped)
     checkpoints = run_dir / "checkpoints"
     start_step, resumed_from = 0, None
     latest = latest_complete(checkpoints, warn=print0)
     if latest is not None:
-        start_step = load_checkpoint(accelerator, latest)["step"]  # load_state: model, optimizer, RNG
+        start_step = load_checkpoint(accelerator, latest, state_io.get("load"))["step"]  # model, optimizer, RNG
         resumed_from = str(latest)
         print0(f"resuming from {latest} (step {start_step})")
     config_yaml = dump_yaml(cfg)
 
     def save(step):
         path = save_checkpoint(
-            accelerator, checkpoints, step, config_yaml, t.checkpoint.keep, {"config_hash": config_hash(cfg)}
+            accelerator,
+            checkpoints,
+            step,
+            config_yaml,
+            t.checkpoint.keep,
+            {"config_hash": config_hash(cfg)},
+            state_io.get("save"),
         )
         if accelerator.is_main_process:
             events.emit("checkpoint", step, path=str(path))
         return path
 
     def export(step, name):
-        path = export_hf(accelerator, model, tokenizer, run_dir / "export", name)
+        if lora:  # export/<name>/adapter (PEFT) + export/<name> merged at every export or only the final one
+            paths = export_lora(
+                accelerator, model, tokenizer, run_dir / "export", name, cfg, t.export.merge or name == "final"
+            )
+            path, extra = paths["merged"] or paths["adapter"], {"adapter": str(paths["adapter"])}
+        else:
+            path, extra = export_hf(accelerator, model, tokenizer, run_dir / "export", name), {}
         if accelerator.is_main_process:
-            events.emit("export", step, path=str(path))
+            events.emit("export", step, path=str(path), **extra)
         return path
 
     sharded = is_sharded(model)
@@ -231,6 +256,8 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
             attention=attn_impl,
             attention_reason=attn_reason,
             num_parameters=num_params,
+            trainable_parameters=trainable_params,
+            peft=cfg.model.base_model.peft.type,
             gradient_accumulation=grad_accum,
             training_documents=len(train_data),
             skipped_documents=len(sampler.skipped),
@@ -374,6 +401,10 @@ def train(config, overrides=()) -> dict:
     from backend.events import EventLog, LockedError, RunLock
 
     cfg = config if isinstance(config, TrainConfig) else load_train_config(config, overrides)
+    if cfg.pretrained.quantization != "none":  # QLoRA needs CUDA + bitsandbytes: a config error, not a crash
+        from backend.lora import check_quantization
+
+        check_quantization(cfg)
     run_dir = Path(cfg.run.experiment_dir)
     accelerator = build_accelerator(cfg)
     events = EventLog(run_dir / "events.jsonl")
