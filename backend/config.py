@@ -269,7 +269,7 @@ class PeftConfig(Section):
     @field_validator("target_modules", mode="before")
     @classmethod
     def _names(cls, v: Any) -> Any:
-        """"q_proj, v_proj" (a text box) -> [q_proj, v_proj]; "all-linear" stays; an empty list is an error."""
+        """ "q_proj, v_proj" (a text box) -> [q_proj, v_proj]; "all-linear" stays; an empty list is an error."""
         if isinstance(v, str) and v.strip() != "all-linear":
             v = [name for name in v.replace(",", " ").split() if name]
         if isinstance(v, list) and not v:
