@@ -186,7 +186,16 @@ def load_lora_model(cfg, attn_impl: str):
         # norms in fp32; no gradient checkpointing here (model.multi_stage.activation_checkpointing decides)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         prepare_for_packed_training(model)
-    return apply_lora(model, cfg.model.base_model.peft)
+    # the adapters' random init comes from the seed alone, whatever loading the base drew (TRL does the same)
+    from accelerate.utils import set_seed
+
+    set_seed(cfg.model.distributed.seed)
+    model = apply_lora(model, cfg.model.base_model.peft)
+    if cfg.model.multi_stage.activation_checkpointing:
+        # reentrant checkpointing only back-propagates into a layer whose input requires grad; with a frozen
+        # embedding nothing would reach the adapters of checkpointed layers
+        model.enable_input_require_grads()
+    return model
 
 
 def parameter_counts(model) -> tuple[int, int]:
