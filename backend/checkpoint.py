@@ -73,11 +73,18 @@ def read_meta(checkpoint_dir) -> dict:
 
 
 def save_checkpoint(
-    accelerator, checkpoints_dir, step: int, config_yaml: str, keep: int | None = None, meta: dict | None = None
+    accelerator,
+    checkpoints_dir,
+    step: int,
+    config_yaml: str,
+    keep: int | None = None,
+    meta: dict | None = None,
+    save_state=None,
 ) -> Path:
     """Save a resumable checkpoint of everything ``accelerator.prepare`` saw (a collective: call on every rank).
 
     Returns ``checkpoints/step_XXXXXX``. Keeps the newest ``keep`` complete checkpoints (None or 0: all).
+    ``save_state(dir)`` replaces ``accelerator.save_state`` (LoRA: adapters + optimizer only, backend/lora.py).
     """
     root = Path(checkpoints_dir)
     final = root / step_dir_name(step)
@@ -89,7 +96,7 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     # save_state writes model + optimizer (as DCP shards under FSDP: every rank writes its own part) and each
     # rank's RNG state; it is a collective, so every rank calls it with the same directory.
-    accelerator.save_state(str(tmp))
+    (save_state or accelerator.save_state)(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         info = {
@@ -113,15 +120,16 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(accelerator, checkpoint_dir) -> dict:
-    """Restore model, optimizer and RNG from ``checkpoint_dir`` (a collective); returns its ``meta.json``."""
+def load_checkpoint(accelerator, checkpoint_dir, load_state=None) -> dict:
+    """Restore model, optimizer and RNG from ``checkpoint_dir`` (a collective); returns its ``meta.json``.
+    ``load_state(dir)`` replaces ``accelerator.load_state`` (LoRA, backend/lora.py)."""
     checkpoint_dir = Path(checkpoint_dir)
     meta = read_meta(checkpoint_dir)
     if meta.get("world_size") not in (None, accelerator.num_processes) and not accelerator.is_fsdp2:
         _warn(
             f"{checkpoint_dir} was saved by {meta['world_size']} processes, resuming with {accelerator.num_processes}"
         )
-    accelerator.load_state(str(checkpoint_dir))
+    (load_state or accelerator.load_state)(str(checkpoint_dir))
     return meta
 
 
@@ -208,7 +216,14 @@ def prune_exports(export_dir, keep: int | None) -> list[Path]:
 
 
 def export_hf(
-    accelerator, model, tokenizer, export_dir, name: str, dtype: str | None = None, max_shard_size: str = "5GB"
+    accelerator,
+    model,
+    tokenizer,
+    export_dir,
+    name: str,
+    dtype: str | None = None,
+    max_shard_size: str = "5GB",
+    state_dict: dict | None = None,
 ) -> Path:
     """Write ``export_dir/<name>`` as a Hugging Face model directory (a collective: call on every rank).
 
@@ -216,12 +231,16 @@ def export_hf(
     generation_config stops on the end-of-turn token(s), so ``generate`` ends replies like the chat template.
     Weights in ``dtype`` (None: as trained, fp32), in safetensors shards of at most ``max_shard_size`` (an index
     file lists them when there are several).
+
+    ``state_dict``: weights already gathered on rank 0 (LoRA's merged model, backend/lora.py); ``model`` is then a
+    plain model of the same class, for its config and save_pretrained.
     """
     export_dir = Path(export_dir)
     final = export_dir / name
     tmp = export_dir / (name + ".tmp")
     # get_state_dict gathers the full weights from the FSDP shards: a collective, every rank must call it.
-    state_dict = accelerator.get_state_dict(model)
+    if state_dict is None:
+        state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         if tmp.exists():
             shutil.rmtree(tmp)

@@ -85,6 +85,10 @@ def run_cli(
     load = load_prepare_config if kind == "prepare" else load_train_config
     try:
         cfg = load(args.config, args.overrides)
+        if kind == "train" and cfg.pretrained.quantization != "none":  # this machine must be able to run it
+            from backend.lora import check_quantization
+
+            check_quantization(cfg)
     except ConfigError as e:
         _report(e, args.config)
         raise SystemExit(2) from None

@@ -266,6 +266,16 @@ class PeftConfig(Section):
         "or a list of module names (e.g. [q_proj, v_proj]).",
     )
 
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _names(cls, v: Any) -> Any:
+        """ "q_proj, v_proj" (a text box) -> [q_proj, v_proj]; "all-linear" stays; an empty list is an error."""
+        if isinstance(v, str) and v.strip() != "all-linear":
+            v = [name for name in v.replace(",", " ").split() if name]
+        if isinstance(v, list) and not v:
+            raise ValueError("is empty; give module names (e.g. [q_proj, v_proj]) or all-linear")
+        return v
+
 
 class BaseModelConfig(Section):
     transformer: TransformerConfig = Field(default_factory=TransformerConfig, description="Transformer options.")

@@ -122,8 +122,9 @@ def _flattening_joins_rows(position_ids: torch.Tensor) -> bool:
 
 
 def _inner(model: nn.Module) -> nn.Module:
-    """The HF model under a DDP wrapper (FSDP2 and plain models are the HF model itself)."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    """The HF model under a DDP wrapper and/or a PEFT wrapper (FSDP2 and plain models are the HF model itself)."""
+    model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    return model.get_base_model() if hasattr(model, "get_base_model") else model  # LoRA: PeftModel
 
 
 def trained_token_loss(model: nn.Module, batch: dict, impl: str = "fused") -> tuple[torch.Tensor, int]:

@@ -213,9 +213,15 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
     fsdp = describe(accelerator)["distributed_type"] == "FSDP"
     probe = Probe(rank)  # measurements for the tests, only with SFT_STUDIO_PROBE set
     probe.before_load()
-    model, finish_loading = load_model_for_rank(
-        cfg.pretrained.path, attn_impl, not cfg.pretrained.model_weights, rank, world, fsdp and world > 1
-    )
+    lora = cfg.model.base_model.peft.type == "lora"
+    if lora:  # frozen base (4/8-bit with pretrained.quantization) + trainable adapters: backend/lora.py
+        from backend.lora import load_lora_model, parameter_counts
+
+        model, finish_loading = load_lora_model(cfg, attn_impl), None
+    else:
+        model, finish_loading = load_model_for_rank(
+            cfg.pretrained.path, attn_impl, not cfg.pretrained.model_weights, rank, world, fsdp and world > 1
+        )
     probe.after_load()
     if cfg.model.multi_stage.activation_checkpointing:
         layers = enable_activation_checkpointing(model)
@@ -225,7 +231,10 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
         from backend.evaluate import SampleWriter
 
         sample_writer = SampleWriter(val_data, tokenizer, t.evaluations.samples, t.evaluations.sample_max_new_tokens)
-    num_params = sum(p.numel() for p in model.parameters())
+    if lora:
+        trainable_params, num_params = parameter_counts(model)
+    else:
+        trainable_params = num_params = sum(p.numel() for p in model.parameters())
     optimizer = torch.optim.AdamW(
         param_groups(model, opt.weight_decay),
         lr=lr_at(0, opt.learning_rate, t.train_iters),
@@ -237,13 +246,19 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
         finish_loading(model)  # FSDP: rank 0's weights scattered into every rank's shards
     model.train()
     probe.after_prepare(model)
+    state_io = {}  # LoRA checkpoints hold the adapters and their optimizer state only, not the frozen base
+    if lora:
+        from backend.lora import export_lora, lora_state_loader, lora_state_saver
+
+        state_io = {"save": lora_state_saver(accelerator, model, optimizer)}
+        state_io["load"] = lora_state_loader(accelerator, model, optimizer)
 
     # ---- resume from the newest complete checkpoint (a save cut short has no COMPLETE marker: skipped)
     checkpoints = run_dir / "checkpoints"
     start_step, resumed_from = 0, None
     latest = latest_complete(checkpoints, warn=print0)
     if latest is not None:
-        start_step = load_checkpoint(accelerator, latest)["step"]  # load_state: model, optimizer, RNG
+        start_step = load_checkpoint(accelerator, latest, state_io.get("load"))["step"]  # model, optimizer, RNG
         resumed_from = str(latest)
         print0(f"resuming from {latest} (step {start_step})")
     config_yaml = dump_yaml(cfg)
@@ -256,6 +271,7 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
             config_yaml,
             t.checkpoint.keep,
             {"config_hash": config_hash(cfg), "data": data_fingerprint},
+            state_io.get("save"),
         )
         if accelerator.is_main_process:
             events.emit("checkpoint", step, path=str(path))
@@ -264,11 +280,18 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
     def export(step, name):
         from backend.checkpoint import export_dtype, prune_exports
 
-        path = export_hf(
-            accelerator, model, tokenizer, run_dir / "export", name, export_dtype(cfg), t.export.max_shard_size
-        )
+        if lora:  # export/<name>/adapter (PEFT) + export/<name> merged at every export or only the final one
+            paths = export_lora(
+                accelerator, model, tokenizer, run_dir / "export", name, cfg, t.export.merge or name == "final"
+            )
+            path, extra = paths["merged"] or paths["adapter"], {"adapter": str(paths["adapter"])}
+        else:
+            path = export_hf(
+                accelerator, model, tokenizer, run_dir / "export", name, export_dtype(cfg), t.export.max_shard_size
+            )
+            extra = {}
         if accelerator.is_main_process:
-            events.emit("export", step, path=str(path))
+            events.emit("export", step, path=str(path), **extra)
             for old in prune_exports(run_dir / "export", t.export.keep):  # training.export.keep; final is kept
                 print0(f"export: removed {old} (training.export.keep: {t.export.keep})")
         return path
@@ -293,6 +316,8 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
             attention=attn_impl,
             attention_reason=attn_reason,
             num_parameters=num_params,
+            trainable_parameters=trainable_params,
+            peft=cfg.model.base_model.peft.type,
             gradient_accumulation=grad_accum,
             training_documents=len(train_data),
             skipped_documents=len(sampler.skipped),
@@ -478,6 +503,10 @@ def train(config, overrides=()) -> dict:
     from backend.events import EventLog, LockedError, RunLock
 
     cfg = config if isinstance(config, TrainConfig) else load_train_config(config, overrides)
+    if cfg.pretrained.quantization != "none":  # QLoRA needs CUDA + bitsandbytes: a config error, not a crash
+        from backend.lora import check_quantization
+
+        check_quantization(cfg)
     run_dir = Path(cfg.run.experiment_dir)
     accelerator = build_accelerator(cfg)
     events = EventLog(run_dir / "events.jsonl")

@@ -44,6 +44,13 @@ TRAIN_FIELDS: tuple[Binding, ...] = (
     Binding("model.distributed.training_dtype", "choice", ("bf16", "fp32", "fp16"), group="Hardware"),
     Binding("model.multi_stage.zero_stage", "choice", (0, 1, 2, 3), group="Hardware"),
     Binding("run.num_processes", "int", group="Hardware"),
+    Binding("model.base_model.peft.type", "choice", ("none", "lora"), group="LoRA"),
+    Binding("model.base_model.peft.rank", "int", group="LoRA"),
+    Binding("model.base_model.peft.alpha", "float", group="LoRA"),
+    Binding("model.base_model.peft.dropout", "float", group="LoRA"),
+    Binding("model.base_model.peft.target_modules", "text", group="LoRA"),
+    Binding("pretrained.quantization", "choice", ("none", "4bit", "8bit"), group="LoRA"),
+    Binding("training.export.merge", "bool", group="LoRA"),
     Binding("run.experiment_dir", "text", group="Paths"),
     Binding("pretrained.path", "text", group="Paths"),
     Binding("data.datasets.training.path", "text", group="Paths"),
@@ -92,7 +99,7 @@ def form_values_from_config(cfg) -> list:
         if hasattr(v, "value") and not isinstance(v, (int, float, str, bool)):  # an Enum
             v = v.value
         if v is not None and b.kind == "text":
-            v = str(v)
+            v = ", ".join(map(str, v)) if isinstance(v, list) else str(v)  # target_modules: "q_proj, v_proj"
         values.append(v)
     return values
 

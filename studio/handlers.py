@@ -97,6 +97,8 @@ def check_path(text: str, what: str = "dataset", must_exist: bool = True) -> Pat
         if not (p.parent / "DONE").exists():
             return PathCheck(False, str(resolved), f"{raw}: {p.parent} is not a completed prepare output (no DONE)")
         return PathCheck(True, raw, "", "file")
+    if what == "model" and (p / "adapter_config.json").is_file():  # a LoRA adapter export (base in its config)
+        return PathCheck(True, raw, "", "dir")
     if what in ("model", "tokenizer"):
         if not p.is_dir():
             return PathCheck(False, str(resolved), f"{what} path {raw} is a file; pass the model directory")
@@ -912,6 +914,11 @@ def form_to_train_yaml(yaml_text: str, *values) -> tuple[str, str]:
         cfg = load_train_config(raw)
     except ConfigError as e:
         return yaml.safe_dump(raw, sort_keys=False), problems_markdown(e.problems)
+    if cfg.pretrained.quantization != "none":  # QLoRA needs CUDA + bitsandbytes on the machine that trains
+        from backend.lora import quantization_problems
+
+        if problems := quantization_problems(cfg):
+            return dump_yaml(cfg), problems_markdown(problems)
     return dump_yaml(cfg), "✓ valid train config"
 
 
@@ -1233,12 +1240,13 @@ _models: dict[tuple, Any] = {}
 
 
 def chat_models(runs_dir: str) -> list[str]:
-    """The base tiny model, then every export (HF-loadable) and every complete checkpoint under the runs dir,
-    newest first: a stopped run has checkpoints but no export yet, and can still be tried."""
+    """The base tiny model, then every export under the runs dir (HF model directories: full finetuning and LoRA's
+    merged export; LoRA adapter directories ``export/<name>/adapter``) and every complete checkpoint, newest first:
+    a stopped run has checkpoints but no export yet, and can still be tried."""
     found = []
     root = Path(runs_dir or "runs")
     if root.is_dir():
-        for cfg in root.glob("**/config.json"):
+        for cfg in [*root.glob("**/config.json"), *root.glob("**/adapter_config.json")]:
             d = cfg.parent
             if any(d.glob("*.safetensors")) or any(d.glob("*.bin")):
                 found.append(d)
@@ -1248,16 +1256,17 @@ def chat_models(runs_dir: str) -> list[str]:
 
 
 def get_model(path: str):
-    """(model, tokenizer) for a model dir, loaded once per (path, mtime); imports torch/transformers lazily."""
+    """(model, tokenizer) for a model dir, loaded once per (path, mtime); imports torch/transformers lazily.
+    A LoRA adapter dir loads its base (adapter_config.json's base_model_name_or_path) with the adapter on top."""
 
     def load(path):
-        from transformers import AutoModelForCausalLM
+        from backend.lora import load_for_inference
 
-        if not (Path(path) / "config.json").exists():  # a checkpoint: backend.inference builds it (torch: lazily)
-            from backend.inference import load_checkpoint_model
+        if not (Path(path) / "config.json").exists() and not (Path(path) / "adapter_config.json").exists():
+            from backend.inference import load_checkpoint_model  # a checkpoint: base config + its weights
 
             return load_checkpoint_model(path)
-        model = AutoModelForCausalLM.from_pretrained(path)
+        model = load_for_inference(path)
         model.eval()
         tok_dir = path if (Path(path) / "tokenizer_config.json").exists() else str(TINY_MODEL)
         return model, get_tokenizer(tok_dir)

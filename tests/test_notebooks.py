@@ -107,3 +107,23 @@ def test_notebook_executes(name, notebook_env):
     assert Path(kernel_python).resolve() == Path(sys.executable).resolve()
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert not [o for o in outputs if o.get("output_type") == "error"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_notebook_3_checks_hold_with_lora(notebook_env, tmp_path, monkeypatch):
+    """Notebook 3's one-line switch (``LORA``, read from SFT_NOTEBOOK_LORA here): the same stop/resume/export
+    checks with LoRA adapters on the tiny model, plus its LoRA asserts (adapter export, trainable < total / 10)."""
+    monkeypatch.setenv("SFT_NOTEBOOK_LORA", "1")
+    monkeypatch.setenv("SFT_NOTEBOOK_WORKDIR", str(tmp_path))  # its own run: notebook 4 keeps the full one
+    nb = _read("03_train_and_watch.ipynb")
+    client = nbclient.NotebookClient(
+        nb, kernel_name="python3", timeout=CELL_TIMEOUT_S, resources={"metadata": {"path": str(ROOT)}}
+    )
+    try:
+        client.execute()
+    except nbclient.exceptions.CellExecutionError as e:
+        nbformat.write(nb, tmp_path / "failed_03_lora.ipynb")
+        pytest.fail(f"notebook 3 with LoRA: a cell failed ({tmp_path / 'failed_03_lora.ipynb'})\n{e}", pytrace=False)
+    events = (tmp_path / "run" / "events.jsonl").read_text()
+    assert '"peft": "lora"' in events
