@@ -136,37 +136,19 @@ def load_checkpoint(accelerator, checkpoint_dir, load_state=None) -> dict:
 # ------------------------------------------------------------------------------------------------------ export
 
 
-def eot_ids(tokenizer) -> list[int]:
-    """Token ids that end an assistant turn: generation stops on any of them.
-
-    ``backend.chat.eot_token_ids`` knows each template family; without it, the tokenizer's eos plus
-    ``<|eot_id|>`` (Llama 3) when the vocabulary has it.
-    """
-    try:
-        from backend.chat import eot_token_ids
-
-        ids = list(eot_token_ids(tokenizer))
-    except (ImportError, AttributeError):
-        ids = []
-    if not ids:
-        vocab = tokenizer.get_vocab()
-        for token in ("<|eot_id|>", "<|im_end|>", "<end_of_turn>"):
-            if token in vocab:
-                ids.append(vocab[token])
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
-    return ids
-
-
 def export_generation_config(generation, tokenizer):
     """The generation_config an export ships: a copy of the training model's with the KV cache back on
     (training turns it off, backend.modeling), eos = the chat template's end-of-turn id(s) then the tokenizer's
     eos, a pad id, and the tokenizer's bos; the base model's sampling settings are kept as they were."""
     import copy
 
+    from backend.chat import eot_token_ids
+
     generation = copy.deepcopy(generation)
     generation.use_cache = True
-    eos = eot_ids(tokenizer)
+    eos = eot_token_ids(tokenizer)  # the one place that knows a template's end-of-turn ids
+    if not eos:  # no end-of-turn special token and no eos: keep the base model's setting
+        eos = generation.eos_token_id if isinstance(generation.eos_token_id, list) else [generation.eos_token_id]
     generation.eos_token_id = eos if len(eos) > 1 else eos[0]
     if tokenizer.bos_token_id is not None:
         generation.bos_token_id = tokenizer.bos_token_id

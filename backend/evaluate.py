@@ -245,11 +245,11 @@ def greedy_answers(model, prompts, max_new_tokens: int, stop_ids, accelerator=No
     import torch
     from transformers import DynamicCache
 
-    from backend.loss import _inner
+    from backend.modeling import hf_model
 
     stop_ids = {int(s) for s in stop_ids}
     # transformers renamed the forward's `past_key_values` to `cache` (the old name warns, later fails)
-    params = inspect.signature(type(_inner(model)).forward).parameters
+    params = inspect.signature(type(hf_model(model)).forward).parameters
     cache_arg = "cache" if "cache" in params else "past_key_values"
     device = next(model.parameters()).device
     world = accelerator.num_processes if accelerator is not None else 1
@@ -260,7 +260,7 @@ def greedy_answers(model, prompts, max_new_tokens: int, stop_ids, accelerator=No
     try:
         with torch.no_grad(), autocast:
             for p in prompts:
-                cache = DynamicCache(config=_inner(model).config)
+                cache = DynamicCache(config=hf_model(model).config)
                 ids = torch.as_tensor(np.asarray(p.prompt_ids, dtype=np.int64), device=device)[None]  # (1, P)
                 answer = []
                 for _ in range(int(max_new_tokens)):
@@ -291,12 +291,12 @@ class SampleWriter:
     """
 
     def __init__(self, dataset, tokenizer, n: int, max_new_tokens: int):
-        from backend.checkpoint import eot_ids
+        from backend.chat import eot_token_ids
 
         self.tokenizer = tokenizer
         self.prompts = sample_prompts(dataset, n)
         self.max_new_tokens = max_new_tokens
-        self.stop_ids = eot_ids(tokenizer)
+        self.stop_ids = eot_token_ids(tokenizer)
 
     def write(self, model, accelerator, events, step: int) -> list[dict]:
         answers = greedy_answers(model, self.prompts, self.max_new_tokens, self.stop_ids, accelerator)

@@ -60,6 +60,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from backend import IGNORE_INDEX
+from backend.modeling import hf_model, model_inputs
 
 # Elements of one chunk's (rows, V) logits in the fused path: 2**25 fp32 = 128 MiB (plus as much for the gradient).
 # 128k vocabulary -> 256 rows per chunk; 8k vocabulary -> 4,096 rows.
@@ -86,47 +87,6 @@ def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
     return torch.cat([labels[:, 1:], pad], dim=1).reshape(-1)  # (B*L,)
 
 
-def _forward_kwargs(model: nn.Module, batch: dict) -> dict:
-    """Model inputs for a flattened packed batch: never a 2D attention mask, never a cache."""
-    attn = getattr(getattr(_inner(model), "config", None), "_attn_implementation", "") or ""
-    # flash and sdpa_packed read document boundaries from cu_seq_lens (sdpa_packed only when the batch has them)
-    varlen = "flash" in attn or (attn in ("sdpa_packed", "torch_varlen") and "cu_seq_lens_q" in batch)
-    if not varlen and _flattening_joins_rows(batch["position_ids"]):
-        # sdpa/eager split a flattened row into documents by position ids alone: keep the (B, L) layout.
-        return dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
-    input_ids = batch["input_ids"].reshape(1, -1)  # (1, B*L)
-    position_ids = batch["position_ids"].reshape(1, -1)  # (1, B*L)
-    kwargs = dict(input_ids=input_ids, position_ids=position_ids, use_cache=False)
-    if varlen:
-        # flash-attention varlen / sdpa_packed: explicit boundaries over the flattened batch (collate computes them
-        # that way); without them sdpa_packed falls back to position-id restarts.
-        for key in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"):
-            if key not in batch:
-                raise KeyError(
-                    f"batch has no {key!r}: flash_attention_2 needs the cu_seq_lens from backend.packing.collate"
-                )
-            kwargs[key] = batch[key]
-    return kwargs
-
-
-def _flattening_joins_rows(position_ids: torch.Tensor) -> bool:
-    """True when some row starts at position p > 0 right after a row that ends at p - 1 (B, L).
-
-    Only continuation pieces (truncate_documents: yes) start a row at p > 0. Flattened, such a row would read as
-    the continuation of the previous row's last document, and sdpa/eager would let it attend there.
-    """
-    if position_ids.shape[0] < 2:
-        return False
-    starts = position_ids[1:, 0]
-    return bool(((starts > 0) & (starts == position_ids[:-1, -1] + 1)).any())
-
-
-def _inner(model: nn.Module) -> nn.Module:
-    """The HF model under a DDP wrapper and/or a PEFT wrapper (FSDP2 and plain models are the HF model itself)."""
-    model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-    return model.get_base_model() if hasattr(model, "get_base_model") else model  # LoRA: PeftModel
-
-
 def trained_token_loss(model: nn.Module, batch: dict, impl: str = "fused") -> tuple[torch.Tensor, int]:
     """Forward one packed micro-batch; return (SUM of CE over trained targets, 0-dim fp32, count of those targets).
 
@@ -136,7 +96,7 @@ def trained_token_loss(model: nn.Module, batch: dict, impl: str = "fused") -> tu
     so every rank runs the same forward/backward collectives.
     """
     targets = shifted_targets(batch["labels"])  # (B*L,)
-    kwargs = _forward_kwargs(model, batch)
+    kwargs = model_inputs(model, batch)
     if impl == "torch":
         logits = model(**kwargs).logits  # (1, B*L, V), or (B, L, V) when rows cannot be flattened
         logits = logits.reshape(-1, logits.shape[-1])  # (B*L, V)
@@ -157,7 +117,7 @@ def trained_token_loss(model: nn.Module, batch: dict, impl: str = "fused") -> tu
         keep = trained.view(rows, -1).any(0).nonzero().squeeze(1)  # (K,)
         select = trained.view(rows, -1)[:, keep].reshape(-1).nonzero().squeeze(1)  # (N,) into (B*K,)
         kept_targets = targets.view(rows, -1)[:, keep].reshape(-1)[select]  # (N,)
-    with _lm_head_computes_loss(_inner(model), kept_targets, select):
+    with _lm_head_computes_loss(hf_model(model), kept_targets, select):
         loss_sum = model(**kwargs, logits_to_keep=keep).logits  # 0-dim: the wrapper returned the CE sum
     return loss_sum.float(), int(kept_targets.numel())
 
@@ -170,7 +130,7 @@ def trained_token_losses(model: nn.Module, batch: dict) -> tuple[torch.Tensor, t
     loss belongs to is flat index p + 1. The studio's loss view and notebook 04 read the model through this.
     """
     targets = shifted_targets(batch["labels"])  # (B*L,)
-    logits = model(**_forward_kwargs(model, batch)).logits  # (1, B*L, V) or (B, L, V)
+    logits = model(**model_inputs(model, batch)).logits  # (1, B*L, V) or (B, L, V)
     logits = logits.reshape(-1, logits.shape[-1])  # (B*L, V)
     positions = (targets != IGNORE_INDEX).nonzero().squeeze(1)  # (N,)
     losses = F.cross_entropy(logits[positions].float(), targets[positions], reduction="none")  # (N,)

@@ -4,10 +4,11 @@ The use_cache trap (FACTS.md, "Packed sequences and attention in transformers 5.
 block-diagonal mask from position ids only when no KV cache exists, and `config.use_cache=True` (the default of
 every released checkpoint) makes the model create a cache even in train mode; documents then attend to each
 other with no error (tests/test_modeling.py shows the contamination). `prepare_for_packed_training` closes it and
-`load_model` always calls it; `forward_packed` also passes `use_cache=False` explicitly.
+`load_model` always calls it; `model_inputs` (the one builder of model inputs from a collated batch) also passes
+`use_cache=False` explicitly.
 
-Forward for packed rows (from `backend.packing.collate`), never with a 2D attention_mask (even all-ones disables
-the detection):
+Forward for packed rows (from `backend.packing.collate`), `model(**model_inputs(model, batch))`, never with a 2D
+attention_mask (even all-ones disables the detection):
 
     sdpa / eager:       model(input_ids, position_ids=..., use_cache=False)
                         transformers' masking_utils splits each row at every position-id restart
@@ -141,55 +142,50 @@ def load_tokenizer(path):
         raise type(e)(f"tokenizer path {path!s}: could not load the tokenizer ({e})") from e
 
 
-def forward_packed(model, batch: dict, attn_impl: str, **kwargs):
-    """Run the model on a collated batch. Never passes an attention_mask; passes varlen kwargs for flash.
+def hf_model(model):
+    """The Hugging Face model under a DDP wrapper and/or a PEFT wrapper (FSDP2 and plain models are the model)."""
+    model = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    return model.get_base_model() if hasattr(model, "get_base_model") else model  # LoRA: PeftModel
 
-    Returns the model output (`.logits` (B, L, V)); labels are not passed: the loss is computed outside
-    (backend.loss) as a sum over trained tokens.
+
+def model_inputs(model, batch: dict) -> dict:
+    """THE builder of model inputs from a collated batch (`backend.packing.collate`): the trainer, evaluation,
+    the studio's loss view, the notebooks and the tests all forward through it. Never a 2D attention mask (even an
+    all-ones one disables transformers' packed-sequence detection), never a cache.
+
+    Document boundaries have one source, the batch's ``cu_seq_lens_q/k`` (collate computes them over the
+    flattened micro-batch), read by the attention kernel the model was loaded with:
+
+        flash_attention_2, torch_varlen, sdpa_packed   (1, B*L) + cu_seq_lens_q/k, max_length_q/k
+        sdpa, eager                                    (1, B*L), split by position-id restarts (masking_utils)
+                                                       or (B, L) when flattening would join two rows: a row
+                                                       that continues at position p after a row ending at p - 1
+                                                       (only truncate_documents: yes makes such rows)
     """
-    device = next(model.parameters()).device
-    inputs = {
-        "input_ids": batch["input_ids"].to(device),  # (B, L)
-        "position_ids": batch["position_ids"].to(device),  # (B, L)
-        "use_cache": False,
-    }
-    if attn_impl.startswith("flash") or attn_impl in (PACKED_SDPA, TORCH_VARLEN):  # document boundaries, authoritative
-        inputs["cu_seq_lens_q"] = batch["cu_seq_lens_q"].to(device)
-        inputs["cu_seq_lens_k"] = batch["cu_seq_lens_k"].to(device)
-        inputs["max_length_q"] = int(batch["max_length_q"])
-        inputs["max_length_k"] = int(batch["max_length_k"])
-    return model(**inputs, **kwargs)
+    attn = getattr(getattr(hf_model(model), "config", None), "_attn_implementation", "") or ""
+    varlen = "flash" in attn or (attn in (PACKED_SDPA, TORCH_VARLEN) and "cu_seq_lens_q" in batch)
+    if not varlen and _flattening_joins_rows(batch["position_ids"]):
+        return dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+    kwargs = dict(
+        input_ids=batch["input_ids"].reshape(1, -1),  # (1, B*L)
+        position_ids=batch["position_ids"].reshape(1, -1),  # (1, B*L)
+        use_cache=False,
+    )
+    if varlen:
+        for key in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"):
+            if key not in batch:
+                raise KeyError(f"batch has no {key!r}: {attn} needs the cu_seq_lens from backend.packing.collate")
+            kwargs[key] = batch[key]
+    return kwargs
 
 
-def position_segments(position_ids: torch.Tensor) -> torch.Tensor:
-    """Segment lengths that transformers' detection derives from (B, L) position ids (a new one at every restart,
-    i.e. wherever the position does not increase by exactly 1), flattened in row order."""
-    lengths = []
-    for row in position_ids:
-        starts = [0] + (torch.nonzero(torch.diff(row) != 1).flatten() + 1).tolist() + [len(row)]
-        lengths += [b - a for a, b in zip(starts[:-1], starts[1:], strict=False)]
-    return torch.tensor(lengths)
+def _flattening_joins_rows(position_ids: torch.Tensor) -> bool:
+    """True when some row starts at position p > 0 right after a row that ends at p - 1 (B, L).
 
-
-def flatten_micro_batch(batch: dict, check_positions: bool = True) -> dict:
-    """(B, L) -> (1, B*L): one long row; cu_seq_lens are already over the flattened tokens.
-
-    Not needed for correctness (detection is per row for any B), but it is the padding-free layout that flash
-    kernels prefer. With sdpa/eager the flattened row is split by positions only, and a row that starts with a
-    continuation piece at position p right after a row ending at p-1 would be merged with it; check_positions
-    verifies that the position-derived segments equal cu_seq_lens and raises otherwise (pass False for flash,
-    which uses cu_seq_lens).
+    Only continuation pieces (truncate_documents: yes) start a row at p > 0. Flattened, such a row would read as
+    the continuation of the previous row's last document, and sdpa/eager would let it attend there.
     """
-    out = dict(batch)
-    for key in ("input_ids", "labels", "position_ids"):
-        out[key] = batch[key].reshape(1, -1)
-    if check_positions:
-        got = position_segments(out["position_ids"])
-        want = torch.diff(batch["cu_seq_lens_q"].long())
-        if not torch.equal(got, want):
-            raise ValueError(
-                "flatten_micro_batch: position ids of the flattened batch do not separate the documents "
-                "as cu_seq_lens does (a continuation piece follows a row ending one position "
-                "earlier); keep the (B, L) layout for sdpa/eager"
-            )
-    return out
+    if position_ids.shape[0] < 2:
+        return False
+    starts = position_ids[1:, 0]
+    return bool(((starts > 0) & (starts == position_ids[:-1, -1] + 1)).any())

@@ -142,11 +142,11 @@ def _summary_html(tokenizer, tokens, result, other=None, other_name: str = "") -
 
 def score_document(model_path: str, compare_path: str | None, tokens, trained, tokenizer, title: str) -> LossView:
     """Per-token loss of one document under ``model_path`` (and its change from ``compare_path``)."""
-    from backend.checkpoint import eot_ids
+    from backend.chat import eot_token_ids
     from backend.evaluate import document_loss
 
     model = _scoring_model(model_path)
-    eot = eot_ids(tokenizer)
+    eot = eot_token_ids(tokenizer)
     result = document_loss(model, tokens, trained, eot)
     other = document_loss(_scoring_model(compare_path), tokens, trained, eot) if compare_path else None
     delta = result.losses - other.losses if other is not None else None

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from backend import ASSETS, ROOT, TINY_MODEL
-from backend.checkpoint import eot_ids
+from backend.chat import eot_token_ids
 from backend.dataset import TokenDataset
 from backend.evaluate import (
     document_loss,
@@ -92,7 +92,7 @@ def test_per_token_loss_mean_is_the_trainers_loss(data):
     model = load_scoring_model(TINY_MODEL)
     tokenizer = load_tokenizer(TINY_MODEL)
     valid = TokenDataset(data, "validation")
-    eot = eot_ids(tokenizer)
+    eot = eot_token_ids(tokenizer)
     for d in range(4):
         tokens, trained = valid.document(d)
         result = document_loss(model, tokens, trained, eot)
@@ -118,7 +118,7 @@ def test_per_token_loss_mean_is_the_trainers_loss(data):
 
 def test_kv_cache_greedy_equals_transformers_generate(data):
     model = load_scoring_model(TINY_MODEL)
-    stop = eot_ids(load_tokenizer(TINY_MODEL))
+    stop = eot_token_ids(load_tokenizer(TINY_MODEL))
     prompts = sample_prompts(TokenDataset(data, "validation"), 3)
     assert len(prompts) == 3
     for p in prompts:  # a prompt ends where its last trained stretch (the reference reply) begins
@@ -219,7 +219,7 @@ def test_two_fsdp_processes_generate_together_and_finish(data, tmp_path):
     assert samples["step"] == 2 and len(samples["samples"]) == 2
     # all ranks produced the same answers as one unsharded process with the same final weights
     model = load_scoring_model(run_dir / "export" / "final")
-    stop = eot_ids(load_tokenizer(TINY_MODEL))
+    stop = eot_token_ids(load_tokenizer(TINY_MODEL))
     prompts = sample_prompts(TokenDataset(data, "validation"), 2)
     tokenizer = load_tokenizer(TINY_MODEL)
     expected = [tokenizer.decode(a, skip_special_tokens=True).strip() for a in greedy_answers(model, prompts, 8, stop)]

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import backend.loss as loss_mod
+import backend.modeling as modeling
 from backend import IGNORE_INDEX
 from backend.loss import global_trained_count, loss_scale, shifted_targets, trained_token_loss
 
@@ -232,7 +233,7 @@ def test_rows_that_would_join_when_flattened_stay_separate(impl):
     labels[0, 0] = IGNORE_INDEX
     labels[1, :2] = IGNORE_INDEX
     batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
-    assert loss_mod._flattening_joins_rows(position_ids)
+    assert modeling._flattening_joins_rows(position_ids)
 
     loss, count = trained_token_loss(model, batch, impl)
     loss.backward()

@@ -11,13 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import backend.attention  # noqa: F401  registers sdpa_packed
 from backend import IGNORE_INDEX
-from backend.modeling import (
-    flatten_micro_batch,
-    forward_packed,
-    load_model,
-    prepare_for_packed_training,
-    select_attention,
-)
+from backend.modeling import load_model, model_inputs, prepare_for_packed_training, select_attention
 from backend.packing import PackedSampler, collate
 
 torch.set_num_threads(1)
@@ -89,6 +83,11 @@ def separate(model, ds, rows):
     return out, loss
 
 
+def packed_logits(model, batch):
+    """The trainer's forward (backend.modeling.model_inputs, as backend.loss calls it): logits as (B, L, V)."""
+    return model(**model_inputs(model, batch)).logits.reshape(*batch["input_ids"].shape, -1)
+
+
 def with_real(batch, rows):
     """Add batch["real"]: (B, L) True on real tokens, False on padding (from the pieces, not from pad ids)."""
     real = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
@@ -105,7 +104,7 @@ def test_packed_equals_separate_logits_loss_grads(attn, seed):
     with_real(batch, rows)
     model = prepare_for_packed_training(tiny_model(attn, use_cache=True, seed=seed))
     ref = copy.deepcopy(model)
-    packed = forward_packed(model, batch, attn).logits
+    packed = packed_logits(model, batch)
     sep, sep_loss = separate(ref, ds, rows)
     real = batch["real"]
     assert sum(len(r) > 1 for r in rows) >= len(rows) // 2  # the rows really hold several documents
@@ -126,7 +125,7 @@ def test_truncated_continuations_equal_their_slice():
     assert any(p.begin > 0 for r in rows for p in r)
     with_real(batch, rows)
     model = prepare_for_packed_training(tiny_model("sdpa"))
-    packed = forward_packed(model, batch, "sdpa").logits
+    packed = packed_logits(model, batch)
     sep, sep_loss = separate(model, ds, rows)
     assert (packed[batch["real"]] - sep[batch["real"]]).abs().max() < 1e-4
     assert torch.allclose(shifted_ce_sum(packed, batch["labels"]), sep_loss, rtol=1e-5)
@@ -140,10 +139,11 @@ def test_detection_works_for_any_micro_batch_size(B):
     with_real(batch, rows)
     model = prepare_for_packed_training(tiny_model("sdpa"))
     sep, _ = separate(model, ds, rows)
-    packed = forward_packed(model, batch, "sdpa").logits
-    flat = forward_packed(model, flatten_micro_batch(batch), "sdpa").logits.reshape(B, L, VOCAB)
+    rows_layout = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+    flat = packed_logits(model, batch)  # the trainer's (1, B*L) layout
+    assert model_inputs(model, batch)["input_ids"].shape == (1, B * L)
     real = batch["real"]
-    assert (packed[real] - sep[real]).abs().max() < 1e-4
+    assert (rows_layout[real] - sep[real]).abs().max() < 1e-4
     assert (flat[real] - sep[real]).abs().max() < 1e-4
 
 
@@ -155,8 +155,8 @@ def test_cross_document_attention_changes_logits(attn):
     blocked = collate(rows, ds, L)
     cross = collate(rows, ds, L, cross_document_attention=True)
     model = prepare_for_packed_training(tiny_model(attn))
-    a = forward_packed(model, blocked, attn).logits
-    b = forward_packed(model, cross, attn).logits
+    a = packed_logits(model, blocked)
+    b = packed_logits(model, cross)
     first = rows[0][0].end - rows[0][0].begin
     assert (a[0, :first] - b[0, :first]).abs().max() < 1e-4  # the first document sees nothing before it either way
     assert (a[0, first:] - b[0, first:]).abs().max() > 1e-2  # later documents now see earlier ones
@@ -178,17 +178,24 @@ def test_use_cache_trap_is_real_and_the_guard_closes_it():
     assert (clean[real] - sep[real]).abs().max() < 1e-4
 
 
-def test_flatten_refuses_ambiguous_positions():
-    """A row ending at position p followed by a row starting a continuation at p+1 would merge when flattened."""
+def test_model_inputs_never_flattens_rows_that_positions_would_join():
+    """A row ending at position p followed by a row starting a continuation at p+1 would merge when flattened:
+    sdpa (boundaries from positions) keeps the (B, L) layout; sdpa_packed reads cu_seq_lens and flattens."""
     batch = {
         "input_ids": torch.ones(2, 4, dtype=torch.long),
         "labels": torch.zeros(2, 4, dtype=torch.long),
         "position_ids": torch.tensor([[0, 1, 0, 1], [2, 3, 4, 5]]),
         "cu_seq_lens_q": torch.tensor([0, 2, 4, 8], dtype=torch.int32),
+        "cu_seq_lens_k": torch.tensor([0, 2, 4, 8], dtype=torch.int32),
+        "max_length_q": 4,
+        "max_length_k": 4,
     }
-    with pytest.raises(ValueError, match="keep the \\(B, L\\) layout"):
-        flatten_micro_batch(batch)
-    assert flatten_micro_batch(batch, check_positions=False)["input_ids"].shape == (1, 8)
+    assert model_inputs(tiny_model("sdpa"), batch)["input_ids"].shape == (2, 4)
+    flat = model_inputs(tiny_model("sdpa_packed"), batch)
+    assert flat["input_ids"].shape == (1, 8) and flat["cu_seq_lens_q"] is batch["cu_seq_lens_q"]
+    assert "attention_mask" not in flat and flat["use_cache"] is False
+    batch["position_ids"] = torch.tensor([[0, 1, 0, 1], [0, 1, 2, 3]])  # a row that starts a document: flat
+    assert model_inputs(tiny_model("sdpa"), batch)["input_ids"].shape == (1, 8)
 
 
 def test_select_attention_falls_back_with_reason(caplog):
@@ -215,7 +222,7 @@ def test_flash_varlen_equals_separate():
     with_real(batch, rows)
     model = prepare_for_packed_training(tiny_model("sdpa")).to("cuda", torch.bfloat16)
     model.set_attn_implementation("flash_attention_2")
-    packed = forward_packed(model, batch, "flash_attention_2").logits.float().cpu()
+    packed = packed_logits(model, batch).float().cpu()
     model.set_attn_implementation("sdpa")
     sep, _ = separate(model.float().cpu(), ds, rows)
     real = batch["real"]
