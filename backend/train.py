@@ -22,6 +22,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import NamedTuple
 
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_LOCKED, EXIT_DIVERGED = 0, 1, 2, 3, 4
 
@@ -103,6 +104,51 @@ def _to_device(batch: dict, device) -> dict:
     return {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
 
 
+class StepResult(NamedTuple):
+    loss: float  # mean CE over every trained token of the step, all micro-batches and ranks
+    grad_norm: float  # global gradient norm before clipping
+    trained_tokens: int  # trained tokens of the step, all ranks (the loss's denominator)
+    stepped: bool  # False: loss or gradient norm not finite, gradients dropped, no optimizer step
+
+
+def train_step(
+    model, optimizer, accelerator, micro_batches, cross_entropy_impl="fused", clip=0.0, on_micro_batch=None
+) -> StepResult:
+    """One optimizer step over this rank's micro-batches (collated dicts from backend.packing.collate).
+
+    Loss = sum of CE over the trained tokens of every micro-batch of the step on every rank / the global count of
+    those tokens, so neither the micro-batch split nor the number of processes changes it (tests/test_train_step.py
+    checks 1 micro-batch vs k, and 1 vs 2 processes with unequal counts per rank). Every rank calls it (collectives:
+    the count, the gradient reduction, the loss sum, the norm). ``clip``: 0 only measures the norm.
+    """
+    from backend.loss import global_trained_count, loss_scale, trained_token_loss
+    from backend.scaling import micro_batch_sync
+
+    # the loss is a mean over the trained tokens of the whole step on all ranks: count them first
+    global_count = global_trained_count(accelerator, [mb["num_trained"] for mb in micro_batches])
+    scale = loss_scale(global_count, accelerator.num_processes)
+    local_loss = 0.0
+    for i, mb in enumerate(micro_batches):
+        mb = _to_device(mb, accelerator.device)
+        # DDP: no_sync until the step's last micro-batch (one all-reduce). FSDP: reduce-scatter every micro-batch,
+        # so that no rank holds the whole model's gradient unsharded (backend/scaling.py)
+        with micro_batch_sync(accelerator, model, last=i == len(micro_batches) - 1), accelerator.autocast():
+            loss_sum, _ = trained_token_loss(model, mb, cross_entropy_impl)
+            accelerator.backward(loss_sum * scale)  # Accelerator has gradient_accumulation_steps=1: no division
+        local_loss += float(loss_sum.detach())
+        if on_micro_batch is not None:
+            on_micro_batch()
+    (loss_total,) = _global_sum(accelerator, [local_loss])
+    loss = loss_total / global_count if global_count else float("nan")
+    # clip_grad_norm_ returns the norm before clipping (all ranks' shards); inf = only measure it
+    grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), clip or float("inf")))
+    stepped = math.isfinite(loss) and math.isfinite(grad_norm)
+    if stepped:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss, grad_norm, int(global_count), stepped)
+
+
 def evaluate(model, accelerator, sampler, dataset, cfg, iterations: int) -> float:
     """Mean CE over every trained token of ``iterations`` validation batches (the same rows every time)."""
     import torch
@@ -140,11 +186,10 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
     from backend.config import check_world_size, config_hash, dump_yaml
     from backend.dataset import EveryTokenTrained, TokenDataset
     from backend.distributed import describe, is_sharded, print0
-    from backend.loss import global_trained_count, loss_scale, trained_token_loss
     from backend.modeling import select_attention
     from backend.packing import PackedSampler, collate
     from backend.plan import disk_estimate
-    from backend.scaling import Probe, enable_activation_checkpointing, load_model_for_rank, micro_batch_sync
+    from backend.scaling import Probe, enable_activation_checkpointing, load_model_for_rank
 
     run_dir = Path(cfg.run.experiment_dir)
     t, b, opt = cfg.training, cfg.batch, cfg.optimizer
@@ -350,33 +395,22 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
             collate(rows, train_data, b.sequence_length, b.cross_document_attention)
             for rows in sampler.micro_batches(step, b.batch_size, b.micro_batch_size, rank, world)
         ]
-        # the loss is a mean over the trained tokens of the whole step on all ranks: count them first
-        global_count = global_trained_count(accelerator, [mb["num_trained"] for mb in micro_batches])
-        scale = loss_scale(global_count, world)
-        local_loss = 0.0
-        for i, mb in enumerate(micro_batches):
-            mb = _to_device(mb, accelerator.device)
-            # DDP: no_sync until the step's last micro-batch (one all-reduce). FSDP: reduce-scatter every micro-batch,
-            # so that no rank holds the whole model's gradient unsharded (backend/scaling.py)
-            sync = micro_batch_sync(accelerator, model, last=i == len(micro_batches) - 1)
-            with sync, accelerator.autocast():
-                loss_sum, _ = trained_token_loss(model, mb, cfg.model.base_model.cross_entropy_impl)
-                accelerator.backward(loss_sum * scale)  # Accelerator has gradient_accumulation_steps=1: no division
-            local_loss += float(loss_sum.detach())
-            probe.micro_batch(step, model)
-        (loss_total,) = _global_sum(accelerator, [local_loss])
-        loss = loss_total / global_count if global_count else float("nan")
-        # clip_grad_norm_ returns the norm before clipping (all ranks' shards); inf = only measure it
-        grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), opt.gradient_norm_clipping or float("inf")))
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            optimizer.zero_grad(set_to_none=True)
+        result = train_step(
+            model,
+            optimizer,
+            accelerator,
+            micro_batches,
+            cfg.model.base_model.cross_entropy_impl,
+            opt.gradient_norm_clipping,
+            on_micro_batch=lambda step=step: probe.micro_batch(step, model),
+        )
+        loss, grad_norm, global_count = result.loss, result.grad_norm, result.trained_tokens
+        if not result.stepped:
             raise TrainingDiverged(
                 f"step {step + 1}: loss is {loss} and gradient norm {grad_norm}; stopped before the optimizer "
                 f"step, nothing saved. The last good checkpoint is {latest_complete(checkpoints, warn=print0)}. "
                 f"Lower optimizer.learning_rate.base (now {opt.learning_rate.base}) or check the data."
             )
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
         probe.write()
         step += 1
         bar.update(1)
