@@ -400,7 +400,8 @@ def export_lora(accelerator, model, tokenizer, export_dir, name: str, cfg, merge
         if accelerator.is_main_process:
             state = merge_state_dict(full, lora_layers(model), DTYPES[cfg.model.distributed.training_dtype])
             del full
-        merged_path = export_hf(accelerator, _skeleton(model), tokenizer, export_dir, name, state_dict=state)
+        skeleton = _skeleton(model, DTYPES[cfg.model.distributed.training_dtype])
+        merged_path = export_hf(accelerator, skeleton, tokenizer, export_dir, name, state_dict=state)
 
     adapters = _adapter_state(model)  # collective: only the trainable tensors are gathered (tiny)
     final = export_dir / name / ADAPTER_DIR
@@ -425,16 +426,22 @@ def export_lora(accelerator, model, tokenizer, export_dir, name: str, cfg, merge
     return {"adapter": final, "merged": merged_path}
 
 
-def _skeleton(model):
+def _skeleton(model, dtype):
     """A plain (non-PEFT) model of the base's class on the meta device: save_pretrained's config and class for the
-    merged state dict, without allocating weights."""
+    merged state dict (config.json says ``dtype``), without allocating weights."""
+    import copy
+
     import torch
     from transformers import AutoModelForCausalLM
 
     base = accelerator_free_base(model)
+    config = copy.deepcopy(base.config)  # the training model's config stays as it is
+    config.dtype = dtype
     with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(base.config)
-    skeleton.generation_config = base.generation_config
+        skeleton = AutoModelForCausalLM.from_config(config)
+    skeleton.config.dtype = dtype
+    skeleton.generation_config = copy.deepcopy(base.generation_config)
+    skeleton.generation_config.use_cache = True  # training closed it (packed rows); generation wants the KV cache
     return skeleton
 
 

@@ -190,6 +190,7 @@ def test_exports_adapter_loads_with_peft_and_merged_gives_the_same_logits(lora_r
     eos = merged.generation_config.eos_token_id
     assert tokenizer.convert_tokens_to_ids("<|eot_id|>") in (eos if isinstance(eos, list) else [eos])
     assert "<|start_header_id|>" in tokenizer.chat_template
+    assert merged.generation_config.use_cache is not False  # the packed-training setting is not exported
     adapter_tok = AutoTokenizer.from_pretrained(final / "adapter")
     assert adapter_tok.chat_template == tokenizer.chat_template
 
