@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import pickle
 import random
 import shutil
@@ -156,7 +157,6 @@ def load_lora_model(cfg, attn_impl: str):
         model = load_model(cfg.pretrained.path, "fp32", attn_impl, random_init=not cfg.pretrained.model_weights)
     else:
         check_quantization(cfg)
-        import torch
         from peft import prepare_model_for_kbit_training
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -181,7 +181,7 @@ def load_lora_model(cfg, attn_impl: str):
             quantization_config=quant,
             dtype=compute,
             attn_implementation=attn_impl,
-            device_map={"": torch.cuda.current_device()},
+            device_map={"": int(os.environ.get("LOCAL_RANK", "0"))},  # this process's GPU
         )
         # norms in fp32; no gradient checkpointing here (model.multi_stage.activation_checkpointing decides)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
