@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import pickle
 import random
 import shutil
@@ -156,7 +157,6 @@ def load_lora_model(cfg, attn_impl: str):
         model = load_model(cfg.pretrained.path, "fp32", attn_impl, random_init=not cfg.pretrained.model_weights)
     else:
         check_quantization(cfg)
-        import torch
         from peft import prepare_model_for_kbit_training
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -181,7 +181,7 @@ def load_lora_model(cfg, attn_impl: str):
             quantization_config=quant,
             dtype=compute,
             attn_implementation=attn_impl,
-            device_map={"": torch.cuda.current_device()},
+            device_map={"": int(os.environ.get("LOCAL_RANK", "0"))},  # this process's GPU
         )
         # norms in fp32; no gradient checkpointing here (model.multi_stage.activation_checkpointing decides)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
@@ -402,7 +402,7 @@ def export_lora(accelerator, model, tokenizer, export_dir, name: str, cfg, merge
             del full
         merged_path = export_hf(
             accelerator,
-            _skeleton(model),
+            _skeleton(model, DTYPES[cfg.model.distributed.training_dtype]),
             tokenizer,
             export_dir,
             name,
@@ -430,16 +430,22 @@ def export_lora(accelerator, model, tokenizer, export_dir, name: str, cfg, merge
     return {"adapter": final, "merged": merged_path}
 
 
-def _skeleton(model):
+def _skeleton(model, dtype):
     """A plain (non-PEFT) model of the base's class on the meta device: save_pretrained's config and class for the
-    merged state dict, without allocating weights."""
+    merged state dict (config.json says ``dtype``), without allocating weights."""
+    import copy
+
     import torch
     from transformers import AutoModelForCausalLM
 
     base = accelerator_free_base(model)
+    config = copy.deepcopy(base.config)  # the training model's config stays as it is
+    config.dtype = dtype
     with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(base.config)
-    skeleton.generation_config = base.generation_config
+        skeleton = AutoModelForCausalLM.from_config(config)
+    skeleton.config.dtype = dtype
+    skeleton.generation_config = copy.deepcopy(base.generation_config)
+    skeleton.generation_config.use_cache = True  # training closed it (packed rows); generation wants the KV cache
     return skeleton
 
 

@@ -11,7 +11,7 @@ What each test proves:
 - target_modules all-linear = every decoder-layer linear, never the LM head (tied or not);
 - rank/alpha/target_modules errors name their key; QLoRA on a machine without CUDA/bitsandbytes is a config error
   naming pretrained.quantization (--validate and train());
-- 2 FSDP2 processes with LoRA equal 1 process (slow).
+- 2 FSDP2 processes with LoRA equal 1 process, and resuming the sharded run from its checkpoint is exact (slow).
 """
 
 import os
@@ -190,6 +190,7 @@ def test_exports_adapter_loads_with_peft_and_merged_gives_the_same_logits(lora_r
     eos = merged.generation_config.eos_token_id
     assert tokenizer.convert_tokens_to_ids("<|eot_id|>") in (eos if isinstance(eos, list) else [eos])
     assert "<|start_header_id|>" in tokenizer.chat_template
+    assert merged.generation_config.use_cache is not False  # the packed-training setting is not exported
     adapter_tok = AutoTokenizer.from_pretrained(final / "adapter")
     assert adapter_tok.chat_template == tokenizer.chat_template
 
@@ -336,8 +337,8 @@ def test_two_fsdp_processes_with_lora_match_one_process(data, tmp_path):
         "model.multi_stage.zero_stage": 3,
     }
     runs = {}
-    for n in (1, 2):
-        run_dir = tmp_path / f"p{n}"
+
+    def run(n, run_dir):
         cmd = train_command(
             config, n, use_cpu=True, extra_overrides=overrides(data, run_dir, **common, **{"run.num_processes": n})
         )
@@ -345,7 +346,10 @@ def test_two_fsdp_processes_with_lora_match_one_process(data, tmp_path):
             cmd, cwd=ROOT, env={**ENV, **train_env(n, use_cpu=True)}, capture_output=True, text=True, timeout=400
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
-        runs[n] = run_dir
+        return run_dir
+
+    for n in (1, 2):
+        runs[n] = run(n, tmp_path / f"p{n}")
     one, two = (events_of(runs[n], "start")[0] for n in (1, 2))
     assert (one["world_size"], one["sharded"]) == (1, False)
     assert (two["world_size"], two["sharded"], two["distributed_type"]) == (2, True, "FSDP")
@@ -362,9 +366,16 @@ def test_two_fsdp_processes_with_lora_match_one_process(data, tmp_path):
         assert x.keys() == y.keys() and x
         worst = max((x[k] - y[k]).abs().max().item() for k in x)
         assert worst <= 1e-5, (name, worst)
-    # the checkpoint of the sharded run holds only the adapters too, and resumes on the same world size
-    state = torch.load(latest_complete(runs[2] / "checkpoints") / "lora_state.pt", weights_only=False)
+    # the sharded run's checkpoint holds only the adapters too, and resuming from it under FSDP2 is exact
+    state = torch.load(runs[2] / "checkpoints" / "step_000002" / "lora_state.pt", weights_only=False)
     assert state["model"] and all("lora_" in k for k in state["model"])
+    uninterrupted = adapter_weights(runs[2])
+    shutil.rmtree(runs[2] / "checkpoints" / "step_000003")
+    shutil.rmtree(runs[2] / "export")
+    run(2, runs[2])
+    assert events_of(runs[2], "start")[-1]["resumed_from"].endswith("step_000002")
+    resumed = adapter_weights(runs[2])
+    assert max((resumed[k] - uninterrupted[k]).abs().max().item() for k in resumed) <= 1e-6
 
 
 # ------------------------------------------------------------------------------------------------ studio
