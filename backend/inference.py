@@ -62,17 +62,18 @@ def checkpoint_state_dict(checkpoint_dir, model) -> dict:
 
 
 def load_checkpoint_model(checkpoint_dir):
-    """(model, tokenizer) from a checkpoint directory of a run (see the module docstring)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    """(model, tokenizer) from a checkpoint directory of a run (see the module docstring); a LoRA checkpoint
+    (lora_state.pt) gives the base with its adapters merged."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    from backend import compat
-    from backend.checkpoint import export_generation_config
     from backend.config import load_train_config
-    from backend.dataset import TokenDataset
 
     checkpoint_dir = Path(checkpoint_dir)
     cfg = load_train_config(checkpoint_dir / "config.yaml")
     base = cfg.pretrained.path
+    if (checkpoint_dir / "lora_state.pt").is_file():  # a LoRA checkpoint: the base + its adapters, merged
+        model = _lora_checkpoint_model(checkpoint_dir, cfg)
+        return _with_tokenizer_and_generation(model, cfg, base)
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base))
     state = checkpoint_state_dict(checkpoint_dir, model)
     result = model.load_state_dict(state, strict=False)
@@ -83,6 +84,41 @@ def load_checkpoint_model(checkpoint_dir):
             f"{unexpected[:3]})"
         )
     model.tie_weights()
+    return _with_tokenizer_and_generation(model, cfg, base)
+
+
+def _lora_checkpoint_model(checkpoint_dir: Path, cfg):
+    """Base weights from pretrained.path (frozen during training, so they are the run's) + the checkpoint's
+    adapters (lora_state.pt), merged into a plain model."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from backend.lora import LORA_STATE, apply_lora
+
+    if not cfg.pretrained.model_weights:
+        raise ValueError(
+            f"{checkpoint_dir}: a LoRA checkpoint of a randomly initialized base (pretrained.model_weights: no) "
+            "cannot be rebuilt from the checkpoint alone; chat with the run's export instead"
+        )
+    model = apply_lora(AutoModelForCausalLM.from_pretrained(cfg.pretrained.path), cfg.model.base_model.peft)
+    adapters = torch.load(checkpoint_dir / LORA_STATE, map_location="cpu", weights_only=False)["model"]
+    result = model.load_state_dict(adapters, strict=False)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    if result.unexpected_keys or trainable - set(adapters):
+        raise KeyError(
+            f"{checkpoint_dir}: its adapters do not fit {cfg.pretrained.path} with model.base_model.peft "
+            f"(unexpected {list(result.unexpected_keys)[:3]}, missing {sorted(trainable - set(adapters))[:3]})"
+        )
+    return model.merge_and_unload()
+
+
+def _with_tokenizer_and_generation(model, cfg, base):
+    from transformers import GenerationConfig
+
+    from backend import compat
+    from backend.checkpoint import export_generation_config
+    from backend.dataset import TokenDataset
+
     model.eval()
     try:
         tokenizer, _ = compat.data_tokenizer(TokenDataset(cfg.data.datasets.training.path), base, log=lambda m: None)

@@ -387,8 +387,6 @@ def _never(*a, **k):
 # Contract fields (backend/config.py, "the config contract of the next wave") that other branches wire. The lead
 # empties this list after the merge: the test fails on an entry once that field is read, so none stays by mistake.
 WIRED_ELSEWHERE = {
-    "model.base_model.peft.alpha": "wired by branch lora (issue 14)",
-    "model.base_model.peft.dropout": "wired by branch lora (issue 14)",
 }
 # The guide's keys whose every accepted value means the one thing this code does: validation is their whole effect
 # (a value outside the Literal is refused), so there is nothing to read.

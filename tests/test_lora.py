@@ -429,3 +429,21 @@ def test_chat_tab_loads_adapter_and_merged_exports(lora_run):
     adapter_reply = list(H.chat_stream(str(final / "adapter"), [], question, "", max_new_tokens=8))
     merged_reply = list(H.chat_stream(str(final), [], question, "", max_new_tokens=8))
     assert adapter_reply and adapter_reply[-1] == merged_reply[-1]  # greedy: same model, same reply
+
+
+def test_chat_loads_a_lora_checkpoint_as_the_merged_model(lora_run):
+    """A stopped LoRA run has checkpoints (adapters only) and maybe no export: the Chat tab's checkpoint loader
+    rebuilds the base + adapters and merges them; at the last step it equals the merged final export."""
+    from transformers import AutoModelForCausalLM
+
+    from backend.checkpoint import latest_complete
+    from backend.inference import load_checkpoint_model
+
+    run_dir, _, _ = lora_run
+    model, tokenizer = load_checkpoint_model(latest_complete(run_dir / "checkpoints"))
+    assert not any("lora" in k for k in model.state_dict())
+    merged = AutoModelForCausalLM.from_pretrained(run_dir / "export" / "final").eval()
+    ids = torch.tensor([tokenizer.encode("Reverse the words: red blue")])
+    with torch.no_grad():
+        assert (model(input_ids=ids).logits - merged(input_ids=ids).logits).abs().max().item() <= 1e-5
+    assert model.generation_config.use_cache is True
