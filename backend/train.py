@@ -221,6 +221,14 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
             f"tokens) are longer than sequence_length {b.sequence_length} and are skipped "
             f"(data.truncate_documents: no)"
         )
+    split_length = _split_turns_length(cfg.data.datasets.training.path)
+    if split_length and split_length > b.sequence_length:
+        print0(
+            f"warning: the data was prepared with long_documents.mode: split_turns at sequence_length "
+            f"{split_length}, longer than batch.sequence_length {b.sequence_length}: pieces longer than "
+            f"{b.sequence_length} are {'cut' if cfg.data.truncate_documents else 'skipped'} here. Prepare again with "
+            f"long_documents.sequence_length: {b.sequence_length} to keep them."
+        )
     val_cfg = t.evaluations.validation
     val_iters, val_data = 0, None
     if cfg.data.datasets.validation is not None and val_cfg.interval and val_cfg.iterations:
@@ -272,6 +280,12 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
         layers = enable_activation_checkpointing(model)
         print0(f"activation checkpointing: {layers} decoder layers recompute their forward in backward")
     sample_writer = None
+    if t.evaluations.samples and not val_iters:
+        print0(
+            f"warning: training.evaluations.samples: {t.evaluations.samples} writes answers at each validation, "
+            "and validation is off (training.evaluations.validation.interval / iterations, "
+            "data.datasets.validation): no samples will be written"
+        )
     if val_iters and t.evaluations.samples:  # greedy answers to fixed validation prompts (backend/evaluate.py)
         from backend.evaluate import SampleWriter
 
@@ -490,6 +504,18 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
     if accelerator.is_main_process:
         events.emit("end", step, **summary)
     return {"step": step, **summary}
+
+
+def _split_turns_length(descriptor_path) -> int | None:
+    """long_documents.sequence_length of the prepare that made this dataset when it split long conversations."""
+    import yaml
+
+    prepare_yaml = Path(descriptor_path).parent / "prepare_config.yaml"
+    try:
+        long_documents = (yaml.safe_load(prepare_yaml.read_text()) or {}).get("long_documents") or {}
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None
+    return long_documents.get("sequence_length") if long_documents.get("mode") == "split_turns" else None
 
 
 def _gib(n: int) -> str:

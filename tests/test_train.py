@@ -620,3 +620,28 @@ def test_data_prepared_before_tokenizers_were_saved_uses_the_recorded_tokenizer(
     assert len(tokenizer) == ds.vocab_size
     tokenizer, source = data_tokenizer(TokenDataset(data / "fast_llm_config_training.yaml"), "x", log=said.append)
     assert source == str(data / "tokenizer")
+
+
+def test_split_data_longer_than_training_rows_and_samples_without_validation_are_said(data, tmp_path, capsys):
+    """Nothing silent: data prepared with split_turns at a longer sequence length than training uses, and
+    training.evaluations.samples with validation off, each get a log line naming the keys."""
+    from backend.train import _split_turns_length
+
+    prepared = tmp_path / "split"
+    shutil.copytree(data, prepared)
+    prepare_yaml = prepared / "prepare_config.yaml"
+    raw = yaml.safe_load(prepare_yaml.read_text())
+    assert _split_turns_length(prepared / "fast_llm_config_training.yaml") is None  # keep: nothing to say
+    raw["long_documents"] = {"mode": "split_turns", "sequence_length": 512}
+    prepare_yaml.write_text(yaml.safe_dump(raw))
+    assert _split_turns_length(prepared / "fast_llm_config_training.yaml") == 512
+    extra = {
+        "data.datasets.training.path": prepared / "fast_llm_config_training.yaml",
+        "training.train_iters": 1,
+        "training.evaluations.validation.interval": 0,
+        "training.evaluations.samples": 2,
+    }
+    train(TINY_TRAIN, overrides(data, tmp_path / "run", **extra))
+    out = capsys.readouterr().out
+    assert "long_documents.mode: split_turns at sequence_length 512" in out and "batch.sequence_length 256" in out
+    assert "training.evaluations.samples: 2" in out and "no samples will be written" in out
