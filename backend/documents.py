@@ -401,26 +401,38 @@ class RowReader:
 
     def sample(self, i: int, cfg: PrepareConfig | None = None, tokenizer=None) -> PreparedRow:
         """Row ``i`` (0 <= i < len) as prepare makes it. Raises ConfigError for a template no row can use."""
+        return next(self.samples([i], cfg, tokenizer))
+
+    def samples(self, indices, cfg: PrepareConfig | None = None, tokenizer=None):
+        """Yield `PreparedRow` of each row in ``indices``; runs of consecutive rows share one `_process_chunk`."""
         from backend import chat
 
         cfg = cfg or self.cfg
         if cfg.dataset != self.cfg.dataset:
             raise ValueError("RowReader.sample: cfg.dataset differs from the reader's; open a new RowReader")
-        if not 0 <= i < self.n_rows:
-            raise IndexError(f"row {i} of {self.n_rows}")
+        indices = [int(i) for i in indices]
+        for i in indices:
+            if not 0 <= i < self.n_rows:
+                raise IndexError(f"row {i} of {self.n_rows}")
         tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(cfg.tokenizer.path)
         check_template(cfg, tokenizer, self.form)
         job = make_job(cfg, self.source, self.form, self.conversations_field, len(tokenizer))
-        masking = chat.Masking(**job.masking)
-        res = _process_chunk(i, self.source.task(i, i + 1), (job, tokenizer, masking), keep_samples=True)
-        rendered, tokenized = res.samples.get(i, (None, None))
-        bounds = res.bounds.tolist()
-        documents = [
-            (res.ids[a:b].astype(np.int64), res.trained[a:b].copy())
-            for a, b in zip(bounds[:-1], bounds[1:], strict=True)
-        ]
-        problems = [(code, message, skip) for _, code, message, skip in res.problems]
-        return PreparedRow(i, self.source.where(i), self.form, rendered, tokenized, documents, problems)
+        state = (job, tokenizer, chat.Masking(**job.masking))
+        k = 0
+        while k < len(indices):
+            start = stop = indices[k]
+            while k < len(indices) and indices[k] == stop and stop - start < CHUNK_ROWS:
+                k, stop = k + 1, stop + 1
+            res = _process_chunk(start, self.source.task(start, stop), state, keep_samples=True)
+            bounds = res.bounds.tolist()
+            for r in range(start, stop):
+                docs = [
+                    (res.ids[bounds[d] : bounds[d + 1]].astype(np.int64), res.trained[bounds[d] : bounds[d + 1]].copy())
+                    for d in np.flatnonzero(res.rows == r).tolist()
+                ]
+                problems = [(code, message, skip) for row, code, message, skip in res.problems if row == r]
+                rendered, tokenized = res.samples.get(r, (None, None))
+                yield PreparedRow(r, self.source.where(r), self.form, rendered, tokenized, docs, problems)
 
 
 def prepared_sample(cfg: PrepareConfig, i: int, tokenizer=None) -> PreparedRow:
