@@ -124,7 +124,6 @@ _lock = threading.Lock()
 # module ("cannot import name 'AutoTokenizer'"), and loading the same tokenizer twice wastes seconds.
 _load_lock = threading.RLock()
 _tokenizers: dict[tuple, Any] = {}
-_sources: dict[tuple, RowSource] = {}
 
 
 def _stamp(path: str) -> tuple:
@@ -164,61 +163,115 @@ def get_tokenizer(path: str):
     return _load_once(_tokenizers, path, "tokenizer", load)
 
 
-class RowSource:
-    """Random access to the rows of a dataset without loading it all: a line index for .jsonl, else datasets."""
+@dataclass(frozen=True)
+class DataSettings:
+    """The Data tab's values, built once in `studio.app` from its widgets, passed to every data handler."""
 
-    def __init__(self, path: str):
-        self.path = path
-        p = Path(path)
-        self._offsets = None
-        self._ds = None
-        if p.is_file() and p.suffix == ".jsonl":
-            data = p.read_bytes()
-            ends = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == 10)
-            starts = np.concatenate([[0], ends + 1])
-            lines = [
-                (int(s), int(e))
-                for s, e in zip(starts, np.concatenate([ends, [len(data)]]), strict=False)
-                if data[s:e].strip()
-            ]
-            self._offsets = lines
-            self._data = data
-        elif p.is_file() and p.suffix == ".json":
-            rows = json.loads(p.read_text(encoding="utf-8"))
-            if isinstance(rows, dict):  # {"data": [...]} and similar: the first list value
-                rows = next((v for v in rows.values() if isinstance(v, list)), [])
-            self._rows = list(rows)
-        else:
-            import datasets  # lazily: parquet files, save_to_disk directories, hub ids
+    dataset: str
+    tokenizer: str
+    mode: str = "auto"  # chat.masking.mode
+    start: str = ""  # chat.masking.start_delimiter, typed on one line ('\\n' = newline)
+    end: str = ""  # chat.masking.end_delimiter
+    train_on: str = "all"
+    train_on_eot: bool = True
+    template: str = ""  # the chat template box: '' or the tokenizer's own = chat.template null
+    final_eot: str = "append"  # chat.final_eot
 
-            if p.is_file():
-                builder = {".parquet": "parquet", ".csv": "csv"}[p.suffix]
-                self._ds = datasets.load_dataset(builder, data_files=str(p), split="train")
-            elif p.is_dir() and ((p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists()):
-                ds = datasets.load_from_disk(str(p))  # written by save_to_disk
-                self._ds = ds["train"] if isinstance(ds, datasets.DatasetDict) else ds
-            elif p.is_dir():  # a folder of data files, as backend.prepare accepts
-                self._ds = datasets.load_dataset(str(p), split="train")
-            else:
-                self._ds = datasets.load_dataset(path, split="train")
+    def masking(self):
+        return make_masking(self.mode, self.start, self.end, self.train_on, self.train_on_eot, self.final_eot)
+
+
+_readers: dict[tuple, Any] = {}
+
+
+def _dataset_section(path: str) -> dict:
+    """The prepare ``dataset:`` section the studio uses for ``path``: the default one, plus the guide's form when
+    the rows hold ``text`` and a ``loss_masking_spans`` (or ``spans``) column and no conversations."""
+    from backend.config import load_prepare_config
+    from backend.sources import open_source
+
+    section = {**yaml.safe_load(read_text(DEFAULT_PREPARE_YAML))["dataset"], "path": (path or "").strip()}
+
+    def load(_):
+        source = open_source(load_prepare_config({"output_path": ".", "dataset": section, "tokenizer": {"path": "."}}))
+        source.index()
+        return source.columns()
+
+    columns = _load_once(_columns, section["path"], "dataset", load)
+    spans = next((c for c in ("loss_masking_spans", "spans") if c in columns), None)
+    if spans and section.get("field", "text") in columns and not {"conversations", "messages"} & set(columns):
+        section["loss_masking_spans"] = spans
+    return section
+
+
+_columns: dict[tuple, list] = {}
+
+
+def prepare_config_of(s: DataSettings, sequence_length=None, split_turns: bool = False, output_path: str = "."):
+    """The `PrepareConfig` of the Data tab's settings: what the preview, the check and the packing view read rows
+    with (`backend.documents`), and what `prepare_yaml_from` writes. Raises ConfigError / ValueError."""
+    from backend.config import load_prepare_config
+
+    base = yaml.safe_load(read_text(DEFAULT_PREPARE_YAML))
+    base["output_path"] = output_path
+    base["dataset"] = _dataset_section(s.dataset)
+    base["tokenizer"]["path"] = (s.tokenizer or "").strip()
+    base["chat"] = _chat_section(s)
+    if split_turns and sequence_length:
+        base["long_documents"] = {"mode": "split_turns", "sequence_length": int(sequence_length)}
+    return load_prepare_config(base)
+
+
+def _chat_section(s: DataSettings) -> dict:
+    template = None
+    if (s.template or "").strip():
+        try:
+            template = _template_arg(s.template, get_tokenizer(s.tokenizer))
+        except Exception:
+            template = s.template
+    masking = {"mode": s.mode}
+    if s.mode == "delimiters":
+        masking.update(start_delimiter=_unescape(s.start), end_delimiter=_unescape(s.end))
+    return {
+        "template": template,
+        "masking": masking,
+        "train_on": s.train_on,
+        "train_on_eot": bool(s.train_on_eot),
+        "final_eot": s.final_eot or "append",
+    }
+
+
+def get_reader(cfg):
+    """The `backend.documents.RowReader` of ``cfg.dataset``, opened once per (path, mtime, dataset section)."""
+    from backend.documents import RowReader
+
+    key = (_stamp(cfg.dataset.path), json.dumps(cfg.dataset.model_dump(), sort_keys=True, default=str))
+    with _lock:
+        hit = _readers.get(key)
+    if hit is None:
+        with _load_lock:
+            hit = _readers.get(key) or RowReader(cfg)
+            with _lock:
+                _readers[key] = hit
+    return hit
+
+
+class _Rows:
+    """The raw input rows of a dataset (dicts), read through prepare's source (`backend.sources`)."""
+
+    def __init__(self, reader):
+        self.source, self.n = reader.source, reader.n_rows
 
     def __len__(self) -> int:
-        if self._offsets is not None:
-            return len(self._offsets)
-        if self._ds is not None:
-            return len(self._ds)
-        return len(self._rows)
+        return self.n
 
     def __getitem__(self, i: int) -> dict:
-        if self._offsets is not None:
-            s, e = self._offsets[i]
-            try:
-                return json.loads(self._data[s:e])
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{self.path} line {i + 1}: not JSON ({err.msg})") from err
-        if self._ds is not None:
-            return self._ds[int(i)]
-        return self._rows[i]
+        from backend.sources import BadRow
+
+        row = next(iter(self.source.read(self.source.task(int(i), int(i) + 1))))
+        if isinstance(row, BadRow):
+            raise ValueError(row.message)
+        return row
 
 
 def warm_up(tokenizer_path: str = str(TINY_MODEL)) -> None:
@@ -233,15 +286,29 @@ def warm_up(tokenizer_path: str = str(TINY_MODEL)) -> None:
     threading.Thread(target=run, daemon=True).start()
 
 
-def get_rows(path: str) -> RowSource:
-    """The rows of the dataset at ``path``, opened once per (path, mtime)."""
-    return _load_once(_sources, path, "dataset", RowSource)
+def get_rows(path: str) -> _Rows:
+    """The raw rows of the dataset at ``path`` as prepare reads them (its default dataset section)."""
+    check = check_path(path, "dataset")
+    if not check.ok:
+        raise ValueError(check.message)
+    return _Rows(get_reader(prepare_config_of(DataSettings(path, str(TINY_MODEL)))))
+
+
+def prepared_row(s: DataSettings, index: int | float | None, sequence_length=None, split_turns: bool = False):
+    """(row index, n_rows, PreparedRow, tokenizer): row ``index`` (wrapping) exactly as prepare writes it."""
+    tokenizer = get_tokenizer(s.tokenizer)
+    cfg = prepare_config_of(s, sequence_length, split_turns)
+    reader = get_reader(cfg)
+    i = int(index or 0) % reader.n_rows
+    return i, reader.n_rows, reader.sample(i, cfg, tokenizer), tokenizer
 
 
 # =============================================================================================== data tab
 
 
-def make_masking(mode: str, start_delimiter: str, end_delimiter: str, train_on: str, train_on_eot: bool):
+def make_masking(
+    mode: str, start_delimiter: str, end_delimiter: str, train_on: str, train_on_eot: bool, final_eot: str = "append"
+):
     """Widget values -> backend.chat.Masking (raises ValueError with the config key on bad values)."""
     from backend.chat import Masking
 
@@ -252,8 +319,9 @@ def make_masking(mode: str, start_delimiter: str, end_delimiter: str, train_on: 
             end_delimiter=_unescape(end_delimiter),
             train_on=train_on,
             train_on_eot=bool(train_on_eot),
+            final_eot=final_eot or "append",
         )
-    return Masking(mode="auto", train_on=train_on, train_on_eot=bool(train_on_eot))
+    return Masking(mode="auto", train_on=train_on, train_on_eot=bool(train_on_eot), final_eot=final_eot or "append")
 
 
 def _unescape(s: str | None) -> str | None:
@@ -353,61 +421,30 @@ def token_html(
     return "".join(parts)
 
 
-def _render_row(row: dict, tokenizer, masking, template):
-    """A dataset row -> (RenderedSample-like, TokenizedSample). Guide form rows (text + spans) are accepted."""
-    from backend.chat import RenderedSample, render, spans_from_loss_masking, tokenize
+def preview_sample(s: DataSettings, index: int | float | None, sequence_length: int | float | None = None) -> Preview:
+    """Row ``index`` as prepare writes it (`backend.documents`), trained tokens highlighted. Never raises: problems
+    go to ``.status``."""
+    from backend.config import ConfigError
 
-    if (
-        isinstance(row, dict)
-        and isinstance(row.get("text"), str)
-        and not any(k in row for k in ("conversations", "messages"))
-    ):
-        spans_key = next((k for k in ("loss_masking_spans", "spans") if k in row), None)
-        text = row["text"]
-        trained = spans_from_loss_masking(len(text), row[spans_key]) if spans_key else [(0, len(text))]
-        rendered = RenderedSample(
-            text=text, trained_spans=list(trained), loss_masking_spans=row.get(spans_key) or [], problems=[]
-        )
-    else:
-        rendered = render(row, tokenizer, masking, template)
-    return rendered, tokenize(rendered.text, rendered.trained_spans, tokenizer)
-
-
-def preview_sample(
-    dataset_path: str,
-    tokenizer_path: str,
-    index: int | float | None,
-    mode: str,
-    start_delimiter: str,
-    end_delimiter: str,
-    train_on: str,
-    train_on_eot: bool,
-    template_text: str,
-    sequence_length: int | float | None = None,
-) -> Preview:
-    """Render sample ``index`` and highlight its trained tokens. Never raises: problems go to ``.status``."""
     empty = Preview([], "", "", "", "")
     try:
-        rows = get_rows(dataset_path)
-        tokenizer = get_tokenizer(tokenizer_path)
-    except Exception as e:  # bad path, unreadable file: say so in the status box
+        i, n, prepared, tokenizer = prepared_row(s, index)
+        masking = s.masking()
+    except ConfigError as e:
+        empty.status = "⚠ " + "; ".join(e.problems)
+        return empty
+    except Exception as e:  # bad path, unreadable file, bad masking value: say so in the status box
         empty.status = f"⚠ {e}"
         return empty
-    n = len(rows)
-    empty.n_rows = n
-    if n == 0:
-        empty.status = f"⚠ {dataset_path} holds no rows"
+    empty.n_rows, empty.index = n, i
+    if prepared.tokenized is None:  # prepare skips the row before tokenizing: say why
+        empty.status = f"⚠ sample {i} ({prepared.where}): prepare skips this row: {prepared.skipped}"
         return empty
-    i = int(index or 0) % n
-    empty.index = i
-    try:
-        masking = make_masking(mode, start_delimiter, end_delimiter, train_on, train_on_eot)
-        template = _template_arg(template_text, tokenizer)
-        rendered, tok = _render_row(rows[i], tokenizer, masking, template)
-    except Exception as e:  # ChatError (row or template), ValueError (masking), jinja errors
-        empty.status = f"⚠ sample {i}: {type(e).__name__}: {e}"
-        return empty
+    rendered, tok = prepared.rendered, prepared.tokenized
+    template = _template_arg(s.template, tokenizer)
     p = _preview_from(rendered, tok, tokenizer, i, n, sequence_length, template)
+    if prepared.skipped:  # tokenized, but not written (no_trained_tokens)
+        p.summary += f"\n\n⚠ prepare skips this row: {prepared.skipped}"
     if sequence_length and len(tok.input_ids) > int(sequence_length):
         p.summary += _cut_lines(rendered, tok, tokenizer, masking, template, int(sequence_length))
     return p
@@ -447,21 +484,8 @@ def _cut_lines(rendered, tok, tokenizer, masking, template, seq: int) -> str:
     return out + f" split_turns cuts it at turn boundaries into **{len(res.pieces)} pieces**: " + "; ".join(parts)
 
 
-_eot_cache: dict[tuple, list[int]] = {}
-
-
-def _eot_ids(tokenizer, template: str | None) -> list[int]:
-    """backend.chat.eot_token_ids, cached per (tokenizer, template): it renders a probe conversation."""
-    from backend.chat import eot_token_ids
-
-    key = (id(tokenizer), template)
-    if key not in _eot_cache:
-        _eot_cache[key] = eot_token_ids(tokenizer, template)
-    return _eot_cache[key]
-
-
 def _preview_from(rendered, tok, tokenizer, i: int, n: int, sequence_length=None, template=None) -> Preview:
-    from backend.chat import check_sample
+    from backend.chat import check_sample, eot_token_ids
 
     text = rendered.text
     mask = char_labels(len(text), tok.offsets, tok.trained)
@@ -488,7 +512,7 @@ def _preview_from(rendered, tok, tokenizer, i: int, n: int, sequence_length=None
     )
     if appended:
         summary += f"; <span style='color:{COLOR_MAP[APPENDED]}'>■</span> end-of-turn marker appended (chat.final_eot)"
-    eot = _eot_ids(tokenizer, template)
+    eot = eot_token_ids(tokenizer, template)
     turns = getattr(rendered, "turns", None) or []
     if T and eot and turns:
         # the end-of-turn token of each assistant turn: inside the turn's marker text [content_end, end)
@@ -547,38 +571,41 @@ def _sample_indices(n: int, max_rows: int, seed: int = 0) -> tuple[np.ndarray, b
 
 
 def check_whole_dataset(
-    dataset_path: str,
-    tokenizer_path: str,
-    mode: str,
-    start_delimiter: str,
-    end_delimiter: str,
-    train_on: str,
-    train_on_eot: bool,
-    template_text: str,
+    s: DataSettings,
     sequence_length: int | float,
     truncate_documents: bool,
     max_rows: int | float = 5000,
     progress: Callable[[int, int], Any] | None = None,
 ) -> CheckResult:
-    """backend.chat.check_dataset over the dataset (or an even random sample of ``max_rows``), summarized."""
-    from backend.chat import check_dataset
+    """The dataset's rows as prepare makes them (or an even random sample of ``max_rows``), each checked with
+    backend.chat.check_sample, summarized. Rows prepare skips count under their skip reason."""
+    from backend.chat import HealthReport, check_sample
+    from backend.config import ConfigError
     from studio.plots import length_histogram
 
-    try:
-        rows = get_rows(dataset_path)
-        tokenizer = get_tokenizer(tokenizer_path)
-        masking = make_masking(mode, start_delimiter, end_delimiter, train_on, train_on_eot)
-        template = _template_arg(template_text, tokenizer)
-    except Exception as e:
-        return CheckResult("", None, [], [], {}, f"⚠ {e}")
     seq = int(sequence_length) if sequence_length else None
-    idx, sampled = _sample_indices(len(rows), int(max_rows or 5000))
     try:
-        report = check_dataset(
-            (rows[int(i)] for i in idx), tokenizer, masking, template, seq, progress=progress, examples=5
-        )
+        tokenizer = get_tokenizer(s.tokenizer)
+        masking = s.masking()
+        template = _template_arg(s.template, tokenizer)
+        cfg = prepare_config_of(s)
+        reader = get_reader(cfg)
+        idx, sampled = _sample_indices(reader.n_rows, int(max_rows or 5000))
+        report = HealthReport(examples=5)
+        for j, prepared in enumerate(reader.samples(idx, cfg, tokenizer)):
+            if prepared.tokenized is None:
+                report.add(j, [f"{prepared.skipped.replace(': ', f': row {prepared.row}: ', 1)}"], 0, 0)
+            else:
+                tok = prepared.tokenized
+                problems = check_sample(prepared.rendered, tok, tokenizer, seq)
+                report.add(j, problems, len(tok.input_ids), tok.n_trained, appended=len(prepared.rendered.appended))
+            if progress is not None:
+                progress(j + 1, len(idx))
+    except ConfigError as e:
+        return CheckResult("", None, [], [], {}, "⚠ " + "; ".join(e.problems))
     except Exception as e:
         return CheckResult("", None, [], [], {}, f"⚠ {type(e).__name__}: {e}")
+    train_on_eot = s.train_on_eot
     d = report.to_dict()
     for c in [*d["problems"].values(), d["appended_eot"]]:  # positions in the sample -> rows of the dataset
         c["examples"] = [int(idx[j]) for j in c["examples"]]
@@ -590,7 +617,7 @@ def check_whole_dataset(
     lines = [
         f"**{n} samples checked**"
         + (
-            f" (an even random sample of {len(rows)} rows; raise the limit to check all)"
+            f" (an even random sample of {reader.n_rows} rows; raise the limit to check all)"
             if sampled
             else " (the whole dataset)"
         ),
@@ -620,7 +647,7 @@ def check_whole_dataset(
             f"({share:.1%} of all tokens)**, {verb}"
         )
     if seq and len(too_long):
-        lines += _long_mode_lines(rows, idx, lengths, report, tokenizer, masking, template, seq)
+        lines += _long_mode_lines(reader, cfg, idx, lengths, report, tokenizer, masking, template, seq)
     if lengths.size:
         lines.append(
             f"- length: median {int(np.median(lengths))}, p99 {int(np.percentile(lengths, 99))}, "
@@ -639,17 +666,19 @@ def check_whole_dataset(
     return CheckResult("\n".join(lines), fig, rows_out, labels, d)
 
 
-def _long_mode_lines(rows, idx, lengths, report, tokenizer, masking, template, seq: int) -> list[str]:
-    """What skip / truncate / split_turns keep and train at ``seq`` (backend.split); only long rows are re-rendered."""
+def _long_mode_lines(reader, cfg, idx, lengths, report, tokenizer, masking, template, seq: int) -> list[str]:
+    """What skip / truncate / split_turns keep and train at ``seq`` (backend.split); only long rows are re-read."""
     from backend.split import compare_modes, long_document_stats
 
-    aligned = len(lengths) == len(idx)  # lengths skip rows that failed: then every row is rendered again
+    aligned = len(lengths) == len(idx)  # lengths skip rows that failed: then every row is read again
     docs = []
-    for j in np.flatnonzero(lengths > seq).tolist() if aligned else range(len(idx)):
+    long_rows = [int(idx[j]) for j in (np.flatnonzero(lengths > seq).tolist() if aligned else range(len(idx)))]
+    for prepared in reader.samples(long_rows, cfg, tokenizer):
+        if prepared.tokenized is None:  # a row prepare skips already counts under its reason
+            continue
         try:
-            rendered, tok = _render_row(rows[int(idx[j])], tokenizer, masking, template)
-            docs.append(long_document_stats(rendered, tok, tokenizer, seq, masking, template))
-        except Exception:  # a row that failed in the check already counts as bad_conversation
+            docs.append(long_document_stats(prepared.rendered, prepared.tokenized, tokenizer, seq, masking, template))
+        except Exception:
             continue
     fitting = (0, 0, 0)
     if aligned:
@@ -714,49 +743,28 @@ class PackingView:
 
 
 def tokenize_documents(
-    dataset_path: str,
-    tokenizer_path: str,
-    masking,
-    template_text: str,
+    s: DataSettings,
     max_docs: int,
     split_length: int | None = None,
     split_info: list | None = None,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The first ``max_docs`` rows as (tokens, trained) pairs; rows that fail to render are left out. With
-    ``split_length``, a conversation longer than that becomes its split_turns pieces (backend.split), and
-    ``split_info`` (if given) receives ``(row, tokens, [document index of each piece])`` per split conversation."""
-    from backend.chat import ChatError
-    from backend.split import split_conversation
-
-    rows = get_rows(dataset_path)
-    tokenizer = get_tokenizer(tokenizer_path)
-    template = _template_arg(template_text, tokenizer)
+    """The documents prepare writes for the first ``max_docs`` rows, as (tokens, trained) pairs (rows prepare skips
+    are left out). With ``split_length`` (long_documents split_turns), a conversation longer than that is its
+    pieces, and ``split_info`` (if given) receives ``(row, tokens, [document index of each piece])`` per split row."""
+    tokenizer = get_tokenizer(s.tokenizer)
+    cfg = prepare_config_of(s, split_length, split_turns=bool(split_length))
+    reader = get_reader(cfg)
     docs = []
-    for i in range(min(len(rows), int(max_docs))):
-        try:
-            rendered, tok = _render_row(rows[i], tokenizer, masking, template)
-            if split_length and len(tok.input_ids) > split_length and rendered.messages:
-                pieces = split_conversation(rendered, tok, tokenizer, split_length, masking, template).pieces
-                if pieces:
-                    if split_info is not None:
-                        split_info.append((i, len(tok.input_ids), list(range(len(docs), len(docs) + len(pieces)))))
-                    docs += [(p.input_ids, p.trained) for p in pieces]
-                    continue
-        except ChatError:
-            continue
-        docs.append((tok.input_ids, tok.trained))
+    for prepared in reader.samples(range(min(reader.n_rows, int(max_docs))), cfg, tokenizer):
+        if len(prepared.documents) > 1 and split_info is not None:
+            n_tok = len(prepared.tokenized.input_ids)
+            split_info.append((prepared.row, n_tok, list(range(len(docs), len(docs) + len(prepared.documents)))))
+        docs += prepared.documents
     return docs
 
 
 def packing_view(
-    dataset_path: str,
-    tokenizer_path: str,
-    mode: str,
-    start_delimiter: str,
-    end_delimiter: str,
-    train_on: str,
-    train_on_eot: bool,
-    template_text: str,
+    s: DataSettings,
     sequence_length: int | float,
     micro_batch_size: int | float,
     strategy: str,
@@ -767,24 +775,18 @@ def packing_view(
     window: int = 1000,
     split_turns: bool = False,
 ) -> PackingView:
-    """Pack the first ``max_docs`` documents with backend.packing.pack, collate the first micro-batch with
-    backend.packing.collate and draw it: documents in alternating colors, trained vs masked labels, padding."""
+    """Pack the documents prepare writes for the first ``max_docs`` rows with backend.packing.pack, collate the
+    first micro-batch with backend.packing.collate and draw it: documents in alternating colors, trained vs masked
+    labels, padding."""
+    from backend.config import ConfigError
     from backend.packing import collate, pack
     from studio.plots import MASKED_A, MASKED_B, PAD, TRAINED_A, TRAINED_B, block_mask_figure, packed_batch_figure
 
     try:
-        masking = make_masking(mode, start_delimiter, end_delimiter, train_on, train_on_eot)
+        s.masking()  # a bad masking value is named before anything is read
         L = int(sequence_length)
         split_info: list = []
-        docs = tokenize_documents(
-            dataset_path,
-            tokenizer_path,
-            masking,
-            template_text,
-            int(max_docs or 300),
-            L if split_turns else None,
-            split_info,
-        )
+        docs = tokenize_documents(s, int(max_docs or 300), L if split_turns else None, split_info)
         plan = pack(
             np.array([len(d[0]) for d in docs], dtype=np.int64),
             L,
@@ -792,6 +794,8 @@ def packing_view(
             window=window,
             truncate_documents=bool(truncate_documents),
         )
+    except ConfigError as e:
+        return PackingView(None, None, "", {}, "⚠ " + "; ".join(e.problems))
     except Exception as e:
         return PackingView(None, None, "", {}, f"⚠ {type(e).__name__}: {e}")
     stats = plan.stats()
@@ -974,18 +978,9 @@ def memory_plan_markdown(train_yaml: str, gpus: float | None = None, gpu_memory_
     return "\n\n".join(x for x in (verdict, head, table) if x)
 
 
-def prepare_yaml_from(
-    train_yaml: str,
-    dataset_path: str,
-    tokenizer_path: str,
-    mode: str,
-    start_delimiter: str,
-    end_delimiter: str,
-    train_on: str,
-    train_on_eot: bool,
-    template_text: str,
-) -> tuple[str, str]:
-    """The prepare YAML for the Data tab's settings, writing where the train YAML reads its datasets.
+def prepare_yaml_from(train_yaml: str, s: DataSettings) -> tuple[str, str]:
+    """The prepare YAML for the Data tab's settings (`prepare_config_of`: the config the preview reads rows with),
+    writing where the train YAML reads its datasets.
 
     output_path = the directory of ``data.datasets.training.path`` (so the two files can never disagree).
     """
@@ -993,32 +988,19 @@ def prepare_yaml_from(
 
     base = yaml.safe_load(read_text(DEFAULT_PREPARE_YAML))
     raw, err = _parse_yaml(train_yaml, "train")
-    out_dir = None
     if raw is not None:
         try:
             tcfg = load_train_config(raw)
-            out_dir = str(Path(tcfg.data.datasets.training.path).parent)
+            base["output_path"] = str(Path(tcfg.data.datasets.training.path).parent)
             base.setdefault("report", {})["sequence_length"] = tcfg.batch.sequence_length
         except ConfigError:
             pass
-    if out_dir:
-        base["output_path"] = out_dir
-    base["dataset"]["path"] = (dataset_path or "").strip()
-    base["tokenizer"]["path"] = (tokenizer_path or "").strip()
-    template = None
-    if (template_text or "").strip():
-        try:
-            template = _template_arg(template_text, get_tokenizer(tokenizer_path))
-        except Exception:
-            template = template_text
-    base["chat"] = {
-        "template": template,
-        "masking": {"mode": mode}
-        if mode != "delimiters"
-        else {"mode": mode, "start_delimiter": _unescape(start_delimiter), "end_delimiter": _unescape(end_delimiter)},
-        "train_on": train_on,
-        "train_on_eot": bool(train_on_eot),
-    }
+    try:
+        base["dataset"] = _dataset_section(s.dataset)
+    except Exception:  # an unreadable dataset: the path as typed (the preview says what is wrong)
+        base["dataset"]["path"] = (s.dataset or "").strip()
+    base["tokenizer"]["path"] = (s.tokenizer or "").strip()
+    base["chat"] = _chat_section(s)
     try:
         return dump_yaml(load_prepare_config(base)), "✓ valid prepare config"
     except ConfigError as e:
