@@ -200,3 +200,43 @@ def test_prepared_sample_is_row_of_a_split(inputs, tokenizer, tmp_path):
         want_ids, want_trained = ds[names[k]].document(seen[names[k]])
         seen[names[k]] += 1
         assert np.array_equal(ids, want_ids.astype(np.int64)) and np.array_equal(trained, want_trained)
+
+
+@pytest.mark.parametrize(
+    "form,settings",
+    [
+        ("guide_text_spans", {}),  # a text + loss_masking_spans file: the studio sets dataset.loss_masking_spans
+        ("sharegpt_jsonl", {"train_on": "last", "train_on_eot": False}),
+        (
+            "openai_messages",
+            {"mode": "delimiters", "start": "<|start_header_id|>assistant<|end_header_id|>\\n\\n", "end": "<|eot_id|>"},
+        ),
+    ],
+)
+def test_studio_preview_is_what_prepare_of_the_studio_yaml_writes(form, settings, inputs, tmp_path):
+    """The Data tab end to end: the prepare YAML the studio writes for its settings, prepared, holds for each row
+    the tokens the preview drew, and the preview's trained characters are those of the prepared trained tokens."""
+    import yaml
+
+    from studio import handlers as H
+
+    s = H.DataSettings(inputs[form][0]["path"], str(TINY_MODEL), **settings)
+    text, status = H.prepare_yaml_from("", s)
+    assert status.startswith("✓"), status
+    raw = {**yaml.safe_load(text), "output_path": str(tmp_path / "out"), "splits": {"training": 1.0}}
+    prepare(load_prepare_config(raw), progress=False)
+    ds = TokenDataset(tmp_path / "out" / "fast_llm_config_training.yaml")
+    d = 0
+    for i in range(N):
+        shown = H.preview_sample(s, i)
+        _, _, prepared, _ = H.prepared_row(s, i)
+        if prepared.skipped:
+            assert "prepare skips this row" in shown.status + shown.summary, i
+            continue
+        ids, trained = ds.document(d)
+        d += 1
+        tok = prepared.tokenized
+        assert np.array_equal(tok.input_ids, ids.astype(np.int64)) and np.array_equal(tok.trained, trained), i
+        chars = H.char_labels(len(shown.text), tok.offsets, trained)
+        assert [(a, b) for a, b, v in H.runs_of(chars) if v] == shown.trained_chars, i
+    assert d == len(ds)

@@ -219,6 +219,14 @@ def test_appended_marker_has_its_own_colour_and_the_check_counts_it():
     # left open instead: the check reports every such final marker as untrained
     left = check_dataset(sample, tok, Masking(final_eot="leave"), open_final)
     assert left.n_appended == 0 and left.counts["eot_not_trained"] == ends_with_reply
+    # the Data tab's final_eot widget (chat.final_eot: leave): the same answer through the studio
+    leave = H.DataSettings(DATA, TOK, template=open_final, final_eot="leave")
+    p_leave = H.preview_sample(leave, 0)
+    assert not any(lab == H.APPENDED for _, lab in p_leave.highlight) and "appended" not in p_leave.summary
+    c_leave = H.check_whole_dataset(leave, None, False, max_rows=40)
+    assert c_leave.report["appended_eot"]["count"] == 0
+    assert c_leave.report["problems"]["eot_not_trained"]["count"] == ends_with_reply
+    assert "final_eot: leave" in H.prepare_yaml_from("", leave)[0]
 
 
 # ------------------------------------------------------------------------------------------------ packing view
