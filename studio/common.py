@@ -10,6 +10,7 @@ only torch import of the UI process; `import studio.app` itself stays torch-free
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -156,6 +157,16 @@ def get_tokenizer(path: str):
     return _load_once(_tokenizers, path, "tokenizer", load)
 
 
+_default_prepare: dict = {}
+
+
+def default_prepare() -> dict:
+    """A fresh copy of assets/configs/tiny_prepare.yaml as a dict (parsed once: a config is built per edit)."""
+    if not _default_prepare:
+        _default_prepare.update(yaml.safe_load(read_text(DEFAULT_PREPARE_YAML)))
+    return copy.deepcopy(_default_prepare)
+
+
 @dataclass(frozen=True)
 class DataSettings:
     """The Data tab's values, built once in `studio.app` from its widgets, passed to every data handler."""
@@ -183,7 +194,7 @@ def _dataset_section(path: str) -> dict:
     from backend.config import load_prepare_config
     from backend.sources import open_source
 
-    section = {**yaml.safe_load(read_text(DEFAULT_PREPARE_YAML))["dataset"], "path": (path or "").strip()}
+    section = {**default_prepare()["dataset"], "path": (path or "").strip()}
 
     def load(_):
         source = open_source(load_prepare_config({"output_path": ".", "dataset": section, "tokenizer": {"path": "."}}))
@@ -205,7 +216,7 @@ def prepare_config_of(s: DataSettings, sequence_length=None, split_turns: bool =
     with (`backend.documents`), and what `prepare_yaml_from` writes. Raises ConfigError / ValueError."""
     from backend.config import load_prepare_config
 
-    base = yaml.safe_load(read_text(DEFAULT_PREPARE_YAML))
+    base = default_prepare()
     base["output_path"] = output_path
     base["dataset"] = _dataset_section(s.dataset)
     base["tokenizer"]["path"] = (s.tokenizer or "").strip()

@@ -8,15 +8,14 @@ from pathlib import Path
 import yaml
 
 from studio.common import (
-    DEFAULT_PREPARE_YAML,
     DEFAULT_TRAIN_YAML,
     DataSettings,
     _chat_section,
     _dataset_section,
     _parse_yaml,
     check_path,
+    default_prepare,
     problems_markdown,
-    read_text,
 )
 
 # =============================================================================================== config tab
@@ -113,7 +112,7 @@ def prepare_yaml_from(train_yaml: str, s: DataSettings) -> tuple[str, str]:
     """
     from backend.config import ConfigError, dump_yaml, load_prepare_config, load_train_config
 
-    base = yaml.safe_load(read_text(DEFAULT_PREPARE_YAML))
+    base = default_prepare()
     raw, err = _parse_yaml(train_yaml, "train")
     if raw is not None:
         try:

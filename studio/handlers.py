@@ -40,6 +40,7 @@ from studio.common import (  # noqa: F401
     _tokenizers,
     _unescape,
     check_path,
+    default_prepare,
     default_template,
     get_reader,
     get_rows,
