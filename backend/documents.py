@@ -8,7 +8,7 @@ runs the same `_process_chunk` on a chunk of that one row. So what the studio sh
     >>> reader = RowReader(load_prepare_config("assets/configs/tiny_prepare.yaml"))
     >>> s = reader.sample(0)
     >>> s.documents[0][0][:3], s.documents[0][1][:3], s.skipped    # (ids, trained) as TokenDataset.document
-    (array([128000, 128006, 9125]), array([False, False, False]), None)
+    (array([1000, 1004,   82]), array([False, False, False]), None)
 
 Per row (forms from `backend.sources.detect_form`):
 - ``chat``: `backend.chat.render` with the ``chat:`` section -> text + trained character spans;
