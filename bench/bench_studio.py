@@ -77,9 +77,8 @@ def main(argv=None) -> int:
 
         def rerender():  # each call is a delimiter edit: alternate between two start delimiters
             state["i"] += 1
-            p = H.preview_sample(
-                str(data), str(TINY_MODEL), 0, "delimiters", edits[state["i"] % 2], "<|eot_id|>", "all", True, "", 4096
-            )
+            settings = H.DataSettings(str(data), str(TINY_MODEL), "delimiters", edits[state["i"] % 2], "<|eot_id|>")
+            p = H.preview_sample(settings, 0, 4096)
             assert p.status == "", p.status
             return p
 

@@ -45,6 +45,7 @@ class DataTab:
     end: gr.Textbox
     train_on: gr.Radio
     train_on_eot: gr.Checkbox
+    final_eot: gr.Radio
     template: gr.Code
     index: gr.Number
     n_rows: gr.State
@@ -52,8 +53,8 @@ class DataTab:
     buttons: tuple  # prev, next, random
 
     @property
-    def masking_inputs(self) -> list:
-        """The inputs every data handler takes, in the handlers' argument order."""
+    def settings_inputs(self) -> list:
+        """The widgets of `H.DataSettings`, in its field order: every data handler gets ``H.DataSettings(*values)``."""
         return [
             self.dataset,
             self.tokenizer,
@@ -63,22 +64,12 @@ class DataTab:
             self.train_on,
             self.train_on_eot,
             self.template,
+            self.final_eot,
         ]
 
 
-def on_preview(
-    dataset: str,
-    tokenizer: str,
-    index: float,
-    mode: str,
-    start: str,
-    end: str,
-    train_on: str,
-    train_on_eot: bool,
-    template: str,
-    seq_len: float | None,
-) -> tuple:
-    p = H.preview_sample(dataset, tokenizer, index, mode, start, end, train_on, train_on_eot, template, seq_len)
+def on_preview(index: float, seq_len: float | None, *data) -> tuple:
+    p = H.preview_sample(H.DataSettings(*data), index, seq_len)
     return p.highlight, p.token_html, p.summary, p.problems, p.status, p.index, p.n_rows
 
 
@@ -119,6 +110,12 @@ def build_data_tab() -> DataTab:
         end = gr.Textbox("<|eot_id|>", label="end delimiter", elem_id="end-delim")
         train_on = gr.Radio(["all", "last"], value="all", label="Train on assistant turns")
         train_on_eot = gr.Checkbox(True, label="Train end-of-turn token")
+        final_eot = gr.Radio(
+            ["append", "leave"],
+            value="append",
+            label="Final reply left open",
+            info="chat.final_eot: append the end-of-turn marker the template leaves off a final reply",
+        )
     with gr.Accordion("Chat template (editable; re-renders at once)", open=False):
         # Filled on page load (loading the tokenizer takes seconds; building the page should not).
         template = gr.Code("", language="jinja2", label="chat template", elem_id="chat-template")
@@ -149,6 +146,7 @@ def build_data_tab() -> DataTab:
         end,
         train_on,
         train_on_eot,
+        final_eot,
         template,
         index,
         n_rows,
@@ -160,14 +158,13 @@ def build_data_tab() -> DataTab:
 def wire_data_tab(tab: DataTab, seq_len: gr.Number, demo: gr.Blocks) -> None:
     """Every masking control re-renders the preview at once (.input for typed text, .change for toggles)."""
     t = tab
-    dataset, tokenizer, mode, start, end = t.dataset, t.tokenizer, t.mode, t.start, t.end
-    train_on, train_on_eot, template, index, n_rows = t.train_on, t.train_on_eot, t.template, t.index, t.n_rows
+    dataset, tokenizer, template, index, n_rows = t.dataset, t.tokenizer, t.template, t.index, t.n_rows
     prev_b, next_b, rand_b = t.buttons
-    inputs = [dataset, tokenizer, index, mode, start, end, train_on, train_on_eot, template, seq_len]
+    inputs = [index, seq_len] + t.settings_inputs
     outputs = t.outputs
     # .change (not .input) for the typed fields too: gradio 6 fires .input on key presses only, not on a paste;
     # always_last drops stale renders while the user types.
-    for w in (mode, train_on, train_on_eot, index, start, end, template):
+    for w in (t.mode, t.train_on, t.train_on_eot, t.final_eot, index, t.start, t.end, template):
         w.change(on_preview, inputs, outputs, show_progress="hidden", trigger_mode="always_last")
     for w in (dataset, tokenizer):
         w.submit(on_preview, inputs, outputs)
@@ -180,40 +177,14 @@ def wire_data_tab(tab: DataTab, seq_len: gr.Number, demo: gr.Blocks) -> None:
     demo.load(on_load_template, [tokenizer], [template])
 
 
-def on_check(
-    dataset: str,
-    tokenizer: str,
-    mode: str,
-    start: str,
-    end: str,
-    train_on: str,
-    train_on_eot: bool,
-    template: str,
-    seq_len: float,
-    truncate: bool,
-    max_rows: float,
-    progress=gr.Progress(),
-) -> tuple:
+def on_check(seq_len: float, truncate: bool, max_rows: float, progress=gr.Progress(), *data) -> tuple:  # noqa: B008
     started = time.perf_counter()
 
     def report(i, n):
         if i % 50 == 0 or i == n:
             progress((i, n), desc=f"checking samples: {learned.eta_text(i, n, started)}")
 
-    r = H.check_whole_dataset(
-        dataset,
-        tokenizer,
-        mode,
-        start,
-        end,
-        train_on,
-        train_on_eot,
-        template,
-        seq_len,
-        truncate,
-        max_rows,
-        progress=report,
-    )
+    r = H.check_whole_dataset(H.DataSettings(*data), seq_len, truncate, max_rows, progress=report)
     choices = [(label, row) for label, row in zip(r.problem_labels, r.problem_rows, strict=False)]
     return r.summary or r.status, r.figure, gr.update(choices=choices, value=None)
 
@@ -235,7 +206,7 @@ def build_check_section(data: DataTab):
     jump.input(on_jump, [jump], [data.index])
 
     def wire(seq_len, truncate):
-        run.click(on_check, data.masking_inputs + [seq_len, truncate, max_rows], [summary, plot, jump])
+        run.click(on_check, [seq_len, truncate, max_rows] + data.settings_inputs, [summary, plot, jump])
 
     return wire
 
@@ -244,14 +215,6 @@ def build_check_section(data: DataTab):
 
 
 def on_packing(
-    dataset: str,
-    tokenizer: str,
-    mode: str,
-    start: str,
-    end: str,
-    train_on: str,
-    train_on_eot: bool,
-    template: str,
     seq_len: float,
     micro_batch: float,
     strategy: str,
@@ -259,17 +222,11 @@ def on_packing(
     cross_doc: bool,
     max_docs: float,
     mask_row: float,
-    split_turns: bool = False,
+    split_turns: bool,
+    *data,
 ) -> tuple:
     v = H.packing_view(
-        dataset,
-        tokenizer,
-        mode,
-        start,
-        end,
-        train_on,
-        train_on_eot,
-        template,
+        H.DataSettings(*data),
         seq_len,
         micro_batch,
         strategy,
@@ -301,8 +258,8 @@ def build_packing_tab(data: DataTab):
     mask = gr.Plot(label="block mask")
 
     def wire(seq_len, micro_batch):
-        inputs = data.masking_inputs + [seq_len, micro_batch, strategy, truncate, cross_doc, max_docs, mask_row]
-        inputs.append(split_turns)
+        inputs = [seq_len, micro_batch, strategy, truncate, cross_doc, max_docs, mask_row, split_turns]
+        inputs += data.settings_inputs
         run.click(on_packing, inputs, [plot, mask, summary])
         for w in (strategy, truncate, cross_doc, mask_row, split_turns):
             w.change(on_packing, inputs, [plot, mask, summary])
@@ -417,27 +374,15 @@ def build_config_tab(train_config: str | None = None) -> ConfigTab:
     return ConfigTab(widgets, train_yaml, prepare_yaml, status)
 
 
-def on_prepare_yaml(
-    train_text: str,
-    dataset: str,
-    tokenizer: str,
-    mode: str,
-    start: str,
-    end: str,
-    train_on: str,
-    train_on_eot: bool,
-    template: str,
-) -> str:
-    text, status = H.prepare_yaml_from(
-        train_text, dataset, tokenizer, mode, start, end, train_on, train_on_eot, template
-    )
+def on_prepare_yaml(train_text: str, *data) -> str:
+    text, status = H.prepare_yaml_from(train_text, H.DataSettings(*data))
     return text
 
 
 def wire_prepare_yaml(data: DataTab, cfg: ConfigTab, demo: gr.Blocks) -> None:
     """The prepare YAML follows the Data tab and the train YAML's dataset path."""
-    inputs = [cfg.train_yaml] + data.masking_inputs
-    for w in data.masking_inputs + [cfg.train_yaml]:
+    inputs = [cfg.train_yaml] + data.settings_inputs
+    for w in data.settings_inputs + [cfg.train_yaml]:
         w.change(on_prepare_yaml, inputs, [cfg.prepare_yaml], show_progress="hidden")
     demo.load(on_prepare_yaml, inputs, [cfg.prepare_yaml])
 

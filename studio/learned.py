@@ -166,28 +166,16 @@ def score_document(model_path: str, compare_path: str | None, tokens, trained, t
     )
 
 
-def sample_loss(
-    model_path: str,
-    compare_path: str | None,
-    dataset: str,
-    tokenizer_path: str,
-    index: float,
-    mode: str,
-    start: str,
-    end: str,
-    train_on: str,
-    train_on_eot: bool,
-    template_text: str,
-) -> LossView:
-    """The highlighted Data-tab sample, rendered and tokenized as the preview does, scored. Never raises."""
+def sample_loss(model_path: str, compare_path: str | None, settings, index: float) -> LossView:
+    """The highlighted Data-tab sample (``settings``: `studio.handlers.DataSettings`), as prepare writes it and
+    the preview shows it, scored. Never raises."""
     if not model_path:
         return LossView("", "", "pick a run and a checkpoint or export to score with")
     try:
-        rows = H.get_rows(dataset)
-        tokenizer = H.get_tokenizer(tokenizer_path)
-        i = int(index or 0) % max(1, len(rows))
-        masking = H.make_masking(mode, start, end, train_on, train_on_eot)
-        _, tok = H._render_row(rows[i], tokenizer, masking, H._template_arg(template_text, tokenizer))
+        i, _, prepared, tokenizer = H.prepared_row(settings, index)
+        if prepared.tokenized is None:
+            raise ValueError(f"prepare skips row {i}: {prepared.skipped}")
+        tok = prepared.tokenized
         return score_document(model_path, compare_path or None, tok.input_ids, tok.trained, tokenizer, f"sample {i}")
     except Exception as e:  # a bad path or model: say so
         return LossView("", "", f"⚠ {type(e).__name__}: {e}")
@@ -351,14 +339,14 @@ def build_loss_section(data, runs_dir: str, demo):
             worst = gr.Dropdown([], label="open one", interactive=True, scale=3, elem_id="worst-pick")
         worst_status = gr.Markdown(elem_id="worst-status")
 
-    sample_inputs = [model, compare] + [data.dataset, data.tokenizer, data.index] + data.masking_inputs[2:]
+    sample_inputs = [model, compare, data.index] + data.settings_inputs
 
     def on_run(exp_dir: str):
         choices, default, base = model_choices(exp_dir)
         return gr.update(choices=choices, value=default), gr.update(choices=[("none", "")] + choices, value=base)
 
-    def on_score(model_path, compare_path, dataset, tokenizer, index, mode, start, end, train_on, eot, template):
-        v = sample_loss(model_path, compare_path, dataset, tokenizer, index, mode, start, end, train_on, eot, template)
+    def on_score(model_path, compare_path, index, *data):
+        v = sample_loss(model_path, compare_path, H.DataSettings(*data), index)
         return v.summary, v.tokens, v.status
 
     def on_index(*args):

@@ -386,8 +386,7 @@ def _never(*a, **k):
 
 # Contract fields (backend/config.py, "the config contract of the next wave") that other branches wire. The lead
 # empties this list after the merge: the test fails on an entry once that field is read, so none stays by mistake.
-WIRED_ELSEWHERE = {
-}
+WIRED_ELSEWHERE = {}
 # The guide's keys whose every accepted value means the one thing this code does: validation is their whole effect
 # (a value outside the Literal is refused), so there is nothing to read.
 VALIDATED_ONLY = {

@@ -242,8 +242,7 @@ def test_studio_loss_view_samples_table_and_trackers(tracked_run, data):
     choices, model, base = learned.model_choices(str(tracked_run))
     assert model == export and Path(base).resolve() == TINY_MODEL.resolve()
     dataset = str(ASSETS / "data" / "sample_sharegpt.jsonl")
-    args = (dataset, str(TINY_MODEL), 7, "auto", "", "", "all", True, "")
-    view = learned.sample_loss(export, base, *args)
+    view = learned.sample_loss(export, base, H.DataSettings(dataset, str(TINY_MODEL)), 7)
     assert view.status == "" and "loss-delta" in view.tokens and "worst-tokens" in view.summary
     # the mean shown is the trainer's loss on that sample, tokenized as prepare does
     rows = H.get_rows(dataset)

@@ -196,16 +196,17 @@ def test_prepare_split_turns_end_to_end(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ studio
-def _studio_args():
+def _studio_settings():
     from backend import SAMPLE_DATA
+    from studio import handlers as H
 
-    return str(SAMPLE_DATA), str(TINY_MODEL), "auto", "", "", "all", True, ""
+    return H.DataSettings(str(SAMPLE_DATA), str(TINY_MODEL))
 
 
 def test_studio_check_compares_the_three_choices():
     from studio import handlers as H
 
-    r = H.check_whole_dataset(*_studio_args(), 100, False, 300)
+    r = H.check_whole_dataset(_studio_settings(), 100, False, 300)
     assert not r.status
     line = {k: ln for ln in r.summary.splitlines() for k in ("skip (", "truncate (", "split_turns (") if k in ln}
     assert len(line) == 3
@@ -217,14 +218,14 @@ def test_studio_check_compares_the_three_choices():
 def test_studio_preview_shows_where_a_long_sample_is_cut():
     from studio import handlers as H
 
-    p = H.preview_sample(*_studio_args()[:2], 27, *_studio_args()[2:], 100)
+    p = H.preview_sample(_studio_settings(), 27, 100)
     assert not p.status and "✂" in p.summary and "cuts at token 100" in p.summary
     t = tok("llama")
-    rows = [json.loads(line) for line in open(_studio_args()[0])]
+    rows = [json.loads(line) for line in open(_studio_settings().dataset)]
     r = render(rows[27], t)
     res = split_conversation(r, tokenize(r.text, r.trained_spans, t), t, 100)
     assert f"**{len(res.pieces)} pieces**" in p.summary
-    short = H.preview_sample(*_studio_args()[:2], 27, *_studio_args()[2:], 4096)
+    short = H.preview_sample(_studio_settings(), 27, 4096)
     assert "✂" not in short.summary
 
 
@@ -232,16 +233,16 @@ def test_studio_packing_shows_split_pieces_with_context_masked():
     from studio import handlers as H
 
     info: list = []
-    docs = H.tokenize_documents(*_studio_args()[:2], Masking(), "", 60, 100, info)
+    docs = H.tokenize_documents(_studio_settings(), 60, 100, info)
     assert info and all(len(d[0]) <= 100 for d in docs)
     row, n_tok, piece_docs = info[0]
     assert n_tok > 100 and len(piece_docs) >= 2
     for d in piece_docs[1:]:  # a later piece: its system prompt / context is masked, its reply trained
         ids, trained = docs[d]
         assert trained.any() and not trained[: int(np.argmax(trained))].any()
-    v = H.packing_view(*_studio_args(), 100, 1, "best_fit", False, False, 60, 0, split_turns=True)
+    v = H.packing_view(_studio_settings(), 100, 1, "best_fit", False, False, 60, 0, split_turns=True)
     assert not v.status and v.stats["documents_skipped"] == 0 and "split_turns" in v.summary
-    plain = H.packing_view(*_studio_args(), 100, 1, "best_fit", False, False, 60, 0)
+    plain = H.packing_view(_studio_settings(), 100, 1, "best_fit", False, False, 60, 0)
     assert plain.stats["documents_skipped"] > 0
 
 

@@ -25,7 +25,7 @@ ASSISTANT_START = "<|start_header_id|>assistant<|end_header_id|>\\n\\n"
 
 
 def preview(index=0, mode="auto", start="", end="", train_on="all", eot=True, template="", seq=None):
-    return H.preview_sample(DATA, TOK, index, mode, start, end, train_on, eot, template, seq)
+    return H.preview_sample(H.DataSettings(DATA, TOK, mode, start, end, train_on, eot, template), index, seq)
 
 
 def trained_char_set(p: H.Preview) -> set[int]:
@@ -132,12 +132,12 @@ def test_bad_delimiter_or_template_gives_a_problem_message_not_an_exception():
     empty = preview(0, "delimiters", "", "<|eot_id|>")
     assert "start_delimiter" in empty.status and empty.highlight == []
     broken = preview(0, template="{% for m in messages %}{{ m.content }")
-    assert "TemplateError" in broken.status and "syntax" in broken.status.lower()
+    assert "chat.template" in broken.status and "syntax" in broken.status.lower()  # names the config key
     missing = preview(0, "delimiters", "NOT IN THE TEXT", "<|eot_id|>")
     assert missing.status == ""  # a usable sample with a per-sample problem
     assert "span_not_found" in missing.problems and "no_trained_tokens" in missing.problems
     assert trained_char_set(missing) == set()
-    bad_path = H.preview_sample("no/such/file.jsonl", TOK, 0, "auto", "", "", "all", True, "")
+    bad_path = H.preview_sample(H.DataSettings("no/such/file.jsonl", TOK), 0)
     assert "does not exist" in bad_path.status
 
 
@@ -159,7 +159,7 @@ def test_sample_navigation_wraps():
 def test_dataset_check_counts_match_check_dataset_and_tokens_lost():
     from backend.chat import Masking, check_dataset
 
-    r = H.check_whole_dataset(DATA, TOK, "auto", "", "", "all", True, "", 100, False, max_rows=200)
+    r = H.check_whole_dataset(H.DataSettings(DATA, TOK), 100, False, max_rows=200)
     assert r.status == ""
     rows = H.get_rows(DATA)
     idx, sampled = H._sample_indices(len(rows), 200)
@@ -184,7 +184,7 @@ def test_dataset_check_says_when_the_template_reads_content():
     tok = H.get_tokenizer(TOK)
     reads = tok.chat_template.replace("message['content'] | trim", "(message['content'] | trim | upper)")
     assert reads != tok.chat_template
-    r = H.check_whole_dataset(DATA, TOK, "auto", "", "", "all", True, reads, 100, False, max_rows=30)
+    r = H.check_whole_dataset(H.DataSettings(DATA, TOK, template=reads), 100, False, max_rows=30)
     assert r.status == "", r.status
     assert "row by row" in r.summary and "upper" in r.summary
     fp = render_fast_path(tok, reads)
@@ -206,7 +206,7 @@ def test_appended_marker_has_its_own_colour_and_the_check_counts_it():
     assert H.APPENDED in H.COLOR_MAP and "appended" in p.summary
     assert p.highlight[-1] == ("<|im_end|>", H.APPENDED) and "<|im_end|>" in r.text[: r.appended[0][0]]
 
-    c = H.check_whole_dataset(DATA, TOK, "auto", "", "", "all", True, open_final, None, False, max_rows=40)
+    c = H.check_whole_dataset(H.DataSettings(DATA, TOK, template=open_final), None, False, max_rows=40)
     idx, _ = H._sample_indices(len(rows), 40)
     sample = [rows[int(i)] for i in idx]
     ref = check_dataset(sample, tok, Masking(), open_final)
@@ -219,6 +219,14 @@ def test_appended_marker_has_its_own_colour_and_the_check_counts_it():
     # left open instead: the check reports every such final marker as untrained
     left = check_dataset(sample, tok, Masking(final_eot="leave"), open_final)
     assert left.n_appended == 0 and left.counts["eot_not_trained"] == ends_with_reply
+    # the Data tab's final_eot widget (chat.final_eot: leave): the same answer through the studio
+    leave = H.DataSettings(DATA, TOK, template=open_final, final_eot="leave")
+    p_leave = H.preview_sample(leave, 0)
+    assert not any(lab == H.APPENDED for _, lab in p_leave.highlight) and "appended" not in p_leave.summary
+    c_leave = H.check_whole_dataset(leave, None, False, max_rows=40)
+    assert c_leave.report["appended_eot"]["count"] == 0
+    assert c_leave.report["problems"]["eot_not_trained"]["count"] == ends_with_reply
+    assert "final_eot: leave" in H.prepare_yaml_from("", leave)[0]
 
 
 # ------------------------------------------------------------------------------------------------ packing view
@@ -228,11 +236,10 @@ def test_appended_marker_has_its_own_colour_and_the_check_counts_it():
 def test_packing_view_fill_matches_pack_stats(strategy, truncate):
     from backend.packing import pack
 
-    v = H.packing_view(DATA, TOK, "auto", "", "", "all", True, "", 256, 3, strategy, truncate, False, max_docs=60)
+    v = H.packing_view(H.DataSettings(DATA, TOK), 256, 3, strategy, truncate, False, max_docs=60)
     assert v.status == ""
-    from backend.chat import Masking
 
-    docs = H.tokenize_documents(DATA, TOK, Masking(), "", 60)
+    docs = H.tokenize_documents(H.DataSettings(DATA, TOK), 60)
     plan = pack(np.array([len(d[0]) for d in docs]), 256, strategy=strategy, truncate_documents=truncate)
     assert v.stats["fill"] == pytest.approx(plan.stats()["fill"])
     assert v.stats["rows"] == plan.num_rows
@@ -246,12 +253,12 @@ def test_packing_view_fill_matches_pack_stats(strategy, truncate):
 
 
 def test_block_mask_is_block_diagonal_without_cross_document_attention():
-    v = H.packing_view(DATA, TOK, "auto", "", "", "all", True, "", 256, 1, "best_fit", False, False, max_docs=40)
+    v = H.packing_view(H.DataSettings(DATA, TOK), 256, 1, "best_fit", False, False, max_docs=40)
     mask = np.asarray(v.mask_figure.data[0].z).astype(bool)
     assert mask.shape == (256, 256)
     assert not np.triu(mask, 1).any()  # causal
     assert (~np.tril(mask)).sum() > 0 and not mask[-1, 0]  # the last token does not see the first document
-    cross = H.packing_view(DATA, TOK, "auto", "", "", "all", True, "", 256, 1, "best_fit", False, True, max_docs=40)
+    cross = H.packing_view(H.DataSettings(DATA, TOK), 256, 1, "best_fit", False, True, max_docs=40)
     assert np.asarray(cross.mask_figure.data[0].z).astype(bool)[-1, 0]
 
 
@@ -298,13 +305,17 @@ def test_prepare_yaml_follows_data_tab_and_train_dataset_path():
     from backend.config import load_prepare_config
 
     train = H.default_train_yaml().replace("runs/tiny/data/", "runs/other/data/")
-    text, status = H.prepare_yaml_from(train, DATA, TOK, "delimiters", ASSISTANT_START, "<|eot_id|>", "last", False, "")
+    text, status = H.prepare_yaml_from(
+        train, H.DataSettings(DATA, TOK, "delimiters", ASSISTANT_START, "<|eot_id|>", "last", False, "")
+    )
     assert status.startswith("✓")
     cfg = load_prepare_config(yaml.safe_load(text))
     assert cfg.output_path == "runs/other/data"
     assert cfg.chat.masking.mode == "delimiters" and cfg.chat.masking.start_delimiter.endswith("\n\n")
     assert cfg.chat.train_on == "last" and cfg.chat.train_on_eot is False and cfg.chat.template is None
-    text, status = H.prepare_yaml_from(train, DATA, TOK, "delimiters", "", "<|eot_id|>", "all", True, "")
+    text, status = H.prepare_yaml_from(
+        train, H.DataSettings(DATA, TOK, "delimiters", "", "<|eot_id|>", "all", True, "")
+    )
     assert "start_delimiter" in status
 
 
@@ -333,7 +344,7 @@ def tiny_yamls(root: Path, train_iters: int = 200) -> tuple[str, str]:
         t["data"]["datasets"][split]["path"] = str(root / f"data/fast_llm_config_{split}.yaml")
     t["run"]["experiment_dir"] = str(root / "exp")
     train = yaml.safe_dump(t, sort_keys=False)
-    prep, status = H.prepare_yaml_from(train, DATA, TOK, "auto", "", "", "all", True, "")
+    prep, status = H.prepare_yaml_from(train, H.DataSettings(DATA, TOK))
     assert status.startswith("✓"), status
     return train, prep
 
@@ -586,6 +597,6 @@ def test_preview_reads_every_dataset_form_prepare_reads(tmp_path):
     want = preview(3)
     assert want.status == "" and want.trained_chars
     for path in (tmp_path / "rows.parquet", tmp_path / "saved", tmp_path / "folder"):
-        got = H.preview_sample(str(path), TOK, 3, "auto", "", "", "all", True, "")
+        got = H.preview_sample(H.DataSettings(str(path), TOK), 3)
         assert got.status == "", (path, got.status)
         assert (got.n_rows, got.text, got.trained_chars) == (20, want.text, want.trained_chars), path

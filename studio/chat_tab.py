@@ -1,0 +1,106 @@
+"""Chat tab handlers: the models to chat with (exports and checkpoints) and a streamed reply."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+from backend import TINY_MODEL
+from studio.common import _load_once, _template_arg, get_tokenizer
+
+# =============================================================================================== chat tab
+
+_models: dict[tuple, Any] = {}
+
+
+def chat_models(runs_dir: str) -> list[str]:
+    """The base tiny model, then every export under the runs dir (HF model directories: full finetuning and LoRA's
+    merged export; LoRA adapter directories ``export/<name>/adapter``) and every complete checkpoint, newest first:
+    a stopped run has checkpoints but no export yet, and can still be tried."""
+    found = []
+    root = Path(runs_dir or "runs")
+    if root.is_dir():
+        for cfg in [*root.glob("**/config.json"), *root.glob("**/adapter_config.json")]:
+            d = cfg.parent
+            if any(d.glob("*.safetensors")) or any(d.glob("*.bin")):
+                found.append(d)
+        found += [marker.parent for marker in root.glob("**/checkpoints/step_*/COMPLETE")]
+    found.sort(key=lambda d: d.stat().st_mtime, reverse=True)
+    return [str(TINY_MODEL)] + [str(d) for d in found]
+
+
+def get_model(path: str):
+    """(model, tokenizer) for a model dir, loaded once per (path, mtime); imports torch/transformers lazily.
+    A LoRA adapter dir loads its base (adapter_config.json's base_model_name_or_path) with the adapter on top."""
+
+    def load(path):
+        from backend.lora import load_for_inference
+
+        if not (Path(path) / "config.json").exists() and not (Path(path) / "adapter_config.json").exists():
+            from backend.inference import load_checkpoint_model  # a checkpoint: base config + its weights
+
+            return load_checkpoint_model(path)
+        model = load_for_inference(path)
+        model.eval()
+        tok_dir = path if (Path(path) / "tokenizer_config.json").exists() else str(TINY_MODEL)
+        return model, get_tokenizer(tok_dir)
+
+    return _load_once(_models, path, "model", load)
+
+
+def chat_stream(
+    model_path: str,
+    history: list[dict],
+    message: str,
+    template_text: str = "",
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+):
+    """Yield the growing assistant reply for ``message`` after ``history`` (OpenAI-style message dicts).
+
+    Uses the same chat template as the Data tab (``template_text``, or the tokenizer's own) with
+    add_generation_prompt, and transformers' TextIteratorStreamer in a thread.
+    """
+    from backend.chat import render_messages, resolve_template
+
+    model, tok = get_model(model_path)
+    from transformers import TextIteratorStreamer
+
+    messages = [{"role": m["role"], "content": _text_of(m["content"])} for m in history or []]
+    messages.append({"role": "user", "content": message})
+    template = resolve_template(tok, _template_arg(template_text, tok))
+    prompt = render_messages(messages, tok, template, add_generation_prompt=True)
+    enc = tok(prompt, add_special_tokens=not (tok.bos_token and prompt.startswith(tok.bos_token)), return_tensors="pt")
+    streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+    from backend.chat import eot_token_ids
+
+    kwargs = dict(
+        **enc,
+        max_new_tokens=int(max_new_tokens),
+        streamer=streamer,
+        use_cache=True,
+        eos_token_id=eot_token_ids(tok, template) or None,
+        pad_token_id=tok.pad_token_id or 0,
+    )
+    if temperature and temperature > 0:
+        kwargs.update(do_sample=True, temperature=float(temperature))
+    else:
+        kwargs.update(do_sample=False)
+    thread = threading.Thread(target=model.generate, kwargs=kwargs, daemon=True)
+    thread.start()
+    reply = ""
+    for piece in streamer:
+        reply += piece
+        yield reply
+    thread.join()
+
+
+def _text_of(content) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # gradio 6 message content may be a list of parts
+        return "".join(p.get("text", "") if isinstance(p, dict) else str(p) for p in content)
+    if isinstance(content, dict):
+        return str(content.get("text", ""))
+    return str(content)

@@ -1,0 +1,397 @@
+"""Data tab handlers: the sample preview (what is trained, token by token) and the whole-dataset check.
+
+Both read rows through `backend.documents` (prepare's per-row code), so the preview shows what prepare writes:
+
+    p = preview_sample(DataSettings("assets/data/sample_sharegpt.jsonl", "assets/tiny-llama"), 0)
+    p.highlight   -> [("<|begin_of_text|>...user...", "masked"), ("5 + 37 = 42.<|eot_id|>", "trained"), ...]
+    p.summary     -> "**412 tokens**: 61 trained (14.8%), 351 masked ..."
+    p.status      -> "" (or the problem text: "chat.masking.start_delimiter: must be a non-empty string ...")
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from studio.common import (
+    APPENDED,
+    COLOR_MAP,
+    MASKED,
+    TOKEN_VIEW_LIMIT,
+    TRAINED,
+    DataSettings,
+    _template_arg,
+    get_reader,
+    get_tokenizer,
+    prepare_config_of,
+    prepared_row,
+)
+
+
+@dataclass
+class Preview:
+    highlight: list[tuple[str, str | None]]  # for gr.HighlightedText: (text, "trained" | "masked")
+    token_html: str  # token boundaries and ids
+    summary: str  # markdown: counts
+    problems: str  # markdown: per-sample problems ("" if none)
+    status: str  # "" when fine; else the error (bad delimiter/template/row)
+    n_rows: int = 0
+    index: int = 0
+    trained_chars: list[tuple[int, int]] = field(default_factory=list)  # half-open ranges highlighted trained
+    text: str = ""
+
+
+def char_labels(text_len: int, offsets: np.ndarray, trained: np.ndarray) -> np.ndarray:
+    """(text_len,) bool: the character belongs to a trained token (the union of trained tokens' offsets)."""
+    d = np.zeros(text_len + 1, dtype=np.int64)
+    off = offsets[trained]
+    off = off[off[:, 1] > off[:, 0]]
+    np.add.at(d, off[:, 0], 1)
+    np.add.at(d, off[:, 1], -1)
+    return np.cumsum(d[:-1]) > 0
+
+
+def runs_of(mask: np.ndarray) -> list[tuple[int, int, bool]]:
+    """Maximal runs of equal values: [(begin, end, value)] covering the whole array."""
+    if len(mask) == 0:
+        return []
+    change = np.flatnonzero(mask[1:] != mask[:-1]) + 1
+    bounds = np.concatenate([[0], change, [len(mask)]])
+    return [(int(a), int(b), bool(mask[a])) for a, b in zip(bounds[:-1], bounds[1:], strict=False)]
+
+
+_TOKEN_CSS = (
+    ".sft-tokens{font-family:monospace;font-size:12px;line-height:2.2}"
+    ".sft-tokens span{display:inline-block;border:1px solid #bbb;background:#eee;margin:1px;"
+    "padding:0 2px;vertical-align:top;text-align:center}"
+    ".sft-tokens span.t{border-color:#2ca02c;background:#e5f5e0}"
+    ".sft-tokens sub{color:#666}"
+)
+_VISIBLE = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "\n": "↵", " ": "␣"})
+
+
+def token_html(
+    text: str, input_ids: np.ndarray, offsets: np.ndarray, trained: np.ndarray, tokenizer, limit: int = TOKEN_VIEW_LIMIT
+) -> str:
+    """Each token as a box: its text (whitespace made visible) over its id; green (class t) = trained.
+
+    Styling sits in one <style> block, so the per-token markup stays short (this runs on every edit).
+    """
+    n = len(input_ids)
+    ids = input_ids[:limit].tolist()
+    offs = offsets[:limit].tolist()
+    tr = trained[:limit].tolist()
+    parts = [f'<style>{_TOKEN_CSS}</style><div class="sft-tokens">']
+    for t, (tid, (s, e), k) in enumerate(zip(ids, offs, tr, strict=False)):
+        piece = text[s:e] if e > s else tokenizer.convert_ids_to_tokens(tid)
+        parts.append(
+            f'<span{" class=t" if k else ""} title="token {t}, chars {s}-{e}">'
+            f"{piece.translate(_VISIBLE) or '∅'}<br><sub>{tid}</sub></span>"
+        )
+    if n > limit:
+        parts.append(f"<p>… {n - limit} more tokens not drawn (the highlight above shows the whole sample)</p>")
+    parts.append("</div>")
+    return "".join(parts)
+
+
+def preview_sample(s: DataSettings, index: int | float | None, sequence_length: int | float | None = None) -> Preview:
+    """Row ``index`` as prepare writes it (`backend.documents`), trained tokens highlighted. Never raises: problems
+    go to ``.status``."""
+    from backend.config import ConfigError
+
+    empty = Preview([], "", "", "", "")
+    try:
+        i, n, prepared, tokenizer = prepared_row(s, index)
+        masking = s.masking()
+    except ConfigError as e:
+        empty.status = "⚠ " + "; ".join(e.problems)
+        return empty
+    except Exception as e:  # bad path, unreadable file, bad masking value: say so in the status box
+        empty.status = f"⚠ {e}"
+        return empty
+    empty.n_rows, empty.index = n, i
+    if prepared.tokenized is None:  # prepare skips the row before tokenizing: say why
+        empty.status = f"⚠ sample {i} ({prepared.where}): prepare skips this row: {prepared.skipped}"
+        return empty
+    rendered, tok = prepared.rendered, prepared.tokenized
+    template = _template_arg(s.template, tokenizer)
+    p = _preview_from(rendered, tok, tokenizer, i, n, sequence_length, template)
+    if prepared.skipped:  # tokenized, but not written (no_trained_tokens)
+        p.summary += f"\n\n⚠ prepare skips this row: {prepared.skipped}"
+    if sequence_length and len(tok.input_ids) > int(sequence_length):
+        p.summary += _cut_lines(rendered, tok, tokenizer, masking, template, int(sequence_length))
+    return p
+
+
+def _cut_lines(rendered, tok, tokenizer, masking, template, seq: int) -> str:
+    """Preview summary lines: where a sample longer than ``seq`` would be cut by truncate and by split_turns."""
+    from backend.split import split_conversation, turn_groups
+
+    at = int(tok.offsets[seq, 0])
+    inside = [t for t in getattr(rendered, "turns", None) or [] if t.begin <= at < max(t.end, t.content_end)]
+    where = f"inside assistant message {inside[0].message_index}" if inside else "outside the assistant replies"
+    out = (
+        f"\n\n✂ **{len(tok.input_ids)} tokens > sequence_length {seq}**: truncate_documents: yes cuts at token "
+        f"{seq} (char {at}, {where}; the rest goes on without the start of the conversation); no: skipped."
+    )
+    messages = getattr(rendered, "messages", None)
+    if not messages:
+        return out + " split_turns needs conversations (turns): this row is not split."
+    try:
+        res = split_conversation(rendered, tok, tokenizer, seq, masking, template)
+    except Exception as e:
+        return out + f" split_turns: a piece could not be rendered ({type(e).__name__}: {e})."
+    n_sys = turn_groups(messages)[0]
+    parts = []
+    for k, piece in enumerate(res.pieces, 1):
+        stop = piece.trained_messages[-1] + 1
+        first = stop - (len(piece.messages) - n_sys)
+        ctx = (
+            f"context messages {first}–{first + piece.context_messages - 1} masked, " if piece.context_messages else ""
+        )
+        cut = f", reply cut: {piece.dropped_trained} trained tokens dropped" if piece.truncated_tokens else ""
+        trains = ", ".join(str(m) for m in piece.trained_messages)
+        parts.append(
+            f"{k}) {'system + ' if n_sys else ''}{ctx}trains replies {trains} ({len(piece.input_ids)} tokens{cut})"
+        )
+    return out + f" split_turns cuts it at turn boundaries into **{len(res.pieces)} pieces**: " + "; ".join(parts)
+
+
+def _preview_from(rendered, tok, tokenizer, i: int, n: int, sequence_length=None, template=None) -> Preview:
+    from backend.chat import check_sample, eot_token_ids
+
+    text = rendered.text
+    mask = char_labels(len(text), tok.offsets, tok.trained)
+    runs = runs_of(mask)
+    highlight = [(text[a:b], TRAINED if v else MASKED) for a, b, v in runs]
+    appended = getattr(rendered, "appended", None) or []
+    if appended:  # the appended marker in its own colour: not written by the template, trained
+        kind = mask.astype(np.int8)
+        for a, b in appended:
+            kind[a:b] = 2
+        cuts = np.concatenate([[0], np.flatnonzero(kind[1:] != kind[:-1]) + 1, [len(kind)]]).tolist()
+        label = {0: MASKED, 1: TRAINED, 2: APPENDED}
+        highlight = [(text[a:b], label[int(kind[a])]) for a, b in zip(cuts[:-1], cuts[1:], strict=False)]
+    trained_chars = [(a, b) for a, b, v in runs if v]
+    T, k = len(tok.input_ids), int(tok.trained.sum())
+    seq = int(sequence_length) if sequence_length else None
+    problems = check_sample(rendered, tok, tokenizer, seq)
+    summary = (
+        f"**Sample {i} of {n}** — **{T} tokens**: <span style='color:#2ca02c'>■</span> {k} trained "
+        f"({k / T:.1%}), <span style='color:#999'>■</span> {T - k} masked; "
+        f"{len(rendered.trained_spans)} trained span(s)"
+        if T
+        else f"Sample {i}: empty"
+    )
+    if appended:
+        summary += f"; <span style='color:{COLOR_MAP[APPENDED]}'>■</span> end-of-turn marker appended (chat.final_eot)"
+    eot = eot_token_ids(tokenizer, template)
+    turns = getattr(rendered, "turns", None) or []
+    if T and eot and turns:
+        # the end-of-turn token of each assistant turn: inside the turn's marker text [content_end, end)
+        starts = tok.offsets[:, 0]
+        is_eot = np.isin(tok.input_ids, eot[:1])
+        in_marker = np.zeros(T, dtype=bool)
+        for t in turns:
+            in_marker |= (starts >= t.content_end) & (starts < max(t.end, t.content_end + 1))
+        mine = is_eot & in_marker
+        name = tokenizer.convert_ids_to_tokens(eot[0])
+        summary += (
+            f"; end-of-turn `{name}` trained in **{int((mine & tok.trained).sum())} of {len(turns)}** assistant turns"
+        )
+    problems_md = "\n".join(
+        f"- ⚠ `{p.split(':', 1)[0]}`: {p.split(':', 1)[1].strip() if ':' in p else p}" for p in problems
+    )
+    return Preview(
+        highlight=highlight,
+        token_html=token_html(text, tok.input_ids, tok.offsets, tok.trained, tokenizer),
+        summary=summary,
+        problems=problems_md or "✓ no problems in this sample",
+        status="",
+        n_rows=n,
+        index=i,
+        trained_chars=trained_chars,
+        text=text,
+    )
+
+
+def step_index(index: int | float | None, delta: int, n_rows: int) -> int:
+    """Prev/next with wrap-around; delta=0 means 'random'."""
+    n = max(int(n_rows or 0), 1)
+    if delta == 0:
+        return random.randrange(n)
+    return (int(index or 0) + delta) % n
+
+
+# =============================================================================================== dataset check
+
+
+@dataclass
+class CheckResult:
+    summary: str  # markdown
+    figure: Any  # plotly length histogram
+    problem_rows: list[int]  # example row indices, for the "jump to" dropdown
+    problem_labels: list[str]  # "row 17: eot_not_trained" (same order)
+    report: dict  # HealthReport.to_dict() with row indices mapped back to the dataset
+    status: str = ""
+
+
+def _sample_indices(n: int, max_rows: int, seed: int = 0) -> tuple[np.ndarray, bool]:
+    if n <= max_rows:
+        return np.arange(n), False
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(n, size=max_rows, replace=False)), True
+
+
+def check_whole_dataset(
+    s: DataSettings,
+    sequence_length: int | float,
+    truncate_documents: bool,
+    max_rows: int | float = 5000,
+    progress: Callable[[int, int], Any] | None = None,
+) -> CheckResult:
+    """The dataset's rows as prepare makes them (or an even random sample of ``max_rows``), each checked with
+    backend.chat.check_sample, summarized. Rows prepare skips count under their skip reason."""
+    from backend.chat import HealthReport, check_sample
+    from backend.config import ConfigError
+    from studio.plots import length_histogram
+
+    seq = int(sequence_length) if sequence_length else None
+    try:
+        tokenizer = get_tokenizer(s.tokenizer)
+        masking = s.masking()
+        template = _template_arg(s.template, tokenizer)
+        cfg = prepare_config_of(s)
+        reader = get_reader(cfg)
+        idx, sampled = _sample_indices(reader.n_rows, int(max_rows or 5000))
+        report = HealthReport(examples=5)
+        for j, prepared in enumerate(reader.samples(idx, cfg, tokenizer)):
+            if prepared.tokenized is None:
+                report.add(j, [f"{prepared.skipped.replace(': ', f': row {prepared.row}: ', 1)}"], 0, 0)
+            else:
+                tok = prepared.tokenized
+                problems = check_sample(prepared.rendered, tok, tokenizer, seq)
+                report.add(j, problems, len(tok.input_ids), tok.n_trained, appended=len(prepared.rendered.appended))
+            if progress is not None:
+                progress(j + 1, len(idx))
+    except ConfigError as e:
+        return CheckResult("", None, [], [], {}, "⚠ " + "; ".join(e.problems))
+    except Exception as e:
+        return CheckResult("", None, [], [], {}, f"⚠ {type(e).__name__}: {e}")
+    train_on_eot = s.train_on_eot
+    d = report.to_dict()
+    for c in [*d["problems"].values(), d["appended_eot"]]:  # positions in the sample -> rows of the dataset
+        c["examples"] = [int(idx[j]) for j in c["examples"]]
+    lengths = np.asarray(report.lengths, dtype=np.int64)
+    n = report.n_samples
+    too_long = lengths[lengths > seq] if seq else lengths[:0]
+    eot_bad = d["problems"].get("eot_not_trained", {}).get("count", 0)
+    nothing = d["problems"].get("no_trained_tokens", {}).get("count", 0)
+    lines = [
+        f"**{n} samples checked**"
+        + (
+            f" (an even random sample of {reader.n_rows} rows; raise the limit to check all)"
+            if sampled
+            else " (the whole dataset)"
+        ),
+        f"- assistant spans found in **{report.span_found_share:.1%}** of samples",
+        f"- samples with nothing to train: **{nothing}**",
+        "- end-of-turn marker trained: "
+        f"**{'yes, in every trained turn' if not eot_bad else f'NO in {eot_bad} samples'}**"
+        + ("" if train_on_eot else " (train_on_eot is off: the model will not learn to stop)"),
+        f"- trained tokens: **{report.n_trained} / {report.n_tokens} ({report.trained_token_share:.1%})**",
+    ]
+    undecided = d["problems"].get("eot_undecided", {}).get("count", 0)
+    if undecided:
+        lines.append(f"- end-of-turn marker undecidable from the template (not trained): **{undecided} samples**")
+    if report.n_appended:
+        lines.append(
+            f"- end-of-turn marker appended after a final reply the template leaves open: **{report.n_appended} "
+            "samples** (chat.final_eot: append; shown in its own colour in the preview)"
+        )
+    if seq:
+        lost_tok = int(too_long.sum())
+        share = lost_tok / report.n_tokens if report.n_tokens else 0.0
+        verb = (
+            "cut at row edges (truncate_documents: yes)" if truncate_documents else "SKIPPED (truncate_documents: no)"
+        )
+        lines.append(
+            f"- longer than sequence_length {seq}: **{len(too_long)} documents holding {lost_tok} tokens "
+            f"({share:.1%} of all tokens)**, {verb}"
+        )
+    if seq and len(too_long):
+        lines += _long_mode_lines(reader, cfg, idx, lengths, report, tokenizer, masking, template, seq)
+    if lengths.size:
+        lines.append(
+            f"- length: median {int(np.median(lengths))}, p99 {int(np.percentile(lengths, 99))}, "
+            f"max {int(lengths.max())} tokens"
+        )
+    rows_out, labels = [], []
+    for code, c in d["problems"].items():
+        lines.append(f"- ⚠ `{code}`: {c['count']} sample(s), e.g. rows {c['examples']} — {c['first']}")
+        for r in c["examples"]:
+            rows_out.append(r)
+            labels.append(f"row {r}: {code}")
+    if not d["problems"]:
+        lines.append("- ✓ no problems found")
+    lines.append(_fast_path_line(tokenizer, template))
+    fig = length_histogram(lengths, seq)
+    return CheckResult("\n".join(lines), fig, rows_out, labels, d)
+
+
+def _long_mode_lines(reader, cfg, idx, lengths, report, tokenizer, masking, template, seq: int) -> list[str]:
+    """What skip / truncate / split_turns keep and train at ``seq`` (backend.split); only long rows are re-read."""
+    from backend.split import compare_modes, long_document_stats
+
+    aligned = len(lengths) == len(idx)  # lengths skip rows that failed: then every row is read again
+    docs = []
+    long_rows = [int(idx[j]) for j in (np.flatnonzero(lengths > seq).tolist() if aligned else range(len(idx)))]
+    for prepared in reader.samples(long_rows, cfg, tokenizer):
+        if prepared.tokenized is None:  # a row prepare skips already counts under its reason
+            continue
+        try:
+            docs.append(long_document_stats(prepared.rendered, prepared.tokenized, tokenizer, seq, masking, template))
+        except Exception:
+            continue
+    fitting = (0, 0, 0)
+    if aligned:
+        fit = lengths <= seq
+        fitting = (int(fit.sum()), int(lengths[fit].sum()), report.n_trained - sum(d[1] for d in docs))
+    m = compare_modes(docs, seq, fitting)
+    s, t, sp = m["skip"], m["truncate"], m["split_turns"]
+    return [
+        f"- long documents at sequence_length {seq}, what each choice keeps and trains:",
+        f"    - skip (truncate_documents: no): {s['tokens']:,} tokens kept, **{s['trained']:,} trained "
+        f"({s['trained_share']:.1%})**",
+        f"    - truncate (truncate_documents: yes): {t['tokens']:,} tokens, {t['trained']:,} trained "
+        f"({t['trained_share']:.1%}), of which {t['trained_after_cut']:,} after the cut, without the start of "
+        "their conversation",
+        f"    - split_turns (prepare long_documents.mode): {sp['long_documents']} conversations → "
+        f"{sp['documents'] - s['documents']} pieces cut at turn boundaries, {sp['tokens']:,} tokens (context "
+        f"repeated, masked), **{sp['trained']:,} trained ({sp['trained_share']:.1%})**, each with its question",
+    ]
+
+
+def _fast_path_line(tokenizer, template) -> str:
+    """One summary line: whether prepare will render these rows by substitution (proven) or row by row."""
+    from backend.chat import render_fast_path
+
+    try:
+        fp = render_fast_path(tokenizer, template)
+    except Exception:
+        return ""
+    if not fp["patterns"]:
+        return "- template speed: rendered row by row (no role pattern with a reply, or generation markers)"
+    if fp["proven"] == fp["patterns"]:
+        return (
+            f"- template speed: proven not to look at message content for all {fp['patterns']} role pattern(s): "
+            "rows are rendered by substitution, Jinja only as a periodic check"
+        )
+    return (
+        f"- template speed: {fp['patterns'] - fp['proven']} of {fp['patterns']} role pattern(s) rendered with Jinja "
+        f"row by row (same result, slower prepare): {fp['reasons'][0] if fp['reasons'] else 'not proven'}"
+    )
