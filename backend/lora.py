@@ -148,13 +148,17 @@ def apply_lora(model, peft_cfg):
         raise ValueError(f"model.base_model.peft.target_modules: {peft_cfg.target_modules!r}: {e}") from e
 
 
-def load_lora_model(cfg, attn_impl: str):
-    """The base (fp32 master weights, or 4/8-bit bitsandbytes for QLoRA) wrapped with LoRA adapters."""
+def load_lora_model(cfg, attn_impl: str, fsdp_sharded: bool = False):
+    """The frozen base wrapped with LoRA adapters (fp32). The base is loaded in the training dtype (it is never
+    updated, so bf16 storage is what a bf16 run computes with anyway: half the memory of fp32), in fp32 when FSDP
+    shards it over several processes (its mixed-precision policy casts the gathered copy, as for a full model),
+    or 4/8-bit with bitsandbytes for QLoRA."""
     from backend.modeling import load_model, prepare_for_packed_training
 
     q = cfg.pretrained.quantization
     if q == "none":
-        model = load_model(cfg.pretrained.path, "fp32", attn_impl, random_init=not cfg.pretrained.model_weights)
+        dtype = "fp32" if fsdp_sharded else cfg.model.distributed.training_dtype
+        model = load_model(cfg.pretrained.path, dtype, attn_impl, random_init=not cfg.pretrained.model_weights)
     else:
         check_quantization(cfg)
         from peft import prepare_model_for_kbit_training
@@ -192,8 +196,8 @@ def load_lora_model(cfg, attn_impl: str):
     set_seed(cfg.model.distributed.seed)
     model = apply_lora(model, cfg.model.base_model.peft)
     if cfg.model.multi_stage.activation_checkpointing:
-        # reentrant checkpointing only back-propagates into a layer whose input requires grad; with a frozen
-        # embedding nothing would reach the adapters of checkpointed layers
+        # a frozen embedding gives checkpointed layers an input that does not require grad; make it require grad
+        # so that every checkpoint implementation (reentrant ones included) reaches the adapters
         model.enable_input_require_grads()
     return model
 

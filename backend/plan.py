@@ -62,8 +62,11 @@ plus the quantization constants (an 8-bit absmax per 64 weights and an fp32 scal
 quantized; embeddings, norms and the LM head stay in the compute dtype; a dequantized copy of the largest Linear
 is a transient of the forward/backward.
 
-Host RAM at load: rank 0 alone materializes the full model (fp32 for full finetuning, the compute dtype for a LoRA
-base; a 4-bit base is quantized shard by shard, so about one 5 GB safetensors shard); other ranks hold none.
+Host RAM at load: full finetuning: rank 0 alone materializes the fp32 model, other ranks hold none. LoRA: every
+process loads the frozen base (backend.lora.load_lora_model): in the training dtype with one process or without
+FSDP, in fp32 under FSDP with several processes (FSDP2 shards and casts it like a full model); a 4-bit base is
+quantized shard by shard, so about one 5 GB safetensors shard. QLoRA: PEFT's prepare_model_for_kbit_training
+upcasts every parameter that is not quantized (embeddings, norms, LM head) to fp32.
 Disk: a checkpoint is the fp32 parameters and the optimizer state of the trained parameters (12 bytes each);
 an export is every parameter in training.export.dtype (default: the training dtype). LoRA checkpoints hold the
 adapters only; LoRA exports are the adapters plus, with export.merge, the merged model.
@@ -335,6 +338,11 @@ class MemoryPlan:
             ("backward temporaries", self.backward, "one layer"),
         ]
 
+    def _host_where(self) -> str:
+        if self.trainable_params < self.num_params:  # LoRA: the frozen base is loaded by every process
+            return "per process (LoRA: every process loads the frozen base)"
+        return "on rank 0, none on the others"
+
     def lines(self) -> list[str]:
         out = [
             f"memory plan per GPU: {self.num_params:,} parameters ({self.trainable_params:,} trained), "
@@ -346,7 +354,7 @@ class MemoryPlan:
             f"  activations: {_gib(self.activations_full)} without checkpointing, "
             f"{_gib(self.activations_checkpointed)} with"
         )
-        out.append(f"  host RAM at load: {_gib(self.host_ram_bytes)} on rank 0, none on the others")
+        out.append(f"  host RAM at load: {_gib(self.host_ram_bytes)} {self._host_where()}")
         d = self.disk
         out.append(
             f"  disk: {_gib(d['checkpoint_bytes'])} per checkpoint (x{d['checkpoints_kept']} kept), "
@@ -380,7 +388,7 @@ class MemoryPlan:
         tail = (
             f"\n\nActivations: {self.activations_full / GIB:.2f} GiB without checkpointing, "
             f"{self.activations_checkpointed / GIB:.2f} GiB with. Host RAM at load: "
-            f"{self.host_ram_bytes / GIB:.1f} GiB (rank 0). Disk: {d['total_bytes'] / GIB:.1f} GiB "
+            f"{self.host_ram_bytes / GIB:.1f} GiB {self._host_where()}. Disk: {d['total_bytes'] / GIB:.1f} GiB "
             f"({d['checkpoint_bytes'] / GIB:.1f} GiB per checkpoint, {d['export_bytes'] / GIB:.1f} GiB per export)."
         )
         return (head.strip() + "\n\n" if head else "") + "\n".join(rows) + tail
@@ -437,8 +445,11 @@ def _plan(cfg, world: int, shape: ModelShape) -> MemoryPlan:
     if lora:
         trained = _adapter_params(shape, cfg)
         decoder_linear = L * shape.layer_linear_params
-        base_bytes = b * (n - decoder_linear)
-        base_bytes += decoder_linear * (QUANT_BYTES[quant] if quant != "none" else b)
+        # the unquantized base is loaded in the training dtype, or fp32 under multi-process FSDP (backend/lora.py);
+        # QLoRA keeps the decoder Linears quantized and upcasts the rest to fp32 (prepare_model_for_kbit_training)
+        other_bytes = 4 if (quant != "none" or fsdp) else b
+        base_bytes = other_bytes * (n - decoder_linear)
+        base_bytes += decoder_linear * (QUANT_BYTES[quant] if quant != "none" else other_bytes)
         if quant == "8bit":
             base_bytes += 4 * L * sum(out for _, out in shape.linears())
         params_sharded = (base_bytes + 4 * trained) // shard
@@ -489,7 +500,7 @@ def _plan(cfg, world: int, shape: ModelShape) -> MemoryPlan:
         comm = 0
 
     if lora:
-        host = (base_bytes if quant == "none" else 5 * 10**9) + 4 * trained
+        host = (base_bytes if quant == "none" else 5 * 10**9) + 4 * trained  # per process: every rank loads it
     else:
         host = 4 * n
     return MemoryPlan(

@@ -270,7 +270,7 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
     if lora:  # frozen base (4/8-bit with pretrained.quantization) + trainable adapters: backend/lora.py
         from backend.lora import load_lora_model, parameter_counts
 
-        model, finish_loading = load_lora_model(cfg, attn_impl), None
+        model, finish_loading = load_lora_model(cfg, attn_impl, fsdp_sharded=fsdp and world > 1), None
     else:
         model, finish_loading = load_model_for_rank(
             cfg.pretrained.path, attn_impl, not cfg.pretrained.model_weights, rank, world, fsdp and world > 1

@@ -70,7 +70,9 @@ case "$cmd" in
     setup_browser
     export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
     # lint and format first: a new finding fails the run like a failing test (config in pyproject.toml)
-    "$VENV/bin/ruff" check . && "$VENV/bin/ruff" format --check .
+    # (two commands, not an && list: set -e does not stop on a failure inside an && list)
+    "$VENV/bin/ruff" check .
+    "$VENV/bin/ruff" format --check .
     exec "$PY" -m pytest "$@" ;;
   *) log "usage: bash scripts/dev.sh {studio|test|setup} [args...]"; exit 2 ;;
 esac

@@ -88,8 +88,8 @@ def lora_run(data, tmp_path_factory, monkeypatch_module):
     captured = {}
     load = backend.lora.load_lora_model
 
-    def capture(cfg, attn_impl):
-        model = load(cfg, attn_impl)
+    def capture(cfg, attn_impl, **kwargs):
+        model = load(cfg, attn_impl, **kwargs)
         captured["model"] = model
         captured["initial"] = {n: p.detach().clone() for n, p in model.named_parameters()}
         return model
@@ -447,3 +447,24 @@ def test_chat_loads_a_lora_checkpoint_as_the_merged_model(lora_run):
     with torch.no_grad():
         assert (model(input_ids=ids).logits - merged(input_ids=ids).logits).abs().max().item() <= 1e-5
     assert model.generation_config.use_cache is True
+
+
+def test_bf16_lora_keeps_the_frozen_base_in_bf16_and_trains(data, tmp_path):
+    """The memory plan counts a bf16 run's frozen base at 2 bytes per parameter: load_lora_model keeps it in the
+    training dtype (fp32 only when FSDP shards it over several processes); adapters stay fp32 and train."""
+    import backend.lora
+
+    cfg = load_train_config(TINY_TRAIN, overrides(data, tmp_path / "x", **{"model.distributed.training_dtype": "bf16"}))
+    model = backend.lora.load_lora_model(cfg, "sdpa_packed")
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+    trained = {p.dtype for p in model.parameters() if p.requires_grad}
+    assert frozen == {torch.bfloat16} and trained == {torch.float32}
+    sharded = backend.lora.load_lora_model(cfg, "sdpa_packed", fsdp_sharded=True)
+    assert {p.dtype for p in sharded.parameters()} == {torch.float32}
+    summary = train(
+        TINY_TRAIN,
+        overrides(data, tmp_path / "run", **{"model.distributed.training_dtype": "bf16", "training.train_iters": 3}),
+    )
+    losses = [e["loss"] for e in read_events(tmp_path / "run" / "events.jsonl")[0] if e["event"] == "train"]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    assert summary["export"]

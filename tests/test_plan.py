@@ -304,7 +304,7 @@ def test_guide_8b_verdicts():
     )
     assert not qlora_off.fits and qlora_on.fits
     assert qlora_off.suggestion == "model.multi_stage.activation_checkpointing=yes"
-    assert qlora_on.params_sharded < lora.params_sharded / 2.5  # 4-bit Linears
+    assert qlora_on.params_sharded < lora.params_sharded / 2  # 4-bit Linears (the rest upcast to fp32 by PEFT)
 
 
 def test_bench_readme_holds_the_current_guide_figures():
