@@ -206,6 +206,7 @@ def export_hf(
     dtype: str | None = None,
     max_shard_size: str = "5GB",
     state_dict: dict | None = None,
+    before_rename=None,
 ) -> Path:
     """Write ``export_dir/<name>`` as a Hugging Face model directory (a collective: call on every rank).
 
@@ -215,7 +216,8 @@ def export_hf(
     file lists them when there are several).
 
     ``state_dict``: weights already gathered on rank 0 (LoRA's merged model, backend/lora.py); ``model`` is then a
-    plain model of the same class, for its config and save_pretrained.
+    plain model of the same class, for its config and save_pretrained. ``before_rename(tmp_dir)`` (main process)
+    adds files that must appear together with the export (LoRA's adapter/).
     """
     export_dir = Path(export_dir)
     final = export_dir / name
@@ -244,6 +246,8 @@ def export_hf(
             _record_dtype(tmp, dtype)
         tokenizer.save_pretrained(tmp)  # includes chat_template.jinja (the prepared data's, see train.py)
         export_generation_config(unwrapped.generation_config, tokenizer).save_pretrained(tmp)
+        if before_rename is not None:
+            before_rename(tmp)
         # replace by renames: killed at any point, either the old or the new export is complete on disk
         old = export_dir / (name + ".old")
         if old.exists():

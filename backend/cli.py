@@ -85,10 +85,10 @@ def run_cli(
     load = load_prepare_config if kind == "prepare" else load_train_config
     try:
         cfg = load(args.config, args.overrides)
-        if kind == "train" and cfg.pretrained.quantization != "none":  # this machine must be able to run it
-            from backend.lora import check_quantization
+        if kind == "train":  # this machine must be able to run it (QLoRA's CUDA, the trackers' packages)
+            from backend.compat import check_machine
 
-            check_quantization(cfg)
+            check_machine(cfg)
     except ConfigError as e:
         _report(e, args.config)
         raise SystemExit(2) from None

@@ -51,6 +51,27 @@ def _flatten(d, prefix: str = "") -> dict:
     return out
 
 
+def machine_problems(cfg) -> list[str]:
+    """What this machine cannot run of a valid train config: QLoRA without CUDA/bitsandbytes, trackers whose
+    package is missing. --validate, train() and the studio's Config tab all report these as config problems."""
+    from backend.trackers import tracker_problems
+
+    problems = tracker_problems(cfg)
+    if cfg.pretrained.quantization != "none":
+        from backend.lora import quantization_problems
+
+        problems += quantization_problems(cfg)
+    return problems
+
+
+def check_machine(cfg) -> None:
+    """Raise ConfigError listing `machine_problems`."""
+    from backend.config import ConfigError
+
+    if problems := machine_problems(cfg):
+        raise ConfigError(problems)
+
+
 def config_changes(old: dict, new: dict) -> list[tuple[str, object, object]]:
     """``[(dotted key, old value, new value), ...]`` for every leaf that differs (missing = None)."""
     a, b = _flatten(old), _flatten(new)
@@ -84,6 +105,12 @@ def check_resume(checkpoint_dir, cfg, data: dict | None = None, log=print) -> li
         log(f"resume: {saved_path} is missing, so config changes cannot be checked")
         return []
     old = yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}
+    try:  # a checkpoint of an older version lacks keys added since: they had their defaults' meaning
+        from backend.config import TrainConfig
+
+        old = TrainConfig.model_validate(old).model_dump(mode="json")
+    except ValueError:  # a key since renamed or removed: compare the raw YAML (every difference is listed)
+        pass
     changes = config_changes(old, cfg.model_dump(mode="json"))
     try:
         import json

@@ -27,6 +27,7 @@ import difflib
 import hashlib
 import json
 import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -136,7 +137,18 @@ class ExportConfig(Section):
     dtype: Annotated[Literal["bf16", "fp32", "fp16"] | None, BeforeValidator(_dtype_alias)] = Field(
         None, description="Dtype of exported weights (null = the training dtype)."
     )
-    max_shard_size: str = Field("5GB", description="Largest safetensors shard of an export (e.g. 5GB).")
+    max_shard_size: str = Field(
+        "5GB", description="Largest safetensors shard of an export: a number and KB|MB|GB (or KiB|MiB|GiB), e.g. 5GB."
+    )
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _shard_size(cls, v: str) -> str:
+        # transformers reads a lowercase b as bits ("5gb" = 625 MB) and raises deep in save_pretrained on "5G"
+        if not re.fullmatch(r"\d+(\.\d+)?\s*([KMGT]i?B)", v.strip()):
+            raise ValueError(f"{v!r} is not a size like 5GB, 500MB or 2GiB (a number, then KB|MB|GB|KiB|MiB|GiB)")
+        return v.strip()
+
     merge: bool = Field(
         True, description="LoRA: also write the merged full model at every export (no = only at the end)."
     )

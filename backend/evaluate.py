@@ -157,50 +157,28 @@ def load_scoring_model(path, dtype: str = "fp32"):
     """An eval-mode model for scoring, with the trainer's attention (sdpa_packed).
 
     ``path``: a Hugging Face directory (an export or a base model) or a checkpoint directory of a run
-    (``checkpoints/step_XXXXXX``: the architecture comes from its config.yaml's ``pretrained.path``, the weights
-    from ``model.safetensors``, or from the FSDP shards ``pytorch_model_fsdp_0/``).
+    (``checkpoints/step_XXXXXX``, read by ``backend.inference.load_checkpoint_model``: the architecture of its
+    config.yaml's ``pretrained.path``, the weights of ``model.safetensors``, the FSDP shards, or a LoRA
+    checkpoint's adapters merged into the base).
     """
-    from backend.modeling import PACKED_SDPA, load_model
+    from backend.modeling import PACKED_SDPA, load_model, prepare_for_packed_training, register_attention
 
     path = Path(path)
     if (path / "meta.json").is_file() and not (path / "config.json").is_file():
-        base = _pretrained_path(path / "config.yaml")
-        if not base:
-            raise ValueError(f"{path}: checkpoint without config.yaml/pretrained.path; score an export instead")
-        model = load_model(base, dtype, PACKED_SDPA)
-        state = _checkpoint_state_dict(path)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        # tied LM heads are saved once (as the embedding): a missing lm_head.weight is expected then
-        missing = [k for k in missing if not (k == "lm_head.weight" and model.config.tie_word_embeddings)]
-        if missing or unexpected:
-            raise ValueError(
-                f"{path}: checkpoint does not match {base} (missing {missing[:3]}, unexpected {unexpected[:3]})"
-            )
-        if getattr(model.config, "tie_word_embeddings", False):
-            model.tie_weights()
+        # a checkpoint (safetensors, FSDP shards, or LoRA adapters over the frozen base): the one checkpoint
+        # reader the Chat tab uses too, then the trainer's attention
+        from backend.inference import load_checkpoint_model
+        from backend.modeling import as_dtype
+
+        if not (path / "config.yaml").is_file():
+            raise ValueError(f"{path}: checkpoint without config.yaml; score an export instead")
+        model, _ = load_checkpoint_model(path)
+        register_attention(PACKED_SDPA)
+        model.set_attn_implementation(PACKED_SDPA)
+        model = prepare_for_packed_training(model.to(as_dtype(dtype)))
     else:
         model = load_model(str(path), dtype, PACKED_SDPA)
     return model.eval()
-
-
-def _checkpoint_state_dict(path: Path) -> dict:
-    file = path / "model.safetensors"
-    if file.is_file():
-        from safetensors.torch import load_file
-
-        return load_file(str(file))
-    shards = path / "pytorch_model_fsdp_0"
-    if shards.is_dir():
-        import tempfile
-
-        import torch
-        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-        with tempfile.TemporaryDirectory() as tmp:
-            dcp_to_torch_save(str(shards), f"{tmp}/model.pt")
-            state = torch.load(f"{tmp}/model.pt", weights_only=False)
-        return state.get("model", state)
-    raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model_fsdp_0/ in this checkpoint")
 
 
 # ----------------------------------------------------------------------------------------------- sample answers

@@ -385,53 +385,59 @@ def _quantized_base_state(cfg) -> dict:
 def export_lora(accelerator, model, tokenizer, export_dir, name: str, cfg, merged: bool) -> dict:
     """Write ``export_dir/<name>/adapter`` (PEFT) and, when ``merged``, ``export_dir/<name>`` (merged HF model).
 
-    A collective: call on every rank. Returns {"adapter": path, "merged": path or None}.
+    With ``merged`` the adapter is written into the merged export's temporary directory, so the one rename that
+    completes the export brings both (a kill never leaves a merged export without its adapter). A collective:
+    call on every rank. Returns {"adapter": path, "merged": path or None}.
     """
-    from backend.checkpoint import export_dtype, export_generation_config, export_hf
-    from backend.modeling import DTYPES
+    from backend.checkpoint import export_dtype, export_hf
+    from backend.modeling import as_dtype
 
     export_dir = Path(export_dir)
-    merged_path = None
+    adapters = _adapter_state(model)  # collective: only the trainable tensors are gathered (tiny)
+    final = export_dir / name / ADAPTER_DIR
+
+    def write_adapter(directory: Path) -> None:  # main process only
+        peft_model = accelerator.unwrap_model(model)
+        peft_model.peft_config["default"].base_model_name_or_path = _portable_path(cfg.pretrained.path)
+        peft_model.save_pretrained(directory, state_dict=adapters, is_main_process=True)
+        tokenizer.save_pretrained(directory)  # chat template included: the adapter dir is a complete chat model
+        from backend.checkpoint import export_generation_config
+
+        export_generation_config(peft_model.get_base_model().generation_config, tokenizer).save_pretrained(directory)
+
     if merged:
         if cfg.pretrained.quantization == "none":
             full = accelerator.get_state_dict(model)  # collective: the whole model, gathered on rank 0
         else:
-            full = {}
-            adapters = _adapter_state(model)  # collective
-            if accelerator.is_main_process:
-                full = {**_quantized_base_state(cfg), **adapters}
+            full = {**_quantized_base_state(cfg), **adapters} if accelerator.is_main_process else {}
         state = {}
         if accelerator.is_main_process:
-            state = merge_state_dict(full, lora_layers(model), DTYPES[cfg.model.distributed.training_dtype])
+            state = merge_state_dict(full, lora_layers(model), as_dtype(export_dtype(cfg)))
             del full
         merged_path = export_hf(
             accelerator,
-            _skeleton(model, DTYPES[cfg.model.distributed.training_dtype]),
+            _skeleton(model, as_dtype(export_dtype(cfg))),
             tokenizer,
             export_dir,
             name,
             export_dtype(cfg),
             cfg.training.export.max_shard_size,
             state_dict=state,
+            before_rename=lambda tmp: write_adapter(tmp / ADAPTER_DIR),
         )
+        return {"adapter": final, "merged": merged_path}
 
-    adapters = _adapter_state(model)  # collective: only the trainable tensors are gathered (tiny)
-    final = export_dir / name / ADAPTER_DIR
-    if accelerator.is_main_process:
+    if accelerator.is_main_process:  # the adapter alone (export.merge: no, an intermediate export)
         tmp = export_dir / name / (ADAPTER_DIR + ".tmp")
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-        peft_model = accelerator.unwrap_model(model)
-        peft_model.peft_config["default"].base_model_name_or_path = _portable_path(cfg.pretrained.path)
-        peft_model.save_pretrained(tmp, state_dict=adapters, is_main_process=True)
-        tokenizer.save_pretrained(tmp)  # chat template included: the adapter dir is a complete chat model
-        export_generation_config(peft_model.get_base_model().generation_config, tokenizer).save_pretrained(tmp)
+        write_adapter(tmp)
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
     accelerator.wait_for_everyone()
-    return {"adapter": final, "merged": merged_path}
+    return {"adapter": final, "merged": None}
 
 
 def _skeleton(model, dtype):

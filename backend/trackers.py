@@ -31,6 +31,20 @@ LOGGED_EVENTS = ("train", "validation")
 __all__ = ["accelerator_tracker_kwargs", "start_trackers", "TrackedEventLog", "tracker_locations", "flat_config"]
 
 
+_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+
+
+def tracker_problems(cfg) -> list[str]:
+    """``run.trackers`` whose package is not installed: Accelerate would drop them without a word."""
+    import importlib.util
+
+    return [
+        f"run.trackers: {name} is not installed on this machine; pip install 'sft-studio[{name}]' or remove it"
+        for name in cfg.run.trackers
+        if importlib.util.find_spec(_PACKAGES[name]) is None
+    ]
+
+
 def trackers_dir(experiment_dir) -> Path:
     return Path(experiment_dir) / "trackers"
 

@@ -289,7 +289,12 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
     if val_iters and t.evaluations.samples:  # greedy answers to fixed validation prompts (backend/evaluate.py)
         from backend.evaluate import SampleWriter
 
-        sample_writer = SampleWriter(val_data, tokenizer, t.evaluations.samples, t.evaluations.sample_max_new_tokens)
+        # prompts and references come from the prepared masks (the question, then the reply), also when the loss
+        # reads every token (use_loss_masking_spans: no wraps the split in EveryTokenTrained)
+        prompts_from = getattr(val_data, "dataset", val_data)
+        sample_writer = SampleWriter(
+            prompts_from, tokenizer, t.evaluations.samples, t.evaluations.sample_max_new_tokens
+        )
     if lora:
         trainable_params, num_params = parameter_counts(model)
     else:
@@ -563,10 +568,9 @@ def train(config, overrides=()) -> dict:
     from backend.events import EventLog, LockedError, RunLock
 
     cfg = config if isinstance(config, TrainConfig) else load_train_config(config, overrides)
-    if cfg.pretrained.quantization != "none":  # QLoRA needs CUDA + bitsandbytes: a config error, not a crash
-        from backend.lora import check_quantization
+    from backend.compat import check_machine
 
-        check_quantization(cfg)
+    check_machine(cfg)  # QLoRA needs CUDA + bitsandbytes, trackers their packages: config errors, not crashes
     run_dir = Path(cfg.run.experiment_dir)
     accelerator = build_accelerator(cfg)
     events = EventLog(run_dir / "events.jsonl")

@@ -44,11 +44,10 @@ def form_to_train_yaml(yaml_text: str, *values) -> tuple[str, str]:
         cfg = load_train_config(raw)
     except ConfigError as e:
         return yaml.safe_dump(raw, sort_keys=False), problems_markdown(e.problems)
-    if cfg.pretrained.quantization != "none":  # QLoRA needs CUDA + bitsandbytes on the machine that trains
-        from backend.lora import quantization_problems
+    from backend.compat import machine_problems  # QLoRA's CUDA + bitsandbytes, the trackers' packages
 
-        if problems := quantization_problems(cfg):
-            return dump_yaml(cfg), problems_markdown(problems)
+    if problems := machine_problems(cfg):
+        return dump_yaml(cfg), problems_markdown(problems)
     return dump_yaml(cfg), "✓ valid train config"
 
 

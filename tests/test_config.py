@@ -464,3 +464,15 @@ def test_every_config_key_is_read_somewhere():
     assert not silent, f"config keys accepted but read nowhere in backend/ or studio/: {silent}"
     now_read = sorted(set(WIRED_ELSEWHERE) - unread)
     assert not now_read, f"these keys are read now: remove them from WIRED_ELSEWHERE: {now_read}"
+
+
+@pytest.mark.parametrize("size, ok", [("5GB", True), ("500MB", True), ("2GiB", True), ("5G", False), ("5gb", False)])
+def test_export_shard_size_is_checked_before_the_run(size, ok):
+    """transformers raises deep inside save_pretrained on "5G" (after the whole run when exporting only at the
+    end) and reads "5gb" as gigabits (625 MB shards): both are config errors naming the key."""
+    overrides = [f"training.export.max_shard_size={size}"]
+    if ok:
+        assert load_train_config(ASSETS / "configs" / "tiny_train.yaml", overrides).training.export.max_shard_size
+    else:
+        with pytest.raises(ConfigError, match="training.export.max_shard_size"):
+            load_train_config(ASSETS / "configs" / "tiny_train.yaml", overrides)

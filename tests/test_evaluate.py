@@ -302,3 +302,29 @@ def test_progress_lines_for_waits():
     assert tqdm_progress("no bar here\n") == ""
     assert eta_text(0, 10, 0.0) == "0/10"
     assert eta_text(5, 10, __import__("time").perf_counter() - 2.0) == "5/10, ETA 2 s"
+
+
+def test_a_tracker_whose_package_is_missing_is_a_config_error():
+    """Accelerate drops an unavailable tracker silently; we refuse it at --validate (and at train start, and in
+    the studio's Config tab, through the same backend.compat.machine_problems)."""
+    import importlib.util
+
+    from backend.compat import machine_problems
+    from backend.config import load_train_config
+
+    missing = next((n for n in ("wandb", "mlflow") if importlib.util.find_spec(n) is None), None)
+    if missing is None:
+        pytest.skip("wandb and mlflow are both installed")
+    cfg = load_train_config(TINY_TRAIN, [f"run.trackers=[tensorboard, {missing}]"])
+    assert machine_problems(cfg) == [
+        f"run.trackers: {missing} is not installed on this machine; pip install 'sft-studio[{missing}]' or remove it"
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-m", "backend.train", str(TINY_TRAIN), f"run.trackers=[{missing}]", "--validate"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and f"run.trackers: {missing} is not installed" in proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -447,6 +447,13 @@ def test_chat_loads_a_lora_checkpoint_as_the_merged_model(lora_run):
     with torch.no_grad():
         assert (model(input_ids=ids).logits - merged(input_ids=ids).logits).abs().max().item() <= 1e-5
     assert model.generation_config.use_cache is True
+    # the Data tab's loss view scores it through the same reader
+    from backend.evaluate import load_scoring_model
+
+    scoring = load_scoring_model(latest_complete(run_dir / "checkpoints"))
+    assert scoring.config._attn_implementation == "sdpa_packed"
+    with torch.no_grad():
+        assert (scoring(input_ids=ids).logits - merged(input_ids=ids).logits).abs().max().item() <= 1e-5
 
 
 def test_bf16_lora_keeps_the_frozen_base_in_bf16_and_trains(data, tmp_path):

@@ -645,3 +645,23 @@ def test_split_data_longer_than_training_rows_and_samples_without_validation_are
     out = capsys.readouterr().out
     assert "long_documents.mode: split_turns at sequence_length 512" in out and "batch.sequence_length 256" in out
     assert "training.evaluations.samples: 2" in out and "no samples will be written" in out
+
+
+def test_a_checkpoint_from_before_a_config_key_existed_resumes(finished_run, tmp_path):
+    """A checkpoint saved by an older version has no entry for keys added since (e.g. model.base_model.peft);
+    they meant their defaults then, so resuming with the defaults is no change, and a real change still is."""
+    from backend.compat import check_resume, data_fingerprint
+    from backend.config import ConfigError, load_train_config
+    from backend.dataset import TokenDataset
+
+    run_dir = finished_run[0]
+    old = tmp_path / "old_checkpoint"
+    shutil.copytree(latest_complete(run_dir / "checkpoints"), old)
+    raw = yaml.safe_load((old / "config.yaml").read_text())
+    del raw["model"]["base_model"]["peft"], raw["pretrained"]["quantization"], raw["run"]["trackers"]
+    (old / "config.yaml").write_text(yaml.safe_dump(raw))
+    saved = load_train_config(raw)
+    fingerprint = data_fingerprint(TokenDataset(saved.data.datasets.training.path))
+    assert check_resume(old, saved, fingerprint, log=lambda m: None) == []
+    with pytest.raises(ConfigError, match=r"model.base_model.peft.type: 'none' -> 'lora'"):
+        check_resume(old, load_train_config(saved, ["model.base_model.peft.type=lora"]), fingerprint, log=print)
