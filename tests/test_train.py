@@ -531,7 +531,10 @@ def test_loss_masking_off_trains_every_token_and_test_iters_writes_a_test_event(
         run_dir,
         **{
             "training.train_iters": 1,
-            "training.evaluations.validation.interval": 0,
+            "training.evaluations.validation.interval": 1,
+            "training.evaluations.validation.iterations": 1,
+            "training.evaluations.samples": 1,
+            "training.evaluations.sample_max_new_tokens": 4,
             "data.sampling.use_loss_masking_spans": "no",
             "training.test_iters": 2,
             "data.datasets.test.path": data / "fast_llm_config_validation.yaml",
@@ -555,6 +558,9 @@ def test_loss_masking_off_trains_every_token_and_test_iters_writes_a_test_event(
     assert test["step"] == 1 and test["batches"] == 2 and 0 < test["loss"] < 20
     end = events_of(run_dir, "end")[-1]
     assert end["test_loss"] == test["loss"]
+    # answers still have a question and a reference: they come from the prepared masks, not the loss's view
+    (samples,) = events_of(run_dir, "samples")
+    assert samples["samples"] and samples["samples"][0]["prompt"] and samples["samples"][0]["reference"]
 
 
 def test_reductions_are_float64_except_on_mps():
