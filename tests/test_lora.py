@@ -213,14 +213,21 @@ def test_load_for_inference_takes_adapter_and_merged_exports(lora_run):
 
 
 def test_sigkill_then_restart_gives_the_same_adapters(data, tmp_path):
-    common = {"training.train_iters": 6, "training.checkpoint.interval": 2}
+    # the schedule is pinned to 6 steps, so the killed run can be started with many more iterations (it can never
+    # finish before the kill, however fast the machine) and restarted with 6 (a change resume accepts)
+    common = {
+        "training.train_iters": 6,
+        "training.checkpoint.interval": 2,
+        "optimizer.learning_rate.decay_iterations": 6,
+    }
     reference = tmp_path / "reference"
     train(TINY_TRAIN, overrides(data, reference, **common))
 
     killed = tmp_path / "killed"
     log = open(tmp_path / "killed.log", "w")
+    long_run = {**common, "training.train_iters": 100_000}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "backend.train", str(TINY_TRAIN), *overrides(data, killed, **common)],
+        [sys.executable, "-m", "backend.train", str(TINY_TRAIN), *overrides(data, killed, **long_run)],
         cwd=ROOT,
         env=ENV,
         stdout=log,
