@@ -175,45 +175,40 @@ def evaluate(model, accelerator, sampler, dataset, cfg, iterations: int) -> floa
     return loss_sum / count if count else float("nan")
 
 
-def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
-    """The training recipe: set up, resume, loop (train, log, validate, checkpoint, export), finish."""
-    import torch
-    from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
+class RunData(NamedTuple):
+    train: object  # TokenDataset (or EveryTokenTrained over it with use_loss_masking_spans: no)
+    sampler: object  # PackedSampler of the training split
+    fingerprint: dict  # what identifies the prepared training content (backend.compat.data_fingerprint)
+    validation: object | None
+    validation_sampler: object | None
+    validation_batches: int  # batches per validation (0: validation off)
 
+
+def load_data(cfg) -> RunData:
+    """The training and validation splits and their packed samplers, with what the log must say about them
+    (documents too long for the rows, split_turns data prepared for longer rows, a short validation split)."""
     from backend import compat
-    from backend.checkpoint import export_hf, latest_complete, load_checkpoint, save_checkpoint, step_dir_name
-    from backend.config import check_world_size, config_hash, dump_yaml
     from backend.dataset import EveryTokenTrained, TokenDataset
-    from backend.distributed import describe, is_sharded, print0
-    from backend.modeling import select_attention
-    from backend.packing import PackedSampler, collate
-    from backend.plan import disk_estimate
-    from backend.scaling import Probe, enable_activation_checkpointing, load_model_for_rank
+    from backend.distributed import print0
+    from backend.packing import PackedSampler
 
-    run_dir = Path(cfg.run.experiment_dir)
-    t, b, opt = cfg.training, cfg.batch, cfg.optimizer
-    rank, world = accelerator.process_index, accelerator.num_processes
-    grad_accum = check_world_size(cfg, world)  # batch_size / (micro_batch_size * world): micro-batches per rank
+    b, sampling, t = cfg.batch, cfg.data.sampling, cfg.training
 
-    # ---- data: the rows of step s are a pure function of (seed, s), so resuming at step s is exact
+    def sampler_of(dataset):
+        return PackedSampler(
+            dataset.lengths,
+            b.sequence_length,
+            sampling.seed,
+            sampling.packing,
+            sampling.packing_window,
+            cfg.data.truncate_documents,
+        )
+
     train_data = TokenDataset(cfg.data.datasets.training.path, "training")
-    sampling = cfg.data.sampling
-    data_fingerprint = compat.data_fingerprint(train_data)
+    fingerprint = compat.data_fingerprint(train_data)
     if not sampling.use_loss_masking_spans:  # the guide's "no": every token is a target, prompts included
         train_data = EveryTokenTrained(train_data)
-    # a restart continues only with the settings its checkpoint was made with (or run.resume: force)
-    resume_changes = []
-    if (latest := latest_complete(run_dir / "checkpoints", warn=lambda message: None)) is not None:
-        resume_changes = compat.check_resume(latest, cfg, data_fingerprint, log=print0)
-    sampler = PackedSampler(
-        train_data.lengths,
-        b.sequence_length,
-        sampling.seed,
-        sampling.packing,
-        sampling.packing_window,
-        cfg.data.truncate_documents,
-    )
+    sampler = sampler_of(train_data)
     if len(sampler.skipped):
         print0(
             f"packing: {len(sampler.skipped)} of {len(train_data)} training documents holding "
@@ -230,18 +225,11 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
             f"long_documents.sequence_length: {b.sequence_length} to keep them."
         )
     val_cfg = t.evaluations.validation
-    val_iters, val_data = 0, None
+    val_iters, val_data, val_sampler = 0, None, None
     if cfg.data.datasets.validation is not None and val_cfg.interval and val_cfg.iterations:
         val_data = TokenDataset(cfg.data.datasets.validation.path, "validation")
         val_data = val_data if sampling.use_loss_masking_spans else EveryTokenTrained(val_data)
-        val_sampler = PackedSampler(
-            val_data.lengths,
-            b.sequence_length,
-            sampling.seed,
-            sampling.packing,
-            sampling.packing_window,
-            cfg.data.truncate_documents,
-        )
+        val_sampler = sampler_of(val_data)
         # evaluate each validation row at most once: cap at the batches one epoch of the split holds
         val_iters = min(val_cfg.iterations, max(1, val_sampler.num_rows_in_epoch(0) // b.batch_size))
         if val_iters < val_cfg.iterations:
@@ -249,6 +237,42 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
                 f"validation: the split holds {val_sampler.num_rows_in_epoch(0)} rows, so "
                 f"{val_iters} batches instead of {val_cfg.iterations}"
             )
+    return RunData(train_data, sampler, fingerprint, val_data, val_sampler, val_iters)
+
+
+def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
+    """The training recipe: set up, resume, loop (train, log, validate, checkpoint, export), finish."""
+    import torch
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    from backend import compat
+    from backend.checkpoint import export_hf, latest_complete, load_checkpoint, save_checkpoint, step_dir_name
+    from backend.config import check_world_size, config_hash, dump_yaml
+    from backend.distributed import describe, is_sharded, print0
+    from backend.modeling import select_attention
+    from backend.packing import collate
+    from backend.plan import disk_estimate
+    from backend.scaling import Probe, enable_activation_checkpointing, load_model_for_rank
+
+    run_dir = Path(cfg.run.experiment_dir)
+    t, b, opt = cfg.training, cfg.batch, cfg.optimizer
+    rank, world = accelerator.process_index, accelerator.num_processes
+    grad_accum = check_world_size(cfg, world)  # batch_size / (micro_batch_size * world): micro-batches per rank
+
+    # ---- data: the rows of step s are a pure function of (seed, s), so resuming at step s is exact
+    data = load_data(cfg)
+    train_data, sampler, val_data, val_sampler, val_iters = (
+        data.train,
+        data.sampler,
+        data.validation,
+        data.validation_sampler,
+        data.validation_batches,
+    )
+    # a restart continues only with the settings its checkpoint was made with (or run.resume: force)
+    resume_changes = []
+    if (latest := latest_complete(run_dir / "checkpoints", warn=lambda message: None)) is not None:
+        resume_changes = compat.check_resume(latest, cfg, data.fingerprint, log=print0)
 
     # ---- model, tokenizer, optimizer
     set_seed(cfg.model.distributed.seed)  # same random init on every rank when model_weights: no
@@ -334,7 +358,7 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
             step,
             config_yaml,
             t.checkpoint.keep,
-            {"config_hash": config_hash(cfg), "data": data_fingerprint},
+            {"config_hash": config_hash(cfg), "data": data.fingerprint},
             state_io.get("save"),
         )
         if accelerator.is_main_process:
@@ -460,7 +484,7 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
             interval_trained, interval_time = 0, 0.0
 
-        if val_iters and (step % val_cfg.interval == 0 or step == t.train_iters):
+        if val_iters and (step % t.evaluations.validation.interval == 0 or step == t.train_iters):
             val_loss = evaluate(model, accelerator, val_sampler, val_data, cfg, val_iters)
             first_val = val_loss if first_val is None else first_val
             last_val = val_loss
