@@ -41,19 +41,6 @@ TINY_TRAIN = ASSETS / "configs" / "tiny_train.yaml"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data") / "tiny"
-    subprocess.run(
-        [sys.executable, "-m", "backend.prepare", str(ASSETS / "configs" / "tiny_prepare.yaml"), f"output_path={out}"],
-        cwd=ROOT,
-        env=ENV,
-        check=True,
-        capture_output=True,
-    )
-    return out
-
-
 def overrides(data, run_dir, **extra) -> list[str]:
     values = {
         "data.datasets.training.path": data / "fast_llm_config_training.yaml",

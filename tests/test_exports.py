@@ -7,15 +7,11 @@
 """
 
 import json
-import os
-import subprocess
-import sys
 
-import pytest
 import torch
 from safetensors import safe_open
 
-from backend import ASSETS, ROOT, TINY_MODEL
+from backend import ASSETS, TINY_MODEL
 from backend.checkpoint import export_hf, prune_exports
 from backend.events import read_events
 from backend.modeling import load_model, load_tokenizer
@@ -27,19 +23,6 @@ def safetensors_dtypes(model_dir) -> set:
         with safe_open(f, "pt") as st:
             dtypes |= {st.get_slice(k).get_dtype() for k in st.keys()}  # noqa: SIM118  (safe_open has no iterator)
     return dtypes
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data") / "tiny"
-    subprocess.run(
-        [sys.executable, "-m", "backend.prepare", str(ASSETS / "configs" / "tiny_prepare.yaml"), f"output_path={out}"],
-        cwd=ROOT,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        check=True,
-        capture_output=True,
-    )
-    return out
 
 
 def test_bf16_run_exports_bf16_and_keeps_the_newest(data, tmp_path):

@@ -35,20 +35,6 @@ TINY_TRAIN = ASSETS / "configs" / "tiny_train.yaml"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """The tiny one-step prepare (sample conversations -> masked, tokenized splits)."""
-    out = tmp_path_factory.mktemp("data") / "tiny"
-    subprocess.run(
-        [sys.executable, "-m", "backend.prepare", str(ASSETS / "configs" / "tiny_prepare.yaml"), f"output_path={out}"],
-        cwd=ROOT,
-        env=ENV,
-        check=True,
-        capture_output=True,
-    )
-    return out
-
-
 def overrides(data, experiment_dir, **extra) -> list[str]:
     """tiny_train.yaml made small: 4 rows of 256 tokens per step, 2 micro-batches of accumulation."""
     values = {
