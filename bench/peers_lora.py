@@ -44,7 +44,8 @@ LABELS = {
 
 def install_lora():
     """Patch peers' contestants to train LoRA: ours' config gets the peft section; TRL's trainer gets peft_config
-    and gradient_checkpointing=False. Called in the orchestrating process and in every worker process."""
+    and gradient_checkpointing=False. Called in the orchestrating process and in every worker process; returns
+    the function that undoes it (an in-process run must not leave peers training LoRA)."""
     from peft import LoraConfig
 
     base_config, base_recording, base_args = peers.ours_config, peers._recording, peers._common_args
@@ -79,6 +80,11 @@ def install_lora():
         return {**base_args(spec, tmp), "gradient_checkpointing": False}
 
     peers.ours_config, peers._recording, peers._common_args = ours_config, recording, common_args
+
+    def restore():
+        peers.ours_config, peers._recording, peers._common_args = base_config, base_recording, base_args
+
+    return restore
 
 
 def run_contestant(name, spec, work: Path, tag: str, env, timeout, in_process=False) -> dict:
@@ -149,7 +155,14 @@ def build_report(meta, per_run, agreement) -> str:
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    install_lora()
+    restore = install_lora()
+    try:
+        return _main(argv)
+    finally:
+        restore()
+
+
+def _main(argv):
     if "--worker" in argv:
         return peers.run_worker(argv)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
