@@ -184,31 +184,46 @@ class RunData(NamedTuple):
     validation_batches: int  # batches per validation (0: validation off)
 
 
+def read_split(cfg, path: str, split: str):
+    """A prepared split as the loss reads it: its trained mask, or every token with use_loss_masking_spans: no (the
+    guide's meaning: prompts included)."""
+    from backend.dataset import EveryTokenTrained, TokenDataset
+
+    data = TokenDataset(path, split)
+    return data if cfg.data.sampling.use_loss_masking_spans else EveryTokenTrained(data)
+
+
+def packed_sampler(cfg, dataset):
+    """The PackedSampler of ``dataset`` under the run's batch and sampling settings."""
+    from backend.packing import PackedSampler
+
+    s = cfg.data.sampling
+    return PackedSampler(
+        dataset.lengths, cfg.batch.sequence_length, s.seed, s.packing, s.packing_window, cfg.data.truncate_documents
+    )
+
+
+def evaluation_batches(cfg, sampler, wanted: int, what: str) -> int:
+    """Batches an evaluation takes: ``wanted``, capped so that each row of the split is evaluated at most once."""
+    from backend.distributed import print0
+
+    rows = sampler.num_rows_in_epoch(0)
+    batches = min(wanted, max(1, rows // cfg.batch.batch_size))
+    if batches < wanted:
+        print0(f"{what}: the split holds {rows} rows, so {batches} batches instead of {wanted}")
+    return batches
+
+
 def load_data(cfg) -> RunData:
     """The training and validation splits and their packed samplers, with what the log must say about them
     (documents too long for the rows, split_turns data prepared for longer rows, a short validation split)."""
     from backend import compat
-    from backend.dataset import EveryTokenTrained, TokenDataset
     from backend.distributed import print0
-    from backend.packing import PackedSampler
 
-    b, sampling, t = cfg.batch, cfg.data.sampling, cfg.training
-
-    def sampler_of(dataset):
-        return PackedSampler(
-            dataset.lengths,
-            b.sequence_length,
-            sampling.seed,
-            sampling.packing,
-            sampling.packing_window,
-            cfg.data.truncate_documents,
-        )
-
-    train_data = TokenDataset(cfg.data.datasets.training.path, "training")
+    b, t = cfg.batch, cfg.training
+    train_data = read_split(cfg, cfg.data.datasets.training.path, "training")
     fingerprint = compat.data_fingerprint(train_data)
-    if not sampling.use_loss_masking_spans:  # the guide's "no": every token is a target, prompts included
-        train_data = EveryTokenTrained(train_data)
-    sampler = sampler_of(train_data)
+    sampler = packed_sampler(cfg, train_data)
     if len(sampler.skipped):
         print0(
             f"packing: {len(sampler.skipped)} of {len(train_data)} training documents holding "
@@ -227,16 +242,9 @@ def load_data(cfg) -> RunData:
     val_cfg = t.evaluations.validation
     val_iters, val_data, val_sampler = 0, None, None
     if cfg.data.datasets.validation is not None and val_cfg.interval and val_cfg.iterations:
-        val_data = TokenDataset(cfg.data.datasets.validation.path, "validation")
-        val_data = val_data if sampling.use_loss_masking_spans else EveryTokenTrained(val_data)
-        val_sampler = sampler_of(val_data)
-        # evaluate each validation row at most once: cap at the batches one epoch of the split holds
-        val_iters = min(val_cfg.iterations, max(1, val_sampler.num_rows_in_epoch(0) // b.batch_size))
-        if val_iters < val_cfg.iterations:
-            print0(
-                f"validation: the split holds {val_sampler.num_rows_in_epoch(0)} rows, so "
-                f"{val_iters} batches instead of {val_cfg.iterations}"
-            )
+        val_data = read_split(cfg, cfg.data.datasets.validation.path, "validation")
+        val_sampler = packed_sampler(cfg, val_data)
+        val_iters = evaluation_batches(cfg, val_sampler, val_cfg.iterations, "validation")
     return RunData(train_data, sampler, fingerprint, val_data, val_sampler, val_iters)
 
 
@@ -553,31 +561,15 @@ def _gib(n: int) -> str:
 
 def _test_split(cfg):
     """The test split (training.test_iters > 0 with data.datasets.test), read as training reads its data."""
-    from backend.dataset import EveryTokenTrained, TokenDataset
-
     if not cfg.training.test_iters or cfg.data.datasets.test is None:
         return None
-    data = TokenDataset(cfg.data.datasets.test.path, "test")
-    return data if cfg.data.sampling.use_loss_masking_spans else EveryTokenTrained(data)
+    return read_split(cfg, cfg.data.datasets.test.path, "test")
 
 
 def _test_evaluation(model, accelerator, test_data, cfg) -> tuple[float, int]:
     """Mean CE over the trained tokens of ``training.test_iters`` test batches (at most one epoch of the split)."""
-    from backend.distributed import print0
-    from backend.packing import PackedSampler
-
-    b, sampling = cfg.batch, cfg.data.sampling
-    sampler = PackedSampler(
-        test_data.lengths,
-        b.sequence_length,
-        sampling.seed,
-        sampling.packing,
-        sampling.packing_window,
-        cfg.data.truncate_documents,
-    )
-    iters = min(cfg.training.test_iters, max(1, sampler.num_rows_in_epoch(0) // b.batch_size))
-    if iters < cfg.training.test_iters:
-        print0(f"test: the split holds {sampler.num_rows_in_epoch(0)} rows, so {iters} batches")
+    sampler = packed_sampler(cfg, test_data)
+    iters = evaluation_batches(cfg, sampler, cfg.training.test_iters, "test")
     return evaluate(model, accelerator, sampler, test_data, cfg, iters), iters
 
 
