@@ -197,9 +197,14 @@ def packed_sampler(cfg, dataset):
     """The PackedSampler of ``dataset`` under the run's batch and sampling settings."""
     from backend.packing import PackedSampler
 
-    s = cfg.data.sampling
+    sampling = cfg.data.sampling
     return PackedSampler(
-        dataset.lengths, cfg.batch.sequence_length, s.seed, s.packing, s.packing_window, cfg.data.truncate_documents
+        dataset.lengths,
+        cfg.batch.sequence_length,
+        sampling.seed,
+        sampling.packing,
+        sampling.packing_window,
+        cfg.data.truncate_documents,
     )
 
 
