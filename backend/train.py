@@ -635,6 +635,16 @@ def train(config, overrides=()) -> dict:
         if cfg.run.trackers:
             accelerator.end_training()  # flushes and closes every tracker
         lock.release()
+        _close_process_group()
+
+
+def _close_process_group() -> None:
+    """Tear the process group down before the interpreter exits: left to the exit, gloo's threads are destroyed
+    while joinable and a rank that finished can abort ('terminate called without an active exception', exit -6)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _last_step(events_path) -> int:

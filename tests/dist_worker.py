@@ -123,6 +123,8 @@ def main():
     tmp.write_text(json.dumps(info))
     tmp.rename(out / f"rank{rank}.json")
     accelerator.end_training()
+    if torch.distributed.is_initialized():  # as backend.train does: gloo's threads must not outlive the group
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
