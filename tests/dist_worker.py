@@ -122,6 +122,9 @@ def main():
     tmp = out / f"rank{rank}.json.tmp"
     tmp.write_text(json.dumps(info))
     tmp.rename(out / f"rank{rank}.json")
+    # rank 0 writes weights.pt after the last collective: every rank waits for it here, so that no rank tears
+    # its gloo connections down while another is still in the group (a rank then aborts at exit, exit -6)
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     if torch.distributed.is_initialized():  # as backend.train does: gloo's threads must not outlive the group
         torch.distributed.destroy_process_group()
