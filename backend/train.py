@@ -585,7 +585,7 @@ def train(config, overrides=()) -> dict:
     failed; every failure is written to events.jsonl as an "error" event first.
     """
     from backend.config import TrainConfig, dump_yaml, load_train_config
-    from backend.distributed import build_accelerator
+    from backend.distributed import build_accelerator, close_distributed
     from backend.events import EventLog, LockedError, RunLock
 
     cfg = config if isinstance(config, TrainConfig) else load_train_config(config, overrides)
@@ -635,16 +635,7 @@ def train(config, overrides=()) -> dict:
         if cfg.run.trackers:
             accelerator.end_training()  # flushes and closes every tracker
         lock.release()
-        _close_process_group()
-
-
-def _close_process_group() -> None:
-    """Tear the process group down before the interpreter exits: left to the exit, gloo's threads are destroyed
-    while joinable and a rank that finished can abort ('terminate called without an active exception', exit -6)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        close_distributed(accelerator)  # before the interpreter exits: see backend/distributed.py
 
 
 def _last_step(events_path) -> int:

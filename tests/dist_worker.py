@@ -30,7 +30,7 @@ import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from backend.config import load_train_config  # noqa: E402
-from backend.distributed import build_accelerator, describe, is_sharded  # noqa: E402
+from backend.distributed import build_accelerator, close_distributed, describe, is_sharded  # noqa: E402
 from backend.modeling import register_attention, select_attention  # noqa: E402
 from backend.packing import PackedSampler, collate  # noqa: E402
 from backend.train import train_step  # noqa: E402
@@ -126,8 +126,8 @@ def main():
     # its gloo connections down while another is still in the group (a rank then aborts at exit, exit -6)
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    if torch.distributed.is_initialized():  # as backend.train does: gloo's threads must not outlive the group
-        torch.distributed.destroy_process_group()
+    del model, optimizer, state
+    close_distributed(accelerator)  # as backend.train does: the group must not die at interpreter exit
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from backend.config import load_train_config  # noqa: E402
-from backend.distributed import build_accelerator  # noqa: E402
+from backend.distributed import build_accelerator, close_distributed  # noqa: E402
 from backend.loss import trained_token_loss  # noqa: E402
 from backend.modeling import load_model, select_attention  # noqa: E402
 from backend.packing import collate  # noqa: E402
@@ -107,7 +107,10 @@ def main():
     )
     path = Path(cfg.run.experiment_dir) / f"measured{rank}.json"
     path.write_text(json.dumps(out))
+    accelerator.wait_for_everyone()  # every rank's file is written before any rank leaves the group
     accelerator.end_training()
+    del model, optimizer
+    close_distributed(accelerator)  # as backend.train does: the group must not die at interpreter exit
 
 
 if __name__ == "__main__":
