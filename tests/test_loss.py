@@ -6,10 +6,10 @@ Run: .venv/bin/pytest tests/test_loss.py -x -q
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import backend.loss as loss_mod
 import backend.modeling as modeling
+import tests.tiny
 from backend import IGNORE_INDEX
 from backend.loss import global_trained_count, loss_scale, shifted_targets, trained_token_loss
 
@@ -18,20 +18,7 @@ V = 97  # odd vocabulary so chunk boundaries never line up by accident
 
 
 def tiny_llama(tie=False, seed=0):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=V,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=tie,
-        use_cache=False,
-    )
-    cfg._attn_implementation = "sdpa"
-    return LlamaForCausalLM(cfg).float()
+    return tests.tiny.tiny_llama(V, tied=tie, seed=seed)
 
 
 def make_batch(rows, L=12, seed=1):

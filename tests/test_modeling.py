@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import backend.attention  # noqa: F401  registers sdpa_packed
 from backend import IGNORE_INDEX
 from backend.modeling import load_model, model_inputs, prepare_for_packed_training, select_attention
 from backend.packing import PackedSampler, collate
+from tests.tiny import tiny_llama
 
 torch.set_num_threads(1)
 VOCAB = 97
@@ -29,19 +29,7 @@ class MemDataset:
 
 
 def tiny_model(attn="sdpa", use_cache=True, seed=0):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        use_cache=use_cache,
-    )
-    cfg._attn_implementation = attn
-    return LlamaForCausalLM(cfg).float()
+    return tiny_llama(VOCAB, attn=attn, positions=256, use_cache=use_cache, seed=seed)
 
 
 def setup(seed, truncate=False, rows=4, n=40):

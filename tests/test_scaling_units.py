@@ -11,12 +11,12 @@ import contextlib
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from backend.loss import trained_token_loss
 from backend.modeling import PACKED_SDPA, TORCH_VARLEN, register_attention, select_attention
 from backend.packing import PackedSampler, collate
 from backend.scaling import enable_activation_checkpointing, micro_batch_sync
+from tests.tiny import tiny_llama
 
 torch.set_num_threads(1)
 VOCAB, L = 97, 256
@@ -40,19 +40,7 @@ def packed_batch(seed=0, rows=2):
 
 def model_of(attn=PACKED_SDPA, layers=4, seed=0):
     register_attention(attn)
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=L,
-        use_cache=False,
-    )
-    cfg._attn_implementation = attn
-    return LlamaForCausalLM(cfg).float().train()
+    return tiny_llama(VOCAB, attn=attn, hidden=64, layers=layers, positions=L, seed=seed).train()
 
 
 def loss_grads_and_saved_bytes(model, batch):
