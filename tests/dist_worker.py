@@ -27,13 +27,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from backend.config import load_train_config  # noqa: E402
 from backend.distributed import build_accelerator, close_distributed, describe, is_sharded  # noqa: E402
 from backend.modeling import register_attention, select_attention  # noqa: E402
 from backend.packing import PackedSampler, collate  # noqa: E402
 from backend.train import train_step  # noqa: E402
+from tests import tiny  # noqa: E402
 
 V = 101
 
@@ -57,22 +57,10 @@ class MemoryDocuments:
         return tokens[begin:end], trained[begin:end]
 
 
-def tiny_llama(attn: str, tied: bool) -> LlamaForCausalLM:
-    torch.manual_seed(0)  # same initial weights on every rank
-    config = LlamaConfig(
-        vocab_size=V,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=tied,
-        use_cache=False,
-    )
+def tiny_llama(attn: str, tied: bool):
+    """tests.tiny's model over this worker's vocabulary, with ``attn`` registered (same weights on every rank)."""
     register_attention(attn)
-    config._attn_implementation = attn
-    return LlamaForCausalLM(config)
+    return tiny.tiny_llama(V, attn=attn, tied=tied)
 
 
 def main():
