@@ -154,6 +154,7 @@ class _ChunkResult:
     problems: list  # [(row, code, message, skipped: bool)]
     split_stats: dict = field(default_factory=dict)  # backend.split.split_documents counts (split_turns only)
     samples: dict = field(default_factory=dict)  # keep_samples: row -> (RenderedSample | None, TokenizedSample)
+    appended_eot: int = 0  # kept rows whose final reply got the template's marker appended (chat.final_eot: append)
 
 
 _WORKER: dict = {}
@@ -266,6 +267,7 @@ def _process_chunk(start: int, task, state: tuple | None = None, keep_samples: b
         token_keep = np.repeat(keep, np.diff(bounds))
         ids, trained = ids[token_keep], trained[token_keep]
         bounds = np.concatenate([[0], np.cumsum(np.diff(bounds)[keep])])
+    appended_eot = sum(bool(rendered_list[j].appended) for j in checked)
     rows = np.asarray(rows, np.int64)[keep]
     split_stats = {}
     if job.split_length is not None and job.form == "chat":  # long conversations -> pieces cut at turns
@@ -285,7 +287,7 @@ def _process_chunk(start: int, task, state: tuple | None = None, keep_samples: b
             job.split_length,
         )
         problems.extend(split_problems)
-    return _ChunkResult(n, rows, ids, trained, bounds, problems, split_stats, samples)
+    return _ChunkResult(n, rows, ids, trained, bounds, problems, split_stats, samples, appended_eot)
 
 
 def _worker_chunk(args):

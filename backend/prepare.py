@@ -230,6 +230,12 @@ def _summary_lines(summary: dict) -> list[str]:
             f"holding {long['tokens']:,} tokens ({long['token_share']:.1%} of tokens) - skipped in "
             "training with truncate_documents: no"
         )
+    appended = summary.get("appended_eot", {}).get("rows", 0)
+    if appended:
+        lines.append(
+            f"  end-of-turn marker appended: {appended} row(s) whose final reply the template leaves open got its "
+            "between-turns marker appended and trained (chat.final_eot: append; 'leave' keeps them open)"
+        )
     ld = summary.get("long_documents")
     if ld:
         lines.append(
@@ -358,6 +364,7 @@ def _prepare_into(cfg: PrepareConfig, tmp: Path, digest: str, fingerprint, progr
     examples: dict[str, list] = {}
     split_stats: dict[str, int] = {}
     skipped_rows = 0  # each row is skipped at most once (processing stops at its first fatal problem)
+    appended_eot = 0  # rows whose final reply got the template's between-turns marker appended and trained
     seen_rows = 0
     bar = None
     if progress:
@@ -388,6 +395,7 @@ def _prepare_into(cfg: PrepareConfig, tmp: Path, digest: str, fingerprint, progr
             for k, v in chunk.split_stats.items():
                 split_stats[k] = split_stats.get(k, 0) + v
             seen_rows += chunk.n_rows
+            appended_eot += chunk.appended_eot
             if bar is not None:
                 bar.update(chunk.n_rows)
     finally:
@@ -422,6 +430,7 @@ def _prepare_into(cfg: PrepareConfig, tmp: Path, digest: str, fingerprint, progr
         "num_tokens": num_tokens,
         "num_trained_tokens": num_trained,
         "trained_token_share": num_trained / num_tokens if num_tokens else 0.0,
+        "appended_eot": {"rows": appended_eot, "final_eot": cfg.chat.final_eot},
         "splits": split_counts,
         "length_percentiles": _percentiles(lengths),
         "skipped": skipped,

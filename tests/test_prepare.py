@@ -167,6 +167,25 @@ def test_the_prepared_tokenizer_and_template_are_saved_with_the_data(tmp_path, t
     assert any(np.array_equal(chat.tokenize(r.text, r.trained_spans, saved).input_ids, t) for t in stored)
 
 
+@pytest.mark.parametrize("final_eot", ["append", "leave"])
+def test_report_counts_rows_whose_final_marker_was_appended(tmp_path, tokenizer, final_eot, capsys):
+    """A template that leaves the final reply open (vLLM's ChatML): prepare says how many rows got the between-turns
+    marker appended and trained (chat.final_eot: append), and none with 'leave'; the stored tokens agree."""
+    rows = head_jsonl(SAMPLE_DATA, tmp_path / "d.jsonl", 12)
+    template = (ROOT / "tests" / "data" / "chat_templates" / "chatml-vllm.jinja").read_text()
+    cfg = make_cfg(tmp_path, tmp_path / "d.jsonl", chat={"template": template, "final_eot": final_eot})
+    s = prepare(cfg, progress=False)
+    ending_in_a_reply = sum(r["conversations"][-1]["from"] in ("gpt", "assistant") for r in rows)
+    assert ending_in_a_reply > 0
+    want = ending_in_a_reply if final_eot == "append" else 0
+    assert s["appended_eot"] == {"rows": want, "final_eot": final_eot}
+    assert ("end-of-turn marker appended: " in capsys.readouterr().out) is (want > 0)
+    stored = [TokenDataset(tmp_path / "out", split=n) for n in ("training", "validation")]
+    ends = [tokenizer.decode(d.document(i)[0][-24:]) for d in stored for i in range(len(d))]
+    assert sum(e.endswith("<|im_end|>") for e in ends) == want  # the appended marker ends the document
+    assert all(d.document(i)[1][-1] for d in stored for i in range(len(d)))  # the marker or the open reply: trained
+
+
 def test_summary_counts_long_documents(tmp_path):
     head_jsonl(SAMPLE_DATA, tmp_path / "d.jsonl", 30)
     s = prepare(make_cfg(tmp_path, tmp_path / "d.jsonl", report={"sequence_length": 90}), progress=False)
