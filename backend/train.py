@@ -250,95 +250,69 @@ def load_data(cfg) -> RunData:
         val_data = read_split(cfg, cfg.data.datasets.validation.path, "validation")
         val_sampler = packed_sampler(cfg, val_data)
         val_iters = evaluation_batches(cfg, val_sampler, val_cfg.iterations, "validation")
-    return RunData(train_data, sampler, fingerprint, val_data, val_sampler, val_iters)
-
-
-def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
-    """The training recipe: set up, resume, loop (train, log, validate, checkpoint, export), finish."""
-    import torch
-    from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
-
-    from backend import compat
-    from backend.checkpoint import export_hf, latest_complete, load_checkpoint, save_checkpoint, step_dir_name
-    from backend.config import check_world_size, config_hash, dump_yaml
-    from backend.distributed import describe, is_sharded, print0
-    from backend.modeling import select_attention
-    from backend.packing import collate
-    from backend.plan import disk_estimate
-    from backend.scaling import Probe, enable_activation_checkpointing, load_model_for_rank
-
-    run_dir = Path(cfg.run.experiment_dir)
-    t, b, opt = cfg.training, cfg.batch, cfg.optimizer
-    rank, world = accelerator.process_index, accelerator.num_processes
-    grad_accum = check_world_size(cfg, world)  # batch_size / (micro_batch_size * world): micro-batches per rank
-
-    # ---- data: the rows of step s are a pure function of (seed, s), so resuming at step s is exact
-    data = load_data(cfg)
-    train_data, sampler, val_data, val_sampler, val_iters = (
-        data.train,
-        data.sampler,
-        data.validation,
-        data.validation_sampler,
-        data.validation_batches,
-    )
-    # a restart continues only with the settings its checkpoint was made with (or run.resume: force)
-    resume_changes = []
-    if (latest := latest_complete(run_dir / "checkpoints", warn=lambda message: None)) is not None:
-        resume_changes = compat.check_resume(latest, cfg, data.fingerprint, log=print0)
-
-    # ---- model, tokenizer, optimizer
-    set_seed(cfg.model.distributed.seed)  # same random init on every rank when model_weights: no
-    attn_impl, attn_reason = select_attention(cfg.model.base_model.transformer.use_flash_attention, accelerator.device)
-    print0(f"attention: {attn_reason}")
-    # the tokenizer the data was prepared with (its chat template and stop tokens go into every export), checked
-    # against the model: ids within its vocabulary, same vocabulary as pretrained.path's tokenizer
-    tokenizer, tokenizer_source = compat.data_tokenizer(train_data, cfg.pretrained.path, log=print0)
-    compat.check_tokenizers_compatible(tokenizer, tokenizer_source, cfg.pretrained.path, log=print0)
-    test_data = _test_split(cfg)
-    splits = {"training": train_data, "validation": val_data, "test": test_data}
-    compat.check_data_fits_model(splits, compat.model_vocab(cfg.pretrained.path), cfg.pretrained.path, tokenizer_source)
-    # weights stay fp32 (master copy); bf16/fp16 compute comes from the Accelerator's mixed precision. Under FSDP
-    # only rank 0 reads the weights; finish_loading scatters them into the shards after prepare() (backend/scaling.py)
-    fsdp = describe(accelerator)["distributed_type"] == "FSDP"
-    probe = Probe(rank)  # measurements for the tests, only with SFT_STUDIO_PROBE set
-    probe.before_load()
-    lora = cfg.model.base_model.peft.type == "lora"
-    if lora:  # frozen base (4/8-bit with pretrained.quantization) + trainable adapters: backend/lora.py
-        from backend.lora import load_lora_model, parameter_counts
-
-        model, finish_loading = load_lora_model(cfg, attn_impl, fsdp_sharded=fsdp and world > 1), None
-    else:
-        model, finish_loading = load_model_for_rank(
-            cfg.pretrained.path, attn_impl, not cfg.pretrained.model_weights, rank, world, fsdp and world > 1
-        )
-    probe.after_load()
-    if cfg.model.multi_stage.activation_checkpointing:
-        layers = enable_activation_checkpointing(model)
-        print0(f"activation checkpointing: {layers} decoder layers recompute their forward in backward")
-    sample_writer = None
     if t.evaluations.samples and not val_iters:
         print0(
             f"warning: training.evaluations.samples: {t.evaluations.samples} writes answers at each validation, "
             "and validation is off (training.evaluations.validation.interval / iterations, "
             "data.datasets.validation): no samples will be written"
         )
-    if val_iters and t.evaluations.samples:  # greedy answers to fixed validation prompts (backend/evaluate.py)
-        from backend.evaluate import SampleWriter
+    return RunData(train_data, sampler, fingerprint, val_data, val_sampler, val_iters)
 
-        # prompts and references come from the prepared masks (the question, then the reply), also when the loss
-        # reads every token (use_loss_masking_spans: no wraps the split in EveryTokenTrained)
-        prompts_from = getattr(val_data, "dataset", val_data)
-        sample_writer = SampleWriter(
-            prompts_from, tokenizer, t.evaluations.samples, t.evaluations.sample_max_new_tokens
-        )
-    if lora:
+
+class Model(NamedTuple):
+    model: object  # prepared by the Accelerator (FSDP2 DTensors, DDP or plain), in train mode
+    optimizer: object  # AdamW over the trainable parameters, re-pointed at the prepared ones
+    tokenizer: object  # the data's tokenizer: its chat template and stop tokens go into every export
+    state_io: dict  # LoRA: {"save", "load"} of the adapters and their optimizer state only; {} otherwise
+    attention: str  # the attention implementation select_attention chose, and why
+    attention_reason: str
+    num_parameters: int
+    trainable_parameters: int
+
+
+def build_model(cfg, accelerator, splits: dict, probe) -> Model:
+    """The tokenizer checked against the model and the data, the model loaded for this rank (full weights, or a
+    frozen base + LoRA adapters), activation checkpointing, AdamW, and Accelerator.prepare."""
+    import torch
+    from accelerate.utils import set_seed
+
+    from backend import compat
+    from backend.distributed import describe, print0
+    from backend.modeling import select_attention
+    from backend.scaling import enable_activation_checkpointing, load_model_for_rank
+
+    rank, world = accelerator.process_index, accelerator.num_processes
+    set_seed(cfg.model.distributed.seed)  # same random init on every rank when model_weights: no
+    attn_impl, attn_reason = select_attention(cfg.model.base_model.transformer.use_flash_attention, accelerator.device)
+    print0(f"attention: {attn_reason}")
+    # the tokenizer the data was prepared with, checked against the model: ids within its vocabulary, same
+    # vocabulary as pretrained.path's tokenizer
+    tokenizer, tokenizer_source = compat.data_tokenizer(splits["training"], cfg.pretrained.path, log=print0)
+    compat.check_tokenizers_compatible(tokenizer, tokenizer_source, cfg.pretrained.path, log=print0)
+    compat.check_data_fits_model(splits, compat.model_vocab(cfg.pretrained.path), cfg.pretrained.path, tokenizer_source)
+    # weights stay fp32 (master copy); bf16/fp16 compute comes from the Accelerator's mixed precision. Under FSDP
+    # only rank 0 reads the weights; finish_loading scatters them into the shards after prepare() (backend/scaling.py)
+    sharded = describe(accelerator)["distributed_type"] == "FSDP" and world > 1
+    probe.before_load()
+    lora = cfg.model.base_model.peft.type == "lora"
+    if lora:  # frozen base (4/8-bit with pretrained.quantization) + trainable adapters: backend/lora.py
+        from backend.lora import load_lora_model, lora_state_loader, lora_state_saver, parameter_counts
+
+        model, finish_loading = load_lora_model(cfg, attn_impl, fsdp_sharded=sharded), None
         trainable_params, num_params = parameter_counts(model)
     else:
+        model, finish_loading = load_model_for_rank(
+            cfg.pretrained.path, attn_impl, not cfg.pretrained.model_weights, rank, world, sharded
+        )
         trainable_params = num_params = sum(p.numel() for p in model.parameters())
+    probe.after_load()
+    if cfg.model.multi_stage.activation_checkpointing:
+        layers = enable_activation_checkpointing(model)
+        print0(f"activation checkpointing: {layers} decoder layers recompute their forward in backward")
+    opt = cfg.optimizer
     optimizer = torch.optim.AdamW(
         param_groups(model, opt.weight_decay),
-        lr=lr_at(0, opt.learning_rate, t.train_iters),
+        lr=lr_at(0, opt.learning_rate, cfg.training.train_iters),
         betas=(opt.beta_1, opt.beta_2),
     )
     # prepare: wraps/shards the model (FSDP2 turns parameters into DTensors) and re-points the optimizer at them
@@ -349,56 +323,117 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
     probe.after_prepare(model)
     state_io = {}  # LoRA checkpoints hold the adapters and their optimizer state only, not the frozen base
     if lora:
-        from backend.lora import export_lora, lora_state_loader, lora_state_saver
+        state_io = {
+            "save": lora_state_saver(accelerator, model, optimizer),
+            "load": lora_state_loader(accelerator, model, optimizer),
+        }
+    return Model(model, optimizer, tokenizer, state_io, attn_impl, attn_reason, num_params, trainable_params)
 
-        state_io = {"save": lora_state_saver(accelerator, model, optimizer)}
-        state_io["load"] = lora_state_loader(accelerator, model, optimizer)
 
-    # ---- resume from the newest complete checkpoint (a save cut short has no COMPLETE marker: skipped)
-    checkpoints = run_dir / "checkpoints"
-    start_step, resumed_from = 0, None
-    latest = latest_complete(checkpoints, warn=print0)
-    if latest is not None:
-        start_step = load_checkpoint(accelerator, latest, state_io.get("load"))["step"]  # model, optimizer, RNG
-        resumed_from = str(latest)
-        print0(f"resuming from {latest} (step {start_step})")
-    config_yaml = dump_yaml(cfg)
+class RunOutputs:
+    """What a run writes as it goes: checkpoints (to resume) and exports (to use), each with its event on rank 0.
+    Every rank calls save and export (collectives: sharded state, gathered weights)."""
 
-    def save(step):
+    def __init__(self, cfg, accelerator, events, m: Model, data_fingerprint: dict):
+        from backend.config import config_hash, dump_yaml
+
+        self.cfg, self.accelerator, self.events, self.m = cfg, accelerator, events, m
+        self.run_dir = Path(cfg.run.experiment_dir)
+        self.checkpoints = self.run_dir / "checkpoints"
+        self.config_yaml = dump_yaml(cfg)
+        self.meta = {"config_hash": config_hash(cfg), "data": data_fingerprint}  # compared on resume
+
+    def save(self, step: int) -> Path:
+        from backend.checkpoint import save_checkpoint
+
+        t = self.cfg.training
         path = save_checkpoint(
-            accelerator,
-            checkpoints,
+            self.accelerator,
+            self.checkpoints,
             step,
-            config_yaml,
+            self.config_yaml,
             t.checkpoint.keep,
-            {"config_hash": config_hash(cfg), "data": data.fingerprint},
-            state_io.get("save"),
+            self.meta,
+            self.m.state_io.get("save"),
         )
-        if accelerator.is_main_process:
-            events.emit("checkpoint", step, path=str(path))
+        if self.accelerator.is_main_process:
+            self.events.emit("checkpoint", step, path=str(path))
         return path
 
-    def export(step, name):
-        from backend.checkpoint import export_dtype, prune_exports
+    def export(self, step: int, name: str) -> Path:
+        from backend.checkpoint import export_dtype, export_hf, prune_exports
+        from backend.distributed import print0
 
-        if lora:  # export/<name>/adapter (PEFT) + export/<name> merged at every export or only the final one
-            paths = export_lora(
-                accelerator, model, tokenizer, run_dir / "export", name, cfg, t.export.merge or name == "final"
-            )
+        cfg, accelerator, m, t = self.cfg, self.accelerator, self.m, self.cfg.training
+        out = self.run_dir / "export"
+        if m.state_io:  # LoRA: export/<name>/adapter (PEFT) + export/<name> merged at every export or the final one
+            from backend.lora import export_lora
+
+            paths = export_lora(accelerator, m.model, m.tokenizer, out, name, cfg, t.export.merge or name == "final")
             path, extra = paths["merged"] or paths["adapter"], {"adapter": str(paths["adapter"])}
         else:
-            path = export_hf(
-                accelerator, model, tokenizer, run_dir / "export", name, export_dtype(cfg), t.export.max_shard_size
-            )
+            path = export_hf(accelerator, m.model, m.tokenizer, out, name, export_dtype(cfg), t.export.max_shard_size)
             extra = {}
         if accelerator.is_main_process:
-            events.emit("export", step, path=str(path), **extra)
-            for old in prune_exports(run_dir / "export", t.export.keep):  # training.export.keep; final is kept
+            self.events.emit("export", step, path=str(path), **extra)
+            for old in prune_exports(out, t.export.keep):  # training.export.keep; final is kept
                 print0(f"export: removed {old} (training.export.keep: {t.export.keep})")
         return path
 
+
+def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
+    """The training recipe: set up, resume, loop (train, log, validate, checkpoint, export), finish."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from backend import compat
+    from backend.checkpoint import latest_complete, load_checkpoint, step_dir_name
+    from backend.config import check_world_size, config_hash
+    from backend.distributed import describe, is_sharded, print0
+    from backend.packing import collate
+    from backend.plan import disk_estimate
+    from backend.scaling import Probe
+
+    run_dir = Path(cfg.run.experiment_dir)
+    t, b, opt = cfg.training, cfg.batch, cfg.optimizer
+    rank, world = accelerator.process_index, accelerator.num_processes
+    grad_accum = check_world_size(cfg, world)  # batch_size / (micro_batch_size * world): micro-batches per rank
+
+    # ---- data: the rows of step s are a pure function of (seed, s), so resuming at step s is exact
+    data = load_data(cfg)
+    train_data, sampler, val_data = data.train, data.sampler, data.validation
+    val_sampler, val_iters = data.validation_sampler, data.validation_batches
+    test_data = _test_split(cfg)
+    # a restart continues only with the settings its checkpoint was made with (or run.resume: force)
+    checkpoints = run_dir / "checkpoints"
+    latest = latest_complete(checkpoints, warn=lambda message: None)
+    resume_changes = [] if latest is None else compat.check_resume(latest, cfg, data.fingerprint, log=print0)
+
+    # ---- model, tokenizer, optimizer (backend/scaling.py, backend/lora.py), then what the run writes
+    probe = Probe(rank)  # measurements for the tests, only with SFT_STUDIO_PROBE set
+    m = build_model(cfg, accelerator, {"training": train_data, "validation": val_data, "test": test_data}, probe)
+    model, optimizer = m.model, m.optimizer
+    outputs = RunOutputs(cfg, accelerator, events, m, data.fingerprint)
+    sample_writer = None
+    if val_iters and t.evaluations.samples:  # greedy answers to fixed validation prompts (backend/evaluate.py)
+        from backend.evaluate import SampleWriter
+
+        # prompts and references come from the prepared masks (the question, then the reply), also when the loss
+        # reads every token (use_loss_masking_spans: no wraps the split in EveryTokenTrained)
+        prompts_from = getattr(val_data, "dataset", val_data)
+        samples, max_new = t.evaluations.samples, t.evaluations.sample_max_new_tokens
+        sample_writer = SampleWriter(prompts_from, m.tokenizer, samples, max_new)
+
+    # ---- resume from the newest complete checkpoint (a save cut short has no COMPLETE marker: skipped)
+    start_step, resumed_from = 0, None
+    latest = latest_complete(checkpoints, warn=print0)
+    if latest is not None:
+        start_step = load_checkpoint(accelerator, latest, m.state_io.get("load"))["step"]  # model, optimizer, RNG
+        resumed_from = str(latest)
+        print0(f"resuming from {latest} (step {start_step})")
+
     sharded = is_sharded(model)
-    disk = disk_estimate(cfg, num_params, sum(p.numel() for p in model.parameters() if p.requires_grad))
+    disk = disk_estimate(cfg, m.num_parameters, m.trainable_parameters)
     print0(
         f"disk: {_gib(disk['checkpoint_bytes'])} per checkpoint, {_gib(disk['export_bytes'])} per export, "
         f"{_gib(disk['total_bytes'])} in all (kept checkpoints and exports, backend.plan.disk_estimate)"
@@ -414,10 +449,10 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
             distributed_type=describe(accelerator)["distributed_type"],
             sharded=sharded,
             mixed_precision=str(accelerator.mixed_precision),
-            attention=attn_impl,
-            attention_reason=attn_reason,
-            num_parameters=num_params,
-            trainable_parameters=trainable_params,
+            attention=m.attention,
+            attention_reason=m.attention_reason,
+            num_parameters=m.num_parameters,
+            trainable_parameters=m.trainable_parameters,
             peft=cfg.model.base_model.peft.type,
             gradient_accumulation=grad_accum,
             training_documents=len(train_data),
@@ -433,13 +468,7 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
     step, last_saved, stopped = start_step, start_step if latest is not None else None, False
     first_val = last_val = first_loss = last_loss = None
     tokens_per_step = b.batch_size * b.sequence_length  # positions through the model, padding included
-    bar = tqdm(
-        total=t.train_iters,
-        initial=start_step,
-        desc="train",
-        disable=not accelerator.is_main_process,
-        dynamic_ncols=True,
-    )
+    bar = tqdm(total=t.train_iters, initial=start_step, desc="train", disable=not accelerator.is_main_process)
     session_start = time.perf_counter()
     interval_trained, interval_time = 0, 0.0
     while step < t.train_iters:
@@ -510,10 +539,10 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
         # Stop (SIGTERM/SIGINT): every rank must take the same branch, so the flag is summed over ranks
         stopped = _global_sum(accelerator, [float(stop.requested)])[0] > 0 if world > 1 else stop.requested
         if (t.checkpoint.interval and step % t.checkpoint.interval == 0) or stopped or step == t.train_iters:
-            save(step)
+            outputs.save(step)
             last_saved = step
         if t.export.interval and step % t.export.interval == 0 and step != t.train_iters:
-            export(step, step_dir_name(step))
+            outputs.export(step, step_dir_name(step))
         if stopped:
             print0(f"stop requested: saved a checkpoint at step {step}")
             break
@@ -528,8 +557,8 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
     final_export = None
     if not stopped:
         if last_saved != step:  # e.g. resumed at the end: make sure the final state is saved
-            save(step)
-        final_export = str(export(step, "final"))
+            outputs.save(step)
+        final_export = str(outputs.export(step, "final"))
     summary = {
         "stopped": stopped,
         "resumed_from": resumed_from,
