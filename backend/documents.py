@@ -254,6 +254,10 @@ def _process_chunk(start: int, task, state: tuple | None = None, keep_samples: b
     n_trained = csum[bounds[1:]] - csum[bounds[:-1]]
     keep = n_trained > 0
     for j in np.flatnonzero(~keep).tolist():
+        if rendered_list[j] is not None:  # why nothing is trained (e.g. span_not_found), then the skip itself
+            for p in rendered_list[j].problems:
+                code, _, message = p.partition(": ")
+                problems.append((rows[j], code, message, False))
         problems.append(
             (rows[j], "no_trained_tokens", f"no token is trained ({bounds[j + 1] - bounds[j]} tokens)", True)
         )

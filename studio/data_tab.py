@@ -119,7 +119,7 @@ def preview_sample(s: DataSettings, index: int | float | None, sequence_length: 
         return empty
     rendered, tok = prepared.rendered, prepared.tokenized
     template = _template_arg(s.template, tokenizer)
-    p = _preview_from(rendered, tok, tokenizer, i, n, sequence_length, template)
+    p = _preview_from(rendered, tok, tokenizer, i, n, template, _problems(prepared, sequence_length))
     if prepared.skipped:  # tokenized, but not written (no_trained_tokens)
         p.summary += f"\n\n⚠ prepare skips this row: {prepared.skipped}"
     if sequence_length and len(tok.input_ids) > int(sequence_length):
@@ -161,8 +161,20 @@ def _cut_lines(rendered, tok, tokenizer, masking, template, seq: int) -> str:
     return out + f" split_turns cuts it at turn boundaries into **{len(res.pieces)} pieces**: " + "; ".join(parts)
 
 
-def _preview_from(rendered, tok, tokenizer, i: int, n: int, sequence_length=None, template=None) -> Preview:
-    from backend.chat import check_sample, eot_token_ids
+def _problems(prepared, sequence_length) -> list[str]:
+    """A row's health problems, "code: message": what prepare's per-row code found (render problems, end-of-turn
+    checks, repairs, split_turns notes, the reason it skips the row) plus the length checks for ``sequence_length``
+    (prepare checks lengths over the whole dataset instead). The preview and the dataset check both show these."""
+    from backend.chat import check_length
+
+    seq = int(sequence_length) if sequence_length else None
+    return [f"{code}: {message}" for code, message, _ in prepared.problems] + check_length(
+        prepared.rendered, prepared.tokenized, seq
+    )
+
+
+def _preview_from(rendered, tok, tokenizer, i: int, n: int, template=None, problems=()) -> Preview:
+    from backend.chat import eot_token_ids
 
     text = rendered.text
     mask = char_labels(len(text), tok.offsets, tok.trained)
@@ -178,8 +190,6 @@ def _preview_from(rendered, tok, tokenizer, i: int, n: int, sequence_length=None
         highlight = [(text[a:b], label[int(kind[a])]) for a, b in zip(cuts[:-1], cuts[1:], strict=False)]
     trained_chars = [(a, b) for a, b, v in runs if v]
     T, k = len(tok.input_ids), int(tok.trained.sum())
-    seq = int(sequence_length) if sequence_length else None
-    problems = check_sample(rendered, tok, tokenizer, seq)
     summary = (
         f"**Sample {i} of {n}** — **{T} tokens**: <span style='color:#2ca02c'>■</span> {k} trained "
         f"({k / T:.1%}), <span style='color:#999'>■</span> {T - k} masked; "
@@ -255,8 +265,9 @@ def check_whole_dataset(
     progress: Callable[[int, int], Any] | None = None,
 ) -> CheckResult:
     """The dataset's rows as prepare makes them (or an even random sample of ``max_rows``), each checked with
-    backend.chat.check_sample, summarized. Rows prepare skips count under their skip reason."""
-    from backend.chat import HealthReport, check_sample
+    the problems prepare's per-row code found plus the length checks (`_problems`), summarized. Rows prepare skips
+    before tokenizing count under their skip reason."""
+    from backend.chat import HealthReport
     from backend.config import ConfigError
     from studio.plots import length_histogram
 
@@ -274,7 +285,7 @@ def check_whole_dataset(
                 report.add(j, [f"{prepared.skipped.replace(': ', f': row {prepared.row}: ', 1)}"], 0, 0)
             else:
                 tok = prepared.tokenized
-                problems = check_sample(prepared.rendered, tok, tokenizer, seq)
+                problems = _problems(prepared, seq)
                 report.add(j, problems, len(tok.input_ids), tok.n_trained, appended=len(prepared.rendered.appended))
             if progress is not None:
                 progress(j + 1, len(idx))

@@ -51,7 +51,7 @@ Modules, one responsibility each (callers import the public names from ``backend
     backend/chat/templates.py      chat templates, end-of-turn markers, assistant spans, delimiters, render
     backend/chat/fastpath.py       the structure cache: substitution where it is proven equal to Jinja
     backend/chat/tokens.py         tokenize / tokenize_batch, the trained mask, PortableTokenizer
-    backend/chat/health.py         check_sample, HealthReport, check_dataset
+    backend/chat/health.py         check_sample (check_length), HealthReport, check_dataset
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ from backend.chat.conversations import (
     normalize_conversation,
 )
 from backend.chat.fastpath import render_fast_path
-from backend.chat.health import HealthReport, check_dataset, check_sample
+from backend.chat.health import HealthReport, check_dataset, check_length, check_sample
 from backend.chat.templates import (
     eot_token_ids,
     get_spans,
@@ -100,6 +100,7 @@ __all__ = [
     "loss_masking_from_spans",
     "tokenize",
     "tokenize_batch",
+    "check_length",
     "check_sample",
     "PortableTokenizer",
     "portable_spec",

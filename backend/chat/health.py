@@ -46,7 +46,6 @@ def _token_end_char(tokenized: TokenizedSample, t: int) -> int:
 def check_sample(rendered: RenderedSample, tokenized: TokenizedSample, tokenizer, sequence_length=None) -> list[str]:
     """Health problems of one sample, ``"code: message"`` (codes in `PROBLEM_CODES`); includes render problems."""
     problems = list(rendered.problems)
-    n = len(tokenized.input_ids)
     if not tokenized.trained.any():
         problems.append("no_trained_tokens: no token of this sample is trained")
     if rendered.turns:
@@ -64,13 +63,21 @@ def check_sample(rendered: RenderedSample, tokenized: TokenizedSample, tokenizer
                     f"eot_not_trained: end-of-turn {rendered.text[t.content_end : t.end]!r} at char {t.content_end} "
                     "is not trained"
                 )
-    if sequence_length is not None and n > sequence_length:
-        problems.append(f"too_long: {n} tokens > sequence_length {sequence_length}")
-        limit = _token_end_char(tokenized, sequence_length - 1) if sequence_length > 0 else 0
-        for t in rendered.turns:
-            if t.begin < limit < t.end:
-                problems.append(f"assistant_cut: the assistant turn at char {t.begin} crosses token {sequence_length}")
-                break
+    return problems + check_length(rendered, tokenized, sequence_length)
+
+
+def check_length(rendered: RenderedSample, tokenized: TokenizedSample, sequence_length=None) -> list[str]:
+    """The part of `check_sample` that depends on the row length: ``too_long`` and ``assistant_cut`` (the studio
+    adds these to the problems prepare's per-row check already found, for the sequence length on screen)."""
+    n = len(tokenized.input_ids)
+    if sequence_length is None or n <= sequence_length:
+        return []
+    problems = [f"too_long: {n} tokens > sequence_length {sequence_length}"]
+    limit = _token_end_char(tokenized, sequence_length - 1) if sequence_length > 0 else 0
+    for t in rendered.turns:
+        if t.begin < limit < t.end:
+            problems.append(f"assistant_cut: the assistant turn at char {t.begin} crosses token {sequence_length}")
+            break
     return problems
 
 
