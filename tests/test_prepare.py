@@ -186,6 +186,20 @@ def test_report_counts_rows_whose_final_marker_was_appended(tmp_path, tokenizer,
     assert all(d.document(i)[1][-1] for d in stored for i in range(len(d)))  # the marker or the open reply: trained
 
 
+def test_a_row_with_nothing_trained_is_reported_with_the_reason(tmp_path):
+    """Delimiters found in some rows only: the others are skipped (no_trained_tokens) and the report also says why
+    (span_not_found), as the studio's preview of the same row does."""
+    rows = head_jsonl(SAMPLE_DATA, tmp_path / "d.jsonl", 40)
+    start = "Reversed: "
+    masking = {"mode": "delimiters", "start_delimiter": start, "end_delimiter": "<|eot_id|>"}
+    s = prepare(make_cfg(tmp_path, tmp_path / "d.jsonl", chat={"masking": masking}), progress=False)
+    without = [i for i, r in enumerate(rows) if not any(start in m["value"] for m in r["conversations"])]
+    assert 0 < len(without) < len(rows)
+    assert s["skipped"] == {"no_trained_tokens": len(without)}
+    assert s["warnings"]["span_not_found"] == len(without)
+    assert [e["row"] for e in s["examples"]["span_not_found"]] == without[:3]
+
+
 def test_summary_counts_long_documents(tmp_path):
     head_jsonl(SAMPLE_DATA, tmp_path / "d.jsonl", 30)
     s = prepare(make_cfg(tmp_path, tmp_path / "d.jsonl", report={"sequence_length": 90}), progress=False)
