@@ -11,8 +11,10 @@ EventLog so that every scalar field of a `train` or `validation` event is also `
 Where each one writes (``tracker_locations`` returns it; the studio shows it):
     tensorboard  <experiment_dir>/trackers/sft-studio           tensorboard --logdir <that>
     wandb        wandb's own dir under <experiment_dir>/trackers (WANDB_MODE=offline: no account, `wandb sync` later)
-    mlflow       $MLFLOW_TRACKING_URI (a server, or file:<dir> for a local store; default ./mlruns), experiment
-                 "sft-studio", run name = the experiment directory's name
+    mlflow       $MLFLOW_TRACKING_URI when set (a server, a database); else a SQLite store in the run,
+                 sqlite:///<experiment_dir>/trackers/mlflow.db (mlflow ui --backend-store-uri <that>); experiment
+                 "sft-studio", run name = the experiment directory's name. Not ./mlruns: MLflow 3 refuses a new
+                 file store, and its own default (./mlflow.db) depends on the directory training was started from.
 
 Accelerate creates the trackers on the main process only; `accelerator.log` is a no-op elsewhere.
 """
@@ -47,6 +49,12 @@ def tracker_problems(cfg) -> list[str]:
 
 def trackers_dir(experiment_dir) -> Path:
     return Path(experiment_dir) / "trackers"
+
+
+def mlflow_uri(experiment_dir) -> str:
+    """The MLflow tracking URI of a run: $MLFLOW_TRACKING_URI, else the SQLite store inside the run."""
+    store = (trackers_dir(experiment_dir) / "mlflow.db").resolve()
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{store}"
 
 
 def accelerator_tracker_kwargs(cfg) -> dict:
@@ -106,6 +114,10 @@ def start_trackers(accelerator, cfg, events: EventLog) -> TrackedEventLog:
     }
     if accelerator.is_main_process:
         trackers_dir(cfg.run.experiment_dir).mkdir(parents=True, exist_ok=True)
+        if "mlflow" in cfg.run.trackers:
+            import mlflow
+
+            mlflow.set_tracking_uri(mlflow_uri(cfg.run.experiment_dir))
     accelerator.init_trackers(
         PROJECT,
         config=flat_config(cfg),
@@ -123,5 +135,5 @@ def tracker_locations(experiment_dir, trackers) -> dict[str, str]:
         elif name == "wandb":
             out[name] = str(trackers_dir(experiment_dir) / "wandb")
         elif name == "mlflow":
-            out[name] = os.environ.get("MLFLOW_TRACKING_URI", "./mlruns") + f" (experiment {PROJECT})"
+            out[name] = f"{mlflow_uri(experiment_dir)} (experiment {PROJECT})"
     return out

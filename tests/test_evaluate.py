@@ -158,19 +158,23 @@ def test_checkpoint_and_export_score_the_same(tracked_run, data):
 
 
 @pytest.mark.parametrize("tracker", ["wandb", "mlflow"])
-def test_wandb_offline_and_mlflow_file_store(data, tmp_path, monkeypatch, tracker):
+def test_wandb_offline_and_mlflow_store_in_the_run(data, tmp_path, monkeypatch, tracker):
     pytest.importorskip(tracker)
+    from backend.trackers import tracker_locations
     from backend.train import train
 
     monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file:{tmp_path / 'mlruns'}")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # MLflow's default would be ./mlflow.db in the cwd
     run_dir = tmp_path / "exp"
     train(TINY_TRAIN, overrides(data, run_dir, **{"run.trackers": f"[{tracker}]", "training.evaluations.samples": 0}))
     losses = [e["loss"] for e in events_of(run_dir, "train")]
     if tracker == "mlflow":
         import mlflow
 
-        client = mlflow.tracking.MlflowClient(f"file:{tmp_path / 'mlruns'}")
+        uri = f"sqlite:///{run_dir.resolve() / 'trackers' / 'mlflow.db'}"
+        assert tracker_locations(run_dir, ["mlflow"])["mlflow"] == f"{uri} (experiment sft-studio)"
+        assert (run_dir / "trackers" / "mlflow.db").is_file()  # the store lives in the run, not where it started
+        client = mlflow.tracking.MlflowClient(uri)
         (run,) = client.search_runs([client.get_experiment_by_name("sft-studio").experiment_id])
         history = client.get_metric_history(run.info.run_id, "train/loss")
         assert [m.value for m in sorted(history, key=lambda m: m.step)] == pytest.approx(losses, rel=1e-6)
