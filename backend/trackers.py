@@ -30,7 +30,14 @@ from backend.events import EventLog
 PROJECT = "sft-studio"
 LOGGED_EVENTS = ("train", "validation")
 
-__all__ = ["accelerator_tracker_kwargs", "start_trackers", "TrackedEventLog", "tracker_locations", "flat_config"]
+__all__ = [
+    "accelerator_tracker_kwargs",
+    "start_trackers",
+    "TrackedEventLog",
+    "tracker_locations",
+    "flat_config",
+    "mlflow_uri",
+]
 
 
 _PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
@@ -51,10 +58,16 @@ def trackers_dir(experiment_dir) -> Path:
     return Path(experiment_dir) / "trackers"
 
 
+_MLFLOW_URI_SET_HERE: str | None = None  # mlflow.set_tracking_uri also writes $MLFLOW_TRACKING_URI: not the user's
+
+
 def mlflow_uri(experiment_dir) -> str:
-    """The MLflow tracking URI of a run: $MLFLOW_TRACKING_URI, else the SQLite store inside the run."""
-    store = (trackers_dir(experiment_dir) / "mlflow.db").resolve()
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{store}"
+    """The MLflow tracking URI of a run: $MLFLOW_TRACKING_URI as the user set it, else the SQLite store inside the
+    run (a value this module set for an earlier run in the same process, e.g. a notebook's, is not the user's)."""
+    user = os.environ.get("MLFLOW_TRACKING_URI")
+    if user and user != _MLFLOW_URI_SET_HERE:
+        return user
+    return f"sqlite:///{(trackers_dir(experiment_dir) / 'mlflow.db').resolve()}"
 
 
 def accelerator_tracker_kwargs(cfg) -> dict:
@@ -117,7 +130,9 @@ def start_trackers(accelerator, cfg, events: EventLog) -> TrackedEventLog:
         if "mlflow" in cfg.run.trackers:
             import mlflow
 
-            mlflow.set_tracking_uri(mlflow_uri(cfg.run.experiment_dir))
+            global _MLFLOW_URI_SET_HERE
+            _MLFLOW_URI_SET_HERE = mlflow_uri(cfg.run.experiment_dir)
+            mlflow.set_tracking_uri(_MLFLOW_URI_SET_HERE)
     accelerator.init_trackers(
         PROJECT,
         config=flat_config(cfg),

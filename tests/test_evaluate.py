@@ -7,7 +7,8 @@ What each test proves:
 - greedy answers with our KV-cache loop equal transformers' `generate` (greedy, cache) token for token;
 - a run with `training.evaluations.samples` writes `samples` events at each validation, and with
   `run.trackers: [tensorboard]` TensorBoard holds the same train/validation losses as events.jsonl and the config;
-- wandb (offline) and mlflow (file store) get the same scalars when installed;
+- wandb (offline) and mlflow (a SQLite store in each run, also for two runs in one process) get the same
+  scalars (the test set-up installs both);
 - two FSDP processes generate together and finish (no hang), only rank 0 writes the event (slow).
 """
 
@@ -164,21 +165,30 @@ def test_wandb_offline_and_mlflow_store_in_the_run(data, tmp_path, monkeypatch, 
     from backend.train import train
 
     monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # MLflow's default would be ./mlflow.db in the cwd
-    run_dir = tmp_path / "exp"
+    # set, then removed: pytest restores the variable after the test (mlflow.set_tracking_uri writes it)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "unset-by-this-test")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # MLflow's own default would be ./mlflow.db in the cwd
+    runs = [tmp_path / "exp", tmp_path / "exp_b"]
+    stores = [f"sqlite:///{r.resolve() / 'trackers' / 'mlflow.db'}" for r in runs]
+    if tracker == "mlflow":  # what the studio shows before the run is where the run writes
+        assert tracker_locations(runs[0], ["mlflow"])["mlflow"] == f"{stores[0]} (experiment sft-studio)"
+    run_dir = runs[0]
     train(TINY_TRAIN, overrides(data, run_dir, **{"run.trackers": f"[{tracker}]", "training.evaluations.samples": 0}))
     losses = [e["loss"] for e in events_of(run_dir, "train")]
     if tracker == "mlflow":
         import mlflow
 
-        uri = f"sqlite:///{run_dir.resolve() / 'trackers' / 'mlflow.db'}"
-        assert tracker_locations(run_dir, ["mlflow"])["mlflow"] == f"{uri} (experiment sft-studio)"
-        assert (run_dir / "trackers" / "mlflow.db").is_file()  # the store lives in the run, not where it started
-        client = mlflow.tracking.MlflowClient(uri)
-        (run,) = client.search_runs([client.get_experiment_by_name("sft-studio").experiment_id])
-        history = client.get_metric_history(run.info.run_id, "train/loss")
-        assert [m.value for m in sorted(history, key=lambda m: m.step)] == pytest.approx(losses, rel=1e-6)
-        assert run.data.params["batch.sequence_length"] == "256"
+        # a second run in the same process (a notebook) gets its own store, not the first run's
+        assert tracker_locations(runs[1], ["mlflow"])["mlflow"] == f"{stores[1]} (experiment sft-studio)"
+        train(TINY_TRAIN, overrides(data, runs[1], **{"run.trackers": "[mlflow]", "training.evaluations.samples": 0}))
+        for store, run_dir in zip(stores, runs, strict=True):
+            assert (run_dir / "trackers" / "mlflow.db").is_file()  # the store lives in the run
+            client = mlflow.tracking.MlflowClient(store)
+            (run,) = client.search_runs([client.get_experiment_by_name("sft-studio").experiment_id])
+            assert run.info.run_name == run_dir.name
+            history = client.get_metric_history(run.info.run_id, "train/loss")
+            assert [m.value for m in sorted(history, key=lambda m: m.step)] == pytest.approx(losses, rel=1e-6)
+            assert run.data.params["batch.sequence_length"] == "256"
     else:
         assert list((run_dir / "trackers").glob("**/offline-run-*")), "wandb wrote no offline run"
 
@@ -295,7 +305,7 @@ def test_progress_lines_for_waits():
     assert eta_text(5, 10, __import__("time").perf_counter() - 2.0) == "5/10, ETA 2 s"
 
 
-def test_a_tracker_whose_package_is_missing_is_a_config_error():
+def test_a_tracker_whose_package_is_missing_is_a_config_error(monkeypatch):
     """Accelerate drops an unavailable tracker silently; we refuse it at --validate (and at train start, and in
     the studio's Config tab, through the same backend.compat.machine_problems)."""
     import importlib.util
@@ -303,15 +313,17 @@ def test_a_tracker_whose_package_is_missing_is_a_config_error():
     from backend.compat import machine_problems
     from backend.config import load_train_config
 
-    missing = next((n for n in ("wandb", "mlflow") if importlib.util.find_spec(n) is None), None)
-    if missing is None:
-        pytest.skip("wandb and mlflow are both installed")
+    missing = "mlflow"  # the test set-up installs it: hide it (find_spec returns None for a None module entry)
+    monkeypatch.setitem(sys.modules, missing, None)
+    assert importlib.util.find_spec(missing) is None
     cfg = load_train_config(TINY_TRAIN, [f"run.trackers=[tensorboard, {missing}]"])
     assert machine_problems(cfg) == [
         f"run.trackers: {missing} is not installed on this machine; pip install 'sft-studio[{missing}]' or remove it"
     ]
+    hidden = f"import sys, runpy; sys.modules[{missing!r}] = None; "
+    hidden += "runpy.run_module('backend.train', run_name='__main__')"  # python -m backend.train without mlflow
     proc = subprocess.run(
-        [sys.executable, "-m", "backend.train", str(TINY_TRAIN), f"run.trackers=[{missing}]", "--validate"],
+        [sys.executable, "-c", hidden, str(TINY_TRAIN), f"run.trackers=[{missing}]", "--validate"],
         cwd=ROOT,
         capture_output=True,
         text=True,
