@@ -260,10 +260,10 @@ def load_data(cfg) -> RunData:
 
 
 class Model(NamedTuple):
-    model: object  # prepared by the Accelerator (FSDP2 DTensors, DDP or plain), in train mode
-    optimizer: object  # AdamW over the trainable parameters, re-pointed at the prepared ones
+    model: object  # loaded for this rank, not yet prepared by the Accelerator
+    optimizer: object  # AdamW over the trainable parameters
+    finish_loading: object  # FSDP with rank-0 loading: call with the prepared model (scatters the weights), or None
     tokenizer: object  # the data's tokenizer: its chat template and stop tokens go into every export
-    state_io: dict  # LoRA: {"save", "load"} of the adapters and their optimizer state only; {} otherwise
     attention: str  # the attention implementation select_attention chose, and why
     attention_reason: str
     num_parameters: int
@@ -272,7 +272,7 @@ class Model(NamedTuple):
 
 def build_model(cfg, accelerator, splits: dict, probe) -> Model:
     """The tokenizer checked against the model and the data, the model loaded for this rank (full weights, or a
-    frozen base + LoRA adapters), activation checkpointing, AdamW, and Accelerator.prepare."""
+    frozen base + LoRA adapters), activation checkpointing and AdamW; the recipe prepares them."""
     import torch
     from accelerate.utils import set_seed
 
@@ -296,7 +296,7 @@ def build_model(cfg, accelerator, splits: dict, probe) -> Model:
     probe.before_load()
     lora = cfg.model.base_model.peft.type == "lora"
     if lora:  # frozen base (4/8-bit with pretrained.quantization) + trainable adapters: backend/lora.py
-        from backend.lora import load_lora_model, lora_state_loader, lora_state_saver, parameter_counts
+        from backend.lora import load_lora_model, parameter_counts
 
         model, finish_loading = load_lora_model(cfg, attn_impl, fsdp_sharded=sharded), None
         trainable_params, num_params = parameter_counts(model)
@@ -315,33 +315,32 @@ def build_model(cfg, accelerator, splits: dict, probe) -> Model:
         lr=lr_at(0, opt.learning_rate, cfg.training.train_iters),
         betas=(opt.beta_1, opt.beta_2),
     )
-    # prepare: wraps/shards the model (FSDP2 turns parameters into DTensors) and re-points the optimizer at them
-    model, optimizer = accelerator.prepare(model, optimizer)
-    if finish_loading is not None:
-        finish_loading(model)  # FSDP: rank 0's weights scattered into every rank's shards
-    model.train()
-    probe.after_prepare(model)
-    state_io = {}  # LoRA checkpoints hold the adapters and their optimizer state only, not the frozen base
-    if lora:
-        state_io = {
-            "save": lora_state_saver(accelerator, model, optimizer),
-            "load": lora_state_loader(accelerator, model, optimizer),
-        }
-    return Model(model, optimizer, tokenizer, state_io, attn_impl, attn_reason, num_params, trainable_params)
+    return Model(model, optimizer, finish_loading, tokenizer, attn_impl, attn_reason, num_params, trainable_params)
 
 
 class RunOutputs:
     """What a run writes as it goes: checkpoints (to resume) and exports (to use), each with its event on rank 0.
-    Every rank calls save and export (collectives: sharded state, gathered weights)."""
+    Every rank calls save and export (collectives: sharded state, gathered weights). ``model`` and ``optimizer``
+    are the prepared ones."""
 
-    def __init__(self, cfg, accelerator, events, m: Model, data_fingerprint: dict):
+    def __init__(self, cfg, accelerator, events, model, optimizer, tokenizer, data_fingerprint: dict):
         from backend.config import config_hash, dump_yaml
 
-        self.cfg, self.accelerator, self.events, self.m = cfg, accelerator, events, m
+        self.cfg, self.accelerator, self.events = cfg, accelerator, events
+        self.model, self.tokenizer = model, tokenizer
         self.run_dir = Path(cfg.run.experiment_dir)
         self.checkpoints = self.run_dir / "checkpoints"
         self.config_yaml = dump_yaml(cfg)
         self.meta = {"config_hash": config_hash(cfg), "data": data_fingerprint}  # compared on resume
+        self.lora = cfg.model.base_model.peft.type == "lora"
+        self.state_io = {}  # LoRA checkpoints hold the adapters and their optimizer state only, not the frozen base
+        if self.lora:
+            from backend.lora import lora_state_loader, lora_state_saver
+
+            self.state_io = {
+                "save": lora_state_saver(accelerator, model, optimizer),
+                "load": lora_state_loader(accelerator, model, optimizer),
+            }
 
     def save(self, step: int) -> Path:
         from backend.checkpoint import save_checkpoint
@@ -354,7 +353,7 @@ class RunOutputs:
             self.config_yaml,
             t.checkpoint.keep,
             self.meta,
-            self.m.state_io.get("save"),
+            self.state_io.get("save"),
         )
         if self.accelerator.is_main_process:
             self.events.emit("checkpoint", step, path=str(path))
@@ -364,15 +363,15 @@ class RunOutputs:
         from backend.checkpoint import export_dtype, export_hf, prune_exports
         from backend.distributed import print0
 
-        cfg, accelerator, m, t = self.cfg, self.accelerator, self.m, self.cfg.training
-        out = self.run_dir / "export"
-        if m.state_io:  # LoRA: export/<name>/adapter (PEFT) + export/<name> merged at every export or the final one
+        cfg, accelerator, t = self.cfg, self.accelerator, self.cfg.training
+        model, tokenizer, out = self.model, self.tokenizer, self.run_dir / "export"
+        if self.lora:  # export/<name>/adapter (PEFT) + export/<name> merged at every export or only the final one
             from backend.lora import export_lora
 
-            paths = export_lora(accelerator, m.model, m.tokenizer, out, name, cfg, t.export.merge or name == "final")
+            paths = export_lora(accelerator, model, tokenizer, out, name, cfg, t.export.merge or name == "final")
             path, extra = paths["merged"] or paths["adapter"], {"adapter": str(paths["adapter"])}
         else:
-            path = export_hf(accelerator, m.model, m.tokenizer, out, name, export_dtype(cfg), t.export.max_shard_size)
+            path = export_hf(accelerator, model, tokenizer, out, name, export_dtype(cfg), t.export.max_shard_size)
             extra = {}
         if accelerator.is_main_process:
             self.events.emit("export", step, path=str(path), **extra)
@@ -412,8 +411,13 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
     # ---- model, tokenizer, optimizer (backend/scaling.py, backend/lora.py), then what the run writes
     probe = Probe(rank)  # measurements for the tests, only with SFT_STUDIO_PROBE set
     m = build_model(cfg, accelerator, {"training": train_data, "validation": val_data, "test": test_data}, probe)
-    model, optimizer = m.model, m.optimizer
-    outputs = RunOutputs(cfg, accelerator, events, m, data.fingerprint)
+    # prepare: wraps/shards the model (FSDP2 turns parameters into DTensors) and re-points the optimizer at them
+    model, optimizer = accelerator.prepare(m.model, m.optimizer)
+    if m.finish_loading is not None:
+        m.finish_loading(model)  # FSDP: rank 0's weights scattered into every rank's shards
+    model.train()
+    probe.after_prepare(model)
+    outputs = RunOutputs(cfg, accelerator, events, model, optimizer, m.tokenizer, data.fingerprint)
     sample_writer = None
     if val_iters and t.evaluations.samples:  # greedy answers to fixed validation prompts (backend/evaluate.py)
         from backend.evaluate import SampleWriter
@@ -428,7 +432,7 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
     start_step, resumed_from = 0, None
     latest = latest_complete(checkpoints, warn=print0)
     if latest is not None:
-        start_step = load_checkpoint(accelerator, latest, m.state_io.get("load"))["step"]  # model, optimizer, RNG
+        start_step = load_checkpoint(accelerator, latest, outputs.state_io.get("load"))["step"]  # model, optimizer, RNG
         resumed_from = str(latest)
         print0(f"resuming from {latest} (step {start_step})")
 
@@ -468,7 +472,8 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
     step, last_saved, stopped = start_step, start_step if latest is not None else None, False
     first_val = last_val = first_loss = last_loss = None
     tokens_per_step = b.batch_size * b.sequence_length  # positions through the model, padding included
-    bar = tqdm(total=t.train_iters, initial=start_step, desc="train", disable=not accelerator.is_main_process)
+    quiet = not accelerator.is_main_process
+    bar = tqdm(total=t.train_iters, initial=start_step, desc="train", disable=quiet, dynamic_ncols=True)
     session_start = time.perf_counter()
     interval_trained, interval_time = 0, 0.0
     while step < t.train_iters:
@@ -638,6 +643,7 @@ def train(config, overrides=()) -> dict:
         else lock_error is not None
     )
     if locked_out:
+        close_distributed(accelerator)
         raise lock_error or LockedError(f"{run_dir} is in use by another run (see {run_dir / 'LOCK'})")
     try:
         if accelerator.is_main_process:
@@ -676,6 +682,15 @@ def _last_step(events_path) -> int:
 
 def main(cfg) -> int:
     """run_cli's entry: exit code per the module docstring."""
+    import gc
+
+    try:
+        return _exit_code(cfg)
+    finally:  # a failed run's traceback held fit's frame (the FSDP model) through train's close_distributed
+        gc.collect()
+
+
+def _exit_code(cfg) -> int:
     from backend.events import LockedError
 
     try:

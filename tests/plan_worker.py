@@ -109,7 +109,7 @@ def main():
     path.write_text(json.dumps(out))
     accelerator.wait_for_everyone()  # every rank's file is written before any rank leaves the group
     accelerator.end_training()
-    del model, optimizer
+    del model, optimizer, loss_sum, mb  # the loss's autograd graph holds the FSDP state too
     close_distributed(accelerator)  # as backend.train does: the group must not die at interpreter exit
 
 
