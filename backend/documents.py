@@ -254,13 +254,10 @@ def _process_chunk(start: int, task, state: tuple | None = None, keep_samples: b
     n_trained = csum[bounds[1:]] - csum[bounds[:-1]]
     keep = n_trained > 0
     for j in np.flatnonzero(~keep).tolist():
-        if rendered_list[j] is not None:  # why nothing is trained (e.g. span_not_found), then the skip itself
-            for p in rendered_list[j].problems:
-                code, _, message = p.partition(": ")
-                problems.append((rows[j], code, message, False))
-        problems.append(
-            (rows[j], "no_trained_tokens", f"no token is trained ({bounds[j + 1] - bounds[j]} tokens)", True)
-        )
+        # the skip names why nothing is trained (e.g. span_not_found), so that `warnings` stays about kept rows
+        why = "; ".join(rendered_list[j].problems) if rendered_list[j] is not None else ""
+        message = f"no token is trained ({bounds[j + 1] - bounds[j]} tokens)" + (f": {why}" if why else "")
+        problems.append((rows[j], "no_trained_tokens", message, True))
     checked = [j for j in np.flatnonzero(keep).tolist() if rendered_list[j] is not None]
     for j, sample in zip(checked, flat.samples(checked), strict=False):  # health warnings of the one-step form
         for p in chat.check_sample(rendered_list[j], sample, tokenizer):

@@ -163,7 +163,7 @@ def _cut_lines(rendered, tok, tokenizer, masking, template, seq: int) -> str:
 
 def _problems(prepared, sequence_length) -> list[str]:
     """A row's health problems, "code: message": what prepare's per-row code found (render problems, end-of-turn
-    checks, repairs, split_turns notes, the reason it skips the row) plus the length checks for ``sequence_length``
+    checks, span repairs, the reason it skips the row) plus the length checks for ``sequence_length``
     (prepare checks lengths over the whole dataset instead). The preview and the dataset check both show these."""
     from backend.chat import check_length
 

@@ -187,8 +187,8 @@ def test_report_counts_rows_whose_final_marker_was_appended(tmp_path, tokenizer,
 
 
 def test_a_row_with_nothing_trained_is_reported_with_the_reason(tmp_path):
-    """Delimiters found in some rows only: the others are skipped (no_trained_tokens) and the report also says why
-    (span_not_found), as the studio's preview of the same row does."""
+    """Delimiters found in some rows only: the others are skipped (no_trained_tokens) and the skip says why
+    (span_not_found), as the studio's preview of the same row does; `warnings` stays about the rows kept."""
     rows = head_jsonl(SAMPLE_DATA, tmp_path / "d.jsonl", 40)
     start = "Reversed: "
     masking = {"mode": "delimiters", "start_delimiter": start, "end_delimiter": "<|eot_id|>"}
@@ -196,8 +196,10 @@ def test_a_row_with_nothing_trained_is_reported_with_the_reason(tmp_path):
     without = [i for i, r in enumerate(rows) if not any(start in m["value"] for m in r["conversations"])]
     assert 0 < len(without) < len(rows)
     assert s["skipped"] == {"no_trained_tokens": len(without)}
-    assert s["warnings"]["span_not_found"] == len(without)
-    assert [e["row"] for e in s["examples"]["span_not_found"]] == without[:3]
+    assert "span_not_found" not in s["warnings"]
+    examples = s["examples"]["no_trained_tokens"]
+    assert [e["row"] for e in examples] == without[:3]
+    assert all("no token is trained" in e["message"] and "span_not_found: " in e["message"] for e in examples)
 
 
 def test_summary_counts_long_documents(tmp_path):

@@ -166,6 +166,9 @@ def test_dataset_check_counts_match_check_dataset_and_tokens_lost():
     assert sampled and len(idx) == 200
     ref = check_dataset([rows[int(i)] for i in idx], H.get_tokenizer(TOK), Masking(), None, 100)
     assert r.report["trained_tokens"] == ref.n_trained and r.report["tokens"] == ref.n_tokens
+    # prepare's per-row problems + the length checks count what a full check_sample of every row counts
+    assert {c: p["count"] for c, p in r.report["problems"].items()} == ref.counts
+    assert ref.counts.get("too_long")  # the comparison covers the length checks
     lengths = np.asarray(ref.lengths)
     assert f"{int((lengths > 100).sum())} documents holding {int(lengths[lengths > 100].sum())} tokens" in r.summary
     assert "SKIPPED" in r.summary and "even random sample" in r.summary
