@@ -17,6 +17,8 @@ SIGTERM to the group). The accelerate YAML written next to the config:
                                 the CPU and gloo from ACCELERATE_USE_CPU=true (train_env) and build_accelerator
                                 forces FSDP (backend/distributed.py, FACTS.md "Accelerate and FSDP").
     num_processes, mixed_precision (from model.distributed.training_dtype)
+    main_process_port           a free port picked at launch (not torch's fixed 29500: two runs started on one
+                                machine, e.g. two studio jobs, would otherwise collide with EADDRINUSE)
 
 The backend builds its FSDP plugin from the training config itself (backend.distributed.build_accelerator), so
 the YAML only has to make the launcher start the right number of processes with a matching distributed type.
@@ -72,6 +74,15 @@ def _resolved(config_path, extra_overrides):
     return load_train_config(config_path, list(extra_overrides))
 
 
+def free_port() -> int:
+    """A TCP port free on this machine now (the OS picks it), for the rendezvous of one multi-process run."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def train_command(
     config_path,
     num_processes: int = 1,
@@ -83,7 +94,8 @@ def train_command(
     """argv that trains `config_path` with `num_processes` processes (writes the accelerate YAML when > 1).
 
     use_cpu: None = detect (no NVIDIA GPU -> CPU); only decides the environment (train_env), kept for callers
-    that want to record it. `module` exists for tests that launch a worker the same way.
+    that want to record it. `module` exists for tests that launch a worker the same way. main_process_port: None =
+    a free port (`free_port`); a multi-machine launch passes its own on the accelerate command line.
     """
     config_path = str(config_path)
     overrides = [str(o) for o in extra_overrides]
@@ -92,7 +104,10 @@ def train_command(
     cfg = _resolved(config_path, overrides)
     yaml_path = Path(config_path).resolve().parent / f"accelerate_{int(num_processes)}proc.yaml"
     text = accelerate_config_yaml(
-        num_processes, int(cfg.model.multi_stage.zero_stage), cfg.model.distributed.training_dtype, main_process_port
+        num_processes,
+        int(cfg.model.multi_stage.zero_stage),
+        cfg.model.distributed.training_dtype,
+        free_port() if main_process_port is None else main_process_port,
     )
     tmp = yaml_path.with_name(yaml_path.name + ".tmp")
     tmp.write_text(text)

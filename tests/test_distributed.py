@@ -8,7 +8,7 @@ writes + train_env), exactly as the studio launches backend.train, and compares 
 
 import json
 import os
-import socket
+import re
 import subprocess
 import sys
 
@@ -17,16 +17,10 @@ import torch
 
 from backend import ASSETS
 from backend.config import dump_yaml, load_train_config
-from backend.launch import accelerate_config_yaml, train_command, train_env
+from backend.launch import accelerate_config_yaml, free_port, train_command, train_env
 
 pytestmark = pytest.mark.slow
 ROOT = ASSETS.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_worker(tmp_path, name, num_processes, zero_stage, impl="fused", overrides=(), untied=False):
@@ -145,6 +139,9 @@ def test_launch_commands_and_yaml(tmp_path):
     ]
     text = yaml_path.read_text()
     assert "distributed_type: FSDP" in text and "fsdp_reshard_after_forward: false" in text
+    # a port picked per launch, not torch's fixed 29500 (two runs at once on one machine would collide)
+    port = int(re.search(r"^main_process_port: (\d+)$", text, re.M).group(1))
+    assert port != 29500 and 1024 <= port < 65536
     assert "mixed_precision: 'bf16'" in text and "use_cpu: false" in text
     assert "distributed_type: MULTI_GPU" in accelerate_config_yaml(2, zero_stage=1)
     assert train_env(2, use_cpu=True, threads=1) == {

@@ -4,7 +4,6 @@ the guide's 8B verdicts as written in bench/README.md, the suggestions, the disk
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 
@@ -107,14 +106,8 @@ def test_planning_does_not_import_torch():
 # ---- each part against bytes measured on the trainer's own step (tests/plan_worker.py)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def measure(tmp_path, model_path, num_processes, dtype="fp32"):
-    from backend.launch import train_command, train_env
+    from backend.launch import free_port, train_command, train_env
 
     run = tmp_path / f"run{num_processes}"
     run.mkdir()
@@ -139,7 +132,7 @@ def measure(tmp_path, model_path, num_processes, dtype="fp32"):
     if num_processes == 1:
         cmd = [sys.executable, "-m", "tests.plan_worker", str(config_path)]
     else:
-        cmd = train_command(config_path, num_processes, main_process_port=_free_port(), module="tests.plan_worker")
+        cmd = train_command(config_path, num_processes, main_process_port=free_port(), module="tests.plan_worker")
     env = {**os.environ, **train_env(num_processes, use_cpu=True, threads=1)}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"

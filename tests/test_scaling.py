@@ -15,7 +15,6 @@ Run: .venv/bin/pytest tests/test_scaling.py -m slow -x -q          (a few minute
 import json
 import os
 import shutil
-import socket
 import subprocess
 from pathlib import Path
 
@@ -24,17 +23,11 @@ import torch
 
 from backend import ASSETS, ROOT, TINY_MODEL
 from backend.events import read_events
-from backend.launch import train_command, train_env
+from backend.launch import free_port, train_command, train_env
 from backend.scaling import PROBE_ENV
 
 pytestmark = pytest.mark.slow
 TINY_TRAIN = ASSETS / "configs" / "tiny_train.yaml"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_config(run_dir: Path, data: Path, **extra) -> Path:
