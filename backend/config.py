@@ -510,6 +510,12 @@ class ChatConfig(Section):
 class ReportConfig(Section):
     sequence_length: Int | None = Field(4096, ge=1, description="Count documents longer than this (null = no count).")
     examples: Int = Field(3, ge=0, description="Example rows shown per problem in the prepare report.")
+    max_skipped_share: Float = Field(
+        0.05,
+        ge=0.0,
+        le=1.0,
+        description="Warn loudly (summary and prepare_report.json) when more than this share of input rows is skipped.",
+    )
 
 
 class LongDocumentsConfig(Section):
