@@ -206,7 +206,7 @@ def _process_chunk(start: int, task, state: tuple | None = None, keep_samples: b
                 problems.append((r, "missing_field", f"no {job.conversations_field!r} in this row", True))
                 continue
             try:
-                rendered = chat.render(conv, tokenizer, masking, job.chat_template)
+                rendered = chat.render(conv, tokenizer, masking, job.chat_template, row.get("tools"))
             except chat.ChatError as e:
                 problems.append((r, "bad_conversation", str(e), True))
                 continue
@@ -336,7 +336,7 @@ def open_rows(cfg: PrepareConfig):
         raise PrepareError(f"dataset.path: {where} has no rows")
     form, conv_field = detect_form(cfg, source.columns(), where)
     if hasattr(source, "needed"):  # a datasets source reads only the columns the form needs
-        source.needed = [c for c in (cfg.dataset.field, cfg.dataset.loss_masking_spans, conv_field) if c]
+        source.needed = [c for c in (cfg.dataset.field, cfg.dataset.loss_masking_spans, conv_field, "tools") if c]
     return source, n_rows, form, conv_field
 
 
@@ -403,7 +403,8 @@ class RowReader:
         return self.n_rows
 
     def sample(self, i: int, cfg: PrepareConfig | None = None, tokenizer=None) -> PreparedRow:
-        """Row ``i`` (0 <= i < len) as prepare makes it. Raises ConfigError for a template no row can use."""
+        """Row ``i`` (0 <= i < len) as prepare makes it. Raises ConfigError for a template no row can use (one that
+        cannot render the dataset's tools, too)."""
         return next(self.samples([i], cfg, tokenizer))
 
     def samples(self, indices, cfg: PrepareConfig | None = None, tokenizer=None):
@@ -426,7 +427,12 @@ class RowReader:
             start = stop = indices[k]
             while k < len(indices) and indices[k] == stop and stop - start < CHUNK_ROWS:
                 k, stop = k + 1, stop + 1
-            res = _process_chunk(start, self.source.task(start, stop), state, keep_samples=True)
+            try:
+                res = _process_chunk(start, self.source.task(start, stop), state, keep_samples=True)
+            except chat.TemplateCapabilityError as e:  # no row of this dataset can use the template
+                from backend.config import ConfigError
+
+                raise ConfigError([f"chat.template: {e}"]) from None
             bounds = res.bounds.tolist()
             for r in range(start, stop):
                 docs = [

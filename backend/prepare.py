@@ -504,14 +504,18 @@ def _prepare_into(cfg: PrepareConfig, tmp: Path, digest: str, fingerprint, progr
 
 
 def main(cfg: PrepareConfig, force: bool = False) -> int:
-    """`run_cli` entry: 0 on success; 2 when a non-empty input gave no document (the reasons are printed); 1 with a
-    one-paragraph message (no traceback) when preparation fails otherwise."""
-    from backend.chat import RenderProofError
+    """`run_cli` entry: 0 on success; 2 when a non-empty input gave no document (the reasons are printed) or the
+    chat template cannot write the data's tools; 1 with a one-paragraph message (no traceback) when preparation
+    fails otherwise."""
+    from backend.chat import RenderProofError, TemplateCapabilityError
 
     try:
         prepare(cfg, force=force)
     except NothingPreparedError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except TemplateCapabilityError as e:  # a config problem: the template cannot write this dataset
+        print(f"error: chat.template: {e}", file=sys.stderr)
         return 2
     except (PrepareError, RenderProofError) as e:
         print(f"error: {e}", file=sys.stderr)

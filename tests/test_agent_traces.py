@@ -1,0 +1,330 @@
+"""Agent traces (tool calls, tool results, reasoning) on the tool- and reasoning-capable templates that model families
+ship (tests/data/chat_templates, `agent_templates.json`, credited in the folder's README).
+
+The oracle does not use `backend.chat`. Every content, argument value, tool result and tool description holds a
+unique marker. Each row goes through prepare's one path (`backend.documents.RowReader`, the stored tokens), and:
+- the stored tokens decode to transformers' ``apply_chat_template(messages, tools=...)`` text (plus an appended
+  final end-of-turn marker, `RenderedSample.appended`);
+- no token of a never-trained marker (system, user, tool result, tool description) is trained;
+- every token of a must-train marker (reply text, argument value, reasoning) that the template writes is trained,
+  and so is the end-of-turn marker the family documents (written by hand in the manifest) after the final reply;
+- where the template has ``{% generation %}`` blocks, the trained mask equals transformers' ``assistant_masks``.
+Token character ranges come from the tokenizer's own offsets, not from `backend.chat`.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from backend import TINY_MODEL
+from backend.config import load_prepare_config
+from backend.documents import RowReader
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+CORPUS = Path(__file__).parent / "data" / "chat_templates"
+AGENT = {k: v for k, v in json.loads((CORPUS / "agent_templates.json").read_text()).items() if not k.startswith("_")}
+
+NEVER = ("zqsys", "zqusr", "zqres", "zqdesc")  # marker prefixes that are never trained
+MUST = ("zqans", "zqarg", "zqrsn")  # trained wherever the template writes them
+
+
+def _tools():
+    return [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "description": "zqdesc1 the weather in a city",
+                "parameters": {
+                    "type": "object",
+                    "properties": {"city": {"type": "string", "description": "zqdesc2 city name"}},
+                    "required": ["city"],
+                },
+            },
+        },
+        {
+            "type": "function",
+            "function": {
+                "name": "get_time",
+                "description": "zqdesc3 the local time",
+                "parameters": {"type": "object", "properties": {"zone": {"type": "string"}}, "required": ["zone"]},
+            },
+        },
+    ]
+
+
+def _call(i, name, key, value, as_string=False):
+    args = {key: value}
+    return {
+        "id": f"call{i:05d}",  # 9 alphanumerics: what Mistral's templates demand
+        "type": "function",
+        "function": {"name": name, "arguments": json.dumps(args) if as_string else args},
+    }
+
+
+def _result(i, content, name):
+    return {"role": "tool", "tool_call_id": f"call{i:05d}", "name": name, "content": content}
+
+
+def _shapes(as_string=False):
+    sys_ = {"role": "system", "content": "zqsys1 be brief"}
+    u1 = {"role": "user", "content": "zqusr1 weather in Oslo?"}
+    weather = _call(1, "get_weather", "city", "zqarg1", as_string)
+    return {
+        "call_without_text": [
+            sys_,
+            u1,
+            {"role": "assistant", "content": "", "tool_calls": [weather]},
+            _result(1, "zqres1 sunny", "get_weather"),
+            {"role": "assistant", "content": "zqans1 it is sunny"},
+        ],
+        "call_with_text": [
+            u1,
+            {"role": "assistant", "content": "zqans2 let me look", "tool_calls": [weather]},
+            _result(1, "zqres2 rain", "get_weather"),
+            {"role": "assistant", "content": "zqans3 it rains"},
+        ],
+        "parallel_calls": [
+            u1,
+            {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [weather, _call(2, "get_time", "zone", "zqarg2", as_string)],
+            },
+            _result(1, "zqres3 cold", "get_weather"),
+            _result(2, "zqres4 noon", "get_time"),
+            {"role": "assistant", "content": "zqans4 cold at noon"},
+        ],
+        "turns_after_result": [
+            sys_,
+            u1,
+            {"role": "assistant", "content": "", "tool_calls": [weather]},
+            _result(1, "zqres5 windy", "get_weather"),
+            {"role": "assistant", "content": "zqans5 windy"},
+            {"role": "user", "content": "zqusr2 and tomorrow?"},
+            {"role": "assistant", "content": "zqans6 no forecast tool"},
+            {"role": "user", "content": "zqusr3 thanks"},
+            {"role": "assistant", "content": "zqans7 welcome"},
+        ],
+        "reasoning_every_turn": [
+            u1,
+            {"role": "assistant", "content": "", "reasoning_content": "zqrsn1 need the tool", "tool_calls": [weather]},
+            _result(1, "zqres6 fog", "get_weather"),
+            {"role": "assistant", "content": "zqans8 foggy", "reasoning_content": "zqrsn2 the tool said fog"},
+            {"role": "user", "content": "zqusr4 sure?"},
+            {"role": "assistant", "content": "zqans9 yes", "reasoning_content": "zqrsn3 repeat it"},
+        ],
+    }
+
+
+def _hf(messages):
+    """The messages as Hugging Face templates read them: arguments as dicts, reasoning also as ``thinking``."""
+    out = []
+    for m in messages:
+        m = dict(m)
+        if "tool_calls" in m:
+            m["tool_calls"] = [
+                {**c, "function": {**c["function"], "arguments": _args(c["function"]["arguments"])}}
+                for c in m["tool_calls"]
+            ]
+        if "reasoning_content" in m:
+            m["thinking"] = m["reasoning_content"]
+        out.append(m)
+    return out
+
+
+def _args(a):
+    return json.loads(a) if isinstance(a, str) else a
+
+
+ROWS = {**{k: v for k, v in _shapes().items()}, "arguments_as_string": _shapes(as_string=True)["call_without_text"]}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(TINY_MODEL))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("agent")
+    with open(d / "rows.jsonl", "w") as f, open(d / "rows_without_tools.jsonl", "w") as g:
+        for messages in ROWS.values():
+            f.write(json.dumps({"messages": messages, "tools": json.dumps(_tools())}) + "\n")  # tools as a string
+            g.write(json.dumps({"messages": messages}) + "\n")
+    return d
+
+
+def _reader(data, template, **chat):
+    rows = "rows.jsonl" if AGENT[template].get("tools", True) else "rows_without_tools.jsonl"
+    cfg = {
+        "output_path": str(data / "out"),
+        "dataset": {"path": str(data / rows)},
+        "tokenizer": {"path": str(TINY_MODEL)},
+        "chat": {"template": str(CORPUS / template), **chat},
+    }
+    cfg = load_prepare_config(cfg)
+    return RowReader(cfg), cfg
+
+
+def _marker_ranges(text, prefixes):
+    out = []
+    for p in prefixes:
+        start = text.find(p)
+        while start >= 0:
+            out.append((start, start + len(p) + 1))  # the prefix and its digit
+            start = text.find(p, start + 1)
+    return out
+
+
+def _expected(tokenizer, template_name, messages):
+    template = (CORPUS / template_name).read_text()
+    tools = _tools() if AGENT[template_name].get("tools", True) else None
+    try:
+        return tokenizer.apply_chat_template(_hf(messages), tools=tools, chat_template=template, tokenize=False)
+    except Exception:
+        return None  # the template rejects this shape (e.g. Llama 3.1: one call per message)
+
+
+CASES = [(name, shape) for name in AGENT for shape in ROWS]
+
+
+@pytest.mark.parametrize("name,shape", CASES, ids=[f"{n}-{s}" for n, s in CASES])
+def test_agent_masks_against_transformers(name, shape, data, tokenizer):
+    from backend.config import ConfigError
+
+    reader, cfg = _reader(data, name)
+    i = list(ROWS).index(shape)
+    entry = AGENT[name]
+    if "refuses" in entry:  # the whole dataset is refused with one message, never row by row
+        with pytest.raises(ConfigError, match=entry["refuses"]):
+            reader.sample(i, cfg, tokenizer)
+        return
+    expected = _expected(tokenizer, name, ROWS[shape])
+    row = reader.sample(i, cfg, tokenizer)
+    refused = entry.get("refused_shapes", {}).get(shape)
+    if expected is None or refused:  # the template rejects the shape, or writes it so a turn cannot be located
+        assert row.skipped and row.skipped.startswith("bad_conversation: "), row.problems
+        assert refused is None or refused in row.skipped
+        return
+    assert row.skipped is None, row.problems
+    (ids, trained), *rest = row.documents
+    assert not rest
+    appended = row.rendered.appended
+    text = row.rendered.text
+    stripped = "".join(text[a:b] for a, b in _complement(appended, len(text)))
+    assert stripped == expected
+    bos = ids[:1].tolist() == [tokenizer.bos_token_id] and not text.startswith(tokenizer.bos_token)
+    assert tokenizer.decode(ids[int(bos) :].tolist()) == text
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    assert enc["input_ids"] == ids[int(bos) :].tolist()
+    offsets = np.asarray(enc["offset_mapping"]).reshape(-1, 2)
+    mask = trained[int(bos) :]
+
+    def covered(b, e):
+        return mask[(offsets[:, 0] < e) & (offsets[:, 1] > b)]
+
+    for b, e in _marker_ranges(text, NEVER):
+        assert not covered(b, e).any(), (text[b:e], text)
+    must = _marker_ranges(text, MUST)
+    for b, e in must:
+        assert covered(b, e).all(), (text[b:e], text)
+    eot = entry["eot"].replace("{eos}", tokenizer.eos_token)
+    last = text.rstrip().rfind(eot)
+    assert last > text.rfind(next(m["content"] for m in reversed(ROWS[shape]) if m["role"] == "assistant"))
+    assert covered(last, last + len(eot)).all(), text[last:]  # the final reply's end-of-turn marker is trained
+
+
+def _complement(spans, n):
+    out, pos = [], 0
+    for b, e in sorted(spans):
+        out.append((pos, b))
+        pos = e
+    out.append((pos, n))
+    return out
+
+
+@pytest.mark.parametrize("name", [n for n, e in AGENT.items() if e.get("generation")])
+def test_mask_equals_assistant_masks_where_the_template_marks_generation(name, data, tokenizer):
+    reader, cfg = _reader(data, name, final_eot="leave")
+    template = (CORPUS / name).read_text()
+    compared = 0
+    for i, shape in enumerate(ROWS):
+        try:
+            out = tokenizer.apply_chat_template(
+                _hf(ROWS[shape]),
+                tools=_tools(),
+                chat_template=template,
+                tokenize=True,
+                return_dict=True,
+                return_assistant_tokens_mask=True,
+            )
+        except Exception:
+            continue
+        row = reader.sample(i, cfg, tokenizer)
+        (ids, trained), *_ = row.documents
+        bos = ids[:1].tolist() == [tokenizer.bos_token_id] and ids.tolist()[1:] == out["input_ids"]
+        assert ids[int(bos) :].tolist() == out["input_ids"], shape
+        assert trained[int(bos) :].astype(int).tolist() == out["assistant_masks"], shape
+        compared += 1
+    assert compared >= 4
+
+
+def test_every_row_form_normalizes_to_the_same_conversation():
+    from backend.chat import normalize_conversation
+
+    openai = _shapes(as_string=True)["call_without_text"][1:]
+    sharegpt = [
+        {"from": "human", "value": "zqusr1 weather in Oslo?"},
+        {"from": "function_call", "value": json.dumps({"name": "get_weather", "arguments": {"city": "zqarg1"}})},
+        {"from": "observation", "value": "zqres1 sunny"},
+        {"from": "gpt", "value": "zqans1 it is sunny"},
+    ]
+    a, b = normalize_conversation(openai), normalize_conversation(sharegpt)
+    assert (
+        a[1]["tool_calls"][0]["function"]
+        == b[1]["tool_calls"][0]["function"]
+        == {
+            "name": "get_weather",
+            "arguments": {"city": "zqarg1"},
+        }
+    )
+    assert [m["role"] for m in a] == [m["role"] for m in b] == ["user", "assistant", "tool", "assistant"]
+    assert b[2]["name"] == "get_weather" and a[2]["tool_call_id"] == "call00001"
+    inline = normalize_conversation(
+        [{"role": "user", "content": "q"}, {"role": "assistant", "content": "<think>r</think>a"}]
+    )
+    named = normalize_conversation(
+        [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "thinking": "r"}]
+    )
+    assert inline == named and inline[1]["reasoning_content"] == "r" and inline[1]["content"] == "a"
+
+
+def test_a_template_without_tools_is_refused_once_for_the_dataset(data, tokenizer, tmp_path, capsys):
+    from backend.chat import TemplateCapabilityError
+    from backend.cli import run_cli
+    from backend.prepare import main, prepare
+
+    plain = "{% for m in messages %}<{{ m.role }}>{{ m.content }}</s>{% endfor %}"
+    (tmp_path / "plain.jinja").write_text(plain)
+    cfg = {
+        "output_path": str(tmp_path / "out"),
+        "dataset": {"path": str(data / "rows.jsonl")},
+        "tokenizer": {"path": str(TINY_MODEL)},
+        "chat": {"template": str(tmp_path / "plain.jinja")},
+    }
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(TemplateCapabilityError, match="never reads 'tools'"):
+        prepare(load_prepare_config(cfg), progress=False)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit) as e:
+        run_cli([str(tmp_path / "cfg.yaml")], "prepare", main)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "chat.template: the chat template never reads 'tools'" in err
+    assert "Traceback" not in err
