@@ -328,3 +328,35 @@ def test_a_template_without_tools_is_refused_once_for_the_dataset(data, tokenize
     err = capsys.readouterr().err
     assert e.value.code == 2 and "chat.template: the chat template never reads 'tools'" in err
     assert "Traceback" not in err
+
+
+def test_studio_preview_colours_and_check_counts(data):
+    """The studio's preview colours tool results and reasoning apart, and its dataset check counts calls trained,
+    results masked, reasoning trained and dropped (Qwen3 drops the reasoning of turns before the last user turn)."""
+    from studio import handlers as H
+    from studio.common import REASONING, TOOL_RESULT, TRAINED
+
+    template = (CORPUS / "qwen3-0.6b.jinja").read_text()
+    s = H.DataSettings(str(data / "rows.jsonl"), str(TINY_MODEL), template=template)
+    p = H.preview_sample(s, list(ROWS).index("reasoning_every_turn"))
+    assert not p.status, p.status
+    labelled = {}
+    for piece, label in p.highlight:
+        labelled.setdefault(label, []).append(piece)
+    assert any("zqres6 fog" in x for x in labelled[TOOL_RESULT])
+    assert any("zqrsn3 repeat it" in x for x in labelled[REASONING])
+    assert not any("zqres" in x for x in labelled[TRAINED]) and "zqrsn1" not in "".join(x for x, _ in p.highlight)
+    c = H.check_whole_dataset(s, None, False, max_rows=50)
+    assert not c.status, c.status
+    tokens = sum(
+        len(H.get_tokenizer(str(TINY_MODEL))(r, add_special_tokens=False)["input_ids"])
+        for r in ("zqrsn1 need the tool", "zqrsn2 the tool said fog")
+    )
+    assert c.report["agent_traces"] == {
+        "tool_calls_trained": 7,  # 1 + 1 + 2 (parallel) + 1 + 1 + 1 over the six rows
+        "tool_results_masked": 7,
+        "reasoning_trained": 1,  # the reply after the last user message
+        "reasoning_dropped": 2,
+        "reasoning_dropped_tokens": tokens,
+    }
+    assert "7 tool calls trained, 7 tool results masked" in c.summary

@@ -21,6 +21,8 @@ What cannot be located is a `TemplateError` naming the message: never a guess.
 
 from __future__ import annotations
 
+import numpy as np
+
 from backend.chat.conversations import AssistantTurn, TemplateCapabilityError, TemplateError
 from backend.chat.templates import (
     PROBE_TOOLS,
@@ -237,3 +239,40 @@ def trace_spans(messages, text: str, turns) -> tuple[list, list, dict]:
                 results.append(found)
                 cursor = found[1]
     return results, reasoning, written
+
+
+TRACE_KEYS = ("tool_calls_trained", "tool_results_masked", "reasoning_trained", "reasoning_dropped")
+
+
+def trace_counts(rendered, tokenized, tokenizer=None) -> dict[str, int]:
+    """What an agent trace trains, counted for the dataset check: tool calls in trained turns, tool results with no
+    trained token, assistant turns whose reasoning is trained or dropped by the template (``as_rendered``), and
+    with a tokenizer the tokens of the dropped reasoning (``reasoning_dropped_tokens``). All zero for a plain chat.
+
+    ``tokenized``: the sample's `TokenizedSample` (its character offsets and trained mask).
+    """
+    counts = dict.fromkeys(TRACE_KEYS, 0)
+    counts["reasoning_dropped_tokens"] = 0
+    messages = rendered.messages or []
+    if not (rendered.tools or rendered.reasoning_rendered or any(m.get("tool_calls") for m in messages)):
+        return counts
+    offsets, trained = np.asarray(tokenized.offsets).reshape(-1, 2), np.asarray(tokenized.trained)
+
+    def any_trained(b, e):
+        return bool(trained[(offsets[:, 0] < e) & (offsets[:, 1] > b)].any())
+
+    for t in rendered.turns:
+        if t.message_index >= 0 and any_trained(t.begin, t.end):
+            counts["tool_calls_trained"] += len(rendered.messages[t.message_index].get("tool_calls", ()))
+    counts["tool_results_masked"] = sum(not any_trained(b, e) for b, e in rendered.tool_result_spans)
+    spans = iter(rendered.reasoning_spans)
+    for k, written in rendered.reasoning_rendered.items():
+        if written:
+            b, e = next(spans)
+            counts["reasoning_trained"] += any_trained(b, e)
+        else:
+            counts["reasoning_dropped"] += 1
+            if tokenizer is not None:
+                text = rendered.messages[k]["reasoning_content"]
+                counts["reasoning_dropped_tokens"] += len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return counts
