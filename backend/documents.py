@@ -271,23 +271,32 @@ def _process_chunk(start: int, task, state: tuple | None = None, keep_samples: b
     appended_eot = sum(bool(rendered_list[j].appended) for j in checked)
     rows = np.asarray(rows, np.int64)[keep]
     split_stats = {}
+    kept = np.flatnonzero(keep)
+    origin = list(range(len(kept)))  # document -> its kept input document (-1: a piece made below)
+    if masking.reasoning == "every_turn" and job.form == "chat":  # dropped reasoning -> a document per turn
+        from backend.split import every_turn_documents
+
+        rows, ids, trained, bounds, origin, split_stats = every_turn_documents(
+            rows, ids, trained, bounds, [rendered_list[j] for j in kept], tokenizer, masking, job.chat_template
+        )
     if job.split_length is not None and job.form == "chat":  # long conversations -> pieces cut at turns
         from backend.split import split_documents
 
-        kept = np.flatnonzero(keep)
+        reasoning_stats = split_stats
         rows, ids, trained, bounds, split_stats, split_problems = split_documents(
             rows,
             ids,
             trained,
             bounds,
-            [rendered_list[j] for j in kept],
-            lambda m: flat.samples([int(kept[m])])[0],
+            [rendered_list[kept[o]] if o >= 0 else None for o in origin],  # a reasoning piece is kept whole
+            lambda m: flat.samples([int(kept[origin[m]])])[0],
             tokenizer,
             masking,
             job.chat_template,
             job.split_length,
         )
         problems.extend(split_problems)
+        split_stats.update(reasoning_stats)
     return _ChunkResult(n, rows, ids, trained, bounds, problems, split_stats, samples, appended_eot)
 
 

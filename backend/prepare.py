@@ -269,6 +269,12 @@ def _summary_lines(summary: dict) -> list[str]:
             f"  end-of-turn marker appended: {appended} row(s) whose final reply the template leaves open got its "
             "between-turns marker appended and trained (chat.final_eot: append; 'leave' keeps them open)"
         )
+    rt = summary.get("reasoning_every_turn")
+    if rt:
+        lines.append(
+            f"  chat.reasoning every_turn: {rt['conversations_split']} conversations whose template drops reasoning "
+            f"-> {rt['documents']} documents, each reasoning turn trained once with the conversation before it masked"
+        )
     ld = summary.get("long_documents")
     if ld:
         lines.append(
@@ -450,7 +456,9 @@ def _prepare_into(cfg: PrepareConfig, tmp: Path, digest: str, fingerprint, progr
     num_tokens = sum(c["num_tokens"] for c in split_counts.values())
     num_trained = sum(c["num_trained_tokens"] for c in split_counts.values())
     num_documents = sum(c["num_documents"] for c in split_counts.values())
-    written = num_documents - split_stats.get("pieces", 0) + split_stats.get("conversations_split", 0)  # rows
+    # rows: each split conversation's pieces (split_turns, then chat.reasoning: every_turn) count as its one row
+    written = num_documents - split_stats.get("pieces", 0) + split_stats.get("conversations_split", 0)
+    written += split_stats.get("reasoning_split", 0) - split_stats.get("reasoning_pieces", 0)
     skipped = {c: n for c, n in counts.items() if c in SKIP_REASONS}
     if num_documents == 0:
         raise _nothing_prepared(n_rows, where, skipped, examples)
@@ -493,7 +501,12 @@ def _prepare_into(cfg: PrepareConfig, tmp: Path, digest: str, fingerprint, progr
             "sequence_length": cfg.long_documents.sequence_length,
             **{k: 0 for k in ("conversations_split", "pieces", "context_tokens", "truncated_groups")},
             **{k: 0 for k in ("dropped_trained_tokens", "not_split")},
-            **split_stats,
+            **{k: v for k, v in split_stats.items() if not k.startswith("reasoning")},
+        }
+    if cfg.chat.reasoning == "every_turn":
+        summary["reasoning_every_turn"] = {
+            "conversations_split": split_stats.get("reasoning_split", 0),
+            "documents": split_stats.get("reasoning_pieces", 0),
         }
     if written + skipped_rows != n_rows:
         raise PrepareError(f"internal error: {written} written + {skipped_rows} skipped != {n_rows} rows")

@@ -360,3 +360,53 @@ def test_studio_preview_colours_and_check_counts(data):
         "reasoning_dropped_tokens": tokens,
     }
     assert "7 tool calls trained, 7 tool results masked" in c.summary
+
+
+def test_every_turn_trains_each_dropped_trace_once_in_its_own_context(data, tokenizer):
+    """Qwen3 writes only the reasoning after the last user message. With chat.reasoning: every_turn each turn whose
+    reasoning it drops becomes its own document (the conversation up to it, as transformers renders it), and every
+    reasoning marker is trained exactly once over the row's documents; as_rendered trains only the last one."""
+    name = "qwen3-0.6b.jinja"
+    i = list(ROWS).index("reasoning_every_turn")
+    messages = ROWS["reasoning_every_turn"]
+    template = (CORPUS / name).read_text()
+
+    def trained_markers(docs):
+        seen = []
+        for ids, trained in docs:
+            text = tokenizer.decode(ids.tolist())
+            enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            assert enc["input_ids"] == ids.tolist()
+            offsets = np.asarray(enc["offset_mapping"]).reshape(-1, 2)
+            for b, e in _marker_ranges(text, ("zqrsn",)):
+                if trained[(offsets[:, 0] < e) & (offsets[:, 1] > b)].all():
+                    seen.append(text[b:e])
+        return sorted(seen)
+
+    reader, cfg = _reader(data, name)
+    assert trained_markers(reader.sample(i, cfg, tokenizer).documents) == ["zqrsn3"]
+    reader, cfg = _reader(data, name, reasoning="every_turn")
+    docs = reader.sample(i, cfg, tokenizer).documents
+    assert trained_markers(docs) == ["zqrsn1", "zqrsn2", "zqrsn3"]
+    expected = [
+        tokenizer.apply_chat_template(_hf(messages[: k + 1]), tools=_tools(), chat_template=template, tokenize=False)
+        for k in (1, 3, len(messages) - 1)
+    ]
+    bos = tokenizer.bos_token
+    assert [tokenizer.decode(ids.tolist()).removeprefix(bos) for ids, _ in docs] == expected
+
+
+def test_every_turn_in_prepare_keeps_every_row_accounted_for(data, tmp_path):
+    from backend.prepare import prepare
+
+    cfg = {
+        "output_path": str(tmp_path / "out"),
+        "dataset": {"path": str(data / "rows.jsonl")},
+        "tokenizer": {"path": str(TINY_MODEL)},
+        "splits": {"training": 1.0},
+        "chat": {"template": str(CORPUS / "qwen3-0.6b.jinja"), "reasoning": "every_turn"},
+    }
+    s = prepare(load_prepare_config(cfg), progress=False)
+    assert s["written"] == len(ROWS) and s["skipped_rows"] == 0
+    assert s["reasoning_every_turn"] == {"conversations_split": 1, "documents": 3}
+    assert s["num_documents"] == len(ROWS) - 1 + 3
