@@ -410,3 +410,32 @@ def test_every_turn_in_prepare_keeps_every_row_accounted_for(data, tmp_path):
     assert s["written"] == len(ROWS) and s["skipped_rows"] == 0
     assert s["reasoning_every_turn"] == {"conversations_split": 1, "documents": 3}
     assert s["num_documents"] == len(ROWS) - 1 + 3
+
+
+def test_the_prepared_tokenizer_that_exports_ship_renders_tools_as_the_trainer_did(data, tmp_path, tokenizer):
+    """Training exports the tokenizer prepare saved (tests/test_train.py checks the export keeps it): given
+    ``tools=``, it renders each row exactly as the stored tokens read."""
+    from transformers import AutoTokenizer
+
+    from backend.dataset import TokenDataset
+    from backend.prepare import prepare
+
+    name = "hermes-3-llama-3.1-tool-use.jinja"  # renders nothing at all without tools
+    cfg = {
+        "output_path": str(tmp_path / "out"),
+        "dataset": {"path": str(data / "rows.jsonl")},
+        "tokenizer": {"path": str(TINY_MODEL)},
+        "splits": {"training": 1.0},
+        "chat": {"template": str(CORPUS / name), "final_eot": "leave"},
+    }
+    prepare(load_prepare_config(cfg), progress=False)
+    exported = AutoTokenizer.from_pretrained(str(tmp_path / "out" / "tokenizer"))
+    ds = TokenDataset(tmp_path / "out", split="training")
+    stored = sorted(
+        tokenizer.decode(ds.document(d)[0].tolist()).removeprefix(tokenizer.bos_token) for d in range(len(ds))
+    )
+    rendered = sorted(
+        exported.apply_chat_template(_hf(m), tools=_tools(), tokenize=False).removeprefix(tokenizer.bos_token)
+        for m in ROWS.values()
+    )
+    assert stored == rendered and len(stored) == len(ROWS)
