@@ -439,3 +439,19 @@ def test_the_prepared_tokenizer_that_exports_ship_renders_tools_as_the_trainer_d
         for m in ROWS.values()
     )
     assert stored == rendered and len(stored) == len(ROWS)
+
+
+def test_chat_tab_passes_the_tools_box_to_the_template():
+    """Hermes 3's tool_use template renders nothing without tools: the tools box is what makes it work."""
+    from backend.chat import ChatError
+    from studio import handlers as H
+
+    template = (CORPUS / "hermes-3-llama-3.1-tool-use.jinja").read_text()
+    with pytest.raises(ChatError):
+        next(H.chat_stream(str(TINY_MODEL), [], "zqusr1 weather?", template, max_new_tokens=2))
+    with pytest.raises(ChatError, match="the tools box"):
+        next(H.chat_stream(str(TINY_MODEL), [], "zqusr1 weather?", template, max_new_tokens=2, tools_json="[1"))
+    replies = list(
+        H.chat_stream(str(TINY_MODEL), [], "hi", template, max_new_tokens=4, tools_json=json.dumps(_tools()))
+    )
+    assert replies and isinstance(replies[-1], str)
