@@ -423,7 +423,7 @@ def normalize_tools(raw, where: str = "row") -> list[dict] | None:
 
 def is_agent(messages: list[dict], tools) -> bool:
     """Whether a normalized conversation needs the agent path (tools, tool calls, tool results or reasoning)."""
-    return bool(tools) or any(len(m) > 2 for m in messages) or any(m["role"] == "tool" for m in messages)
+    return bool(tools) or any(len(m) > 2 or m["role"] == "tool" for m in messages)
 
 
 def _normalize_plain(obj) -> list[dict] | None:
@@ -440,7 +440,7 @@ def _normalize_plain(obj) -> list[dict] | None:
             content = message["content"] if "content" in message else message["value"]
             if role is None or type(content) is not str or not content or content.isspace():
                 return None
-            if role == "assistant" and content.lstrip().startswith("<think>"):
+            if role == "assistant" and "<think>" in content[:64] and content.lstrip().startswith("<think>"):
                 return None  # inline reasoning: the full loop splits it off
             out.append({"role": role, "content": content})
     except (KeyError, TypeError):
