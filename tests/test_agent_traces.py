@@ -455,3 +455,16 @@ def test_chat_tab_passes_the_tools_box_to_the_template():
         H.chat_stream(str(TINY_MODEL), [], "hi", template, max_new_tokens=4, tools_json=json.dumps(_tools()))
     )
     assert replies and isinstance(replies[-1], str)
+
+
+def test_an_export_of_a_tool_use_template_stops_at_its_end_of_turn_token():
+    """Exports set generation eos from `eot_token_ids`: a template that renders nothing without tools is probed
+    with a tool schema, so its end-of-turn token is found."""
+    from transformers import AutoTokenizer
+
+    from backend.chat import eot_token_ids
+
+    tok = AutoTokenizer.from_pretrained(str(TINY_MODEL))
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    template = (CORPUS / "hermes-3-llama-3.1-tool-use.jinja").read_text()
+    assert eot_token_ids(tok, template)[0] == tok.convert_tokens_to_ids("<|im_end|>")

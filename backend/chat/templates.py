@@ -640,16 +640,18 @@ def eot_token_ids(tokenizer, chat_template: str | None = None) -> list[int]:
     """
     probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
     ids: list[int] = []
-    try:
-        r = render(probe, tokenizer, Masking(), chat_template)
+    for tools in (None, PROBE_TOOLS):  # a tool_use template (Hermes) renders nothing without tools
+        try:
+            r = render(probe, tokenizer, Masking(), chat_template, tools=tools)
+        except ChatError:
+            continue
         regex = _info(tokenizer)["regex"]
         for t in r.turns[:1]:
             for m in regex.finditer(r.text[t.content_end : t.end]) if regex else ():
                 tid = tokenizer.convert_tokens_to_ids(m.group())
                 if tid is not None and tid not in ids:
                     ids.append(int(tid))
-    except ChatError:
-        pass
+        break
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(int(tokenizer.eos_token_id))
     return ids
