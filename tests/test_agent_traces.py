@@ -468,3 +468,16 @@ def test_an_export_of_a_tool_use_template_stops_at_its_end_of_turn_token():
     tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     template = (CORPUS / "hermes-3-llama-3.1-tool-use.jinja").read_text()
     assert eot_token_ids(tok, template)[0] == tok.convert_tokens_to_ids("<|im_end|>")
+
+
+def test_train_on_tool_calls_off_masks_the_turns_that_call_tools(data, tokenizer):
+    reader, cfg = _reader(data, "qwen2.5-instruct.jinja", train_on_tool_calls=False)
+    row = reader.sample(list(ROWS).index("call_with_text"), cfg, tokenizer)
+    (ids, trained), *_ = row.documents
+    text = tokenizer.decode(ids.tolist())
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    offsets = np.asarray(enc["offset_mapping"]).reshape(-1, 2)
+    mask = trained[len(ids) - len(enc["input_ids"]) :]
+    for marker, want in (("zqarg1", False), ("zqans2", False), ("zqans3", True)):
+        b = text.find(marker)
+        assert b >= 0 and mask[(offsets[:, 0] < b + len(marker)) & (offsets[:, 1] > b)].all() == want, marker
