@@ -101,19 +101,22 @@ def _begin(k, messages, tools, tokenizer, template, text, cursor) -> int:
     # not a prefix (an earlier turn rewritten, a system prompt moved): what the template writes after message k-1
     # up to the reply (its closing and the generation prompt), found after message k-1 in the full text
     before = messages[k - 1]["content"]
-    tail, found = "", None
+    tail = ""
     for variant in dict.fromkeys((before, before.strip())):
-        if variant and variant in pre:
-            tail = pre[pre.rfind(variant) + len(variant) :]
-            found = _find_reply(text, before, cursor, len(text))
-            break
-    if found is not None and tail.strip():
-        for m in range(len(tail), 0, -1):  # the whole tail, or its longest head the text has ('<think>\n' may go)
-            head = tail[:m]
-            if not head.strip():
-                break
-            if text.startswith(head, found[1]):
-                return found[1] + len(head)
+        if not variant or variant not in pre:
+            continue
+        tail = pre[pre.rfind(variant) + len(variant) :]
+        pos = text.find(variant, cursor)
+        while pos >= 0 and tail.strip():  # each place message k-1 is written (it may be quoted earlier, too)
+            after = pos + len(variant)
+            for m in range(len(tail), 0, -1):  # the whole tail, or its longest head the text has ('<think>\n' may go)
+                head = tail[:m]
+                if len(head.strip()) < min(4, len(tail.strip())):  # never a lone '<' that could follow a quote
+                    break
+                if text.startswith(head, after):
+                    return after + len(head)
+            pos = text.find(variant, pos + 1)
+        break
     raise TemplateError(
         f"message {k} (assistant): the template rewrites the conversation before this reply and what it writes "
         f"between message {k - 1} and the reply ({tail!r}) is not found after message {k - 1}, so the turn cannot be "
