@@ -383,7 +383,8 @@ def reasoning_pieces(rendered, tokenizer, masking=None, chat_template: str | Non
     template drops in the full rendering (`RenderedSample.reasoning_rendered`) becomes its own document, the
     conversation up to it rendered as masked context, so the trace is trained once, as the model sees it at
     inference; the full conversation keeps the other trained turns (and is dropped when none is left). None when
-    no reasoning is dropped (the conversation stays one document).
+    no reasoning is dropped, or when the template drops it even from a final reply (the conversation stays one
+    document).
 
         conversation  U1 A1(r1) T1 A2(r2) U2 A3(r3)     the template writes only r3 (after the last user turn)
         piece 1       U1 A1(r1)                         A1 with r1 trained
@@ -401,12 +402,18 @@ def reasoning_pieces(rendered, tokenizer, masking=None, chat_template: str | Non
     trained_turns = {
         t.message_index for t in rendered.turns if any(b < t.end and e > t.begin for b, e in rendered.trained_spans)
     }
-    jobs = [(rendered.messages[: k + 1], k) for k in dropped if k in trained_turns]
-    rest = trained_turns - set(dropped)
+    rest = set(trained_turns)
     pieces = []
-    for msgs, k in jobs:
+    for k in dropped:
+        if k not in trained_turns:
+            continue
+        msgs = rendered.messages[: k + 1]
         r = chat.render(msgs, tokenizer, masking, chat_template, tools=rendered.tools)
-        pieces.append((msgs, r, _piece_spans(r, k, {k}), [k]))
+        if r.reasoning_rendered.get(k):  # the template writes it as the final reply: its own document
+            pieces.append((msgs, r, _piece_spans(r, k, {k}), [k]))
+            rest.discard(k)
+    if not pieces:
+        return None  # the template writes no reasoning at all: nothing to gain from splitting
     if rest:
         pieces.append((rendered.messages, rendered, _piece_spans(rendered, 0, rest), sorted(rest)))
     toks = chat.tokenize_batch([r.text for _, r, _, _ in pieces], [s for _, _, s, _ in pieces], tokenizer)

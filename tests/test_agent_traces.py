@@ -394,6 +394,9 @@ def test_every_turn_trains_each_dropped_trace_once_in_its_own_context(data, toke
     ]
     bos = tokenizer.bos_token
     assert [tokenizer.decode(ids.tolist()).removeprefix(bos) for ids, _ in docs] == expected
+    # a template that never writes reasoning (Llama 3.1): nothing to gain, the row stays one document
+    reader, cfg = _reader(data, "llama-3.1-8b-instruct.jinja", reasoning="every_turn")
+    assert len(reader.sample(i, cfg, tokenizer).documents) == 1
 
 
 def test_every_turn_in_prepare_keeps_every_row_accounted_for(data, tmp_path):

@@ -610,12 +610,13 @@ def _render_agent(messages, tools, tokenizer, masking: Masking, template: str) -
         if e > t.begin:
             trained.append((t.begin, e))
     results, reasoning, written = agent.trace_spans(messages, text, turns)
-    for k, shown in written.items():
-        if not shown:
-            problems.append(
-                f"reasoning_dropped: message {k}: the template does not write this turn's reasoning "
-                f"({len(messages[k]['reasoning_content'])} chars); chat.reasoning: every_turn trains it"
-            )
+    dropped = [k for k, shown in written.items() if not shown]
+    if dropped:
+        chars = sum(len(messages[k]["reasoning_content"]) for k in dropped)
+        problems.append(
+            f"reasoning_dropped: message(s) {dropped}: the template does not write their reasoning ({chars} chars); "
+            "chat.reasoning: every_turn trains it where the template writes a final reply's reasoning"
+        )
     _special_text_problems(messages, tokenizer, problems)
     return RenderedSample(
         text=text,
