@@ -484,3 +484,36 @@ def test_train_on_tool_calls_off_masks_the_turns_that_call_tools(data, tokenizer
     for marker, want in (("zqarg1", False), ("zqans2", False), ("zqans3", True)):
         b = text.find(marker)
         assert b >= 0 and mask[(offsets[:, 0] < b + len(marker)) & (offsets[:, 1] > b)].all() == want, marker
+
+
+def test_a_sharegpt_function_calling_row_prepares_like_its_openai_form(tmp_path, tokenizer):
+    """Glaive / LLaMA-Factory rows: ``function_call`` and ``observation`` turns, ``tools`` as a JSON string."""
+    row = {
+        "conversations": [
+            {"from": "human", "value": "zqusr1 weather in Oslo?"},
+            {"from": "function_call", "value": json.dumps({"name": "get_weather", "arguments": {"city": "zqarg1"}})},
+            {"from": "observation", "value": "zqres1 sunny"},
+            {"from": "gpt", "value": "zqans1 it is sunny"},
+        ],
+        "tools": json.dumps([t["function"] for t in _tools()]),  # the bare form
+    }
+    (tmp_path / "d.jsonl").write_text(json.dumps(row) + "\n")
+    template = CORPUS / "qwen2.5-instruct.jinja"
+    cfg = load_prepare_config(
+        {
+            "output_path": str(tmp_path / "out"),
+            "dataset": {"path": str(tmp_path / "d.jsonl")},
+            "tokenizer": {"path": str(TINY_MODEL)},
+            "chat": {"template": str(template)},
+        }
+    )
+    (ids, trained), *_ = RowReader(cfg).sample(0, cfg, tokenizer).documents
+    openai = [
+        {"role": "user", "content": "zqusr1 weather in Oslo?"},
+        {"role": "assistant", "content": "", "tool_calls": [_call(1, "get_weather", "city", "zqarg1")]},
+        {"role": "tool", "name": "get_weather", "content": "zqres1 sunny"},
+        {"role": "assistant", "content": "zqans1 it is sunny"},
+    ]
+    expected = tokenizer.apply_chat_template(openai, tools=_tools(), chat_template=template.read_text(), tokenize=False)
+    assert tokenizer.decode(ids.tolist()).removeprefix(tokenizer.bos_token) == expected
+    assert trained.any()
