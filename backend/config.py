@@ -493,6 +493,15 @@ class ChatConfig(Section):
         description="A final reply the template leaves open (no end-of-turn marker): append the template's "
         "between-turns marker and train it, or leave it open.",
     )
+    train_on_tool_calls: bool = Field(
+        True, description="Train assistant turns that call tools (no = they stay masked context)."
+    )
+    reasoning: Literal["as_rendered", "every_turn"] = Field(
+        "as_rendered",
+        description="Reasoning traces: as_rendered = train what the template writes (Qwen3-family templates drop "
+        "the reasoning of turns before the last user message); every_turn = each assistant turn with reasoning "
+        "becomes its own document, earlier turns as masked context.",
+    )
 
     def to_masking(self) -> dict:
         """Keyword arguments for `backend.chat.Masking(**cfg.chat.to_masking())`."""
@@ -504,12 +513,20 @@ class ChatConfig(Section):
             "train_on": self.train_on,
             "train_on_eot": self.train_on_eot,
             "final_eot": self.final_eot,
+            "train_on_tool_calls": self.train_on_tool_calls,
+            "reasoning": self.reasoning,
         }
 
 
 class ReportConfig(Section):
     sequence_length: Int | None = Field(4096, ge=1, description="Count documents longer than this (null = no count).")
     examples: Int = Field(3, ge=0, description="Example rows shown per problem in the prepare report.")
+    max_skipped_share: Float = Field(
+        0.05,
+        ge=0.0,
+        le=1.0,
+        description="Warn loudly (summary and prepare_report.json) when more than this share of input rows is skipped.",
+    )
 
 
 class LongDocumentsConfig(Section):

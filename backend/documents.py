@@ -10,8 +10,9 @@ runs the same `_process_chunk` on a chunk of that one row. So what the studio sh
     >>> s.documents[0][0][:3], s.documents[0][1][:3], s.skipped    # (ids, trained) as TokenDataset.document
     (array([1000, 1004,   82]), array([False, False, False]), None)
 
-Per row (forms from `backend.sources.detect_form`):
-- ``chat``: `backend.chat.render` with the ``chat:`` section -> text + trained character spans;
+Per row, through the table ``FORMS[form](row, (job, tokenizer, masking)) -> list[Document]`` (forms from
+`backend.sources.detect_form`; a row that becomes no document raises `SkipRow` with its reason):
+- ``chat``: `backend.chat.render` with the ``chat:`` section (and the row's ``tools``) -> text + trained spans;
 - ``spans`` (the guide's form): ``field`` + ``loss_masking_spans`` (inclusive, NOT trained), repaired by
   `repair_spans`;
 - ``text``: ``field`` alone, every token trained.
@@ -34,7 +35,7 @@ import json
 import os
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
@@ -43,7 +44,16 @@ from backend.sources import BadRow, PrepareError, detect_form, open_source
 if TYPE_CHECKING:
     from backend.config import PrepareConfig
 
-__all__ = ["PreparedRow", "RowReader", "SKIP_REASONS", "prepared_sample", "repair_spans"]
+__all__ = [
+    "Document",
+    "FORMS",
+    "PreparedRow",
+    "RowReader",
+    "SKIP_REASONS",
+    "SkipRow",
+    "prepared_sample",
+    "repair_spans",
+]
 
 CHUNK_ROWS = 512  # rows per worker task: big enough for the batched tokenizer, small enough for smooth progress
 SKIP_REASONS = ("unparseable_row", "missing_field", "empty_text", "bad_spans", "bad_conversation", "no_trained_tokens")
@@ -142,6 +152,79 @@ class _Job:
     split_length: int | None = None  # long_documents.mode split_turns: cut longer conversations at turns
 
 
+# ------------------------------------------------------------------------------------------ rows -> documents
+class Document(NamedTuple):
+    """One document a row becomes, before tokenization: its text, the half-open character ranges trained, the
+    `chat.RenderedSample` it was rendered as (chat forms; None otherwise) and the row's non-fatal notes (span
+    repairs) as ``(code, message)``."""
+
+    text: str
+    trained_spans: list
+    rendered: object | None = None
+    notes: tuple = ()
+
+
+class SkipRow(Exception):
+    """A row that becomes no document: ``code`` (one of `SKIP_REASONS`) and a message naming what to fix."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+def chat_documents(row: dict, state: tuple) -> list[Document]:
+    """The ``chat`` form: the row's conversation (and its ``tools``) rendered and masked by `backend.chat.render`."""
+    from backend import chat
+
+    job, tokenizer, masking = state
+    conv = row.get(job.conversations_field)
+    if conv is None:
+        raise SkipRow("missing_field", f"no {job.conversations_field!r} in this row")
+    try:
+        rendered = chat.render(conv, tokenizer, masking, job.chat_template, row.get("tools"))
+    except chat.ChatError as e:
+        raise SkipRow("bad_conversation", str(e)) from None
+    return [Document(rendered.text, rendered.trained_spans, rendered)]
+
+
+def _text_of(row: dict, job) -> str:
+    if job.field not in row:
+        raise SkipRow("missing_field", f"no {job.field!r} in this row (keys: {sorted(row)[:10]})")
+    text = row[job.field]
+    if not isinstance(text, str) or not text.strip():
+        what = "null" if text is None else "empty" if isinstance(text, str) else type(text).__name__
+        raise SkipRow("empty_text", f"{job.field!r} is {what}")
+    return text
+
+
+def spans_documents(row: dict, state: tuple) -> list[Document]:
+    """The guide's form: ``field`` + inclusive masked spans, repaired by `repair_spans` (repairs become notes)."""
+    from backend import chat
+
+    job = state[0]
+    text = _text_of(row, job)
+    raw = row.get(job.spans_field)
+    trained_spans = _clean_trained_spans(raw, len(text))
+    if trained_spans is not None:
+        return [Document(text, trained_spans)]
+    masked, notes, reason = repair_spans(raw, len(text))  # not sorted, disjoint and in range: the full repair
+    if reason:
+        raise SkipRow("bad_spans", f"{job.spans_field!r}: {reason}")
+    notes = tuple((note.split(":", 1)[0], note.split(": ", 1)[1]) for note in notes)
+    return [Document(text, chat.spans_from_loss_masking(len(text), masked), None, notes)]
+
+
+def text_documents(row: dict, state: tuple) -> list[Document]:
+    """The ``text`` form: ``field`` alone, every token trained."""
+    text = _text_of(row, state[0])
+    return [Document(text, [(0, len(text))])]
+
+
+# Rows become documents through this table: ``FORMS[form](row, (job, tokenizer, masking)) -> list[Document]``,
+# raising `SkipRow` for a row that becomes none. A new form (e.g. a preference pair: two documents) is one entry.
+FORMS = {"chat": chat_documents, "spans": spans_documents, "text": text_documents}
+
+
 @dataclass
 class _ChunkResult:
     """A chunk's documents as flat arrays: document j is row ``rows[j]``, tokens ``ids[bounds[j]:bounds[j+1]]``."""
@@ -190,7 +273,8 @@ def _process_chunk(start: int, task, state: tuple | None = None, keep_samples: b
     """
     from backend import chat
 
-    job, tokenizer, masking = state or (_WORKER["job"], _WORKER["tokenizer"], _WORKER["masking"])
+    job, tokenizer, masking = state = state or (_WORKER["job"], _WORKER["tokenizer"], _WORKER["masking"])
+    form = FORMS[job.form]
     problems, rows, texts, spans_list, rendered_list = [], [], [], [], []
     n = 0
     for i, row in enumerate(job.source.read(task)):
@@ -199,43 +283,17 @@ def _process_chunk(start: int, task, state: tuple | None = None, keep_samples: b
         if isinstance(row, BadRow):
             problems.append((r, "unparseable_row", row.message, True))
             continue
-        rendered = None
-        if job.form == "chat":
-            conv = row.get(job.conversations_field)
-            if conv is None:
-                problems.append((r, "missing_field", f"no {job.conversations_field!r} in this row", True))
-                continue
-            try:
-                rendered = chat.render(conv, tokenizer, masking, job.chat_template)
-            except chat.ChatError as e:
-                problems.append((r, "bad_conversation", str(e), True))
-                continue
-            text, trained_spans = rendered.text, rendered.trained_spans
-        else:
-            if job.field not in row:
-                problems.append((r, "missing_field", f"no {job.field!r} in this row (keys: {sorted(row)[:10]})", True))
-                continue
-            text = row[job.field]
-            if not isinstance(text, str) or not text.strip():
-                what = "null" if text is None else "empty" if isinstance(text, str) else type(text).__name__
-                problems.append((r, "empty_text", f"{job.field!r} is {what}", True))
-                continue
-            if job.form == "spans":
-                raw = row.get(job.spans_field)
-                trained_spans = _clean_trained_spans(raw, len(text))
-                if trained_spans is None:  # not already sorted, disjoint and in range: the full repair
-                    masked, notes, reason = repair_spans(raw, len(text))
-                    if reason:
-                        problems.append((r, "bad_spans", f"{job.spans_field!r}: {reason}", True))
-                        continue
-                    problems.extend((r, note.split(":", 1)[0], note.split(": ", 1)[1], False) for note in notes)
-                    trained_spans = chat.spans_from_loss_masking(len(text), masked)
-            else:
-                trained_spans = [(0, len(text))]
-        rows.append(r)
-        texts.append(text)
-        spans_list.append(trained_spans)
-        rendered_list.append(rendered)
+        try:
+            documents = form(row, state)
+        except SkipRow as e:
+            problems.append((r, e.code, e.message, True))
+            continue
+        for d in documents:
+            problems.extend((r, code, message, False) for code, message in d.notes)
+            rows.append(r)
+            texts.append(d.text)
+            spans_list.append(d.trained_spans)
+            rendered_list.append(d.rendered)
 
     if not texts:
         return _ChunkResult(
@@ -271,23 +329,32 @@ def _process_chunk(start: int, task, state: tuple | None = None, keep_samples: b
     appended_eot = sum(bool(rendered_list[j].appended) for j in checked)
     rows = np.asarray(rows, np.int64)[keep]
     split_stats = {}
+    kept = np.flatnonzero(keep)
+    origin = list(range(len(kept)))  # document -> its kept input document (-1: a piece made below)
+    if masking.reasoning == "every_turn" and job.form == "chat":  # dropped reasoning -> a document per turn
+        from backend.split import every_turn_documents
+
+        rows, ids, trained, bounds, origin, split_stats = every_turn_documents(
+            rows, ids, trained, bounds, [rendered_list[j] for j in kept], tokenizer, masking, job.chat_template
+        )
     if job.split_length is not None and job.form == "chat":  # long conversations -> pieces cut at turns
         from backend.split import split_documents
 
-        kept = np.flatnonzero(keep)
+        reasoning_stats = split_stats
         rows, ids, trained, bounds, split_stats, split_problems = split_documents(
             rows,
             ids,
             trained,
             bounds,
-            [rendered_list[j] for j in kept],
-            lambda m: flat.samples([int(kept[m])])[0],
+            [rendered_list[kept[o]] if o >= 0 else None for o in origin],  # a reasoning piece is kept whole
+            lambda m: flat.samples([int(kept[origin[m]])])[0],
             tokenizer,
             masking,
             job.chat_template,
             job.split_length,
         )
         problems.extend(split_problems)
+        split_stats.update(reasoning_stats)
     return _ChunkResult(n, rows, ids, trained, bounds, problems, split_stats, samples, appended_eot)
 
 
@@ -336,7 +403,7 @@ def open_rows(cfg: PrepareConfig):
         raise PrepareError(f"dataset.path: {where} has no rows")
     form, conv_field = detect_form(cfg, source.columns(), where)
     if hasattr(source, "needed"):  # a datasets source reads only the columns the form needs
-        source.needed = [c for c in (cfg.dataset.field, cfg.dataset.loss_masking_spans, conv_field) if c]
+        source.needed = [c for c in (cfg.dataset.field, cfg.dataset.loss_masking_spans, conv_field, "tools") if c]
     return source, n_rows, form, conv_field
 
 
@@ -403,7 +470,8 @@ class RowReader:
         return self.n_rows
 
     def sample(self, i: int, cfg: PrepareConfig | None = None, tokenizer=None) -> PreparedRow:
-        """Row ``i`` (0 <= i < len) as prepare makes it. Raises ConfigError for a template no row can use."""
+        """Row ``i`` (0 <= i < len) as prepare makes it. Raises ConfigError for a template no row can use (one that
+        cannot render the dataset's tools, too)."""
         return next(self.samples([i], cfg, tokenizer))
 
     def samples(self, indices, cfg: PrepareConfig | None = None, tokenizer=None):
@@ -426,7 +494,12 @@ class RowReader:
             start = stop = indices[k]
             while k < len(indices) and indices[k] == stop and stop - start < CHUNK_ROWS:
                 k, stop = k + 1, stop + 1
-            res = _process_chunk(start, self.source.task(start, stop), state, keep_samples=True)
+            try:
+                res = _process_chunk(start, self.source.task(start, stop), state, keep_samples=True)
+            except chat.TemplateCapabilityError as e:  # no row of this dataset can use the template
+                from backend.config import ConfigError
+
+                raise ConfigError([f"chat.template: {e}"]) from None
             bounds = res.bounds.tolist()
             for r in range(start, stop):
                 docs = [

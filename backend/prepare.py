@@ -11,7 +11,9 @@ Input and forms: `backend.sources` (a hub id, a ``save_to_disk`` directory, a fo
 globs; forms ``spans`` (guide: text + loss_masking_spans), ``chat`` (conversations / messages), ``text``).
 Rows to documents, bad rows and span repair: `backend.documents` (the same per-row code path the studio's
 preview calls). Bad rows are skipped or repaired, never fatal, and every input row is accounted for
-(``written + skipped == input rows`` in ``prepare_report.json``).
+(``written + skipped == input rows`` in ``prepare_report.json``). A prepare never succeeds with nothing: zero
+documents from a non-empty input is a `NothingPreparedError` (exit status 2) that lists the skip reasons, and a
+skipped share above ``report.max_skipped_share`` puts a warning at the top of the summary and in the report.
 
 Split: document ``i`` goes to the split at its position in ``permutation(seed)`` of the input rows, cut in
 proportions ``splits`` (largest remainder; each split with a positive fraction gets at least one row when there
@@ -69,7 +71,11 @@ from backend.sources import detect_form as _detect_form  # noqa: F401
 if TYPE_CHECKING:
     from backend.config import PrepareConfig
 
-__all__ = ["prepare", "PrepareError", "repair_spans", "split_assignment", "main"]
+__all__ = ["prepare", "PrepareError", "NothingPreparedError", "repair_spans", "split_assignment", "main"]
+
+
+class NothingPreparedError(PrepareError):
+    """Every row of a non-empty input was skipped: nothing is written, the message lists why (exit status 2)."""
 
 
 def _print(*args):
@@ -210,8 +216,35 @@ def _percentiles(lengths: np.ndarray) -> dict:
     }
 
 
+def _skipped_warning(skipped_rows: int, n_rows: int, skipped: dict, max_share: float) -> str | None:
+    """The loud line for a summary whose skipped share passes ``report.max_skipped_share``, else None.
+
+    >>> _skipped_warning(3, 10, {"bad_conversation": 3}, 0.05)
+    'WARNING: 3 of 10 input rows skipped (30.0%, more than report.max_skipped_share 5.0%): bad_conversation 3'
+    >>> _skipped_warning(0, 10, {}, 0.05) is None
+    True
+    """
+    if not n_rows or skipped_rows / n_rows <= max_share:
+        return None
+    reasons = ", ".join(f"{code} {count}" for code, count in sorted(skipped.items(), key=lambda kv: -kv[1]))
+    return (
+        f"WARNING: {skipped_rows} of {n_rows} input rows skipped ({skipped_rows / n_rows:.1%}, more than "
+        f"report.max_skipped_share {max_share:.1%}): {reasons}"
+    )
+
+
+def _nothing_prepared(n_rows: int, where: str, skipped: dict, examples: dict) -> NothingPreparedError:
+    """The error for a non-empty input that gave no document: every skip reason with its example rows."""
+    lines = [f"{where}: {n_rows} input rows -> 0 documents; nothing was written. Rows were skipped for:"]
+    for code, count in skipped.items():
+        lines.append(f"  {code}: {count} row(s)")
+        lines.extend(f"      row {e['row']} ({e['where']}): {e['message']}" for e in examples.get(code, []))
+    return NothingPreparedError("\n".join(lines))
+
+
 def _summary_lines(summary: dict) -> list[str]:
-    lines = [
+    lines = [summary["skipped_warning"]] if summary.get("skipped_warning") else []
+    lines += [
         f"prepared {summary['output_path']}: {summary['input_rows']} input rows -> "
         f"{summary['num_documents']} documents, {summary['num_tokens']:,} tokens, "
         f"{summary['trained_token_share']:.1%} trained"
@@ -235,6 +268,12 @@ def _summary_lines(summary: dict) -> list[str]:
         lines.append(
             f"  end-of-turn marker appended: {appended} row(s) whose final reply the template leaves open got its "
             "between-turns marker appended and trained (chat.final_eot: append; 'leave' keeps them open)"
+        )
+    rt = summary.get("reasoning_every_turn")
+    if rt:
+        lines.append(
+            f"  chat.reasoning every_turn: {rt['conversations_split']} conversations whose template drops reasoning "
+            f"-> {rt['documents']} documents, each reasoning turn trained once with the conversation before it masked"
         )
     ld = summary.get("long_documents")
     if ld:
@@ -417,8 +456,12 @@ def _prepare_into(cfg: PrepareConfig, tmp: Path, digest: str, fingerprint, progr
     num_tokens = sum(c["num_tokens"] for c in split_counts.values())
     num_trained = sum(c["num_trained_tokens"] for c in split_counts.values())
     num_documents = sum(c["num_documents"] for c in split_counts.values())
-    written = num_documents - split_stats.get("pieces", 0) + split_stats.get("conversations_split", 0)  # rows
+    # rows: each split conversation's pieces (split_turns, then chat.reasoning: every_turn) count as its one row
+    written = num_documents - split_stats.get("pieces", 0) + split_stats.get("conversations_split", 0)
+    written += split_stats.get("reasoning_split", 0) - split_stats.get("reasoning_pieces", 0)
     skipped = {c: n for c, n in counts.items() if c in SKIP_REASONS}
+    if num_documents == 0:
+        raise _nothing_prepared(n_rows, where, skipped, examples)
     summary = {
         "status": "prepared",
         "output_path": str(cfg.output_path),
@@ -434,6 +477,8 @@ def _prepare_into(cfg: PrepareConfig, tmp: Path, digest: str, fingerprint, progr
         "splits": split_counts,
         "length_percentiles": _percentiles(lengths),
         "skipped": skipped,
+        "skipped_share": skipped_rows / n_rows,
+        "skipped_warning": _skipped_warning(skipped_rows, n_rows, skipped, cfg.report.max_skipped_share),
         "warnings": {c: n for c, n in counts.items() if c not in SKIP_REASONS},
         "examples": examples,
         "tokens_per_s": num_tokens / seconds if seconds > 0 else None,
@@ -456,7 +501,12 @@ def _prepare_into(cfg: PrepareConfig, tmp: Path, digest: str, fingerprint, progr
             "sequence_length": cfg.long_documents.sequence_length,
             **{k: 0 for k in ("conversations_split", "pieces", "context_tokens", "truncated_groups")},
             **{k: 0 for k in ("dropped_trained_tokens", "not_split")},
-            **split_stats,
+            **{k: v for k, v in split_stats.items() if not k.startswith("reasoning")},
+        }
+    if cfg.chat.reasoning == "every_turn":
+        summary["reasoning_every_turn"] = {
+            "conversations_split": split_stats.get("reasoning_split", 0),
+            "documents": split_stats.get("reasoning_pieces", 0),
         }
     if written + skipped_rows != n_rows:
         raise PrepareError(f"internal error: {written} written + {skipped_rows} skipped != {n_rows} rows")
@@ -467,11 +517,19 @@ def _prepare_into(cfg: PrepareConfig, tmp: Path, digest: str, fingerprint, progr
 
 
 def main(cfg: PrepareConfig, force: bool = False) -> int:
-    """`run_cli` entry: 0 on success, 1 with a one-paragraph message (no traceback) when preparation fails."""
-    from backend.chat import RenderProofError
+    """`run_cli` entry: 0 on success; 2 when a non-empty input gave no document (the reasons are printed) or the
+    chat template cannot write the data's tools; 1 with a one-paragraph message (no traceback) when preparation
+    fails otherwise."""
+    from backend.chat import RenderProofError, TemplateCapabilityError
 
     try:
         prepare(cfg, force=force)
+    except NothingPreparedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except TemplateCapabilityError as e:  # a config problem: the template cannot write this dataset
+        print(f"error: chat.template: {e}", file=sys.stderr)
+        return 2
     except (PrepareError, RenderProofError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

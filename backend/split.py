@@ -376,3 +376,90 @@ def split_documents(rows, ids, trained, bounds, rendered, tokenized_of, tokenize
         stats,
         problems,
     )
+
+
+def reasoning_pieces(rendered, tokenizer, masking=None, chat_template: str | None = None) -> list[Piece] | None:
+    """``chat.reasoning: every_turn`` for one rendered conversation: each trained assistant turn whose reasoning the
+    template drops in the full rendering (`RenderedSample.reasoning_rendered`) becomes its own document, the
+    conversation up to it rendered as masked context, so the trace is trained once, as the model sees it at
+    inference; the full conversation keeps the other trained turns (and is dropped when none is left). None when
+    no reasoning is dropped, or when the template drops it even from a final reply (the conversation stays one
+    document).
+
+        conversation  U1 A1(r1) T1 A2(r2) U2 A3(r3)     the template writes only r3 (after the last user turn)
+        piece 1       U1 A1(r1)                         A1 with r1 trained
+        piece 2       U1 A1 T1 A2(r2)                   context masked, A2 with r2 trained
+        piece 3       U1 A1 T1 A2 U2 A3(r3)             A3 with r3 trained (the full conversation)
+    """
+    import dataclasses
+
+    from backend import chat
+
+    dropped = [k for k, shown in rendered.reasoning_rendered.items() if not shown]
+    if not dropped:
+        return None
+    masking = dataclasses.replace(masking or chat.Masking(), train_on="all", reasoning="as_rendered")
+    trained_turns = {
+        t.message_index for t in rendered.turns if any(b < t.end and e > t.begin for b, e in rendered.trained_spans)
+    }
+    rest = set(trained_turns)
+    pieces = []
+    for k in dropped:
+        if k not in trained_turns:
+            continue
+        msgs = rendered.messages[: k + 1]
+        r = chat.render(msgs, tokenizer, masking, chat_template, tools=rendered.tools)
+        if r.reasoning_rendered.get(k):  # the template writes it as the final reply: its own document
+            pieces.append((msgs, r, _piece_spans(r, k, {k}), [k]))
+            rest.discard(k)
+    if not pieces:
+        return None  # the template writes no reasoning at all: nothing to gain from splitting
+    if rest:
+        pieces.append((rendered.messages, rendered, _piece_spans(rendered, 0, rest), sorted(rest)))
+    toks = chat.tokenize_batch([r.text for _, r, _, _ in pieces], [s for _, _, s, _ in pieces], tokenizer)
+    return [
+        Piece(
+            messages=msgs,
+            trained_messages=trained_msgs,
+            context_messages=len(msgs) - 1,
+            text=r.text,
+            input_ids=tok.input_ids,
+            trained=tok.trained,
+        )
+        for (msgs, r, _, trained_msgs), tok in zip(pieces, toks, strict=True)
+        if tok.trained.any()
+    ]
+
+
+def every_turn_documents(rows, ids, trained, bounds, rendered, tokenizer, masking, chat_template):
+    """Prepare's flat chunk with every conversation whose template drops reasoning replaced by its
+    `reasoning_pieces` (same row: the pieces stay in one split). Returns ``(rows, ids, trained, bounds, origin,
+    stats)``: ``origin[d]`` is the input document a kept document is (-1 for a piece), ``stats`` counts
+    ``reasoning_split`` conversations and the ``reasoning_pieces`` documents made of them."""
+    stats = {"reasoning_split": 0, "reasoning_pieces": 0}
+    out_rows, out_ids, out_trained, origin = [], [], [], []
+    for j in range(len(bounds) - 1):
+        a, b = int(bounds[j]), int(bounds[j + 1])
+        pieces = reasoning_pieces(rendered[j], tokenizer, masking, chat_template) if rendered[j] is not None else None
+        if not pieces:
+            out_rows.append(rows[j])
+            out_ids.append(ids[a:b])
+            out_trained.append(trained[a:b])
+            origin.append(j)
+            continue
+        stats["reasoning_split"] += 1
+        stats["reasoning_pieces"] += len(pieces)
+        for p in pieces:
+            out_rows.append(rows[j])
+            out_ids.append(p.input_ids.astype(ids.dtype))
+            out_trained.append(p.trained)
+            origin.append(-1)
+    lengths = [len(x) for x in out_ids]
+    return (
+        np.asarray(out_rows, np.int64),
+        np.concatenate(out_ids) if out_ids else ids[:0],
+        np.concatenate(out_trained) if out_trained else trained[:0],
+        np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]),
+        origin,
+        stats,
+    )

@@ -10,6 +10,10 @@ Prints samples/s (medians of --repeats) for:
              pattern's cached sentinel structure); the full prefix diff (~2 renders per assistant turn) only runs
              for a pattern's first rows (cross-check) and for rows whose rendering differs from the substitution
   total      render + tokenize_batch, the path prepare takes
+  tool rows  the same conversations as agent traces (a row-level ``tools`` schema; each first reply preceded by an
+             assistant tool call and its tool result), which take `backend.chat.agent`'s path: rendered with
+             ``tools=``, every turn found by the prefix diff (no substitution fast path); printed per row and per
+             token against the plain rows
 and the ratios against the floor. The target is that masking (everything but the floor) adds < 30%.
 """
 
@@ -54,6 +58,12 @@ def main():
         end_delimiter="<|eot_id|>",
     )
     last = Masking(train_on="last")
+    tool_rows = [as_tool_row(r) for r in rows]
+    tool_texts = [render(r, tok).text for r in tool_rows]
+
+    def total_tools():
+        rs = [render(r, tok) for r in tool_rows]
+        tokenize_batch([r.text for r in rs], [r.trained_spans for r in rs], tok)
 
     def total():
         rs = [render(r, tok) for r in rows]
@@ -71,6 +81,8 @@ def main():
         "render delimiters": lambda: [render(r, tok, delim) for r in rows],
         "total auto: render + tokenize_batch": total,
         "total delimiters": total_delim,
+        "render tool rows (agent path)": lambda: [render(r, tok) for r in tool_rows],
+        "total tool rows": total_tools,
     }
     # round robin: every repeat times each contestant once, so that load changes hit all of them alike; the
     # ratio to the floor is taken within each repeat, then the median over repeats
@@ -93,6 +105,40 @@ def main():
     print(f"masking overhead on top of plain tokenization (auto): {over:+.0%} (target < +30%)")
     over = ratios["total delimiters"] - 1
     print(f"masking overhead on top of plain tokenization (delimiters): {over:+.0%}")
+    tool_tokens = sum(len(x) for x in tok(tool_texts, add_special_tokens=False)["input_ids"]) / n
+    plain_tps = n * tokens / results["total auto: render + tokenize_batch"]
+    tool_tps = n * tool_tokens / results["total tool rows"]
+    tool_rows_s = n / results["total tool rows"]
+    print(
+        f"tool rows ({tool_tokens:.0f} tokens/row): {tool_rows_s:.0f} rows/s, {tool_tps:,.0f} tokens/s "
+        f"vs plain rows {plain_tps:,.0f} tokens/s ({tool_tps / plain_tps:.2f}x)"
+    )
+
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "lookup",
+            "description": "Look a fact up",
+            "parameters": {"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]},
+        },
+    }
+]
+
+
+def as_tool_row(row: dict) -> dict:
+    """A sample conversation as an agent trace: the first question is looked up with a tool before the reply."""
+    from backend.chat import normalize_conversation
+
+    messages = normalize_conversation(row)
+    first = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    call = {"id": "call00001", "type": "function", "function": {"name": "lookup", "arguments": {"query": "q"}}}
+    trace = [
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call00001", "content": messages[first - 1]["content"][:80]},
+    ]
+    return {"messages": messages[:first] + trace + messages[first:], "tools": TOOLS}
 
 
 if __name__ == "__main__":

@@ -478,6 +478,7 @@ def on_chat(
     base_path: str,
     compare: bool,
     template: str,
+    tools_json: str,
     message: str,
     history: list[dict],
     history_base: list[dict],
@@ -489,7 +490,7 @@ def on_chat(
         yield history, history_base, ""
         return
     try:
-        for reply in H.chat_stream(model_path, history, message, template):
+        for reply in H.chat_stream(model_path, history, message, template, tools_json=tools_json):
             yield (
                 history + [{"role": "user", "content": message}, {"role": "assistant", "content": reply}],
                 history_base,
@@ -497,7 +498,7 @@ def on_chat(
             )
         history = history + [{"role": "user", "content": message}, {"role": "assistant", "content": reply}]
         if compare:
-            for reply_b in H.chat_stream(base_path, history_base, message, template):
+            for reply_b in H.chat_stream(base_path, history_base, message, template, tools_json=tools_json):
                 yield (
                     history,
                     history_base + [{"role": "user", "content": message}, {"role": "assistant", "content": reply_b}],
@@ -533,8 +534,10 @@ def build_chat_tab(data: DataTab, runs_dir: str, demo: gr.Blocks) -> None:
         chat = gr.Chatbot(label="finetuned", height=360)
         chat_base = gr.Chatbot(label="base", height=360)
     message = gr.Textbox(label="message", placeholder="What is 5 + 37?")
+    with gr.Accordion("tools (JSON list of tool schemas, passed to the template as tools=)", open=False):
+        tools = gr.Code("", language="json", label="tools")
     send = gr.Button("Send", variant="primary")
-    inputs = [model, base, compare, data.template, message, chat, chat_base]
+    inputs = [model, base, compare, data.template, tools, message, chat, chat_base]
     send.click(on_chat, inputs, [chat, chat_base, message])
     message.submit(on_chat, inputs, [chat, chat_base, message])
     refresh.click(on_refresh_models, [runs_state], [model])

@@ -1,7 +1,9 @@
-"""Chat tab handlers: the models to chat with (exports and checkpoints) and a streamed reply."""
+"""Chat tab handlers: the models to chat with (exports and checkpoints) and a streamed reply (with tools)."""
 
 from __future__ import annotations
 
+import json
+import re
 import threading
 from pathlib import Path
 from typing import Any
@@ -56,13 +58,18 @@ def chat_stream(
     template_text: str = "",
     max_new_tokens: int = 64,
     temperature: float = 0.0,
+    tools_json: str = "",
 ):
     """Yield the growing assistant reply for ``message`` after ``history`` (OpenAI-style message dicts).
 
     Uses the same chat template as the Data tab (``template_text``, or the tokenizer's own) with
-    add_generation_prompt, and transformers' TextIteratorStreamer in a thread.
+    add_generation_prompt and ``tools_json`` (a JSON list of tool schemas, as prepare reads a row's ``tools``),
+    and transformers' TextIteratorStreamer in a thread. Tool calls in the reply are shown as blocks
+    (`tool_call_blocks`).
     """
-    from backend.chat import render_messages, resolve_template
+    from backend.chat import normalize_tools, render_messages, resolve_template
+
+    tools = normalize_tools(tools_json, "the tools box") if (tools_json or "").strip() else None
 
     model, tok = get_model(model_path)
     from transformers import TextIteratorStreamer
@@ -70,7 +77,7 @@ def chat_stream(
     messages = [{"role": m["role"], "content": _text_of(m["content"])} for m in history or []]
     messages.append({"role": "user", "content": message})
     template = resolve_template(tok, _template_arg(template_text, tok))
-    prompt = render_messages(messages, tok, template, add_generation_prompt=True)
+    prompt = render_messages(messages, tok, template, add_generation_prompt=True, tools=tools)
     enc = tok(prompt, add_special_tokens=not (tok.bos_token and prompt.startswith(tok.bos_token)), return_tensors="pt")
     streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
     from backend.chat import eot_token_ids
@@ -92,8 +99,42 @@ def chat_stream(
     reply = ""
     for piece in streamer:
         reply += piece
-        yield reply
+        yield tool_call_blocks(reply)
     thread.join()
+
+
+_CALL_RES = (
+    re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S),  # Hermes, Qwen2.5/3
+    re.compile(r"\[TOOL_CALLS\]\s*(\[.*?\])(?=\s*(?:</s>|$))", re.S),  # Mistral
+    re.compile(r"<\|tool_call>(.*?)(?:<tool_call\|>|$)", re.S),  # Gemma 4
+)
+
+
+def tool_call_blocks(reply: str) -> str:
+    """A reply with its tool calls shown as blocks: the formats of the tool templates the tests cover (Hermes
+    ``<tool_call>``, Mistral ``[TOOL_CALLS]``, Gemma 4 ``<|tool_call>``, and a whole reply that is one JSON call as
+    Llama 3.1 writes it). Other text is left as it is.
+
+    >>> print(tool_call_blocks('Let me look.<tool_call>{"name": "f", "arguments": {"x": 1}}</tool_call>'))
+    Let me look.
+    🔧 **tool call**
+    ```json
+    {"name": "f", "arguments": {"x": 1}}
+    ```
+    <BLANKLINE>
+    """
+    for pattern in _CALL_RES:
+        if pattern.search(reply):
+            return pattern.sub(lambda m: f"\n🔧 **tool call**\n```json\n{m.group(1).strip()}\n```\n", reply)
+    stripped = reply.strip()
+    if stripped.startswith("{") and stripped.endswith("}"):
+        try:
+            call = json.loads(stripped)
+        except ValueError:
+            return reply
+        if isinstance(call, dict) and "name" in call and ({"arguments", "parameters"} & call.keys()):
+            return f"🔧 **tool call**\n```json\n{stripped}\n```"
+    return reply
 
 
 def _text_of(content) -> str:

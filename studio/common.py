@@ -27,7 +27,16 @@ DEFAULT_PREPARE_YAML = ASSETS / "configs" / "tiny_prepare.yaml"
 DEFAULT_TRAIN_YAML = ASSETS / "configs" / "tiny_train.yaml"
 TRAINED, MASKED, APPENDED = "trained", "masked", "appended (trained)"
 # APPENDED: the end-of-turn marker added after a final reply the template leaves open (chat.final_eot: append)
-COLOR_MAP = {TRAINED: "#2ca02c", MASKED: "#d9d9d9", APPENDED: "#ff7f0e"}
+# agent traces: tool results (never trained) and reasoning in colours of their own; tool calls are trained text
+TOOL_RESULT, REASONING, REASONING_MASKED = "tool result (masked)", "reasoning (trained)", "reasoning (masked)"
+COLOR_MAP = {
+    TRAINED: "#2ca02c",
+    MASKED: "#d9d9d9",
+    APPENDED: "#ff7f0e",
+    TOOL_RESULT: "#9ecae1",
+    REASONING: "#9467bd",
+    REASONING_MASKED: "#dadaeb",
+}
 TOKEN_VIEW_LIMIT = 3000  # tokens drawn in the token view (the highlight always shows the whole sample)
 
 

@@ -21,7 +21,10 @@ from studio.common import (
     APPENDED,
     COLOR_MAP,
     MASKED,
+    REASONING,
+    REASONING_MASKED,
     TOKEN_VIEW_LIMIT,
+    TOOL_RESULT,
     TRAINED,
     DataSettings,
     _template_arg,
@@ -181,12 +184,18 @@ def _preview_from(rendered, tok, tokenizer, i: int, n: int, template=None, probl
     runs = runs_of(mask)
     highlight = [(text[a:b], TRAINED if v else MASKED) for a, b, v in runs]
     appended = getattr(rendered, "appended", None) or []
-    if appended:  # the appended marker in its own colour: not written by the template, trained
+    results = getattr(rendered, "tool_result_spans", None) or []
+    reasoning = getattr(rendered, "reasoning_spans", None) or []
+    if appended or results or reasoning:  # each in its own colour; a trained tool result shows as trained
         kind = mask.astype(np.int8)
-        for a, b in appended:
+        for a, b in results:
+            kind[a:b] = np.where(mask[a:b], 1, 3)
+        for a, b in reasoning:
+            kind[a:b] = np.where(mask[a:b], 4, 5)
+        for a, b in appended:  # the appended marker: not written by the template, trained
             kind[a:b] = 2
         cuts = np.concatenate([[0], np.flatnonzero(kind[1:] != kind[:-1]) + 1, [len(kind)]]).tolist()
-        label = {0: MASKED, 1: TRAINED, 2: APPENDED}
+        label = {0: MASKED, 1: TRAINED, 2: APPENDED, 3: TOOL_RESULT, 4: REASONING, 5: REASONING_MASKED}
         highlight = [(text[a:b], label[int(kind[a])]) for a, b in zip(cuts[:-1], cuts[1:], strict=False)]
     trained_chars = [(a, b) for a, b, v in runs if v]
     T, k = len(tok.input_ids), int(tok.trained.sum())
@@ -268,6 +277,7 @@ def check_whole_dataset(
     the problems prepare's per-row code found plus the length checks (`_problems`), summarized. Rows prepare skips
     before tokenizing count under their skip reason."""
     from backend.chat import HealthReport
+    from backend.chat.agent import trace_counts
     from backend.config import ConfigError
     from studio.plots import length_histogram
 
@@ -287,6 +297,7 @@ def check_whole_dataset(
                 tok = prepared.tokenized
                 problems = _problems(prepared, seq)
                 report.add(j, problems, len(tok.input_ids), tok.n_trained, appended=len(prepared.rendered.appended))
+                report.add_trace(trace_counts(prepared.rendered, tok, tokenizer))
             if progress is not None:
                 progress(j + 1, len(idx))
     except ConfigError as e:
@@ -316,6 +327,8 @@ def check_whole_dataset(
         + ("" if train_on_eot else " (train_on_eot is off: the model will not learn to stop)"),
         f"- trained tokens: **{report.n_trained} / {report.n_tokens} ({report.trained_token_share:.1%})**",
     ]
+    if report.trace_line():  # tool calls trained, tool results masked, reasoning trained or dropped
+        lines.append(f"- {report.trace_line()}")
     undecided = d["problems"].get("eot_undecided", {}).get("count", 0)
     if undecided:
         lines.append(f"- end-of-turn marker undecidable from the template (not trained): **{undecided} samples**")

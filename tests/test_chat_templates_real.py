@@ -190,10 +190,9 @@ def test_final_eot_leave_keeps_the_templates_text(name):
 
 
 def test_refusal_names_the_message_and_what_differs():
-    """Qwen3 drops reasoning from earlier turns: a reply with reasoning before a later user turn is not written
-    verbatim, so it cannot be trained as written; the refusal names message 1 and the rewrite."""
-    from backend.chat import TemplateError
-
+    """Qwen3 drops reasoning from earlier turns. Inline ``<think>`` reasoning is normalized into
+    ``reasoning_content`` (backend.chat.agent): the row is kept, the reply and its marker trained, the drop
+    reported (chat.reasoning: every_turn trains it)."""
     tok = tokenizer("qwen3.jinja", False)
     template = (CORPUS / "qwen3.jinja").read_text()
     messages = [
@@ -202,8 +201,9 @@ def test_refusal_names_the_message_and_what_differs():
         {"role": "user", "content": "3+3?"},
         {"role": "assistant", "content": "6."},
     ]
-    with pytest.raises(TemplateError, match=r"message 1 \(assistant\) verbatim.*earlier turn is rewritten"):
-        render(messages, tok, chat_template=template)
+    r = render(messages, tok, chat_template=template)
+    assert [r.text[b:e] for b, e in r.trained_spans][0] == "4.<|im_end|>" and "add them" not in r.text
+    assert [p.split(":")[0] for p in r.problems] == ["reasoning_dropped"] and r.reasoning_rendered == {1: False}
     # the same reply as the last message is written verbatim (after the template's think block): trained
     r = render(messages[:2], tok, chat_template=template)
     assert [r.text[b:e] for b, e in r.trained_spans] == [messages[1]["content"] + "<|im_end|>"]

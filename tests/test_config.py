@@ -285,6 +285,8 @@ def test_chat_to_masking_matches_chat_masking():
         "train_on": "last",
         "train_on_eot": True,
         "final_eot": "append",
+        "train_on_tool_calls": True,
+        "reasoning": "as_rendered",
     }
     chat = pytest.importorskip("backend.chat")
     assert chat.Masking(**kwargs).train_on == "last"

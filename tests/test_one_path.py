@@ -240,3 +240,32 @@ def test_studio_preview_is_what_prepare_of_the_studio_yaml_writes(form, settings
         chars = H.char_labels(len(shown.text), tok.offsets, trained)
         assert [(a, b) for a, b, v in H.runs_of(chars) if v] == shown.trained_chars, i
     assert d == len(ds)
+
+
+def test_a_form_in_the_table_may_make_several_documents_of_a_row(tmp_path, tokenizer, monkeypatch):
+    """`documents.FORMS` is the one place rows become documents: a form returning two documents per row (as a
+    preference pair does) gets both written for that row, in order; `SkipRow` skips a row with its reason."""
+    from backend import documents
+
+    def twice(row, state):
+        if row["text"] == "skip me":
+            raise documents.SkipRow("empty_text", "told to")
+        return [documents.Document(row["text"], [(0, 3)]), documents.Document(row["text"].upper(), [(0, 2)])]
+
+    monkeypatch.setitem(documents.FORMS, "text", twice)
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in ("abc def", "skip me", "xyz")))
+    cfg = load_prepare_config(
+        {
+            "output_path": str(tmp_path / "out"),
+            "dataset": {"path": str(tmp_path / "d.jsonl")},
+            "tokenizer": {"path": str(TINY_MODEL)},
+        }
+    )
+    reader = RowReader(cfg)
+    first, skipped, last = list(reader.samples([0, 1, 2], cfg, tokenizer))
+    assert [tokenizer.decode(ids.tolist(), skip_special_tokens=True) for ids, _ in first.documents] == [
+        "abc def",
+        "ABC DEF",
+    ]
+    assert all(trained.any() for _, trained in first.documents)
+    assert skipped.skipped == "empty_text: told to" and len(last.documents) == 2

@@ -239,6 +239,36 @@ def test_bad_conversations_are_skipped_and_reported(tmp_path, tokenizer, capsys)
     assert report["skipped"] == s["skipped"]
 
 
+def test_zero_documents_from_rows_is_exit_2_with_the_reasons(tmp_path, capsys):
+    from backend.cli import run_cli
+    from backend.prepare import NothingPreparedError, main
+
+    rows = [{"conversations": [{"from": "human", "value": "hi"}]}, {"conversations": [{"from": "human"}]}]
+    write_jsonl(tmp_path / "d.jsonl", rows)
+    cfg = make_cfg(tmp_path, tmp_path / "d.jsonl")
+    with pytest.raises(NothingPreparedError, match="2 input rows -> 0 documents"):
+        prepare(cfg, progress=False)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob("out.tmp-*"))
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    with pytest.raises(SystemExit) as e:
+        run_cli([str(tmp_path / "cfg.yaml")], "prepare", main)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "no_trained_tokens: 1 row(s)" in err and "bad_conversation: 1 row(s)" in err
+    assert "Traceback" not in err
+
+
+def test_skipped_share_over_the_limit_is_a_loud_warning(tmp_path, capsys):
+    good = head_jsonl(SAMPLE_DATA, tmp_path / "g.jsonl", 9)
+    write_jsonl(tmp_path / "d.jsonl", good + [{"conversations": [{"from": "human", "value": "hi"}]}])  # 1 of 10
+    s = prepare(make_cfg(tmp_path, tmp_path / "d.jsonl"), progress=False)
+    assert s["skipped_share"] == pytest.approx(0.1) and "1 of 10 input rows skipped" in s["skipped_warning"]
+    assert s["skipped_warning"] in capsys.readouterr().out
+    report = json.loads((tmp_path / "out" / "prepare_report.json").read_text())["summary"]
+    assert report["skipped_warning"] == s["skipped_warning"]
+    s = prepare(make_cfg(tmp_path, tmp_path / "d.jsonl", "out2", report={"max_skipped_share": 0.1}), progress=False)
+    assert s["skipped_warning"] is None and "WARNING" not in capsys.readouterr().out
+
+
 # ------------------------------------------------------------------------------------------- guide form
 def _guide_rows(tokenizer, n=6):
     rows = []

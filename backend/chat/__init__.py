@@ -51,6 +51,7 @@ Modules, one responsibility each (callers import the public names from ``backend
     backend/chat/templates.py      chat templates, end-of-turn markers, assistant spans, delimiters, render
     backend/chat/fastpath.py       the structure cache: substitution where it is proven equal to Jinja
     backend/chat/tokens.py         tokenize / tokenize_batch, the trained mask, PortableTokenizer
+    backend/chat/agent.py          agent traces: turns with tool calls, tool results, reasoning
     backend/chat/health.py         check_sample (check_length), HealthReport, check_dataset
 """
 
@@ -62,10 +63,13 @@ from backend.chat.conversations import (
     ChatError,
     ConversationError,
     Masking,
+    Message,
     RenderedSample,
     RenderProofError,
+    TemplateCapabilityError,
     TemplateError,
     normalize_conversation,
+    normalize_tools,
 )
 from backend.chat.fastpath import render_fast_path
 from backend.chat.health import HealthReport, check_dataset, check_length, check_sample
@@ -86,6 +90,9 @@ __all__ = [
     "ConversationError",
     "TemplateError",
     "RenderProofError",
+    "TemplateCapabilityError",
+    "Message",
+    "normalize_tools",
     "AssistantTurn",
     "RenderedSample",
     "TokenizedSample",

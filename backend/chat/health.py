@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from backend.chat.agent import trace_counts
 from backend.chat.conversations import ChatError, Masking, RenderedSample
 from backend.chat.templates import _compile, render, resolve_template
 from backend.chat.tokens import TokenizedSample, _token_range, tokenize_batch
@@ -96,6 +97,36 @@ class HealthReport:
         self.n_with_spans = 0
         self.n_appended = 0  # samples whose final reply got the template's marker appended (chat.final_eot)
         self.appended_indices: list[int] = []
+        self.trace: dict[str, int] = {}  # agent traces: `backend.chat.agent.trace_counts` summed over samples
+
+    def add_trace(self, counts: dict[str, int]) -> None:
+        """Sum one sample's agent-trace counts (tool calls trained, results masked, reasoning trained/dropped)."""
+        for k, v in counts.items():
+            self.trace[k] = self.trace.get(k, 0) + int(v)
+
+    def trace_line(self) -> str | None:
+        """One line on agent traces, or None when the samples had none.
+
+        >>> r = HealthReport(); r.add_trace({"tool_calls_trained": 3, "tool_results_masked": 3,
+        ...     "reasoning_trained": 1, "reasoning_dropped": 2, "reasoning_dropped_tokens": 40})
+        >>> r.trace_line()[:64]
+        'agent traces: 3 tool calls trained, 3 tool results masked, reaso'
+        >>> r.trace_line()[-87:]
+        'dropped by the template in 2 turn(s) (40 tokens; chat.reasoning: every_turn keeps them)'
+        """
+        t = self.trace
+        if not any(t.values()):
+            return None
+        line = (
+            f"agent traces: {t.get('tool_calls_trained', 0)} tool calls trained, {t.get('tool_results_masked', 0)} "
+            f"tool results masked, reasoning trained in {t.get('reasoning_trained', 0)} turn(s)"
+        )
+        if t.get("reasoning_dropped"):
+            line += (
+                f", dropped by the template in {t['reasoning_dropped']} turn(s) ({t.get('reasoning_dropped_tokens', 0)}"
+                " tokens; chat.reasoning: every_turn keeps them)"
+            )
+        return line
 
     def add(self, index: int, problems: list[str], n_tokens: int, n_trained: int, appended: int = 0) -> None:
         self.n_samples += 1
@@ -142,6 +173,7 @@ class HealthReport:
             },
             "lengths": list(self.lengths),
             "appended_eot": {"count": self.n_appended, "examples": list(self.appended_indices)},
+            "agent_traces": dict(self.trace),
         }
 
     def summary(self) -> str:
@@ -159,6 +191,8 @@ class HealthReport:
                 f"end-of-turn marker appended (chat.final_eot: append): {self.n_appended} sample(s) whose final reply "
                 f"the template leaves open, e.g. rows {self.appended_indices}"
             )
+        if self.trace_line():
+            lines.append(self.trace_line())
         if not self.counts:
             lines.append("no problems found")
         return "\n".join(lines)
@@ -194,6 +228,7 @@ def check_dataset(
                 tok = next(toks)
                 problems = check_sample(r, tok, tokenizer, sequence_length)
                 report.add(i, problems, len(tok.input_ids), tok.n_trained, appended=len(r.appended))
+                report.add_trace(trace_counts(r, tok, tokenizer))
             else:
                 report.add(i, [f"bad_conversation: row {i}: {r}"], 0, 0)
             if progress is not None:

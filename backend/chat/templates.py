@@ -20,7 +20,9 @@ from backend.chat.conversations import (
     RenderedSample,
     TemplateError,
     _normalize_plain,
+    is_agent,
     normalize_conversation,
+    normalize_tools,
 )
 from backend.chat.tokens import _info
 
@@ -73,16 +75,17 @@ def _template_kwargs(tokenizer) -> dict:
     return _info(tokenizer)["kwargs"]
 
 
-def render_messages(messages: list[dict], tokenizer, template: str, add_generation_prompt=False) -> str:
+def render_messages(messages: list[dict], tokenizer, template: str, add_generation_prompt=False, tools=None) -> str:
     """Render normalized messages with a Jinja template, exactly like ``apply_chat_template(tokenize=False)``
-    but without its per-call overhead (messages are already plain dicts of strings)."""
+    but without its per-call overhead (messages are already plain dicts of strings; ``tools``: the row's
+    schemas from `normalize_tools`)."""
     import jinja2
 
     compiled = _compile(template)
     try:
         return compiled.render(
             messages=messages,
-            tools=None,
+            tools=tools,
             documents=None,
             add_generation_prompt=add_generation_prompt,
             **_template_kwargs(tokenizer),
@@ -94,14 +97,14 @@ def render_messages(messages: list[dict], tokenizer, template: str, add_generati
         raise TemplateError(f"chat template failed on the conversation: {type(e).__name__}: {e}") from None
 
 
-def _render_generation(messages, tokenizer, template) -> tuple[str, list[tuple[int, int]]]:
+def _render_generation(messages, tokenizer, template, tools=None) -> tuple[str, list[tuple[int, int]]]:
     """Render with ``{% generation %}`` tracking: (text, char ranges of the generation blocks)."""
     import jinja2
     from transformers.utils.chat_template_utils import _render_with_assistant_indices
 
     try:
         return _render_with_assistant_indices(
-            _compile(template), messages, None, None, False, **_template_kwargs(tokenizer)
+            _compile(template), messages, tools, None, False, **_template_kwargs(tokenizer)
         )
     except jinja2.TemplateError as e:
         raise TemplateError(f"chat template rejected the conversation: {e}") from None
@@ -157,14 +160,20 @@ class _Eot(NamedTuple):
     why: str  # why ``between`` is None
 
 
-def _render_chunks(messages, tokenizer, template, add_generation_prompt=False) -> tuple[str, set[int]] | None:
+# a tool schema for probing templates that need tools to render at all (Hermes tool_use): markers do not depend on it
+PROBE_TOOLS = [{"type": "function", "function": {"name": "probe", "description": "probe", "parameters": {}}}]
+
+
+def _render_chunks(
+    messages, tokenizer, template, add_generation_prompt=False, tools=None
+) -> tuple[str, set[int]] | None:
     """The rendering and the character offsets where the template's output pieces end (each ``{{ ... }}``
     and each run of literal text is one piece), or None when the template rejects the conversation."""
     try:
         parts = list(
             _compile(template).generate(
                 messages=messages,
-                tools=None,
+                tools=tools,
                 documents=None,
                 add_generation_prompt=add_generation_prompt,
                 **_template_kwargs(tokenizer),
@@ -175,7 +184,7 @@ def _render_chunks(messages, tokenizer, template, add_generation_prompt=False) -
     return "".join(parts), set(accumulate(map(len, parts)))
 
 
-def _eot(roles: tuple, tokenizer, template) -> _Eot:
+def _eot(roles: tuple, tokenizer, template, tools=None) -> _Eot:
     """The end-of-turn marker a template writes after the reply of the last message in ``roles`` (an assistant),
     read from the template itself, once per role prefix (cached).
 
@@ -187,7 +196,7 @@ def _eot(roles: tuple, tokenizer, template) -> _Eot:
     the reply minus the next turn's opening, as the template writes that opening at the start of a
     conversation. What cannot be decided this way is None: no marker is trained, never a guess."""
     cache = _info(tokenizer).setdefault("eot", {})
-    key = (template, roles)
+    key = (template, roles, tools is not None)
     found = cache.get(key)
     if found is not None:
         return found
@@ -195,7 +204,7 @@ def _eot(roles: tuple, tokenizer, template) -> _Eot:
     reply, probe = _sentinel(len(roles) - 1), _sentinel(len(roles))
 
     def after_reply(messages, generation=False):
-        r = _render_chunks(messages, tokenizer, template, generation)
+        r = _render_chunks(messages, tokenizer, template, generation, tools)
         if r is None:
             return None
         text, ends = r
@@ -223,7 +232,7 @@ def _eot(roles: tuple, tokenizer, template) -> _Eot:
         cut = max((b for b in set.intersection(*[b for _, b in pool]) if b <= shared), default=0)
         between = rests[0][:cut].rstrip() or None
     if between is None and follows:
-        between = _between_from_opening(follows, probe, tokenizer, template)
+        between = _between_from_opening(follows, probe, tokenizer, template, tools)
     if between is None:
         why = (
             "the template writes no text after the reply that every next message shares, up to the next turn's opening"
@@ -239,11 +248,11 @@ def _eot(roles: tuple, tokenizer, template) -> _Eot:
     return found
 
 
-def _between_from_opening(follows, probe, tokenizer, template) -> str | None:
+def _between_from_opening(follows, probe, tokenizer, template, tools=None) -> str | None:
     """For a template that leaves a final reply open: the text between a reply and a following user message,
     minus the user turn's opening as the template writes it at the start of a conversation (their common
     suffix). Kept only when every continuation starts with it."""
-    first = _render_chunks([{"role": "user", "content": probe}], tokenizer, template)
+    first = _render_chunks([{"role": "user", "content": probe}], tokenizer, template, False, tools)
     rest = follows[0][0]
     if first is None or probe not in rest:
         return None
@@ -480,19 +489,29 @@ def _special_text_problems(messages, tokenizer, problems):
             )
 
 
-def render(conversation, tokenizer, masking: Masking | None = None, chat_template: str | None = None) -> RenderedSample:
+def render(
+    conversation, tokenizer, masking: Masking | None = None, chat_template: str | None = None, tools=None
+) -> RenderedSample:
     """Render a conversation with the chat template and find what is trained. See the module docstring.
 
-    Raises `ConversationError` (bad messages) or `TemplateError` (bad template, or a reply it rewrites).
+    ``tools``: the row's tool schemas (a list or a JSON string; a row dict's own ``tools`` when None). A
+    conversation with tools, tool calls, tool results or reasoning takes `backend.chat.agent`'s span finder.
+    Raises `ConversationError` (bad messages) or `TemplateError` (bad template, or a reply it rewrites), and
+    `TemplateCapabilityError` for a template that cannot write tools at all (a dataset-wide refusal).
     Per-sample issues that still give a usable sample are in ``.problems`` as ``"code: message"``.
     """
     from backend.chat.fastpath import _proven_text, _structure_turns  # the fast path, behind these two calls
 
     masking = masking or _DEFAULT_MASKING
     messages = _normalize_plain(conversation) if isinstance(conversation, list) else None
+    if tools is None and isinstance(conversation, dict):
+        tools = conversation.get("tools")
     if messages is None:
         messages = normalize_conversation(conversation)
+    tools = normalize_tools(tools)
     template = resolve_template(tokenizer, chat_template)
+    if masking.mode == "auto" and is_agent(messages, tools):
+        return _render_agent(messages, tools, tokenizer, masking, template)
     problems: list[str] = []
     assistants = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     if masking.train_on == "last":
@@ -503,10 +522,10 @@ def render(conversation, tokenizer, masking: Masking | None = None, chat_templat
     appended: list[tuple[int, int]] = []
     if masking.mode == "delimiters":
         text = None
-        if assistants and not _has_generation(template):  # the text alone, from a proven structure if any
+        if assistants and not tools and not _has_generation(template):  # from a proven structure if any
             text = _proven_text(messages, tokenizer, template, assistants)
         if text is None:
-            text = render_messages(messages, tokenizer, template)
+            text = render_messages(messages, tokenizer, template, tools=tools)
         turns = _delimiter_turns(text, masking, messages, problems)
         chosen = turns[-1:] if masking.train_on == "last" else turns
     else:
@@ -546,13 +565,13 @@ def render(conversation, tokenizer, masking: Masking | None = None, chat_templat
     )
 
 
-def _append_final_eot(text, turns, messages, tokenizer, template, problems):
+def _append_final_eot(text, turns, messages, tokenizer, template, problems, eot=None):
     """A final reply the template leaves open (no marker after it in the rendering): insert the template's
     between-turns marker right after it (chat.final_eot: append). Returns (text, turns, appended ranges)."""
     t = turns[-1] if turns else None
     if t is None or t.message_index != len(messages) - 1 or t.end > t.content_end:
         return text, turns, []
-    eot = _eot(tuple([m["role"] for m in messages]), tokenizer, template)
+    eot = eot or _eot(tuple([m["role"] for m in messages]), tokenizer, template)
     if eot.final or t.begin == t.content_end:
         return text, turns, []  # the template closes it in its own way (or the turn has no reply text)
     if eot.between is None:
@@ -566,6 +585,54 @@ def _append_final_eot(text, turns, messages, tokenizer, template, problems):
     return text, turns[:-1] + [AssistantTurn(t.message_index, t.begin, at, at + len(marker))], [(at, at + len(marker))]
 
 
+def _render_agent(messages, tools, tokenizer, masking: Masking, template: str) -> RenderedSample:
+    """`render` for agent traces (`backend.chat.agent`): tools passed to the template, each assistant turn from the
+    end of its generation prompt to the end of its end-of-turn marker."""
+    from backend.chat import agent
+
+    agent.check_capability(messages, tools, template)
+    problems: list[str] = []
+    assistants = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    target = assistants[-1:] if masking.train_on == "last" else assistants
+    if not masking.train_on_tool_calls:
+        target = [k for k in target if not messages[k].get("tool_calls")]
+    text, turns = agent.agent_turns(messages, tools, tokenizer, template, None, target, _has_generation(template))
+    appended: list[tuple[int, int]] = []
+    if target and target[-1] == len(messages) - 1 and masking.train_on_eot and masking.final_eot == "append":
+        between, final = agent._markers(messages, tools, tokenizer, template)
+        eot = _Eot(between, final, "the template's marker between plain turns could not be decided")
+        text, turns, appended = _append_final_eot(text, turns, messages, tokenizer, template, problems, eot)
+    if not assistants:
+        problems.append("span_not_found: the conversation has no assistant message; nothing is trained")
+    trained = []
+    for t in turns:
+        e = t.end if masking.train_on_eot else t.content_end
+        if e > t.begin:
+            trained.append((t.begin, e))
+    results, reasoning, written = agent.trace_spans(messages, text, turns)
+    dropped = [k for k, shown in written.items() if not shown]
+    if dropped:
+        chars = sum(len(messages[k]["reasoning_content"]) for k in dropped)
+        problems.append(
+            f"reasoning_dropped: message(s) {dropped}: the template does not write their reasoning ({chars} chars); "
+            "chat.reasoning: every_turn trains it where the template writes a final reply's reasoning"
+        )
+    _special_text_problems(messages, tokenizer, problems)
+    return RenderedSample(
+        text=text,
+        trained_spans=trained,
+        loss_masking_spans=loss_masking_from_spans(len(text), trained),
+        problems=problems,
+        turns=turns,
+        messages=messages,
+        appended=appended,
+        tools=tools,
+        tool_result_spans=results,
+        reasoning_spans=reasoning,
+        reasoning_rendered=written,
+    )
+
+
 def eot_token_ids(tokenizer, chat_template: str | None = None) -> list[int]:
     """Token ids that end an assistant turn under this template (then the tokenizer's eos, if different).
 
@@ -574,16 +641,18 @@ def eot_token_ids(tokenizer, chat_template: str | None = None) -> list[int]:
     """
     probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
     ids: list[int] = []
-    try:
-        r = render(probe, tokenizer, Masking(), chat_template)
+    for tools in (None, PROBE_TOOLS):  # a tool_use template (Hermes) renders nothing without tools
+        try:
+            r = render(probe, tokenizer, Masking(), chat_template, tools=tools)
+        except ChatError:
+            continue
         regex = _info(tokenizer)["regex"]
         for t in r.turns[:1]:
             for m in regex.finditer(r.text[t.content_end : t.end]) if regex else ():
                 tid = tokenizer.convert_tokens_to_ids(m.group())
                 if tid is not None and tid not in ids:
                     ids.append(int(tid))
-    except ChatError:
-        pass
+        break
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(int(tokenizer.eos_token_id))
     return ids

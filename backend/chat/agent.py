@@ -1,0 +1,281 @@
+"""Agent traces: where each assistant turn lies when turns call tools, follow tool results or carry reasoning.
+
+Part of `backend.chat` (`render` calls `agent_turns` for a conversation that `is_agent`). A turn's trained span runs
+from the end of its generation prompt to the end of its end-of-turn marker, as the template writes them in the
+full rendering. So the model is trained on everything it writes after the prompt (reasoning where the template
+writes it, the reply, the tool calls in the template's own format) and on the marker that ends its turn; tool
+results, tool schemas, system and user text lie outside every such span and are never trained. No delimiter is
+written by hand: the generation prompt and the marker are read from the template itself.
+
+- The generation prompt: ``render(messages[:k], add_generation_prompt=True)`` is a prefix of the full rendering
+  (the prefix diff), or, for a template that rewrites earlier turns (Qwen3 drops the reasoning of turns before
+  the last user message), the prompt's text found right after message k-1 in the full rendering.
+- The end: the rendering of ``messages[:k + 1]`` when it is a prefix of the full one, else the marker found
+  before the next message; the marker is `templates._eot`'s (a template that writes it only when another
+  message follows gets it from the text after the turn).
+- Templates with ``{% generation %}`` blocks (one per assistant message): the blocks, as transformers'
+  ``assistant_masks`` reads them.
+
+What cannot be located is a `TemplateError` naming the message: never a guess.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from backend.chat.conversations import AssistantTurn, TemplateCapabilityError, TemplateError
+from backend.chat.templates import (
+    PROBE_TOOLS,
+    _common_prefix_len,
+    _eot,
+    _find_reply,
+    _render_chunks,
+    _render_generation,
+    _sentinel,
+    render_messages,
+)
+
+
+def check_capability(messages: list[dict], tools, template: str) -> None:
+    """Refuse, once and for the whole dataset, a template that cannot write what the row holds.
+
+    >>> try:
+    ...     check_capability([{"role": "user", "content": "q"}], [{"type": "function"}], "{{ messages }}")
+    ... except TemplateCapabilityError as e:
+    ...     print(str(e)[:80])
+    the chat template never reads 'tools', so it cannot write the row's tool schemas
+    """
+    missing = []
+    if tools and "tools" not in template:
+        missing.append(("tools", "the row's tool schemas", "drop the 'tools' column"))
+    if any(m.get("tool_calls") for m in messages) and "tool_calls" not in template:
+        missing.append(("tool_calls", "the assistant's tool calls", "drop the rows with tool calls"))
+    if missing:
+        name, what, drop = missing[0]
+        name = name if name.startswith("the ") else repr(name)
+        raise TemplateCapabilityError(
+            f"the chat template never reads {name}, so it cannot write {what}; set chat.template to a "
+            f"tool-capable template (e.g. the model's tool_use variant) or {drop}"
+        )
+
+
+def _markers(messages, tools, tokenizer, template) -> tuple[str | None, str]:
+    """(between, final) end-of-turn markers of a plain reply under this template (`templates._eot`, probed with a
+    tool schema when the row has tools). A marker `_eot` cannot decide because the final reply ends differently
+    (gpt-oss: ``<|end|>`` between turns, ``<|return|>`` at the end) is what the continuations share."""
+    probe = PROBE_TOOLS if tools else None
+    roles = ("system", "user", "assistant") if messages[0]["role"] == "system" else ("user", "assistant")
+    eot = _eot(roles, tokenizer, template, probe)
+    if eot.between is None and roles[0] == "system":
+        eot = _eot(("user", "assistant"), tokenizer, template, probe)
+    between = eot.between if eot.between is not None else _shared_continuation(tokenizer, template, probe)
+    return between, eot.final
+
+
+def _shared_continuation(tokenizer, template, tools) -> str | None:
+    """What a template writes after a reply both before a user message and before the generation prompt, cut
+    where one of its output pieces ends, without trailing whitespace; None when nothing is shared."""
+    head = [{"role": "user", "content": _sentinel(0)}, {"role": "assistant", "content": _sentinel(1)}]
+    rests = []
+    for messages, generation in ((head + [{"role": "user", "content": _sentinel(2)}], False), (head, True)):
+        r = _render_chunks(messages, tokenizer, template, generation, tools)
+        if r is None or _sentinel(1) not in r[0]:
+            return None
+        e = r[0].find(_sentinel(1)) + len(_sentinel(1))
+        rests.append((r[0][e:], {x - e for x in r[1] if x > e}))
+    shared = _common_prefix_len(rests[0][0], rests[1][0])
+    cut = max((b for b in rests[0][1] & rests[1][1] if b <= shared), default=0)
+    return rests[0][0][:cut].rstrip() or None
+
+
+def _begin(k, messages, tools, tokenizer, template, text, cursor) -> int:
+    """Where the template's generation prompt for message k ends in ``text`` (at or after ``cursor``)."""
+    if k == 0:
+        raise TemplateError(
+            "message 0 (assistant): an agent trace must start with a system or user message before the first reply"
+        )
+    pre = render_messages(messages[:k], tokenizer, template, True, tools)
+    for p in (pre, pre.rstrip()):
+        if len(p) >= cursor and text.startswith(p):
+            return len(p)
+    # not a prefix (an earlier turn rewritten, a system prompt moved): what the template writes after message k-1
+    # up to the reply (its closing and the generation prompt), found after message k-1 in the full text
+    before = messages[k - 1]["content"]
+    tail = ""
+    for variant in dict.fromkeys((before, before.strip())):
+        if not variant or variant not in pre:
+            continue
+        tail = pre[pre.rfind(variant) + len(variant) :]
+        pos = text.find(variant, cursor)
+        while pos >= 0 and tail.strip():  # each place message k-1 is written (it may be quoted earlier, too)
+            after = pos + len(variant)
+            for m in range(len(tail), 0, -1):  # the whole tail, or its longest head the text has ('<think>\n' may go)
+                head = tail[:m]
+                if len(head.strip()) < min(4, len(tail.strip())):  # never a lone '<' that could follow a quote
+                    break
+                if text.startswith(head, after):
+                    return after + len(head)
+            pos = text.find(variant, pos + 1)
+        break
+    raise TemplateError(
+        f"message {k} (assistant): the template rewrites the conversation before this reply and what it writes "
+        f"between message {k - 1} and the reply ({tail!r}) is not found after message {k - 1}, so the turn cannot be "
+        "located; use a template that writes earlier turns the same way (or chat.masking.mode=delimiters)"
+    )
+
+
+def _candidates(markers) -> list[str]:
+    """End-of-turn markers to look for: between, final, and the between marker's last tag (a call may end with
+    ``<|END_ACTION|><|END_OF_TURN_TOKEN|>`` where a plain reply ends with ``<|END_RESPONSE|><|END_OF_TURN_TOKEN|>``).
+
+    >>> _candidates(("<|END_RESPONSE|><|END_OF_TURN_TOKEN|>", ""))
+    ['<|END_RESPONSE|><|END_OF_TURN_TOKEN|>', '<|END_OF_TURN_TOKEN|>']
+    """
+    between, final = markers
+    tag = between[between.rfind("<") :] if between and "<" in between else None
+    return [m for m in dict.fromkeys((between, final, tag)) if m]
+
+
+def _end(k, begin, messages, tools, tokenizer, template, text, markers) -> tuple[int, int]:
+    """(content_end, end) of message k's turn: where its end-of-turn marker starts and ends."""
+    candidates = _candidates(markers)
+    if k == len(messages) - 1:
+        e = len(text.rstrip())
+        final = markers[1]
+        if final and text.endswith(final, begin, e):
+            return e - len(final), e
+        for marker in candidates:  # a template that opens another turn after the last one (Command R7B)
+            q = text.rfind(marker, begin, e)
+            if q >= 0:
+                return q, q + len(marker)
+        return e, e  # left open: `render` may append the between-turns marker (chat.final_eot)
+    through = render_messages(messages[: k + 1], tokenizer, template, False, tools)
+    d = _common_prefix_len(through, text)
+    for marker in candidates:  # the last marker of the part the two renderings share (or right after it)
+        q = text.rfind(marker, begin, d + len(marker))
+        if q >= 0:
+            return q, q + len(marker)
+    written = through.rstrip()
+    if len(written) > begin and text.startswith(written):
+        return len(written), len(written)  # no marker: the turn goes on with the tool's result (Gemma 4)
+    if "<" in written[begin:]:  # how the turn ends when it is the last message (gpt-oss: '<|call|>' after a call)
+        candidates = candidates + [written[written.rfind("<") :]]
+    # the turn is written differently once later messages follow (Qwen3 drops its reasoning): the marker before
+    # the next message
+    nxt = messages[k + 1]
+    found = _find_reply(text, nxt["content"], begin, len(text)) if nxt["content"].strip() else None
+    for marker in candidates if found is not None else ():
+        q = text.rfind(marker, begin, found[0])
+        if q >= 0:
+            return q, q + len(marker)
+    raise TemplateError(
+        f"message {k} (assistant): none of the end-of-turn markers {candidates} is found after this reply and "
+        f"before message {k + 1}, so the turn's end cannot be located"
+    )
+
+
+def _generation_turns(messages, tools, tokenizer, template, assistants, markers):
+    """Turns from ``{% generation %}`` blocks when there is one block per assistant message, else None."""
+    text, blocks = _render_generation(messages, tokenizer, template, tools)
+    if len(blocks) != len(assistants):
+        return text, None
+    turns = []
+    for (b, e), k in zip(blocks, assistants, strict=True):
+        marker = next((m for m in markers if m and text.endswith(m, b, e)), "")
+        turns.append(AssistantTurn(k, b, e - len(marker), e))
+    return text, turns
+
+
+def agent_turns(messages, tools, tokenizer, template, text, target, generation: bool) -> tuple[str, list]:
+    """(text, turns) of the assistant messages ``target`` in the full rendering ``text`` (None: render it)."""
+    markers = _markers(messages, tools, tokenizer, template)
+    if generation:
+        assistants = [k for k, m in enumerate(messages) if m["role"] == "assistant"]
+        text, turns = _generation_turns(messages, tools, tokenizer, template, assistants, markers)
+        if turns is not None:
+            wanted = set(target)
+            return text, [t for t in turns if t.message_index in wanted]
+    if text is None:
+        text = render_messages(messages, tokenizer, template, False, tools)
+    turns, cursor = [], 0
+    for k in target:
+        begin = _begin(k, messages, tools, tokenizer, template, text, cursor)
+        content_end, end = _end(k, begin, messages, tools, tokenizer, template, text, markers)
+        reply = messages[k]["content"].strip()
+        at = text.find(reply, begin) if reply else -1
+        if at >= 0 and at + len(reply) > content_end and text.find(reply, begin, content_end) < 0:
+            raise TemplateError(
+                f"message {k} (assistant): the template writes this reply's text outside its turn (after what "
+                "follows it, e.g. after the tool results), so it cannot be trained as one turn; give the text and "
+                "the tool calls as two assistant messages"
+            )
+        turns.append(AssistantTurn(k, begin, content_end, end))
+        cursor = end
+    return text, turns
+
+
+def trace_spans(messages, text: str, turns) -> tuple[list, list, dict]:
+    """(tool result spans, reasoning spans, {message index: reasoning written?}) in ``text``, for the studio
+    and the dataset check. A tool result is searched after the turn before it; reasoning inside its turn.
+
+    >>> msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "reasoning_content": "r"},
+    ...         {"role": "tool", "content": "res"}]
+    >>> trace_spans(msgs, "U:q A:<r>a| T:res", [AssistantTurn(1, 6, 10, 11)])
+    ([(14, 17)], [(7, 8)], {1: True})
+    """
+    by_message = {t.message_index: t for t in turns}
+    results, reasoning, written = [], [], {}
+    cursor = 0
+    for i, m in enumerate(messages):
+        t = by_message.get(i)
+        if t is not None:
+            r = m.get("reasoning_content")
+            if r:
+                pos = text.find(r, t.begin, t.end)
+                written[i] = pos >= 0
+                if pos >= 0:
+                    reasoning.append((pos, pos + len(r)))
+            cursor = t.end
+        elif m["role"] == "tool" and m["content"]:
+            found = _find_reply(text, m["content"], cursor, len(text))
+            if found is not None:
+                results.append(found)
+                cursor = found[1]
+    return results, reasoning, written
+
+
+TRACE_KEYS = ("tool_calls_trained", "tool_results_masked", "reasoning_trained", "reasoning_dropped")
+
+
+def trace_counts(rendered, tokenized, tokenizer=None) -> dict[str, int]:
+    """What an agent trace trains, counted for the dataset check: tool calls in trained turns, tool results with no
+    trained token, assistant turns whose reasoning is trained or dropped by the template (``as_rendered``), and
+    with a tokenizer the tokens of the dropped reasoning (``reasoning_dropped_tokens``). All zero for a plain chat.
+
+    ``tokenized``: the sample's `TokenizedSample` (its character offsets and trained mask).
+    """
+    counts = dict.fromkeys(TRACE_KEYS, 0)
+    counts["reasoning_dropped_tokens"] = 0
+    messages = rendered.messages or []
+    if not (rendered.tools or rendered.reasoning_rendered or any(m.get("tool_calls") for m in messages)):
+        return counts
+    offsets, trained = np.asarray(tokenized.offsets).reshape(-1, 2), np.asarray(tokenized.trained)
+
+    def any_trained(b, e):
+        return bool(trained[(offsets[:, 0] < e) & (offsets[:, 1] > b)].any())
+
+    for t in rendered.turns:
+        if t.message_index >= 0 and any_trained(t.begin, t.end):
+            counts["tool_calls_trained"] += len(rendered.messages[t.message_index].get("tool_calls", ()))
+    counts["tool_results_masked"] = sum(not any_trained(b, e) for b, e in rendered.tool_result_spans)
+    spans = iter(rendered.reasoning_spans)
+    for k, written in rendered.reasoning_rendered.items():
+        if written:
+            b, e = next(spans)
+            counts["reasoning_trained"] += any_trained(b, e)
+        else:
+            counts["reasoning_dropped"] += 1
+            if tokenizer is not None:
+                text = rendered.messages[k]["reasoning_content"]
+                counts["reasoning_dropped_tokens"] += len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return counts

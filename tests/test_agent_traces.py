@@ -1,0 +1,519 @@
+"""Agent traces (tool calls, tool results, reasoning) on the tool- and reasoning-capable templates that model families
+ship (tests/data/chat_templates, `agent_templates.json`, credited in the folder's README).
+
+The oracle does not use `backend.chat`. Every content, argument value, tool result and tool description holds a
+unique marker. Each row goes through prepare's one path (`backend.documents.RowReader`, the stored tokens), and:
+- the stored tokens decode to transformers' ``apply_chat_template(messages, tools=...)`` text (plus an appended
+  final end-of-turn marker, `RenderedSample.appended`);
+- no token of a never-trained marker (system, user, tool result, tool description) is trained;
+- every token of a must-train marker (reply text, argument value, reasoning) that the template writes is trained,
+  and so is the end-of-turn marker the family documents (written by hand in the manifest) after the final reply;
+- where the template has ``{% generation %}`` blocks, the trained mask equals transformers' ``assistant_masks``.
+Token character ranges come from the tokenizer's own offsets, not from `backend.chat`.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from backend import TINY_MODEL
+from backend.config import load_prepare_config
+from backend.documents import RowReader
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+CORPUS = Path(__file__).parent / "data" / "chat_templates"
+AGENT = {k: v for k, v in json.loads((CORPUS / "agent_templates.json").read_text()).items() if not k.startswith("_")}
+
+NEVER = ("zqsys", "zqusr", "zqres", "zqdesc")  # marker prefixes that are never trained
+MUST = ("zqans", "zqarg", "zqrsn")  # trained wherever the template writes them
+
+
+def _tools():
+    return [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "description": "zqdesc1 the weather in a city",
+                "parameters": {
+                    "type": "object",
+                    "properties": {"city": {"type": "string", "description": "zqdesc2 city name"}},
+                    "required": ["city"],
+                },
+            },
+        },
+        {
+            "type": "function",
+            "function": {
+                "name": "get_time",
+                "description": "zqdesc3 the local time",
+                "parameters": {"type": "object", "properties": {"zone": {"type": "string"}}, "required": ["zone"]},
+            },
+        },
+    ]
+
+
+def _call(i, name, key, value, as_string=False):
+    args = {key: value}
+    return {
+        "id": f"call{i:05d}",  # 9 alphanumerics: what Mistral's templates demand
+        "type": "function",
+        "function": {"name": name, "arguments": json.dumps(args) if as_string else args},
+    }
+
+
+def _result(i, content, name):
+    return {"role": "tool", "tool_call_id": f"call{i:05d}", "name": name, "content": content}
+
+
+def _shapes(as_string=False):
+    sys_ = {"role": "system", "content": "zqsys1 be brief"}
+    u1 = {"role": "user", "content": "zqusr1 weather in Oslo?"}
+    weather = _call(1, "get_weather", "city", "zqarg1", as_string)
+    return {
+        "call_without_text": [
+            sys_,
+            u1,
+            {"role": "assistant", "content": "", "tool_calls": [weather]},
+            _result(1, "zqres1 sunny", "get_weather"),
+            {"role": "assistant", "content": "zqans1 it is sunny"},
+        ],
+        "call_with_text": [
+            u1,
+            {"role": "assistant", "content": "zqans2 let me look", "tool_calls": [weather]},
+            _result(1, "zqres2 rain", "get_weather"),
+            {"role": "assistant", "content": "zqans3 it rains"},
+        ],
+        "parallel_calls": [
+            u1,
+            {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [weather, _call(2, "get_time", "zone", "zqarg2", as_string)],
+            },
+            _result(1, "zqres3 cold", "get_weather"),
+            _result(2, "zqres4 noon", "get_time"),
+            {"role": "assistant", "content": "zqans4 cold at noon"},
+        ],
+        "turns_after_result": [
+            sys_,
+            u1,
+            {"role": "assistant", "content": "", "tool_calls": [weather]},
+            _result(1, "zqres5 windy", "get_weather"),
+            {"role": "assistant", "content": "zqans5 windy"},
+            {"role": "user", "content": "zqusr2 and tomorrow?"},
+            {"role": "assistant", "content": "zqans6 no forecast tool"},
+            {"role": "user", "content": "zqusr3 thanks"},
+            {"role": "assistant", "content": "zqans7 welcome"},
+        ],
+        "reasoning_every_turn": [
+            u1,
+            {"role": "assistant", "content": "", "reasoning_content": "zqrsn1 need the tool", "tool_calls": [weather]},
+            _result(1, "zqres6 fog", "get_weather"),
+            {"role": "assistant", "content": "zqans8 foggy", "reasoning_content": "zqrsn2 the tool said fog"},
+            {"role": "user", "content": "zqusr4 sure?"},
+            {"role": "assistant", "content": "zqans9 yes", "reasoning_content": "zqrsn3 repeat it"},
+        ],
+    }
+
+
+def _hf(messages):
+    """The messages as Hugging Face templates read them: arguments as dicts, reasoning also as ``thinking``."""
+    out = []
+    for m in messages:
+        m = dict(m)
+        if "tool_calls" in m:
+            m["tool_calls"] = [
+                {**c, "function": {**c["function"], "arguments": _args(c["function"]["arguments"])}}
+                for c in m["tool_calls"]
+            ]
+        if "reasoning_content" in m:
+            m["thinking"] = m["reasoning_content"]
+        out.append(m)
+    return out
+
+
+def _args(a):
+    return json.loads(a) if isinstance(a, str) else a
+
+
+ROWS = {**{k: v for k, v in _shapes().items()}, "arguments_as_string": _shapes(as_string=True)["call_without_text"]}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(TINY_MODEL))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("agent")
+    with open(d / "rows.jsonl", "w") as f, open(d / "rows_without_tools.jsonl", "w") as g:
+        for messages in ROWS.values():
+            f.write(json.dumps({"messages": messages, "tools": json.dumps(_tools())}) + "\n")  # tools as a string
+            g.write(json.dumps({"messages": messages}) + "\n")
+    return d
+
+
+def _reader(data, template, **chat):
+    rows = "rows.jsonl" if AGENT[template].get("tools", True) else "rows_without_tools.jsonl"
+    cfg = {
+        "output_path": str(data / "out"),
+        "dataset": {"path": str(data / rows)},
+        "tokenizer": {"path": str(TINY_MODEL)},
+        "chat": {"template": str(CORPUS / template), **chat},
+    }
+    cfg = load_prepare_config(cfg)
+    return RowReader(cfg), cfg
+
+
+def _marker_ranges(text, prefixes):
+    out = []
+    for p in prefixes:
+        start = text.find(p)
+        while start >= 0:
+            out.append((start, start + len(p) + 1))  # the prefix and its digit
+            start = text.find(p, start + 1)
+    return out
+
+
+def _expected(tokenizer, template_name, messages):
+    template = (CORPUS / template_name).read_text()
+    tools = _tools() if AGENT[template_name].get("tools", True) else None
+    try:
+        return tokenizer.apply_chat_template(_hf(messages), tools=tools, chat_template=template, tokenize=False)
+    except Exception:
+        return None  # the template rejects this shape (e.g. Llama 3.1: one call per message)
+
+
+CASES = [(name, shape) for name in AGENT for shape in ROWS]
+
+
+@pytest.mark.parametrize("name,shape", CASES, ids=[f"{n}-{s}" for n, s in CASES])
+def test_agent_masks_against_transformers(name, shape, data, tokenizer):
+    from backend.config import ConfigError
+
+    reader, cfg = _reader(data, name)
+    i = list(ROWS).index(shape)
+    entry = AGENT[name]
+    if "refuses" in entry:  # the whole dataset is refused with one message, never row by row
+        with pytest.raises(ConfigError, match=entry["refuses"]):
+            reader.sample(i, cfg, tokenizer)
+        return
+    expected = _expected(tokenizer, name, ROWS[shape])
+    row = reader.sample(i, cfg, tokenizer)
+    refused = entry.get("refused_shapes", {}).get(shape)
+    if expected is None or refused:  # the template rejects the shape, or writes it so a turn cannot be located
+        assert row.skipped and row.skipped.startswith("bad_conversation: "), row.problems
+        assert refused is None or refused in row.skipped
+        return
+    assert row.skipped is None, row.problems
+    (ids, trained), *rest = row.documents
+    assert not rest
+    appended = row.rendered.appended
+    text = row.rendered.text
+    stripped = "".join(text[a:b] for a, b in _complement(appended, len(text)))
+    assert stripped == expected
+    bos = ids[:1].tolist() == [tokenizer.bos_token_id] and not text.startswith(tokenizer.bos_token)
+    assert tokenizer.decode(ids[int(bos) :].tolist()) == text
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    assert enc["input_ids"] == ids[int(bos) :].tolist()
+    offsets = np.asarray(enc["offset_mapping"]).reshape(-1, 2)
+    mask = trained[int(bos) :]
+
+    def covered(b, e):
+        return mask[(offsets[:, 0] < e) & (offsets[:, 1] > b)]
+
+    for b, e in _marker_ranges(text, NEVER):
+        assert not covered(b, e).any(), (text[b:e], text)
+    must = _marker_ranges(text, MUST)
+    for b, e in must:
+        assert covered(b, e).all(), (text[b:e], text)
+    eot = entry["eot"].replace("{eos}", tokenizer.eos_token)
+    last = text.rstrip().rfind(eot)
+    assert last > text.rfind(next(m["content"] for m in reversed(ROWS[shape]) if m["role"] == "assistant"))
+    assert covered(last, last + len(eot)).all(), text[last:]  # the final reply's end-of-turn marker is trained
+
+
+def _complement(spans, n):
+    out, pos = [], 0
+    for b, e in sorted(spans):
+        out.append((pos, b))
+        pos = e
+    out.append((pos, n))
+    return out
+
+
+@pytest.mark.parametrize("name", [n for n, e in AGENT.items() if e.get("generation")])
+def test_mask_equals_assistant_masks_where_the_template_marks_generation(name, data, tokenizer):
+    reader, cfg = _reader(data, name, final_eot="leave")
+    template = (CORPUS / name).read_text()
+    compared = 0
+    for i, shape in enumerate(ROWS):
+        try:
+            out = tokenizer.apply_chat_template(
+                _hf(ROWS[shape]),
+                tools=_tools(),
+                chat_template=template,
+                tokenize=True,
+                return_dict=True,
+                return_assistant_tokens_mask=True,
+            )
+        except Exception:
+            continue
+        row = reader.sample(i, cfg, tokenizer)
+        (ids, trained), *_ = row.documents
+        bos = ids[:1].tolist() == [tokenizer.bos_token_id] and ids.tolist()[1:] == out["input_ids"]
+        assert ids[int(bos) :].tolist() == out["input_ids"], shape
+        assert trained[int(bos) :].astype(int).tolist() == out["assistant_masks"], shape
+        compared += 1
+    assert compared >= 4
+
+
+def test_every_row_form_normalizes_to_the_same_conversation():
+    from backend.chat import normalize_conversation
+
+    openai = _shapes(as_string=True)["call_without_text"][1:]
+    sharegpt = [
+        {"from": "human", "value": "zqusr1 weather in Oslo?"},
+        {"from": "function_call", "value": json.dumps({"name": "get_weather", "arguments": {"city": "zqarg1"}})},
+        {"from": "observation", "value": "zqres1 sunny"},
+        {"from": "gpt", "value": "zqans1 it is sunny"},
+    ]
+    a, b = normalize_conversation(openai), normalize_conversation(sharegpt)
+    assert (
+        a[1]["tool_calls"][0]["function"]
+        == b[1]["tool_calls"][0]["function"]
+        == {
+            "name": "get_weather",
+            "arguments": {"city": "zqarg1"},
+        }
+    )
+    assert [m["role"] for m in a] == [m["role"] for m in b] == ["user", "assistant", "tool", "assistant"]
+    assert b[2]["name"] == "get_weather" and a[2]["tool_call_id"] == "call00001"
+    inline = normalize_conversation(
+        [{"role": "user", "content": "q"}, {"role": "assistant", "content": "<think>r</think>a"}]
+    )
+    named = normalize_conversation(
+        [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "thinking": "r"}]
+    )
+    assert inline == named and inline[1]["reasoning_content"] == "r" and inline[1]["content"] == "a"
+
+
+def test_a_template_without_tools_is_refused_once_for_the_dataset(data, tokenizer, tmp_path, capsys):
+    from backend.chat import TemplateCapabilityError
+    from backend.cli import run_cli
+    from backend.prepare import main, prepare
+
+    plain = "{% for m in messages %}<{{ m.role }}>{{ m.content }}</s>{% endfor %}"
+    (tmp_path / "plain.jinja").write_text(plain)
+    cfg = {
+        "output_path": str(tmp_path / "out"),
+        "dataset": {"path": str(data / "rows.jsonl")},
+        "tokenizer": {"path": str(TINY_MODEL)},
+        "chat": {"template": str(tmp_path / "plain.jinja")},
+    }
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(TemplateCapabilityError, match="never reads 'tools'"):
+        prepare(load_prepare_config(cfg), progress=False)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit) as e:
+        run_cli([str(tmp_path / "cfg.yaml")], "prepare", main)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "chat.template: the chat template never reads 'tools'" in err
+    assert "Traceback" not in err
+
+
+def test_studio_preview_colours_and_check_counts(data):
+    """The studio's preview colours tool results and reasoning apart, and its dataset check counts calls trained,
+    results masked, reasoning trained and dropped (Qwen3 drops the reasoning of turns before the last user turn)."""
+    from studio import handlers as H
+    from studio.common import REASONING, TOOL_RESULT, TRAINED
+
+    template = (CORPUS / "qwen3-0.6b.jinja").read_text()
+    s = H.DataSettings(str(data / "rows.jsonl"), str(TINY_MODEL), template=template)
+    p = H.preview_sample(s, list(ROWS).index("reasoning_every_turn"))
+    assert not p.status, p.status
+    labelled = {}
+    for piece, label in p.highlight:
+        labelled.setdefault(label, []).append(piece)
+    assert any("zqres6 fog" in x for x in labelled[TOOL_RESULT])
+    assert any("zqrsn3 repeat it" in x for x in labelled[REASONING])
+    assert not any("zqres" in x for x in labelled[TRAINED]) and "zqrsn1" not in "".join(x for x, _ in p.highlight)
+    c = H.check_whole_dataset(s, None, False, max_rows=50)
+    assert not c.status, c.status
+    tokens = sum(
+        len(H.get_tokenizer(str(TINY_MODEL))(r, add_special_tokens=False)["input_ids"])
+        for r in ("zqrsn1 need the tool", "zqrsn2 the tool said fog")
+    )
+    assert c.report["agent_traces"] == {
+        "tool_calls_trained": 7,  # 1 + 1 + 2 (parallel) + 1 + 1 + 1 over the six rows
+        "tool_results_masked": 7,
+        "reasoning_trained": 1,  # the reply after the last user message
+        "reasoning_dropped": 2,
+        "reasoning_dropped_tokens": tokens,
+    }
+    assert "7 tool calls trained, 7 tool results masked" in c.summary
+
+
+def test_every_turn_trains_each_dropped_trace_once_in_its_own_context(data, tokenizer):
+    """Qwen3 writes only the reasoning after the last user message. With chat.reasoning: every_turn each turn whose
+    reasoning it drops becomes its own document (the conversation up to it, as transformers renders it), and every
+    reasoning marker is trained exactly once over the row's documents; as_rendered trains only the last one."""
+    name = "qwen3-0.6b.jinja"
+    i = list(ROWS).index("reasoning_every_turn")
+    messages = ROWS["reasoning_every_turn"]
+    template = (CORPUS / name).read_text()
+
+    def trained_markers(docs):
+        seen = []
+        for ids, trained in docs:
+            text = tokenizer.decode(ids.tolist())
+            enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            assert enc["input_ids"] == ids.tolist()
+            offsets = np.asarray(enc["offset_mapping"]).reshape(-1, 2)
+            for b, e in _marker_ranges(text, ("zqrsn",)):
+                if trained[(offsets[:, 0] < e) & (offsets[:, 1] > b)].all():
+                    seen.append(text[b:e])
+        return sorted(seen)
+
+    reader, cfg = _reader(data, name)
+    assert trained_markers(reader.sample(i, cfg, tokenizer).documents) == ["zqrsn3"]
+    reader, cfg = _reader(data, name, reasoning="every_turn")
+    docs = reader.sample(i, cfg, tokenizer).documents
+    assert trained_markers(docs) == ["zqrsn1", "zqrsn2", "zqrsn3"]
+    expected = [
+        tokenizer.apply_chat_template(_hf(messages[: k + 1]), tools=_tools(), chat_template=template, tokenize=False)
+        for k in (1, 3, len(messages) - 1)
+    ]
+    bos = tokenizer.bos_token
+    assert [tokenizer.decode(ids.tolist()).removeprefix(bos) for ids, _ in docs] == expected
+    # a template that never writes reasoning (Llama 3.1): nothing to gain, the row stays one document
+    reader, cfg = _reader(data, "llama-3.1-8b-instruct.jinja", reasoning="every_turn")
+    assert len(reader.sample(i, cfg, tokenizer).documents) == 1
+
+
+def test_every_turn_in_prepare_keeps_every_row_accounted_for(data, tmp_path):
+    from backend.prepare import prepare
+
+    cfg = {
+        "output_path": str(tmp_path / "out"),
+        "dataset": {"path": str(data / "rows.jsonl")},
+        "tokenizer": {"path": str(TINY_MODEL)},
+        "splits": {"training": 1.0},
+        "chat": {"template": str(CORPUS / "qwen3-0.6b.jinja"), "reasoning": "every_turn"},
+    }
+    s = prepare(load_prepare_config(cfg), progress=False)
+    assert s["written"] == len(ROWS) and s["skipped_rows"] == 0
+    assert s["reasoning_every_turn"] == {"conversations_split": 1, "documents": 3}
+    assert s["num_documents"] == len(ROWS) - 1 + 3
+
+
+def test_the_prepared_tokenizer_that_exports_ship_renders_tools_as_the_trainer_did(data, tmp_path, tokenizer):
+    """Training exports the tokenizer prepare saved (tests/test_train.py checks the export keeps it): given
+    ``tools=``, it renders each row exactly as the stored tokens read."""
+    from transformers import AutoTokenizer
+
+    from backend.dataset import TokenDataset
+    from backend.prepare import prepare
+
+    name = "hermes-3-llama-3.1-tool-use.jinja"  # renders nothing at all without tools
+    cfg = {
+        "output_path": str(tmp_path / "out"),
+        "dataset": {"path": str(data / "rows.jsonl")},
+        "tokenizer": {"path": str(TINY_MODEL)},
+        "splits": {"training": 1.0},
+        "chat": {"template": str(CORPUS / name), "final_eot": "leave"},
+    }
+    prepare(load_prepare_config(cfg), progress=False)
+    exported = AutoTokenizer.from_pretrained(str(tmp_path / "out" / "tokenizer"))
+    ds = TokenDataset(tmp_path / "out", split="training")
+    stored = sorted(
+        tokenizer.decode(ds.document(d)[0].tolist()).removeprefix(tokenizer.bos_token) for d in range(len(ds))
+    )
+    rendered = sorted(
+        exported.apply_chat_template(_hf(m), tools=_tools(), tokenize=False).removeprefix(tokenizer.bos_token)
+        for m in ROWS.values()
+    )
+    assert stored == rendered and len(stored) == len(ROWS)
+
+
+def test_chat_tab_passes_the_tools_box_to_the_template():
+    """Hermes 3's tool_use template renders nothing without tools: the tools box is what makes it work."""
+    from backend.chat import ChatError
+    from studio import handlers as H
+
+    template = (CORPUS / "hermes-3-llama-3.1-tool-use.jinja").read_text()
+    with pytest.raises(ChatError):
+        next(H.chat_stream(str(TINY_MODEL), [], "zqusr1 weather?", template, max_new_tokens=2))
+    with pytest.raises(ChatError, match="the tools box"):
+        next(H.chat_stream(str(TINY_MODEL), [], "zqusr1 weather?", template, max_new_tokens=2, tools_json="[1"))
+    replies = list(
+        H.chat_stream(str(TINY_MODEL), [], "hi", template, max_new_tokens=4, tools_json=json.dumps(_tools()))
+    )
+    assert replies and isinstance(replies[-1], str)
+
+
+def test_an_export_of_a_tool_use_template_stops_at_its_end_of_turn_token():
+    """Exports set generation eos from `eot_token_ids`: a template that renders nothing without tools is probed
+    with a tool schema, so its end-of-turn token is found."""
+    from transformers import AutoTokenizer
+
+    from backend.chat import eot_token_ids
+
+    tok = AutoTokenizer.from_pretrained(str(TINY_MODEL))
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    template = (CORPUS / "hermes-3-llama-3.1-tool-use.jinja").read_text()
+    assert eot_token_ids(tok, template)[0] == tok.convert_tokens_to_ids("<|im_end|>")
+
+
+def test_train_on_tool_calls_off_masks_the_turns_that_call_tools(data, tokenizer):
+    reader, cfg = _reader(data, "qwen2.5-instruct.jinja", train_on_tool_calls=False)
+    row = reader.sample(list(ROWS).index("call_with_text"), cfg, tokenizer)
+    (ids, trained), *_ = row.documents
+    text = tokenizer.decode(ids.tolist())
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    offsets = np.asarray(enc["offset_mapping"]).reshape(-1, 2)
+    mask = trained[len(ids) - len(enc["input_ids"]) :]
+    for marker, want in (("zqarg1", False), ("zqans2", False), ("zqans3", True)):
+        b = text.find(marker)
+        assert b >= 0 and mask[(offsets[:, 0] < b + len(marker)) & (offsets[:, 1] > b)].all() == want, marker
+
+
+def test_a_sharegpt_function_calling_row_prepares_like_its_openai_form(tmp_path, tokenizer):
+    """Glaive / LLaMA-Factory rows: ``function_call`` and ``observation`` turns, ``tools`` as a JSON string."""
+    row = {
+        "conversations": [
+            {"from": "human", "value": "zqusr1 weather in Oslo?"},
+            {"from": "function_call", "value": json.dumps({"name": "get_weather", "arguments": {"city": "zqarg1"}})},
+            {"from": "observation", "value": "zqres1 sunny"},
+            {"from": "gpt", "value": "zqans1 it is sunny"},
+        ],
+        "tools": json.dumps([t["function"] for t in _tools()]),  # the bare form
+    }
+    (tmp_path / "d.jsonl").write_text(json.dumps(row) + "\n")
+    template = CORPUS / "qwen2.5-instruct.jinja"
+    cfg = load_prepare_config(
+        {
+            "output_path": str(tmp_path / "out"),
+            "dataset": {"path": str(tmp_path / "d.jsonl")},
+            "tokenizer": {"path": str(TINY_MODEL)},
+            "chat": {"template": str(template)},
+        }
+    )
+    (ids, trained), *_ = RowReader(cfg).sample(0, cfg, tokenizer).documents
+    openai = [
+        {"role": "user", "content": "zqusr1 weather in Oslo?"},
+        {"role": "assistant", "content": "", "tool_calls": [_call(1, "get_weather", "city", "zqarg1")]},
+        {"role": "tool", "name": "get_weather", "content": "zqres1 sunny"},
+        {"role": "assistant", "content": "zqans1 it is sunny"},
+    ]
+    expected = tokenizer.apply_chat_template(openai, tools=_tools(), chat_template=template.read_text(), tokenize=False)
+    assert tokenizer.decode(ids.tolist()).removeprefix(tokenizer.bos_token) == expected
+    assert trained.any()
