@@ -1,0 +1,122 @@
+"""Tests for the bugs a review planted and the whole suite let through (issue #27), each on the product's own path
+and against a reference that shares no code with it:
+
+1. the guide's span form (text + inclusive masked spans) off by one character before each span;
+2. activation checkpointing read from the config but never applied;
+3. validation over the first batch only;
+4. ``truncate_documents`` dropped on the way into the trainer's sampler;
+5. weight decay on norms and biases;
+and the two that were caught only by luck: gradient clipping removed, and non-causal attention inside a document.
+
+Each test was run with its bug planted and failed (see the commit messages).
+"""
+
+import json
+import random
+from collections import Counter
+
+from backend import ASSETS, TINY_MODEL
+from backend.chat import spans_from_loss_masking
+from backend.documents import _clean_trained_spans, repair_spans
+
+TINY_TRAIN = ASSETS / "configs" / "tiny_train.yaml"
+
+
+# ---------------------------------------------------------------------------- 1. the guide's span form
+def masked_chars(n: int, spans) -> set:
+    """Reference: the characters an inclusive span list masks, clipped to the text."""
+    return {c for b, e in spans for c in range(max(b, 0), min(e, n - 1) + 1)}
+
+
+def trained_chars(ranges) -> set:
+    return {c for b, e in ranges for c in range(b, e)}
+
+
+def random_spans(rng: random.Random, n: int) -> list[list[int]]:
+    """Sorted inclusive spans, some touching each other ([a, b], [b + 1, c]), some at the text's ends, some
+    single characters."""
+    spans, pos = [], rng.choice([0, 0, 1, 2])
+    while pos < n and rng.random() < 0.8:
+        length = rng.choice([1, 1, 2, 3, 7])
+        end = min(n - 1, pos + length - 1)
+        spans.append([pos, end])
+        pos = end + 1 + rng.choice([0, 0, 1, 2, 5])  # 0: the next span touches this one
+    if spans and rng.random() < 0.3:
+        spans[-1][1] = n - 1  # to the text's end
+    return spans
+
+
+def test_trained_characters_are_exactly_the_complement_of_the_masked_spans():
+    rng = random.Random(27)
+    clean = repaired = 0
+    for _ in range(2000):
+        n = rng.randint(1, 40)
+        spans = random_spans(rng, n)
+        expected = set(range(n)) - masked_chars(n, spans)
+        fast = _clean_trained_spans([list(s) for s in spans], n)
+        assert fast is not None, spans  # sorted, disjoint, in range: the one-pass path takes it
+        assert trained_chars(fast) == expected, (n, spans, fast)
+        clean += 1
+        # the same spans shuffled and overlapping: the repair path must train the same characters
+        messy = [list(s) for s in spans] + [[b, min(e + 1, n - 1)] for b, e in spans[:1]]
+        rng.shuffle(messy)
+        masked, _, reason = repair_spans(messy, n)
+        assert reason is None
+        assert trained_chars(spans_from_loss_masking(n, masked)) == set(range(n)) - masked_chars(n, messy)
+        repaired += 1
+    assert clean == repaired == 2000
+
+
+GUIDE_ROWS = [
+    # (text, inclusive spans NOT trained): the trained range ends with a one-character token before a masked span
+    ("User: hi\nBot: ok!\nUser: bye\nBot: x", [[0, 13], [17, 30]]),
+    ("User: hi\nBot: ok!\nUser: bye\nBot: x", [[0, 13], [17, 30], [33, 33]]),  # and the text's last character
+    ("a!b?c.d", [[0, 0], [1, 1], [3, 3], [5, 5]]),  # single-character spans touching trained single characters
+    ("a!b?c.d", [[0, 1], [2, 3], [4, 6]]),  # touching spans that cover the whole text
+    ("Q: 2+2?\nA: 4.\nQ: and?\nA: 5!", [[0, 10], [14, 24]]),
+]
+
+
+def test_prepare_stores_the_token_mask_of_the_character_spans(tmp_path):
+    """Through prepare, guide form: every stored token is trained iff one of its characters is (tokenizer offsets,
+    computed here independently of backend.chat)."""
+    from transformers import AutoTokenizer
+
+    from backend.dataset import TokenDataset
+    from backend.prepare import prepare
+
+    rng = random.Random(1)
+    words = ["a", "b", "!", "?", ".", " ", "\n", "ok", "Bot", ":", "hello", "1"]
+    rows = list(GUIDE_ROWS)
+    for _ in range(60):
+        text = "".join(rng.choice(words) for _ in range(rng.randint(3, 30)))
+        rows.append((text, random_spans(rng, len(text))))
+    path = tmp_path / "guide.jsonl"
+    path.write_text("".join(json.dumps({"text": t, "spans": s}) + "\n" for t, s in rows))
+    out = tmp_path / "data"
+    cfg = {
+        "dataset": {"path": str(path), "field": "text", "loss_masking_spans": "spans"},
+        "tokenizer": {"path": str(TINY_MODEL)},
+        "output_path": str(out),
+        "splits": {"training": 1.0},
+    }
+    summary = prepare(cfg, progress=False)
+
+    tokenizer = AutoTokenizer.from_pretrained(TINY_MODEL)
+    expected = Counter()  # (token ids, trained mask) of every row that trains something
+    for text, spans in rows:
+        enc = tokenizer(text, return_offsets_mapping=True)  # adds BOS: offsets (0, 0), never trained
+        masked = masked_chars(len(text), spans)
+        mask = tuple(any(c not in masked for c in range(b, e)) for b, e in enc["offset_mapping"])
+        if any(mask):  # a row with nothing trained is skipped and reported
+            expected[tuple(enc["input_ids"]), mask] += 1
+    written = sum(expected.values())
+    assert summary["written"] == written and summary["skipped"] == {"no_trained_tokens": len(rows) - written}
+    data = TokenDataset(out, "training")
+    stored = Counter()
+    for i in range(len(data)):
+        tokens, trained = data.document(i)
+        stored[tuple(int(t) for t in tokens), tuple(bool(x) for x in trained)] += 1
+    wrong = stored - expected
+    assert not wrong, [(tokenizer.decode(ids), mask) for ids, mask in wrong]
+    assert stored == expected
