@@ -15,6 +15,9 @@ import json
 import random
 from collections import Counter
 
+import pytest
+import torch
+
 from backend import ASSETS, TINY_MODEL
 from backend.chat import spans_from_loss_masking
 from backend.documents import _clean_trained_spans, repair_spans
@@ -120,3 +123,99 @@ def test_prepare_stores_the_token_mask_of_the_character_spans(tmp_path):
     wrong = stored - expected
     assert not wrong, [(tokenizer.decode(ids), mask) for ids, mask in wrong]
     assert stored == expected
+
+
+# ---------------------------------------------------------------------- the trainer's own builders, tiny run
+def train_config(data, tmp_path, *extra):
+    from backend.config import load_train_config
+
+    return load_train_config(
+        TINY_TRAIN,
+        [
+            f"data.datasets.training.path={data / 'fast_llm_config_training.yaml'}",
+            f"data.datasets.validation.path={data / 'fast_llm_config_validation.yaml'}",
+            f"run.experiment_dir={tmp_path / 'run'}",
+            "batch.sequence_length=256",
+            "batch.batch_size=2",
+            "batch.micro_batch_size=2",
+            *extra,
+        ],
+    )
+
+
+def built_model(cfg):
+    """backend.train.build_model as fit calls it, and the run's data."""
+    from backend.distributed import build_accelerator
+    from backend.scaling import Probe
+    from backend.train import build_model, load_data
+
+    accelerator = build_accelerator(cfg)
+    run_data = load_data(cfg)
+    splits = {"training": run_data.train, "validation": run_data.validation, "test": None}
+    return build_model(cfg, accelerator, splits, Probe(0)), run_data
+
+
+def saved_bytes_and_recomputes(model, batch) -> tuple[int, list[int]]:
+    """(bytes of the distinct non-parameter storages autograd saves in forward for backward, per decoder layer the
+    number of times its MLP runs during backward)."""
+    from backend.loss import trained_token_loss
+
+    saved = {}
+
+    def pack(t):
+        base = t if t._base is None else t._base
+        if not isinstance(base, torch.nn.Parameter):
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss_sum, _ = trained_token_loss(model, batch)
+    layers = model.model.layers
+    runs = [0] * len(layers)
+    hooks = [
+        layer.mlp.register_forward_pre_hook(lambda module, args, i=i: runs.__setitem__(i, runs[i] + 1))
+        for i, layer in enumerate(layers)
+    ]
+    loss_sum.backward()
+    for h in hooks:
+        h.remove()
+    return sum(saved.values()), runs
+
+
+def test_activation_checkpointing_is_applied_by_build_model(data, tmp_path):
+    """(2) With the flag on, every decoder layer recomputes in backward and the saved bytes drop by the planner's
+    factor (backend.plan: activations with / without checkpointing)."""
+    from backend.packing import collate
+    from backend.plan import plan_memory
+
+    measured, factor = {}, {}
+    for on in (False, True):
+        cfg = train_config(data, tmp_path, f"model.multi_stage.activation_checkpointing={on}")
+        (m, run_data) = built_model(cfg)
+        rows = next(iter(run_data.sampler.micro_batches(0, 2, 2, 0, 1)))
+        batch = collate(rows, run_data.train, cfg.batch.sequence_length)
+        saved, recomputes = saved_bytes_and_recomputes(m.model.train(), batch)
+        layers = m.model.config.num_hidden_layers
+        assert recomputes == [1 if on else 0] * layers
+        plan = plan_memory(cfg, 1)
+        measured[on] = saved
+        # the planner's loss term assumes every position trained; this batch trains num_trained of them
+        loss_saved = plan.loss_saved - (plan.tokens - int(batch["num_trained"])) * m.model.config.hidden_size * 4
+        factor[on] = plan.activations + loss_saved
+    # measured here: 24.3 MB off, 2.1 MB on; the plan's parts: 24.3 MB and 2.2 MB
+    assert measured[False] == pytest.approx(factor[False], rel=0.1)
+    assert measured[False] / measured[True] == pytest.approx(factor[False] / factor[True], rel=0.1)
+
+
+# --------------------------------------------------------------------------------------------- 5. weight decay
+def test_weight_decay_on_every_matrix_and_no_vector(data, tmp_path):
+    """(5) The optimizer build_model makes: every 2-D parameter decayed, no 1-D one (norms, biases)."""
+    cfg = train_config(data, tmp_path, "optimizer.weight_decay=0.1")
+    m, _ = built_model(cfg)
+    decay = {id(p) for g in m.optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    plain = {id(p) for g in m.optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    params = dict(m.model.named_parameters())
+    assert any(p.ndim == 1 for p in params.values()) and any(p.ndim == 2 for p in params.values())
+    assert decay | plain == {id(p) for p in params.values()} and not decay & plain
+    for name, p in params.items():
+        assert (id(p) in decay) == (p.ndim >= 2), f"{name} ({p.ndim}-D) {'is' if id(p) in decay else 'is not'} decayed"
