@@ -15,6 +15,7 @@ import json
 import random
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 
@@ -219,3 +220,84 @@ def test_weight_decay_on_every_matrix_and_no_vector(data, tmp_path):
     assert decay | plain == {id(p) for p in params.values()} and not decay & plain
     for name, p in params.items():
         assert (id(p) in decay) == (p.ndim >= 2), f"{name} ({p.ndim}-D) {'is' if id(p) in decay else 'is not'} decayed"
+
+
+# ------------------------------------------------------------------------------------ 3. validation loss
+def test_logged_validation_loss_covers_every_validation_document(data, tmp_path):
+    """(3) The validation loss fit logs equals the summed token losses over the trained tokens of every validation
+    document, each run alone through the exported model with eager attention, divided by their count."""
+    from transformers import AutoModelForCausalLM
+
+    from backend.dataset import TokenDataset
+    from backend.events import read_events
+    from backend.train import packed_sampler, train
+
+    cfg = train_config(
+        data,
+        tmp_path,
+        "batch.batch_size=1",  # one row per validation batch: the capped batch count covers every row
+        "batch.micro_batch_size=1",
+        "training.train_iters=1",
+        "training.evaluations.validation.interval=1",
+        "training.evaluations.validation.iterations=100000",
+        "training.checkpoint.interval=0",
+    )
+    train(cfg)
+    events, _ = read_events(tmp_path / "run" / "events.jsonl")
+    (logged,) = [e for e in events if e["event"] == "validation"]
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "export" / "final", attn_implementation="eager")
+    validation = TokenDataset(data, "validation")
+    loss_sum, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(len(validation)):
+            tokens, trained = validation.document(i)
+            logits = model(input_ids=torch.as_tensor(tokens, dtype=torch.long)[None]).logits[0].double()
+            logp = torch.log_softmax(logits[:-1], dim=-1)  # position t predicts token t + 1
+            nll = -logp[torch.arange(len(tokens) - 1), torch.as_tensor(tokens[1:], dtype=torch.long)]
+            target = torch.as_tensor(trained[1:])
+            loss_sum += float(nll[target].sum())
+            count += int(target.sum())
+    assert logged["batches"] == packed_sampler(cfg, validation).num_rows_in_epoch(0)  # every row, once
+    assert logged["loss"] == pytest.approx(loss_sum / count, rel=1e-5)
+
+
+# ---------------------------------------------------------------------------- 4. truncate_documents, trainer
+def test_trainer_sampler_skips_or_cuts_long_documents_as_prepare_reported(tmp_path):
+    """(4) Through backend.train.packed_sampler: with documents longer than batch.sequence_length,
+    truncate_documents: no skips exactly the documents and tokens prepare's report counted, yes keeps every token
+    (the long documents cut into pieces)."""
+    from backend.config import load_prepare_config
+    from backend.dataset import TokenDataset
+    from backend.prepare import prepare
+    from backend.train import packed_sampler
+
+    length = 120  # the tiny sample's documents run from about 40 to 155 tokens
+    out = tmp_path / "data"
+    prepare_cfg = load_prepare_config(
+        ASSETS / "configs" / "tiny_prepare.yaml", [f"output_path={out}", f"report.sequence_length={length}"]
+    )
+    long = prepare(prepare_cfg, progress=False)["longer_than_sequence_length"]
+    assert long["sequence_length"] == length and long["documents"] > 0
+    training = TokenDataset(out, "training")
+    lengths = training.lengths
+    for truncate in (False, True):
+        cfg = train_config(out, tmp_path, f"batch.sequence_length={length}", f"data.truncate_documents={truncate}")
+        sampler = packed_sampler(cfg, training)
+        pieces = [p for row in sampler.rows(0, sampler.num_rows_in_epoch(0)) for p in row]
+        covered = {}  # document -> the token positions its pieces hold (a cut piece repeats its edge token)
+        for p in pieces:
+            covered.setdefault(p.document, set()).update(range(p.begin, p.end))
+        too_long = set(np.flatnonzero(lengths > length).tolist())
+        if truncate:
+            assert len(sampler.skipped) == 0
+            assert covered == {d: set(range(n)) for d, n in enumerate(lengths.tolist())}  # every token
+            assert all(sum(p.document == d for p in pieces) >= 2 for d in too_long)  # long ones cut
+        else:
+            assert set(sampler.skipped.tolist()) == too_long
+            # prepare's report counts both splits
+            both = [sampler, packed_sampler(cfg, TokenDataset(out, "validation"))]
+            assert sum(len(s.skipped) for s in both) == long["documents"]
+            assert sum(s.tokens_skipped for s in both) == long["tokens"]
+            assert covered == {d: set(range(n)) for d, n in enumerate(lengths.tolist()) if d not in too_long}
+            assert all(sum(p.document == d for p in pieces) == 1 for d in covered)  # whole, never cut
