@@ -301,3 +301,59 @@ def test_trainer_sampler_skips_or_cuts_long_documents_as_prepare_reported(tmp_pa
             assert sum(s.tokens_skipped for s in both) == long["tokens"]
             assert covered == {d: set(range(n)) for d, n in enumerate(lengths.tolist()) if d not in too_long}
             assert all(sum(p.document == d for p in pieces) == 1 for d in covered)  # whole, never cut
+
+
+# ---------------------------------------------------------------------------------- the kills that were luck
+def test_a_huge_gradient_is_clipped_to_clip_grad():
+    """With plain SGD at lr 1 the update is the applied gradient: its norm must be ``clip`` when the gradient is
+    far larger, and the whole gradient with clip 0 (only measured)."""
+    from backend.config import load_train_config
+    from backend.distributed import build_accelerator
+    from backend.packing import PackedSampler, collate
+    from backend.train import train_step
+    from tests.dist_worker import MemoryDocuments, tiny_llama
+
+    cfg = load_train_config(TINY_TRAIN, ["model.multi_stage.zero_stage=0", "model.distributed.training_dtype=fp32"])
+    accelerator = build_accelerator(cfg)
+    data = MemoryDocuments()
+    micro_batches = [collate(rows, data, 16) for rows in PackedSampler(data.lengths, 16).micro_batches(0, 4, 2)]
+    moved = {}
+    for clip in (1e-3, 0.0):
+        model = tiny_llama("sdpa_packed", tied=False)
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+        result = train_step(model, optimizer, accelerator, micro_batches, "fused", clip=clip)
+        after = torch.cat([p.detach().flatten() for p in model.parameters()])
+        moved[clip] = float((after - before).norm())
+        assert result.stepped and result.grad_norm > 100 * 1e-3  # a gradient far above the clip
+    assert moved[1e-3] == pytest.approx(1e-3, rel=1e-4)
+    assert moved[0.0] == pytest.approx(result.grad_norm, rel=1e-4)
+
+
+@pytest.mark.parametrize("attn", ["sdpa_packed", "sdpa"])
+def test_packed_logits_equal_each_document_alone_with_eager_attention(data, attn):
+    """Packed rows (several documents per row, two rows) through the training attention against every document
+    forwarded alone with transformers' plain eager attention: no shared attention or masking code."""
+    from backend.dataset import TokenDataset
+    from backend.modeling import load_model, model_inputs
+    from backend.packing import PackedSampler, collate
+
+    length = 256
+    training = TokenDataset(data, "training")
+    rows = PackedSampler(training.lengths, length, seed=3).rows(0, 2)
+    assert all(len(row) >= 2 for row in rows)
+    batch = collate(rows, training, length)
+    packed = load_model(TINY_MODEL, "fp32", attn).eval()
+    alone = load_model(TINY_MODEL, "fp32", "eager").eval()
+    with torch.no_grad():
+        logits = packed(**model_inputs(packed, batch)).logits.reshape(len(rows), length, -1)  # (B, L, V)
+        for r, row in enumerate(rows):
+            at = 0
+            for piece in row:
+                tokens, _ = training.document(piece.document, piece.begin, piece.end)
+                reference = alone(input_ids=torch.as_tensor(tokens, dtype=torch.long)[None]).logits[0]
+                got = logits[r, at : at + len(tokens)]
+                worst = float((got - reference).abs().max())
+                assert worst <= 1e-4, f"row {r}, {piece}: logits differ by {worst}"
+                at += len(tokens)
