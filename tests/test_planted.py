@@ -61,14 +61,36 @@ def test_trained_characters_are_exactly_the_complement_of_the_masked_spans():
         assert fast is not None, spans  # sorted, disjoint, in range: the one-pass path takes it
         assert trained_chars(fast) == expected, (n, spans, fast)
         clean += 1
-        # the same spans shuffled and overlapping: the repair path must train the same characters
+        # the same spans shuffled, overlapping and reaching outside the text: the repair path must train the
+        # characters no span covers, and say what it repaired
         messy = [list(s) for s in spans] + [[b, min(e + 1, n - 1)] for b, e in spans[:1]]
+        if rng.random() < 0.5:
+            messy.append([-rng.randint(1, 3), rng.randint(-1, 2)])  # before the text, maybe into it
+        if rng.random() < 0.5:
+            messy.append([rng.randint(n - 2, n + 1), n + rng.randint(0, 3)])  # past the text's end
+        messy = [[b, e] for b, e in messy if b <= e]
         rng.shuffle(messy)
-        masked, _, reason = repair_spans(messy, n)
+        masked, notes, reason = repair_spans(messy, n)
         assert reason is None
         assert trained_chars(spans_from_loss_masking(n, masked)) == set(range(n)) - masked_chars(n, messy)
+        assert all(0 <= b <= e < n for b, e in masked), masked
+        kinds = {note.split(":")[0] for note in notes}
+        assert ("spans_clipped" in kinds) == any(b < 0 or e >= n for b, e in messy), (n, messy, notes)
+        inside = sorted((max(b, 0), min(e, n - 1)) for b, e in messy if max(b, 0) <= min(e, n - 1))
+        overlaps = any(b2 <= e1 for (_, e1), (b2, _) in zip(inside, inside[1:], strict=False))
+        assert ("spans_merged" in kinds) == overlaps, (n, messy, notes)
         repaired += 1
     assert clean == repaired == 2000
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [[[1, 2, 3]], [[0, 10]], [[-1, 2]], [[3, 2]], [[4, 6], [1, 2]], [[1, 4], [4, 6]], [[1.0, 2]], [[True, 2]], [5], ""],
+)
+def test_the_one_pass_path_leaves_every_irregular_span_list_to_the_repair(raw):
+    """Anything but sorted, disjoint, in-range [int, int] pairs goes to repair_spans (which notes or rejects it):
+    the one-pass path must neither take it nor crash on it. Text of 10 characters."""
+    assert _clean_trained_spans(raw, 10) is None
 
 
 GUIDE_ROWS = [
