@@ -379,3 +379,25 @@ def test_packed_logits_equal_each_document_alone_with_eager_attention(data, attn
                 worst = float((got - reference).abs().max())
                 assert worst <= 1e-4, f"row {r}, {piece}: logits differ by {worst}"
                 at += len(tokens)
+
+
+def test_preview_rows_in_runs_are_the_rows_asked_for_as_prepare_makes_them():
+    """RowReader.samples (the studio's preview and dataset check) reads runs of consecutive rows in one chunk: each
+    yielded row is the one asked for, with the documents it gives alone (from the mutation run: a run that
+    advanced two rows at a time survived)."""
+    from backend.config import load_prepare_config
+    from backend.documents import RowReader
+    from backend.modeling import load_tokenizer
+
+    cfg = load_prepare_config(ASSETS / "configs" / "tiny_prepare.yaml")
+    reader = RowReader(cfg)
+    tokenizer = load_tokenizer(cfg.tokenizer.path)
+    wanted = [0, 1, 2, 3, 7, 8, 20]
+    got = list(reader.samples(wanted, cfg, tokenizer))
+    assert [p.row for p in got] == wanted and [p.form for p in got] == ["chat"] * len(wanted)
+    for p in got:
+        alone = reader.sample(p.row, cfg, tokenizer)
+        assert p.where == alone.where and len(p.documents) == len(alone.documents) == 1
+        for (ids, trained), (ids_alone, trained_alone) in zip(p.documents, alone.documents, strict=True):
+            assert ids.dtype == np.int64 and ids.tolist() == ids_alone.tolist()
+            assert trained.tolist() == trained_alone.tolist() and trained.any()
