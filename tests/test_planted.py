@@ -277,7 +277,7 @@ def test_logged_validation_loss_covers_every_validation_document(data, tmp_path)
             logits = model(input_ids=torch.as_tensor(tokens, dtype=torch.long)[None]).logits[0].double()
             logp = torch.log_softmax(logits[:-1], dim=-1)  # position t predicts token t + 1
             nll = -logp[torch.arange(len(tokens) - 1), torch.as_tensor(tokens[1:], dtype=torch.long)]
-            target = torch.as_tensor(trained[1:])
+            target = torch.tensor(trained[1:])  # a copy: the memory-mapped split is read-only
             loss_sum += float(nll[target].sum())
             count += int(target.sum())
     assert logged["batches"] == packed_sampler(cfg, validation).num_rows_in_epoch(0)  # every row, once
