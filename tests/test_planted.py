@@ -401,3 +401,35 @@ def test_preview_rows_in_runs_are_the_rows_asked_for_as_prepare_makes_them():
         for (ids, trained), (ids_alone, trained_alone) in zip(p.documents, alone.documents, strict=True):
             assert ids.dtype == np.int64 and ids.tolist() == ids_alone.tolist()
             assert trained.tolist() == trained_alone.tolist() and trained.any()
+
+
+def test_evaluate_with_cross_document_attention_reads_each_row_as_one_sequence(data, tmp_path):
+    """evaluate under batch.cross_document_attention: yes equals each row's documents forwarded as one sequence
+    with eager attention, the first token of each document not a target (from the mutation run: evaluate collating
+    without the flag, so validation silently blocked attention that training allowed, survived)."""
+    from backend.distributed import build_accelerator
+    from backend.modeling import load_model
+    from backend.train import evaluate, load_data
+
+    cfg = train_config(data, tmp_path, "batch.cross_document_attention=yes", "batch.batch_size=2")
+    accelerator = build_accelerator(cfg)
+    run_data = load_data(cfg)
+    model = load_model(TINY_MODEL, "fp32", "sdpa_packed")
+    iterations = 2
+    got = evaluate(model, accelerator, run_data.validation_sampler, run_data.validation, cfg, iterations)
+
+    alone = load_model(TINY_MODEL, "fp32", "eager").eval()
+    loss_sum, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(iterations):
+            for micro_batch in run_data.validation_sampler.micro_batches(i, 2, 2):
+                for row in micro_batch:
+                    docs = [run_data.validation.document(p.document, p.begin, p.end) for p in row]
+                    tokens = np.concatenate([t for t, _ in docs])
+                    logits = alone(input_ids=torch.as_tensor(tokens, dtype=torch.long)[None]).logits[0].double()
+                    nll = -torch.log_softmax(logits[:-1], dim=-1)[torch.arange(len(tokens) - 1), tokens[1:]]
+                    target = np.concatenate([np.r_[False, trained[1:]] for _, trained in docs])[1:]
+                    assert len(docs) >= 2  # documents that see each other
+                    loss_sum += float(nll[torch.tensor(target)].sum())
+                    count += int(target.sum())
+    assert got == pytest.approx(loss_sum / count, rel=1e-5)
