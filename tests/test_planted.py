@@ -433,3 +433,41 @@ def test_evaluate_with_cross_document_attention_reads_each_row_as_one_sequence(d
                     loss_sum += float(nll[torch.tensor(target)].sum())
                     count += int(target.sum())
     assert got == pytest.approx(loss_sum / count, rel=1e-5)
+
+
+def test_the_step_reports_the_mean_loss_over_its_trained_tokens():
+    """train_step's loss: the summed CE over every trained token of the step's micro-batches / their count, each
+    document forwarded alone before the update (from the mutation run: the reported loss starting at 1.0, summed
+    with the wrong sign or multiplied by the count survived; the weights were right, the logged curve was not)."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from backend.config import load_train_config
+    from backend.distributed import build_accelerator
+    from backend.packing import PackedSampler, collate
+    from backend.train import train_step
+    from tests.dist_worker import MemoryDocuments, tiny_llama
+
+    cfg = load_train_config(TINY_TRAIN, ["model.multi_stage.zero_stage=0", "model.distributed.training_dtype=fp32"])
+    accelerator = build_accelerator(cfg)
+    data = MemoryDocuments()
+    rows = PackedSampler(data.lengths, 16).micro_batches(0, 4, 2)
+    model = tiny_llama("sdpa_packed", tied=False)
+    before = copy.deepcopy(model).eval()
+    loss_sum, count = 0.0, 0
+    with torch.no_grad():
+        for micro_batch in rows:
+            for row in micro_batch:
+                for piece in row:
+                    tokens, trained = data.document(piece.document)
+                    tokens = torch.as_tensor(tokens[piece.begin : piece.end], dtype=torch.long)
+                    target = torch.as_tensor(trained[piece.begin : piece.end][1:])
+                    logits = before(input_ids=tokens[None]).logits[0, :-1].double()
+                    loss_sum += float(F.cross_entropy(logits[target], tokens[1:][target], reduction="sum"))
+                    count += int(target.sum())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    result = train_step(model, optimizer, accelerator, [collate(r, data, 16) for r in rows], "fused", clip=1.0)
+    assert result.trained_tokens == count > 0
+    assert result.loss == pytest.approx(loss_sum / count, rel=1e-5)
