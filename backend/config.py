@@ -6,8 +6,9 @@ live here and only here; every field carries a one-line description that the CLI
     >>> cfg = load_train_config("assets/configs/guide_train.yaml", ["training.train_iters=10"])
     >>> cfg.optimizer.learning_rate.base, cfg.data.truncate_documents
     (2e-05, False)
-    >>> load_train_config({"training": {"train_itrs": 5}, ...})
-    ConfigError: 1 problem:
+    >>> load_train_config("assets/configs/guide_train.yaml", ["training.train_itrs=5"])
+    Traceback (most recent call last):
+    backend.config.ConfigError: assets/configs/guide_train.yaml: 1 problem in the config:
       - training.train_itrs: unknown key; did you mean 'train_iters'?
 
 Decisions worth knowing (each check sits next to its fields below):
@@ -407,7 +408,8 @@ def gradient_accumulation_steps(cfg: TrainConfig, world_size: int) -> int:
 def check_world_size(cfg: TrainConfig, world_size: int) -> int:
     """Check the batch against the launcher's real world size; return the gradient accumulation steps.
 
-    >>> check_world_size(cfg_with_batch_32_micro_1, 8)
+    >>> cfg = load_train_config("assets/configs/guide_train.yaml", ["batch.batch_size=32", "batch.micro_batch_size=1"])
+    >>> check_world_size(cfg, 8)
     4
     """
     per_step = cfg.batch.micro_batch_size * world_size

@@ -83,10 +83,13 @@ class _NpyAppender:
 class ShardWriter:
     """Streams documents of one split to ``dir/split/shard_*.npy`` and writes ``dir/fast_llm_config_<split>.yaml``.
 
-    >>> w = ShardWriter(out, "training", vocab_size=512, tokenizer_info={...}, prepare_config_hash="ab12...")
+    >>> import tempfile
+    >>> out = tempfile.mkdtemp()
+    >>> w = ShardWriter(out, "training", vocab_size=512, prepare_config_hash="ab12")
     >>> w.add(np.array([1, 5, 7]), np.array([False, True, True]))
-    >>> w.close()
-    {'num_documents': 1, 'num_tokens': 3, 'num_trained_tokens': 2, 'num_shards': 1, 'token_dtype': 'uint16', ...}
+    >>> counts = w.close()
+    >>> {k: counts[k] for k in ("num_documents", "num_tokens", "num_trained_tokens", "num_shards", "token_dtype")}
+    {'num_documents': 1, 'num_tokens': 3, 'num_trained_tokens': 2, 'num_shards': 1, 'token_dtype': 'uint16'}
 
     A document never straddles two shards: a new shard starts when the next document would push the current
     one past ``shard_tokens`` (a single document longer than that gets a shard of its own).
@@ -255,10 +258,17 @@ def resolve_descriptor(descriptor_path_or_dir, split: str = "training") -> Path:
 class TokenDataset:
     """Read-only, memory-mapped view of one split written by `ShardWriter`.
 
-    >>> ds = TokenDataset("runs/guide/tokenized/Llama-3.1-8B/fast_llm_config_training.yaml")
-    >>> len(ds), ds.lengths[:3]
-    (998, array([412, 1290, 733]))
-    >>> tokens, trained = ds.document(0)     # (412,) int64, (412,) bool
+    >>> import tempfile
+    >>> out = tempfile.mkdtemp()
+    >>> w = ShardWriter(out, "training", vocab_size=512)
+    >>> w.add(np.array([1, 5, 7]), np.array([False, True, True])); w.add(np.array([2, 9]), np.array([False, True]))
+    >>> _ = w.close()
+    >>> ds = TokenDataset(out + "/fast_llm_config_training.yaml")   # or the directory and the split name
+    >>> len(ds), ds.lengths.tolist()
+    (2, [3, 2])
+    >>> tokens, trained = ds.document(0)     # (3,) int64, (3,) bool
+    >>> tokens.tolist(), trained.tolist()
+    ([1, 5, 7], [False, True, True])
     """
 
     def __init__(self, descriptor_path_or_dir, split: str = "training"):

@@ -63,8 +63,11 @@ SKIP_REASONS = ("unparseable_row", "missing_field", "empty_text", "bad_spans", "
 def repair_spans(raw, text_len: int) -> tuple[list[tuple[int, int]] | None, list[str], str | None]:
     """Guide-form masked spans -> (clean inclusive spans, repair notes, reason to skip the row or None).
 
-    >>> repair_spans([[5, 9], [0, 2], [8, 12], [40, 50]], 20)
-    ([(0, 2), (5, 12)], ['spans_merged: ...', 'spans_clipped: ...'], None)
+    >>> spans, notes, skip = repair_spans([[5, 9], [0, 2], [8, 12], [40, 50]], 20)
+    >>> spans, skip
+    ([(0, 2), (5, 12)], None)
+    >>> notes
+    ['spans_clipped: span [40, 50] outside text of 20 chars dropped', 'spans_merged: span [8, 12] overlaps [5, 9]']
     >>> repair_spans([[4, 1]], 20)[2]
     'reversed span [4, 1] (begin > end)'
     """

@@ -55,8 +55,11 @@ def _jsonable(value):
 class EventLog:
     """Append-only writer of ``events.jsonl``.
 
-    >>> log = EventLog("runs/x/events.jsonl")
-    >>> log.emit("train", 3, loss=5.1, lr=1e-4)   # writes {"event": "train", "step": 3, "time": ..., "loss": 5.1, ...}
+    >>> import json, tempfile
+    >>> log = EventLog(tempfile.mkdtemp() + "/events.jsonl")
+    >>> record = log.emit("train", 3, loss=5.1, lr=1e-4)   # one JSON line per call
+    >>> json.loads(log.path.read_text()) == record, sorted(record)
+    (True, ['event', 'loss', 'lr', 'step', 'time'])
     """
 
     def __init__(self, path):
@@ -193,9 +196,15 @@ def _pid_lock_alive(info: dict) -> bool | None:
 class RunLock:
     """Exclusive ownership of an experiment directory by one live run.
 
-    >>> with RunLock("runs/x"):      # flock(runs/x/LOCK) + writes {"pid": 4242, "hostname": "box", "flock": true, ...}
-    ...     train()
-    RunLock("runs/x") while pid 4242 is alive -> LockedError("runs/x is in use by pid 4242 on box since ...")
+    >>> import tempfile
+    >>> run_dir = tempfile.mkdtemp()
+    >>> with RunLock(run_dir) as lock:     # flock(LOCK) + writes {"pid": ..., "hostname": ..., "flock": true, ...}
+    ...     lock.held, read_lock(run_dir)["pid"] == os.getpid(), read_lock(run_dir)["flock"]
+    (True, True, True)
+    >>> lock.held, read_lock(run_dir)        # released on exit
+    (False, None)
+
+    Another process that tries while this one holds it gets ``LockedError("... is in use by pid ... on ...")``.
 
     The OS lock (``fcntl.flock`` on ``LOCK``) is what excludes: the kernel releases it when the holder dies, so a
     killed run's lock is free at once and a starter that has not written its pid yet still holds it. The pid and

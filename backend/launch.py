@@ -1,8 +1,11 @@
 """Command lines that start prepare and train, for the studio, the notebooks and the tests (no torch import here).
 
-    >>> train_command("runs/x/config.yaml")
-    ['/…/python', '-m', 'backend.train', 'runs/x/config.yaml']
-    >>> train_command("runs/x/config.yaml", num_processes=2, use_cpu=True)   # also writes runs/x/accelerate_2proc.yaml
+    >>> train_command("runs/x/config.yaml")[1:]   # [0] is sys.executable
+    ['-m', 'backend.train', 'runs/x/config.yaml']
+
+With ``num_processes=2`` it also writes ``runs/x/accelerate_2proc.yaml`` and returns (not run here: it reads the
+config)::
+
     ['/…/python', '-m', 'accelerate.commands.launch', '--config_file', 'runs/x/accelerate_2proc.yaml',
      '--num_processes', '2', '-m', 'backend.train', 'runs/x/config.yaml']
 

@@ -253,6 +253,9 @@ def loss_scale(global_count: int, world_size: int) -> float:
 
     world_size / global_count (see the module docstring). A step with no trained target at all returns 0.0: its
     gradient is zero, not NaN (the loop may also skip the optimizer step).
+
+    >>> loss_scale(1, 1), loss_scale(8, 2), loss_scale(0, 2)   # one trained token still trains
+    (1.0, 0.25, 0.0)
     """
     if global_count <= 0:
         return 0.0

@@ -2,10 +2,17 @@
 
     python -m backend.prepare PREPARE.yaml [key=value ...] [--validate] [--force]
 
+    >>> import tempfile
     >>> from backend.config import load_prepare_config
-    >>> summary = prepare(load_prepare_config("assets/configs/tiny_prepare.yaml"))
+    >>> out = tempfile.mkdtemp() + "/data"
+    >>> summary = prepare(load_prepare_config("assets/configs/tiny_prepare.yaml", [f"output_path={out}"]))
+    preparing assets/data/sample_sharegpt.jsonl: 3000 rows, form conversations ('conversations')
+    ...
     >>> summary["splits"]["training"]["num_documents"], summary["skipped"]
     (2850, {})
+    >>> prepare(load_prepare_config("assets/configs/tiny_prepare.yaml", [f"output_path={out}"]))["status"]
+    /...: already prepared, nothing to do (config hash ...)
+    'already_prepared'
 
 Input and forms: `backend.sources` (a hub id, a ``save_to_disk`` directory, a folder of data files, files or
 globs; forms ``spans`` (guide: text + loss_masking_spans), ``chat`` (conversations / messages), ``text``).
@@ -87,7 +94,7 @@ def split_assignment(n_rows: int, splits: dict[str, float], seed: int) -> np.nda
     """(n_rows,) uint8 index into ``list(splits)``: a seeded permutation cut by largest remainder.
 
     >>> split_assignment(10, {"training": 0.8, "validation": 0.2}, seed=0)
-    array([0, 0, 1, 0, 0, 0, 0, 1, 0, 0], dtype=uint8)
+    array([0, 1, 0, 0, 0, 0, 0, 0, 1, 0], dtype=uint8)
     """
     names = list(splits)
     fractions = np.array([splits[k] for k in names], dtype=np.float64)
@@ -295,7 +302,11 @@ def _summary_lines(summary: dict) -> list[str]:
 def prepare(config, force: bool = False, progress: bool = True) -> dict:
     """Prepare the dataset of ``config`` (a `PrepareConfig`, a YAML path or a dict); returns the summary dict.
 
-    >>> s = prepare("assets/configs/tiny_prepare.yaml", progress=False)
+    >>> import tempfile
+    >>> s = prepare({"dataset": {"path": "assets/data/sample_sharegpt.jsonl"},
+    ...              "tokenizer": {"path": "assets/tiny-llama"},
+    ...              "output_path": tempfile.mkdtemp() + "/data"}, progress=False)
+    preparing ...
     >>> s["status"], s["input_rows"] == s["written"] + s["skipped_rows"]
     ('prepared', True)
     """

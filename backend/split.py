@@ -114,8 +114,10 @@ def plan_pieces(head: int, costs, length: int, targets=None) -> list[tuple[int, 
     last_trained)]`` (inclusive group indices); a piece with ``head + costs[first] > length`` is one group that
     will be truncated.
 
-    >>> plan_pieces(10, [50, 50, 50, 50], 120)
-    [(0, 0, 1), (1, 2, 2), (2, 3, 3)]
+    >>> plan_pieces(10, [50, 50, 50, 50], 120)   # 10 + 50 + 50 fits 120: groups 0-1, then 2-3, no context needed
+    [(0, 0, 1), (2, 2, 3)]
+    >>> plan_pieces(10, [50, 50, 50, 50], 120, targets=[1, 3])   # context fills what the trained group leaves
+    [(0, 1, 1), (2, 3, 3)]
     """
     costs = list(costs)
     targets = set(range(len(costs))) if targets is None else set(targets)

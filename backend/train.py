@@ -37,6 +37,7 @@ def lr_at(step: int, lr, train_iters: int) -> float:
     (counted from 0, default ``train_iters``), then ``minimum``. A pure function of the step, so a checkpoint's
     step is the schedule's whole state.
 
+    >>> from backend.config import LearningRateConfig
     >>> [round(lr_at(s, LearningRateConfig(base=1.0, minimum=0.0, warmup_iterations=2, decay_iterations=6), 6), 2)
     ...  for s in range(7)]
     [0.5, 1.0, 1.0, 0.85, 0.5, 0.15, 0.0]

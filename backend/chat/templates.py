@@ -390,8 +390,8 @@ def get_spans(text: str, start_delimiter: str, end_delimiter: str) -> list[list[
     a start delimiter that is not found masks the rest of the text (the original appended a bogus span and
     looped); a missing end delimiter trains to the end of the text (the original jumped back and looped).
 
-    >>> get_spans("Uhi|A:yo.|", "|A:", ".")
-    [[0, 5]]
+    >>> get_spans("Uhi|A:yo.|", "|A:", ".")   # "yo." is trained; the "|" after the end delimiter is masked
+    [[0, 5], [9, 9]]
     """
     if not start_delimiter or not end_delimiter:
         raise ValueError("start_delimiter and end_delimiter must be non-empty strings")

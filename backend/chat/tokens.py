@@ -350,9 +350,12 @@ class PortableTokenizer:
     spec with the `tokenizers` library only: worker processes start in a fraction of a second instead of
     importing transformers (seconds) and loading the tokenizer again.
 
-    >>> spec = portable_spec(AutoTokenizer.from_pretrained("assets/tiny-llama"))   # in the parent
-    >>> tok = PortableTokenizer(spec)                                              # in a worker
-    >>> tokenize_batch(["<|begin_of_text|>Hi"], [[(17, 19)]], tok)[0].input_ids    # same ids as the original
+    >>> from transformers import AutoTokenizer
+    >>> original = AutoTokenizer.from_pretrained("assets/tiny-llama")
+    >>> tok = PortableTokenizer(portable_spec(original))                  # the spec pickles to a worker
+    >>> ids = tokenize_batch(["<|begin_of_text|>Hi"], [[(17, 19)]], tok)[0].input_ids
+    >>> ids.tolist() == tokenize_batch(["<|begin_of_text|>Hi"], [[(17, 19)]], original)[0].input_ids.tolist()
+    True
     """
 
     def __init__(self, spec: dict):
