@@ -1,0 +1,130 @@
+"""CPU tests of the CUDA-only paths (issue #23): what would reach the kernel, recorded on CPU.
+
+No GPU runs these paths in CI, so each test patches the CUDA op with a recorder that keeps the real op's signature
+and its input rules, and checks what the code hands it: dtypes, head counts, keyword arguments, registrations.
+"""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import backend.attention_varlen as varlen
+from backend.loss import trained_token_loss
+from backend.modeling import TORCH_VARLEN, register_attention
+from backend.packing import PackedSampler, collate
+from tests.tiny import tiny_llama
+
+torch.set_num_threads(1)
+VOCAB, L = 97, 128
+
+
+class MemDataset:
+    def __init__(self, lengths, seed=0):
+        rng = np.random.default_rng(seed)
+        self.docs = [(rng.integers(1, VOCAB, n), rng.random(n) < 0.6) for n in lengths]
+
+    def document(self, i):
+        return self.docs[i]
+
+
+def packed_batch(seed=0, rows=2):
+    rng = np.random.default_rng(seed)
+    lengths = np.maximum(2, rng.lognormal(np.log(30), 0.6, 40).astype(np.int64)).clip(max=L)
+    return collate(PackedSampler(lengths, L, seed=seed, window=16).rows(0, rows), MemDataset(lengths, seed), L)
+
+
+def _reference(q, k, v, cu, scale=None):
+    """Causal attention per document in fp32: (T, Hq, D), k/v (T, Hq or Hkv, D) -> (T, Hq, D)."""
+    out = []
+    for b, e in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
+        qs, ks, vs = (t[b:e].transpose(0, 1).float()[None] for t in (q, k, v))
+        groups = qs.shape[1] // ks.shape[1]
+        out.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=groups > 1))
+    return torch.cat([o[0].transpose(0, 1) for o in out]).to(q.dtype)
+
+
+class Recorder:
+    """Stands in for torch.nn.attention.varlen.varlen_attn with the same rules: one dtype for q/k/v, 16-bit only,
+    equal head counts unless enable_gqa. Keeps every call's dtypes, shapes and keyword arguments."""
+
+    def __init__(self):
+        self.calls = []
+
+    def check(self, q, k, v, kwargs):
+        self.calls.append({"dtypes": (q.dtype, k.dtype, v.dtype), "heads": (q.shape[1], k.shape[1]), **kwargs})
+        if len({q.dtype, k.dtype, v.dtype}) != 1 or q.dtype not in (torch.bfloat16, torch.float16):
+            raise RuntimeError(f"varlen_attn: q/k/v must share one 16-bit dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+        if k.shape[1] != q.shape[1] and not kwargs.get("enable_gqa"):
+            raise RuntimeError("varlen_attn: unequal head counts need enable_gqa")
+
+
+def new_kernel(recorder):
+    """torch >= 2.11's signature (window_size, scale, enable_gqa)."""
+
+    def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                    window_size=(-1, -1), enable_gqa=False):  # fmt: skip
+        recorder.check(query, key, value, {"window_size": window_size, "enable_gqa": enable_gqa, "scale": scale})
+        return _reference(query, key, value, cu_seq_q, scale)
+
+    return varlen_attn
+
+
+def old_kernel(recorder):
+    """torch 2.10's signature: is_causal, no scale, no enable_gqa."""
+
+    def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, is_causal=False, return_aux=None):
+        recorder.check(query, key, value, {"is_causal": is_causal})
+        return _reference(query, key, value, cu_seq_q)
+
+    return varlen_attn
+
+
+@pytest.fixture
+def kernel(monkeypatch):
+    """Route torch_varlen to a recorder as if on CUDA; returns a function that installs a kernel maker."""
+    monkeypatch.setattr(varlen, "_on_kernel_device", lambda query: True)
+
+    def install(make):
+        recorder = Recorder()
+        monkeypatch.setattr(varlen, "_kernel", lambda: make(recorder))
+        return recorder
+
+    return install
+
+
+def varlen_model():
+    register_attention(TORCH_VARLEN)
+    return tiny_llama(VOCAB, attn=TORCH_VARLEN, hidden=64, layers=2, positions=L).train()
+
+
+def test_fp32_master_under_bf16_autocast_gives_the_kernel_one_bf16_dtype(kernel):
+    """One GPU, fp32 master weights, bf16 autocast: RoPE leaves q/k fp32 and v bf16; the kernel must get bf16 x3."""
+    recorder = kernel(new_kernel)
+    batch = packed_batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, count = trained_token_loss(varlen_model(), batch, "fused")
+    loss.backward()
+    assert recorder.calls and all(c["dtypes"] == (torch.bfloat16,) * 3 for c in recorder.calls)
+    assert count > 0 and torch.isfinite(loss)
+
+
+def test_fp32_without_autocast_never_reaches_the_kernel(kernel):
+    recorder = kernel(new_kernel)
+    trained_token_loss(varlen_model(), packed_batch(), "fused")
+    assert recorder.calls == []  # sdpa_packed took it: the flash kernel has no fp32
+
+
+def test_gqa_is_passed_to_a_kernel_that_takes_it_and_repeated_for_one_that_does_not(kernel):
+    """4 query heads, 2 KV heads: torch >= 2.11 gets enable_gqa and 2 KV heads; 2.10 gets k/v repeated to 4."""
+    batch = packed_batch(1)
+    new = kernel(new_kernel)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss_new, _ = trained_token_loss(varlen_model(), batch, "fused")
+    assert new.calls and all(c["enable_gqa"] and c["heads"] == (4, 2) for c in new.calls)
+    assert all(c["window_size"] == (-1, 0) for c in new.calls)  # causal
+    old = kernel(old_kernel)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss_old, _ = trained_token_loss(varlen_model(), batch, "fused")
+    assert old.calls and all(c["heads"] == (4, 4) and c["is_causal"] for c in old.calls)
+    assert loss_new.item() == pytest.approx(loss_old.item(), rel=1e-2)
