@@ -9,10 +9,11 @@ tokens of a micro-batch, each document separately, from the same `cu_seq_lens` t
 
 Its signature moved between releases, read once here: 2.10 has `is_causal` and needs equal head counts; later
 releases take `window_size=(-1, 0)` for causal and `enable_gqa`. Anything that is not a packed training forward
-(no cu_seq_lens, a KV cache, a padding mask, a CPU tensor, fp32 without autocast) goes to `sdpa_packed`, which itself falls back to
-transformers' sdpa for generation. Registered under `torch_varlen` on import; backend.modeling.select_attention
-picks it on CUDA when flash-attn is not installed. The kernel takes q, k and v in one 16-bit dtype and autocast does
-not cast a custom op's inputs, so they are cast here (`kernel_dtype`); tests/test_gpu_paths.py records the calls.
+(no cu_seq_lens, a KV cache, a padding mask, a CPU tensor, fp32 without autocast) goes to `sdpa_packed`, which
+itself falls back to transformers' sdpa for generation. Registered under `torch_varlen` on import;
+backend.modeling.select_attention picks it on CUDA when flash-attn is not installed. The kernel takes q, k and v in
+one 16-bit dtype and autocast does not cast a custom op's inputs, so they are cast here (`kernel_dtype`);
+tests/test_gpu_paths.py records the calls.
 """
 
 from __future__ import annotations
