@@ -164,10 +164,9 @@ def load_lora_model(cfg, attn_impl: str, fsdp_sharded: bool = False):
         from peft import prepare_model_for_kbit_training
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-        from backend.modeling import DTYPES, PACKED_SDPA
+        from backend.modeling import DTYPES, register_attention
 
-        if attn_impl == PACKED_SDPA:
-            import backend.attention  # noqa: F401  registers sdpa_packed with transformers
+        register_attention(attn_impl)  # sdpa_packed / torch_varlen are ours: transformers must know them first
         compute = DTYPES[cfg.model.distributed.training_dtype]
         quant = (
             BitsAndBytesConfig(

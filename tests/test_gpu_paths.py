@@ -128,3 +128,38 @@ def test_gqa_is_passed_to_a_kernel_that_takes_it_and_repeated_for_one_that_does_
         loss_old, _ = trained_token_loss(varlen_model(), batch, "fused")
     assert old.calls and all(c["heads"] == (4, 4) and c["is_causal"] for c in old.calls)
     assert loss_new.item() == pytest.approx(loss_old.item(), rel=1e-2)
+
+
+@pytest.mark.parametrize("attn", ["sdpa_packed", "torch_varlen", "flash_attention_2"])
+def test_qlora_loading_registers_every_attention_tier_before_from_pretrained(attn, monkeypatch):
+    """QLoRA loads its base with from_pretrained(attn_implementation=...) itself: our own names (sdpa_packed,
+    torch_varlen) must be registered with transformers by then, or a CUDA box without flash-attn gets a ValueError.
+    bitsandbytes and CUDA are replaced by a recorder of the from_pretrained call."""
+    import transformers
+    from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    import backend.lora
+    from backend import ASSETS, TINY_MODEL
+    from backend.config import load_train_config
+
+    for registry in (AttentionInterface._global_mapping, ALL_MASK_ATTENTION_FUNCTIONS._global_mapping):
+        for name in ("sdpa_packed", "torch_varlen"):
+            monkeypatch.delitem(registry, name, raising=False)  # as in a fresh process: nothing registered yet
+    seen = {}
+
+    def from_pretrained(path, attn_implementation=None, quantization_config=None, **kwargs):
+        seen.update(attn=attn_implementation, known=attn_implementation in AttentionInterface._global_mapping)
+        config = AutoConfig.from_pretrained(path)
+        built = attn_implementation if attn_implementation != "flash_attention_2" else "sdpa"  # no flash-attn here
+        return AutoModelForCausalLM.from_config(config, attn_implementation=built)
+
+    monkeypatch.setattr(backend.lora, "check_quantization", lambda cfg: None)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    cfg = load_train_config(
+        ASSETS / "configs" / "tiny_train.yaml",
+        [f"pretrained.path={TINY_MODEL}", "model.base_model.peft.type=lora", "pretrained.quantization=4bit"],
+    )
+    model = backend.lora.load_lora_model(cfg, attn)
+    assert seen == {"attn": attn, "known": True}
+    assert model.get_base_model().config._attn_implementation in (attn, "sdpa")
