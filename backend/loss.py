@@ -211,7 +211,10 @@ class _ChunkedLinearCE(torch.autograd.Function):
                 if need_h:
                     grad_h[start : start + chunk_rows] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
                 if need_w:
-                    grad_w += grad_logits.t() @ h.float()
+                    # in place into the fp32 sum: under autocast `grad_w += a @ b` would round each chunk's
+                    # product to bf16 first (autocast does not touch in-place ops), and no (V, H) temporary
+                    with torch.autocast(hidden.device.type, enabled=False):
+                        grad_w.addmm_(grad_logits.t(), h.float())
                 if need_b:
                     grad_b += grad_logits.sum(0)
             del logits

@@ -163,3 +163,22 @@ def test_qlora_loading_registers_every_attention_tier_before_from_pretrained(att
     model = backend.lora.load_lora_model(cfg, attn)
     assert seen == {"attn": attn, "known": True}
     assert model.get_base_model().config._attn_implementation in (attn, "sdpa")
+
+
+def test_fused_loss_lm_head_gradient_under_bf16_autocast_matches_fp64():
+    """The fused loss sums dL/dW_lm_head over chunks in fp32. Under bf16 autocast a `grad_w += a @ b` rounds each
+    chunk's product to bf16 before the sum (relative error ~2e-3 here); addmm_ in fp32 stays near fp64 (~3e-5; the
+    rest comes from the bf16 logits of the forward, kept small here by small weights)."""
+    from backend.loss import chunked_linear_cross_entropy
+
+    torch.manual_seed(0)
+    k, h, v = 512, 64, 300
+    hidden, targets = torch.randn(k, h), torch.randint(0, v, (k,))
+    weight = (torch.randn(v, h) * 0.01).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        chunked_linear_cross_entropy(hidden, weight, targets, chunk_rows=8).backward()
+    w64 = weight.detach().double().requires_grad_()
+    F.cross_entropy(hidden.double() @ w64.t(), targets, reduction="sum").backward()
+    assert weight.grad.dtype == torch.float32
+    error = ((weight.grad.double() - w64.grad).abs().max() / w64.grad.abs().max()).item()
+    assert error < 2e-4, error
