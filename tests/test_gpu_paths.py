@@ -182,3 +182,26 @@ def test_fused_loss_lm_head_gradient_under_bf16_autocast_matches_fp64():
     assert weight.grad.dtype == torch.float32
     error = ((weight.grad.double() - w64.grad).abs().max() / w64.grad.abs().max()).item()
     assert error < 2e-4, error
+
+
+def test_quantized_base_under_fsdp_sharding_is_a_config_error_that_says_what_works():
+    """QLoRA + FSDP over several processes loses the 4-bit quant_state (accelerate#3874): refused when the YAML
+    says so (run.num_processes: --validate, the studio) and when the launcher's world size says so (train start)."""
+    from backend import ASSETS, TINY_MODEL
+    from backend.config import ConfigError, check_world_size, load_train_config
+
+    base = [f"pretrained.path={TINY_MODEL}", "model.base_model.peft.type=lora", "pretrained.quantization=4bit"]
+    path = ASSETS / "configs" / "tiny_train.yaml"
+    sharded = [*base, "model.multi_stage.zero_stage=3", "batch.batch_size=8", "batch.micro_batch_size=1"]
+    with pytest.raises(ConfigError) as e:
+        load_train_config(path, [*sharded, "run.num_processes=2"])
+    assert "pretrained.quantization: 4bit cannot be sharded by FSDP over 2 processes" in str(e.value)
+    assert "zero_stage=0" in str(e.value) and "accelerate#3874" in str(e.value)
+    cfg = load_train_config(path, [*sharded, "run.num_processes=1"])  # one process: fine
+    assert check_world_size(cfg, 1) == 8
+    with pytest.raises(ConfigError, match="over 4 processes .the launcher's"):
+        check_world_size(cfg, 4)  # headless: accelerate launch --num_processes 4 with this YAML
+    ddp = load_train_config(
+        path, [*base, "model.multi_stage.zero_stage=0", "batch.batch_size=8", "run.num_processes=2"]
+    )
+    assert check_world_size(ddp, 2) >= 1  # DDP holds the whole quantized base per process: allowed
