@@ -109,6 +109,7 @@ class StepResult(NamedTuple):
     grad_norm: float  # global gradient norm before clipping
     trained_tokens: int  # trained tokens of the step, all ranks (the loss's denominator)
     stepped: bool  # False: loss or gradient norm not finite, gradients dropped, no optimizer step
+    overflow: bool = False  # fp16: the grad scaler found inf/NaN gradients, skipped the step and lowered its scale
 
 
 def train_step(
@@ -143,10 +144,13 @@ def train_step(
     # clip_grad_norm_ returns the norm before clipping (all ranks' shards); inf = only measure it
     grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), clip or float("inf")))
     stepped = math.isfinite(loss) and math.isfinite(grad_norm)
-    if stepped:
+    # fp16: an inf norm with a finite loss is the grad scaler's overflow, not divergence. Its step() skips the update
+    # and its update() lowers the scale; not calling it would keep the scale that overflows, every step
+    overflow = not stepped and math.isfinite(loss) and getattr(accelerator, "scaler", None) is not None
+    if stepped or overflow:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss, grad_norm, int(global_count), stepped)
+    return StepResult(loss, grad_norm, int(global_count), stepped, overflow)
 
 
 def evaluate(model, accelerator, sampler, dataset, cfg, iterations: int) -> float:
@@ -495,7 +499,9 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
             on_micro_batch=lambda step=step: probe.micro_batch(step, model),
         )
         loss, grad_norm, global_count = result.loss, result.grad_norm, result.trained_tokens
-        if not result.stepped:
+        if result.overflow:
+            print0(f"step {step + 1}: fp16 gradients overflowed; step skipped, loss scale lowered")
+        elif not result.stepped:
             raise TrainingDiverged(
                 f"step {step + 1}: loss is {loss} and gradient norm {grad_norm}; stopped before the optimizer "
                 f"step, nothing saved. The last good checkpoint is {latest_complete(checkpoints, warn=print0)}. "

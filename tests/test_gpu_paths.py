@@ -205,3 +205,40 @@ def test_quantized_base_under_fsdp_sharding_is_a_config_error_that_says_what_wor
         path, [*base, "model.multi_stage.zero_stage=0", "batch.batch_size=8", "run.num_processes=2"]
     )
     assert check_world_size(ddp, 2) >= 1  # DDP holds the whole quantized base per process: allowed
+
+
+def test_fp16_overflow_step_is_skipped_by_the_scaler_and_lowers_its_scale(monkeypatch):
+    """fp16 on CUDA: accelerate's GradScaler scales the loss, clip_grad_norm_ unscales and sees inf, and
+    optimizer.step() (scaler.step + scaler.update) skips the update and halves the scale. accelerate refuses fp16 on
+    CPU, so its CUDA state is set up by hand on a CPU Accelerator: a real torch GradScaler whose first scale
+    overflows, the real AcceleratedOptimizer. The overflow step is no divergence: no update, scale lowered, and
+    the next step trains."""
+    from accelerate import Accelerator
+
+    from backend import ASSETS
+    from backend.config import load_train_config
+    from backend.distributed import build_accelerator
+    from backend.train import train_step
+    from tests.dist_worker import MemoryDocuments
+    from tests.dist_worker import tiny_llama as worker_llama
+
+    cfg = load_train_config(ASSETS / "configs" / "tiny_train.yaml", ["model.multi_stage.zero_stage=0"])
+    accelerator = build_accelerator(cfg)
+    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127)  # scaled gradients overflow fp32
+    accelerator.native_amp = True
+    monkeypatch.setattr(Accelerator, "mixed_precision", property(lambda self: "fp16"))  # clip unscales
+    model = worker_llama("sdpa_packed", tied=False)
+    model, optimizer = accelerator.prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-2))
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    data = MemoryDocuments()
+    sampler = PackedSampler(data.lengths, 16, seed=0)
+    batches = [[collate(r, data, 16) for r in sampler.micro_batches(s, 4, 4)] for s in range(2)]
+    result = train_step(model, optimizer, accelerator, batches[0], "fused")
+    assert result.overflow and not result.stepped and np.isfinite(result.loss) and not np.isfinite(result.grad_norm)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # no update
+    assert accelerator.scaler.get_scale() == 2.0**126  # scaler.update() ran: the scale went down
+    assert optimizer.step_was_skipped
+    for _ in range(8):  # the scale keeps halving until the gradients fit, then the model trains
+        result = train_step(model, optimizer, accelerator, batches[1], "fused")
+    assert not result.overflow and result.stepped
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
