@@ -242,3 +242,19 @@ def test_fp16_overflow_step_is_skipped_by_the_scaler_and_lowers_its_scale(monkey
         result = train_step(model, optimizer, accelerator, batches[1], "fused")
     assert not result.overflow and result.stepped
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_fused_loss_runs_the_lm_heads_own_call_so_its_hooks_fire():
+    """FSDP2's [final norm, LM head] unit completes (reshards, registers its backward hooks) in the LM head's
+    post-forward hook; the fused loss must go through the LM head's call, not around it. Same loss as before."""
+    model = tiny_llama(VOCAB, attn="sdpa_packed", hidden=64, layers=2, positions=L).train()
+    register_attention("sdpa_packed")
+    calls = []
+    model.lm_head.register_forward_pre_hook(lambda module, args: calls.append("pre"))
+    model.lm_head.register_forward_hook(lambda module, args, out: calls.append(("post", tuple(out.shape))))
+    batch = packed_batch(2)
+    fused, count = trained_token_loss(model, batch, "fused")
+    assert calls == ["pre", ("post", ())]  # one call, returning the 0-dim loss sum
+    assert "forward" not in model.lm_head.__dict__  # restored
+    reference, count_ref = trained_token_loss(model, batch, "torch")
+    assert count == count_ref and fused.item() == pytest.approx(reference.item(), rel=1e-5)
