@@ -21,6 +21,18 @@ def test_gpu_check_help_lists_what_it_runs_and_the_wheels_it_needs():
         assert word in out.stdout, word
 
 
+def test_gpu_wheels_help_names_every_wheel_and_bad_arguments_exit_2():
+    """scripts/gpu_wheels.sh needs the package index (not run here): its help names each wheel gpu_check installs."""
+    script = ROOT / "scripts" / "gpu_wheels.sh"
+    out = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0
+    for word in ("pydantic-core", "annotated-types", "typing-inspection", "typing-extensions", ".whl/pytest", "3.12"):
+        assert word in out.stdout, word
+    out = subprocess.run(["bash", str(script), "--python-version"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2 and "needs a value" in out.stderr
+    assert "/.whl/" in (ROOT / ".gitignore").read_text().split()  # the wheels are never committed
+
+
 def test_gpu_check_refuses_without_cuda_and_writes_nothing(tmp_path):
     report = tmp_path / "GPU.md"
     out = subprocess.run(

@@ -258,3 +258,20 @@ def test_fused_loss_runs_the_lm_heads_own_call_so_its_hooks_fire():
     assert "forward" not in model.lm_head.__dict__  # restored
     reference, count_ref = trained_token_loss(model, batch, "torch")
     assert count == count_ref and fused.item() == pytest.approx(reference.item(), rel=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_torch_varlen_under_fp32_master_and_bf16_autocast_on_gpu():
+    """The set-up of bench_gpu's first cases on the real kernel: fp32 weights, bf16 autocast; equals sdpa_packed."""
+    pytest.importorskip("torch.nn.attention.varlen")
+    batch = {k: v.cuda() if hasattr(v, "cuda") else v for k, v in packed_batch(3).items()}
+    losses = []
+    for attn in (TORCH_VARLEN, "sdpa_packed"):
+        register_attention(attn)
+        model = tiny_llama(VOCAB, attn=attn, hidden=64, layers=2, positions=L).train().cuda()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss, _ = trained_token_loss(model, batch, "fused")
+        loss.backward()
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(losses[1], rel=2e-2)
