@@ -383,9 +383,6 @@ class TrainConfig(Section):
                 f"pretrained.quantization: {self.pretrained.quantization} needs model.base_model.peft.type: lora "
                 "(a quantized base cannot be trained directly)"
             )
-        quantized_sharding = quantized_sharding_problem(self, procs, "run.num_processes")
-        if quantized_sharding:
-            problems.append(quantized_sharding)
         if self.training.test_iters > 0 and self.data.datasets.test is None:
             problems.append("training.test_iters: is > 0 but data.datasets.test is not set")
         lr = self.optimizer.learning_rate

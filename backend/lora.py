@@ -45,15 +45,23 @@ LORA_STATE = "lora_state.pt"
 # ------------------------------------------------------------------------------------------------ config checks
 
 
-def quantization_problems(cfg) -> list[str]:
-    """Problems of ``pretrained.quantization`` on THIS machine (bitsandbytes, CUDA); [] when none or fine.
+def quantization_problems(cfg, world_size: int | None = None) -> list[str]:
+    """Problems of ``pretrained.quantization`` on THIS machine (bitsandbytes, CUDA) and with ``run.num_processes``
+    (FSDP cannot shard a quantized base; ``world_size`` None: run.num_processes, what the studio launches); [] when
+    none or fine.
 
     Not a pydantic validator: a YAML written on a laptop for a GPU box must still load; the CLI's --validate, the
     studio's Config tab and train start call it where the run would happen.
     """
+    from backend.config import quantized_sharding_problem
+
     q = cfg.pretrained.quantization
     if q == "none":
         return []
+    where = "run.num_processes" if world_size is None else "processes launched"
+    sharding = quantized_sharding_problem(cfg, cfg.run.num_processes if world_size is None else world_size, where)
+    if sharding:  # checked again with the launcher's world size at train start (config.check_world_size)
+        return [sharding]
     if importlib.util.find_spec("bitsandbytes") is None:
         return [
             f"pretrained.quantization: {q} needs the bitsandbytes package (pip install bitsandbytes) and a CUDA "
@@ -69,11 +77,11 @@ def quantization_problems(cfg) -> list[str]:
     return []
 
 
-def check_quantization(cfg) -> None:
+def check_quantization(cfg, world_size: int | None = None) -> None:
     """Raise ConfigError naming ``pretrained.quantization`` when this machine cannot run it."""
     from backend.config import ConfigError
 
-    problems = quantization_problems(cfg)
+    problems = quantization_problems(cfg, world_size)
     if problems:
         raise ConfigError(problems)
 
@@ -160,7 +168,7 @@ def load_lora_model(cfg, attn_impl: str, fsdp_sharded: bool = False):
         dtype = "fp32" if fsdp_sharded else cfg.model.distributed.training_dtype
         model = load_model(cfg.pretrained.path, dtype, attn_impl, random_init=not cfg.pretrained.model_weights)
     else:
-        check_quantization(cfg)
+        check_quantization(cfg, int(os.environ.get("WORLD_SIZE", "1")))
         from peft import prepare_model_for_kbit_training
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 

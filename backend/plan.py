@@ -65,8 +65,9 @@ is a transient of the forward/backward.
 Host RAM at load: full finetuning: rank 0 alone materializes the fp32 model, other ranks hold none. LoRA: every
 process loads the frozen base (backend.lora.load_lora_model): in the training dtype with one process or without
 FSDP, in fp32 under FSDP with several processes (FSDP2 shards and casts it like a full model); a 4-bit base is
-quantized shard by shard, so about one 5 GB safetensors shard. QLoRA: PEFT's prepare_model_for_kbit_training
-upcasts every parameter that is not quantized (embeddings, norms, LM head) to fp32.
+quantized shard by shard onto the GPU, so one safetensors shard of the stored bf16 checkpoint: min(2 N, 5 GB).
+QLoRA: PEFT's prepare_model_for_kbit_training upcasts every parameter that is not quantized (embeddings, norms, LM
+head) to fp32.
 Disk: a checkpoint is the fp32 parameters and the optimizer state of the trained parameters (12 bytes each);
 an export is every parameter in training.export.dtype (default: the training dtype). LoRA checkpoints hold the
 adapters only; LoRA exports are the adapters plus, with export.merge, the merged model.
@@ -85,8 +86,11 @@ GIB = 2**30
 USABLE_FRACTION = 0.9  # of the GPU memory: the rest is CUDA context, workspaces, fragmentation
 FUSED_CHUNK_ELEMENTS = 2**25  # backend.loss.FUSED_CHUNK_ELEMENTS (not imported: that module needs torch)
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+CHECKPOINT_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size of a released checkpoint ("5GB")
 QUANT_BYTES = {"4bit": 0.5 + 1 / 64 + 4 / (64 * 256), "8bit": 1.0}
 LLAMA_LIKE = {"llama", "mistral", "qwen2", "qwen3"}
+ROOT = Path(__file__).resolve().parent.parent
+MODEL_CONFIGS = ROOT / "assets" / "model_configs"  # config.json of the models the docs name, by hub id
 
 __all__ = ["ModelShape", "MemoryPlan", "model_shape", "plan_memory", "disk_estimate", "main"]
 
@@ -111,6 +115,7 @@ class ModelShape:
     mlp_bias: bool = False
     qk_norm: bool = False  # Qwen3: an RMSNorm over head_dim on q and k
     num_params_override: int | None = None  # exact count for architectures the formulas below do not describe
+    source: str = dataclasses.field(default="", compare=False)  # set when the config is not the model's own copy
 
     @property
     def q(self) -> int:
@@ -163,23 +168,47 @@ def _config_dir(path: str | Path) -> Path | None:
     return None
 
 
+def shipped_config(name: str | Path) -> Path | None:
+    """The config.json this repository ships for hub id `name` (assets/model_configs/<id>/config.json), or None.
+
+    >>> shipped_config("meta-llama/Llama-3.1-8B").relative_to(MODEL_CONFIGS).as_posix()
+    'meta-llama/Llama-3.1-8B/config.json'
+    >>> shipped_config("someone/unknown-model") is None
+    True
+    """
+    path = MODEL_CONFIGS / str(name) / "config.json"
+    return path if str(name) and ".." not in str(name) and path.is_file() else None
+
+
 def model_shape(path: str | Path) -> ModelShape:
-    """Shape of the model at `path` (a directory holding config.json, the file itself, or a hub id whose config is
-    in the local Hugging Face cache). Llama-family models are read from the JSON alone; anything else is built on
-    the meta device (needs torch and transformers; no weights) to count its parameters exactly."""
+    """Shape of the model at `path`: a directory holding config.json, the file itself, or a hub id (its config from
+    the local Hugging Face cache or the hub; when the hub cannot be reached, decided in seconds by
+    backend.hub.require_hub, or refuses the config (a gated model without a token), the copy shipped in
+    assets/model_configs/, and then `.source` says so). Llama-family models are read from the JSON alone; anything
+    else is built on the meta device (needs torch and transformers; no weights) to count its parameters exactly."""
     local = _config_dir(path)
+    source = ""
     if local is not None:
         raw = json.loads((local / "config.json").read_text(encoding="utf-8"))
     else:
         try:
             from transformers import AutoConfig
 
+            from backend.hub import require_hub
+
+            require_hub(str(path), "pretrained.path")
             raw = AutoConfig.from_pretrained(str(path)).to_dict()
         except Exception as e:  # noqa: BLE001 - any failure means the same thing to the user
-            raise FileNotFoundError(
-                f"pretrained.path {path}: no config.json here and none in the local Hugging Face cache ({e}). "
-                "Pass --model-config DIR (a directory with the model's config.json) or download the model first."
-            ) from None
+            shipped = shipped_config(path)
+            if shipped is None:
+                raise FileNotFoundError(
+                    f"pretrained.path {path}: no config.json here, and it could not be read from the Hugging Face "
+                    f"hub or its cache ({e}). Pass --model-config DIR (a directory with the model's config.json) or "
+                    "download the model first."
+                ) from None
+            raw = json.loads(shipped.read_text(encoding="utf-8"))
+            reason = str(e).split(". ")[0]
+            source = f"the config.json shipped in {shipped.relative_to(ROOT)} (the hub gave none: {reason})"
     raw = {**raw, **raw.get("text_config", {})}  # multimodal wrappers keep the decoder under text_config
     try:
         h, heads = int(raw["hidden_size"]), int(raw["num_attention_heads"])
@@ -200,7 +229,7 @@ def model_shape(path: str | Path) -> ModelShape:
         raise ValueError(f"pretrained.path {path}: config.json has no {e.args[0]!r}; not a decoder-only LM?") from None
     if raw.get("model_type") not in LLAMA_LIKE:
         shape = dataclasses.replace(shape, num_params_override=_count_on_meta(raw))
-    return shape
+    return dataclasses.replace(shape, source=source)
 
 
 def _count_on_meta(raw: dict) -> int:
@@ -292,6 +321,7 @@ class MemoryPlan:
     tokens: int  # per micro-batch
     gpu_memory_bytes: int | None = None
     suggestions: list[str] = dataclasses.field(default_factory=list)
+    model_source: str = ""  # where the model's config came from when it was not the model's own (ModelShape.source)
 
     @property
     def static_bytes(self) -> int:
@@ -348,6 +378,8 @@ class MemoryPlan:
             f"memory plan per GPU: {self.num_params:,} parameters ({self.trainable_params:,} trained), "
             f"{self.world_size} GPU{'s' if self.world_size != 1 else ''}, zero_stage {self.zero_stage}"
         ]
+        if self.model_source:
+            out.append(f"  model config: {self.model_source}")
         out += [f"  {name:38s} {_gib(b):>9s}  {how}" for name, b, how in self.parts()]
         out.append(f"  {'peak':38s} {_gib(self.peak_bytes):>9s}")
         out.append(
@@ -391,6 +423,8 @@ class MemoryPlan:
             f"{self.host_ram_bytes / GIB:.1f} GiB {self._host_where()}. Disk: {d['total_bytes'] / GIB:.1f} GiB "
             f"({d['checkpoint_bytes'] / GIB:.1f} GiB per checkpoint, {d['export_bytes'] / GIB:.1f} GiB per export)."
         )
+        if self.model_source:
+            tail += f" Model config: {self.model_source}."
         return (head.strip() + "\n\n" if head else "") + "\n".join(rows) + tail
 
 
@@ -420,6 +454,7 @@ def plan_memory(cfg, world_size: int, gpu_memory_gb: float | None = None, shape:
     `shape` defaults to model_shape(cfg.pretrained.path)."""
     shape = shape or model_shape(cfg.pretrained.path)
     plan = _plan(cfg, world_size, shape)
+    plan.model_source = shape.source
     if gpu_memory_gb is not None:
         plan.gpu_memory_bytes = int(gpu_memory_gb * GIB)
         if not plan.fits:
@@ -499,8 +534,10 @@ def _plan(cfg, world: int, shape: ModelShape) -> MemoryPlan:
     else:
         comm = 0
 
-    if lora:
-        host = (base_bytes if quant == "none" else 5 * 10**9) + 4 * trained  # per process: every rank loads it
+    if lora:  # per process: every rank loads the base
+        # QLoRA quantizes the checkpoint shard by shard onto the GPU: the host holds one shard of the stored bf16
+        # checkpoint at a time (transformers' shards are at most 5 GB; a small model is one shard of 2 N bytes)
+        host = (base_bytes if quant == "none" else min(2 * n, CHECKPOINT_SHARD_BYTES)) + 4 * trained
     else:
         host = 4 * n
     return MemoryPlan(

@@ -17,6 +17,7 @@ the experiment directory; 4 the loss or gradient became NaN/inf (the last good c
 from __future__ import annotations
 
 import math
+import os
 import signal
 import sys
 import time
@@ -631,7 +632,9 @@ def train(config, overrides=()) -> dict:
     cfg = config if isinstance(config, TrainConfig) else load_train_config(config, overrides)
     from backend.compat import check_machine
 
-    check_machine(cfg)  # QLoRA needs CUDA + bitsandbytes, trackers their packages: config errors, not crashes
+    # QLoRA needs CUDA + bitsandbytes (and no FSDP sharding over the processes launched), trackers their packages:
+    # config errors, not crashes. WORLD_SIZE: what accelerate launch / torchrun started (absent: one process)
+    check_machine(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     run_dir = Path(cfg.run.experiment_dir)
     accelerator = build_accelerator(cfg)
     events = EventLog(run_dir / "events.jsonl")

@@ -154,7 +154,7 @@ def test_qlora_loading_registers_every_attention_tier_before_from_pretrained(att
         built = attn_implementation if attn_implementation != "flash_attention_2" else "sdpa"  # no flash-attn here
         return AutoModelForCausalLM.from_config(config, attn_implementation=built)
 
-    monkeypatch.setattr(backend.lora, "check_quantization", lambda cfg: None)
+    monkeypatch.setattr(backend.lora, "check_quantization", lambda cfg, world_size=None: None)
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", from_pretrained)
     cfg = load_train_config(
         ASSETS / "configs" / "tiny_train.yaml",
@@ -186,18 +186,21 @@ def test_fused_loss_lm_head_gradient_under_bf16_autocast_matches_fp64():
 
 def test_quantized_base_under_fsdp_sharding_is_a_config_error_that_says_what_works():
     """QLoRA + FSDP over several processes loses the 4-bit quant_state (accelerate#3874): refused when the YAML
-    says so (run.num_processes: --validate, the studio) and when the launcher's world size says so (train start)."""
+    says so (run.num_processes: lora.quantization_problems, run by --validate, the studio and train start) and when
+    the launcher's world size says so (check_world_size at train start). The YAML itself still loads: the planner
+    plans it for --gpus 1."""
     from backend import ASSETS, TINY_MODEL
     from backend.config import ConfigError, check_world_size, load_train_config
+    from backend.lora import quantization_problems
 
     base = [f"pretrained.path={TINY_MODEL}", "model.base_model.peft.type=lora", "pretrained.quantization=4bit"]
     path = ASSETS / "configs" / "tiny_train.yaml"
     sharded = [*base, "model.multi_stage.zero_stage=3", "batch.batch_size=8", "batch.micro_batch_size=1"]
-    with pytest.raises(ConfigError) as e:
-        load_train_config(path, [*sharded, "run.num_processes=2"])
-    assert "pretrained.quantization: 4bit cannot be sharded by FSDP over 2 processes" in str(e.value)
-    assert "zero_stage=0" in str(e.value) and "accelerate#3874" in str(e.value)
+    (problem,) = quantization_problems(load_train_config(path, [*sharded, "run.num_processes=2"]))
+    assert "pretrained.quantization: 4bit cannot be sharded by FSDP over 2 processes" in problem
+    assert "zero_stage=0" in problem and "accelerate#3874" in problem
     cfg = load_train_config(path, [*sharded, "run.num_processes=1"])  # one process: fine
+    assert "sharded" not in " ".join(quantization_problems(cfg))  # (here: only "needs bitsandbytes / CUDA")
     assert check_world_size(cfg, 1) == 8
     with pytest.raises(ConfigError, match="over 4 processes .the launcher's"):
         check_world_size(cfg, 4)  # headless: accelerate launch --num_processes 4 with this YAML
@@ -205,6 +208,11 @@ def test_quantized_base_under_fsdp_sharding_is_a_config_error_that_says_what_wor
         path, [*base, "model.multi_stage.zero_stage=0", "batch.batch_size=8", "run.num_processes=2"]
     )
     assert check_world_size(ddp, 2) >= 1  # DDP holds the whole quantized base per process: allowed
+    from backend.compat import machine_problems
+
+    launched = load_train_config(path, [*sharded, "run.num_processes=2"])
+    assert "sharded by FSDP" not in " ".join(machine_problems(launched, world_size=1))  # python -m backend.train
+    assert "over 2 processes (processes launched" in " ".join(machine_problems(launched, world_size=2))
 
 
 def test_fp16_overflow_step_is_skipped_by_the_scaler_and_lowers_its_scale(monkeypatch):
