@@ -3,6 +3,7 @@
 The recipe (backend/train.py) calls this module in a few ``if peft.type == "lora":`` places:
 
     model = load_lora_model(cfg, attn_impl)       # load (4/8-bit with pretrained.quantization) + get_peft_model
+    # FSDP over several processes: load_model_for_rank(..., wrap=lambda m: wrap_lora(m, cfg)), rank 0 reads the base
     save_checkpoint(..., save_state=lora_state_saver(model, optimizer))      # adapters + AdamW moments + RNG
     load_checkpoint(..., load_state=lora_state_loader(model, optimizer))
     export_lora(accelerator, model, tokenizer, run_dir / "export", name, cfg, merged=...)
@@ -197,6 +198,13 @@ def load_lora_model(cfg, attn_impl: str, fsdp_sharded: bool = False):
         # norms in fp32; no gradient checkpointing here (model.multi_stage.activation_checkpointing decides)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         prepare_for_packed_training(model)
+    return wrap_lora(model, cfg)
+
+
+def wrap_lora(model, cfg):
+    """The loaded base -> PeftModel with the run's adapters (frozen base). Also the ``wrap`` of
+    backend.scaling.load_model_for_rank: under FSDP with several processes only rank 0 reads the base (fp32, for
+    FSDP's mixed precision to cast), the other ranks wrap an empty model whose weights are scattered after prepare."""
     # the adapters' random init comes from the seed alone, whatever loading the base drew (TRL does the same)
     from accelerate.utils import set_seed
 

@@ -62,9 +62,9 @@ plus the quantization constants (an 8-bit absmax per 64 weights and an fp32 scal
 quantized; embeddings, norms and the LM head stay in the compute dtype; a dequantized copy of the largest Linear
 is a transient of the forward/backward.
 
-Host RAM at load: full finetuning: rank 0 alone materializes the fp32 model, other ranks hold none. LoRA: every
-process loads the frozen base (backend.lora.load_lora_model): in the training dtype with one process or without
-FSDP, in fp32 under FSDP with several processes (FSDP2 shards and casts it like a full model); a 4-bit base is
+Host RAM at load: full finetuning, and LoRA under FSDP with several processes: rank 0 alone materializes the fp32
+model (FSDP2 shards and casts it), other ranks hold none. LoRA otherwise: every process loads the frozen base
+(backend.lora.load_lora_model) in the training dtype; a 4-bit base is
 quantized shard by shard onto the GPU, so one safetensors shard of the stored bf16 checkpoint: min(2 N, 5 GB).
 QLoRA: PEFT's prepare_model_for_kbit_training upcasts every parameter that is not quantized (embeddings, norms, LM
 head) to fp32.
@@ -369,8 +369,8 @@ class MemoryPlan:
         ]
 
     def _host_where(self) -> str:
-        if self.trainable_params < self.num_params:  # LoRA: the frozen base is loaded by every process
-            return "per process (LoRA: every process loads the frozen base)"
+        if self.trainable_params < self.num_params and not self.sharded:  # LoRA without FSDP: every process loads
+            return "per process (LoRA without FSDP: every process loads the frozen base)"
         return "on rank 0, none on the others"
 
     def lines(self) -> list[str]:
@@ -534,7 +534,9 @@ def _plan(cfg, world: int, shape: ModelShape) -> MemoryPlan:
     else:
         comm = 0
 
-    if lora:  # per process: every rank loads the base
+    if lora and fsdp:  # rank 0 reads the fp32 base, the others get their shards (scaling.load_model_for_rank)
+        host = 4 * n
+    elif lora:  # per process: every rank loads the base
         # QLoRA quantizes the checkpoint shard by shard onto the GPU: the host holds one shard of the stored bf16
         # checkpoint at a time (transformers' shards are at most 5 GB; a small model is one shard of 2 N bytes)
         host = (base_bytes if quant == "none" else min(2 * n, CHECKPOINT_SHARD_BYTES)) + 4 * trained

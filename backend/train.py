@@ -301,9 +301,15 @@ def build_model(cfg, accelerator, splits: dict, probe) -> Model:
     probe.before_load()
     lora = cfg.model.base_model.peft.type == "lora"
     if lora:  # frozen base (4/8-bit with pretrained.quantization) + trainable adapters: backend/lora.py
-        from backend.lora import load_lora_model, parameter_counts
+        from backend.lora import load_lora_model, parameter_counts, wrap_lora
 
-        model, finish_loading = load_lora_model(cfg, attn_impl, fsdp_sharded=sharded), None
+        if sharded:  # rank 0 reads the base, the other ranks get their shards of it after prepare (as full runs do)
+            model, finish_loading = load_model_for_rank(
+                cfg.pretrained.path, attn_impl, not cfg.pretrained.model_weights, rank, world, True,
+                wrap=lambda base: wrap_lora(base, cfg),
+            )  # fmt: skip
+        else:
+            model, finish_loading = load_lora_model(cfg, attn_impl), None
         trainable_params, num_params = parameter_counts(model)
     else:
         model, finish_loading = load_model_for_rank(
