@@ -9,19 +9,21 @@ GB here means GiB (2**30 bytes): an "80 GB" H100 holds 80 GiB.
 
 Notation: N parameters, W = world size, b = bytes of the compute dtype (bf16/fp16 2, fp32 4), T = tokens per
 micro-batch (micro_batch_size x sequence_length), h hidden, q = heads x head_dim, kv = kv_heads x head_dim,
-i intermediate, V vocabulary, P_layer parameters of one decoder layer, P_root = embeddings + final norm + LM head
-(the FSDP root unit), K = trained positions of a micro-batch (the fused loss runs the LM head only there; the plan
-takes K = T, the worst case).
+i intermediate, V vocabulary, P_layer parameters of one decoder layer, P_tail = final norm + LM head (the embedding
+when tied): accelerate 1.15's FSDP2 unit that stays gathered from its forward to its backward, K = trained positions of
+a micro-batch (the fused loss runs the LM head only there; the plan takes K = T, the worst case).
 
 How this repository trains (backend/distributed.py, backend/train.py, backend/loss.py), and so what is counted:
 
 parameters   sharded: the fp32 master copy, 4N/W under FSDP2 (zero_stage 2/3 with W > 1), 4N otherwise (DDP and one
              process replicate it; zero_stage 1 is DDP here: nothing of it is sharded).
-             gathered: the compute copy. zero_stage 3 (reshard after forward): the root unit stays gathered from
-             forward to backward (FSDP2 never reshards its root), plus two decoder layers (the one computing and the
-             one prefetched): b x (P_root + 2 P_layer). zero_stage 2 keeps every layer gathered from forward to
-             backward: b x N. Without FSDP and with mixed precision, autocast caches a b-byte copy of every Linear
-             weight for the forward and backward of a micro-batch: b x (linear parameters). fp32 without FSDP: 0.
+             gathered: the compute copy. zero_stage 3 (reshard after forward): accelerate 1.15 makes each decoder
+             layer a unit, the embedding another (resharded after its forward), [final norm, LM head] a third kept
+             gathered from its forward to its backward with its all-gather buffer held too, and the root holds no
+             parameter: b x (2 P_tail + 2 P_layer) (two layers: the one computing and the one prefetched).
+             zero_stage 2 keeps every layer gathered from forward to backward: b x N. Without FSDP and
+             with mixed precision, autocast caches a b-byte copy of every Linear weight for the forward and backward
+             of a micro-batch: b x (linear parameters). fp32 without FSDP: 0.
 gradients    fp32 like the master, sharded as it is: 4N/W under FSDP2 (reduce-scattered every micro-batch, so no
              unsharded accumulation), 4N otherwise.
 optimizer    AdamW: two fp32 moments, 8 bytes per trained parameter, sharded as the parameters are.
@@ -37,24 +39,33 @@ activations  saved for backward, per decoder layer per token (measured op by op 
              With model.multi_stage.activation_checkpointing each layer keeps only its input (r h per token)
              and one layer at a time is recomputed in backward (its full activations, counted once).
              Outside the layers: the final norm (4h + r h per token), token ids, cos/sin (8 x head_dim per token).
-             LoRA: frozen norms and Linears do not save their inputs for a weight gradient, the adapters' A
-             matrices do (same tensors), so the count is the same less one r h per norm, plus b x rank per token
-             for each adapted Linear (the output of A).
+             LoRA: frozen norms and Linears do not save their inputs for a weight gradient; under mixed precision
+             each adapted projection keeps its own b-byte copy of its input (PEFT casts it to the fp32 adapter,
+             autocast casts it back), so 3 + 2 copies per layer like autocast's, less one r h per norm, plus b x
+             rank per token for each adapted Linear (the output of A). QLoRA's residual stream is fp32 (r = 4: PEFT
+             upcasts the norms).
 logits / CE  the fused loss (cross_entropy_impl: fused) saves dL/dhidden (K h b) and dL/dW_lm_head (V h, in the
-             LM head's compute dtype) for backward; during its forward it holds an fp32 accumulator of dL/dW
-             plus the fp32 product being added (2 x 4 V h) and one chunk of logits (c x V fp32, c =
-             FUSED_CHUNK_ELEMENTS // V rows: 128 MiB) plus its b-byte copy. No dL/dW when the LM head is frozen
-             (LoRA). cross_entropy_impl: torch holds the full logits: T V (b + 4 + 4).
+             LM head's compute dtype) for backward; at the end of its forward it holds the fp32 sum of dL/dW (added
+             in place, addmm_) and that copy ((4 + b) V h) and one chunk of logits (c x V fp32, c =
+             FUSED_CHUNK_ELEMENTS // V rows: 128 MiB) plus its b-byte copy (the product is b-byte under autocast). No
+             dL/dW when the LM head is frozen (LoRA). cross_entropy_impl: torch holds the full logits: T V (b + 4 + 4).
 comm         FSDP2: the unsharded gradient of one layer before its reduce-scatter (b, plus its fp32 copy for the
-             fp32 reduction), and the root's unsharded LM-head gradient, held from the first backward op to the
-             root's reduce-scatter at the end (b V h). DDP: gradient buckets, a second copy of the gradients
+             fp32 reduction), and the tail unit's unsharded LM-head gradient, held from the first backward op to
+             its reduce-scatter (b V h). DDP: gradient buckets, a second copy of the gradients
              (4N). One process: 0.
 backward     gradient temporaries of the layer being differentiated: taken as one layer's activations (an upper
              estimate), plus one layer's recompute under activation checkpointing.
 
-peak = parameters (sharded + gathered) + gradients + optimizer + activations + max(logits/CE forward transient,
-       logits/CE saved + comm + backward). fits when peak <= 90% of the GPU memory: the rest is the CUDA context,
-       cuBLAS/NCCL workspaces and allocator fragmentation.
+optimizer step  the foreach AdamW (CUDA's default) makes an fp32 temporary of the whole second moment: 4 bytes per
+             trained parameter, sharded as the parameters are.
+
+peak = the largest of three phases (MemoryPlan.phases):
+       forward   parameters (sharded + gathered) + optimizer + activations + the loss's forward transient
+       backward  parameters (sharded + gathered) + optimizer + activations + logits/CE saved + comm + backward
+       step      parameters (sharded) + optimizer + gradients + the optimizer step's temporary
+       Gradients are added to the forward and backward only when a step has several micro-batches per GPU (they are
+       set to None after each step, so the first micro-batch's forward has none). fits when peak <= 90% of the GPU
+       memory: the rest is the CUDA context, cuBLAS/NCCL workspaces and allocator fragmentation.
 
 Quantized frozen base (QLoRA, pretrained.quantization): 4bit = NF4 with double quantization, 0.5 byte per weight
 plus the quantization constants (an 8-bit absmax per 64 weights and an fp32 scale per 256 of those: 1/64 +
@@ -319,6 +330,8 @@ class MemoryPlan:
     zero_stage: int
     sharded: bool
     tokens: int  # per micro-batch
+    accumulation: int = 1  # micro-batches per optimizer step on one GPU: gradients live from the second one on
+    optimizer_step: int = 0  # the foreach AdamW's fp32 temporary of the whole second moment, at the step
     gpu_memory_bytes: int | None = None
     suggestions: list[str] = dataclasses.field(default_factory=list)
     model_source: str = ""  # where the model's config came from when it was not the model's own (ModelShape.source)
@@ -328,10 +341,26 @@ class MemoryPlan:
         return self.params_sharded + self.params_gathered + self.gradients + self.optimizer
 
     @property
+    def phases(self) -> dict[str, int]:
+        """Bytes held at the peak of each phase of a step: the end of the forward (inside the loss), the start of
+        the backward, the optimizer step. Gradients exist in the forward and backward only when an earlier
+        micro-batch of the step made them (set_to_none after each step)."""
+        held = self.params_sharded + self.optimizer + (self.gradients if self.accumulation > 1 else 0)
+        compute = held + self.params_gathered + self.activations
+        return {
+            "forward": compute + self.loss_forward,
+            "backward": compute + self.loss_saved + self.comm + self.backward,
+            "optimizer step": self.params_sharded + self.optimizer + self.gradients + self.optimizer_step,
+        }
+
+    @property
+    def peak_phase(self) -> str:
+        phases = self.phases
+        return max(phases, key=phases.get)
+
+    @property
     def peak_bytes(self) -> int:
-        return (
-            self.static_bytes + self.activations + max(self.loss_forward, self.loss_saved + self.comm + self.backward)
-        )
+        return max(self.phases.values())
 
     @property
     def fits(self) -> bool | None:
@@ -366,6 +395,7 @@ class MemoryPlan:
             ("logits / cross-entropy", max(self.loss_forward, self.loss_saved), "fused loss: chunked LM head"),
             ("communication buffers", self.comm, "reduce-scatter / gather / buckets"),
             ("backward temporaries", self.backward, "one layer"),
+            ("optimizer step temporaries", self.optimizer_step, "foreach AdamW: fp32 copy of the second moment"),
         ]
 
     def _host_where(self) -> str:
@@ -381,7 +411,7 @@ class MemoryPlan:
         if self.model_source:
             out.append(f"  model config: {self.model_source}")
         out += [f"  {name:38s} {_gib(b):>9s}  {how}" for name, b, how in self.parts()]
-        out.append(f"  {'peak':38s} {_gib(self.peak_bytes):>9s}")
+        out.append(f"  {'peak':38s} {_gib(self.peak_bytes):>9s}  at the {self.peak_phase}")
         out.append(
             f"  activations: {_gib(self.activations_full)} without checkpointing, "
             f"{_gib(self.activations_checkpointed)} with"
@@ -412,7 +442,7 @@ class MemoryPlan:
         unit, size = ("GiB", GIB) if self.peak_bytes >= GIB else ("MiB", 2**20)
         rows = [f"| part | {unit} per GPU | how |", "|---|---:|---|"]
         rows += [f"| {name} | {b / size:.2f} | {how} |" for name, b, how in self.parts()]
-        rows.append(f"| **peak** | **{self.peak_bytes / size:.2f}** | |")
+        rows.append(f"| **peak** | **{self.peak_bytes / size:.2f}** | at the {self.peak_phase} |")
         head = "\n".join(self.lines()[-2:]) if self.gpu_memory_bytes is not None and not self.fits else ""
         if self.gpu_memory_bytes is not None and self.fits:
             head = self.lines()[-1]
@@ -432,13 +462,19 @@ def _gib(b: float) -> str:
     return f"{b / GIB:.2f} GiB" if b >= GIB / 4 or b == 0 else f"{b / 2**20:.1f} MiB"
 
 
-def _activation_parts(shape: ModelShape, tokens: int, b: int, r: int, lora_rank: int | None) -> tuple[int, int, int]:
+def _activation_parts(
+    shape: ModelShape, tokens: int, b: int, r: int, lora_rank: int | None, mixed: bool = True
+) -> tuple[int, int, int]:
     """(per decoder layer, per layer with checkpointing, outside the layers) saved bytes for `tokens` tokens."""
     h, q, kv, i = shape.hidden, shape.q, shape.kv, shape.intermediate
+    # one b-byte copy of the normalized input per Linear reading it: autocast's cast when the residual stream is
+    # wider than the compute dtype, and PEFT's (it casts each adapter's input to the fp32 adapter, autocast casts
+    # it back) for every adapted projection under mixed precision
+    copies = r != b or (lora_rank is not None and mixed)
 
     def norm(linears_reading: int) -> int:
         normalized = 0 if lora_rank is not None else r * h  # saved for the (trained) norm weight's gradient
-        linear_input = r * h if r == b else linears_reading * b * h
+        linear_input = linears_reading * b * h if copies else r * h
         return 4 * h + 4 + normalized + linear_input
 
     per_token = norm(3) + norm(2) + b * (3 * q + 2 * kv) + 4 * shape.heads + 4 * b * i
@@ -476,6 +512,10 @@ def _plan(cfg, world: int, shape: ModelShape) -> MemoryPlan:
     n = shape.num_params
     L = shape.layers
     shard = world if fsdp else 1
+    # accelerate 1.15's FSDP2 units: each decoder layer, the embedding (resharded after forward), and the tail
+    # [final norm, LM head] (tied: + the embedding), gathered from its forward to its backward with its all-gather
+    # buffer held as well (2 x b per parameter); the root holds nothing
+    tail = (shape.lm_head_params or shape.embedding_params) + shape.hidden
 
     if lora:
         trained = _adapter_params(shape, cfg)
@@ -492,15 +532,15 @@ def _plan(cfg, world: int, shape: ModelShape) -> MemoryPlan:
         params_gathered = b * trained if mixed else 0
         if fsdp:
             per_layer_bytes = base_bytes // max(1, L) + 4 * trained // max(1, L)
-            params_gathered = (2 if stage == 3 else L) * per_layer_bytes + b * shape.root_params
+            params_gathered = (2 if stage == 3 else L) * per_layer_bytes + 2 * b * tail
         if quant != "none":  # dequantized copy of the largest Linear, forward and backward
             params_gathered += b * max(a * c for a, c in shape.linears())
-        r = b
+        r = 4 if quant != "none" else b  # QLoRA: the upcast fp32 norms make the residual stream fp32
     else:
         trained = n
         params_sharded = 4 * n // shard
         if fsdp:
-            params_gathered = b * (shape.root_params + 2 * shape.layer_params) if stage == 3 else b * n
+            params_gathered = b * (2 * tail + 2 * shape.layer_params) if stage == 3 else b * n
         else:
             params_gathered = b * (L * shape.layer_linear_params + shape.lm_head_params) if mixed else 0
             if mixed and shape.tied:
@@ -509,7 +549,7 @@ def _plan(cfg, world: int, shape: ModelShape) -> MemoryPlan:
     gradients = 4 * trained // shard
     optimizer = 8 * trained // shard
 
-    layer, layer_ckpt, outside = _activation_parts(shape, tokens, b, r, peft.rank if lora else None)
+    layer, layer_ckpt, outside = _activation_parts(shape, tokens, b, r, peft.rank if lora else None, mixed)
     activations_full = L * layer + outside
     activations_ckpt = L * layer_ckpt + outside
     activations = activations_ckpt if ckpt else activations_full
@@ -522,7 +562,10 @@ def _plan(cfg, world: int, shape: ModelShape) -> MemoryPlan:
         chunk = min(tokens, max(1, FUSED_CHUNK_ELEMENTS // shape.vocab))
         k = tokens  # worst case: every position trained
         loss_saved = k * shape.hidden * r + (vh * w_bytes if head_trained else 0)
-        loss_forward = k * shape.hidden * r + (8 * vh if head_trained else 0) + chunk * shape.vocab * (4 + b)
+        # dL/dW: the fp32 sum (addmm_ in place) and, at the end, its w_bytes copy that backward gets
+        loss_forward = (
+            k * shape.hidden * r + ((4 + w_bytes) * vh if head_trained else 0) + chunk * shape.vocab * (4 + b)
+        )
     else:
         loss_saved = loss_forward = tokens * shape.vocab * (b + 4 + 4)
 
@@ -563,6 +606,8 @@ def _plan(cfg, world: int, shape: ModelShape) -> MemoryPlan:
         zero_stage=stage,
         sharded=fsdp,
         tokens=tokens,
+        accumulation=max(1, cfg.batch.batch_size // (cfg.batch.micro_batch_size * world)),
+        optimizer_step=4 * trained // shard,
     )
 
 

@@ -250,8 +250,13 @@ def test_lora_parts_match_a_peft_model_on_the_real_loss(tmp_path):
 GUIDE_CASES = {
     "full, 8 x 80 GB, checkpointing off": (["model.multi_stage.activation_checkpointing=no"], 8, 80),
     "full, 8 x 80 GB, checkpointing on": (["model.multi_stage.activation_checkpointing=yes"], 8, 80),
-    "LoRA bf16, 1 x 80 GB": (
+    "LoRA bf16, 1 x 80 GB, checkpointing off": (
         ["model.base_model.peft.type=lora", "model.multi_stage.activation_checkpointing=no"],
+        1,
+        80,
+    ),
+    "LoRA bf16, 1 x 80 GB, checkpointing on": (
+        ["model.base_model.peft.type=lora", "model.multi_stage.activation_checkpointing=yes"],
         1,
         80,
     ),
@@ -288,7 +293,7 @@ def test_guide_8b_verdicts():
     assert on.peak_bytes < off.peak_bytes - 20 * GIB  # ~25 GiB of activations become ~1 GiB
     # ZeRO-3 on 8 GPUs: 16 bytes per parameter / 8 = ~15 GiB of master, gradients and AdamW state per GPU
     assert abs((off.params_sharded + off.gradients + off.optimizer) - 16 * off.num_params / 8) < GIB
-    lora = plans["LoRA bf16, 1 x 80 GB"]
+    lora = plans["LoRA bf16, 1 x 80 GB, checkpointing off"]
     assert lora.fits and lora.trainable_params < 0.01 * lora.num_params
     assert lora.params_sharded > 2 * lora.num_params  # the bf16 frozen base is most of it
     qlora_off, qlora_on = (
