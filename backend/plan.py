@@ -20,7 +20,7 @@ parameters   sharded: the fp32 master copy, 4N/W under FSDP2 (zero_stage 2/3 wit
              gathered: the compute copy. zero_stage 3 (reshard after forward): accelerate 1.15 makes each decoder
              layer a unit, the embedding another (resharded after its forward), [final norm, LM head] a third kept
              gathered from its forward to its backward with its all-gather buffer held too, and the root holds no
-             parameter: b x (2 P_tail + 2 P_layer) (two layers: the one computing and the one prefetched).
+             parameter. At both peaks (the loss, the start of the backward) no layer is gathered: b x 2 P_tail.
              zero_stage 2 keeps every layer gathered from forward to backward: b x N. Without FSDP and
              with mixed precision, autocast caches a b-byte copy of every Linear weight for the forward and backward
              of a micro-batch: b x (linear parameters). fp32 without FSDP: 0.
@@ -49,9 +49,11 @@ logits / CE  the fused loss (cross_entropy_impl: fused) saves dL/dhidden (K h b)
              in place, addmm_) and that copy ((4 + b) V h) and one chunk of logits (c x V fp32, c =
              FUSED_CHUNK_ELEMENTS // V rows: 128 MiB) plus its b-byte copy (the product is b-byte under autocast). No
              dL/dW when the LM head is frozen (LoRA). cross_entropy_impl: torch holds the full logits: T V (b + 4 + 4).
-comm         FSDP2: the unsharded gradient of one layer before its reduce-scatter (b, plus its fp32 copy for the
-             fp32 reduction), and the tail unit's unsharded LM-head gradient, held from the first backward op to
-             its reduce-scatter (b V h). DDP: gradient buckets, a second copy of the gradients
+comm         FSDP2: at the start of the backward, the LM head's gradient reduce-scattered in fp32 by its unit (4 V h
+             input + 4 V h / W output; the loss's saved dL/dW has become it, only dL/dhidden is still saved), or
+             later one layer's unsharded gradient (b, plus its fp32 copy for the fp32 reduction), the larger;
+             the layers' backward temporaries come after the LM head's buffers are freed (0 at that peak).
+             DDP: gradient buckets, a second copy of the gradients
              (4N). One process: 0.
 backward     gradient temporaries of the layer being differentiated: taken as one layer's activations (an upper
              estimate), plus one layer's recompute under activation checkpointing.
@@ -330,6 +332,7 @@ class MemoryPlan:
     zero_stage: int
     sharded: bool
     tokens: int  # per micro-batch
+    loss_backward: int | None = None  # what the loss still holds at the backward's peak (None: loss_saved)
     accumulation: int = 1  # micro-batches per optimizer step on one GPU: gradients live from the second one on
     optimizer_step: int = 0  # the foreach AdamW's fp32 temporary of the whole second moment, at the step
     gpu_memory_bytes: int | None = None
@@ -349,7 +352,10 @@ class MemoryPlan:
         compute = held + self.params_gathered + self.activations
         return {
             "forward": compute + self.loss_forward,
-            "backward": compute + self.loss_saved + self.comm + self.backward,
+            "backward": compute
+            + (self.loss_saved if self.loss_backward is None else self.loss_backward)
+            + self.comm
+            + self.backward,
             "optimizer step": self.params_sharded + self.optimizer + self.gradients + self.optimizer_step,
         }
 
@@ -532,7 +538,7 @@ def _plan(cfg, world: int, shape: ModelShape) -> MemoryPlan:
         params_gathered = b * trained if mixed else 0
         if fsdp:
             per_layer_bytes = base_bytes // max(1, L) + 4 * trained // max(1, L)
-            params_gathered = (2 if stage == 3 else L) * per_layer_bytes + 2 * b * tail
+            params_gathered = (0 if stage == 3 else L * per_layer_bytes) + 2 * b * tail
         if quant != "none":  # dequantized copy of the largest Linear, forward and backward
             params_gathered += b * max(a * c for a, c in shape.linears())
         r = 4 if quant != "none" else b  # QLoRA: the upcast fp32 norms make the residual stream fp32
@@ -540,7 +546,7 @@ def _plan(cfg, world: int, shape: ModelShape) -> MemoryPlan:
         trained = n
         params_sharded = 4 * n // shard
         if fsdp:
-            params_gathered = b * (2 * tail + 2 * shape.layer_params) if stage == 3 else b * n
+            params_gathered = 2 * b * tail if stage == 3 else b * n
         else:
             params_gathered = b * (L * shape.layer_linear_params + shape.lm_head_params) if mixed else 0
             if mixed and shape.tied:
@@ -570,8 +576,12 @@ def _plan(cfg, world: int, shape: ModelShape) -> MemoryPlan:
         loss_saved = loss_forward = tokens * shape.vocab * (b + 4 + 4)
 
     if fsdp:
+        # the LM head's gradient, reduce-scattered in fp32 by its unit at the start of the backward (the input and
+        # this rank's output), or later one layer's (b + 4 per parameter), whichever is larger. By then the loss's
+        # saved dL/dW has become that gradient: only dL/dhidden is still saved
         per_layer_trained = shape.layer_params if not lora else trained // max(1, L)
-        comm = per_layer_trained * (b + 4) + (vh * b if head_trained else 0)
+        comm = max((4 * vh + 4 * vh // world) if head_trained else 0, per_layer_trained * (b + 4))
+        backward = 0  # the layers' own backward comes later, once the LM head's buffers are freed
     elif ddp:
         comm = 4 * trained
     else:
@@ -606,6 +616,10 @@ def _plan(cfg, world: int, shape: ModelShape) -> MemoryPlan:
         zero_stage=stage,
         sharded=fsdp,
         tokens=tokens,
+        # FSDP: at the LM head unit's reduce-scatter the saved dL/dW has become the gradient (comm); dL/dhidden stays
+        loss_backward=tokens * shape.hidden * r
+        if fsdp and cfg.model.base_model.cross_entropy_impl == "fused"
+        else None,
         accumulation=max(1, cfg.batch.batch_size // (cfg.batch.micro_batch_size * world)),
         optimizer_step=4 * trained // shard,
     )
