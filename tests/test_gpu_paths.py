@@ -2,6 +2,14 @@
 
 No GPU runs these paths in CI, so each test patches the CUDA op with a recorder that keeps the real op's signature
 and its input rules, and checks what the code hands it: dtypes, head counts, keyword arguments, registrations.
+- torch_varlen under fp32 master weights + bf16 autocast hands varlen_attn one bf16 dtype (RoPE left q/k fp32);
+  fp32 without autocast never reaches it; GQA: enable_gqa where the signature has it, repeated k/v where not;
+- QLoRA registers every attention tier with transformers before from_pretrained;
+- the fused loss's LM-head gradient under bf16 autocast against fp64;
+- a quantized base under FSDP sharding is a config error (run.num_processes and the launcher's world size);
+- an fp16 overflow step: skipped by the grad scaler, scale lowered, training goes on;
+- the fused loss runs inside the LM head's own call (FSDP2's [norm, LM head] unit hooks fire);
+- (gpu) torch_varlen under fp32 master + bf16 autocast on the real kernel.
 """
 
 import numpy as np
