@@ -51,24 +51,25 @@ def _flatten(d, prefix: str = "") -> dict:
     return out
 
 
-def machine_problems(cfg) -> list[str]:
-    """What this machine cannot run of a valid train config: QLoRA without CUDA/bitsandbytes, trackers whose
-    package is missing. --validate, train() and the studio's Config tab all report these as config problems."""
+def machine_problems(cfg, world_size: int | None = None) -> list[str]:
+    """What this machine cannot run of a valid train config: QLoRA without CUDA/bitsandbytes (or sharded by FSDP over
+    ``world_size`` processes; None: run.num_processes), trackers whose package is missing. --validate, train() and
+    the studio's Config tab all report these as config problems."""
     from backend.trackers import tracker_problems
 
     problems = tracker_problems(cfg)
     if cfg.pretrained.quantization != "none":
         from backend.lora import quantization_problems
 
-        problems += quantization_problems(cfg)
+        problems += quantization_problems(cfg, world_size)
     return problems
 
 
-def check_machine(cfg) -> None:
+def check_machine(cfg, world_size: int | None = None) -> None:
     """Raise ConfigError listing `machine_problems`."""
     from backend.config import ConfigError
 
-    if problems := machine_problems(cfg):
+    if problems := machine_problems(cfg, world_size):
         raise ConfigError(problems)
 
 

@@ -400,6 +400,30 @@ class TrainConfig(Section):
         return self
 
 
+def quantized_sharding_problem(cfg: TrainConfig, world_size: int, where: str = "the world size") -> str | None:
+    """Why a 4/8-bit base cannot run under FSDP sharding over ``world_size`` processes, or None when it can.
+
+    FSDP2 shards and unshards bitsandbytes' ``Params4bit`` as plain tensors and loses their ``quant_state``
+    (accelerate#3874, open): the forward would fail or compute garbage. One process, or DDP (zero_stage 0/1: every
+    process holds the whole quantized base), works.
+
+    >>> from types import SimpleNamespace as NS
+    >>> cfg = NS(pretrained=NS(quantization="4bit"), model=NS(multi_stage=NS(zero_stage=3)))
+    >>> quantized_sharding_problem(cfg, 1) is None, quantized_sharding_problem(cfg, 8)[:62]
+    (True, 'pretrained.quantization: 4bit cannot be sharded by FSDP over 8')
+    """
+    quantization = cfg.pretrained.quantization
+    if quantization == "none" or world_size <= 1 or int(cfg.model.multi_stage.zero_stage) < 2:
+        return None
+    return (
+        f"pretrained.quantization: {quantization} cannot be sharded by FSDP over {world_size} processes ({where}; "
+        f"model.multi_stage.zero_stage: {cfg.model.multi_stage.zero_stage}): FSDP2 turns the quantized weights into "
+        "plain tensors and loses their quantization state (accelerate#3874). Use model.multi_stage.zero_stage=0 "
+        "(DDP: each GPU holds the whole quantized base), or one process, or pretrained.quantization=none with "
+        "zero_stage 3 (LoRA on a sharded bf16/fp32 base)"
+    )
+
+
 def gradient_accumulation_steps(cfg: TrainConfig, world_size: int) -> int:
     """batch_size / (micro_batch_size * world_size); call check_world_size first."""
     return cfg.batch.batch_size // (cfg.batch.micro_batch_size * world_size)
@@ -412,6 +436,9 @@ def check_world_size(cfg: TrainConfig, world_size: int) -> int:
     >>> check_world_size(cfg, 8)
     4
     """
+    problem = quantized_sharding_problem(cfg, world_size, "the launcher's")
+    if problem:
+        raise ConfigError([problem])
     per_step = cfg.batch.micro_batch_size * world_size
     if world_size < 1 or cfg.batch.batch_size % per_step:
         raise ConfigError(

@@ -3,6 +3,7 @@
 The recipe (backend/train.py) calls this module in a few ``if peft.type == "lora":`` places:
 
     model = load_lora_model(cfg, attn_impl)       # load (4/8-bit with pretrained.quantization) + get_peft_model
+    # FSDP over several processes: load_model_for_rank(..., wrap=lambda m: wrap_lora(m, cfg)), rank 0 reads the base
     save_checkpoint(..., save_state=lora_state_saver(model, optimizer))      # adapters + AdamW moments + RNG
     load_checkpoint(..., load_state=lora_state_loader(model, optimizer))
     export_lora(accelerator, model, tokenizer, run_dir / "export", name, cfg, merged=...)
@@ -45,15 +46,23 @@ LORA_STATE = "lora_state.pt"
 # ------------------------------------------------------------------------------------------------ config checks
 
 
-def quantization_problems(cfg) -> list[str]:
-    """Problems of ``pretrained.quantization`` on THIS machine (bitsandbytes, CUDA); [] when none or fine.
+def quantization_problems(cfg, world_size: int | None = None) -> list[str]:
+    """Problems of ``pretrained.quantization`` on THIS machine (bitsandbytes, CUDA) and with ``run.num_processes``
+    (FSDP cannot shard a quantized base; ``world_size`` None: run.num_processes, what the studio launches); [] when
+    none or fine.
 
     Not a pydantic validator: a YAML written on a laptop for a GPU box must still load; the CLI's --validate, the
     studio's Config tab and train start call it where the run would happen.
     """
+    from backend.config import quantized_sharding_problem
+
     q = cfg.pretrained.quantization
     if q == "none":
         return []
+    where = "run.num_processes" if world_size is None else "processes launched"
+    sharding = quantized_sharding_problem(cfg, cfg.run.num_processes if world_size is None else world_size, where)
+    if sharding:  # checked again with the launcher's world size at train start (config.check_world_size)
+        return [sharding]
     if importlib.util.find_spec("bitsandbytes") is None:
         return [
             f"pretrained.quantization: {q} needs the bitsandbytes package (pip install bitsandbytes) and a CUDA "
@@ -69,11 +78,11 @@ def quantization_problems(cfg) -> list[str]:
     return []
 
 
-def check_quantization(cfg) -> None:
+def check_quantization(cfg, world_size: int | None = None) -> None:
     """Raise ConfigError naming ``pretrained.quantization`` when this machine cannot run it."""
     from backend.config import ConfigError
 
-    problems = quantization_problems(cfg)
+    problems = quantization_problems(cfg, world_size)
     if problems:
         raise ConfigError(problems)
 
@@ -160,14 +169,13 @@ def load_lora_model(cfg, attn_impl: str, fsdp_sharded: bool = False):
         dtype = "fp32" if fsdp_sharded else cfg.model.distributed.training_dtype
         model = load_model(cfg.pretrained.path, dtype, attn_impl, random_init=not cfg.pretrained.model_weights)
     else:
-        check_quantization(cfg)
+        check_quantization(cfg, int(os.environ.get("WORLD_SIZE", "1")))
         from peft import prepare_model_for_kbit_training
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-        from backend.modeling import DTYPES, PACKED_SDPA
+        from backend.modeling import DTYPES, register_attention
 
-        if attn_impl == PACKED_SDPA:
-            import backend.attention  # noqa: F401  registers sdpa_packed with transformers
+        register_attention(attn_impl)  # sdpa_packed / torch_varlen are ours: transformers must know them first
         compute = DTYPES[cfg.model.distributed.training_dtype]
         quant = (
             BitsAndBytesConfig(
@@ -190,6 +198,13 @@ def load_lora_model(cfg, attn_impl: str, fsdp_sharded: bool = False):
         # norms in fp32; no gradient checkpointing here (model.multi_stage.activation_checkpointing decides)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         prepare_for_packed_training(model)
+    return wrap_lora(model, cfg)
+
+
+def wrap_lora(model, cfg):
+    """The loaded base -> PeftModel with the run's adapters (frozen base). Also the ``wrap`` of
+    backend.scaling.load_model_for_rank: under FSDP with several processes only rank 0 reads the base (fp32, for
+    FSDP's mixed precision to cast), the other ranks wrap an empty model whose weights are scattered after prepare."""
     # the adapters' random init comes from the seed alone, whatever loading the base drew (TRL does the same)
     from accelerate.utils import set_seed
 

@@ -35,9 +35,11 @@ Two implementations, equal to ~1e-6 in fp32 (tested):
   cross-entropy run chunk by chunk in one autograd function, so the full (K, V) fp32 logits never exist: each
   chunk's logits are computed, its loss and its gradients (softmax - onehot) folded into dL/dhidden and dL/dW in
   the forward, and the logits freed (the Liger-kernel scheme; no recomputation in backward). This happens inside
-  the model's own forward (the `lm_head` module is swapped for a wrapper around the same Linear for the duration
-  of the call), so FSDP2's root pre-forward hook has unsharded the LM head weight when it is read, and DDP's
-  forward wrapper sees the call. Tested on FSDP2 with 2 gloo processes (tests/test_distributed.py).
+  the model's own forward, in the LM head's own call (its `forward` is replaced for the duration of the call, the
+  module and its hooks stay): FSDP2's unit [final norm, LM head] (accelerate 1.15; the embedding is another unit,
+  and the root holds no parameters) has unsharded the LM head weight when it is read, its post-forward hook
+  completes the unit, and DDP's forward wrapper sees the call. Tested on FSDP2 with 2 gloo processes
+  (tests/test_distributed.py: every unit sharded again after each step, no FSDP warning).
 
 Batch layout (from backend.packing.collate), B=2 rows of L=4, two documents in row 0 (labels UNSHIFTED):
 
@@ -137,36 +139,39 @@ def trained_token_losses(model: nn.Module, batch: dict) -> tuple[torch.Tensor, t
     return losses, positions
 
 
-class _ChunkedCELMHead(nn.Module):
-    """Stands in for `lm_head` during one forward: hidden (1, K, H) -> 0-dim CE sum against stashed targets."""
-
-    def __init__(self, lm_head: nn.Linear, targets: torch.Tensor, select: torch.Tensor | None = None):
-        super().__init__()
-        self.lm_head = lm_head  # the same module: FSDP2 swaps its .weight for the unsharded one in pre-forward
-        self.targets = targets
-        self.select = select  # optional (N,) rows of the reshaped hidden that carry the targets
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        hidden = hidden.reshape(-1, hidden.shape[-1])  # (B*K, H)
-        if self.select is not None:
-            hidden = hidden[self.select]  # (N, H)
-        return chunked_linear_cross_entropy(hidden, self.lm_head.weight, self.targets, self.lm_head.bias)
-
-
 @contextlib.contextmanager
 def _lm_head_computes_loss(inner: nn.Module, targets: torch.Tensor, select: torch.Tensor | None = None):
+    """For one forward, `inner.lm_head(hidden (1, K, H))` returns the 0-dim CE sum against `targets` instead of logits.
+
+    The LM head's own `forward` is replaced (an instance attribute over the class's method), not the module: its
+    call still goes through nn.Module.__call__, so every hook on it runs. FSDP2 (accelerate 1.15 groups [final norm,
+    LM head] into one unit) unshards in the group's pre-forward hook and completes the group, resharding and
+    registering its backward hooks, in the post-forward hook of the group's last module, the LM head; a module whose
+    forward never runs leaves the group incomplete (torch 2.11 has no fallback for it).
+    """
     lm_head = getattr(inner, "lm_head", None)
     if not isinstance(lm_head, nn.Linear):
         raise TypeError(
             f"{type(inner).__name__} has no nn.Linear `lm_head` (found {type(lm_head).__name__}); "
             "set model.base_model.cross_entropy_impl: torch"
         )
-    # Bypass nn.Module.__setattr__'s bookkeeping only in the sense that we restore exactly what was there.
-    inner._modules["lm_head"] = _ChunkedCELMHead(lm_head, targets, select)
+
+    def loss_forward(hidden: torch.Tensor) -> torch.Tensor:
+        hidden = hidden.reshape(-1, hidden.shape[-1])  # (B*K, H)
+        if select is not None:
+            hidden = hidden[select]  # (N, H): the rows of the reshaped hidden that carry the targets
+        # lm_head.weight is read here, inside the call: FSDP2's pre-forward hook has unsharded it
+        return chunked_linear_cross_entropy(hidden, lm_head.weight, targets, lm_head.bias)
+
+    previous = lm_head.__dict__.get("forward")  # an instance forward someone else installed, restored after
+    lm_head.forward = loss_forward
     try:
         yield
     finally:
-        inner._modules["lm_head"] = lm_head
+        if previous is None:
+            del lm_head.forward
+        else:
+            lm_head.forward = previous
 
 
 def chunked_linear_cross_entropy(
@@ -211,7 +216,10 @@ class _ChunkedLinearCE(torch.autograd.Function):
                 if need_h:
                     grad_h[start : start + chunk_rows] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
                 if need_w:
-                    grad_w += grad_logits.t() @ h.float()
+                    # in place into the fp32 sum: under autocast `grad_w += a @ b` would round each chunk's
+                    # product to bf16 first (autocast does not touch in-place ops), and no (V, H) temporary
+                    with torch.autocast(hidden.device.type, enabled=False):
+                        grad_w.addmm_(grad_logits.t(), h.float())
                 if need_b:
                     grad_b += grad_logits.sum(0)
             del logits

@@ -97,11 +97,16 @@ def _module_available(name: str) -> bool:
 
 
 def register_attention(attn_implementation: str) -> None:
-    """Import the module that registers our own attention names with transformers (no-op for built-in ones)."""
+    """Register our own attention names with transformers (no-op for built-in ones). Every path that hands an
+    ``attn_implementation`` to transformers calls it first (full, LoRA and QLoRA loading)."""
     if attn_implementation == PACKED_SDPA:
-        import backend.attention  # noqa: F401
+        import backend.attention
+
+        backend.attention.register()
     elif attn_implementation == TORCH_VARLEN:
-        import backend.attention_varlen  # noqa: F401
+        import backend.attention_varlen
+
+        backend.attention_varlen.register()
 
 
 def prepare_for_packed_training(model):

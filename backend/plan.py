@@ -9,19 +9,21 @@ GB here means GiB (2**30 bytes): an "80 GB" H100 holds 80 GiB.
 
 Notation: N parameters, W = world size, b = bytes of the compute dtype (bf16/fp16 2, fp32 4), T = tokens per
 micro-batch (micro_batch_size x sequence_length), h hidden, q = heads x head_dim, kv = kv_heads x head_dim,
-i intermediate, V vocabulary, P_layer parameters of one decoder layer, P_root = embeddings + final norm + LM head
-(the FSDP root unit), K = trained positions of a micro-batch (the fused loss runs the LM head only there; the plan
-takes K = T, the worst case).
+i intermediate, V vocabulary, P_layer parameters of one decoder layer, P_tail = final norm + LM head (the embedding
+when tied): accelerate 1.15's FSDP2 unit that stays gathered from its forward to its backward, K = trained positions of
+a micro-batch (the fused loss runs the LM head only there; the plan takes K = T, the worst case).
 
 How this repository trains (backend/distributed.py, backend/train.py, backend/loss.py), and so what is counted:
 
 parameters   sharded: the fp32 master copy, 4N/W under FSDP2 (zero_stage 2/3 with W > 1), 4N otherwise (DDP and one
              process replicate it; zero_stage 1 is DDP here: nothing of it is sharded).
-             gathered: the compute copy. zero_stage 3 (reshard after forward): the root unit stays gathered from
-             forward to backward (FSDP2 never reshards its root), plus two decoder layers (the one computing and the
-             one prefetched): b x (P_root + 2 P_layer). zero_stage 2 keeps every layer gathered from forward to
-             backward: b x N. Without FSDP and with mixed precision, autocast caches a b-byte copy of every Linear
-             weight for the forward and backward of a micro-batch: b x (linear parameters). fp32 without FSDP: 0.
+             gathered: the compute copy. zero_stage 3 (reshard after forward): accelerate 1.15 makes each decoder
+             layer a unit, the embedding another (resharded after its forward), [final norm, LM head] a third kept
+             gathered from its forward to its backward with its all-gather buffer held too, and the root holds no
+             parameter. At both peaks (the loss, the start of the backward) no layer is gathered: b x 2 P_tail.
+             zero_stage 2 keeps every layer gathered from forward to backward: b x N. Without FSDP and
+             with mixed precision, autocast caches a b-byte copy of every Linear weight for the forward and backward
+             of a micro-batch: b x (linear parameters). fp32 without FSDP: 0.
 gradients    fp32 like the master, sharded as it is: 4N/W under FSDP2 (reduce-scattered every micro-batch, so no
              unsharded accumulation), 4N otherwise.
 optimizer    AdamW: two fp32 moments, 8 bytes per trained parameter, sharded as the parameters are.
@@ -37,24 +39,35 @@ activations  saved for backward, per decoder layer per token (measured op by op 
              With model.multi_stage.activation_checkpointing each layer keeps only its input (r h per token)
              and one layer at a time is recomputed in backward (its full activations, counted once).
              Outside the layers: the final norm (4h + r h per token), token ids, cos/sin (8 x head_dim per token).
-             LoRA: frozen norms and Linears do not save their inputs for a weight gradient, the adapters' A
-             matrices do (same tensors), so the count is the same less one r h per norm, plus b x rank per token
-             for each adapted Linear (the output of A).
+             LoRA: frozen norms and Linears do not save their inputs for a weight gradient; under mixed precision
+             each adapted projection keeps its own b-byte copy of its input (PEFT casts it to the fp32 adapter,
+             autocast casts it back), so 3 + 2 copies per layer like autocast's, less one r h per norm, plus b x
+             rank per token for each adapted Linear (the output of A). QLoRA's residual stream is fp32 (r = 4: PEFT
+             upcasts the norms).
 logits / CE  the fused loss (cross_entropy_impl: fused) saves dL/dhidden (K h b) and dL/dW_lm_head (V h, in the
-             LM head's compute dtype) for backward; during its forward it holds an fp32 accumulator of dL/dW
-             plus the fp32 product being added (2 x 4 V h) and one chunk of logits (c x V fp32, c =
-             FUSED_CHUNK_ELEMENTS // V rows: 128 MiB) plus its b-byte copy. No dL/dW when the LM head is frozen
-             (LoRA). cross_entropy_impl: torch holds the full logits: T V (b + 4 + 4).
-comm         FSDP2: the unsharded gradient of one layer before its reduce-scatter (b, plus its fp32 copy for the
-             fp32 reduction), and the root's unsharded LM-head gradient, held from the first backward op to the
-             root's reduce-scatter at the end (b V h). DDP: gradient buckets, a second copy of the gradients
+             LM head's compute dtype) for backward; at the end of its forward it holds the fp32 sum of dL/dW (added
+             in place, addmm_) and that copy ((4 + b) V h) and one chunk of logits (c x V fp32, c =
+             FUSED_CHUNK_ELEMENTS // V rows: 128 MiB) plus its b-byte copy (the product is b-byte under autocast). No
+             dL/dW when the LM head is frozen (LoRA). cross_entropy_impl: torch holds the full logits: T V (b + 4 + 4).
+comm         FSDP2: at the start of the backward, the LM head's gradient reduce-scattered in fp32 by its unit (4 V h
+             input + 4 V h / W output; the loss's saved dL/dW has become it, only dL/dhidden is still saved), or
+             later one layer's unsharded gradient (b, plus its fp32 copy for the fp32 reduction), the larger;
+             the layers' backward temporaries come after the LM head's buffers are freed (0 at that peak).
+             DDP: gradient buckets, a second copy of the gradients
              (4N). One process: 0.
 backward     gradient temporaries of the layer being differentiated: taken as one layer's activations (an upper
              estimate), plus one layer's recompute under activation checkpointing.
 
-peak = parameters (sharded + gathered) + gradients + optimizer + activations + max(logits/CE forward transient,
-       logits/CE saved + comm + backward). fits when peak <= 90% of the GPU memory: the rest is the CUDA context,
-       cuBLAS/NCCL workspaces and allocator fragmentation.
+optimizer step  the foreach AdamW (CUDA's default) makes an fp32 temporary of the whole second moment: 4 bytes per
+             trained parameter, sharded as the parameters are.
+
+peak = the largest of three phases (MemoryPlan.phases):
+       forward   parameters (sharded + gathered) + optimizer + activations + the loss's forward transient
+       backward  parameters (sharded + gathered) + optimizer + activations + logits/CE saved + comm + backward
+       step      parameters (sharded) + optimizer + gradients + the optimizer step's temporary
+       Gradients are added to the forward and backward only when a step has several micro-batches per GPU (they are
+       set to None after each step, so the first micro-batch's forward has none). fits when peak <= 90% of the GPU
+       memory: the rest is the CUDA context, cuBLAS/NCCL workspaces and allocator fragmentation.
 
 Quantized frozen base (QLoRA, pretrained.quantization): 4bit = NF4 with double quantization, 0.5 byte per weight
 plus the quantization constants (an 8-bit absmax per 64 weights and an fp32 scale per 256 of those: 1/64 +
@@ -62,11 +75,12 @@ plus the quantization constants (an 8-bit absmax per 64 weights and an fp32 scal
 quantized; embeddings, norms and the LM head stay in the compute dtype; a dequantized copy of the largest Linear
 is a transient of the forward/backward.
 
-Host RAM at load: full finetuning: rank 0 alone materializes the fp32 model, other ranks hold none. LoRA: every
-process loads the frozen base (backend.lora.load_lora_model): in the training dtype with one process or without
-FSDP, in fp32 under FSDP with several processes (FSDP2 shards and casts it like a full model); a 4-bit base is
-quantized shard by shard, so about one 5 GB safetensors shard. QLoRA: PEFT's prepare_model_for_kbit_training
-upcasts every parameter that is not quantized (embeddings, norms, LM head) to fp32.
+Host RAM at load: full finetuning, and LoRA under FSDP with several processes: rank 0 alone materializes the fp32
+model (FSDP2 shards and casts it), other ranks hold none. LoRA otherwise: every process loads the frozen base
+(backend.lora.load_lora_model) in the training dtype; a 4-bit base is
+quantized shard by shard onto the GPU, so one safetensors shard of the stored bf16 checkpoint: min(2 N, 5 GB).
+QLoRA: PEFT's prepare_model_for_kbit_training upcasts every parameter that is not quantized (embeddings, norms, LM
+head) to fp32.
 Disk: a checkpoint is the fp32 parameters and the optimizer state of the trained parameters (12 bytes each);
 an export is every parameter in training.export.dtype (default: the training dtype). LoRA checkpoints hold the
 adapters only; LoRA exports are the adapters plus, with export.merge, the merged model.
@@ -85,8 +99,11 @@ GIB = 2**30
 USABLE_FRACTION = 0.9  # of the GPU memory: the rest is CUDA context, workspaces, fragmentation
 FUSED_CHUNK_ELEMENTS = 2**25  # backend.loss.FUSED_CHUNK_ELEMENTS (not imported: that module needs torch)
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+CHECKPOINT_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size of a released checkpoint ("5GB")
 QUANT_BYTES = {"4bit": 0.5 + 1 / 64 + 4 / (64 * 256), "8bit": 1.0}
 LLAMA_LIKE = {"llama", "mistral", "qwen2", "qwen3"}
+ROOT = Path(__file__).resolve().parent.parent
+MODEL_CONFIGS = ROOT / "assets" / "model_configs"  # config.json of the models the docs name, by hub id
 
 __all__ = ["ModelShape", "MemoryPlan", "model_shape", "plan_memory", "disk_estimate", "main"]
 
@@ -111,6 +128,7 @@ class ModelShape:
     mlp_bias: bool = False
     qk_norm: bool = False  # Qwen3: an RMSNorm over head_dim on q and k
     num_params_override: int | None = None  # exact count for architectures the formulas below do not describe
+    source: str = dataclasses.field(default="", compare=False)  # set when the config is not the model's own copy
 
     @property
     def q(self) -> int:
@@ -163,23 +181,47 @@ def _config_dir(path: str | Path) -> Path | None:
     return None
 
 
+def shipped_config(name: str | Path) -> Path | None:
+    """The config.json this repository ships for hub id `name` (assets/model_configs/<id>/config.json), or None.
+
+    >>> shipped_config("meta-llama/Llama-3.1-8B").relative_to(MODEL_CONFIGS).as_posix()
+    'meta-llama/Llama-3.1-8B/config.json'
+    >>> shipped_config("someone/unknown-model") is None
+    True
+    """
+    path = MODEL_CONFIGS / str(name) / "config.json"
+    return path if str(name) and ".." not in str(name) and path.is_file() else None
+
+
 def model_shape(path: str | Path) -> ModelShape:
-    """Shape of the model at `path` (a directory holding config.json, the file itself, or a hub id whose config is
-    in the local Hugging Face cache). Llama-family models are read from the JSON alone; anything else is built on
-    the meta device (needs torch and transformers; no weights) to count its parameters exactly."""
+    """Shape of the model at `path`: a directory holding config.json, the file itself, or a hub id (its config from
+    the local Hugging Face cache or the hub; when the hub cannot be reached, decided in seconds by
+    backend.hub.require_hub, or refuses the config (a gated model without a token), the copy shipped in
+    assets/model_configs/, and then `.source` says so). Llama-family models are read from the JSON alone; anything
+    else is built on the meta device (needs torch and transformers; no weights) to count its parameters exactly."""
     local = _config_dir(path)
+    source = ""
     if local is not None:
         raw = json.loads((local / "config.json").read_text(encoding="utf-8"))
     else:
         try:
             from transformers import AutoConfig
 
+            from backend.hub import require_hub
+
+            require_hub(str(path), "pretrained.path")
             raw = AutoConfig.from_pretrained(str(path)).to_dict()
         except Exception as e:  # noqa: BLE001 - any failure means the same thing to the user
-            raise FileNotFoundError(
-                f"pretrained.path {path}: no config.json here and none in the local Hugging Face cache ({e}). "
-                "Pass --model-config DIR (a directory with the model's config.json) or download the model first."
-            ) from None
+            shipped = shipped_config(path)
+            if shipped is None:
+                raise FileNotFoundError(
+                    f"pretrained.path {path}: no config.json here, and it could not be read from the Hugging Face "
+                    f"hub or its cache ({e}). Pass --model-config DIR (a directory with the model's config.json) or "
+                    "download the model first."
+                ) from None
+            raw = json.loads(shipped.read_text(encoding="utf-8"))
+            reason = str(e).split(". ")[0]
+            source = f"the config.json shipped in {shipped.relative_to(ROOT)} (the hub gave none: {reason})"
     raw = {**raw, **raw.get("text_config", {})}  # multimodal wrappers keep the decoder under text_config
     try:
         h, heads = int(raw["hidden_size"]), int(raw["num_attention_heads"])
@@ -200,7 +242,7 @@ def model_shape(path: str | Path) -> ModelShape:
         raise ValueError(f"pretrained.path {path}: config.json has no {e.args[0]!r}; not a decoder-only LM?") from None
     if raw.get("model_type") not in LLAMA_LIKE:
         shape = dataclasses.replace(shape, num_params_override=_count_on_meta(raw))
-    return shape
+    return dataclasses.replace(shape, source=source)
 
 
 def _count_on_meta(raw: dict) -> int:
@@ -290,18 +332,41 @@ class MemoryPlan:
     zero_stage: int
     sharded: bool
     tokens: int  # per micro-batch
+    loss_backward: int | None = None  # what the loss still holds at the backward's peak (None: loss_saved)
+    accumulation: int = 1  # micro-batches per optimizer step on one GPU: gradients live from the second one on
+    optimizer_step: int = 0  # the foreach AdamW's fp32 temporary of the whole second moment, at the step
     gpu_memory_bytes: int | None = None
     suggestions: list[str] = dataclasses.field(default_factory=list)
+    model_source: str = ""  # where the model's config came from when it was not the model's own (ModelShape.source)
 
     @property
     def static_bytes(self) -> int:
         return self.params_sharded + self.params_gathered + self.gradients + self.optimizer
 
     @property
+    def phases(self) -> dict[str, int]:
+        """Bytes held at the peak of each phase of a step: the end of the forward (inside the loss), the start of
+        the backward, the optimizer step. Gradients exist in the forward and backward only when an earlier
+        micro-batch of the step made them (set_to_none after each step)."""
+        held = self.params_sharded + self.optimizer + (self.gradients if self.accumulation > 1 else 0)
+        compute = held + self.params_gathered + self.activations
+        return {
+            "forward": compute + self.loss_forward,
+            "backward": compute
+            + (self.loss_saved if self.loss_backward is None else self.loss_backward)
+            + self.comm
+            + self.backward,
+            "optimizer step": self.params_sharded + self.optimizer + self.gradients + self.optimizer_step,
+        }
+
+    @property
+    def peak_phase(self) -> str:
+        phases = self.phases
+        return max(phases, key=phases.get)
+
+    @property
     def peak_bytes(self) -> int:
-        return (
-            self.static_bytes + self.activations + max(self.loss_forward, self.loss_saved + self.comm + self.backward)
-        )
+        return max(self.phases.values())
 
     @property
     def fits(self) -> bool | None:
@@ -336,11 +401,12 @@ class MemoryPlan:
             ("logits / cross-entropy", max(self.loss_forward, self.loss_saved), "fused loss: chunked LM head"),
             ("communication buffers", self.comm, "reduce-scatter / gather / buckets"),
             ("backward temporaries", self.backward, "one layer"),
+            ("optimizer step temporaries", self.optimizer_step, "foreach AdamW: fp32 copy of the second moment"),
         ]
 
     def _host_where(self) -> str:
-        if self.trainable_params < self.num_params:  # LoRA: the frozen base is loaded by every process
-            return "per process (LoRA: every process loads the frozen base)"
+        if self.trainable_params < self.num_params and not self.sharded:  # LoRA without FSDP: every process loads
+            return "per process (LoRA without FSDP: every process loads the frozen base)"
         return "on rank 0, none on the others"
 
     def lines(self) -> list[str]:
@@ -348,8 +414,10 @@ class MemoryPlan:
             f"memory plan per GPU: {self.num_params:,} parameters ({self.trainable_params:,} trained), "
             f"{self.world_size} GPU{'s' if self.world_size != 1 else ''}, zero_stage {self.zero_stage}"
         ]
+        if self.model_source:
+            out.append(f"  model config: {self.model_source}")
         out += [f"  {name:38s} {_gib(b):>9s}  {how}" for name, b, how in self.parts()]
-        out.append(f"  {'peak':38s} {_gib(self.peak_bytes):>9s}")
+        out.append(f"  {'peak':38s} {_gib(self.peak_bytes):>9s}  at the {self.peak_phase}")
         out.append(
             f"  activations: {_gib(self.activations_full)} without checkpointing, "
             f"{_gib(self.activations_checkpointed)} with"
@@ -380,7 +448,7 @@ class MemoryPlan:
         unit, size = ("GiB", GIB) if self.peak_bytes >= GIB else ("MiB", 2**20)
         rows = [f"| part | {unit} per GPU | how |", "|---|---:|---|"]
         rows += [f"| {name} | {b / size:.2f} | {how} |" for name, b, how in self.parts()]
-        rows.append(f"| **peak** | **{self.peak_bytes / size:.2f}** | |")
+        rows.append(f"| **peak** | **{self.peak_bytes / size:.2f}** | at the {self.peak_phase} |")
         head = "\n".join(self.lines()[-2:]) if self.gpu_memory_bytes is not None and not self.fits else ""
         if self.gpu_memory_bytes is not None and self.fits:
             head = self.lines()[-1]
@@ -391,6 +459,8 @@ class MemoryPlan:
             f"{self.host_ram_bytes / GIB:.1f} GiB {self._host_where()}. Disk: {d['total_bytes'] / GIB:.1f} GiB "
             f"({d['checkpoint_bytes'] / GIB:.1f} GiB per checkpoint, {d['export_bytes'] / GIB:.1f} GiB per export)."
         )
+        if self.model_source:
+            tail += f" Model config: {self.model_source}."
         return (head.strip() + "\n\n" if head else "") + "\n".join(rows) + tail
 
 
@@ -398,13 +468,19 @@ def _gib(b: float) -> str:
     return f"{b / GIB:.2f} GiB" if b >= GIB / 4 or b == 0 else f"{b / 2**20:.1f} MiB"
 
 
-def _activation_parts(shape: ModelShape, tokens: int, b: int, r: int, lora_rank: int | None) -> tuple[int, int, int]:
+def _activation_parts(
+    shape: ModelShape, tokens: int, b: int, r: int, lora_rank: int | None, mixed: bool = True
+) -> tuple[int, int, int]:
     """(per decoder layer, per layer with checkpointing, outside the layers) saved bytes for `tokens` tokens."""
     h, q, kv, i = shape.hidden, shape.q, shape.kv, shape.intermediate
+    # one b-byte copy of the normalized input per Linear reading it: autocast's cast when the residual stream is
+    # wider than the compute dtype, and PEFT's (it casts each adapter's input to the fp32 adapter, autocast casts
+    # it back) for every adapted projection under mixed precision
+    copies = r != b or (lora_rank is not None and mixed)
 
     def norm(linears_reading: int) -> int:
         normalized = 0 if lora_rank is not None else r * h  # saved for the (trained) norm weight's gradient
-        linear_input = r * h if r == b else linears_reading * b * h
+        linear_input = linears_reading * b * h if copies else r * h
         return 4 * h + 4 + normalized + linear_input
 
     per_token = norm(3) + norm(2) + b * (3 * q + 2 * kv) + 4 * shape.heads + 4 * b * i
@@ -420,6 +496,7 @@ def plan_memory(cfg, world_size: int, gpu_memory_gb: float | None = None, shape:
     `shape` defaults to model_shape(cfg.pretrained.path)."""
     shape = shape or model_shape(cfg.pretrained.path)
     plan = _plan(cfg, world_size, shape)
+    plan.model_source = shape.source
     if gpu_memory_gb is not None:
         plan.gpu_memory_bytes = int(gpu_memory_gb * GIB)
         if not plan.fits:
@@ -441,6 +518,10 @@ def _plan(cfg, world: int, shape: ModelShape) -> MemoryPlan:
     n = shape.num_params
     L = shape.layers
     shard = world if fsdp else 1
+    # accelerate 1.15's FSDP2 units: each decoder layer, the embedding (resharded after forward), and the tail
+    # [final norm, LM head] (tied: + the embedding), gathered from its forward to its backward with its all-gather
+    # buffer held as well (2 x b per parameter); the root holds nothing
+    tail = (shape.lm_head_params or shape.embedding_params) + shape.hidden
 
     if lora:
         trained = _adapter_params(shape, cfg)
@@ -457,15 +538,15 @@ def _plan(cfg, world: int, shape: ModelShape) -> MemoryPlan:
         params_gathered = b * trained if mixed else 0
         if fsdp:
             per_layer_bytes = base_bytes // max(1, L) + 4 * trained // max(1, L)
-            params_gathered = (2 if stage == 3 else L) * per_layer_bytes + b * shape.root_params
+            params_gathered = (0 if stage == 3 else L * per_layer_bytes) + 2 * b * tail
         if quant != "none":  # dequantized copy of the largest Linear, forward and backward
             params_gathered += b * max(a * c for a, c in shape.linears())
-        r = b
+        r = 4 if quant != "none" else b  # QLoRA: the upcast fp32 norms make the residual stream fp32
     else:
         trained = n
         params_sharded = 4 * n // shard
         if fsdp:
-            params_gathered = b * (shape.root_params + 2 * shape.layer_params) if stage == 3 else b * n
+            params_gathered = 2 * b * tail if stage == 3 else b * n
         else:
             params_gathered = b * (L * shape.layer_linear_params + shape.lm_head_params) if mixed else 0
             if mixed and shape.tied:
@@ -474,7 +555,7 @@ def _plan(cfg, world: int, shape: ModelShape) -> MemoryPlan:
     gradients = 4 * trained // shard
     optimizer = 8 * trained // shard
 
-    layer, layer_ckpt, outside = _activation_parts(shape, tokens, b, r, peft.rank if lora else None)
+    layer, layer_ckpt, outside = _activation_parts(shape, tokens, b, r, peft.rank if lora else None, mixed)
     activations_full = L * layer + outside
     activations_ckpt = L * layer_ckpt + outside
     activations = activations_ckpt if ckpt else activations_full
@@ -487,20 +568,31 @@ def _plan(cfg, world: int, shape: ModelShape) -> MemoryPlan:
         chunk = min(tokens, max(1, FUSED_CHUNK_ELEMENTS // shape.vocab))
         k = tokens  # worst case: every position trained
         loss_saved = k * shape.hidden * r + (vh * w_bytes if head_trained else 0)
-        loss_forward = k * shape.hidden * r + (8 * vh if head_trained else 0) + chunk * shape.vocab * (4 + b)
+        # dL/dW: the fp32 sum (addmm_ in place) and, at the end, its w_bytes copy that backward gets
+        loss_forward = (
+            k * shape.hidden * r + ((4 + w_bytes) * vh if head_trained else 0) + chunk * shape.vocab * (4 + b)
+        )
     else:
         loss_saved = loss_forward = tokens * shape.vocab * (b + 4 + 4)
 
     if fsdp:
+        # the LM head's gradient, reduce-scattered in fp32 by its unit at the start of the backward (the input and
+        # this rank's output), or later one layer's (b + 4 per parameter), whichever is larger. By then the loss's
+        # saved dL/dW has become that gradient: only dL/dhidden is still saved
         per_layer_trained = shape.layer_params if not lora else trained // max(1, L)
-        comm = per_layer_trained * (b + 4) + (vh * b if head_trained else 0)
+        comm = max((4 * vh + 4 * vh // world) if head_trained else 0, per_layer_trained * (b + 4))
+        backward = 0  # the layers' own backward comes later, once the LM head's buffers are freed
     elif ddp:
         comm = 4 * trained
     else:
         comm = 0
 
-    if lora:
-        host = (base_bytes if quant == "none" else 5 * 10**9) + 4 * trained  # per process: every rank loads it
+    if lora and fsdp:  # rank 0 reads the fp32 base, the others get their shards (scaling.load_model_for_rank)
+        host = 4 * n
+    elif lora:  # per process: every rank loads the base
+        # QLoRA quantizes the checkpoint shard by shard onto the GPU: the host holds one shard of the stored bf16
+        # checkpoint at a time (transformers' shards are at most 5 GB; a small model is one shard of 2 N bytes)
+        host = (base_bytes if quant == "none" else min(2 * n, CHECKPOINT_SHARD_BYTES)) + 4 * trained
     else:
         host = 4 * n
     return MemoryPlan(
@@ -524,6 +616,12 @@ def _plan(cfg, world: int, shape: ModelShape) -> MemoryPlan:
         zero_stage=stage,
         sharded=fsdp,
         tokens=tokens,
+        # FSDP: at the LM head unit's reduce-scatter the saved dL/dW has become the gradient (comm); dL/dhidden stays
+        loss_backward=tokens * shape.hidden * r
+        if fsdp and cfg.model.base_model.cross_entropy_impl == "fused"
+        else None,
+        accumulation=max(1, cfg.batch.batch_size // (cfg.batch.micro_batch_size * world)),
+        optimizer_step=4 * trained // shard,
     )
 
 

@@ -80,17 +80,22 @@ def enable_activation_checkpointing(model) -> int:
     return sum(1 for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing)
 
 
-def load_model_for_rank(path, attn_implementation: str, random_init: bool, rank: int, world: int, fsdp: bool):
+def load_model_for_rank(
+    path, attn_implementation: str, random_init: bool, rank: int, world: int, fsdp: bool, wrap=None
+):
     """-> (model for accelerator.prepare, fp32 master weights; `finish(prepared_model)` or None).
 
     FSDP with several processes: rank 0 loads; the others build an empty model (see module docstring). Call
-    `finish` on every rank right after prepare: it scatters rank 0's weights into every rank's shards."""
+    `finish` on every rank right after prepare: it scatters rank 0's weights into every rank's shards. ``wrap(model)
+    -> model`` is applied on every rank before that (LoRA: backend.lora.wrap_lora adds the adapters, so a LoRA run's
+    frozen base is read once, by rank 0, not by every rank)."""
     from backend.modeling import load_model
 
+    wrap = wrap or (lambda model: model)
     if not fsdp or world == 1:
-        return load_model(path, "fp32", attn_implementation, random_init=random_init), None
+        return wrap(load_model(path, "fp32", attn_implementation, random_init=random_init)), None
     if rank == 0:
-        model = load_model(path, "fp32", attn_implementation, random_init=random_init)
+        model = wrap(load_model(path, "fp32", attn_implementation, random_init=random_init))
         full = model.state_dict()  # keeps rank 0's full tensors alive through prepare(), which frees the model's
     else:
         from accelerate import init_empty_weights
@@ -106,7 +111,7 @@ def load_model_for_rank(path, attn_implementation: str, random_init: bool, rank:
             )
         _materialize_empty(model)
         model.tie_weights()  # init_empty_weights re-creates each assigned parameter, which unties tied embeddings
-        model, full = prepare_for_packed_training(model), None
+        model, full = wrap(prepare_for_packed_training(model)), None
 
     def finish(prepared) -> None:
         scatter_from_rank0(prepared, full)

@@ -17,6 +17,7 @@ the experiment directory; 4 the loss or gradient became NaN/inf (the last good c
 from __future__ import annotations
 
 import math
+import os
 import signal
 import sys
 import time
@@ -110,6 +111,7 @@ class StepResult(NamedTuple):
     grad_norm: float  # global gradient norm before clipping
     trained_tokens: int  # trained tokens of the step, all ranks (the loss's denominator)
     stepped: bool  # False: loss or gradient norm not finite, gradients dropped, no optimizer step
+    overflow: bool = False  # fp16: the grad scaler found inf/NaN gradients, skipped the step and lowered its scale
 
 
 def train_step(
@@ -144,10 +146,13 @@ def train_step(
     # clip_grad_norm_ returns the norm before clipping (all ranks' shards); inf = only measure it
     grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), clip or float("inf")))
     stepped = math.isfinite(loss) and math.isfinite(grad_norm)
-    if stepped:
+    # fp16: an inf norm with a finite loss is the grad scaler's overflow, not divergence. Its step() skips the update
+    # and its update() lowers the scale; not calling it would keep the scale that overflows, every step
+    overflow = not stepped and math.isfinite(loss) and getattr(accelerator, "scaler", None) is not None
+    if stepped or overflow:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss, grad_norm, int(global_count), stepped)
+    return StepResult(loss, grad_norm, int(global_count), stepped, overflow)
 
 
 def evaluate(model, accelerator, sampler, dataset, cfg, iterations: int) -> float:
@@ -297,9 +302,15 @@ def build_model(cfg, accelerator, splits: dict, probe) -> Model:
     probe.before_load()
     lora = cfg.model.base_model.peft.type == "lora"
     if lora:  # frozen base (4/8-bit with pretrained.quantization) + trainable adapters: backend/lora.py
-        from backend.lora import load_lora_model, parameter_counts
+        from backend.lora import load_lora_model, parameter_counts, wrap_lora
 
-        model, finish_loading = load_lora_model(cfg, attn_impl, fsdp_sharded=sharded), None
+        if sharded:  # rank 0 reads the base, the other ranks get their shards of it after prepare (as full runs do)
+            model, finish_loading = load_model_for_rank(
+                cfg.pretrained.path, attn_impl, not cfg.pretrained.model_weights, rank, world, True,
+                wrap=lambda base: wrap_lora(base, cfg),
+            )  # fmt: skip
+        else:
+            model, finish_loading = load_lora_model(cfg, attn_impl), None
         trainable_params, num_params = parameter_counts(model)
     else:
         model, finish_loading = load_model_for_rank(
@@ -496,7 +507,9 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
             on_micro_batch=lambda step=step: probe.micro_batch(step, model),
         )
         loss, grad_norm, global_count = result.loss, result.grad_norm, result.trained_tokens
-        if not result.stepped:
+        if result.overflow:
+            print0(f"step {step + 1}: fp16 gradients overflowed; step skipped, loss scale lowered")
+        elif not result.stepped:
             raise TrainingDiverged(
                 f"step {step + 1}: loss is {loss} and gradient norm {grad_norm}; stopped before the optimizer "
                 f"step, nothing saved. The last good checkpoint is {latest_complete(checkpoints, warn=print0)}. "
@@ -626,7 +639,9 @@ def train(config, overrides=()) -> dict:
     cfg = config if isinstance(config, TrainConfig) else load_train_config(config, overrides)
     from backend.compat import check_machine
 
-    check_machine(cfg)  # QLoRA needs CUDA + bitsandbytes, trackers their packages: config errors, not crashes
+    # QLoRA needs CUDA + bitsandbytes (and no FSDP sharding over the processes launched), trackers their packages:
+    # config errors, not crashes. WORLD_SIZE: what accelerate launch / torchrun started (absent: one process)
+    check_machine(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     run_dir = Path(cfg.run.experiment_dir)
     accelerator = build_accelerator(cfg)
     events = EventLog(run_dir / "events.jsonl")

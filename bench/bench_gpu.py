@@ -15,10 +15,14 @@ backend.train`, one process) on the guide's config (assets/configs/llama31_8b_ma
 Each run is stopped (SIGKILL) once the train event of its last step is written: the checkpoint and export a run
 writes at its end are not wanted here (they would be ~23 GB for 4 layers).
 
-Figures per case: tokens/s/GPU (median of the train events after 3 warm-up steps), MFU = 6 x N x tokens/s / the
-bf16 matmul rate measured at the start of this run (8,192^3 matmuls; 6N leaves out attention FLOPs, and LoRA does
-less than 6N of work), peak memory = `peak_memory_bytes` of the train events (torch.cuda.max_memory_allocated), and
-the plan of backend.plan for the same config with its ratio. Writes --out (a Markdown report with the date and the
+Figures per case: tokens/s/GPU (median of the train events after 3 warm-up steps); MFU = model FLOPs per second /
+the bf16 matmul rate measured at the start of this run (8,192^3 matmuls), where the model FLOPs of a step
+(`step_flops`) are 6 x the non-embedding parameters per position (4 x for a frozen LoRA base, which needs no weight
+gradient, + 6 x the adapters) plus the causal attention of the step's real documents, 6 x layers x q x sum(len^2)
+(the input embedding is a lookup, not a matmul: counting it inflated MFU ~1.4x at 4 layers); peak memory =
+`peak_memory_bytes` of the train events (torch.cuda.max_memory_allocated), and the plan of backend.plan for the same
+config with its ratio plan / peak. Each case is labelled by the settings it ran with (`case_label` of its resolved
+config), not by what was meant. Writes --out (a Markdown report with the date and the
 machine) through a temporary file and a rename. Never writes a figure it did not measure.
 """
 
@@ -110,6 +114,47 @@ def write_data(path: Path, tokens: int, vocab: int, seed: int = 0) -> Path:
     return path / "fast_llm_config_training.yaml"
 
 
+def step_flops(shape, document_lengths, positions: int, adapter_params: int | None = None) -> float:
+    """Model FLOPs (forward + backward) of one step computing `positions` positions holding documents of these
+    lengths: 6 x non-embedding parameters per position (LoRA: 4 x the frozen base, its weights get no gradient, + 6 x
+    `adapter_params`) + causal attention 6 x layers x (heads x head_dim) x sum(len^2). No recompute counted.
+
+    >>> from backend.plan import ModelShape
+    >>> shape = ModelShape(hidden=4, layers=2, heads=2, kv_heads=1, head_dim=2, intermediate=8, vocab=10, tied=False)
+    >>> shape.num_params - shape.embedding_params, step_flops(shape, [3, 1], positions=4)
+    (348, 8832.0)
+    """
+    dense = shape.num_params - shape.embedding_params
+    per_position = 6 * dense if adapter_params is None else 4 * dense + 6 * adapter_params
+    attention = 6 * shape.layers * shape.q * sum(n * n for n in document_lengths)
+    return float(per_position * positions + attention)
+
+
+def case_label(cfg) -> str:
+    """What a case really runs, read from its resolved config (not from what the case list meant)."""
+    lora = cfg.model.base_model.peft.type == "lora"
+    quant = cfg.pretrained.quantization
+    kind = ("QLoRA " + quant if quant != "none" else "LoRA") if lora else "full"
+    flash = "yes" if cfg.model.base_model.transformer.use_flash_attention else "no"
+    ckpt = "yes" if cfg.model.multi_stage.activation_checkpointing else "no"
+    return f"{kind} {cfg.model.distributed.training_dtype}, flash {flash}, checkpointing {ckpt}"
+
+
+def document_lengths(cfg, steps: range) -> list[int]:
+    """Lengths of the document pieces the trainer packs into `steps` (the same sampler, seed and rows)."""
+    from backend.train import packed_sampler, read_split
+
+    sampler = packed_sampler(cfg, read_split(cfg, cfg.data.datasets.training.path, "training"))
+    b = cfg.batch
+    return [
+        piece.end - piece.begin
+        for step in steps
+        for micro in sampler.micro_batches(step, b.batch_size, b.micro_batch_size, 0, 1)
+        for row in micro
+        for piece in row
+    ]
+
+
 def run_case(name: str, overrides: list[str], work: Path, steps: int, timeout: float) -> dict:
     """Launch backend.train, stop it after its last train event, return its start event and train events."""
     from backend.config import dump_yaml, load_train_config
@@ -159,19 +204,28 @@ def run_case(name: str, overrides: list[str], work: Path, steps: int, timeout: f
 def figures(result: dict, tflops: float, model_dir: Path) -> dict:
     from backend.plan import model_shape, plan_memory
 
-    plan = plan_memory(result["cfg"], 1, shape=model_shape(model_dir))
+    cfg = result["cfg"]
+    shape = model_shape(model_dir)
+    plan = plan_memory(cfg, 1, shape=shape)
     out = {"planned_peak": plan.peak_bytes}
     if "error" in result:
         return out
     timed = result["train"][WARMUP:] or result["train"]
     tps = statistics.median(e["tokens_per_s"] for e in timed)
-    n = result["start"]["num_parameters"]
+    positions = cfg.batch.batch_size * cfg.batch.sequence_length  # per step, padding included (tokens_per_s's unit)
+    steps = range(timed[0]["step"] - 1, timed[-1]["step"])  # event step s follows optimizer step s - 1
+    lora = cfg.model.base_model.peft.type == "lora"
+    flops = step_flops(
+        shape, document_lengths(cfg, steps), positions * len(steps), plan.trainable_params if lora else None
+    )
     peaks = [e["peak_memory_bytes"] for e in result["train"] if "peak_memory_bytes" in e]
+    peak = max(peaks) if peaks else None
     out.update(
         tokens_per_s=tps,
-        mfu=6 * n * tps / (tflops * 1e12),
+        mfu=flops / (positions * len(steps)) * tps / (tflops * 1e12),
         attention=result["start"].get("attention"),
-        peak=max(peaks) if peaks else None,
+        peak=peak,
+        plan_ratio=plan.peak_bytes / peak if peak else None,
     )
     return out
 
@@ -197,7 +251,8 @@ def report(rows: list[tuple[dict, dict]], tflops: float, args, pytest_summary: s
         "",
         f"backend.train, one GPU, Llama-3.1-8B shape with {args.layers} layers (random init), bf16, sequence "
         f"{SEQUENCE}, {ROWS_PER_STEP} packed rows per step, {args.steps} steps (median after {WARMUP} warm-up).",
-        "MFU = 6 x N x tokens/s / the measured matmul rate (attention FLOPs not counted).",
+        "MFU = model FLOPs/s / the measured matmul rate; model FLOPs = 6 x non-embedding parameters per position "
+        "(LoRA: 4 x the frozen base + 6 x the adapters) + causal attention over the real document lengths.",
         "",
         "| case | attention | tokens/s/GPU | MFU | peak memory (GiB) | plan (GiB) | plan / measured |",
         "|---|---|---:|---:|---:|---:|---:|",
@@ -208,7 +263,7 @@ def report(rows: list[tuple[dict, dict]], tflops: float, args, pytest_summary: s
             lines.append(f"| {result['name']} | | failed: {first} | | | {f['planned_peak'] / 2**30:.1f} | |")
             continue
         peak = f"{f['peak'] / 2**30:.1f}" if f["peak"] else "n/a"
-        ratio = f"{f['planned_peak'] / f['peak']:.2f}" if f["peak"] else ""
+        ratio = f"{f['plan_ratio']:.2f}" if f["plan_ratio"] else ""
         lines.append(
             f"| {result['name']} | {f['attention']} | {f['tokens_per_s']:,.0f} | {f['mfu']:.1%} | {peak} | "
             f"{f['planned_peak'] / 2**30:.1f} | {ratio} |"
@@ -254,20 +309,20 @@ def main(argv=None) -> int:
     cases = []
     for flash in ("yes", "no"):
         for ckpt in ("no", "yes"):
-            cases.append((f"full, flash {flash}, checkpointing {ckpt}", [
+            cases.append([
                 f"model.base_model.transformer.use_flash_attention={flash}",
                 f"model.multi_stage.activation_checkpointing={ckpt}",
-            ]))  # fmt: skip
-    if importlib.util.find_spec("peft"):
-        cases.append(("LoRA bf16, checkpointing no", ["model.base_model.peft.type=lora"]))
+            ])  # fmt: skip
+    if importlib.util.find_spec("peft"):  # every setting spelled out: the guide's config has checkpointing on
+        cases.append(["model.base_model.peft.type=lora", "model.multi_stage.activation_checkpointing=no"])
         if importlib.util.find_spec("bitsandbytes"):
-            cases.append((
-                "QLoRA 4-bit, checkpointing yes",
-                ["model.base_model.peft.type=lora", "pretrained.quantization=4bit",
-                 "model.multi_stage.activation_checkpointing=yes"],
-            ))  # fmt: skip
+            cases.append(["model.base_model.peft.type=lora", "pretrained.quantization=4bit",
+                          "model.multi_stage.activation_checkpointing=yes"])  # fmt: skip
+    from backend.config import load_train_config
+
     rows, first_attention, durations = [], None, []
-    for name, overrides in cases:
+    for overrides in cases:
+        name = case_label(load_train_config(GUIDE_CONFIG, base + overrides))
         if "flash no" in name and first_attention == "sdpa_packed":
             print(f"skip {name}: use_flash_attention on already selected sdpa_packed", flush=True)
             continue
@@ -283,7 +338,11 @@ def main(argv=None) -> int:
         if first_attention is None and "error" not in result:
             first_attention = f["attention"]
         rows.append((result, f))
-        print(f"  {result.get('error', '').splitlines()[0] if 'error' in result else f}", flush=True)
+        if "error" in result:
+            print(f"  {result['error'].splitlines()[0]}", flush=True)
+        else:
+            ratio = f"{f['plan_ratio']:.2f}" if f["plan_ratio"] else "n/a"
+            print(f"  {f['tokens_per_s']:,.0f} tokens/s, MFU {f['mfu']:.1%}, plan / peak {ratio}", flush=True)
     text = report(rows, tflops, args, args.pytest_summary)
     out = Path(args.out)
     tmp = out.with_suffix(out.suffix + ".tmp")

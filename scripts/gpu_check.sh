@@ -11,12 +11,15 @@
 # Exit codes: 0 done; 1 a test or a case failed (bench/GPU.md says which); 2 no CUDA device, or bad arguments.
 #
 # Needs on the GPU machine (no network): python3 with a CUDA build of torch, transformers, accelerate, safetensors,
-# tokenizers, numpy, pyyaml, tqdm, psutil, pytest; optional: peft (LoRA case), bitsandbytes (QLoRA case),
-# flash-attn (its attention tier). Wheels it needs beyond those, carried in .whl/ at the repository root and
-# installed with `pip --no-index` into /tmp/site when pydantic is missing:
-#   pydantic, pydantic-core (compiled: the wheel for the machine's Python, e.g. cp312 manylinux x86_64),
-#   annotated-types, typing-inspection, typing-extensions
+# tokenizers, numpy, pyyaml, tqdm, psutil; optional: peft (LoRA case), bitsandbytes (QLoRA case), flash-attn (its
+# attention tier). Wheels it needs beyond those, made beforehand on a machine with the package index by
+# `bash scripts/gpu_wheels.sh` (cp312 manylinux x86_64 by default) into .whl/ at the repository root, carried with
+# the checkout, and installed with `pip --no-index` into /tmp/site:
+#   .whl/*.whl         when pydantic is missing: pydantic, pydantic-core (compiled for the machine's Python),
+#                      annotated-types, typing-inspection, typing-extensions
+#   .whl/pytest/*.whl  when pytest is missing: pytest, iniconfig, pluggy, packaging, pygments
 # (the studio's packages, gradio/plotly/datasets, are not needed).
+# The device run, in one command from the repository root (carry .whl): bash scripts/gpu_check.sh
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -48,15 +51,23 @@ if ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 2
   exit 2
 fi
 
+wheels=()
 if ! "$PY" -c 'import pydantic' 2>/dev/null; then
-  if ls .whl/*.whl >/dev/null 2>&1; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-      || { echo "error: could not install the wheels in .whl/" >&2; exit 1; }
-    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
-  else
-    echo "error: pydantic is not installed and there is no .whl/ folder with the wheels listed in $0's header" >&2
-    exit 1
-  fi
+  ls .whl/*.whl >/dev/null 2>&1 || {
+    echo "error: pydantic is not installed and there is no .whl/ folder with its wheels: run" \
+         "'bash scripts/gpu_wheels.sh' on a machine with the package index and carry .whl/ here" >&2; exit 1; }
+  wheels+=(.whl/*.whl)
+fi
+if [ "$SKIP_TESTS" = 0 ] && ! "$PY" -c 'import pytest' 2>/dev/null; then
+  ls .whl/pytest/*.whl >/dev/null 2>&1 || {
+    echo "error: pytest is not installed and there is no .whl/pytest/ (scripts/gpu_wheels.sh makes it);" \
+         "or pass --skip-tests" >&2; exit 1; }
+  wheels+=(.whl/pytest/*.whl)
+fi
+if [ ${#wheels[@]} -gt 0 ]; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "${wheels[@]}" \
+    || { echo "error: could not install the wheels in .whl/" >&2; exit 1; }
+  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 

@@ -14,13 +14,15 @@ as backend.train does; so ranks and micro-batches see different trained-token co
 config trains, in small: attention from model.base_model.transformer.use_flash_attention (sdpa_packed on CPU),
 tied or untied embeddings (--untied), autocast to model.distributed.training_dtype, the configured cross-entropy.
 Each rank writes run.experiment_dir/rank{r}.json: {"losses", "grad_norms", "trained_tokens", "local_counts",
-"is_sharded", "describe", "attention"}; rank 0 also writes weights.pt (the full state dict, gathered).
+"is_sharded", "describe", "attention",
+"unsharded_units" (per step), "fsdp_warnings"}; rank 0 also writes weights.pt (the full state dict, gathered).
 """
 
 import argparse
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script by torchrun/accelerate
@@ -63,6 +65,19 @@ def tiny_llama(attn: str, tied: bool):
     return tiny.tiny_llama(V, attn=attn, tied=tied)
 
 
+def unsharded_units(model) -> list[str]:
+    """Names of the FSDP2 units whose parameters are not sharded now (after a step: none should be)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    out = []
+    for name, module in model.named_modules():
+        if isinstance(module, FSDPModule):
+            for group in module._get_fsdp_state()._fsdp_param_groups:
+                if not group.is_sharded:
+                    out.append(name or "<root>")
+    return out
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("config")
@@ -84,7 +99,10 @@ def main():
 
     data = MemoryDocuments()
     sampler = PackedSampler(data.lengths, b.sequence_length, seed=cfg.data.sampling.seed)
-    info = {"losses": [], "grad_norms": [], "trained_tokens": [], "local_counts": []}
+    info = {"losses": [], "grad_norms": [], "trained_tokens": [], "local_counts": [], "unsharded_units": []}
+    caught = warnings.catch_warnings(record=True)
+    seen_warnings = caught.__enter__()
+    warnings.simplefilter("always")
     for step in range(args.steps):
         micro_batches = [
             collate(rows, data, b.sequence_length, b.cross_document_attention)
@@ -98,6 +116,9 @@ def main():
         info["grad_norms"].append(result.grad_norm)
         info["trained_tokens"].append(result.trained_tokens)
         info["local_counts"].append([mb["num_trained"] for mb in micro_batches])
+        info["unsharded_units"].append(unsharded_units(model))  # every FSDP unit sharded again after a step
+    caught.__exit__(None, None, None)
+    info["fsdp_warnings"] = [str(w.message) for w in seen_warnings if "fsdp" in str(w.filename).lower()]
 
     info["is_sharded"] = is_sharded(model)
     info["describe"] = describe(accelerator)

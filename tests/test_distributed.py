@@ -87,6 +87,8 @@ def test_two_process_fsdp_matches_one_process(tmp_path, references, zero_stage, 
         assert (d["distributed_type"], d["world_size"], d["rank"], d["fsdp_version"]) == ("FSDP", 2, r, 2)
         assert d["reshard_after_forward"] is (zero_stage == 3)
         assert info["is_sharded"], f"rank {r}: parameters are not DTensors, FSDP did not shard"
+        # every unit, [final norm, LM head] under the fused loss included, is sharded again after each step
+        assert info["unsharded_units"] == [[]] * len(info["losses"]) and info["fsdp_warnings"] == [], info
         assert info["attention"] == "sdpa_packed"
         assert info["losses"] == pytest.approx(ref["losses"], abs=tol, rel=tol)
         assert info["grad_norms"] == pytest.approx(ref["grad_norms"], abs=tol, rel=tol)

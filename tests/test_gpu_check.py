@@ -21,6 +21,18 @@ def test_gpu_check_help_lists_what_it_runs_and_the_wheels_it_needs():
         assert word in out.stdout, word
 
 
+def test_gpu_wheels_help_names_every_wheel_and_bad_arguments_exit_2():
+    """scripts/gpu_wheels.sh needs the package index (not run here): its help names each wheel gpu_check installs."""
+    script = ROOT / "scripts" / "gpu_wheels.sh"
+    out = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0
+    for word in ("pydantic-core", "annotated-types", "typing-inspection", "typing-extensions", ".whl/pytest", "3.12"):
+        assert word in out.stdout, word
+    out = subprocess.run(["bash", str(script), "--python-version"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2 and "needs a value" in out.stderr
+    assert "/.whl/" in (ROOT / ".gitignore").read_text().split()  # the wheels are never committed
+
+
 def test_gpu_check_refuses_without_cuda_and_writes_nothing(tmp_path):
     report = tmp_path / "GPU.md"
     out = subprocess.run(
@@ -78,3 +90,37 @@ def test_harness_runs_backend_train_and_stops_after_the_last_step(tmp_path):
     assert result["train"][-1]["step"] < 50  # stopped by the harness, not run to the end
     figures = bench_gpu.figures(result, tflops=1.0, model_dir=TINY_MODEL)
     assert figures["tokens_per_s"] > 0 and figures["planned_peak"] > 0 and figures["peak"] is None  # no CUDA
+
+
+def test_step_flops_matches_torch_flop_counter_and_labels_say_what_ran():
+    """bench_gpu's model FLOPs against torch's FlopCounterMode on a real forward + backward of one document:
+    the matmuls are 6 x the non-embedding parameters per token (norm weights aside), and eager attention, which
+    computes the full n x n scores, counts exactly twice the causal attention term."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import bench_gpu
+
+    from backend.config import load_train_config
+    from backend.plan import ModelShape
+    from tests.tiny import tiny_llama
+
+    n = 48
+    counted = {}
+    for attn in ("sdpa", "eager"):  # CPU sdpa's kernel is not counted: the matmuls alone
+        model = tiny_llama(101, attn=attn, hidden=64, layers=2, positions=128).train()
+        with FlopCounterMode(display=False) as counter:
+            model(input_ids=torch.randint(0, 101, (1, n)), position_ids=torch.arange(n)[None]).logits.sum().backward()
+        counted[attn] = counter.get_total_flops()
+    shape = ModelShape(hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, intermediate=128, vocab=101, tied=False)
+    norms = 6 * (2 * 2 * 64 + 64) * n  # RMSNorm weights are parameters but not matmuls
+    linear = bench_gpu.step_flops(shape, [], positions=n)
+    assert counted["sdpa"] == linear - norms
+    attention = bench_gpu.step_flops(shape, [n], positions=n) - linear
+    assert counted["eager"] - counted["sdpa"] == 2 * attention
+    lora = bench_gpu.step_flops(shape, [], positions=n, adapter_params=1000)
+    assert lora == 4 / 6 * linear + 6 * 1000 * n
+    guide = ROOT / "assets" / "configs" / "llama31_8b_magpie_train.yaml"
+    cfg = load_train_config(guide, ["model.base_model.peft.type=lora"])
+    assert bench_gpu.case_label(cfg).endswith("checkpointing yes")  # the guide's config has it on

@@ -250,8 +250,13 @@ def test_lora_parts_match_a_peft_model_on_the_real_loss(tmp_path):
 GUIDE_CASES = {
     "full, 8 x 80 GB, checkpointing off": (["model.multi_stage.activation_checkpointing=no"], 8, 80),
     "full, 8 x 80 GB, checkpointing on": (["model.multi_stage.activation_checkpointing=yes"], 8, 80),
-    "LoRA bf16, 1 x 80 GB": (
+    "LoRA bf16, 1 x 80 GB, checkpointing off": (
         ["model.base_model.peft.type=lora", "model.multi_stage.activation_checkpointing=no"],
+        1,
+        80,
+    ),
+    "LoRA bf16, 1 x 80 GB, checkpointing on": (
+        ["model.base_model.peft.type=lora", "model.multi_stage.activation_checkpointing=yes"],
         1,
         80,
     ),
@@ -288,7 +293,7 @@ def test_guide_8b_verdicts():
     assert on.peak_bytes < off.peak_bytes - 20 * GIB  # ~25 GiB of activations become ~1 GiB
     # ZeRO-3 on 8 GPUs: 16 bytes per parameter / 8 = ~15 GiB of master, gradients and AdamW state per GPU
     assert abs((off.params_sharded + off.gradients + off.optimizer) - 16 * off.num_params / 8) < GIB
-    lora = plans["LoRA bf16, 1 x 80 GB"]
+    lora = plans["LoRA bf16, 1 x 80 GB, checkpointing off"]
     assert lora.fits and lora.trainable_params < 0.01 * lora.num_params
     assert lora.params_sharded > 2 * lora.num_params  # the bf16 frozen base is most of it
     qlora_off, qlora_on = (
@@ -321,7 +326,7 @@ def test_bench_readme_holds_the_current_guide_figures():
             40,
         ),  # zero 2: 15 GiB gathered
         (["model.multi_stage.activation_checkpointing=yes"], 2, 40),  # 16 bytes/param over 2 GPUs: needs GPUs
-        (["batch.sequence_length=32768", "model.multi_stage.activation_checkpointing=yes"], 8, 40),
+        (["batch.sequence_length=32768", "model.multi_stage.activation_checkpointing=yes"], 8, 32),
     ],
 )
 def test_suggestion_makes_the_plan_fit(overrides, world, gb):
@@ -420,3 +425,36 @@ def test_plan_models_the_loss_chunk_the_loss_uses():
     import backend.plan
 
     assert backend.plan.FUSED_CHUNK_ELEMENTS == backend.loss.FUSED_CHUNK_ELEMENTS
+
+
+def test_qlora_host_ram_follows_the_model_size():
+    """QLoRA loads one checkpoint shard at a time: at most 5 GB for 8B, the whole (bf16) checkpoint for the tiny
+    model, never a constant (issue #26)."""
+    from backend import TINY_MODEL
+
+    qlora = ["model.base_model.peft.type=lora", "pretrained.quantization=4bit"]
+    big = plan_memory(guide_8b(*qlora), 1, shape=model_shape(LLAMA_8B))
+    tiny_shape = model_shape(TINY_MODEL)
+    tiny = plan_memory(guide_8b(*qlora), 1, shape=tiny_shape)
+    assert big.host_ram_bytes == 5 * 10**9 + 4 * big.trainable_params
+    assert tiny.host_ram_bytes == 2 * tiny_shape.num_params + 4 * tiny.trainable_params
+    assert tiny.host_ram_bytes < 2**22 < big.host_ram_bytes
+
+
+def test_planner_falls_back_to_the_shipped_config_offline_and_says_so(capsys, monkeypatch):
+    """The README's command names meta-llama/Llama-3.1-8B (a gated hub id): offline, the shipped config.json is used
+    within seconds and the output says so; an id nothing is shipped for is still an error that names the path."""
+    import time
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.monotonic()
+    assert main([str(GUIDE_8B), "--gpus", "8", "--gpu-memory", "80"]) == 0
+    out = capsys.readouterr().out
+    assert time.monotonic() - start < 30
+    assert "8,030,261,248 parameters" in out
+    assert "model config: the config.json shipped in assets/model_configs/meta-llama/Llama-3.1-8B" in out
+    assert "offline" in out
+    shape = model_shape("meta-llama/Llama-3.1-8B")
+    assert shape == model_shape(LLAMA_8B) and shape.source and not model_shape(LLAMA_8B).source
+    assert main([str(GUIDE_8B), "pretrained.path=someone/not-shipped"]) == 2
+    assert "pretrained.path someone/not-shipped" in capsys.readouterr().err

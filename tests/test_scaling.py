@@ -193,6 +193,43 @@ def test_rank0_loading_keeps_other_ranks_light_and_trains_like_one_process(data,
     assert losses(run_dir) == pytest.approx(losses(ref_dir), abs=1e-5)
 
 
+def test_lora_under_fsdp_reads_the_base_on_rank0_only_and_trains_like_one_process(data, tmp_path):
+    """LoRA with FSDP over 2 processes: rank 0 reads the fp32 base, rank 1 builds an empty one and gets its shards
+    (backend.lora.wrap_lora through scaling.load_model_for_rank). Before, every rank read the whole base (8B: 8 x 32
+    GB of host RAM). Peak host memory of rank 1 stays under a quarter of the model; losses equal one process."""
+    model_dir = tmp_path / "model100m"
+    model_bytes = random_llama_100m(model_dir)
+    common = {
+        "pretrained.path": model_dir,
+        "batch.batch_size": 2,
+        "training.train_iters": 2,
+        "optimizer.learning_rate.base": 1e-2,
+        "model.base_model.peft.type": "lora",
+        "model.base_model.peft.rank": 4,
+        "training.export.merge": "no",
+    }
+    ref_dir = tmp_path / "ref"
+    run(write_config(ref_dir, data, **common, **{"model.multi_stage.zero_stage": 0}), 1)
+    run_dir, probe = tmp_path / "exp", tmp_path / "probe"
+    config = write_config(run_dir, data, **common, **{"model.multi_stage.zero_stage": 3, "run.num_processes": 2})
+    run(config, 2, probe)
+    rank0, rank1 = probes(probe, 2)
+    load = [p["peak_rss_after_load"] - p["rss_before_load"] for p in (rank0, rank1)]
+    prepare = [p["peak_rss_after_prepare"] - p["rss_after_load"] for p in (rank0, rank1)]
+    mib = 2**20
+    print(
+        f"\nLoRA, fp32 base {model_bytes / mib:.0f} MiB; peak RSS growth at load / prepare: "
+        f"rank 0 {load[0] / mib:.0f} / {prepare[0] / mib:.0f} MiB, "
+        f"rank 1 {load[1] / mib:.0f} / {prepare[1] / mib:.0f} MiB"
+    )
+    assert load[0] + prepare[0] > 0.8 * model_bytes  # rank 0 read the base
+    assert load[1] < 0.5 * model_bytes, load  # rank 1 did not (imports only: ~90 MiB measured)
+    assert prepare[1] < rank1["parameter_bytes_local"] + 0.25 * model_bytes, prepare
+    assert start_event(run_dir)["trainable_parameters"] < 0.01 * start_event(run_dir)["num_parameters"]
+    assert losses(run_dir) == pytest.approx(losses(ref_dir), abs=1e-5)
+    assert len(set(losses(run_dir))) == 2  # the adapters trained
+
+
 def test_two_machines_with_accelerate_launch_match_one_process(data, tmp_path):
     """`accelerate launch --num_machines 2 --machine_rank r --main_process_ip ... --main_process_port ...` on each
     "machine" (here two processes on loopback, one per machine), with the config file backend.launch writes.
