@@ -163,12 +163,15 @@ def wire_data_tab(tab: DataTab, seq_len: gr.Number, demo: gr.Blocks) -> None:
     inputs = [index, seq_len] + t.settings_inputs
     outputs = t.outputs
     # .change (not .input) for the typed fields too: gradio 6 fires .input on key presses only, not on a paste;
-    # always_last drops stale renders while the user types.
-    for w in (t.mode, t.train_on, t.train_on_eot, t.final_eot, index, t.start, t.end, template):
-        w.change(on_preview, inputs, outputs, show_progress="hidden", trigger_mode="always_last")
+    # always_last drops stale renders while the user types. Every preview event shares one queue of one worker
+    # (concurrency_id), so renders finish in the order they were asked for: an earlier, slower input (a dataset
+    # no longer selected) can never land after the answer to the inputs on screen.
+    one_queue = dict(trigger_mode="always_last", concurrency_id="data-preview", concurrency_limit=1)
+    for w in (t.mode, t.train_on, t.train_on_eot, t.final_eot, index, t.start, t.end, template, seq_len):
+        w.change(on_preview, inputs, outputs, show_progress="hidden", **one_queue)
     for w in (dataset, tokenizer):
-        w.submit(on_preview, inputs, outputs)
-        w.blur(on_preview, inputs, outputs)
+        w.submit(on_preview, inputs, outputs, **one_queue)
+        w.blur(on_preview, inputs, outputs, **one_queue)
     tokenizer.submit(on_load_template, [tokenizer], [template])
     prev_b.click(on_step(-1), [index, n_rows], [index])
     next_b.click(on_step(+1), [index, n_rows], [index])
@@ -284,8 +287,8 @@ class ConfigTab:
 def make_widget(b: Binding, value):
     label, info = label_and_info(b)
     common = dict(label=label, info=info, elem_id="cfg-" + b.path.replace(".", "-"), min_width=260)
-    if b.kind == "int":
-        return gr.Number(value, precision=0, **common)
+    if b.kind == "int":  # no precision=0: it rounds 2.5 to 2 silently; the typed config refuses 2.5 by name
+        return gr.Number(value, step=1, **common)
     if b.kind == "float":
         return gr.Number(value, **common)
     if b.kind == "bool":
@@ -327,6 +330,7 @@ def build_config_tab(train_config: str | None = None) -> ConfigTab:
     widgets = [None] * len(TRAIN_FIELDS)
     with gr.Row():
         with gr.Column(scale=3):
+            status = gr.Markdown(status0, elem_id="config-status")  # above the form: never scrolled out of sight
             for group in GROUPS:
                 with gr.Accordion(group, open=group in ("Schedule", "Batch", "Learning rate")):
                     # checkboxes in their own row: squeezed between number boxes they wrap word by word
@@ -337,7 +341,6 @@ def build_config_tab(train_config: str | None = None) -> ConfigTab:
                             for k, b in enumerate(TRAIN_FIELDS):
                                 if b.group == group and (b.kind == "bool") == bools:
                                     widgets[k] = make_widget(b, values0[k])
-            status = gr.Markdown(status0, elem_id="config-status")
         with gr.Column(scale=2):
             train_yaml = gr.Code(
                 yaml0,
@@ -357,20 +360,33 @@ def build_config_tab(train_config: str | None = None) -> ConfigTab:
             file_status = gr.Markdown()
             with gr.Accordion("Memory plan (backend.plan)", open=True):
                 with gr.Row():
-                    plan_gpus = gr.Number(None, precision=0, label="GPUs (empty: run.num_processes)", min_width=120)
+                    plan_gpus = gr.Number(
+                        None, precision=0, label="GPUs", placeholder="run.num_processes", min_width=120, minimum=1
+                    )
                     plan_memory = gr.Number(80, label="GiB per GPU", min_width=120)
+                plan_config = gr.Textbox(
+                    "",
+                    label="model config (optional)",
+                    placeholder="a directory with config.json, or the file: instead of pretrained.path",
+                    info="plan a model whose weights are not here (or a hub id while offline) from its config.json",
+                    elem_id="plan-model-config",
+                )
                 plan_md = gr.Markdown(H.memory_plan_markdown(yaml0, None, 80), elem_id="memory-plan")
     for w in widgets:
         # .input (user edits only) in both directions, so that form -> YAML -> form does not loop.
         w.input(on_form, [train_yaml] + widgets, [train_yaml, status], show_progress="hidden")
         if isinstance(w, (gr.Number, gr.Textbox)):  # a pasted value fires no .input: leaving the field counts
             w.blur(on_form, [train_yaml] + widgets, [train_yaml, status], show_progress="hidden")
-    train_yaml.input(on_yaml, [train_yaml], widgets + [status], show_progress="hidden")
-    train_yaml.blur(on_yaml, [train_yaml], widgets + [status], show_progress="hidden")
+    # .change: typed text, a paste and the form's own rewrite alike (the form listens to .input, so no loop)
+    train_yaml.change(on_yaml, [train_yaml], widgets + [status], show_progress="hidden", trigger_mode="always_last")
     load_b.click(on_load_file, [path], [train_yaml] + widgets + [file_status])
     save_b.click(on_save, [train_yaml, prepare_yaml, path], [file_status, download])
-    for w in (train_yaml, plan_gpus, plan_memory):  # .change: also when the form rewrites the YAML
-        w.change(H.memory_plan_markdown, [train_yaml, plan_gpus, plan_memory], [plan_md], show_progress="hidden")
+    plan_inputs = [train_yaml, plan_gpus, plan_memory, plan_config]
+    for w in (train_yaml, plan_gpus, plan_memory, plan_config):  # .change: also when the form rewrites the YAML
+        # first say that the plan is being recomputed (never the previous model's figures), then compute it
+        w.change(H.plan_pending, None, [plan_md], show_progress="hidden", queue=False).then(
+            H.memory_plan_markdown, plan_inputs, [plan_md], show_progress="hidden", trigger_mode="always_last"
+        )
     return ConfigTab(widgets, train_yaml, prepare_yaml, status)
 
 
@@ -457,7 +473,13 @@ def build_train_tab(cfg: ConfigTab, runs_dir: str, demo: gr.Blocks) -> None:
     with gr.Row():
         overlays = gr.Dropdown([], multiselect=True, label="overlay past runs", scale=4)
         refresh = gr.Button("↻ runs", size="sm")
-    log = gr.Textbox(label="train.log (tail)", lines=14, max_lines=14, autoscroll=True, elem_id="train-log")
+    log = gr.Textbox(
+        label="train.log (tail)",
+        lines=H.LOG_TAIL_LINES,
+        max_lines=H.LOG_TAIL_LINES,
+        autoscroll=True,
+        elem_id="train-log",
+    )
     learned.build_samples_section(exp_dir)  # answers to fixed validation prompts + tracker paths (studio/learned.py)
     cursor = gr.State({})
     timer = gr.Timer(1.0)

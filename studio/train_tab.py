@@ -14,6 +14,11 @@ from studio.common import _parse_yaml, check_path, problems_markdown
 # =============================================================================================== train tab
 
 
+# the train.log box holds exactly this many lines, and the poll sends exactly this tail: the newest line (a stop, an
+# exit code) is always in sight, whatever the browser does with scrolling
+LOG_TAIL_LINES = 16
+
+
 @dataclass
 class RunView:
     figure: Any
@@ -186,7 +191,7 @@ def poll_run(exp_dir: str, cursor: dict | None, overlays: list[str] | None = Non
         parts.append(f"last checkpoint: `{ckpts[-1].get('path')}`")
     if st.state == "failed":
         parts.append(f"✗ {st.message}")
-    log = jobs.tail(exp / jobs.LOG_FILE, 60)
+    log = jobs.tail(exp / jobs.LOG_FILE, LOG_TAIL_LINES)
     if st.running and st.phase == "prepare":  # prepare inside Launch: its progress bar and ETA from the log
         from studio.learned import tqdm_progress
 
