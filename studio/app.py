@@ -425,8 +425,10 @@ def on_poll(exp_dir: str, cursor: dict, overlays: list[str] | None) -> tuple:
         before != (v.cursor["offset"], v.status, log_size) or (cursor or {}).get("overlays") != v.cursor["overlays"]
     )
     if not changed:  # nothing new: do not resend the figure every second
-        return gr.skip(), gr.skip(), gr.skip(), gr.skip(), v.cursor
-    return v.figure, v.log, v.status, _progress_html(v.progress), v.cursor
+        return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), v.cursor
+    # the machine plot exists only once figures arrive (and its GPU panels only on a GPU): hidden, never empty
+    machine = gr.update(value=v.machine, visible=True) if v.machine is not None else gr.update(visible=False)
+    return v.figure, v.log, v.status, _progress_html(v.progress), machine, v.cursor
 
 
 def on_launch(train_text: str, prepare_text: str) -> tuple[str, str]:
@@ -470,6 +472,7 @@ def build_train_tab(cfg: ConfigTab, runs_dir: str, demo: gr.Blocks) -> None:
     status = gr.Markdown(elem_id="train-status")
     progress = gr.HTML(_progress_html(0))
     plot = gr.Plot(label="training curves", elem_id="train-plot")
+    machine = gr.Plot(label="the machine while it trains", elem_id="machine-plot", visible=False)
     with gr.Row():
         overlays = gr.Dropdown([], multiselect=True, label="overlay past runs", scale=4)
         refresh = gr.Button("↻ runs", size="sm")
@@ -483,7 +486,9 @@ def build_train_tab(cfg: ConfigTab, runs_dir: str, demo: gr.Blocks) -> None:
     learned.build_samples_section(exp_dir)  # answers to fixed validation prompts + tracker paths (studio/learned.py)
     cursor = gr.State({})
     timer = gr.Timer(1.0)
-    timer.tick(on_poll, [exp_dir, cursor, overlays], [plot, log, status, progress, cursor], show_progress="hidden")
+    timer.tick(
+        on_poll, [exp_dir, cursor, overlays], [plot, log, status, progress, machine, cursor], show_progress="hidden"
+    )
     launch_b.click(on_launch, [cfg.train_yaml, cfg.prepare_yaml], [action, exp_dir])
     stop_b.click(on_stop, [exp_dir], [action])
     refresh.click(on_refresh_runs, [runs_state], [overlays])
