@@ -17,7 +17,7 @@ import gradio as gr
 
 from backend import SAMPLE_DATA, TINY_MODEL
 from studio import handlers as H
-from studio import learned
+from studio import jobs, learned
 from studio.bindings import GROUPS, TRAIN_FIELDS, Binding, label_and_info
 
 CSS = """
@@ -185,7 +185,7 @@ def on_check(seq_len: float, truncate: bool, max_rows: float, progress=gr.Progre
 
     def report(i, n):
         if i % 50 == 0 or i == n:
-            progress((i, n), desc=f"checking samples: {learned.eta_text(i, n, started)}")
+            progress((i, n), desc=f"checking samples: {jobs.eta_text(i, n, started)}")
 
     r = H.check_whole_dataset(H.DataSettings(*data), seq_len, truncate, max_rows, progress=report)
     choices = [(label, row) for label, row in zip(r.problem_labels, r.problem_rows, strict=False)]

@@ -199,9 +199,7 @@ def poll_run(exp_dir: str, cursor: dict | None, overlays: list[str] | None = Non
     machine = resource_figure(trains, start.get("planned_peak_bytes"))
     log = jobs.tail(exp / jobs.LOG_FILE, LOG_TAIL_LINES)
     if st.running and st.phase == "prepare":  # prepare inside Launch: its progress bar and ETA from the log
-        from studio.learned import tqdm_progress
-
-        parts.insert(1, tqdm_progress(log) or "preparing the dataset")
+        parts.insert(1, jobs.tqdm_progress(log) or "preparing the dataset")
     return RunView(fig, log, " · ".join(parts), progress, st.running, cursor, machine)
 
 

@@ -119,3 +119,33 @@ def test_an_all_skipped_dataset_is_not_reported_as_healthy(tmp_path):
     assert "samples skipped, nothing trained from them: **3**" in r.summary
     assert "in every trained turn" not in r.summary and "no sample is kept" in r.summary
     assert "✓" not in r.summary
+
+
+def test_studio_modules_import_each_other_in_one_direction():
+    """No circle among studio/*.py imports (handlers <-> train_tab <-> learned had one), and only the page
+    (app.py) uses the handlers' re-export: each tab's code imports what it needs from where it lives."""
+    import ast
+    from pathlib import Path
+
+    root = Path(A.__file__).parent
+    graph = {}
+    for f in root.glob("*.py"):
+        names = set()
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                mods = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+                names |= {m.split(".")[1] for m in mods if m.startswith("studio.")}
+            elif isinstance(node, ast.Import):
+                names |= {a.name.split(".")[1] for a in node.names if a.name.startswith("studio.")}
+        graph[f.stem] = names & {g.stem for g in root.glob("*.py")}
+    assert {m for m, deps in graph.items() if "handlers" in deps} <= {"app", "screenshots", "__main__"}
+
+    def reach(start, seen=()):
+        for dep in graph.get(start, ()):
+            if dep in seen:
+                continue
+            yield dep
+            yield from reach(dep, (*seen, dep))
+
+    circles = sorted(m for m in graph if m in set(reach(m)))
+    assert not circles, f"studio modules that import themselves through others: {circles}"
