@@ -509,6 +509,10 @@ def on_chat(
     message: str,
     history: list[dict],
     history_base: list[dict],
+    max_new_tokens: float = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    system_prompt: str = "",
     progress=gr.Progress(track_tqdm=True),  # loading a model: transformers' "Loading weights" bar, with its ETA
 ):
     history = list(history or [])
@@ -516,8 +520,15 @@ def on_chat(
     if not (message or "").strip():
         yield history, history_base, ""
         return
+    settings = dict(
+        max_new_tokens=int(max_new_tokens or 64),
+        temperature=float(temperature or 0.0),
+        top_p=float(top_p or 1.0),
+        system_prompt=system_prompt,
+        tools_json=tools_json,
+    )
     try:
-        for reply in H.chat_stream(model_path, history, message, template, tools_json=tools_json):
+        for reply in H.chat_stream(model_path, history, message, template, **settings):
             yield (
                 history + [{"role": "user", "content": message}, {"role": "assistant", "content": reply}],
                 history_base,
@@ -525,7 +536,7 @@ def on_chat(
             )
         history = history + [{"role": "user", "content": message}, {"role": "assistant", "content": reply}]
         if compare:
-            for reply_b in H.chat_stream(base_path, history_base, message, template, tools_json=tools_json):
+            for reply_b in H.chat_stream(base_path, history_base, message, template, **settings):
                 yield (
                     history,
                     history_base + [{"role": "user", "content": message}, {"role": "assistant", "content": reply_b}],
@@ -540,8 +551,14 @@ def on_chat(
         )
 
 
-def on_refresh_models(runs_dir: str) -> dict:
-    return gr.update(choices=H.chat_models(runs_dir))
+def on_refresh_models(runs_dir: str, current: str | None = None) -> dict:
+    models = H.chat_models(runs_dir)
+    return gr.update(choices=models, value=H.default_chat_model(models, current))
+
+
+def on_load_models(runs_dir: str) -> dict:
+    """On page load: the newest export, not the base model."""
+    return on_refresh_models(runs_dir, None)
 
 
 def build_chat_tab(data: DataTab, runs_dir: str, demo: gr.Blocks) -> None:
@@ -563,12 +580,18 @@ def build_chat_tab(data: DataTab, runs_dir: str, demo: gr.Blocks) -> None:
     message = gr.Textbox(label="message", placeholder="What is 5 + 37?")
     with gr.Accordion("tools (JSON list of tool schemas, passed to the template as tools=)", open=False):
         tools = gr.Code("", language="json", label="tools")
+    with gr.Accordion("generation settings", open=False):
+        with gr.Row():
+            max_new = gr.Number(64, label="max new tokens", minimum=1, step=1, precision=0)
+            temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="temperature (0: greedy)")
+            top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="top-p (when sampling)")
+        system = gr.Textbox("", label="system prompt (optional)", lines=2)
     send = gr.Button("Send", variant="primary")
-    inputs = [model, base, compare, data.template, tools, message, chat, chat_base]
+    inputs = [model, base, compare, data.template, tools, message, chat, chat_base, max_new, temperature, top_p, system]
     send.click(on_chat, inputs, [chat, chat_base, message])
     message.submit(on_chat, inputs, [chat, chat_base, message])
-    refresh.click(on_refresh_models, [runs_state], [model])
-    demo.load(on_refresh_models, [runs_state], [model])
+    refresh.click(on_refresh_models, [runs_state, model], [model])
+    demo.load(on_load_models, [runs_state], [model])
 
 
 # ============================================================================================ the page

@@ -13,6 +13,7 @@ from studio.chat_tab import (  # noqa: F401
     _text_of,
     chat_models,
     chat_stream,
+    default_chat_model,
     get_model,
 )
 from studio.common import (  # noqa: F401

@@ -149,3 +149,38 @@ def test_studio_modules_import_each_other_in_one_direction():
 
     circles = sorted(m for m in graph if m in set(reach(m)))
     assert not circles, f"studio modules that import themselves through others: {circles}"
+
+
+def test_chat_takes_a_system_prompt_and_sampling_settings(monkeypatch):
+    """The Chat tab's generation settings reach generate(): max new tokens, temperature, top-p, and the system
+    prompt rendered by the chat template before the history."""
+    import studio.chat_tab as C
+
+    tokenizer = H.get_tokenizer(TOK)
+    seen = {}
+
+    class Recorder:
+        def generate(self, **kwargs):
+            seen.update(kwargs)
+            kwargs["streamer"].end()
+
+    monkeypatch.setattr(C, "get_model", lambda path: (Recorder(), tokenizer))
+    list(H.chat_stream(TOK, [], "zq-user", "", max_new_tokens=7, temperature=0.7, top_p=0.8, system_prompt="zq-sys"))
+    prompt = tokenizer.decode(seen["input_ids"][0])
+    assert "zq-sys" in prompt and prompt.index("zq-sys") < prompt.index("zq-user")
+    assert seen["max_new_tokens"] == 7 and seen["do_sample"] and seen["temperature"] == 0.7 and seen["top_p"] == 0.8
+    list(H.chat_stream(TOK, [], "zq-user", "", temperature=0.0))
+    assert seen["do_sample"] is False and "zq-sys" not in tokenizer.decode(seen["input_ids"][0])
+
+
+def test_the_chat_tab_opens_on_the_newest_export(tmp_path):
+    runs = tmp_path / "runs"
+    for d in ("a/checkpoints/step_4", "a/export/final"):
+        (runs / d).mkdir(parents=True)
+    (runs / "a/checkpoints/step_4/COMPLETE").write_text("")
+    (runs / "a/export/final/config.json").write_text("{}")
+    (runs / "a/export/final/model.safetensors").write_text("")
+    models = H.chat_models(str(runs))
+    assert H.default_chat_model(models) == str(runs / "a/export/final")
+    assert A.on_load_models(str(runs))["value"] == str(runs / "a/export/final")
+    assert A.on_refresh_models(str(runs), TOK)["value"] == TOK  # a user's pick is kept on refresh
