@@ -278,7 +278,8 @@ def samples_table_html(events: list[dict]) -> str:
             match = " style='background:#e5f5e0'" if s.get("answer") == p.get("reference") else ""
             cells.append(f"<td{match}>{answer}{mark}</td>")
         body.append(
-            f"<tr><td>{html.escape(p.get('prompt', ''))}</td><td>{html.escape(p.get('reference', ''))}</td>"
+            f"<tr><td>{html.escape(p.get('prompt', '')).replace(chr(10), '<br>')}</td>"
+            f"<td>{html.escape(p.get('reference', ''))}</td>"
             f"{''.join(cells)}</tr>"
         )
     return (

@@ -184,3 +184,21 @@ def test_the_chat_tab_opens_on_the_newest_export(tmp_path):
     assert H.default_chat_model(models) == str(runs / "a/export/final")
     assert A.on_load_models(str(runs))["value"] == str(runs / "a/export/final")
     assert A.on_refresh_models(str(runs), TOK)["value"] == TOK  # a user's pick is kept on refresh
+
+
+@pytest.mark.parametrize("tokenizer", ["tiny-llama", "tokenizers/chatml", "tokenizers/phi3", "tokenizers/gemma"])
+def test_sample_prompts_read_as_role_lines(tokenizer):
+    """The answers table showed prompts run together ("winterassistant"): each turn is now its own role line."""
+    from backend import ASSETS
+    from backend.evaluate import readable_prompt
+
+    tok = H.get_tokenizer(str(ASSETS / tokenizer))
+    messages = [
+        {"role": "user", "content": "what is winter"},
+        {"role": "assistant", "content": "cold"},
+        {"role": "user", "content": "and summer"},
+    ]
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    lines = readable_prompt(tok(text, add_special_tokens=False)["input_ids"], tok).splitlines()
+    reply_role = "model" if "gemma" in tokenizer else "assistant"
+    assert lines[-3:] == ["user: what is winter", f"{reply_role}: cold", "user: and summer"]
