@@ -258,6 +258,53 @@ def greedy_answers(model, prompts, max_new_tokens: int, stop_ids, accelerator=No
     return answers
 
 
+_ROLES = ("system", "user", "assistant", "tool", "ipython", "developer", "model")
+
+
+def readable_prompt(ids, tokenizer) -> str:
+    """A prompt's tokens as "role: text" lines, for a table a person reads: the text between special tokens, with
+    a role name that stands alone (Llama 3's headers) or on the first line of a turn (ChatML) put before its text;
+    a trailing generation prompt ("assistant") is dropped. Without this, skip_special_tokens runs turns together
+    ("...winterassistant").
+
+    >>> from backend.modeling import load_tokenizer
+    >>> from backend import TINY_MODEL
+    >>> tok = load_tokenizer(TINY_MODEL)
+    >>> text = tok.apply_chat_template([{"role": "user", "content": "hi there"}], tokenize=False,
+    ...                                add_generation_prompt=True)
+    >>> print(readable_prompt(tok(text, add_special_tokens=False)["input_ids"], tok))
+    system: Cutting Knowledge Date: December 2023
+    Today Date: 26 Jul 2024
+    user: hi there
+    """
+    special = set(tokenizer.all_special_ids) | {
+        i for t, i in tokenizer.get_added_vocab().items() if t.startswith("<") and t.endswith(">")
+    }
+    items, run = [], []  # ("text", str) between special tokens | ("role", name) for a role token (Phi-3's <|user|>)
+    for i in [*ids, None]:
+        if i is None or int(i) in special:
+            text = tokenizer.decode(run).strip() if run else ""
+            if text:
+                items.append(("role", text) if text in _ROLES else ("text", text))
+            run = []
+            name = tokenizer.decode([int(i)]).strip("<|>") if i is not None else ""
+            if name in _ROLES:
+                items.append(("role", name))
+        else:
+            run.append(int(i))
+    lines, role = [], None
+    for kind, seg in items:
+        if kind == "role":
+            role = seg
+            continue
+        first, _, rest = seg.partition("\n")
+        if first.strip() in _ROLES and rest.strip():
+            role, seg = first.strip(), rest.strip()
+        lines.append(f"{role}: {seg}" if role else seg)
+        role = None
+    return "\n".join(lines)
+
+
 class SampleWriter:
     """The training loop's `samples` event: fixed validation prompts answered at each validation.
 
@@ -282,7 +329,7 @@ class SampleWriter:
         rows = [
             {
                 "document": p.document,
-                "prompt": decode(p.prompt_ids[p.turn_begin :], skip_special_tokens=True).strip(),
+                "prompt": readable_prompt(p.prompt_ids[p.turn_begin :], self.tokenizer),
                 "reference": decode(p.reference_ids, skip_special_tokens=True).strip(),
                 "answer": decode(a, skip_special_tokens=True).strip(),
                 "stopped": bool(a) and a[-1] in self.stop_ids,

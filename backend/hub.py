@@ -2,8 +2,9 @@
 
 transformers retries an unreachable hub for minutes before it fails (FACTS.md: a hub id typed in the studio while
 offline left a view "processing" for 209 s). Every place that is about to resolve a name that is not a local path (a
-model, tokenizer, config or dataset id) calls :func:`require_hub` first: a local path or a file already in the hub
-cache passes, a reachable hub passes, and otherwise it raises :class:`HubUnreachable` at once, with what to do.
+model, tokenizer, config or dataset id) calls :func:`require_hub` first: a local path passes; offline mode
+(``HF_HUB_OFFLINE=1`` and friends) passes, because the libraries then answer from their cache at once; a reachable hub
+passes; otherwise it raises :class:`HubUnreachable` at once, with what to do.
 
 >>> looks_like_hub_id("meta-llama/Llama-3.1-8B"), looks_like_hub_id("gpt2"), looks_like_hub_id("./runs/x")
 (True, True, False)
@@ -93,19 +94,22 @@ def in_cache(repo_id: str, filename: str = "config.json") -> bool:
         return False
 
 
-def require_hub(name: str, what: str = "model", filename: str = "config.json", timeout: float = 3.0) -> None:
+def require_hub(name: str, what: str = "model", timeout: float = 3.0) -> None:
     """Raise :class:`HubUnreachable` at once when ``name`` must come from a hub that cannot be reached.
 
-    Passes for a local path, for anything that is not shaped like a hub id (the caller's loader reports it), for an id
-    whose ``filename`` is in the local cache, and when the hub answers.
+    Passes for a local path, for anything that is not shaped like a hub id (the caller's loader reports it), in
+    offline mode (the libraries then read their cache without a network call, and fail fast themselves), and when
+    the hub answers. A cached id while the hub is unreachable is refused too: without offline mode the libraries
+    would retry the network for minutes before falling back to the cache, so the message says to set it.
     """
-    if not looks_like_hub_id(name) or in_cache(name, filename):
+    if not looks_like_hub_id(name) or offline_mode():
         return
     reason = hub_unreachable(timeout)
     if reason is None:
         return
+    cached = " It is in the local hub cache: set HF_HUB_OFFLINE=1 to use that copy." if in_cache(name) else ""
     raise HubUnreachable(
-        f"{what} {name!r} is not a local path and the Hugging Face hub cannot be reached: {reason}. "
+        f"{what} {name!r} is not a local path and the Hugging Face hub cannot be reached ({reason}).{cached} "
         f"Work offline with a local copy: give the path of a directory saved with save_pretrained (or a hub "
-        f"snapshot copied onto this machine), or fill the hub cache (HF_HOME) on a machine that has a connection."
+        f"snapshot copied onto this machine), or set HF_HUB_OFFLINE=1 to use the hub cache (HF_HOME)."
     )

@@ -122,8 +122,11 @@ def load_model(path, dtype="fp32", attn_implementation: str = "sdpa", random_ini
     """Load a causal LM for packed training. random_init=True builds it from the config (`model_weights: no`)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from backend.hub import require_hub
+
     register_attention(attn_implementation)
     dtype = as_dtype(dtype)
+    require_hub(str(path), "pretrained.path")  # an unreachable hub: fail in seconds, not after minutes of retries
     try:
         if random_init:
             config = AutoConfig.from_pretrained(path)
@@ -141,6 +144,9 @@ def load_model(path, dtype="fp32", attn_implementation: str = "sdpa", random_ini
 def load_tokenizer(path):
     from transformers import AutoTokenizer
 
+    from backend.hub import require_hub
+
+    require_hub(str(path), "tokenizer")
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:

@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from backend.hub import HubUnreachable, require_hub
+
 if TYPE_CHECKING:
     from backend.config import PrepareConfig
 
@@ -249,9 +251,12 @@ def open_source(cfg: PrepareConfig):
                     f"the current directory {os.getcwd()})"
                 ]
             )
+        require_hub(path, "dataset.path")  # an unreachable hub: fail in seconds, not after minutes of retries
         return HFSource(load_dataset(path, ds.name, split=ds.split, **_load_kwargs(ds, workers)), path)
     except (ConfigError, PrepareError):
         raise
+    except HubUnreachable as e:  # its message already names the key and says how to work offline
+        raise PrepareError(str(e)) from None
     except Exception as e:  # datasets raises many types; the user needs the path and the reason, not a traceback
         raise PrepareError(f"dataset.path: could not load {path!r}: {type(e).__name__}: {e}") from None
 

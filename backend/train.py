@@ -397,7 +397,7 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
     import torch
     from tqdm.auto import tqdm
 
-    from backend import compat
+    from backend import compat, resources
     from backend.checkpoint import latest_complete, load_checkpoint, step_dir_name
     from backend.config import check_world_size, config_hash
     from backend.distributed import describe, is_sharded, print0
@@ -478,6 +478,7 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
             config_hash=config_hash(cfg),
             experiment_dir=str(run_dir),
             disk_bytes=disk,
+            planned_peak_bytes=resources.planned_peak_bytes(cfg, world),  # the line the Train tab draws
         )
 
     # ---- the loop
@@ -497,15 +498,18 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
             collate(rows, train_data, b.sequence_length, b.cross_document_attention)
             for rows in sampler.micro_batches(step, b.batch_size, b.micro_batch_size, rank, world)
         ]
-        result = train_step(
-            model,
-            optimizer,
-            accelerator,
-            micro_batches,
-            cfg.model.base_model.cross_entropy_impl,
-            opt.gradient_norm_clipping,
-            on_micro_batch=lambda step=step: probe.micro_batch(step, model),
-        )
+        try:
+            result = train_step(
+                model,
+                optimizer,
+                accelerator,
+                micro_batches,
+                cfg.model.base_model.cross_entropy_impl,
+                opt.gradient_norm_clipping,
+                on_micro_batch=lambda step=step: probe.micro_batch(step, model),
+            )
+        except torch.OutOfMemoryError as e:  # name the step, the peak, the plan's figure and its smallest fix
+            raise resources.OutOfMemory(resources.oom_message(cfg, world, step + 1, e)) from e
         loss, grad_norm, global_count = result.loss, result.grad_norm, result.trained_tokens
         if result.overflow:
             print0(f"step {step + 1}: fp16 gradients overflowed; step skipped, loss scale lowered")
@@ -528,6 +532,7 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
             steps_in_interval = t.logs.interval if step % t.logs.interval == 0 else step % t.logs.interval
             elapsed = now - session_start
             eta = elapsed / (step - start_step) * (t.train_iters - step)
+            machine = resources.sample(accelerator, run_dir)  # every rank: the GPU figures are gathered
             if accelerator.is_main_process:
                 events.emit(
                     "train",
@@ -540,7 +545,8 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
                     trained_tokens_per_s=interval_trained / interval_time,
                     elapsed=elapsed,
                     eta=eta,
-                    **({"peak_memory_bytes": torch.cuda.max_memory_allocated()} if torch.cuda.is_available() else {}),
+                    **({"peak_memory_bytes": max(machine["gpu_peak_bytes"])} if "gpu_peak_bytes" in machine else {}),
+                    **machine,
                 )
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
             interval_trained, interval_time = 0, 0.0
@@ -674,13 +680,11 @@ def train(config, overrides=()) -> dict:
             return fit(cfg, accelerator, events, stop)
     except BaseException as e:
         if accelerator.is_main_process:
-            message = str(e) if isinstance(e, TrainingDiverged) else f"{type(e).__name__}: {e}"
-            events.emit(
-                "error",
-                _last_step(run_dir / "events.jsonl"),
-                message=message,
-                kind="diverged" if isinstance(e, TrainingDiverged) else type(e).__name__,
-            )
+            from backend.resources import OutOfMemory
+
+            message = str(e) if isinstance(e, (TrainingDiverged, OutOfMemory)) else f"{type(e).__name__}: {e}"
+            kind = {TrainingDiverged: "diverged", OutOfMemory: "out_of_memory"}.get(type(e), type(e).__name__)
+            events.emit("error", _last_step(run_dir / "events.jsonl"), message=message, kind=kind)
         raise
     finally:
         if cfg.run.trackers:

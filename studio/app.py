@@ -17,7 +17,7 @@ import gradio as gr
 
 from backend import SAMPLE_DATA, TINY_MODEL
 from studio import handlers as H
-from studio import learned
+from studio import jobs, learned
 from studio.bindings import GROUPS, TRAIN_FIELDS, Binding, label_and_info
 
 CSS = """
@@ -163,12 +163,15 @@ def wire_data_tab(tab: DataTab, seq_len: gr.Number, demo: gr.Blocks) -> None:
     inputs = [index, seq_len] + t.settings_inputs
     outputs = t.outputs
     # .change (not .input) for the typed fields too: gradio 6 fires .input on key presses only, not on a paste;
-    # always_last drops stale renders while the user types.
-    for w in (t.mode, t.train_on, t.train_on_eot, t.final_eot, index, t.start, t.end, template):
-        w.change(on_preview, inputs, outputs, show_progress="hidden", trigger_mode="always_last")
+    # always_last drops stale renders while the user types. Every preview event shares one queue of one worker
+    # (concurrency_id), so renders finish in the order they were asked for: an earlier, slower input (a dataset
+    # no longer selected) can never land after the answer to the inputs on screen.
+    one_queue = dict(trigger_mode="always_last", concurrency_id="data-preview", concurrency_limit=1)
+    for w in (t.mode, t.train_on, t.train_on_eot, t.final_eot, index, t.start, t.end, template, seq_len):
+        w.change(on_preview, inputs, outputs, show_progress="hidden", **one_queue)
     for w in (dataset, tokenizer):
-        w.submit(on_preview, inputs, outputs)
-        w.blur(on_preview, inputs, outputs)
+        w.submit(on_preview, inputs, outputs, **one_queue)
+        w.blur(on_preview, inputs, outputs, **one_queue)
     tokenizer.submit(on_load_template, [tokenizer], [template])
     prev_b.click(on_step(-1), [index, n_rows], [index])
     next_b.click(on_step(+1), [index, n_rows], [index])
@@ -182,7 +185,7 @@ def on_check(seq_len: float, truncate: bool, max_rows: float, progress=gr.Progre
 
     def report(i, n):
         if i % 50 == 0 or i == n:
-            progress((i, n), desc=f"checking samples: {learned.eta_text(i, n, started)}")
+            progress((i, n), desc=f"checking samples: {jobs.eta_text(i, n, started)}")
 
     r = H.check_whole_dataset(H.DataSettings(*data), seq_len, truncate, max_rows, progress=report)
     choices = [(label, row) for label, row in zip(r.problem_labels, r.problem_rows, strict=False)]
@@ -284,8 +287,8 @@ class ConfigTab:
 def make_widget(b: Binding, value):
     label, info = label_and_info(b)
     common = dict(label=label, info=info, elem_id="cfg-" + b.path.replace(".", "-"), min_width=260)
-    if b.kind == "int":
-        return gr.Number(value, precision=0, **common)
+    if b.kind == "int":  # no precision=0: it rounds 2.5 to 2 silently; the typed config refuses 2.5 by name
+        return gr.Number(value, step=1, **common)
     if b.kind == "float":
         return gr.Number(value, **common)
     if b.kind == "bool":
@@ -327,6 +330,7 @@ def build_config_tab(train_config: str | None = None) -> ConfigTab:
     widgets = [None] * len(TRAIN_FIELDS)
     with gr.Row():
         with gr.Column(scale=3):
+            status = gr.Markdown(status0, elem_id="config-status")  # above the form: never scrolled out of sight
             for group in GROUPS:
                 with gr.Accordion(group, open=group in ("Schedule", "Batch", "Learning rate")):
                     # checkboxes in their own row: squeezed between number boxes they wrap word by word
@@ -337,7 +341,6 @@ def build_config_tab(train_config: str | None = None) -> ConfigTab:
                             for k, b in enumerate(TRAIN_FIELDS):
                                 if b.group == group and (b.kind == "bool") == bools:
                                     widgets[k] = make_widget(b, values0[k])
-            status = gr.Markdown(status0, elem_id="config-status")
         with gr.Column(scale=2):
             train_yaml = gr.Code(
                 yaml0,
@@ -357,20 +360,33 @@ def build_config_tab(train_config: str | None = None) -> ConfigTab:
             file_status = gr.Markdown()
             with gr.Accordion("Memory plan (backend.plan)", open=True):
                 with gr.Row():
-                    plan_gpus = gr.Number(None, precision=0, label="GPUs (empty: run.num_processes)", min_width=120)
+                    plan_gpus = gr.Number(
+                        None, precision=0, label="GPUs", placeholder="run.num_processes", min_width=120, minimum=1
+                    )
                     plan_memory = gr.Number(80, label="GiB per GPU", min_width=120)
+                plan_config = gr.Textbox(
+                    "",
+                    label="model config (optional)",
+                    placeholder="a directory with config.json, or the file: instead of pretrained.path",
+                    info="plan a model whose weights are not here (or a hub id while offline) from its config.json",
+                    elem_id="plan-model-config",
+                )
                 plan_md = gr.Markdown(H.memory_plan_markdown(yaml0, None, 80), elem_id="memory-plan")
     for w in widgets:
         # .input (user edits only) in both directions, so that form -> YAML -> form does not loop.
         w.input(on_form, [train_yaml] + widgets, [train_yaml, status], show_progress="hidden")
         if isinstance(w, (gr.Number, gr.Textbox)):  # a pasted value fires no .input: leaving the field counts
             w.blur(on_form, [train_yaml] + widgets, [train_yaml, status], show_progress="hidden")
-    train_yaml.input(on_yaml, [train_yaml], widgets + [status], show_progress="hidden")
-    train_yaml.blur(on_yaml, [train_yaml], widgets + [status], show_progress="hidden")
+    # .change: typed text, a paste and the form's own rewrite alike (the form listens to .input, so no loop)
+    train_yaml.change(on_yaml, [train_yaml], widgets + [status], show_progress="hidden", trigger_mode="always_last")
     load_b.click(on_load_file, [path], [train_yaml] + widgets + [file_status])
     save_b.click(on_save, [train_yaml, prepare_yaml, path], [file_status, download])
-    for w in (train_yaml, plan_gpus, plan_memory):  # .change: also when the form rewrites the YAML
-        w.change(H.memory_plan_markdown, [train_yaml, plan_gpus, plan_memory], [plan_md], show_progress="hidden")
+    plan_inputs = [train_yaml, plan_gpus, plan_memory, plan_config]
+    for w in (train_yaml, plan_gpus, plan_memory, plan_config):  # .change: also when the form rewrites the YAML
+        # first say that the plan is being recomputed (never the previous model's figures), then compute it
+        w.change(H.plan_pending, None, [plan_md], show_progress="hidden", queue=False).then(
+            H.memory_plan_markdown, plan_inputs, [plan_md], show_progress="hidden", trigger_mode="always_last"
+        )
     return ConfigTab(widgets, train_yaml, prepare_yaml, status)
 
 
@@ -409,8 +425,10 @@ def on_poll(exp_dir: str, cursor: dict, overlays: list[str] | None) -> tuple:
         before != (v.cursor["offset"], v.status, log_size) or (cursor or {}).get("overlays") != v.cursor["overlays"]
     )
     if not changed:  # nothing new: do not resend the figure every second
-        return gr.skip(), gr.skip(), gr.skip(), gr.skip(), v.cursor
-    return v.figure, v.log, v.status, _progress_html(v.progress), v.cursor
+        return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), v.cursor
+    # the machine plot exists only once figures arrive (and its GPU panels only on a GPU): hidden, never empty
+    machine = gr.update(value=v.machine, visible=True) if v.machine is not None else gr.update(visible=False)
+    return v.figure, v.log, v.status, _progress_html(v.progress), machine, v.cursor
 
 
 def on_launch(train_text: str, prepare_text: str) -> tuple[str, str]:
@@ -454,14 +472,23 @@ def build_train_tab(cfg: ConfigTab, runs_dir: str, demo: gr.Blocks) -> None:
     status = gr.Markdown(elem_id="train-status")
     progress = gr.HTML(_progress_html(0))
     plot = gr.Plot(label="training curves", elem_id="train-plot")
+    machine = gr.Plot(label="the machine while it trains", elem_id="machine-plot", visible=False)
     with gr.Row():
         overlays = gr.Dropdown([], multiselect=True, label="overlay past runs", scale=4)
         refresh = gr.Button("↻ runs", size="sm")
-    log = gr.Textbox(label="train.log (tail)", lines=14, max_lines=14, autoscroll=True, elem_id="train-log")
+    log = gr.Textbox(
+        label="train.log (tail)",
+        lines=H.LOG_TAIL_LINES,
+        max_lines=H.LOG_TAIL_LINES,
+        autoscroll=True,
+        elem_id="train-log",
+    )
     learned.build_samples_section(exp_dir)  # answers to fixed validation prompts + tracker paths (studio/learned.py)
     cursor = gr.State({})
     timer = gr.Timer(1.0)
-    timer.tick(on_poll, [exp_dir, cursor, overlays], [plot, log, status, progress, cursor], show_progress="hidden")
+    timer.tick(
+        on_poll, [exp_dir, cursor, overlays], [plot, log, status, progress, machine, cursor], show_progress="hidden"
+    )
     launch_b.click(on_launch, [cfg.train_yaml, cfg.prepare_yaml], [action, exp_dir])
     stop_b.click(on_stop, [exp_dir], [action])
     refresh.click(on_refresh_runs, [runs_state], [overlays])
@@ -482,6 +509,10 @@ def on_chat(
     message: str,
     history: list[dict],
     history_base: list[dict],
+    max_new_tokens: float = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    system_prompt: str = "",
     progress=gr.Progress(track_tqdm=True),  # loading a model: transformers' "Loading weights" bar, with its ETA
 ):
     history = list(history or [])
@@ -489,8 +520,15 @@ def on_chat(
     if not (message or "").strip():
         yield history, history_base, ""
         return
+    settings = dict(
+        max_new_tokens=int(max_new_tokens or 64),
+        temperature=float(temperature or 0.0),
+        top_p=float(top_p or 1.0),
+        system_prompt=system_prompt,
+        tools_json=tools_json,
+    )
     try:
-        for reply in H.chat_stream(model_path, history, message, template, tools_json=tools_json):
+        for reply in H.chat_stream(model_path, history, message, template, **settings):
             yield (
                 history + [{"role": "user", "content": message}, {"role": "assistant", "content": reply}],
                 history_base,
@@ -498,7 +536,7 @@ def on_chat(
             )
         history = history + [{"role": "user", "content": message}, {"role": "assistant", "content": reply}]
         if compare:
-            for reply_b in H.chat_stream(base_path, history_base, message, template, tools_json=tools_json):
+            for reply_b in H.chat_stream(base_path, history_base, message, template, **settings):
                 yield (
                     history,
                     history_base + [{"role": "user", "content": message}, {"role": "assistant", "content": reply_b}],
@@ -513,8 +551,14 @@ def on_chat(
         )
 
 
-def on_refresh_models(runs_dir: str) -> dict:
-    return gr.update(choices=H.chat_models(runs_dir))
+def on_refresh_models(runs_dir: str, current: str | None = None) -> dict:
+    models = H.chat_models(runs_dir)
+    return gr.update(choices=models, value=H.default_chat_model(models, current))
+
+
+def on_load_models(runs_dir: str) -> dict:
+    """On page load: the newest export, not the base model."""
+    return on_refresh_models(runs_dir, None)
 
 
 def build_chat_tab(data: DataTab, runs_dir: str, demo: gr.Blocks) -> None:
@@ -536,12 +580,18 @@ def build_chat_tab(data: DataTab, runs_dir: str, demo: gr.Blocks) -> None:
     message = gr.Textbox(label="message", placeholder="What is 5 + 37?")
     with gr.Accordion("tools (JSON list of tool schemas, passed to the template as tools=)", open=False):
         tools = gr.Code("", language="json", label="tools")
+    with gr.Accordion("generation settings", open=False):
+        with gr.Row():
+            max_new = gr.Number(64, label="max new tokens", minimum=1, step=1, precision=0)
+            temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="temperature (0: greedy)")
+            top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="top-p (when sampling)")
+        system = gr.Textbox("", label="system prompt (optional)", lines=2)
     send = gr.Button("Send", variant="primary")
-    inputs = [model, base, compare, data.template, tools, message, chat, chat_base]
+    inputs = [model, base, compare, data.template, tools, message, chat, chat_base, max_new, temperature, top_p, system]
     send.click(on_chat, inputs, [chat, chat_base, message])
     message.submit(on_chat, inputs, [chat, chat_base, message])
-    refresh.click(on_refresh_models, [runs_state], [model])
-    demo.load(on_refresh_models, [runs_state], [model])
+    refresh.click(on_refresh_models, [runs_state, model], [model])
+    demo.load(on_load_models, [runs_state], [model])
 
 
 # ============================================================================================ the page

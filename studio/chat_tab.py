@@ -32,6 +32,21 @@ def chat_models(runs_dir: str) -> list[str]:
     return [str(TINY_MODEL)] + [str(d) for d in found]
 
 
+def default_chat_model(models: list[str], current: str | None = None) -> str:
+    """The model the Chat tab shows: the user's pick while it still exists, else the newest export (a run's
+    ``export/<name>``: what finished training produced), else the newest checkpoint, else the base model.
+
+    >>> default_chat_model(["tiny", "runs/a/checkpoints/step_4", "runs/a/export/final"])
+    'runs/a/export/final'
+    >>> default_chat_model(["tiny", "runs/a/export/final"], current="tiny")
+    'tiny'
+    """
+    if current and current in models:
+        return current
+    exports = [m for m in models[1:] if "export" in Path(m).parts]
+    return (exports or models[1:] or models)[0]
+
+
 def get_model(path: str):
     """(model, tokenizer) for a model dir, loaded once per (path, mtime); imports torch/transformers lazily.
     A LoRA adapter dir loads its base (adapter_config.json's base_model_name_or_path) with the adapter on top."""
@@ -59,6 +74,8 @@ def chat_stream(
     max_new_tokens: int = 64,
     temperature: float = 0.0,
     tools_json: str = "",
+    top_p: float = 1.0,
+    system_prompt: str = "",
 ):
     """Yield the growing assistant reply for ``message`` after ``history`` (OpenAI-style message dicts).
 
@@ -74,7 +91,8 @@ def chat_stream(
     model, tok = get_model(model_path)
     from transformers import TextIteratorStreamer
 
-    messages = [{"role": m["role"], "content": _text_of(m["content"])} for m in history or []]
+    messages = [{"role": "system", "content": system_prompt.strip()}] if (system_prompt or "").strip() else []
+    messages += [{"role": m["role"], "content": _text_of(m["content"])} for m in history or []]
     messages.append({"role": "user", "content": message})
     template = resolve_template(tok, _template_arg(template_text, tok))
     prompt = render_messages(messages, tok, template, add_generation_prompt=True, tools=tools)
@@ -91,7 +109,7 @@ def chat_stream(
         pad_token_id=tok.pad_token_id or 0,
     )
     if temperature and temperature > 0:
-        kwargs.update(do_sample=True, temperature=float(temperature))
+        kwargs.update(do_sample=True, temperature=float(temperature), top_p=float(top_p))
     else:
         kwargs.update(do_sample=False)
     thread = threading.Thread(target=model.generate, kwargs=kwargs, daemon=True)

@@ -66,10 +66,22 @@ def train_yaml_to_form(yaml_text: str) -> tuple[list, str, bool]:
     return form_values_from_config(cfg), "✓ valid train config", True
 
 
-def memory_plan_markdown(train_yaml: str, gpus: float | None = None, gpu_memory_gb: float | None = None) -> str:
+PLAN_PENDING = "Memory plan: ⏳ recomputing for the values now in the form…"
+
+
+def plan_pending() -> str:
+    """What the plan box shows while the plan of the current values is computed: never the previous figures."""
+    return PLAN_PENDING
+
+
+def memory_plan_markdown(
+    train_yaml: str, gpus: float | None = None, gpu_memory_gb: float | None = None, model_config: str | None = ""
+) -> str:
     """The Config tab's memory plan (backend.plan) of the YAML on `gpus` GPUs (None: run.num_processes) of
-    `gpu_memory_gb` GiB each: verdict, the smallest change that fits, and the per-GPU table. Never raises."""
-    from backend.config import ConfigError, load_train_config
+    `gpu_memory_gb` GiB each: verdict, the smallest change that fits, and the per-GPU table. `model_config`: a local
+    directory holding config.json (or the file) to plan instead of ``pretrained.path`` (a model whose weights are
+    elsewhere, or a hub id while offline). Never raises."""
+    from backend.config import ConfigError, load_train_config, set_field
     from backend.plan import plan_memory
 
     raw, err = _parse_yaml(train_yaml, "train")
@@ -81,6 +93,14 @@ def memory_plan_markdown(train_yaml: str, gpus: float | None = None, gpu_memory_
         return "Memory plan: the config is not valid yet (see the problems on the left; first: " + (
             f"`{e.problems[0]}`)" if e.problems else ")"
         )
+    if model_config and model_config.strip():
+        local = Path(model_config.strip()).expanduser()
+        local = local.parent if local.name == "config.json" else local
+        if not (local / "config.json").is_file():
+            return (
+                f"Memory plan: model config {model_config.strip()}: no config.json there (looked in {local.resolve()})"
+            )
+        cfg = set_field(cfg, "pretrained.path", str(local))
     world = int(gpus) if gpus and gpus >= 1 else cfg.run.num_processes
     memory = float(gpu_memory_gb) if gpu_memory_gb and gpu_memory_gb > 0 else None
     try:

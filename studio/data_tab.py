@@ -290,8 +290,10 @@ def check_whole_dataset(
         reader = get_reader(cfg)
         idx, sampled = _sample_indices(reader.n_rows, int(max_rows or 5000))
         report = HealthReport(examples=5)
+        skipped = 0  # rows prepare writes no document for: counted once here, and under their reason below
         for j, prepared in enumerate(reader.samples(idx, cfg, tokenizer)):
             if prepared.tokenized is None:
+                skipped += 1
                 report.add(j, [f"{prepared.skipped.replace(': ', f': row {prepared.row}: ', 1)}"], 0, 0)
             else:
                 tok = prepared.tokenized
@@ -312,7 +314,7 @@ def check_whole_dataset(
     n = report.n_samples
     too_long = lengths[lengths > seq] if seq else lengths[:0]
     eot_bad = d["problems"].get("eot_not_trained", {}).get("count", 0)
-    nothing = d["problems"].get("no_trained_tokens", {}).get("count", 0)
+    kept = n - skipped
     lines = [
         f"**{n} samples checked**"
         + (
@@ -320,13 +322,19 @@ def check_whole_dataset(
             if sampled
             else " (the whole dataset)"
         ),
-        f"- assistant spans found in **{report.span_found_share:.1%}** of samples",
-        f"- samples with nothing to train: **{nothing}**",
-        "- end-of-turn marker trained: "
-        f"**{'yes, in every trained turn' if not eot_bad else f'NO in {eot_bad} samples'}**"
-        + ("" if train_on_eot else " (train_on_eot is off: the model will not learn to stop)"),
-        f"- trained tokens: **{report.n_trained} / {report.n_tokens} ({report.trained_token_share:.1%})**",
+        f"- samples skipped, nothing trained from them: **{skipped}**"
+        + (" (their reasons are listed below)" if skipped else ""),
     ]
+    if kept:
+        lines += [
+            f"- assistant spans found in **{report.span_found_share:.1%}** of samples",
+            "- end-of-turn marker trained: "
+            f"**{'yes, in every trained turn' if not eot_bad else f'NO in {eot_bad} samples'}**"
+            + ("" if train_on_eot else " (train_on_eot is off: the model will not learn to stop)"),
+        ]
+    else:  # nothing below may read as a pass: there is no trained turn to judge
+        lines.append("- ⚠ **no sample is kept: prepare would write no document** (exit code 2)")
+    lines.append(f"- trained tokens: **{report.n_trained} / {report.n_tokens} ({report.trained_token_share:.1%})**")
     if report.trace_line():  # tool calls trained, tool results masked, reasoning trained or dropped
         lines.append(f"- {report.trace_line()}")
     undecided = d["problems"].get("eot_undecided", {}).get("count", 0)

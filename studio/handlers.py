@@ -13,6 +13,7 @@ from studio.chat_tab import (  # noqa: F401
     _text_of,
     chat_models,
     chat_stream,
+    default_chat_model,
     get_model,
 )
 from studio.common import (  # noqa: F401
@@ -57,6 +58,7 @@ from studio.config_tab import (  # noqa: F401
     form_to_train_yaml,
     load_yaml_file,
     memory_plan_markdown,
+    plan_pending,
     prepare_yaml_from,
     save_yaml,
     train_yaml_to_form,
@@ -85,6 +87,7 @@ from studio.packing_tab import (  # noqa: F401
     tokenize_documents,
 )
 from studio.train_tab import (  # noqa: F401
+    LOG_TAIL_LINES,
     RunView,
     _events_of,
     _past_cache,

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -365,3 +367,38 @@ def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------ progress lines (log tails, gr.Progress)
+
+_TQDM = re.compile(
+    r"^(?P<desc>[^:|]*):\s*(?P<pct>\d+)%\|.*?\|\s*(?P<i>[\d.]+\w?)/(?P<n>[\d.]+\w?)\s*\[(?P<el>[\d:]+)<(?P<eta>[\d:?]+)"
+)
+
+
+def tqdm_progress(log: str) -> str:
+    """The last tqdm bar of a log as a status line: "prepare 45% (1,350/3,000), 3 s elapsed, ETA 4 s"; "" if none."""
+    for line in reversed(log.splitlines()):
+        m = _TQDM.match(line.rsplit("\r", 1)[-1].strip())
+        if m:
+            return (
+                f"{m['desc'].strip()} {m['pct']}% ({m['i']}/{m['n']}), {_seconds(m['el'])} elapsed, "
+                f"ETA {_seconds(m['eta'])}"
+            )
+    return ""
+
+
+def _seconds(clock: str) -> str:
+    if "?" in clock:
+        return "?"
+    total = 0
+    for part in clock.split(":"):
+        total = total * 60 + int(part)
+    return f"{total} s"
+
+
+def eta_text(done: int, total: int, started: float) -> str:
+    """ "1,200/5,000, ETA 9 s" from the rate so far (for gr.Progress descriptions)."""
+    elapsed = time.perf_counter() - started
+    eta = elapsed / done * (total - done) if done else float("nan")
+    return f"{done:,}/{total:,}" + (f", ETA {eta:.0f} s" if math.isfinite(eta) else "")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import html
 import math
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from studio import handlers as H
+from studio.common import DataSettings, _load_once, get_rows, get_tokenizer, prepared_row
+from studio.train_tab import experiment_dir_of
 
 _models: dict = {}
 
@@ -34,7 +34,7 @@ def _scoring_model(path: str):
 
         return load_scoring_model(path)
 
-    return H._load_once(_models, path, "dir", load)
+    return _load_once(_models, path, "dir", load)
 
 
 def _run_config(exp_dir: str) -> dict:
@@ -172,7 +172,7 @@ def sample_loss(model_path: str, compare_path: str | None, settings, index: floa
     if not model_path:
         return LossView("", "", "pick a run and a checkpoint or export to score with")
     try:
-        i, _, prepared, tokenizer = H.prepared_row(settings, index)
+        i, _, prepared, tokenizer = prepared_row(settings, index)
         if prepared.tokenized is None:
             raise ValueError(f"prepare skips row {i}: {prepared.skipped}")
         tok = prepared.tokenized
@@ -202,7 +202,7 @@ def validation_rows(exp_dir: str, dataset: str) -> np.ndarray | None:
         prep = yaml.safe_load((data_dir / "prepare_config.yaml").read_text(encoding="utf-8"))
         if Path(prep["dataset"]["path"]).resolve() != Path(dataset).resolve():
             return None
-        n_rows = len(H.get_rows(dataset))
+        n_rows = len(get_rows(dataset))
         splits = prep.get("splits") or {"training": 0.998, "validation": 0.002}
         assign = split_assignment(n_rows, splits, prep.get("seed", 0))
         rows = np.flatnonzero(assign == list(splits).index("validation"))
@@ -242,7 +242,7 @@ def pick_validation(exp_dir: str, model_path: str, compare_path: str | None, dat
     try:
         data = _validation_data(exp_dir)
         tokens, trained = data.document(int(document))
-        tokenizer = H.get_tokenizer(
+        tokenizer = get_tokenizer(
             model_path if Path(model_path, "tokenizer_config.json").exists() else str(_base(exp_dir))
         )
         return None, score_document(model_path, compare_path, tokens, trained, tokenizer, f"validation doc {document}")
@@ -278,7 +278,8 @@ def samples_table_html(events: list[dict]) -> str:
             match = " style='background:#e5f5e0'" if s.get("answer") == p.get("reference") else ""
             cells.append(f"<td{match}>{answer}{mark}</td>")
         body.append(
-            f"<tr><td>{html.escape(p.get('prompt', ''))}</td><td>{html.escape(p.get('reference', ''))}</td>"
+            f"<tr><td>{html.escape(p.get('prompt', '')).replace(chr(10), '<br>')}</td>"
+            f"<td>{html.escape(p.get('reference', ''))}</td>"
             f"{''.join(cells)}</tr>"
         )
     return (
@@ -346,7 +347,7 @@ def build_loss_section(data, runs_dir: str, demo):
         return gr.update(choices=choices, value=default), gr.update(choices=[("none", "")] + choices, value=base)
 
     def on_score(model_path, compare_path, index, *data):
-        v = sample_loss(model_path, compare_path, H.DataSettings(*data), index)
+        v = sample_loss(model_path, compare_path, DataSettings(*data), index)
         return v.summary, v.tokens, v.status
 
     def on_index(*args):
@@ -375,7 +376,7 @@ def build_loss_section(data, runs_dir: str, demo):
 
     def wire(train_yaml):
         def follow(text):  # the run of the Config tab's YAML, when it exists
-            exp = H.experiment_dir_of(text)
+            exp = experiment_dir_of(text)
             return gr.update(choices=sorted(set(run_choices(runs_dir)) | ({exp} if exp else set())), value=exp)
 
         train_yaml.change(follow, [train_yaml], [run], show_progress="hidden")
@@ -402,35 +403,3 @@ def build_samples_section(exp_dir) -> None:
 
 
 # ============================================================================================ progress while waiting
-
-_TQDM = re.compile(
-    r"^(?P<desc>[^:|]*):\s*(?P<pct>\d+)%\|.*?\|\s*(?P<i>[\d.]+\w?)/(?P<n>[\d.]+\w?)\s*\[(?P<el>[\d:]+)<(?P<eta>[\d:?]+)"
-)
-
-
-def tqdm_progress(log: str) -> str:
-    """The last tqdm bar of a log as a status line: "prepare 45% (1,350/3,000), 3 s elapsed, ETA 4 s"; "" if none."""
-    for line in reversed(log.splitlines()):
-        m = _TQDM.match(line.rsplit("\r", 1)[-1].strip())
-        if m:
-            return (
-                f"{m['desc'].strip()} {m['pct']}% ({m['i']}/{m['n']}), {_seconds(m['el'])} elapsed, "
-                f"ETA {_seconds(m['eta'])}"
-            )
-    return ""
-
-
-def _seconds(clock: str) -> str:
-    if "?" in clock:
-        return "?"
-    total = 0
-    for part in clock.split(":"):
-        total = total * 60 + int(part)
-    return f"{total} s"
-
-
-def eta_text(done: int, total: int, started: float) -> str:
-    """ "1,200/5,000, ETA 9 s" from the rate so far (for gr.Progress descriptions)."""
-    elapsed = time.perf_counter() - started
-    eta = elapsed / done * (total - done) if done else float("nan")
-    return f"{done:,}/{total:,}" + (f", ETA {eta:.0f} s" if math.isfinite(eta) else "")

@@ -164,3 +164,51 @@ def training_figure(runs: dict[str, list[dict]], title: str = "") -> go.Figure:
 
 def _finite(x) -> bool:
     return isinstance(x, (int, float)) and np.isfinite(x)
+
+
+def resource_figure(train_events: list[dict], planned_peak_bytes: int | None = None) -> go.Figure | None:
+    """The machine during a run, from the ``train`` events' resource figures (backend/resources.py): host RAM and
+    CPU, the run directory's disk, and per rank GPU memory (allocated, reserved) beside the planner's peak, and GPU
+    utilization. The GPU panels exist only when the events carry GPU figures (absent on CPU, never empty). None when
+    no event has resource figures yet."""
+    events = [e for e in train_events if "host_ram_used_bytes" in e]
+    if not events:
+        return None
+    gib = 2**30
+    steps = [e["step"] for e in events]
+    gpu = any("gpu_allocated_bytes" in e for e in events)
+    util = any("gpu_utilization" in e for e in events)
+    titles = ["host RAM (GiB) and CPU (%)", "run directory on disk (GiB)"]
+    if gpu:
+        titles.append("GPU memory per rank (GiB)")
+    if util:
+        titles.append("GPU utilization per rank (%)")
+    fig = make_subplots(rows=len(titles), cols=1, shared_xaxes=True, subplot_titles=titles, vertical_spacing=0.08)
+    fig.add_trace(go.Scatter(x=steps, y=[e["host_ram_used_bytes"] / gib for e in events], name="host RAM used"), 1, 1)
+    fig.add_trace(go.Scatter(x=steps, y=[e["cpu_percent"] for e in events], name="CPU %", line_dash="dot"), 1, 1)
+    fig.add_trace(go.Scatter(x=steps, y=[e["run_dir_bytes"] / gib for e in events], name="run dir"), 2, 1)
+    row = 3
+    if gpu:
+        gpu_events = [e for e in events if "gpu_allocated_bytes" in e]
+        for rank in range(len(gpu_events[0]["gpu_allocated_bytes"])):
+            x = [e["step"] for e in gpu_events]
+            for key, dash in (("gpu_allocated_bytes", "solid"), ("gpu_reserved_bytes", "dot")):
+                y = [e[key][rank] / gib for e in gpu_events]
+                fig.add_trace(go.Scatter(x=x, y=y, name=f"rank {rank} {key[4:-6]}", line_dash=dash), row, 1)
+        if planned_peak_bytes:
+            fig.add_hline(
+                y=planned_peak_bytes / gib,
+                line_color="#d62728",
+                line_dash="dash",
+                annotation_text=f"planned peak {planned_peak_bytes / gib:.1f} GiB",
+                row=row,
+                col=1,
+            )
+        row += 1
+    if util:
+        util_events = [e for e in events if "gpu_utilization" in e]
+        for rank in range(len(util_events[0]["gpu_utilization"])):
+            y = [e["gpu_utilization"][rank] for e in util_events]
+            fig.add_trace(go.Scatter(x=[e["step"] for e in util_events], y=y, name=f"rank {rank} util %"), row, 1)
+    fig.update_xaxes(title="step", row=len(titles), col=1)
+    return _layout(fig, "Machine", height=220 * len(titles))

@@ -14,6 +14,11 @@ from studio.common import _parse_yaml, check_path, problems_markdown
 # =============================================================================================== train tab
 
 
+# the train.log box holds exactly this many lines, and the poll sends exactly this tail: the newest line (a stop, an
+# exit code) is always in sight, whatever the browser does with scrolling
+LOG_TAIL_LINES = 16
+
+
 @dataclass
 class RunView:
     figure: Any
@@ -22,6 +27,7 @@ class RunView:
     progress: float  # 0..1
     running: bool
     cursor: dict  # per-session tail state: {"exp": str, "offset": int, "events": [...]}
+    machine: Any = None  # the machine figure (studio.plots.resource_figure); None until a train event has figures
 
 
 def prepared_is_current(prepare_yaml: str) -> tuple[bool, bool, str]:
@@ -137,7 +143,7 @@ def poll_run(exp_dir: str, cursor: dict | None, overlays: list[str] | None = Non
     """One timer tick: read new events of ``exp_dir`` from the cursor's offset, redraw, tail the log."""
     from backend.events import read_events
     from studio import jobs
-    from studio.plots import training_figure
+    from studio.plots import resource_figure, training_figure
 
     cursor = dict(cursor or {})
     exp = Path(exp_dir or "")
@@ -184,14 +190,17 @@ def poll_run(exp_dir: str, cursor: dict | None, overlays: list[str] | None = Non
     ckpts = [e for e in cursor["events"] if e.get("event") == "checkpoint"]
     if ckpts:
         parts.append(f"last checkpoint: `{ckpts[-1].get('path')}`")
+    exports = [e for e in cursor["events"] if e.get("event") == "export"]
+    if exports and any(e.get("event") == "end" for e in cursor["events"]):
+        parts.append(f"✓ final export: `{exports[-1].get('path')}` (the Chat tab and the per-token loss view use it)")
     if st.state == "failed":
         parts.append(f"✗ {st.message}")
-    log = jobs.tail(exp / jobs.LOG_FILE, 60)
+    start = next((e for e in reversed(cursor["events"]) if e.get("event") == "start"), {})
+    machine = resource_figure(trains, start.get("planned_peak_bytes"))
+    log = jobs.tail(exp / jobs.LOG_FILE, LOG_TAIL_LINES)
     if st.running and st.phase == "prepare":  # prepare inside Launch: its progress bar and ETA from the log
-        from studio.learned import tqdm_progress
-
-        parts.insert(1, tqdm_progress(log) or "preparing the dataset")
-    return RunView(fig, log, " · ".join(parts), progress, st.running, cursor)
+        parts.insert(1, jobs.tqdm_progress(log) or "preparing the dataset")
+    return RunView(fig, log, " · ".join(parts), progress, st.running, cursor, machine)
 
 
 def past_runs(runs_dir: str) -> list[str]:

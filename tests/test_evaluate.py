@@ -292,7 +292,7 @@ def html_escape(text):
 
 def test_progress_lines_for_waits():
     """Prepare inside Launch shows its bar's state and ETA; the dataset check's ETA follows the rate so far."""
-    from studio.learned import eta_text, tqdm_progress
+    from studio.jobs import eta_text, tqdm_progress
 
     log = (
         "distributed: ...\n"

@@ -1,0 +1,204 @@
+"""The studio never shows a stale or contradictory view (issue #26): the wiring of the page and the handlers
+behind each view, checked without a browser (tests/test_studio_browser.py drives the page itself).
+
+Each test names the bug it guards against; each fails with that bug back in place.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from backend import SAMPLE_DATA, TINY_MODEL
+from studio import app as A
+from studio import handlers as H
+from studio.bindings import TRAIN_FIELDS
+
+DATA, TOK = str(SAMPLE_DATA), str(TINY_MODEL)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    return A.build_app(runs_dir=str(tmp_path_factory.mktemp("runs")))
+
+
+def _block(demo, elem_id):
+    return next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == elem_id)
+
+
+def _listeners(demo, block, event):
+    """The functions that run when ``event`` fires on ``block``, in the order they were wired."""
+    return [f for f in demo.fns.values() if (block._id, event) in [(t[0], t[1]) for t in f.targets]]
+
+
+def _fn_name(f) -> str:
+    return getattr(f.fn, "__name__", "")
+
+
+def test_a_sequence_length_change_re_renders_the_preview(demo):
+    # bug 1: batch.sequence_length = 128 left sample 0 saying "no problems" while the check listed it too_long
+    seq = _block(demo, "cfg-batch-sequence_length")
+    assert "on_preview" in [_fn_name(f) for f in _listeners(demo, seq, "change")]
+    s = H.DataSettings(DATA, TOK)
+    assert not any(p.startswith("too_long") for p in H.preview_sample(s, 0, None).problems.splitlines())
+    assert "too_long" in H.preview_sample(s, 0, 16).problems  # the handler answers for the length it is given
+
+
+def test_every_preview_event_runs_in_one_ordered_queue(demo):
+    # bug 8: an earlier input's answer (a dataset no longer selected) landed 61 s after the current one's
+    previews = [f for f in demo.fns.values() if _fn_name(f) == "on_preview"]
+    assert len(previews) >= 10  # every masking control, the dataset, the tokenizer, the sequence length, load
+    wired = [f for f in previews if f.targets and f.targets[0][1] != "load"]
+    assert {f.concurrency_id for f in wired} == {"data-preview"}
+    assert {f.concurrency_limit for f in wired} == {1}  # one worker: answers land in the order they were asked
+    assert {f.trigger_mode for f in wired} == {"always_last"}  # inputs superseded while waiting are dropped
+
+
+def test_the_yaml_editor_is_checked_on_any_change_and_its_status_is_above_the_form(demo):
+    # bug 2: a pasted unknown key kept "✓ valid" until the editor lost focus (a paste fires no .input)
+    yaml_box = _block(demo, "train-yaml")
+    assert "on_yaml" in [_fn_name(f) for f in _listeners(demo, yaml_box, "change")]
+    text = H.default_train_yaml().replace("batch:\n", "batch:\n  micro_batchsize: 4\n", 1)
+    *_, status = A.on_yaml(text)
+    assert "micro_batchsize" in status and "valid" not in status.lower().replace("invalid", "")
+    # the status line comes before the first form field in the page, not below the whole form
+    ids = list(demo.blocks)
+    assert ids.index(_block(demo, "config-status")._id) < ids.index(_block(demo, "cfg-training-train_iters")._id)
+
+
+def test_a_fractional_count_is_refused_not_rounded(demo):
+    # bug 6: train_iters = 2.5 was rounded to 2 by the widget and the status said valid
+    widget = _block(demo, "cfg-training-train_iters")
+    typed = widget.preprocess(2.5)
+    assert typed == 2.5
+    values = [None] * len(TRAIN_FIELDS)
+    values[[b.path for b in TRAIN_FIELDS].index("training.train_iters")] = typed
+    _, status = H.form_to_train_yaml(H.default_train_yaml(), *values)
+    assert "training.train_iters" in status and "✓" not in status
+
+
+def test_the_log_box_shows_the_newest_lines(tmp_path, demo):
+    # bug 3: "stop requested…" and "exited with code 0" were below the box's visible part
+    from studio import jobs
+
+    exp = tmp_path / "run"
+    exp.mkdir()
+    (exp / jobs.LOG_FILE).write_text("".join(f"line {i}\n" for i in range(200)) + "exited with code 0\n")
+    view = H.poll_run(str(exp), {})
+    lines = view.log.splitlines()
+    assert lines[-1] == "exited with code 0" and len(lines) <= H.LOG_TAIL_LINES
+    box = _block(demo, "train-log")
+    assert box.lines == box.max_lines == H.LOG_TAIL_LINES  # the whole tail fits: nothing to scroll to
+
+
+def test_the_plan_never_shows_the_previous_model_while_it_recomputes(demo, tmp_path):
+    # bug 4: the plan kept showing the previous model for ~20 s, and offline it had no way to take a local config
+    yaml_box = _block(demo, "train-yaml")
+    first = [_fn_name(f) for f in _listeners(demo, yaml_box, "change")]
+    assert "plan_pending" in first  # the box is cleared at once ...
+    then = [f for f in demo.fns.values() if _fn_name(f) == "memory_plan_markdown"]
+    assert then and all(f.trigger_after is not None for f in then)  # ... and the plan follows it
+    # a local config.json stands in for pretrained.path (here: a hub id that cannot be read)
+    text = H.default_train_yaml().replace(f"path: {TOK}", "path: nobody-owns-this/model-xyz")
+    cfg_dir = tmp_path / "cfg"
+    cfg_dir.mkdir()
+    (cfg_dir / "config.json").write_text((TINY_MODEL / "config.json").read_text())
+    planned = H.memory_plan_markdown(text, 1, 80, str(cfg_dir / "config.json"))
+    assert "parameters" in planned and "Fits" in planned, planned
+    assert "no config.json" in H.memory_plan_markdown(text, 1, 80, str(tmp_path))
+
+
+def test_an_all_skipped_dataset_is_not_reported_as_healthy(tmp_path):
+    # bug 7: "nothing to train: 0" and "end-of-turn trained in every turn" next to "trained tokens 0 / 0"
+    bad = tmp_path / "bad.jsonl"
+    rows = [{"messages": [{"role": "narrator", "content": f"x{i}"}]} for i in range(3)]
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = H.check_whole_dataset(H.DataSettings(str(bad), TOK), 128, False, max_rows=50)
+    assert r.status == "", r.status
+    assert "samples skipped, nothing trained from them: **3**" in r.summary
+    assert "in every trained turn" not in r.summary and "no sample is kept" in r.summary
+    assert "✓" not in r.summary
+
+
+def test_studio_modules_import_each_other_in_one_direction():
+    """No circle among studio/*.py imports (handlers <-> train_tab <-> learned had one), and only the page
+    (app.py) uses the handlers' re-export: each tab's code imports what it needs from where it lives."""
+    import ast
+    from pathlib import Path
+
+    root = Path(A.__file__).parent
+    graph = {}
+    for f in root.glob("*.py"):
+        names = set()
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                mods = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+                names |= {m.split(".")[1] for m in mods if m.startswith("studio.")}
+            elif isinstance(node, ast.Import):
+                names |= {a.name.split(".")[1] for a in node.names if a.name.startswith("studio.")}
+        graph[f.stem] = names & {g.stem for g in root.glob("*.py")}
+    assert {m for m, deps in graph.items() if "handlers" in deps} <= {"app", "screenshots", "__main__"}
+
+    def reach(start, seen=()):
+        for dep in graph.get(start, ()):
+            if dep in seen:
+                continue
+            yield dep
+            yield from reach(dep, (*seen, dep))
+
+    circles = sorted(m for m in graph if m in set(reach(m)))
+    assert not circles, f"studio modules that import themselves through others: {circles}"
+
+
+def test_chat_takes_a_system_prompt_and_sampling_settings(monkeypatch):
+    """The Chat tab's generation settings reach generate(): max new tokens, temperature, top-p, and the system
+    prompt rendered by the chat template before the history."""
+    import studio.chat_tab as C
+
+    tokenizer = H.get_tokenizer(TOK)
+    seen = {}
+
+    class Recorder:
+        def generate(self, **kwargs):
+            seen.update(kwargs)
+            kwargs["streamer"].end()
+
+    monkeypatch.setattr(C, "get_model", lambda path: (Recorder(), tokenizer))
+    list(H.chat_stream(TOK, [], "zq-user", "", max_new_tokens=7, temperature=0.7, top_p=0.8, system_prompt="zq-sys"))
+    prompt = tokenizer.decode(seen["input_ids"][0])
+    assert "zq-sys" in prompt and prompt.index("zq-sys") < prompt.index("zq-user")
+    assert seen["max_new_tokens"] == 7 and seen["do_sample"] and seen["temperature"] == 0.7 and seen["top_p"] == 0.8
+    list(H.chat_stream(TOK, [], "zq-user", "", temperature=0.0))
+    assert seen["do_sample"] is False and "zq-sys" not in tokenizer.decode(seen["input_ids"][0])
+
+
+def test_the_chat_tab_opens_on_the_newest_export(tmp_path):
+    runs = tmp_path / "runs"
+    for d in ("a/checkpoints/step_4", "a/export/final"):
+        (runs / d).mkdir(parents=True)
+    (runs / "a/checkpoints/step_4/COMPLETE").write_text("")
+    (runs / "a/export/final/config.json").write_text("{}")
+    (runs / "a/export/final/model.safetensors").write_text("")
+    models = H.chat_models(str(runs))
+    assert H.default_chat_model(models) == str(runs / "a/export/final")
+    assert A.on_load_models(str(runs))["value"] == str(runs / "a/export/final")
+    assert A.on_refresh_models(str(runs), TOK)["value"] == TOK  # a user's pick is kept on refresh
+
+
+@pytest.mark.parametrize("tokenizer", ["tiny-llama", "tokenizers/chatml", "tokenizers/phi3", "tokenizers/gemma"])
+def test_sample_prompts_read_as_role_lines(tokenizer):
+    """The answers table showed prompts run together ("winterassistant"): each turn is now its own role line."""
+    from backend import ASSETS
+    from backend.evaluate import readable_prompt
+
+    tok = H.get_tokenizer(str(ASSETS / tokenizer))
+    messages = [
+        {"role": "user", "content": "what is winter"},
+        {"role": "assistant", "content": "cold"},
+        {"role": "user", "content": "and summer"},
+    ]
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    lines = readable_prompt(tok(text, add_special_tokens=False)["input_ids"], tok).splitlines()
+    reply_role = "model" if "gemma" in tokenizer else "assistant"
+    assert lines[-3:] == ["user: what is winter", f"{reply_role}: cold", "user: and summer"]
