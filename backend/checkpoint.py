@@ -23,7 +23,9 @@ data position, because the packed sampler derives its rows from the step number.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import re
 import shutil
 import sys
@@ -72,6 +74,48 @@ def read_meta(checkpoint_dir) -> dict:
     return json.loads((Path(checkpoint_dir) / "meta.json").read_text())
 
 
+def _tied_names(models) -> set[str]:
+    """Names of parameters that share storage with another parameter of the same model (tied embeddings): the
+    copies safetensors drops on save and ``tie_weights`` restores on load."""
+    names = set()
+    for model in models:
+        by_storage: dict[int, list[str]] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            by_storage.setdefault(p.data_ptr(), []).append(name)
+        names |= {n for group in by_storage.values() if len(group) > 1 for n in group}
+    return names
+
+
+class _TiedWeightsNotice(logging.Filter):
+    """Drops accelerate's "Removed shared tensor {...} while saving" when every name in it is a tied weight: on
+    every checkpoint of a model with tied embeddings it reads like a fault, and it is not one. Any other shared
+    tensor still warns."""
+
+    def __init__(self, tied: set[str]):
+        super().__init__()
+        self.tied = tied
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        found = re.search(r"Removed shared tensor \{([^}]*)\}", record.getMessage())  # after "[RANK 0] "
+        if not found:
+            return True
+        names = set(re.findall(r"'([^']+)'", found.group(1)))
+        # accelerate names keys as saved (a prepared model's may carry a wrapper's "module." / "_orig_mod.")
+        bare = {n.replace("module.", "").replace("_orig_mod.", "") for n in names}
+        return not (names and bare <= {n.replace("module.", "") for n in self.tied})
+
+
+@contextlib.contextmanager
+def _quiet_tied_weights(models):
+    log = logging.getLogger("accelerate.utils.other")
+    notice = _TiedWeightsNotice(_tied_names(models))
+    log.addFilter(notice)
+    try:
+        yield
+    finally:
+        log.removeFilter(notice)
+
+
 def save_checkpoint(
     accelerator,
     checkpoints_dir,
@@ -96,7 +140,8 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     # save_state writes model + optimizer (as DCP shards under FSDP: every rank writes its own part) and each
     # rank's RNG state; it is a collective, so every rank calls it with the same directory.
-    (save_state or accelerator.save_state)(str(tmp))
+    with _quiet_tied_weights(getattr(accelerator, "_models", [])):
+        (save_state or accelerator.save_state)(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         info = {

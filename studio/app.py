@@ -80,6 +80,16 @@ def on_step(delta: int):
     return step
 
 
+_AUTO_DELIM_INFO = "read-only in auto masking: spans come from the chat template itself (switch to delimiters to edit)"
+
+
+def on_mode(mode: str) -> tuple:
+    """The delimiter fields are editable only in delimiter masking, and say why when they are not."""
+    editable = mode == "delimiters"
+    info = "'\\n' = newline" if editable else _AUTO_DELIM_INFO
+    return gr.update(interactive=editable, info=info), gr.update(interactive=editable, info=info)
+
+
 def on_load_template(tokenizer: str) -> str:
     return H.default_template(tokenizer)
 
@@ -104,10 +114,13 @@ def build_data_tab() -> DataTab:
         start = gr.Textbox(
             "<|start_header_id|>assistant<|end_header_id|>\\n\\n",
             label="start delimiter",
-            info="'\\n' = newline",
+            info=_AUTO_DELIM_INFO,
+            interactive=False,
             elem_id="start-delim",
         )
-        end = gr.Textbox("<|eot_id|>", label="end delimiter", elem_id="end-delim")
+        end = gr.Textbox(
+            "<|eot_id|>", label="end delimiter", info=_AUTO_DELIM_INFO, interactive=False, elem_id="end-delim"
+        )
         train_on = gr.Radio(["all", "last"], value="all", label="Train on assistant turns")
         train_on_eot = gr.Checkbox(True, label="Train end-of-turn token")
         final_eot = gr.Radio(
@@ -173,6 +186,7 @@ def wire_data_tab(tab: DataTab, seq_len: gr.Number, demo: gr.Blocks) -> None:
         w.submit(on_preview, inputs, outputs, **one_queue)
         w.blur(on_preview, inputs, outputs, **one_queue)
     tokenizer.submit(on_load_template, [tokenizer], [template])
+    t.mode.change(on_mode, [t.mode], [t.start, t.end], show_progress="hidden", queue=False)
     prev_b.click(on_step(-1), [index, n_rows], [index])
     next_b.click(on_step(+1), [index, n_rows], [index])
     rand_b.click(on_step(0), [index, n_rows], [index])
@@ -260,10 +274,11 @@ def build_packing_tab(data: DataTab):
     plot = gr.Plot(label="packed micro-batch")
     mask = gr.Plot(label="block mask")
 
-    def wire(seq_len, micro_batch):
+    def wire(seq_len, micro_batch, demo):
         inputs = [seq_len, micro_batch, strategy, truncate, cross_doc, max_docs, mask_row, split_turns]
         inputs += data.settings_inputs
         run.click(on_packing, inputs, [plot, mask, summary])
+        demo.load(on_packing, inputs, [plot, mask, summary])  # drawn at once, not after a first click
         for w in (strategy, truncate, cross_doc, mask_row, split_turns):
             w.change(on_packing, inputs, [plot, mask, summary])
 
@@ -617,7 +632,7 @@ def build_app(runs_dir: str = "runs", train_config: str | None = None) -> gr.Blo
         seq_len = cfg.widget("batch.sequence_length")
         wire_data_tab(data, seq_len, demo)
         wire_check(seq_len, cfg.widget("data.truncate_documents"))
-        wire_packing(seq_len, cfg.widget("batch.micro_batch_size"))
+        wire_packing(seq_len, cfg.widget("batch.micro_batch_size"), demo)
         wire_prepare_yaml(data, cfg, demo)
         wire_loss(cfg.train_yaml)
     return demo

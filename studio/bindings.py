@@ -43,6 +43,7 @@ TRAIN_FIELDS: tuple[Binding, ...] = (
     Binding("training.evaluations.samples", "int", group="Intervals"),
     Binding("model.distributed.training_dtype", "choice", ("bf16", "fp32", "fp16"), group="Hardware"),
     Binding("model.multi_stage.zero_stage", "choice", (0, 1, 2, 3), group="Hardware"),
+    Binding("model.multi_stage.activation_checkpointing", "bool", group="Hardware"),
     Binding("run.num_processes", "int", group="Hardware"),
     Binding("model.base_model.peft.type", "choice", ("none", "lora"), group="LoRA"),
     Binding("model.base_model.peft.rank", "int", group="LoRA"),

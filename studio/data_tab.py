@@ -357,6 +357,14 @@ def check_whole_dataset(
         )
     if seq and len(too_long):
         lines += _long_mode_lines(reader, cfg, idx, lengths, report, tokenizer, masking, template, seq)
+    elif seq and lengths.size:  # nothing to compare at this length: say so, and show it where it matters
+        pick = comparison_length(lengths)
+        lines.append(
+            f"- no document is longer than sequence_length {seq}: skip, truncate and split_turns train the same"
+            + (f"; at sequence_length {pick} they would differ:" if pick else "")
+        )
+        if pick:
+            lines += _long_mode_lines(reader, cfg, idx, lengths, report, tokenizer, masking, template, pick)
     if lengths.size:
         lines.append(
             f"- length: median {int(np.median(lengths))}, p99 {int(np.percentile(lengths, 99))}, "
@@ -373,6 +381,27 @@ def check_whole_dataset(
     lines.append(_fast_path_line(tokenizer, template))
     fig = length_histogram(lengths, seq)
     return CheckResult("\n".join(lines), fig, rows_out, labels, d)
+
+
+def comparison_length(lengths) -> int | None:
+    """A sequence length at which the long-document comparison is worth showing: the power of two (at least 32)
+    just below the 90th percentile of document lengths, so about a tenth of documents are longer. None when the
+    documents are too short for any.
+
+    >>> comparison_length([100, 200, 300, 400, 500, 600, 700, 800, 900, 1000])
+    512
+    >>> comparison_length([10, 12]) is None
+    True
+    """
+    import math
+
+    lengths = np.asarray(lengths)
+    if not lengths.size:
+        return None
+    p90 = float(np.percentile(lengths, 90))
+    pick = 2 ** int(math.floor(math.log2(max(p90, 1))))
+    pick = pick if pick < p90 else pick // 2
+    return pick if pick >= 32 and (lengths > pick).any() else None
 
 
 def _long_mode_lines(reader, cfg, idx, lengths, report, tokenizer, masking, template, seq: int) -> list[str]:

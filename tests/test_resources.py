@@ -69,3 +69,30 @@ def test_an_out_of_memory_step_ends_the_run_with_the_plan_and_what_to_change(dat
     assert "memory plan's peak" in message and ("smallest change that fits" in message or "no single change" in message)
     error = events_of(run_dir, "error")[-1]
     assert error["kind"] == "out_of_memory" and error["message"] == message
+
+
+def test_checkpoints_of_tied_embeddings_do_not_warn_about_shared_tensors(tmp_path, caplog):
+    """accelerate's "Removed shared tensor {'lm_head.weight'}" on every checkpoint read like a fault: it is the tied
+    embedding, restored on load. Other shared tensors still warn."""
+    import logging
+
+    from accelerate import Accelerator
+
+    from backend import TINY_MODEL
+    from backend.checkpoint import _TiedWeightsNotice, save_checkpoint
+    from backend.modeling import load_model
+
+    model = load_model(TINY_MODEL)
+    accelerator = Accelerator(cpu=True)
+    model = accelerator.prepare(model)
+    with caplog.at_level(logging.WARNING):
+        path = save_checkpoint(accelerator, tmp_path / "checkpoints", 1, "run: {}\n")
+    assert (path / "model.safetensors").is_file()
+    assert not [r for r in caplog.records if "Removed shared tensor" in r.getMessage()]
+    notice = _TiedWeightsNotice({"lm_head.weight", "model.embed_tokens.weight"})
+
+    def record(names):
+        return logging.LogRecord("accelerate.utils.other", logging.WARNING, "", 0, names, None, None)
+
+    assert not notice.filter(record("[RANK 0] Removed shared tensor {'lm_head.weight'} while saving. It is OK"))
+    assert notice.filter(record("Removed shared tensor {'model.rotary.inv_freq'} while saving. This should be OK"))

@@ -202,3 +202,15 @@ def test_sample_prompts_read_as_role_lines(tokenizer):
     lines = readable_prompt(tok(text, add_special_tokens=False)["input_ids"], tok).splitlines()
     reply_role = "model" if "gemma" in tokenizer else "assistant"
     assert lines[-3:] == ["user: what is winter", f"{reply_role}: cold", "user: and summer"]
+
+
+def test_the_check_shows_the_long_document_comparison_where_it_matters():
+    """At a sequence length nothing exceeds, the check says so and compares skip / truncate / split_turns at a
+    length where they differ, instead of showing nothing."""
+    import re
+
+    r = H.check_whole_dataset(H.DataSettings(DATA, TOK), 100_000, False, max_rows=100)
+    assert "no document is longer than sequence_length 100000" in r.summary
+    picked = re.search(r"at sequence_length (\d+) they would differ", r.summary)
+    assert picked and 32 <= int(picked.group(1)) < 100_000, r.summary
+    assert "split_turns" in r.summary.split(picked.group(0), 1)[1]  # the comparison itself follows
