@@ -218,12 +218,16 @@ def check_gguf(gguf_path, hf_dir, texts: list[str] | None = None) -> None:
             )
 
 
-def export_gguf(hf_dir, quant: str = "f16", system: str | None = None, check: bool = True) -> Path:
-    """Convert a finished HF export to ``hf_dir/gguf/model-<quant>.gguf``, check it, write the Modelfile."""
+def export_gguf(hf_dir, quant: str = "f16", system: str | None = None, check: bool = True, progress=None) -> Path:
+    """Convert a finished HF export to ``hf_dir/gguf/model-<quant>.gguf``, check it, write the Modelfile.
+    ``progress(fraction, what)`` is told each stage (the studio's progress bar)."""
     from transformers import AutoTokenizer
 
+    progress = progress or (lambda fraction, what: None)
     hf_dir = Path(hf_dir)
+    progress(0.0, f"converting with llama.cpp ({quant})")
     out = convert(hf_dir, hf_dir / "gguf" / f"model-{quant}.gguf", quant)
+    progress(0.7, "checking vocabulary and tokenization against the HF export")
     if check:
         try:
             check_gguf(out, hf_dir)
@@ -234,6 +238,7 @@ def export_gguf(hf_dir, quant: str = "f16", system: str | None = None, check: bo
     tmp = out.parent / "Modelfile.tmp"
     tmp.write_text(modelfile(out.name, stop_tokens(hf_dir, tok), system))
     tmp.replace(out.parent / "Modelfile")
+    progress(1.0, "done")
     return out
 
 

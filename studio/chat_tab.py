@@ -27,7 +27,9 @@ def chat_models(runs_dir: str) -> list[str]:
                 found.append(d)
         found += [marker.parent for marker in root.glob("**/checkpoints/step_*/COMPLETE")]
     found.sort(key=lambda d: d.stat().st_mtime, reverse=True)
-    return [str(TINY_MODEL)] + [str(d) for d in found]
+    from studio.gguf_chat import gguf_files  # GGUF exports chat through llama.cpp (studio/gguf_chat.py)
+
+    return [str(TINY_MODEL)] + [str(d) for d in found] + gguf_files(runs_dir)
 
 
 def get_model(path: str):
@@ -64,11 +66,16 @@ def chat_stream(
     """
     from backend.chat import render_messages, resolve_template
 
+    messages = [{"role": m["role"], "content": _text_of(m["content"])} for m in history or []]
+    messages.append({"role": "user", "content": message})
+    if str(model_path).endswith(".gguf"):  # llama.cpp, with the template and stop tokens stored in the GGUF
+        from studio.gguf_chat import gguf_chat_stream
+
+        yield from gguf_chat_stream(model_path, messages, max_new_tokens, temperature)
+        return
     model, tok = get_model(model_path)
     from transformers import TextIteratorStreamer
 
-    messages = [{"role": m["role"], "content": _text_of(m["content"])} for m in history or []]
-    messages.append({"role": "user", "content": message})
     template = resolve_template(tok, _template_arg(template_text, tok))
     prompt = render_messages(messages, tok, template, add_generation_prompt=True)
     enc = tok(prompt, add_special_tokens=not (tok.bos_token and prompt.startswith(tok.bos_token)), return_tensors="pt")
