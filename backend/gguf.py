@@ -155,12 +155,18 @@ def vocab_problems(hf_tokens: list[str], hf_special: dict[int, str], tokens: lis
     >>> vocab_problems(["a", "<|eot_id|>"], {1: "<|eot_id|>"}, ["a", "<|eot|>"], [1, 3])
     ["special token <|eot_id|> (id 1) is '<|eot|>' in the GGUF"]
     >>> vocab_problems(["a", "b"], {}, ["a"], [1])
-    ['the GGUF has 1 tokens, the HF tokenizer 2']
+    ["the GGUF has 1 tokens, the HF tokenizer 2 (missing from the GGUF: 'b')"]
     """
-    if len(tokens) != len(hf_tokens):
-        return [f"the GGUF has {len(tokens)} tokens, the HF tokenizer {len(hf_tokens)}"]
     problems = []
+    if len(tokens) != len(hf_tokens):
+        missing = ", ".join(repr(t) for t in hf_tokens[len(tokens) :][:5])
+        problems.append(
+            f"the GGUF has {len(tokens)} tokens, the HF tokenizer {len(hf_tokens)}"
+            + (f" (missing from the GGUF: {missing})" if missing else "")
+        )
     for i, text in sorted(hf_special.items()):
+        if i >= len(tokens):
+            continue  # named above
         if tokens[i] != text:
             problems.append(f"special token {text} (id {i}) is {tokens[i]!r} in the GGUF")
         elif types[i] not in (3, 4):  # llama.cpp's CONTROL / USER_DEFINED: never split, never byte-decoded

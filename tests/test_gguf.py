@@ -94,8 +94,8 @@ def chain_model(src, dst) -> tuple[list[int], int]:
     shutil.copytree(src, dst)
     tok = AutoTokenizer.from_pretrained(dst)
     model = AutoModelForCausalLM.from_pretrained(dst, dtype=torch.float32)
-    prompt_end = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True)
-    prompt_end = (prompt_end["input_ids"] if isinstance(prompt_end, dict) else prompt_end)[-1]
+    prompt = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, return_dict=True)
+    prompt_end = prompt["input_ids"][-1]
     a, b = 300, 301  # two ordinary (non-special) tokens of the 1000-token BPE
     eot = tok.convert_tokens_to_ids(EOT)
     emb = model.get_input_embeddings().weight.detach().clone()
@@ -128,7 +128,7 @@ def test_llama_cpp_chat_with_the_exported_template_stops_at_end_of_turn(tmp_path
     assert choice["finish_reason"] == "stop"  # not "length": llama.cpp stopped by itself at the end of turn
     assert out["usage"]["completion_tokens"] <= 3
     assert choice["message"]["content"] == tok.decode([a, b])
-    assert llm.token_eot() == tok.convert_tokens_to_ids(EOT)
+    assert llm._model.token_eot() == tok.convert_tokens_to_ids(EOT)  # tokenizer.ggml.eot_token_id
 
 
 def test_a_corrupted_vocabulary_is_refused_naming_the_token(tmp_path):
@@ -143,7 +143,7 @@ def test_a_corrupted_vocabulary_is_refused_naming_the_token(tmp_path):
     (hf_dir / "tokenizer.json").write_text(json.dumps(tokenizer))
     from backend.gguf import check_gguf
 
-    with pytest.raises(GGUFError, match=r"<\|eot\|> \(id 1001\) is '<\|eot_id\|>' in the GGUF"):
+    with pytest.raises(GGUFError, match=r"special token <\|eot\|> \(id 1001\) is '<\|eot_id\|>' in the GGUF"):
         check_gguf(path, hf_dir)
 
 
