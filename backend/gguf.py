@@ -31,6 +31,7 @@ from pathlib import Path
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"  # the bindings, and the llama.cpp whose converter we run (same sdist)
 QUANTS = ("f16", "bf16", "q8_0", "q4_k_m")
+GPT2_PRE = "gpt-2"  # llama.cpp's name for GPT-2's pre-tokenizer (tokenizer.ggml.pre)
 SAMPLE_CONVERSATIONS = Path(__file__).resolve().parent.parent / "assets" / "data" / "sample_openai.jsonl"
 
 
@@ -102,7 +103,7 @@ def _run_converter(hf_dir: Path, out: Path, outtype: str) -> None:
     the end-of-turn token written as tokenizer.ggml.eot_token_id."""
     pre = json.loads((hf_dir / "tokenizer.json").read_text()).get("pre_tokenizer")
     eot = _end_of_turn_id(hf_dir)
-    cmd = [sys.executable, "-m", "backend.gguf", str(converter_dir()), "gpt-2" if gpt2_pre_tokenizer(pre) else ""]
+    cmd = [sys.executable, "-m", "backend.gguf", str(converter_dir()), GPT2_PRE if gpt2_pre_tokenizer(pre) else ""]
     cmd += ["" if eot is None else str(eot)]
     cmd += [str(hf_dir), "--outfile", str(out), "--outtype", outtype]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}

@@ -5,7 +5,8 @@ What each test proves, on the tiny model's export and on a LoRA run's merged exp
 - q8_0's greedy tokens agree with HF's at >= 95% of 200 positions;
 - llama.cpp chatting with the GGUF's own template stops at <|eot_id|> exactly where HF's generate stops, and the
   Modelfile names the stop tokens;
-- a corrupted vocabulary (a special token renamed in tokenizer.json) is refused with a message naming it;
+- a corrupted vocabulary (a special token renamed in tokenizer.json) is refused with a message naming it, and a
+  wrong pre-tokenizer is refused because llama.cpp then tokenizes the sample conversations differently from HF;
 - ``python -m backend.export`` and ``training.export.formats: [hf, gguf]`` write the file (LoRA run: merged model).
 
 Needs llama-cpp-python and llama.cpp's converter (``bash scripts/dev.sh test`` installs both); skipped otherwise.
@@ -145,6 +146,17 @@ def test_a_corrupted_vocabulary_is_refused_naming_the_token(tmp_path):
 
     with pytest.raises(GGUFError, match=r"special token <\|eot\|> \(id 1001\) is '<\|eot_id\|>' in the GGUF"):
         check_gguf(path, hf_dir)
+
+
+def test_a_wrong_pre_tokenizer_is_refused_by_llama_cpps_own_tokenization(tmp_path, monkeypatch):
+    import backend.gguf
+
+    hf_dir = tmp_path / "final"
+    shutil.copytree(TINY_MODEL, hf_dir)
+    monkeypatch.setattr(backend.gguf, "GPT2_PRE", "llama-bpe")  # a plausible but wrong choice for this BPE
+    with pytest.raises(GGUFError, match=r"llama.cpp tokenizes a sample conversation differently .* at token \d+"):
+        export_gguf(hf_dir, "f16")
+    assert not (hf_dir / "gguf" / "model-f16.gguf").exists()  # kept aside as model-f16.gguf.rejected
 
 
 def test_export_cli_refuses_a_run_without_an_export_naming_it(tmp_path):
