@@ -39,7 +39,7 @@ def wide_model(dst: Path, hidden: int, layers: int) -> int:
     shutil.copytree(TINY_MODEL, dst)
     src = LlamaConfig.from_pretrained(TINY_MODEL)
     config = LlamaConfig(
-        **{k: getattr(src, k) for k in ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id", "rope_theta")},
+        **{k: getattr(src, k) for k in ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")},
         hidden_size=hidden,
         intermediate_size=int(3.5 * hidden),
         num_hidden_layers=layers,
