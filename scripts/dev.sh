@@ -87,7 +87,7 @@ setup_llama_cpp() {
     local tmp; tmp="$(mktemp -d)"
     "$PY" -m pip download -q --no-deps --no-binary :all: "llama-cpp-python==$ver" -d "$tmp"
     tar -xzf "$tmp"/llama_cpp_python-"$ver".tar.gz -C "$tmp"
-    rm -rf "$src.tmp" && mv "$tmp/llama_cpp_python-$ver/vendor/llama.cpp" "$src.tmp" && mv "$src.tmp" "$src"
+    mkdir -p "$cache" && rm -rf "$src.tmp" && mv "$tmp/llama_cpp_python-$ver/vendor/llama.cpp" "$src.tmp" && mv "$src.tmp" "$src"
     rm -rf "$tmp"
   fi
 }
