@@ -73,8 +73,8 @@ def main() -> None:
                 t_all = median_time(lambda: export_gguf(hf_dir, quant), args.repeats)  # noqa: B023
                 size = out.stat().st_size / 1e6
                 print(f"{name:24s} {quant:7s} converter {t_conv:6.2f} s   export_gguf {t_all:6.2f} s   {size:8.1f} MB")
-                if n is None and quant == "f16":
-                    fixed = t_conv
+                if n is None:  # start-up cost (python, torch, the converter's imports): the tiny model's fastest
+                    fixed = t_conv if fixed is None else min(fixed, t_conv)
                 if n is not None:
                     per_param = (t_conv - fixed) / n
                     print(f"{'':24s} {quant:7s} 8B estimate: {fixed + per_param * PARAMS_8B:8.0f} s (linear)")
