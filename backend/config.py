@@ -131,6 +131,13 @@ class ExportConfig(Section):
     format: Literal["llama", "huggingface"] = Field(
         "llama", description="Export format: a Hugging Face Llama checkpoint ('llama' and 'huggingface' are the same)."
     )
+    formats: list[Literal["hf", "gguf"]] = Field(
+        ["hf"],
+        description="Formats of the final export: hf (always written) and gguf (llama.cpp/Ollama, converted from it).",
+    )
+    gguf_quant: Literal["f16", "bf16", "q8_0", "q4_k_m"] = Field(
+        "q8_0", description="GGUF weights: f16, bf16, q8_0 (converter outtypes) or q4_k_m (llama.cpp's quantizer)."
+    )
     interval: Int = Field(0, ge=0, description="Export every N iterations (0 = only the final export).")
     keep: Int | None = Field(
         None, ge=0, description="Intermediate exports kept on disk, newest first (null = all; final always kept)."
@@ -141,6 +148,13 @@ class ExportConfig(Section):
     max_shard_size: str = Field(
         "5GB", description="Largest safetensors shard of an export: a number and KB|MB|GB (or KiB|MiB|GiB), e.g. 5GB."
     )
+
+    @field_validator("formats")
+    @classmethod
+    def _formats(cls, v: list[str]) -> list[str]:
+        if "hf" not in v:  # every other format is converted from the finished HF export
+            raise ValueError(f"{v} lacks hf: the HF export is always written, other formats are converted from it")
+        return list(dict.fromkeys(v))
 
     @field_validator("max_shard_size")
     @classmethod

@@ -9,6 +9,8 @@
     {"event": "test", "step": 300, "time": ..., "loss": 5.91, "batches": 10}     (training.test_iters, at the end)
     {"event": "checkpoint", "step": 100, "time": ..., "path": "runs/x/checkpoints/step_000100"}
     {"event": "export", "step": 100, "time": ..., "path": "runs/x/export/step_000100"}
+    {"event": "converted", "step": 300, "time": ..., "gguf": "runs/x/export/final/gguf/model-q8_0.gguf"}
+                                                       (training.export.formats beyond hf, after the final export)
     {"event": "end", "step": 300, "time": ..., "stopped": false}
     {"event": "error", "step": 17, "time": ..., "message": "loss is nan at step 17 ..."}
 
@@ -32,7 +34,7 @@ import socket
 import time
 from pathlib import Path
 
-EVENTS = ("start", "train", "validation", "samples", "test", "checkpoint", "export", "end", "error")
+EVENTS = ("start", "train", "validation", "samples", "test", "checkpoint", "export", "converted", "end", "error")
 LOCK_NAME = "LOCK"
 
 

@@ -584,6 +584,11 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
         if last_saved != step:  # e.g. resumed at the end: make sure the final state is saved
             outputs.save(step)
         final_export = str(outputs.export(step, "final"))
+        if accelerator.is_main_process and len(t.export.formats) > 1:  # gguf: converters on the finished export
+            from backend.export import convert_formats
+
+            converted = convert_formats(final_export, t.export.formats, t.export.gguf_quant)
+            events.emit("converted", step, **converted)
     summary = {
         "stopped": stopped,
         "resumed_from": resumed_from,

@@ -4,6 +4,7 @@
 #   bash scripts/dev.sh studio [studio args...]   set up, then launch the studio on 127.0.0.1:7860
 #   bash scripts/dev.sh test   [pytest args...]   set up (incl. Chromium for browser tests), then run the test suite
 #   bash scripts/dev.sh setup                     set up only
+#   bash scripts/dev.sh llama-cpp                 build/install llama-cpp-python + llama.cpp's converter only
 #
 # Set-up is idempotent and fast when nothing changed: a stamp records the hash of pyproject.toml and the
 # constraints. On a machine without an NVIDIA GPU the CPU build of torch is pinned (constraints/cpu.txt), so
@@ -61,18 +62,50 @@ setup_browser() {
   fi
 }
 
+setup_llama_cpp() {
+  # GGUF export (backend/gguf.py) runs llama.cpp's converter and checks the file with llama-cpp-python, which
+  # compiles llama.cpp from source (about 17 min on 2 cores, measured). The wheel is built ONCE per version and
+  # cached outside the venv; its sdist's vendored llama.cpp (convert_hf_to_gguf.py + conversion/ + gguf-py) is
+  # unpacked beside it: the converter that matches the bindings. Keep the version equal to
+  # backend/gguf.py's LLAMA_CPP_PYTHON_VERSION.
+  local ver=0.3.36 cache="${SFT_STUDIO_CACHE:-$HOME/.cache/sft-studio}"
+  local wheels="$cache/wheels/llama-cpp-python-$ver" src="$cache/llama.cpp-$ver"
+  if ! "$PY" -c "import llama_cpp, sys; sys.exit(llama_cpp.__version__ != '$ver')" 2>/dev/null; then
+    if ! ls "$wheels"/llama_cpp_python-"$ver"-*.whl >/dev/null 2>&1; then
+      log "building llama-cpp-python $ver (CPU only; once, cached in $wheels)"
+      mkdir -p "$wheels"
+      CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_BLAS=OFF -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF \
+-DGGML_OPENMP=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF \
+-DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_MTMD=OFF" \
+        CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" "$PY" -m pip wheel -q --no-deps "llama-cpp-python==$ver" -w "$wheels"
+    fi
+    "$PY" -m pip install -q --no-deps "$wheels"/llama_cpp_python-"$ver"-*.whl
+    "$PY" -m pip install -q diskcache jinja2 numpy typing-extensions -c constraints/cpu.txt
+  fi
+  if [ ! -f "$src/convert_hf_to_gguf.py" ]; then
+    log "unpacking llama.cpp's converter (llama-cpp-python $ver sdist) into $src"
+    local tmp; tmp="$(mktemp -d)"
+    "$PY" -m pip download -q --no-deps --no-binary :all: "llama-cpp-python==$ver" -d "$tmp"
+    tar -xzf "$tmp"/llama_cpp_python-"$ver".tar.gz -C "$tmp"
+    mkdir -p "$cache" && rm -rf "$src.tmp" && mv "$tmp/llama_cpp_python-$ver/vendor/llama.cpp" "$src.tmp" && mv "$src.tmp" "$src"
+    rm -rf "$tmp"
+  fi
+}
+
 cmd="${1:-studio}"; shift || true
 case "$cmd" in
-  setup)  setup_python test,bench ;;
+  setup)  setup_python test,bench; setup_llama_cpp ;;
+  llama-cpp) setup_llama_cpp ;;
   studio) setup_python test,bench; exec "$PY" -m studio "$@" ;;
   test)
     setup_python test,bench
     setup_browser
+    setup_llama_cpp  # GGUF tests (tests/test_gguf.py); the build is set-up time, never the tests' time
     export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
     # lint and format first: a new finding fails the run like a failing test (config in pyproject.toml)
     # (two commands, not an && list: set -e does not stop on a failure inside an && list)
     "$VENV/bin/ruff" check .
     "$VENV/bin/ruff" format --check .
     exec "$PY" -m pytest "$@" ;;
-  *) log "usage: bash scripts/dev.sh {studio|test|setup} [args...]"; exit 2 ;;
+  *) log "usage: bash scripts/dev.sh {studio|test|setup|llama-cpp} [args...]"; exit 2 ;;
 esac

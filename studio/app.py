@@ -16,8 +16,8 @@ from pathlib import Path
 import gradio as gr
 
 from backend import SAMPLE_DATA, TINY_MODEL
+from studio import export_panel, jobs, learned
 from studio import handlers as H
-from studio import jobs, learned
 from studio.bindings import GROUPS, TRAIN_FIELDS, Binding, label_and_info
 
 CSS = """
@@ -629,6 +629,8 @@ def build_app(runs_dir: str = "runs", train_config: str | None = None) -> gr.Blo
                 build_train_tab(cfg, runs_dir, demo)
             with gr.Tab("Chat", id="chat"):
                 build_chat_tab(data, runs_dir, demo)
+            with gr.Tab("Export", id="export"):
+                export_panel.build_export_panel(runs_dir, demo)  # GGUF for llama.cpp / Ollama (studio/export_panel.py)
         seq_len = cfg.widget("batch.sequence_length")
         wire_data_tab(data, seq_len, demo)
         wire_check(seq_len, cfg.widget("data.truncate_documents"))

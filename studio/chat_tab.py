@@ -29,7 +29,9 @@ def chat_models(runs_dir: str) -> list[str]:
                 found.append(d)
         found += [marker.parent for marker in root.glob("**/checkpoints/step_*/COMPLETE")]
     found.sort(key=lambda d: d.stat().st_mtime, reverse=True)
-    return [str(TINY_MODEL)] + [str(d) for d in found]
+    from studio.gguf_chat import gguf_files  # GGUF exports chat through llama.cpp (studio/gguf_chat.py)
+
+    return [str(TINY_MODEL)] + [str(d) for d in found] + gguf_files(runs_dir)
 
 
 def default_chat_model(models: list[str], current: str | None = None) -> str:
@@ -88,12 +90,17 @@ def chat_stream(
 
     tools = normalize_tools(tools_json, "the tools box") if (tools_json or "").strip() else None
 
-    model, tok = get_model(model_path)
-    from transformers import TextIteratorStreamer
-
     messages = [{"role": "system", "content": system_prompt.strip()}] if (system_prompt or "").strip() else []
     messages += [{"role": m["role"], "content": _text_of(m["content"])} for m in history or []]
     messages.append({"role": "user", "content": message})
+    if str(model_path).endswith(".gguf"):  # llama.cpp, with the template and stop tokens stored in the GGUF
+        from studio.gguf_chat import gguf_chat_stream
+
+        yield from gguf_chat_stream(model_path, messages, max_new_tokens, temperature)
+        return
+    model, tok = get_model(model_path)
+    from transformers import TextIteratorStreamer
+
     template = resolve_template(tok, _template_arg(template_text, tok))
     prompt = render_messages(messages, tok, template, add_generation_prompt=True, tools=tools)
     enc = tok(prompt, add_special_tokens=not (tok.bos_token and prompt.startswith(tok.bos_token)), return_tensors="pt")

@@ -205,12 +205,19 @@ def test_validation_without_dataset_is_an_error():
         ("model.multi_stage.zero_stage", 4),
         ("model.distributed.training_dtype", "int8"),
         ("training.export.format", "gguf"),
+        ("training.export.gguf_quant", "q3_k"),
         ("training.checkpoint.keep", 0),
     ],
 )
 def test_enumerations_and_bounds(key, value):
     (problem,) = _problems(load_train_config, MINIMAL_TRAIN, [f"{key}={value}"])
     assert problem.startswith(key + ":") and str(value) in problem
+
+
+@pytest.mark.parametrize("value, says", [("[gguf]", "lacks hf"), ("[hf, onnx]", "onnx")])
+def test_export_formats_need_hf_and_name_the_bad_one(value, says):
+    (problem,) = _problems(load_train_config, MINIMAL_TRAIN, [f"training.export.formats={value}"])
+    assert problem.startswith("training.export.formats") and says in problem
 
 
 def test_dtype_aliases():

@@ -28,7 +28,18 @@ def test_emit_appends_one_json_line_per_event(tmp_path):
 def test_emit_rejects_unknown_event(tmp_path):
     with pytest.raises(ValueError, match="unknown event 'trian'"):
         EventLog(tmp_path / "e.jsonl").emit("trian", 1)
-    assert set(EVENTS) == {"start", "train", "validation", "samples", "test", "checkpoint", "export", "end", "error"}
+    assert set(EVENTS) == {
+        "start",
+        "train",
+        "validation",
+        "samples",
+        "test",
+        "checkpoint",
+        "export",
+        "converted",
+        "end",
+        "error",
+    }
 
 
 def test_read_events_tails_incrementally_and_leaves_a_partial_line(tmp_path):
