@@ -225,6 +225,41 @@ def check_gguf(gguf_path, hf_dir, texts: list[str] | None = None) -> None:
             )
 
 
+def data_system_prompt(hf_dir, max_rows: int = 2000) -> str | None:
+    """The system prompt the run's training data used, for the Modelfile's SYSTEM line: found when every one of the
+    data's first ``max_rows`` conversations opens with the same system message (the run's config.yaml -> its
+    training data -> that prepare's prepare_config.yaml -> the rows). None when the rows have no system message,
+    several different ones, or the run or its data cannot be found (a bare model directory)."""
+    import yaml
+
+    from backend.chat import ChatError, normalize_conversation
+    from backend.config import load_prepare_config
+    from backend.documents import open_rows
+
+    run_dir = Path(hf_dir).resolve().parent.parent  # RUN/export/<name>
+    try:
+        run_cfg = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}
+        training = Path(run_cfg["data"]["datasets"]["training"]["path"])
+        cfg = load_prepare_config(str(training.parent / "prepare_config.yaml"))
+        source, n_rows, form, field = open_rows(cfg)
+    except Exception:  # no run around this export, or its data moved: no SYSTEM line rather than a wrong one
+        return None
+    if form != "chat":
+        return None
+    prompts = set()
+    for row in source.read(source.task(0, min(n_rows, max_rows))):
+        try:
+            messages = normalize_conversation(row, field)
+        except ChatError:
+            continue
+        first = messages[0] if messages else {}
+        prompts.add(first.get("content") if first.get("role") == "system" else None)
+        if len(prompts) > 1:
+            return None
+    (prompt,) = prompts or {None}
+    return prompt or None
+
+
 def export_gguf(hf_dir, quant: str = "f16", system: str | None = None, check: bool = True, progress=None) -> Path:
     """Convert a finished HF export to ``hf_dir/gguf/model-<quant>.gguf``, check it, write the Modelfile.
     ``progress(fraction, what)`` is told each stage (the studio's progress bar)."""
@@ -243,6 +278,7 @@ def export_gguf(hf_dir, quant: str = "f16", system: str | None = None, check: bo
             raise
     tok = AutoTokenizer.from_pretrained(hf_dir)
     tmp = out.parent / "Modelfile.tmp"
+    system = system if system is not None else data_system_prompt(hf_dir)  # the data's own, when it had one
     tmp.write_text(modelfile(out.name, stop_tokens(hf_dir, tok), system))
     tmp.replace(out.parent / "Modelfile")
     progress(1.0, "done")
