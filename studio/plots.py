@@ -178,16 +178,16 @@ def resource_figure(train_events: list[dict], planned_peak_bytes: int | None = N
     steps = [e["step"] for e in events]
     gpu = any("gpu_allocated_bytes" in e for e in events)
     util = any("gpu_utilization" in e for e in events)
-    titles = ["host RAM (GiB) and CPU (%)", "run directory on disk (GiB)"]
+    titles = ["host RAM used (GiB)", "CPU (%)", "run directory on disk (GiB)"]
     if gpu:
         titles.append("GPU memory per rank (GiB)")
     if util:
         titles.append("GPU utilization per rank (%)")
     fig = make_subplots(rows=len(titles), cols=1, shared_xaxes=True, subplot_titles=titles, vertical_spacing=0.08)
     fig.add_trace(go.Scatter(x=steps, y=[e["host_ram_used_bytes"] / gib for e in events], name="host RAM used"), 1, 1)
-    fig.add_trace(go.Scatter(x=steps, y=[e["cpu_percent"] for e in events], name="CPU %", line_dash="dot"), 1, 1)
-    fig.add_trace(go.Scatter(x=steps, y=[e["run_dir_bytes"] / gib for e in events], name="run dir"), 2, 1)
-    row = 3
+    fig.add_trace(go.Scatter(x=steps, y=[e["cpu_percent"] for e in events], name="CPU %"), 2, 1)
+    fig.add_trace(go.Scatter(x=steps, y=[e["run_dir_bytes"] / gib for e in events], name="run dir"), 3, 1)
+    row = 4
     if gpu:
         gpu_events = [e for e in events if "gpu_allocated_bytes" in e]
         for rank in range(len(gpu_events[0]["gpu_allocated_bytes"])):
@@ -211,4 +211,4 @@ def resource_figure(train_events: list[dict], planned_peak_bytes: int | None = N
             y = [e["gpu_utilization"][rank] for e in util_events]
             fig.add_trace(go.Scatter(x=[e["step"] for e in util_events], y=y, name=f"rank {rank} util %"), row, 1)
     fig.update_xaxes(title="step", row=len(titles), col=1)
-    return _layout(fig, "Machine", height=220 * len(titles))
+    return _layout(fig, "Machine", height=180 * len(titles))
