@@ -199,6 +199,13 @@ def test_lora_run_exports_its_merged_model_as_gguf(data, tmp_path):
     assert Path(event["gguf"]).is_file()
     assert not (hf_dir / "adapter" / "config.json").exists()  # hf_dir is the merged model, adapter/ beside it
     assert_matches_hf(hf_dir)
+    # it stops where the HF export stops: llama.cpp's end-of-turn token and Ollama's stop are <|eot_id|>
+    eot = AutoTokenizer.from_pretrained(hf_dir).convert_tokens_to_ids(EOT)
+    llm = llama_cpp.Llama(event["gguf"], n_ctx=256, verbose=False, n_threads=1)
+    assert llm._model.token_eot() == eot
+    modelfile = (hf_dir / "gguf" / "Modelfile").read_text()
+    assert f"PARAMETER stop {json.dumps(EOT)}" in modelfile
+    assert "SYSTEM" not in modelfile  # the sample data's rows use several system prompts (or none): no single one
     proc = subprocess.run(
         [sys.executable, "-m", "backend.export", str(run_dir), "--gguf", "--quant", "q4_k_m"],
         cwd=ROOT,

@@ -214,3 +214,28 @@ def test_the_check_shows_the_long_document_comparison_where_it_matters():
     picked = re.search(r"at sequence_length (\d+) they would differ", r.summary)
     assert picked and 32 <= int(picked.group(1)) < 100_000, r.summary
     assert "split_turns" in r.summary.split(picked.group(0), 1)[1]  # the comparison itself follows
+
+
+def test_delimiters_are_read_only_in_auto_masking_and_the_packing_view_draws_on_load(demo):
+    start, end = _block(demo, "start-delim"), _block(demo, "end-delim")
+    assert not start.interactive and not end.interactive and "read-only" in start.info
+    s_auto, e_auto = A.on_mode("auto")
+    assert s_auto["interactive"] is False and "chat template" in s_auto["info"]
+    s_delim, _ = A.on_mode("delimiters")
+    assert s_delim["interactive"] is True and "read-only" not in s_delim["info"]
+    mode = next(b for b in demo.blocks.values() if getattr(b, "label", None) == "Masking")
+    assert "on_mode" in [_fn_name(f) for f in _listeners(demo, mode, "change")]
+    loads = [_fn_name(f) for f in demo.fns.values() if f.targets and f.targets[0][1] == "load"]
+    assert "on_packing" in loads
+
+
+def test_activation_checkpointing_is_in_the_form(demo):
+    from backend.config import load_train_config
+    from studio.bindings import form_values_from_config
+
+    box = _block(demo, "cfg-model-multi_stage-activation_checkpointing")
+    values = form_values_from_config(load_train_config(__import__("yaml").safe_load(H.default_train_yaml())))
+    values[[b.path for b in TRAIN_FIELDS].index("model.multi_stage.activation_checkpointing")] = True
+    text, status = H.form_to_train_yaml(H.default_train_yaml(), *values)
+    assert box is not None and "✓" in status
+    assert load_train_config(__import__("yaml").safe_load(text)).model.multi_stage.activation_checkpointing is True
