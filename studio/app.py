@@ -376,7 +376,12 @@ def build_config_tab(train_config: str | None = None) -> ConfigTab:
             with gr.Accordion("Memory plan (backend.plan)", open=True):
                 with gr.Row():
                     plan_gpus = gr.Number(
-                        None, precision=0, label="GPUs", placeholder="run.num_processes", min_width=120
+                        None,
+                        precision=0,
+                        label="GPUs",
+                        placeholder="run.num_processes",
+                        min_width=120,
+                        elem_id="plan-gpus",
                     )
                     plan_memory = gr.Number(80, label="GiB per GPU", min_width=120)
                 plan_config = gr.Textbox(

@@ -45,7 +45,7 @@ def test_config_tab_plan_follows_fields(tmp_path):
         seq.fill("4096")
         seq.blur()
         expect(plan).to_contain_text("Fits")
-        gpus = page.get_by_label("GPUs (empty: run.num_processes)")
+        gpus = page.locator("#plan-gpus input").first
         gpus.fill("2")
         gpus.blur()
         expect(plan).to_contain_text("on 2 GPUs")

@@ -64,8 +64,7 @@ def test_a_hub_id_that_cannot_be_reached_fails_within_10_s(page):
     from playwright.sync_api import expect
 
     _tab(page, "Data")
-    tok = _field(page, "component-tokenizer") if page.locator("#component-tokenizer").count() else None
-    tok = tok or page.get_by_label("Tokenizer")
+    tok = page.get_by_label("Tokenizer")
     original = tok.input_value()
     t0 = time.monotonic()
     tok.fill("nobody-owns-this/tokenizer-xyz")
@@ -123,7 +122,7 @@ def test_the_plan_never_shows_the_previous_figures(page):
            new MutationObserver(() => window.__plans.push(el.innerText)).observe(el, {subtree: true,
                childList: true, characterData: true}); }"""
     )
-    gpus = _field(page, "component-gpus") if page.locator("#component-gpus").count() else page.get_by_label("GPUs")
+    gpus = _field(page, "plan-gpus")
     gpus.fill("8")
     gpus.press("Tab")
     plan.filter(has_text="on 8 GPUs").wait_for(timeout=60_000)
