@@ -115,7 +115,7 @@ class StepResult(NamedTuple):
 
 
 def train_step(
-    model, optimizer, accelerator, micro_batches, cross_entropy_impl="fused", clip=0.0, on_micro_batch=None
+    model, optimizer, accelerator, micro_batches, objective="fused", clip=0.0, on_micro_batch=None
 ) -> StepResult:
     """One optimizer step over this rank's micro-batches (collated dicts from backend.packing.collate).
 
@@ -123,12 +123,16 @@ def train_step(
     those tokens, so neither the micro-batch split nor the number of processes changes it (tests/test_train_step.py
     checks 1 micro-batch vs k, and 1 vs 2 processes with unequal counts per rank). Every rank calls it (collectives:
     the count, the gradient reduction, the loss sum, the norm). ``clip``: 0 only measures the norm.
+    ``objective``: what a micro-batch contributes (backend/objective.py); a cross-entropy implementation name
+    ("fused", "torch") stands for SFT with it. The step never computes a loss itself.
     """
-    from backend.loss import global_trained_count, loss_scale, trained_token_loss
+    from backend.loss import global_trained_count, loss_scale
+    from backend.objective import as_objective
     from backend.scaling import micro_batch_sync
 
-    # the loss is a mean over the trained tokens of the whole step on all ranks: count them first
-    global_count = global_trained_count(accelerator, [mb["num_trained"] for mb in micro_batches])
+    objective = as_objective(objective)
+    # the loss is a mean over the objective's denominator (SFT: trained tokens) of the whole step on all ranks
+    global_count = global_trained_count(accelerator, [objective.denominator(mb) for mb in micro_batches])
     scale = loss_scale(global_count, accelerator.num_processes)
     local_loss = 0.0
     for i, mb in enumerate(micro_batches):
@@ -136,7 +140,7 @@ def train_step(
         # DDP: no_sync until the step's last micro-batch (one all-reduce). FSDP: reduce-scatter every micro-batch,
         # so that no rank holds the whole model's gradient unsharded (backend/scaling.py)
         with micro_batch_sync(accelerator, model, last=i == len(micro_batches) - 1), accelerator.autocast():
-            loss_sum, _ = trained_token_loss(model, mb, cross_entropy_impl)
+            loss_sum, _ = objective(model, mb)
             accelerator.backward(loss_sum * scale)  # Accelerator has gradient_accumulation_steps=1: no division
         local_loss += float(loss_sum.detach())
         if on_micro_batch is not None:
@@ -401,6 +405,7 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
     from backend.checkpoint import latest_complete, load_checkpoint, step_dir_name
     from backend.config import check_world_size, config_hash
     from backend.distributed import describe, is_sharded, print0
+    from backend.objective import SFT
     from backend.packing import collate
     from backend.plan import disk_estimate
     from backend.scaling import Probe
@@ -504,7 +509,7 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
                 optimizer,
                 accelerator,
                 micro_batches,
-                cfg.model.base_model.cross_entropy_impl,
+                SFT(cfg.model.base_model.cross_entropy_impl),
                 opt.gradient_norm_clipping,
                 on_micro_batch=lambda step=step: probe.micro_batch(step, model),
             )
