@@ -216,8 +216,12 @@ def check_tokenizers_compatible(data_tok, data_source: str, model_path: str, log
 
     if Path(data_source).resolve() == Path(model_path).resolve():
         return
+    from backend.hub import HubUnreachable
+
     try:
         model_tok = load_tokenizer(model_path)
+    except HubUnreachable:  # the hub's fast refusal is the answer, not "no tokenizer to compare"
+        raise
     except (OSError, ValueError):
         log(f"tokenizer: pretrained.path {model_path} has no tokenizer to compare with {data_source}")
         return
@@ -240,6 +244,9 @@ def model_vocab(model_path: str) -> int:
     """Embedding rows of the model at ``model_path``, from its config (no weights loaded)."""
     from transformers import AutoConfig
 
+    from backend.hub import require_hub
+
+    require_hub(str(model_path), "pretrained.path")  # an unreachable hub: seconds, not minutes of retries
     try:
         config = AutoConfig.from_pretrained(model_path)
     except (OSError, ValueError) as e:

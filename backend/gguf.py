@@ -120,20 +120,23 @@ def convert(hf_dir, out, quant: str = "f16") -> Path:
     hf_dir, out = Path(hf_dir), Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    if quant == "q4_k_m":  # not a converter outtype: llama.cpp's quantizer on the f16 file
-        f16 = out.with_name(out.name + ".f16.tmp")
-        _run_converter(hf_dir, f16, "f16")
-        import llama_cpp
+    f16 = out.with_name(out.name + ".f16.tmp")
+    try:
+        if quant == "q4_k_m":  # not a converter outtype: llama.cpp's quantizer on the f16 file
+            _run_converter(hf_dir, f16, "f16")
+            import llama_cpp
 
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
-        rc = llama_cpp.llama_model_quantize(str(f16).encode(), str(tmp).encode(), params)
-        f16.unlink()
-        if rc != 0:
-            raise GGUFError(f"llama.cpp's quantizer failed on {f16} (q4_k_m): return code {rc}")
-    else:
-        _run_converter(hf_dir, tmp, quant)
-    tmp.replace(out)
+            params = llama_cpp.llama_model_quantize_default_params()
+            params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
+            rc = llama_cpp.llama_model_quantize(str(f16).encode(), str(tmp).encode(), params)
+            if rc != 0:
+                raise GGUFError(f"llama.cpp's quantizer failed on {f16} (q4_k_m): return code {rc}")
+        else:
+            _run_converter(hf_dir, tmp, quant)
+        tmp.replace(out)
+    finally:  # a failed conversion leaves no partial file behind (gigabytes for an 8B model)
+        tmp.unlink(missing_ok=True)
+        f16.unlink(missing_ok=True)
     return out
 
 
@@ -157,9 +160,13 @@ def vocab_problems(hf_tokens: list[str], hf_special: dict[int, str], tokens: lis
     ["special token <|eot_id|> (id 1) is '<|eot|>' in the GGUF"]
     >>> vocab_problems(["a", "b"], {}, ["a"], [1])
     ["the GGUF has 1 tokens, the HF tokenizer 2 (missing from the GGUF: 'b')"]
+    >>> vocab_problems(["a"], {}, ["a", "[PAD1]", "[PAD2]"], [1, 3, 3])  # padded up to config.vocab_size (Qwen)
+    []
     """
     problems = []
-    if len(tokens) != len(hf_tokens):
+    # llama.cpp pads the vocabulary up to config.vocab_size with [PAD<i>] tokens: those extra rows are expected
+    padded = len(tokens) > len(hf_tokens) and all(t == f"[PAD{i}]" for i, t in enumerate(tokens) if i >= len(hf_tokens))
+    if len(tokens) != len(hf_tokens) and not padded:
         missing = ", ".join(repr(t) for t in hf_tokens[len(tokens) :][:5])
         problems.append(
             f"the GGUF has {len(tokens)} tokens, the HF tokenizer {len(hf_tokens)}"
@@ -202,7 +209,7 @@ def check_gguf(gguf_path, hf_dir, texts: list[str] | None = None) -> None:
 
     tok = AutoTokenizer.from_pretrained(hf_dir)
     vocab = tok.get_vocab()
-    hf_tokens = [""] * len(vocab)
+    hf_tokens = [""] * (max(vocab.values(), default=-1) + 1)  # ids may have gaps
     for text, i in vocab.items():
         hf_tokens[i] = text
     special = {i: t.content for i, t in tok.added_tokens_decoder.items() if t.special}

@@ -592,8 +592,15 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
         if accelerator.is_main_process and len(t.export.formats) > 1:  # gguf: converters on the finished export
             from backend.export import convert_formats
 
-            converted = convert_formats(final_export, t.export.formats, t.export.gguf_quant)
-            events.emit("converted", step, **converted)
+            try:  # the run itself succeeded: a failed conversion is reported, never turned into a failed run
+                converted = convert_formats(final_export, t.export.formats, t.export.gguf_quant)
+                events.emit("converted", step, **converted)
+            except Exception as e:  # noqa: BLE001 - GGUFError, a missing llama.cpp, a converter crash
+                print0(
+                    f"export: converting {final_export} failed ({type(e).__name__}: {e}); the HF export is fine, "
+                    f"retry with `python -m backend.export {run_dir} --gguf`"
+                )
+                events.emit("converted", step, error=f"{type(e).__name__}: {e}")
     summary = {
         "stopped": stopped,
         "resumed_from": resumed_from,

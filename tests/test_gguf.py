@@ -214,3 +214,17 @@ def test_lora_run_exports_its_merged_model_as_gguf(data, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["gguf"] == str(hf_dir / "gguf" / "model-q4_k_m.gguf")
+
+
+def test_a_failed_conversion_leaves_no_partial_file(tmp_path, monkeypatch):
+    import backend.gguf as G
+
+    def broken(hf_dir, out, outtype):
+        Path(out).write_bytes(b"partial")
+        raise GGUFError("converter crashed")
+
+    monkeypatch.setattr(G, "_run_converter", broken)
+    out = tmp_path / "gguf" / "model-q4_k_m.gguf"
+    with pytest.raises(GGUFError):
+        G.convert(TINY_MODEL, out, "q4_k_m")
+    assert list(out.parent.iterdir()) == []

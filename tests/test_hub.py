@@ -91,3 +91,17 @@ def test_studio_preview_of_a_hub_tokenizer_says_so_in_seconds(unreachable_hub):
     p = H.preview_sample(s, 0)
     assert time.monotonic() - t0 < 10
     assert "hub cannot be reached" in p.status and "nobody-owns-this/tok" in p.status
+
+
+def test_training_checks_pass_the_fast_refusal_on(unreachable_hub):
+    """compat caught (OSError, ValueError) and logged 'no tokenizer to compare', then read the config with
+    minutes of retries: the refusal now reaches the user from both checks, in seconds."""
+    from backend.compat import check_tokenizers_compatible, model_vocab
+    from backend.modeling import load_tokenizer
+
+    t0 = time.monotonic()
+    with pytest.raises(HubUnreachable):
+        check_tokenizers_compatible(load_tokenizer(TINY_MODEL), str(TINY_MODEL), "nobody-owns-this/model")
+    with pytest.raises(HubUnreachable):
+        model_vocab("nobody-owns-this/model")
+    assert time.monotonic() - t0 < 10
