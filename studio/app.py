@@ -405,7 +405,13 @@ def build_config_tab(train_config: str | None = None) -> ConfigTab:
     for w in (train_yaml, plan_gpus, plan_memory, plan_config):  # .change: also when the form rewrites the YAML
         # first say that the plan is being recomputed (never the previous model's figures), then compute it
         w.change(H.plan_pending, None, [plan_md], show_progress="hidden", queue=False).then(
-            H.memory_plan_markdown, plan_inputs, [plan_md], show_progress="hidden", trigger_mode="always_last"
+            H.memory_plan_markdown,
+            plan_inputs,
+            [plan_md],
+            show_progress="hidden",
+            trigger_mode="always_last",
+            concurrency_id="memory-plan",  # one ordered queue for the four inputs: an older plan never lands last
+            concurrency_limit=1,
         )
     return ConfigTab(widgets, train_yaml, prepare_yaml, status)
 
