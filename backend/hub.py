@@ -60,6 +60,8 @@ def hub_unreachable(timeout: float = 3.0) -> str | None:
     var = offline_mode()
     if var:
         return f"{var} is set (offline mode)"
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None  # behind a proxy a direct connection proves nothing: let the libraries go through the proxy
     host, port = _endpoint()
     key = f"{host}:{port}"
     hit = _cache.get(key)

@@ -8,6 +8,8 @@ import pytest
 from backend import TINY_MODEL
 from backend.hub import HubUnreachable, hub_unreachable, looks_like_hub_id, require_hub
 
+PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+
 
 def _closed_port() -> int:
     with socket.socket() as s:
@@ -32,7 +34,7 @@ def test_offline_mode_is_a_reason_but_leaves_the_cache_to_the_libraries(monkeypa
 
 
 def test_unreachable_endpoint_answers_within_the_timeout(monkeypatch):
-    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", *PROXY_VARS):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
     t0 = time.monotonic()
@@ -46,7 +48,7 @@ def test_unreachable_endpoint_answers_within_the_timeout(monkeypatch):
 
 
 def test_reachable_endpoint_passes(monkeypatch):
-    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", *PROXY_VARS):
         monkeypatch.delenv(var, raising=False)
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
@@ -59,7 +61,7 @@ def test_reachable_endpoint_passes(monkeypatch):
 @pytest.fixture
 def unreachable_hub(monkeypatch):
     """No offline mode, and a hub endpoint that refuses connections: what a user without network has."""
-    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", *PROXY_VARS):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
 
@@ -105,3 +107,9 @@ def test_training_checks_pass_the_fast_refusal_on(unreachable_hub):
     with pytest.raises(HubUnreachable):
         model_vocab("nobody-owns-this/model")
     assert time.monotonic() - t0 < 10
+
+
+def test_behind_a_proxy_the_hub_is_not_probed_directly(unreachable_hub, monkeypatch):
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:3128")
+    assert hub_unreachable(timeout=1.0) is None
+    require_hub("nobody-owns-this/not-a-model-xyz")  # the libraries go through the proxy

@@ -34,7 +34,15 @@ def page(tmp_path_factory):
     from studio.screenshots import launch_browser, serve
 
     root = tmp_path_factory.mktemp("views")
-    saved = {k: os.environ.pop(k, None) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")}
+    offline = (
+        "HF_HUB_OFFLINE",
+        "TRANSFORMERS_OFFLINE",
+        "HF_DATASETS_OFFLINE",
+        "HTTPS_PROXY",
+        "https_proxy",
+        "ALL_PROXY",
+    )
+    saved = {k: os.environ.pop(k, None) for k in offline}
     os.environ["HF_ENDPOINT"] = f"http://127.0.0.1:{_closed_port()}"
     try:
         with serve(str(root / "runs"), log_path=str(root / "studio.log")) as url, sync_playwright() as p:
