@@ -455,9 +455,10 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
 
     sharded = is_sharded(model)
     disk = disk_estimate(cfg, m.num_parameters, m.trainable_parameters)
+    gib = resources.summarize_bytes
     print0(
-        f"disk: {_gib(disk['checkpoint_bytes'])} per checkpoint, {_gib(disk['export_bytes'])} per export, "
-        f"{_gib(disk['total_bytes'])} in all (kept checkpoints and exports, backend.plan.disk_estimate)"
+        f"disk: {gib(disk['checkpoint_bytes'])} per checkpoint, {gib(disk['export_bytes'])} per export, "
+        f"{gib(disk['total_bytes'])} in all (kept checkpoints and exports, backend.plan.disk_estimate)"
     )
     if accelerator.is_main_process:
         events.emit(
@@ -629,10 +630,6 @@ def _split_turns_length(descriptor_path) -> int | None:
     except (OSError, yaml.YAMLError, AttributeError):
         return None
     return long_documents.get("sequence_length") if long_documents.get("mode") == "split_turns" else None
-
-
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.1f} GiB"
 
 
 def _test_split(cfg):
