@@ -103,8 +103,10 @@ class ShardWriter:
         shard_tokens: int = DEFAULT_SHARD_TOKENS,
         tokenizer_info: dict | None = None,
         prepare_config_hash: str | None = None,
+        pairs: bool = False,
     ):
         self.root = Path(dir)
+        self.pairs = bool(pairs)  # preference data: documents 2k, 2k+1 are pair k's chosen and rejected answers
         self.split = split
         self.vocab_size = int(vocab_size)
         self.dtype = token_dtype(self.vocab_size)
@@ -208,11 +210,18 @@ class ShardWriter:
             return self.counts()
         self._close_shard()
         self._closed = True
+        extra = {}
+        if self.pairs:  # the pair index: (P, 2) document ids of each pair's chosen and rejected answer
+            if self.num_documents % 2:
+                raise ValueError(f"preference split {self.split!r}: {self.num_documents} documents, not pairs")
+            np.save(self.split_dir / "pairs.npy", np.arange(self.num_documents, dtype=np.int64).reshape(-1, 2))
+            extra = {"kind": "preference", "num_pairs": self.num_documents // 2}
         descriptor = {
             "type": DESCRIPTOR_TYPE,
             "version": FORMAT_VERSION,
             "path": self.split,
             **self.counts(),
+            **extra,
             "tokenizer": self.tokenizer_info,
             "prepare_config_hash": self.prepare_config_hash,
         }
@@ -313,6 +322,18 @@ class TokenDataset:
         self._shard_start = np.concatenate([[0], np.cumsum(doc_counts)]).astype(np.int64)
         if len(self.lengths) != int(meta["num_documents"]) or int(self.lengths.sum()) != self.num_tokens:
             raise _not_prepared(self.descriptor_path, "document/token counts do not match the shards")
+        self.pairs = None  # preference data: (P, 2) int64 document ids (chosen, rejected) of each pair
+        if meta.get("kind") == "preference":
+            try:
+                self.pairs = np.load(split_dir / "pairs.npy")
+            except (FileNotFoundError, ValueError) as e:
+                raise _not_prepared(self.descriptor_path, f"pair index unreadable: {e}") from None
+            if (
+                self.pairs.ndim != 2
+                or self.pairs.shape != (int(meta.get("num_pairs", -1)), 2)
+                or (self.pairs.size and not (0 <= self.pairs.min() and self.pairs.max() < len(self.lengths)))
+            ):
+                raise _not_prepared(self.descriptor_path, "pair index does not match the documents")
 
     def __len__(self) -> int:
         return len(self.lengths)

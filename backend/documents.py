@@ -56,7 +56,16 @@ __all__ = [
 ]
 
 CHUNK_ROWS = 512  # rows per worker task: big enough for the batched tokenizer, small enough for smooth progress
-SKIP_REASONS = ("unparseable_row", "missing_field", "empty_text", "bad_spans", "bad_conversation", "no_trained_tokens")
+SKIP_REASONS = (
+    "unparseable_row",
+    "missing_field",
+    "empty_text",
+    "bad_spans",
+    "bad_conversation",
+    "no_trained_tokens",
+    "bad_pair",  # preference rows: a chosen/rejected/prompt value of no usable shape
+    "identical_answers",  # preference rows: chosen == rejected (the pair teaches nothing: its loss is always ln 2)
+)
 
 
 # ------------------------------------------------------------------------------------------ span repair
@@ -223,9 +232,108 @@ def text_documents(row: dict, state: tuple) -> list[Document]:
     return [Document(text, [(0, len(text))])]
 
 
+def _as_messages(value, what: str) -> list:
+    """A preference row's prompt / answer as a list of messages: a string is one message of the default role."""
+    if isinstance(value, str):
+        return [{"role": "user" if what == "prompt" else "assistant", "content": value}]
+    if isinstance(value, dict):
+        return [value]
+    if isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
+        return list(value)
+    shape = "an empty list" if isinstance(value, list) and not value else f"a {type(value).__name__}"
+    raise SkipRow("bad_pair", f"{what!r} is {shape}; expected a string, a message or a list of messages")
+
+
+def _shared_prefix(chosen: list, rejected: list) -> int:
+    """Messages the two conversations share from the start (the implicit prompt, UltraFeedback binarized)."""
+    n = 0
+    while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
+        n += 1
+    return n
+
+
+def pair_conversations(row: dict) -> tuple[list | None, list | str, list | str, int]:
+    """A preference row -> (prompt messages or None for the text form, chosen, rejected, prompt length).
+
+    Forms (auto-detected, TRL's names): ``prompt`` + ``chosen`` + ``rejected`` as strings (plain text: no template,
+    the answer is appended to the prompt, TRL's standard form); ``prompt`` (a string or messages) + ``chosen`` /
+    ``rejected`` as assistant messages (TRL's conversational form); ``chosen`` / ``rejected`` as full conversations
+    sharing a prefix of messages (the implicit prompt). Returns conversations as ``prompt + answer`` and the number of
+    prompt messages (the answers' turns are the ones trained); for the text form (None, prompt + chosen text,
+    prompt + rejected text, len(prompt text)).
+
+    >>> pair_conversations({"prompt": "2+2=", "chosen": "4", "rejected": "5"})
+    (None, '2+2=4', '2+2=5', 4)
+    >>> q = {"role": "user", "content": "hi"}
+    >>> a = lambda t: {"role": "assistant", "content": t}
+    >>> pair_conversations({"chosen": [q, a("hello")], "rejected": [q, a("go away")]})[3]
+    1
+    """
+    for key in ("chosen", "rejected"):
+        if row.get(key) is None:
+            raise SkipRow("missing_field", f"no {key!r} in this row (a preference row needs chosen and rejected)")
+    chosen, rejected, prompt = row["chosen"], row["rejected"], row.get("prompt")
+    if isinstance(chosen, str) and isinstance(rejected, str) and (prompt is None or isinstance(prompt, str)):
+        if prompt is None:  # implicit prompt in plain text: the shared leading characters
+            n = len(os.path.commonprefix([chosen, rejected]))
+            prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
+        if not chosen.strip() or not rejected.strip():
+            raise SkipRow("empty_text", "chosen or rejected answer is empty")
+        return None, prompt + chosen, prompt + rejected, len(prompt)
+    chosen, rejected = _as_messages(chosen, "chosen"), _as_messages(rejected, "rejected")
+    if prompt is None:
+        n = _shared_prefix(chosen, rejected)
+        if n == 0:
+            raise SkipRow(
+                "bad_pair",
+                "no 'prompt' and chosen/rejected share no leading message: give a 'prompt' column, or full "
+                "conversations that start with the same messages",
+            )
+        prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
+    else:
+        prompt = _as_messages(prompt, "prompt")
+    return prompt, prompt + chosen, prompt + rejected, len(prompt)
+
+
+def pair_documents(row: dict, state: tuple) -> list[Document]:
+    """The ``pairs`` form: a preference row -> [prompt + chosen, prompt + rejected], only the answers trained.
+
+    Conversations go through `backend.chat.render` (the same template and masks as SFT, agent traces included); of
+    its trained spans only those from the first answer turn on are kept, so a multi-turn prompt's own assistant
+    turns stay masked context. Plain-text pairs train the answer and the tokenizer's EOS appended to it (TRL's
+    standard form). The two documents are written next to each other, chosen first (`_process_chunk` keeps or drops
+    them together); a pair whose answers are identical is skipped (``identical_answers``).
+    """
+    from backend import chat
+
+    job, tokenizer, masking = state
+    prompt, chosen, rejected, n_prompt = pair_conversations(row)
+    if chosen == rejected:
+        raise SkipRow("identical_answers", "chosen and rejected are identical: the pair carries no preference")
+    if prompt is None:  # plain text: prompt + answer + EOS, the answer and EOS trained
+        eos = tokenizer.eos_token or ""
+        return [Document(t + eos, [(n_prompt, len(t) + len(eos))]) for t in (chosen, rejected)]
+    documents = []
+    tools = row.get("tools")
+    for conversation in (chosen, rejected):
+        try:
+            k = len(chat.normalize_conversation(conversation[:n_prompt])) if n_prompt else 0
+            rendered = chat.render(conversation, tokenizer, masking, job.chat_template, tools)
+        except chat.ChatError as e:
+            raise SkipRow("bad_conversation", str(e)) from None
+        answer_turns = [t.begin for t in rendered.turns if t.message_index >= k]
+        if not answer_turns:
+            raise SkipRow("bad_pair", "an answer has no assistant message after the prompt")
+        cut = min(answer_turns)
+        rendered.trained_spans = [(max(b, cut), e) for b, e in rendered.trained_spans if e > cut]
+        rendered.loss_masking_spans = chat.loss_masking_from_spans(len(rendered.text), rendered.trained_spans)
+        documents.append(Document(rendered.text, rendered.trained_spans, rendered))
+    return documents
+
+
 # Rows become documents through this table: ``FORMS[form](row, (job, tokenizer, masking)) -> list[Document]``,
 # raising `SkipRow` for a row that becomes none. A new form (e.g. a preference pair: two documents) is one entry.
-FORMS = {"chat": chat_documents, "spans": spans_documents, "text": text_documents}
+FORMS = {"chat": chat_documents, "spans": spans_documents, "text": text_documents, "pairs": pair_documents}
 
 
 @dataclass
@@ -241,6 +349,7 @@ class _ChunkResult:
     split_stats: dict = field(default_factory=dict)  # backend.split.split_documents counts (split_turns only)
     samples: dict = field(default_factory=dict)  # keep_samples: row -> (RenderedSample | None, TokenizedSample)
     appended_eot: int = 0  # kept rows whose final reply got the template's marker appended (chat.final_eot: append)
+    rejected_samples: dict = field(default_factory=dict)  # keep_samples, pairs: row -> the rejected answer's sample
 
 
 _WORKER: dict = {}
@@ -305,19 +414,29 @@ def _process_chunk(start: int, task, state: tuple | None = None, keep_samples: b
     # the whole chunk as flat arrays (one dtype cast, one cumsum); per document only views are cut
     dtype = np.uint8 if job.vocab_size <= 256 else np.uint16 if job.vocab_size <= 65536 else np.uint32
     flat = chat.tokens._tokenize_flat(texts, spans_list, tokenizer)
-    samples = {}
+    samples, rejected_samples = {}, {}
     if keep_samples:  # text forms get a RenderedSample too: the preview draws every form the same way
         for j, tok in enumerate(flat.samples()):
             rendered = rendered_list[j] or chat.RenderedSample(texts[j], list(spans_list[j]), [], [])
-            samples[rows[j]] = (rendered, tok)
+            if job.form == "pairs" and j % 2:  # a pair's rejected answer: beside its chosen one
+                rejected_samples[rows[j]] = (rendered, tok)
+            else:
+                samples[rows[j]] = (rendered, tok)
     bounds = flat.bounds
     csum = np.concatenate([[0], np.cumsum(flat.trained, dtype=np.int64)])
     n_trained = csum[bounds[1:]] - csum[bounds[:-1]]
     keep = n_trained > 0
+    if job.form == "pairs":  # a pair is kept or dropped whole: its two documents are adjacent, chosen first
+        lost = np.flatnonzero(~keep.reshape(-1, 2).all(1))
+        keep[2 * lost] = keep[2 * lost + 1] = False
     for j in np.flatnonzero(~keep).tolist():
         # the skip names why nothing is trained (e.g. span_not_found), so that `warnings` stays about kept rows
         why = "; ".join(rendered_list[j].problems) if rendered_list[j] is not None else ""
         message = f"no token is trained ({bounds[j + 1] - bounds[j]} tokens)" + (f": {why}" if why else "")
+        if job.form == "pairs":  # one skip per pair row, naming the answer that trains nothing
+            if n_trained[j] > 0 or (j % 2 and n_trained[j - 1] == 0):
+                continue
+            message = f"the {('chosen', 'rejected')[j % 2]} answer: {message}"
         problems.append((rows[j], "no_trained_tokens", message, True))
     checked = [j for j in np.flatnonzero(keep).tolist() if rendered_list[j] is not None]
     for j, sample in zip(checked, flat.samples(checked), strict=False):  # health warnings of the one-step form
@@ -358,7 +477,7 @@ def _process_chunk(start: int, task, state: tuple | None = None, keep_samples: b
         )
         problems.extend(split_problems)
         split_stats.update(reasoning_stats)
-    return _ChunkResult(n, rows, ids, trained, bounds, problems, split_stats, samples, appended_eot)
+    return _ChunkResult(n, rows, ids, trained, bounds, problems, split_stats, samples, appended_eot, rejected_samples)
 
 
 def _worker_chunk(args):
@@ -406,7 +525,9 @@ def open_rows(cfg: PrepareConfig):
         raise PrepareError(f"dataset.path: {where} has no rows")
     form, conv_field = detect_form(cfg, source.columns(), where)
     if hasattr(source, "needed"):  # a datasets source reads only the columns the form needs
-        source.needed = [c for c in (cfg.dataset.field, cfg.dataset.loss_masking_spans, conv_field, "tools") if c]
+        pair_columns = ("prompt", "chosen", "rejected") if form == "pairs" else ()
+        wanted = (cfg.dataset.field, cfg.dataset.loss_masking_spans, conv_field, "tools", *pair_columns)
+        source.needed = [c for c in wanted if c]
     return source, n_rows, form, conv_field
 
 
@@ -415,7 +536,7 @@ def check_template(cfg: PrepareConfig, tokenizer, form: str) -> None:
     from backend import chat
     from backend.config import ConfigError
 
-    if form != "chat":
+    if form not in ("chat", "pairs"):
         return
     try:
         chat.templates._compile(chat.resolve_template(tokenizer, cfg.chat.template))
@@ -450,6 +571,8 @@ class PreparedRow:
     tokenized: object | None  # backend.chat.TokenizedSample of the whole row (before split_turns), or None
     documents: list[tuple[np.ndarray, np.ndarray]]  # [(ids (T,) int64, trained (T,) bool)]: 0, 1 or several
     problems: list[tuple[str, str, bool]]  # (code, message, skipped): skip reasons, repairs, health warnings
+    # preference pairs: rendered/tokenized above are the chosen answer's, this the rejected one's (or None)
+    rejected: tuple | None = None  # (RenderedSample, TokenizedSample)
 
     @property
     def skipped(self) -> str | None:
@@ -511,7 +634,8 @@ class RowReader:
                 ]
                 problems = [(code, message, skip) for row, code, message, skip in res.problems if row == r]
                 rendered, tokenized = res.samples.get(r, (None, None))
-                yield PreparedRow(r, self.source.where(r), self.form, rendered, tokenized, docs, problems)
+                rejected = res.rejected_samples.get(r)
+                yield PreparedRow(r, self.source.where(r), self.form, rendered, tokenized, docs, problems, rejected)
 
 
 def prepared_sample(cfg: PrepareConfig, i: int, tokenizer=None) -> PreparedRow:

@@ -270,6 +270,14 @@ def _summary_lines(summary: dict) -> list[str]:
             f"holding {long['tokens']:,} tokens ({long['token_share']:.1%} of tokens) - skipped in "
             "training with truncate_documents: no"
         )
+    pr = summary.get("pairs")
+    if pr:
+        long = pr["longer_than_sequence_length"]
+        lines.append(
+            f"  preference pairs: {pr['pairs']} written (two documents each, chosen then rejected), "
+            f"{pr['identical_answers']} skipped with identical answers"
+            + (f", {long} longer than {pr['sequence_length']} tokens together (skipped in training)" if long else "")
+        )
     appended = summary.get("appended_eot", {}).get("rows", 0)
     if appended:
         lines.append(
@@ -389,7 +397,16 @@ def _prepare_into(cfg: PrepareConfig, tmp: Path, digest: str, fingerprint, progr
             f"note: {where} has a {cfg.dataset.field!r} column but no loss_masking_spans and no conversations: "
             "every token is trained"
         )
-    form_name = {"spans": "text + loss_masking_spans (guide)", "chat": f"conversations ({conv_field!r})"}
+    form_name = {
+        "spans": "text + loss_masking_spans (guide)",
+        "chat": f"conversations ({conv_field!r})",
+        "pairs": "preference pairs (prompt / chosen / rejected)",
+    }
+    if form == "pairs" and (cfg.long_documents.mode != "keep" or cfg.chat.reasoning != "as_rendered"):
+        _print(
+            "note: preference pairs are written whole (prompt + each answer): long_documents.mode and "
+            "chat.reasoning: every_turn do not apply to them"
+        )
     _print(f"preparing {where}: {n_rows} rows, form {form_name.get(form, 'plain text')}")
 
     # the tokenizer (with the chat template the rows were rendered with) is saved next to the shards: training
@@ -398,7 +415,11 @@ def _prepare_into(cfg: PrepareConfig, tmp: Path, digest: str, fingerprint, progr
     vocab = info["vocab_size"]
     names = list(cfg.splits)
     assign = split_assignment(n_rows, cfg.splits, cfg.seed)
-    writers = {name: ShardWriter(tmp, name, vocab, tokenizer_info=info, prepare_config_hash=digest) for name in names}
+    pairs = form == "pairs"
+    writers = {
+        name: ShardWriter(tmp, name, vocab, tokenizer_info=info, prepare_config_hash=digest, pairs=pairs)
+        for name in names
+    }
     job = make_job(cfg, source, form, conv_field, vocab)  # backend.documents: the per-row work
     workers = max(1, cfg.tokenize_workers)
     if workers > (os.cpu_count() or 1):
@@ -457,10 +478,12 @@ def _prepare_into(cfg: PrepareConfig, tmp: Path, digest: str, fingerprint, progr
     split_counts = {name: w.close() for name, w in writers.items()}
 
     # read back what was written: the summary describes the files, not our intentions
-    lengths = []
+    lengths, pair_lengths = [], []
     for name in names:
         ds = TokenDataset(tmp / descriptor_name(name))
         lengths.append(ds.lengths)
+        if ds.pairs is not None:
+            pair_lengths.append(ds.lengths[ds.pairs].sum(1))
         if len(ds) == 0 and cfg.splits[name] > 0:
             _print(f"warning: split {name!r} has no documents")
     lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
@@ -468,7 +491,8 @@ def _prepare_into(cfg: PrepareConfig, tmp: Path, digest: str, fingerprint, progr
     num_trained = sum(c["num_trained_tokens"] for c in split_counts.values())
     num_documents = sum(c["num_documents"] for c in split_counts.values())
     # rows: each split conversation's pieces (split_turns, then chat.reasoning: every_turn) count as its one row
-    written = num_documents - split_stats.get("pieces", 0) + split_stats.get("conversations_split", 0)
+    written = num_documents // 2 if pairs else num_documents  # a pair row is written as two documents
+    written += -split_stats.get("pieces", 0) + split_stats.get("conversations_split", 0)
     written += split_stats.get("reasoning_split", 0) - split_stats.get("reasoning_pieces", 0)
     skipped = {c: n for c, n in counts.items() if c in SKIP_REASONS}
     if num_documents == 0:
@@ -506,7 +530,16 @@ def _prepare_into(cfg: PrepareConfig, tmp: Path, digest: str, fingerprint, progr
             "tokens": int(lengths[longer].sum()),
             "token_share": float(lengths[longer].sum() / num_tokens) if num_tokens else 0.0,
         }
-    if cfg.long_documents.mode != "keep":
+    if pairs:  # pairs written, skipped for identical answers, and too long for one row (a pair is packed whole)
+        both = np.concatenate(pair_lengths) if pair_lengths else np.zeros(0, np.int64)
+        summary["pairs"] = {
+            "pairs": int(len(both)),
+            "identical_answers": counts.get("identical_answers", 0),
+            "longer_than_sequence_length": int((both > seq).sum()) if seq is not None else None,
+            "sequence_length": seq,
+            "length_percentiles": _percentiles(both),
+        }
+    if cfg.long_documents.mode != "keep" and not pairs:
         summary["long_documents"] = {
             "mode": cfg.long_documents.mode,
             "sequence_length": cfg.long_documents.sequence_length,

@@ -289,6 +289,8 @@ def detect_form(cfg: PrepareConfig, columns: list[str], where: str) -> tuple[str
         if missing:
             raise ConfigError(missing)
         return "spans", None
+    if "chosen" in columns and "rejected" in columns and not ds.conversations_field:
+        return "pairs", None  # preference pairs (TRL's column names): backend.documents.pair_documents
     if ds.conversations_field:
         if ds.conversations_field not in columns:
             raise ConfigError(
