@@ -169,7 +169,27 @@ class ExportConfig(Section):
     )
 
 
+class DPOConfig(Section):
+    beta: Float = Field(0.1, gt=0, description="DPO beta: how far the policy may move from the reference (KL weight).")
+    loss: Literal["sigmoid", "ipo", "simpo"] = Field(
+        "sigmoid",
+        description="Pair loss: sigmoid (DPO), ipo, or simpo (reference-free, length-normalized log-probs).",
+    )
+    reference: Literal["auto", "precompute", "adapters_off", "none"] = Field(
+        "auto",
+        description="Reference model: precompute (the initial model's log-probs, one pass before the first step), "
+        "adapters_off (LoRA with adapters disabled), none (reference-free); auto = none for simpo, adapters_off for "
+        "LoRA, else precompute.",
+    )
+    simpo_gamma: Float = Field(0.5, ge=0, description="SimPO's target reward margin (loss: simpo only).")
+
+
 class TrainingConfig(Section):
+    objective: Literal["sft", "dpo"] = Field(
+        "sft",
+        description="sft = cross-entropy on the trained tokens; dpo = preference pairs (prepared chosen/rejected).",
+    )
+    dpo: DPOConfig = Field(default_factory=DPOConfig, description="Preference tuning (training.objective: dpo).")
     train_iters: Int = Field(1000, ge=0, description="Number of optimizer steps to train.")
     test_iters: Int = Field(0, ge=0, description="Batches of the test dataset evaluated at the end (0 = none).")
     logs: LogsConfig = Field(default_factory=LogsConfig, description="Logging of training metrics.")
@@ -398,6 +418,7 @@ class TrainConfig(Section):
                 f"pretrained.quantization: {self.pretrained.quantization} needs model.base_model.peft.type: lora "
                 "(a quantized base cannot be trained directly)"
             )
+        problems += _dpo_problems(self)
         if self.training.test_iters > 0 and self.data.datasets.test is None:
             problems.append("training.test_iters: is > 0 but data.datasets.test is not set")
         lr = self.optimizer.learning_rate
@@ -412,6 +433,30 @@ class TrainConfig(Section):
             )
         _fail(*problems)
         return self
+
+
+def _dpo_problems(cfg: TrainConfig) -> list[str]:
+    """Settings that cannot go with training.objective: dpo (pairs are packed whole, answers alone trained)."""
+    if cfg.training.objective != "dpo":
+        return []
+    d, problems = cfg.training.dpo, []
+    if d.reference == "adapters_off" and cfg.model.base_model.peft.type != "lora":
+        problems.append(
+            "training.dpo.reference: adapters_off needs model.base_model.peft.type: lora (the base with its adapters "
+            "disabled is the reference); use precompute for full finetuning"
+        )
+    if d.loss == "simpo" and d.reference not in ("auto", "none"):
+        problems.append(f"training.dpo.reference: simpo is reference-free; set none (or auto), not {d.reference}")
+    if not cfg.data.sampling.use_loss_masking_spans:
+        problems.append(
+            "data.sampling.use_loss_masking_spans: no would sum the prompt's log-probs into each answer's; "
+            "DPO needs yes"
+        )
+    if cfg.batch.cross_document_attention:
+        problems.append("batch.cross_document_attention: the chosen answer would see the rejected one; DPO needs no")
+    if cfg.data.truncate_documents:
+        problems.append("data.truncate_documents: a pair is packed whole, never cut; set no (longer pairs are skipped)")
+    return problems
 
 
 def quantized_sharding_problem(cfg: TrainConfig, world_size: int, where: str = "the world size") -> str | None:

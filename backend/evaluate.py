@@ -305,6 +305,19 @@ def readable_prompt(ids, tokenizer) -> str:
     return "\n".join(lines)
 
 
+class _ChosenDocuments:
+    """A preference split seen as its pairs' chosen documents (index k = pair k), for `sample_prompts`."""
+
+    def __init__(self, dataset):
+        self.dataset, self.chosen = dataset, dataset.pairs[:, 0]
+
+    def __len__(self) -> int:
+        return len(self.chosen)
+
+    def document(self, k: int):
+        return self.dataset.document(int(self.chosen[k]))
+
+
 class SampleWriter:
     """The training loop's `samples` event: fixed validation prompts answered at each validation.
 
@@ -319,7 +332,9 @@ class SampleWriter:
         from backend.chat import eot_token_ids
 
         self.tokenizer = tokenizer
-        self.prompts = sample_prompts(dataset, n)
+        self.pairs = getattr(dataset, "pairs", None)  # preference data: prompts from the chosen answers' documents
+        self.dataset = dataset
+        self.prompts = sample_prompts(_ChosenDocuments(dataset) if self.pairs is not None else dataset, n)
         self.max_new_tokens = max_new_tokens
         self.stop_ids = eot_token_ids(tokenizer)
 
@@ -336,6 +351,12 @@ class SampleWriter:
             }
             for p, a in zip(self.prompts, answers, strict=True)
         ]
+        if self.pairs is not None:  # a pair's prompt: the reference is its chosen answer, beside it the rejected one
+            for row in rows:
+                chosen, rejected = (int(d) for d in self.pairs[row["document"]])
+                tokens, trained = self.dataset.document(rejected)
+                row.update(document=chosen, pair=row["document"])
+                row["rejected"] = decode(tokens[np.asarray(trained, bool)], skip_special_tokens=True).strip()
         if accelerator.is_main_process:
             events.emit("samples", step, samples=rows)
         return rows

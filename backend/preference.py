@@ -16,6 +16,14 @@ beta * (policy - reference) log-prob of each answer; sigmoid loss -log sigmoid(b
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from backend import IGNORE_INDEX
+from backend.packing import PackedSampler, Piece, collate
+
 LOSSES = ("sigmoid", "ipo", "simpo")
 
 
@@ -52,3 +60,305 @@ def pair_losses(
     logits = chosen - rejected
     losses = -F.logsigmoid(beta * logits) if loss == "sigmoid" else (logits - 1 / (2 * beta)) ** 2
     return losses, (beta * chosen).detach(), (beta * rejected).detach()
+
+
+# ------------------------------------------------------------------------------------------------- pairs as rows
+class PairSampler(PackedSampler):
+    """`PackedSampler` over preference pairs: a pair (its chosen and rejected documents) is ONE unit of
+    ``lengths[chosen] + lengths[rejected]`` tokens, packed whole into one row, never cut; each row lists the pairs'
+    documents chosen, rejected, chosen, rejected, ... (`collate_pairs` reads them in that order).
+
+    >>> s = PairSampler([3, 4, 5, 2, 20, 1], [[0, 1], [2, 3], [4, 5]], 12, seed=0, strategy="greedy")
+    >>> s.skipped.tolist()                            # pair 2 (21 tokens) never fits a row of 12
+    [2]
+    >>> sorted(len(s.row(i)) for i in range(s.num_rows_in_epoch(0)))   # two pairs, each in a row of its own
+    [2, 2]
+    """
+
+    def __init__(self, lengths, pairs, sequence_length: int, seed: int = 0, strategy="best_fit", window=1000):
+        lengths = np.asarray(lengths, np.int64)
+        self.pairs = np.asarray(pairs, np.int64).reshape(-1, 2)
+        self.document_lengths = lengths
+        super().__init__(lengths[self.pairs].sum(1), sequence_length, seed, strategy, window, False)
+
+    def row(self, i: int) -> list[Piece]:
+        out = []
+        for unit in super().row(i):
+            for d in self.pairs[unit.document]:
+                out.append(Piece(int(d), 0, int(self.document_lengths[d])))
+        return out
+
+
+def collate_pairs(rows, dataset, sequence_length: int, reference=None) -> dict:
+    """`backend.packing.collate` of pair rows (from `PairSampler`), plus what the DPO objective reads:
+
+    ``segment`` (B*L,) int64: index of the document (0..2P-1, in row order: pair k = documents 2k, 2k+1) each
+    flattened position belongs to, -1 on padding; ``documents`` (2P,) their dataset ids; ``answer_tokens`` (2P,)
+    their trained-target counts; ``num_pairs`` P; and ``reference_logps`` (2P,) float64 from ``reference`` (a
+    per-document array of the reference model's summed log-probs) when given.
+
+    >>> from backend.dataset import ShardWriter, TokenDataset
+    >>> import tempfile
+    >>> out = tempfile.mkdtemp(); w = ShardWriter(out, "training", vocab_size=32, pairs=True)
+    >>> w.add(np.array([1, 2, 3]), np.array([0, 0, 1], bool))
+    >>> w.add(np.array([1, 2, 4, 5]), np.array([0, 0, 1, 1], bool))
+    >>> _ = w.close(); ds = TokenDataset(out)
+    >>> mb = collate_pairs([[Piece(0, 0, 3), Piece(1, 0, 4)]], ds, 8, reference=np.array([-1.0, -2.0]))
+    >>> mb["segment"].tolist(), mb["answer_tokens"].tolist(), mb["num_pairs"], mb["reference_logps"].tolist()
+    ([0, 0, 0, 1, 1, 1, 1, -1], [1, 2], 1, [-1.0, -2.0])
+    """
+    import torch
+
+    batch = collate(rows, dataset, sequence_length)
+    L = int(sequence_length)
+    segment = np.full((len(rows), L), -1, np.int64)
+    documents = []
+    for r, row in enumerate(rows):
+        if len(row) % 2:
+            raise ValueError(f"collate_pairs: row {r} holds {len(row)} documents, not whole pairs")
+        t = 0
+        for piece in row:
+            n = piece.end - piece.begin
+            segment[r, t : t + n] = len(documents)
+            documents.append(piece.document)
+            t += n
+    segment = torch.from_numpy(segment.reshape(-1))
+    trained = batch["labels"].reshape(-1) != IGNORE_INDEX
+    counts = torch.zeros(len(documents), dtype=torch.int64)
+    counts.index_add_(0, segment[trained], torch.ones(int(trained.sum()), dtype=torch.int64))
+    batch.update(
+        segment=segment,
+        documents=torch.tensor(documents, dtype=torch.int64),
+        answer_tokens=counts,
+        num_pairs=len(documents) // 2,
+    )
+    if reference is not None:
+        batch["reference_logps"] = torch.as_tensor(np.asarray(reference, np.float64)[documents])
+    return batch
+
+
+def document_logps(model, batch: dict):
+    """Forward a `collate_pairs` micro-batch; return (2P,) fp32: each document's summed log-probability of its
+    trained targets, with a grad path. The LM head runs only at positions whose next label is trained (as the fused
+    SFT loss does), so the (K, V) logits are those of the answers' tokens only.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from backend.loss import shifted_targets
+    from backend.modeling import model_inputs
+
+    targets = shifted_targets(batch["labels"])  # (B*L,): position t predicts label t+1 of its row
+    kwargs = model_inputs(model, batch)
+    n_docs = int(batch["documents"].numel())
+    trained = (targets != IGNORE_INDEX).nonzero().squeeze(1)  # (K,)
+    if kwargs["input_ids"].shape[0] == 1:  # one flattened row: the LM head on the K trained positions only
+        logits = model(**kwargs, logits_to_keep=trained).logits.reshape(-1, model_vocab(model))  # (K, V)
+    else:
+        logits = model(**kwargs).logits.reshape(-1, model_vocab(model))[trained]
+    token_logps = -F.cross_entropy(logits.float(), targets[trained], reduction="none")  # (K,)
+    # the target at position t belongs to the document of position t (its first token is never a target)
+    out = torch.zeros(n_docs, dtype=torch.float32, device=token_logps.device)
+    return out.index_add(0, batch["segment"][trained], token_logps)
+
+
+def model_vocab(model) -> int:
+    from backend.modeling import hf_model
+
+    return int(hf_model(model).config.vocab_size)
+
+
+@contextlib.contextmanager
+def adapters_disabled(model):
+    """The frozen base of a LoRA model: PEFT's ``disable_adapter`` on the (DDP-unwrapped) PeftModel."""
+    import torch
+
+    inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    if not hasattr(inner, "disable_adapter"):
+        raise TypeError(
+            "training.dpo.reference: adapters_off needs a LoRA model (model.base_model.peft.type: lora); "
+            "use precompute for full finetuning"
+        )
+    with inner.disable_adapter():
+        yield
+
+
+METRICS = (
+    "rewards_chosen",
+    "rewards_rejected",
+    "margin",
+    "accuracy",
+    "logps_chosen",
+    "logps_rejected",
+    "answer_tokens",
+)
+
+
+@dataclass(frozen=True)
+class DPO:
+    """The preference objective for ``backend.train.train_step``: sum of the pair losses of a `collate_pairs`
+    micro-batch; denominator: its pairs. Also returns the sums of `METRICS` over its pairs (the step averages them).
+
+    ``reference``: ``precompute`` (the micro-batch carries ``reference_logps``, `reference_pass`), ``adapters_off``
+    (the LoRA model with its adapters disabled, no grad, in the same micro-batch) or ``none`` (reference-free: the
+    reference log-probs are 0). ``ipo`` and ``simpo`` use log-probs averaged over each answer's tokens.
+    """
+
+    beta: float = 0.1
+    loss: str = "sigmoid"
+    reference: str = "precompute"
+    simpo_gamma: float = 0.5
+
+    def denominator(self, micro_batch: dict) -> int:
+        return micro_batch["num_pairs"]
+
+    def __call__(self, model, micro_batch: dict):
+        import torch
+
+        if self.reference == "adapters_off":
+            with torch.no_grad(), adapters_disabled(model):
+                reference = document_logps(model, micro_batch).double()
+        elif self.reference == "precompute":
+            reference = micro_batch["reference_logps"]
+        else:
+            reference = None
+        return self.pair_loss(document_logps(model, micro_batch), reference, micro_batch["answer_tokens"])
+
+    def pair_loss(self, policy, reference, answer_tokens):
+        """(loss sum, pairs, metric sums) from (2P,) policy log-prob sums, (2P,) reference sums or None, (2P,)
+        trained-token counts."""
+        import torch
+
+        reference = torch.zeros_like(policy) if reference is None else reference.to(policy.device, policy.dtype)
+        if self.loss in ("ipo", "simpo"):  # length-normalized: mean log-prob per answer token
+            n = answer_tokens.to(policy.device).clamp(min=1).to(policy.dtype)
+            policy, reference = policy / n, reference / n
+        losses, chosen, rejected = pair_losses(
+            policy[0::2], policy[1::2], reference[0::2], reference[1::2], self.beta, self.loss, self.simpo_gamma
+        )
+        metrics = {
+            "rewards_chosen": chosen.sum(),
+            "rewards_rejected": rejected.sum(),
+            "margin": (chosen - rejected).sum(),
+            "accuracy": (chosen > rejected).float().sum(),
+            "logps_chosen": policy[0::2].detach().sum(),
+            "logps_rejected": policy[1::2].detach().sum(),
+            "answer_tokens": answer_tokens.sum(),  # trained tokens of both answers (per pair once averaged)
+        }
+        return losses.sum(), int(losses.numel()), {k: float(v) for k, v in metrics.items()}
+
+
+def objective_of(cfg):
+    """The run's objective: ``SFT(cross_entropy_impl)`` or `DPO` from ``training.dpo`` (reference resolved)."""
+    from backend.objective import SFT
+
+    if cfg.training.objective == "sft":
+        return SFT(cfg.model.base_model.cross_entropy_impl)
+    d = cfg.training.dpo
+    return DPO(d.beta, d.loss, reference_mode(cfg), d.simpo_gamma)
+
+
+def reference_mode(cfg) -> str:
+    """``training.dpo.reference`` with ``auto`` resolved: none for simpo, adapters_off for LoRA, else precompute."""
+    d = cfg.training.dpo
+    if d.reference != "auto":
+        return d.reference
+    if d.loss == "simpo":
+        return "none"
+    return "adapters_off" if cfg.model.base_model.peft.type == "lora" else "precompute"
+
+
+# --------------------------------------------------------------------------------------- the reference model's pass
+def reference_pass(model, accelerator, dataset, sampler, micro_batch_size: int, path, log=print) -> np.ndarray:
+    """Each document's summed log-prob of its trained tokens under ``model`` as it is now (the frozen initial
+    policy: `fit` calls this before loading any checkpoint), for every pair ``sampler`` can place: (D,) float64,
+    NaN for documents of pairs too long for a row.
+
+    One pass over epoch 0's rows (each placeable pair exactly once), ``micro_batch_size`` rows per forward, batch j
+    on rank j % world (every rank runs the same number of forwards: FSDP's collectives). Written to ``path`` (.npy)
+    when complete; ``path``.partial.npz every 16 rounds, so a killed pass goes on where it stopped. Every rank calls
+    it and gets the whole array.
+    """
+    import os
+    from pathlib import Path
+
+    import torch
+    from tqdm.auto import tqdm
+
+    path = Path(path)
+    if path.is_file():
+        values = np.load(path)
+        if values.shape == (len(dataset),):
+            return values
+        log(f"reference: {path} holds {values.shape[0]} documents, the data {len(dataset)}: computing it again")
+    expanded = [sampler.row(i) for i in range(sampler.num_rows_in_epoch(0))]  # epoch 0: each placeable pair once
+    batches = [expanded[i : i + micro_batch_size] for i in range(0, len(expanded), micro_batch_size)]
+    world, rank = accelerator.num_processes, accelerator.process_index
+    rounds = -(-len(batches) // world)
+    values = np.full(len(dataset), np.nan)
+    partial = path.with_suffix(".partial.npz")
+    start = 0
+    if partial.is_file():
+        with np.load(partial) as saved:
+            if saved["values"].shape == values.shape and int(saved["world"]) == world:
+                values, start = saved["values"].copy(), int(saved["rounds"])
+                log(f"reference: continuing the pass at round {start} of {rounds} ({partial})")
+    reference = None
+    model.eval()
+    bar = tqdm(total=rounds, initial=start, desc="reference log-probs", disable=not accelerator.is_main_process)
+    local = np.zeros(len(dataset))
+    done = np.zeros(len(dataset))
+    try:
+        for k in range(start, rounds):
+            j = k * world + rank
+            rows_j = batches[j] if j < len(batches) else batches[0]  # an extra forward, discarded: same collectives
+            mb = _to_device(collate_pairs(rows_j, dataset, sampler.sequence_length, reference), accelerator.device)
+            with torch.no_grad(), accelerator.autocast():
+                logps = document_logps(model, mb).double().cpu().numpy()
+            if j < len(batches):
+                docs = mb["documents"].cpu().numpy()
+                local[docs] = logps
+                done[docs] = 1.0
+            bar.update(1)
+            if (k + 1) % 16 == 0 or k + 1 == rounds:
+                merged, count = _sum_over_ranks(accelerator, local, done)
+                values = np.where(count > 0, merged, values)
+                local[:], done[:] = 0.0, 0.0
+                if accelerator.is_main_process:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = partial.with_name(partial.name + f".tmp-{os.getpid()}.npz")
+                    np.savez(tmp, values=values, rounds=k + 1, world=world)
+                    os.replace(tmp, partial)
+                accelerator.wait_for_everyone()
+    finally:
+        bar.close()
+        model.train()
+    if accelerator.is_main_process:
+        tmp = path.with_name(path.name + f".tmp-{os.getpid()}.npy")
+        np.save(tmp, values)
+        os.replace(tmp, path)
+        partial.unlink(missing_ok=True)
+    accelerator.wait_for_everyone()
+    return values
+
+
+def _sum_over_ranks(accelerator, values: np.ndarray, done: np.ndarray):
+    if accelerator.num_processes == 1:
+        return values.copy(), done.copy()
+    import torch
+
+    dtype = torch.float32 if torch.device(accelerator.device).type == "mps" else torch.float64
+    t = torch.tensor(np.stack([values, done]), dtype=dtype, device=accelerator.device)
+    t = accelerator.reduce(t, reduction="sum").cpu().double().numpy()
+    return t[0], t[1]
+
+
+def _to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
+
+
+def reference_digest(values: np.ndarray) -> str:
+    """16 hex of sha256 over the reference log-probs: a checkpoint records it, a resume compares it."""
+    import hashlib
+
+    return hashlib.sha256(np.ascontiguousarray(values, np.float64).tobytes()).hexdigest()[:16]

@@ -112,6 +112,7 @@ class StepResult(NamedTuple):
     trained_tokens: int  # trained tokens of the step, all ranks (the loss's denominator)
     stepped: bool  # False: loss or gradient norm not finite, gradients dropped, no optimizer step
     overflow: bool = False  # fp16: the grad scaler found inf/NaN gradients, skipped the step and lowered its scale
+    metrics: dict | None = None  # the objective's own figures (DPO: rewards, margin, accuracy), means over the step
 
 
 def train_step(
@@ -134,19 +135,23 @@ def train_step(
     # the loss is a mean over the objective's denominator (SFT: trained tokens) of the whole step on all ranks
     global_count = global_trained_count(accelerator, [objective.denominator(mb) for mb in micro_batches])
     scale = loss_scale(global_count, accelerator.num_processes)
-    local_loss = 0.0
+    local_loss, sums = 0.0, {}
     for i, mb in enumerate(micro_batches):
         mb = _to_device(mb, accelerator.device)
         # DDP: no_sync until the step's last micro-batch (one all-reduce). FSDP: reduce-scatter every micro-batch,
         # so that no rank holds the whole model's gradient unsharded (backend/scaling.py)
         with micro_batch_sync(accelerator, model, last=i == len(micro_batches) - 1), accelerator.autocast():
-            loss_sum, _ = objective(model, mb)
+            loss_sum, _, *extra = objective(model, mb)  # an objective may add sums of its own figures
             accelerator.backward(loss_sum * scale)  # Accelerator has gradient_accumulation_steps=1: no division
         local_loss += float(loss_sum.detach())
+        for k, v in (extra[0] if extra else {}).items():
+            sums[k] = sums.get(k, 0.0) + v
         if on_micro_batch is not None:
             on_micro_batch()
-    (loss_total,) = _global_sum(accelerator, [local_loss])
+    names = sorted(sums)
+    loss_total, *totals = _global_sum(accelerator, [local_loss, *(sums[k] for k in names)])
     loss = loss_total / global_count if global_count else float("nan")
+    metrics = {k: v / global_count for k, v in zip(names, totals, strict=True)} if global_count else {}
     # clip_grad_norm_ returns the norm before clipping (all ranks' shards); inf = only measure it
     grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), clip or float("inf")))
     stepped = math.isfinite(loss) and math.isfinite(grad_norm)
@@ -156,7 +161,7 @@ def train_step(
     if stepped or overflow:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss, grad_norm, int(global_count), stepped, overflow)
+    return StepResult(loss, grad_norm, int(global_count), stepped, overflow, metrics)
 
 
 def evaluate(model, accelerator, sampler, dataset, cfg, iterations: int) -> float:
@@ -185,6 +190,37 @@ def evaluate(model, accelerator, sampler, dataset, cfg, iterations: int) -> floa
     return loss_sum / count if count else float("nan")
 
 
+def evaluate_pairs(model, accelerator, sampler, dataset, cfg, iterations: int, objective, reference=None):
+    """DPO's validation: (mean pair loss, mean of each of the objective's figures) over ``iterations`` batches of
+    pairs (the same rows every time); ``reference``: the split's precomputed reference log-probs."""
+    import torch
+
+    from backend.preference import collate_pairs
+
+    b = cfg.batch
+    model.eval()
+    loss_sum = count = 0.0
+    sums: dict[str, float] = {}
+    with torch.no_grad():
+        for i in range(iterations):
+            for rows in sampler.micro_batches(
+                i, b.batch_size, b.micro_batch_size, accelerator.process_index, accelerator.num_processes
+            ):
+                batch = _to_device(collate_pairs(rows, dataset, b.sequence_length, reference), accelerator.device)
+                with accelerator.autocast():
+                    s, n, metrics = objective(model, batch)
+                loss_sum += float(s)
+                count += n
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + v
+    model.train()
+    names = sorted(sums)
+    loss_sum, count, *totals = _global_sum(accelerator, [loss_sum, count, *(sums[k] for k in names)])
+    if not count:
+        return float("nan"), {}
+    return loss_sum / count, {k: v / count for k, v in zip(names, totals, strict=True)}
+
+
 class RunData(NamedTuple):
     train: object  # TokenDataset (or EveryTokenTrained over it with use_loss_masking_spans: no)
     sampler: object  # PackedSampler of the training split
@@ -197,17 +233,39 @@ class RunData(NamedTuple):
 def read_split(cfg, path: str, split: str):
     """A prepared split as the loss reads it: its trained mask, or every token with use_loss_masking_spans: no (the
     guide's meaning: prompts included)."""
+    from backend.config import ConfigError
     from backend.dataset import EveryTokenTrained, TokenDataset
 
     data = TokenDataset(path, split)
+    key = f"data.datasets.{split}.path"
+    if cfg.training.objective == "dpo" and data.pairs is None:
+        raise ConfigError(
+            [
+                f"{key}: {path} holds no preference pairs (training.objective: dpo); prepare rows with "
+                "prompt/chosen/rejected columns, or set training.objective: sft"
+            ]
+        )
+    if cfg.training.objective == "sft" and data.pairs is not None:
+        raise ConfigError(
+            [
+                f"{key}: {path} holds preference pairs: SFT on them would train the rejected answers too; set "
+                "training.objective: dpo"
+            ]
+        )
     return data if cfg.data.sampling.use_loss_masking_spans else EveryTokenTrained(data)
 
 
 def packed_sampler(cfg, dataset):
-    """The PackedSampler of ``dataset`` under the run's batch and sampling settings."""
+    """The PackedSampler of ``dataset`` under the run's batch and sampling settings (a `PairSampler` of its pairs for
+    training.objective: dpo)."""
     from backend.packing import PackedSampler
 
     sampling = cfg.data.sampling
+    if cfg.training.objective == "dpo":
+        from backend.preference import PairSampler
+
+        L = cfg.batch.sequence_length
+        return PairSampler(dataset.lengths, dataset.pairs, L, sampling.seed, sampling.packing, sampling.packing_window)
     return PackedSampler(
         dataset.lengths,
         cfg.batch.sequence_length,
@@ -239,7 +297,13 @@ def load_data(cfg) -> RunData:
     train_data = read_split(cfg, cfg.data.datasets.training.path, "training")
     fingerprint = compat.data_fingerprint(train_data)
     sampler = packed_sampler(cfg, train_data)
-    if len(sampler.skipped):
+    if len(sampler.skipped) and cfg.training.objective == "dpo":
+        print0(
+            f"packing: {len(sampler.skipped)} of {len(sampler.lengths)} training pairs holding "
+            f"{sampler.tokens_skipped:,} tokens are longer than sequence_length {b.sequence_length} together and are "
+            "skipped (a pair is packed whole, in one row)"
+        )
+    elif len(sampler.skipped):
         print0(
             f"packing: {len(sampler.skipped)} of {len(train_data)} training documents holding "
             f"{sampler.tokens_skipped:,} tokens ({sampler.tokens_skipped / max(1, train_data.num_tokens):.1%} of "
@@ -405,9 +469,9 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
     from backend.checkpoint import latest_complete, load_checkpoint, step_dir_name
     from backend.config import check_world_size, config_hash
     from backend.distributed import describe, is_sharded, print0
-    from backend.objective import SFT
     from backend.packing import collate
     from backend.plan import disk_estimate
+    from backend.preference import collate_pairs, objective_of
     from backend.scaling import Probe
 
     run_dir = Path(cfg.run.experiment_dir)
@@ -434,7 +498,15 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
         m.finish_loading(model)  # FSDP: rank 0's weights scattered into every rank's shards
     model.train()
     probe.after_prepare(model)
+    objective = objective_of(cfg)  # SFT, or DPO with its reference resolved (backend/preference.py)
+    # DPO's precomputed reference: the initial model's log-probs of every answer, before any checkpoint is loaded
+    references = _reference_passes(cfg, accelerator, model, data, test_data, objective, run_dir)
     outputs = RunOutputs(cfg, accelerator, events, model, optimizer, m.tokenizer, data.fingerprint)
+    if references:
+        from backend.preference import reference_digest
+
+        outputs.meta["reference"] = {split: reference_digest(v) for split, v in references.items()}
+        _check_reference(latest, outputs.meta["reference"], cfg)
     sample_writer = None
     if val_iters and t.evaluations.samples:  # greedy answers to fixed validation prompts (backend/evaluate.py)
         from backend.evaluate import SampleWriter
@@ -476,6 +548,8 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
             num_parameters=m.num_parameters,
             trainable_parameters=m.trainable_parameters,
             peft=cfg.model.base_model.peft.type,
+            objective=cfg.training.objective,
+            **(_dpo_start(cfg, objective, sampler) if cfg.training.objective == "dpo" else {}),
             gradient_accumulation=grad_accum,
             training_documents=len(train_data),
             skipped_documents=len(sampler.skipped),
@@ -500,23 +574,32 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
         lr = lr_at(step, opt.learning_rate, t.train_iters)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        micro_batches = [
-            collate(rows, train_data, b.sequence_length, b.cross_document_attention)
-            for rows in sampler.micro_batches(step, b.batch_size, b.micro_batch_size, rank, world)
-        ]
+        rows_of_step = sampler.micro_batches(step, b.batch_size, b.micro_batch_size, rank, world)
+        if cfg.training.objective == "dpo":  # pairs, each whole in one row, with their reference log-probs
+            reference = references.get("training")
+            micro_batches = [collate_pairs(rows, train_data, b.sequence_length, reference) for rows in rows_of_step]
+        else:
+            micro_batches = [
+                collate(rows, train_data, b.sequence_length, b.cross_document_attention) for rows in rows_of_step
+            ]
         try:
             result = train_step(
                 model,
                 optimizer,
                 accelerator,
                 micro_batches,
-                SFT(cfg.model.base_model.cross_entropy_impl),
+                objective,
                 opt.gradient_norm_clipping,
                 on_micro_batch=lambda step=step: probe.micro_batch(step, model),
             )
         except torch.OutOfMemoryError as e:  # name the step, the peak, the plan's figure and its smallest fix
             raise resources.OutOfMemory(resources.oom_message(cfg, world, step + 1, e)) from e
         loss, grad_norm, global_count = result.loss, result.grad_norm, result.trained_tokens
+        step_metrics = dict(result.metrics or {})
+        if "answer_tokens" in step_metrics:  # DPO: the step's denominator is pairs; trained tokens = pairs x mean
+            pairs = global_count
+            global_count = round(step_metrics.pop("answer_tokens") * pairs)
+            step_metrics["pairs"] = pairs
         if result.overflow:
             print0(f"step {step + 1}: fp16 gradients overflowed; step skipped, loss scale lowered")
         elif not result.stepped:
@@ -553,16 +636,24 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
                     eta=eta,
                     **({"peak_memory_bytes": max(machine["gpu_peak_bytes"])} if "gpu_peak_bytes" in machine else {}),
                     **machine,
+                    **step_metrics,  # DPO: pairs, rewards_chosen/rejected, margin, accuracy, logps_chosen/rejected
                 )
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
             interval_trained, interval_time = 0, 0.0
 
         if val_iters and (step % t.evaluations.validation.interval == 0 or step == t.train_iters):
-            val_loss = evaluate(model, accelerator, val_sampler, val_data, cfg, val_iters)
+            val_metrics = {}
+            if cfg.training.objective == "dpo":
+                val_loss, val_metrics = evaluate_pairs(
+                    model, accelerator, val_sampler, val_data, cfg, val_iters, objective, references.get("validation")
+                )
+            else:
+                val_loss = evaluate(model, accelerator, val_sampler, val_data, cfg, val_iters)
             first_val = val_loss if first_val is None else first_val
             last_val = val_loss
+            val_metrics.pop("answer_tokens", None)
             if accelerator.is_main_process:
-                events.emit("validation", step, loss=val_loss, batches=val_iters)
+                events.emit("validation", step, loss=val_loss, batches=val_iters, **val_metrics)
             if sample_writer is not None:  # a collective: every rank generates (FSDP), rank 0 writes the event
                 sample_writer.write(model, accelerator, events, step)
             bar.write(f"step {step}: validation loss {val_loss:.4f}") if accelerator.is_main_process else None
@@ -581,7 +672,7 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
 
     test_loss = None
     if test_data is not None and not stopped:  # training.test_iters: once, at the end, on data.datasets.test
-        test_loss, test_batches = _test_evaluation(model, accelerator, test_data, cfg)
+        test_loss, test_batches = _test_evaluation(model, accelerator, test_data, cfg, objective, references)
         if accelerator.is_main_process:
             events.emit("test", step, loss=test_loss, batches=test_batches)
         print0(f"test loss {test_loss:.4f} over {test_batches} batches")
@@ -639,11 +730,67 @@ def _test_split(cfg):
     return read_split(cfg, cfg.data.datasets.test.path, "test")
 
 
-def _test_evaluation(model, accelerator, test_data, cfg) -> tuple[float, int]:
-    """Mean CE over the trained tokens of ``training.test_iters`` test batches (at most one epoch of the split)."""
+def _test_evaluation(model, accelerator, test_data, cfg, objective=None, references=None) -> tuple[float, int]:
+    """Mean CE over the trained tokens (DPO: mean pair loss) of ``training.test_iters`` test batches (at most one
+    epoch of the split)."""
     sampler = packed_sampler(cfg, test_data)
     iters = evaluation_batches(cfg, sampler, cfg.training.test_iters, "test")
+    if cfg.training.objective == "dpo":
+        reference = (references or {}).get("test")
+        return evaluate_pairs(model, accelerator, sampler, test_data, cfg, iters, objective, reference)[0], iters
     return evaluate(model, accelerator, sampler, test_data, cfg, iters), iters
+
+
+def _reference_passes(cfg, accelerator, model, data, test_data, objective, run_dir) -> dict:
+    """training.dpo.reference: precompute: each split's reference log-probs (backend.preference.reference_pass),
+    under ``run_dir/reference/``; {} for every other objective or reference."""
+    if cfg.training.objective != "dpo" or getattr(objective, "reference", None) != "precompute":
+        return {}
+    from backend.distributed import print0
+    from backend.preference import reference_pass
+
+    splits = {"training": (data.train, data.sampler), "validation": (data.validation, data.validation_sampler)}
+    if test_data is not None:
+        splits["test"] = (test_data, packed_sampler(cfg, test_data))
+    out = {}
+    for split, (dataset, sampler) in splits.items():
+        if dataset is None:
+            continue
+        path = Path(run_dir) / "reference" / f"{split}.npy"
+        out[split] = reference_pass(model, accelerator, dataset, sampler, cfg.batch.micro_batch_size, path, print0)
+    return out
+
+
+def _check_reference(latest, digests: dict, cfg) -> None:
+    """A resume continues only against the reference log-probs its checkpoint trained with."""
+    import json
+
+    from backend.config import ConfigError
+
+    if latest is None:
+        return
+    try:
+        saved = json.loads((Path(latest) / "meta.json").read_text()).get("reference")
+    except (OSError, ValueError):
+        saved = None
+    if saved is not None and saved != digests and cfg.run.resume != "force":
+        raise ConfigError(
+            [
+                f"run.resume: {latest} was trained against other reference log-probs ({saved} -> {digests}): the "
+                f"reference under {Path(cfg.run.experiment_dir) / 'reference'} changed. Restore it, start a new run, "
+                "or resume anyway with run.resume=force"
+            ]
+        )
+
+
+def _dpo_start(cfg, objective, sampler) -> dict:
+    """What the start event says about a DPO run."""
+    d = cfg.training.dpo
+    return {
+        "dpo": {"beta": d.beta, "loss": d.loss, "reference": objective.reference, "simpo_gamma": d.simpo_gamma},
+        "training_pairs": int(len(sampler.lengths)),
+        "skipped_pairs": int(len(sampler.skipped)),
+    }
 
 
 def train(config, overrides=()) -> dict:
