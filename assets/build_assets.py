@@ -10,6 +10,7 @@ place when complete, so an interrupted build never leaves a half-written asset b
 Outputs (all under assets/):
     data/sample_sharegpt.jsonl   ~3000 Magpie-shaped rows {"uuid", "conversations": [{"from", "value"}], ...}
     data/sample_openai.jsonl     the same rows as {"uuid", "messages": [{"role", "content"}], ...}
+    data/sample_preference.jsonl 600 preference pairs {"prompt": [messages], "chosen": [...], "rejected": [...]}
     tiny-llama/                  LlamaForCausalLM (random init, fp32) + Llama-3.1-style fast tokenizer
     tokenizers/<family>/         tokenizer only, for chatml, gemma, mistral, phi3, llama-generation
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -168,6 +170,62 @@ def build_data() -> list[dict]:
     dump = lambda rs: "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in rs)  # noqa: E731
     _write_atomic(DATA_DIR / "sample_sharegpt.jsonl", dump(rows))
     _write_atomic(DATA_DIR / "sample_openai.jsonl", dump([to_openai(x) for x in rows]))
+    _write_atomic(DATA_DIR / "sample_preference.jsonl", dump(make_preference_rows()))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Preference pairs (DPO): one question, the right answer chosen, a wrong one rejected. Own RNG and own file, so the
+# conversation rows (and the BPE trained on them) do not change.
+N_PAIRS = 600
+REFUSALS = [
+    "Sorry, I can't help with that.",
+    "I am not able to answer this question.",
+    "That is not something I can do.",
+    "I don't know.",
+]
+
+
+def _wrong(r: random.Random, answer: str) -> str:
+    """The same answer made wrong the way a weak model gets it wrong: the words left in their order, the word not
+    uppercased, the result off by a little."""
+    if answer.startswith("Reversed: "):
+        return "Reversed: " + " ".join(reversed(answer[len("Reversed: ") :].split()))
+    if answer.startswith("In uppercase: "):
+        return "In uppercase: " + answer[len("In uppercase: ") :].lower()
+    m = list(re.finditer(r"\d+", answer))[-1]  # the result is the last number written
+    return answer[: m.start()] + str(abs(int(m.group()) + r.choice([-3, -2, -1, 1, 2, 3]))) + answer[m.end() :]
+
+
+def make_preference_rows(n: int = N_PAIRS, seed: int = SEED + 1) -> list[dict]:
+    """TRL's conversational preference form: ``prompt`` (messages), ``chosen`` / ``rejected`` (assistant message
+    lists). A third of the rejected answers are wrong in content (same form), a third refuse, a third answer another
+    question."""
+    r = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        prompt = []
+        if r.random() < 0.25:
+            prompt.append({"role": "system", "content": r.choice(SYSTEM_PROMPTS)})
+        _, q, a = r.choice(TASKS)(r)
+        prompt.append({"role": "user", "content": q})
+        kind = r.choices(["wrong", "refusal", "off_topic"], weights=[1, 1, 1])[0]
+        if kind == "wrong":
+            rejected = _wrong(r, a)
+        elif kind == "off_topic":  # the right answer to another question
+            rejected = r.choice(TASKS)(r)[2]
+        else:
+            rejected = r.choice(REFUSALS)
+        if rejected == a:
+            rejected, kind = r.choice(REFUSALS), "refusal"
+        rows.append(
+            {
+                "prompt": prompt,
+                "chosen": [{"role": "assistant", "content": a}],
+                "rejected": [{"role": "assistant", "content": rejected}],
+                "rejected_kind": kind,
+            }
+        )
     return rows
 
 
