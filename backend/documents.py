@@ -317,18 +317,38 @@ def pair_documents(row: dict, state: tuple) -> list[Document]:
     tools = row.get("tools")
     for conversation in (chosen, rejected):
         try:
-            k = len(chat.normalize_conversation(conversation[:n_prompt])) if n_prompt else 0
+            prompt_messages = chat.normalize_conversation(conversation[:n_prompt]) if n_prompt else []
             rendered = chat.render(conversation, tokenizer, masking, job.chat_template, tools)
         except chat.ChatError as e:
             raise SkipRow("bad_conversation", str(e)) from None
-        answer_turns = [t.begin for t in rendered.turns if t.message_index >= k]
-        if not answer_turns:
+        answer_turns = [t.begin for t in rendered.turns if t.message_index >= len(prompt_messages)]
+        if answer_turns:  # the template's turns: the answer starts at its first turn's reply
+            cut = min(answer_turns)
+        elif masking.mode == "delimiters":  # no turns: the answer follows the prompt as the template writes it
+            cut = _prompt_end(rendered, prompt_messages, tokenizer, job.chat_template, tools)
+        else:
             raise SkipRow("bad_pair", "an answer has no assistant message after the prompt")
-        cut = min(answer_turns)
         rendered.trained_spans = [(max(b, cut), e) for b, e in rendered.trained_spans if e > cut]
         rendered.loss_masking_spans = chat.loss_masking_from_spans(len(rendered.text), rendered.trained_spans)
         documents.append(Document(rendered.text, rendered.trained_spans, rendered))
     return documents
+
+
+def _prompt_end(rendered, prompt_messages: list, tokenizer, chat_template, tools) -> int:
+    """Where the prompt ends in ``rendered.text`` (delimiter masking, which finds no turns): the length of the
+    prompt's own rendering when the text starts with it; raises SkipRow when the template rewrites the prompt."""
+    from backend import chat
+
+    if not any(m["role"] == "assistant" for m in prompt_messages):
+        return 0  # nothing before the answer can be a reply the delimiters mark
+    head = chat.templates.render_messages(
+        prompt_messages, tokenizer, chat.resolve_template(tokenizer, chat_template), tools=chat.normalize_tools(tools)
+    )
+    if not rendered.text.startswith(head):
+        raise SkipRow(
+            "bad_pair", "the template writes the prompt differently before an answer: cannot tell where it ends"
+        )
+    return len(head)
 
 
 # Rows become documents through this table: ``FORMS[form](row, (job, tokenizer, masking)) -> list[Document]``,
