@@ -178,11 +178,15 @@ def build_data() -> list[dict]:
 # Preference pairs (DPO): one question, the right answer chosen, a wrong one rejected. Own RNG and own file, so the
 # conversation rows (and the BPE trained on them) do not change.
 N_PAIRS = 600
-REFUSALS = [
+REFUSALS = [  # unhelpful answers: a refusal, a dodge, a non-answer
     "Sorry, I can't help with that.",
     "I am not able to answer this question.",
     "That is not something I can do.",
     "I don't know.",
+    "You should work that out yourself.",
+    "Why do you want to know?",
+    "Let me think about it later.",
+    "Please ask someone else.",
 ]
 
 
@@ -199,8 +203,10 @@ def _wrong(r: random.Random, answer: str) -> str:
 
 def make_preference_rows(n: int = N_PAIRS, seed: int = SEED + 1) -> list[dict]:
     """TRL's conversational preference form: ``prompt`` (messages), ``chosen`` / ``rejected`` (assistant message
-    lists). A third of the rejected answers are wrong in content (same form), a third refuse, a third answer another
-    question."""
+    lists). Nine in ten rejected answers do not help (a refusal, a dodge); one in twenty is wrong in content (same
+    form), one in twenty answers another question. The tiny random-init model learns to prefer help over a refusal
+    within a minute; content errors are beyond it (measured on the validation pairs after tiny_dpo_train.yaml with a
+    fifth of each kind: refusals 1.0, wrong results 0.33, other questions' answers 0.54), so they stay a minority."""
     r = random.Random(seed)
     rows = []
     for _ in range(n):
@@ -209,7 +215,7 @@ def make_preference_rows(n: int = N_PAIRS, seed: int = SEED + 1) -> list[dict]:
             prompt.append({"role": "system", "content": r.choice(SYSTEM_PROMPTS)})
         _, q, a = r.choice(TASKS)(r)
         prompt.append({"role": "user", "content": q})
-        kind = r.choices(["wrong", "refusal", "off_topic"], weights=[1, 1, 1])[0]
+        kind = r.choices(["wrong", "refusal", "off_topic"], weights=[1, 18, 1])[0]
         if kind == "wrong":
             rejected = _wrong(r, a)
         elif kind == "off_topic":  # the right answer to another question
