@@ -44,7 +44,13 @@ activations  saved for backward, per decoder layer per token (measured op by op 
              autocast casts it back), so 3 + 2 copies per layer like autocast's, less one r h per norm, plus b x
              rank per token for each adapted Linear (the output of A). QLoRA's residual stream is fp32 (r = 4: PEFT
              upcasts the norms).
-logits / CE  the fused loss (cross_entropy_impl: fused) saves dL/dhidden (K h b) and dL/dW_lm_head (V h, in the
+logits / CE  training.objective: dpo reads each answer's log-probability (backend.preference.document_logps): the LM
+             head on the K trained positions, its input saved (K h r), the (K, V) logits (b-byte under autocast, then
+             an fp32 copy) and log_softmax's fp32 output, saved for backward: K h r + 4 K V saved, + (4 + b) K V more
+             during the forward under mixed precision. The precomputed reference costs no GPU memory in training (a
+             float64 per document on the host); adapters_off runs a no-grad forward first (nothing saved, less than
+             the policy's transient).
+             the fused loss (cross_entropy_impl: fused) saves dL/dhidden (K h b) and dL/dW_lm_head (V h, in the
              LM head's compute dtype) for backward; at the end of its forward it holds the fp32 sum of dL/dW (added
              in place, addmm_) and that copy ((4 + b) V h) and one chunk of logits (c x V fp32, c =
              FUSED_CHUNK_ELEMENTS // V rows: 128 MiB) plus its b-byte copy (the product is b-byte under autocast). No
@@ -338,6 +344,13 @@ class MemoryPlan:
     gpu_memory_bytes: int | None = None
     suggestions: list[str] = dataclasses.field(default_factory=list)
     model_source: str = ""  # where the model's config came from when it was not the model's own (ModelShape.source)
+    objective: str = "sft"  # training.objective: dpo holds the trained positions' full logits (no fused loss)
+
+    @property
+    def _loss_note(self) -> str:
+        if self.objective == "dpo":
+            return "DPO: log-probs of every answer token (full logits of the trained positions)"
+        return "fused loss: chunked LM head"
 
     @property
     def static_bytes(self) -> int:
@@ -398,7 +411,7 @@ class MemoryPlan:
             ("gradients", self.gradients, f"fp32, trained parameters, {where}"),
             ("optimizer state", self.optimizer, f"AdamW 2 x fp32, {where}"),
             (f"activations (checkpointing {ckpt})", self.activations, f"{self.tokens:,} tokens per micro-batch"),
-            ("logits / cross-entropy", max(self.loss_forward, self.loss_saved), "fused loss: chunked LM head"),
+            ("logits / cross-entropy", max(self.loss_forward, self.loss_saved), self._loss_note),
             ("communication buffers", self.comm, "reduce-scatter / gather / buckets"),
             ("backward temporaries", self.backward, "one layer"),
             ("optimizer step temporaries", self.optimizer_step, "foreach AdamW: fp32 copy of the second moment"),
@@ -564,7 +577,13 @@ def _plan(cfg, world: int, shape: ModelShape) -> MemoryPlan:
     head_trained = not lora  # LoRA never adapts the LM head: no dL/dW
     w_bytes = b if fsdp or lora else 4  # the LM head weight as the loss sees it
     vh = shape.vocab * shape.hidden
-    if cfg.model.base_model.cross_entropy_impl == "fused":
+    if cfg.training.objective == "dpo":
+        # backend.preference.document_logps: the LM head on the K trained positions (its input saved, K h r), their
+        # logits (b-byte under autocast, then the fp32 copy) and log_softmax's fp32 output, saved for backward
+        k = tokens  # worst case: every position trained
+        loss_saved = k * shape.hidden * r + k * shape.vocab * 4
+        loss_forward = loss_saved + k * shape.vocab * (4 if mixed else 0) + (k * shape.vocab * b if mixed else 0)
+    elif cfg.model.base_model.cross_entropy_impl == "fused":
         chunk = min(tokens, max(1, FUSED_CHUNK_ELEMENTS // shape.vocab))
         k = tokens  # worst case: every position trained
         loss_saved = k * shape.hidden * r + (vh * w_bytes if head_trained else 0)
@@ -618,8 +637,9 @@ def _plan(cfg, world: int, shape: ModelShape) -> MemoryPlan:
         tokens=tokens,
         # FSDP: at the LM head unit's reduce-scatter the saved dL/dW has become the gradient (comm); dL/dhidden stays
         loss_backward=tokens * shape.hidden * r
-        if fsdp and cfg.model.base_model.cross_entropy_impl == "fused"
+        if fsdp and cfg.model.base_model.cross_entropy_impl == "fused" and cfg.training.objective != "dpo"
         else None,
+        objective=cfg.training.objective,
         accumulation=max(1, cfg.batch.batch_size // (cfg.batch.micro_batch_size * world)),
         optimizer_step=4 * trained // shard,
     )

@@ -458,3 +458,52 @@ def test_planner_falls_back_to_the_shipped_config_offline_and_says_so(capsys, mo
     assert shape == model_shape(LLAMA_8B) and shape.source and not model_shape(LLAMA_8B).source
     assert main([str(GUIDE_8B), "pretrained.path=someone/not-shipped"]) == 2
     assert "pretrained.path someone/not-shipped" in capsys.readouterr().err
+
+
+def test_dpo_plan_counts_the_saved_bytes_of_the_dpo_forward():
+    """training.objective: dpo: the plan's activations + its DPO loss part (every position's full logits, worst
+    case) against the bytes autograd saves during the real objective's forward (tiny model, one process, fp32),
+    the loss part taken at the measured trained count as the SFT test does."""
+    import numpy as np
+    import torch
+
+    from backend.modeling import load_model
+    from backend.preference import DPO, collate_pairs
+    from tests.plan_worker import _Documents
+
+    L, rows_per_mb = 256, 2
+    cfg = load_train_config(
+        ASSETS / "configs" / "tiny_dpo_train.yaml",
+        [f"batch.sequence_length={L}", f"batch.micro_batch_size={rows_per_mb}", "batch.batch_size=2"],
+    )
+    model = load_model(TINY_MODEL, "fp32", "sdpa_packed")
+    model.train()
+    lengths = [L // 4, L // 4, L // 4, L // 4 - 8] * rows_per_mb  # two pairs and 8 padding tokens per row
+    data = _Documents(lengths, model.config.vocab_size, seed=0)
+    rows = [[(4 * r + j, 0, lengths[4 * r + j]) for j in range(4)] for r in range(rows_per_mb)]
+    from backend.packing import Piece
+
+    mb = collate_pairs([[Piece(*p) for p in row] for row in rows], data, L)
+    saved = {}
+
+    def pack(t):
+        base = t if t._base is None else t._base
+        if not isinstance(base, torch.nn.Parameter):
+            s = t.untyped_storage()
+            saved[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        DPO(0.1, "sigmoid", "none")(model, mb)
+    measured = sum(saved.values())
+    plan = plan_memory(cfg, 1)
+    shape = model_shape(TINY_MODEL)
+    k = mb["num_trained"]
+    assert plan.objective == "dpo" and plan.loss_saved == plan.tokens * (shape.hidden + shape.vocab) * 4
+    expected = plan.activations_full + k * (shape.hidden + shape.vocab) * 4
+    assert abs(measured - expected) <= TOLERANCE * measured, (measured, expected)
+    # the loss part alone (about a tenth of the whole here), beyond the activations the SFT tests pin
+    loss_part = measured - plan.activations_full
+    assert abs(loss_part - k * (shape.hidden + shape.vocab) * 4) <= 0.1 * loss_part, (loss_part, k)
+    sft = plan_memory(set_field(cfg, "training.objective", "sft"), 1)
+    assert plan.loss_saved > sft.loss_saved and np.isfinite(plan.peak_bytes)
