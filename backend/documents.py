@@ -378,6 +378,12 @@ _WORKER: dict = {}
 def _load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
+    from backend.hub import HubUnreachable, require_hub
+
+    try:
+        require_hub(str(path), "tokenizer.path")  # an unreachable hub: fail in seconds, not after minutes of retries
+    except HubUnreachable as e:
+        raise PrepareError(str(e)) from None
     try:
         return AutoTokenizer.from_pretrained(path)
     except Exception as e:

@@ -188,6 +188,9 @@ def load_lora_model(cfg, attn_impl: str, fsdp_sharded: bool = False):
             if q == "4bit"
             else BitsAndBytesConfig(load_in_8bit=True)
         )
+        from backend.hub import require_hub
+
+        require_hub(str(cfg.pretrained.path), "pretrained.path")  # an unreachable hub: fail in seconds
         model = AutoModelForCausalLM.from_pretrained(
             cfg.pretrained.path,
             quantization_config=quant,

@@ -43,14 +43,40 @@ def dir_bytes(path: str | Path) -> int:
     return total
 
 
+def nvml_device(cuda_index: int, visible: str | None = None) -> int | str | None:
+    """The NVML device (an index, or a UUID string) behind CUDA device ``cuda_index``: CUDA numbers only the devices
+    in ``CUDA_VISIBLE_DEVICES`` (default: the environment's), NVML numbers every device on the machine. None where
+    it cannot be told (a MIG slice).
+
+    >>> nvml_device(1, "4,6"), nvml_device(0, ""), nvml_device(0, "GPU-8f2c"), nvml_device(0, "MIG-1a2b")
+    (6, 0, 'GPU-8f2c', None)
+    """
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "") if visible is None else visible
+    entries = [e.strip() for e in visible.split(",") if e.strip()]
+    if not entries:
+        return cuda_index
+    if cuda_index >= len(entries):
+        return None
+    entry = entries[cuda_index]
+    if entry.isdigit():
+        return int(entry)
+    return entry if entry.startswith("GPU-") else None
+
+
 def _nvml_utilization(device_index: int) -> float | None:
     try:
         import pynvml  # nvidia-ml-py
     except ImportError:
         return None
+    device = nvml_device(device_index)
+    if device is None:
+        return None
     try:
         pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(device_index)
+        if isinstance(device, str):
+            handle = pynvml.nvmlDeviceGetHandleByUUID(device)
+        else:
+            handle = pynvml.nvmlDeviceGetHandleByIndex(device)
         return float(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
     except Exception:  # no driver, a MIG slice without utilization: leave the figure out
         return None

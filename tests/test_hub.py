@@ -81,6 +81,10 @@ def test_loaders_fail_in_seconds_on_an_unreachable_hub(unreachable_hub):
     )
     with pytest.raises(PrepareError, match="dataset.path 'nobody-owns-this/data'.*HF_HUB_OFFLINE=1"):
         open_source(cfg)
+    from backend.documents import _load_tokenizer  # prepare's and the studio's tokenizer loader
+
+    with pytest.raises(PrepareError, match="tokenizer.path 'nobody-owns-this/tok'.*HF_HUB_OFFLINE=1"):
+        _load_tokenizer("nobody-owns-this/tok")
     assert time.monotonic() - t0 < 10
 
 
