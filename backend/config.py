@@ -127,6 +127,9 @@ class CheckpointConfig(Section):
     keep: Int = Field(5, ge=1, description="Number of most recent checkpoints kept on disk.")
 
 
+GGUF_QUANTS = ("f16", "bf16", "q8_0", "q4_k_m")  # the one list: backend.gguf, backend.export and the studio read it
+
+
 class ExportConfig(Section):
     format: Literal["llama", "huggingface"] = Field(
         "llama", description="Export format: a Hugging Face Llama checkpoint ('llama' and 'huggingface' are the same)."
@@ -135,7 +138,7 @@ class ExportConfig(Section):
         ["hf"],
         description="Formats of the final export: hf (always written) and gguf (llama.cpp/Ollama, converted from it).",
     )
-    gguf_quant: Literal["f16", "bf16", "q8_0", "q4_k_m"] = Field(
+    gguf_quant: Literal[GGUF_QUANTS] = Field(
         "q8_0", description="GGUF weights: f16, bf16, q8_0 (converter outtypes) or q4_k_m (llama.cpp's quantizer)."
     )
     interval: Int = Field(0, ge=0, description="Export every N iterations (0 = only the final export).")

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from backend.checkpoint import step_dir_name
+from backend.config import GGUF_QUANTS
 
 
 def export_dir(run_dir, step: int | None = None) -> Path:
@@ -47,7 +48,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("run_dir", help="A run directory (holds export/final or export/step_<N>).")
     parser.add_argument("--step", type=int, default=None, help="Convert export/step_<N> instead of export/final.")
     parser.add_argument("--gguf", action="store_true", help="Write a GGUF (llama.cpp, Ollama) and a Modelfile.")
-    parser.add_argument("--quant", default="q8_0", choices=["f16", "bf16", "q8_0", "q4_k_m"], help="GGUF weights.")
+    parser.add_argument("--quant", default="q8_0", choices=GGUF_QUANTS, help="GGUF weights.")
     parser.add_argument("--system", default=None, help="System prompt for the Ollama Modelfile (SYSTEM line).")
     args = parser.parse_args(argv)
     if not args.gguf:

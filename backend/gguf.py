@@ -29,8 +29,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from backend.config import GGUF_QUANTS as QUANTS  # the one list of GGUF weight types (re-exported here)
+
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"  # the bindings, and the llama.cpp whose converter we run (same sdist)
-QUANTS = ("f16", "bf16", "q8_0", "q4_k_m")
+
 GPT2_PRE = "gpt-2"  # llama.cpp's name for GPT-2's pre-tokenizer (tokenizer.ggml.pre)
 SAMPLE_CONVERSATIONS = Path(__file__).resolve().parent.parent / "assets" / "data" / "sample_openai.jsonl"
 
