@@ -1,11 +1,19 @@
 """Training objectives: what one micro-batch contributes to a step's loss (STYLE.md point 13).
 
-An objective is called as ``objective(model, micro_batch) -> (loss_sum, denominator)``: a 0-dim fp32 sum with a
-grad path, and the count the step divides by. ``objective.denominator(micro_batch)`` gives that count before any
-forward, so ``backend.train.train_step`` can scale each micro-batch's backward by 1 / (the global count of the whole
-step) and keep accumulation, scaling, clipping and the finite check without importing a loss. SFT's masked
-cross-entropy is one objective; a preference objective (DPO, issue #24) is meant to land as another, in
-``backend/preference.py``, with pairs as its denominator.
+An objective is called as ``objective(model, micro_batch) -> (loss_sum, denominator[, figure sums])``: a 0-dim fp32
+sum with a grad path, the count the step divides by, and optionally sums of its own figures (the step divides them
+by the same count). ``objective.denominator(micro_batch)`` gives that count before any forward, so
+``backend.train.train_step`` can scale each micro-batch's backward by 1 / (the global count of the whole step) and
+keep accumulation, scaling, clipping and the finite check without importing a loss. The objective also says how its
+rows are made and read, so that ``fit`` has no branch per objective:
+
+    objective.sampler(dataset, cfg)                       the split's sampler of rows (backend.packing)
+    objective.collate(rows, dataset, batch, reference)    a micro-batch of those rows
+    objective.report(result)                              the train event's fields of a StepResult
+    objective.describe(sampler)                           what the start event adds
+
+SFT's masked cross-entropy is one objective (here); DPO is another (``backend.preference.DPO``: pairs packed whole,
+pairs as its denominator). ``backend.preference.objective_of(cfg)`` picks the run's.
 
 >>> SFT().denominator({"num_trained": 7})
 7
@@ -36,6 +44,29 @@ class SFT:
         from backend.loss import trained_token_loss
 
         return trained_token_loss(model, micro_batch, self.impl)
+
+    def sampler(self, dataset, cfg):
+        """Documents packed into rows (``data.truncate_documents`` may cut them across rows)."""
+        from backend.packing import PackedSampler
+
+        s = cfg.data.sampling
+        return PackedSampler(
+            dataset.lengths, cfg.batch.sequence_length, s.seed, s.packing, s.packing_window, cfg.data.truncate_documents
+        )
+
+    def collate(self, rows, dataset, batch, reference=None) -> dict:
+        """`backend.packing.collate` under the run's ``batch`` section (``reference``: DPO's; unused here)."""
+        from backend.packing import collate
+
+        return collate(rows, dataset, batch.sequence_length, batch.cross_document_attention)
+
+    def report(self, result) -> dict:
+        """The train event's fields of a `backend.train.StepResult`: its trained-token count."""
+        return {"trained_tokens": result.trained_tokens, **(result.metrics or {})}
+
+    def describe(self, sampler) -> dict:
+        """What the start event adds for this objective (SFT: nothing beyond the usual fields)."""
+        return {}
 
 
 def as_objective(objective):

@@ -212,6 +212,31 @@ class DPO:
     def denominator(self, micro_batch: dict) -> int:
         return micro_batch["num_pairs"]
 
+    def sampler(self, dataset, cfg):
+        """The split's pairs, each packed whole into one row (`PairSampler`)."""
+        s = cfg.data.sampling
+        return PairSampler(
+            dataset.lengths, dataset.pairs, cfg.batch.sequence_length, s.seed, s.packing, s.packing_window
+        )
+
+    def collate(self, rows, dataset, batch, reference=None) -> dict:
+        """`collate_pairs` with the split's precomputed reference log-probs (None: adapters_off / none)."""
+        return collate_pairs(rows, dataset, batch.sequence_length, reference)
+
+    def report(self, result) -> dict:
+        """The train event's fields: pairs (the step's denominator), trained tokens, the per-pair means."""
+        metrics = dict(result.metrics or {})
+        per_pair = metrics.pop("answer_tokens", 0.0)
+        return {"pairs": result.trained_tokens, "trained_tokens": round(per_pair * result.trained_tokens), **metrics}
+
+    def describe(self, sampler) -> dict:
+        """What the start event says about a DPO run."""
+        return {
+            "dpo": {"beta": self.beta, "loss": self.loss, "reference": self.reference, "simpo_gamma": self.simpo_gamma},
+            "training_pairs": int(len(sampler.lengths)),
+            "skipped_pairs": int(len(sampler.skipped)),
+        }
+
     def __call__(self, model, micro_batch: dict):
         import torch
 

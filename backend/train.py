@@ -166,36 +166,17 @@ def train_step(
 
 def evaluate(model, accelerator, sampler, dataset, cfg, iterations: int) -> float:
     """Mean CE over every trained token of ``iterations`` validation batches (the same rows every time)."""
+    from backend.objective import SFT
+
+    return evaluate_objective(
+        model, accelerator, sampler, dataset, cfg, iterations, SFT(cfg.model.base_model.cross_entropy_impl)
+    )[0]
+
+
+def evaluate_objective(model, accelerator, sampler, dataset, cfg, iterations: int, objective, reference=None):
+    """(mean loss over the objective's denominator, mean of each of its figures) over ``iterations`` batches (the
+    same rows every time): SFT's trained tokens, DPO's pairs (``reference``: the split's precomputed log-probs)."""
     import torch
-
-    from backend.loss import trained_token_loss
-    from backend.packing import collate
-
-    b = cfg.batch
-    model.eval()
-    loss_sum = count = 0.0
-    with torch.no_grad():
-        for i in range(iterations):
-            for rows in sampler.micro_batches(
-                i, b.batch_size, b.micro_batch_size, accelerator.process_index, accelerator.num_processes
-            ):
-                batch = _to_device(
-                    collate(rows, dataset, b.sequence_length, b.cross_document_attention), accelerator.device
-                )
-                s, n = trained_token_loss(model, batch, cfg.model.base_model.cross_entropy_impl)
-                loss_sum += float(s)
-                count += n
-    model.train()
-    loss_sum, count = _global_sum(accelerator, [loss_sum, count])
-    return loss_sum / count if count else float("nan")
-
-
-def evaluate_pairs(model, accelerator, sampler, dataset, cfg, iterations: int, objective, reference=None):
-    """DPO's validation: (mean pair loss, mean of each of the objective's figures) over ``iterations`` batches of
-    pairs (the same rows every time); ``reference``: the split's precomputed reference log-probs."""
-    import torch
-
-    from backend.preference import collate_pairs
 
     b = cfg.batch
     model.eval()
@@ -206,12 +187,12 @@ def evaluate_pairs(model, accelerator, sampler, dataset, cfg, iterations: int, o
             for rows in sampler.micro_batches(
                 i, b.batch_size, b.micro_batch_size, accelerator.process_index, accelerator.num_processes
             ):
-                batch = _to_device(collate_pairs(rows, dataset, b.sequence_length, reference), accelerator.device)
+                batch = _to_device(objective.collate(rows, dataset, b, reference), accelerator.device)
                 with accelerator.autocast():
-                    s, n, metrics = objective(model, batch)
+                    s, n, *extra = objective(model, batch)
                 loss_sum += float(s)
                 count += n
-                for k, v in metrics.items():
+                for k, v in (extra[0] if extra else {}).items():
                     sums[k] = sums.get(k, 0.0) + v
     model.train()
     names = sorted(sums)
@@ -256,24 +237,11 @@ def read_split(cfg, path: str, split: str):
 
 
 def packed_sampler(cfg, dataset):
-    """The PackedSampler of ``dataset`` under the run's batch and sampling settings (a `PairSampler` of its pairs for
-    training.objective: dpo)."""
-    from backend.packing import PackedSampler
+    """The sampler of ``dataset``'s rows under the run's batch and sampling settings: packed documents (SFT), or
+    pairs each packed whole (DPO); the objective decides (backend/objective.py)."""
+    from backend.preference import objective_of
 
-    sampling = cfg.data.sampling
-    if cfg.training.objective == "dpo":
-        from backend.preference import PairSampler
-
-        L = cfg.batch.sequence_length
-        return PairSampler(dataset.lengths, dataset.pairs, L, sampling.seed, sampling.packing, sampling.packing_window)
-    return PackedSampler(
-        dataset.lengths,
-        cfg.batch.sequence_length,
-        sampling.seed,
-        sampling.packing,
-        sampling.packing_window,
-        cfg.data.truncate_documents,
-    )
+    return objective_of(cfg).sampler(dataset, cfg)
 
 
 def evaluation_batches(cfg, sampler, wanted: int, what: str) -> int:
@@ -469,9 +437,8 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
     from backend.checkpoint import latest_complete, load_checkpoint, step_dir_name
     from backend.config import check_world_size, config_hash
     from backend.distributed import describe, is_sharded, print0
-    from backend.packing import collate
     from backend.plan import disk_estimate
-    from backend.preference import collate_pairs, objective_of
+    from backend.preference import objective_of
     from backend.scaling import Probe
 
     run_dir = Path(cfg.run.experiment_dir)
@@ -549,7 +516,7 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
             trainable_parameters=m.trainable_parameters,
             peft=cfg.model.base_model.peft.type,
             objective=cfg.training.objective,
-            **(_dpo_start(cfg, objective, sampler) if cfg.training.objective == "dpo" else {}),
+            **objective.describe(sampler),
             gradient_accumulation=grad_accum,
             training_documents=len(train_data),
             skipped_documents=len(sampler.skipped),
@@ -574,14 +541,10 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
         lr = lr_at(step, opt.learning_rate, t.train_iters)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        rows_of_step = sampler.micro_batches(step, b.batch_size, b.micro_batch_size, rank, world)
-        if cfg.training.objective == "dpo":  # pairs, each whole in one row, with their reference log-probs
-            reference = references.get("training")
-            micro_batches = [collate_pairs(rows, train_data, b.sequence_length, reference) for rows in rows_of_step]
-        else:
-            micro_batches = [
-                collate(rows, train_data, b.sequence_length, b.cross_document_attention) for rows in rows_of_step
-            ]
+        micro_batches = [  # the objective's rows: packed documents, or whole pairs with their reference log-probs
+            objective.collate(rows, train_data, b, references.get("training"))
+            for rows in sampler.micro_batches(step, b.batch_size, b.micro_batch_size, rank, world)
+        ]
         try:
             result = train_step(
                 model,
@@ -594,12 +557,9 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
             )
         except torch.OutOfMemoryError as e:  # name the step, the peak, the plan's figure and its smallest fix
             raise resources.OutOfMemory(resources.oom_message(cfg, world, step + 1, e)) from e
-        loss, grad_norm, global_count = result.loss, result.grad_norm, result.trained_tokens
-        step_metrics = dict(result.metrics or {})
-        if "answer_tokens" in step_metrics:  # DPO: the step's denominator is pairs; trained tokens = pairs x mean
-            pairs = global_count
-            global_count = round(step_metrics.pop("answer_tokens") * pairs)
-            step_metrics["pairs"] = pairs
+        loss, grad_norm = result.loss, result.grad_norm
+        step_fields = objective.report(result)  # trained_tokens (+ DPO: pairs, rewards, margin, accuracy, log-probs)
+        global_count = step_fields["trained_tokens"]
         if result.overflow:
             print0(f"step {step + 1}: fp16 gradients overflowed; step skipped, loss scale lowered")
         elif not result.stepped:
@@ -630,25 +590,20 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
                     lr=lr,
                     grad_norm=grad_norm,
                     tokens_per_s=tokens_per_step * steps_in_interval / interval_time,
-                    trained_tokens=global_count,
                     trained_tokens_per_s=interval_trained / interval_time,
                     elapsed=elapsed,
                     eta=eta,
                     **({"peak_memory_bytes": max(machine["gpu_peak_bytes"])} if "gpu_peak_bytes" in machine else {}),
                     **machine,
-                    **step_metrics,  # DPO: pairs, rewards_chosen/rejected, margin, accuracy, logps_chosen/rejected
+                    **step_fields,
                 )
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
             interval_trained, interval_time = 0, 0.0
 
         if val_iters and (step % t.evaluations.validation.interval == 0 or step == t.train_iters):
-            val_metrics = {}
-            if cfg.training.objective == "dpo":
-                val_loss, val_metrics = evaluate_pairs(
-                    model, accelerator, val_sampler, val_data, cfg, val_iters, objective, references.get("validation")
-                )
-            else:
-                val_loss = evaluate(model, accelerator, val_sampler, val_data, cfg, val_iters)
+            val_loss, val_metrics = evaluate_objective(
+                model, accelerator, val_sampler, val_data, cfg, val_iters, objective, references.get("validation")
+            )
             first_val = val_loss if first_val is None else first_val
             last_val = val_loss
             val_metrics.pop("answer_tokens", None)
@@ -730,15 +685,13 @@ def _test_split(cfg):
     return read_split(cfg, cfg.data.datasets.test.path, "test")
 
 
-def _test_evaluation(model, accelerator, test_data, cfg, objective=None, references=None) -> tuple[float, int]:
-    """Mean CE over the trained tokens (DPO: mean pair loss) of ``training.test_iters`` test batches (at most one
-    epoch of the split)."""
+def _test_evaluation(model, accelerator, test_data, cfg, objective, references) -> tuple[float, int]:
+    """Mean loss (SFT: over the trained tokens; DPO: over the pairs) of ``training.test_iters`` test batches (at
+    most one epoch of the split)."""
     sampler = packed_sampler(cfg, test_data)
     iters = evaluation_batches(cfg, sampler, cfg.training.test_iters, "test")
-    if cfg.training.objective == "dpo":
-        reference = (references or {}).get("test")
-        return evaluate_pairs(model, accelerator, sampler, test_data, cfg, iters, objective, reference)[0], iters
-    return evaluate(model, accelerator, sampler, test_data, cfg, iters), iters
+    loss, _ = evaluate_objective(model, accelerator, sampler, test_data, cfg, iters, objective, references.get("test"))
+    return loss, iters
 
 
 def _reference_passes(cfg, accelerator, model, data, test_data, objective, run_dir) -> dict:
@@ -781,16 +734,6 @@ def _check_reference(latest, digests: dict, cfg) -> None:
                 "or resume anyway with run.resume=force"
             ]
         )
-
-
-def _dpo_start(cfg, objective, sampler) -> dict:
-    """What the start event says about a DPO run."""
-    d = cfg.training.dpo
-    return {
-        "dpo": {"beta": d.beta, "loss": d.loss, "reference": objective.reference, "simpo_gamma": d.simpo_gamma},
-        "training_pairs": int(len(sampler.lengths)),
-        "skipped_pairs": int(len(sampler.skipped)),
-    }
 
 
 def train(config, overrides=()) -> dict:

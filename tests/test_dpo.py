@@ -32,7 +32,7 @@ from backend.preference import DPO, PairSampler, collate_pairs, document_logps, 
 
 DPO_TRAIN = ASSETS / "configs" / "tiny_dpo_train.yaml"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-L = 512
+L = 1024  # rows the tests assemble by hand: three pairs fit
 
 
 @pytest.fixture(scope="module")
