@@ -13,7 +13,9 @@ from pathlib import Path
 
 import gradio as gr
 
-QUANTS = ["q8_0", "f16", "bf16", "q4_k_m"]  # backend.gguf.QUANTS, q8_0 first: the usual choice
+from backend.config import GGUF_QUANTS
+
+QUANTS = sorted(GGUF_QUANTS, key=lambda q: q != "q8_0")  # the config's list, q8_0 first: the usual choice
 
 
 def finished_exports(runs_dir: str) -> list[str]:

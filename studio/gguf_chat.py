@@ -32,12 +32,26 @@ def get_llm(path: str):
     return _llms[key]
 
 
-def gguf_chat_stream(path: str, messages: list[dict], max_new_tokens: int = 64, temperature: float = 0.0):
-    """Yield the growing assistant reply to OpenAI-style ``messages`` (the last one the user's)."""
+def gguf_chat_stream(
+    path: str,
+    messages: list[dict],
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    tools: list[dict] | None = None,
+):
+    """Yield the growing assistant reply to OpenAI-style ``messages`` (the last one the user's), sampled with
+    ``temperature`` / ``top_p`` as the transformers path is, and the ``tools`` schemas handed to the GGUF's template.
+    """
     llm = get_llm(path)
     reply = ""
     stream = llm.create_chat_completion(
-        messages, max_tokens=int(max_new_tokens), temperature=float(temperature), stream=True
+        messages,
+        max_tokens=int(max_new_tokens),
+        temperature=float(temperature),
+        top_p=float(top_p),
+        tools=tools or None,
+        stream=True,
     )
     for chunk in stream:
         reply += chunk["choices"][0]["delta"].get("content") or ""
