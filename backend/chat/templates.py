@@ -548,6 +548,12 @@ def render(
         if not assistants:
             problems.append("span_not_found: the conversation has no assistant message; nothing is trained")
 
+    return _sample(text, turns, chosen, masking, messages, tokenizer, problems, appended)
+
+
+def _sample(text, turns, chosen, masking: Masking, messages, tokenizer, problems, appended, **extra) -> RenderedSample:
+    """The `RenderedSample` of a rendering: each chosen turn trained from its reply's start to the end of its
+    end-of-turn marker (or of the reply, train_on_eot: false), plus the special-text check of the messages."""
     trained = []
     for t in chosen:
         e = t.end if masking.train_on_eot else t.content_end
@@ -562,6 +568,7 @@ def render(
         turns=turns,
         messages=messages,
         appended=appended,
+        **extra,
     )
 
 
@@ -604,11 +611,6 @@ def _render_agent(messages, tools, tokenizer, masking: Masking, template: str) -
         text, turns, appended = _append_final_eot(text, turns, messages, tokenizer, template, problems, eot)
     if not assistants:
         problems.append("span_not_found: the conversation has no assistant message; nothing is trained")
-    trained = []
-    for t in turns:
-        e = t.end if masking.train_on_eot else t.content_end
-        if e > t.begin:
-            trained.append((t.begin, e))
     results, reasoning, written = agent.trace_spans(messages, text, turns)
     dropped = [k for k, shown in written.items() if not shown]
     if dropped:
@@ -617,20 +619,8 @@ def _render_agent(messages, tools, tokenizer, masking: Masking, template: str) -
             f"reasoning_dropped: message(s) {dropped}: the template does not write their reasoning ({chars} chars); "
             "chat.reasoning: every_turn trains it where the template writes a final reply's reasoning"
         )
-    _special_text_problems(messages, tokenizer, problems)
-    return RenderedSample(
-        text=text,
-        trained_spans=trained,
-        loss_masking_spans=loss_masking_from_spans(len(text), trained),
-        problems=problems,
-        turns=turns,
-        messages=messages,
-        appended=appended,
-        tools=tools,
-        tool_result_spans=results,
-        reasoning_spans=reasoning,
-        reasoning_rendered=written,
-    )
+    extra = dict(tools=tools, tool_result_spans=results, reasoning_spans=reasoning, reasoning_rendered=written)
+    return _sample(text, turns, turns, masking, messages, tokenizer, problems, appended, **extra)
 
 
 def eot_token_ids(tokenizer, chat_template: str | None = None) -> list[int]:
