@@ -266,11 +266,13 @@ def test_two_fsdp_processes_match_one_process(pairs, tmp_path):
     from backend.launch import train_command, train_env
 
     common = {"training.train_iters": 3, "batch.micro_batch_size": 2, "model.multi_stage.zero_stage": 3}
+    config = tmp_path / "train.yaml"  # train_command writes the accelerate YAML beside the config: not in assets/
+    shutil.copy(DPO_TRAIN, config)
     runs = {}
     for n in (1, 2):
         run_dir = tmp_path / f"p{n}"
         args = overrides(pairs, run_dir, **common, **{"run.num_processes": n})
-        cmd = train_command(DPO_TRAIN, n, use_cpu=True, extra_overrides=args)
+        cmd = train_command(config, n, use_cpu=True, extra_overrides=args)
         proc = subprocess.run(
             cmd, cwd=ROOT, env={**ENV, **train_env(n, use_cpu=True)}, capture_output=True, text=True, timeout=400
         )
