@@ -399,7 +399,7 @@ def main(argv=None) -> int:
     p.add_argument("--work", default=str(REPO / "runs" / "bench-dpo"))
     p.add_argument("--timeout", type=int, default=900, help="seconds per contestant run")
     p.add_argument("--json", help="also write the raw runs here")
-    p.add_argument("--write", action="store_true", help="append the table to --results")
+    p.add_argument("--write", action="store_true", help="write the table as the DPO section of --results")
     p.add_argument("--results", default=str(BENCH / "RESULTS.md"))
     a = p.parse_args(argv)
     import trl
@@ -445,9 +445,19 @@ def main(argv=None) -> int:
     if a.json:
         Path(a.json).write_text(json.dumps({"runs": runs, "reference": reference, "trl_batch": trl_batch}))
     if a.write:
-        with open(a.results, "a") as f:
-            f.write("\n" + text + "\n")
+        write_section(Path(a.results), text)
     return 0
+
+
+MARKER = "<!-- bench_dpo.py: from here on -->"
+
+
+def write_section(path: Path, text: str) -> None:
+    """Replace this bench's section of RESULTS.md (everything after MARKER; peers.py keeps it when it rewrites)."""
+    before = path.read_text().split(MARKER)[0].rstrip("\n") if path.exists() else ""
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    tmp.write_text(f"{before}\n\n{MARKER}\n\n{text}\n".lstrip("\n"))
+    tmp.replace(path)
 
 
 if __name__ == "__main__":
