@@ -768,8 +768,11 @@ def build_report(meta, per_run, agreement, packing, masks) -> str:
 
 
 def write_results(text: str, path: Path):
+    # bench_dpo.py's section (after its marker) is kept
+    marker = "<!-- bench_dpo.py: from here on -->"
+    kept = "\n" + marker + path.read_text().split(marker, 1)[1] if path.exists() and marker in path.read_text() else ""
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text("<!-- written by `python bench/peers.py`; do not edit by hand -->\n\n" + text + "\n")
+    tmp.write_text("<!-- written by `python bench/peers.py`; do not edit by hand -->\n\n" + text + "\n" + kept)
     tmp.replace(path)
 
 
