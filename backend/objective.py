@@ -49,9 +49,9 @@ class SFT:
         """Documents packed into rows (``data.truncate_documents`` may cut them across rows)."""
         from backend.packing import PackedSampler
 
-        s = cfg.data.sampling
+        sampling, L = cfg.data.sampling, cfg.batch.sequence_length
         return PackedSampler(
-            dataset.lengths, cfg.batch.sequence_length, s.seed, s.packing, s.packing_window, cfg.data.truncate_documents
+            dataset.lengths, L, sampling.seed, sampling.packing, sampling.packing_window, cfg.data.truncate_documents
         )
 
     def collate(self, rows, dataset, batch, reference=None) -> dict:
