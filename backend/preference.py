@@ -214,10 +214,8 @@ class DPO:
 
     def sampler(self, dataset, cfg):
         """The split's pairs, each packed whole into one row (`PairSampler`)."""
-        s = cfg.data.sampling
-        return PairSampler(
-            dataset.lengths, dataset.pairs, cfg.batch.sequence_length, s.seed, s.packing, s.packing_window
-        )
+        sampling, L = cfg.data.sampling, cfg.batch.sequence_length
+        return PairSampler(dataset.lengths, dataset.pairs, L, sampling.seed, sampling.packing, sampling.packing_window)
 
     def collate(self, rows, dataset, batch, reference=None) -> dict:
         """`collate_pairs` with the split's precomputed reference log-probs (None: adapters_off / none)."""
