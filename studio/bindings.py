@@ -22,6 +22,7 @@ class Binding:
     group: str = "Training"  # which accordion/column of the form it sits in
 
 
+DPO = "Objective (DPO)"
 TRAIN_FIELDS: tuple[Binding, ...] = (
     Binding("training.train_iters", "int", group="Schedule"),
     Binding("training.logs.interval", "int", group="Schedule"),
@@ -56,6 +57,14 @@ TRAIN_FIELDS: tuple[Binding, ...] = (
     Binding("pretrained.path", "text", group="Paths"),
     Binding("data.datasets.training.path", "text", group="Paths"),
     Binding("data.datasets.validation.path", "text", group="Paths"),
+    # preference tuning: the Data tab's preference data needs objective dpo (training refuses SFT on pairs)
+    Binding("training.objective", "choice", ("sft", "dpo"), group="Objective (DPO)"),
+    Binding("training.dpo.beta", "float", group="Objective (DPO)"),
+    Binding("training.dpo.loss", "choice", ("sigmoid", "ipo", "simpo"), group="Objective (DPO)"),
+    Binding(
+        "training.dpo.reference", "choice", ("auto", "precompute", "adapters_off", "none"), group="Objective (DPO)"
+    ),
+    Binding("training.dpo.simpo_gamma", "float", group="Objective (DPO)"),
 )
 
 GROUPS: tuple[str, ...] = tuple(dict.fromkeys(b.group for b in TRAIN_FIELDS))

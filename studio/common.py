@@ -29,7 +29,11 @@ TRAINED, MASKED, APPENDED = "trained", "masked", "appended (trained)"
 # APPENDED: the end-of-turn marker added after a final reply the template leaves open (chat.final_eot: append)
 # agent traces: tool results (never trained) and reasoning in colours of their own; tool calls are trained text
 TOOL_RESULT, REASONING, REASONING_MASKED = "tool result (masked)", "reasoning (trained)", "reasoning (masked)"
+# preference pairs (DPO): each answer trained, in its own colour; the prompt masked
+CHOSEN, REJECTED = "chosen answer (trained)", "rejected answer (trained)"
 COLOR_MAP = {
+    CHOSEN: "#1f77b4",
+    REJECTED: "#d62728",
     TRAINED: "#2ca02c",
     MASKED: "#d9d9d9",
     APPENDED: "#ff7f0e",

@@ -147,9 +147,30 @@ def prepare_yaml_from(train_yaml: str, s: DataSettings) -> tuple[str, str]:
     base["tokenizer"]["path"] = (s.tokenizer or "").strip()
     base["chat"] = _chat_section(s)
     try:
-        return dump_yaml(load_prepare_config(base)), "✓ valid prepare config"
+        cfg = load_prepare_config(base)
     except ConfigError as e:
         return yaml.safe_dump(base, sort_keys=False), problems_markdown(e.problems)
+    return dump_yaml(cfg), "✓ valid prepare config" + _objective_note(cfg, raw)
+
+
+def _objective_note(cfg, train_raw) -> str:
+    """Preference data prepared for an SFT train config (or the reverse): say which objective the data needs."""
+    from studio.common import get_reader
+
+    try:
+        pairs = get_reader(cfg).form == "pairs"
+    except Exception:  # an unreadable dataset: the Data tab's preview says what is wrong
+        return ""
+    objective = ((train_raw or {}).get("training") or {}).get("objective", "sft")
+    if pairs and objective != "dpo":
+        return (
+            "\n\n⚠ the dataset holds **preference pairs** (prompt / chosen / rejected): set "
+            "`training.objective: dpo` in the train config (the form's *Objective (DPO)* group); training refuses "
+            "SFT on pairs, which would train the rejected answers too"
+        )
+    if not pairs and objective == "dpo":
+        return "\n\n⚠ `training.objective: dpo` needs preference pairs (prompt / chosen / rejected columns)"
+    return ""
 
 
 def save_yaml(text: str, path: str) -> str:

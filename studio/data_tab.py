@@ -19,10 +19,12 @@ import numpy as np
 
 from studio.common import (
     APPENDED,
+    CHOSEN,
     COLOR_MAP,
     MASKED,
     REASONING,
     REASONING_MASKED,
+    REJECTED,
     TOKEN_VIEW_LIMIT,
     TOOL_RESULT,
     TRAINED,
@@ -122,12 +124,54 @@ def preview_sample(s: DataSettings, index: int | float | None, sequence_length: 
         return empty
     rendered, tok = prepared.rendered, prepared.tokenized
     template = _template_arg(s.template, tokenizer)
+    if prepared.rejected is not None:  # a preference pair: both answers, each in its own colour
+        return _pair_preview(prepared, tokenizer, i, n, template, sequence_length)
     p = _preview_from(rendered, tok, tokenizer, i, n, template, _problems(prepared, sequence_length))
     if prepared.skipped:  # tokenized, but not written (no_trained_tokens)
         p.summary += f"\n\n⚠ prepare skips this row: {prepared.skipped}"
     if sequence_length and len(tok.input_ids) > int(sequence_length):
         p.summary += _cut_lines(rendered, tok, tokenizer, masking, template, int(sequence_length))
     return p
+
+
+def _pair_preview(prepared, tokenizer, i: int, n: int, template, sequence_length) -> Preview:
+    """A preference pair as prepare writes it: prompt + chosen answer, then prompt + rejected answer (the highlight),
+    and their tokens side by side (the token view); the prompt masked, each answer trained in its own colour."""
+    sides = [(prepared.rendered, prepared.tokenized, CHOSEN), (*prepared.rejected, REJECTED)]
+    views = [_preview_from(r, t, tokenizer, i, n, template) for r, t, _ in sides]
+    highlight = []
+    for (_, _, label), view in zip(sides, views, strict=True):
+        if highlight:
+            highlight.append(("\n\n────────── rejected: the same prompt, the other answer ──────────\n\n", None))
+        highlight += [(text, label if kind == TRAINED else kind) for text, kind in view.highlight]
+    columns = "".join(
+        f"<div style='flex:1;min-width:0'><b style='color:{COLOR_MAP[label]}'>{label}</b>{view.token_html}</div>"
+        for (_, _, label), view in zip(sides, views, strict=True)
+    )
+    counts = [
+        f"<span style='color:{COLOR_MAP[label]}'>■</span> {label}: {int(tok.trained.sum())} of {len(tok.input_ids)}"
+        for _, tok, label in sides
+    ]
+    total = sum(len(t.input_ids) for _, t, _ in sides)
+    seq = int(sequence_length) if sequence_length else None
+    summary = f"**Pair {i} of {n}** (preference data, packed whole: {total} tokens) — " + "; ".join(counts)
+    if seq and total > seq:
+        summary += f"; ⚠ **{total} tokens together > sequence_length {seq}**: training skips this pair"
+    problems = [f"{code}: {message}" for code, message, _ in prepared.problems]
+    problems_md = "\n".join(f"- ⚠ `{p.split(':', 1)[0]}`: {p.split(':', 1)[1].strip()}" for p in problems)
+    if prepared.skipped:
+        summary += f"\n\n⚠ prepare skips this pair: {prepared.skipped}"
+    return Preview(
+        highlight=highlight,
+        token_html=f"<div style='display:flex;gap:1em'>{columns}</div>",
+        summary=summary,
+        problems=problems_md or "✓ no problems in this pair",
+        status="",
+        n_rows=n,
+        index=i,
+        trained_chars=views[0].trained_chars,
+        text=prepared.rendered.text,
+    )
 
 
 def _cut_lines(rendered, tok, tokenizer, masking, template, seq: int) -> str:
@@ -291,6 +335,7 @@ def check_whole_dataset(
         idx, sampled = _sample_indices(reader.n_rows, int(max_rows or 5000))
         report = HealthReport(examples=5)
         skipped = 0  # rows prepare writes no document for: counted once here, and under their reason below
+        pairs = 0  # preference rows kept (each two documents)
         for j, prepared in enumerate(reader.samples(idx, cfg, tokenizer)):
             if prepared.tokenized is None:
                 skipped += 1
@@ -298,7 +343,17 @@ def check_whole_dataset(
             else:
                 tok = prepared.tokenized
                 problems = _problems(prepared, seq)
-                report.add(j, problems, len(tok.input_ids), tok.n_trained, appended=len(prepared.rendered.appended))
+                n_tokens, n_trained = len(tok.input_ids), tok.n_trained
+                if prepared.rejected is not None:  # a preference pair: packed whole, both answers trained
+                    pairs += 1
+                    n_tokens += len(prepared.rejected[1].input_ids)
+                    n_trained += prepared.rejected[1].n_trained
+                    problems = [p for p in problems if not p.startswith(("too_long", "assistant_cut"))]
+                    if seq and n_tokens > seq:
+                        problems.append(
+                            f"pair_too_long: {n_tokens} tokens together > sequence_length {seq}: training skips it"
+                        )
+                report.add(j, problems, n_tokens, n_trained, appended=len(prepared.rendered.appended))
                 report.add_trace(trace_counts(prepared.rendered, tok, tokenizer))
             if progress is not None:
                 progress(j + 1, len(idx))
@@ -334,6 +389,13 @@ def check_whole_dataset(
         ]
     else:  # nothing below may read as a pass: there is no trained turn to judge
         lines.append("- ⚠ **no sample is kept: prepare would write no document** (exit code 2)")
+    if pairs:
+        identical = d["problems"].get("identical_answers", {}).get("count", 0)
+        over = d["problems"].get("pair_too_long", {}).get("count", 0)
+        lines.append(
+            f"- preference pairs: **{pairs} kept** (prompt + chosen, prompt + rejected; only the answers trained), "
+            f"**{identical}** skipped with identical answers, **{over}** longer than sequence_length together"
+        )
     lines.append(f"- trained tokens: **{report.n_trained} / {report.n_tokens} ({report.trained_token_share:.1%})**")
     if report.trace_line():  # tool calls trained, tool results masked, reasoning trained or dropped
         lines.append(f"- {report.trace_line()}")
@@ -351,11 +413,15 @@ def check_whole_dataset(
         verb = (
             "cut at row edges (truncate_documents: yes)" if truncate_documents else "SKIPPED (truncate_documents: no)"
         )
+        verb = "SKIPPED (a pair is packed whole)" if pairs else verb
         lines.append(
-            f"- longer than sequence_length {seq}: **{len(too_long)} documents holding {lost_tok} tokens "
+            f"- longer than sequence_length {seq}: **{len(too_long)} {'pairs' if pairs else 'documents'} holding "
+            f"{lost_tok} tokens "
             f"({share:.1%} of all tokens)**, {verb}"
         )
-    if seq and len(too_long):
+    if pairs:  # a pair is never cut or split: long_documents and truncate_documents do not apply
+        pass
+    elif seq and len(too_long):
         lines += _long_mode_lines(reader, cfg, idx, lengths, report, tokenizer, masking, template, seq)
     elif seq and lengths.size:  # nothing to compare at this length: say so, and show it where it matters
         pick = comparison_length(lengths)

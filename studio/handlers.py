@@ -19,10 +19,12 @@ from studio.chat_tab import (  # noqa: F401
 from studio.common import (  # noqa: F401
     _HUB_ID,
     APPENDED,
+    CHOSEN,
     COLOR_MAP,
     DEFAULT_PREPARE_YAML,
     DEFAULT_TRAIN_YAML,
     MASKED,
+    REJECTED,
     TOKEN_VIEW_LIMIT,
     TRAINED,
     DataSettings,

@@ -97,9 +97,18 @@ def training_figure(runs: dict[str, list[dict]], title: str = "") -> go.Figure:
 
     ``runs``: {"run name": [event dicts from events.jsonl]}; the first run is the live one.
     """
-    fig = make_subplots(rows=1, cols=3, subplot_titles=("loss", "learning rate", "tokens/s"), horizontal_spacing=0.07)
+    # DPO runs (train events with a margin) get a second row: reward margin and preference accuracy, live
+    dpo = any(e.get("event") == "train" and "margin" in e for events in runs.values() for e in events)
+    titles = ("loss", "learning rate", "tokens/s") + (
+        ("reward margin", "accuracy (chosen > rejected)", "") if dpo else ()
+    )
+    fig = make_subplots(
+        rows=2 if dpo else 1, cols=3, subplot_titles=titles, horizontal_spacing=0.07, vertical_spacing=0.18
+    )
     palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
     for k, (name, events) in enumerate(runs.items()):
+        if dpo:
+            _preference_traces(fig, name, events, palette[k % len(palette)])
         color = palette[k % len(palette)]
         train = [e for e in events if e.get("event") == "train" and _finite(e.get("loss"))]
         val = [e for e in events if e.get("event") == "validation" and _finite(e.get("loss"))]
@@ -158,8 +167,30 @@ def training_figure(runs: dict[str, list[dict]], title: str = "") -> go.Figure:
             col=3,
         )
     fig.update_xaxes(title="step")
-    fig.update_layout(legend=dict(orientation="h", y=-0.25))
-    return _layout(fig, title, height=360)
+    fig.update_layout(legend=dict(orientation="h", y=-0.15 if dpo else -0.25))
+    return _layout(fig, title, height=620 if dpo else 360)
+
+
+def _preference_traces(fig: go.Figure, name: str, events: list[dict], color: str) -> None:
+    """Row 2 of a DPO run's figure: margin and accuracy, train solid, validation dashed."""
+    for col, key in ((1, "margin"), (2, "accuracy")):
+        for kind, dash in (("train", "solid"), ("validation", "dash")):
+            points = [e for e in events if e.get("event") == kind and _finite(e.get(key))]
+            if points:
+                fig.add_trace(
+                    go.Scatter(
+                        x=[e["step"] for e in points],
+                        y=[e[key] for e in points],
+                        mode="lines+markers",
+                        marker_size=4,
+                        name=f"{name} {kind} {key}",
+                        line=dict(color=color, dash=dash),
+                        showlegend=False,
+                        legendgroup=name,
+                    ),
+                    row=2,
+                    col=col,
+                )
 
 
 def _finite(x) -> bool:
@@ -192,8 +223,14 @@ def resource_figure(train_events: list[dict], planned_peak_bytes: int | None = N
         gpu_events = [e for e in events if "gpu_allocated_bytes" in e]
         for rank in range(len(gpu_events[0]["gpu_allocated_bytes"])):
             x = [e["step"] for e in gpu_events]
-            for key, dash in (("gpu_allocated_bytes", "solid"), ("gpu_reserved_bytes", "dot")):
-                y = [e[key][rank] / gib for e in gpu_events]
+            for key, dash in (
+                ("gpu_allocated_bytes", "solid"),
+                ("gpu_reserved_bytes", "dot"),
+                ("gpu_peak_bytes", "dash"),
+            ):
+                if not all(key in e for e in gpu_events):
+                    continue
+                y = [e[key][rank] / gib for e in gpu_events]  # peak: the interval's highest, what the plan predicts
                 fig.add_trace(go.Scatter(x=x, y=y, name=f"rank {rank} {key[4:-6]}", line_dash=dash), row, 1)
         if planned_peak_bytes:
             fig.add_hline(

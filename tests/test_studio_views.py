@@ -239,3 +239,101 @@ def test_activation_checkpointing_is_in_the_form(demo):
     text, status = H.form_to_train_yaml(H.default_train_yaml(), *values)
     assert box is not None and "✓" in status
     assert load_train_config(__import__("yaml").safe_load(text)).model.multi_stage.activation_checkpointing is True
+
+
+# ---------------------------------------------------------------------------------------- preference pairs (#24)
+PAIRS = SAMPLE_DATA.parent / "sample_preference.jsonl"
+
+
+def _pair_settings(dataset=PAIRS):
+    return H.DataSettings(str(dataset), str(TINY_MODEL), "auto", "", "", "all", True, "", "append")
+
+
+def test_the_preview_shows_a_pair_with_each_answer_in_its_colour():
+    """The highlight is what prepare writes for the row (RowReader): prompt + chosen, then prompt + rejected; each
+    answer's trained text in its own colour, the prompt masked; the token view has the two side by side."""
+    from backend.config import load_prepare_config
+    from backend.documents import RowReader
+
+    p = H.preview_sample(_pair_settings(), 3, 512)
+    assert not p.status, p.status
+    row = json.loads(PAIRS.read_text().splitlines()[3])
+    by_label = {}
+    for text, label in p.highlight:
+        by_label.setdefault(label, []).append(text)
+    chosen, rejected = row["chosen"][0]["content"], row["rejected"][0]["content"]
+    assert "".join(by_label[H.CHOSEN]).startswith(chosen) and chosen not in "".join(by_label[H.REJECTED])
+    assert "".join(by_label[H.REJECTED]).startswith(rejected)
+    assert row["prompt"][-1]["content"] in "".join(by_label[H.MASKED])
+    assert H.TRAINED not in by_label  # no answer drawn in the plain SFT colour
+    assert p.token_html.count('<div class="sft-tokens">') == 2 and "display:flex" in p.token_html
+    # the trained characters are exactly those of the stored trained tokens, both documents
+    cfg = load_prepare_config(
+        {"output_path": "x", "dataset": {"path": str(PAIRS)}, "tokenizer": {"path": str(TINY_MODEL)}}
+    )
+    tok = H.get_tokenizer(str(TINY_MODEL))
+    docs = RowReader(cfg).sample(3).documents
+    assert "".join(by_label[H.CHOSEN]) == tok.decode(docs[0][0][docs[0][1]])
+    assert "".join(by_label[H.REJECTED]) == tok.decode(docs[1][0][docs[1][1]])
+
+
+def test_the_dataset_check_counts_pairs_identical_answers_and_pairs_too_long(tmp_path):
+    rows = PAIRS.read_text().splitlines()[:20]
+    same = json.loads(rows[0])
+    same["rejected"] = same["chosen"]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join([*rows, json.dumps(same)]) + "\n")
+    lengths = []
+    for i in range(20):
+        p = H.preview_sample(_pair_settings(path), i)
+        lengths.append(int(p.summary.split("packed whole: ")[1].split(" ")[0]))
+    seq = sorted(lengths)[10]  # about half the pairs are longer together
+    r = H.check_whole_dataset(_pair_settings(path), seq, False, 5000)
+    assert "preference pairs: **20 kept**" in r.summary and "**1** skipped with identical answers" in r.summary
+    over = sum(n > seq for n in lengths)
+    assert f"**{over}** longer than sequence_length together" in r.summary and over > 0
+
+
+def test_the_config_form_has_the_objective_and_the_prepare_yaml_says_pairs_need_dpo():
+    from studio.bindings import form_values_from_config
+
+    paths = [b.path for b in TRAIN_FIELDS]
+    for key in ("training.objective", "training.dpo.beta", "training.dpo.loss", "training.dpo.reference"):
+        assert key in paths
+    import yaml
+
+    from backend.config import load_train_config
+    from studio.common import DEFAULT_TRAIN_YAML
+
+    values = form_values_from_config(load_train_config(DEFAULT_TRAIN_YAML))
+    values[paths.index("training.objective")] = "dpo"
+    yaml_text, status = H.form_to_train_yaml(H.default_train_yaml(), *values)
+    assert status.startswith("✓") and load_train_config(yaml.safe_load(yaml_text)).training.objective == "dpo"
+    _, status = H.prepare_yaml_from(H.default_train_yaml(), _pair_settings())
+    assert "training.objective: dpo" in status
+    raw = yaml.safe_load(H.default_train_yaml())
+    raw["training"]["objective"] = "dpo"
+    dpo_yaml = yaml.safe_dump(raw)
+    _, status = H.prepare_yaml_from(dpo_yaml, _pair_settings())
+    assert "preference pairs" not in status
+
+
+def test_the_train_tab_plots_margin_and_accuracy_for_a_dpo_run(tmp_path):
+    from studio.train_tab import poll_run
+
+    events = [
+        {"event": "start", "step": 0, "train_iters": 2, "objective": "dpo"},
+        {"event": "train", "step": 1, "loss": 0.69, "lr": 1e-3, "tokens_per_s": 1.0, "margin": 0.0, "accuracy": 0.0},
+        {"event": "train", "step": 2, "loss": 0.5, "lr": 1e-3, "tokens_per_s": 1.0, "margin": 0.7, "accuracy": 0.8},
+        {"event": "validation", "step": 2, "loss": 0.55, "margin": 0.6, "accuracy": 0.75},
+    ]
+    (tmp_path / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    view = poll_run(str(tmp_path), None)
+    names = [t.name for t in view.figure.data]
+    assert any(n.endswith("train margin") for n in names) and any(n.endswith("validation accuracy") for n in names)
+    margin = next(t for t in view.figure.data if t.name.endswith("train margin"))
+    assert list(margin.y) == [0.0, 0.7]
+    assert "margin 0.700, accuracy 0.80" in view.status and "accuracy 0.75" in view.status
+    sft = [{k: v for k, v in e.items() if k not in ("margin", "accuracy")} for e in events]
+    (tmp_path / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in sft))
+    assert not any("margin" in (t.name or "") for t in poll_run(str(tmp_path), None).figure.data)
