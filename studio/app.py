@@ -582,6 +582,12 @@ def on_refresh_models(runs_dir: str, current: str | None = None) -> dict:
     return gr.update(choices=models, value=H.default_chat_model(models, current))
 
 
+def on_refresh_compared(runs_dir: str, current: str | None = None) -> dict:
+    """The compared model offers the same exports as the model (an SFT run beside a DPO run), keeping its choice."""
+    models = H.chat_models(runs_dir)
+    return gr.update(choices=models, value=current or str(TINY_MODEL))
+
+
 def on_load_models(runs_dir: str) -> dict:
     """On page load: the newest export, not the base model."""
     return on_refresh_models(runs_dir, None)
@@ -597,12 +603,18 @@ def build_chat_tab(data: DataTab, runs_dir: str, demo: gr.Blocks) -> None:
             allow_custom_value=True,
             scale=3,
         )
-        base = gr.Textbox(_rel(TINY_MODEL), label="base model (for before vs after)", scale=2)
-        compare = gr.Checkbox(True, label="side by side with the base")
+        base = gr.Dropdown(  # the base (before vs after), or another run's export: the SFT model vs the DPO model
+            [str(TINY_MODEL)],
+            value=str(TINY_MODEL),
+            label="compared with (the base, or another export: e.g. the SFT model beside the DPO one)",
+            allow_custom_value=True,
+            scale=3,
+        )
+        compare = gr.Checkbox(True, label="side by side")
         refresh = gr.Button("↻ models", size="sm")
     with gr.Row():
-        chat = gr.Chatbot(label="finetuned", height=360)
-        chat_base = gr.Chatbot(label="base", height=360)
+        chat = gr.Chatbot(label="model", height=360)
+        chat_base = gr.Chatbot(label="compared with", height=360)
     message = gr.Textbox(label="message", placeholder="What is 5 + 37?")
     with gr.Accordion("tools (JSON list of tool schemas, passed to the template as tools=)", open=False):
         tools = gr.Code("", language="json", label="tools")
@@ -616,8 +628,8 @@ def build_chat_tab(data: DataTab, runs_dir: str, demo: gr.Blocks) -> None:
     inputs = [model, base, compare, data.template, tools, message, chat, chat_base, max_new, temperature, top_p, system]
     send.click(on_chat, inputs, [chat, chat_base, message])
     message.submit(on_chat, inputs, [chat, chat_base, message])
-    refresh.click(on_refresh_models, [runs_state, model], [model])
-    demo.load(on_load_models, [runs_state], [model])
+    refresh.click(on_refresh_models, [runs_state, model], [model]).then(on_refresh_compared, [runs_state, base], [base])
+    demo.load(on_load_models, [runs_state], [model]).then(on_refresh_compared, [runs_state, base], [base])
 
 
 # ============================================================================================ the page

@@ -96,7 +96,7 @@ def chat_stream(
     if str(model_path).endswith(".gguf"):  # llama.cpp, with the template and stop tokens stored in the GGUF
         from studio.gguf_chat import gguf_chat_stream
 
-        yield from gguf_chat_stream(model_path, messages, max_new_tokens, temperature)
+        yield from gguf_chat_stream(model_path, messages, max_new_tokens, temperature, top_p, tools)
         return
     model, tok = get_model(model_path)
     from transformers import TextIteratorStreamer

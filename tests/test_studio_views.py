@@ -337,3 +337,28 @@ def test_the_train_tab_plots_margin_and_accuracy_for_a_dpo_run(tmp_path):
     sft = [{k: v for k, v in e.items() if k not in ("margin", "accuracy")} for e in events]
     (tmp_path / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in sft))
     assert not any("margin" in (t.name or "") for t in poll_run(str(tmp_path), None).figure.data)
+
+
+def test_the_chat_tab_compares_two_exports_side_by_side(tmp_path):
+    """The SFT model beside the DPO model: the compared model is picked from the same exports, and one message is
+    answered by both, each in its own column, by its own weights."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    runs = tmp_path / "runs"
+    for name in ("sft", "dpo"):
+        shutil.copytree(TINY_MODEL, runs / name / "export" / "final")
+    weights = runs / "dpo" / "export" / "final" / "model.safetensors"
+    state = load_file(weights)
+    torch.manual_seed(0)
+    save_file({k: v + 0.5 * torch.randn_like(v) for k, v in state.items()}, weights)  # another model's answers
+    sft, dpo = (str(runs / n / "export" / "final") for n in ("sft", "dpo"))
+    assert {sft, dpo} <= set(A.on_refresh_compared(str(runs), sft)["choices"])
+    assert A.on_refresh_compared(str(runs), sft)["value"] == sft
+    *_, (left, right, _) = A.on_chat(dpo, sft, True, "", "", "What is 5 + 37?", [], [], 8, 0.0, 1.0, "")
+    assert [m["role"] for m in left] == [m["role"] for m in right] == ["user", "assistant"]
+    assert left[1]["content"] != right[1]["content"]
+    assert left[1]["content"] == list(H.chat_stream(dpo, [], "What is 5 + 37?", "", 8))[-1]
+    assert right[1]["content"] == list(H.chat_stream(sft, [], "What is 5 + 37?", "", 8))[-1]
