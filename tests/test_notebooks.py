@@ -1,4 +1,4 @@
-"""The four notebooks run top to bottom, headless, and their assert cells hold.
+"""The five notebooks run top to bottom, headless, and their assert cells hold.
 
     .venv/bin/pytest tests/test_notebooks.py -x -q            # all (the execution tests are marked slow)
     .venv/bin/pytest tests/test_notebooks.py -x -q -m 'not slow'   # only the static checks
@@ -31,7 +31,10 @@ NOTEBOOKS = [
     "02_prepare_and_pack.ipynb",
     "03_train_and_watch.ipynb",
     "04_evaluate_and_chat.ipynb",
+    "05_preference_tuning.ipynb",
 ]
+# the real model and dataset one edit away: the SFT notebooks name Magpie, the DPO one a public preference set
+REAL_DATA = {"05_preference_tuning.ipynb": ("backend.ASSETS", "HuggingFaceH4/ultrafeedback_binarized")}
 CELL_TIMEOUT_S = 300
 
 
@@ -51,9 +54,12 @@ def test_notebook_is_committed_clean(name):
         assert not c.get("outputs") and c.get("execution_count") is None, f"{name}: committed with outputs"
     source = "\n".join(c.source for c in code)
     # the settings cell: tiny defaults, the real model and dataset one edit away
-    assert "backend.TINY_MODEL" in source and "backend.SAMPLE_DATA" in source
+    tiny_data, real_data = REAL_DATA.get(
+        name, ("backend.SAMPLE_DATA", "Magpie-Align/Magpie-Llama-3.1-Pro-MT-300K-Filtered")
+    )
+    assert "backend.TINY_MODEL" in source and tiny_data in source
     assert "meta-llama/Llama-3.1-8B-Instruct" in source
-    assert "Magpie-Align/Magpie-Llama-3.1-Pro-MT-300K-Filtered" in source
+    assert real_data in source
     assert "SFT_NOTEBOOK_WORKDIR" in source or "work_dir()" in source or name.startswith("01")
     assert sum(line.lstrip().startswith("assert ") for line in source.splitlines()) >= 3, (
         f"{name}: needs assert cells that check real outputs"
