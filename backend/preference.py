@@ -292,7 +292,9 @@ def reference_mode(cfg) -> str:
 
 
 # --------------------------------------------------------------------------------------- the reference model's pass
-def reference_pass(model, accelerator, dataset, sampler, micro_batch_size: int, path, log=print) -> np.ndarray:
+def reference_pass(
+    model, accelerator, dataset, sampler, micro_batch_size: int, path, log=print, key: dict | None = None
+) -> np.ndarray:
     """Each document's summed log-prob of its trained tokens under ``model`` as it is now (the frozen initial
     policy: `fit` calls this before loading any checkpoint), for every pair ``sampler`` can place: (D,) float64,
     NaN for documents of pairs too long for a row.
@@ -300,8 +302,10 @@ def reference_pass(model, accelerator, dataset, sampler, micro_batch_size: int, 
     One pass over epoch 0's rows (each placeable pair exactly once), ``micro_batch_size`` rows per forward, batch j
     on rank j % world (every rank runs the same number of forwards: FSDP's collectives). Written to ``path`` (.npy)
     when complete; ``path``.partial.npz every 16 rounds, so a killed pass goes on where it stopped. Every rank calls
-    it and gets the whole array.
+    it and gets the whole array. ``key``: what the values depend on (the data's fingerprint, the initial model),
+    stored beside them (``path``.key.json); a file made for another key is computed again, never reused.
     """
+    import json
     import os
     from pathlib import Path
 
@@ -309,6 +313,15 @@ def reference_pass(model, accelerator, dataset, sampler, micro_batch_size: int, 
     from tqdm.auto import tqdm
 
     path = Path(path)
+    key_path = path.with_suffix(".key.json")
+    key = json.loads(json.dumps(key or {}, default=str))  # as it reads back from the file
+    try:
+        same_key = json.loads(key_path.read_text()) == key
+    except (OSError, ValueError):
+        same_key = not key  # no key file: only a pass that names no key may reuse it
+    if path.is_file() and not same_key:
+        log(f"reference: {path} was computed for other data or another initial model: computing it again")
+        path.unlink()
     if path.is_file():
         values = np.load(path)
         if values.shape == (len(dataset),):
@@ -321,7 +334,7 @@ def reference_pass(model, accelerator, dataset, sampler, micro_batch_size: int, 
     values = np.full(len(dataset), np.nan)
     partial = path.with_suffix(".partial.npz")
     start = 0
-    if partial.is_file():
+    if partial.is_file() and same_key:
         with np.load(partial) as saved:
             if saved["values"].shape == values.shape and int(saved["world"]) == world:
                 values, start = saved["values"].copy(), int(saved["rounds"])
@@ -349,6 +362,7 @@ def reference_pass(model, accelerator, dataset, sampler, micro_batch_size: int, 
                 local[:], done[:] = 0.0, 0.0
                 if accelerator.is_main_process:
                     path.parent.mkdir(parents=True, exist_ok=True)
+                    key_path.write_text(json.dumps(key))  # before the values it describes
                     tmp = partial.with_name(partial.name + f".tmp-{os.getpid()}.npz")
                     np.savez(tmp, values=values, rounds=k + 1, world=world)
                     os.replace(tmp, partial)

@@ -699,9 +699,18 @@ def _reference_passes(cfg, accelerator, model, data, test_data, objective, run_d
     under ``run_dir/reference/``; {} for every other objective or reference."""
     if cfg.training.objective != "dpo" or getattr(objective, "reference", None) != "precompute":
         return {}
+    from backend.compat import data_fingerprint
     from backend.distributed import print0
     from backend.preference import reference_pass
 
+    pre = cfg.pretrained  # the initial model the values come from (and its dtype): a file made for another is redone
+    model_key = {
+        "pretrained": pre.path,
+        "model_weights": pre.model_weights,
+        "quantization": pre.quantization,
+        "training_dtype": cfg.model.distributed.training_dtype,
+        "seed": cfg.model.distributed.seed,
+    }
     splits = {"training": (data.train, data.sampler), "validation": (data.validation, data.validation_sampler)}
     if test_data is not None:
         splits["test"] = (test_data, packed_sampler(cfg, test_data))
@@ -710,7 +719,9 @@ def _reference_passes(cfg, accelerator, model, data, test_data, objective, run_d
         if dataset is None:
             continue
         path = Path(run_dir) / "reference" / f"{split}.npy"
-        out[split] = reference_pass(model, accelerator, dataset, sampler, cfg.batch.micro_batch_size, path, print0)
+        key = {"data": data_fingerprint(dataset), **model_key}
+        mbs = cfg.batch.micro_batch_size
+        out[split] = reference_pass(model, accelerator, dataset, sampler, mbs, path, print0, key)
     return out
 
 

@@ -211,6 +211,10 @@ def test_the_reference_pass_goes_on_where_it_stopped(pairs, model, tmp_path, mon
                     f"({path.with_suffix('.partial.npz')})"]  # fmt: skip
     np.testing.assert_array_equal(again, whole)
     assert not path.with_suffix(".partial.npz").exists()
+    # a reference made for other data or another initial model is never reused: its key differs
+    said = []
+    reference_pass(model, accelerator, ds, sampler, 1, path, log=said.append, key={"data": {"num_documents": 1}})
+    assert any("computed for other data or another initial model" in m for m in said), said
 
 
 def test_a_killed_run_resumes_bit_exact_and_refuses_another_reference(pairs, tmp_path):
