@@ -24,8 +24,9 @@ def test_bench_dpo_runs_and_contestants_train_the_same_pairs(tmp_path):
     import bench_dpo
 
     out, results = tmp_path / "dpo.json", tmp_path / "dpo.md"
-    # 24 pairs of ~170 tokens: 3 per row of 512, 2 rows a step -> 4 steps are one epoch for both contestants
-    args = "--pairs 24 --steps 4 --warmup 1 --repeats 1 --seq-len 512 --rows-per-step 2 --threads 1 --write"
+    # 24 shipped pairs of 150-210 tokens: one per row of 256 (two never fit), 2 rows a step -> 12 steps are one
+    # epoch for both contestants, whatever the pairs' exact lengths
+    args = "--pairs 24 --steps 12 --warmup 1 --repeats 1 --seq-len 256 --rows-per-step 2 --threads 1 --write"
     rc = bench_dpo.main(
         [*args.split(), "--work", str(tmp_path / "work"), "--json", str(out), "--results", str(results)]
     )
@@ -33,7 +34,7 @@ def test_bench_dpo_runs_and_contestants_train_the_same_pairs(tmp_path):
     data = json.loads(out.read_text())
     (ours,), (trl,) = data["runs"]["ours"], data["runs"]["trl"]
     for run in (ours, trl):
-        assert len(run["step_times"]) == 4 and all(t > 0 for t in run["step_times"])
+        assert len(run["step_times"]) == 12 and all(t > 0 for t in run["step_times"])
     assert ours["pairs"] == trl["pairs"] and sum(ours["pairs"]) == 24
     assert sum(ours["trained"]) == sum(trl["trained"]) > 0  # the same answers' tokens, epoch for epoch
     assert data["reference"]["pairs"] == 24 and data["reference"]["reference_s"] > 0
