@@ -62,13 +62,20 @@ comm         FSDP2: at the start of the backward, the LM head's gradient reduce-
              DDP: gradient buckets, a second copy of the gradients
              (4N). One process: 0.
 backward     gradient temporaries of the layer being differentiated: taken as one layer's activations (an upper
-             estimate), plus one layer's recompute under activation checkpointing.
+             estimate), plus one layer's recompute under activation checkpointing. LoRA (measured on the real step,
+             tests/test_plan_fake_step.py): frozen layers compute no weight gradient; without checkpointing the
+             backward's peak is the final norm's fp32 backward (5 x 4 T h), with it one recomputed layer at its
+             forward transient.
+layer transient  LoRA: the forward's peak is inside the last layer's MLP, where PEFT casts the down projection's
+             input (the product, b T i, which no frozen Linear saves) to fp32 for its adapter (4 T i under mixed
+             precision) while the MLP's input, the residual and the attention output are still referenced (4 b T h).
 
 optimizer step  the foreach AdamW (CUDA's default) makes an fp32 temporary of the whole second moment: 4 bytes per
              trained parameter, sharded as the parameters are.
 
 peak = the largest of three phases (MemoryPlan.phases):
-       forward   parameters (sharded + gathered) + optimizer + activations + the loss's forward transient
+       forward   parameters (sharded + gathered) + optimizer + activations + the loss's forward transient or
+                 (LoRA) the layer transient, the larger
        backward  parameters (sharded + gathered) + optimizer + activations + logits/CE saved + comm + backward
        step      parameters (sharded) + optimizer + gradients + the optimizer step's temporary
        Gradients are added to the forward and backward only when a step has several micro-batches per GPU (they are
@@ -340,6 +347,7 @@ class MemoryPlan:
     tokens: int  # per micro-batch
     loss_backward: int | None = None  # what the loss still holds at the backward's peak (None: loss_saved)
     accumulation: int = 1  # micro-batches per optimizer step on one GPU: gradients live from the second one on
+    layer_transient: int = 0  # LoRA: what a layer's forward holds beyond what it saves (its MLP, PEFT's fp32 cast)
     optimizer_step: int = 0  # the foreach AdamW's fp32 temporary of the whole second moment, at the step
     gpu_memory_bytes: int | None = None
     suggestions: list[str] = dataclasses.field(default_factory=list)
@@ -364,7 +372,7 @@ class MemoryPlan:
         held = self.params_sharded + self.optimizer + (self.gradients if self.accumulation > 1 else 0)
         compute = held + self.params_gathered + self.activations
         return {
-            "forward": compute + self.loss_forward,
+            "forward": compute + max(self.loss_forward, self.layer_transient),
             "backward": compute
             + (self.loss_saved if self.loss_backward is None else self.loss_backward)
             + self.comm
@@ -413,9 +421,21 @@ class MemoryPlan:
             (f"activations (checkpointing {ckpt})", self.activations, f"{self.tokens:,} tokens per micro-batch"),
             ("logits / cross-entropy", max(self.loss_forward, self.loss_saved), self._loss_note),
             ("communication buffers", self.comm, "reduce-scatter / gather / buckets"),
-            ("backward temporaries", self.backward, "one layer"),
+            ("backward temporaries", self.backward, self._backward_note),
             ("optimizer step temporaries", self.optimizer_step, "foreach AdamW: fp32 copy of the second moment"),
-        ]
+        ] + (
+            [("layer forward transient", self.layer_transient, "LoRA: the MLP's down input and PEFT's fp32 cast")]
+            if self.layer_transient
+            else []
+        )
+
+    @property
+    def _backward_note(self) -> str:
+        if not self.layer_transient:  # full finetuning
+            return "one layer"
+        if self.checkpointing:
+            return "one recomputed layer and its forward transient"
+        return "the final norm's fp32 backward (frozen layers: no weight gradients)"
 
     def _host_where(self) -> str:
         if self.trainable_params < self.num_params and not self.sharded:  # LoRA without FSDP: every process loads
@@ -573,6 +593,17 @@ def _plan(cfg, world: int, shape: ModelShape) -> MemoryPlan:
     activations_ckpt = L * layer_ckpt + outside
     activations = activations_ckpt if ckpt else activations_full
     backward = layer * (2 if ckpt else 1)
+    layer_transient = 0
+    if lora:
+        # measured on the real step (tests/fake_step.py: PEFT on the 8B widths, fake tensors): the forward's peak is
+        # inside the last layer's MLP, where the down projection's input (the product, b T i, saved by no frozen
+        # Linear) is cast to fp32 for its adapter (PEFT, 4 T i under mixed precision) while the hidden-size values
+        # around it are still referenced (the MLP's input, the residual, the attention block's output: 4 b T h).
+        # A frozen layer computes no weight gradient in backward: without checkpointing the backward's peak is the
+        # final norm's fp32 backward (5 x 4 T h) before any layer has freed its activations; with checkpointing it
+        # is one recomputed layer at that same transient
+        layer_transient = tokens * shape.intermediate * (b + (4 if mixed else 0)) + 4 * b * tokens * shape.hidden
+        backward = layer + layer_transient if ckpt else 5 * 4 * tokens * shape.hidden
 
     head_trained = not lora  # LoRA never adapts the LM head: no dL/dW
     w_bytes = b if fsdp or lora else 4  # the LM head weight as the loss sees it
@@ -627,6 +658,7 @@ def _plan(cfg, world: int, shape: ModelShape) -> MemoryPlan:
         activations_full=int(activations_full),
         loss_forward=int(loss_forward),
         loss_saved=int(loss_saved),
+        layer_transient=int(layer_transient),
         comm=int(comm),
         backward=int(backward),
         host_ram_bytes=int(host),
