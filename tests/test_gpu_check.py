@@ -124,3 +124,49 @@ def test_step_flops_matches_torch_flop_counter_and_labels_say_what_ran():
     guide = ROOT / "assets" / "configs" / "llama31_8b_magpie_train.yaml"
     cfg = load_train_config(guide, ["model.base_model.peft.type=lora"])
     assert bench_gpu.case_label(cfg).endswith("checkpointing yes")  # the guide's config has it on
+
+
+def test_wheels_alone_make_backend_train_importable_offline(tmp_path):
+    """#23's proof for the device run: the wheels gpu_wheels.sh downloads are enough, installed with no index as
+    gpu_check.sh installs them (pip --no-index --no-deps --target), for backend.train to import and the guide's
+    config to load: every pydantic module comes from them, none from this venv. Downloads from PyPI (the brief's
+    registries); skipped when PyPI cannot be reached. This venv's Python version stands in for the image's 3.12."""
+    import socket
+
+    try:
+        socket.create_connection(("pypi.org", 443), timeout=5).close()
+    except OSError:
+        import pytest
+
+        pytest.skip("PyPI unreachable: gpu_wheels.sh cannot download")
+    wheels, site = tmp_path / "whl", tmp_path / "site"
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    env = {**os.environ, "PYTHON": sys.executable}
+    made = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "gpu_wheels.sh"), "--python-version", version, "--dest", str(wheels)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr[-2000:]
+    installed = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--target", str(site)]
+        + [str(w) for w in sorted(wheels.glob("*.whl"))],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert installed.returncode == 0, installed.stderr[-2000:]
+    code = (
+        "import sys, backend.train\n"
+        "from backend import ROOT\n"
+        "from backend.config import load_train_config\n"
+        "cfg = load_train_config(ROOT / 'assets/configs/llama31_8b_magpie_train.yaml')\n"
+        "names = ('pydantic', 'pydantic_core', 'annotated_types', 'typing_inspection', 'typing_extensions')\n"
+        "print(cfg.batch.sequence_length, *(sys.modules[n].__file__ for n in names))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{ROOT}", "HF_HUB_OFFLINE": "1"},
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    length, *files = out.stdout.split()
+    assert length == "4096"
+    assert files and all(f.startswith(str(site)) for f in files), files
