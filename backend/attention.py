@@ -15,6 +15,11 @@ allowed), the way flash-attention's varlen kernel does on GPU:
     attention  causal SDPA on a0..a2, causal SDPA on b0..b1; a one-token segment attends to itself only, so its
                output is its own value vector (padding runs are copied, not attended)
 
+A DPO pair whose prompt is placed once (backend/preference.py) passes ``shared_prefix``: its rejected answer is
+its own segment that attends to the s prompt tokens at the start of its chosen document, then causally to itself
+(one SDPA call with an (n, s + n) bottom-right causal mask); no other kernel is given such a batch
+(backend.modeling.model_inputs refuses it).
+
 Boundaries come from `cu_seq_lens_q` when the caller passes it (backend.loss does for this implementation) and
 otherwise from `position_ids` (a new segment wherever a position is not the previous one + 1). Anything that is
 not a packed training forward (a KV cache, a 2D padding mask, query/key lengths that differ) falls back to
@@ -55,28 +60,52 @@ def segment_lengths(total: int, cu_seq_lens: torch.Tensor | None, position_ids: 
     return lengths
 
 
-_last_plan: list = [None, -1, None]  # [weakref to the boundary tensor, total, (chunks, attended)]
+_last_plan: list = [None, -1, None, None]  # [weakref to the boundary tensor, total, plan, weakref to shared_prefix]
 
 
-def _chunk_plan(total: int, cu_seq_lens, position_ids) -> tuple[list[int], list[bool]]:
-    """Chunks to split the flattened batch into, and whether each is attended: each document of 2+ tokens, and
-    each run of one-token segments (padding) merged into one chunk.
+def _chunk_plan(total: int, cu_seq_lens, position_ids, shared_prefix=None) -> tuple[list[int], list]:
+    """Chunks to split the flattened batch into, and how each is attended: True for each document of 2+ tokens
+    (causal within it), False for each run of one-token segments (padding) merged into one chunk, and (i, s) for a
+    document that continues the first s tokens of chunk i (a shared prompt: `shared_prefix`).
 
-    Every layer of a forward gets the same boundary tensor: the plan (a ``.tolist()``, i.e. a host sync on GPU)
-    is computed once per forward and reused while that tensor is alive and the batch size is the same."""
+    ``shared_prefix`` (n, 3) int64 rows [start, prefix_start, s] in flattened positions (backend.preference's
+    shared-prompt pairs): the document starting at ``start`` sees the s tokens from ``prefix_start`` (the start of
+    an earlier document) before its own, causally, as if they were its first s tokens; its positions continue from
+    s. Every layer of a forward gets the same tensors: the plan (a ``.tolist()``, i.e. a host sync on GPU) is
+    computed once per forward and reused while they are alive and the batch size is the same."""
     source = cu_seq_lens if cu_seq_lens is not None else position_ids
-    ref, cached_total, plan = _last_plan
-    if ref is not None and ref() is source and cached_total == total:
+    ref, cached_total, plan, shared_ref = _last_plan
+    if (
+        ref is not None
+        and ref() is source
+        and cached_total == total
+        and (shared_ref() if shared_ref is not None else None) is shared_prefix
+    ):
         return plan
-    chunks, attended = [], []
+    continues = {}
+    if shared_prefix is not None:
+        continues = {int(b): (int(a), int(n)) for b, a, n in shared_prefix.tolist()}
+    chunks, attended, chunk_at, offset = [], [], {}, 0
     for seg in segment_lengths(total, cu_seq_lens, position_ids):
-        if seg == 1 and chunks and not attended[-1]:
+        if offset in continues:
+            a, n = continues.pop(offset)
+            if a not in chunk_at or not 0 < n < chunks[chunk_at[a]]:
+                raise ValueError(f"sdpa_packed: shared_prefix [{offset}, {a}, {n}] names no earlier document")
+            chunks.append(seg)
+            attended.append((chunk_at[a], n))
+        elif seg == 1 and chunks and attended[-1] is False:
             chunks[-1] += 1
         else:
+            chunk_at[offset] = len(chunks)
             chunks.append(seg)
             attended.append(seg > 1)
-    _last_plan[:] = [weakref.ref(source), total, (chunks, attended)]
-    return chunks, attended
+        offset += seg
+    if continues:
+        raise ValueError(f"sdpa_packed: shared_prefix starts {sorted(continues)} are not document starts")
+    plan = (chunks, attended)
+    shared_ref = weakref.ref(shared_prefix) if shared_prefix is not None else None
+    _last_plan[:] = [weakref.ref(source), total, plan, shared_ref]
+    return plan
 
 
 def packed_sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -84,12 +113,15 @@ def packed_sdpa_attention_forward(module, query, key, value, attention_mask, dro
     batch, heads, length, dim = query.shape
     cu_seq_lens = kwargs.get("cu_seq_lens_q")
     position_ids = kwargs.get("position_ids")
+    shared_prefix = kwargs.pop("shared_prefix", None)
     if (
         key.shape[2] != length
         or attention_mask is not None
         or length == 1
         or (cu_seq_lens is None and position_ids is None)
     ):
+        if shared_prefix is not None and len(shared_prefix):
+            raise ValueError("sdpa_packed: a shared_prefix batch needs a packed training forward (no cache or mask)")
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
@@ -101,12 +133,23 @@ def packed_sdpa_attention_forward(module, query, key, value, attention_mask, dro
     dropout = dropout if module.training else 0.0
 
     # torch.split, not slicing: a slice's backward writes into a zero tensor of the full size, per slice.
-    chunks, attended = _chunk_plan(total, cu_seq_lens, position_ids)
+    chunks, attended = _chunk_plan(total, cu_seq_lens, position_ids, shared_prefix)
     pieces = []
-    for q_c, k_c, v_c, attend in zip(
-        q.split(chunks, 1), k.split(chunks, 1), v.split(chunks, 1), attended, strict=False
-    ):
-        if attend:
+    k_pieces, v_pieces = k.split(chunks, 1), v.split(chunks, 1)
+    for q_c, k_c, v_c, attend in zip(q.split(chunks, 1), k_pieces, v_pieces, attended, strict=False):
+        if isinstance(attend, tuple):  # continues the first s tokens of chunk i: bottom-right causal over s + n keys
+            i, s = attend
+            n = q_c.shape[1]
+            keys = torch.cat([k_pieces[i][:, :s], k_c], 1)
+            values = torch.cat([v_pieces[i][:, :s], v_c], 1)
+            mask = torch.ones(n, s + n, dtype=torch.bool, device=q_c.device).tril(s)
+            pieces.append(
+                F.scaled_dot_product_attention(
+                    q_c[None], keys[None], values[None], attn_mask=mask, dropout_p=dropout, scale=scaling,
+                    enable_gqa=groups > 1,
+                )[0]
+            )  # fmt: skip
+        elif attend:
             pieces.append(
                 F.scaled_dot_product_attention(
                     q_c[None],

@@ -185,6 +185,12 @@ class DPOConfig(Section):
         "LoRA, else precompute.",
     )
     simpo_gamma: Float = Field(0.5, ge=0, description="SimPO's target reward margin (loss: simpo only).")
+    share_prompt: bool = Field(
+        True,
+        description="Place each pair's prompt once in its row, the rejected answer attending to it (same log-probs, "
+        "fewer tokens); applies with sdpa_packed attention (CPU, or use_flash_attention: no), else each answer "
+        "carries its prompt.",
+    )
 
 
 class TrainingConfig(Section):

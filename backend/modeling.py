@@ -187,6 +187,13 @@ def model_inputs(model, batch: dict) -> dict:
             if key not in batch:
                 raise KeyError(f"batch has no {key!r}: {attn} needs the cu_seq_lens from backend.packing.collate")
             kwargs[key] = batch[key]
+    if "shared_prefix" in batch:  # DPO pairs whose prompt is placed once (backend.preference.collate_pairs)
+        if attn != PACKED_SDPA or "cu_seq_lens_q" not in kwargs:
+            raise ValueError(
+                f"this batch places each pair's prompt once (training.dpo.share_prompt), which only sdpa_packed "
+                f"attention can mask; the model uses {attn or 'another attention'}: set training.dpo.share_prompt: no"
+            )
+        kwargs["shared_prefix"] = batch["shared_prefix"]
     return kwargs
 
 

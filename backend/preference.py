@@ -1,7 +1,15 @@
-"""Preference tuning (DPO, issue #24): the pair loss on per-document summed log-probs.
+"""Preference tuning (DPO, issue #24): pairs packed whole into rows, each answer's summed log-prob read off the
+packed row, the pair losses, the reference model's pass, and the `DPO` objective that ``backend.train.train_step``
+receives (backend/objective.py holds SFT, the other objective).
 
-Only the loss on already-computed log-probs lands here so far; the pair data form, the objective for
-``backend.train.train_step`` and the reference pass are still to come (see the issue).
+A pair is one unit of a row (`PairSampler`): its chosen document, then its rejected one. With
+``training.dpo.share_prompt`` (the default, where the attention is sdpa_packed) the prompt the two documents share
+is placed once: the rejected piece starts after it, attends to it (sdpa_packed's ``shared_prefix``), and its first
+answer token is predicted by the prompt's last position, so every log-prob is the one of the document alone
+(tests/test_dpo.py) with fewer tokens per pair::
+
+    row        [ prompt | chosen answer ][ rejected answer ] pad      (positions 0..c-1, then s..r-1)
+    attention   causal over the first      the s prompt tokens, then causal over itself
 
 ``pair_losses`` follows the DPO paper (Rafailov et al. 2023) with TRL's conventions: rewards are
 beta * (policy - reference) log-prob of each answer; sigmoid loss -log sigmoid(beta * margin), IPO
@@ -75,18 +83,55 @@ class PairSampler(PackedSampler):
     [2, 2]
     """
 
-    def __init__(self, lengths, pairs, sequence_length: int, seed: int = 0, strategy="best_fit", window=1000):
+    def __init__(
+        self, lengths, pairs, sequence_length: int, seed: int = 0, strategy="best_fit", window=1000, shared=None
+    ):
         lengths = np.asarray(lengths, np.int64)
         self.pairs = np.asarray(pairs, np.int64).reshape(-1, 2)
         self.document_lengths = lengths
-        super().__init__(lengths[self.pairs].sum(1), sequence_length, seed, strategy, window, False)
+        # shared[k]: the first tokens of pair k's rejected document that are its chosen document's too (the prompt,
+        # `shared_prompt_lengths`): placed once, the rejected piece starts after them (`collate_pairs`)
+        self.shared = np.zeros(len(self.pairs), np.int64) if shared is None else np.asarray(shared, np.int64)
+        units = lengths[self.pairs].sum(1) - self.shared
+        super().__init__(units, sequence_length, seed, strategy, window, False)
 
     def row(self, i: int) -> list[Piece]:
         out = []
         for unit in super().row(i):
-            for d in self.pairs[unit.document]:
-                out.append(Piece(int(d), 0, int(self.document_lengths[d])))
+            chosen, rejected = (int(d) for d in self.pairs[unit.document])
+            out.append(Piece(chosen, 0, int(self.document_lengths[chosen])))
+            out.append(Piece(rejected, int(self.shared[unit.document]), int(self.document_lengths[rejected])))
         return out
+
+
+def shared_prompt_lengths(dataset, pairs=None) -> np.ndarray:
+    """(P,) for each pair: how many first tokens its two documents have in common before either trains one (the
+    prompt, as the template rendered it: identical ids at identical positions give identical hidden states), 0
+    when placing it once would leave nothing of the rejected document before its first trained token's predictor.
+
+    >>> from backend.dataset import ShardWriter, TokenDataset
+    >>> import tempfile
+    >>> out = tempfile.mkdtemp(); w = ShardWriter(out, "training", vocab_size=32, pairs=True)
+    >>> w.add(np.array([1, 2, 3, 9]), np.array([0, 0, 1, 1], bool))
+    >>> w.add(np.array([1, 2, 4]), np.array([0, 0, 1], bool))
+    >>> _ = w.close(); shared_prompt_lengths(TokenDataset(out)).tolist()
+    [2]
+    """
+    pairs = dataset.pairs if pairs is None else np.asarray(pairs, np.int64).reshape(-1, 2)
+    out = np.zeros(len(pairs), np.int64)
+    for k, (c, r) in enumerate(pairs):
+        (tc, mc), (tr, mr) = dataset.document(int(c)), dataset.document(int(r))
+        n = min(len(tc), len(tr))
+        limit = min(_first(mc, n), _first(mr, n))  # never share a trained token
+        same = np.flatnonzero(np.asarray(tc[:limit]) != np.asarray(tr[:limit]))
+        s = int(same[0]) if len(same) else limit
+        out[k] = s if 0 < s < len(tr) else 0
+    return out
+
+
+def _first(mask, default: int) -> int:
+    hits = np.flatnonzero(np.asarray(mask, bool))
+    return int(hits[0]) if len(hits) else default
 
 
 def collate_pairs(rows, dataset, sequence_length: int, reference=None) -> dict:
@@ -109,32 +154,66 @@ def collate_pairs(rows, dataset, sequence_length: int, reference=None) -> dict:
     """
     import torch
 
+    from backend.loss import shifted_targets
+
     batch = collate(rows, dataset, sequence_length)
     L = int(sequence_length)
     segment = np.full((len(rows), L), -1, np.int64)
-    documents = []
+    documents, shared, extra = [], [], []  # extra: (predictor position, target, document) of shared prompts
     for r, row in enumerate(rows):
         if len(row) % 2:
             raise ValueError(f"collate_pairs: row {r} holds {len(row)} documents, not whole pairs")
         t = 0
-        for piece in row:
+        for j, piece in enumerate(row):
             n = piece.end - piece.begin
+            if piece.begin:  # a rejected document placed after its pair's shared prompt (PairSampler's `shared`)
+                _check_shared(row, j, dataset, r)
+                s, start = piece.begin, r * L + t
+                prompt = start - (row[j - 1].end - row[j - 1].begin)  # the chosen document's first position
+                shared.append((start, prompt, s))
+                tokens, trained = dataset.document(piece.document)
+                if trained[s]:  # its first own token is predicted by the prompt's last position
+                    extra.append((prompt + s - 1, int(tokens[s]), len(documents)))
             segment[r, t : t + n] = len(documents)
             documents.append(piece.document)
             t += n
     segment = torch.from_numpy(segment.reshape(-1))
-    trained = batch["labels"].reshape(-1) != IGNORE_INDEX
+    targets = shifted_targets(batch["labels"])  # position t predicts label t+1 of its row
+    positions = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+    logp_targets, logp_documents = targets[positions], segment[positions]
+    if extra:
+        more = torch.tensor(extra, dtype=torch.int64)
+        positions = torch.cat([positions, more[:, 0]])
+        logp_targets, logp_documents = torch.cat([logp_targets, more[:, 1]]), torch.cat([logp_documents, more[:, 2]])
     counts = torch.zeros(len(documents), dtype=torch.int64)
-    counts.index_add_(0, segment[trained], torch.ones(int(trained.sum()), dtype=torch.int64))
+    counts.index_add_(0, logp_documents, torch.ones(len(logp_documents), dtype=torch.int64))
     batch.update(
         segment=segment,
         documents=torch.tensor(documents, dtype=torch.int64),
         answer_tokens=counts,
         num_pairs=len(documents) // 2,
+        logp_positions=positions,  # (K,) flattened positions whose next token is a trained answer token
+        logp_targets=logp_targets,  # (K,) that token
+        logp_documents=logp_documents,  # (K,) its document (0..2P-1)
     )
+    if shared:
+        batch["shared_prefix"] = torch.tensor(shared, dtype=torch.int64)  # read by sdpa_packed (backend/attention.py)
     if reference is not None:
         batch["reference_logps"] = torch.as_tensor(np.asarray(reference, np.float64)[documents])
     return batch
+
+
+def _check_shared(row, j: int, dataset, r: int) -> None:
+    """A piece that starts inside its document must be a pair's rejected one after its chosen one, and its skipped
+    tokens must be the chosen document's first ones (else the plan was made for other data)."""
+    chosen, rejected = row[j - 1] if j % 2 else None, row[j]
+    if chosen is None or chosen.begin != 0:
+        raise ValueError(f"collate_pairs: row {r} piece {j} starts at token {rejected.begin}: only a pair's rejected "
+                         "document may start after its shared prompt")  # fmt: skip
+    s = rejected.begin
+    if not np.array_equal(dataset.document(chosen.document)[0][:s], dataset.document(rejected.document)[0][:s]):
+        raise ValueError(f"collate_pairs: row {r}: documents {chosen.document} and {rejected.document} do not share "
+                         f"their first {s} tokens; was the plan built from another dataset?")  # fmt: skip
 
 
 def document_logps(model, batch: dict):
@@ -148,18 +227,22 @@ def document_logps(model, batch: dict):
     from backend.loss import shifted_targets
     from backend.modeling import model_inputs
 
-    targets = shifted_targets(batch["labels"])  # (B*L,): position t predicts label t+1 of its row
     kwargs = model_inputs(model, batch)
     n_docs = int(batch["documents"].numel())
-    trained = (targets != IGNORE_INDEX).nonzero().squeeze(1)  # (K,)
+    if "logp_positions" in batch:  # collate_pairs: shared prompts predict their rejected answer's first token too
+        trained, targets, documents = batch["logp_positions"], batch["logp_targets"], batch["logp_documents"]
+    else:
+        targets = shifted_targets(batch["labels"])  # (B*L,): position t predicts label t+1 of its row
+        trained = (targets != IGNORE_INDEX).nonzero().squeeze(1)  # (K,)
+        # the target at position t belongs to the document of position t (its first token is never a target)
+        targets, documents = targets[trained], batch["segment"][trained]
     if kwargs["input_ids"].shape[0] == 1:  # one flattened row: the LM head on the K trained positions only
         logits = model(**kwargs, logits_to_keep=trained).logits.reshape(-1, model_vocab(model))  # (K, V)
     else:
         logits = model(**kwargs).logits.reshape(-1, model_vocab(model))[trained]
-    token_logps = -F.cross_entropy(logits.float(), targets[trained], reduction="none")  # (K,)
-    # the target at position t belongs to the document of position t (its first token is never a target)
+    token_logps = -F.cross_entropy(logits.float(), targets, reduction="none")  # (K,)
     out = torch.zeros(n_docs, dtype=torch.float32, device=token_logps.device)
-    return out.index_add(0, batch["segment"][trained], token_logps)
+    return out.index_add(0, documents, token_logps)
 
 
 def model_vocab(model) -> int:
@@ -208,6 +291,7 @@ class DPO:
     loss: str = "sigmoid"
     reference: str = "precompute"
     simpo_gamma: float = 0.5
+    share_prompt: bool = False  # each pair's prompt placed once (`shared_prompt_lengths`); sdpa_packed only
 
     def denominator(self, micro_batch: dict) -> int:
         return micro_batch["num_pairs"]
@@ -215,7 +299,10 @@ class DPO:
     def sampler(self, dataset, cfg):
         """The split's pairs, each packed whole into one row (`PairSampler`)."""
         sampling, L = cfg.data.sampling, cfg.batch.sequence_length
-        return PairSampler(dataset.lengths, dataset.pairs, L, sampling.seed, sampling.packing, sampling.packing_window)
+        shared = shared_prompt_lengths(dataset) if self.share_prompt else None
+        return PairSampler(
+            dataset.lengths, dataset.pairs, L, sampling.seed, sampling.packing, sampling.packing_window, shared
+        )
 
     def collate(self, rows, dataset, batch, reference=None) -> dict:
         """`collate_pairs` with the split's precomputed reference log-probs (None: adapters_off / none)."""
@@ -230,7 +317,14 @@ class DPO:
     def describe(self, sampler) -> dict:
         """What the start event says about a DPO run."""
         return {
-            "dpo": {"beta": self.beta, "loss": self.loss, "reference": self.reference, "simpo_gamma": self.simpo_gamma},
+            "dpo": {
+                "beta": self.beta,
+                "loss": self.loss,
+                "reference": self.reference,
+                "simpo_gamma": self.simpo_gamma,
+                "share_prompt": self.share_prompt,
+            },
+            "shared_prompt_tokens": int(getattr(sampler, "shared", np.zeros(0)).sum()),
             "training_pairs": int(len(sampler.lengths)),
             "skipped_pairs": int(len(sampler.skipped)),
         }
@@ -278,7 +372,18 @@ def objective_of(cfg):
     if cfg.training.objective == "sft":
         return SFT(cfg.model.base_model.cross_entropy_impl)
     d = cfg.training.dpo
-    return DPO(d.beta, d.loss, reference_mode(cfg), d.simpo_gamma)
+    return DPO(d.beta, d.loss, reference_mode(cfg), d.simpo_gamma, share_prompt(cfg))
+
+
+def share_prompt(cfg, device=None) -> bool:
+    """``training.dpo.share_prompt`` where the run's attention can mask it: sdpa_packed (any device, and every CPU
+    run); the varlen kernels (flash_attention_2, torch_varlen) see each document whole, so a pair's prompt is then
+    placed twice, as without sharing."""
+    from backend.modeling import PACKED_SDPA, select_attention
+
+    if not cfg.training.dpo.share_prompt:
+        return False
+    return select_attention(cfg.model.base_model.transformer.use_flash_attention, device)[0] == PACKED_SDPA
 
 
 def reference_mode(cfg) -> str:

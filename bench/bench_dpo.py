@@ -13,7 +13,8 @@ fp32, sigmoid loss, beta 0.1, AdamW lr 1e-4 constant, no gradient checkpointing 
 Contestants, each a fresh process, alternating (ours, TRL, ours, ...):
 
     ours  ``python -m backend.train`` on a generated YAML: pairs packed whole into rows of ``--seq-len`` (best fit),
-          ``--rows-per-step`` rows per step (micro-batch 1 row), reference ``precompute``
+          each pair's prompt placed once (``training.dpo.share_prompt``, the default), ``--rows-per-step`` rows per
+          step (micro-batch 1 row), reference ``precompute``
     TRL   DPOTrainer, ``precompute_ref_log_probs=True``, padded batches of round(mean pairs per row of ours) pairs,
           gradient accumulation ``--rows-per-step``: the same pairs per optimizer step on average
 
@@ -24,7 +25,8 @@ pair once; its cost is given against the same run's training time (``--steps``) 
 
 On a shared machine the end-to-end runs see whatever load the neighbours put on it (a 10x swing between two TRL
 runs was seen here), so a fourth process times forward + backward of each step's exact pairs, ours and TRL's
-alternately in one process (`worker_interleaved`): the ratio of those timings is the load-independent figure.
+alternately in one process (`worker_interleaved`): the ratio of those timings is the load-independent figure. It also
+times ours on the same pairs with each document whole (share_prompt: no): what placing each prompt once is worth.
 """
 
 from __future__ import annotations
@@ -157,11 +159,13 @@ def worker_interleaved(spec) -> dict:
 
     from backend.dataset import TokenDataset
     from backend.modeling import PACKED_SDPA, load_model
-    from backend.preference import DPO, PairSampler, collate_pairs
+    from backend.packing import Piece
+    from backend.preference import DPO, PairSampler, collate_pairs, shared_prompt_lengths
 
     torch.set_num_threads(spec["threads"])
     ds = TokenDataset(spec["data_dir"], "training")
-    sampler = PairSampler(ds.lengths, ds.pairs, spec["seq_len"], SEED, "best_fit")
+    # as backend.train packs them on CPU (training.dpo.share_prompt: each pair's prompt placed once)
+    sampler = PairSampler(ds.lengths, ds.pairs, spec["seq_len"], SEED, "best_fit", shared=shared_prompt_lengths(ds))
     ours = load_model(spec["model"], "fp32", PACKED_SDPA).train()
     objective = DPO(0.1, "sigmoid", "precompute")
     pair_of = {int(c): (int(c), int(r)) for c, r in ds.pairs}
@@ -181,11 +185,14 @@ def worker_interleaved(spec) -> dict:
     )
     trainer.precompute_ref_logps = True  # read the reference from the batch, as precompute_ref_log_probs=True does
     trainer.model.train()
-    ours_s, trl_s, pairs = [], [], []
+    ours_s, trl_s, whole_s, pairs = [], [], [], []
     zeros = np.zeros(len(ds))
     for step in range(spec["steps"]):
         rows = sampler.rows(step * spec["rows_per_step"], spec["rows_per_step"])
         ours_mbs = [collate_pairs([row], ds, spec["seq_len"], zeros) for row in rows]
+        # the same pairs with each document whole (share_prompt: no), in rows exactly as long as they are
+        whole_rows = [[Piece(p.document, 0, int(ds.lengths[p.document])) for p in row] for row in rows]
+        whole_mbs = [collate_pairs([r], ds, sum(p.end for p in r), zeros) for r in whole_rows]
         trl_mbs = []
         for row in rows:
             examples = [trl_example(ds, *pair_of[p.document]) for p in row[0::2]]
@@ -193,16 +200,17 @@ def worker_interleaved(spec) -> dict:
             mb["ref_chosen_logps"] = mb["ref_rejected_logps"] = torch.zeros(len(examples))
             trl_mbs.append(mb)
         pairs.append(sum(len(row) // 2 for row in rows))
-        for name in ("ours", "trl") if step % 2 == 0 else ("trl", "ours"):
+        order = ("ours", "trl", "whole")[step % 3 :] + ("ours", "trl", "whole")[: step % 3]
+        for name in order:
             t0 = time.perf_counter()
-            for mb in ours_mbs if name == "ours" else trl_mbs:
-                if name == "ours":
+            for mb in {"ours": ours_mbs, "whole": whole_mbs, "trl": trl_mbs}[name]:
+                if name == "trl":
+                    trainer.compute_loss(trainer.model, mb).backward()
+                else:
                     loss_sum, n, _ = objective(ours, mb)
                     (loss_sum / n).backward()
-                else:
-                    trainer.compute_loss(trainer.model, mb).backward()
-            (ours_s if name == "ours" else trl_s).append(time.perf_counter() - t0)
-    return {"ours_s": ours_s, "trl_s": trl_s, "pairs": pairs}
+            {"ours": ours_s, "whole": whole_s, "trl": trl_s}[name].append(time.perf_counter() - t0)
+    return {"ours_s": ours_s, "trl_s": trl_s, "whole_s": whole_s, "pairs": pairs}
 
 
 def trl_example(ds, chosen, rejected) -> dict:
@@ -371,7 +379,12 @@ def report(a, meta: dict, runs: dict, reference: dict) -> str:
         f"Same pairs, same moment (one process, ours and TRL alternately, forward + backward of each of {a.steps} "
         f"steps' pairs, {statistics.fmean(inter['pairs']):.1f} pairs a step): TRL time / ours time, median "
         f"{statistics.median(t / o for o, t in zip(inter['ours_s'], inter['trl_s'], strict=True)):.2f}x "
-        f"(ours {statistics.median(inter['ours_s']):.2f} s, TRL {statistics.median(inter['trl_s']):.2f} s a step).",
+        f"(ours {statistics.median(inter['ours_s']):.2f} s, TRL {statistics.median(inter['trl_s']):.2f} s a step). "
+        f"The same pairs with each document whole (`training.dpo.share_prompt: no`, rows exactly as long as their "
+        f"pairs): TRL time / ours "
+        f"{statistics.median(t / w for w, t in zip(inter['whole_s'], inter['trl_s'], strict=True)):.2f}x; placing "
+        f"each prompt once is worth "
+        f"{statistics.median(w / o for o, w in zip(inter['ours_s'], inter['whole_s'], strict=True)):.2f}x here.",
     ]
     return "\n".join(lines)
 
@@ -404,14 +417,14 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     import trl
 
-    from backend.preference import PairSampler
+    from backend.preference import PairSampler, shared_prompt_lengths
 
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     data = setup(a, work)
     ds = data["dataset"]
     # TRL's batch: our mean pairs per packed row over the run's steps, so that a step holds as many pairs
-    sampler = PairSampler(ds.lengths, ds.pairs, a.seq_len, SEED, "best_fit")
+    sampler = PairSampler(ds.lengths, ds.pairs, a.seq_len, SEED, "best_fit", shared=shared_prompt_lengths(ds))
     rows = [sampler.row(i) for i in range(min(sampler.num_rows_in_epoch(0), a.steps * a.rows_per_step))]
     trl_batch = max(1, round(statistics.fmean(len(r) // 2 for r in rows)))
     cfg_path = work / "ours-reference.yaml"

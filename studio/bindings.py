@@ -65,6 +65,7 @@ TRAIN_FIELDS: tuple[Binding, ...] = (
         "training.dpo.reference", "choice", ("auto", "precompute", "adapters_off", "none"), group="Objective (DPO)"
     ),
     Binding("training.dpo.simpo_gamma", "float", group="Objective (DPO)"),
+    Binding("training.dpo.share_prompt", "bool", group="Objective (DPO)"),
 )
 
 GROUPS: tuple[str, ...] = tuple(dict.fromkeys(b.group for b in TRAIN_FIELDS))

@@ -2,7 +2,8 @@
 
 What each test proves:
 - each document's log-probability read off a packed row equals the document forwarded alone (an independent
-  forward, log_softmax and gather per document);
+  forward, log_softmax and gather per document), also with each pair's prompt placed once (share_prompt), which
+  gives the loss and gradients of whole pairs;
 - packed pairs give the loss and gradients of one pair per row; k micro-batches give the step of one;
 - the first logged step's loss is ln 2 and the rewards 0, with the precomputed reference and with LoRA's
   adapters_off reference;
@@ -28,7 +29,14 @@ from backend.checkpoint import latest_complete, list_checkpoints
 from backend.config import load_prepare_config
 from backend.dataset import TokenDataset
 from backend.packing import Piece
-from backend.preference import DPO, PairSampler, collate_pairs, document_logps, reference_pass
+from backend.preference import (
+    DPO,
+    PairSampler,
+    collate_pairs,
+    document_logps,
+    reference_pass,
+    shared_prompt_lengths,
+)
 
 DPO_TRAIN = ASSETS / "configs" / "tiny_dpo_train.yaml"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -107,6 +115,95 @@ def test_each_document_log_prob_equals_the_document_forwarded_alone(pairs, model
             alone = token_logps[torch.as_tensor(trained[1:])].sum()
             assert abs(float(packed[j]) - float(alone)) < 1e-4, (j, float(packed[j]), float(alone))
     assert mb["answer_tokens"].tolist() == [int(ds.document(d)[1][1:].sum()) for d in mb["documents"].tolist()]
+
+
+def shared_rows(ds, n_pairs, per_row):
+    """`some_rows` with each pair's prompt placed once (the rejected piece starts after the shared tokens)."""
+    shared = shared_prompt_lengths(ds)
+    rows = []
+    for k in range(0, n_pairs, per_row):
+        row = []
+        for j in range(k, min(k + per_row, n_pairs)):
+            c, r = (int(d) for d in ds.pairs[j])
+            row += [Piece(c, 0, int(ds.lengths[c])), Piece(r, int(shared[j]), int(ds.lengths[r]))]
+        rows.append(row)
+    return rows
+
+
+def test_shared_prompts_are_the_common_untrained_prefix_of_each_pair(pairs):
+    ds = TokenDataset(pairs)
+    shared = shared_prompt_lengths(ds)
+    assert (shared > 0).all()  # every shipped pair has a prompt before its answers
+    for (c, r), s in zip(ds.pairs, shared, strict=True):
+        (tc, mc), (tr, mr) = ds.document(int(c)), ds.document(int(r))
+        assert np.array_equal(tc[:s], tr[:s]) and not mc[:s].any() and not mr[:s].any()
+        # the longest such prefix: the next token differs, or one of them trains it
+        assert tc[s] != tr[s] or mc[s] or mr[s]
+
+
+def test_a_shared_prompt_gives_each_document_its_log_probability_alone(pairs, model):
+    """The rejected answer attends to its pair's prompt placed once (sdpa_packed's shared_prefix), and its first
+    token is predicted by the prompt's last position: each document's log-prob equals it forwarded alone."""
+    ds = TokenDataset(pairs)
+    mb = collate_pairs(shared_rows(ds, 6, 3), ds, L)
+    assert len(mb["shared_prefix"]) == 6 and (mb["labels"] != -100).sum() < mb["answer_tokens"].sum()
+    with torch.no_grad():
+        packed = document_logps(model, mb)
+        for j, d in enumerate(mb["documents"].tolist()):
+            ids, trained = ds.document(d)
+            logits = model(torch.as_tensor(ids)[None], use_cache=False).logits[0, :-1].double()
+            token_logps = torch.log_softmax(logits, -1).gather(1, torch.as_tensor(ids[1:])[:, None])[:, 0]
+            alone = token_logps[torch.as_tensor(trained[1:])].sum()
+            assert abs(float(packed[j]) - float(alone)) < 1e-4, (j, float(packed[j]), float(alone))
+    assert mb["answer_tokens"].tolist() == [int(ds.document(d)[1][1:].sum()) for d in mb["documents"].tolist()]
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "ipo", "simpo"])
+def test_shared_prompt_pairs_give_the_loss_and_gradients_of_whole_pairs(pairs, model, loss):
+    ds = TokenDataset(pairs)
+    rng = np.random.default_rng(1)
+    reference = -np.abs(rng.normal(20, 5, len(ds)))
+    objective = DPO(beta=0.1, loss=loss, reference="none" if loss == "simpo" else "precompute")
+    shared = loss_and_grads(model, [collate_pairs(shared_rows(ds, 6, 3), ds, L, reference)], objective)
+    whole = loss_and_grads(model, [collate_pairs(some_rows(ds, 6, 1), ds, L, reference)], objective)
+    assert shared[1] == whole[1] == 6 and abs(shared[0] - whole[0]) < 1e-5
+    worst = max((shared[2][k] - whole[2][k]).abs().max().item() for k in shared[2])
+    assert worst < 1e-5, worst
+
+
+def test_a_shared_prompt_is_refused_where_it_cannot_be_masked(pairs, model):
+    from backend.modeling import model_inputs
+
+    ds = TokenDataset(pairs)
+    rows = shared_rows(ds, 2, 2)
+    mb = collate_pairs(rows, ds, L)
+    model.config._attn_implementation = "eager"
+    try:
+        with pytest.raises(ValueError, match="training.dpo.share_prompt: no"):
+            model_inputs(model, mb)
+    finally:
+        model.config._attn_implementation = "sdpa_packed"
+    c, r = rows[0][0].document, rows[0][1].document
+    other = int(ds.pairs[1][1])  # another pair's rejected document: its first tokens are another prompt's
+    with pytest.raises(ValueError, match="do not share"):
+        collate_pairs(
+            [[Piece(c, 0, int(ds.lengths[c])), Piece(other, rows[0][1].begin, int(ds.lengths[other]))]], ds, L
+        )
+    with pytest.raises(ValueError, match="only a pair's rejected"):
+        collate_pairs([[Piece(r, 1, int(ds.lengths[r])), Piece(c, 0, int(ds.lengths[c]))]], ds, L)
+
+
+def test_the_sampler_places_a_shared_prompt_once(pairs):
+    ds = TokenDataset(pairs)
+    shared = shared_prompt_lengths(ds)
+    whole = PairSampler(ds.lengths, ds.pairs, L, seed=0)
+    placed = PairSampler(ds.lengths, ds.pairs, L, seed=0, shared=shared)
+    assert placed.lengths.sum() == whole.lengths.sum() - shared.sum()
+    assert placed.num_rows_in_epoch(0) < whole.num_rows_in_epoch(0)
+    seen = [(p.document, p.begin) for i in range(placed.num_rows_in_epoch(0)) for p in placed.row(i)]
+    rejected = {int(r): int(s) for (_, r), s in zip(ds.pairs, shared, strict=True)}
+    assert sorted(d for d, _ in seen) == sorted(int(d) for d in ds.pairs.reshape(-1))  # every document once
+    assert all(b == rejected.get(d, 0) for d, b in seen)
 
 
 def loss_and_grads(model, batches, objective):
