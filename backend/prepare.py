@@ -272,11 +272,16 @@ def _summary_lines(summary: dict) -> list[str]:
         )
     pr = summary.get("pairs")
     if pr:
-        long = pr["longer_than_sequence_length"]
+        long, once = pr["longer_than_sequence_length"], pr.get("longer_with_shared_prompt")
         lines.append(
             f"  preference pairs: {pr['pairs']} written (two documents each, chosen then rejected), "
             f"{pr['identical_answers']} skipped with identical answers"
-            + (f", {long} longer than {pr['sequence_length']} tokens together (skipped in training)" if long else "")
+            + (
+                f", {long} longer than {pr['sequence_length']} tokens together (skipped in training; {once} with "
+                "the prompt placed once, training.dpo.share_prompt)"
+                if long
+                else ""
+            )
         )
     appended = summary.get("appended_eot", {}).get("rows", 0)
     if appended:
@@ -478,12 +483,15 @@ def _prepare_into(cfg: PrepareConfig, tmp: Path, digest: str, fingerprint, progr
     split_counts = {name: w.close() for name, w in writers.items()}
 
     # read back what was written: the summary describes the files, not our intentions
-    lengths, pair_lengths = [], []
+    lengths, pair_lengths, pair_shared = [], [], []
     for name in names:
         ds = TokenDataset(tmp / descriptor_name(name))
         lengths.append(ds.lengths)
         if ds.pairs is not None:
+            from backend.preference import shared_prompt_lengths
+
             pair_lengths.append(ds.lengths[ds.pairs].sum(1))
+            pair_shared.append(shared_prompt_lengths(ds))  # placed once in training (training.dpo.share_prompt)
         if len(ds) == 0 and cfg.splits[name] > 0:
             _print(f"warning: split {name!r} has no documents")
     lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
@@ -532,10 +540,13 @@ def _prepare_into(cfg: PrepareConfig, tmp: Path, digest: str, fingerprint, progr
         }
     if pairs:  # pairs written, skipped for identical answers, and too long for one row (a pair is packed whole)
         both = np.concatenate(pair_lengths) if pair_lengths else np.zeros(0, np.int64)
+        once = both - (np.concatenate(pair_shared) if pair_shared else 0)
         summary["pairs"] = {
             "pairs": int(len(both)),
             "identical_answers": counts.get("identical_answers", 0),
             "longer_than_sequence_length": int((both > seq).sum()) if seq is not None else None,
+            "longer_with_shared_prompt": int((once > seq).sum()) if seq is not None else None,
+            "shared_prompt_tokens": int((both - once).sum()),
             "sequence_length": seq,
             "length_percentiles": _percentiles(both),
         }

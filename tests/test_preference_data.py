@@ -17,6 +17,7 @@ from backend import ASSETS, ROOT, TINY_MODEL
 from backend.config import ConfigError, load_prepare_config, load_train_config
 from backend.dataset import DatasetNotFoundError, TokenDataset
 from backend.documents import RowReader
+from backend.preference import shared_prompt_lengths
 from backend.prepare import prepare
 
 TEMPLATES = {
@@ -125,11 +126,13 @@ def test_prepare_writes_pairs_whole_with_their_index_and_counts_what_it_skips(tm
     assert summary["written"] == 21 and summary["pairs"]["pairs"] == 21
     assert summary["pairs"]["identical_answers"] == 1
     assert summary["pairs"]["longer_than_sequence_length"] == 1
-    total = 0
+    assert summary["pairs"]["longer_with_shared_prompt"] == 1  # its chosen answer alone is longer than 400
+    total = shared = 0
     for split in cfg.splits:
         ds = TokenDataset(tmp_path / "out", split)
         assert ds.pairs is not None and len(ds) == 2 * len(ds.pairs)
         total += len(ds.pairs)
+        shared += int(shared_prompt_lengths(ds).sum())
         for chosen, rejected in ds.pairs:
             (c, ct), (r, rt) = ds.document(chosen), ds.document(rejected)
             # a pair's documents share the prompt up to the first trained token of either answer
@@ -137,6 +140,7 @@ def test_prepare_writes_pairs_whole_with_their_index_and_counts_what_it_skips(tm
             assert first > 0 and (c[:first] == r[:first]).all()
             assert ct.any() and rt.any()
     assert total == 21
+    assert summary["pairs"]["shared_prompt_tokens"] == shared > 21  # every pair's prompt, placed once in training
     report = json.loads((tmp_path / "out" / "prepare_report.json").read_text())["summary"]
     assert report["pairs"]["pairs"] == 21
 
