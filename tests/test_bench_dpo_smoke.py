@@ -24,9 +24,9 @@ def test_bench_dpo_runs_and_contestants_train_the_same_pairs(tmp_path):
     import bench_dpo
 
     out, results = tmp_path / "dpo.json", tmp_path / "dpo.md"
-    # 24 shipped pairs of 150-210 tokens: one per row of 256 (two never fit), 2 rows a step -> 12 steps are one
-    # epoch for both contestants, whatever the pairs' exact lengths
-    args = "--pairs 24 --steps 12 --warmup 1 --repeats 1 --seq-len 256 --rows-per-step 2 --threads 1 --write"
+    # 24 shipped pairs of 80-113 tokens with their prompt placed once (training.dpo.share_prompt, on for CPU; 150-200
+    # whole): one per row of 128 (two never fit), 2 rows a step -> 12 steps are one epoch for both contestants
+    args = "--pairs 24 --steps 12 --warmup 1 --repeats 1 --seq-len 128 --rows-per-step 2 --threads 1 --write"
     rc = bench_dpo.main(
         [*args.split(), "--work", str(tmp_path / "work"), "--json", str(out), "--results", str(results)]
     )
