@@ -200,8 +200,71 @@ def test_rank_average_of_scaled_sums_is_global_mean():
 
 def test_loss_scale_and_count_edge_cases():
     assert loss_scale(0, 4) == 0.0  # nothing trained in the whole step: zero gradient, never NaN
+    assert loss_scale(1, 1) == 1.0  # one trained token in the step still trains
     assert loss_scale(10, 2) == pytest.approx(0.2)
     assert global_trained_count(None, [3, 0, 5]) == 8
+
+
+class _Ranks:
+    """An Accelerator's face to global_trained_count: `num_processes` ranks whose counts are `others` besides ours;
+    reduce sums like a real all-reduce and checks it is asked for a sum of one integer count."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, others: list[int]):
+        self.others, self.num_processes, self.calls = others, len(others) + 1, 0
+
+    def reduce(self, tensor, reduction="mean"):
+        assert self.num_processes > 1, "one process: nothing to all-reduce"
+        assert reduction == "sum" and tensor.dtype == torch.long and tensor.shape == (1,), (reduction, tensor)
+        self.calls += 1
+        return tensor + sum(self.others)
+
+
+@pytest.mark.parametrize("others", [[], [4], [0, 9]])
+def test_the_step_count_is_summed_over_every_rank(others):
+    """The denominator of the step's mean: this rank's micro-batches, then an all-reduce (sum) when there are several
+    ranks, never with one; the 2-process runs (tests/test_distributed.py, slow) check it for real."""
+    ranks = _Ranks(others)
+    assert global_trained_count(ranks, [3, 0, 5]) == 8 + sum(others)
+    assert ranks.calls == (1 if others else 0)
+
+
+@pytest.mark.parametrize("rows_per_chunk", [1, 3])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("frozen", [None, "head", "hidden"])
+def test_chunked_linear_ce_equals_torch_for_every_input_that_trains(rows_per_chunk, bias, frozen, monkeypatch):
+    """The fused loss on its own: more rows than the hidden width, chunks of FUSED_CHUNK_ELEMENTS // V rows (the
+    last one partial), an LM head with a bias (Phi-2's has one), a frozen head (LoRA) or a frozen input, a
+    non-unit incoming gradient: loss and each gradient equal torch's linear + cross-entropy, and a frozen input
+    gets none."""
+    from backend.loss import chunked_linear_cross_entropy
+
+    torch.manual_seed(0)
+    k, h, v = 37, 8, 11
+    hidden, weight = torch.randn(k, h, dtype=torch.float64), torch.randn(v, h, dtype=torch.float64)
+    b = torch.randn(v, dtype=torch.float64) if bias else None
+    targets = torch.randint(0, v, (k,))
+    hidden.requires_grad_(frozen != "hidden")
+    weight.requires_grad_(frozen != "head")
+    if b is not None:
+        b.requires_grad_(frozen != "head")
+    linear, rows = F.linear, []
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda x, w, bb=None: rows.append(len(x)) or linear(x, w, bb))
+    monkeypatch.setattr(loss_mod, "FUSED_CHUNK_ELEMENTS", rows_per_chunk * v)
+    fused = chunked_linear_cross_entropy(hidden, weight, targets, b)
+    (0.5 * fused).backward()
+    assert rows == [rows_per_chunk] * (k // rows_per_chunk) + ([k % rows_per_chunk] if k % rows_per_chunk else [])
+    inputs = [t for t in (hidden, weight, b) if t is not None]
+    copies = [t.detach().clone().requires_grad_(t.requires_grad) for t in inputs]
+    reference = F.cross_entropy(linear(*copies[:2], copies[2] if bias else None), targets, reduction="sum")
+    (0.5 * reference).backward()
+    assert abs(float(fused) - float(reference)) <= 1e-5 * float(reference)
+    for t, c in zip(inputs, copies, strict=True):
+        if c.requires_grad:
+            assert t.grad is not None and torch.allclose(t.grad, c.grad, rtol=1e-5, atol=1e-6)
+        else:
+            assert t.grad is None
     with pytest.raises(ValueError, match="cross_entropy_impl"):
         trained_token_loss(tiny_llama(), make_batch(ROWS)[0], impl="triton")
 
