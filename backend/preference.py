@@ -120,13 +120,17 @@ def shared_prompt_lengths(dataset, pairs=None) -> np.ndarray:
     pairs = dataset.pairs if pairs is None else np.asarray(pairs, np.int64).reshape(-1, 2)
     out = np.zeros(len(pairs), np.int64)
     for k, (c, r) in enumerate(pairs):
-        (tc, mc), (tr, mr) = dataset.document(int(c)), dataset.document(int(r))
-        n = min(len(tc), len(tr))
-        limit = min(_first(mc, n), _first(mr, n))  # never share a trained token
-        same = np.flatnonzero(np.asarray(tc[:limit]) != np.asarray(tr[:limit]))
-        s = int(same[0]) if len(same) else limit
-        out[k] = s if 0 < s < len(tr) else 0
+        out[k] = shared_prompt_length(*dataset.document(int(c)), *dataset.document(int(r)))
     return out
+
+
+def shared_prompt_length(chosen, chosen_trained, rejected, rejected_trained) -> int:
+    """One pair's `shared_prompt_lengths` from its two documents' tokens and trained masks."""
+    n = min(len(chosen), len(rejected))
+    limit = min(_first(chosen_trained, n), _first(rejected_trained, n))  # never share a trained token
+    differ = np.flatnonzero(np.asarray(chosen[:limit]) != np.asarray(rejected[:limit]))
+    s = int(differ[0]) if len(differ) else limit
+    return s if 0 < s < len(rejected) else 0
 
 
 def _first(mask, default: int) -> int:

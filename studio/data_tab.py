@@ -134,6 +134,29 @@ def preview_sample(s: DataSettings, index: int | float | None, sequence_length: 
     return p
 
 
+def _shared_prompt(chosen, rejected) -> int:
+    """Tokens of the pair's prompt that training places once (backend.preference.shared_prompt_length)."""
+    from backend.preference import shared_prompt_length
+
+    return shared_prompt_length(chosen.input_ids, chosen.trained, rejected.input_ids, rejected.trained)
+
+
+def _pair_length_problems(chosen, rejected, seq: int | None) -> list[str]:
+    """A pair is packed whole: too long when its documents together exceed ``seq``; training places the prompt once
+    where the attention can mask it (training.dpo.share_prompt with sdpa_packed: every CPU run), so a pair that fits
+    only that way is named apart."""
+    whole = len(chosen.input_ids) + len(rejected.input_ids)
+    once = whole - _shared_prompt(chosen, rejected)
+    if not seq or whole <= seq:
+        return []
+    if once > seq:
+        return [f"pair_too_long: {whole} tokens together ({once} with the prompt placed once) > sequence_length "
+                f"{seq}: training skips it"]  # fmt: skip
+    return [f"pair_fits_with_shared_prompt: {whole} tokens together > sequence_length {seq}, {once} with the prompt "
+            "placed once: trained with training.dpo.share_prompt on sdpa_packed attention (every CPU run), "
+            "skipped with flash_attention_2 / torch_varlen"]  # fmt: skip
+
+
 def _pair_preview(prepared, tokenizer, i: int, n: int, template, sequence_length) -> Preview:
     """A preference pair as prepare writes it: prompt + chosen answer, then prompt + rejected answer (the highlight),
     and their tokens side by side (the token view); the prompt masked, each answer trained in its own colour."""
@@ -153,10 +176,14 @@ def _pair_preview(prepared, tokenizer, i: int, n: int, template, sequence_length
         for _, tok, label in sides
     ]
     total = sum(len(t.input_ids) for _, t, _ in sides)
+    once = total - _shared_prompt(prepared.tokenized, prepared.rejected[1])
     seq = int(sequence_length) if sequence_length else None
-    summary = f"**Pair {i} of {n}** (preference data, packed whole: {total} tokens) — " + "; ".join(counts)
-    if seq and total > seq:
-        summary += f"; ⚠ **{total} tokens together > sequence_length {seq}**: training skips this pair"
+    summary = (
+        f"**Pair {i} of {n}** (preference data, packed whole: {total} tokens, {once} with the prompt placed once) — "
+        + "; ".join(counts)
+    )
+    for problem in _pair_length_problems(prepared.tokenized, prepared.rejected[1], seq):
+        summary += f"; ⚠ **{problem.split(': ', 1)[1]}**"
     problems = [f"{code}: {message}" for code, message, _ in prepared.problems]
     problems_md = "\n".join(f"- ⚠ `{p.split(':', 1)[0]}`: {p.split(':', 1)[1].strip()}" for p in problems)
     if prepared.skipped:
@@ -349,10 +376,7 @@ def check_whole_dataset(
                     n_tokens += len(prepared.rejected[1].input_ids)
                     n_trained += prepared.rejected[1].n_trained
                     problems = [p for p in problems if not p.startswith(("too_long", "assistant_cut"))]
-                    if seq and n_tokens > seq:
-                        problems.append(
-                            f"pair_too_long: {n_tokens} tokens together > sequence_length {seq}: training skips it"
-                        )
+                    problems += _pair_length_problems(tok, prepared.rejected[1], seq)
                 report.add(j, problems, n_tokens, n_trained, appended=len(prepared.rendered.appended))
                 report.add_trace(trace_counts(prepared.rendered, tok, tokenizer))
             if progress is not None:
@@ -392,9 +416,12 @@ def check_whole_dataset(
     if pairs:
         identical = d["problems"].get("identical_answers", {}).get("count", 0)
         over = d["problems"].get("pair_too_long", {}).get("count", 0)
+        fits = d["problems"].get("pair_fits_with_shared_prompt", {}).get("count", 0)
         lines.append(
             f"- preference pairs: **{pairs} kept** (prompt + chosen, prompt + rejected; only the answers trained), "
-            f"**{identical}** skipped with identical answers, **{over}** longer than sequence_length together"
+            f"**{identical}** skipped with identical answers, **{over}** longer than sequence_length together "
+            f"even with the prompt placed once, **{fits}** that fit only with it (training.dpo.share_prompt on "
+            "sdpa_packed attention: every CPU run)"
         )
     lines.append(f"- trained tokens: **{report.n_trained} / {report.n_tokens} ({report.trained_token_share:.1%})**")
     if report.trace_line():  # tool calls trained, tool results masked, reasoning trained or dropped
@@ -413,7 +440,11 @@ def check_whole_dataset(
         verb = (
             "cut at row edges (truncate_documents: yes)" if truncate_documents else "SKIPPED (truncate_documents: no)"
         )
-        verb = "SKIPPED (a pair is packed whole)" if pairs else verb
+        verb = (
+            "counted with the prompt in both documents (the pair line above says what training skips)"
+            if pairs
+            else verb
+        )
         lines.append(
             f"- longer than sequence_length {seq}: **{len(too_long)} {'pairs' if pairs else 'documents'} holding "
             f"{lost_tok} tokens "

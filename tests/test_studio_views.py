@@ -283,15 +283,23 @@ def test_the_dataset_check_counts_pairs_identical_answers_and_pairs_too_long(tmp
     same["rejected"] = same["chosen"]
     path = tmp_path / "pairs.jsonl"
     path.write_text("\n".join([*rows, json.dumps(same)]) + "\n")
-    lengths = []
+    lengths, once = [], []
     for i in range(20):
         p = H.preview_sample(_pair_settings(path), i)
-        lengths.append(int(p.summary.split("packed whole: ")[1].split(" ")[0]))
+        whole, shared = p.summary.split("packed whole: ")[1].split(" with the prompt")[0].split(" tokens, ")
+        lengths.append(int(whole))
+        once.append(int(shared))
+    assert all(o < n for o, n in zip(once, lengths, strict=True))  # every shipped pair has a prompt to share
     seq = sorted(lengths)[10]  # about half the pairs are longer together
     r = H.check_whole_dataset(_pair_settings(path), seq, False, 5000)
     assert "preference pairs: **20 kept**" in r.summary and "**1** skipped with identical answers" in r.summary
-    over = sum(n > seq for n in lengths)
-    assert f"**{over}** longer than sequence_length together" in r.summary and over > 0
+    over = sum(o > seq for o in once)
+    fits = sum(o <= seq < n for o, n in zip(once, lengths, strict=True))
+    assert f"**{over}** longer than sequence_length together" in r.summary
+    assert f"**{fits}** that fit only with it" in r.summary and fits > 0
+    seq = sorted(once)[10]  # about half are too long even with the prompt placed once
+    r = H.check_whole_dataset(_pair_settings(path), seq, False, 5000)
+    assert f"**{sum(o > seq for o in once)}** longer than sequence_length together" in r.summary
 
 
 def test_the_config_form_has_the_objective_and_the_prepare_yaml_says_pairs_need_dpo():
