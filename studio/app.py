@@ -49,7 +49,8 @@ class DataTab:
     template: gr.Code
     index: gr.Number
     n_rows: gr.State
-    outputs: list  # preview outputs: highlight, tokens, summary, problems, status, index, n_rows
+    outputs: list  # preview outputs: highlight, rejected highlight (pairs), tokens, summary, problems, status, index,
+    # n_rows
     buttons: tuple  # prev, next, random
 
     @property
@@ -70,7 +71,11 @@ class DataTab:
 
 def on_preview(index: float, seq_len: float | None, *data) -> tuple:
     p = H.preview_sample(H.DataSettings(*data), index, seq_len)
-    return p.highlight, p.token_html, p.summary, p.problems, p.status, p.index, p.n_rows
+    pair = p.highlight_rejected is not None  # a preference pair: the rejected document beside the chosen one
+    rejected = gr.update(value=p.highlight_rejected if pair else [], visible=pair)
+    label = "Chosen: prompt + chosen answer" if pair else "Rendered sample: trained vs masked tokens"
+    highlight = gr.update(value=p.highlight, label=label)
+    return highlight, rejected, p.token_html, p.summary, p.problems, p.status, p.index, p.n_rows
 
 
 def on_step(delta: int):
@@ -140,14 +145,24 @@ def build_data_tab() -> DataTab:
     n_rows = gr.State(0)
     status = gr.Markdown("", elem_classes="sft-status", elem_id="data-status")
     summary = gr.Markdown(elem_id="preview-summary")
-    highlight = gr.HighlightedText(
-        label="Rendered sample: trained vs masked tokens",
-        color_map=H.COLOR_MAP,
-        show_legend=True,
-        combine_adjacent=False,
-        show_inline_category=False,
-        elem_id="preview",
-    )
+    with gr.Row(equal_height=False):
+        highlight = gr.HighlightedText(
+            label="Rendered sample: trained vs masked tokens",
+            color_map=H.COLOR_MAP,
+            show_legend=True,
+            combine_adjacent=False,
+            show_inline_category=False,
+            elem_id="preview",
+        )
+        rejected = gr.HighlightedText(  # preference pairs only: the same prompt, the other answer
+            label="Rejected: the same prompt, the other answer",
+            color_map=H.COLOR_MAP,
+            show_legend=True,
+            combine_adjacent=False,
+            show_inline_category=False,
+            visible=False,
+            elem_id="preview-rejected",
+        )
     problems = gr.Markdown(elem_id="preview-problems")
     with gr.Accordion("Tokens (boundaries and ids)", open=False):
         tokens = gr.HTML()
@@ -163,7 +178,7 @@ def build_data_tab() -> DataTab:
         template,
         index,
         n_rows,
-        [highlight, tokens, summary, problems, status, index, n_rows],
+        [highlight, rejected, tokens, summary, problems, status, index, n_rows],
         (prev_b, next_b, rand_b),
     )
 

@@ -48,6 +48,8 @@ class Preview:
     index: int = 0
     trained_chars: list[tuple[int, int]] = field(default_factory=list)  # half-open ranges highlighted trained
     text: str = ""
+    # a preference pair: `highlight` is prompt + chosen answer, this prompt + rejected answer, shown beside it
+    highlight_rejected: list[tuple[str, str | None]] | None = None
 
 
 def char_labels(text_len: int, offsets: np.ndarray, trained: np.ndarray) -> np.ndarray:
@@ -158,15 +160,15 @@ def _pair_length_problems(chosen, rejected, seq: int | None) -> list[str]:
 
 
 def _pair_preview(prepared, tokenizer, i: int, n: int, template, sequence_length) -> Preview:
-    """A preference pair as prepare writes it: prompt + chosen answer, then prompt + rejected answer (the highlight),
-    and their tokens side by side (the token view); the prompt masked, each answer trained in its own colour."""
+    """A preference pair as prepare writes it, side by side: prompt + chosen answer (`highlight`) beside prompt +
+    rejected answer (`highlight_rejected`), and their tokens (the token view); the prompt masked, each answer
+    trained in its own colour."""
     sides = [(prepared.rendered, prepared.tokenized, CHOSEN), (*prepared.rejected, REJECTED)]
     views = [_preview_from(r, t, tokenizer, i, n, template) for r, t, _ in sides]
-    highlight = []
-    for (_, _, label), view in zip(sides, views, strict=True):
-        if highlight:
-            highlight.append(("\n\n────────── rejected: the same prompt, the other answer ──────────\n\n", None))
-        highlight += [(text, label if kind == TRAINED else kind) for text, kind in view.highlight]
+    highlight, highlight_rejected = (
+        [(text, label if kind == TRAINED else kind) for text, kind in view.highlight]
+        for (_, _, label), view in zip(sides, views, strict=True)
+    )
     columns = "".join(
         f"<div style='flex:1;min-width:0'><b style='color:{COLOR_MAP[label]}'>{label}</b>{view.token_html}</div>"
         for (_, _, label), view in zip(sides, views, strict=True)
@@ -190,6 +192,7 @@ def _pair_preview(prepared, tokenizer, i: int, n: int, template, sequence_length
         summary += f"\n\n⚠ prepare skips this pair: {prepared.skipped}"
     return Preview(
         highlight=highlight,
+        highlight_rejected=highlight_rejected,
         token_html=f"<div style='display:flex;gap:1em'>{columns}</div>",
         summary=summary,
         problems=problems_md or "✓ no problems in this pair",

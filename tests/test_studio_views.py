@@ -6,6 +6,7 @@ Each test names the bug it guards against; each fails with that bug back in plac
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -254,18 +255,28 @@ def test_the_preview_shows_a_pair_with_each_answer_in_its_colour():
     answer's trained text in its own colour, the prompt masked; the token view has the two side by side."""
     from backend.config import load_prepare_config
     from backend.documents import RowReader
+    from studio.app import on_preview
 
     p = H.preview_sample(_pair_settings(), 3, 512)
     assert not p.status, p.status
     row = json.loads(PAIRS.read_text().splitlines()[3])
-    by_label = {}
-    for text, label in p.highlight:
-        by_label.setdefault(label, []).append(text)
+    sides = []
+    for highlight in (p.highlight, p.highlight_rejected):  # side by side: chosen document, rejected document
+        by_label = {}
+        for text, label in highlight:
+            by_label.setdefault(label, []).append(text)
+        sides.append(by_label)
+        assert row["prompt"][-1]["content"] in "".join(by_label[H.MASKED])  # each with the prompt, masked
+        assert H.TRAINED not in by_label  # no answer drawn in the plain SFT colour
     chosen, rejected = row["chosen"][0]["content"], row["rejected"][0]["content"]
-    assert "".join(by_label[H.CHOSEN]).startswith(chosen) and chosen not in "".join(by_label[H.REJECTED])
-    assert "".join(by_label[H.REJECTED]).startswith(rejected)
-    assert row["prompt"][-1]["content"] in "".join(by_label[H.MASKED])
-    assert H.TRAINED not in by_label  # no answer drawn in the plain SFT colour
+    assert "".join(sides[0][H.CHOSEN]).startswith(chosen) and H.REJECTED not in sides[0]
+    assert "".join(sides[1][H.REJECTED]).startswith(rejected) and H.CHOSEN not in sides[1]
+    # the page: the rejected highlight is shown beside the chosen one for a pair, hidden for a conversation
+    shown = on_preview(3, 512, *dataclasses.astuple(_pair_settings()))
+    assert shown[1]["visible"] is True and shown[1]["value"] == p.highlight_rejected
+    assert shown[0]["value"] == p.highlight and "Chosen" in shown[0]["label"]
+    hidden = on_preview(0, 512, *dataclasses.astuple(H.DataSettings(DATA, TOK)))
+    assert hidden[1]["visible"] is False and H.preview_sample(H.DataSettings(DATA, TOK), 0).highlight_rejected is None
     assert p.token_html.count('<div class="sft-tokens">') == 2 and "display:flex" in p.token_html
     # the trained characters are exactly those of the stored trained tokens, both documents
     cfg = load_prepare_config(
@@ -273,8 +284,8 @@ def test_the_preview_shows_a_pair_with_each_answer_in_its_colour():
     )
     tok = H.get_tokenizer(str(TINY_MODEL))
     docs = RowReader(cfg).sample(3).documents
-    assert "".join(by_label[H.CHOSEN]) == tok.decode(docs[0][0][docs[0][1]])
-    assert "".join(by_label[H.REJECTED]) == tok.decode(docs[1][0][docs[1][1]])
+    assert "".join(sides[0][H.CHOSEN]) == tok.decode(docs[0][0][docs[0][1]])
+    assert "".join(sides[1][H.REJECTED]) == tok.decode(docs[1][0][docs[1][1]])
 
 
 def test_the_dataset_check_counts_pairs_identical_answers_and_pairs_too_long(tmp_path):

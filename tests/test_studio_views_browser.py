@@ -171,3 +171,34 @@ def test_the_log_box_shows_its_last_line(page):
     )
     at_bottom = log.evaluate("el => el.scrollTop + el.clientHeight >= el.scrollHeight - 4")
     assert at_bottom and log.input_value().rstrip().endswith("exited with code 0")
+
+
+def test_a_preference_pair_is_shown_side_by_side(page):
+    """#24: the shipped pairs in the Data tab: prompt + chosen answer beside prompt + rejected answer, each answer in
+    its own colour; back to a conversation, the rejected column goes away."""
+    import json
+
+    from playwright.sync_api import expect
+
+    from backend import SAMPLE_DATA
+
+    pairs = SAMPLE_DATA.parent / "sample_preference.jsonl"
+    row = json.loads(pairs.read_text().splitlines()[0])
+    _tab(page, "Data")
+    dataset = page.get_by_label("Dataset")
+    good = dataset.input_value()
+    page.locator("#sample-index input").fill("0")
+    dataset.fill(str(pairs))
+    dataset.press("Enter")
+    rejected = page.locator("#preview-rejected")
+    expect(rejected).to_be_visible(timeout=60_000)
+    expect(rejected).to_contain_text(row["rejected"][0]["content"][:40], timeout=60_000)
+    chosen = page.locator("#preview")
+    expect(chosen).to_contain_text(row["chosen"][0]["content"][:40])
+    assert row["rejected"][0]["content"][:40] not in chosen.inner_text()
+    for side in (chosen, rejected):  # the prompt is in both, masked
+        assert row["prompt"][-1]["content"][:30] in side.inner_text()
+    dataset.fill(good)
+    dataset.press("Enter")
+    expect(rejected).to_be_hidden(timeout=60_000)
+    expect(chosen).to_contain_text("5 + 37", timeout=60_000)
