@@ -79,7 +79,8 @@ def _chunk_plan(total: int, cu_seq_lens, position_ids, shared_prefix=None) -> tu
         ref is not None
         and ref() is source
         and cached_total == total
-        and (shared_ref() if shared_ref is not None else None) is shared_prefix
+        and (shared_ref is None) == (shared_prefix is None)  # a freed shared_prefix's weakref also answers None
+        and (shared_ref is None or shared_ref() is shared_prefix)
     ):
         return plan
     continues = {}

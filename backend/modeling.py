@@ -175,6 +175,12 @@ def model_inputs(model, batch: dict) -> dict:
     """
     attn = getattr(getattr(hf_model(model), "config", None), "_attn_implementation", "") or ""
     varlen = "flash" in attn or (attn in (PACKED_SDPA, TORCH_VARLEN) and "cu_seq_lens_q" in batch)
+    if "shared_prefix" in batch and (attn != PACKED_SDPA or "cu_seq_lens_q" not in batch):
+        # DPO pairs whose prompt is placed once (backend.preference.collate_pairs): only sdpa_packed masks them
+        raise ValueError(
+            f"this batch places each pair's prompt once (training.dpo.share_prompt), which only sdpa_packed "
+            f"attention can mask; the model uses {attn or 'another attention'}: set training.dpo.share_prompt: no"
+        )
     if not varlen and _flattening_joins_rows(batch["position_ids"]):
         return dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
     kwargs = dict(
@@ -187,12 +193,7 @@ def model_inputs(model, batch: dict) -> dict:
             if key not in batch:
                 raise KeyError(f"batch has no {key!r}: {attn} needs the cu_seq_lens from backend.packing.collate")
             kwargs[key] = batch[key]
-    if "shared_prefix" in batch:  # DPO pairs whose prompt is placed once (backend.preference.collate_pairs)
-        if attn != PACKED_SDPA or "cu_seq_lens_q" not in kwargs:
-            raise ValueError(
-                f"this batch places each pair's prompt once (training.dpo.share_prompt), which only sdpa_packed "
-                f"attention can mask; the model uses {attn or 'another attention'}: set training.dpo.share_prompt: no"
-            )
+    if "shared_prefix" in batch:
         kwargs["shared_prefix"] = batch["shared_prefix"]
     return kwargs
 

@@ -73,8 +73,9 @@ def pair_losses(
 # ------------------------------------------------------------------------------------------------- pairs as rows
 class PairSampler(PackedSampler):
     """`PackedSampler` over preference pairs: a pair (its chosen and rejected documents) is ONE unit of
-    ``lengths[chosen] + lengths[rejected]`` tokens, packed whole into one row, never cut; each row lists the pairs'
-    documents chosen, rejected, chosen, rejected, ... (`collate_pairs` reads them in that order).
+    ``lengths[chosen] + lengths[rejected] - shared[pair]`` tokens, packed whole into one row, never cut; each row
+    lists the pairs' documents chosen, rejected, chosen, rejected, ... (`collate_pairs` reads them in that order),
+    the rejected piece starting after the ``shared`` prompt tokens (0: the whole document).
 
     >>> s = PairSampler([3, 4, 5, 2, 20, 1], [[0, 1], [2, 3], [4, 5]], 12, seed=0, strategy="greedy")
     >>> s.skipped.tolist()                            # pair 2 (21 tokens) never fits a row of 12
@@ -104,6 +105,14 @@ class PairSampler(PackedSampler):
         return out
 
 
+def _placed_shared_tokens(sampler) -> int:
+    """Prompt tokens placed once instead of twice over the pairs `sampler` places (not those it skips)."""
+    shared = getattr(sampler, "shared", None)
+    if shared is None:
+        return 0
+    return int(np.delete(shared, np.asarray(sampler.skipped, np.int64)).sum())
+
+
 def shared_prompt_lengths(dataset, pairs=None) -> np.ndarray:
     """(P,) for each pair: how many first tokens its two documents have in common before either trains one (the
     prompt, as the template rendered it: identical ids at identical positions give identical hidden states), 0
@@ -117,10 +126,18 @@ def shared_prompt_lengths(dataset, pairs=None) -> np.ndarray:
     >>> _ = w.close(); shared_prompt_lengths(TokenDataset(out)).tolist()
     [2]
     """
+    cached = getattr(dataset, "_shared_prompt_lengths", None) if pairs is None else None
+    if cached is not None:  # every sampler of a split (train, validation, the reference pass) asks again
+        return cached
     pairs = dataset.pairs if pairs is None else np.asarray(pairs, np.int64).reshape(-1, 2)
     out = np.zeros(len(pairs), np.int64)
     for k, (c, r) in enumerate(pairs):
         out[k] = shared_prompt_length(*dataset.document(int(c)), *dataset.document(int(r)))
+    if pairs is dataset.pairs:
+        try:
+            dataset._shared_prompt_lengths = out
+        except AttributeError:  # a dataset type without attributes of its own: no cache
+            pass
     return out
 
 
@@ -143,8 +160,12 @@ def collate_pairs(rows, dataset, sequence_length: int, reference=None) -> dict:
 
     ``segment`` (B*L,) int64: index of the document (0..2P-1, in row order: pair k = documents 2k, 2k+1) each
     flattened position belongs to, -1 on padding; ``documents`` (2P,) their dataset ids; ``answer_tokens`` (2P,)
-    their trained-target counts; ``num_pairs`` P; and ``reference_logps`` (2P,) float64 from ``reference`` (a
-    per-document array of the reference model's summed log-probs) when given.
+    their trained-target counts; ``num_pairs`` P; ``logp_positions`` / ``logp_targets`` / ``logp_documents`` (K,)
+    each flattened position that predicts a trained token, that token and its document (what `document_logps`
+    reads); ``reference_logps`` (2P,) float64 from ``reference`` (a per-document array of the reference model's
+    summed log-probs) when given; and, when a row places a pair's prompt once (a rejected piece that starts at
+    token s > 0, `PairSampler`), ``shared_prefix`` (n, 3) [its start, its chosen document's start, s] for
+    sdpa_packed (backend/attention.py).
 
     >>> from backend.dataset import ShardWriter, TokenDataset
     >>> import tempfile
@@ -222,8 +243,9 @@ def _check_shared(row, j: int, dataset, r: int) -> None:
 
 def document_logps(model, batch: dict):
     """Forward a `collate_pairs` micro-batch; return (2P,) fp32: each document's summed log-probability of its
-    trained targets, with a grad path. The LM head runs only at positions whose next label is trained (as the fused
-    SFT loss does), so the (K, V) logits are those of the answers' tokens only.
+    trained targets, with a grad path. The LM head runs only at the positions that predict a trained token (as the
+    fused SFT loss does; a shared prompt's last position twice: it predicts both answers' first token), so the (K, V)
+    logits are those of the answers' tokens only.
     """
     import torch
     import torch.nn.functional as F
@@ -328,7 +350,7 @@ class DPO:
                 "simpo_gamma": self.simpo_gamma,
                 "share_prompt": self.share_prompt,
             },
-            "shared_prompt_tokens": int(getattr(sampler, "shared", np.zeros(0)).sum()),
+            "shared_prompt_tokens": _placed_shared_tokens(sampler),
             "training_pairs": int(len(sampler.lengths)),
             "skipped_pairs": int(len(sampler.skipped)),
         }
@@ -423,7 +445,11 @@ def reference_pass(
 
     path = Path(path)
     key_path = path.with_suffix(".key.json")
-    key = json.loads(json.dumps(key or {}, default=str))  # as it reads back from the file
+    expanded = [sampler.row(i) for i in range(sampler.num_rows_in_epoch(0))]  # epoch 0: each placeable pair once
+    # the rows the pass runs over are part of what its values are for: another sequence_length, share_prompt, packing
+    # or seed places other pairs (a pair too long whole has no value in a file made without sharing)
+    rows_digest = _rows_digest(expanded)
+    key = json.loads(json.dumps({**(key or {}), "rows": rows_digest} if key else {}, default=str))
     try:
         same_key = json.loads(key_path.read_text()) == key
     except (OSError, ValueError):
@@ -433,10 +459,10 @@ def reference_pass(
         path.unlink()
     if path.is_file():
         values = np.load(path)
-        if values.shape == (len(dataset),):
+        placed = np.array([p.document for row in expanded for p in row], np.int64)
+        if values.shape == (len(dataset),) and np.isfinite(values[placed]).all():
             return values
-        log(f"reference: {path} holds {values.shape[0]} documents, the data {len(dataset)}: computing it again")
-    expanded = [sampler.row(i) for i in range(sampler.num_rows_in_epoch(0))]  # epoch 0: each placeable pair once
+        log(f"reference: {path} holds no value for some documents this run places: computing it again")
     batches = [expanded[i : i + micro_batch_size] for i in range(0, len(expanded), micro_batch_size)]
     world, rank = accelerator.num_processes, accelerator.process_index
     rounds = -(-len(batches) // world)
@@ -486,6 +512,16 @@ def reference_pass(
         partial.unlink(missing_ok=True)
     accelerator.wait_for_everyone()
     return values
+
+
+def _rows_digest(rows) -> str:
+    """A digest of a row plan: (document, begin, end) of every piece, row by row."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for row in rows:
+        h.update(np.array([tuple(p) for p in row], np.int64).tobytes() + b"|")
+    return h.hexdigest()[:16]
 
 
 def _sum_over_ranks(accelerator, values: np.ndarray, done: np.ndarray):

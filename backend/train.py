@@ -474,6 +474,9 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
 
         outputs.meta["reference"] = {split: reference_digest(v) for split, v in references.items()}
         _check_reference(latest, outputs.meta["reference"], cfg)
+    if cfg.training.objective == "dpo":  # where the prompts go decides the rows: a resume keeps it
+        outputs.meta["share_prompt"] = bool(objective.share_prompt)
+        _check_shared_prompts(latest, objective.share_prompt, cfg)
     sample_writer = None
     if val_iters and t.evaluations.samples:  # greedy answers to fixed validation prompts (backend/evaluate.py)
         from backend.evaluate import SampleWriter
@@ -723,6 +726,33 @@ def _reference_passes(cfg, accelerator, model, data, test_data, objective, run_d
         mbs = cfg.batch.micro_batch_size
         out[split] = reference_pass(model, accelerator, dataset, sampler, mbs, path, print0, key)
     return out
+
+
+def _check_shared_prompts(latest, share_prompt: bool, cfg) -> None:
+    """A DPO resume continues only with the rows its checkpoint was packed with: each pair's prompt placed once or
+    not (training.dpo.share_prompt where the attention is sdpa_packed; use_flash_attention can change that on CUDA).
+    A checkpoint that does not say (made before prompts were shared) placed every pair whole."""
+    import json
+
+    from backend.config import ConfigError
+
+    if latest is None:
+        return
+    try:
+        saved = bool(json.loads((Path(latest) / "meta.json").read_text()).get("share_prompt", False))
+    except (OSError, ValueError):
+        return
+    if saved != bool(share_prompt) and cfg.run.resume != "force":
+        how = ("each pair's prompt placed once", "each pair whole")
+        raise ConfigError(
+            [
+                f"run.resume: {latest} was trained with {how[not saved]} in its rows and this run would pack "
+                f"{how[not share_prompt]} (training.dpo.share_prompt: {'yes' if share_prompt else 'no'} with this "
+                f"run's attention): set training.dpo.share_prompt: {'yes' if saved else 'no'}"
+                + (" and model.base_model.transformer.use_flash_attention: no" if saved else "")
+                + ", start a new run, or resume anyway with run.resume=force"
+            ]
+        )
 
 
 def _check_reference(latest, digests: dict, cfg) -> None:

@@ -310,8 +310,19 @@ def test_the_reference_pass_goes_on_where_it_stopped(pairs, model, tmp_path, mon
     assert not path.with_suffix(".partial.npz").exists()
     # a reference made for other data or another initial model is never reused: its key differs
     said = []
-    reference_pass(model, accelerator, ds, sampler, 1, path, log=said.append, key={"data": {"num_documents": 1}})
+    key = {"data": {"num_documents": 1}}
+    reference_pass(model, accelerator, ds, sampler, 1, path, log=said.append, key=key)
     assert any("computed for other data or another initial model" in m for m in said), said
+    # nor one made for other rows: with each prompt placed once, the pairs too long whole are placed (NaN in the
+    # file made without sharing), so the values are computed again, by key and, keyless, by their NaNs
+    shared = PairSampler(ds.lengths, ds.pairs, 180, seed=3, shared=shared_prompt_lengths(ds))
+    assert len(shared.skipped) < len(sampler.skipped)
+    for k in (key, None):
+        said = []
+        values = reference_pass(model, accelerator, ds, shared, 1, tmp_path / "a" / "training.npy", said.append, k)
+        assert said and "again" in said[0] and np.isfinite(values[ds.pairs[~np.isin(np.arange(len(ds.pairs)),
+                                                                                   shared.skipped)]]).all()  # fmt: skip
+        reference_pass(model, accelerator, ds, sampler, 1, tmp_path / "a" / "training.npy", log=lambda m: None)
 
 
 def test_a_killed_run_resumes_bit_exact_and_refuses_another_reference(pairs, tmp_path):
@@ -360,6 +371,17 @@ def test_a_killed_run_resumes_bit_exact_and_refuses_another_reference(pairs, tmp
     np.save(killed / "reference" / "training.npy", values + 1.0)
     proc = run_cli(overrides(pairs, killed, **{**common, "training.train_iters": 6}))
     assert proc.returncode == 2 and "other reference log-probs" in proc.stderr, proc.stderr[-3000:]
+    np.save(killed / "reference" / "training.npy", values)
+
+    # so is where the prompts went: a checkpoint that does not say placed every pair whole (made before prompts
+    # were shared), and this CPU run would place each prompt once: refused, naming the key
+    latest = latest_complete(killed / "checkpoints", warn=lambda m: None)
+    meta = json.loads((latest / "meta.json").read_text())
+    assert meta.pop("share_prompt") is True
+    (latest / "meta.json").write_text(json.dumps(meta))
+    proc = run_cli(overrides(pairs, killed, **{**common, "training.train_iters": 6}))
+    assert proc.returncode == 2 and "each pair whole" in proc.stderr, proc.stderr[-3000:]
+    assert "training.dpo.share_prompt: no" in proc.stderr
 
 
 @pytest.mark.slow
@@ -406,3 +428,18 @@ def test_the_shipped_tiny_flow_lifts_validation_accuracy_above_0_9(pairs, tmp_pa
     validation = events_of(run_dir, "validation")
     assert validation[-1]["accuracy"] > 0.9, [round(e["accuracy"], 3) for e in validation]
     assert validation[-1]["margin"] > validation[0]["margin"] > 0
+
+
+def test_the_attention_plan_of_a_shared_prompt_is_never_reused_without_it():
+    """sdpa_packed caches its chunk plan per forward (keyed by the boundary tensor): a plan made with a shared_prefix
+    must not answer a later forward without one, also once that shared_prefix tensor is freed."""
+    import gc
+
+    from backend.attention import _chunk_plan
+
+    cu = torch.tensor([0, 6, 9, 12], dtype=torch.int32)  # chosen 6 tokens, rejected answer 3 (after 2 shared), pad
+    shared = torch.tensor([[6, 0, 2]])
+    assert _chunk_plan(12, cu, None, shared) == ([6, 3, 3], [True, (0, 2), True])
+    del shared
+    gc.collect()
+    assert _chunk_plan(12, cu, None, None) == ([6, 3, 3], [True, True, True])
