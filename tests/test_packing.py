@@ -214,3 +214,43 @@ def test_collate_rejects_plan_from_other_dataset():
         collate([[Piece(0, 0, 9)]], MemDataset([5]), 16)
     with pytest.raises(ValueError, match="sequence_length"):
         collate([[Piece(0, 0, 5), Piece(1, 0, 5)]], MemDataset([5, 5]), 8)
+
+
+@pytest.mark.parametrize("L", [4, 7, 16])
+def test_stream_packing_fills_every_row_it_cuts_and_loses_no_document(L):
+    """truncate_documents: yes (the stream): a row that ends in a cut holds exactly L tokens; any other row ends
+    only where fewer than 2 tokens are left (a piece of one token trains nothing); each document is covered from
+    its first to its last token, each continuation starting one token before the cut (the next target's context);
+    empty documents are passed over, never the ones after them."""
+    rng = np.random.default_rng(L)
+    for _ in range(20):
+        lengths = rng.integers(0, 3 * L, size=12)
+        lengths[rng.integers(0, 12)] = 0
+        rows = pack(lengths, L, truncate_documents=True).rows
+        pieces = {}
+        for i, row in enumerate(rows):
+            used = sum(p.end - p.begin for p in row)
+            assert used <= L
+            cut = row[-1].end < lengths[row[-1].document]
+            if cut:
+                assert used == L, (lengths, rows[i])
+            elif i < len(rows) - 1:
+                assert L - used < 2, (lengths, rows[i])
+            for p in row:
+                pieces.setdefault(p.document, []).append((p.begin, p.end))
+        assert sorted(pieces) == [d for d in range(len(lengths)) if lengths[d] > 0]
+        for d, spans in pieces.items():
+            assert spans[0][0] == 0 and spans[-1][1] == lengths[d]
+            assert all(b == prev_end - 1 for (_, prev_end), (b, _) in zip(spans[:-1], spans[1:], strict=False))
+
+
+def test_micro_batch_indices_refuses_bad_arguments_and_suggests_the_nearest_batch_size():
+    rows = PackedSampler.micro_batch_indices
+    assert rows(1, 8, 2, rank=1, world_size=2) == [[12, 13], [14, 15]]
+    for bad in ({"micro_batch_size": 0}, {"world_size": 0, "rank": 0}, {"rank": 2}, {"rank": -1}):
+        args = {"step": 0, "batch_size": 8, "micro_batch_size": 2, "rank": 0, "world_size": 2, **bad}
+        with pytest.raises(ValueError, match="bad micro_batch_size"):
+            rows(**args)
+    for batch, mbs, world, nearest in ((10, 4, 1, 8), (11, 2, 3, 12), (3, 2, 2, 4), (23, 3, 2, 24)):
+        with pytest.raises(ValueError, match=f"multiple of batch.micro_batch_size .*e.g. batch_size: {nearest}$"):
+            rows(0, batch, mbs, 0, world)
