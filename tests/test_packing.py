@@ -254,3 +254,18 @@ def test_micro_batch_indices_refuses_bad_arguments_and_suggests_the_nearest_batc
     for batch, mbs, world, nearest in ((10, 4, 1, 8), (11, 2, 3, 12), (3, 2, 2, 4), (23, 3, 2, 24)):
         with pytest.raises(ValueError, match=f"multiple of batch.micro_batch_size .*e.g. batch_size: {nearest}$"):
             rows(0, batch, mbs, 0, world)
+
+
+def test_what_can_be_packed_at_the_edges():
+    """A document exactly sequence_length long, or of one token, is placed; with truncate_documents a longer one is
+    too (cut); only a split where nothing can be placed is refused; a window of one document is a window."""
+    assert PackedSampler([4, 4], 4).num_rows_in_epoch(0) == 2
+    assert PackedSampler([1, 1], 4).num_rows_in_epoch(0) == 1
+    assert PackedSampler([10], 4, truncate_documents=True).num_rows_in_epoch(0) == 3  # 4 + 4 + 4 (overlaps of 1)
+    assert PackedSampler([1], 4, truncate_documents=True).num_rows_in_epoch(0) == 1
+    for lengths, truncate in (([0, 0], True), ([0, 0], False), ([5, 6], False)):
+        with pytest.raises(ValueError, match="no document can be packed"):
+            PackedSampler(lengths, 4, truncate_documents=truncate)
+    assert pack([3, 2], 4, window=1).num_rows == 2  # best fit within each one-document window
+    with pytest.raises(ValueError, match="window must be >= 1"):
+        pack([3], 4, window=0)
