@@ -269,3 +269,16 @@ def test_what_can_be_packed_at_the_edges():
     assert pack([3, 2], 4, window=1).num_rows == 2  # best fit within each one-document window
     with pytest.raises(ValueError, match="window must be >= 1"):
         pack([3], 4, window=0)
+
+
+@pytest.mark.parametrize("truncate", [False, True])
+def test_the_plan_reports_what_it_was_given_and_what_it_placed(truncate):
+    """The figures the Packing tab and the bench show: counted from the lengths given, not assumed."""
+    lengths = [5, 0, 4, 9, 3, 14]
+    s = pack(lengths, 12, strategy="greedy", truncate_documents=truncate).stats()
+    assert s["strategy"] == "greedy" and s["truncate_documents"] is truncate and s["sequence_length"] == 12
+    assert s["documents"] == 6 and s["documents_empty"] == 1 and s["tokens"] == 35
+    assert s["documents_skipped"] == (0 if truncate else 1) and s["tokens_skipped"] == (0 if truncate else 14)
+    placed = 35 + 3 if truncate else 21  # the stream (rows of 12, 12, 12, 2) repeats the token before its 3 cuts
+    assert s["tokens_placed"] == placed and s["fill"] == pytest.approx(placed / (12 * s["rows"]))
+    assert s["continuation_pieces"] == (3 if truncate else 0) and s["rows"] == (4 if truncate else 2)
