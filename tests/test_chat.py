@@ -788,3 +788,13 @@ def test_health_checks_agree_on_batched_and_single_tokenization(family):
         }
         assert "too_long" in problems and "assistant_cut" in problems
         assert ("eot_not_trained" in problems) == (not masking.train_on_eot)
+
+
+def test_a_token_that_covers_no_character_is_never_trained():
+    """The token rule: a token is trained when its characters overlap a trained span, so one with empty offsets
+    (an added BOS at (0, 0), a zero-width piece inside a reply) never is, even inside a trained span."""
+    from backend.chat.tokens import _mask_from_offsets
+
+    offsets = np.array([[0, 0], [0, 2], [2, 2], [2, 4], [4, 5]])
+    assert _mask_from_offsets(offsets, [(0, 4)]).tolist() == [False, True, False, True, False]
+    assert _mask_from_offsets(offsets, [(2, 5)]).tolist() == [False, False, False, True, True]
