@@ -798,3 +798,18 @@ def test_a_token_that_covers_no_character_is_never_trained():
     offsets = np.array([[0, 0], [0, 2], [2, 2], [2, 4], [4, 5]])
     assert _mask_from_offsets(offsets, [(0, 4)]).tolist() == [False, True, False, True, False]
     assert _mask_from_offsets(offsets, [(2, 5)]).tolist() == [False, False, False, True, True]
+
+
+@pytest.mark.parametrize("family", ["llama", "chatml"])
+def test_empty_and_overhanging_spans_train_what_the_token_rule_says(family):
+    """The batched lookups clamp spans to the text and pass over empty ones: an empty span trains nothing, also at
+    the text's start; a span past the end trains up to the last token; the same mask as the token rule per sample."""
+    from backend.chat.tokens import _mask_from_offsets
+
+    t = tok(family)
+    texts = ["Hello world, again", "second text here", "x y"]
+    spans = [[(0, 0), (6, 11)], [(3, 3), (7, 40)], [(0, 0)]]
+    for text, sp, o in zip(texts, spans, tokenize_batch(texts, spans, t), strict=True):
+        assert o.trained.tolist() == _mask_from_offsets(o.offsets, sorted(sp)).tolist()
+        assert o.trained.tolist() == tokenize(text, sp, t).trained.tolist()
+    assert not tokenize_batch(["x y"], [[(0, 0)]], t)[0].trained.any()
