@@ -813,3 +813,18 @@ def test_empty_and_overhanging_spans_train_what_the_token_rule_says(family):
         assert o.trained.tolist() == _mask_from_offsets(o.offsets, sorted(sp)).tolist()
         assert o.trained.tolist() == tokenize(text, sp, t).trained.tolist()
     assert not tokenize_batch(["x y"], [[(0, 0)]], t)[0].trained.any()
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma"])
+def test_the_offsets_fallback_of_the_batched_mask_equals_the_token_rule(family, monkeypatch):
+    """A sample with a character no token covers takes its own offsets (`_mask_by_lookup`'s fallback): forced for
+    every sample here, with a tokenizer that adds BOS, the masks are still the token rule's, sample by sample."""
+    import backend.chat.tokens as tokens_mod
+
+    t = tok(family)
+    texts = ["Hello world, again", "second text here", "x y"]
+    spans = [[(6, 11)], [(0, 6), (7, 40)], [(0, 1)]]
+    expected = [tokenize(text, sp, t).trained.tolist() for text, sp in zip(texts, spans, strict=True)]
+    monkeypatch.setattr(tokens_mod, "_token_range", lambda *a: None)  # every lookup "finds an uncovered char"
+    got = [o.trained.tolist() for o in tokenize_batch(texts, spans, t)]
+    assert got == expected and any(any(m) for m in got)
