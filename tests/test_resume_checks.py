@@ -55,6 +55,10 @@ def test_safe_changes_are_accepted_and_listed(tmp_path):
     assert not any("FORCED" in line for line in lines)
     # more train_iters with no decay_iterations: the schedule is stretched, and the run says so
     assert any("now spans training.train_iters = 20" in line for line in lines)
+    path = checkpoint(tmp_path, ["training.logs.interval=1", *stretch], name="step_000003")  # train_iters kept
+    assert resume(path, ["training.logs.interval=5", *stretch]) == [
+        "resume: accepted change training.logs.interval: 1 -> 5"
+    ]
     fixed = ["optimizer.learning_rate.decay_iterations=10", "optimizer.learning_rate.warmup_iterations=2"]
     path = checkpoint(tmp_path, ["training.train_iters=10", *fixed], name="step_000004")
     lines = resume(path, ["training.train_iters=20", *fixed])
@@ -81,6 +85,7 @@ def test_a_change_that_alters_rows_or_model_is_refused_naming_it_and_the_ways_on
     lines = resume(path, [override, "run.resume=force"])
     forced = [line for line in lines if "FORCED" in line]
     assert len(forced) == 1 and forced[0].startswith(f"resume: FORCED despite change {key}: ")
+    assert "resume: accepted change run.resume: 'auto' -> 'force'" in lines  # the safe changes are still listed
 
 
 def test_other_training_data_is_refused_and_the_same_data_moved_is_not(tmp_path):
