@@ -103,9 +103,9 @@ def some_rows(ds, n_pairs, per_row):
     return rows
 
 
-def test_each_document_log_prob_equals_the_document_forwarded_alone(pairs, model):
-    ds = TokenDataset(pairs)
-    mb = collate_pairs(some_rows(ds, 6, 3), ds, L)
+def assert_each_document_alone(model, ds, mb):
+    """Each document's log-prob read off the packed micro-batch equals the document forwarded alone (an independent
+    forward, log_softmax and gather per document), and its trained-token count is the document's own."""
     with torch.no_grad():
         packed = document_logps(model, mb)
         for j, d in enumerate(mb["documents"].tolist()):
@@ -115,6 +115,12 @@ def test_each_document_log_prob_equals_the_document_forwarded_alone(pairs, model
             alone = token_logps[torch.as_tensor(trained[1:])].sum()
             assert abs(float(packed[j]) - float(alone)) < 1e-4, (j, float(packed[j]), float(alone))
     assert mb["answer_tokens"].tolist() == [int(ds.document(d)[1][1:].sum()) for d in mb["documents"].tolist()]
+
+
+def test_each_document_log_prob_equals_the_document_forwarded_alone(pairs, model):
+    ds = TokenDataset(pairs)
+    mb = collate_pairs(some_rows(ds, 6, 3), ds, L)
+    assert_each_document_alone(model, ds, mb)
 
 
 def shared_rows(ds, n_pairs, per_row):
@@ -147,15 +153,7 @@ def test_a_shared_prompt_gives_each_document_its_log_probability_alone(pairs, mo
     ds = TokenDataset(pairs)
     mb = collate_pairs(shared_rows(ds, 6, 3), ds, L)
     assert len(mb["shared_prefix"]) == 6 and (mb["labels"] != -100).sum() < mb["answer_tokens"].sum()
-    with torch.no_grad():
-        packed = document_logps(model, mb)
-        for j, d in enumerate(mb["documents"].tolist()):
-            ids, trained = ds.document(d)
-            logits = model(torch.as_tensor(ids)[None], use_cache=False).logits[0, :-1].double()
-            token_logps = torch.log_softmax(logits, -1).gather(1, torch.as_tensor(ids[1:])[:, None])[:, 0]
-            alone = token_logps[torch.as_tensor(trained[1:])].sum()
-            assert abs(float(packed[j]) - float(alone)) < 1e-4, (j, float(packed[j]), float(alone))
-    assert mb["answer_tokens"].tolist() == [int(ds.document(d)[1][1:].sum()) for d in mb["documents"].tolist()]
+    assert_each_document_alone(model, ds, mb)
 
 
 @pytest.mark.parametrize("loss", ["sigmoid", "ipo", "simpo"])
