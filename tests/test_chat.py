@@ -398,6 +398,85 @@ def test_undecidable_marker_trains_none_and_says_so():
     assert sum(p.startswith("eot_not_trained") for p in check_sample(r, tk, t)) == 3
 
 
+# Hand-written templates that each make one of `_eot`'s probes decide the marker (none of the shipped or public
+# templates does; tests/MUTATION.md): the reply sentinel found once, the next turn's opening, the generation prompt
+# and a following system message as continuations that must share the marker.
+_LOOP = "{% for m in messages %}"
+_NO_LATE_SYSTEM = "{% if m.role == 'system' and not loop.first %}{{ raise_exception('system first only') }}{% endif %}"
+_WELCOME = [{"from": "gpt", "value": "Welcome."}]  # a conversation may open with the assistant
+
+
+@pytest.mark.parametrize(
+    "tpl",
+    [
+        # the final reply left open, the separator written before the next turn, the role between '<|' and '|>':
+        # the continuations share '<|end|><|' (a piece of its own), but '<|' opens the next turn
+        _LOOP + "{% if not loop.first %}<|end|>{% endif %}<|{{ m.role }}|>{{ m.content }}{% endfor %}",
+        # the same with a newline, no generation prompt and no system message after the first: one continuation
+        _LOOP + _NO_LATE_SYSTEM + "{% if not loop.first %}<|end|>\n{% endif %}<|{{ m.role }}|>{{ m.content }}{% endfor %}",
+    ],
+    ids=["split-opening", "one-continuation"],
+)
+@pytest.mark.parametrize("conv", [TURNS, _WELCOME + TURNS], ids=["user-first", "assistant-first"])
+def test_the_marker_stops_where_the_next_turn_opens(tpl, conv):
+    """What follows a reply up to the next turn's opening (as the template writes it at a conversation's start)
+    is the marker, appended after the final reply the template leaves open; never the opening's first piece."""
+    t = tok("chatml")
+    r = render(conv, t, chat_template=tpl)
+    replies = [m["value"] for m in conv if m["from"] == "gpt"]
+    assert [r.text[b:e] for b, e in r.trained_spans] == [x + "<|end|>" for x in replies]
+    assert len(r.appended) == 1 and r.text.endswith("Goodbye!<|end|>") and r.problems == []
+
+
+def test_a_template_without_role_markers_trains_the_eos_after_a_reply_at_the_very_start():
+    """The reply sentinel at offset 0 (the conversation opens with the assistant, nothing written before it) is
+    found like any other."""
+    t = tok("chatml")
+    bare = _LOOP + "{{ m.content }}{{ eos_token }}{% endfor %}"
+    r = render(_WELCOME + TURNS, t, chat_template=bare)
+    assert [r.text[b:e] for b, e in r.trained_spans] == [x + "<|im_end|>" for x in ["Welcome."] + REPLIES]
+    assert r.problems == []
+
+
+@pytest.mark.parametrize(
+    "tpl",
+    [
+        # '<|end|>' before a user turn, but the generation prompt follows a reply without it
+        _LOOP + _NO_LATE_SYSTEM + "{% if m.role == 'user' %}<|user|>{{ m.content }}<|end|>{% else %}<|assistant|>"
+        "{{ m.content }}{% if not loop.last %}<|end|>{% endif %}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}",
+        # '<|end|>' before a user turn and the generation prompt, but not before a system message
+        _LOOP + "{% if not loop.first and m.role != 'system' %}<|end|>{% endif %}<|{{ m.role }}|>{{ m.content }}"
+        "{% endfor %}{% if add_generation_prompt %}<|end|><|assistant|>{% endif %}",
+    ],
+    ids=["generation-prompt-differs", "system-message-differs"],
+)
+def test_a_marker_some_continuation_lacks_is_not_trained(tpl):
+    """Text that follows a reply before some next messages only is not an end-of-turn marker: nothing after the
+    replies is trained, and every reply says so (no guess from the user turn alone)."""
+    t = tok("chatml")
+    r = render(TURNS, t, chat_template=tpl)
+    assert [r.text[b:e] for b, e in r.trained_spans] == REPLIES and r.appended == []
+    assert [p.split(":")[0] for p in r.problems] == ["eot_undecided"] * 3
+    assert "every next message shares" in r.problems[0]
+
+
+def test_a_template_that_writes_the_final_reply_twice_gets_no_marker_guessed_after_it():
+    """A rendering that ends at the reply and writes it twice (a recap) cannot say whether the template closes
+    the reply: between turns the marker is still found, after the final reply nothing is trained or appended."""
+    t = tok("chatml")
+    echo = (
+        _LOOP + "<|{{ m.role }}|>{{ m.content }}<|end|>{% endfor %}"
+        "{% if messages[-1].role == 'assistant' %}<|recap|>{{ messages[-1].content }}{% endif %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    r = render(TURNS, t, chat_template=echo)
+    assert r.text == t.apply_chat_template(normalize_conversation(TURNS), chat_template=echo, tokenize=False)
+    assert [r.text[b:e] for b, e in r.trained_spans] == [x + "<|end|>" for x in REPLIES[:2]] + [REPLIES[2]]
+    assert r.appended == [] and len(r.problems) == 1
+    assert r.problems[0].startswith("eot_undecided: message 5") and "more than once" in r.problems[0]
+
+
 def test_template_with_trailing_whitespace_after_every_rendering():
     """Some templates (DeepSeek-V3 style) end every rendering with a newline after their last block and indent the
     reply: the generation prompt then ends in whitespace the final text does not have at that place. That

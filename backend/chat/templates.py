@@ -156,7 +156,7 @@ class _Eot(NamedTuple):
     """What a template writes after an assistant reply (see `_eot`)."""
 
     between: str | None  # the end-of-turn marker when another message follows; None = could not be decided
-    final: str  # the marker when the reply is the last message; "" = the template leaves it open
+    final: str | None  # the marker when the reply is the last message; "" = left open; None = could not be read
     why: str  # why ``between`` is None
 
 
@@ -192,9 +192,11 @@ def _eot(roles: tuple, tokenizer, template, tools=None) -> _Eot:
     with the generation prompt (and followed by a system message when the template accepts it). The marker is
     the text after the reply that these renderings share, cut at the end of one of the template's output pieces
     (so ``<|end|><|user|>`` vs ``<|end|><|endoftext|>`` gives ``<|end|>``, not ``<|end|><|``) and without
-    trailing whitespace. When the template leaves a final reply open, the marker between turns is what follows
-    the reply minus the next turn's opening, as the template writes that opening at the start of a
-    conversation. What cannot be decided this way is None: no marker is trained, never a guess."""
+    trailing whitespace, and never reaching into the next user turn's opening (as the template writes that
+    opening at the start of a conversation: ``<|end|>`` from ``<|end|><|start|>user``, where both continuations
+    open with ``<|start|>``). When the template leaves a final reply open, the marker between turns is what
+    follows the reply up to that opening, when every continuation starts with it. What cannot be decided this
+    way is None: no marker is trained, never a guess."""
     cache = _info(tokenizer).setdefault("eot", {})
     key = (template, roles, tools is not None)
     found = cache.get(key)
@@ -215,9 +217,10 @@ def _eot(roles: tuple, tokenizer, template, tools=None) -> _Eot:
         return text[e:], {x - e for x in ends if x > e}
 
     last = after_reply(head)
+    user = after_reply(head + [{"role": "user", "content": probe}])
     follows = []
     for variant in (
-        after_reply(head + [{"role": "user", "content": probe}]),
+        user,
         after_reply(head, generation=True),
         after_reply(head + [{"role": "system", "content": probe}]),
     ):
@@ -226,20 +229,23 @@ def _eot(roles: tuple, tokenizer, template, tools=None) -> _Eot:
     between, why = None, ""
     closes = last is not None and last[0].strip() != ""
     pool = follows + ([last] if closes else [])
+    # where the user turn's opening begins after the reply: the marker never reaches into the next turn
+    opening = _opening_at(user, probe, tokenizer, template, tools) if user is not None else None
     if len(pool) >= 2:
         rests = [t for t, _ in pool]
         shared = min(_common_prefix_len(rests[0], t) for t in rests[1:])
         cut = max((b for b in set.intersection(*[b for _, b in pool]) if b <= shared), default=0)
-        between = rests[0][:cut].rstrip() or None
-    if between is None and follows:
-        between = _between_from_opening(follows, probe, tokenizer, template, tools)
+        between = rests[0][: cut if opening is None else min(cut, opening)].rstrip() or None
+    if between is None and follows and opening is not None:
+        marker = user[0][:opening].rstrip()
+        between = marker if marker and all(t.startswith(marker) for t, _ in follows) else None
     if between is None:
         why = (
             "the template writes no text after the reply that every next message shares, up to the next turn's opening"
             if follows
             else "the template rejects every conversation that continues after this reply"
         )
-    final = ""
+    final = "" if last is not None else None  # a rendering ending at the reply that cannot be read is not "open"
     if closes:
         final = between if between and last[0].startswith(between) else last[0].rstrip()
     if len(cache) > 1024:
@@ -248,29 +254,29 @@ def _eot(roles: tuple, tokenizer, template, tools=None) -> _Eot:
     return found
 
 
-def _between_from_opening(follows, probe, tokenizer, template, tools=None) -> str | None:
-    """For a template that leaves a final reply open: the text between a reply and a following user message,
-    minus the user turn's opening as the template writes it at the start of a conversation (their common
-    suffix). Kept only when every continuation starts with it."""
+def _opening_at(after, probe, tokenizer, template, tools=None) -> int | None:
+    """Where the next user turn's opening begins in ``after`` (the text after a reply and its output piece ends,
+    up to that turn's content ``probe``): the gap before the content minus the opening as the template writes it
+    at the start of a conversation (their common suffix), moved up to the next piece end within the gap (a turn
+    starts a piece; ``<|eot_id|>`` and ``<|begin_of_text|>`` share their last two characters). None when the
+    template does not write the content or rejects a conversation that starts with a user message."""
+    rest, ends = after
     first = _render_chunks([{"role": "user", "content": probe}], tokenizer, template, False, tools)
-    rest = follows[0][0]
-    if first is None or probe not in rest:
+    if first is None or probe not in rest or probe not in first[0]:
         return None
-    gap, opening = rest[: rest.find(probe)], first[0][: first[0].find(probe)]
+    gap, start = rest[: rest.find(probe)], first[0][: first[0].find(probe)]
     shared = 0
-    while shared < min(len(gap), len(opening)) and gap[-1 - shared] == opening[-1 - shared]:
+    while shared < min(len(gap), len(start)) and gap[-1 - shared] == start[-1 - shared]:
         shared += 1
-    marker = gap[: len(gap) - shared].rstrip()
-    if not marker or not all(t.startswith(marker) for t, _ in follows):
-        return None
-    return marker
+    at = len(gap) - shared
+    return min((x for x in ends if at <= x <= len(gap)), default=at)
 
 
 def _close_turn(text, k, begin, content_end, messages, tokenizer, template, problems) -> AssistantTurn:
     """The reply of message k at ``text[begin:content_end]`` with its end-of-turn marker (`_eot`) when the text
     has it right there. A final reply the template leaves open ends at the reply (`render` may append)."""
     eot = _eot(tuple([m["role"] for m in messages[: k + 1]]), tokenizer, template)
-    marker = eot.between if k < len(messages) - 1 else eot.final
+    marker = eot.between if k < len(messages) - 1 else eot.final or ""  # a final None: `_append_final_eot` says
     trimmed = begin + len(text[begin:content_end].rstrip())
     if marker and not text.startswith(marker, content_end) and text.startswith(marker, trimmed):
         content_end = trimmed  # the reply's trailing whitespace was not written: it is the marker's (' ' + eos)
@@ -581,6 +587,13 @@ def _append_final_eot(text, turns, messages, tokenizer, template, problems, eot=
     eot = eot or _eot(tuple([m["role"] for m in messages]), tokenizer, template)
     if eot.final or t.begin == t.content_end:
         return text, turns, []  # the template closes it in its own way (or the turn has no reply text)
+    if eot.final is None:
+        problems.append(
+            f"eot_undecided: message {t.message_index}: the template's rendering that ends at this reply cannot be "
+            "read (it rejects it, or writes the reply more than once), so whether it closes the reply is unknown; "
+            "nothing appended"
+        )
+        return text, turns, []
     if eot.between is None:
         problems.append(
             f"eot_undecided: message {t.message_index}: the template leaves the final reply open and its "
