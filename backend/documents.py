@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
+from backend.dataset import token_dtype
 from backend.sources import BadRow, PrepareError, detect_form, open_source
 
 if TYPE_CHECKING:
@@ -438,7 +439,7 @@ def _process_chunk(start: int, task, state: tuple | None = None, keep_samples: b
             n, np.zeros(0, np.int64), np.zeros(0, np.uint8), np.zeros(0, bool), np.zeros(1, np.int64), problems
         )
     # the whole chunk as flat arrays (one dtype cast, one cumsum); per document only views are cut
-    dtype = np.uint8 if job.vocab_size <= 256 else np.uint16 if job.vocab_size <= 65536 else np.uint32
+    dtype = token_dtype(job.vocab_size)  # the shards' own dtype (tested at every boundary in test_dataset)
     flat = chat.tokens._tokenize_flat(texts, spans_list, tokenizer)
     samples, rejected_samples = {}, {}
     if keep_samples:  # text forms get a RenderedSample too: the preview draws every form the same way

@@ -413,7 +413,9 @@ _WELCOME = [{"from": "gpt", "value": "Welcome."}]  # a conversation may open wit
         # the continuations share '<|end|><|' (a piece of its own), but '<|' opens the next turn
         _LOOP + "{% if not loop.first %}<|end|>{% endif %}<|{{ m.role }}|>{{ m.content }}{% endfor %}",
         # the same with a newline, no generation prompt and no system message after the first: one continuation
-        _LOOP + _NO_LATE_SYSTEM + "{% if not loop.first %}<|end|>\n{% endif %}<|{{ m.role }}|>{{ m.content }}{% endfor %}",
+        _LOOP
+        + _NO_LATE_SYSTEM
+        + "{% if not loop.first %}<|end|>\n{% endif %}<|{{ m.role }}|>{{ m.content }}{% endfor %}",
     ],
     ids=["split-opening", "one-continuation"],
 )

@@ -146,9 +146,12 @@ def test_prepare_writes_pairs_whole_with_their_index_and_counts_what_it_skips(tm
 
 
 def test_a_pair_is_dropped_whole_when_one_answer_trains_nothing(tmp_path):
-    """Delimiter masking finds a span only in the chosen answer: the pair is skipped once, never half-written."""
-    rows = [{"prompt": "Q?", "chosen": [assistant("<<ok>>")], "rejected": [assistant("plain")]}]
-    rows += [{"prompt": "Q2?", "chosen": [assistant("<<a>>")], "rejected": [assistant("<<b>>")]}]
+    """Delimiter masking finds a span in one answer only: that pair is skipped once, never half-written, and
+    every other pair is kept whole, each answer beside its own (the lost pairs are not the chunk's first)."""
+    rows = [{"prompt": "Q0?", "chosen": [assistant("<<aa>>")], "rejected": [assistant("<<bb>>")]}]
+    rows += [{"prompt": "Q?", "chosen": [assistant("<<ok>>")], "rejected": [assistant("plain")]}]
+    rows += [{"prompt": "Q2?", "chosen": [assistant("<<cc>>")], "rejected": [assistant("<<dd>>")]}]
+    rows += [{"prompt": "Q3?", "chosen": [assistant("plain")], "rejected": [assistant("<<no>>")]}]
     path = write_jsonl(tmp_path / "pairs.jsonl", rows)
     cfg = load_prepare_config(
         ASSETS / "configs" / "tiny_prepare.yaml",
@@ -162,10 +165,17 @@ def test_a_pair_is_dropped_whole_when_one_answer_trains_nothing(tmp_path):
         ],
     )
     summary = prepare(cfg, progress=False)
-    assert summary["skipped"] == {"no_trained_tokens": 1}
-    assert summary["examples"]["no_trained_tokens"][0]["message"].startswith("the rejected answer")
+    assert summary["skipped"] == {"no_trained_tokens": 2}
+    skips = summary["examples"]["no_trained_tokens"]
+    assert [(x["row"], x["message"].split(":")[0]) for x in skips] == [
+        (1, "the rejected answer"),
+        (3, "the chosen answer"),
+    ]
     ds = TokenDataset(tmp_path / "out")
-    assert len(ds) == 2 and ds.pairs.tolist() == [[0, 1]]
+    assert len(ds) == 4 and ds.pairs.tolist() == [[0, 1], [2, 3]]
+    tokenizer = AutoTokenizer.from_pretrained(TINY_MODEL)
+    trained = [tokenizer.decode(t[m]) for t, m in map(ds.document, range(4))]
+    assert [x.strip() for x in trained] == ["aa>>", "bb>>", "cc>>", "dd>>"]  # through the end delimiter
 
 
 def test_a_broken_pair_index_is_refused_by_name(tmp_path):

@@ -202,6 +202,47 @@ def test_a_row_with_nothing_trained_is_reported_with_the_reason(tmp_path):
     assert all("no token is trained" in e["message"] and "span_not_found: " in e["message"] for e in examples)
 
 
+def test_a_chunk_of_only_skipped_rows_adds_no_document_and_counts_its_rows(tmp_path, monkeypatch):
+    """prepare works in chunks of rows (CHUNK_ROWS); a chunk whose rows are all skipped contributes its rows to
+    the counts and nothing else: no empty document, the next chunks' documents unchanged."""
+    monkeypatch.setattr("backend.documents.CHUNK_ROWS", 2)
+    good = head_jsonl(SAMPLE_DATA, tmp_path / "g.jsonl", 3)
+    bad = [{"conversations": []}, "[1, 2]"]
+    write_jsonl(tmp_path / "d.jsonl", bad + good[:2] + bad + good[2:])
+    s = prepare(make_cfg(tmp_path, tmp_path / "d.jsonl", splits={"training": 1.0, "validation": 0.0}), progress=False)
+    assert s["input_rows"] == 7 and s["written"] == 3 and s["num_documents"] == 3
+    assert s["skipped"] == {"bad_conversation": 2, "unparseable_row": 2}
+    write_jsonl(tmp_path / "only_good.jsonl", good)
+    prepare(
+        make_cfg(tmp_path, tmp_path / "only_good.jsonl", out="ref", splits={"training": 1.0, "validation": 0.0}),
+        progress=False,
+    )
+    got, want = TokenDataset(tmp_path / "out"), TokenDataset(tmp_path / "ref")
+    assert got.lengths.tolist() == want.lengths.tolist() and got.lengths.min() > 0
+    for i in range(3):
+        for a, b in zip(got.document(i), want.document(i), strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_a_document_with_one_trained_token_is_kept_first_in_its_chunk(tmp_path, tokenizer):
+    """The guide's span form: a first row whose spans leave exactly one token trained is written, with that one
+    token trained (one trained token is a document; zero is a skip)."""
+    text = "Tell me one word. Fine"
+    last = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"][-1]
+    rows = [{"text": text, "spans": [[0, last[0] - 1]]}] + _guide_rows(tokenizer, 1)  # only the last token trained
+    write_jsonl(tmp_path / "spans.jsonl", rows)
+    cfg = make_cfg(
+        tmp_path,
+        tmp_path / "spans.jsonl",
+        dataset={"loss_masking_spans": "spans"},
+        splits={"training": 1.0, "validation": 0.0},
+    )
+    s = prepare(cfg, progress=False)
+    assert s["written"] == 2 and s["skipped"] == {}
+    tokens, trained = TokenDataset(tmp_path / "out").document(0)
+    assert int(trained.sum()) == 1 and tokenizer.decode(tokens[trained]) == text[last[0] :]
+
+
 def test_summary_counts_long_documents(tmp_path):
     head_jsonl(SAMPLE_DATA, tmp_path / "d.jsonl", 30)
     s = prepare(make_cfg(tmp_path, tmp_path / "d.jsonl", report={"sequence_length": 90}), progress=False)
