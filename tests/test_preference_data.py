@@ -150,6 +150,7 @@ def test_a_pair_is_dropped_whole_when_one_answer_trains_nothing(tmp_path):
     every other pair is kept whole, each answer beside its own (the lost pairs are not the chunk's first)."""
     rows = [{"prompt": "Q0?", "chosen": [assistant("<<aa>>")], "rejected": [assistant("<<bb>>")]}]
     rows += [{"prompt": "Q?", "chosen": [assistant("<<ok>>")], "rejected": [assistant("plain")]}]
+    rows += [{"prompt": "Q1?", "chosen": [assistant("plain")], "rejected": [assistant("plain too")]}]  # one skip
     rows += [{"prompt": "Q2?", "chosen": [assistant("<<cc>>")], "rejected": [assistant("<<dd>>")]}]
     rows += [{"prompt": "Q3?", "chosen": [assistant("plain")], "rejected": [assistant("<<no>>")]}]
     path = write_jsonl(tmp_path / "pairs.jsonl", rows)
@@ -165,11 +166,12 @@ def test_a_pair_is_dropped_whole_when_one_answer_trains_nothing(tmp_path):
         ],
     )
     summary = prepare(cfg, progress=False)
-    assert summary["skipped"] == {"no_trained_tokens": 2}
+    assert summary["skipped"] == {"no_trained_tokens": 3}
     skips = summary["examples"]["no_trained_tokens"]
     assert [(x["row"], x["message"].split(":")[0]) for x in skips] == [
         (1, "the rejected answer"),
-        (3, "the chosen answer"),
+        (2, "the chosen answer"),
+        (4, "the chosen answer"),
     ]
     ds = TokenDataset(tmp_path / "out")
     assert len(ds) == 4 and ds.pairs.tolist() == [[0, 1], [2, 3]]
