@@ -436,7 +436,8 @@ def _prepare_into(cfg: PrepareConfig, tmp: Path, digest: str, fingerprint, progr
         except ValueError:
             pass  # a slow tokenizer: each worker loads it with transformers
 
-    counts: dict[str, int] = {}
+    counts: dict[str, int] = {}  # rows per problem code (a row with three replies and one warning each counts once)
+    last_row: dict[str, int] = {}  # a chunk lists a code's problems in row order
     examples: dict[str, list] = {}
     split_stats: dict[str, int] = {}
     skipped_rows = 0  # each row is skipped at most once (processing stops at its first fatal problem)
@@ -463,7 +464,9 @@ def _prepare_into(cfg: PrepareConfig, tmp: Path, digest: str, fingerprint, progr
                         np.concatenate([[0], np.cumsum(np.diff(chunk.bounds)[sel])]),
                     )
             for r, code, message, skipped in chunk.problems:
-                counts[code] = counts.get(code, 0) + 1
+                if last_row.get(code) != r:
+                    counts[code] = counts.get(code, 0) + 1
+                    last_row[code] = r
                 skipped_rows += bool(skipped)
                 ex = examples.setdefault(code, [])
                 if len(ex) < cfg.report.examples:

@@ -243,6 +243,22 @@ def test_a_document_with_one_trained_token_is_kept_first_in_its_chunk(tmp_path, 
     assert int(trained.sum()) == 1 and tokenizer.decode(tokens[trained]) == text[last[0] :]
 
 
+def test_warnings_count_rows_and_keep_each_message(tmp_path):
+    """A template with no end-of-turn marker warns once per reply; the report counts rows (as it says) and its
+    examples keep each reply's own message, code and text split at the first ': '."""
+    rows = head_jsonl(SAMPLE_DATA, tmp_path / "d.jsonl", 5)
+    plain = "{% for m in messages %}{{ m.role + ': ' + m.content + '\\n' }}{% endfor %}"
+    s = prepare(
+        make_cfg(tmp_path, tmp_path / "d.jsonl", chat={"template": plain}, report={"examples": 50}), progress=False
+    )
+    replies = [sum(m["from"] == "gpt" for m in r["conversations"]) for r in rows]
+    assert sum(replies) > len(rows)  # some row warns more than once
+    assert s["warnings"] == {"eot_undecided": len(rows), "eot_not_trained": len(rows)}
+    undecided = s["examples"]["eot_undecided"]
+    assert len(undecided) == sum(replies) and all(e["message"].startswith("message ") for e in undecided)
+    assert [e["row"] for e in undecided] == [i for i, n in enumerate(replies) for _ in range(n)]
+
+
 def test_summary_counts_long_documents(tmp_path):
     head_jsonl(SAMPLE_DATA, tmp_path / "d.jsonl", 30)
     s = prepare(make_cfg(tmp_path, tmp_path / "d.jsonl", report={"sequence_length": 90}), progress=False)
@@ -340,7 +356,10 @@ def test_guide_form_bad_spans(tmp_path, tokenizer):
     s = prepare(cfg, progress=False)
     assert s["form"] == "spans"
     assert s["skipped"] == {"empty_text": 2, "bad_spans": 3, "no_trained_tokens": 1, "missing_field": 1}
-    assert s["warnings"] == {"spans_merged": 2, "spans_clipped": 2}
+    assert s["warnings"] == {
+        "spans_merged": 1,
+        "spans_clipped": 1,
+    }  # rows: row 4 merged twice, row 5 clipped at both ends
     assert s["written"] == 4 and s["written"] + s["skipped_rows"] == len(rows)
 
     def reference(i):
