@@ -163,17 +163,27 @@ def test_compare_modes_counts():
     assert m["split_turns"]["documents"] == 3 and m["split_turns"]["trained_share"] == 1.0
 
 
-def test_prepare_split_turns_end_to_end(tmp_path):
+@pytest.mark.parametrize(
+    "chat",
+    [{}, {"train_on": "last"}, {"template": "chatml"}],
+    ids=["default", "train-on-last", "chatml-template"],
+)
+def test_prepare_split_turns_end_to_end(tmp_path, chat):
+    """The pieces are made with the run's own chat settings: the same trained tokens as the unsplit run (minus the
+    counted tails), under train_on: last too, and written by the configured template."""
     from backend.config import load_prepare_config
     from backend.dataset import TokenDataset, descriptor_name
     from backend.prepare import prepare
 
     L = 100
+    if chat.get("template") == "chatml":
+        chat = {"template": str(TEMPLATE_TOKENIZERS / "chatml" / "chat_template.jinja")}
     base = {
         "dataset": {"path": str(SAMPLE_DATA_OPENAI)},
         "tokenizer": {"path": str(TINY_MODEL)},
         "splits": {"training": 0.9, "validation": 0.1},
         "report": {"sequence_length": L},
+        "chat": chat,
     }
     keep = prepare(load_prepare_config({**base, "output_path": str(tmp_path / "keep")}), progress=False)
     cfg = {
@@ -184,7 +194,11 @@ def test_prepare_split_turns_end_to_end(tmp_path):
     s = prepare(load_prepare_config(cfg), progress=False)
     ld = s["long_documents"]
     assert keep["longer_than_sequence_length"]["documents"] > 100  # the case matters on this data
-    assert ld["conversations_split"] > 0 and ld["pieces"] > ld["conversations_split"]
+    assert ld["conversations_split"] > 0
+    if chat.get("train_on") == "last":  # one piece: the last reply with as much context as fits
+        assert ld["pieces"] == ld["conversations_split"]
+    else:
+        assert ld["pieces"] > ld["conversations_split"]
     assert s["input_rows"] == s["written"] + s["skipped_rows"] == keep["written"]
     assert s["num_documents"] == keep["num_documents"] + ld["pieces"] - ld["conversations_split"]
     # every trained token is kept, except the counted tails of groups too long alone
@@ -193,6 +207,13 @@ def test_prepare_split_turns_end_to_end(tmp_path):
     assert report["long_documents"] == ld
     longer = sum(int((TokenDataset(tmp_path / "split" / descriptor_name(n)).lengths > L).sum()) for n in base["splits"])
     assert longer == s["longer_than_sequence_length"]["documents"] == ld["not_split"]
+    if "template" in chat:  # every document, piece or whole, is in the configured template's own words
+        ds = TokenDataset(tmp_path / "split" / descriptor_name("training"))
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(TINY_MODEL)
+        texts = [tok.decode(ds.document(i)[0]) for i in range(len(ds))]
+        assert all("<|im_start|>" in x and "<|start_header_id|>" not in x for x in texts)
 
 
 # ------------------------------------------------------------------------------------------------ studio
