@@ -172,8 +172,11 @@ class LiveBytes:
     torch's MemTracker cannot follow a LoRA model: it hooks the gradient of every parameter, and a frozen base
     parameter has none ("cannot register a hook on a tensor that doesn't require gradient"). A storage's Python
     object lives as long as the storage itself (PyObject preservation, fake storages too), so a finalizer on it
-    says when its bytes are freed. Tensors made before the mode (parameters, gradients, optimizer state) are
-    counted with `track`. Answers nonzero and scalars as the FSDP probe does (`_answer`).
+    says when its bytes are freed. A storage an op grows in place (`resize_`, an `out=` tensor too small) is
+    counted at its new size: every op's outputs are looked at, the tensors it was given included. Tensors made
+    before the mode (parameters, gradients, optimizer state) are counted with `track`. Answers nonzero and scalars
+    as the FSDP probe does (`_answer`). `where()` names what runs (lora_step_peak: the innermost module), kept with
+    each peak as `peak_where`.
     """
 
     def __init__(self, kept: int):
@@ -193,6 +196,8 @@ class LiveBytes:
         self.live: dict[int, tuple[int, str]] = {}
         self.total = self.peak = 0
         self.peak_parts: dict[str, int] = {}
+        self.where = lambda: ""
+        self.peak_where = ""
 
     def track(self, value, made_by: str) -> None:
         import weakref
@@ -204,25 +209,34 @@ class LiveBytes:
                 continue
             storage = t.untyped_storage()
             key = id(storage)
-            if key in self.live:
-                continue
             n = storage.nbytes()
-            self.live[key] = (n, f"{made_by} {str(t.dtype).removeprefix('torch.')}")
-            self.total += n
-            weakref.finalize(storage, self._free, key)
+            if key in self.live:  # grown in place (resize_, out=): the storage keeps the name of what made it
+                before, what = self.live[key]
+                if n == before:
+                    continue
+                self.live[key] = (n, what)
+                self.total += n - before
+            else:
+                self.live[key] = (n, f"{made_by} {str(t.dtype).removeprefix('torch.')}")
+                self.total += n
+                weakref.finalize(storage, self._free, key)
             if self.total > self.peak:
-                self.peak = self.total
-                self.peak_parts = {}
-                for size, what in self.live.values():
-                    self.peak_parts[what] = self.peak_parts.get(what, 0) + size
+                self.peak, self.peak_parts, self.peak_where = self.total, self._parts(), self.where()
+
+    def _parts(self) -> dict[str, int]:
+        parts: dict[str, int] = {}
+        for size, what in self.live.values():
+            parts[what] = parts.get(what, 0) + size
+        return parts
 
     def _free(self, key: int) -> None:
         self.total -= self.live.pop(key)[0]
 
-    def restart(self) -> tuple[int, dict]:
-        """(peak, {what made it: bytes}) since the last restart; the next peak starts from what is alive now."""
-        out = self.peak, self.peak_parts
-        self.peak, self.peak_parts = self.total, {}
+    def restart(self) -> tuple[int, dict, str]:
+        """(peak, {what made it: bytes}, where) since the last restart; the next peak starts from what is alive now
+        (and its parts, so a phase that adds nothing to them still says what it holds)."""
+        out = self.peak, self.peak_parts, self.peak_where
+        self.peak, self.peak_parts, self.peak_where = self.total, self._parts(), self.where()
         return out
 
 
@@ -270,7 +284,7 @@ def lora_step_peak(cfg, layers: int) -> dict:
     phases = {}
 
     def close_phase(name: str) -> None:
-        peak, parts = live.restart()
+        peak, parts, _ = live.restart()
         phases[name] = {"Total": peak, **parts}
 
     try:

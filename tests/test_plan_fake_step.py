@@ -82,3 +82,29 @@ def test_lora_planner_within_10_percent_of_the_real_step_on_fake_tensors(checkpo
     assert abs(held / plan.params_sharded - 1) < 0.01
     # the forward's peak is inside a layer (PEFT's fp32 cast of an MLP input), not in the loss: LoRA has no dL/dW
     assert parts.get("_to_copy.default float32", 0) >= 4 * 4096 * 4096
+
+
+def test_live_bytes_counts_storages_grown_in_place_and_restarts_from_what_is_alive():
+    """LiveBytes by hand: 4 KiB made, a bf16 storage resize_d from 0 to 8 KiB, an out= tensor grown from 0 to 4 KiB
+    (16 KiB, the peak); that one freed, the next phase's peak starts at the 12 KiB still alive, with their parts."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from tests.fake_step import LiveBytes
+
+    live = LiveBytes(kept=0)
+    with FakeTensorMode(), live.mode:
+        a = torch.empty(1024, dtype=torch.float32)
+        b = torch.empty(0, dtype=torch.bfloat16)
+        b.resize_(4096)
+        c = torch.empty(0)
+        torch.add(a, 1, out=c)
+        assert live.total == 4096 + 8192 + 4096
+        del c
+        peak, parts, _ = live.restart()
+        assert peak == 16384
+        assert parts == {"empty.memory_format float32": 8192, "empty.memory_format bfloat16": 8192}
+        peak, parts, _ = live.restart()  # nothing made since: the peak is what is alive, and says what it is
+        assert peak == 12288
+        assert parts == {"empty.memory_format float32": 4096, "empty.memory_format bfloat16": 8192}
+    del a, b
