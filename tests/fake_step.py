@@ -244,7 +244,9 @@ def lora_step_peak(cfg, layers: int) -> dict:
     """fake_step_peak's result for a LoRA `cfg` on one process (no FSDP): the frozen base in the training dtype made
     under FakeTensorMode, the real `backend.lora.wrap_lora` on it (PEFT; its adapters are real fp32 tensors, a few
     MiB, so PEFT can move them), the trainer's Accelerator (autocast), `train_step` under LiveBytes. "phases" hold
-    {"Total": bytes, what made them: bytes} at each phase's peak; "Total" counts every storage alive."""
+    {"Total": bytes, what made them: bytes} at each phase's peak; "Total" counts every storage alive. "where": the
+    innermost module running at each phase's peak ("base_model.model.model.layers.1.mlp.down_proj"; "" outside
+    every module: the loss)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -281,10 +283,23 @@ def lora_step_peak(cfg, layers: int) -> dict:
     live = LiveBytes(kept)
     to_device = train_module._to_device
     train_module._to_device = lambda mb, device: mb  # the batch stays on "cpu" (module docstring)
-    phases = {}
+    phases, where = {}, {}
+    # the innermost module running, kept with each peak: a stack of names pushed and popped by global hooks
+    names = {id(module): name for name, module in model.named_modules()}
+    running: list[str] = []
+
+    def leave(module, args, output) -> None:  # None: a value would replace the output; always_call: a recompute
+        # that checkpointing stops early (StopRecomputationError) leaves its module too
+        running.pop()
+
+    hooks = [
+        torch.nn.modules.module.register_module_forward_pre_hook(lambda m, a: running.append(names.get(id(m), ""))),
+        torch.nn.modules.module.register_module_forward_hook(leave, always_call=True),
+    ]
+    live.where = lambda: next((name for name in reversed(running) if name), "")
 
     def close_phase(name: str) -> None:
-        peak, parts, _ = live.restart()
+        peak, parts, where[name] = live.restart()
         phases[name] = {"Total": peak, **parts}
 
     try:
@@ -301,8 +316,10 @@ def lora_step_peak(cfg, layers: int) -> dict:
                 restore()
     finally:
         train_module._to_device = to_device
+        for hook in hooks:
+            hook.remove()
     peak_phase = max(phases, key=lambda name: phases[name]["Total"])
-    return {"peak": phases[peak_phase]["Total"], "peak_phase": peak_phase, "phases": phases}
+    return {"peak": phases[peak_phase]["Total"], "peak_phase": peak_phase, "phases": phases, "where": where}
 
 
 def probe_config(world: int, checkpointing: bool, lora_rank: int = 0):
@@ -343,7 +360,8 @@ def main() -> None:
         return
     for name, parts in result["phases"].items():
         big = {k: round(v / 2**30, 2) for k, v in sorted(parts.items(), key=lambda kv: -kv[1]) if v >= 2**24}
-        print(f"{name}: {parts['Total'] / 2**30:.2f} GiB", big)
+        at = f" in {result['where'][name] or 'no module'}" if "where" in result else ""
+        print(f"{name}: {parts['Total'] / 2**30:.2f} GiB{at}", big)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 Full finetuning, ZeRO-3 over 8 (fake) ranks, and LoRA rank 8 on one process; bf16, one packed row of 4,096 tokens
 per rank, fused loss, checkpointing off and on: backend.plan must be within 10% of the measured peak, at the phase
-where the peak occurs, and of each of the forward and backward phases. The model has Llama-3.1-8B's exact widths
+where the peak occurs, and of each of the forward and backward phases; LoRA's forward within 3%, with its peak where
+the plan's layer transient says (the last layer's MLP). The model has Llama-3.1-8B's exact widths
 (hidden 4,096, 32 heads, 8 KV heads, MLP 14,336, vocabulary 128,256) with 2 decoder layers instead of 32, to keep
 each case near 30 s on 2 cores; the planner is given that same config (its formulas are per layer, and the 2-layer
 case is the harder one: the fixed parts, the LM head's 1 GiB units and buffers, weigh most there). Not covered
@@ -20,9 +21,10 @@ import pytest
 
 from backend import ROOT
 from backend.plan import model_shape, plan_memory
-from tests.fake_step import probe_config
+from tests.fake_step import LLAMA_8B, SEQUENCE, probe_config
 
 LAYERS, WORLD, LORA_RANK = 2, 8, 8
+LORA_FORWARD_TOLERANCE = 0.03  # the layer transient is 5-13% of the 2-layer forward: 10% would not see it go
 GIB = 2**30
 
 
@@ -80,8 +82,20 @@ def test_lora_planner_within_10_percent_of_the_real_step_on_fake_tensors(checkpo
     parts = measured["phases"]["forward"]
     held = sum(v for k, v in parts.items() if k.startswith("parameters"))
     assert abs(held / plan.params_sharded - 1) < 0.01
-    # the forward's peak is inside a layer (PEFT's fp32 cast of an MLP input), not in the loss: LoRA has no dL/dW
-    assert parts.get("_to_copy.default float32", 0) >= 4 * 4096 * 4096
+    # the forward's peak is inside the last layer's MLP, before the loss starts (LoRA has no dL/dW), and the plan
+    # puts it there too: its layer transient, not the loss, makes its forward, held to 3% (measured 1.01 and 1.00;
+    # without the transient the plan is 0.97 and 0.93 of the step, with half of it 0.97 and 0.93)
+    where = measured["where"]["forward"]
+    assert where.startswith(f"base_model.model.model.layers.{LAYERS - 1}.mlp."), where
+    assert plan.layer_transient > plan.loss_forward
+    assert abs(plan.phases["forward"] / parts["Total"] - 1) <= LORA_FORWARD_TOLERANCE
+    if not checkpointing:  # in the down projection: PEFT's fp32 cast of its input (T x 14,336) beside the fp32
+        # RMSNorm inputs saved so far (3 of T x 4,096: layer 0's first norm reads the frozen embedding, no grad)
+        assert where.endswith("mlp.down_proj"), where
+        assert (
+            parts["_to_copy.default float32"]
+            == 4 * SEQUENCE * LLAMA_8B["intermediate_size"] + 3 * 4 * SEQUENCE * (LLAMA_8B["hidden_size"])
+        )
 
 
 def test_live_bytes_counts_storages_grown_in_place_and_restarts_from_what_is_alive():
