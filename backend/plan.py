@@ -42,8 +42,9 @@ activations  saved for backward, per decoder layer per token (measured op by op 
              LoRA: frozen norms and Linears do not save their inputs for a weight gradient; under mixed precision
              each adapted projection keeps its own b-byte copy of its input (PEFT casts it to the fp32 adapter,
              autocast casts it back), so 3 + 2 copies per layer like autocast's, less one r h per norm, plus b x
-             rank per token for each adapted Linear (the output of A). QLoRA's residual stream is fp32 (r = 4: PEFT
-             upcasts the norms).
+             rank per token for each adapted Linear (the output of A). Not under FSDP2: it gathers the adapters in
+             the compute dtype, PEFT's cast is a no-op and the adapters share the one input they read. QLoRA's
+             residual stream is fp32 (r = 4: PEFT upcasts the norms).
 logits / CE  training.objective: dpo reads each answer's log-probability (backend.preference.document_logps): the LM
              head on the K trained positions, its input saved (K h r), the (K, V) logits (b-byte under autocast, then
              an fp32 copy) and log_softmax's fp32 output, saved for backward: K h r + 4 K V saved, + (4 + b) K V more
@@ -69,6 +70,8 @@ backward     gradient temporaries of the layer being differentiated: taken as on
 layer transient  LoRA: the forward's peak is inside the last layer's MLP, where PEFT casts the down projection's
              input (the product, b T i, which no frozen Linear saves) to fp32 for its adapter (4 T i under mixed
              precision) while the MLP's input, the residual and the attention output are still referenced (4 b T h).
+             Under FSDP2 (adapters gathered in the compute dtype) and in fp32 there is no cast: the adapter saves the
+             product itself (an activation), and the transient is the 4 b T h alone.
 
 optimizer step  the foreach AdamW (CUDA's default) makes an fp32 temporary of the whole second moment: 4 bytes per
              trained parameter, sharded as the parameters are.
@@ -405,10 +408,16 @@ class MemoryPlan:
         where = f"/ {self.world_size} GPUs" if self.sharded else "replicated"
         lora = self.trainable_params < self.num_params
         copy = (
-            ("zero_stage 3: root + 2 layers" if self.zero_stage == 3 else "zero_stage 2: every layer")
+            (
+                "zero_stage 3: the LM head's unit and its all-gather buffer"
+                if self.zero_stage == 3
+                else "zero_stage 2: every layer"
+            )
             if self.sharded
             else "autocast casts of the trained weights"
         )
+        comm = "reduce-scatter of one unit's gradient" if self.sharded else "gradient buckets"
+        comm = comm if self.comm else "none: one process"
         return [
             (
                 "parameters (frozen base + fp32 adapters)" if lora else "parameters (fp32 master)",
@@ -420,22 +429,26 @@ class MemoryPlan:
             ("optimizer state", self.optimizer, f"AdamW 2 x fp32, {where}"),
             (f"activations (checkpointing {ckpt})", self.activations, f"{self.tokens:,} tokens per micro-batch"),
             ("logits / cross-entropy", max(self.loss_forward, self.loss_saved), self._loss_note),
-            ("communication buffers", self.comm, "reduce-scatter / gather / buckets"),
+            ("communication buffers", self.comm, comm),
             ("backward temporaries", self.backward, self._backward_note),
             ("optimizer step temporaries", self.optimizer_step, "foreach AdamW: fp32 copy of the second moment"),
-        ] + (
-            [("layer forward transient", self.layer_transient, "LoRA: the MLP's down input and PEFT's fp32 cast")]
-            if self.layer_transient
-            else []
-        )
+        ] + ([("layer forward transient", self.layer_transient, self._transient_note)] if self.layer_transient else [])
 
     @property
     def _backward_note(self) -> str:
+        if self.sharded:  # _plan: the backward's peak is the LM head unit's reduce-scatter (comm)
+            return "none at the LM head's reduce-scatter (the layers' come later)"
         if not self.layer_transient:  # full finetuning
-            return "one layer"
+            return "one layer and its recompute" if self.checkpointing else "one layer"
         if self.checkpointing:
             return "one recomputed layer and its forward transient"
         return "the final norm's fp32 backward (frozen layers: no weight gradients)"
+
+    @property
+    def _transient_note(self) -> str:
+        if self.sharded:  # FSDP2 gathers the adapters in the compute dtype: PEFT casts nothing
+            return "LoRA: the hidden-size values around the last layer's MLP"
+        return "LoRA: the MLP's down input and PEFT's fp32 cast of it"
 
     def _host_where(self) -> str:
         if self.trainable_params < self.num_params and not self.sharded:  # LoRA without FSDP: every process loads
@@ -502,14 +515,15 @@ def _gib(b: float) -> str:
 
 
 def _activation_parts(
-    shape: ModelShape, tokens: int, b: int, r: int, lora_rank: int | None, mixed: bool = True
+    shape: ModelShape, tokens: int, b: int, r: int, lora_rank: int | None, peft_cast: bool = True
 ) -> tuple[int, int, int]:
     """(per decoder layer, per layer with checkpointing, outside the layers) saved bytes for `tokens` tokens."""
     h, q, kv, i = shape.hidden, shape.q, shape.kv, shape.intermediate
     # one b-byte copy of the normalized input per Linear reading it: autocast's cast when the residual stream is
     # wider than the compute dtype, and PEFT's (it casts each adapter's input to the fp32 adapter, autocast casts
-    # it back) for every adapted projection under mixed precision
-    copies = r != b or (lora_rank is not None and mixed)
+    # it back) for every adapted projection when peft_cast (mixed precision with fp32 adapters: not under FSDP2,
+    # whose gathered adapters are already in the compute dtype)
+    copies = r != b or (lora_rank is not None and peft_cast)
 
     def norm(linears_reading: int) -> int:
         normalized = 0 if lora_rank is not None else r * h  # saved for the (trained) norm weight's gradient
@@ -588,7 +602,11 @@ def _plan(cfg, world: int, shape: ModelShape) -> MemoryPlan:
     gradients = 4 * trained // shard
     optimizer = 8 * trained // shard
 
-    layer, layer_ckpt, outside = _activation_parts(shape, tokens, b, r, peft.rank if lora else None, mixed)
+    # PEFT casts each adapter's input to lora_A.weight.dtype: the fp32 adapters under autocast (one process, DDP);
+    # FSDP2 gathers them in its param_dtype, the compute dtype, so there the cast is a no-op and each adapter reads
+    # (and saves) its input itself
+    peft_cast = lora and mixed and not fsdp
+    layer, layer_ckpt, outside = _activation_parts(shape, tokens, b, r, peft.rank if lora else None, peft_cast)
     activations_full = L * layer + outside
     activations_ckpt = L * layer_ckpt + outside
     activations = activations_ckpt if ckpt else activations_full
@@ -597,12 +615,13 @@ def _plan(cfg, world: int, shape: ModelShape) -> MemoryPlan:
     if lora:
         # measured on the real step (tests/fake_step.py: PEFT on the 8B widths, fake tensors): the forward's peak is
         # inside the last layer's MLP, where the down projection's input (the product, b T i, saved by no frozen
-        # Linear) is cast to fp32 for its adapter (PEFT, 4 T i under mixed precision) while the hidden-size values
-        # around it are still referenced (the MLP's input, the residual, the attention block's output: 4 b T h).
+        # Linear) is cast to fp32 for its adapter (PEFT, 4 T i) while the hidden-size values around it are still
+        # referenced (the MLP's input, the residual, the attention block's output: 4 b T h). Without PEFT's cast
+        # (FSDP2, fp32) the adapter saves the product itself (counted in the activations) and makes no copy.
         # A frozen layer computes no weight gradient in backward: without checkpointing the backward's peak is the
         # final norm's fp32 backward (5 x 4 T h) before any layer has freed its activations; with checkpointing it
         # is one recomputed layer at that same transient
-        layer_transient = tokens * shape.intermediate * (b + (4 if mixed else 0)) + 4 * b * tokens * shape.hidden
+        layer_transient = tokens * shape.intermediate * (b + 4 if peft_cast else 0) + 4 * b * tokens * shape.hidden
         backward = layer + layer_transient if ckpt else 5 * 4 * tokens * shape.hidden
 
     head_trained = not lora  # LoRA never adapts the LM head: no dL/dW
