@@ -71,7 +71,8 @@ layer transient  LoRA: the forward's peak is inside the last layer's MLP, where 
              input (the product, b T i, which no frozen Linear saves) to fp32 for its adapter (4 T i under mixed
              precision) while the MLP's input, the residual and the attention output are still referenced (4 b T h).
              Under FSDP2 (adapters gathered in the compute dtype) and in fp32 there is no cast: the adapter saves the
-             product itself (an activation), and the transient is the 4 b T h alone.
+             product itself (an activation), and the transient is the 4 b T h alone. QLoRA: 4 r T h, the residual
+             stream is fp32; the product too (4 T i), cast to b by bitsandbytes for the base (b T i).
 
 optimizer step  the foreach AdamW (CUDA's default) makes an fp32 temporary of the whole second moment: 4 bytes per
              trained parameter, sharded as the parameters are.
@@ -618,10 +619,12 @@ def _plan(cfg, world: int, shape: ModelShape) -> MemoryPlan:
         # Linear) is cast to fp32 for its adapter (PEFT, 4 T i) while the hidden-size values around it are still
         # referenced (the MLP's input, the residual, the attention block's output: 4 b T h). Without PEFT's cast
         # (FSDP2, fp32) the adapter saves the product itself (counted in the activations) and makes no copy.
+        # QLoRA: those hidden-size values are fp32 (r = 4: the upcast norms, and bitsandbytes returns its output in
+        # its input's dtype), and so is the product, which bitsandbytes casts to b for the base (4 + b T i again)
         # A frozen layer computes no weight gradient in backward: without checkpointing the backward's peak is the
         # final norm's fp32 backward (5 x 4 T h) before any layer has freed its activations; with checkpointing it
         # is one recomputed layer at that same transient
-        layer_transient = tokens * shape.intermediate * (b + 4 if peft_cast else 0) + 4 * b * tokens * shape.hidden
+        layer_transient = tokens * shape.intermediate * (b + 4 if peft_cast else 0) + 4 * r * tokens * shape.hidden
         backward = layer + layer_transient if ckpt else 5 * 4 * tokens * shape.hidden
 
     head_trained = not lora  # LoRA never adapts the LM head: no dL/dW
