@@ -44,7 +44,10 @@ activations  saved for backward, per decoder layer per token (measured op by op 
              autocast casts it back), so 3 + 2 copies per layer like autocast's, less one r h per norm, plus b x
              rank per token for each adapted Linear (the output of A). Not under FSDP2: it gathers the adapters in
              the compute dtype, PEFT's cast is a no-op and the adapters share the one input they read. QLoRA's
-             residual stream is fp32 (r = 4: PEFT upcasts the norms).
+             residual stream is fp32 (r = 4: PEFT upcasts the norms). With model.base_model.peft.dropout > 0
+             (PEFT: lora_A(dropout(x))), each adapted Linear saves a dropped-out b-byte copy of its input (the 3 + 2
+             copies per layer under FSDP2 too; in one process it replaces the autocast copy) and native_dropout's
+             1-byte mask: 5 h + q + i more per token per layer.
 logits / CE  training.objective: dpo reads each answer's log-probability (backend.preference.document_logps): the LM
              head on the K trained positions, its input saved (K h r), the (K, V) logits (b-byte under autocast, then
              an fp32 copy) and log_softmax's fp32 output, saved for backward: K h r + 4 K V saved, + (4 + b) K V more
@@ -72,7 +75,9 @@ layer transient  LoRA: the forward's peak is inside the last layer's MLP, where 
              precision) while the MLP's input, the residual and the attention output are still referenced (4 b T h).
              Under FSDP2 (adapters gathered in the compute dtype) and in fp32 there is no cast: the adapter saves the
              product itself (an activation), and the transient is the 4 b T h alone. QLoRA: 4 r T h, the residual
-             stream is fp32; the product too (4 T i), cast to b by bitsandbytes for the base (b T i).
+             stream is fp32; the product too (4 T i), cast to b by bitsandbytes for the base (b T i). LoRA dropout:
+             the dropped-out fp32 copy of the cast input, 4 T i more (without the cast: the product, b T i, which
+             the adapter no longer saves).
 
 optimizer step  the foreach AdamW (CUDA's default) makes an fp32 temporary of the whole second moment: 4 bytes per
              trained parameter, sharded as the parameters are.
@@ -516,7 +521,13 @@ def _gib(b: float) -> str:
 
 
 def _activation_parts(
-    shape: ModelShape, tokens: int, b: int, r: int, lora_rank: int | None, peft_cast: bool = True
+    shape: ModelShape,
+    tokens: int,
+    b: int,
+    r: int,
+    lora_rank: int | None,
+    peft_cast: bool = True,
+    dropout: bool = False,
 ) -> tuple[int, int, int]:
     """(per decoder layer, per layer with checkpointing, outside the layers) saved bytes for `tokens` tokens."""
     h, q, kv, i = shape.hidden, shape.q, shape.kv, shape.intermediate
@@ -524,7 +535,10 @@ def _activation_parts(
     # wider than the compute dtype, and PEFT's (it casts each adapter's input to the fp32 adapter, autocast casts
     # it back) for every adapted projection when peft_cast (mixed precision with fp32 adapters: not under FSDP2,
     # whose gathered adapters are already in the compute dtype)
-    copies = r != b or (lora_rank is not None and peft_cast)
+    # whose gathered adapters are already in the compute dtype). LoRA dropout: each adapter reads its own dropped-out
+    # copy (b bytes: of the normalized input where nothing else copies it, else in place of the cast) and saves a
+    # 1-byte mask of it (native_dropout's bool mask)
+    copies = r != b or (lora_rank is not None and (peft_cast or dropout))
 
     def norm(linears_reading: int) -> int:
         normalized = 0 if lora_rank is not None else r * h  # saved for the (trained) norm weight's gradient
@@ -534,6 +548,7 @@ def _activation_parts(
     per_token = norm(3) + norm(2) + b * (3 * q + 2 * kv) + 4 * shape.heads + 4 * b * i
     if lora_rank is not None:
         per_token += 7 * b * lora_rank
+        per_token += (5 * h + q + i) if dropout else 0  # the masks: q, k, v, gate, up read h; o reads q; down i
     outside = tokens * (8 + 4 * h + 4 + r * h + 8 * shape.head_dim)
     return tokens * per_token, tokens * r * h, outside
 
@@ -607,7 +622,8 @@ def _plan(cfg, world: int, shape: ModelShape) -> MemoryPlan:
     # FSDP2 gathers them in its param_dtype, the compute dtype, so there the cast is a no-op and each adapter reads
     # (and saves) its input itself
     peft_cast = lora and mixed and not fsdp
-    layer, layer_ckpt, outside = _activation_parts(shape, tokens, b, r, peft.rank if lora else None, peft_cast)
+    dropout = lora and peft.dropout > 0
+    layer, layer_ckpt, outside = _activation_parts(shape, tokens, b, r, peft.rank if lora else None, peft_cast, dropout)
     activations_full = L * layer + outside
     activations_ckpt = L * layer_ckpt + outside
     activations = activations_ckpt if ckpt else activations_full
@@ -624,7 +640,10 @@ def _plan(cfg, world: int, shape: ModelShape) -> MemoryPlan:
         # A frozen layer computes no weight gradient in backward: without checkpointing the backward's peak is the
         # final norm's fp32 backward (5 x 4 T h) before any layer has freed its activations; with checkpointing it
         # is one recomputed layer at that same transient
-        layer_transient = tokens * shape.intermediate * (b + 4 if peft_cast else 0) + 4 * r * tokens * shape.hidden
+        # LoRA dropout (PEFT: lora_A(dropout(x)) on the cast input): the dropped-out fp32 copy beside the cast (4 T
+        # i more); without the cast the adapter saves the dropped copy, and the product becomes transient (b T i)
+        product = (b + 4 + 4 * dropout) if peft_cast else (b if dropout else 0)
+        layer_transient = tokens * shape.intermediate * product + 4 * r * tokens * shape.hidden
         backward = layer + layer_transient if ckpt else 5 * 4 * tokens * shape.hidden
 
     head_trained = not lora  # LoRA never adapts the LM head: no dL/dW

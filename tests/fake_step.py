@@ -2,6 +2,7 @@
 
     python -m tests.fake_step [--layers 2] [--world 8] [--checkpointing]      # prints the peak and its parts
     python -m tests.fake_step --lora 8 [--layers 2] [--checkpointing]          # LoRA rank 8 on one process
+    python -m tests.fake_step --lora 8 --lora-dropout 0.1                        # with PEFT's dropout on its inputs
 
 `backend.train.train_step` runs on a random Llama of Llama-3.1-8B's widths (hidden 4,096, 32 heads, 8 KV heads, MLP
 14,336, vocabulary 128,256) with `layers` decoder layers, made under `FakeTensorMode` (shapes and dtypes, no data),
@@ -22,7 +23,10 @@ What has to be worked around (FACTS.md, "Measured without a GPU"):
 LoRA on one process (`lora_step_peak`): PEFT moves the adapters it makes with `Module.to`, which cannot swap fake
 parameters ("Couldn't swap Linear.weight"), so the base is made fake and `wrap_lora` runs outside the fake mode (the
 adapters are real fp32 tensors, a few MiB, counted like the rest); `prepare` places nothing for the same reason; and
-MemTracker refuses a frozen parameter, so `LiveBytes` counts the storages alive itself.
+MemTracker refuses a frozen parameter, so `LiveBytes` counts the storages alive itself. LoRA dropout: torch's dropout
+takes native_dropout (an output and a bool mask, the mask saved) only on CUDA; on the CPU it multiplies by a noise
+tensor of the input's dtype, a 4-byte mask for PEFT's fp32 input. The probe runs CUDA's path (`_cuda_dropout`) so
+that it saves what a GPU saves.
 """
 
 from __future__ import annotations
@@ -240,6 +244,17 @@ class LiveBytes:
         return out
 
 
+def _cuda_dropout(dropout):
+    """F.dropout as on CUDA: at::dropout's fused kernel, native_dropout (bool mask), for 0 < p < 1 in training."""
+
+    def cuda_dropout(input, p=0.5, training=True, inplace=False):
+        if training and 0 < p < 1 and not inplace:
+            return torch.native_dropout(input, p, training)[0]
+        return dropout(input, p, training, inplace)
+
+    return cuda_dropout
+
+
 def lora_step_peak(cfg, layers: int) -> dict:
     """fake_step_peak's result for a LoRA `cfg` on one process (no FSDP): the frozen base in the training dtype made
     under FakeTensorMode, the real `backend.lora.wrap_lora` on it (PEFT; its adapters are real fp32 tensors, a few
@@ -281,8 +296,9 @@ def lora_step_peak(cfg, layers: int) -> dict:
     batch, kept = _packed_row()
     impl = cfg.model.base_model.cross_entropy_impl
     live = LiveBytes(kept)
-    to_device = train_module._to_device
+    to_device, dropout = train_module._to_device, torch.nn.functional.dropout
     train_module._to_device = lambda mb, device: mb  # the batch stays on "cpu" (module docstring)
+    torch.nn.functional.dropout = _cuda_dropout(dropout)  # PEFT's lora_dropout: CUDA's mask (module docstring)
     phases, where = {}, {}
     # the innermost module running, kept with each peak: a stack of names pushed and popped by global hooks
     names = {id(module): name for name, module in model.named_modules()}
@@ -315,16 +331,16 @@ def lora_step_peak(cfg, layers: int) -> dict:
             finally:
                 restore()
     finally:
-        train_module._to_device = to_device
+        train_module._to_device, torch.nn.functional.dropout = to_device, dropout
         for hook in hooks:
             hook.remove()
     peak_phase = max(phases, key=lambda name: phases[name]["Total"])
     return {"peak": phases[peak_phase]["Total"], "peak_phase": peak_phase, "phases": phases, "where": where}
 
 
-def probe_config(world: int, checkpointing: bool, lora_rank: int = 0):
+def probe_config(world: int, checkpointing: bool, lora_rank: int = 0, lora_dropout: float = 0.0):
     """The guide's 8B config as the probes run it: one packed row of 4,096 tokens per rank and step; LoRA (on one
-    process, zero_stage 0) when lora_rank > 0."""
+    process, zero_stage 0, PEFT's dropout lora_dropout) when lora_rank > 0."""
     from backend import ROOT
     from backend.config import load_train_config
 
@@ -335,7 +351,7 @@ def probe_config(world: int, checkpointing: bool, lora_rank: int = 0):
     ]
     if lora_rank:
         overrides += ["model.base_model.peft.type=lora", f"model.base_model.peft.rank={lora_rank}"]
-        overrides += ["model.multi_stage.zero_stage=0"]
+        overrides += ["model.multi_stage.zero_stage=0", f"model.base_model.peft.dropout={lora_dropout}"]
     return load_train_config(ROOT / "assets" / "configs" / "llama31_8b_magpie_train.yaml", overrides)
 
 
@@ -347,10 +363,11 @@ def main() -> None:
     parser.add_argument("--world", type=int, default=8)
     parser.add_argument("--checkpointing", action="store_true")
     parser.add_argument("--lora", type=int, default=0, metavar="RANK", help="LoRA of this rank on one process")
+    parser.add_argument("--lora-dropout", type=float, default=0.0, metavar="P", help="PEFT's dropout (with --lora)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON (tests/test_plan_fake_step.py)")
     args = parser.parse_args()
     if args.lora:
-        result = lora_step_peak(probe_config(1, args.checkpointing, args.lora), args.layers)
+        result = lora_step_peak(probe_config(1, args.checkpointing, args.lora, args.lora_dropout), args.layers)
     else:
         result = fake_step_peak(probe_config(args.world, args.checkpointing), args.world, args.layers)
     if args.json:

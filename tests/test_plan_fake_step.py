@@ -1,14 +1,14 @@
 """The memory planner against the trainer's real step at the 8B widths, on fake tensors (tests/fake_step.py).
 
-Full finetuning, ZeRO-3 over 8 (fake) ranks, and LoRA rank 8 on one process; bf16, one packed row of 4,096 tokens
-per rank, fused loss, checkpointing off and on: backend.plan must be within 10% of the measured peak, at the phase
-where the peak occurs, and of each of the forward and backward phases; LoRA's forward within 3%, with its peak where
-the plan's layer transient says (the last layer's MLP). The model has Llama-3.1-8B's exact widths
-(hidden 4,096, 32 heads, 8 KV heads, MLP 14,336, vocabulary 128,256) with 2 decoder layers instead of 32, to keep
-each case near 30 s on 2 cores; the planner is given that same config (its formulas are per layer, and the 2-layer
-case is the harder one: the fixed parts, the LM head's 1 GiB units and buffers, weigh most there). Not covered
-here: the optimizer step's foreach temporary (CPU AdamW does not use foreach; the step is not the peak) and QLoRA
-(bitsandbytes needs CUDA).
+Full finetuning, ZeRO-3 over 8 (fake) ranks, and LoRA rank 8 on one process (once more with PEFT's dropout); bf16,
+one packed row of 4,096 tokens per rank, fused loss, checkpointing off and on: backend.plan must be within 10% of
+the measured peak, at the phase where the peak occurs, and of each of the forward and backward phases; LoRA's
+forward within 3% (5% with dropout), with its peak where the plan's layer transient says (the last layer's MLP). The
+model has Llama-3.1-8B's exact widths (hidden 4,096, 32 heads, 8 KV heads, MLP 14,336, vocabulary 128,256) with 2
+decoder layers instead of 32, to keep each case near 30 s on 2 cores; the planner is given that same config (its
+formulas are per layer, and the 2-layer case is the harder one: the fixed parts, the LM head's 1 GiB units and
+buffers, weigh most there). Not covered here: the optimizer step's foreach temporary (CPU AdamW does not use
+foreach; the step is not the peak) and QLoRA (bitsandbytes needs CUDA).
 """
 
 import dataclasses
@@ -28,19 +28,19 @@ LORA_FORWARD_TOLERANCE = 0.03  # the layer transient is 5-13% of the 2-layer for
 GIB = 2**30
 
 
-def measure(checkpointing: bool, lora: bool) -> dict:
+def measure(checkpointing: bool, lora: bool, dropout: float = 0.0) -> dict:
     cmd = [sys.executable, "-m", "tests.fake_step", "--layers", str(LAYERS), "--world", str(WORLD), "--json"]
     cmd += ["--checkpointing"] if checkpointing else []
-    cmd += ["--lora", str(LORA_RANK)] if lora else []
+    cmd += ["--lora", str(LORA_RANK), "--lora-dropout", str(dropout)] if lora else []
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def planned(checkpointing: bool, lora: bool):
+def planned(checkpointing: bool, lora: bool, dropout: float = 0.0):
     world = 1 if lora else WORLD
-    cfg = probe_config(world, checkpointing, LORA_RANK if lora else 0)  # the config the probe ran
+    cfg = probe_config(world, checkpointing, LORA_RANK if lora else 0, dropout)  # the config the probe ran
     shape = dataclasses.replace(model_shape(ROOT / "tests" / "data" / "llama-3.1-8b"), layers=LAYERS)
     return plan_memory(cfg, world, shape=shape)
 
@@ -122,3 +122,20 @@ def test_live_bytes_counts_storages_grown_in_place_and_restarts_from_what_is_ali
         assert peak == 12288
         assert parts == {"empty.memory_format float32": 4096, "empty.memory_format bfloat16": 8192}
     del a, b
+
+
+def test_lora_dropout_planned_as_measured():
+    """PEFT's lora_dropout (0.1) on every adapted Linear's input: each saves a bool mask (CUDA's native_dropout, which
+    the probe runs), and the forward's peak holds the dropped-out fp32 copy of the down input beside PEFT's cast."""
+    measured = measure(False, lora=True, dropout=0.1)
+    plan, without = planned(False, lora=True, dropout=0.1), planned(False, lora=True)
+    compare(measured, plan, f"LoRA r{LORA_RANK}, dropout 0.1, one process")
+    parts = measured["phases"]["forward"]
+    t, h, i = SEQUENCE, LLAMA_8B["hidden_size"], LLAMA_8B["intermediate_size"]
+    q = LLAMA_8B["num_attention_heads"] * LLAMA_8B["head_dim"]
+    masks = plan.activations_full - without.activations_full
+    assert masks == LAYERS * t * (5 * h + q + i)  # q, k, v, gate, up read h; o reads q; down reads i
+    # measured: the same less layer 0's q, k, v masks (their input, from the frozen embedding, needs no gradient)
+    assert parts["native_dropout.default bool"] == masks - 3 * t * h
+    assert parts["native_dropout.default float32"] == plan.layer_transient - without.layer_transient == 4 * t * i
+    assert abs(plan.phases["forward"] / parts["Total"] - 1) <= 0.05  # without the dropout terms: 0.94
