@@ -42,8 +42,12 @@ activations  saved for backward, per decoder layer per token (measured op by op 
              LoRA: frozen norms and Linears do not save their inputs for a weight gradient; under mixed precision
              each adapted projection keeps its own b-byte copy of its input (PEFT casts it to the fp32 adapter,
              autocast casts it back), so 3 + 2 copies per layer like autocast's, less one r h per norm, plus b x
-             rank per token for each adapted Linear (the output of A). QLoRA's residual stream is fp32 (r = 4: PEFT
-             upcasts the norms).
+             rank per token for each adapted Linear (the output of A). Not under FSDP2: it gathers the adapters in
+             the compute dtype, PEFT's cast is a no-op and the adapters share the one input they read. QLoRA's
+             residual stream is fp32 (r = 4: PEFT upcasts the norms). With model.base_model.peft.dropout > 0
+             (PEFT: lora_A(dropout(x))), each adapted Linear saves a dropped-out b-byte copy of its input (the 3 + 2
+             copies per layer under FSDP2 too; in one process it replaces the autocast copy) and native_dropout's
+             1-byte mask: 5 h + q + i more per token per layer.
 logits / CE  training.objective: dpo reads each answer's log-probability (backend.preference.document_logps): the LM
              head on the K trained positions, its input saved (K h r), the (K, V) logits (b-byte under autocast, then
              an fp32 copy) and log_softmax's fp32 output, saved for backward: K h r + 4 K V saved, + (4 + b) K V more
@@ -69,6 +73,11 @@ backward     gradient temporaries of the layer being differentiated: taken as on
 layer transient  LoRA: the forward's peak is inside the last layer's MLP, where PEFT casts the down projection's
              input (the product, b T i, which no frozen Linear saves) to fp32 for its adapter (4 T i under mixed
              precision) while the MLP's input, the residual and the attention output are still referenced (4 b T h).
+             Under FSDP2 (adapters gathered in the compute dtype) and in fp32 there is no cast: the adapter saves the
+             product itself (an activation), and the transient is the 4 b T h alone. QLoRA: 4 r T h, the residual
+             stream is fp32; the product too (4 T i), cast to b by bitsandbytes for the base (b T i). LoRA dropout:
+             the dropped-out fp32 copy of the cast input, 4 T i more (without the cast: the product, b T i, which
+             the adapter no longer saves).
 
 optimizer step  the foreach AdamW (CUDA's default) makes an fp32 temporary of the whole second moment: 4 bytes per
              trained parameter, sharded as the parameters are.
@@ -405,10 +414,16 @@ class MemoryPlan:
         where = f"/ {self.world_size} GPUs" if self.sharded else "replicated"
         lora = self.trainable_params < self.num_params
         copy = (
-            ("zero_stage 3: root + 2 layers" if self.zero_stage == 3 else "zero_stage 2: every layer")
+            (
+                "zero_stage 3: the LM head's unit and its all-gather buffer"
+                if self.zero_stage == 3
+                else "zero_stage 2: every layer"
+            )
             if self.sharded
             else "autocast casts of the trained weights"
         )
+        comm = "reduce-scatter of one unit's gradient" if self.sharded else "gradient buckets"
+        comm = comm if self.comm else "none: one process"
         return [
             (
                 "parameters (frozen base + fp32 adapters)" if lora else "parameters (fp32 master)",
@@ -420,22 +435,26 @@ class MemoryPlan:
             ("optimizer state", self.optimizer, f"AdamW 2 x fp32, {where}"),
             (f"activations (checkpointing {ckpt})", self.activations, f"{self.tokens:,} tokens per micro-batch"),
             ("logits / cross-entropy", max(self.loss_forward, self.loss_saved), self._loss_note),
-            ("communication buffers", self.comm, "reduce-scatter / gather / buckets"),
+            ("communication buffers", self.comm, comm),
             ("backward temporaries", self.backward, self._backward_note),
             ("optimizer step temporaries", self.optimizer_step, "foreach AdamW: fp32 copy of the second moment"),
-        ] + (
-            [("layer forward transient", self.layer_transient, "LoRA: the MLP's down input and PEFT's fp32 cast")]
-            if self.layer_transient
-            else []
-        )
+        ] + ([("layer forward transient", self.layer_transient, self._transient_note)] if self.layer_transient else [])
 
     @property
     def _backward_note(self) -> str:
+        if self.sharded:  # _plan: the backward's peak is the LM head unit's reduce-scatter (comm)
+            return "none at the LM head's reduce-scatter (the layers' come later)"
         if not self.layer_transient:  # full finetuning
-            return "one layer"
+            return "one layer and its recompute" if self.checkpointing else "one layer"
         if self.checkpointing:
             return "one recomputed layer and its forward transient"
         return "the final norm's fp32 backward (frozen layers: no weight gradients)"
+
+    @property
+    def _transient_note(self) -> str:
+        if self.sharded:  # FSDP2 gathers the adapters in the compute dtype: PEFT casts nothing
+            return "LoRA: the hidden-size values around the last layer's MLP"
+        return "LoRA: the MLP's down input and PEFT's fp32 cast of it"
 
     def _host_where(self) -> str:
         if self.trainable_params < self.num_params and not self.sharded:  # LoRA without FSDP: every process loads
@@ -502,14 +521,24 @@ def _gib(b: float) -> str:
 
 
 def _activation_parts(
-    shape: ModelShape, tokens: int, b: int, r: int, lora_rank: int | None, mixed: bool = True
+    shape: ModelShape,
+    tokens: int,
+    b: int,
+    r: int,
+    lora_rank: int | None,
+    peft_cast: bool = True,
+    dropout: bool = False,
 ) -> tuple[int, int, int]:
     """(per decoder layer, per layer with checkpointing, outside the layers) saved bytes for `tokens` tokens."""
     h, q, kv, i = shape.hidden, shape.q, shape.kv, shape.intermediate
     # one b-byte copy of the normalized input per Linear reading it: autocast's cast when the residual stream is
     # wider than the compute dtype, and PEFT's (it casts each adapter's input to the fp32 adapter, autocast casts
-    # it back) for every adapted projection under mixed precision
-    copies = r != b or (lora_rank is not None and mixed)
+    # it back) for every adapted projection when peft_cast (mixed precision with fp32 adapters: not under FSDP2,
+    # whose gathered adapters are already in the compute dtype)
+    # whose gathered adapters are already in the compute dtype). LoRA dropout: each adapter reads its own dropped-out
+    # copy (b bytes: of the normalized input where nothing else copies it, else in place of the cast) and saves a
+    # 1-byte mask of it (native_dropout's bool mask)
+    copies = r != b or (lora_rank is not None and (peft_cast or dropout))
 
     def norm(linears_reading: int) -> int:
         normalized = 0 if lora_rank is not None else r * h  # saved for the (trained) norm weight's gradient
@@ -519,6 +548,7 @@ def _activation_parts(
     per_token = norm(3) + norm(2) + b * (3 * q + 2 * kv) + 4 * shape.heads + 4 * b * i
     if lora_rank is not None:
         per_token += 7 * b * lora_rank
+        per_token += (5 * h + q + i) if dropout else 0  # the masks: q, k, v, gate, up read h; o reads q; down i
     outside = tokens * (8 + 4 * h + 4 + r * h + 8 * shape.head_dim)
     return tokens * per_token, tokens * r * h, outside
 
@@ -588,7 +618,12 @@ def _plan(cfg, world: int, shape: ModelShape) -> MemoryPlan:
     gradients = 4 * trained // shard
     optimizer = 8 * trained // shard
 
-    layer, layer_ckpt, outside = _activation_parts(shape, tokens, b, r, peft.rank if lora else None, mixed)
+    # PEFT casts each adapter's input to lora_A.weight.dtype: the fp32 adapters under autocast (one process, DDP);
+    # FSDP2 gathers them in its param_dtype, the compute dtype, so there the cast is a no-op and each adapter reads
+    # (and saves) its input itself
+    peft_cast = lora and mixed and not fsdp
+    dropout = lora and peft.dropout > 0
+    layer, layer_ckpt, outside = _activation_parts(shape, tokens, b, r, peft.rank if lora else None, peft_cast, dropout)
     activations_full = L * layer + outside
     activations_ckpt = L * layer_ckpt + outside
     activations = activations_ckpt if ckpt else activations_full
@@ -597,12 +632,18 @@ def _plan(cfg, world: int, shape: ModelShape) -> MemoryPlan:
     if lora:
         # measured on the real step (tests/fake_step.py: PEFT on the 8B widths, fake tensors): the forward's peak is
         # inside the last layer's MLP, where the down projection's input (the product, b T i, saved by no frozen
-        # Linear) is cast to fp32 for its adapter (PEFT, 4 T i under mixed precision) while the hidden-size values
-        # around it are still referenced (the MLP's input, the residual, the attention block's output: 4 b T h).
+        # Linear) is cast to fp32 for its adapter (PEFT, 4 T i) while the hidden-size values around it are still
+        # referenced (the MLP's input, the residual, the attention block's output: 4 b T h). Without PEFT's cast
+        # (FSDP2, fp32) the adapter saves the product itself (counted in the activations) and makes no copy.
+        # QLoRA: those hidden-size values are fp32 (r = 4: the upcast norms, and bitsandbytes returns its output in
+        # its input's dtype), and so is the product, which bitsandbytes casts to b for the base (4 + b T i again)
         # A frozen layer computes no weight gradient in backward: without checkpointing the backward's peak is the
         # final norm's fp32 backward (5 x 4 T h) before any layer has freed its activations; with checkpointing it
         # is one recomputed layer at that same transient
-        layer_transient = tokens * shape.intermediate * (b + (4 if mixed else 0)) + 4 * b * tokens * shape.hidden
+        # LoRA dropout (PEFT: lora_A(dropout(x)) on the cast input): the dropped-out fp32 copy beside the cast (4 T
+        # i more); without the cast the adapter saves the dropped copy, and the product becomes transient (b T i)
+        product = (b + 4 + 4 * dropout) if peft_cast else (b if dropout else 0)
+        layer_transient = tokens * shape.intermediate * product + 4 * r * tokens * shape.hidden
         backward = layer + layer_transient if ckpt else 5 * 4 * tokens * shape.hidden
 
     head_trained = not lora  # LoRA never adapts the LM head: no dL/dW

@@ -2,6 +2,7 @@
 
     python -m tests.fake_step [--layers 2] [--world 8] [--checkpointing]      # prints the peak and its parts
     python -m tests.fake_step --lora 8 [--layers 2] [--checkpointing]          # LoRA rank 8 on one process
+    python -m tests.fake_step --lora 8 --lora-dropout 0.1                        # with PEFT's dropout on its inputs
 
 `backend.train.train_step` runs on a random Llama of Llama-3.1-8B's widths (hidden 4,096, 32 heads, 8 KV heads, MLP
 14,336, vocabulary 128,256) with `layers` decoder layers, made under `FakeTensorMode` (shapes and dtypes, no data),
@@ -22,7 +23,10 @@ What has to be worked around (FACTS.md, "Measured without a GPU"):
 LoRA on one process (`lora_step_peak`): PEFT moves the adapters it makes with `Module.to`, which cannot swap fake
 parameters ("Couldn't swap Linear.weight"), so the base is made fake and `wrap_lora` runs outside the fake mode (the
 adapters are real fp32 tensors, a few MiB, counted like the rest); `prepare` places nothing for the same reason; and
-MemTracker refuses a frozen parameter, so `LiveBytes` counts the storages alive itself.
+MemTracker refuses a frozen parameter, so `LiveBytes` counts the storages alive itself. LoRA dropout: torch's dropout
+takes native_dropout (an output and a bool mask, the mask saved) only on CUDA; on the CPU it multiplies by a noise
+tensor of the input's dtype, a 4-byte mask for PEFT's fp32 input. The probe runs CUDA's path (`_cuda_dropout`) so
+that it saves what a GPU saves.
 """
 
 from __future__ import annotations
@@ -172,8 +176,11 @@ class LiveBytes:
     torch's MemTracker cannot follow a LoRA model: it hooks the gradient of every parameter, and a frozen base
     parameter has none ("cannot register a hook on a tensor that doesn't require gradient"). A storage's Python
     object lives as long as the storage itself (PyObject preservation, fake storages too), so a finalizer on it
-    says when its bytes are freed. Tensors made before the mode (parameters, gradients, optimizer state) are
-    counted with `track`. Answers nonzero and scalars as the FSDP probe does (`_answer`).
+    says when its bytes are freed. A storage an op grows in place (`resize_`, an `out=` tensor too small) is
+    counted at its new size: every op's outputs are looked at, the tensors it was given included. Tensors made
+    before the mode (parameters, gradients, optimizer state) are counted with `track`. Answers nonzero and scalars
+    as the FSDP probe does (`_answer`). `where()` names what runs (lora_step_peak: the innermost module), kept with
+    each peak as `peak_where`.
     """
 
     def __init__(self, kept: int):
@@ -193,6 +200,8 @@ class LiveBytes:
         self.live: dict[int, tuple[int, str]] = {}
         self.total = self.peak = 0
         self.peak_parts: dict[str, int] = {}
+        self.where = lambda: ""
+        self.peak_where = ""
 
     def track(self, value, made_by: str) -> None:
         import weakref
@@ -204,33 +213,55 @@ class LiveBytes:
                 continue
             storage = t.untyped_storage()
             key = id(storage)
-            if key in self.live:
-                continue
             n = storage.nbytes()
-            self.live[key] = (n, f"{made_by} {str(t.dtype).removeprefix('torch.')}")
-            self.total += n
-            weakref.finalize(storage, self._free, key)
+            if key in self.live:  # grown in place (resize_, out=): the storage keeps the name of what made it
+                before, what = self.live[key]
+                if n == before:
+                    continue
+                self.live[key] = (n, what)
+                self.total += n - before
+            else:
+                self.live[key] = (n, f"{made_by} {str(t.dtype).removeprefix('torch.')}")
+                self.total += n
+                weakref.finalize(storage, self._free, key)
             if self.total > self.peak:
-                self.peak = self.total
-                self.peak_parts = {}
-                for size, what in self.live.values():
-                    self.peak_parts[what] = self.peak_parts.get(what, 0) + size
+                self.peak, self.peak_parts, self.peak_where = self.total, self._parts(), self.where()
+
+    def _parts(self) -> dict[str, int]:
+        parts: dict[str, int] = {}
+        for size, what in self.live.values():
+            parts[what] = parts.get(what, 0) + size
+        return parts
 
     def _free(self, key: int) -> None:
         self.total -= self.live.pop(key)[0]
 
-    def restart(self) -> tuple[int, dict]:
-        """(peak, {what made it: bytes}) since the last restart; the next peak starts from what is alive now."""
-        out = self.peak, self.peak_parts
-        self.peak, self.peak_parts = self.total, {}
+    def restart(self) -> tuple[int, dict, str]:
+        """(peak, {what made it: bytes}, where) since the last restart; the next peak starts from what is alive now
+        (and its parts, so a phase that adds nothing to them still says what it holds)."""
+        out = self.peak, self.peak_parts, self.peak_where
+        self.peak, self.peak_parts, self.peak_where = self.total, self._parts(), self.where()
         return out
+
+
+def _cuda_dropout(dropout):
+    """F.dropout as on CUDA: at::dropout's fused kernel, native_dropout (bool mask), for 0 < p < 1 in training."""
+
+    def cuda_dropout(input, p=0.5, training=True, inplace=False):
+        if training and 0 < p < 1 and not inplace:
+            return torch.native_dropout(input, p, training)[0]
+        return dropout(input, p, training, inplace)
+
+    return cuda_dropout
 
 
 def lora_step_peak(cfg, layers: int) -> dict:
     """fake_step_peak's result for a LoRA `cfg` on one process (no FSDP): the frozen base in the training dtype made
     under FakeTensorMode, the real `backend.lora.wrap_lora` on it (PEFT; its adapters are real fp32 tensors, a few
     MiB, so PEFT can move them), the trainer's Accelerator (autocast), `train_step` under LiveBytes. "phases" hold
-    {"Total": bytes, what made them: bytes} at each phase's peak; "Total" counts every storage alive."""
+    {"Total": bytes, what made them: bytes} at each phase's peak; "Total" counts every storage alive. "where": the
+    innermost module running at each phase's peak ("base_model.model.model.layers.1.mlp.down_proj"; "" outside
+    every module: the loss)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -265,12 +296,26 @@ def lora_step_peak(cfg, layers: int) -> dict:
     batch, kept = _packed_row()
     impl = cfg.model.base_model.cross_entropy_impl
     live = LiveBytes(kept)
-    to_device = train_module._to_device
+    to_device, dropout = train_module._to_device, torch.nn.functional.dropout
     train_module._to_device = lambda mb, device: mb  # the batch stays on "cpu" (module docstring)
-    phases = {}
+    torch.nn.functional.dropout = _cuda_dropout(dropout)  # PEFT's lora_dropout: CUDA's mask (module docstring)
+    phases, where = {}, {}
+    # the innermost module running, kept with each peak: a stack of names pushed and popped by global hooks
+    names = {id(module): name for name, module in model.named_modules()}
+    running: list[str] = []
+
+    def leave(module, args, output) -> None:  # None: a value would replace the output; always_call: a recompute
+        # that checkpointing stops early (StopRecomputationError) leaves its module too
+        running.pop()
+
+    hooks = [
+        torch.nn.modules.module.register_module_forward_pre_hook(lambda m, a: running.append(names.get(id(m), ""))),
+        torch.nn.modules.module.register_module_forward_hook(leave, always_call=True),
+    ]
+    live.where = lambda: next((name for name in reversed(running) if name), "")
 
     def close_phase(name: str) -> None:
-        peak, parts = live.restart()
+        peak, parts, where[name] = live.restart()
         phases[name] = {"Total": peak, **parts}
 
     try:
@@ -286,14 +331,16 @@ def lora_step_peak(cfg, layers: int) -> dict:
             finally:
                 restore()
     finally:
-        train_module._to_device = to_device
+        train_module._to_device, torch.nn.functional.dropout = to_device, dropout
+        for hook in hooks:
+            hook.remove()
     peak_phase = max(phases, key=lambda name: phases[name]["Total"])
-    return {"peak": phases[peak_phase]["Total"], "peak_phase": peak_phase, "phases": phases}
+    return {"peak": phases[peak_phase]["Total"], "peak_phase": peak_phase, "phases": phases, "where": where}
 
 
-def probe_config(world: int, checkpointing: bool, lora_rank: int = 0):
+def probe_config(world: int, checkpointing: bool, lora_rank: int = 0, lora_dropout: float = 0.0):
     """The guide's 8B config as the probes run it: one packed row of 4,096 tokens per rank and step; LoRA (on one
-    process, zero_stage 0) when lora_rank > 0."""
+    process, zero_stage 0, PEFT's dropout lora_dropout) when lora_rank > 0."""
     from backend import ROOT
     from backend.config import load_train_config
 
@@ -304,7 +351,7 @@ def probe_config(world: int, checkpointing: bool, lora_rank: int = 0):
     ]
     if lora_rank:
         overrides += ["model.base_model.peft.type=lora", f"model.base_model.peft.rank={lora_rank}"]
-        overrides += ["model.multi_stage.zero_stage=0"]
+        overrides += ["model.multi_stage.zero_stage=0", f"model.base_model.peft.dropout={lora_dropout}"]
     return load_train_config(ROOT / "assets" / "configs" / "llama31_8b_magpie_train.yaml", overrides)
 
 
@@ -316,10 +363,11 @@ def main() -> None:
     parser.add_argument("--world", type=int, default=8)
     parser.add_argument("--checkpointing", action="store_true")
     parser.add_argument("--lora", type=int, default=0, metavar="RANK", help="LoRA of this rank on one process")
+    parser.add_argument("--lora-dropout", type=float, default=0.0, metavar="P", help="PEFT's dropout (with --lora)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON (tests/test_plan_fake_step.py)")
     args = parser.parse_args()
     if args.lora:
-        result = lora_step_peak(probe_config(1, args.checkpointing, args.lora), args.layers)
+        result = lora_step_peak(probe_config(1, args.checkpointing, args.lora, args.lora_dropout), args.layers)
     else:
         result = fake_step_peak(probe_config(args.world, args.checkpointing), args.world, args.layers)
     if args.json:
@@ -329,7 +377,8 @@ def main() -> None:
         return
     for name, parts in result["phases"].items():
         big = {k: round(v / 2**30, 2) for k, v in sorted(parts.items(), key=lambda kv: -kv[1]) if v >= 2**24}
-        print(f"{name}: {parts['Total'] / 2**30:.2f} GiB", big)
+        at = f" in {result['where'][name] or 'no module'}" if "where" in result else ""
+        print(f"{name}: {parts['Total'] / 2**30:.2f} GiB{at}", big)
 
 
 if __name__ == "__main__":

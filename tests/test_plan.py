@@ -441,6 +441,39 @@ def test_qlora_host_ram_follows_the_model_size():
     assert tiny.host_ram_bytes < 2**22 < big.host_ram_bytes
 
 
+def test_lora_under_fsdp_has_no_peft_cast():
+    """PEFT casts an adapter's input to lora_A.weight.dtype. In one process the adapters are fp32 masters under
+    autocast: each adapted projection keeps its own bf16 copy of its input (3 + 2 per layer where 1 + 1 would be
+    shared) and the down projection's input is cast to fp32 (4 T i) beside the product (b T i) that no frozen Linear
+    saves. FSDP2 gathers the adapters in its param_dtype (bf16): the cast is a no-op, the adapters read and save
+    the one input, the product is an activation, and the layer transient is its 4 b T h alone."""
+    lora = ["model.base_model.peft.type=lora", "model.multi_stage.zero_stage=3"]
+    shape = model_shape(LLAMA_8B)
+    one, fsdp = (plan_memory(guide_8b(*lora), world, shape=shape) for world in (1, 8))
+    assert fsdp.sharded and not one.sharded
+    t, h, i, b = one.tokens, shape.hidden, shape.intermediate, 2
+    assert fsdp.layer_transient == 4 * b * t * h
+    assert one.layer_transient - fsdp.layer_transient == (b + 4) * t * i
+    assert one.activations_full - fsdp.activations_full == shape.layers * t * (2 + 1) * b * h
+    rows = {name: (size, how) for name, size, how in fsdp.parts()}
+    assert rows["backward temporaries"][0] == 0 and "LM head's reduce-scatter" in rows["backward temporaries"][1]
+    assert "fp32" not in rows["layer forward transient"][1]
+
+
+def test_qlora_layer_transient_holds_the_fp32_residual_stream():
+    """QLoRA's residual stream is fp32 (prepare_model_for_kbit_training upcasts the norms; bitsandbytes returns a
+    Linear's output in its input's dtype), so the four hidden-size values around the last layer's MLP are 4-byte:
+    4 x (4 - b) T h more than LoRA's on a bf16 base; the MLP's product (fp32, then bitsandbytes' b-byte cast)
+    weighs what LoRA's product and PEFT's fp32 cast do. bitsandbytes needs CUDA: the formula's inputs only."""
+    lora = ["model.base_model.peft.type=lora", "model.multi_stage.zero_stage=0"]
+    shape = model_shape(LLAMA_8B)
+    bf16 = plan_memory(guide_8b(*lora), 1, shape=shape)
+    qlora = plan_memory(guide_8b(*lora, "pretrained.quantization=4bit"), 1, shape=shape)
+    t, h, i, b = bf16.tokens, shape.hidden, shape.intermediate, 2
+    assert bf16.layer_transient == (b + 4) * t * i + 4 * b * t * h
+    assert qlora.layer_transient - bf16.layer_transient == 4 * (4 - b) * t * h
+
+
 def test_planner_falls_back_to_the_shipped_config_offline_and_says_so(capsys, monkeypatch):
     """The README's command names meta-llama/Llama-3.1-8B (a gated hub id): offline, the shipped config.json is used
     within seconds and the output says so; an id nothing is shipped for is still an error that names the path."""
