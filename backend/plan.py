@@ -20,7 +20,8 @@ parameters   sharded: the fp32 master copy, 4N/W under FSDP2 (zero_stage 2/3 wit
              gathered: the compute copy. zero_stage 3 (reshard after forward): accelerate 1.15 makes each decoder
              layer a unit, the embedding another (resharded after its forward), [final norm, LM head] a third kept
              gathered from its forward to its backward with its all-gather buffer held too, and the root holds no
-             parameter. At both peaks (the loss, the start of the backward) no layer is gathered: b x 2 P_tail.
+             parameter. At both peaks (the loss, the start of the backward) no layer is gathered: b x 2 P_tail
+             (LoRA: + one decoder layer's b-byte copy, which the fake step finds still alive at the loss).
              zero_stage 2 keeps every layer gathered from forward to backward: b x N. Without FSDP and
              with mixed precision, autocast caches a b-byte copy of every Linear weight for the forward and backward
              of a micro-batch: b x (linear parameters). fp32 without FSDP: 0.
