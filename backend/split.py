@@ -30,7 +30,7 @@ comparison use it on simulated or measured group lengths.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -152,13 +152,9 @@ def split_conversation(
     from backend import chat
 
     masking = masking or chat.Masking()
-    all_turns = chat.Masking(
-        mode=masking.mode,
-        start_delimiter=masking.start_delimiter,
-        end_delimiter=masking.end_delimiter,
-        train_on="all",
-        train_on_eot=masking.train_on_eot,
-    )
+    # every reply's turn is found (train_on 'last' picks the trained one below); a piece's last reply gets the marker
+    # the conversation has after it (append); tool-call turns are trained or not as the run says
+    all_turns = replace(masking, train_on="all", final_eot="append")
     L = int(sequence_length)
     messages = rendered.messages
     n_sys, groups = turn_groups(messages)
@@ -170,7 +166,7 @@ def split_conversation(
         return result
 
     if len(rendered.turns) < len(assistants):  # train_on 'last' finds only the trained turn: find them all
-        rendered = chat.render(messages, tokenizer, all_turns, chat_template)
+        rendered = chat.render(messages, tokenizer, all_turns, chat_template, tools=rendered.tools)
         tokenized = chat.tokenize(rendered.text, [], tokenizer)
     # per-group token costs from the full tokenization: group g ends where its last reply's turn ends
     ends = {}
@@ -193,7 +189,7 @@ def split_conversation(
         if key not in cache:
             msgs = messages[:n_sys] + messages[groups[c][0] : groups[j][1]]
             offset = groups[c][0] - n_sys  # original index = piece index + offset (after the system messages)
-            r = chat.render(msgs, tokenizer, all_turns, chat_template)
+            r = chat.render(msgs, tokenizer, all_turns, chat_template, tools=rendered.tools)  # the row's tool schemas
             piece_targets = {k - offset for k in wanted if groups[i][0] <= k < groups[j][1]}
             spans = _piece_spans(r, groups[i][0] - offset, piece_targets)
             tok = chat.tokenize_batch([r.text], [spans], tokenizer)[0]  # the Rust fast path of prepare

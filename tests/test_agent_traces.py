@@ -517,3 +517,28 @@ def test_a_sharegpt_function_calling_row_prepares_like_its_openai_form(tmp_path,
     expected = tokenizer.apply_chat_template(openai, tools=_tools(), chat_template=template.read_text(), tokenize=False)
     assert tokenizer.decode(ids.tolist()).removeprefix(tokenizer.bos_token) == expected
     assert trained.any()
+
+
+@pytest.mark.parametrize("tool_calls", [True, False], ids=["tool-calls-trained", "tool-calls-masked"])
+def test_a_long_agent_trace_is_split_into_pieces_that_keep_its_tools(tool_calls, tokenizer):
+    """long_documents: split_turns on an agent trace: every piece is the template applied to its own messages with
+    the row's tool schemas (a piece without them teaches calls to tools it never saw defined), and the pieces train
+    what the whole trace trains under the run's masking (chat.train_on_tool_calls too), each reply once."""
+    from backend.chat import Masking, render, tokenize
+    from backend.split import split_conversation
+
+    template = (CORPUS / "qwen2.5-instruct.jinja").read_text()
+    messages, masking = ROWS["turns_after_result"], Masking(train_on_tool_calls=tool_calls)
+    whole = render(messages, tokenizer, masking, template, tools=_tools())
+    full = tokenize(whole.text, whole.trained_spans, tokenizer)
+    res = split_conversation(whole, full, tokenizer, len(full.input_ids) - 1, masking, template)
+    assert len(res.pieces) >= 2 and res.truncated_groups == 0
+    for p in res.pieces:
+        assert p.text == tokenizer.apply_chat_template(
+            _hf(p.messages), tools=_tools(), chat_template=template, tokenize=False
+        )
+        assert "zqdesc1" in p.text and len(p.input_ids) < len(full.input_ids)
+    seen = [k for p in res.pieces for k in p.trained_messages]
+    assert len(seen) == len(set(seen))
+    trained_ids = np.concatenate([p.input_ids[p.trained] for p in res.pieces])
+    np.testing.assert_array_equal(trained_ids, full.input_ids[full.trained])  # the same tokens, in order, once

@@ -136,6 +136,62 @@ def test_train_on_last_gives_one_piece_with_context():
     assert int(p.trained.sum()) == full.n_trained and len(p.input_ids) <= 160
 
 
+def _assert_pieces_train_what_the_whole_trains(messages, full, res, length):
+    """Every piece fits, every reply is trained in one piece, and the pieces' trained tokens, in order, are the
+    whole conversation's trained tokens."""
+    assert res.pieces and all(len(p.input_ids) <= length and p.trained.any() for p in res.pieces)
+    seen = [k for p in res.pieces for k in p.trained_messages]
+    assert sorted(seen) == [k for k, m in enumerate(messages) if m["role"] == "assistant"] and len(set(seen)) == len(
+        seen
+    )
+    trained_ids = np.concatenate([p.input_ids[p.trained] for p in res.pieces])
+    np.testing.assert_array_equal(trained_ids, full.input_ids[full.trained])
+
+
+@pytest.mark.parametrize(
+    "masking",
+    [
+        Masking(train_on_eot=False),
+        Masking(
+            mode="delimiters",
+            start_delimiter="<|start_header_id|>assistant<|end_header_id|>\n\n",
+            end_delimiter="<|eot_id|>",
+        ),
+    ],
+    ids=["no-eot", "delimiters"],
+)
+def test_pieces_are_masked_as_the_run_says(masking):
+    """The pieces are rendered with the run's masking (train_on_eot, delimiter mode), not the default's."""
+    messages = long_conversation()
+    t, r, full, res = full_and_split("llama", messages, 160, masking)
+    assert len(res.pieces) >= 3 and res.truncated_groups == 0
+    _assert_pieces_train_what_the_whole_trains(messages, full, res, 160)
+
+
+def test_a_conversation_that_opens_with_the_assistant_is_split_with_its_greeting_trained():
+    """A greeting before the first question is a group of its own whose reply is its first message: it is trained
+    in one piece like every other reply."""
+    messages = long_conversation()
+    messages = messages[:1] + [{"role": "assistant", "content": "Hello! Ask me anything."}] + messages[1:]
+    t, r, full, res = full_and_split("llama", messages, 160)
+    assert len(res.pieces) >= 3 and res.truncated_groups == 0
+    _assert_pieces_train_what_the_whole_trains(messages, full, res, 160)
+    assert res.pieces[0].trained_messages[0] == 1
+
+
+def test_pieces_fit_and_train_each_reply_once_when_the_plan_overshoots(monkeypatch):
+    """Each planned piece is built and shrunk until it fits (context first, then its last trained groups, which
+    move to the next piece): with a plan that always asks for the whole conversation the pieces still fit and
+    train every reply once."""
+    import backend.split as S
+
+    monkeypatch.setattr(S, "_plan_one", lambda i, head, costs, targets, length: (0, max(targets)))
+    messages = long_conversation()
+    t, r, full, res = full_and_split("llama", messages, 160)
+    assert len(res.pieces) >= 3 and res.truncated_groups == 0
+    _assert_pieces_train_what_the_whole_trains(messages, full, res, 160)
+
+
 def test_turn_groups_and_plan_pieces_properties():
     n_sys, groups = turn_groups(long_conversation(3))
     assert n_sys == 1 and groups[0][0] == 1 and groups[-1][1] == len(long_conversation(3))
@@ -147,12 +203,31 @@ def test_turn_groups_and_plan_pieces_properties():
         plan = plan_pieces(head, costs, L, targets)
         trained = [g for c, i, j in plan for g in range(i, j + 1) if g in targets]
         assert trained == sorted(targets)  # every target group exactly once, in order
-        for c, i, j in plan:
-            assert c <= i <= j and i in targets and j in targets
+        for n, (c, i, j) in enumerate(plan):
+            assert 0 <= c <= i <= j and i in targets and j in targets
             size = head + sum(costs[c : j + 1])
             assert size <= L or (c == i == j and head + costs[i] > L)
             if c > 0 and size <= L:  # as much context as fits
                 assert size + costs[c - 1] > L
+            if n + 1 < len(plan):  # as many trained groups as fit: the next piece's first would not have
+                assert head + sum(costs[i : plan[n + 1][1] + 1]) > L
+
+
+def test_turn_groups_cut_exactly_before_each_user_message_that_follows_a_reply():
+    """On random role sequences: the leading system messages are counted, the groups cover every other message in
+    order, none is empty, and a group starts at message k > first exactly when k is a user message right after an
+    assistant one (a greeting, tool turns and consecutive user messages stay in their group)."""
+    rng = np.random.default_rng(3)
+    for _ in range(500):
+        n_sys = int(rng.integers(0, 3))
+        roles = ["system"] * n_sys + rng.choice(["user", "assistant", "tool"], int(rng.integers(0, 9))).tolist()
+        got_sys, groups = turn_groups([{"role": r} for r in roles])
+        assert got_sys == n_sys
+        covered = [k for a, b in groups for k in range(a, b)]
+        assert covered == list(range(n_sys, len(roles))) and all(a < b for a, b in groups)
+        starts = {a for a, _ in groups}
+        for k in range(n_sys + 1, len(roles)):
+            assert (k in starts) == (roles[k] == "user" and roles[k - 1] == "assistant"), (roles, groups)
 
 
 def test_compare_modes_counts():
