@@ -22,3 +22,18 @@ def data(tmp_path_factory):
         capture_output=True,
     )
     return out
+
+
+@pytest.fixture(autouse=True)
+def _fresh_chat_memos_under_mutmut():
+    """Under mutmut (MUTANT_UNDER_TEST set) every test starts with backend.chat's memos empty: mutmut forks each
+    mutant's run from a process that has already run the tests, so an end-of-turn marker or a template structure
+    memoized there by the unmutated code would answer in place of the mutant (tests/MUTATION.md)."""
+    if os.environ.get("MUTANT_UNDER_TEST"):
+        from backend.chat import templates, tokens
+
+        tokens._info_cache.clear()
+        templates._compiled_cache.clear()
+        templates._generation_cache.clear()
+    yield
+
