@@ -463,6 +463,20 @@ def test_a_marker_some_continuation_lacks_is_not_trained(tpl):
     assert "every next message shares" in r.problems[0]
 
 
+def test_one_tokenizer_under_two_templates_gets_each_templates_own_marker():
+    """The marker is memoized per tokenizer, keyed by template and roles: the studio switching templates on one
+    tokenizer trains the new template's marker, not the first one's."""
+    t = tok("chatml")
+    bare = _LOOP + "{{ m.content }}{{ eos_token }}{% endfor %}"
+    for tpl, eot in (
+        (None, "<|im_end|>"),
+        (bare, "<|im_end|>"),
+        (_LOOP + "<{{ m.role }}>{{ m.content }}</s>{% endfor %}", "</s>"),
+    ):
+        r = render(TURNS, t, chat_template=tpl)
+        assert [r.text[b:e] for b, e in r.trained_spans] == [x + eot for x in REPLIES], tpl
+
+
 def test_a_template_that_writes_the_final_reply_twice_gets_no_marker_guessed_after_it():
     """A rendering that ends at the reply and writes it twice (a recap) cannot say whether the template closes
     the reply: between turns the marker is still found, after the final reply nothing is trained or appended."""
