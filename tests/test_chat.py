@@ -416,8 +416,13 @@ _WELCOME = [{"from": "gpt", "value": "Welcome."}]  # a conversation may open wit
         _LOOP
         + _NO_LATE_SYSTEM
         + "{% if not loop.first %}<|end|>\n{% endif %}<|{{ m.role }}|>{{ m.content }}{% endfor %}",
+        # the separator and the next role's opening written as one piece, with and without a generation prompt
+        _LOOP + "{% if not loop.first %}{{ '<|end|>\\n<|' + m.role + '|>' }}{% else %}{{ '<|' + m.role + '|>' }}"
+        "{% endif %}{{ m.content }}{% endfor %}",
+        _LOOP + "{% if not loop.first %}{{ '<|end|>\\n<|' + m.role + '|>' }}{% else %}{{ '<|' + m.role + '|>' }}"
+        "{% endif %}{{ m.content }}{% endfor %}{% if add_generation_prompt %}<|end|>\n<|assistant|>{% endif %}",
     ],
-    ids=["split-opening", "one-continuation"],
+    ids=["split-opening", "one-continuation", "one-piece-separator", "one-piece-separator-generation"],
 )
 @pytest.mark.parametrize("conv", [TURNS, _WELCOME + TURNS], ids=["user-first", "assistant-first"])
 def test_the_marker_stops_where_the_next_turn_opens(tpl, conv):
@@ -450,8 +455,10 @@ def test_a_template_without_role_markers_trains_the_eos_after_a_reply_at_the_ver
         # '<|end|>' before a user turn and the generation prompt, but not before a system message
         _LOOP + "{% if not loop.first and m.role != 'system' %}<|end|>{% endif %}<|{{ m.role }}|>{{ m.content }}"
         "{% endfor %}{% if add_generation_prompt %}<|end|><|assistant|>{% endif %}",
+        # nothing between a reply and the next turn's opening, which every continuation starts with
+        _LOOP + "{{ '<|start|>' }}{{ m.role }}\n{{ m.content }}{% endfor %}",
     ],
-    ids=["generation-prompt-differs", "system-message-differs"],
+    ids=["generation-prompt-differs", "system-message-differs", "opening-only"],
 )
 def test_a_marker_some_continuation_lacks_is_not_trained(tpl):
     """Text that follows a reply before some next messages only is not an end-of-turn marker: nothing after the

@@ -229,13 +229,14 @@ def _eot(roles: tuple, tokenizer, template, tools=None) -> _Eot:
     between, why = None, ""
     closes = last is not None and last[0].strip() != ""
     pool = follows + ([last] if closes else [])
-    # where the user turn's opening begins after the reply: the marker never reaches into the next turn
+    # where the user turn's opening begins after the reply: it bounds the shared text when no closed final reply
+    # does (a conversation's start may hold a default system block that ends like the marker: Command R7B's)
     opening = _opening_at(user, probe, tokenizer, template, tools) if user is not None else None
     if len(pool) >= 2:
         rests = [t for t, _ in pool]
         shared = min(_common_prefix_len(rests[0], t) for t in rests[1:])
         cut = max((b for b in set.intersection(*[b for _, b in pool]) if b <= shared), default=0)
-        between = rests[0][: cut if opening is None else min(cut, opening)].rstrip() or None
+        between = rests[0][: cut if opening is None or closes else min(cut, opening)].rstrip() or None
     if between is None and follows and opening is not None:
         marker = user[0][:opening].rstrip()
         between = marker if marker and all(t.startswith(marker) for t, _ in follows) else None
@@ -255,12 +256,15 @@ def _eot(roles: tuple, tokenizer, template, tools=None) -> _Eot:
 
 
 def _opening_at(after, probe, tokenizer, template, tools=None) -> int | None:
-    """Where the next user turn's opening begins in ``after`` (the text after a reply and its output piece ends,
-    up to that turn's content ``probe``): the gap before the content minus the opening as the template writes it
-    at the start of a conversation (their common suffix), moved up to the next piece end within the gap (a turn
-    starts a piece; ``<|eot_id|>`` and ``<|begin_of_text|>`` share their last two characters). None when the
-    template does not write the content or rejects a conversation that starts with a user message."""
-    rest, ends = after
+    """Where the next user turn's opening begins in ``after`` (the text after a reply, up to that turn's content
+    ``probe``): the gap before the content minus the opening as the template writes it at the start of a
+    conversation (their common suffix, shortened until the opening starts one of the template's output pieces
+    there: ``<|eot_id|>`` and ``<|begin_of_text|>`` share their last two characters). None when the template
+    does not write the content, rejects a conversation that starts with a user message, or writes all of the gap
+    and more before a first user turn (Llama 3.1's default system block ends with the same ``<|eot_id|>``):
+    where the opening begins is not known. 0 when the gap is the opening itself (nothing written between a reply
+    and the next turn)."""
+    rest = after[0]
     first = _render_chunks([{"role": "user", "content": probe}], tokenizer, template, False, tools)
     if first is None or probe not in rest or probe not in first[0]:
         return None
@@ -268,8 +272,13 @@ def _opening_at(after, probe, tokenizer, template, tools=None) -> int | None:
     shared = 0
     while shared < min(len(gap), len(start)) and gap[-1 - shared] == start[-1 - shared]:
         shared += 1
+    while 0 < shared < len(start) and len(start) - shared not in first[1]:  # the opening starts a piece there
+        shared -= 1
     at = len(gap) - shared
-    return min((x for x in ends if at <= x <= len(gap)), default=at)
+    bos = _info(tokenizer)["bos"]
+    if at == 0 and shared < len(start.removeprefix(bos) if bos else start):
+        return None  # the start's opening holds all of the gap and more: the gap may end a block before it
+    return at
 
 
 def _close_turn(text, k, begin, content_end, messages, tokenizer, template, problems) -> AssistantTurn:
