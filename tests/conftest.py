@@ -36,4 +36,3 @@ def _fresh_chat_memos_under_mutmut():
         templates._compiled_cache.clear()
         templates._generation_cache.clear()
     yield
-
