@@ -417,6 +417,7 @@ class MemoryPlan:
         copy = (
             (
                 "zero_stage 3: the LM head's unit and its all-gather buffer"
+                + (", and one decoder layer still gathered at the loss" if lora else "")
                 if self.zero_stage == 3
                 else "zero_stage 2: every layer"
             )
@@ -607,7 +608,7 @@ def _plan(cfg, world: int, shape: ModelShape) -> MemoryPlan:
                 # measured on the fake step (LoRA r8, FSDP x 8, 2 and 32 layers' widths): one decoder layer's b-byte
                 # all-gather output is still alive at the loss under a frozen base, though not in full finetuning;
                 # why FSDP2 keeps it is not established, so it is counted (the plan was 4-7% low without it)
-                params_gathered += b * (shape.layer_linear_params + 2 * shape.hidden)
+                params_gathered += b * shape.layer_params
         if quant != "none":  # dequantized copy of the largest Linear, forward and backward
             params_gathered += b * max(a * c for a, c in shape.linears())
         r = 4 if quant != "none" else b  # QLoRA: the upcast fp32 norms make the residual stream fp32

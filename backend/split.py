@@ -153,8 +153,9 @@ def split_conversation(
 
     masking = masking or chat.Masking()
     # every reply's turn is found (train_on 'last' picks the trained one below); a piece's last reply gets the marker
-    # the conversation has after it (append); tool-call turns are trained or not as the run says
+    # the conversation has after it (append), unless it is the conversation's own last; tool-call turns as the run says
     all_turns = replace(masking, train_on="all", final_eot="append")
+    at_the_end = replace(all_turns, final_eot=masking.final_eot)  # the piece that ends the conversation: as it does
     L = int(sequence_length)
     messages = rendered.messages
     n_sys, groups = turn_groups(messages)
@@ -189,7 +190,8 @@ def split_conversation(
         if key not in cache:
             msgs = messages[:n_sys] + messages[groups[c][0] : groups[j][1]]
             offset = groups[c][0] - n_sys  # original index = piece index + offset (after the system messages)
-            r = chat.render(msgs, tokenizer, all_turns, chat_template, tools=rendered.tools)  # the row's tool schemas
+            piece_masking = at_the_end if groups[j][1] == len(messages) else all_turns
+            r = chat.render(msgs, tokenizer, piece_masking, chat_template, tools=rendered.tools)  # with the row's tools
             piece_targets = {k - offset for k in wanted if groups[i][0] <= k < groups[j][1]}
             spans = _piece_spans(r, groups[i][0] - offset, piece_targets)
             tok = chat.tokenize_batch([r.text], [spans], tokenizer)[0]  # the Rust fast path of prepare

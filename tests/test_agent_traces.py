@@ -519,8 +519,16 @@ def test_a_sharegpt_function_calling_row_prepares_like_its_openai_form(tmp_path,
     assert trained.any()
 
 
-@pytest.mark.parametrize("tool_calls", [True, False], ids=["tool-calls-trained", "tool-calls-masked"])
-def test_a_long_agent_trace_is_split_into_pieces_that_keep_its_tools(tool_calls, tokenizer):
+@pytest.mark.parametrize(
+    "masking",
+    [
+        {"train_on_tool_calls": True},
+        {"train_on_tool_calls": False},
+        {"mode": "delimiters", "start_delimiter": "<|im_start|>assistant\n", "end_delimiter": "<|im_end|>"},
+    ],
+    ids=["tool-calls-trained", "tool-calls-masked", "delimiters"],
+)
+def test_a_long_agent_trace_is_split_into_pieces_that_keep_its_tools(masking, tokenizer):
     """long_documents: split_turns on an agent trace: every piece is the template applied to its own messages with
     the row's tool schemas (a piece without them teaches calls to tools it never saw defined), and the pieces train
     what the whole trace trains under the run's masking (chat.train_on_tool_calls too), each reply once."""
@@ -528,7 +536,7 @@ def test_a_long_agent_trace_is_split_into_pieces_that_keep_its_tools(tool_calls,
     from backend.split import split_conversation
 
     template = (CORPUS / "qwen2.5-instruct.jinja").read_text()
-    messages, masking = ROWS["turns_after_result"], Masking(train_on_tool_calls=tool_calls)
+    messages, masking = ROWS["turns_after_result"], Masking(**masking)
     whole = render(messages, tokenizer, masking, template, tools=_tools())
     full = tokenize(whole.text, whole.trained_spans, tokenizer)
     res = split_conversation(whole, full, tokenizer, len(full.input_ids) - 1, masking, template)

@@ -462,7 +462,7 @@ def test_lora_under_fsdp_has_no_peft_cast():
     # 218 M parameters (416 MiB) at 8B; the plan was 4-7% low on the 2-layer fake step without it
     full = plan_memory(guide_8b("model.multi_stage.zero_stage=3"), 8, shape=shape)
     tail = 2 * b * (shape.lm_head_params + h)
-    assert full.params_gathered == tail and fsdp.params_gathered == tail + b * (shape.layer_linear_params + 2 * h)
+    assert full.params_gathered == tail and fsdp.params_gathered == tail + b * shape.layer_params
 
 
 def test_qlora_layer_transient_holds_the_fp32_residual_stream():

@@ -4,6 +4,7 @@ Run: .venv/bin/pytest tests/test_split.py -x -q
 """
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -177,6 +178,22 @@ def test_a_conversation_that_opens_with_the_assistant_is_split_with_its_greeting
     assert len(res.pieces) >= 3 and res.truncated_groups == 0
     _assert_pieces_train_what_the_whole_trains(messages, full, res, 160)
     assert res.pieces[0].trained_messages[0] == 1
+
+
+@pytest.mark.parametrize("final_eot", ["leave", "append"])
+def test_the_piece_that_ends_the_conversation_treats_its_open_final_reply_as_the_run_says(final_eot):
+    """A template that leaves the final reply open (vLLM's ChatML): chat.final_eot decides for the whole
+    conversation's last reply, so for the piece that ends with it too; every other piece's last reply gets the
+    marker the conversation has after it."""
+    t = tok("chatml")
+    template = (Path(__file__).parent / "data" / "chat_templates" / "chatml-vllm.jinja").read_text()
+    messages, masking = long_conversation(), Masking(final_eot=final_eot)
+    r = render(messages, t, masking, template)
+    full = tokenize(r.text, r.trained_spans, t)
+    res = split_conversation(r, full, t, 200, masking, template)
+    assert len(res.pieces) >= 2 and res.truncated_groups == 0
+    _assert_pieces_train_what_the_whole_trains(messages, full, res, 200)
+    assert res.pieces[-1].text.endswith("<|im_end|>") == (final_eot == "append")
 
 
 def test_pieces_fit_and_train_each_reply_once_when_the_plan_overshoots(monkeypatch):

@@ -59,7 +59,7 @@ def check_capability(messages: list[dict], tools, template: str) -> None:
         )
 
 
-def _markers(messages, tools, tokenizer, template) -> tuple[str | None, str]:
+def _markers(messages, tools, tokenizer, template) -> tuple[str | None, str | None]:
     """(between, final) end-of-turn markers of a plain reply under this template (`templates._eot`, probed with a
     tool schema when the row has tools). A marker `_eot` cannot decide because the final reply ends differently
     (gpt-oss: ``<|end|>`` between turns, ``<|return|>`` at the end) is what the continuations share."""

@@ -563,7 +563,7 @@ def render(
         if not assistants:
             problems.append("span_not_found: the conversation has no assistant message; nothing is trained")
 
-    return _sample(text, turns, chosen, masking, messages, tokenizer, problems, appended)
+    return _sample(text, turns, chosen, masking, messages, tokenizer, problems, appended, tools=tools)
 
 
 def _sample(text, turns, chosen, masking: Masking, messages, tokenizer, problems, appended, **extra) -> RenderedSample:
