@@ -536,7 +536,6 @@ def _activation_parts(
     # one b-byte copy of the normalized input per Linear reading it: autocast's cast when the residual stream is
     # wider than the compute dtype, and PEFT's (it casts each adapter's input to the fp32 adapter, autocast casts
     # it back) for every adapted projection when peft_cast (mixed precision with fp32 adapters: not under FSDP2,
-    # whose gathered adapters are already in the compute dtype)
     # whose gathered adapters are already in the compute dtype). LoRA dropout: each adapter reads its own dropped-out
     # copy (b bytes: of the normalized input where nothing else copies it, else in place of the cast) and saves a
     # 1-byte mask of it (native_dropout's bool mask)

@@ -269,9 +269,7 @@ def _opening_at(after, probe, tokenizer, template, tools=None) -> int | None:
     if first is None or probe not in rest or probe not in first[0]:
         return None
     gap, start = rest[: rest.find(probe)], first[0][: first[0].find(probe)]
-    shared = 0
-    while shared < min(len(gap), len(start)) and gap[-1 - shared] == start[-1 - shared]:
-        shared += 1
+    shared = _common_prefix_len(gap[::-1], start[::-1])  # their common suffix
     while 0 < shared < len(start) and len(start) - shared not in first[1]:  # the opening starts a piece there
         shared -= 1
     at = len(gap) - shared
