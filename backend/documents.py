@@ -479,7 +479,7 @@ def _process_chunk(start: int, task, state: tuple | None = None, keep_samples: b
     rows = np.asarray(rows, np.int64)[keep]
     split_stats = {}
     kept = np.flatnonzero(keep)
-    origin = list(range(len(kept)))  # document -> its kept input document (-1: a piece made below)
+    origin = list(range(len(kept)))  # document -> its kept input document, or the split.Piece made below
     if masking.reasoning == "every_turn" and job.form == "chat":  # dropped reasoning -> a document per turn
         from backend.split import every_turn_documents
 
@@ -495,7 +495,7 @@ def _process_chunk(start: int, task, state: tuple | None = None, keep_samples: b
             ids,
             trained,
             bounds,
-            [rendered_list[kept[o]] if o >= 0 else None for o in origin],  # a reasoning piece is kept whole
+            [rendered_list[kept[o]] if isinstance(o, int) else o for o in origin],  # a reasoning piece: the Piece
             lambda m: flat.samples([int(kept[origin[m]])])[0],
             tokenizer,
             masking,

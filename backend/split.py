@@ -61,6 +61,11 @@ class Piece:
     trained: np.ndarray  # (T,) bool
     truncated_tokens: int = 0  # tokens cut off the end (the group alone exceeded sequence_length)
     dropped_trained: int = 0  # of which trained
+    # a `reasoning_pieces` document, for `split_documents` to cut it at turns in turn: the piece's `chat.render`
+    # output, the masking it was rendered with and its tokens (whose offsets the split plan reads)
+    rendered: object = field(default=None, repr=False)
+    masking: object = field(default=None, repr=False)
+    tokenized: object = field(default=None, repr=False)
 
 
 @dataclass
@@ -144,11 +149,18 @@ def _piece_spans(rendered, first_trained_message: int, piece_targets: set) -> li
 
 
 def split_conversation(
-    rendered, tokenized, tokenizer, sequence_length: int, masking=None, chat_template: str | None = None
+    rendered,
+    tokenized,
+    tokenizer,
+    sequence_length: int,
+    masking=None,
+    chat_template: str | None = None,
+    targets=None,
 ) -> SplitResult:
     """Split one rendered conversation (``chat.render`` output) whose tokens (``tokenized``) exceed
     ``sequence_length``; see the module docstring. ``masking`` as given to render (train_on 'last' trains only the
-    last reply: then one piece, the last group with as much context as fits)."""
+    last reply: then one piece, the last group with as much context as fits). ``targets``: the indices of the
+    assistant messages to train, in place of those ``masking.train_on`` names (a `reasoning_pieces` document)."""
     from backend import chat
 
     masking = masking or chat.Masking()
@@ -160,7 +172,10 @@ def split_conversation(
     messages = rendered.messages
     n_sys, groups = turn_groups(messages)
     assistants = [k for k, m in enumerate(messages) if m["role"] == "assistant"]
-    wanted = set(assistants[-1:] if masking.train_on == "last" else assistants)
+    if targets is not None:
+        wanted = set(targets) & set(assistants)
+    else:
+        wanted = set(assistants[-1:] if masking.train_on == "last" else assistants)
     targets = {g for g, (a, b) in enumerate(groups) if any(a <= k < b for k in wanted)}
     result = SplitResult()
     if not groups or not targets:
@@ -307,7 +322,8 @@ def split_documents(rows, ids, trained, bounds, rendered, tokenized_of, tokenize
     """Prepare's flat chunk (document ``j`` = ``ids[bounds[j]:bounds[j+1]]`` from input row ``rows[j]``) with every
     conversation longer than ``length`` replaced by its pieces (same row: the pieces stay in one split).
 
-    ``rendered[j]``: the `chat.RenderedSample` of document j (None: not a conversation, kept whole);
+    ``rendered[j]``: the `chat.RenderedSample` of document j (None: not a conversation, kept whole), or the `Piece`
+    that `every_turn_documents` made it (cut with the masking and the trained replies of that piece);
     ``tokenized_of(j)``: its `chat.TokenizedSample`. Returns ``(rows, ids, trained, bounds, stats, problems)``,
     problems as prepare's ``(row, code, message, skipped)``.
     """
@@ -331,8 +347,14 @@ def split_documents(rows, ids, trained, bounds, rendered, tokenized_of, tokenize
         a, b = int(bounds[j]), int(bounds[j + 1])
         pieces = None
         if b - a > L and rendered[j] is not None:
+            src = rendered[j]
             try:
-                res = split_conversation(rendered[j], tokenized_of(j), tokenizer, L, masking, chat_template)
+                if isinstance(src, Piece):  # a chat.reasoning: every_turn document: its own replies, as rendered
+                    res = split_conversation(
+                        src.rendered, src.tokenized, tokenizer, L, src.masking, chat_template, src.trained_messages
+                    )
+                else:
+                    res = split_conversation(src, tokenized_of(j), tokenizer, L, masking, chat_template)
             except chat.ChatError as e:
                 problems.append((rows[j], "not_split", f"a piece could not be rendered: {e}", False))
             else:
@@ -399,6 +421,9 @@ def reasoning_pieces(rendered, tokenizer, masking=None, chat_template: str | Non
     if not dropped:
         return None
     masking = dataclasses.replace(masking or chat.Masking(), train_on="all", reasoning="as_rendered")
+    # a piece that ends before the conversation does trains the marker its reply has there (as split_turns' pieces)
+    inside = dataclasses.replace(masking, final_eot="append")
+    last = len(rendered.messages) - 1
     trained_turns = {
         t.message_index for t in rendered.turns if any(b < t.end and e > t.begin for b, e in rendered.trained_spans)
     }
@@ -408,15 +433,16 @@ def reasoning_pieces(rendered, tokenizer, masking=None, chat_template: str | Non
         if k not in trained_turns:
             continue
         msgs = rendered.messages[: k + 1]
-        r = chat.render(msgs, tokenizer, masking, chat_template, tools=rendered.tools)
+        piece_masking = masking if k == last else inside
+        r = chat.render(msgs, tokenizer, piece_masking, chat_template, tools=rendered.tools)
         if r.reasoning_rendered.get(k):  # the template writes it as the final reply: its own document
-            pieces.append((msgs, r, _piece_spans(r, k, {k}), [k]))
+            pieces.append((msgs, r, piece_masking, _piece_spans(r, k, {k}), [k]))
             rest.discard(k)
     if not pieces:
         return None  # the template writes no reasoning at all: nothing to gain from splitting
     if rest:
-        pieces.append((rendered.messages, rendered, _piece_spans(rendered, 0, rest), sorted(rest)))
-    toks = chat.tokenize_batch([r.text for _, r, _, _ in pieces], [s for _, _, s, _ in pieces], tokenizer)
+        pieces.append((rendered.messages, rendered, masking, _piece_spans(rendered, 0, rest), sorted(rest)))
+    toks = chat.tokenize_batch([p[1].text for p in pieces], [p[3] for p in pieces], tokenizer)
     return [
         Piece(
             messages=msgs,
@@ -425,8 +451,11 @@ def reasoning_pieces(rendered, tokenizer, masking=None, chat_template: str | Non
             text=r.text,
             input_ids=tok.input_ids,
             trained=tok.trained,
+            rendered=r,
+            masking=piece_masking,
+            tokenized=tok,
         )
-        for (msgs, r, _, trained_msgs), tok in zip(pieces, toks, strict=True)
+        for (msgs, r, piece_masking, _, trained_msgs), tok in zip(pieces, toks, strict=True)
         if tok.trained.any()
     ]
 
@@ -434,8 +463,9 @@ def reasoning_pieces(rendered, tokenizer, masking=None, chat_template: str | Non
 def every_turn_documents(rows, ids, trained, bounds, rendered, tokenizer, masking, chat_template):
     """Prepare's flat chunk with every conversation whose template drops reasoning replaced by its
     `reasoning_pieces` (same row: the pieces stay in one split). Returns ``(rows, ids, trained, bounds, origin,
-    stats)``: ``origin[d]`` is the input document a kept document is (-1 for a piece), ``stats`` counts
-    ``reasoning_split`` conversations and the ``reasoning_pieces`` documents made of them."""
+    stats)``: ``origin[d]`` is the input document a kept document is, ``stats`` counts
+    ``reasoning_split`` conversations and the ``reasoning_pieces`` documents made of them. A piece's origin is the
+    `Piece` itself, which `split_documents` cuts at turns when it is longer than split_turns' length."""
     stats = {"reasoning_split": 0, "reasoning_pieces": 0}
     out_rows, out_ids, out_trained, origin = [], [], [], []
     for j in range(len(bounds) - 1):
@@ -453,7 +483,7 @@ def every_turn_documents(rows, ids, trained, bounds, rendered, tokenizer, maskin
             out_rows.append(rows[j])
             out_ids.append(p.input_ids.astype(ids.dtype))
             out_trained.append(p.trained)
-            origin.append(-1)
+            origin.append(p)
     lengths = [len(x) for x in out_ids]
     return (
         np.asarray(out_rows, np.int64),

@@ -13,6 +13,7 @@ Token character ranges come from the tokenizer's own offsets, not from `backend.
 """
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -550,3 +551,86 @@ def test_a_long_agent_trace_is_split_into_pieces_that_keep_its_tools(masking, to
     assert len(seen) == len(set(seen))
     trained_ids = np.concatenate([p.input_ids[p.trained] for p in res.pieces])
     np.testing.assert_array_equal(trained_ids, full.input_ids[full.trained])  # the same tokens, in order, once
+
+
+# Qwen3's rule for reasoning (written only after the last user message) in a template that leaves the final reply
+# open: chat.final_eot decides the conversation's last marker; a document that ends earlier trains the one it has.
+OPEN_FINAL_REASONING = (
+    "{%- set ns = namespace(last_user=0) -%}"
+    "{%- for m in messages %}{% if m.role == 'user' %}{% set ns.last_user = loop.index0 %}{% endif %}{% endfor -%}"
+    "{%- for m in messages -%}<|im_start|>{{ m.role }}\n"
+    "{% if m.role == 'assistant' and loop.index0 > ns.last_user and m.reasoning_content %}"
+    "<think>\n{{ m.reasoning_content }}\n</think>\n\n{% endif %}"
+    "{{ m.content }}{% if not (loop.last and m.role == 'assistant') %}<|im_end|>\n{% endif %}"
+    "{%- endfor -%}{%- if add_generation_prompt %}{% if messages[-1].role == 'assistant' %}<|im_end|>\n{% endif %}"
+    "<|im_start|>assistant\n{% endif -%}"
+)
+
+
+@pytest.mark.parametrize("template_name", ["qwen3-0.6b.jinja", "open-final"])
+@pytest.mark.parametrize("final_eot", ["append", "leave"])
+def test_every_turn_with_split_turns_cuts_long_reasoning_documents_at_turns(
+    final_eot, template_name, tmp_path, tokenizer
+):
+    """chat.reasoning: every_turn makes a document per reply whose reasoning Qwen3 drops, each with the whole
+    conversation before it as context; with long_documents: split_turns a document longer than the sequence is cut
+    at turns like any long conversation (context trimmed from the front), not kept whole to be dropped by packing.
+    Every document is transformers' rendering of a run of the conversation's messages, fits the sequence, and every
+    reply and reasoning is trained exactly once, each reply with its end-of-turn marker."""
+    if template_name == "open-final":
+        template_path = tmp_path / "open-final.jinja"
+        template_path.write_text(OPEN_FINAL_REASONING)
+    else:
+        template_path = CORPUS / template_name
+    template = template_path.read_text()
+    pad = " ".join(["filler"] * 40)
+    messages = [{"role": "system", "content": "zqsys1 be brief"}]
+    for n in range(1, 6):
+        messages.append({"role": "user", "content": f"zqusr{n} question {pad}"})
+        messages.append({"role": "assistant", "content": f"zqans{n} answer", "reasoning_content": f"zqrsn{n} think"})
+    (tmp_path / "rows.jsonl").write_text(json.dumps({"messages": messages}) + "\n")
+    whole = tokenizer.apply_chat_template(_hf(messages), chat_template=template, tokenize=False)
+    length = len(tokenizer(whole, add_special_tokens=False)["input_ids"]) // 2
+
+    def documents(**long):
+        cfg = {
+            "output_path": str(tmp_path / "out"),
+            "dataset": {"path": str(tmp_path / "rows.jsonl")},
+            "tokenizer": {"path": str(TINY_MODEL)},
+            "chat": {"template": str(template_path), "reasoning": "every_turn", "final_eot": final_eot},
+            **long,
+        }
+        cfg = load_prepare_config(cfg)
+        return RowReader(cfg).sample(0, cfg, tokenizer).documents
+
+    kept_whole = documents()
+    assert max(len(ids) for ids, _ in kept_whole) > length  # the late documents carry every turn before them
+    docs = documents(long_documents={"mode": "split_turns", "sequence_length": length})
+    trained_markers, eots = [], 0
+    for ids, trained in docs:
+        assert len(ids) <= length
+        text = tokenizer.decode(ids.tolist())
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        assert enc["input_ids"] == ids.tolist()
+        # the system prompt and a run of whole exchanges, as transformers renders them (a final marker appended)
+        first = next(k for k in range(1, len(messages), 2) if f"zqusr{(k + 1) // 2} " in text)
+        last = max(k for k in range(2, len(messages), 2) if f"zqans{k // 2} " in text)
+        rendered = tokenizer.apply_chat_template(
+            _hf(messages[:1] + messages[first : last + 1]), chat_template=template, tokenize=False
+        )
+        at_the_end = last == len(messages) - 1
+        if template_name == "open-final" and (final_eot == "append" or not at_the_end):
+            rendered += "<|im_end|>"  # the marker the template writes between turns, appended
+        assert text.removeprefix(tokenizer.bos_token).removesuffix("\n") == rendered.removesuffix("\n")
+        offsets = np.asarray(enc["offset_mapping"]).reshape(-1, 2)
+        for b, e in _marker_ranges(text, ("zqans", "zqrsn", "zqusr", "zqsys")):
+            covered = trained[(offsets[:, 0] < e) & (offsets[:, 1] > b)]
+            if covered.all():
+                trained_markers.append(text[b:e])
+            else:
+                assert not covered.any(), text[b:e]  # a marker is trained whole or not at all
+        for b in (m.start() for m in re.finditer(re.escape("<|im_end|>"), text)):
+            eots += int(trained[(offsets[:, 0] < b + len("<|im_end|>")) & (offsets[:, 1] > b)].all())
+    assert sorted(trained_markers) == sorted([f"zqans{n}" for n in range(1, 6)] + [f"zqrsn{n}" for n in range(1, 6)])
+    # every reply's marker; the conversation's last one as chat.final_eot says where the template leaves it open
+    assert eots == (4 if template_name == "open-final" and final_eot == "leave" else 5)
