@@ -5,6 +5,7 @@ Run: .venv/bin/pytest tests/test_chat.py -x -q
 
 import json
 import multiprocessing as mp
+import random
 import re
 
 import numpy as np
@@ -262,6 +263,27 @@ def test_delimiter_text_in_content_terminates_and_is_reported():
     # auto mode uses the structure and trains the whole reply
     a = render(conv, t)
     assert trained_text(a) == "Here: <|eot_id|> done<|eot_id|>"
+
+
+def test_get_spans_masks_exactly_what_a_regex_scan_leaves_untrained():
+    """Random texts over a small alphabet (delimiters at the text's start and end, adjacent, overlapping, missing):
+    the characters get_spans leaves out of its masked spans are exactly those a left-to-right regex scan trains,
+    from after each start delimiter through the next end delimiter (or to the end of the text)."""
+    rng = random.Random(0)
+    for sd, ed in (("|A:", "."), ("<s>", "</s>"), ("ab", "b")):
+        scan = re.compile(re.escape(sd) + "(.*?" + re.escape(ed) + "|.*$)", re.DOTALL)
+        alphabet = sorted(set(sd + ed + "xy"))
+        for _ in range(400):
+            text = "".join(rng.choice(alphabet + [sd, ed]) for _ in range(rng.randint(0, 12)))
+            trained = set()
+            for m in scan.finditer(text):
+                trained.update(range(m.start(1), m.end(1)))
+            masked = set()
+            for b, e in get_spans(text, sd, ed):
+                assert 0 <= b <= e < len(text)  # inclusive spans inside the text
+                masked.update(range(b, e + 1))
+            assert masked == set(range(len(text))) - trained, (text, sd, ed)
+    assert get_spans("|A:yo.|", "|A:", ".") == [[0, 2], [6, 6]]  # a text that opens with the assistant's turn
 
 
 def test_empty_delimiters_are_errors():
