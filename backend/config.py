@@ -600,6 +600,16 @@ class ChatConfig(Section):
         "becomes its own document, earlier turns as masked context.",
     )
 
+    @model_validator(mode="after")
+    def _every_turn_needs_turns(self):
+        if self.reasoning == "every_turn" and self.masking.mode == "delimiters":
+            _fail(
+                "reasoning: every_turn needs masking.mode: auto (delimiter spans are not tied to messages, so which "
+                "turns' reasoning the template drops is not known and no document would be made); set "
+                "reasoning: as_rendered or masking.mode: auto"
+            )
+        return self
+
     def to_masking(self) -> dict:
         """Keyword arguments for `backend.chat.Masking(**cfg.chat.to_masking())`."""
         m = self.masking

@@ -421,9 +421,9 @@ def reasoning_pieces(rendered, tokenizer, masking=None, chat_template: str | Non
     if not dropped:
         return None
     masking = dataclasses.replace(masking or chat.Masking(), train_on="all", reasoning="as_rendered")
-    # a piece that ends before the conversation does trains the marker its reply has there (as split_turns' pieces)
+    # a piece ends before the conversation does (the final reply's reasoning is never dropped: the piece would be
+    # the conversation itself): it trains the marker its reply has there, as split_turns' inner pieces do
     inside = dataclasses.replace(masking, final_eot="append")
-    last = len(rendered.messages) - 1
     trained_turns = {
         t.message_index for t in rendered.turns if any(b < t.end and e > t.begin for b, e in rendered.trained_spans)
     }
@@ -433,10 +433,9 @@ def reasoning_pieces(rendered, tokenizer, masking=None, chat_template: str | Non
         if k not in trained_turns:
             continue
         msgs = rendered.messages[: k + 1]
-        piece_masking = masking if k == last else inside
-        r = chat.render(msgs, tokenizer, piece_masking, chat_template, tools=rendered.tools)
+        r = chat.render(msgs, tokenizer, inside, chat_template, tools=rendered.tools)
         if r.reasoning_rendered.get(k):  # the template writes it as the final reply: its own document
-            pieces.append((msgs, r, piece_masking, _piece_spans(r, k, {k}), [k]))
+            pieces.append((msgs, r, inside, _piece_spans(r, k, {k}), [k]))
             rest.discard(k)
     if not pieces:
         return None  # the template writes no reasoning at all: nothing to gain from splitting

@@ -634,3 +634,76 @@ def test_every_turn_with_split_turns_cuts_long_reasoning_documents_at_turns(
     assert sorted(trained_markers) == sorted([f"zqans{n}" for n in range(1, 6)] + [f"zqrsn{n}" for n in range(1, 6)])
     # every reply's marker; the conversation's last one as chat.final_eot says where the template leaves it open
     assert eots == (4 if template_name == "open-final" and final_eot == "leave" else 5)
+
+
+@pytest.mark.parametrize(
+    "chat, trained, eots",
+    [
+        ({}, ["zqans8", "zqans9", "zqarg1", "zqrsn1", "zqrsn2", "zqrsn3"], 3),
+        ({"train_on_eot": False}, ["zqans8", "zqans9", "zqarg1", "zqrsn1", "zqrsn2", "zqrsn3"], 0),
+        ({"train_on": "last"}, ["zqans9", "zqrsn3"], 1),  # the dropped traces are not trained: no piece for them
+        ({"train_on_tool_calls": False}, ["zqans8", "zqans9", "zqrsn2", "zqrsn3"], 2),  # the call's trace neither
+    ],
+    ids=["default", "no-eot", "train-on-last", "tool-calls-masked"],
+)
+def test_every_turn_pieces_are_masked_as_the_run_says(chat, trained, eots, data, tokenizer):
+    """The documents chat.reasoning: every_turn makes train what the run's masking trains (markers, the last reply
+    only, tool calls), each once: a piece rendered with other settings trains what the user switched off."""
+    i = list(ROWS).index("reasoning_every_turn")
+    reader, cfg = _reader(data, "qwen3-0.6b.jinja", reasoning="every_turn", **chat)
+    docs = reader.sample(i, cfg, tokenizer).documents
+    seen, n_eot = [], 0
+    for ids, mask in docs:
+        text = tokenizer.decode(ids.tolist())
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        assert enc["input_ids"] == ids.tolist()
+        offsets = np.asarray(enc["offset_mapping"]).reshape(-1, 2)
+
+        def covered(b, e, mask=mask, offsets=offsets):
+            return mask[(offsets[:, 0] < e) & (offsets[:, 1] > b)]
+
+        for b, e in _marker_ranges(text, MUST + NEVER):
+            assert covered(b, e).all() or not covered(b, e).any(), text[b:e]
+            seen += [text[b:e]] if covered(b, e).all() else []
+        n_eot += sum(bool(covered(m.start(), m.end()).all()) for m in re.finditer(re.escape("<|im_end|>"), text))
+    assert sorted(seen) == trained and n_eot == eots
+    assert len(docs) == (1 if chat.get("train_on") == "last" else 2 if chat.get("train_on_tool_calls") is False else 3)
+
+
+def test_every_turn_and_split_turns_in_prepare_count_each_conversation(tmp_path, tokenizer):
+    """Two reasoning conversations and one long plain conversation in one chunk, through prepare: the report counts
+    both reasoning conversations and their documents, the plain one is split too, and every stored document fits."""
+    from backend.dataset import TokenDataset
+    from backend.prepare import prepare
+
+    pad = " ".join(["filler"] * 40)
+    rows = []
+    for r in range(2):
+        messages = [{"role": "system", "content": "zqsys1 be brief"}]
+        for n in range(1, 6):
+            messages.append({"role": "user", "content": f"zqusr{n} row {r} {pad}"})
+            messages.append({"role": "assistant", "content": f"zqans{n}", "reasoning_content": f"zqrsn{n} think"})
+        rows.append({"messages": messages})
+    plain = [{"role": "system", "content": "zqsys1 be brief"}]
+    for n in range(1, 6):
+        plain += [{"role": "user", "content": f"zqusr{n} {pad}"}, {"role": "assistant", "content": f"zqans{n}"}]
+    rows.append({"messages": plain})
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    template = (CORPUS / "qwen3-0.6b.jinja").read_text()
+    whole = tokenizer.apply_chat_template(plain, chat_template=template, tokenize=False)
+    length = len(tokenizer(whole, add_special_tokens=False)["input_ids"]) // 2
+    cfg = {
+        "output_path": str(tmp_path / "out"),
+        "dataset": {"path": str(tmp_path / "rows.jsonl")},
+        "tokenizer": {"path": str(TINY_MODEL)},
+        "splits": {"training": 1.0},
+        "chat": {"template": str(CORPUS / "qwen3-0.6b.jinja"), "reasoning": "every_turn"},
+        "long_documents": {"mode": "split_turns", "sequence_length": length},
+    }
+    s = prepare(load_prepare_config(cfg), progress=False)
+    assert s["written"] == 3 and s["skipped_rows"] == 0
+    assert s["reasoning_every_turn"] == {"conversations_split": 2, "documents": 10}  # 4 dropped traces + the rest
+    assert s["long_documents"]["not_split"] == 0 and s["long_documents"]["conversations_split"] >= 1
+    ds = TokenDataset(tmp_path / "out" / "fast_llm_config_training.yaml")
+    lengths = [len(ds.document(i)[0]) for i in range(len(ds))]
+    assert max(lengths) <= length and len(ds) == s["num_documents"] > 10 + 1

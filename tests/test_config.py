@@ -272,6 +272,17 @@ def test_prepare_checks():
     assert any(q.startswith("chat.masking.end_delimiter: required") for q in problems), problems
     raw["splits"] = {"training": 1.1, "validation": -0.1}
     assert any(q == "splits.validation: must be >= 0, got -0.1" for q in _problems(load_prepare_config, raw))
+    # every_turn finds the turns whose reasoning the template drops: delimiter spans name no turn (it did nothing)
+    raw = yaml.safe_load(GUIDE_PREPARE.read_text())
+    raw["chat"] = {
+        "reasoning": "every_turn",
+        "masking": {"mode": "delimiters", "start_delimiter": "a", "end_delimiter": "b"},
+    }
+    assert any(
+        q.startswith("chat.reasoning: every_turn needs masking.mode: auto") for q in _problems(load_prepare_config, raw)
+    )
+    raw["chat"]["masking"] = {"mode": "auto"}
+    assert load_prepare_config(raw).chat.reasoning == "every_turn"
 
 
 def test_chat_to_masking_matches_chat_masking():
