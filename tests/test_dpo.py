@@ -441,3 +441,36 @@ def test_the_attention_plan_of_a_shared_prompt_is_never_reused_without_it():
     del shared
     gc.collect()
     assert _chunk_plan(12, cu, None, None) == ([6, 3, 3], [True, True, True])
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_the_objectives_sampler_shares_prompts_exactly_when_asked(pairs, share):
+    """`DPO.sampler` (the trainer's own builder): training.dpo.share_prompt places each pair's prompt once, and
+    without it every document is placed whole (a prompt shared where the attention cannot mask it would let the
+    rejected answer read the chosen one); the start event reports the prompt tokens saved."""
+    from types import SimpleNamespace
+
+    from backend.preference import DPO
+
+    ds = TokenDataset(pairs)
+    sampling = SimpleNamespace(seed=0, packing="best_fit", packing_window=64)
+    cfg = SimpleNamespace(data=SimpleNamespace(sampling=sampling), batch=SimpleNamespace(sequence_length=L))
+    sampler = DPO(share_prompt=share).sampler(ds, cfg)
+    shared = shared_prompt_lengths(ds) if share else np.zeros(len(ds.pairs), np.int64)
+    assert shared.sum() > 0 or not share
+    rejected = {int(r): int(s) for (_, r), s in zip(ds.pairs, shared, strict=True)}
+    seen = [(p.document, p.begin) for i in range(sampler.num_rows_in_epoch(0)) for p in sampler.row(i)]
+    assert sorted(d for d, _ in seen) == sorted(int(d) for d in ds.pairs.reshape(-1))
+    assert all(b == rejected.get(d, 0) for d, b in seen)
+    assert DPO(share_prompt=share).describe(sampler)["shared_prompt_tokens"] == int(shared.sum())
+
+
+def test_the_reference_digest_tells_other_log_probs_apart():
+    """A checkpoint records the reference log-probs' digest and a resume compares it (`train._check_reference`)."""
+    from backend.preference import reference_digest
+
+    values = np.linspace(-40.0, -1.0, 7).astype(np.float32)
+    digest = reference_digest(values)
+    assert len(digest) == 16 and int(digest, 16) >= 0
+    assert reference_digest(values.copy()) == digest == reference_digest(values.astype(np.float64))
+    assert reference_digest(values + 1.0) != digest and reference_digest(values[:-1]) != digest
