@@ -474,3 +474,33 @@ def test_the_reference_digest_tells_other_log_probs_apart():
     assert len(digest) == 16 and int(digest, 16) >= 0
     assert reference_digest(values.copy()) == digest == reference_digest(values.astype(np.float64))
     assert reference_digest(values + 1.0) != digest and reference_digest(values[:-1]) != digest
+
+
+def test_the_reference_and_prompt_sharing_the_run_resolves(monkeypatch):
+    """``training.dpo.reference: auto`` (none for SimPO, which has no reference; adapters_off for LoRA; else
+    precompute) and ``share_prompt`` (only where the attention is sdpa_packed: the varlen kernels see each document
+    whole, so a rejected answer placed after its shared prompt would lose it)."""
+    from backend import modeling
+    from backend.config import load_train_config
+    from backend.preference import reference_mode, share_prompt
+
+    def cfg(*overrides):
+        return load_train_config(DPO_TRAIN, list(overrides))
+
+    auto = "training.dpo.reference=auto"
+    assert reference_mode(cfg(auto)) == "precompute"
+    assert reference_mode(cfg(auto, "training.dpo.loss=simpo")) == "none"
+    assert reference_mode(cfg(auto, "model.base_model.peft.type=lora")) == "adapters_off"
+    assert reference_mode(cfg("training.dpo.reference=none")) == "none"
+
+    assert share_prompt(cfg("training.dpo.share_prompt=yes"), "cpu") is True
+    assert share_prompt(cfg("training.dpo.share_prompt=no"), "cpu") is False
+    asked = []
+
+    def varlen(use_flash_attention, device=None):
+        asked.append((use_flash_attention, device))
+        return modeling.FLASH, "flash-attn installed"
+
+    monkeypatch.setattr(modeling, "select_attention", varlen)
+    flash = cfg("training.dpo.share_prompt=yes", "model.base_model.transformer.use_flash_attention=yes")
+    assert share_prompt(flash, "cuda") is False and asked == [(True, "cuda")]

@@ -388,3 +388,43 @@ def test_prepare_reports_truncated_and_unsplittable_rows(tmp_path, capsys):
     assert s["written"] == 3 and s["num_documents"] == 1 + ld["pieces"]
     out = capsys.readouterr().out
     assert f"split_turns at {L}: {ld['conversations_split']} conversations" in out and "reply_truncated" in out
+
+
+def test_split_documents_edges_exact_fit_rejected_pieces_and_context_count():
+    """`split_documents` (prepare's chunk step): a conversation of exactly the sequence length is left alone; one
+    whose pieces the template rejects is kept whole with a `not_split` problem naming why; the report's context
+    tokens are the masked tokens before each later piece's first trained one."""
+    from backend.split import split_documents
+
+    t = tok("llama")
+    messages = long_conversation(6)
+    messages[1] = {**messages[1], "content": "zqfirst " + messages[1]["content"]}
+    # a template that accepts every prefix of the conversation but no piece (which opens with a later question)
+    picky = "{% if 'zqfirst' not in messages[1].content %}{{ raise_exception('whole only') }}{% endif %}"
+    picky += t.chat_template
+
+    def run(length, template=None, conversations=(messages,)):
+        rs = [render(m, t, Masking(), template) for m in conversations]
+        fulls = [tokenize(r.text, r.trained_spans, t) for r in rs]
+        ids, trained = (np.concatenate([getattr(f, k) for f in fulls]) for k in ("input_ids", "trained"))
+        bounds = np.cumsum([0] + [len(f.input_ids) for f in fulls])
+        rows = np.arange(7, 7 + len(rs))
+        out = split_documents(rows, ids, trained, bounds, rs, lambda j: fulls[j], t, Masking(), template, length)
+        return fulls[0], out
+
+    # beside a longer conversation (so the chunk is split at all), one of exactly the sequence length is left alone
+    exact = len(tokenize(render(messages, t).text, [], t).input_ids)
+    full, (rows, ids, trained, bounds, stats, problems) = run(exact, conversations=(messages, long_conversation(8)))
+    assert problems == [] and stats["conversations_split"] == 1 and stats["not_split"] == 0
+    assert rows[0] == 7 and np.array_equal(ids[: bounds[1]], full.input_ids) and bounds[1] == exact
+    assert set(rows[1:].tolist()) == {8}
+
+    length = len(full.input_ids) // 3
+    _, (rows, ids, trained, bounds, stats, problems) = run(length, picky)
+    assert stats["not_split"] == 1 and stats["conversations_split"] == 0 and len(rows) == 1
+    assert [(p[0], p[1]) for p in problems] == [(7, "not_split")] and "whole only" in problems[0][2]
+
+    _, (rows, ids, trained, bounds, stats, problems) = run(length)
+    assert stats["conversations_split"] == 1 and stats["pieces"] == len(rows) > 2 and set(rows.tolist()) == {7}
+    later = [trained[bounds[d] : bounds[d + 1]] for d in range(1, len(rows))]
+    assert stats["context_tokens"] == sum(int(np.argmax(m)) for m in later) > 0
