@@ -434,6 +434,14 @@ _WELCOME = [{"from": "gpt", "value": "Welcome."}]  # a conversation may open wit
         # the final reply left open, the separator written before the next turn, the role between '<|' and '|>':
         # the continuations share '<|end|><|' (a piece of its own), but '<|' opens the next turn
         _LOOP + "{% if not loop.first %}<|end|>{% endif %}<|{{ m.role }}|>{{ m.content }}{% endfor %}",
+        # the same after a default system block at the conversation's start (the opening is only its end there)
+        "{% if messages[0].role != 'system' %}<|system|>default{% endif %}"
+        + _LOOP
+        + "{% if not loop.first %}<|end|>{% endif %}<|{{ m.role }}|>{{ m.content }}{% endfor %}",
+        # ... and after one that ends with the marker (the opening is then all of the text between turns)
+        "{% if messages[0].role != 'system' %}<|system|>default<|end|>{% endif %}"
+        + _LOOP
+        + "{% if not loop.first %}<|end|>{% endif %}<|{{ m.role }}|>{{ m.content }}{% endfor %}",
         # the same with a newline, no generation prompt and no system message after the first: one continuation
         _LOOP
         + _NO_LATE_SYSTEM
@@ -444,7 +452,14 @@ _WELCOME = [{"from": "gpt", "value": "Welcome."}]  # a conversation may open wit
         _LOOP + "{% if not loop.first %}{{ '<|end|>\\n<|' + m.role + '|>' }}{% else %}{{ '<|' + m.role + '|>' }}"
         "{% endif %}{{ m.content }}{% endfor %}{% if add_generation_prompt %}<|end|>\n<|assistant|>{% endif %}",
     ],
-    ids=["split-opening", "one-continuation", "one-piece-separator", "one-piece-separator-generation"],
+    ids=[
+        "split-opening",
+        "default-system",
+        "default-system-closed",
+        "one-continuation",
+        "one-piece-separator",
+        "one-piece-separator-generation",
+    ],
 )
 @pytest.mark.parametrize("conv", [TURNS, _WELCOME + TURNS], ids=["user-first", "assistant-first"])
 def test_the_marker_stops_where_the_next_turn_opens(tpl, conv):
@@ -490,6 +505,18 @@ def test_a_marker_some_continuation_lacks_is_not_trained(tpl):
     assert [r.text[b:e] for b, e in r.trained_spans] == REPLIES and r.appended == []
     assert [p.split(":")[0] for p in r.problems] == ["eot_undecided"] * 3
     assert "every next message shares" in r.problems[0]
+
+
+@pytest.mark.parametrize("family", ["chatml", "llama"])
+def test_a_template_that_writes_bos_and_no_marker_trains_nothing_of_the_next_opening(family):
+    """The text before a first user turn is the BOS (the Llama tokenizer has one) and the turn's opening; between
+    turns only the opening is written: there is no marker, and '<|', which opens every next turn, is not one."""
+    t = tok(family)
+    tpl = "{{ bos_token or '' }}" + _LOOP + "<|{{ m.role }}|>{{ m.content }}{% endfor %}"
+    tpl += "{% if add_generation_prompt %}<|{{ messages[0].role[:0] }}assistant|>{% endif %}"  # '<|': a piece
+    r = render(TURNS, t, chat_template=tpl)
+    assert [r.text[b:e] for b, e in r.trained_spans] == REPLIES and r.appended == []
+    assert [p.split(":")[0] for p in r.problems] == ["eot_undecided"] * 3
 
 
 def test_one_tokenizer_under_two_templates_gets_each_templates_own_marker():
@@ -952,3 +979,17 @@ def test_the_offsets_fallback_of_the_batched_mask_equals_the_token_rule(family, 
     monkeypatch.setattr(tokens_mod, "_token_range", lambda *a: None)  # every lookup "finds an uncovered char"
     got = [o.trained.tolist() for o in tokenize_batch(texts, spans, t)]
     assert got == expected and any(any(m) for m in got)
+
+
+def test_common_prefix_len_equals_a_character_scan():
+    """`_common_prefix_len` (the binary search every marker and reply search relies on) on random strings over a
+    small alphabet, against os.path.commonprefix: strings differing at their first character, one a prefix of the
+    other, empty."""
+    import os
+
+    from backend.chat.templates import _common_prefix_len
+
+    rng = random.Random(1)
+    for _ in range(2000):
+        a, b = ("".join(rng.choice("ab") for _ in range(rng.randint(0, 9))) for _ in range(2))
+        assert _common_prefix_len(a, b) == len(os.path.commonprefix([a, b])), (a, b)
