@@ -293,7 +293,8 @@ def _summary_lines(summary: dict) -> list[str]:
     if rt:
         lines.append(
             f"  chat.reasoning every_turn: {rt['conversations_split']} conversations whose template drops reasoning "
-            f"-> {rt['documents']} documents, each reasoning turn trained once with the conversation before it masked"
+            f"-> {rt['documents']} documents (before split_turns), each reasoning turn trained once with the "
+            "conversation before it as masked context"
         )
     ld = summary.get("long_documents")
     if ld:
@@ -501,9 +502,9 @@ def _prepare_into(cfg: PrepareConfig, tmp: Path, digest: str, fingerprint, progr
     num_tokens = sum(c["num_tokens"] for c in split_counts.values())
     num_trained = sum(c["num_trained_tokens"] for c in split_counts.values())
     num_documents = sum(c["num_documents"] for c in split_counts.values())
-    # rows: each split conversation's pieces (split_turns, then chat.reasoning: every_turn) count as its one row
+    # rows: each conversation's documents (chat.reasoning: every_turn, then split_turns' pieces) count as its one row
     written = num_documents // 2 if pairs else num_documents  # a pair row is written as two documents
-    written += -split_stats.get("pieces", 0) + split_stats.get("conversations_split", 0)
+    written += -split_stats.get("pieces", 0) + split_stats.get("documents_split", 0)
     written += split_stats.get("reasoning_split", 0) - split_stats.get("reasoning_pieces", 0)
     skipped = {c: n for c, n in counts.items() if c in SKIP_REASONS}
     if num_documents == 0:
@@ -557,7 +558,8 @@ def _prepare_into(cfg: PrepareConfig, tmp: Path, digest: str, fingerprint, progr
         summary["long_documents"] = {
             "mode": cfg.long_documents.mode,
             "sequence_length": cfg.long_documents.sequence_length,
-            **{k: 0 for k in ("conversations_split", "pieces", "context_tokens", "truncated_groups")},
+            **{k: 0 for k in ("conversations_split", "documents_split", "pieces", "context_tokens")},
+            "truncated_groups": 0,
             **{k: 0 for k in ("dropped_trained_tokens", "not_split")},
             **{k: v for k, v in split_stats.items() if not k.startswith("reasoning")},
         }

@@ -331,7 +331,8 @@ def split_documents(rows, ids, trained, bounds, rendered, tokenized_of, tokenize
 
     L = int(length)
     stats = {
-        "conversations_split": 0,
+        "conversations_split": 0,  # input rows (an every_turn conversation's documents count once)
+        "documents_split": 0,  # documents replaced by their pieces (several per row under chat.reasoning: every_turn)
         "pieces": 0,
         "context_tokens": 0,
         "truncated_groups": 0,
@@ -343,6 +344,7 @@ def split_documents(rows, ids, trained, bounds, rendered, tokenized_of, tokenize
     if not (lengths > L).any():
         return rows, ids, trained, bounds, stats, problems
     out_rows, out_ids, out_trained, out_len = [], [], [], []
+    split_rows = set()
     for j in range(len(lengths)):
         a, b = int(bounds[j]), int(bounds[j + 1])
         pieces = None
@@ -360,7 +362,8 @@ def split_documents(rows, ids, trained, bounds, rendered, tokenized_of, tokenize
             else:
                 if res.pieces:
                     pieces = res.pieces
-                    stats["conversations_split"] += 1
+                    split_rows.add(int(rows[j]))
+                    stats["documents_split"] += 1
                     stats["pieces"] += len(pieces)
                     stats["context_tokens"] += res.context_tokens
                     stats["truncated_groups"] += res.truncated_groups
@@ -389,6 +392,7 @@ def split_documents(rows, ids, trained, bounds, rendered, tokenized_of, tokenize
             out_ids.append(p.input_ids.astype(ids.dtype))
             out_trained.append(p.trained)
             out_len.append(len(p.input_ids))
+    stats["conversations_split"] = len(split_rows)
     new_bounds = np.concatenate([[0], np.cumsum(out_len, dtype=np.int64)])
     return (
         np.asarray(out_rows, np.int64),

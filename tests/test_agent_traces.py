@@ -703,7 +703,9 @@ def test_every_turn_and_split_turns_in_prepare_count_each_conversation(tmp_path,
     s = prepare(load_prepare_config(cfg), progress=False)
     assert s["written"] == 3 and s["skipped_rows"] == 0
     assert s["reasoning_every_turn"] == {"conversations_split": 2, "documents": 10}  # 4 dropped traces + the rest
-    assert s["long_documents"]["not_split"] == 0 and s["long_documents"]["conversations_split"] >= 1
+    ld = s["long_documents"]
+    assert ld["not_split"] == 0 and ld["conversations_split"] == 3  # rows, not the every_turn documents cut
+    assert ld["documents_split"] > 3 and ld["pieces"] > ld["documents_split"]
     ds = TokenDataset(tmp_path / "out" / "fast_llm_config_training.yaml")
     lengths = [len(ds.document(i)[0]) for i in range(len(ds))]
     assert max(lengths) <= length and len(ds) == s["num_documents"] > 10 + 1
