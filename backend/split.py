@@ -446,11 +446,16 @@ def reasoning_pieces(rendered, tokenizer, masking=None, chat_template: str | Non
     if rest:
         pieces.append((rendered.messages, rendered, masking, _piece_spans(rendered, 0, rest), sorted(rest)))
     toks = chat.tokenize_batch([p[1].text for p in pieces], [p[3] for p in pieces], tokenizer)
+    n_sys, groups = turn_groups(rendered.messages)
+
+    def context(first_trained: int) -> int:  # messages after the system prompt before the trained reply's group
+        return next(a for a, b in groups if a <= first_trained < b) - n_sys
+
     return [
         Piece(
             messages=msgs,
             trained_messages=trained_msgs,
-            context_messages=len(msgs) - 1,
+            context_messages=context(trained_msgs[0]),
             text=r.text,
             input_ids=tok.input_ids,
             trained=tok.trained,

@@ -709,3 +709,21 @@ def test_every_turn_and_split_turns_in_prepare_count_each_conversation(tmp_path,
     ds = TokenDataset(tmp_path / "out" / "fast_llm_config_training.yaml")
     lengths = [len(ds.document(i)[0]) for i in range(len(ds))]
     assert max(lengths) <= length and len(ds) == s["num_documents"] > 10 + 1
+
+
+def test_every_turn_pieces_say_which_messages_are_context(tokenizer):
+    """`reasoning_pieces`' metadata (the studio's piece lines read it): each document trains one reply whose trace
+    the template drops, after the messages before its question as context; the last trains the rest."""
+    from backend.chat import Masking, render
+    from backend.split import reasoning_pieces
+
+    template = (CORPUS / "qwen3-0.6b.jinja").read_text()
+    messages = [{"role": "system", "content": "zqsys1 be brief"}]
+    for n in range(1, 4):
+        messages.append({"role": "user", "content": f"zqusr{n}"})
+        messages.append({"role": "assistant", "content": f"zqans{n}", "reasoning_content": f"zqrsn{n}"})
+    masking = Masking(reasoning="every_turn")
+    pieces = reasoning_pieces(render(messages, tokenizer, masking, template), tokenizer, masking, template)
+    assert [p.trained_messages for p in pieces] == [[2], [4], [6]]
+    assert [p.context_messages for p in pieces] == [0, 2, 4]  # after the system prompt, before the question
+    assert [len(p.messages) for p in pieces] == [3, 5, 7]
