@@ -993,3 +993,25 @@ def test_common_prefix_len_equals_a_character_scan():
     for _ in range(2000):
         a, b = ("".join(rng.choice("ab") for _ in range(rng.randint(0, 9))) for _ in range(2))
         assert _common_prefix_len(a, b) == len(os.path.commonprefix([a, b])), (a, b)
+
+
+def test_a_reply_before_a_final_user_turn_gets_the_between_turns_marker():
+    """A conversation that ends with a user message: its last reply is followed by a turn, so it trains the marker
+    written between turns, not the final reply's (here none: the template leaves a final reply open)."""
+    t = tok("chatml")
+    tpl = _LOOP + "{% if not loop.first %}<|end|>{% endif %}<|{{ m.role }}|>{{ m.content }}{% endfor %}"
+    r = render(TURNS + [{"from": "human", "value": "One more thing."}], t, chat_template=tpl)
+    assert [r.text[b:e] for b, e in r.trained_spans] == [x + "<|end|>" for x in REPLIES]
+    assert r.appended == [] and r.problems == []
+
+
+def test_a_reply_whose_trailing_space_the_template_trims_trains_the_marker_after_it():
+    """A template that trims replies and writes ' ' + EOS after them: a reply that ends with a space has its
+    trailing space not written; the marker (' </s>' as the template writes it) is trained right after the text."""
+    t = tok("chatml")
+    tpl = _LOOP + "{% if m.role == 'user' %}[INST] {{ m.content }} [/INST]{% else %}{{ m.content | trim }} </s>"
+    tpl += "{% endif %}{% endfor %}"
+    turns = [dict(m, value=m["value"] + " ") if m["from"] == "gpt" else m for m in TURNS]
+    r = render(turns, t, chat_template=tpl)
+    assert [r.text[b:e] for b, e in r.trained_spans] == [x + " </s>" for x in REPLIES]
+    assert r.problems == []
