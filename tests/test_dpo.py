@@ -34,6 +34,7 @@ from backend.preference import (
     PairSampler,
     collate_pairs,
     document_logps,
+    pair_losses,
     reference_pass,
     shared_prompt_lengths,
 )
@@ -504,3 +505,21 @@ def test_the_reference_and_prompt_sharing_the_run_resolves(monkeypatch):
     monkeypatch.setattr(modeling, "select_attention", varlen)
     flash = cfg("training.dpo.share_prompt=yes", "model.base_model.transformer.use_flash_attention=yes")
     assert share_prompt(flash, "cuda") is False and asked == [(True, "cuda")]
+
+
+def test_simpo_loss_and_rewards_are_trls_formula():
+    """SimPO (TRL's CPOTrainer, loss_type="simpo"): -log sigmoid(beta * (chosen - rejected) - gamma) on the
+    length-normalized log-probs, rewards beta * each, and the reference tensors ignored (NaN here)."""
+    import math
+
+    nan = torch.full((3,), float("nan"), dtype=torch.float64)
+    chosen = torch.tensor([-1.0, -2.5, -0.2], dtype=torch.float64)
+    rejected = torch.tensor([-3.0, -2.0, -0.2], dtype=torch.float64)
+    beta, gamma = 2.0, 0.5
+    losses, r_chosen, r_rejected = pair_losses(chosen, rejected, nan, nan, beta, "simpo", gamma)
+    expected = [
+        math.log1p(math.exp(-(beta * (c - r) - gamma))) for c, r in zip(chosen.tolist(), rejected.tolist(), strict=True)
+    ]
+    assert torch.allclose(losses, torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=0)
+    assert torch.equal(r_chosen, beta * chosen) and torch.equal(r_rejected, beta * rejected)
+    assert not r_chosen.requires_grad
