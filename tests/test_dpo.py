@@ -523,3 +523,36 @@ def test_simpo_loss_and_rewards_are_trls_formula():
     assert torch.allclose(losses, torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=0)
     assert torch.equal(r_chosen, beta * chosen) and torch.equal(r_rejected, beta * rejected)
     assert not r_chosen.requires_grad
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "ipo", "simpo"])
+def test_pair_loss_reads_interleaved_pairs_and_normalizes_by_answer_tokens(loss):
+    """`DPO.pair_loss` on (2P,) sums ordered chosen, rejected, chosen, ...: the loss sum and the pair count of its
+    pairs, each pair's log-probs per answer token for ipo and simpo (a zero-token answer counts one), summed
+    metrics; simpo with no reference."""
+    import math
+
+    from backend.preference import DPO
+
+    policy = torch.tensor([-4.0, -9.0, -1.0, -6.0, -3.0, -3.5], dtype=torch.float64)
+    reference = None if loss == "simpo" else torch.tensor([-5.0, -8.0, -2.0, -5.0, -3.0, -4.0], dtype=torch.float64)
+    tokens = torch.tensor([2, 3, 1, 4, 0, 5])
+    objective = DPO(beta=0.5, loss=loss, reference="none" if loss == "simpo" else "precompute", simpo_gamma=0.3)
+    total, pairs, metrics = objective.pair_loss(policy, reference, tokens)
+    p, ref = policy.tolist(), (reference.tolist() if reference is not None else [0.0] * 6)
+    if loss != "sigmoid":
+        n = [max(int(t), 1) for t in tokens.tolist()]
+        p, ref = [a / b for a, b in zip(p, n, strict=True)], [a / b for a, b in zip(ref, n, strict=True)]
+    expected, margins = 0.0, 0.0
+    for j in range(3):
+        c, r = p[2 * j], p[2 * j + 1]
+        if loss == "simpo":
+            expected += math.log1p(math.exp(-(0.5 * (c - r) - 0.3)))
+            margins += 0.5 * (c - r)
+        else:
+            logits = (c - ref[2 * j]) - (r - ref[2 * j + 1])
+            expected += math.log1p(math.exp(-0.5 * logits)) if loss == "sigmoid" else (logits - 1 / (2 * 0.5)) ** 2
+            margins += 0.5 * logits
+    assert pairs == 3 and math.isclose(float(total), expected, rel_tol=1e-12)
+    assert math.isclose(metrics["margin"], margins, rel_tol=1e-12, abs_tol=1e-12)
+    assert metrics["answer_tokens"] == 15 and math.isclose(metrics["logps_chosen"], p[0] + p[2] + p[4])
