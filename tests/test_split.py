@@ -422,9 +422,11 @@ def test_split_documents_edges_exact_fit_rejected_pieces_and_context_count():
     length = len(full.input_ids) // 3
     _, (rows, ids, trained, bounds, stats, problems) = run(length, picky)
     assert stats["not_split"] == 1 and stats["conversations_split"] == 0 and len(rows) == 1
-    assert [(p[0], p[1]) for p in problems] == [(7, "not_split")] and "whole only" in problems[0][2]
+    assert [p[:2] for p in problems] == [(7, "not_split")] and "whole only" in problems[0][2]
+    assert problems[0][3] is False  # a warning: the row is written whole, not skipped
 
-    _, (rows, ids, trained, bounds, stats, problems) = run(length)
-    assert stats["conversations_split"] == 1 and stats["pieces"] == len(rows) > 2 and set(rows.tolist()) == {7}
-    later = [trained[bounds[d] : bounds[d + 1]] for d in range(1, len(rows))]
+    # two long conversations: the counts add up over the chunk
+    _, (rows, ids, trained, bounds, stats, problems) = run(length, conversations=(messages, long_conversation(9)))
+    assert stats["conversations_split"] == 2 and stats["pieces"] == len(rows) > 4 and set(rows.tolist()) == {7, 8}
+    later = [trained[bounds[d] : bounds[d + 1]] for d in range(1, len(rows)) if rows[d] == rows[d - 1]]
     assert stats["context_tokens"] == sum(int(np.argmax(m)) for m in later) > 0
