@@ -596,8 +596,8 @@ class ChatConfig(Section):
     reasoning: Literal["as_rendered", "every_turn"] = Field(
         "as_rendered",
         description="Reasoning traces: as_rendered = train what the template writes (Qwen3-family templates drop "
-        "the reasoning of turns before the last user message); every_turn = each assistant turn with reasoning "
-        "becomes its own document, earlier turns as masked context.",
+        "the reasoning of turns before the last user message); every_turn = each assistant turn whose reasoning "
+        "the template drops becomes its own document, earlier turns as masked context (needs masking.mode: auto).",
     )
 
     @model_validator(mode="after")

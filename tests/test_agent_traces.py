@@ -709,11 +709,20 @@ def test_every_turn_and_split_turns_in_prepare_count_each_conversation(tmp_path,
     ds = TokenDataset(tmp_path / "out" / "fast_llm_config_training.yaml")
     lengths = [len(ds.document(i)[0]) for i in range(len(ds))]
     assert max(lengths) <= length and len(ds) == s["num_documents"] > 10 + 1
+    # each row's documents, in order, are what the one-row path makes of that row (not another row's pieces)
+    reader, pcfg = RowReader(load_prepare_config(cfg)), load_prepare_config(cfg)
+    expected = [d for i in range(3) for d in reader.sample(i, pcfg, tokenizer).documents]
+    assert len(expected) == len(ds)
+    for i, (ids, trained) in enumerate(expected):
+        stored_ids, stored_trained = ds.document(i)
+        assert np.array_equal(stored_ids, ids) and np.array_equal(stored_trained, trained), i
+    texts = [tokenizer.decode(ds.document(i)[0].tolist()) for i in range(len(ds))]
+    assert sum("row " not in t for t in texts) >= 2  # the plain conversation, cut in pieces of its own
 
 
 def test_every_turn_pieces_say_which_messages_are_context(tokenizer):
-    """`reasoning_pieces`' metadata (the studio's piece lines read it): each document trains one reply whose trace
-    the template drops, after the messages before its question as context; the last trains the rest."""
+    """`reasoning_pieces`' metadata (as `split_conversation`'s pieces say it): each document trains one reply whose
+    trace the template drops, after the messages before its question as context; the last trains the rest."""
     from backend.chat import Masking, render
     from backend.split import reasoning_pieces
 
@@ -727,3 +736,7 @@ def test_every_turn_pieces_say_which_messages_are_context(tokenizer):
     assert [p.trained_messages for p in pieces] == [[2], [4], [6]]
     assert [p.context_messages for p in pieces] == [0, 2, 4]  # after the system prompt, before the question
     assert [len(p.messages) for p in pieces] == [3, 5, 7]
+    # a first reply without reasoning stays in the conversation's own document, whose first trained reply it is
+    messages[2] = {"role": "assistant", "content": "zqans1"}
+    pieces = reasoning_pieces(render(messages, tokenizer, masking, template), tokenizer, masking, template)
+    assert [(p.trained_messages, p.context_messages) for p in pieces] == [([4], 2), ([2, 6], 0)]

@@ -543,16 +543,25 @@ def test_pair_loss_reads_interleaved_pairs_and_normalizes_by_answer_tokens(loss)
     if loss != "sigmoid":
         n = [max(int(t), 1) for t in tokens.tolist()]
         p, ref = [a / b for a, b in zip(p, n, strict=True)], [a / b for a, b in zip(ref, n, strict=True)]
-    expected, margins = 0.0, 0.0
+    expected, rewards = 0.0, []
     for j in range(3):
         c, r = p[2 * j], p[2 * j + 1]
         if loss == "simpo":
             expected += math.log1p(math.exp(-(0.5 * (c - r) - 0.3)))
-            margins += 0.5 * (c - r)
+            rewards.append((0.5 * c, 0.5 * r))
         else:
             logits = (c - ref[2 * j]) - (r - ref[2 * j + 1])
             expected += math.log1p(math.exp(-0.5 * logits)) if loss == "sigmoid" else (logits - 1 / (2 * 0.5)) ** 2
-            margins += 0.5 * logits
+            rewards.append((0.5 * (c - ref[2 * j]), 0.5 * (r - ref[2 * j + 1])))
     assert pairs == 3 and math.isclose(float(total), expected, rel_tol=1e-12)
-    assert math.isclose(metrics["margin"], margins, rel_tol=1e-12, abs_tol=1e-12)
-    assert metrics["answer_tokens"] == 15 and math.isclose(metrics["logps_chosen"], p[0] + p[2] + p[4])
+    assert 0 < sum(a > b for a, b in rewards) < 3  # the accuracy below counts some pairs, not all
+    for key, value in (
+        ("rewards_chosen", sum(a for a, _ in rewards)),
+        ("rewards_rejected", sum(b for _, b in rewards)),
+        ("margin", sum(a - b for a, b in rewards)),
+        ("accuracy", sum(a > b for a, b in rewards)),
+        ("logps_chosen", p[0] + p[2] + p[4]),
+        ("logps_rejected", p[1] + p[3] + p[5]),
+        ("answer_tokens", 15),
+    ):
+        assert math.isclose(metrics[key], value, rel_tol=1e-12, abs_tol=1e-12), key
