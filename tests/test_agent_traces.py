@@ -740,3 +740,53 @@ def test_every_turn_pieces_say_which_messages_are_context(tokenizer):
     messages[2] = {"role": "assistant", "content": "zqans1"}
     pieces = reasoning_pieces(render(messages, tokenizer, masking, template), tokenizer, masking, template)
     assert [(p.trained_messages, p.context_messages) for p in pieces] == [([4], 2), ([2, 6], 0)]
+
+
+@pytest.mark.parametrize("with_result", [False, True], ids=["ends-at-call", "ends-at-result"])
+@pytest.mark.parametrize("name", [n for n in AGENT if "refuses" not in AGENT[n]])
+def test_a_call_with_reasoning_trains_its_arguments_where_the_turn_ends_with_it(name, with_result, tmp_path, tokenizer):
+    """A conversation that ends with a call carrying reasoning (or with that call's result), as every_turn's
+    documents do: the call's arguments and its reasoning are trained wherever the template writes them, nothing of
+    the system, user, result or tool schemas is. gpt-oss writes the reasoning as an analysis block closed by
+    '<|end|>' before the call: that marker is not the turn's end, the call's '<|call|>' is."""
+    call = {
+        "role": "assistant",
+        "content": "",
+        "reasoning_content": "zqrsn1 need the tool",
+        "tool_calls": [_call(1, "get_weather", "city", "zqarg1")],
+    }
+    messages = [{"role": "system", "content": "zqsys1 be brief"}, {"role": "user", "content": "zqusr1 Oslo?"}, call]
+    if with_result:
+        messages.append(_result(1, "zqres1 fog", "get_weather"))
+    tools = AGENT[name].get("tools", True)
+    row = {"messages": messages, **({"tools": _tools()} if tools else {})}
+    (tmp_path / "rows.jsonl").write_text(json.dumps(row) + "\n")
+    cfg = {
+        "output_path": str(tmp_path / "out"),
+        "dataset": {"path": str(tmp_path / "rows.jsonl")},
+        "tokenizer": {"path": str(TINY_MODEL)},
+        "chat": {"template": str(CORPUS / name)},
+    }
+    cfg = load_prepare_config(cfg)
+    prepared = RowReader(cfg).sample(0, cfg, tokenizer)
+    if prepared.skipped:  # the template rejects the shape, or writes it so a turn cannot be located: said
+        assert prepared.skipped.startswith(("bad_conversation: ", "no_trained_tokens")), prepared.skipped
+        return
+    (ids, trained), *rest = prepared.documents
+    assert not rest
+    text = tokenizer.decode(ids.tolist())
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    assert enc["input_ids"] == ids.tolist()
+    offsets = np.asarray(enc["offset_mapping"]).reshape(-1, 2)
+
+    def covered(b, e):
+        return trained[(offsets[:, 0] < e) & (offsets[:, 1] > b)]
+
+    for b, e in _marker_ranges(text, NEVER):
+        assert not covered(b, e).any(), (text[b:e], text)
+    for b, e in _marker_ranges(text, MUST):
+        assert covered(b, e).all(), (text[b:e], text)
+    rendered = prepared.rendered  # the text is transformers' rendering (plus an appended final marker)
+    kept = "".join(rendered.text[a:b] for a, b in _complement(rendered.appended, len(rendered.text)))
+    assert kept == _expected(tokenizer, name, messages)
+    assert "zqarg1" in text or name.startswith("deepseek-r1")  # R1 writes calls only when content is null
