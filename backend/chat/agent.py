@@ -137,11 +137,12 @@ def _candidates(markers) -> list[str]:
 
 
 def _last_own(message, text, lo, hi) -> int:
-    """Where the last of the message's own text (its content, its calls' function names) ends in ``text[lo:hi]``
-    (-1: none of it is there). A marker found before it ends a block inside the turn, not the turn: gpt-oss writes
-    a call's reasoning as an analysis block closed by ``<|end|>``, then the call, closed by ``<|call|>``."""
-    own = [message["content"].strip()] + [c["function"]["name"] for c in message.get("tool_calls") or []]
-    ends = [text.rfind(x, lo, hi) + len(x) for x in own if x and text.rfind(x, lo, hi) >= 0]
+    """Where the last of the message's calls (its function names) ends in ``text[lo:hi]`` (-1: none is there). A
+    marker found before it ends a block inside the turn, not the turn: gpt-oss writes a call's reasoning as an
+    analysis block closed by ``<|end|>``, then the call, closed by ``<|call|>``. (Names, not the reply's text: a
+    short reply could match inside a marker or the next turn's opening.)"""
+    names = [c["function"]["name"] for c in message.get("tool_calls") or []]
+    ends = [text.rfind(x, lo, hi) + len(x) for x in names if x and text.rfind(x, lo, hi) >= 0]
     return max(ends, default=-1)
 
 
