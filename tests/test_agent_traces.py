@@ -184,6 +184,16 @@ def _marker_ranges(text, prefixes):
     return out
 
 
+def _coverage(tokenizer, ids, trained):
+    """``(text, covered)`` of a stored document: its ids decoded and tokenized again with offsets (the same ids,
+    checked), and ``covered(b, e)``, the trained flags of the tokens that overlap characters ``b..e``."""
+    text = tokenizer.decode(ids.tolist())
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    assert enc["input_ids"] == ids.tolist()
+    offsets = np.asarray(enc["offset_mapping"]).reshape(-1, 2)
+    return text, lambda b, e: trained[(offsets[:, 0] < e) & (offsets[:, 1] > b)]
+
+
 def _expected(tokenizer, template_name, messages):
     template = (CORPUS / template_name).read_text()
     tools = _tools() if AGENT[template_name].get("tools", True) else None
@@ -375,12 +385,9 @@ def test_every_turn_trains_each_dropped_trace_once_in_its_own_context(data, toke
     def trained_markers(docs):
         seen = []
         for ids, trained in docs:
-            text = tokenizer.decode(ids.tolist())
-            enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-            assert enc["input_ids"] == ids.tolist()
-            offsets = np.asarray(enc["offset_mapping"]).reshape(-1, 2)
+            text, covered = _coverage(tokenizer, ids, trained)
             for b, e in _marker_ranges(text, ("zqrsn",)):
-                if trained[(offsets[:, 0] < e) & (offsets[:, 1] > b)].all():
+                if covered(b, e).all():
                     seen.append(text[b:e])
         return sorted(seen)
 
@@ -609,9 +616,7 @@ def test_every_turn_with_split_turns_cuts_long_reasoning_documents_at_turns(
     trained_markers, eots = [], 0
     for ids, trained in docs:
         assert len(ids) <= length
-        text = tokenizer.decode(ids.tolist())
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        assert enc["input_ids"] == ids.tolist()
+        text, covered = _coverage(tokenizer, ids, trained)
         # the system prompt and a run of whole exchanges, as transformers renders them (a final marker appended)
         first = next(k for k in range(1, len(messages), 2) if f"zqusr{(k + 1) // 2} " in text)
         last = max(k for k in range(2, len(messages), 2) if f"zqans{k // 2} " in text)
@@ -622,15 +627,12 @@ def test_every_turn_with_split_turns_cuts_long_reasoning_documents_at_turns(
         if template_name == "open-final" and (final_eot == "append" or not at_the_end):
             rendered += "<|im_end|>"  # the marker the template writes between turns, appended
         assert text.removeprefix(tokenizer.bos_token).removesuffix("\n") == rendered.removesuffix("\n")
-        offsets = np.asarray(enc["offset_mapping"]).reshape(-1, 2)
         for b, e in _marker_ranges(text, ("zqans", "zqrsn", "zqusr", "zqsys")):
-            covered = trained[(offsets[:, 0] < e) & (offsets[:, 1] > b)]
-            if covered.all():
+            if covered(b, e).all():
                 trained_markers.append(text[b:e])
             else:
-                assert not covered.any(), text[b:e]  # a marker is trained whole or not at all
-        for b in (m.start() for m in re.finditer(re.escape("<|im_end|>"), text)):
-            eots += int(trained[(offsets[:, 0] < b + len("<|im_end|>")) & (offsets[:, 1] > b)].all())
+                assert not covered(b, e).any(), text[b:e]  # a marker is trained whole or not at all
+        eots += sum(bool(covered(m.start(), m.end()).all()) for m in re.finditer(re.escape("<|im_end|>"), text))
     assert sorted(trained_markers) == sorted([f"zqans{n}" for n in range(1, 6)] + [f"zqrsn{n}" for n in range(1, 6)])
     # every reply's marker; the conversation's last one as chat.final_eot says where the template leaves it open
     assert eots == (4 if template_name == "open-final" and final_eot == "leave" else 5)
@@ -654,14 +656,7 @@ def test_every_turn_pieces_are_masked_as_the_run_says(chat, trained, eots, data,
     docs = reader.sample(i, cfg, tokenizer).documents
     seen, n_eot = [], 0
     for ids, mask in docs:
-        text = tokenizer.decode(ids.tolist())
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        assert enc["input_ids"] == ids.tolist()
-        offsets = np.asarray(enc["offset_mapping"]).reshape(-1, 2)
-
-        def covered(b, e, mask=mask, offsets=offsets):
-            return mask[(offsets[:, 0] < e) & (offsets[:, 1] > b)]
-
+        text, covered = _coverage(tokenizer, ids, mask)
         for b, e in _marker_ranges(text, MUST + NEVER):
             assert covered(b, e).all() or not covered(b, e).any(), text[b:e]
             seen += [text[b:e]] if covered(b, e).all() else []
@@ -710,7 +705,8 @@ def test_every_turn_and_split_turns_in_prepare_count_each_conversation(tmp_path,
     lengths = [len(ds.document(i)[0]) for i in range(len(ds))]
     assert max(lengths) <= length and len(ds) == s["num_documents"] > 10 + 1
     # each row's documents, in order, are what the one-row path makes of that row (not another row's pieces)
-    reader, pcfg = RowReader(load_prepare_config(cfg)), load_prepare_config(cfg)
+    pcfg = load_prepare_config(cfg)
+    reader = RowReader(pcfg)
     expected = [d for i in range(3) for d in reader.sample(i, pcfg, tokenizer).documents]
     assert len(expected) == len(ds)
     for i, (ids, trained) in enumerate(expected):
@@ -774,14 +770,7 @@ def test_a_call_with_reasoning_trains_its_arguments_where_the_turn_ends_with_it(
         return
     (ids, trained), *rest = prepared.documents
     assert not rest
-    text = tokenizer.decode(ids.tolist())
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    assert enc["input_ids"] == ids.tolist()
-    offsets = np.asarray(enc["offset_mapping"]).reshape(-1, 2)
-
-    def covered(b, e):
-        return trained[(offsets[:, 0] < e) & (offsets[:, 1] > b)]
-
+    text, covered = _coverage(tokenizer, ids, trained)
     for b, e in _marker_ranges(text, NEVER):
         assert not covered(b, e).any(), (text[b:e], text)
     for b, e in _marker_ranges(text, MUST):
