@@ -136,14 +136,18 @@ def _candidates(markers) -> list[str]:
     return [m for m in dict.fromkeys((between, final, tag)) if m]
 
 
-def _last_own(message, text, lo, hi) -> int:
+def _last_call_end(message, text, lo, hi) -> int:
     """Where the last of the message's calls (its function names) ends in ``text[lo:hi]`` (-1: none is there). A
     marker found before it ends a block inside the turn, not the turn: gpt-oss writes a call's reasoning as an
     analysis block closed by ``<|end|>``, then the call, closed by ``<|call|>``. (Names, not the reply's text: a
     short reply could match inside a marker or the next turn's opening.)"""
-    names = [c["function"]["name"] for c in message.get("tool_calls") or []]
-    ends = [text.rfind(x, lo, hi) + len(x) for x in names if x and text.rfind(x, lo, hi) >= 0]
-    return max(ends, default=-1)
+    last = -1
+    for call in message.get("tool_calls") or []:
+        name = call["function"]["name"]
+        at = text.rfind(name, lo, hi) if name else -1
+        if at >= 0:
+            last = max(last, at + len(name))
+    return last
 
 
 def _end(k, begin, messages, tools, tokenizer, template, text, markers) -> tuple[int, int]:
@@ -154,21 +158,21 @@ def _end(k, begin, messages, tools, tokenizer, template, text, markers) -> tuple
         final = markers[1]
         if final and text.endswith(final, begin, e):
             return e - len(final), e
-        last_own = _last_own(messages[k], text, begin, e)
+        last_call = _last_call_end(messages[k], text, begin, e)
         for marker in candidates:  # a template that opens another turn after the last one (Command R7B)
             q = text.rfind(marker, begin, e)
-            if q >= 0 and q >= last_own:
+            if q >= 0 and q >= last_call:
                 return q, q + len(marker)
-        tag = text.rfind("<", max(begin, last_own), e)
-        if last_own >= 0 and tag >= 0 and text.endswith(">", begin, e):  # the turn's own closing tag ('<|call|>')
+        tag = text.rfind("<", max(begin, last_call), e)
+        if last_call >= 0 and tag >= 0 and text.endswith(">", begin, e):  # the turn's own closing tag ('<|call|>')
             return tag, e
         return e, e  # left open: `render` may append the between-turns marker (chat.final_eot)
     through = render_messages(messages[: k + 1], tokenizer, template, False, tools)
     d = _common_prefix_len(through, text)
-    last_own = _last_own(messages[k], text, begin, d)
+    last_call = _last_call_end(messages[k], text, begin, d)
     for marker in candidates:  # the last marker of the part the two renderings share (or right after it)
         q = text.rfind(marker, begin, d + len(marker))
-        if q >= 0 and q >= last_own:
+        if q >= 0 and q >= last_call:
             return q, q + len(marker)
     written = through.rstrip()
     if len(written) > begin and text.startswith(written):
