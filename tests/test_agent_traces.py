@@ -217,9 +217,16 @@ def test_agent_masks_against_transformers(name, shape, data, tokenizer):
         with pytest.raises(ConfigError, match=entry["refuses"]):
             reader.sample(i, cfg, tokenizer)
         return
-    expected = _expected(tokenizer, name, ROWS[shape])
-    row = reader.sample(i, cfg, tokenizer)
-    refused = entry.get("refused_shapes", {}).get(shape)
+    _assert_masks(
+        name, ROWS[shape], reader.sample(i, cfg, tokenizer), tokenizer, entry.get("refused_shapes", {}).get(shape)
+    )
+
+
+def _assert_masks(name, messages, row, tokenizer, refused=None):
+    """``row`` (prepared from ``messages`` with template ``name``) is transformers' rendering, every NEVER marker
+    masked, every MUST marker and the final end-of-turn marker trained; or skipped when the template refuses it."""
+    entry = AGENT[name]
+    expected = _expected(tokenizer, name, messages)
     if expected is None or refused:  # the template rejects the shape, or writes it so a turn cannot be located
         assert row.skipped and row.skipped.startswith("bad_conversation: "), row.problems
         assert refused is None or refused in row.skipped
@@ -248,8 +255,51 @@ def test_agent_masks_against_transformers(name, shape, data, tokenizer):
         assert covered(b, e).all(), (text[b:e], text)
     eot = entry["eot"].replace("{eos}", tokenizer.eos_token)
     last = text.rstrip().rfind(eot)
-    assert last > text.rfind(next(m["content"] for m in reversed(ROWS[shape]) if m["role"] == "assistant"))
+    assert last > text.rfind(next(m["content"] for m in reversed(messages) if m["role"] == "assistant"))
     assert covered(last, last + len(eot)).all(), text[last:]  # the final reply's end-of-turn marker is trained
+
+
+def _same_results():
+    """Tool results that say the same as an earlier one (an agent polling a tool; two cities with the same weather),
+    after reasoning: on templates that rewrite earlier turns the reply is found after message k-1's text."""
+    u1 = {"role": "user", "content": "zqusr1 weather in Oslo?"}
+    w1, w2 = _call(1, "get_weather", "city", "zqarg1"), _call(2, "get_weather", "city", "zqarg2")
+    return {
+        "two_rounds": [
+            u1,
+            {"role": "assistant", "content": "", "reasoning_content": "zqrsn4 look", "tool_calls": [w1]},
+            _result(1, "zqres7 same", "get_weather"),
+            {"role": "assistant", "content": "", "reasoning_content": "zqrsn5 again", "tool_calls": [w2]},
+            _result(2, "zqres7 same", "get_weather"),
+            {"role": "assistant", "content": "zqans10 same twice", "reasoning_content": "zqrsn6 done"},
+            {"role": "user", "content": "zqusr5 ok?"},
+            {"role": "assistant", "content": "zqans11 ok", "reasoning_content": "zqrsn7 fine"},
+        ],
+        "parallel": [
+            u1,
+            {"role": "assistant", "content": "", "reasoning_content": "zqrsn4 look", "tool_calls": [w1, w2]},
+            _result(1, "zqres8 same", "get_weather"),
+            _result(2, "zqres8 same", "get_weather"),
+            {"role": "assistant", "content": "zqans12 both same", "reasoning_content": "zqrsn5 compare"},
+            {"role": "user", "content": "zqusr6 ok?"},
+            {"role": "assistant", "content": "zqans13 ok", "reasoning_content": "zqrsn6 fine"},
+        ],
+    }
+
+
+@pytest.mark.parametrize("name", [n for n, e in AGENT.items() if "refuses" not in e])
+def test_a_tool_result_that_repeats_an_earlier_one_is_never_trained(name, tokenizer, tmp_path):
+    """Parallel calls with the same result used to train the second result on 7 of the agent templates (Qwen3, Hermes,
+    Mistral, Command R7B, Gemma 4...): the reply was located after the first one, and gpt-oss refused the row."""
+    shapes = _same_results()
+    rows = "rows.jsonl" if AGENT[name].get("tools", True) else "rows_without_tools.jsonl"
+    with open(tmp_path / rows, "w") as f:
+        for messages in shapes.values():
+            tools = {"tools": _tools()} if AGENT[name].get("tools", True) else {}
+            f.write(json.dumps({"messages": messages, **tools}) + "\n")
+    reader, cfg = _reader(tmp_path, name)
+    for i, messages in enumerate(shapes.values()):
+        _assert_masks(name, messages, reader.sample(i, cfg, tokenizer), tokenizer)
 
 
 def _complement(spans, n):

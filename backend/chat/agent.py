@@ -106,22 +106,49 @@ def _begin(k, messages, tools, tokenizer, template, text, cursor) -> int:
         if not variant or variant not in pre:
             continue
         tail = pre[pre.rfind(variant) + len(variant) :]
-        pos = text.find(variant, cursor)
-        while pos >= 0 and tail.strip():  # each place message k-1 is written (it may be quoted earlier, too)
-            after = pos + len(variant)
-            for m in range(len(tail), 0, -1):  # the whole tail, or its longest head the text has ('<think>\n' may go)
-                head = tail[:m]
-                if len(head.strip()) < min(4, len(tail.strip())):  # never a lone '<' that could follow a quote
-                    break
-                if text.startswith(head, after):
-                    return after + len(head)
-            pos = text.find(variant, pos + 1)
+        for lo in dict.fromkeys((_past_earlier_messages(k, messages, text, cursor), cursor)):
+            found = _tail_end(text, variant, tail, lo)
+            if found is not None:
+                return found
         break
     raise TemplateError(
         f"message {k} (assistant): the template rewrites the conversation before this reply and what it writes "
         f"between message {k - 1} and the reply ({tail!r}) is not found after message {k - 1}, so the turn cannot be "
         "located; use a template that writes earlier turns the same way (or chat.masking.mode=delimiters)"
     )
+
+
+def _tail_end(text, variant, tail, lo) -> int | None:
+    """Where ``tail`` (what the template writes after message k-1 up to the reply), or its longest head the text has
+    ('<think>\n' may go), ends after the first place at or after ``lo`` where ``variant`` (message k-1's text) is
+    written with one; never a head shorter than 4 characters, a lone '<' that could follow a quote. None: nowhere.
+    """
+    shortest = min(4, len(tail.strip()))
+    pos = text.find(variant, lo)
+    while pos >= 0 and shortest:  # each place message k-1 is written (it may be quoted earlier, too)
+        after = pos + len(variant)
+        m = _common_prefix_len(tail, text[after : after + len(tail)])
+        if len(tail[:m].strip()) >= shortest:
+            return after + m
+        pos = text.find(variant, pos + 1)
+    return None
+
+
+def _past_earlier_messages(k, messages, text, cursor) -> int:
+    """Where the messages between the previous reply and message k-1 end in ``text``, each found after the one
+    before it (from ``cursor``): message k-1 is written after them, so a tool result that says what an earlier one
+    said is looked for at its own place. A message whose text is not found (the template rewrote it) is passed by.
+    """
+    previous = max((j for j in range(k) if messages[j]["role"] == "assistant"), default=-1)
+    at = cursor
+    for m in messages[previous + 1 : k - 1]:
+        content = m.get("content")
+        for variant in dict.fromkeys((content, content.strip()) if isinstance(content, str) else ()):
+            found = text.find(variant, at) if variant else -1
+            if found >= 0:
+                at = found + len(variant)
+                break
+    return at
 
 
 def _candidates(markers) -> list[str]:
