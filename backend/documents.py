@@ -371,6 +371,7 @@ class _ChunkResult:
     samples: dict = field(default_factory=dict)  # keep_samples: row -> (RenderedSample | None, TokenizedSample)
     appended_eot: int = 0  # kept rows whose final reply got the template's marker appended (chat.final_eot: append)
     rejected_samples: dict = field(default_factory=dict)  # keep_samples, pairs: row -> the rejected answer's sample
+    pieces: dict = field(default_factory=dict)  # keep_samples, every_turn: row -> its reasoning documents (Pieces)
 
 
 _WORKER: dict = {}
@@ -480,12 +481,24 @@ def _process_chunk(start: int, task, state: tuple | None = None, keep_samples: b
     split_stats = {}
     kept = np.flatnonzero(keep)
     origin = list(range(len(kept)))  # document -> its kept input document, or the split.Piece made below
+    pieces = {}
     if masking.reasoning == "every_turn" and job.form == "chat":  # dropped reasoning -> a document per turn
-        from backend.split import every_turn_documents
+        from backend.split import dropped_reasoning, every_turn_documents, reasoning_trained_apart
 
+        whole = {int(r): rendered_list[j] for r, j in zip(rows.tolist(), kept.tolist(), strict=True)}
         rows, ids, trained, bounds, origin, split_stats = every_turn_documents(
             rows, ids, trained, bounds, [rendered_list[j] for j in kept], tokenizer, masking, job.chat_template
         )
+        for row, o in zip(rows.tolist(), origin, strict=True):
+            if not isinstance(o, int):
+                pieces.setdefault(row, []).append(o)
+        # a row whose every dropped trace is now trained in a document of its own is not warned about them
+        recovered = {
+            r for r, p in pieces.items() if reasoning_trained_apart(whole[r], p) == sorted(dropped_reasoning(whole[r]))
+        }
+        problems = [p for p in problems if not (p[1] == "reasoning_dropped" and p[0] in recovered)]
+        if not keep_samples:
+            pieces = {}
     if job.split_length is not None and job.form == "chat":  # long conversations -> pieces cut at turns
         from backend.split import split_documents
 
@@ -504,7 +517,9 @@ def _process_chunk(start: int, task, state: tuple | None = None, keep_samples: b
         )
         problems.extend(split_problems)
         split_stats.update(reasoning_stats)
-    return _ChunkResult(n, rows, ids, trained, bounds, problems, split_stats, samples, appended_eot, rejected_samples)
+    return _ChunkResult(
+        n, rows, ids, trained, bounds, problems, split_stats, samples, appended_eot, rejected_samples, pieces
+    )
 
 
 def _worker_chunk(args):
@@ -600,6 +615,9 @@ class PreparedRow:
     problems: list[tuple[str, str, bool]]  # (code, message, skipped): skip reasons, repairs, health warnings
     # preference pairs: rendered/tokenized above are the chosen answer's, this the rejected one's (or None)
     rejected: tuple | None = None  # (RenderedSample, TokenizedSample)
+    # chat.reasoning: every_turn: the documents the row is written as instead of ``rendered`` (`split.Piece`s, each
+    # with its own rendering and tokens; cut further under split_turns), or None when it stays one document
+    pieces: list | None = None
 
     @property
     def skipped(self) -> str | None:
@@ -661,8 +679,10 @@ class RowReader:
                 ]
                 problems = [(code, message, skip) for row, code, message, skip in res.problems if row == r]
                 rendered, tokenized = res.samples.get(r, (None, None))
-                rejected = res.rejected_samples.get(r)
-                yield PreparedRow(r, self.source.where(r), self.form, rendered, tokenized, docs, problems, rejected)
+                rejected, pieces = res.rejected_samples.get(r), res.pieces.get(r)
+                yield PreparedRow(
+                    r, self.source.where(r), self.form, rendered, tokenized, docs, problems, rejected, pieces
+                )
 
 
 def prepared_sample(cfg: PrepareConfig, i: int, tokenizer=None) -> PreparedRow:

@@ -421,7 +421,7 @@ def reasoning_pieces(rendered, tokenizer, masking=None, chat_template: str | Non
 
     from backend import chat
 
-    dropped = [k for k, shown in rendered.reasoning_rendered.items() if not shown]
+    dropped = dropped_reasoning(rendered)
     if not dropped:
         return None
     masking = dataclasses.replace(masking or chat.Masking(), train_on="all", reasoning="as_rendered")
@@ -466,6 +466,20 @@ def reasoning_pieces(rendered, tokenizer, masking=None, chat_template: str | Non
         for (msgs, r, piece_masking, _, trained_msgs), tok in zip(pieces, toks, strict=True)
         if tok.trained.any()
     ]
+
+
+def reasoning_trained_apart(rendered, pieces) -> list[int]:
+    """The assistant messages whose reasoning the full rendering ``rendered`` drops and one of ``pieces`` (its
+    `reasoning_pieces`) writes and trains: what chat.reasoning: every_turn recovered."""
+    dropped = set(dropped_reasoning(rendered))
+    return sorted(
+        k for p in pieces or () for k in p.trained_messages if k in dropped and p.rendered.reasoning_rendered.get(k)
+    )
+
+
+def dropped_reasoning(rendered) -> list[int]:
+    """The assistant messages whose reasoning the template does not write in ``rendered`` (a `RenderedSample`)."""
+    return [k for k, shown in rendered.reasoning_rendered.items() if not shown]
 
 
 def every_turn_documents(rows, ids, trained, bounds, rendered, tokenizer, masking, chat_template):

@@ -46,6 +46,8 @@ class DataTab:
     train_on: gr.Radio
     train_on_eot: gr.Checkbox
     final_eot: gr.Radio
+    train_on_tool_calls: gr.Checkbox
+    reasoning: gr.Radio
     template: gr.Code
     index: gr.Number
     n_rows: gr.State
@@ -66,6 +68,8 @@ class DataTab:
             self.train_on_eot,
             self.template,
             self.final_eot,
+            self.train_on_tool_calls,
+            self.reasoning,
         ]
 
 
@@ -134,6 +138,19 @@ def build_data_tab() -> DataTab:
             label="Final reply left open",
             info="chat.final_eot: append the end-of-turn marker the template leaves off a final reply",
         )
+    with gr.Row():  # agent traces: what the tool-calling turns and the reasoning train
+        train_on_tool_calls = gr.Checkbox(
+            True,
+            label="Train tool calls",
+            info="chat.train_on_tool_calls: assistant turns that call tools are trained (off: masked context)",
+        )
+        reasoning = gr.Radio(
+            ["as_rendered", "every_turn"],
+            value="as_rendered",
+            label="Reasoning the template drops",
+            info="chat.reasoning: as_rendered trains what the template writes; every_turn trains each dropped "
+            "trace in a document of its own (the preview shows each one)",
+        )
     with gr.Accordion("Chat template (editable; re-renders at once)", open=False):
         # Filled on page load (loading the tokenizer takes seconds; building the page should not).
         template = gr.Code("", language="jinja2", label="chat template", elem_id="chat-template")
@@ -175,6 +192,8 @@ def build_data_tab() -> DataTab:
         train_on,
         train_on_eot,
         final_eot,
+        train_on_tool_calls,
+        reasoning,
         template,
         index,
         n_rows,
@@ -195,7 +214,8 @@ def wire_data_tab(tab: DataTab, seq_len: gr.Number, demo: gr.Blocks) -> None:
     # (concurrency_id), so renders finish in the order they were asked for: an earlier, slower input (a dataset
     # no longer selected) can never land after the answer to the inputs on screen.
     one_queue = dict(trigger_mode="always_last", concurrency_id="data-preview", concurrency_limit=1)
-    for w in (t.mode, t.train_on, t.train_on_eot, t.final_eot, index, t.start, t.end, template, seq_len):
+    toggles = (t.mode, t.train_on, t.train_on_eot, t.final_eot, t.train_on_tool_calls, t.reasoning)
+    for w in (*toggles, index, t.start, t.end, template, seq_len):
         w.change(on_preview, inputs, outputs, show_progress="hidden", **one_queue)
     for w in (dataset, tokenizer):
         w.submit(on_preview, inputs, outputs, **one_queue)

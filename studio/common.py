@@ -193,9 +193,20 @@ class DataSettings:
     train_on_eot: bool = True
     template: str = ""  # the chat template box: '' or the tokenizer's own = chat.template null
     final_eot: str = "append"  # chat.final_eot
+    train_on_tool_calls: bool = True  # chat.train_on_tool_calls
+    reasoning: str = "as_rendered"  # chat.reasoning
 
     def masking(self):
-        return make_masking(self.mode, self.start, self.end, self.train_on, self.train_on_eot, self.final_eot)
+        return make_masking(
+            self.mode,
+            self.start,
+            self.end,
+            self.train_on,
+            self.train_on_eot,
+            self.final_eot,
+            self.train_on_tool_calls,
+            self.reasoning,
+        )
 
 
 _readers: dict[tuple, Any] = {}
@@ -255,6 +266,8 @@ def _chat_section(s: DataSettings) -> dict:
         "train_on": s.train_on,
         "train_on_eot": bool(s.train_on_eot),
         "final_eot": s.final_eot or "append",
+        "train_on_tool_calls": bool(s.train_on_tool_calls),
+        "reasoning": s.reasoning or "as_rendered",
     }
 
 
@@ -324,21 +337,29 @@ def prepared_row(s: DataSettings, index: int | float | None, sequence_length=Non
 
 
 def make_masking(
-    mode: str, start_delimiter: str, end_delimiter: str, train_on: str, train_on_eot: bool, final_eot: str = "append"
+    mode: str,
+    start_delimiter: str,
+    end_delimiter: str,
+    train_on: str,
+    train_on_eot: bool,
+    final_eot: str = "append",
+    train_on_tool_calls: bool = True,
+    reasoning: str = "as_rendered",
 ):
     """Widget values -> backend.chat.Masking (raises ValueError with the config key on bad values)."""
     from backend.chat import Masking
 
-    if mode == "delimiters":
-        return Masking(
-            mode="delimiters",
-            start_delimiter=_unescape(start_delimiter),
-            end_delimiter=_unescape(end_delimiter),
-            train_on=train_on,
-            train_on_eot=bool(train_on_eot),
-            final_eot=final_eot or "append",
-        )
-    return Masking(mode="auto", train_on=train_on, train_on_eot=bool(train_on_eot), final_eot=final_eot or "append")
+    delimiters = mode == "delimiters"
+    return Masking(
+        mode="delimiters" if delimiters else "auto",
+        start_delimiter=_unescape(start_delimiter) if delimiters else None,
+        end_delimiter=_unescape(end_delimiter) if delimiters else None,
+        train_on=train_on,
+        train_on_eot=bool(train_on_eot),
+        final_eot=final_eot or "append",
+        train_on_tool_calls=bool(train_on_tool_calls),
+        reasoning=reasoning or "as_rendered",
+    )
 
 
 def _unescape(s: str | None) -> str | None:

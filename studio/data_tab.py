@@ -128,6 +128,8 @@ def preview_sample(s: DataSettings, index: int | float | None, sequence_length: 
     template = _template_arg(s.template, tokenizer)
     if prepared.rejected is not None:  # a preference pair: both answers, each in its own colour
         return _pair_preview(prepared, tokenizer, i, n, template, sequence_length)
+    if prepared.pieces:  # chat.reasoning: every_turn: the row is written as these documents, not as one
+        return _pieces_preview(prepared, tokenizer, i, n, template, sequence_length)
     p = _preview_from(rendered, tok, tokenizer, i, n, template, _problems(prepared, sequence_length))
     if prepared.skipped:  # tokenized, but not written (no_trained_tokens)
         p.summary += f"\n\n⚠ prepare skips this row: {prepared.skipped}"
@@ -204,6 +206,48 @@ def _pair_preview(prepared, tokenizer, i: int, n: int, template, sequence_length
     )
 
 
+def _pieces_preview(prepared, tokenizer, i: int, n: int, template, sequence_length) -> Preview:
+    """A row that chat.reasoning: every_turn writes as several documents (`PreparedRow.pieces`): each document as
+    prepare writes it, one after the other under a header that says which replies it trains, and the row's
+    counts over all of them."""
+    pieces = prepared.pieces
+    views = [_preview_from(p.rendered, p.tokenized, tokenizer, i, n, template) for p in pieces]
+    highlight, token_views, trained_chars, at = [], [], [], 0
+    for k, (piece, view) in enumerate(zip(pieces, views, strict=True), 1):
+        replies = ", ".join(str(m) for m in piece.trained_messages)
+        ctx = f", {piece.context_messages} context messages masked" if piece.context_messages else ""
+        header = f"── document {k} of {len(pieces)}: trains assistant message {replies}{ctx} ──"
+        head = ("\n\n" if k > 1 else "") + header + "\n"
+        highlight.append((head, None))
+        at += len(head)
+        highlight += view.highlight
+        trained_chars += [(a + at, b + at) for a, b in view.trained_chars]
+        at += len(view.text)
+        token_views.append(f"<p><b>{header}</b></p>{view.token_html}")
+    T = sum(len(p.input_ids) for p in pieces)
+    trained = sum(int(p.trained.sum()) for p in pieces)
+    summary = (
+        f"**Sample {i} of {n}** — chat.reasoning: every_turn writes this row as **{len(pieces)} documents** "
+        f"(the template drops the reasoning of earlier turns: each such turn is trained with its reasoning, the "
+        f"conversation before it masked): **{T} tokens**, <span style='color:#2ca02c'>■</span> {trained} trained"
+    )
+    problems = _problems(prepared, sequence_length)
+    if prepared.skipped:
+        summary += f"\n\n⚠ prepare skips this row: {prepared.skipped}"
+    return Preview(
+        highlight=highlight,
+        token_html="".join(token_views),
+        summary=summary,
+        problems="\n".join(f"- ⚠ `{p.split(':', 1)[0]}`: {p.split(':', 1)[1].strip()}" for p in problems)
+        or "✓ no problems in this sample",
+        status="",
+        n_rows=n,
+        index=i,
+        trained_chars=trained_chars,
+        text="".join(x for x, _ in highlight),
+    )
+
+
 def _cut_lines(rendered, tok, tokenizer, masking, template, seq: int) -> str:
     """Preview summary lines: where a sample longer than ``seq`` would be cut by truncate and by split_turns."""
     from backend.split import split_conversation, turn_groups
@@ -245,9 +289,13 @@ def _problems(prepared, sequence_length) -> list[str]:
     from backend.chat import check_length
 
     seq = int(sequence_length) if sequence_length else None
-    return [f"{code}: {message}" for code, message, _ in prepared.problems] + check_length(
-        prepared.rendered, prepared.tokenized, seq
-    )
+    problems = [f"{code}: {message}" for code, message, _ in prepared.problems]
+    if not prepared.pieces:
+        return problems + check_length(prepared.rendered, prepared.tokenized, seq)
+    for k, p in enumerate(prepared.pieces, 1):  # chat.reasoning: every_turn: each document the row is written as
+        problems += [f"{code}: document {k} of {len(prepared.pieces)}:{rest}" for code, _, rest in
+                     (x.partition(":") for x in check_length(p.rendered, p.tokenized, seq))]  # fmt: skip
+    return problems
 
 
 def _preview_from(rendered, tok, tokenizer, i: int, n: int, template=None, problems=()) -> Preview:
@@ -353,6 +401,7 @@ def check_whole_dataset(
     from backend.chat import HealthReport
     from backend.chat.agent import trace_counts
     from backend.config import ConfigError
+    from backend.split import reasoning_trained_apart
     from studio.plots import length_histogram
 
     seq = int(sequence_length) if sequence_length else None
@@ -366,6 +415,7 @@ def check_whole_dataset(
         report = HealthReport(examples=5)
         skipped = 0  # rows prepare writes no document for: counted once here, and under their reason below
         pairs = 0  # preference rows kept (each two documents)
+        every_turn = [0, 0]  # rows chat.reasoning: every_turn writes as several documents, and those documents
         for j, prepared in enumerate(reader.samples(idx, cfg, tokenizer)):
             if prepared.tokenized is None:
                 skipped += 1
@@ -380,8 +430,14 @@ def check_whole_dataset(
                     n_trained += prepared.rejected[1].n_trained
                     problems = [p for p in problems if not p.startswith(("too_long", "assistant_cut"))]
                     problems += _pair_length_problems(tok, prepared.rejected[1], seq)
-                report.add(j, problems, n_tokens, n_trained, appended=len(prepared.rendered.appended))
-                report.add_trace(trace_counts(prepared.rendered, tok, tokenizer))
+                trace, lengths = trace_counts(prepared.rendered, tok, tokenizer), None
+                if prepared.pieces:  # chat.reasoning: every_turn: the documents the row is written as
+                    lengths = [len(p.input_ids) for p in prepared.pieces]
+                    every_turn = [every_turn[0] + 1, every_turn[1] + len(lengths)]
+                    n_tokens, n_trained = sum(lengths), sum(int(p.trained.sum()) for p in prepared.pieces)
+                    trace["reasoning_trained_apart"] = len(reasoning_trained_apart(prepared.rendered, prepared.pieces))
+                report.add(j, problems, n_tokens, n_trained, len(prepared.rendered.appended), lengths)
+                report.add_trace(trace)
             if progress is not None:
                 progress(j + 1, len(idx))
     except ConfigError as e:
@@ -429,6 +485,12 @@ def check_whole_dataset(
     lines.append(f"- trained tokens: **{report.n_trained} / {report.n_tokens} ({report.trained_token_share:.1%})**")
     if report.trace_line():  # tool calls trained, tool results masked, reasoning trained or dropped
         lines.append(f"- {report.trace_line()}")
+    if every_turn[0]:
+        lines.append(
+            f"- chat.reasoning: every_turn writes **{every_turn[0]} row(s) as {every_turn[1]} documents**, each "
+            "training a reply with the reasoning the full conversation drops (the counts and lengths here are those "
+            "documents')"
+        )
     undecided = d["problems"].get("eot_undecided", {}).get("count", 0)
     if undecided:
         lines.append(f"- end-of-turn marker undecidable from the template (not trained): **{undecided} samples**")
@@ -455,6 +517,11 @@ def check_whole_dataset(
         )
     if pairs:  # a pair is never cut or split: long_documents and truncate_documents do not apply
         pass
+    elif every_turn[0] and seq:  # the comparison below reads whole conversations, not every_turn's documents
+        lines.append(
+            "- long documents: split_turns cuts every_turn's documents at turns like conversations (the skip / "
+            "truncate / split_turns comparison is shown under chat.reasoning: as_rendered)"
+        )
     elif seq and len(too_long):
         lines += _long_mode_lines(reader, cfg, idx, lengths, report, tokenizer, masking, template, seq)
     elif seq and lengths.size:  # nothing to compare at this length: say so, and show it where it matters

@@ -423,6 +423,55 @@ def test_studio_preview_colours_and_check_counts(data):
     assert "7 tool calls trained, 7 tool results masked" in c.summary
 
 
+def test_studio_shows_every_turn_documents_as_prepare_writes_them(data, tokenizer):
+    """The Data tab's chat.reasoning and chat.train_on_tool_calls settings reach the preview, the dataset check and
+    the prepare YAML. Under every_turn the preview shows each document prepare writes for the row, its trained
+    characters those of the stored document's trained tokens, and the check counts those documents."""
+    from studio import handlers as H
+    from studio.common import APPENDED, REASONING, TRAINED
+
+    name = "qwen3-0.6b.jinja"
+    i = list(ROWS).index("reasoning_every_turn")
+    template = (CORPUS / name).read_text()
+    s = H.DataSettings(str(data / "rows.jsonl"), str(TINY_MODEL), template=template, reasoning="every_turn")
+    p = H.preview_sample(s, i)
+    assert not p.status, p.status
+    reader, cfg = _reader(data, name, reasoning="every_turn")
+    docs = reader.sample(i, cfg, tokenizer).documents
+    assert len(docs) == 3 and "**3 documents**" in p.summary
+    shown, where, at = [], [], 0  # each document's text and its trained characters, from the highlight alone
+    for text, label in p.highlight:
+        if label is None:  # the header that opens a document
+            shown.append([])
+            where.append(set())
+        else:
+            if label in (TRAINED, REASONING, APPENDED):
+                where[-1] |= {len("".join(shown[-1])) + c for c in range(len(text))}
+            shown[-1].append(text)
+        at += len(text)
+    assert at == len(p.text)
+    bos = tokenizer.bos_token
+    for (ids, trained), parts, chars in zip(docs, shown, where, strict=True):
+        text, covered = _coverage(tokenizer, ids, trained)
+        assert "".join(parts) == text.removeprefix(bos)
+        skip = len(text) - len(text.removeprefix(bos))
+        expected = {c - skip for c in range(skip, len(text)) if covered(c, c + 1).any()}
+        assert chars == expected
+    # the check counts the documents written, and says the dropped traces are trained apart
+    c = H.check_whole_dataset(s, None, False, max_rows=50)
+    assert not c.status, c.status
+    n_trained = sum(int(t.sum()) for r in reader.samples(range(len(ROWS)), cfg, tokenizer) for _, t in r.documents)
+    assert f"**{n_trained} / " in c.summary and "every_turn trains 2 of them" in c.summary
+    assert "1 row(s) as 3 documents" in c.summary and "reasoning_dropped" not in c.report["problems"]
+    assert "reasoning: every_turn" in H.prepare_yaml_from("", s)[0]
+    # chat.train_on_tool_calls off: the turn that calls the tool is masked context, in the preview and the YAML
+    calls = H.DataSettings(str(data / "rows.jsonl"), str(TINY_MODEL), template=template, train_on_tool_calls=False)
+    p = H.preview_sample(calls, list(ROWS).index("reasoning_every_turn"))
+    trained_text = "".join(x for x, label in p.highlight if label == TRAINED)
+    assert "zqans9" in trained_text and "zqarg1" not in trained_text
+    assert "train_on_tool_calls: false" in H.prepare_yaml_from("", calls)[0]
+
+
 def test_every_turn_trains_each_dropped_trace_once_in_its_own_context(data, tokenizer):
     """Qwen3 writes only the reasoning after the last user message. With chat.reasoning: every_turn each turn whose
     reasoning it drops becomes its own document (the conversation up to it, as transformers renders it), and every
@@ -471,6 +520,10 @@ def test_every_turn_in_prepare_keeps_every_row_accounted_for(data, tmp_path):
     assert s["written"] == len(ROWS) and s["skipped_rows"] == 0
     assert s["reasoning_every_turn"] == {"conversations_split": 1, "documents": 3}
     assert s["num_documents"] == len(ROWS) - 1 + 3
+    # the row whose dropped traces are now each trained is not warned about them; as_rendered still warns
+    assert "reasoning_dropped" not in s["warnings"]
+    cfg["chat"]["reasoning"], cfg["output_path"] = "as_rendered", str(tmp_path / "as_rendered")
+    assert prepare(load_prepare_config(cfg), progress=False)["warnings"]["reasoning_dropped"] == 1
 
 
 def test_the_prepared_tokenizer_that_exports_ship_renders_tools_as_the_trainer_did(data, tmp_path, tokenizer):

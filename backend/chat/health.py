@@ -122,13 +122,22 @@ class HealthReport:
             f"tool results masked, reasoning trained in {t.get('reasoning_trained', 0)} turn(s)"
         )
         if t.get("reasoning_dropped"):
+            apart = t.get("reasoning_trained_apart", 0)
             line += (
                 f", dropped by the template in {t['reasoning_dropped']} turn(s) ({t.get('reasoning_dropped_tokens', 0)}"
-                " tokens; chat.reasoning: every_turn keeps them)"
+                + (
+                    f" tokens; chat.reasoning: every_turn trains {apart} of them, each in a document of its own)"
+                    if apart
+                    else " tokens; chat.reasoning: every_turn keeps them)"
+                )
             )
         return line
 
-    def add(self, index: int, problems: list[str], n_tokens: int, n_trained: int, appended: int = 0) -> None:
+    def add(
+        self, index: int, problems: list[str], n_tokens: int, n_trained: int, appended: int = 0, lengths=None
+    ) -> None:
+        """One sample: its problems ("code: message"), tokens and trained tokens; ``lengths``: the lengths of the
+        documents it is written as when they are several (chat.reasoning: every_turn), default ``[n_tokens]``."""
         self.n_samples += 1
         if appended:
             self.n_appended += 1
@@ -136,8 +145,7 @@ class HealthReport:
                 self.appended_indices.append(int(index))
         self.n_tokens += int(n_tokens)
         self.n_trained += int(n_trained)
-        if n_tokens:
-            self.lengths.append(int(n_tokens))
+        self.lengths += [int(n) for n in (lengths if lengths is not None else [n_tokens]) if n]
         codes = []
         for p in problems:
             c = _code(p)
