@@ -232,6 +232,7 @@ def _assert_masks(name, messages, row, tokenizer, refused=None):
         assert refused is None or refused in row.skipped
         return
     assert row.skipped is None, row.problems
+    assert "eot_not_trained" not in [code for code, _, _ in row.problems], row.problems  # no false alarm either
     (ids, trained), *rest = row.documents
     assert not rest
     appended = row.rendered.appended
@@ -257,6 +258,36 @@ def _assert_masks(name, messages, row, tokenizer, refused=None):
     last = text.rstrip().rfind(eot)
     assert last > text.rfind(next(m["content"] for m in reversed(messages) if m["role"] == "assistant"))
     assert covered(last, last + len(eot)).all(), text[last:]  # the final reply's end-of-turn marker is trained
+
+
+@pytest.mark.parametrize("name,shape", CASES, ids=[f"{n}-{s}" for n, s in CASES])
+def test_train_on_eot_off_masks_each_turns_marker_and_nothing_else(name, shape, data, tokenizer):
+    """chat.train_on_eot: false masks the end-of-turn marker of every trained turn and nothing else: what it stops
+    training holds no reply, call or reasoning text, is one run per trained turn, and holds the template's own
+    end-of-turn marker after the final reply."""
+    entry = AGENT[name]
+    if "refuses" in entry or entry.get("refused_shapes", {}).get(shape) or not _expected(tokenizer, name, ROWS[shape]):
+        return
+    i = list(ROWS).index(shape)
+    rows = {eot: _reader(data, name, final_eot="leave", train_on_eot=eot) for eot in (True, False)}
+    on, off = (r.sample(i, c, tokenizer) for r, c in rows.values())
+    if on.skipped:
+        return
+    (ids, with_eot), (ids_off, without) = on.documents[0], off.documents[0]
+    assert (ids == ids_off).all() and not (without & ~with_eot).any()  # the same tokens; off trains a subset
+    text, covered_on = _coverage(tokenizer, ids, with_eot)
+    _, covered_off = _coverage(tokenizer, ids, without)
+    for b, e in _marker_ranges(text, MUST):  # every reply, argument and trace is still trained
+        assert covered_off(b, e).all(), (text[b:e], text)
+    lost = with_eot & ~without
+    runs = int(lost[0]) + int((lost[1:] & ~lost[:-1]).sum())
+    turns = [t for t in on.rendered.turns if t.content_end < t.end]  # a turn with a marker
+    assert runs == len(turns), (runs, len(turns))
+    lost_text = "".join(tokenizer.decode([t]) for t in ids[lost].tolist())
+    assert "zq" not in lost_text, lost_text
+    eot = entry["eot"].replace("{eos}", tokenizer.eos_token)
+    last = text.rstrip().rfind(eot)
+    assert covered_on(last, last + len(eot)).all() and not covered_off(last, last + len(eot)).any(), text[last:]
 
 
 def _same_results():
@@ -298,8 +329,10 @@ def test_a_tool_result_that_repeats_an_earlier_one_is_never_trained(name, tokeni
             tools = {"tools": _tools()} if AGENT[name].get("tools", True) else {}
             f.write(json.dumps({"messages": messages, **tools}) + "\n")
     reader, cfg = _reader(tmp_path, name)
-    for i, messages in enumerate(shapes.values()):
-        _assert_masks(name, messages, reader.sample(i, cfg, tokenizer), tokenizer)
+    like = {"two_rounds": "call_without_text", "parallel": "parallel_calls"}  # refused as the shape it resembles
+    for i, (shape, messages) in enumerate(shapes.items()):
+        refused = AGENT[name].get("refused_shapes", {}).get(like[shape])
+        _assert_masks(name, messages, reader.sample(i, cfg, tokenizer), tokenizer, refused)
 
 
 def _complement(spans, n):

@@ -21,6 +21,8 @@ What cannot be located is a `TemplateError` naming the message: never a guess.
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 
 from backend.chat.conversations import AssistantTurn, TemplateCapabilityError, TemplateError
@@ -190,10 +192,7 @@ def _end(k, begin, messages, tools, tokenizer, template, text, markers) -> tuple
             q = text.rfind(marker, begin, e)
             if q >= 0 and q >= last_call:
                 return q, q + len(marker)
-        tag = text.rfind("<", max(begin, last_call), e)
-        if last_call >= 0 and tag >= 0 and text.endswith(">", begin, e):  # the turn's own closing tag ('<|call|>')
-            return tag, e
-        return e, e  # left open: `render` may append the between-turns marker (chat.final_eot)
+        return _closing_tag(text, begin, e, last_call)  # or left open: `render` may append the between-turns marker
     through = render_messages(messages[: k + 1], tokenizer, template, False, tools)
     d = _common_prefix_len(through, text)
     last_call = _last_call_end(messages[k], text, begin, d)
@@ -202,8 +201,8 @@ def _end(k, begin, messages, tools, tokenizer, template, text, markers) -> tuple
         if q >= 0 and q >= last_call:
             return q, q + len(marker)
     written = through.rstrip()
-    if len(written) > begin and text.startswith(written):
-        return len(written), len(written)  # no marker: the turn goes on with the tool's result (Gemma 4)
+    if len(written) > begin and text.startswith(written):  # the turn ends where the rendering up to it ends
+        return _closing_tag(text, begin, len(written), _last_call_end(messages[k], text, begin, len(written)))
     if "<" in written[begin:]:  # how the turn ends when it is the last message (gpt-oss: '<|call|>' after a call)
         candidates = candidates + [written[written.rfind("<") :]]
     # the turn is written differently once later messages follow (Qwen3 drops its reasoning): the marker before
@@ -220,6 +219,17 @@ def _end(k, begin, messages, tools, tokenizer, template, text, markers) -> tuple
     )
 
 
+def _closing_tag(text, begin, e, last_call) -> tuple[int, int]:
+    """(content_end, end) of a turn that ends at ``e`` with no end-of-turn marker of the template's: its closing
+    tag after its last call is its marker (gpt-oss '<|call|>', DeepSeek's end of sentence after its calls, Gemma 4's
+    '<|tool_response>' that hands over to the tool), else it has none (a final reply left open: `render` may append
+    the between-turns marker, chat.final_eot)."""
+    tag = text.rfind("<", max(begin, last_call), e)
+    if last_call >= 0 and tag >= 0 and text.endswith(">", begin, e):
+        return tag, e
+    return e, e
+
+
 def _generation_turns(messages, tools, tokenizer, template, assistants, markers):
     """Turns from ``{% generation %}`` blocks when there is one block per assistant message, else None."""
     text, blocks = _render_generation(messages, tokenizer, template, tools)
@@ -227,8 +237,9 @@ def _generation_turns(messages, tools, tokenizer, template, assistants, markers)
         return text, None
     turns = []
     for (b, e), k in zip(blocks, assistants, strict=True):
-        marker = next((m for m in markers if m and text.endswith(m, b, e)), "")
-        turns.append(AssistantTurn(k, b, e - len(marker), e))
+        stop = b + len(text[b:e].rstrip())  # a block may go on past its marker ('<|im_end|>\n': LFM2.5, Laguna)
+        content_end = next((at - len(m) for m in markers for at in (e, stop) if m and text.endswith(m, b, at)), e)
+        turns.append(AssistantTurn(k, b, content_end, e))
     return text, turns
 
 
@@ -240,7 +251,7 @@ def agent_turns(messages, tools, tokenizer, template, text, target, generation: 
         text, turns = _generation_turns(messages, tools, tokenizer, template, assistants, markers)
         if turns is not None:
             wanted = set(target)
-            return text, [t for t in turns if t.message_index in wanted]
+            return text, _calls_written(messages, text, [t for t in turns if t.message_index in wanted])
     if text is None:
         text = render_messages(messages, tokenizer, template, False, tools)
     turns, cursor = [], 0
@@ -257,7 +268,24 @@ def agent_turns(messages, tools, tokenizer, template, text, target, generation: 
             )
         turns.append(AssistantTurn(k, begin, content_end, end))
         cursor = end
-    return text, turns
+    return text, _calls_written(messages, text, turns)
+
+
+def _calls_written(messages, text, turns):
+    """``turns``, once every tool call of each is found written in it (its function name, as many times as it is
+    called). A template that drops a message's calls would train a turn without them: DeepSeek-R1-Distill writes
+    calls only for a ``None`` content (an empty turn that ends the reply), gpt-oss only a message's first call."""
+    for t in turns:
+        names = Counter(c["function"]["name"] for c in messages[t.message_index].get("tool_calls") or [])
+        missing = [name for name, n in names.items() if text.count(name, t.begin, t.end) < n]  # two calls: twice
+        if missing:
+            raise TemplateError(
+                f"message {t.message_index} (assistant): the template does not write its tool call(s) {missing} in "
+                "its turn, so the turn would train without them; give each call its own assistant message if the "
+                "template writes one call per message (gpt-oss), set chat.template to one that writes the calls "
+                "(the Hugging Face form), or drop these rows"
+            )
+    return turns
 
 
 def trace_spans(messages, text: str, turns) -> tuple[list, list, dict]:
