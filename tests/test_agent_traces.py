@@ -370,6 +370,26 @@ def test_mask_equals_assistant_masks_where_the_template_marks_generation(name, d
     assert compared >= 4
 
 
+@pytest.mark.parametrize("name", [n for n, e in AGENT.items() if e.get("generation")])
+def test_repeated_replies_are_each_trained_at_their_own_place_in_generation_blocks(name, tokenizer, tmp_path):
+    """A plain chat that repeats a question and its reply: each reply is found inside its own {% generation %}
+    block (a search from the text's start finds the first one twice), so both are trained with their marker."""
+    messages = [
+        {"role": "user", "content": "zqusr1 ping"},
+        {"role": "assistant", "content": "zqans1 pong"},
+        {"role": "user", "content": "zqusr1 ping"},
+        {"role": "assistant", "content": "zqans1 pong"},
+    ]
+    (tmp_path / "rows.jsonl").write_text(json.dumps({"messages": messages}) + "\n")
+    reader, cfg = _reader(tmp_path, name, final_eot="leave")
+    (ids, trained), *_ = reader.sample(0, cfg, tokenizer).documents
+    text, covered = _coverage(tokenizer, ids, trained)
+    replies, eot = _marker_ranges(text, ("zqans",)), AGENT[name]["eot"]
+    assert len(replies) == 2 and all(covered(b, e).all() for b, e in replies)
+    assert not any(covered(b, e).any() for b, e in _marker_ranges(text, NEVER))
+    assert all(covered(text.find(eot, e), text.find(eot, e) + len(eot)).all() for _, e in replies)
+
+
 def test_every_row_form_normalizes_to_the_same_conversation():
     from backend.chat import normalize_conversation
 

@@ -702,7 +702,7 @@ def test_eot_token_ids():
         t = tok(family)
         ids = eot_token_ids(t)
         assert ids[0] == t.convert_tokens_to_ids(eot)
-        assert t.eos_token_id in ids
+        assert t.eos_token_id in ids and len(set(ids)) == len(ids), ids  # each id once (generation stop list)
 
 
 # ------------------------------------------------------------------ fast paths agree with the reference
