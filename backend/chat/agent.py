@@ -107,9 +107,13 @@ def _begin(k, messages, tools, tokenizer, template, text, cursor) -> int:
     for variant in dict.fromkeys((before, before.strip())):
         if not variant or variant not in pre:
             continue
-        tail = pre[pre.rfind(variant) + len(variant) :]
+        start = pre.rfind(variant) + len(variant)
+        tail = pre[start:]
+        bare = render_messages(messages[:k], tokenizer, template, False, tools)
+        shared = _common_prefix_len(bare, pre)  # the generation prompt: where the rendering with it differs
+        prompt_at = shared - start if shared >= start else len(tail)
         for lo in dict.fromkeys((_past_earlier_messages(k, messages, text, cursor), cursor)):
-            found = _tail_end(text, variant, tail, lo)
+            found = _tail_end(text, variant, tail, prompt_at, lo)
             if found is not None:
                 return found
         break
@@ -120,32 +124,44 @@ def _begin(k, messages, tools, tokenizer, template, text, cursor) -> int:
     )
 
 
-def _tail_end(text, variant, tail, lo) -> int | None:
-    """Where ``tail`` (what the template writes after message k-1 up to the reply), or its longest head the text has
-    ('<think>\n' may go), ends after the first place at or after ``lo`` where ``variant`` (message k-1's text) is
-    written with one; never a head shorter than 4 characters, a lone '<' that could follow a quote. None: nowhere.
-    """
+def _tail_end(text, variant, tail, prompt_at, lo) -> int | None:
+    """Where the reply begins after the first place at or after ``lo`` where ``variant`` (message k-1's text) is
+    written and followed by ``tail``, what the template writes after it up to the reply: its closing, then from
+    ``prompt_at`` on the generation prompt. Accepted there: the whole tail, or a head of it that reaches into the
+    prompt ('<think>\n' may go); with no prompt (the reply follows the closing), a head of the closing. A head ends
+    after a newline or a '>' (never inside '<|START_RESPONSE|>') and is never shorter than 4 characters, a lone '<'
+    that could follow a quote. Where the closing is written otherwise once more follows
+    (Hermes 3: '\n<|im_end|>' for '<|im_end|>'), the prompt must start within 8 characters of where it would.
+    None: nowhere."""
     shortest = min(4, len(tail.strip()))
+    cuts = [c for c in range(1, len(tail) + 1) if c in (prompt_at, len(tail)) or tail[c - 1] in "\n>"]
+    prompt = len(tail) > prompt_at  # the template writes a generation prompt
     pos = text.find(variant, lo)
     while pos >= 0 and shortest:  # each place message k-1 is written (it may be quoted earlier, too)
         after = pos + len(variant)
-        m = _common_prefix_len(tail, text[after : after + len(tail)])
-        if len(tail[:m].strip()) >= shortest:
+        shared = _common_prefix_len(tail, text[after : after + len(tail)])
+        m = max((c for c in cuts if c <= shared), default=0)
+        if len(tail[:m].strip()) >= shortest and (m > prompt_at or not prompt):
             return after + m
+        for c in reversed(cuts) if prompt else ():  # the prompt, whole or a head of it, right after the closing
+            head = tail[prompt_at:c]
+            if c > prompt_at and len(head.strip()) >= min(4, len(tail[prompt_at:].strip())):
+                q = text.find(head, after + min(m, prompt_at), after + prompt_at + 8 + len(head))
+                if q >= 0:
+                    return q + len(head)
         pos = text.find(variant, pos + 1)
     return None
 
 
 def _past_earlier_messages(k, messages, text, cursor) -> int:
-    """Where the messages between the previous reply and message k-1 end in ``text``, each found after the one
-    before it (from ``cursor``): message k-1 is written after them, so a tool result that says what an earlier one
-    said is looked for at its own place. A message whose text is not found (the template rewrote it) is passed by.
-    """
+    """Where the tool results between the previous reply and message k-1 end in ``text``, each found after the one
+    before it (from ``cursor``): message k-1 is written after them, so a result that says what an earlier one said
+    is looked for at its own place. Only tool results are walked (a template moves system prompts and merges user
+    turns); one whose text is not found (the template rewrote it) is passed by."""
     previous = max((j for j in range(k) if messages[j]["role"] == "assistant"), default=-1)
     at = cursor
-    for m in messages[previous + 1 : k - 1]:
-        content = m.get("content")
-        for variant in dict.fromkeys((content, content.strip()) if isinstance(content, str) else ()):
+    for m in (m for m in messages[previous + 1 : k - 1] if m["role"] == "tool"):
+        for variant in dict.fromkeys((m["content"], m["content"].strip())):
             found = text.find(variant, at) if variant else -1
             if found >= 0:
                 at = found + len(variant)
@@ -254,30 +270,48 @@ def agent_turns(messages, tools, tokenizer, template, text, target, generation: 
             return text, _calls_written(messages, text, [t for t in turns if t.message_index in wanted])
     if text is None:
         text = render_messages(messages, tokenizer, template, False, tools)
-    turns, cursor = [], 0
-    for k in target:
-        begin = _begin(k, messages, tools, tokenizer, template, text, cursor)
-        content_end, end = _end(k, begin, messages, tools, tokenizer, template, text, markers)
-        reply = messages[k]["content"].strip()
-        at = text.find(reply, begin) if reply else -1
-        if at >= 0 and at + len(reply) > content_end and text.find(reply, begin, content_end) < 0:
-            raise TemplateError(
-                f"message {k} (assistant): the template writes this reply's text outside its turn (after what "
-                "follows it, e.g. after the tool results), so it cannot be trained as one turn; give the text and "
-                "the tool calls as two assistant messages"
-            )
-        turns.append(AssistantTurn(k, begin, content_end, end))
+    wanted, turns, cursor = set(target), [], 0
+    # every reply is located in order, trained or not, so that the next one is looked for after it (a reply after
+    # an untrained one is otherwise searched from the start of the text, where an earlier tool result or question
+    # may say the same); one that is not trained and cannot be located is passed by
+    for k in (j for j, m in enumerate(messages) if m["role"] == "assistant" and j <= max(wanted, default=-1)):
+        try:
+            begin = _begin(k, messages, tools, tokenizer, template, text, cursor)
+            content_end, end = _end(k, begin, messages, tools, tokenizer, template, text, markers)
+        except TemplateError:
+            if k in wanted:
+                raise
+            continue
+        if k in wanted:
+            _check_reply_inside(k, messages, text, begin, content_end)
+            turns.append(AssistantTurn(k, begin, content_end, end))
         cursor = end
     return text, _calls_written(messages, text, turns)
 
 
+def _check_reply_inside(k, messages, text, begin, content_end) -> None:
+    """Refuse a reply whose text the template writes after what follows it (Gemma 4: after the tool results)."""
+    reply = messages[k]["content"].strip()
+    at = text.find(reply, begin) if reply else -1
+    if at >= 0 and at + len(reply) > content_end and text.find(reply, begin, content_end) < 0:
+        raise TemplateError(
+            f"message {k} (assistant): the template writes this reply's text outside its turn (after what "
+            "follows it, e.g. after the tool results), so it cannot be trained as one turn; give the text and "
+            "the tool calls as two assistant messages"
+        )
+
+
 def _calls_written(messages, text, turns):
     """``turns``, once every tool call of each is found written in it (its function name, as many times as it is
-    called). A template that drops a message's calls would train a turn without them: DeepSeek-R1-Distill writes
-    calls only for a ``None`` content (an empty turn that ends the reply), gpt-oss only a message's first call."""
+    called, outside the reply's text and reasoning). A template that drops a message's calls would train a turn
+    without them: DeepSeek-R1-Distill writes calls only for a ``None`` content (an empty turn that ends the reply),
+    gpt-oss only a message's first call."""
     for t in turns:
-        names = Counter(c["function"]["name"] for c in messages[t.message_index].get("tool_calls") or [])
-        missing = [name for name, n in names.items() if text.count(name, t.begin, t.end) < n]  # two calls: twice
+        message, written = messages[t.message_index], text[t.begin : t.end]
+        for own in (message["content"], message.get("reasoning_content")):  # a name the reply or trace says
+            written = written.replace(own, "", 1) if own else written
+        names = Counter(c["function"]["name"] for c in message.get("tool_calls") or [])
+        missing = [name for name, n in names.items() if written.count(name) < n]  # two calls: twice
         if missing:
             raise TemplateError(
                 f"message {t.message_index} (assistant): the template does not write its tool call(s) {missing} in "
