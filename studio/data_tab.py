@@ -232,8 +232,6 @@ def _pieces_preview(prepared, tokenizer, i: int, n: int, template, sequence_leng
         f"conversation before it masked): **{T} tokens**, <span style='color:#2ca02c'>■</span> {trained} trained"
     )
     problems = _problems(prepared, sequence_length)
-    if prepared.skipped:
-        summary += f"\n\n⚠ prepare skips this row: {prepared.skipped}"
     return Preview(
         highlight=highlight,
         token_html="".join(token_views),
@@ -431,6 +429,8 @@ def check_whole_dataset(
                     problems = [p for p in problems if not p.startswith(("too_long", "assistant_cut"))]
                     problems += _pair_length_problems(tok, prepared.rejected[1], seq)
                 trace, lengths = trace_counts(prepared.rendered, tok, tokenizer), None
+                if s.reasoning == "every_turn":  # the check line says how many dropped traces it trains
+                    trace["reasoning_trained_apart"] = 0
                 if prepared.pieces:  # chat.reasoning: every_turn: the documents the row is written as
                     lengths = [len(p.input_ids) for p in prepared.pieces]
                     every_turn = [every_turn[0] + 1, every_turn[1] + len(lengths)]

@@ -167,8 +167,9 @@ def score_document(model_path: str, compare_path: str | None, tokens, trained, t
 
 
 def sample_loss(model_path: str, compare_path: str | None, settings, index: float) -> LossView:
-    """The highlighted Data-tab sample (``settings``: `studio.handlers.DataSettings`), as prepare writes it and
-    the preview shows it, scored. Never raises."""
+    """The highlighted Data-tab sample (``settings``: `studio.handlers.DataSettings`) scored: the conversation as
+    prepare renders and masks it (under chat.reasoning: every_turn, which writes a row as several documents, the
+    whole conversation as the template renders it). Never raises."""
     if not model_path:
         return LossView("", "", "pick a run and a checkpoint or export to score with")
     try:

@@ -46,7 +46,8 @@ def tokenize_documents(
     reader = get_reader(cfg)
     docs = []
     for prepared in reader.samples(range(min(reader.n_rows, int(max_docs))), cfg, tokenizer):
-        if len(prepared.documents) > 1 and split_info is not None:
+        cut = len(prepared.documents) > len(prepared.pieces or [None])  # split_turns cut it (every_turn: pieces)
+        if cut and split_info is not None:
             n_tok = len(prepared.tokenized.input_ids)
             split_info.append((prepared.row, n_tok, list(range(len(docs), len(docs) + len(prepared.documents)))))
         docs += prepared.documents

@@ -604,6 +604,9 @@ def test_studio_shows_every_turn_documents_as_prepare_writes_them(data, tokenize
     assert f"**{n_trained} / " in c.summary and "every_turn trains 2 of them" in c.summary
     assert "1 row(s) as 3 documents" in c.summary and "reasoning_dropped" not in c.report["problems"]
     assert "reasoning: every_turn" in H.prepare_yaml_from("", s)[0]
+    # the Packing tab packs those documents and does not call them a split conversation (none is longer than 4096)
+    v = H.packing_view(s, 4096, 2, "best_fit", False, False, split_turns=True)
+    assert not v.status and v.stats["documents"] == len(ROWS) - 1 + 3 and "split_turns:" not in v.summary
     # chat.train_on_tool_calls off: the turn that calls the tool is masked context, in the preview and the YAML
     calls = H.DataSettings(str(data / "rows.jsonl"), str(TINY_MODEL), template=template, train_on_tool_calls=False)
     p = H.preview_sample(calls, list(ROWS).index("reasoning_every_turn"))

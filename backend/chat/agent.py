@@ -237,8 +237,8 @@ def _end(k, begin, messages, tools, tokenizer, template, text, markers) -> tuple
 
 def _closing_tag(text, begin, e, last_call) -> tuple[int, int]:
     """(content_end, end) of a turn that ends at ``e`` with no end-of-turn marker of the template's: its closing
-    tag after its last call is its marker (gpt-oss '<|call|>', DeepSeek's end of sentence after its calls, Gemma 4's
-    '<|tool_response>' that hands over to the tool), else it has none (a final reply left open: `render` may append
+    tag after its last call is its marker (gpt-oss '<|call|>', Gemma 4's '<|tool_response>' that hands over to
+    the tool), else it has none (a final reply left open: `render` may append
     the between-turns marker, chat.final_eot)."""
     tag = text.rfind("<", max(begin, last_call), e)
     if last_call >= 0 and tag >= 0 and text.endswith(">", begin, e):

@@ -122,12 +122,12 @@ class HealthReport:
             f"tool results masked, reasoning trained in {t.get('reasoning_trained', 0)} turn(s)"
         )
         if t.get("reasoning_dropped"):
-            apart = t.get("reasoning_trained_apart", 0)
             line += (
                 f", dropped by the template in {t['reasoning_dropped']} turn(s) ({t.get('reasoning_dropped_tokens', 0)}"
                 + (
-                    f" tokens; chat.reasoning: every_turn trains {apart} of them, each in a document of its own)"
-                    if apart
+                    f" tokens; chat.reasoning: every_turn trains {t['reasoning_trained_apart']} of them, each in a "
+                    "document of its own)"
+                    if "reasoning_trained_apart" in t  # every_turn is on
                     else " tokens; chat.reasoning: every_turn keeps them)"
                 )
             )
