@@ -369,6 +369,17 @@ def test_a_reply_after_an_untrained_one_is_found_at_its_own_place(name, chat, to
     result or user turn between them was trained (Qwen3, QwQ, Hermes 3, Command R7B, Gemma 4...)."""
     shapes = {
         **_same_results(),
+        "echo": [  # the result repeats the call's argument: found there, it took the tool turn into the reply
+            {"role": "user", "content": "zqusr9 echo it"},
+            {
+                "role": "assistant",
+                "content": "",
+                "reasoning_content": "zqrsn10 echo",
+                "tool_calls": [_call(1, "get_weather", "city", "zqres9 echo")],
+            },
+            _result(1, "zqres9 echo", "get_weather"),
+            {"role": "assistant", "content": "zqans16 it echoed"},
+        ],
         "continue": [
             {"role": "user", "content": "zqusr8 continue"},
             {"role": "assistant", "content": "zqans14 part one", "reasoning_content": "zqrsn8 start"},

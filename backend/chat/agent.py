@@ -21,6 +21,7 @@ What cannot be located is a `TemplateError` naming the message: never a guess.
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 
 import numpy as np
@@ -90,6 +91,9 @@ def _shared_continuation(tokenizer, template, tools) -> str | None:
     return rests[0][0][:cut].rstrip() or None
 
 
+_K1 = "zSFTmessageBeforeReplyz"  # message k-1's text in `_begin`'s probe (printable: a template may JSON-encode it)
+
+
 def _begin(k, messages, tools, tokenizer, template, text, cursor) -> int:
     """Where the template's generation prompt for message k ends in ``text`` (at or after ``cursor``)."""
     if k == 0:
@@ -101,22 +105,19 @@ def _begin(k, messages, tools, tokenizer, template, text, cursor) -> int:
         if len(p) >= cursor and text.startswith(p):
             return len(p)
     # not a prefix (an earlier turn rewritten, a system prompt moved): what the template writes after message k-1
-    # up to the reply (its closing and the generation prompt), found after message k-1 in the full text
+    # up to the reply (its closing and the generation prompt), read with a probe for k-1's text (its own text may
+    # also sit in the template's markup: 'e' in '<|im_end|>'), found after message k-1 in the full text
+    probe = messages[: k - 1] + [{**messages[k - 1], "content": _K1}]
+    with_prompt, bare = (render_messages(probe, tokenizer, template, g, tools) for g in (True, False))
+    tail = with_prompt[with_prompt.rfind(_K1) + len(_K1) :] if _K1 in with_prompt else ""
+    shared = _common_prefix_len(bare, with_prompt) - (len(with_prompt) - len(tail))  # where the prompt starts
+    prompt_at = shared if 0 <= shared <= len(tail) else len(tail)
     before = messages[k - 1]["content"]
-    tail = ""
-    for variant in dict.fromkeys((before, before.strip())):
-        if not variant or variant not in pre:
-            continue
-        start = pre.rfind(variant) + len(variant)
-        tail = pre[start:]
-        bare = render_messages(messages[:k], tokenizer, template, False, tools)
-        shared = _common_prefix_len(bare, pre)  # the generation prompt: where the rendering with it differs
-        prompt_at = shared - start if shared >= start else len(tail)
-        for lo in dict.fromkeys((_past_earlier_messages(k, messages, text, cursor), cursor)):
-            found = _tail_end(text, variant, tail, prompt_at, lo)
+    for variant in dict.fromkeys((before, before.strip()) if tail else ()):
+        for lo in dict.fromkeys((_past_earlier_messages(k, messages, text, cursor, tail[:4]), cursor)):
+            found = _tail_end(text, variant, tail, prompt_at, lo) if variant else None
             if found is not None:
                 return found
-        break
     raise TemplateError(
         f"message {k} (assistant): the template rewrites the conversation before this reply and what it writes "
         f"between message {k - 1} and the reply ({tail!r}) is not found after message {k - 1}, so the turn cannot be "
@@ -135,17 +136,17 @@ def _tail_end(text, variant, tail, prompt_at, lo) -> int | None:
     None: nowhere."""
     shortest = min(4, len(tail.strip()))
     cuts = [c for c in range(1, len(tail) + 1) if c in (prompt_at, len(tail)) or tail[c - 1] in "\n>"]
-    prompt = len(tail) > prompt_at  # the template writes a generation prompt
+    role = prompt_at + _role_length(tail[prompt_at:])  # the prompt must be matched this far (its role line)
     pos = text.find(variant, lo)
     while pos >= 0 and shortest:  # each place message k-1 is written (it may be quoted earlier, too)
         after = pos + len(variant)
         shared = _common_prefix_len(tail, text[after : after + len(tail)])
         m = max((c for c in cuts if c <= shared), default=0)
-        if len(tail[:m].strip()) >= shortest and (m > prompt_at or not prompt):
+        if len(tail[:m].strip()) >= shortest and (m >= role if role > prompt_at else True):
             return after + m
-        for c in reversed(cuts) if prompt else ():  # the prompt, whole or a head of it, right after the closing
+        for c in reversed(cuts) if role > prompt_at else ():  # the prompt, whole or its head, after the closing
             head = tail[prompt_at:c]
-            if c > prompt_at and len(head.strip()) >= min(4, len(tail[prompt_at:].strip())):
+            if c >= role:
                 q = text.find(head, after + min(m, prompt_at), after + prompt_at + 8 + len(head))
                 if q >= 0:
                     return q + len(head)
@@ -153,16 +154,31 @@ def _tail_end(text, variant, tail, prompt_at, lo) -> int | None:
     return None
 
 
-def _past_earlier_messages(k, messages, text, cursor) -> int:
+def _role_length(prompt: str) -> int:
+    r"""How much of a generation prompt a reply's start must match: its first line, without a reasoning opener the
+    template may leave out before a reply ('<think>'). 0 for a prompt of only whitespace.
+
+    >>> [_role_length(p) for p in ("<|im_start|>assistant\n<think>\n", "<｜Assistant｜><think>\n", "\n", "")]
+    [21, 13, 0, 0]
+    """
+    if not prompt.strip():
+        return 0
+    lead = len(prompt) - len(prompt.lstrip())
+    first = prompt.lstrip().split("\n")[0]
+    return lead + len(re.sub(r"<\|?think\|?>.*", "", first))
+
+
+def _past_earlier_messages(k, messages, text, cursor, follow: str) -> int:
     """Where the tool results between the previous reply and message k-1 end in ``text``, each found after the one
-    before it (from ``cursor``): message k-1 is written after them, so a result that says what an earlier one said
-    is looked for at its own place. Only tool results are walked (a template moves system prompts and merges user
-    turns); one whose text is not found (the template rewrote it) is passed by."""
+    before it (from ``cursor``) where it is followed by ``follow`` (how the template closes message k-1: a result is
+    closed the same way, and its text alone may also sit in a call's id or arguments): message k-1 is written after
+    them, so a result that says what an earlier one said is looked for at its own place. Only tool results are
+    walked (a template moves system prompts and merges user turns); one not found so is passed by."""
     previous = max((j for j in range(k) if messages[j]["role"] == "assistant"), default=-1)
     at = cursor
     for m in (m for m in messages[previous + 1 : k - 1] if m["role"] == "tool"):
         for variant in dict.fromkeys((m["content"], m["content"].strip())):
-            found = text.find(variant, at) if variant else -1
+            found = text.find(variant + follow, at) if variant else -1
             if found >= 0:
                 at = found + len(variant)
                 break
@@ -223,12 +239,16 @@ def _end(k, begin, messages, tools, tokenizer, template, text, markers) -> tuple
         candidates = candidates + [written[written.rfind("<") :]]
     # the turn is written differently once later messages follow (Qwen3 drops its reasoning): the marker before
     # the next message
-    nxt = messages[k + 1]
-    found = _find_reply(text, nxt["content"], begin, len(text)) if nxt["content"].strip() else None
-    for marker in candidates if found is not None else ():
-        q = text.rfind(marker, begin, found[0])
-        if q >= 0:
-            return q, q + len(marker)
+    # the next message's text, at the first place a marker precedes (it may also sit in this turn's arguments)
+    nxt, start = messages[k + 1], begin
+    while (
+        found := _find_reply(text, nxt["content"], start, len(text)) if nxt["content"].strip() else None
+    ) is not None:
+        for marker in candidates:
+            q = text.rfind(marker, begin, found[0])
+            if q >= 0:
+                return q, q + len(marker)
+        start = found[0] + 1
     raise TemplateError(
         f"message {k} (assistant): none of the end-of-turn markers {candidates} is found after this reply and "
         f"before message {k + 1}, so the turn's end cannot be located"
