@@ -488,6 +488,35 @@ def test_repeated_replies_are_each_trained_at_their_own_place_in_generation_bloc
     assert all(covered(text.find(eot, e), text.find(eot, e) + len(eot)).all() for _, e in replies)
 
 
+@pytest.mark.parametrize("name", ["mistral-nemo-instruct-2407.jinja", "mistral-small-3.2-24b-instruct.jinja"])
+def test_a_reply_quoted_in_the_question_before_it_is_trained_at_its_own_place(name, tokenizer, tmp_path):
+    """Mistral writes the system prompt into the last user turn, so an earlier reply is not after a prefix of the
+    full text and is searched in it: a question that quotes the reply holds it first. The reply is trained where
+    it is written after the question, the quote in the question never."""
+    messages = [
+        {"role": "system", "content": "zqsys1 be brief"},
+        {"role": "user", "content": "zqusr1 repeat after me: zqans1 ok"},
+        {"role": "assistant", "content": "zqans1 ok"},
+        {"role": "user", "content": "zqusr2 again"},
+        {"role": "assistant", "content": "zqans2 fine"},
+    ]
+    (tmp_path / "rows.jsonl").write_text(json.dumps({"messages": messages}) + "\n")
+    cfg = load_prepare_config(
+        {
+            "output_path": str(tmp_path / "out"),
+            "dataset": {"path": str(tmp_path / "rows.jsonl")},
+            "tokenizer": {"path": str(TINY_MODEL)},
+            "chat": {"template": str(CORPUS / name)},
+        }
+    )
+    row = RowReader(cfg).sample(0, cfg, tokenizer)
+    (ids, trained), *_ = row.documents
+    text, covered = _coverage(tokenizer, ids, trained)
+    quoted, reply = _marker_ranges(text, ("zqans1",))
+    assert not covered(*quoted).any() and covered(*reply).all(), text
+    assert not any(covered(b, e).any() for b, e in _marker_ranges(text, NEVER))
+
+
 def test_every_row_form_normalizes_to_the_same_conversation():
     from backend.chat import normalize_conversation
 

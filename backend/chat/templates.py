@@ -345,11 +345,13 @@ def _auto_turns(messages, tokenizer, template, text, assistants, problems) -> li
         hi = len(pres[i + 1]) if i + 1 < len(pres) and text.startswith(pres[i + 1]) else len(text)
         span = _find_reply(text, content, lo, hi)
         if span is not None and not exact and k and messages[k - 1]["role"] != "assistant":
-            # the message before the reply, found before it: the reply is after it (not a quote inside it)
+            # the message before the reply, found before it: the reply is after it (not a quote inside it); looked
+            # for from a little before lo, which the two renderings may share a few characters into its text
             before = messages[k - 1]["content"].strip()
-            p = text.find(before, lo, hi)
-            if 0 <= p < span[0]:
+            p = text.find(before, max(cursor, lo - len(before)), hi) if before else -1
+            while 0 <= p < span[0]:
                 span = _find_reply(text, content, p + len(before), hi) or span
+                p = text.find(before, p + 1, hi)
         alone = None
         if span is None:
             alone = render_messages(messages[: k + 1], tokenizer, template) if k != last else text
