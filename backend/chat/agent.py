@@ -160,6 +160,8 @@ def _role_length(prompt: str) -> int:
 
     >>> [_role_length(p) for p in ("<|im_start|>assistant\n<think>\n", "<｜Assistant｜><think>\n", "\n", "")]
     [21, 13, 0, 0]
+    >>> [_role_length(p) for p in ("\n<|im_start|>assistant\n", "<|start|>assistant to=all\n")]
+    [22, 25]
     """
     if not prompt.strip():
         return 0
