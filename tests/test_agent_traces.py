@@ -413,6 +413,24 @@ def test_a_reply_after_an_untrained_one_is_found_at_its_own_place(name, chat, to
         assert all(covered(b, e).all() for b, e in _marker_ranges(text, (final,))), (final, text)
 
 
+def test_a_trace_that_names_its_call_does_not_end_the_turn_before_the_call(tokenizer):
+    """gpt-oss closes a call's analysis block with '<|end|>' before the call: the turn ends after the call, found by
+    its last mention of the function, also when the trace names it first (its arguments stay trained)."""
+    from backend.chat import render
+    from backend.chat.conversations import Masking
+
+    trace = {
+        "role": "assistant",
+        "content": "",
+        "reasoning_content": "zqrsn1 get_weather it is",
+        "tool_calls": [_call(1, "get_weather", "city", "zqarg1")],
+    }
+    template = (CORPUS / "gpt-oss-120b.jinja").read_text()
+    r = render([{"role": "user", "content": "zqusr1 weather?"}, trace], tokenizer, Masking(), template, tools=_tools())
+    trained = "".join(r.text[b:e] for b, e in r.trained_spans)
+    assert "zqrsn1" in trained and "zqarg1" in trained and trained.endswith("<|call|>"), trained
+
+
 def test_a_call_named_only_in_the_reasoning_is_not_counted_as_written(tokenizer):
     """gpt-oss writes only a message's first call: two calls of one function whose trace names the function are
     refused, not trained as one call (the name in the trace does not count as the second call)."""
