@@ -431,6 +431,66 @@ def test_a_trace_that_names_its_call_does_not_end_the_turn_before_the_call(token
     assert "zqrsn1" in trained and "zqarg1" in trained and trained.endswith("<|call|>"), trained
 
 
+REVIEWED_ROWS = {  # rows a cold review found trained wrongly or refused, each with its template
+    "gpt-oss: a JSON result, quoted by the next trace": (
+        "gpt-oss-120b.jinja",
+        [
+            {"role": "user", "content": "zqusr1 weather?"},
+            {"role": "assistant", "content": "", "reasoning_content": "zqrsn1 need it", "tool_calls": [
+                _call(1, "get_weather", "city", "zqarg1")]},
+            _result(1, '{"sky": "zqres1 sunny"}', "get_weather"),
+            {"role": "assistant", "content": "zqans1 sunny", "reasoning_content": 'zqrsn2 got {"sky": "zqres1 sunny"}'},
+        ],
+    ),
+    "mistral: a reply that is the question": (
+        "mistral-nemo-instruct-2407.jinja",
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hello!"},
+            {"role": "assistant", "content": "Hello!"},
+        ],
+    ),
+    "qwen2.5: an unwritten trace that names the call": (
+        "qwen2.5-instruct.jinja",
+        [
+            {"role": "user", "content": "zqusr1 1"},
+            {"role": "assistant", "content": "", "reasoning_content": "weather", "tool_calls": [
+                _call(1, "get_weather", "city", "zqarg1")]},
+            _result(1, "zqres1 x", "get_weather"),
+            {"role": "assistant", "content": "zqans1 1"},
+        ],
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(REVIEWED_ROWS))
+def test_rows_a_review_found_are_trained_where_they_are_written(case, tokenizer):
+    """Each reply (its text, arguments and written trace) trained at its own place, no question or result text:
+    gpt-oss writes results JSON-encoded, so a result quoted raw in a later trace was taken for the result; a
+    Mistral question that is the reply was trained as it; a trace the template drops that names the call made
+    the call count as written nowhere."""
+    from backend.chat import render
+    from backend.chat.conversations import Masking
+
+    name, messages = REVIEWED_ROWS[case]
+    tools = _tools() if any(m.get("tool_calls") for m in messages) else None  # a plain chat: the plain path
+    r = render(messages, tokenizer, Masking(), (CORPUS / name).read_text(), tools=tools)
+    mask = np.zeros(len(r.text), bool)
+    for b, e in r.trained_spans:
+        mask[b:e] = True
+    replies = [m for m in messages if m["role"] == "assistant"]
+    for k, m in enumerate(replies):
+        at = r.text.rfind(m["content"]) if k == len(replies) - 1 else r.text.find("zqarg1")
+        assert mask[at : at + 6].all(), (case, r.text)  # the reply's own place (its last one: after the question)
+        first = r.text.find(m["content"])
+        assert first == at or not mask[first : first + len(m["content"])].any(), (case, r.text)  # not the question
+    quote = r.text.find("zqrsn2") if "zqrsn2" in r.text else len(r.text)  # the final trace may quote a result
+    for b, e in _marker_ranges(r.text[:quote], ("zqusr", "zqres", "zqsys")):
+        assert not mask[b:e].any(), (case, r.text[b:e], r.text)
+    if "zqrsn2" in r.text:
+        assert mask[r.text.find("zqrsn2") :][:6].all(), r.text  # the final trace, quote and all
+
+
 def test_a_call_named_only_in_the_reasoning_is_not_counted_as_written(tokenizer):
     """gpt-oss writes only a message's first call: two calls of one function whose trace names the function are
     refused, not trained as one call (the name in the trace does not count as the second call)."""

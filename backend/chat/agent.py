@@ -21,6 +21,7 @@ What cannot be located is a `TemplateError` naming the message: never a guess.
 
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
 
@@ -113,7 +114,10 @@ def _begin(k, messages, tools, tokenizer, template, text, cursor) -> int:
     shared = _common_prefix_len(bare, with_prompt) - (len(with_prompt) - len(tail))  # where the prompt starts
     prompt_at = shared if 0 <= shared <= len(tail) else len(tail)
     before = messages[k - 1]["content"]
-    for variant in dict.fromkeys((before, before.strip()) if tail else ()):
+    # message k-1's text as the template writes it (gpt-oss JSON-encodes a result), then as the message holds it
+    at = with_prompt.rfind(_K1)
+    written = pre[at : len(pre) - len(tail)] if tail and pre[:at] == with_prompt[:at] and pre.endswith(tail) else ""
+    for variant in dict.fromkeys((written, before, before.strip()) if tail else ()):
         for lo in dict.fromkeys((_past_earlier_messages(k, messages, text, cursor, tail[:4]), cursor)):
             found = _tail_end(text, variant, tail, prompt_at, lo) if variant else None
             if found is not None:
@@ -241,16 +245,17 @@ def _end(k, begin, messages, tools, tokenizer, template, text, markers) -> tuple
         candidates = candidates + [written[written.rfind("<") :]]
     # the turn is written differently once later messages follow (Qwen3 drops its reasoning): the marker before
     # the next message
-    # the next message's text, at the first place a marker precedes (it may also sit in this turn's arguments)
-    nxt, start = messages[k + 1], begin
-    while (
-        found := _find_reply(text, nxt["content"], start, len(text)) if nxt["content"].strip() else None
-    ) is not None:
-        for marker in candidates:
-            q = text.rfind(marker, begin, found[0])
-            if q >= 0:
-                return q, q + len(marker)
-        start = found[0] + 1
+    # the next message's text, at the first place a marker precedes (it may also sit in this turn's arguments, or be
+    # quoted later); JSON-escaped first, as gpt-oss and Command R7B write a tool result
+    content = messages[k + 1]["content"]
+    for variant in dict.fromkeys((json.dumps(content)[1:-1], content) if content.strip() else ()):
+        start = begin
+        while (found := _find_reply(text, variant, start, len(text))) is not None:
+            for marker in candidates:
+                q = text.rfind(marker, begin, found[0])
+                if q >= 0:
+                    return q, q + len(marker)
+            start = found[0] + 1
     raise TemplateError(
         f"message {k} (assistant): none of the end-of-turn markers {candidates} is found after this reply and "
         f"before message {k + 1}, so the turn's end cannot be located"
@@ -292,7 +297,7 @@ def agent_turns(messages, tools, tokenizer, template, text, target, generation: 
             return text, _calls_written(messages, text, [t for t in turns if t.message_index in wanted])
     if text is None:
         text = render_messages(messages, tokenizer, template, False, tools)
-    wanted, turns, cursor = set(target), [], 0
+    wanted, turns, cursor, trained_end = set(target), [], 0, 0
     # every reply is located in order, trained or not, so that the next one is looked for after it (a reply after
     # an untrained one is otherwise searched from the start of the text, where an earlier tool result or question
     # may say the same); one that is not trained and cannot be located is passed by
@@ -301,12 +306,17 @@ def agent_turns(messages, tools, tokenizer, template, text, target, generation: 
             begin = _begin(k, messages, tools, tokenizer, template, text, cursor)
             content_end, end = _end(k, begin, messages, tools, tokenizer, template, text, markers)
         except TemplateError:
-            if k in wanted:
+            if k not in wanted:
+                continue
+            if cursor == trained_end:
                 raise
-            continue
+            # an untrained reply before it was placed too far: from the end of the last trained one
+            begin = _begin(k, messages, tools, tokenizer, template, text, trained_end)
+            content_end, end = _end(k, begin, messages, tools, tokenizer, template, text, markers)
         if k in wanted:
             _check_reply_inside(k, messages, text, begin, content_end)
             turns.append(AssistantTurn(k, begin, content_end, end))
+            trained_end = end
         cursor = end
     return text, _calls_written(messages, text, turns)
 
@@ -329,11 +339,11 @@ def _calls_written(messages, text, turns):
     without them: DeepSeek-R1-Distill writes calls only for a ``None`` content (an empty turn that ends the reply),
     gpt-oss only a message's first call."""
     for t in turns:
-        message, written = messages[t.message_index], text[t.begin : t.end]
-        for own in (message["content"], message.get("reasoning_content")):  # a name the reply or trace says
-            written = written.replace(own, "", 1) if own else written
+        message, turn = messages[t.message_index], text[t.begin : t.end]
+        owns = [own for own in (message["content"], message.get("reasoning_content")) if own and own in turn]
         names = Counter(c["function"]["name"] for c in message.get("tool_calls") or [])
-        missing = [name for name, n in names.items() if written.count(name) < n]  # two calls: twice
+        # each call's name, once per call, besides where the turn's own reply or trace says it
+        missing = [name for name, n in names.items() if turn.count(name) - sum(o.count(name) for o in owns) < n]
         if missing:
             raise TemplateError(
                 f"message {t.message_index} (assistant): the template does not write its tool call(s) {missing} in "

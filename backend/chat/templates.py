@@ -349,9 +349,9 @@ def _auto_turns(messages, tokenizer, template, text, assistants, problems) -> li
             # for from a little before lo, which the two renderings may share a few characters into its text
             before = messages[k - 1]["content"].strip()
             p = text.find(before, max(cursor, lo - len(before)), hi) if before else -1
-            while 0 <= p < span[0]:
+            while 0 <= p <= span[0]:  # also a question that opens with the reply (or is it)
                 span = _find_reply(text, content, p + len(before), hi) or span
-                p = text.find(before, p + 1, hi)
+                p = text.find(before, p + 1, span[0])  # the question written again before the reply
         alone = None
         if span is None:
             alone = render_messages(messages[: k + 1], tokenizer, template) if k != last else text
