@@ -110,16 +110,17 @@ def _begin(k, messages, tools, tokenizer, template, text, cursor) -> int:
     # also sit in the template's markup: 'e' in '<|im_end|>'), found after message k-1 in the full text
     probe = messages[: k - 1] + [{**messages[k - 1], "content": _K1}]
     with_prompt, bare = (render_messages(probe, tokenizer, template, g, tools) for g in (True, False))
-    tail = with_prompt[with_prompt.rfind(_K1) + len(_K1) :] if _K1 in with_prompt else ""
+    at = with_prompt.rfind(_K1)
+    tail = with_prompt[at + len(_K1) :] if at >= 0 else ""
     shared = _common_prefix_len(bare, with_prompt) - (len(with_prompt) - len(tail))  # where the prompt starts
     prompt_at = shared if 0 <= shared <= len(tail) else len(tail)
     before = messages[k - 1]["content"]
     # message k-1's text as the template writes it (gpt-oss JSON-encodes a result), then as the message holds it
-    at = with_prompt.rfind(_K1)
     written = pre[at : len(pre) - len(tail)] if tail and pre[:at] == with_prompt[:at] and pre.endswith(tail) else ""
-    for variant in dict.fromkeys((written, before, before.strip()) if tail else ()):
-        for lo in dict.fromkeys((_past_earlier_messages(k, messages, text, cursor, tail[:4]), cursor)):
-            found = _tail_end(text, variant, tail, prompt_at, lo) if variant else None
+    starts = dict.fromkeys((_past_earlier_messages(k, messages, text, cursor, tail[:4]), cursor)) if tail else {}
+    for variant in dict.fromkeys(v for v in (written, before, before.strip()) if v):
+        for lo in starts:
+            found = _tail_end(text, variant, tail, prompt_at, lo)
             if found is not None:
                 return found
     raise TemplateError(
