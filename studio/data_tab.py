@@ -189,7 +189,7 @@ def _pair_preview(prepared, tokenizer, i: int, n: int, template, sequence_length
     for problem in _pair_length_problems(prepared.tokenized, prepared.rejected[1], seq):
         summary += f"; ⚠ **{problem.split(': ', 1)[1]}**"
     problems = [f"{code}: {message}" for code, message, _ in prepared.problems]
-    problems_md = "\n".join(f"- ⚠ `{p.split(':', 1)[0]}`: {p.split(':', 1)[1].strip()}" for p in problems)
+    problems_md = _problems_markdown(problems)
     if prepared.skipped:
         summary += f"\n\n⚠ prepare skips this pair: {prepared.skipped}"
     return Preview(
@@ -236,8 +236,7 @@ def _pieces_preview(prepared, tokenizer, i: int, n: int, template, sequence_leng
         highlight=highlight,
         token_html="".join(token_views),
         summary=summary,
-        problems="\n".join(f"- ⚠ `{p.split(':', 1)[0]}`: {p.split(':', 1)[1].strip()}" for p in problems)
-        or "✓ no problems in this sample",
+        problems=_problems_markdown(problems) or "✓ no problems in this sample",
         status="",
         n_rows=n,
         index=i,
@@ -296,6 +295,11 @@ def _problems(prepared, sequence_length) -> list[str]:
     return problems
 
 
+def _problems_markdown(problems: list[str]) -> str:
+    """ "code: message" problems as the preview's markdown list ("" for none)."""
+    return "\n".join(f"- ⚠ `{p.split(':', 1)[0]}`: {p.split(':', 1)[1].strip() if ':' in p else p}" for p in problems)
+
+
 def _preview_from(rendered, tok, tokenizer, i: int, n: int, template=None, problems=()) -> Preview:
     from backend.chat import eot_token_ids
 
@@ -342,9 +346,7 @@ def _preview_from(rendered, tok, tokenizer, i: int, n: int, template=None, probl
         summary += (
             f"; end-of-turn `{name}` trained in **{int((mine & tok.trained).sum())} of {len(turns)}** assistant turns"
         )
-    problems_md = "\n".join(
-        f"- ⚠ `{p.split(':', 1)[0]}`: {p.split(':', 1)[1].strip() if ':' in p else p}" for p in problems
-    )
+    problems_md = _problems_markdown(problems)
     return Preview(
         highlight=highlight,
         token_html=token_html(text, tok.input_ids, tok.offsets, tok.trained, tokenizer),
