@@ -299,21 +299,24 @@ def agent_turns(messages, tools, tokenizer, template, text, target, generation: 
     if text is None:
         text = render_messages(messages, tokenizer, template, False, tools)
     wanted, turns, cursor, trained_end = set(target), [], 0, 0
+
+    def locate(k, start):  # (begin, content_end, end) of reply k, looked for after ``start``
+        begin = _begin(k, messages, tools, tokenizer, template, text, start)
+        return begin, *_end(k, begin, messages, tools, tokenizer, template, text, markers)
+
     # every reply is located in order, trained or not, so that the next one is looked for after it (a reply after
     # an untrained one is otherwise searched from the start of the text, where an earlier tool result or question
     # may say the same); one that is not trained and cannot be located is passed by
     for k in (j for j, m in enumerate(messages) if m["role"] == "assistant" and j <= max(wanted, default=-1)):
         try:
-            begin = _begin(k, messages, tools, tokenizer, template, text, cursor)
-            content_end, end = _end(k, begin, messages, tools, tokenizer, template, text, markers)
+            begin, content_end, end = locate(k, cursor)
         except TemplateError:
             if k not in wanted:
                 continue
             if cursor == trained_end:
                 raise
             # an untrained reply before it was placed too far: from the end of the last trained one
-            begin = _begin(k, messages, tools, tokenizer, template, text, trained_end)
-            content_end, end = _end(k, begin, messages, tools, tokenizer, template, text, markers)
+            begin, content_end, end = locate(k, trained_end)
         if k in wanted:
             _check_reply_inside(k, messages, text, begin, content_end)
             turns.append(AssistantTurn(k, begin, content_end, end))
