@@ -162,6 +162,17 @@ def data(tmp_path_factory):
     return d
 
 
+def _rows_reader(d, template, conversations, with_tools=None, **chat):
+    """`_reader` over ``conversations`` written to ``d`` (with the tool schemas where the template reads them, or as
+    ``with_tools`` says)."""
+    tools = AGENT[template].get("tools", True) if with_tools is None else with_tools
+    rows = "rows.jsonl" if AGENT[template].get("tools", True) else "rows_without_tools.jsonl"
+    with open(d / rows, "w") as f:
+        for messages in conversations:
+            f.write(json.dumps({"messages": messages, **({"tools": _tools()} if tools else {})}) + "\n")
+    return _reader(d, template, **chat)
+
+
 def _reader(data, template, **chat):
     rows = "rows.jsonl" if AGENT[template].get("tools", True) else "rows_without_tools.jsonl"
     cfg = {
@@ -329,12 +340,7 @@ def test_a_tool_result_that_repeats_an_earlier_one_is_never_trained(name, tokeni
     """Parallel calls with the same result used to train the second result on 7 of the agent templates (Qwen3, Hermes,
     Mistral, Command R7B, Gemma 4...): the reply was located after the first one, and gpt-oss refused the row."""
     shapes = _same_results()
-    rows = "rows.jsonl" if AGENT[name].get("tools", True) else "rows_without_tools.jsonl"
-    with open(tmp_path / rows, "w") as f:
-        for messages in shapes.values():
-            tools = {"tools": _tools()} if AGENT[name].get("tools", True) else {}
-            f.write(json.dumps({"messages": messages, **tools}) + "\n")
-    reader, cfg = _reader(tmp_path, name)
+    reader, cfg = _rows_reader(tmp_path, name, shapes.values())
     like = {"two_rounds": "call_without_text", "parallel": "parallel_calls"}  # refused as the shape it resembles
     for i, (shape, messages) in enumerate(shapes.items()):
         refused = AGENT[name].get("refused_shapes", {}).get(like[shape])
@@ -387,19 +393,7 @@ def test_a_reply_after_an_untrained_one_is_found_at_its_own_place(name, chat, to
             {"role": "assistant", "content": "zqans15 part two", "reasoning_content": "zqrsn9 go on"},
         ],
     }
-    with open(tmp_path / "rows.jsonl", "w") as f:
-        for messages in shapes.values():
-            tools = {"tools": _tools()} if AGENT[name].get("tools", True) else {}
-            f.write(json.dumps({"messages": messages, **tools}) + "\n")
-    cfg = load_prepare_config(
-        {
-            "output_path": str(tmp_path / "out"),
-            "dataset": {"path": str(tmp_path / "rows.jsonl")},
-            "tokenizer": {"path": str(TINY_MODEL)},
-            "chat": {"template": str(CORPUS / name), **chat},
-        }
-    )
-    reader = RowReader(cfg)
+    reader, cfg = _rows_reader(tmp_path, name, shapes.values(), **chat)
     for i, messages in enumerate(shapes.values()):
         row = reader.sample(i, cfg, tokenizer)
         if row.skipped:  # a template that rejects parallel calls (Llama) or cannot write these calls
@@ -556,8 +550,7 @@ def test_repeated_replies_are_each_trained_at_their_own_place_in_generation_bloc
         {"role": "user", "content": "zqusr1 ping"},
         {"role": "assistant", "content": "zqans1 pong"},
     ]
-    (tmp_path / "rows.jsonl").write_text(json.dumps({"messages": messages}) + "\n")
-    reader, cfg = _reader(tmp_path, name, final_eot="leave")
+    reader, cfg = _rows_reader(tmp_path, name, [messages], with_tools=False, final_eot="leave")
     (ids, trained), *_ = reader.sample(0, cfg, tokenizer).documents
     text, covered = _coverage(tokenizer, ids, trained)
     replies, eot = _marker_ranges(text, ("zqans",)), AGENT[name]["eot"]
@@ -578,16 +571,8 @@ def test_a_reply_quoted_in_the_question_before_it_is_trained_at_its_own_place(na
         {"role": "user", "content": "zqusr2 again"},
         {"role": "assistant", "content": "zqans2 fine"},
     ]
-    (tmp_path / "rows.jsonl").write_text(json.dumps({"messages": messages}) + "\n")
-    cfg = load_prepare_config(
-        {
-            "output_path": str(tmp_path / "out"),
-            "dataset": {"path": str(tmp_path / "rows.jsonl")},
-            "tokenizer": {"path": str(TINY_MODEL)},
-            "chat": {"template": str(CORPUS / name)},
-        }
-    )
-    row = RowReader(cfg).sample(0, cfg, tokenizer)
+    reader, cfg = _rows_reader(tmp_path, name, [messages], with_tools=False)  # a plain chat: the plain path
+    row = reader.sample(0, cfg, tokenizer)
     (ids, trained), *_ = row.documents
     text, covered = _coverage(tokenizer, ids, trained)
     quoted, reply = _marker_ranges(text, ("zqans1",))
