@@ -610,6 +610,40 @@ def test_every_row_form_normalizes_to_the_same_conversation():
     assert inline == named and inline[1]["reasoning_content"] == "r" and inline[1]["content"] == "a"
 
 
+def test_tool_results_take_the_name_of_the_call_they_answer_and_other_accepted_forms():
+    """What the normalizer makes of the forms datasets use: a ``function_call`` turn holding a list of calls
+    under ``content``; results naming their call by id (out of order), by an explicit name, or not at all (the
+    latest call turn's first call); a result as text parts or as a JSON object; inline reasoning after leading
+    whitespace, ended by the first ``</think>``."""
+    from backend.chat import normalize_conversation
+
+    calls = [{"name": "f", "arguments": {"a": 1}, "id": "c1"}, {"name": "g", "arguments": "{}", "id": "c2"}]
+    out = normalize_conversation(
+        [
+            {"role": "user", "content": "q"},
+            {"role": "function_call", "content": json.dumps(calls)},
+            {"role": "tool", "tool_call_id": "c2", "content": "rg"},
+            {"role": "tool", "tool_call_id": "c1", "content": "rf"},
+            {"role": "tool", "name": "custom", "tool_call_id": "c1", "content": "rx"},
+            {"role": "tool", "content": [{"type": "text", "text": "part1 "}, {"type": "text", "text": "part2"}]},
+            {"role": "function_call", "content": json.dumps({"name": "h", "arguments": {}})},
+            {"role": "tool", "content": {"temp": 3}},
+            {"role": "assistant", "content": "  \n<think>r1</think>the </think> tag ends a trace"},
+        ]
+    )
+    assert [(c["function"]["name"], c.get("id")) for c in out[1]["tool_calls"]] == [("f", "c1"), ("g", "c2")]
+    assert out[1]["tool_calls"][1]["function"]["arguments"] == {} and out[1]["content"] == ""
+    results = [(m["content"], m.get("name"), m.get("tool_call_id")) for m in out if m["role"] == "tool"]
+    assert results == [
+        ("rg", "g", "c2"),
+        ("rf", "f", "c1"),
+        ("rx", "custom", "c1"),
+        ("part1 part2", "f", None),
+        ('{"temp": 3}', "h", None),
+    ]
+    assert out[-1]["reasoning_content"] == "r1" and out[-1]["content"] == "the </think> tag ends a trace"
+
+
 def test_a_template_without_tools_is_refused_once_for_the_dataset(data, tokenizer, tmp_path, capsys):
     from backend.chat import TemplateCapabilityError
     from backend.cli import run_cli

@@ -782,6 +782,31 @@ def test_content_dependent_template_falls_back_to_prefix_diff():
     assert r.text[r.trained_spans[0][0] : r.trained_spans[0][1]].startswith("LOUD REPLY!")
 
 
+def test_delimiter_mode_substitutes_only_for_proven_templates():
+    """Delimiter masking needs the text only: it is built by substitution where the template is proven not to
+    look at contents, else rendered. A template that rewrites some contents, or writes one twice, still gives
+    the real rendering on every row (also after its role pattern was seen)."""
+    from backend import chat
+
+    t = tok("chatml")
+    plain = (
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    loud = plain.replace(
+        "{{ m.content }}", "{% if '!' in m.content %}{{ m.content|upper }}{% else %}{{ m.content }}{% endif %}"
+    )
+    twice = plain.replace("{{ m.content }}", "{{ m.content }}{% if m.role == 'user' %} {{ m.content }}{% endif %}")
+    masking = Masking(mode="delimiters", start_delimiter="<|im_start|>assistant\n", end_delimiter="<|im_end|>")
+    for tpl in (plain, loud, twice):
+        for conv in [TURNS] * 3 + [[SYSTEM] + TURNS] + [TURNS]:
+            r = render(conv, t, masking, chat_template=tpl)
+            assert r.text == chat.render_messages(normalize_conversation(conv), t, tpl), tpl
+            assert trained_text(r) == "".join(
+                (x.upper() if "!" in x and tpl == loud else x) + "<|im_end|>" for x in REPLIES
+            )
+
+
 def test_date_injecting_template_is_exact():
     """A template that injects a date which changes mid-run (after the structure was learned) never reuses the
     stale structure: the row's real rendering differs from the substituted text, so it takes the prefix diff."""
@@ -807,6 +832,30 @@ def test_date_injecting_template_is_exact():
         assert [r.text[b:e] for b, e in r.trained_spans] == [x + "<|im_end|>" for x in REPLIES]
     finally:
         info["kwargs"] = old
+
+
+def test_render_fast_path_reports_each_role_pattern_and_why_it_is_not_proven():
+    """The studio's "template speed" line: per template, the role patterns rendered so far, how many are proven
+    content-independent (rendered by substitution), and each reason for the others once."""
+    from backend.chat import render_fast_path
+
+    t = tok("chatml")
+    base = (
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    reads = base.replace("{{ m.content }}", "{% if '!' in m.content %}!{% endif %}{{ m.content }}")
+    twice = base.replace("{{ m.content }}", "{{ m.content }}{% if m.role == 'user' %} {{ m.content }}{% endif %}")
+    expected = {
+        base: (3, []),
+        reads: (0, ["the template inspects message content (str.__contains__)"]),
+        twice: (0, ["the template does not write each message's content once, verbatim or stripped"]),
+    }
+    for tpl, (proven, reasons) in expected.items():
+        assert render_fast_path(t, tpl) == {"patterns": 0, "proven": 0, "reasons": []}
+        for conv in (TURNS, [SYSTEM] + TURNS, TURNS[:2]):
+            render(conv, t, chat_template=tpl)
+        assert render_fast_path(t, tpl) == {"patterns": 3, "proven": proven, "reasons": reasons}, tpl
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
