@@ -612,6 +612,38 @@ def test_template_from_file(tmp_path):
         ({"text": "hi"}, r"no 'conversations' or 'messages' column"),
         ([], r"empty"),
         (["hi"], r"message 0: must be a dict"),
+        ([{"role": "user", "content": " \n "}], r"message 0 \(user\): 'content' is empty"),
+        ([{"role": "user", "content": ["a", 5]}], r"message 0 \(user\): 'content' part 1 is of type 'int'"),
+        *[
+            ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "", **bad}], match)
+            for bad, match in [
+                ({"tool_calls": []}, r"message 1 \(assistant\): the reply is empty"),
+                ({"tool_calls": {"name": "f"}}, r"message 1 \(assistant\): 'tool_calls' must be a list"),
+                ({"tool_calls": [{"arguments": {}}]}, r"message 1 \(assistant\) tool call 0: the call has no function"),
+                ({"tool_calls": [7]}, r"tool call 0: a tool call must be a dict, got int"),
+                ({"tool_calls": ["{f("]}, r"tool call 0: the call is a string that is not JSON \('\{f\('\)"),
+                (
+                    {"tool_calls": [{"name": "f", "arguments": "{x"}]},
+                    r"tool call 0: 'arguments' is a string that is not JSON",
+                ),
+                (
+                    {"tool_calls": [{"name": "f", "arguments": [1]}]},
+                    r"tool call 0: 'arguments' must be a dict .* got list",
+                ),
+            ]
+        ],
+        (
+            [{"role": "user", "content": "q"}, {"from": "function_call", "value": "f("}],
+            r"message 1 \(function_call\): the value is not JSON",
+        ),
+        (
+            [{"role": "user", "content": "q"}, {"from": "function_call", "value": "[]"}],
+            r"message 1 \(function_call\): the value holds no call",
+        ),
+        (
+            [{"role": "user", "content": "q"}, {"from": "function_call", "value": '[{"name": "f"}, {"x": 1}]'}],
+            r"message 1 \(function_call\) call 1: the call has no function name",
+        ),
     ],
 )
 def test_bad_conversations(conv, match):
@@ -619,6 +651,43 @@ def test_bad_conversations(conv, match):
         normalize_conversation(conv)
     with pytest.raises(ConversationError, match=match):  # render's own fast path gives the same errors
         render(conv, tok("llama"))
+
+
+def test_accepted_message_forms():
+    """Text parts (plain strings, parts without a type) are joined; a call may be a JSON string, name its
+    arguments ``parameters``, give them as an empty string; every call is stored in one OpenAI form."""
+    out = normalize_conversation(
+        [
+            {"role": "user", "content": ["a ", {"text": "b "}, {"type": "text", "text": "c"}]},
+            {"role": "assistant", "content": "", "tool_calls": ['{"name": "f", "parameters": {"x": 1}, "id": 7}']},
+            {"role": "tool", "content": "r"},
+            {"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "g", "arguments": " "}}]},
+            {"role": "tool", "content": "r"},
+            {"role": "assistant", "content": "", "function_call": {"name": "h", "arguments": "{}"}, "reasoning": "t"},
+            {"role": "tool", "content": "r"},
+            {"role": "assistant", "content": "", "thinking": " only a trace "},
+        ]
+    )
+    assert out[5] == {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [{"type": "function", "function": {"name": "h", "arguments": {}}}],
+        "reasoning_content": "t",
+        "thinking": "t",
+    }
+    assert out[7] == {
+        "role": "assistant",
+        "content": "",
+        "reasoning_content": "only a trace",
+        "thinking": "only a trace",
+    }
+    assert out[0] == {"role": "user", "content": "a b c"}
+    assert out[1]["tool_calls"] == [{"type": "function", "function": {"name": "f", "arguments": {"x": 1}}, "id": "7"}]
+    assert out[3] == {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [{"type": "function", "function": {"name": "g", "arguments": {}}}],
+    }
 
 
 def test_conversation_shapes():
