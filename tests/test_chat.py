@@ -644,6 +644,9 @@ def test_template_from_file(tmp_path):
             [{"role": "user", "content": "q"}, {"from": "function_call", "value": '[{"name": "f"}, {"x": 1}]'}],
             r"message 1 \(function_call\) call 1: the call has no function name",
         ),
+        ("[{'role': 'user'", r"conversation is a string that is not JSON; give a list of messages"),
+        ({"role": "user", "content": "hi"}, r"conversation must be a list of messages, got dict"),
+        ({"messages": 5}, r"conversation must be a list of messages, got int"),
     ],
 )
 def test_bad_conversations(conv, match):
@@ -682,6 +685,11 @@ def test_accepted_message_forms():
         "thinking": "only a trace",
     }
     assert out[0] == {"role": "user", "content": "a b c"}
+    plain = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    assert normalize_conversation(json.dumps(plain)) == plain  # a column that stores the messages as JSON text
+    assert normalize_conversation({"dialog": plain, "messages": 1}, field="dialog") == plain
+    with pytest.raises(ConversationError, match=r"row has no 'dialog' column \(columns: \['messages'\]\)"):
+        normalize_conversation({"messages": plain}, field="dialog")
     assert out[1]["tool_calls"] == [{"type": "function", "function": {"name": "f", "arguments": {"x": 1}}, "id": "7"}]
     assert out[3] == {
         "role": "assistant",
