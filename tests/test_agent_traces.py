@@ -627,7 +627,7 @@ def test_tool_results_take_the_name_of_the_call_they_answer_and_other_accepted_f
             {"role": "tool", "name": "custom", "tool_call_id": "c1", "content": "rx"},
             {"role": "tool", "content": [{"type": "text", "text": "part1 "}, {"type": "text", "text": "part2"}]},
             {"role": "function_call", "content": json.dumps({"name": "h", "arguments": {}})},
-            {"role": "tool", "content": {"temp": 3}},
+            {"role": "tool", "content": {"temp": 3, "city": "Zürich"}},
             {"role": "assistant", "content": "  \n<think>r1</think>the </think> tag ends a trace"},
         ]
     )
@@ -639,7 +639,7 @@ def test_tool_results_take_the_name_of_the_call_they_answer_and_other_accepted_f
         ("rf", "f", "c1"),
         ("rx", "custom", "c1"),
         ("part1 part2", "f", None),
-        ('{"temp": 3}', "h", None),
+        ('{"temp": 3, "city": "Zürich"}', "h", None),
     ]
     assert out[-1]["reasoning_content"] == "r1" and out[-1]["content"] == "the </think> tag ends a trace"
 

@@ -647,6 +647,7 @@ def test_template_from_file(tmp_path):
         ("[{'role': 'user'", r"conversation is a string that is not JSON; give a list of messages"),
         ({"role": "user", "content": "hi"}, r"conversation must be a list of messages, got dict"),
         ({"messages": 5}, r"conversation must be a list of messages, got int"),
+        ([{"role": 5, "content": "hi"}], r"message 0: 'role' is 5, not a known role"),
     ],
 )
 def test_bad_conversations(conv, match):
@@ -686,6 +687,7 @@ def test_accepted_message_forms():
     }
     assert out[0] == {"role": "user", "content": "a b c"}
     plain = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    assert normalize_conversation([{"from": "Human", "value": "q"}, {"role": "ASSISTANT", "content": "a"}]) == plain
     assert normalize_conversation(json.dumps(plain)) == plain  # a column that stores the messages as JSON text
     assert normalize_conversation({"dialog": plain, "messages": 1}, field="dialog") == plain
     with pytest.raises(ConversationError, match=r"row has no 'dialog' column \(columns: \['messages'\]\)"):
