@@ -8,6 +8,14 @@ import pytest
 
 from backend import ASSETS, ROOT
 
+if os.path.basename(sys.argv[0]) == "mutmut":
+    # mutmut forks every mutant's run from a process that has already trained models in the tests: a torch thread
+    # pool started before the fork hangs the child in a futex, a wall-clock hang that mutmut's CPU-time limit never
+    # ends. One thread means no pool (tests/MUTATION.md).
+    os.environ["OMP_NUM_THREADS"] = "1"
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def data(tmp_path_factory):
