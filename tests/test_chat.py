@@ -829,6 +829,40 @@ def test_structure_cache_equals_full_prefix_diff(family):
     assert sum(v is not None for v in chat.tokens._info(t)["structures"].values()) >= 2
 
 
+def test_structure_is_cross_checked_on_its_first_rows_and_dropped_when_they_disagree(monkeypatch):
+    """A role pattern's first three rows also run the full prefix diff; later rows do not. When one of those
+    checks disagrees with the structure, the pattern is dropped for good and the row takes the full path."""
+    from backend import chat
+    from backend.chat import fastpath
+
+    t = tok("chatml")
+    base = (
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    real = fastpath._auto_turns
+    calls = []
+
+    def spy(messages, *args):
+        calls.append(len(messages))
+        turns = real(messages, *args)
+        return turns[:-1] if disagree and len(calls) == 4 else turns  # the build, then the third row's check
+
+    monkeypatch.setattr(fastpath, "_auto_turns", spy)
+    want = [x + "<|im_end|>" for x in REPLIES]
+    for disagree, tpl in ((False, base + "{# agree #}"), (True, base + "{# disagree #}")):
+        calls.clear()
+        key = fastpath._structure_key(normalize_conversation(TURNS), tpl, "all")
+        for row in range(6):
+            r = render(TURNS, t, chat_template=tpl)
+            assert [r.text[b:e] for b, e in r.trained_spans] == want
+            assert len(calls) == 1 + min(row + 1, 3), (disagree, row)
+            structure = chat.tokens._info(t)["structures"][key]
+            assert (structure is None) == (disagree and row >= 2), (disagree, row)
+            if structure is not None:
+                assert structure.checks_left == max(0, 2 - row)
+
+
 def test_content_dependent_template_falls_back_to_prefix_diff():
     """A template that rewrites some replies (upper-cases those with '!') and strips others: rows where the
     substituted text differs from the real rendering must take the full prefix diff and still be exact."""
