@@ -863,6 +863,66 @@ def test_structure_is_cross_checked_on_its_first_rows_and_dropped_when_they_disa
                 assert structure.checks_left == max(0, 2 - row)
 
 
+def test_a_template_that_writes_the_date_is_rebuilt_when_the_day_changes(monkeypatch):
+    """Llama 3.1's template writes ``strftime_now``'s date: still proven content-independent (rendered by
+    substitution), but only for the day it was built on. A prepare that runs past midnight writes the new date."""
+    import datetime
+
+    from backend import chat
+    from backend.chat import fastpath, templates
+
+    t = tok("chatml")
+    tpl = (
+        "Today: {{ strftime_now('%d %b') }}\n{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
+        "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    day = {"text": "01 Jan", "date": datetime.date(2026, 1, 1)}
+
+    def strftime_now(fmt):
+        return day["text"]
+
+    monkeypatch.setitem(templates._compile(tpl).environment.globals, "strftime_now", strftime_now)
+    monkeypatch.setattr(fastpath, "_today", lambda: day["date"])
+    key = fastpath._structure_key(normalize_conversation(TURNS), tpl, "all")
+    want = [x + "<|im_end|>" for x in REPLIES]
+    for text, date in (("01 Jan", datetime.date(2026, 1, 1)), ("02 January", datetime.date(2026, 1, 2))):
+        day.update(text=text, date=date)
+        for _ in range(5):
+            r = render(TURNS, t, chat_template=tpl)
+            assert r.text == chat.render_messages(normalize_conversation(TURNS), t, tpl)
+            assert r.text.startswith(f"Today: {text}\n") and [r.text[b:e] for b, e in r.trained_spans] == want
+        structure = chat.tokens._info(t)["structures"][key]
+        assert structure.proven and structure.day == date
+
+
+@pytest.mark.parametrize(
+    "content, proven, reply",
+    [
+        ("m.content", 1, "\n  Padded reply.  \n"),
+        ("m.content|trim", 1, "Padded reply."),
+        ("m.content.strip()", 1, "Padded reply."),
+        ("m.content.lstrip()", 0, "Padded reply.  \n"),  # stripped on one side: not substituted
+        ("m.content.rstrip()", 0, "\n  Padded reply."),
+    ],
+)
+def test_contents_written_verbatim_stripped_or_half_stripped(content, proven, reply):
+    """The structure tells a content written verbatim from one written stripped (the padding around its probe),
+    and substitutes neither for a template that strips one side only: every row is the real rendering."""
+    from backend import chat
+
+    t = tok("chatml")
+    tpl = (
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ " + content + " }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}{# padded #}"
+    )
+    padded = [{"from": "human", "value": "  Hi  \n"}, {"from": "gpt", "value": "\n  Padded reply.  \n"}]
+    for _ in range(5):
+        r = render(padded, t, chat_template=tpl)
+        assert r.text == chat.render_messages(normalize_conversation(padded), t, tpl)
+        assert [r.text[b:e] for b, e in r.trained_spans] == [reply + "<|im_end|>"]
+    assert chat.render_fast_path(t, tpl)["proven"] == proven
+
+
 def test_content_dependent_template_falls_back_to_prefix_diff():
     """A template that rewrites some replies (upper-cases those with '!') and strips others: rows where the
     substituted text differs from the real rendering must take the full prefix diff and still be exact."""
@@ -947,7 +1007,7 @@ def test_date_injecting_template_is_exact():
         info["kwargs"] = old
 
 
-def test_render_fast_path_reports_each_role_pattern_and_why_it_is_not_proven():
+def test_render_fast_path_reports_each_role_pattern_and_why_it_is_not_proven(monkeypatch):
     """The studio's "template speed" line: per template, the role patterns rendered so far, how many are proven
     content-independent (rendered by substitution), and each reason for the others once."""
     from backend.chat import render_fast_path
@@ -969,6 +1029,11 @@ def test_render_fast_path_reports_each_role_pattern_and_why_it_is_not_proven():
         for conv in (TURNS, [SYSTEM] + TURNS, TURNS[:2]):
             render(conv, t, chat_template=tpl)
         assert render_fast_path(t, tpl) == {"patterns": 3, "proven": proven, "reasons": reasons}, tpl
+    monkeypatch.setenv("SFT_STUDIO_VERIFY_RENDER", "1")  # every row rendered: nothing is taken as proven
+    verify = base + "{# verify #}"
+    for conv in (TURNS, [SYSTEM] + TURNS):
+        render(conv, t, chat_template=verify)
+    assert render_fast_path(t, verify) == {"patterns": 2, "proven": 0, "reasons": ["SFT_STUDIO_VERIFY_RENDER is set"]}
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
