@@ -923,6 +923,33 @@ def test_contents_written_verbatim_stripped_or_half_stripped(content, proven, re
     assert chat.render_fast_path(t, tpl)["proven"] == proven
 
 
+def test_a_proven_structure_is_still_checked_every_64th_row(monkeypatch):
+    """Substitution is the rendering for a proven template, and every 64th row is rendered anyway: a
+    difference there (which the proof rules out) stops the run loudly instead of training on a wrong text."""
+    from backend.chat import RenderProofError, fastpath
+
+    t = tok("chatml")
+    tpl = (
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}{# checked #}"
+    )
+    for _ in range(3):  # the structure's cross-checked first rows
+        render(TURNS, t, chat_template=tpl)
+    real = fastpath.templates.render_messages
+    rendered = []
+
+    def drifted(*args, **kwargs):
+        rendered.append(1)
+        return real(*args, **kwargs) + " "
+
+    monkeypatch.setattr(fastpath.templates, "render_messages", drifted)
+    for _ in range(4, 64):
+        render(TURNS, t, chat_template=tpl)  # substituted: not rendered
+    assert not rendered
+    with pytest.raises(RenderProofError, match="roles user/assistant/user/assistant/user/assistant"):
+        render(TURNS, t, chat_template=tpl)
+
+
 def test_content_dependent_template_falls_back_to_prefix_diff():
     """A template that rewrites some replies (upper-cases those with '!') and strips others: rows where the
     substituted text differs from the real rendering must take the full prefix diff and still be exact."""
@@ -1015,7 +1042,7 @@ def test_render_fast_path_reports_each_role_pattern_and_why_it_is_not_proven(mon
     t = tok("chatml")
     base = (
         "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}{# report #}"
     )
     reads = base.replace("{{ m.content }}", "{% if '!' in m.content %}!{% endif %}{{ m.content }}")
     twice = base.replace("{{ m.content }}", "{{ m.content }}{% if m.role == 'user' %} {{ m.content }}{% endif %}")

@@ -50,7 +50,6 @@ def _today():
 
 class _Structure:
     __slots__ = (
-        "literals",
         "slots",
         "turns",
         "checks_left",
@@ -63,7 +62,7 @@ class _Structure:
     )
 
     def __init__(self, literals, slots, turns, proven=False, day=None, reason=""):
-        self.literals = literals  # n_slots + 1 fixed strings
+        # literals: the n_slots + 1 fixed strings around the contents
         self.slots = slots  # [(message index, strip: bool)] in text order
         self.turns = turns  # [(message index, slot number, marker length)] in turn order
         self.checks_left = _STRUCTURE_CHECKS
