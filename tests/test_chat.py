@@ -293,6 +293,15 @@ def test_empty_delimiters_are_errors():
         Masking(mode="delimiters", start_delimiter="x", end_delimiter=None)
     with pytest.raises(ValueError):
         get_spans("abc", "", "x")
+    for key, value, names in [
+        ("mode", "regex", "'auto', 'delimiters'"),
+        ("train_on", "first", "'all', 'last'"),
+        ("reasoning", "never", "'as_rendered', 'every_turn'"),
+        ("final_eot", "drop", "'append', 'leave'"),
+    ]:
+        with pytest.raises(ValueError, match=rf"^chat\.(masking\.)?{key}: '{value}' is not one of {names}$"):
+            Masking(**{key: value})
+    assert Masking(mode="delimiters", start_delimiter="a", end_delimiter="b").end_delimiter == "b"
 
 
 def test_span_conversions_roundtrip():
@@ -698,6 +707,29 @@ def test_accepted_message_forms():
         "content": "",
         "tool_calls": [{"type": "function", "function": {"name": "g", "arguments": {}}}],
     }
+
+
+def test_tool_schema_forms_and_refusals():
+    """A row's ``tools``: absent or blank is no tools; a JSON string, one schema, flat schemas and schemas as JSON
+    strings all become OpenAI-form schemas; anything else is refused naming the row and the tool."""
+    from backend.chat import normalize_tools
+
+    flat = {"name": "f", "description": "d", "parameters": {}}
+    openai = {"type": "function", "function": flat}
+    for empty in (None, "", "  ", []):
+        assert normalize_tools(empty) is None
+    for given in ([flat], [openai], flat, json.dumps([flat]), [json.dumps(flat)], (flat,)):
+        assert normalize_tools(given) == [openai], given
+    for bad, match in [
+        ("[{", r"row 3: 'tools' is a string that is not JSON"),
+        (5, r"row 3: 'tools' must be a list of tool schemas, got int"),
+        (["{"], r"row 3: tool 0 is a string that is not JSON"),
+        ([flat, 7], r"row 3: tool 1 must be a dict, got int"),
+        ([flat, {"description": "no name"}], r"row 3: tool 1 has no 'name'"),
+        ([{"function": "f"}], r"row 3: tool 0 has no 'name'"),
+    ]:
+        with pytest.raises(ConversationError, match=match):
+            normalize_tools(bad, "row 3")
 
 
 def test_conversation_shapes():
