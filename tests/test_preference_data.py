@@ -239,3 +239,43 @@ def test_dpo_refuses_settings_that_would_mix_prompt_or_answers():
             load_train_config(base, [override])
     with pytest.raises(ConfigError, match="reference-free"):
         load_train_config(base, ["training.dpo.loss=simpo", "training.dpo.reference=precompute"])
+
+
+def test_pair_forms_and_the_rows_they_skip():
+    """`pair_conversations` on each form: the text form's implicit prompt is the shared leading characters; an
+    answer may be one message; a row that cannot make a pair is skipped with its reason, never half-used."""
+    from backend.documents import SkipRow, pair_conversations
+
+    q, a = {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}
+    assert pair_conversations({"chosen": "Q: 2+2? A: 4", "rejected": "Q: 2+2? A: 5"}) == (
+        None,
+        "Q: 2+2? A: 4",
+        "Q: 2+2? A: 5",
+        len("Q: 2+2? A: "),
+    )
+    assert pair_conversations({"prompt": "hi", "chosen": a, "rejected": [dict(a, content="go")]}) == (
+        [q],
+        [q, a],
+        [q, dict(a, content="go")],
+        1,
+    )
+    go = dict(a, content="go")
+    # the implicit prompt: the messages both conversations start with, always leaving each its answer
+    assert pair_conversations({"chosen": [q, a, q, a], "rejected": [q, a, q, go]}) == (
+        [q, a, q],
+        [q, a, q, a],
+        [q, a, q, go],
+        3,
+    )
+    assert pair_conversations({"chosen": [q, a], "rejected": [q, a]})[3] == 1
+    for row, code, message in [
+        ({"chosen": "x"}, "missing_field", "no 'rejected' in this row"),
+        ({"prompt": "p", "chosen": "same", "rejected": " "}, "empty_text", "chosen or rejected answer is empty"),
+        ({"chosen": "ab", "rejected": "ab"}, "empty_text", "chosen or rejected answer is empty"),
+        ({"chosen": [q, a], "rejected": [dict(q, content="other"), a]}, "bad_pair", "share no leading message"),
+        ({"prompt": "p", "chosen": [], "rejected": [a]}, "bad_pair", "'chosen' is an empty list"),
+        ({"prompt": 5, "chosen": [a], "rejected": [a]}, "bad_pair", "'prompt' is a int"),
+    ]:
+        with pytest.raises(SkipRow, match=message) as e:
+            pair_conversations(row)
+        assert e.value.code == code, row
