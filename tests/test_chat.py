@@ -956,8 +956,9 @@ def test_contents_written_verbatim_stripped_or_half_stripped(content, proven, re
 
 
 def test_a_proven_structure_is_still_checked_every_64th_row(monkeypatch):
-    """Substitution is the rendering for a proven template, and every 64th row is rendered anyway: a
-    difference there (which the proof rules out) stops the run loudly instead of training on a wrong text."""
+    """Substitution is the rendering for a proven template: its first three rows (cross-checked) and every 64th
+    row are rendered anyway, no other. A difference there (which the proof rules out) stops the run loudly,
+    naming the roles and the first differing character, instead of training on a wrong text."""
     from backend.chat import RenderProofError, fastpath
 
     t = tok("chatml")
@@ -965,20 +966,27 @@ def test_a_proven_structure_is_still_checked_every_64th_row(monkeypatch):
         "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}{# checked #}"
     )
-    for _ in range(3):  # the structure's cross-checked first rows
-        render(TURNS, t, chat_template=tpl)
     real = fastpath.templates.render_messages
     rendered = []
 
-    def drifted(*args, **kwargs):
-        rendered.append(1)
-        return real(*args, **kwargs) + " "
+    def spy(messages, *args, **kwargs):
+        whole = messages == row and not kwargs.get("add_generation_prompt")  # a row's rendering, not a prefix
+        rendered.append(whole)
+        return real(messages, *args, **kwargs) + (" " if drift and whole else "")
 
-    monkeypatch.setattr(fastpath.templates, "render_messages", drifted)
+    monkeypatch.setattr(fastpath.templates, "render_messages", spy)
+    drift, row = False, normalize_conversation(TURNS)
+    for _ in range(3):
+        render(TURNS, t, chat_template=tpl)
+    assert sum(rendered) == 3  # each cross-checked row
+    drift, rendered = True, []
     for _ in range(4, 64):
         render(TURNS, t, chat_template=tpl)  # substituted: not rendered
-    assert not rendered
-    with pytest.raises(RenderProofError, match="roles user/assistant/user/assistant/user/assistant"):
+    assert rendered == []
+    n = len(real(row, t, tpl))
+    with pytest.raises(
+        RenderProofError, match=rf"roles user/assistant/user/assistant/user/assistant, yet .*\(at char {n}\)"
+    ):
         render(TURNS, t, chat_template=tpl)
 
 
