@@ -147,6 +147,44 @@ def test_generation_markers_agree_with_prefix_diff():
         assert tk.trained.astype(int).tolist() == list(out["assistant_masks"])
 
 
+def test_generation_blocks_that_do_not_hold_each_reply_fall_back_to_the_prefix_diff():
+    """``{% generation %}`` blocks are used only when there is one per reply and each holds its reply verbatim;
+    blocks around the last reply only or all but the last, or around the role instead of the reply, train what
+    the markerless template trains."""
+    t = tok("chatml")
+    tail = "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    last_only = (
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.role == 'assistant' and loop.last %}"
+        "{% generation %}{{ m.content }}{% endgeneration %}{% else %}{{ m.content }}{% endif %}" + tail
+    )
+    not_last = last_only.replace("and loop.last", "and not loop.last")
+    role_only = (
+        "{% for m in messages %}<|im_start|>{% if m.role == 'assistant' %}{% generation %}{{ m.role }}"
+        "{% endgeneration %}{% else %}{{ m.role }}{% endif %}\n{{ m.content }}" + tail
+    )
+    for conv in (TURNS, [SYSTEM] + TURNS, TURNS[:2]):
+        for tpl in (last_only, not_last, role_only):
+            want = render(conv, t, chat_template=re.sub(r"\{% (end)?generation %\}", "", tpl))
+            got = render(conv, t, chat_template=tpl)
+            assert (got.text, got.trained_spans, got.problems) == (want.text, want.trained_spans, want.problems)
+            assert trained_text(got) == "".join(m["value"] + "<|im_end|>" for m in conv if m["from"] == "gpt")
+
+
+def test_resolve_template_reads_the_tokenizers_default_and_names_a_tokenizer_without_one():
+    from types import SimpleNamespace
+
+    from backend.chat import resolve_template
+
+    named = SimpleNamespace(chat_template={"default": "{{ x }}", "tool_use": "{{ y }}"}, name_or_path="org/model")
+    assert resolve_template(named) == "{{ x }}"
+    for missing in (None, "", {"tool_use": "{{ y }}"}):
+        with pytest.raises(TemplateError, match=r"tokenizer 'org/model' has no chat template; set chat.template"):
+            resolve_template(SimpleNamespace(chat_template=missing, name_or_path="org/model"))
+    for bad in ("  ", 5):
+        with pytest.raises(TemplateError, match="chat.template must be a non-empty Jinja string or a file path"):
+            resolve_template(named, bad)
+
+
 def test_llama_matches_guide_delimiters():
     """Auto mode on Llama 3.1 gives the same spans as the guide's delimiters."""
     t = tok("llama")
