@@ -51,6 +51,16 @@ def tok(family):
     return _tok_cache[family]
 
 
+def fresh_tok(family):
+    """``tok(family)`` with its memos (template structures, markers) forgotten: for tests that count what a
+    first rendering builds, whatever ran before them in this process (mutmut's clean run runs every test twice)."""
+    from backend.chat import tokens
+
+    t = tok(family)
+    tokens._info_cache.pop(t, None)
+    return t
+
+
 SYSTEM = {"from": "system", "value": "You are terse."}
 TURNS = [
     {"from": "human", "value": "Hi there, who are you?"},
@@ -905,7 +915,7 @@ def test_structure_is_cross_checked_on_its_first_rows_and_dropped_when_they_disa
     from backend import chat
     from backend.chat import fastpath
 
-    t = tok("chatml")
+    t = fresh_tok("chatml")
     base = (
         "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -941,12 +951,13 @@ def test_a_template_that_writes_the_date_is_rebuilt_when_the_day_changes(monkeyp
     from backend import chat
     from backend.chat import fastpath, templates
 
-    t = tok("chatml")
+    t = fresh_tok("chatml")
     tpl = (
         "Today: {{ strftime_now('%d %b') }}\n{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
         "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
     )
     day = {"text": "01 Jan", "date": datetime.date(2026, 1, 1)}
+    tpl += f"{{# {id(day)} #}}"  # its own template: the probe keeps an instrumented copy per template source
 
     def strftime_now(fmt):
         return day["text"]
@@ -980,7 +991,7 @@ def test_contents_written_verbatim_stripped_or_half_stripped(content, proven, re
     and substitutes neither for a template that strips one side only: every row is the real rendering."""
     from backend import chat
 
-    t = tok("chatml")
+    t = fresh_tok("chatml")
     tpl = (
         "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ " + content + " }}<|im_end|>\n{% endfor %}"
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}{# padded #}"
@@ -999,7 +1010,7 @@ def test_a_proven_structure_is_still_checked_every_64th_row(monkeypatch):
     naming the roles and the first differing character, instead of training on a wrong text."""
     from backend.chat import RenderProofError, fastpath
 
-    t = tok("chatml")
+    t = fresh_tok("chatml")
     tpl = (
         "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}{# checked #}"
@@ -1117,7 +1128,7 @@ def test_render_fast_path_reports_each_role_pattern_and_why_it_is_not_proven(mon
     content-independent (rendered by substitution), and each reason for the others once."""
     from backend.chat import render_fast_path
 
-    t = tok("chatml")
+    t = fresh_tok("chatml")
     base = (
         "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}{# report #}"
