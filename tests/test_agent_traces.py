@@ -1162,3 +1162,31 @@ def test_a_call_with_reasoning_trains_its_arguments_where_the_turn_ends_with_it(
     kept = "".join(rendered.text[a:b] for a, b in _complement(rendered.appended, len(rendered.text)))
     assert kept == _expected(tokenizer, name, messages)
     assert "zqarg1" in text or name.startswith("deepseek-r1")  # R1 writes calls only when content is null
+
+
+def test_an_untrained_reply_the_template_does_not_write_is_passed_by(tokenizer):
+    """``train_on: last`` with a template that writes the last two messages only (a window): the earlier,
+    untrained reply is not located and is passed by; when it and its question say what the last ones say, it is
+    located at the last turn, and the last reply is looked for again from the end of the last trained turn. Either
+    way the last reply is trained where it is written, and with every reply trained the row is refused."""
+    from backend.chat import Masking, TemplateError, render
+
+    nl = "{{ '\\n' }}"
+    template = (
+        "{% if tools %}<|system|>tools: {{ tools | tojson }}<|end|>" + nl + "{% endif %}"
+        "{% for m in messages[-2:] %}<|{{ m.role }}|>" + nl + "{{ m.content }}<|end|>" + nl + "{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>" + nl + "{% endif %}"
+    )
+    tools = [{"type": "function", "function": {"name": "f", "description": "d", "parameters": {}}}]
+    for question, reply in (("zqusr1 hello", "zqans1 ok"), ("zqusr2 again", "zqans2 fine")):
+        messages = [
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": reply},
+            {"role": "user", "content": "zqusr2 again"},
+            {"role": "assistant", "content": "zqans2 fine"},
+        ]
+        r = render(messages, tokenizer, Masking(train_on="last"), chat_template=template, tools=tools)
+        assert r.text.endswith("<|user|>\nzqusr2 again<|end|>\n<|assistant|>\nzqans2 fine<|end|>\n"), r.text
+        assert [r.text[b:e] for b, e in r.trained_spans] == ["zqans2 fine<|end|>"] and r.problems == []
+        with pytest.raises(TemplateError, match=r"message [13] \(assistant\)"):  # reply 1, or 3 past it
+            render(messages, tokenizer, Masking(), chat_template=template, tools=tools)
