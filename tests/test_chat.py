@@ -1152,6 +1152,30 @@ def test_render_fast_path_reports_each_role_pattern_and_why_it_is_not_proven(mon
     assert render_fast_path(t, verify) == {"patterns": 2, "proven": 0, "reasons": ["SFT_STUDIO_VERIFY_RENDER is set"]}
 
 
+@pytest.mark.parametrize("setup", ["truncation", "padding", "split_special_tokens"])
+def test_tokenize_batch_on_a_tokenizer_set_to_truncate_pad_or_split_specials(setup):
+    """The Rust tokenizer is called directly only when that gives what the tokenizer's own call gives. A call
+    with ``truncation=True`` or ``padding=...`` leaves the Rust tokenizer truncating or padding, and
+    ``split_special_tokens`` may be set after the first use: every token still comes out, as the tokenizer's own
+    call gives it."""
+    from transformers import AutoTokenizer
+
+    t = AutoTokenizer.from_pretrained(str(TINY_MODEL))
+    texts = ["Hello world, a sentence long enough to be cut.<|eot_id|>", "x"]
+    tokenize_batch(texts, [[(0, 5)], []], t)  # its facts are learned before the setting changes
+    if setup == "truncation":
+        t(texts, truncation=True, max_length=4)
+    elif setup == "padding":
+        t(texts, padding="max_length", max_length=64)
+    else:
+        t.split_special_tokens = True
+    out = tokenize_batch(texts, [[(0, 5)], []], t)
+    want = t(texts, add_special_tokens=False)["input_ids"]
+    assert [o.input_ids.tolist() for o in out] == [[t.bos_token_id] + w for w in want]
+    eot = t.convert_tokens_to_ids("<|eot_id|>")
+    assert len(want[0]) > 10 and (setup == "split_special_tokens") == (eot not in want[0])
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_tokenize_batch_equals_the_tokenizer_call(family):
     """The batched fast path (Rust encodings -> flat numpy) gives the tokenizer's own ids and offsets, BOS added
