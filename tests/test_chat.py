@@ -664,7 +664,7 @@ def test_template_from_file(tmp_path):
         ([{"role": "user", "content": None}], r"message 0 \(user\): 'content' is null"),
         (
             [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}],
-            r"message 0 \(user\): 'content' part 0",
+            r"message 0 \(user\): 'content' part 0 is of type 'image_url'; only text parts",
         ),
         ({"text": "hi"}, r"no 'conversations' or 'messages' column"),
         ([], r"empty"),
@@ -705,6 +705,9 @@ def test_template_from_file(tmp_path):
         ({"role": "user", "content": "hi"}, r"conversation must be a list of messages, got dict"),
         ({"messages": 5}, r"conversation must be a list of messages, got int"),
         ([{"role": 5, "content": "hi"}], r"message 0: 'role' is 5, not a known role"),
+        ([{"role": "user", "content": [{"type": "text", "text": 5}]}], r"'content' part 0 is of type 'text'"),
+        ([{"role": "user", "content": [{"type": "image", "text": "alt"}]}], r"'content' part 0 is of type 'image'"),
+        ({"from": "human", "value": "hi"}, r"conversation must be a list of messages, got dict"),
     ],
 )
 def test_bad_conversations(conv, match):
@@ -742,6 +745,18 @@ def test_accepted_message_forms():
         "reasoning_content": "only a trace",
         "thinking": "only a trace",
     }
+    # a result with no call before it keeps no name; an empty result is a result; a JSON array result is JSON text
+    results = normalize_conversation(
+        [
+            {"role": "user", "content": "q"},
+            {"role": "assistant", "content": "a"},
+            {"role": "tool", "content": ""},
+            {"role": "tool", "content": [{"temp": 3}]},
+        ]
+    )[2:]
+    assert results == [{"role": "tool", "content": ""}, {"role": "tool", "content": '[{"temp": 3}]'}]
+    with pytest.raises(ValueError, match="tokenize_batch: 1 texts but 0 span lists"):
+        tokenize_batch(["a"], [], tok("llama"))
     assert out[0] == {"role": "user", "content": "a b c"}
     plain = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
     assert normalize_conversation([{"from": "Human", "value": "q"}, {"role": "ASSISTANT", "content": "a"}]) == plain
@@ -1145,6 +1160,8 @@ def test_render_fast_path_reports_each_role_pattern_and_why_it_is_not_proven(mon
         for conv in (TURNS, [SYSTEM] + TURNS, TURNS[:2]):
             render(conv, t, chat_template=tpl)
         assert render_fast_path(t, tpl) == {"patterns": 3, "proven": proven, "reasons": reasons}, tpl
+    render(TURNS, t)  # the tokenizer's own template, when none is named
+    assert render_fast_path(t) == {"patterns": 1, "proven": 1, "reasons": []}
     monkeypatch.setenv("SFT_STUDIO_VERIFY_RENDER", "1")  # every row rendered: nothing is taken as proven
     verify = base + "{# verify #}"
     for conv in (TURNS, [SYSTEM] + TURNS):
