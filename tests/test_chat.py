@@ -755,8 +755,6 @@ def test_accepted_message_forms():
         ]
     )[2:]
     assert results == [{"role": "tool", "content": ""}, {"role": "tool", "content": '[{"temp": 3}]'}]
-    with pytest.raises(ValueError, match="tokenize_batch: 1 texts but 0 span lists"):
-        tokenize_batch(["a"], [], tok("llama"))
     assert out[0] == {"role": "user", "content": "a b c"}
     plain = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
     assert normalize_conversation([{"from": "Human", "value": "q"}, {"role": "ASSISTANT", "content": "a"}]) == plain
@@ -962,17 +960,19 @@ def test_a_template_that_writes_the_date_is_rebuilt_when_the_day_changes(monkeyp
     """Llama 3.1's template writes ``strftime_now``'s date: still proven content-independent (rendered by
     substitution), but only for the day it was built on. A prepare that runs past midnight writes the new date."""
     import datetime
+    import uuid
 
     from backend import chat
     from backend.chat import fastpath, templates
 
+    monkeypatch.delenv("SFT_STUDIO_VERIFY_RENDER", raising=False)  # what is proven is asserted
     t = fresh_tok("chatml")
     tpl = (
         "Today: {{ strftime_now('%d %b') }}\n{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
         "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
     )
     day = {"text": "01 Jan", "date": datetime.date(2026, 1, 1)}
-    tpl += f"{{# {id(day)} #}}"  # its own template: the probe keeps an instrumented copy per template source
+    tpl += f"{{# {uuid.uuid4()} #}}"  # its own template: the probe keeps an instrumented copy per template source
 
     def strftime_now(fmt):
         return day["text"]
@@ -1001,11 +1001,12 @@ def test_a_template_that_writes_the_date_is_rebuilt_when_the_day_changes(monkeyp
         ("m.content.rstrip()", 0, "\n  Padded reply."),
     ],
 )
-def test_contents_written_verbatim_stripped_or_half_stripped(content, proven, reply):
+def test_contents_written_verbatim_stripped_or_half_stripped(content, proven, reply, monkeypatch):
     """The structure tells a content written verbatim from one written stripped (the padding around its probe),
     and substitutes neither for a template that strips one side only: every row is the real rendering."""
     from backend import chat
 
+    monkeypatch.delenv("SFT_STUDIO_VERIFY_RENDER", raising=False)
     t = fresh_tok("chatml")
     tpl = (
         "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ " + content + " }}<|im_end|>\n{% endfor %}"
@@ -1025,6 +1026,7 @@ def test_a_proven_structure_is_still_checked_every_64th_row(monkeypatch):
     naming the roles and the first differing character, instead of training on a wrong text."""
     from backend.chat import RenderProofError, fastpath
 
+    monkeypatch.delenv("SFT_STUDIO_VERIFY_RENDER", raising=False)  # what is proven is asserted
     t = fresh_tok("chatml")
     tpl = (
         "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
@@ -1086,13 +1088,14 @@ def test_content_dependent_template_falls_back_to_prefix_diff():
     assert r.text[r.trained_spans[0][0] : r.trained_spans[0][1]].startswith("LOUD REPLY!")
 
 
-def test_delimiter_mode_substitutes_only_for_proven_templates():
+def test_delimiter_mode_substitutes_only_for_proven_templates(monkeypatch):
     """Delimiter masking needs the text only: it is built by substitution where the template is proven not to
-    look at contents, else rendered. A template that rewrites some contents, or writes one twice, still gives
-    the real rendering on every row (also after its role pattern was seen)."""
-    from backend import chat
+    look at contents (rendered for real on the first three rows only, as a check), else rendered on every row. A
+    template that rewrites some contents, or writes one twice, still gives the real rendering on every row."""
+    from backend.chat import fastpath
 
-    t = tok("chatml")
+    monkeypatch.delenv("SFT_STUDIO_VERIFY_RENDER", raising=False)
+    t = fresh_tok("chatml")
     plain = (
         "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -1102,13 +1105,22 @@ def test_delimiter_mode_substitutes_only_for_proven_templates():
     )
     twice = plain.replace("{{ m.content }}", "{{ m.content }}{% if m.role == 'user' %} {{ m.content }}{% endif %}")
     masking = Masking(mode="delimiters", start_delimiter="<|im_start|>assistant\n", end_delimiter="<|im_end|>")
+    real, row, rendered = fastpath.templates.render_messages, normalize_conversation(TURNS), []
+
+    def spy(messages, *args, **kwargs):
+        rendered.append(messages == row and not kwargs.get("add_generation_prompt"))  # a whole row's rendering
+        return real(messages, *args, **kwargs)
+
+    monkeypatch.setattr(fastpath.templates, "render_messages", spy)
     for tpl in (plain, loud, twice):
-        for conv in [TURNS] * 3 + [[SYSTEM] + TURNS] + [TURNS]:
-            r = render(conv, t, masking, chat_template=tpl)
-            assert r.text == chat.render_messages(normalize_conversation(conv), t, tpl), tpl
+        rendered.clear()
+        for _ in range(8):
+            r = render(TURNS, t, masking, chat_template=tpl)
+            assert r.text == real(row, t, tpl), tpl
             assert trained_text(r) == "".join(
                 (x.upper() if "!" in x and tpl == loud else x) + "<|im_end|>" for x in REPLIES
             )
+        assert sum(rendered) == (3 if tpl == plain else 8), tpl
 
 
 def test_date_injecting_template_is_exact():
@@ -1143,6 +1155,7 @@ def test_render_fast_path_reports_each_role_pattern_and_why_it_is_not_proven(mon
     content-independent (rendered by substitution), and each reason for the others once."""
     from backend.chat import render_fast_path
 
+    monkeypatch.delenv("SFT_STUDIO_VERIFY_RENDER", raising=False)  # what is proven is asserted
     t = fresh_tok("chatml")
     base = (
         "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
@@ -1167,6 +1180,11 @@ def test_render_fast_path_reports_each_role_pattern_and_why_it_is_not_proven(mon
     for conv in (TURNS, [SYSTEM] + TURNS):
         render(conv, t, chat_template=verify)
     assert render_fast_path(t, verify) == {"patterns": 2, "proven": 0, "reasons": ["SFT_STUDIO_VERIFY_RENDER is set"]}
+
+
+def test_tokenize_batch_refuses_texts_and_span_lists_of_different_lengths():
+    with pytest.raises(ValueError, match="tokenize_batch: 1 texts but 0 span lists"):
+        tokenize_batch(["a"], [], tok("llama"))
 
 
 @pytest.mark.parametrize("setup", ["truncation", "padding", "split_special_tokens"])

@@ -31,8 +31,9 @@ from backend.chat.tokens import _info
 # Per row the real text is rendered too and must EQUAL the substituted text (else the row takes the full prefix
 # diff: templates that inject a date, branch on content, trim it in other ways, ...) -- unless
 # `backend.template_probe` proved, from an instrumented render of the pattern, that the template never looks at
-# content at all. Then the substitution IS the rendering and only every _VERIFY_EVERY-th row is rendered as a
-# check (all rows with SFT_STUDIO_VERIFY_RENDER=1); a difference there is an internal error, raised loudly.
+# content at all. Then the substitution IS the rendering and only the first _STRUCTURE_CHECKS rows and every
+# _VERIFY_EVERY-th row are rendered as a check (all rows with SFT_STUDIO_VERIFY_RENDER=1), in both masking modes;
+# a difference there is an internal error, raised loudly.
 _PAD = " \n"  # around each sentinel: tells a template that writes content verbatim from one that strips it
 
 
@@ -175,7 +176,7 @@ def _substitute(st: _Structure, messages, tokenizer, template) -> tuple[str, lis
     slots = [(e + c, e + c + len(x)) for e, c, x in zip(st.literal_ends, before, contents, strict=False)]
     st.rows += 1
     real = None
-    if not st.proven or st.checks_left > 0 or st.rows % _VERIFY_EVERY == 0:
+    if not st.proven or st.rows <= _STRUCTURE_CHECKS or st.rows % _VERIFY_EVERY == 0:  # rows: counted from 1
         real = templates.render_messages(messages, tokenizer, template)  # the one real render: the proof for this row
         if real != text and st.proven:
             roles = "/".join(m["role"] for m in messages)
