@@ -1178,7 +1178,7 @@ def test_an_untrained_reply_the_template_does_not_write_is_passed_by(tokenizer):
         "{% if add_generation_prompt %}<|assistant|>" + nl + "{% endif %}"
     )
     tools = [{"type": "function", "function": {"name": "f", "description": "d", "parameters": {}}}]
-    for question, reply in (("zqusr1 hello", "zqans1 ok"), ("zqusr2 again", "zqans2 fine")):
+    for question, reply, refused in (("zqusr1 hello", "zqans1 ok", 1), ("zqusr2 again", "zqans2 fine", 3)):
         messages = [
             {"role": "user", "content": question},
             {"role": "assistant", "content": reply},
@@ -1188,5 +1188,5 @@ def test_an_untrained_reply_the_template_does_not_write_is_passed_by(tokenizer):
         r = render(messages, tokenizer, Masking(train_on="last"), chat_template=template, tools=tools)
         assert r.text.endswith("<|user|>\nzqusr2 again<|end|>\n<|assistant|>\nzqans2 fine<|end|>\n"), r.text
         assert [r.text[b:e] for b, e in r.trained_spans] == ["zqans2 fine<|end|>"] and r.problems == []
-        with pytest.raises(TemplateError, match=r"message [13] \(assistant\)"):  # reply 1, or 3 past it
+        with pytest.raises(TemplateError, match=rf"message {refused} \(assistant\)"):  # reply 1, or 3 past it
             render(messages, tokenizer, Masking(), chat_template=template, tools=tools)
