@@ -8,7 +8,7 @@ import pytest
 
 from backend import ASSETS, ROOT
 
-if os.path.basename(sys.argv[0]) == "mutmut":
+if os.path.basename(sys.argv[0]) == "mutmut" or sys.argv[0].endswith(os.path.join("mutmut", "__main__.py")):
     # mutmut forks every mutant's run from a process that has already trained models in the tests: a torch thread
     # pool started before the fork hangs the child in a futex, a wall-clock hang that mutmut's CPU-time limit never
     # ends. One thread means no pool (tests/MUTATION.md).
