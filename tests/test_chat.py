@@ -71,6 +71,10 @@ TURNS = [
     {"from": "gpt", "value": "Goodbye!"},
 ]
 REPLIES = [m["value"] for m in TURNS if m["from"] == "gpt"]
+CHATML = (  # a minimal ChatML template: the fast-path tests build their variants from it
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 OTHER_TEXT = [SYSTEM["value"]] + [m["value"] for m in TURNS if m["from"] == "human"]
 
 
@@ -929,10 +933,7 @@ def test_structure_is_cross_checked_on_its_first_rows_and_dropped_when_they_disa
     from backend.chat import fastpath
 
     t = fresh_tok("chatml")
-    base = (
-        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-    )
+    base = CHATML
     real = fastpath._auto_turns
     calls = []
 
@@ -967,10 +968,7 @@ def test_a_template_that_writes_the_date_is_rebuilt_when_the_day_changes(monkeyp
 
     monkeypatch.delenv("SFT_STUDIO_VERIFY_RENDER", raising=False)  # what is proven is asserted
     t = fresh_tok("chatml")
-    tpl = (
-        "Today: {{ strftime_now('%d %b') }}\n{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
-        "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-    )
+    tpl = "Today: {{ strftime_now('%d %b') }}\n" + CHATML
     day = {"text": "01 Jan", "date": datetime.date(2026, 1, 1)}
     tpl += f"{{# {uuid.uuid4()} #}}"  # its own template: the probe keeps an instrumented copy per template source
 
@@ -1008,10 +1006,7 @@ def test_contents_written_verbatim_stripped_or_half_stripped(content, proven, re
 
     monkeypatch.delenv("SFT_STUDIO_VERIFY_RENDER", raising=False)
     t = fresh_tok("chatml")
-    tpl = (
-        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ " + content + " }}<|im_end|>\n{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}{# padded #}"
-    )
+    tpl = CHATML.replace("{{ m.content }}", "{{ " + content + " }}") + "{# padded #}"
     padded = [{"from": "human", "value": "  Hi  \n"}, {"from": "gpt", "value": "\n  Padded reply.  \n"}]
     for _ in range(5):
         r = render(padded, t, chat_template=tpl)
@@ -1028,10 +1023,7 @@ def test_a_proven_structure_is_still_checked_every_64th_row(monkeypatch):
 
     monkeypatch.delenv("SFT_STUDIO_VERIFY_RENDER", raising=False)  # what is proven is asserted
     t = fresh_tok("chatml")
-    tpl = (
-        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}{# checked #}"
-    )
+    tpl = CHATML + "{# checked #}"
     real = fastpath.templates.render_messages
     rendered = []
 
@@ -1096,10 +1088,7 @@ def test_delimiter_mode_substitutes_only_for_proven_templates(monkeypatch):
 
     monkeypatch.delenv("SFT_STUDIO_VERIFY_RENDER", raising=False)
     t = fresh_tok("chatml")
-    plain = (
-        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-    )
+    plain = CHATML
     loud = plain.replace(
         "{{ m.content }}", "{% if '!' in m.content %}{{ m.content|upper }}{% else %}{{ m.content }}{% endif %}"
     )
@@ -1157,10 +1146,7 @@ def test_render_fast_path_reports_each_role_pattern_and_why_it_is_not_proven(mon
 
     monkeypatch.delenv("SFT_STUDIO_VERIFY_RENDER", raising=False)  # what is proven is asserted
     t = fresh_tok("chatml")
-    base = (
-        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}{# report #}"
-    )
+    base = CHATML + "{# report #}"
     reads = base.replace("{{ m.content }}", "{% if '!' in m.content %}!{% endif %}{{ m.content }}")
     twice = base.replace("{{ m.content }}", "{{ m.content }}{% if m.role == 'user' %} {{ m.content }}{% endif %}")
     expected = {
