@@ -287,6 +287,32 @@ def test_delimiters_missing_end_delimiter_trains_to_end():
 
 
 @pytest.mark.timeout(10)
+def test_delimiter_turns_are_the_replies_and_their_end_delimiters():
+    """Each delimiter turn is (no message index, reply start, reply end, end of the end delimiter), found in text
+    that goes on after the last delimiter (a one-character reply included); a final reply the template leaves open
+    is trained to the end of the text and said to be. With train_on_eot off, the replies alone are trained."""
+    t = tok("chatml")
+    sd, ed = "<|im_start|>assistant\n", "<|im_end|>"
+    conv = [TURNS[0], {"role": "assistant", "content": "first"}, TURNS[2], {"role": "assistant", "content": "2"}]
+    conv += [TURNS[2], {"role": "assistant", "content": "last"}]
+    r = render(conv, t, Masking(mode="delimiters", start_delimiter=sd, end_delimiter=ed, train_on_eot=False))
+    assert not r.text.endswith(ed) and r.problems == []
+    expected, at = [], 0
+    for reply in ("first", "2", "last"):
+        b = r.text.index(sd, at) + len(sd)
+        assert r.text.startswith(reply + ed, b)
+        expected.append((-1, b, b + len(reply), b + len(reply) + len(ed)))
+        at = expected[-1][3]
+    assert [tuple(x) for x in r.turns] == expected
+    assert r.trained_spans == [(b, c) for _, b, c, _ in expected if c > b]
+    # the final reply left open by the template: its turn runs to the end of the text, with the problem said
+    open_end = CHATML.replace("<|im_end|>\n", "{% if not loop.last %}<|im_end|>\n{% endif %}")
+    r = render(conv, t, Masking(mode="delimiters", start_delimiter=sd, end_delimiter=ed), chat_template=open_end)
+    assert r.text.endswith("last") and tuple(r.turns[-1]) == (-1, len(r.text) - 4, len(r.text), len(r.text))
+    assert [p.split(":")[0] for p in r.problems] == ["end_delimiter_missing"]
+
+
+@pytest.mark.timeout(10)
 def test_delimiters_absent():
     t = tok("llama")
     r = render(
@@ -431,13 +457,34 @@ def test_non_prefix_preserving_template_is_located_or_refused_with_the_reason():
         "{% elif m.role == 'assistant' %}<A>{{ m.content }}</A>{% else %}<U>{{ m.content }}</U>{% endif %}"
         "{% endfor %}{% if add_generation_prompt %}<A>{% endif %}"
     )
-    with pytest.raises(TemplateError, match=r"message 1 \(assistant\) verbatim.*earlier turn is rewritten"):
-        render(TURNS, t, chat_template=strip)
+    assert _refusal_reason(TURNS, t, strip) == (1, REWRITTEN_EARLIER)
+    # a system prompt the template leaves where it is: not said to be moved
+    assert _refusal_reason([SYSTEM] + TURNS, t, strip) == (2, REWRITTEN_EARLIER)
     # a template that rewrites the reply itself, wherever it is
     upper = strip.replace("{{ m.content[:3] }}", "{{ m.content|upper }}").replace("and not loop.last", "")
     upper = "{{ messages|length }}" + upper
-    with pytest.raises(TemplateError, match=r"message 1 \(assistant\).*rewrites the reply itself"):
-        render(TURNS, t, chat_template=upper)
+    assert _refusal_reason(TURNS, t, upper) == (1, REWRITTEN_REPLY)
+
+
+REWRITTEN_EARLIER = (
+    "an earlier turn is rewritten: the reply is written verbatim while it is the last message, but not once "
+    "later messages are added (e.g. reasoning dropped from earlier turns)"
+)
+REWRITTEN_REPLY = "the template rewrites the reply itself (it is not written verbatim even as the last message)"
+
+
+def _refusal_reason(conv, t, template) -> tuple[int, str]:
+    """The message index and the whole reason of auto masking's refusal to locate a reply."""
+    with pytest.raises(TemplateError) as e:
+        render(conv, t, chat_template=template)
+    m = re.fullmatch(
+        r"chat template does not write message (\d+) \(assistant\) verbatim in the full rendering, so the reply "
+        r"cannot be located: (.*)\. Use chat.masking.mode=delimiters or a template that writes each reply verbatim\.",
+        str(e.value),
+        re.S,
+    )
+    assert m, str(e.value)
+    return int(m[1]), m[2]
 
 
 def test_refusals_name_what_differs():
@@ -451,17 +498,17 @@ def test_refusals_name_what_differs():
         "{{ sys }} {% endif %}{{ m.content }}[/U]{% elif loop.last %}{{ m.content }}</s>{% else %}{{ m.content[:5] }}"
         "</s>{% endif %}{% endfor %}"
     )
-    with pytest.raises(
-        TemplateError, match=r"message 2 \(assistant\).*earlier turn is rewritten.*system prompt is moved"
-    ):
-        render(conv, t, chat_template=moved)
+    moved_why = "; besides, the system prompt is moved (written elsewhere once later messages are added)"
+    assert _refusal_reason(conv, t, moved) == (2, REWRITTEN_EARLIER + moved_why)
+    # the same template with the system prompt left where it is: the reason says no more than the rewrite
+    assert _refusal_reason(TURNS[:4], t, moved) == (1, REWRITTEN_EARLIER)
     think = (
         "{% for m in messages %}{% if m.role == 'user' %}<U>{{ m.content }}{% elif m.role == 'assistant' %}<A>"
         "{% if loop.last %}{{ m.content }}{% else %}{{ m.content[:4] }}{% endif %}<E>{% endif %}{% endfor %}"
         "{% if add_generation_prompt %}<A><think>\n{% endif %}"
     )
-    with pytest.raises(TemplateError, match=r"message 2 .*generation prompt's '<think>\\n' is not in the history"):
-        render(conv, t, chat_template=think)
+    gp_why = "; besides, the generation prompt's '<think>\\n' is not in the history"
+    assert _refusal_reason(conv, t, think) == (2, REWRITTEN_EARLIER + gp_why)
     # the same generation prompt with replies written verbatim: located in the full rendering, no refusal
     verbatim = think.replace("{{ m.content[:4] }}", "{{ m.content }}")
     r = render(conv, t, chat_template=verbatim)
