@@ -1039,27 +1039,36 @@ def test_a_template_that_writes_the_date_is_rebuilt_when_the_day_changes(monkeyp
 @pytest.mark.parametrize(
     "content, proven, reply",
     [
-        ("m.content", 1, "\n  Padded reply.  \n"),
-        ("m.content|trim", 1, "Padded reply."),
-        ("m.content.strip()", 1, "Padded reply."),
-        ("m.content.lstrip()", 0, "Padded reply.  \n"),  # stripped on one side: not substituted
-        ("m.content.rstrip()", 0, "\n  Padded reply."),
+        ("{{ m.content }}", 1, "\n  Padded reply.  \n"),
+        ("{{ m.content|trim }}", 1, "Padded reply."),
+        ("{{ m.content.strip() }}", 1, "Padded reply."),
+        ("{{ m.content.lstrip() }}", 0, "Padded reply.  \n"),  # stripped on one side: not substituted
+        ("{{ m.content.rstrip() }}", 0, "\n  Padded reply."),
+        # the user's text stripped between a space and a newline on each side, which the probe's padding around
+        # its text looks like: the pattern would write it verbatim, and the probe of the template says otherwise
+        ("{% if m.role == 'user' %} \n{{ m.content|trim }} \n{% else %}{{ m.content }}{% endif %}", 0, None),
     ],
 )
 def test_contents_written_verbatim_stripped_or_half_stripped(content, proven, reply, monkeypatch):
     """The structure tells a content written verbatim from one written stripped (the padding around its probe),
-    and substitutes neither for a template that strips one side only: every row is the real rendering."""
+    and substitutes neither for a template that strips one side only, nor where the two ways of telling disagree:
+    every row is then the real rendering."""
     from backend import chat
 
-    monkeypatch.delenv("SFT_STUDIO_VERIFY_RENDER", raising=False)
+    monkeypatch.setenv("SFT_STUDIO_VERIFY_RENDER", "0")  # "0" is off, as unset: what is proven is asserted
     t = fresh_tok("chatml")
-    tpl = CHATML.replace("{{ m.content }}", "{{ " + content + " }}") + "{# padded #}"
+    tpl = CHATML.replace("{{ m.content }}", content) + "{# padded #}"
     padded = [{"from": "human", "value": "  Hi  \n"}, {"from": "gpt", "value": "\n  Padded reply.  \n"}]
     for _ in range(5):
         r = render(padded, t, chat_template=tpl)
         assert r.text == chat.render_messages(normalize_conversation(padded), t, tpl)
-        assert [r.text[b:e] for b, e in r.trained_spans] == [reply + "<|im_end|>"]
-    assert chat.render_fast_path(t, tpl)["proven"] == proven
+        assert [r.text[b:e] for b, e in r.trained_spans] == [(reply or padded[1]["value"]) + "<|im_end|>"]
+    report = chat.render_fast_path(t, tpl)
+    assert report["proven"] == proven
+    if reply is None:
+        assert report["reasons"] == [
+            "a content is stripped on one side only, or between text that looks like the probe's padding"
+        ]
 
 
 def test_a_proven_structure_is_still_checked_every_64th_row(monkeypatch):
