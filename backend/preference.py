@@ -250,18 +250,13 @@ def document_logps(model, batch: dict):
     import torch
     import torch.nn.functional as F
 
-    from backend.loss import shifted_targets
     from backend.modeling import model_inputs
 
     kwargs = model_inputs(model, batch)
     n_docs = int(batch["documents"].numel())
-    if "logp_positions" in batch:  # collate_pairs: shared prompts predict their rejected answer's first token too
-        trained, targets, documents = batch["logp_positions"], batch["logp_targets"], batch["logp_documents"]
-    else:
-        targets = shifted_targets(batch["labels"])  # (B*L,): position t predicts label t+1 of its row
-        trained = (targets != IGNORE_INDEX).nonzero().squeeze(1)  # (K,)
-        # the target at position t belongs to the document of position t (its first token is never a target)
-        targets, documents = targets[trained], batch["segment"][trained]
+    # (K,) each: the flattened positions that predict a trained token (a shared prompt's last position twice), the
+    # token, its document (`collate_pairs`)
+    trained, targets, documents = batch["logp_positions"], batch["logp_targets"], batch["logp_documents"]
     if kwargs["input_ids"].shape[0] == 1:  # one flattened row: the LM head on the K trained positions only
         logits = model(**kwargs, logits_to_keep=trained).logits.reshape(-1, model_vocab(model))  # (K, V)
     else:

@@ -313,6 +313,21 @@ def test_delimiter_turns_are_the_replies_and_their_end_delimiters():
 
 
 @pytest.mark.timeout(10)
+def test_delimiters_train_on_last_and_a_rows_own_tools():
+    """Delimiter masking with train_on: last trains the last reply alone and appends nothing; a row given as a dict
+    renders with its own ``tools`` as if they were passed."""
+    t = tok("chatml")
+    sd, ed = "<|im_start|>assistant\n", "<|im_end|>"
+    r = render(TURNS, t, Masking(mode="delimiters", start_delimiter=sd, end_delimiter=ed, train_on="last"))
+    assert trained_text(r) == REPLIES[-1] + ed and len(r.turns) == len(REPLIES) and r.appended == []
+    tools = [{"type": "function", "function": {"name": "zqlookup", "description": "d", "parameters": {}}}]
+    tpl = "{% if tools %}<tools>{{ tools|tojson }}</tools>{% endif %}" + CHATML
+    row = {"conversations": TURNS[:2], "tools": tools}
+    own = render(row, t, chat_template=tpl)
+    assert "zqlookup" in own.text and own.text == render(TURNS[:2], t, chat_template=tpl, tools=tools).text
+
+
+@pytest.mark.timeout(10)
 def test_delimiters_absent():
     t = tok("llama")
     r = render(

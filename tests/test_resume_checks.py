@@ -125,3 +125,16 @@ def test_which_keys_are_safe():
         "run",
     ):
         assert not is_safe_change(key), key
+
+
+def test_a_key_the_checkpoint_had_and_this_version_renamed_is_refused(tmp_path):
+    """A checkpoint whose config no longer validates (a key renamed or removed since) is compared as raw YAML: a key
+    on one side only is a change (missing = None), never skipped."""
+    raw = load_train_config(TRAIN).model_dump(mode="json")
+    lr = raw["optimizer"]["learning_rate"]
+    lr["peak"] = lr.pop("base")
+    with pytest.raises(ConfigError) as e:
+        resume(checkpoint(tmp_path, raw=raw))
+    listed = str(e.value)
+    assert f"optimizer.learning_rate.base: None -> {lr['peak']!r}" in listed
+    assert f"optimizer.learning_rate.peak: {lr['peak']!r} -> None" in listed
