@@ -565,3 +565,24 @@ def test_pair_loss_reads_interleaved_pairs_and_normalizes_by_answer_tokens(loss)
         ("answer_tokens", 15),
     ):
         assert math.isclose(metrics[key], value, rel_tol=1e-12, abs_tol=1e-12), key
+
+
+def test_rows_forwarded_unflattened_give_each_document_its_own_positions(pairs, model, monkeypatch):
+    """`document_logps` on a micro-batch forwarded as (B, L) rows (what `model_inputs` returns where flattening would
+    join two rows): the LM head runs on every position and the trained ones are read by their flattened index, each
+    summed into its document. Checked against the same forward read position by position."""
+    import backend.modeling
+
+    ds = TokenDataset(pairs)
+    mb = collate_pairs(some_rows(ds, 4, 2), ds, L)
+    rows = dict(input_ids=mb["input_ids"], position_ids=mb["position_ids"], use_cache=False)
+    assert rows["input_ids"].shape[0] == 2
+    monkeypatch.setattr(backend.modeling, "model_inputs", lambda model, batch: rows)
+    with torch.no_grad():
+        got = document_logps(model, mb)
+        logp = torch.log_softmax(model(**rows).logits.double(), -1)  # (B, L, V)
+    want = torch.zeros(len(mb["documents"]), dtype=torch.float64)
+    read = (mb[k].tolist() for k in ("logp_positions", "logp_targets", "logp_documents"))
+    for pos, target, doc in zip(*read, strict=True):
+        want[doc] += logp[pos // L, pos % L, target]
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
