@@ -580,7 +580,7 @@ def test_a_reply_quoted_in_the_question_before_it_is_trained_at_its_own_place(na
     assert not any(covered(b, e).any() for b, e in _marker_ranges(text, NEVER))
 
 
-def test_every_row_form_normalizes_to_the_same_conversation():
+def test_every_row_form_normalizes_to_the_same_conversation(tokenizer):
     from backend.chat import normalize_conversation
 
     openai = _shapes(as_string=True)["call_without_text"][1:]
@@ -608,6 +608,12 @@ def test_every_row_form_normalizes_to_the_same_conversation():
         [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "thinking": "r"}]
     )
     assert inline == named and inline[1]["reasoning_content"] == "r" and inline[1]["content"] == "a"
+    # render's own quick pass over plain rows leaves inline reasoning to the full one, after leading whitespace too
+    from backend.chat import render
+
+    for reply in ("<think>r</think>a", " \n<think>r</think>a"):
+        conv = [{"role": "user", "content": "q"}, {"role": "assistant", "content": reply}]
+        assert render(conv, tokenizer).messages == named
 
 
 def test_tool_results_take_the_name_of_the_call_they_answer_and_other_accepted_forms():
