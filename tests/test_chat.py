@@ -327,6 +327,19 @@ def test_delimiters_train_on_last_and_a_rows_own_tools():
     assert "zqlookup" in own.text and own.text == render(TURNS[:2], t, chat_template=tpl, tools=tools).text
 
 
+def test_a_conversation_without_a_reply_is_rendered_and_said_to_train_nothing():
+    """A row with no assistant message still renders (the preview shows it) and trains nothing, said once."""
+    t = tok("chatml")
+    for conv in (TURNS[:1], [SYSTEM, TURNS[0]]):
+        r = render(conv, t)
+        assert r.text == t.apply_chat_template(normalize_conversation(conv), tokenize=False) and r.text
+        assert (
+            r.trained_spans == []
+            and r.turns == []
+            and r.problems == ["span_not_found: the conversation has no assistant message; nothing is trained"]
+        )
+
+
 @pytest.mark.timeout(10)
 def test_delimiters_absent():
     t = tok("llama")
