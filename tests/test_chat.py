@@ -18,6 +18,7 @@ from backend.chat import (
     Masking,
     TemplateError,
     check_dataset,
+    check_length,
     check_sample,
     eot_token_ids,
     get_spans,
@@ -1392,6 +1393,8 @@ def test_health_checks_agree_on_batched_and_single_tokenization(family):
     """check_sample on a `tokenize_batch` sample (mask from char lookups, offsets never built) reports exactly
     what it reports on a `tokenize` sample (offsets), including too_long / assistant_cut at a short
     sequence_length and eot_not_trained when the marker is not trained."""
+    from backend.chat.tokens import _info
+
     t = tok(family)
     convs = [json.loads(line)["conversations"] for line in open(SAMPLE_DATA)][:60]
     for masking in (Masking(), Masking(train_on_eot=False)):
@@ -1411,6 +1414,14 @@ def test_health_checks_agree_on_batched_and_single_tokenization(family):
         }
         assert "too_long" in problems and "assistant_cut" in problems
         assert ("eot_not_trained" in problems) == (not masking.train_on_eot)
+    # every cut, a BOS the tokenizer adds included (a template that does not write it)
+    rs = [render(c, t, chat_template=CHATML) for c in convs[:6]]
+    batch = tokenize_batch([r.text for r in rs], [r.trained_spans for r in rs], t)
+    assert all(b._bos_added for b in batch) == _info(t)["adds_bos"]
+    for r, b in zip(rs, batch, strict=True):
+        single = tokenize(r.text, r.trained_spans, t)
+        for seq in range(1, len(single.input_ids) + 1):
+            assert check_length(r, b, seq) == check_length(r, single, seq), seq
 
 
 def test_a_token_that_covers_no_character_is_never_trained():
