@@ -113,7 +113,7 @@ def _placed_shared_tokens(sampler) -> int:
     return int(np.delete(shared, np.asarray(sampler.skipped, np.int64)).sum())
 
 
-def shared_prompt_lengths(dataset, pairs=None) -> np.ndarray:
+def shared_prompt_lengths(dataset) -> np.ndarray:
     """(P,) for each pair: how many first tokens its two documents have in common before either trains one (the
     prompt, as the template rendered it: identical ids at identical positions give identical hidden states), 0
     when placing it once would leave nothing of the rejected document before its first trained token's predictor.
@@ -126,18 +126,16 @@ def shared_prompt_lengths(dataset, pairs=None) -> np.ndarray:
     >>> _ = w.close(); shared_prompt_lengths(TokenDataset(out)).tolist()
     [2]
     """
-    cached = getattr(dataset, "_shared_prompt_lengths", None) if pairs is None else None
+    cached = getattr(dataset, "_shared_prompt_lengths", None)
     if cached is not None:  # every sampler of a split (train, validation, the reference pass) asks again
         return cached
-    pairs = dataset.pairs if pairs is None else np.asarray(pairs, np.int64).reshape(-1, 2)
-    out = np.zeros(len(pairs), np.int64)
-    for k, (c, r) in enumerate(pairs):
+    out = np.zeros(len(dataset.pairs), np.int64)
+    for k, (c, r) in enumerate(dataset.pairs):
         out[k] = shared_prompt_length(*dataset.document(int(c)), *dataset.document(int(r)))
-    if pairs is dataset.pairs:
-        try:
-            dataset._shared_prompt_lengths = out
-        except AttributeError:  # a dataset type without attributes of its own: no cache
-            pass
+    try:
+        dataset._shared_prompt_lengths = out
+    except AttributeError:  # a dataset type without attributes of its own: no cache
+        pass
     return out
 
 

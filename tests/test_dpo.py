@@ -36,6 +36,7 @@ from backend.preference import (
     document_logps,
     pair_losses,
     reference_pass,
+    shared_prompt_length,
     shared_prompt_lengths,
 )
 
@@ -135,6 +136,23 @@ def shared_rows(ds, n_pairs, per_row):
             row += [Piece(c, 0, int(ds.lengths[c])), Piece(r, int(shared[j]), int(ds.lengths[r]))]
         rows.append(row)
     return rows
+
+
+def test_a_pairs_shared_prompt_is_the_common_prefix_before_either_trains():
+    """`shared_prompt_length` on hand-made pairs: the tokens both documents start with, up to the first that either
+    trains; 0 where they differ at once, where a trained token comes first, or where the rejected document would
+    be left with nothing of its own."""
+
+    def shared(c, c_trained, r, r_trained):
+        return shared_prompt_length(np.array(c), np.array(c_trained, bool), np.array(r), np.array(r_trained, bool))
+
+    assert shared([1, 2, 3, 9], [0, 0, 1, 1], [1, 2, 4], [0, 0, 1]) == 2  # a prompt, then the answers
+    assert shared([1, 2, 3, 9], [0, 0, 0, 1], [1, 5, 3, 9], [0, 0, 0, 1]) == 1  # prompts that differ at token 1
+    assert shared([1, 2, 3, 9], [0, 0, 0, 1], [1, 2, 3, 4, 5], [0, 0, 1, 1, 1]) == 2  # the rejected trains token 2
+    assert shared([1, 2, 3], [0, 0, 1], [1, 2, 5], [0, 0, 0]) == 2  # a document training nothing: its length
+    assert shared([7, 2], [0, 1], [8, 2], [0, 1]) == 0  # differ at once
+    assert shared([1, 2], [1, 1], [1, 2], [1, 1]) == 0  # the first token trained
+    assert shared([1, 2, 3, 4], [0, 0, 0, 1], [1, 2, 3], [0, 0, 0]) == 0  # the rejected would have no token left
 
 
 def test_shared_prompts_are_the_common_untrained_prefix_of_each_pair(pairs):
