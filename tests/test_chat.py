@@ -284,7 +284,10 @@ def test_delimiters_missing_end_delimiter_trains_to_end():
     assert trained_text(r) == REPLIES[0] + LLAMA_ED
     assert any(p.startswith("end_delimiter_missing") for p in r.problems)
     tk = tokenize(r.text, r.trained_spans, tok("llama"))
-    assert any(p.startswith("eot_not_trained") for p in check_sample(r, tk, tok("llama")))
+    begin = r.trained_spans[0][0]
+    assert f"eot_not_trained: the assistant turn at char {begin} has no end-of-turn marker" in check_sample(
+        r, tk, tok("llama")
+    )
 
 
 @pytest.mark.timeout(10)
@@ -339,6 +342,22 @@ def test_a_conversation_without_a_reply_is_rendered_and_said_to_train_nothing():
             and r.turns == []
             and r.problems == ["span_not_found: the conversation has no assistant message; nothing is trained"]
         )
+
+
+def test_an_untrained_end_of_turn_is_reported_for_the_turns_trained_alone():
+    """With train_on: last, the turns not trained are passed by and the last one is checked: its marker untrained
+    (train_on_eot: false) is reported once, where it is."""
+    t = tok("chatml")
+    delimiters = dict(mode="delimiters", start_delimiter="<|im_start|>assistant\n", end_delimiter="<|im_end|>")
+    for masking in (
+        Masking(train_on="last", train_on_eot=False),
+        Masking(**delimiters, train_on="last", train_on_eot=False),
+    ):
+        r = render(TURNS, t, masking)
+        last = r.turns[-1]  # delimiter masking finds every turn; automatic masking the trained one only
+        problems = check_sample(r, tokenize(r.text, r.trained_spans, t), t)
+        assert problems == [f"eot_not_trained: end-of-turn {r.text[last.content_end : last.end]!r} at char "
+                            f"{last.content_end} is not trained"]  # fmt: skip
 
 
 @pytest.mark.timeout(10)
@@ -1422,6 +1441,28 @@ def test_health_checks_agree_on_batched_and_single_tokenization(family):
         single = tokenize(r.text, r.trained_spans, t)
         for seq in range(1, len(single.input_ids) + 1):
             assert check_length(r, b, seq) == check_length(r, single, seq), seq
+
+
+def test_the_tokens_under_a_char_range_by_encoding_and_by_offsets():
+    """The health checks find a marker's tokens from the encoding (batched samples) or from the offsets: both give
+    the tokens whose characters overlap the range, a BOS the tokenizer adds counted, for any range."""
+    from backend.chat.health import _overlapping_tokens
+
+    rng = random.Random(0)
+    for family in ("llama", "chatml"):  # a BOS the llama tokenizer adds (the template writes none), and none
+        t = tok(family)
+        r = render(TURNS, t, chat_template=CHATML)
+        batched = tokenize_batch([r.text], [r.trained_spans], t)[0]
+        single = tokenize(r.text, r.trained_spans, t)
+        off = single.offsets.tolist()
+        assert batched._bos_added == (family == "llama")
+        for _ in range(400):
+            b = rng.randrange(len(r.text))
+            e = rng.randrange(b, min(len(r.text), b + 40) + 1)
+            want = [i for i, (s, f) in enumerate(off) if s < e and f > b and f > s]
+            assert _overlapping_tokens(batched, b, e).tolist() == want, (b, e)
+            assert _overlapping_tokens(single, b, e).tolist() == want, (b, e)
+        assert batched._offsets is None  # the encoding's path was the one taken
 
 
 def test_a_token_that_covers_no_character_is_never_trained():
