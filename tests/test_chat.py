@@ -1440,7 +1440,13 @@ def test_health_checks_agree_on_batched_and_single_tokenization(family):
     for r, b in zip(rs, batch, strict=True):
         single = tokenize(r.text, r.trained_spans, t)
         for seq in range(1, len(single.input_ids) + 1):
-            assert check_length(r, b, seq) == check_length(r, single, seq), seq
+            problems = check_length(r, b, seq)
+            assert problems == check_length(r, single, seq), seq
+            # a turn is cut where the last token that fits ends inside it (not at its start: it then lies wholly after)
+            limit = int(single.offsets[seq - 1, 1])
+            assert any(p.startswith("assistant_cut") for p in problems) == any(
+                t.begin < limit < t.end for t in r.turns
+            ), seq
 
 
 def test_the_tokens_under_a_char_range_by_encoding_and_by_offsets():
