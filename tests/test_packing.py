@@ -282,3 +282,12 @@ def test_the_plan_reports_what_it_was_given_and_what_it_placed(truncate):
     placed = 35 + 3 if truncate else 21  # the stream (rows of 12, 12, 12, 2) repeats the token before its 3 cuts
     assert s["tokens_placed"] == placed and s["fill"] == pytest.approx(placed / (12 * s["rows"]))
     assert s["continuation_pieces"] == (3 if truncate else 0) and s["rows"] == (4 if truncate else 2)
+    assert s["padding"] == pytest.approx(1 - s["fill"])
+    assert s["documents_skipped_share"] == pytest.approx(s["documents_skipped"] / 6)
+    assert s["tokens_skipped_share"] == pytest.approx(s["tokens_skipped"] / 35)
+    # greedy rows filled exactly, then the next one opened; an empty plan reports zeros, not a division error
+    assert pack([6, 6, 12, 1], 12, strategy="greedy").rows == [
+        [Piece(0, 0, 6), Piece(1, 0, 6)], [Piece(2, 0, 12)], [Piece(3, 0, 1)]
+    ]  # fmt: skip
+    empty = pack([], 12, strategy="greedy").stats()
+    assert (empty["documents_skipped_share"], empty["tokens_skipped_share"], empty["padding"]) == (0.0, 0.0, 0.0)
