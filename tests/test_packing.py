@@ -291,3 +291,20 @@ def test_the_plan_reports_what_it_was_given_and_what_it_placed(truncate):
     ]  # fmt: skip
     empty = pack([], 12, strategy="greedy").stats()
     assert (empty["documents_skipped_share"], empty["tokens_skipped_share"], empty["padding"]) == (0.0, 0.0, 0.0)
+
+
+def test_a_plan_shuffled_or_renumbered_keeps_its_figures():
+    """`PackedSampler` shuffles a plan's rows and maps its documents back to dataset ids: the same plan, so the same
+    figures (what the Packing tab and prepare's report read), its rows reordered and renumbered."""
+    lengths = [5, 0, 4, 9, 3, 14, 7]
+    for truncate in (False, True):
+        plan = pack(lengths, 12, strategy="greedy", truncate_documents=truncate)
+        plan.extra["note"] = 1
+        order = np.arange(plan.num_rows)[::-1].copy()
+        ids = np.arange(len(lengths))[::-1] + 100
+        for other in (plan.take_rows(order), plan.map_documents(ids)):
+            assert other.stats() == plan.stats() and other.extra == plan.extra and other.extra is not plan.extra
+        assert plan.take_rows(order).rows == plan.rows[::-1]
+        renumbered = plan.map_documents(ids)
+        assert renumbered.rows == [[Piece(int(ids[p.document]), p.begin, p.end) for p in row] for row in plan.rows]
+        assert renumbered.skipped.tolist() == [int(ids[d]) for d in plan.skipped]
