@@ -1405,6 +1405,9 @@ def test_mask_from_char_lookups_equals_the_offsets_rule(family):
         assert fast.trained[a:z].tolist() == want.tolist(), (family, text, spans)
         assert np.array_equal(fast.samples([j])[0].offsets, slow.offsets[a:z])  # built lazily, the same
     assert np.array_equal(fast.trained, slow.trained)
+    for x, y in zip(fast.samples(), slow.samples(), strict=True):  # each sample, from either form of the batch
+        assert np.array_equal(x.input_ids, y.input_ids) and np.array_equal(x.trained, y.trained)
+        assert np.array_equal(x.offsets, y.offsets) and x.n_trained == y.n_trained
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

@@ -100,10 +100,19 @@ def test_truncation_covers_every_token_and_target_exactly_once(seed):
 def test_bad_input_messages():
     with pytest.raises(ValueError, match="unknown strategy"):
         pack([3], 8, strategy="first_fit")
-    with pytest.raises(ValueError, match="negative"):
+    with pytest.raises(ValueError, match="pack: document 1 has a negative length"):
         pack([3, -1], 8)
     with pytest.raises(ValueError, match="no document can be packed"):
         PackedSampler([100, 200], 64)
+    with pytest.raises(
+        ValueError, match=r"pack: lengths must be a 1-D array of tokens per document, got shape \(1, 2\)"
+    ):
+        pack([[3, 4]], 8)
+    with pytest.raises(ValueError, match="pack: lengths must be integers, got dtype float64"):
+        pack([3.5], 8)
+    with pytest.raises(ValueError, match=r"pack: sequence_length must be >= 2 \(got 1\); a row must hold a target"):
+        pack([1], 1)
+    assert pack([2, 1], 2).num_rows == 2  # the shortest row there is
 
 
 # --- sampler --------------------------------------------------------------------------------------------------------
