@@ -650,6 +650,20 @@ def test_tool_results_take_the_name_of_the_call_they_answer_and_other_accepted_f
     assert out[-1]["reasoning_content"] == "r1" and out[-1]["content"] == "the </think> tag ends a trace"
 
 
+def test_a_trace_that_opens_with_a_reply_is_refused_saying_so(tokenizer):
+    """An agent trace whose first message is the assistant's has no prompt for its first reply: refused by name."""
+    from backend.chat import TemplateError, render
+
+    call = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}
+    conv = [{"role": "assistant", "content": "zqans0", "tool_calls": [call]}, {"role": "tool", "content": "zqres0"}]
+    conv.append({"role": "assistant", "content": "zqans1"})
+    with pytest.raises(TemplateError) as e:
+        render(conv, tokenizer)
+    assert str(e.value) == (
+        "message 0 (assistant): an agent trace must start with a system or user message before the first reply"
+    )
+
+
 def test_a_template_without_tools_is_refused_once_for_the_dataset(data, tokenizer, tmp_path, capsys):
     from backend.chat import TemplateCapabilityError
     from backend.cli import run_cli
