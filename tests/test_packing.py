@@ -284,7 +284,9 @@ def test_what_can_be_packed_at_the_edges():
 def test_the_plan_reports_what_it_was_given_and_what_it_placed(truncate):
     """The figures the Packing tab and the bench show: counted from the lengths given, not assumed."""
     lengths = [5, 0, 4, 9, 3, 14]
-    s = pack(lengths, 12, strategy="greedy", truncate_documents=truncate).stats()
+    plan = pack(lengths, 12, strategy="greedy", truncate_documents=truncate)
+    assert all(p.end > p.begin for row in plan.rows for p in row)  # the empty document is in no row
+    s = plan.stats()
     assert s["strategy"] == "greedy" and s["truncate_documents"] is truncate and s["sequence_length"] == 12
     assert s["documents"] == 6 and s["documents_empty"] == 1 and s["tokens"] == 35
     assert s["documents_skipped"] == (0 if truncate else 1) and s["tokens_skipped"] == (0 if truncate else 14)
