@@ -650,8 +650,10 @@ def test_tool_results_take_the_name_of_the_call_they_answer_and_other_accepted_f
     assert out[-1]["reasoning_content"] == "r1" and out[-1]["content"] == "the </think> tag ends a trace"
 
 
-def test_a_trace_that_opens_with_a_reply_is_refused_saying_so(tokenizer):
-    """An agent trace whose first message is the assistant's has no prompt for its first reply: refused by name."""
+def test_replies_that_cannot_be_located_are_refused_saying_why(tokenizer):
+    """An agent trace whose first message is the assistant's has no prompt for its first reply; a template that
+    writes a tool result one way while it is the last message and another way once a reply follows leaves no place
+    to find the reply's turn. Both refused, naming the message and what is missing."""
     from backend.chat import TemplateError, render
 
     call = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}
@@ -661,6 +663,18 @@ def test_a_trace_that_opens_with_a_reply_is_refused_saying_so(tokenizer):
         render(conv, tokenizer)
     assert str(e.value) == (
         "message 0 (assistant): an agent trace must start with a system or user message before the first reply"
+    )
+    hides = (
+        "{% for m in messages %}{% if m.role == 'tool' %}<T>{{ m.content if loop.last else 'hidden' }}</T>"
+        "{% elif m.role == 'assistant' %}<A>{{ m.content }}{{ m.tool_calls|tojson if m.tool_calls }}</A>"
+        "{% else %}<U>{{ m.content }}</U>{% endif %}{% endfor %}{% if add_generation_prompt %}<A>{% endif %}"
+    )
+    with pytest.raises(TemplateError) as e:
+        render([{"role": "user", "content": "zqusr0"}] + conv, tokenizer, chat_template=hides)
+    assert str(e.value) == (
+        "message 3 (assistant): the template rewrites the conversation before this reply and what it writes between "
+        "message 2 and the reply ('</T><A>') is not found after message 2, so the turn cannot be located; use a "
+        "template that writes earlier turns the same way (or chat.masking.mode=delimiters)"
     )
 
 
