@@ -255,6 +255,8 @@ def document_logps(model, batch: dict):
     # (K,) each: the flattened positions that predict a trained token (a shared prompt's last position twice), the
     # token, its document (`collate_pairs`)
     trained, targets, documents = batch["logp_positions"], batch["logp_targets"], batch["logp_documents"]
+    # (B, L) rows only where flattening would join two rows (`model_inputs`): never for pair rows, which start every
+    # document at position 0; kept for that form, which it reads right (trained positions are flattened indices)
     if kwargs["input_ids"].shape[0] == 1:  # one flattened row: the LM head on the K trained positions only
         logits = model(**kwargs, logits_to_keep=trained).logits.reshape(-1, model_vocab(model))  # (K, V)
     else:

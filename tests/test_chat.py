@@ -308,7 +308,7 @@ def test_delimiter_turns_are_the_replies_and_their_end_delimiters():
         expected.append((-1, b, b + len(reply), b + len(reply) + len(ed)))
         at = expected[-1][3]
     assert [tuple(x) for x in r.turns] == expected
-    assert r.trained_spans == [(b, c) for _, b, c, _ in expected if c > b]
+    assert r.trained_spans == [(b, c) for _, b, c, _ in expected]
     # the final reply left open by the template: its turn runs to the end of the text, with the problem said
     open_end = CHATML.replace("<|im_end|>\n", "{% if not loop.last %}<|im_end|>\n{% endif %}")
     r = render(conv, t, Masking(mode="delimiters", start_delimiter=sd, end_delimiter=ed), chat_template=open_end)
@@ -317,13 +317,15 @@ def test_delimiter_turns_are_the_replies_and_their_end_delimiters():
 
 
 @pytest.mark.timeout(10)
-def test_delimiters_train_on_last_and_a_rows_own_tools():
-    """Delimiter masking with train_on: last trains the last reply alone and appends nothing; a row given as a dict
-    renders with its own ``tools`` as if they were passed."""
-    t = tok("chatml")
+def test_delimiters_under_train_on_last_train_the_last_reply_alone():
+    """Delimiter masking finds every turn; with train_on: last it trains the last reply alone and appends nothing."""
     sd, ed = "<|im_start|>assistant\n", "<|im_end|>"
-    r = render(TURNS, t, Masking(mode="delimiters", start_delimiter=sd, end_delimiter=ed, train_on="last"))
+    r = render(TURNS, tok("chatml"), Masking(mode="delimiters", start_delimiter=sd, end_delimiter=ed, train_on="last"))
     assert trained_text(r) == REPLIES[-1] + ed and len(r.turns) == len(REPLIES) and r.appended == []
+
+
+def test_a_row_given_as_a_dict_renders_with_its_own_tools():
+    t = tok("chatml")
     tools = [{"type": "function", "function": {"name": "zqlookup", "description": "d", "parameters": {}}}]
     tpl = "{% if tools %}<tools>{{ tools|tojson }}</tools>{% endif %}" + CHATML
     row = {"conversations": TURNS[:2], "tools": tools}
@@ -1096,6 +1098,7 @@ def test_a_template_that_writes_the_date_is_rebuilt_when_the_day_changes(monkeyp
         # its text looks like: the pattern would write it verbatim, and the probe of the template says otherwise
         ("{% if m.role == 'user' %} \n{{ m.content|trim }} \n{% else %}{{ m.content }}{% endif %}", 0, None),
     ],
+    ids=["verbatim", "trim", "strip", "lstrip", "rstrip", "padded-by-the-template"],
 )
 def test_contents_written_verbatim_stripped_or_half_stripped(content, proven, reply, monkeypatch):
     """The structure tells a content written verbatim from one written stripped (the padding around its probe),
@@ -1114,9 +1117,7 @@ def test_contents_written_verbatim_stripped_or_half_stripped(content, proven, re
     report = chat.render_fast_path(t, tpl)
     assert report["proven"] == proven
     if reply is None:
-        assert report["reasons"] == [
-            "a content is stripped on one side only, or between text that looks like the probe's padding"
-        ]
+        assert report["reasons"] == ["a content is stripped on one side only, or the template writes ' \\n' around it"]
 
 
 def test_a_proven_structure_is_still_checked_every_64th_row(monkeypatch):
@@ -1439,7 +1440,7 @@ def test_health_checks_agree_on_batched_and_single_tokenization(family):
     # every cut, a BOS the tokenizer adds included (a template that does not write it)
     rs = [render(c, t, chat_template=CHATML) for c in convs[:6]]
     batch = tokenize_batch([r.text for r in rs], [r.trained_spans for r in rs], t)
-    assert all(b._bos_added for b in batch) == _info(t)["adds_bos"]
+    assert [b._bos_added for b in batch] == [_info(t)["adds_bos"]] * len(batch)
     for r, b in zip(rs, batch, strict=True):
         single = tokenize(r.text, r.trained_spans, t)
         for seq in range(1, len(single.input_ids) + 1):
@@ -1448,7 +1449,7 @@ def test_health_checks_agree_on_batched_and_single_tokenization(family):
             # a turn is cut where the last token that fits ends inside it (not at its start: it then lies wholly after)
             limit = int(single.offsets[seq - 1, 1])
             assert any(p.startswith("assistant_cut") for p in problems) == any(
-                t.begin < limit < t.end for t in r.turns
+                turn.begin < limit < turn.end for turn in r.turns
             ), seq
 
 

@@ -150,7 +150,8 @@ def test_a_pairs_shared_prompt_is_the_common_prefix_before_either_trains():
     assert shared([1, 2, 3, 9], [0, 0, 0, 1], [1, 5, 3, 9], [0, 0, 0, 1]) == 1  # prompts that differ at token 1
     assert shared([1, 2, 3, 9], [0, 0, 0, 1], [1, 2, 3, 4, 5], [0, 0, 1, 1, 1]) == 2  # the rejected trains token 2
     assert shared([1, 2, 3, 4, 5], [0, 0, 1, 1, 1], [1, 2, 3, 9], [0, 0, 0, 1]) == 2  # the chosen trains token 2
-    assert shared([1, 2, 3], [0, 0, 1], [1, 2, 5], [0, 0, 0]) == 2  # a document training nothing: its length
+    # a document that trains nothing (prepare writes none; the bound is then the other's first trained token)
+    assert shared([1, 2, 3], [0, 0, 1], [1, 2, 5], [0, 0, 0]) == 2
     assert shared([1, 2, 5], [0, 0, 0], [1, 2, 3], [0, 0, 1]) == 2
     assert shared([7, 2], [0, 1], [8, 2], [0, 1]) == 0  # differ at once
     assert shared([1, 2], [1, 1], [1, 2], [1, 1]) == 0  # the first token trained

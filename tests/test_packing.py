@@ -280,6 +280,15 @@ def test_what_can_be_packed_at_the_edges():
         pack([3], 4, window=0)
 
 
+def test_greedy_rows_fill_exactly_and_an_empty_plan_reports_zeros():
+    """A greedy row filled exactly, then the next one opened; an empty plan's figures are zeros, not a division."""
+    assert pack([6, 6, 12, 1], 12, strategy="greedy").rows == [
+        [Piece(0, 0, 6), Piece(1, 0, 6)], [Piece(2, 0, 12)], [Piece(3, 0, 1)]
+    ]  # fmt: skip
+    empty = pack([], 12, strategy="greedy").stats()
+    assert (empty["documents_skipped_share"], empty["tokens_skipped_share"], empty["padding"]) == (0.0, 0.0, 0.0)
+
+
 @pytest.mark.parametrize("truncate", [False, True])
 def test_the_plan_reports_what_it_was_given_and_what_it_placed(truncate):
     """The figures the Packing tab and the bench show: counted from the lengths given, not assumed."""
@@ -296,12 +305,6 @@ def test_the_plan_reports_what_it_was_given_and_what_it_placed(truncate):
     assert s["padding"] == pytest.approx(1 - s["fill"])
     assert s["documents_skipped_share"] == pytest.approx(s["documents_skipped"] / 6)
     assert s["tokens_skipped_share"] == pytest.approx(s["tokens_skipped"] / 35)
-    # greedy rows filled exactly, then the next one opened; an empty plan reports zeros, not a division error
-    assert pack([6, 6, 12, 1], 12, strategy="greedy").rows == [
-        [Piece(0, 0, 6), Piece(1, 0, 6)], [Piece(2, 0, 12)], [Piece(3, 0, 1)]
-    ]  # fmt: skip
-    empty = pack([], 12, strategy="greedy").stats()
-    assert (empty["documents_skipped_share"], empty["tokens_skipped_share"], empty["padding"]) == (0.0, 0.0, 0.0)
 
 
 def test_a_plan_shuffled_or_renumbered_keeps_its_figures():

@@ -122,7 +122,7 @@ def _build_structure(roles, tokenizer, template, target) -> _Structure | None:
         # a date from strftime_now is fine while the day lasts (the structure is rebuilt when it changes);
         # any other impure call (lipsum, a function passed in) keeps the per-row render
         if stripped is not None and not all(stripped.get(i) == strip for i, strip in slots):
-            reason = "a content is stripped on one side only, or between text that looks like the probe's padding"
+            reason = "a content is stripped on one side only, or the template writes ' \\n' around it"
         elif stripped is not None and not impure <= {"strftime_now"}:
             reason = f"the template calls {sorted(impure - {'strftime_now'})[0]}(), whose result may change"
         proven = not reason
