@@ -269,6 +269,7 @@ def test_guide_snippet_hangs_where_ours_terminates():
 
 
 DELIM = Masking(mode="delimiters", start_delimiter=LLAMA_SD, end_delimiter=LLAMA_ED)
+CHATML_SD, CHATML_ED = "<|im_start|>assistant\n", "<|im_end|>"  # ChatML's delimiters (Qwen, the CHATML template)
 
 
 @pytest.mark.timeout(10)
@@ -296,7 +297,7 @@ def test_delimiter_turns_are_the_replies_and_their_end_delimiters():
     that goes on after the last delimiter (a one-character reply included); a final reply the template leaves open
     is trained to the end of the text and said to be. With train_on_eot off, the replies alone are trained."""
     t = tok("chatml")
-    sd, ed = "<|im_start|>assistant\n", "<|im_end|>"
+    sd, ed = CHATML_SD, CHATML_ED
     conv = [TURNS[0], {"role": "assistant", "content": "first"}, TURNS[2], {"role": "assistant", "content": "2"}]
     conv += [TURNS[2], {"role": "assistant", "content": "last"}]
     r = render(conv, t, Masking(mode="delimiters", start_delimiter=sd, end_delimiter=ed, train_on_eot=False))
@@ -319,9 +320,9 @@ def test_delimiter_turns_are_the_replies_and_their_end_delimiters():
 @pytest.mark.timeout(10)
 def test_delimiters_under_train_on_last_train_the_last_reply_alone():
     """Delimiter masking finds every turn; with train_on: last it trains the last reply alone and appends nothing."""
-    sd, ed = "<|im_start|>assistant\n", "<|im_end|>"
-    r = render(TURNS, tok("chatml"), Masking(mode="delimiters", start_delimiter=sd, end_delimiter=ed, train_on="last"))
-    assert trained_text(r) == REPLIES[-1] + ed and len(r.turns) == len(REPLIES) and r.appended == []
+    masking = Masking(mode="delimiters", start_delimiter=CHATML_SD, end_delimiter=CHATML_ED, train_on="last")
+    r = render(TURNS, tok("chatml"), masking)
+    assert trained_text(r) == REPLIES[-1] + CHATML_ED and len(r.turns) == len(REPLIES) and r.appended == []
 
 
 def test_a_row_given_as_a_dict_renders_with_its_own_tools():
@@ -350,7 +351,7 @@ def test_an_untrained_end_of_turn_is_reported_for_the_turns_trained_alone():
     """With train_on: last, the turns not trained are passed by and the last one is checked: its marker untrained
     (train_on_eot: false) is reported once, where it is."""
     t = tok("chatml")
-    delimiters = dict(mode="delimiters", start_delimiter="<|im_start|>assistant\n", end_delimiter="<|im_end|>")
+    delimiters = dict(mode="delimiters", start_delimiter=CHATML_SD, end_delimiter=CHATML_ED)
     for masking in (
         Masking(train_on="last", train_on_eot=False),
         Masking(**delimiters, train_on="last", train_on_eot=False),
@@ -365,9 +366,7 @@ def test_an_untrained_end_of_turn_is_reported_for_the_turns_trained_alone():
 @pytest.mark.timeout(10)
 def test_delimiters_absent():
     t = tok("llama")
-    r = render(
-        TURNS, t, Masking(mode="delimiters", start_delimiter="<|im_start|>assistant\n", end_delimiter="<|im_end|>")
-    )
+    r = render(TURNS, t, Masking(mode="delimiters", start_delimiter=CHATML_SD, end_delimiter=CHATML_ED))
     assert r.trained_spans == [] and r.loss_masking_spans == [(0, len(r.text) - 1)]
     tk = tokenize(r.text, r.trained_spans, t)
     codes = [p.split(":")[0] for p in check_sample(r, tk, t)]
@@ -1198,7 +1197,7 @@ def test_delimiter_mode_substitutes_only_for_proven_templates(monkeypatch):
         "{{ m.content }}", "{% if '!' in m.content %}{{ m.content|upper }}{% else %}{{ m.content }}{% endif %}"
     )
     twice = plain.replace("{{ m.content }}", "{{ m.content }}{% if m.role == 'user' %} {{ m.content }}{% endif %}")
-    masking = Masking(mode="delimiters", start_delimiter="<|im_start|>assistant\n", end_delimiter="<|im_end|>")
+    masking = Masking(mode="delimiters", start_delimiter=CHATML_SD, end_delimiter=CHATML_ED)
     real, row, rendered = fastpath.templates.render_messages, normalize_conversation(TURNS), []
 
     def spy(messages, *args, **kwargs):
