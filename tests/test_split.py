@@ -255,6 +255,30 @@ def test_compare_modes_counts():
     assert m["split_turns"]["documents"] == 3 and m["split_turns"]["trained_share"] == 1.0
 
 
+def test_compare_modes_whole_result_by_hand():
+    """Every count, worked out by hand: documents that fit (counted by the caller, and one of exactly L tokens), a
+    long one split in two pieces, a long one that no turn boundary splits (no pieces)."""
+    docs = [(100, 40, 0, None), (200, 50, 0, None), (300, 120, 70, [(150, 60), (180, 60)]), (500, 30, 20, [])]
+    assert compare_modes(docs, 200, fitting=(5, 400, 90)) == {
+        "sequence_length": 200,
+        "all": {"documents": 9, "tokens": 1500, "trained": 330},
+        "skip": {"documents": 7, "tokens": 700, "trained": 180, "trained_share": 180 / 330},
+        "truncate": {"documents": 9, "tokens": 1500, "trained": 330, "trained_after_cut": 90, "trained_share": 1.0},
+        "split_turns": {
+            "documents": 9,
+            "tokens": 1030,
+            "trained": 300,
+            "long_documents": 2,
+            "trained_share": 300 / 330,
+        },
+    }
+    empty = compare_modes([], 64)
+    assert empty["all"] == {"documents": 0, "tokens": 0, "trained": 0}
+    assert [empty[k]["trained_share"] for k in ("skip", "truncate", "split_turns")] == [0.0, 0.0, 0.0]
+    with pytest.raises(ValueError):  # the caller's fitting counts are (documents, tokens, trained)
+        compare_modes(docs, 200, fitting=(5, 400))
+
+
 @pytest.mark.parametrize(
     "chat",
     [{}, {"train_on": "last"}, {"template": "chatml"}],
@@ -306,6 +330,29 @@ def test_prepare_split_turns_end_to_end(tmp_path, chat):
         tok = AutoTokenizer.from_pretrained(TINY_MODEL)
         texts = [tok.decode(ds.document(i)[0]) for i in range(len(ds))]
         assert all("<|im_start|>" in x and "<|start_header_id|>" not in x for x in texts)
+    # the studio's comparison of the modes (long_document_stats per row, with the run's chat settings, then
+    # compare_modes) foretells what prepare's split_turns writes and what keeping every document trains
+    from transformers import AutoTokenizer
+
+    from backend.split import long_document_stats
+
+    tokenizer, masking = AutoTokenizer.from_pretrained(TINY_MODEL), Masking(train_on=chat.get("train_on", "all"))
+    docs = []
+    for line in open(SAMPLE_DATA_OPENAI):
+        r = render(json.loads(line)["messages"], tokenizer, masking, chat.get("template"))
+        t = tokenize(r.text, r.trained_spans, tokenizer)
+        docs.append(long_document_stats(r, t, tokenizer, L, masking, chat.get("template")))
+    m = compare_modes(docs, L)
+    assert m["all"]["documents"] == keep["num_documents"] and m["all"]["trained"] == keep["num_trained_tokens"]
+    # truncate: the trained tokens past each long document's first L, read back from what prepare wrote
+    kept = [TokenDataset(tmp_path / "keep" / descriptor_name(n)) for n in base["splits"]]
+    after_cut = sum(int(k.document(i)[1][L:].sum()) for k in kept for i in np.flatnonzero(k.lengths > L))
+    assert m["truncate"]["trained_after_cut"] == after_cut > 0
+    assert m["split_turns"]["long_documents"] == ld["conversations_split"] + ld["not_split"]
+    assert m["split_turns"]["documents"] == s["num_documents"] - ld["not_split"]
+    assert m["split_turns"]["trained"] == s["num_trained_tokens"] - sum(
+        d[1] for d in docs if d[0] > L and not d[3]
+    )  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------ studio
