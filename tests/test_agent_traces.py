@@ -702,6 +702,65 @@ def test_a_template_without_tools_is_refused_once_for_the_dataset(data, tokenize
     assert "Traceback" not in err
 
 
+def _word_trained(text, covered, word):
+    """Whether ``word`` is written in ``text``, and whether a token over any place it is written is trained."""
+    at = [m.start() for m in re.finditer(re.escape(word), text)]
+    return bool(at), any(covered(b, b + len(word)).any() for b in at)
+
+
+@pytest.mark.parametrize(
+    "with_tools, chat",
+    [(True, {}), (False, {}), (True, {"train_on_tool_calls": False}), (True, {"train_on": "last"})],
+    ids=["default", "without-tool-schemas", "tool-calls-untrained", "train-on-last"],
+)
+def test_trace_counts_are_what_the_stored_tokens_train(tmp_path, tokenizer, with_tools, chat):
+    """The dataset check's agent-trace counts (`trace_counts`) equal counts read off the stored tokens by marker, on
+    every agent template and row shape: calls whose argument is trained, results with no trained token, reasoning
+    trained or not written (of the turns the settings train). Also for rows without tool schemas (many datasets
+    have none: the calls are still counted) and for settings that leave calls or earlier turns untrained."""
+    from backend.chat.agent import trace_counts
+
+    total = dict.fromkeys(("tool_calls_trained", "tool_results_masked", "reasoning_trained", "reasoning_dropped"), 0)
+    reasoning_only = [  # no call, no result: a reasoning dataset's row
+        {"role": "user", "content": "zqusr5 2+2?"},
+        {"role": "assistant", "content": "zqans10 4", "reasoning_content": "zqrsn4 add them"},
+        {"role": "user", "content": "zqusr6 and 3+3?"},
+        {"role": "assistant", "content": "zqans11 6", "reasoning_content": "zqrsn5 add again"},
+    ]
+    rows = [*ROWS.values(), reasoning_only]
+    for name in (n for n in AGENT if "refuses" not in AGENT[n]):  # Granite refuses every call (tested above)
+        reader, cfg = _rows_reader(tmp_path, name, rows, with_tools=with_tools and None, **chat)
+        for row in reader.samples(range(len(rows)), cfg, tokenizer):
+            if row.tokenized is None:  # a shape the template refuses (counted as such by the check)
+                continue
+            (ids, trained), messages = row.documents[0], row.rendered.messages
+            text, covered = _coverage(tokenizer, ids, trained)
+            want = dict.fromkeys(total, 0)
+            replies = [k for k, m in enumerate(messages) if m["role"] == "assistant"]
+            targets = replies[-1:] if chat.get("train_on") == "last" else replies
+            if chat.get("train_on_tool_calls") is False:
+                targets = [k for k in targets if not messages[k].get("tool_calls")]
+            for k, m in enumerate(messages):
+                if m["role"] == "tool":
+                    want["tool_results_masked"] += not _word_trained(text, covered, m["content"].split()[0])[1]
+                calls = m.get("tool_calls") or []
+                if any(_word_trained(text, covered, next(iter(_args(c["function"]["arguments"]).values())))[1]
+                       for c in calls):  # fmt: skip
+                    want["tool_calls_trained"] += len(calls)
+                if m.get("reasoning_content") and k in targets:  # reasoning is counted where the turn is trained
+                    written, is_trained = _word_trained(text, covered, m["reasoning_content"].split()[0])
+                    want["reasoning_trained"] += is_trained
+                    want["reasoning_dropped"] += not written
+            got = trace_counts(row.rendered, row.tokenized)
+            assert {k: got[k] for k in want} == want, (name, row.where, got, want)
+            for k in total:
+                total[k] += want[k]
+    # each count is reached (not all zero) where the settings train it
+    assert total["tool_results_masked"] > 0 and total["reasoning_dropped"] > 0
+    assert (total["tool_calls_trained"] > 0) == ("train_on" not in chat and chat.get("train_on_tool_calls", True))
+    assert total["reasoning_trained"] > 0
+
+
 def test_studio_preview_colours_and_check_counts(data):
     """The studio's preview colours tool results and reasoning apart, and its dataset check counts calls trained,
     results masked, reasoning trained and dropped (Qwen3 drops the reasoning of turns before the last user turn)."""
