@@ -221,6 +221,12 @@ def test_quantized_base_under_fsdp_sharding_is_a_config_error_that_says_what_wor
     launched = load_train_config(path, [*sharded, "run.num_processes=2"])
     assert "sharded by FSDP" not in " ".join(machine_problems(launched, world_size=1))  # python -m backend.train
     assert "over 2 processes (processes launched" in " ".join(machine_problems(launched, world_size=2))
+    from backend.compat import check_machine
+
+    for world in (1, 2):  # what train() raises: the problems of the world it runs in
+        with pytest.raises(ConfigError) as e:
+            check_machine(launched, world_size=world)
+        assert e.value.problems == machine_problems(launched, world_size=world)
 
 
 def test_fp16_overflow_step_is_skipped_by_the_scaler_and_lowers_its_scale(monkeypatch):
