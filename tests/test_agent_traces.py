@@ -1283,3 +1283,22 @@ def test_an_untrained_reply_the_template_does_not_write_is_passed_by(tokenizer):
         assert [r.text[b:e] for b, e in r.trained_spans] == ["zqans2 fine<|end|>"] and r.problems == []
         with pytest.raises(TemplateError, match=rf"message {refused} \(assistant\)"):  # reply 1, or 3 past it
             render(messages, tokenizer, Masking(), chat_template=template, tools=tools)
+
+
+def test_reasoning_is_looked_for_in_its_own_turn_only(tokenizer):
+    """A reasoning text the question quotes is coloured in its turn, not in the question; one the template drops
+    (Qwen3: turns before the last user message) is counted dropped although a later message quotes it."""
+    from backend.chat import render
+    from backend.chat.conversations import Masking
+
+    messages = [
+        {"role": "user", "content": "zqusr1 think 'zqrsn1 step one' then answer"},
+        {"role": "assistant", "content": "zqans1 done", "reasoning_content": "zqrsn1 step one"},
+        {"role": "user", "content": "zqusr2 you thought 'zqrsn1 step one'; now 'zqrsn2 step two'"},
+        {"role": "assistant", "content": "zqans2 done", "reasoning_content": "zqrsn2 step two"},
+    ]
+    r = render(messages, tokenizer, Masking(), (CORPUS / "qwen3-0.6b.jinja").read_text(), tools=_tools())
+    assert r.reasoning_rendered == {1: False, 3: True}  # the first is dropped, though quoted after its turn
+    (turn,) = [t for t in r.turns if t.message_index == 3]
+    ((b, e),) = r.reasoning_spans
+    assert r.text[b:e] == "zqrsn2 step two" and turn.begin <= b < e <= turn.end  # not the question's quote
