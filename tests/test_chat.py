@@ -1345,6 +1345,45 @@ def test_portable_tokenizer_equals_the_original(family):
         assert np.array_equal(x.input_ids, y.input_ids) and np.array_equal(x.trained, y.trained)
         assert np.array_equal(x.offsets, y.offsets)
     assert lite("Hi")["input_ids"] == t("Hi")["input_ids"]  # incl. the BOS its post-processor adds
+    _assert_calls_alike(lite, t, [x.text for x in a[:3]])
+    from backend.chat.tokens import _info
+
+    own = {k: v for k, v in _info(t).items() if k not in ("structures", "eot")}  # memos, filled as rows render
+    assert {k: v for k, v in _info(lite).items() if k not in ("structures", "eot")} == own  # its specials' regex too
+    for attr in ("bos_token_id", "eos_token_id", "name_or_path", "chat_template", "split_special_tokens"):
+        assert getattr(lite, attr) == getattr(t, attr), attr
+
+
+def _assert_calls_alike(lite, t, texts):
+    """``lite(...)`` gives the ids and offsets ``t(...)`` gives: one text or a batch, with or without the special
+    tokens the post-processor adds (what render, tokenize and the checks call)."""
+    for special in (True, False):
+        for one in texts:
+            got, want = lite(one, special, True), t(one, add_special_tokens=special, return_offsets_mapping=True)
+            assert got == {k: want[k] for k in ("input_ids", "offset_mapping")}
+            assert lite(one, add_special_tokens=special) == {"input_ids": want["input_ids"]}
+        want = t(texts, add_special_tokens=special)["input_ids"]
+        assert lite(texts, add_special_tokens=special) == {"input_ids": want}
+
+
+def test_portable_tokenizer_keeps_split_special_tokens_and_a_named_default_template():
+    """A tokenizer loaded with split_special_tokens=True (special-token text in the data encoded as plain text) keeps
+    that in prepare's workers; a chat template given per name ({"default": ..., "tool_use": ...}) travels as its
+    default, which render reads in-process too."""
+    import copy
+
+    from transformers import AutoTokenizer
+
+    from backend.chat import PortableTokenizer, portable_spec
+
+    t = AutoTokenizer.from_pretrained(str(TINY_MODEL), split_special_tokens=True)
+    lite = PortableTokenizer(portable_spec(t))
+    text = "<|begin_of_text|>Hi <|eot_id|>"
+    assert lite.split_special_tokens and len(lite(text, False)["input_ids"]) > 4  # the markers as plain text
+    _assert_calls_alike(lite, t, [text, "plain"])
+    named = copy.deepcopy(tok("llama"))
+    named.chat_template = {"default": named.chat_template, "tool_use": "{{ messages }}"}
+    assert PortableTokenizer(portable_spec(named)).chat_template == tok("llama").chat_template
 
 
 def _odd_tokenizers():
