@@ -106,9 +106,9 @@ def test_training_checks_pass_the_fast_refusal_on(unreachable_hub):
     from backend.modeling import load_tokenizer
 
     t0 = time.monotonic()
-    with pytest.raises(HubUnreachable):
+    with pytest.raises(HubUnreachable, match="^tokenizer 'nobody-owns-this/model' is not a local path"):
         check_tokenizers_compatible(load_tokenizer(TINY_MODEL), str(TINY_MODEL), "nobody-owns-this/model")
-    with pytest.raises(HubUnreachable):
+    with pytest.raises(HubUnreachable, match="^pretrained.path 'nobody-owns-this/model' is not a local path"):
         model_vocab("nobody-owns-this/model")
     assert time.monotonic() - t0 < 10
 
@@ -117,3 +117,15 @@ def test_behind_a_proxy_the_hub_is_not_probed_directly(unreachable_hub, monkeypa
     monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:3128")
     assert hub_unreachable(timeout=1.0) is None
     require_hub("nobody-owns-this/not-a-model-xyz")  # the libraries go through the proxy
+
+
+def test_a_local_model_without_a_readable_config_is_named(tmp_path):
+    """model_vocab on a folder with no model config: the error names pretrained.path and the library's reason."""
+    import re
+
+    from backend.compat import model_vocab
+
+    with pytest.raises(
+        (OSError, ValueError), match=re.escape(f"pretrained.path {tmp_path}: could not read the model's config (")
+    ):
+        model_vocab(str(tmp_path))
