@@ -1449,6 +1449,64 @@ def test_mask_from_char_lookups_equals_the_offsets_rule(family):
         assert np.array_equal(x.offsets, y.offsets) and x.n_trained == y.n_trained
 
 
+class _EditedBackend:
+    """A Rust tokenizer backend whose encodings are edited by ``edit(enc)`` (offsets, char lookups): a tokenizer the
+    char-lookup rule does not hold for. Counts its encode_batch calls."""
+
+    def __init__(self, backend, edit):
+        self.backend, self.edit, self.calls = backend, edit, 0
+
+    def encode_batch(self, texts, add_special_tokens=False):
+        self.calls += 1
+        return [
+            _EditedEncoding(e, self.edit)
+            for e in self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)
+        ]
+
+
+class _EditedEncoding:
+    def __init__(self, enc, edit):
+        self.ids, self.offsets, self.lookup = enc.ids, list(enc.offsets), enc.char_to_token
+        edit(self)
+
+    def char_to_token(self, c):
+        return self.lookup(c)
+
+    def token_to_chars(self, i):
+        return self.offsets[i]
+
+
+def _swap_two(enc):
+    enc.offsets[2], enc.offsets[3] = enc.offsets[3], enc.offsets[2]
+
+
+def _zero_width(enc):
+    enc.offsets[3] = (enc.offsets[3][0], enc.offsets[3][0])
+
+
+def _lookup_one_on(enc):  # past the probe's first line only: the whole probe is compared
+    real, n = enc.lookup, len(enc.ids)
+    enc.lookup = lambda c: real(c) if c < 60 or real(c) is None else min(real(c) + 1, n - 1)
+
+
+@pytest.mark.parametrize(
+    "edit", [None, _swap_two, _zero_width, _lookup_one_on], ids=lambda f: getattr(f, "__name__", "as-is")
+)
+def test_the_char_lookup_probe_accepts_only_what_it_proves(edit):
+    """prepare builds masks from char -> token lookups only where `_char_lookup_ok`'s probe proves they give the
+    offsets rule: offsets out of order, a token of zero width, or lookups that disagree with the offsets keep the
+    offsets path. The verdict is taken once per tokenizer."""
+    from transformers import AutoTokenizer
+
+    from backend.chat.tokens import _char_lookup_ok, _fast_backend
+
+    t = AutoTokenizer.from_pretrained(str(TINY_MODEL))  # its own memo of the verdict
+    backend = _fast_backend(t) if edit is None else _EditedBackend(_fast_backend(t), edit)
+    counted = backend if edit is not None else _EditedBackend(backend, lambda enc: None)
+    assert _char_lookup_ok(t, counted) is (edit is None)
+    assert _char_lookup_ok(t, counted) is (edit is None) and counted.calls == 1  # taken once
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_health_checks_agree_on_batched_and_single_tokenization(family):
     """check_sample on a `tokenize_batch` sample (mask from char lookups, offsets never built) reports exactly
