@@ -495,6 +495,10 @@ def test_token_ids_beyond_the_model_vocabulary_are_refused_before_training(data)
     check_data_fits_model({"training": ds}, top + 1, "m", "t")  # exactly fits
     with pytest.raises(ConfigError, match=f"holds token id {top}.*pretrained.path small-model has {top}"):
         check_data_fits_model({"training": ds}, top, "small-model", "tok-path")
+    with pytest.raises(ConfigError) as e:  # every split is checked, past one that is absent
+        check_data_fits_model({"training": None, "test": ds, "validation": ds}, top, "small-model", "tok-path")
+    assert [p.split(":")[0] for p in e.value.problems] == ["data.datasets.test.path", "data.datasets.validation.path"]
+    assert f"has {top} embedding rows (ids 0..{top - 1})" in e.value.problems[0]
 
 
 def test_resume_refuses_a_changed_batch_size_and_accepts_more_iterations(finished_run, tmp_path):
