@@ -632,6 +632,14 @@ def test_data_prepared_before_tokenizers_were_saved_uses_the_recorded_tokenizer(
     assert len(tokenizer) == ds.vocab_size
     tokenizer, source = data_tokenizer(TokenDataset(data / "fast_llm_config_training.yaml"), "x", log=said.append)
     assert source == str(data / "tokenizer")
+    # a descriptor from before the tokenizer was saved at all (no "saved" key), whose recorded path is gone: the
+    # fallback (pretrained.path), said
+    del ds.tokenizer_info["saved"]
+    ds.tokenizer_info["path"] = str(tmp_path / "gone")
+    said = []
+    tokenizer, source = data_tokenizer(ds, str(TINY_MODEL), log=said.append)
+    assert source == str(TINY_MODEL) and len(tokenizer) == ds.vocab_size
+    assert said == [f"tokenizer: {ds.descriptor_path} records no usable tokenizer; using pretrained.path {TINY_MODEL}"]
 
 
 def test_split_data_longer_than_training_rows_and_samples_without_validation_are_said(data, tmp_path, capsys):
