@@ -1645,3 +1645,52 @@ def test_a_reply_whose_trailing_space_the_template_trims_trains_the_marker_after
     r = render(turns, t, chat_template=tpl)
     assert [r.text[b:e] for b, e in r.trained_spans] == [x + " </s>" for x in REPLIES]
     assert r.problems == []
+
+
+def test_health_report_adds_up_samples_as_counted_by_hand():
+    """The dataset check's aggregate, worked out by hand: a code counted once per sample however often it is
+    reported, examples capped, samples without a found span or without a trained token not counted as found, the
+    lengths of a sample written as several documents, and the samples whose final marker was appended."""
+    r = HealthReport(examples=2)
+    r.add(0, [], 10, 4, appended=1)
+    r.add(1, ["eot_not_trained: a", "eot_not_trained: b", "too_long: x"], 20, 5)
+    r.add(2, ["span_not_found: none"], 5, 0)
+    r.add(3, ["eot_not_trained: c"], 30, 6, appended=1, lengths=[12, 18, 0])
+    r.add(4, [], 7, 0, appended=1)
+    r.add(5, ["eot_not_trained: d"], 8, 2)
+    assert r.to_dict() == {
+        "samples": 6,
+        "tokens": 80,
+        "trained_tokens": 17,
+        "span_found_share": 4 / 6,  # rows 0, 1, 3, 5
+        "trained_token_share": 17 / 80,
+        "problems": {
+            "eot_not_trained": {"count": 3, "examples": [1, 3], "first": "eot_not_trained: a"},
+            "span_not_found": {"count": 1, "examples": [2], "first": "span_not_found: none"},
+            "too_long": {"count": 1, "examples": [1], "first": "too_long: x"},
+        },
+        "lengths": [10, 20, 5, 12, 18, 7, 8],
+        "appended_eot": {"count": 3, "examples": [0, 3]},
+        "agent_traces": {},
+    }
+    assert r.summary().splitlines() == [
+        "6 samples, 80 tokens, 17 trained (21.2%); assistant spans found in 66.7% of samples",
+        "length: median 10, p99 19, max 20",  # 18 + 0.94 * (20 - 18)
+        "eot_not_trained: 3 sample(s), e.g. rows [1, 3]: eot_not_trained: a",
+        "too_long: 1 sample(s), e.g. rows [1]: too_long: x",  # most frequent first, then as first seen
+        "span_not_found: 1 sample(s), e.g. rows [2]: span_not_found: none",
+        "end-of-turn marker appended (chat.final_eot: append): 3 sample(s) whose final reply the template leaves "
+        "open, e.g. rows [0, 3]",
+    ]
+    assert HealthReport().summary().splitlines()[-1] == "no problems found"
+    # agent traces: keys a sample did not report read as 0; every_turn says how many dropped traces it trains
+    r.add_trace({"reasoning_dropped": 2})
+    r.add_trace({"reasoning_dropped": 1, "reasoning_trained_apart": 3})
+    assert r.trace_line() == (
+        "agent traces: 0 tool calls trained, 0 tool results masked, reasoning trained in 0 turn(s), dropped by the "
+        "template in 3 turn(s) (0 tokens; chat.reasoning: every_turn trains 3 of them, each in a document of its own)"
+    )
+    assert r.summary().splitlines()[-1] == r.trace_line() and r.to_dict()["agent_traces"] == {
+        "reasoning_dropped": 3,
+        "reasoning_trained_apart": 3,
+    }
