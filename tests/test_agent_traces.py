@@ -791,6 +791,10 @@ def test_studio_preview_colours_and_check_counts(data):
         "reasoning_dropped_tokens": tokens,
     }
     assert "7 tool calls trained, 7 tool results masked" in c.summary
+    from backend.chat import Masking, check_dataset  # the library's check (the notebooks') counts the same
+
+    rows = [json.loads(line) for line in open(data / "rows.jsonl")]
+    assert check_dataset(rows, H.get_tokenizer(str(TINY_MODEL)), Masking(), template).trace == c.report["agent_traces"]
 
 
 def test_studio_shows_every_turn_documents_as_prepare_writes_them(data, tokenizer):
