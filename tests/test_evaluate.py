@@ -320,6 +320,12 @@ def test_a_tracker_whose_package_is_missing_is_a_config_error(monkeypatch):
     assert machine_problems(cfg) == [
         f"run.trackers: {missing} is not installed on this machine; pip install 'sft-studio[{missing}]' or remove it"
     ]
+    from backend.lora import quantization_problems
+
+    qlora = ["model.base_model.peft.type=lora", "pretrained.quantization=4bit", "model.multi_stage.zero_stage=3"]
+    both = load_train_config(TINY_TRAIN, [f"run.trackers=[{missing}]", *qlora, "batch.batch_size=8"])
+    quantized = quantization_problems(both, 2)  # sharded over 2 processes: refused on any machine
+    assert quantized and machine_problems(both, 2) == machine_problems(cfg) + quantized  # both kinds, listed
     hidden = f"import sys, runpy; sys.modules[{missing!r}] = None; "
     hidden += "runpy.run_module('backend.train', run_name='__main__')"  # python -m backend.train without mlflow
     proc = subprocess.run(
