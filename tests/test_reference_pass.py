@@ -188,7 +188,7 @@ def test_a_killed_pass_goes_on_where_its_last_save_left_it(ds, forward, tmp_path
 def test_a_finished_pass_is_reused_only_for_the_same_key_and_rows(ds, forward, tmp_path):
     sampler = PairSampler(ds.lengths, ds.pairs, SEQ, seed=3)
     path = tmp_path / "ref" / "training.npy"
-    key = {"data": {"fingerprint": "abc"}, "model": "tiny"}
+    key = {"data": {"fingerprint": "abc"}, "model": tmp_path / "tiny"}  # a path: stored as its text
     run(1, sampler, ds, path, key=key)
     stored = path.with_suffix(".key.json").read_text()
     assert '"abc"' in stored and '"rows"' in stored
@@ -200,6 +200,7 @@ def test_a_finished_pass_is_reused_only_for_the_same_key_and_rows(ds, forward, t
     _, logs, _, model = run(1, sampler, ds, path, key={**key, "model": "other"})
     assert logs == [[f"reference: {path} was computed for other data or another initial model: computing it again"]]
     assert model.forwards == sampler.num_rows_in_epoch(0)
+    run(1, sampler, ds, path, key=key)  # stored for `key` again
     # another seed places the same pairs in other rows: the rows are part of the key
     other = PairSampler(ds.lengths, ds.pairs, SEQ, seed=4)
     _, logs, _, model = run(1, other, ds, path, key=key)
@@ -208,6 +209,9 @@ def test_a_finished_pass_is_reused_only_for_the_same_key_and_rows(ds, forward, t
     keyless = tmp_path / "keyless" / "training.npy"
     run(1, sampler, ds, keyless)
     assert not keyless.with_suffix(".key.json").exists() or keyless.with_suffix(".key.json").read_text() == "{}"
+    _, logs, _, model = run(1, sampler, ds, keyless)
+    assert logs == [[]] and model.forwards == 0
+    keyless.with_suffix(".key.json").unlink(missing_ok=True)  # values from before keys were written: keyless reuse
     _, logs, _, model = run(1, sampler, ds, keyless)
     assert logs == [[]] and model.forwards == 0
     _, logs, _, model = run(1, sampler, ds, keyless, key=key)
