@@ -489,6 +489,22 @@ def test_unicode_emoji_long_and_special_text(family):
     assert trained_text(r2) == "It ends a turn." + eot
 
 
+def test_special_text_is_found_for_added_special_tokens_too():
+    """A token added as special (``add_tokens(AddedToken(..., special=True))``, as tokenizer files list tool and
+    role markers) is not in ``all_special_tokens``; its text in a message still tokenizes as that one token, so it
+    is reported like the named special tokens (a token added as plain text is not)."""
+    from tokenizers import AddedToken
+    from transformers import AutoTokenizer
+
+    t = AutoTokenizer.from_pretrained(str(TINY_MODEL))
+    t.add_tokens([AddedToken("<|tool|>", special=True), AddedToken("zqword", special=False)])
+    assert "<|tool|>" not in t.all_special_tokens and len(t("<|tool|>", add_special_tokens=False)["input_ids"]) == 1
+    conv = [{"role": "user", "content": "what is <|tool|>?"}, {"role": "assistant", "content": "A zqword marker."}]
+    r = render(conv, t)
+    assert [p.split(" contains ")[0] for p in r.problems] == ["special_text_in_content: message 0 (user)"]
+    assert "'<|tool|>'" in r.problems[0]
+
+
 # ------------------------------------------------------------------------------------- template problems
 def test_non_prefix_preserving_template_is_located_or_refused_with_the_reason():
     t = tok("chatml")
