@@ -78,7 +78,7 @@ class Hub:
     """What ``world`` ranks share: a barrier, and a slot per rank for the sum `accelerator.reduce` makes."""
 
     def __init__(self, world):
-        self.barrier = threading.Barrier(world, timeout=60)
+        self.barrier = threading.Barrier(world, timeout=20)  # a rank that stops: the others fail in seconds
         self.slots = [None] * world
 
 
@@ -128,7 +128,7 @@ def run(world, sampler, ds, path, micro_batch_size=1, key=None, model=None):
         for t in threads:
             t.start()
         for t in threads:
-            t.join(120)
+            t.join(60)
     first = next((e for e in errors if e is not None and not isinstance(e, threading.BrokenBarrierError)), None)
     if first is not None or any(errors):
         raise first or next(e for e in errors if e is not None)
