@@ -1368,6 +1368,8 @@ def test_portable_tokenizer_equals_the_original(family):
     assert {k: v for k, v in _info(lite).items() if k not in ("structures", "eot")} == own  # its specials' regex too
     for attr in ("bos_token_id", "eos_token_id", "name_or_path", "chat_template", "split_special_tokens"):
         assert getattr(lite, attr) == getattr(t, attr), attr
+    for token in own["specials"]:  # eot_token_ids reads the stop tokens' ids this way
+        assert lite.convert_tokens_to_ids(token) == t.convert_tokens_to_ids(token), token
 
 
 def _assert_calls_alike(lite, t, texts):
