@@ -15,6 +15,11 @@ if os.path.basename(sys.argv[0]) == "mutmut" or sys.argv[0].endswith(os.path.joi
     os.environ["OMP_NUM_THREADS"] = "1"
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(1)
+    # the same for tqdm's monitor thread (started by the first progress bar): a child forked while it holds tqdm's
+    # lock waits for it forever at its own first bar (the reference pass's mutants hung so, at no CPU cost)
+    import tqdm
+
+    tqdm.tqdm.monitor_interval = 0
 
 
 @pytest.fixture(scope="session")
