@@ -1306,3 +1306,24 @@ def test_reasoning_is_looked_for_in_its_own_turn_only(tokenizer):
     (turn,) = [t for t in r.turns if t.message_index == 3]
     ((b, e),) = r.reasoning_spans
     assert r.text[b:e] == "zqrsn2 step two" and turn.begin <= b < e <= turn.end  # not the question's quote
+
+
+def test_a_tool_result_is_coloured_where_it_is_written_after_its_call(tokenizer):
+    """A result whose text the question already quotes is coloured (and counted) after the call that asked for it,
+    the second of two equal results after the first."""
+    from backend.chat import render
+    from backend.chat.conversations import Masking
+
+    messages = [
+        {"role": "user", "content": "zqusr1 is it 'zqres1 sunny' in Oslo and Bergen?"},
+        {"role": "assistant", "content": "", "tool_calls": [_call(1, "get_weather", "city", "zqarg1"),
+                                                           _call(2, "get_weather", "city", "zqarg2")]},
+        _result(1, "zqres1 sunny", "get_weather"),
+        _result(2, "zqres1 sunny", "get_weather"),
+        {"role": "assistant", "content": "zqans1 sunny in both"},
+    ]  # fmt: skip
+    r = render(messages, tokenizer, Masking(), (CORPUS / "qwen3-0.6b.jinja").read_text(), tools=_tools())
+    (call,) = [t for t in r.turns if t.message_index == 1]
+    places = [m.start() for m in re.finditer("zqres1 sunny", r.text)]
+    assert len(places) == 3 and places[0] < call.begin  # the question's quote, then the two results
+    assert [b for b, _ in r.tool_result_spans] == places[1:] and all(b >= call.end for b in places[1:])

@@ -1669,6 +1669,8 @@ def test_health_report_adds_up_samples_as_counted_by_hand():
     """The dataset check's aggregate, worked out by hand: a code counted once per sample however often it is
     reported, examples capped, samples without a found span or without a trained token not counted as found, the
     lengths of a sample written as several documents, and the samples whose final marker was appended."""
+    from backend.chat.agent import TRACE_KEYS
+
     r = HealthReport(examples=2)
     r.add(0, [], 10, 4, appended=1)
     r.add(1, ["eot_not_trained: a", "eot_not_trained: b", "too_long: x"], 20, 5)
@@ -1707,6 +1709,12 @@ def test_health_report_adds_up_samples_as_counted_by_hand():
     assert r.trace_line() == (
         "agent traces: 0 tool calls trained, 0 tool results masked, reasoning trained in 0 turn(s), dropped by the "
         "template in 3 turn(s) (0 tokens; chat.reasoning: every_turn trains 3 of them, each in a document of its own)"
+    )
+    every = HealthReport()
+    every.add_trace(dict(zip(TRACE_KEYS + ("reasoning_dropped_tokens",), (1, 2, 3, 4, 5), strict=True)))
+    assert every.trace_line() == (
+        "agent traces: 1 tool calls trained, 2 tool results masked, reasoning trained in 3 turn(s), dropped by the "
+        "template in 4 turn(s) (5 tokens; chat.reasoning: every_turn keeps them)"
     )
     assert r.summary().splitlines()[-1] == r.trace_line() and r.to_dict()["agent_traces"] == {
         "reasoning_dropped": 3,
