@@ -13,10 +13,12 @@ if os.path.basename(sys.argv[0]) == "mutmut" or sys.argv[0].endswith(os.path.joi
     # pool started before the fork hangs the child in a futex, a wall-clock hang that mutmut's CPU-time limit never
     # ends. One thread means no pool (tests/MUTATION.md).
     os.environ["OMP_NUM_THREADS"] = "1"
+    # the Rust tokenizer's thread pool did the same: the reference pass's mutants (tests/test_reference_pass.py
+    # prepares data in the parent) hung at no CPU cost until it was off
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(1)
-    # the same for tqdm's monitor thread (started by the first progress bar): a child forked while it holds tqdm's
-    # lock waits for it forever at its own first bar (the reference pass's mutants hung so, at no CPU cost)
+    # and no tqdm monitor thread, whose lock a child forked at the wrong moment would wait for at its first bar
     import tqdm
 
     tqdm.tqdm.monitor_interval = 0
