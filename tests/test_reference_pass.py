@@ -135,13 +135,14 @@ def run(world, sampler, ds, path, micro_batch_size=1, key=None, model=None):
     return values, logs, ranks, model
 
 
-@pytest.mark.parametrize("world, micro_batch_size", [(1, 1), (1, 3), (2, 1), (3, 2), (2, 16)])
-# (2, 16): 29 micro-batches in 15 rounds, one extra forward in the same save as the first batch
+@pytest.mark.parametrize("world, micro_batch_size", [(1, 1), (1, 3), (2, 1), (3, 2), (2, 16), (2, 1000)])
+# (2, 16): 29 micro-batches in 15 rounds, one extra forward in the same save as the first batch; (2, 1000): one
+# micro-batch, and rank 1 forwards it again, discarded
 def test_every_placed_document_gets_its_own_value_once_on_every_rank(ds, forward, tmp_path, world, micro_batch_size):
     sampler = PairSampler(ds.lengths, ds.pairs, SEQ, seed=3)
     assert len(sampler.skipped) > 0
     want = expected(ds, sampler)
-    path = tmp_path / "ref" / "training.npy"
+    path = tmp_path / "run" / "reference" / "training.npy"  # folders made as needed
     values, logs, ranks, model = run(world, sampler, ds, path, micro_batch_size)
     for v in values:  # every rank gets the whole array
         np.testing.assert_array_equal(v, want)
