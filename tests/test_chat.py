@@ -1667,17 +1667,17 @@ def test_a_reply_whose_trailing_space_the_template_trims_trains_the_marker_after
 
 def test_health_report_adds_up_samples_as_counted_by_hand():
     """The dataset check's aggregate, worked out by hand: a code counted once per sample however often it is
-    reported, examples capped, samples without a found span or without a trained token not counted as found, the
+    reported, examples capped, a sample with a reply not found (or nothing trained) not counted as found, the
     lengths of a sample written as several documents, and the samples whose final marker was appended."""
     from backend.chat.agent import TRACE_KEYS
 
     r = HealthReport(examples=2)
     r.add(0, [], 10, 4, appended=1)
     r.add(1, ["eot_not_trained: a", "eot_not_trained: b", "too_long: x"], 20, 5)
-    r.add(2, ["span_not_found: none"], 5, 0)
+    r.add(2, ["span_not_found: none"], 5, 1)  # a reply whose span was not found, others trained: not found
     r.add(3, ["eot_not_trained: c"], 30, 6, appended=1, lengths=[12, 18, 0])
-    r.add(4, [], 7, 0, appended=1)
-    r.add(5, ["eot_not_trained: d"], 8, 2)
+    r.add(4, [], 7, 0, appended=1)  # nothing trained
+    r.add(5, ["eot_not_trained: d"], 8, 1)  # one trained token is enough
     assert r.to_dict() == {
         "samples": 6,
         "tokens": 80,
