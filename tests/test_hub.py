@@ -129,3 +129,13 @@ def test_a_local_model_without_a_readable_config_is_named(tmp_path):
         (OSError, ValueError), match=re.escape(f"pretrained.path {tmp_path}: could not read the model's config (")
     ):
         model_vocab(str(tmp_path))
+
+
+def test_the_vocabulary_of_a_multimodal_model_is_its_text_models(tmp_path):
+    """A vision-language checkpoint keeps the embedding rows in its text config: model_vocab reads them there."""
+    from transformers import LlavaConfig
+
+    from backend.compat import model_vocab
+
+    LlavaConfig(text_config={"model_type": "llama", "vocab_size": 321}).save_pretrained(tmp_path)
+    assert model_vocab(str(tmp_path)) == 321
