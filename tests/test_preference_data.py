@@ -180,6 +180,30 @@ def test_a_pair_is_dropped_whole_when_one_answer_trains_nothing(tmp_path):
     assert [x.strip() for x in trained] == ["aa>>", "bb>>", "cc>>", "dd>>"]  # through the end delimiter
 
 
+def test_under_delimiters_a_prompts_own_reply_stays_context(tmp_path):
+    """Delimiter masking finds no turns, so the answer starts where the prompt's own rendering ends: a delimited
+    reply inside a multi-turn prompt is not trained, only each answer's."""
+    prompt = [user("Q0?"), assistant("<<old>>"), user("Q1?")]
+    rows = [{"prompt": prompt, "chosen": [assistant("<<aa>>")], "rejected": [assistant("<<bb>>")]}] * 2
+    path = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    cfg = load_prepare_config(
+        ASSETS / "configs" / "tiny_prepare.yaml",
+        [
+            f"dataset.path={path}",
+            f"output_path={tmp_path / 'out'}",
+            "chat.masking.mode=delimiters",
+            "chat.masking.start_delimiter='<<'",
+            "chat.masking.end_delimiter='>>'",
+            "splits={training: 1.0}",
+        ],
+    )
+    assert prepare(cfg, progress=False)["skipped"] == {}
+    ds = TokenDataset(tmp_path / "out")
+    tokenizer = AutoTokenizer.from_pretrained(TINY_MODEL)
+    trained = [tokenizer.decode(t[m]).strip() for t, m in map(ds.document, range(len(ds)))]
+    assert trained == ["aa>>", "bb>>"] * 2 and all("old" in tokenizer.decode(ds.document(i)[0]) for i in range(4))
+
+
 def test_a_broken_pair_index_is_refused_by_name(tmp_path):
     path = write_jsonl(tmp_path / "pairs.jsonl", [ROWS["prompt_string"]] * 4)
     cfg = load_prepare_config(
