@@ -110,6 +110,28 @@ def test_plain_text_pairs_train_the_answer_and_eos(tmp_path):
     assert tokenizer.decode(r_ids[r_tr]) == " 5" + tokenizer.eos_token
 
 
+def test_pairs_are_rendered_with_the_configured_template_and_the_rows_tools(tmp_path):
+    """chat.template (not the tokenizer's own) writes a pair, and with the row's tool schemas, as transformers'
+    apply_chat_template does: a DPO run on agent traces sees the tools its answers call."""
+    template = ROOT / "tests" / "data" / "chat_templates" / "qwen3-0.6b.jinja"
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "zqdesc the weather",
+                                               "parameters": {"type": "object", "properties": {}}}}]  # fmt: skip
+    row = {**ROWS["prompt_string"], "tools": tools}
+    cfg = load_prepare_config(
+        ASSETS / "configs" / "tiny_prepare.yaml",
+        [f"dataset.path={write_jsonl(tmp_path / 'p.jsonl', [row])}", f"output_path={tmp_path / 'out'}",
+         f"chat.template={template}"],
+    )  # fmt: skip
+    tokenizer = AutoTokenizer.from_pretrained(TINY_MODEL)
+    for (ids, trained), answer in zip(RowReader(cfg).sample(0, cfg, tokenizer).documents, (GOOD, BAD), strict=True):
+        want = tokenizer.apply_chat_template(
+            [user(Q2), assistant(answer)], tools=tools, chat_template=template.read_text(), tokenize=False
+        )
+        assert tokenizer.decode(ids).removeprefix(tokenizer.bos_token) == want and "zqdesc the weather" in want
+        assert tokenizer.decode(ids[trained]).endswith(answer + "<|im_end|>")  # after Qwen3's empty think block
+        assert Q2 not in tokenizer.decode(ids[trained]) and "zqdesc" not in tokenizer.decode(ids[trained])
+
+
 def test_prepare_writes_pairs_whole_with_their_index_and_counts_what_it_skips(tmp_path):
     rows = [ROWS["prompt_messages"], ROWS["implicit"]] * 10
     rows += [{"prompt": "Same?", "chosen": [assistant("x")], "rejected": [assistant("x")]}]  # identical answers
