@@ -337,3 +337,37 @@ def test_a_tracker_whose_package_is_missing_is_a_config_error(monkeypatch):
     )
     assert proc.returncode == 2 and f"run.trackers: {missing} is not installed" in proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_evaluate_objective_weighs_loss_and_figures_by_the_objectives_own_count():
+    """evaluate_objective over `iterations` batches of micro-batches: the loss is the summed losses over the summed
+    denominators, and each figure an objective reports (DPO's rewards, accuracy) is summed likewise, with its sign,
+    whatever micro-batch reports it; the model is back in train mode after. A stand-in objective, sampler and
+    accelerator: the sums are worked out by hand."""
+    import contextlib
+    from types import SimpleNamespace
+
+    import torch
+
+    from backend.train import evaluate_objective
+
+    class Objective:
+        def collate(self, rows, dataset, b, reference):
+            return {"rows": rows, "reference": reference}
+
+        def __call__(self, model, batch):
+            assert not model.training and batch["reference"] == "ref"
+            s, n = sum(batch["rows"]), len(batch["rows"])
+            return torch.tensor(float(s)), n, {"reward": -2.0 * s, "accuracy": float(n)}
+
+    class Sampler:
+        def micro_batches(self, i, batch_size, micro_batch_size, rank, world):
+            assert (rank, world) == (0, 1)
+            return [[i + 1, i + 2], [10 * (i + 1)]]  # two micro-batches per batch: 3 documents
+
+    accelerator = SimpleNamespace(process_index=0, num_processes=1, device="cpu", autocast=contextlib.nullcontext)
+    model = torch.nn.Linear(1, 1)
+    cfg = SimpleNamespace(batch=SimpleNamespace(batch_size=3, micro_batch_size=2))
+    loss, figures = evaluate_objective(model, accelerator, Sampler(), None, cfg, 2, Objective(), reference="ref")
+    total = (1 + 2 + 10) + (2 + 3 + 20)  # iterations 0 and 1
+    assert loss == total / 6 and figures == {"accuracy": 6 / 6, "reward": -2.0 * total / 6} and model.training
