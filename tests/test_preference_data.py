@@ -132,6 +132,26 @@ def test_pairs_are_rendered_with_the_configured_template_and_the_rows_tools(tmp_
         assert Q2 not in tokenizer.decode(ids[trained]) and "zqdesc" not in tokenizer.decode(ids[trained])
 
 
+def test_message_prompts_with_string_answers_and_the_rows_a_pair_skips_by_reason(tmp_path):
+    """A message prompt with answers given as strings: each answer is the assistant's reply. A pair whose answer is
+    a conversation the template refuses, or that has no assistant reply after the prompt, is skipped under its own
+    reason, counted in the report."""
+    rows = [
+        {"prompt": [user(Q2)], "chosen": GOOD, "rejected": BAD},
+        {"prompt": [user(Q2)], "chosen": [{"role": "robot", "content": "x"}], "rejected": [assistant("y")]},
+        {"prompt": [user(Q2)], "chosen": [user("more?")], "rejected": [user("else?")]},
+    ] * 4
+    path = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    cfg = load_prepare_config(
+        ASSETS / "configs" / "tiny_prepare.yaml",
+        [f"dataset.path={path}", f"output_path={tmp_path / 'out'}", "splits={training: 1.0}"],
+    )
+    tokenizer = AutoTokenizer.from_pretrained(TINY_MODEL)
+    (c, ct), (r, rt) = RowReader(cfg).sample(0, cfg, tokenizer).documents
+    assert tokenizer.decode(c[ct]).startswith(GOOD) and tokenizer.decode(r[rt]).startswith(BAD)
+    assert prepare(cfg, progress=False)["skipped"] == {"bad_conversation": 4, "bad_pair": 4}
+
+
 def test_prepare_writes_pairs_whole_with_their_index_and_counts_what_it_skips(tmp_path):
     rows = [ROWS["prompt_messages"], ROWS["implicit"]] * 10
     rows += [{"prompt": "Same?", "chosen": [assistant("x")], "rejected": [assistant("x")]}]  # identical answers
