@@ -269,3 +269,16 @@ def test_a_form_in_the_table_may_make_several_documents_of_a_row(tmp_path, token
     ]
     assert all(trained.any() for _, trained in first.documents)
     assert skipped.skipped == "empty_text: told to" and len(last.documents) == 2
+
+
+def test_plain_text_trains_every_token_from_the_first_character(tokenizer, tmp_path):
+    """The text form trains the whole text: a text whose first token is one character trains it too."""
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in ("A b c.", "I am.", "x")))
+    cfg = load_prepare_config(
+        {"output_path": str(tmp_path / "out"), "dataset": {"path": str(path)}, "tokenizer": {"path": str(TINY_MODEL)}}
+    )
+    for row in RowReader(cfg).samples(range(3), cfg, tokenizer):
+        ((ids, trained),) = row.documents
+        first = int(ids[0] == tokenizer.bos_token_id)  # the BOS the tokenizer adds is not text
+        assert trained[first:].all() and len(tokenizer.decode(ids[first : first + 1])) == 1
