@@ -722,14 +722,14 @@ def test_trace_counts_are_what_the_stored_tokens_train(tmp_path, tokenizer, with
 
     total = dict.fromkeys(("tool_calls_trained", "tool_results_masked", "reasoning_trained", "reasoning_dropped"), 0)
     reasoning_only = [  # no call, no result: a reasoning dataset's row
-        {"role": "user", "content": "zqusr5 2+2?"},
-        {"role": "assistant", "content": "zqans10 4", "reasoning_content": "zqrsn4 add them"},
-        {"role": "user", "content": "zqusr6 and 3+3?"},
-        {"role": "assistant", "content": "zqans11 6", "reasoning_content": "zqrsn5 add again"},
+        {"role": "user", "content": "zqusr8 2+2?"},
+        {"role": "assistant", "content": "zqans20 4", "reasoning_content": "zqrsn8 add them"},
+        {"role": "user", "content": "zqusr9 and 3+3?"},
+        {"role": "assistant", "content": "zqans21 6", "reasoning_content": "zqrsn9 add again"},
     ]
     rows = [*ROWS.values(), reasoning_only]
     for name in (n for n in AGENT if "refuses" not in AGENT[n]):  # Granite refuses every call (tested above)
-        reader, cfg = _rows_reader(tmp_path, name, rows, with_tools=with_tools and None, **chat)
+        reader, cfg = _rows_reader(tmp_path, name, rows, with_tools=None if with_tools else False, **chat)
         for row in reader.samples(range(len(rows)), cfg, tokenizer):
             if row.tokenized is None:  # a shape the template refuses (counted as such by the check)
                 continue
@@ -793,7 +793,7 @@ def test_studio_preview_colours_and_check_counts(data):
     assert "7 tool calls trained, 7 tool results masked" in c.summary
     from backend.chat import Masking, check_dataset  # the library's check (the notebooks') counts the same
 
-    rows = [json.loads(line) for line in open(data / "rows.jsonl")]
+    rows = [json.loads(line) for line in (data / "rows.jsonl").read_text().splitlines()]
     assert check_dataset(rows, H.get_tokenizer(str(TINY_MODEL)), Masking(), template).trace == c.report["agent_traces"]
 
 
@@ -1309,7 +1309,7 @@ def test_reasoning_is_looked_for_in_its_own_turn_only(tokenizer):
 
 
 def test_a_tool_result_is_coloured_where_it_is_written_after_its_call(tokenizer):
-    """A result whose text the question already quotes is coloured (and counted) after the call that asked for it,
+    """A result whose text the question already quotes is coloured after the call that asked for it,
     the second of two equal results after the first."""
     from backend.chat import render
     from backend.chat.conversations import Masking

@@ -498,7 +498,8 @@ def test_special_text_is_found_for_added_special_tokens_too():
 
     t = AutoTokenizer.from_pretrained(str(TINY_MODEL))
     t.add_tokens([AddedToken("<|tool|>", special=True), AddedToken("zqword", special=False)])
-    assert "<|tool|>" not in t.all_special_tokens and len(t("<|tool|>", add_special_tokens=False)["input_ids"]) == 1
+    assert len(t("<|tool|>", add_special_tokens=False)["input_ids"]) == 1  # (transformers 5 leaves it out of
+    # all_special_tokens: the case this test is for)
     conv = [{"role": "user", "content": "what is <|tool|>?"}, {"role": "assistant", "content": "A zqword marker."}]
     r = render(conv, t)
     assert [p.split(" contains ")[0] for p in r.problems] == ["special_text_in_content: message 0 (user)"]
@@ -1364,8 +1365,9 @@ def test_portable_tokenizer_equals_the_original(family):
     _assert_calls_alike(lite, t, [x.text for x in a[:3]])
     from backend.chat.tokens import _info
 
-    own = {k: v for k, v in _info(t).items() if k not in ("structures", "eot")}  # memos, filled as rows render
-    assert {k: v for k, v in _info(lite).items() if k not in ("structures", "eot")} == own  # its specials' regex too
+    facts = ("specials", "regex", "adds_bos", "bos", "bos_id", "kwargs")  # not the memos filled as rows render
+    own = {k: _info(t)[k] for k in facts}
+    assert {k: _info(lite)[k] for k in facts} == own  # its specials' regex too
     for attr in ("bos_token_id", "eos_token_id", "name_or_path", "chat_template", "split_special_tokens"):
         assert getattr(lite, attr) == getattr(t, attr), attr
     for token in own["specials"]:  # eot_token_ids reads the stop tokens' ids this way

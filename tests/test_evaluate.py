@@ -342,8 +342,8 @@ def test_a_tracker_whose_package_is_missing_is_a_config_error(monkeypatch):
 def test_evaluate_objective_weighs_loss_and_figures_by_the_objectives_own_count():
     """evaluate_objective over `iterations` batches of micro-batches: the loss is the summed losses over the summed
     denominators, and each figure an objective reports (DPO's rewards, accuracy) is summed likewise, with its sign,
-    whatever micro-batch reports it; the model is back in train mode after. A stand-in objective, sampler and
-    accelerator: the sums are worked out by hand."""
+    from the micro-batches that report it (here not the one-row ones); the model is back in train mode after. A
+    stand-in objective, sampler and accelerator: the sums are worked out by hand."""
     import contextlib
     from types import SimpleNamespace
 
@@ -358,6 +358,8 @@ def test_evaluate_objective_weighs_loss_and_figures_by_the_objectives_own_count(
         def __call__(self, model, batch):
             assert not model.training and batch["reference"] == "ref"
             s, n = sum(batch["rows"]), len(batch["rows"])
+            if n == 1:
+                return torch.tensor(float(s)), n  # no figures from this one
             return torch.tensor(float(s)), n, {"reward": -2.0 * s, "accuracy": float(n)}
 
     class Sampler:
@@ -369,5 +371,5 @@ def test_evaluate_objective_weighs_loss_and_figures_by_the_objectives_own_count(
     model = torch.nn.Linear(1, 1)
     cfg = SimpleNamespace(batch=SimpleNamespace(batch_size=3, micro_batch_size=2))
     loss, figures = evaluate_objective(model, accelerator, Sampler(), None, cfg, 2, Objective(), reference="ref")
-    total = (1 + 2 + 10) + (2 + 3 + 20)  # iterations 0 and 1
-    assert loss == total / 6 and figures == {"accuracy": 6 / 6, "reward": -2.0 * total / 6} and model.training
+    total, reported = (1 + 2 + 10) + (2 + 3 + 20), (1 + 2) + (2 + 3)  # iterations 0 and 1; the two-row ones
+    assert loss == total / 6 and figures == {"accuracy": 4 / 6, "reward": -2.0 * reported / 6} and model.training

@@ -9,6 +9,7 @@ there.
 """
 
 import contextlib
+import json
 import threading
 
 import numpy as np
@@ -129,6 +130,7 @@ def run(world, sampler, ds, path, micro_batch_size=1, key=None, model=None):
             t.start()
         for t in threads:
             t.join(60)
+        assert not any(t.is_alive() for t in threads), "a rank is still running"
     first = next((e for e in errors if e is not None and not isinstance(e, threading.BrokenBarrierError)), None)
     if first is not None or any(errors):
         raise first or next(e for e in errors if e is not None)
@@ -192,7 +194,7 @@ def test_a_finished_pass_is_reused_only_for_the_same_key_and_rows(ds, forward, t
     key = {"data": {"fingerprint": "abc"}, "model": tmp_path / "tiny"}  # a path: stored as its text
     run(1, sampler, ds, path, key=key)
     stored = path.with_suffix(".key.json").read_text()
-    assert '"abc"' in stored and '"rows"' in stored
+    assert '"abc"' in stored and '"rows"' in stored and json.dumps(str(tmp_path / "tiny")) in stored
     _, logs, _, model = run(1, sampler, ds, path, key=key)  # the same key: read back, no forward
     assert logs == [[]] and model.forwards == 0
     path.with_suffix(".key.json").unlink()  # values without their key: they may be for anything
@@ -209,7 +211,7 @@ def test_a_finished_pass_is_reused_only_for_the_same_key_and_rows(ds, forward, t
     # a file that names no key is reused only by a pass that names none
     keyless = tmp_path / "keyless" / "training.npy"
     run(1, sampler, ds, keyless)
-    assert not keyless.with_suffix(".key.json").exists() or keyless.with_suffix(".key.json").read_text() == "{}"
+    assert keyless.with_suffix(".key.json").read_text() == "{}"  # written with the values: names no key
     _, logs, _, model = run(1, sampler, ds, keyless)
     assert logs == [[]] and model.forwards == 0
     keyless.with_suffix(".key.json").unlink(missing_ok=True)  # values from before keys were written: keyless reuse
