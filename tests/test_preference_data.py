@@ -187,16 +187,10 @@ def test_prepare_writes_pairs_whole_with_their_index_and_counts_what_it_skips(tm
     assert report["pairs"]["pairs"] == 21
 
 
-def test_a_pair_is_dropped_whole_when_one_answer_trains_nothing(tmp_path):
-    """Delimiter masking finds a span in one answer only: that pair is skipped once, never half-written, and
-    every other pair is kept whole, each answer beside its own (the lost pairs are not the chunk's first)."""
-    rows = [{"prompt": "Q0?", "chosen": [assistant("<<aa>>")], "rejected": [assistant("<<bb>>")]}]
-    rows += [{"prompt": "Q?", "chosen": [assistant("<<ok>>")], "rejected": [assistant("plain")]}]
-    rows += [{"prompt": "Q1?", "chosen": [assistant("plain")], "rejected": [assistant("plain too")]}]  # one skip
-    rows += [{"prompt": "Q2?", "chosen": [assistant("<<cc>>")], "rejected": [assistant("<<dd>>")]}]
-    rows += [{"prompt": "Q3?", "chosen": [assistant("plain")], "rejected": [assistant("<<no>>")]}]
+def delimiter_config(rows, tmp_path):
+    """A prepare config over ``rows`` (written to ``tmp_path``) with delimiter masking, '<<' to '>>'."""
     path = write_jsonl(tmp_path / "pairs.jsonl", rows)
-    cfg = load_prepare_config(
+    return load_prepare_config(
         ASSETS / "configs" / "tiny_prepare.yaml",
         [
             f"dataset.path={path}",
@@ -207,6 +201,17 @@ def test_a_pair_is_dropped_whole_when_one_answer_trains_nothing(tmp_path):
             "splits={training: 1.0}",
         ],
     )
+
+
+def test_a_pair_is_dropped_whole_when_one_answer_trains_nothing(tmp_path):
+    """Delimiter masking finds a span in one answer only: that pair is skipped once, never half-written, and
+    every other pair is kept whole, each answer beside its own (the lost pairs are not the chunk's first)."""
+    rows = [{"prompt": "Q0?", "chosen": [assistant("<<aa>>")], "rejected": [assistant("<<bb>>")]}]
+    rows += [{"prompt": "Q?", "chosen": [assistant("<<ok>>")], "rejected": [assistant("plain")]}]
+    rows += [{"prompt": "Q1?", "chosen": [assistant("plain")], "rejected": [assistant("plain too")]}]  # one skip
+    rows += [{"prompt": "Q2?", "chosen": [assistant("<<cc>>")], "rejected": [assistant("<<dd>>")]}]
+    rows += [{"prompt": "Q3?", "chosen": [assistant("plain")], "rejected": [assistant("<<no>>")]}]
+    cfg = delimiter_config(rows, tmp_path)
     summary = prepare(cfg, progress=False)
     assert summary["skipped"] == {"no_trained_tokens": 3}
     skips = summary["examples"]["no_trained_tokens"]
@@ -227,18 +232,7 @@ def test_under_delimiters_a_prompts_own_reply_stays_context(tmp_path):
     reply inside a multi-turn prompt is not trained, only each answer's."""
     prompt = [user("Q0?"), assistant("<<old>>"), user("Q1?")]
     rows = [{"prompt": prompt, "chosen": [assistant("<<aa>>")], "rejected": [assistant("<<bb>>")]}] * 2
-    path = write_jsonl(tmp_path / "pairs.jsonl", rows)
-    cfg = load_prepare_config(
-        ASSETS / "configs" / "tiny_prepare.yaml",
-        [
-            f"dataset.path={path}",
-            f"output_path={tmp_path / 'out'}",
-            "chat.masking.mode=delimiters",
-            "chat.masking.start_delimiter='<<'",
-            "chat.masking.end_delimiter='>>'",
-            "splits={training: 1.0}",
-        ],
-    )
+    cfg = delimiter_config(rows, tmp_path)
     assert prepare(cfg, progress=False)["skipped"] == {}
     ds = TokenDataset(tmp_path / "out")
     tokenizer = AutoTokenizer.from_pretrained(TINY_MODEL)

@@ -323,18 +323,16 @@ def test_prepare_split_turns_end_to_end(tmp_path, chat):
     assert report["long_documents"] == ld
     longer = sum(int((TokenDataset(tmp_path / "split" / descriptor_name(n)).lengths > L).sum()) for n in base["splits"])
     assert longer == s["longer_than_sequence_length"]["documents"] == ld["not_split"]
-    from transformers import AutoTokenizer
-
+    tokenizer = tok("llama")  # TINY_MODEL's, loaded once for the module
     if "template" in chat:  # every document, piece or whole, is in the configured template's own words
         ds = TokenDataset(tmp_path / "split" / descriptor_name("training"))
-        tok = AutoTokenizer.from_pretrained(TINY_MODEL)
-        texts = [tok.decode(ds.document(i)[0]) for i in range(len(ds))]
+        texts = [tokenizer.decode(ds.document(i)[0]) for i in range(len(ds))]
         assert all("<|im_start|>" in x and "<|start_header_id|>" not in x for x in texts)
     # the studio's comparison of the modes (long_document_stats per row, with the run's chat settings, then
     # compare_modes) foretells what prepare's split_turns writes and what keeping every document trains
     from backend.split import long_document_stats
 
-    tokenizer, masking = AutoTokenizer.from_pretrained(TINY_MODEL), Masking(train_on=chat.get("train_on", "all"))
+    masking = Masking(train_on=chat.get("train_on", "all"))
     docs = []
     for line in SAMPLE_DATA_OPENAI.read_text().splitlines():
         r = render(json.loads(line)["messages"], tokenizer, masking, chat.get("template"))
