@@ -650,6 +650,24 @@ def test_tool_results_take_the_name_of_the_call_they_answer_and_other_accepted_f
     assert out[-1]["reasoning_content"] == "r1" and out[-1]["content"] == "the </think> tag ends a trace"
 
 
+def test_a_reply_written_after_its_results_is_refused_where_the_question_quotes_it_too(tokenizer, tmp_path):
+    """Gemma 4 writes the text of a reply that also calls a tool after the call's results, outside the reply's
+    turn: refused. A question that quotes the reply holds its text before the turn too; the refusal looks for the
+    text from the turn's start, so the quote does not make the reply look written in its turn."""
+    name = "gemma-4-31b-it.jinja"
+    messages = [dict(m) for m in ROWS["call_with_text"]]
+    reply = "zqans2 let me look up " + " ".join(["the forecast"] * 20)  # longer than what the template writes before it
+    messages[0] = {"role": "user", "content": f"zqusr1 weather in Oslo? start with: {reply}"}
+    messages[1] = {**messages[1], "content": reply}
+    reader, cfg = _rows_reader(tmp_path, name, [messages])
+    row = reader.sample(0, cfg, tokenizer)
+    assert row.skipped == (
+        "bad_conversation: message 1 (assistant): the template writes this reply's text outside its turn (after "
+        "what follows it, e.g. after the tool results), so it cannot be trained as one turn; give the text and the "
+        "tool calls as two assistant messages"
+    ), row.problems
+
+
 def test_replies_that_cannot_be_located_are_refused_saying_why(tokenizer):
     """An agent trace whose first message is the assistant's has no prompt for its first reply; a template that
     writes a tool result one way while it is the last message and another way once a reply follows leaves no place
