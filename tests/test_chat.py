@@ -1631,6 +1631,26 @@ def test_the_offsets_fallback_of_the_batched_mask_equals_the_token_rule(family, 
     assert got == expected and any(any(m) for m in got)
 
 
+def test_a_range_whose_first_or_last_character_no_token_covers_is_left_to_the_offsets():
+    """`_token_range` answers None when either end of the range is a character no token covers (tokenizers that
+    leave spaces out of their offsets), so that the sample takes its offsets; never a range open at one end."""
+    from backend.chat.tokens import _token_range
+
+    class Encoding:  # "abc def": tokens (0, 3) and (4, 7), the space at 3 in none
+        offsets = [(0, 3), (4, 7)]
+
+        def char_to_token(self, i):
+            return next((t for t, (b, e) in enumerate(self.offsets) if b <= i < e), None)
+
+        def token_to_chars(self, t):
+            return self.offsets[t] if 0 <= t < len(self.offsets) else None
+
+    enc = Encoding()
+    assert [_token_range(enc, b, e, 2) for b, e in ((0, 3), (1, 2), (4, 7), (0, 7))] == [(0, 1), (0, 1), (1, 2), (0, 2)]
+    assert _token_range(enc, 3, 7, 2) is None  # starts at the space
+    assert _token_range(enc, 0, 4, 2) is None  # ends at it
+
+
 def test_common_prefix_len_equals_a_character_scan():
     """`_common_prefix_len` (the binary search every marker and reply search relies on) on random strings over a
     small alphabet, against os.path.commonprefix: strings differing at their first character, one a prefix of the
