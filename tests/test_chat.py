@@ -185,6 +185,22 @@ def test_generation_blocks_that_do_not_hold_each_reply_fall_back_to_the_prefix_d
             assert trained_text(got) == "".join(m["value"] + "<|im_end|>" for m in conv if m["from"] == "gpt")
 
 
+def test_a_generation_template_that_rejects_a_conversation_is_refused_with_its_own_message():
+    """A ``{% generation %}`` template's ``raise_exception`` reaches the user as a TemplateError with its text."""
+    t = tok("chatml")
+    tpl = (
+        "{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('zqbad no system prompts') }}{% endif %}"
+        "<|im_start|>{{ m.role }}\n{% if m.role == 'assistant' %}{% generation %}{{ m.content }}<|im_end|>"
+        "{% endgeneration %}{% else %}{{ m.content }}<|im_end|>{% endif %}\n{% endfor %}"
+    )
+    assert trained_text(render(TURNS, t, chat_template=tpl)) == "".join(
+        m["value"] + "<|im_end|>" for m in TURNS if m["from"] == "gpt"
+    )
+    with pytest.raises(TemplateError) as e:
+        render([SYSTEM] + TURNS, t, chat_template=tpl)
+    assert str(e.value) == "chat template rejected the conversation: zqbad no system prompts"
+
+
 def test_resolve_template_reads_the_tokenizers_default_and_names_a_tokenizer_without_one():
     from types import SimpleNamespace
 

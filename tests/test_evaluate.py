@@ -94,6 +94,11 @@ def test_per_token_loss_mean_is_the_trainers_loss(data):
         targets = np.asarray(trained, dtype=bool).copy()
         targets[0] = False
         assert np.array_equal(np.isfinite(result.losses), targets)
+        # each token's own loss (not one value spread over them): a plain forward of the document, log-softmax
+        with torch.no_grad():
+            logits = model(input_ids=torch.as_tensor(tokens, dtype=torch.long)[None]).logits[0].double()
+        each = -logits[:-1].log_softmax(-1).gather(1, torch.as_tensor(tokens[1:], dtype=torch.long)[:, None])[:, 0]
+        assert np.allclose(result.losses[targets], each.numpy()[targets[1:]], atol=1e-4)
         # the end-of-turn token of each reply is trained (train_on_eot), so it has a loss
         assert result.eot_count == int((targets & np.isin(tokens, eot)).sum()) > 0
         worst = [loss for _, loss in result.worst]
