@@ -473,3 +473,20 @@ def test_split_documents_edges_exact_fit_rejected_pieces_and_context_count():
     assert stats["conversations_split"] == 2 and stats["pieces"] == len(rows) > 4 and set(rows.tolist()) == {7, 8}
     later = [trained[bounds[d] : bounds[d + 1]] for d in range(1, len(rows)) if rows[d] == rows[d - 1]]
     assert stats["context_tokens"] == sum(int(np.argmax(m)) for m in later) > 0
+    assert ids.dtype == full.input_ids.dtype and rows.dtype == bounds.dtype == np.int64
+
+    # nothing longer than the sequence length: the chunk as it came, every count zero
+    _, (rows, ids, trained, bounds, stats, problems) = run(exact)
+    assert problems == [] and rows.tolist() == [7] and np.array_equal(ids, full.input_ids)
+    counts = ("conversations_split", "documents_split", "pieces", "context_tokens", "truncated_groups")
+    assert stats == dict.fromkeys((*counts, "dropped_trained_tokens", "not_split"), 0)
+
+    # a question alone longer than the length (no piece keeps a trained token): kept whole, saying so; replies
+    # alone longer than it, in two conversations: each cut, and the cuts add up
+    question = [{"role": "user", "content": " ".join(["why"] * 300)}, {"role": "assistant", "content": "Yes."}]
+    huge = [{"role": "user", "content": "Tell me everything."}, {"role": "assistant", "content": "and more " * 150}]
+    again = [{"role": "user", "content": "All of it."}, huge[1]]
+    _, (rows, ids, trained, bounds, stats, problems) = run(120, conversations=(question, huge, again))
+    assert (stats["not_split"], stats["conversations_split"], stats["truncated_groups"]) == (1, 2, 2)
+    assert problems[0] == (7, "not_split", "no piece keeps a trained token: kept whole", False)
+    assert [p[:2] for p in problems[1:]] == [(8, "reply_truncated"), (9, "reply_truncated")]
