@@ -699,6 +699,7 @@ def test_replies_that_cannot_be_located_are_refused_saying_why(tokenizer):
 def test_a_template_without_tools_is_refused_once_for_the_dataset(data, tokenizer, tmp_path, capsys):
     from backend.chat import TemplateCapabilityError
     from backend.cli import run_cli
+    from backend.config import ConfigError
     from backend.prepare import main, prepare
 
     plain = "{% for m in messages %}<{{ m.role }}>{{ m.content }}</s>{% endfor %}"
@@ -710,7 +711,7 @@ def test_a_template_without_tools_is_refused_once_for_the_dataset(data, tokenize
         "chat": {"template": str(tmp_path / "plain.jinja")},
     }
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
-    with pytest.raises(TemplateCapabilityError, match="never reads 'tools'"):
+    with pytest.raises(TemplateCapabilityError, match="never reads 'tools'") as refused:
         prepare(load_prepare_config(cfg), progress=False)
     assert not (tmp_path / "out").exists()
     with pytest.raises(SystemExit) as e:
@@ -718,6 +719,9 @@ def test_a_template_without_tools_is_refused_once_for_the_dataset(data, tokenize
     err = capsys.readouterr().err
     assert e.value.code == 2 and "chat.template: the chat template never reads 'tools'" in err
     assert "Traceback" not in err
+    with pytest.raises(ConfigError) as e:  # the studio's preview: the same refusal, once, as a config problem
+        RowReader(load_prepare_config(cfg)).sample(0, tokenizer=tokenizer)
+    assert e.value.problems == [f"chat.template: {refused.value}"]
 
 
 def _word_trained(text, covered, word):

@@ -282,3 +282,26 @@ def test_plain_text_trains_every_token_from_the_first_character(tokenizer, tmp_p
         ((ids, trained),) = row.documents
         first = int(ids[0] == tokenizer.bos_token_id)  # the BOS the tokenizer adds is not text
         assert trained[first:].all() and len(tokenizer.decode(ids[first : first + 1])) == 1
+
+
+def test_the_reader_names_each_rows_line_and_refuses_what_it_cannot_read(rows, tokenizer, tmp_path):
+    """`RowReader`: each row names its file and line (what the studio and the dataset check show); a row out of
+    range, a config over another dataset and a template that cannot compile are refused, each saying so."""
+    from backend.config import ConfigError
+
+    path = _write_jsonl(tmp_path / "rows.jsonl", rows[:3])
+    base = {"output_path": str(tmp_path / "out"), "tokenizer": {"path": str(TINY_MODEL)}}
+    cfg = load_prepare_config({**base, "dataset": {"path": str(path)}})
+    reader = RowReader(cfg)
+    assert [r.where for r in reader.samples([2, 0, 1], cfg, tokenizer)] == [f"{path}:{i}" for i in (3, 1, 2)]
+    for i in (3, -1):
+        with pytest.raises(IndexError) as e:
+            reader.sample(i, cfg, tokenizer)
+        assert str(e.value) == f"row {i} of 3"
+    other = load_prepare_config({**base, "dataset": {"path": str(_write_jsonl(tmp_path / "other.jsonl", rows[:3]))}})
+    with pytest.raises(ValueError) as e:
+        reader.sample(0, other, tokenizer)
+    assert str(e.value) == "RowReader.sample: cfg.dataset differs from the reader's; open a new RowReader"
+    broken = load_prepare_config({**base, "dataset": {"path": str(path)}, "chat": {"template": "{% if %}"}})
+    with pytest.raises(ConfigError, match=r"chat\.template: "):
+        reader.sample(0, broken, tokenizer)
