@@ -137,6 +137,25 @@ def test_train_on_last_gives_one_piece_with_context():
     assert int(p.trained.sum()) == full.n_trained and len(p.input_ids) <= 160
 
 
+def test_train_on_last_plans_its_piece_with_the_runs_template():
+    """Under train_on 'last' the conversation is rendered again to find every turn (the plan's token costs), with
+    the run's template: one far shorter than the tokenizer's own still gets all the context that fits, so one more
+    group before the piece would not fit."""
+    t = tok("llama")
+    short = "{% for m in messages %}{{ m.role[0] }}:{{ m.content }}\n{% endfor %}"
+    short += "{% if add_generation_prompt %}a:{% endif %}"
+    messages, masking = long_conversation(), Masking(train_on="last")
+    r = render(messages, t, masking, short)
+    full = tokenize(r.text, r.trained_spans, t)
+    assert len(full.input_ids) < 0.7 * len(tokenize(render(messages, t).text, [], t).input_ids)
+    (p,) = split_conversation(r, full, t, 160, masking, short).pieces
+    assert p.trained_messages == [len(messages) - 1] and len(p.input_ids) <= 160
+    n_sys, groups = turn_groups(messages)
+    first = len(messages) - (len(p.messages) - n_sys)
+    before = max(a for a, _ in groups if a < first)
+    assert len(tokenize(render(messages[:n_sys] + messages[before:], t, masking, short).text, [], t).input_ids) > 160
+
+
 def _assert_pieces_train_what_the_whole_trains(messages, full, res, length):
     """Every piece fits, every reply is trained in one piece, and the pieces' trained tokens, in order, are the
     whole conversation's trained tokens."""
