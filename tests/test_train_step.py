@@ -98,6 +98,23 @@ def test_bf16_autocast_step_matches_across_micro_batch_splits():
     assert [r.grad_norm for r in run.results] == pytest.approx([r.grad_norm for r in ref], rel=2e-2)
 
 
+def test_a_step_by_default_is_sft_with_the_fused_loss_and_no_clipping():
+    """`train_step` without ``objective`` and ``clip``: the step of ("fused", clip=0.0), on a step whose gradient
+    norm is past 1 (a clipping default would change it)."""
+    cfg = load_train_config(ASSETS / "configs" / "tiny_train.yaml", ["model.multi_stage.zero_stage=0"])
+    data = MemoryDocuments()
+    rows = PackedSampler(data.lengths, SEQ, seed=0).micro_batches(0, BATCH, BATCH)
+    weights, norms = [], []
+    for args in ((), ("fused", 0.0)):
+        accelerator = build_accelerator(cfg)
+        model = tiny_llama("sdpa_packed", tied=False)
+        model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=1.0))
+        result = train_step(model, optimizer, accelerator, [collate(r, data, SEQ) for r in rows], *args)
+        weights.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        norms.append(result.grad_norm)
+    assert norms[0] == norms[1] > 1.0 and max_diff(*weights) == 0
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_a_non_finite_loss_drops_the_step(monkeypatch, bad):
     """train_step never applies a NaN/inf step: gradients are dropped, weights unchanged, stepped is False."""
