@@ -98,21 +98,33 @@ def test_bf16_autocast_step_matches_across_micro_batch_splits():
     assert [r.grad_norm for r in run.results] == pytest.approx([r.grad_norm for r in ref], rel=2e-2)
 
 
-def test_a_step_by_default_is_sft_with_the_fused_loss_and_no_clipping():
-    """`train_step` without ``objective`` and ``clip``: the step of ("fused", clip=0.0), on a step whose gradient
-    norm is past 1 (a clipping default would change it)."""
+def test_a_step_is_the_gradient_of_the_mean_loss_over_the_steps_trained_tokens():
+    """With SGD (lr 1, which shows the gradient's scale that AdamW hides): one step over micro-batches of unequal
+    trained counts moves each weight by minus the gradient of the step's summed CE over its trained tokens divided
+    by their count, computed here on a copy of the model; the reported norm is that gradient's. Without
+    ``objective`` and ``clip`` the step is ("fused", clip=0.0), bit for bit, on a norm past 1 (where a clipping
+    default would change it)."""
     cfg = load_train_config(ASSETS / "configs" / "tiny_train.yaml", ["model.multi_stage.zero_stage=0"])
     data = MemoryDocuments()
-    rows = PackedSampler(data.lengths, SEQ, seed=0).micro_batches(0, BATCH, BATCH)
+    rows = PackedSampler(data.lengths, SEQ, seed=0).micro_batches(0, BATCH, 1)
+    batches = [collate(r, data, SEQ) for r in rows]
+    assert len({int(b["num_trained"]) for b in batches}) > 1
+    ref = tiny_llama("sdpa_packed", tied=False)
+    init = {k: v.detach().clone() for k, v in ref.named_parameters()}
+    total = sum(int(b["num_trained"]) for b in batches)
+    (sum(loss_mod.trained_token_loss(ref, b, "torch")[0] for b in batches) / total).backward()
+    grads = {k: p.grad for k, p in ref.named_parameters()}
     weights, norms = [], []
     for args in ((), ("fused", 0.0)):
         accelerator = build_accelerator(cfg)
         model = tiny_llama("sdpa_packed", tied=False)
         model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=1.0))
-        result = train_step(model, optimizer, accelerator, [collate(r, data, SEQ) for r in rows], *args)
-        weights.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        result = train_step(model, optimizer, accelerator, batches, *args)
+        weights.append({k: v.detach().clone() for k, v in model.named_parameters()})
         norms.append(result.grad_norm)
     assert norms[0] == norms[1] > 1.0 and max_diff(*weights) == 0
+    assert norms[0] == pytest.approx(float(torch.sqrt(sum((g**2).sum() for g in grads.values()))), rel=1e-5)
+    assert max_diff(weights[0], {k: init[k] - grads[k] for k in init}) < 1e-5
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
