@@ -21,13 +21,15 @@ BATCH, MICRO, SEQ = 4, 2, 16
 
 
 class PerMicroBatch:
-    """Twice the SFT sum, counted as one unit per micro-batch (neither is what the step would do by itself)."""
+    """Twice the SFT sum, counted as one unit per micro-batch (neither is what the step would do by itself), with
+    two figures of its own: the sum, and one per micro-batch."""
 
     def denominator(self, micro_batch):
         return 1
 
     def __call__(self, model, micro_batch):
-        return 2 * SFT("torch")(model, micro_batch)[0], 1
+        s = SFT("torch")(model, micro_batch)[0]
+        return 2 * s, 1, {"sum": float(s), "units": 1.0}
 
 
 def one_step(objective):
@@ -51,6 +53,9 @@ def test_the_step_divides_by_the_objectives_denominator():
     result, sums, _ = one_step(PerMicroBatch())
     assert result.stepped and result.trained_tokens == len(sums)
     assert abs(result.loss - 2 * sum(sums) / len(sums)) < 1e-4 * max(1.0, abs(result.loss))
+    # the objective's figures: summed over the micro-batches, divided by the same denominator
+    assert result.metrics.keys() == {"sum", "units"} and result.metrics["units"] == 1.0
+    assert abs(result.metrics["sum"] - sum(sums) / len(sums)) < 1e-4 * max(1.0, result.metrics["sum"])
 
 
 def test_a_cross_entropy_name_is_sft():
