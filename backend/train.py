@@ -565,6 +565,12 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
         global_count = step_fields["trained_tokens"]
         if result.overflow:
             print0(f"step {step + 1}: fp16 gradients overflowed; step skipped, loss scale lowered")
+        elif not result.stepped and not global_count:  # nothing to learn from: no loss to take a mean of
+            print0(
+                f"step {step + 1}: no trained token in this step's rows (every token of them is masked: "
+                "data.truncate_documents cuts documents at row edges, so a row may hold only a prompt's tokens); "
+                "step skipped"
+            )
         elif not result.stepped:
             raise TrainingDiverged(
                 f"step {step + 1}: loss is {loss} and gradient norm {grad_norm}; stopped before the optimizer "
@@ -576,8 +582,9 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
         bar.update(1)
         interval_trained += global_count
         interval_time += time.perf_counter() - step_start  # training compute only: not validation or saving
-        first_loss = loss if first_loss is None else first_loss
-        last_loss = loss
+        if math.isfinite(loss):  # a skipped step has none
+            first_loss = loss if first_loss is None else first_loss
+            last_loss = loss
 
         if step % t.logs.interval == 0 or step == t.train_iters:
             now = time.perf_counter()

@@ -685,3 +685,30 @@ def test_a_checkpoint_from_before_a_config_key_existed_resumes(finished_run, tmp
     assert check_resume(old, saved, fingerprint, log=lambda m: None) == []
     with pytest.raises(ConfigError, match=r"model.base_model.peft.type: 'none' -> 'lora'"):
         check_resume(old, load_train_config(saved, ["model.base_model.peft.type=lora"]), fingerprint, log=print)
+
+
+def test_a_step_whose_rows_hold_no_trained_token_is_skipped_not_called_diverged(data, tmp_path):
+    """Rows of 16 tokens cut from the token stream (truncate_documents) may hold only a prompt's masked tokens: a
+    step made of such rows has no loss to take a mean of. It is skipped, saying why, and the run goes on; it is not
+    reported as divergence (which would stop the run and blame the learning rate)."""
+    run_dir = tmp_path / "exp"
+    args = overrides(
+        data,
+        run_dir,
+        **{
+            "batch.sequence_length": 16,
+            "batch.batch_size": 1,
+            "batch.micro_batch_size": 1,
+            "data.truncate_documents": "yes",
+            "training.train_iters": 6,
+        },
+    )
+    proc = run_cli(args)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    train = events_of(run_dir, "train")
+    skipped = [e["step"] for e in train if e["trained_tokens"] == 0]
+    assert len(train) == 6 and skipped and len(skipped) < 6
+    for step in skipped:
+        assert f"step {step}: no trained token in this step's rows" in proc.stdout + proc.stderr
+    (end,) = events_of(run_dir, "end")
+    assert end["step"] == 6 and end["last_loss"] == next(e["loss"] for e in reversed(train) if e["trained_tokens"])
