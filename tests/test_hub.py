@@ -131,6 +131,22 @@ def test_a_local_model_without_a_readable_config_is_named(tmp_path):
         model_vocab(str(tmp_path))
 
 
+def test_a_local_folder_without_a_tokenizer_is_named_with_the_librarys_reason(tmp_path):
+    """prepare's and the studio's tokenizer loader on a folder that holds none: a PrepareError naming
+    tokenizer.path, the folder and the library's error type, not a transformers traceback."""
+    import re
+
+    from backend.documents import _load_tokenizer
+    from backend.sources import PrepareError
+
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(PrepareError) as e:
+        _load_tokenizer(str(tmp_path))
+    assert re.fullmatch(
+        rf"tokenizer\.path: could not load tokenizer '{re.escape(str(tmp_path))}': \w+Error: .+", str(e.value), re.S
+    )
+
+
 def test_the_vocabulary_of_a_multimodal_model_is_its_text_models(tmp_path):
     """A vision-language checkpoint keeps the embedding rows in its text config: model_vocab reads them there."""
     from transformers import LlavaConfig
