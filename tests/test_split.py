@@ -126,6 +126,11 @@ def test_a_group_too_long_alone_is_truncated_and_counted():
     # the other replies are whole and trained once
     seen = [k for p in res.pieces for k in p.trained_messages]
     assert sorted(seen) == [k for k, m in enumerate(messages) if m["role"] == "assistant"]
+    # two such groups: both cut, both counted
+    messages[2] = messages[4]
+    t, r, full, res = full_and_split("llama", messages, 120)
+    assert res.truncated_groups == 2 == len([p for p in res.pieces if p.truncated_tokens])
+    assert sum(int(p.trained.sum()) for p in res.pieces) + res.dropped_trained_tokens == full.n_trained
 
 
 def test_train_on_last_gives_one_piece_with_context():
@@ -226,6 +231,35 @@ def test_pieces_fit_and_train_each_reply_once_when_the_plan_overshoots(monkeypat
     t, r, full, res = full_and_split("llama", messages, 160)
     assert len(res.pieces) >= 3 and res.truncated_groups == 0
     _assert_pieces_train_what_the_whole_trains(messages, full, res, 160)
+
+
+def test_a_piece_shrunk_from_an_overshooting_plan_keeps_every_target_that_fits(monkeypatch):
+    """The shrink loop on its own (a plan that asks for the whole conversation each time), with trained replies
+    that skip groups (`targets`, as an every_turn document passes them): each piece drops its last trained groups
+    one at a time until it fits, so it keeps every target group that fits and trains each target once; a piece
+    exactly as long as the limit fits (split at its own length, the first piece is the same)."""
+    import backend.split as S
+
+    monkeypatch.setattr(S, "_plan_one", lambda i, head, costs, targets, length: (0, max(targets)))
+    t = tok("llama")
+    messages = long_conversation()
+    r = render(messages, t, Masking())
+    full = tokenize(r.text, r.trained_spans, t)
+    n_sys, groups = turn_groups(messages)
+    assistants = [k for k, m in enumerate(messages) if m["role"] == "assistant"]
+    targets = [k for n, k in enumerate(assistants) if n % 3 != 2]  # two replies of three: targets, some adjacent
+    res = split_conversation(r, full, t, 160, Masking(), targets=targets)
+    assert sorted(k for p in res.pieces for k in p.trained_messages) == targets and res.truncated_groups == 0
+    group_of = {k: g for g, (a, b) in enumerate(groups) for k in range(a, b)}
+    for p, after in zip(res.pieces, res.pieces[1:], strict=False):
+        assert len(p.input_ids) <= 160
+        first = group_of[min(p.trained_messages)]
+        assert p.messages == messages[:n_sys] + messages[groups[first][0] : p.trained_messages[-1] + 1]
+        longer = messages[:n_sys] + messages[groups[first][0] : after.trained_messages[0] + 1]
+        assert len(tokenize(render(longer, t).text, [], t).input_ids) > 160  # the next target did not fit
+    exact = len(res.pieces[0].input_ids)
+    again = split_conversation(r, full, t, exact, Masking(), targets=targets).pieces[0]
+    assert again.messages == res.pieces[0].messages and np.array_equal(again.input_ids, res.pieces[0].input_ids)
 
 
 def test_turn_groups_and_plan_pieces_properties():
