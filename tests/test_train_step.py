@@ -9,6 +9,8 @@ the weights, and the test shows that it does.
 Run: .venv/bin/pytest tests/test_train_step.py -x -q
 """
 
+import math
+
 import pytest
 import torch
 
@@ -144,3 +146,21 @@ def test_a_non_finite_loss_drops_the_step(monkeypatch, bad):
     assert not result.stepped
     assert max_diff(before, model.state_dict()) == 0
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_non_finite_gradient_with_a_finite_loss_drops_the_step():
+    """A finite loss whose gradient is not (one parameter's gradient made inf by a hook): no update, stepped False
+    and, without fp16's grad scaler, not an overflow (which would step)."""
+    cfg = load_train_config(ASSETS / "configs" / "tiny_train.yaml", ["model.multi_stage.zero_stage=0"])
+    accelerator = build_accelerator(cfg)
+    model = tiny_llama("sdpa_packed", tied=False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    next(model.parameters()).register_hook(lambda g: g * float("inf"))
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    data = MemoryDocuments()
+    rows = PackedSampler(data.lengths, SEQ, seed=0).micro_batches(0, BATCH, BATCH)
+    result = train_step(model, optimizer, accelerator, [collate(r, data, SEQ) for r in rows], "fused")
+    assert math.isfinite(result.loss) and not math.isfinite(result.grad_norm)
+    assert not result.stepped and not result.overflow
+    assert max_diff(before, model.state_dict()) == 0
