@@ -289,6 +289,12 @@ def test_first_step_loss_is_ln2_and_rewards_are_zero(pairs, tmp_path, extra):
     assert summary["step"] == 1
     start, step = events_of(run_dir, "start")[0], events_of(run_dir, "train")[0]
     assert start["dpo"]["reference"] == ("adapters_off" if extra else "precompute")
+    assert {k: start["dpo"][k] for k in ("beta", "loss", "simpo_gamma")} == {
+        "beta": 0.1,
+        "loss": "sigmoid",
+        "simpo_gamma": 0.5,
+    }
+    assert start["dpo"]["share_prompt"] in (True, False) and start["training_pairs"] > 0 and start["skipped_pairs"] == 0
     assert abs(step["loss"] - math.log(2)) < 1e-6, step["loss"]
     assert abs(step["rewards_chosen"]) < 1e-6 and abs(step["rewards_rejected"]) < 1e-6
     assert step["accuracy"] == 0.0 and step["pairs"] > 0 and step["trained_tokens"] > step["pairs"]
