@@ -187,7 +187,7 @@ def test_prepare_writes_pairs_whole_with_their_index_and_counts_what_it_skips(tm
     assert report["pairs"]["pairs"] == 21
 
 
-def delimiter_config(rows, tmp_path):
+def delimiter_config(rows, tmp_path, *extra):
     """A prepare config over ``rows`` (written to ``tmp_path``) with delimiter masking, '<<' to '>>'."""
     path = write_jsonl(tmp_path / "pairs.jsonl", rows)
     return load_prepare_config(
@@ -199,6 +199,7 @@ def delimiter_config(rows, tmp_path):
             "chat.masking.start_delimiter='<<'",
             "chat.masking.end_delimiter='>>'",
             "splits={training: 1.0}",
+            *extra,
         ],
     )
 
@@ -211,20 +212,30 @@ def test_a_pair_is_dropped_whole_when_one_answer_trains_nothing(tmp_path):
     rows += [{"prompt": "Q1?", "chosen": [assistant("plain")], "rejected": [assistant("plain too")]}]  # one skip
     rows += [{"prompt": "Q2?", "chosen": [assistant("<<cc>>")], "rejected": [assistant("<<dd>>")]}]
     rows += [{"prompt": "Q3?", "chosen": [assistant("plain")], "rejected": [assistant("<<no>>")]}]
-    cfg = delimiter_config(rows, tmp_path)
+    # after a pair whose answers both train nothing, one whose rejected answer alone trains nothing: named too
+    rows += [{"prompt": "Q4?", "chosen": [assistant("plain")], "rejected": [assistant("plain two")]}]
+    rows += [{"prompt": "Q5?", "chosen": [assistant("<<ee>>")], "rejected": [assistant("plain")]}]
+    cfg = delimiter_config(rows, tmp_path, "report.examples=10")
     summary = prepare(cfg, progress=False)
-    assert summary["skipped"] == {"no_trained_tokens": 3}
+    assert summary["skipped"] == {"no_trained_tokens": 5}
     skips = summary["examples"]["no_trained_tokens"]
     assert [(x["row"], x["message"].split(":")[0]) for x in skips] == [
         (1, "the rejected answer"),
         (2, "the chosen answer"),
         (4, "the chosen answer"),
+        (5, "the chosen answer"),
+        (6, "the rejected answer"),
     ]
     ds = TokenDataset(tmp_path / "out")
     assert len(ds) == 4 and ds.pairs.tolist() == [[0, 1], [2, 3]]
     tokenizer = AutoTokenizer.from_pretrained(TINY_MODEL)
     trained = [tokenizer.decode(t[m]) for t, m in map(ds.document, range(4))]
     assert [x.strip() for x in trained] == ["aa>>", "bb>>", "cc>>", "dd>>"]  # through the end delimiter
+    # the preview of every row of the chunk: its chosen answer as the sample, its rejected one beside it
+    for r, row in zip(rows, RowReader(cfg).samples(range(len(rows))), strict=True):
+        chosen, rejected = (r[k][0]["content"] for k in ("chosen", "rejected"))
+        assert chosen in row.rendered.text and rejected in row.rejected[0].text
+        assert row.rendered.text != row.rejected[0].text
 
 
 def test_under_delimiters_a_prompts_own_reply_stays_context(tmp_path):

@@ -361,6 +361,11 @@ def test_guide_form_bad_spans(tmp_path, tokenizer):
         "spans_clipped": 1,
     }  # rows: row 4 merged twice, row 5 clipped at both ends
     assert s["written"] == 4 and s["written"] + s["skipped_rows"] == len(rows)
+    (masked,) = s["examples"]["no_trained_tokens"]  # row 6: its whole text masked; the skip names its length
+    assert (
+        masked["row"] == 6
+        and masked["message"] == f"no token is trained ({len(chat.tokenize(t, [], tokenizer).input_ids)} tokens)"
+    )
 
     def reference(i):
         if i in (0, 4, 10):  # merging [3,20],[0,8] into [0, 247] changes nothing
