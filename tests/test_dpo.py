@@ -532,6 +532,21 @@ def test_the_reference_and_prompt_sharing_the_run_resolves(monkeypatch):
     monkeypatch.setattr(modeling, "select_attention", varlen)
     flash = cfg("training.dpo.share_prompt=yes", "model.base_model.transformer.use_flash_attention=yes")
     assert share_prompt(flash, "cuda") is False and asked == [(True, "cuda")]
+    monkeypatch.undo()
+
+    # the run's objective carries every setting, resolved
+    from backend.preference import objective_of
+
+    simpo = cfg(
+        "training.dpo.loss=simpo",
+        "training.dpo.beta=2.5",
+        "training.dpo.simpo_gamma=0.3",
+        "training.dpo.share_prompt=no",
+    )
+    d = objective_of(simpo)
+    assert (d.beta, d.loss, d.reference, d.simpo_gamma, d.share_prompt) == (2.5, "simpo", "none", 0.3, False)
+    d = objective_of(cfg("training.dpo.share_prompt=yes"))
+    assert (d.loss, d.reference, d.share_prompt) == ("sigmoid", "precompute", True)
 
 
 def test_simpo_loss_and_rewards_are_trls_formula():
