@@ -286,8 +286,10 @@ def test_plain_text_trains_every_token_from_the_first_character(tokenizer, tmp_p
 
 def test_the_reader_names_each_rows_line_and_refuses_what_it_cannot_read(rows, tokenizer, tmp_path):
     """`RowReader`: each row names its file and line (what the studio and the dataset check show); a row out of
-    range, a config over another dataset and a template that cannot compile are refused, each saying so."""
+    range, a config over another dataset, an empty file, a file without the columns of any form and a template that
+    cannot compile are refused, each saying so."""
     from backend.config import ConfigError
+    from backend.sources import PrepareError
 
     path = _write_jsonl(tmp_path / "rows.jsonl", rows[:3])
     base = {"output_path": str(tmp_path / "out"), "tokenizer": {"path": str(TINY_MODEL)}}
@@ -305,3 +307,15 @@ def test_the_reader_names_each_rows_line_and_refuses_what_it_cannot_read(rows, t
     broken = load_prepare_config({**base, "dataset": {"path": str(path)}, "chat": {"template": "{% if %}"}})
     with pytest.raises(ConfigError, match=r"chat\.template: "):
         reader.sample(0, broken, tokenizer)
+    empty = _write_jsonl(tmp_path / "empty.jsonl", [])
+    with pytest.raises(PrepareError) as e:
+        RowReader(load_prepare_config({**base, "dataset": {"path": str(empty)}}))
+    assert str(e.value) == f"dataset.path: {empty} has no rows"
+    other_columns = _write_jsonl(tmp_path / "cols.jsonl", [{"prompt": "a", "answer": "b"}])
+    with pytest.raises(ConfigError) as e:
+        RowReader(load_prepare_config({**base, "dataset": {"path": str(other_columns)}}))
+    assert e.value.problems[0].startswith(f"dataset.field: column 'text' not found in {other_columns}, and no ")
+    pairs = _write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "Q?", "chosen": "yes", "rejected": "no"}])
+    broken = load_prepare_config({**base, "dataset": {"path": str(pairs)}, "chat": {"template": "{% if %}"}})
+    with pytest.raises(ConfigError, match=r"chat\.template: "):  # preference pairs are rendered too
+        RowReader(broken).sample(0, broken, tokenizer)

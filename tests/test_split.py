@@ -354,7 +354,8 @@ def test_prepare_split_turns_end_to_end(tmp_path, chat):
         "report": {"sequence_length": L},
         "chat": chat,
     }
-    keep = prepare(load_prepare_config({**base, "output_path": str(tmp_path / "keep")}), progress=False)
+    kept = {"output_path": str(tmp_path / "keep"), "long_documents": {"mode": "keep", "sequence_length": L}}
+    keep = prepare(load_prepare_config({**base, **kept}), progress=False)  # the length is read by split_turns only
     cfg = {
         **base,
         "output_path": str(tmp_path / "split"),
