@@ -542,8 +542,10 @@ def test_special_text_is_found_for_added_special_tokens_too():
     # all_special_tokens: the case this test is for)
     conv = [{"role": "user", "content": "what is <|tool|>?"}, {"role": "assistant", "content": "A zqword marker."}]
     r = render(conv, t)
-    assert [p.split(" contains ")[0] for p in r.problems] == ["special_text_in_content: message 0 (user)"]
-    assert "'<|tool|>'" in r.problems[0]
+    assert r.problems == [
+        "special_text_in_content: message 0 (user) contains '<|tool|>', which tokenizes as the special token, not as "
+        "text; clean the data if this is not intended"
+    ]
 
 
 # ------------------------------------------------------------------------------------- template problems
