@@ -319,3 +319,42 @@ def test_the_reader_names_each_rows_line_and_refuses_what_it_cannot_read(rows, t
     broken = load_prepare_config({**base, "dataset": {"path": str(pairs)}, "chat": {"template": "{% if %}"}})
     with pytest.raises(ConfigError, match=r"chat\.template: "):  # preference pairs are rendered too
         RowReader(broken).sample(0, broken, tokenizer)
+
+
+def test_pairs_and_tool_schemas_from_a_datasets_source_are_read_like_their_jsonl(tokenizer, tmp_path):
+    """A datasets source (save_to_disk, parquet) reads only the columns the form needs: for preference pairs
+    those are prompt, chosen and rejected; for conversations, the row's tool schemas too. Both give the documents
+    their JSON lines give."""
+    tools = [{"type": "function", "function": {"name": "get_time", "description": "the time", "parameters": {}}}]
+    forms = {
+        "pairs": [{"prompt": f"Q{i}?", "chosen": f"yes {i}", "rejected": f"no {i}", "score": i} for i in range(3)],
+        "tools": [
+            {
+                "messages": [{"role": "user", "content": f"time {i}?"}, {"role": "assistant", "content": f"noon {i}"}],
+                "tools": json.dumps(tools),
+                "score": i,
+            }
+            for i in range(3)
+        ],
+    }
+    base = {"output_path": str(tmp_path / "out"), "tokenizer": {"path": str(TINY_MODEL)}}
+    for name, rows in forms.items():
+        paths = [
+            _write_jsonl(tmp_path / f"{name}.jsonl", rows),
+            tmp_path / f"{name}_saved",
+            tmp_path / f"{name}.parquet",
+        ]
+        _dataset(rows).save_to_disk(str(paths[1]))
+        _dataset(rows).to_parquet(str(paths[2]))
+        documents = []
+        for path in paths:
+            cfg = load_prepare_config({**base, "dataset": {"path": str(path)}})
+            read = list(RowReader(cfg).samples(range(len(rows)), cfg, tokenizer))
+            assert all(r.skipped is None for r in read), [r.problems for r in read]
+            documents.append([[(ids.tolist(), trained.tolist()) for ids, trained in r.documents] for r in read])
+        assert documents[1] == documents[0] == documents[2], name
+        first = [tokenizer.decode(ids) for ids, _ in documents[0][0]]
+        if name == "pairs":  # the chosen and the rejected answer, each a document
+            assert len(first) == 2 and "yes 0" in first[0] and "no 0" in first[1]
+        else:  # the schemas written by the template, from the row's own column
+            assert len(first) == 1 and "get_time" in first[0]
