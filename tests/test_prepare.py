@@ -470,11 +470,15 @@ def test_workers_do_not_change_the_output(tmp_path, tokenizer):
 
 
 @pytest.mark.slow
-def test_workers_do_not_change_the_output_chat_form(tmp_path):
+def test_workers_do_not_change_the_output_chat_form(tmp_path, monkeypatch):
     """Chat rows through 2 workers: each worker renders and tokenizes with chat.PortableTokenizer (rebuilt from the
-    parent's spec without transformers); the output must be byte-identical to the in-process path."""
+    parent's spec without transformers); the output must be byte-identical to the in-process path. Chunks of 64
+    rows: 18 of them, more than the 4 a pool of 2 keeps in flight, so results are also taken while more are sent."""
+    import backend.documents as documents
+
+    monkeypatch.setattr(documents, "CHUNK_ROWS", 64)
     rows = [json.loads(line) for line in open(SAMPLE_DATA)][:50]
-    write_jsonl(tmp_path / "d.jsonl", [rows[i % 50] for i in range(1100)])  # 3 chunks
+    write_jsonl(tmp_path / "d.jsonl", [rows[i % 50] for i in range(1100)])
     prepare(make_cfg(tmp_path, tmp_path / "d.jsonl", out="c1", tokenize_workers=1), progress=False)
     b = prepare(make_cfg(tmp_path, tmp_path / "d.jsonl", out="c2", tokenize_workers=2), progress=False)
     assert b["tokenize_workers"] == min(2, os.cpu_count()) and b["written"] == 1100
