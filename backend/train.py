@@ -134,6 +134,9 @@ def train_step(
     objective = as_objective(objective)
     # the loss is a mean over the objective's denominator (SFT: trained tokens) of the whole step on all ranks
     global_count = global_trained_count(accelerator, [objective.denominator(mb) for mb in micro_batches])
+    if not global_count:  # nothing to learn from on any rank (the count is global): no forward, no scaler state
+        optimizer.zero_grad(set_to_none=True)
+        return StepResult(float("nan"), 0.0, 0, False)
     scale = loss_scale(global_count, accelerator.num_processes)
     local_loss, sums = 0.0, {}
     for i, mb in enumerate(micro_batches):
@@ -565,11 +568,10 @@ def fit(cfg, accelerator, events, stop: StopRequest) -> dict:
         global_count = step_fields["trained_tokens"]
         if result.overflow:
             print0(f"step {step + 1}: fp16 gradients overflowed; step skipped, loss scale lowered")
-        elif not result.stepped and not global_count:  # nothing to learn from: no loss to take a mean of
+        elif not result.stepped and not result.trained_tokens:  # nothing to learn from: no loss to take a mean of
             print0(
-                f"step {step + 1}: no trained token in this step's rows (every token of them is masked: "
-                "data.truncate_documents cuts documents at row edges, so a row may hold only a prompt's tokens); "
-                "step skipped"
+                f"step {step + 1}: nothing in this step's rows is trained (every token of them is masked; e.g. rows "
+                "cut from the token stream under data.truncate_documents: yes may hold only a prompt); step skipped"
             )
         elif not result.stepped:
             raise TrainingDiverged(

@@ -178,14 +178,18 @@ def poll_run(exp_dir: str, cursor: dict | None, overlays: list[str] | None = Non
         parts.append(
             f"step {step}"
             + (f" / {total}" if total else "")
-            + f", loss {last.get('loss'):.4f}"
+            + (
+                f", loss {last['loss']:.4f}"
+                if isinstance(last.get("loss"), (int, float))
+                else ", no loss (step skipped)"
+            )
             + (f", ETA {eta:.0f} s" if isinstance(eta, (int, float)) else "")
         )
     if trains and "margin" in trains[-1]:  # DPO: the preference figures beside the loss
         parts.append(f"margin {trains[-1]['margin']:.3f}, accuracy {trains[-1].get('accuracy', 0):.2f}")
     vals = [e for e in cursor["events"] if e.get("event") == "validation"]
-    if vals:
-        parts.append(f"validation loss {vals[-1].get('loss'):.4f} (step {vals[-1]['step']})")
+    if vals and isinstance(vals[-1].get("loss"), (int, float)):
+        parts.append(f"validation loss {vals[-1]['loss']:.4f} (step {vals[-1]['step']})")
         if "accuracy" in vals[-1]:
             parts[-1] += f", accuracy {vals[-1]['accuracy']:.2f}"
     tests = [e for e in cursor["events"] if e.get("event") == "test"]

@@ -204,9 +204,10 @@ def test_a_generation_template_that_rejects_a_conversation_is_refused_with_its_o
 def test_a_template_that_rewrites_every_reply_trains_each_turns_text_and_says_so():
     """A prefix-preserving template that writes replies otherwise than the messages hold them (upper-cased): no
     reply is found verbatim, so each turn's text up to where the next message starts is trained (the reply as
-    written and the end-of-turn marker), and each is reported with its message and characters."""
+    written and the end-of-turn marker, never whitespace before it), and each is reported with its message and the
+    characters trained."""
     t = tok("chatml")
-    for newline, lead in (("", 0), ("{{ '\\n' }}", 1)):  # the turn as the generation prompt ends, or a newline more
+    for newline in ("", "{{ '\\n' }}"):  # the turn as the generation prompt ends, or a newline more
         tpl = (
             "{% for m in messages %}<{{ m.role }}>{% if m.role == 'assistant' %}" + newline + "{{ m.content | upper }}"
             "{% else %}{{ m.content }}{% endif %}</s>{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
@@ -215,12 +216,12 @@ def test_a_template_that_rewrites_every_reply_trains_each_turns_text_and_says_so
         replies = [m["value"].upper() + "</s>" for m in TURNS if m["from"] == "gpt"]
         assert [r.text[b:e] for b, e in r.trained_spans] == replies  # never the newline before a reply
         starts = [r.text.index(x) for x in replies]
-        assert [(t.begin, t.content_end, t.end) for t in r.turns] == [
+        assert [(turn.begin, turn.content_end, turn.end) for turn in r.turns] == [
             (b, b + len(x), b + len(x)) for b, x in zip(starts, replies, strict=True)
         ]
         assert r.problems == [
             f"content_not_verbatim: message {k}: the template does not write the reply verbatim; trained the whole "
-            f"turn text at chars {b - lead}..{b + len(x)}"
+            f"turn text at chars {b}..{b + len(x)}"
             for k, b, x in zip((1, 3, 5), starts, replies, strict=True)
         ]
 

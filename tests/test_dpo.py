@@ -294,7 +294,12 @@ def test_first_step_loss_is_ln2_and_rewards_are_zero(pairs, tmp_path, extra):
         "loss": "sigmoid",
         "simpo_gamma": 0.5,
     }
-    assert start["dpo"]["share_prompt"] in (True, False) and start["training_pairs"] > 0 and start["skipped_pairs"] == 0
+    from backend.config import load_train_config
+    from backend.preference import share_prompt
+
+    cfg = load_train_config(DPO_TRAIN, overrides(pairs, run_dir, **{"training.train_iters": 1, **extra}))
+    assert start["dpo"]["share_prompt"] == share_prompt(cfg) and start["skipped_pairs"] == 0
+    assert start["training_pairs"] == len(TokenDataset(pairs / "fast_llm_config_training.yaml").pairs)
     assert abs(step["loss"] - math.log(2)) < 1e-6, step["loss"]
     assert abs(step["rewards_chosen"]) < 1e-6 and abs(step["rewards_rejected"]) < 1e-6
     assert step["accuracy"] == 0.0 and step["pairs"] > 0 and step["trained_tokens"] > step["pairs"]

@@ -301,3 +301,40 @@ def test_torch_varlen_under_fp32_master_and_bf16_autocast_on_gpu():
         loss.backward()
         losses.append(loss.item())
     assert losses[0] == pytest.approx(losses[1], rel=2e-2)
+
+
+def test_a_step_with_nothing_trained_under_fp16_leaves_the_scaler_ready_for_the_next(monkeypatch):
+    """A step whose rows hold no trained token (the training loop skips it) runs no forward and never unscales:
+    under fp16 the next step's clip_grad_norm_ would otherwise find the optimizer unscaled since the last
+    update() and raise. The next step trains. fp16 set up by hand on a CPU Accelerator, as above."""
+    from accelerate import Accelerator
+
+    from backend import ASSETS
+    from backend.config import load_train_config
+    from backend.distributed import build_accelerator
+    from backend.loss import IGNORE_INDEX
+    from backend.train import train_step
+    from tests.dist_worker import MemoryDocuments
+    from tests.dist_worker import tiny_llama as worker_llama
+
+    cfg = load_train_config(ASSETS / "configs" / "tiny_train.yaml", ["model.multi_stage.zero_stage=0"])
+    accelerator = build_accelerator(cfg)
+    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    accelerator.native_amp = True
+    monkeypatch.setattr(Accelerator, "mixed_precision", property(lambda self: "fp16"))
+    model = worker_llama("sdpa_packed", tied=False)
+    model, optimizer = accelerator.prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-2))
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    data = MemoryDocuments()
+    sampler = PackedSampler(data.lengths, 16, seed=0)
+    empty = [collate(r, data, 16) for r in sampler.micro_batches(0, 4, 4)]
+    for mb in empty:
+        mb["labels"][:] = IGNORE_INDEX
+        mb["num_trained"] = 0
+    result = train_step(model, optimizer, accelerator, empty, "fused")
+    assert result.trained_tokens == 0 and not result.stepped and not result.overflow and np.isnan(result.loss)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    result = train_step(
+        model, optimizer, accelerator, [collate(r, data, 16) for r in sampler.micro_batches(1, 4, 4)], "fused"
+    )
+    assert result.stepped and any(not torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -250,6 +250,7 @@ def test_a_piece_shrunk_from_an_overshooting_plan_keeps_every_target_that_fits(m
     targets = [k for n, k in enumerate(assistants) if n % 3 != 2]  # two replies of three: targets, some adjacent
     res = split_conversation(r, full, t, 160, Masking(), targets=targets)
     assert sorted(k for p in res.pieces for k in p.trained_messages) == targets and res.truncated_groups == 0
+    assert len(res.pieces) > 1 and all(len(p.input_ids) <= 160 for p in res.pieces)
     group_of = {k: g for g, (a, b) in enumerate(groups) for k in range(a, b)}
     for p, after in zip(res.pieces, res.pieces[1:], strict=False):
         assert len(p.input_ids) <= 160

@@ -496,6 +496,12 @@ def test_poll_overlays_past_runs_and_reports_progress(tmp_path):
     # training.test_iters: the test loss at the end is in the Train tab's summary line
     EventLog(tmp_path / "a" / "events.jsonl").emit("test", 4, loss=1.25, batches=3)
     assert "test loss 1.2500 (3 batches)" in H.poll_run(str(tmp_path / "a"), nxt.cursor, []).status
+    # a step with nothing trained has no loss ("nan" in the event), nor has a validation with no trained token
+    EventLog(tmp_path / "c" / "events.jsonl").emit("start", 0, train_iters=2)
+    EventLog(tmp_path / "c" / "events.jsonl").emit("train", 1, loss=float("nan"), lr=1e-3, trained_tokens=0)
+    EventLog(tmp_path / "c" / "events.jsonl").emit("validation", 1, loss=float("nan"))
+    status = H.poll_run(str(tmp_path / "c"), {}, []).status
+    assert "step 1 / 2, no loss (step skipped)" in status and "validation loss" not in status
 
 
 def test_crashed_job_shows_its_error(tmp_path):

@@ -366,11 +366,11 @@ def _auto_turns(messages, tokenizer, template, text, assistants, problems) -> li
             # train the turn's text minus surrounding whitespace, and say so
             end = _common_prefix_len(alone, text)
             window = text[lo:end]
+            b, e = lo + len(window) - len(window.lstrip()), lo + len(window.rstrip())
             problems.append(
                 f"content_not_verbatim: message {k}: the template does not write the reply verbatim; trained the "
-                f"whole turn text at chars {lo}..{end}"
+                f"whole turn text at chars {b}..{max(b, e)}"
             )
-            b, e = lo + len(window) - len(window.lstrip()), lo + len(window.rstrip())
             turn = AssistantTurn(k, b, max(b, e), max(b, e))
         else:
             turn = _close_turn(text, k, span[0], span[1], messages, tokenizer, template, problems)
