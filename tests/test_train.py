@@ -709,6 +709,6 @@ def test_a_step_whose_rows_hold_no_trained_token_is_skipped_not_called_diverged(
     skipped = [e["step"] for e in train if e["trained_tokens"] == 0]
     assert len(train) == 6 and skipped and len(skipped) < 6
     for step in skipped:
-        assert f"step {step}: no trained token in this step's rows" in proc.stdout + proc.stderr
+        assert f"step {step}: nothing in this step's rows is trained" in proc.stdout + proc.stderr
     (end,) = events_of(run_dir, "end")
     assert end["step"] == 6 and end["last_loss"] == next(e["loss"] for e in reversed(train) if e["trained_tokens"])
