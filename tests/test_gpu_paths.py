@@ -233,28 +233,37 @@ def test_quantized_base_under_fsdp_sharding_is_a_config_error_that_says_what_wor
         assert e.value.problems == want
 
 
+def fp16_on_cpu(monkeypatch, init_scale):
+    """(model, optimizer, accelerator): accelerate refuses fp16 on CPU, so its CUDA state is set up by hand on a CPU
+    Accelerator: a real torch GradScaler starting at ``init_scale``, the real AcceleratedOptimizer, and
+    ``mixed_precision`` "fp16" so that clip_grad_norm_ unscales."""
+    from accelerate import Accelerator
+
+    from backend import ASSETS
+    from backend.config import load_train_config
+    from backend.distributed import build_accelerator
+    from tests.dist_worker import tiny_llama as worker_llama
+
+    cfg = load_train_config(ASSETS / "configs" / "tiny_train.yaml", ["model.multi_stage.zero_stage=0"])
+    accelerator = build_accelerator(cfg)
+    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+    accelerator.native_amp = True
+    monkeypatch.setattr(Accelerator, "mixed_precision", property(lambda self: "fp16"))
+    model = worker_llama("sdpa_packed", tied=False)
+    model, optimizer = accelerator.prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-2))
+    return model, optimizer, accelerator
+
+
 def test_fp16_overflow_step_is_skipped_by_the_scaler_and_lowers_its_scale(monkeypatch):
     """fp16 on CUDA: accelerate's GradScaler scales the loss, clip_grad_norm_ unscales and sees inf, and
     optimizer.step() (scaler.step + scaler.update) skips the update and halves the scale. accelerate refuses fp16 on
     CPU, so its CUDA state is set up by hand on a CPU Accelerator: a real torch GradScaler whose first scale
     overflows, the real AcceleratedOptimizer. The overflow step is no divergence: no update, scale lowered, and
     the next step trains."""
-    from accelerate import Accelerator
-
-    from backend import ASSETS
-    from backend.config import load_train_config
-    from backend.distributed import build_accelerator
     from backend.train import train_step
     from tests.dist_worker import MemoryDocuments
-    from tests.dist_worker import tiny_llama as worker_llama
 
-    cfg = load_train_config(ASSETS / "configs" / "tiny_train.yaml", ["model.multi_stage.zero_stage=0"])
-    accelerator = build_accelerator(cfg)
-    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127)  # scaled gradients overflow fp32
-    accelerator.native_amp = True
-    monkeypatch.setattr(Accelerator, "mixed_precision", property(lambda self: "fp16"))  # clip unscales
-    model = worker_llama("sdpa_packed", tied=False)
-    model, optimizer = accelerator.prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-2))
+    model, optimizer, accelerator = fp16_on_cpu(monkeypatch, 2.0**127)  # scaled gradients overflow fp32
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     data = MemoryDocuments()
     sampler = PackedSampler(data.lengths, 16, seed=0)
@@ -306,24 +315,12 @@ def test_torch_varlen_under_fp32_master_and_bf16_autocast_on_gpu():
 def test_a_step_with_nothing_trained_under_fp16_leaves_the_scaler_ready_for_the_next(monkeypatch):
     """A step whose rows hold no trained token (the training loop skips it) runs no forward and never unscales:
     under fp16 the next step's clip_grad_norm_ would otherwise find the optimizer unscaled since the last
-    update() and raise. The next step trains. fp16 set up by hand on a CPU Accelerator, as above."""
-    from accelerate import Accelerator
-
-    from backend import ASSETS
-    from backend.config import load_train_config
-    from backend.distributed import build_accelerator
+    update() and raise. The next step trains. fp16 set up by hand on a CPU Accelerator (`fp16_on_cpu`)."""
     from backend.loss import IGNORE_INDEX
     from backend.train import train_step
     from tests.dist_worker import MemoryDocuments
-    from tests.dist_worker import tiny_llama as worker_llama
 
-    cfg = load_train_config(ASSETS / "configs" / "tiny_train.yaml", ["model.multi_stage.zero_stage=0"])
-    accelerator = build_accelerator(cfg)
-    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
-    accelerator.native_amp = True
-    monkeypatch.setattr(Accelerator, "mixed_precision", property(lambda self: "fp16"))
-    model = worker_llama("sdpa_packed", tied=False)
-    model, optimizer = accelerator.prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-2))
+    model, optimizer, accelerator = fp16_on_cpu(monkeypatch, 2.0**8)
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     data = MemoryDocuments()
     sampler = PackedSampler(data.lengths, 16, seed=0)

@@ -100,16 +100,29 @@ def test_bf16_autocast_step_matches_across_micro_batch_splits():
     assert [r.grad_norm for r in run.results] == pytest.approx([r.grad_norm for r in ref], rel=2e-2)
 
 
+def prepared(make_optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2)):
+    """(model, optimizer, accelerator): the tiny untied Llama prepared for one process, no sharding."""
+    cfg = load_train_config(ASSETS / "configs" / "tiny_train.yaml", ["model.multi_stage.zero_stage=0"])
+    accelerator = build_accelerator(cfg)
+    model = tiny_llama("sdpa_packed", tied=False)
+    model, optimizer = accelerator.prepare(model, make_optimizer(model.parameters()))
+    return model, optimizer, accelerator
+
+
+def one_batch(micro_batch_size=BATCH):
+    """Step 0's rows of the packed memory documents, collated into micro-batches."""
+    data = MemoryDocuments()
+    rows = PackedSampler(data.lengths, SEQ, seed=0).micro_batches(0, BATCH, micro_batch_size)
+    return [collate(r, data, SEQ) for r in rows]
+
+
 def test_a_step_is_the_gradient_of_the_mean_loss_over_the_steps_trained_tokens():
     """With SGD (lr 1, which shows the gradient's scale that AdamW hides): one step over micro-batches of unequal
     trained counts moves each weight by minus the gradient of the step's summed CE over its trained tokens divided
     by their count, computed here on a copy of the model; the reported norm is that gradient's. Without
     ``objective`` and ``clip`` the step is ("fused", clip=0.0), on a norm past 1 (where a clipping default would
     change it)."""
-    cfg = load_train_config(ASSETS / "configs" / "tiny_train.yaml", ["model.multi_stage.zero_stage=0"])
-    data = MemoryDocuments()
-    rows = PackedSampler(data.lengths, SEQ, seed=0).micro_batches(0, BATCH, 1)
-    batches = [collate(r, data, SEQ) for r in rows]
+    batches = one_batch(micro_batch_size=1)
     assert len({int(b["num_trained"]) for b in batches}) > 1
     ref = tiny_llama("sdpa_packed", tied=False)
     init = {k: v.detach().clone() for k, v in ref.named_parameters()}
@@ -118,9 +131,7 @@ def test_a_step_is_the_gradient_of_the_mean_loss_over_the_steps_trained_tokens()
     grads = {k: p.grad for k, p in ref.named_parameters()}
     weights, norms = [], []
     for args in ((), ("fused", 0.0)):
-        accelerator = build_accelerator(cfg)
-        model = tiny_llama("sdpa_packed", tied=False)
-        model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=1.0))
+        model, optimizer, accelerator = prepared(lambda params: torch.optim.SGD(params, lr=1.0))
         result = train_step(model, optimizer, accelerator, batches, *args)
         weights.append({k: v.detach().cpu().clone() for k, v in model.named_parameters()})
         norms.append(result.grad_norm)
@@ -132,17 +143,11 @@ def test_a_step_is_the_gradient_of_the_mean_loss_over_the_steps_trained_tokens()
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_a_non_finite_loss_drops_the_step(monkeypatch, bad):
     """train_step never applies a NaN/inf step: gradients are dropped, weights unchanged, stepped is False."""
-    cfg = load_train_config(ASSETS / "configs" / "tiny_train.yaml", ["model.multi_stage.zero_stage=0"])
-    accelerator = build_accelerator(cfg)
-    model = tiny_llama("sdpa_packed", tied=False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer, accelerator = prepared()
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    data = MemoryDocuments()
-    rows = PackedSampler(data.lengths, SEQ, seed=0).micro_batches(0, BATCH, BATCH)
     real = loss_mod.trained_token_loss
     monkeypatch.setattr(loss_mod, "trained_token_loss", lambda m, mb, impl: (real(m, mb, impl)[0] * bad, 1))
-    result = train_step(model, optimizer, accelerator, [collate(r, data, SEQ) for r in rows], "fused")
+    result = train_step(model, optimizer, accelerator, one_batch(), "fused")
     assert not result.stepped
     assert max_diff(before, model.state_dict()) == 0
     assert all(p.grad is None for p in model.parameters())
@@ -151,16 +156,10 @@ def test_a_non_finite_loss_drops_the_step(monkeypatch, bad):
 def test_a_non_finite_gradient_with_a_finite_loss_drops_the_step():
     """A finite loss whose gradient is not (one parameter's gradient made inf by a hook): no update, stepped False
     and, without fp16's grad scaler, not an overflow (which would step)."""
-    cfg = load_train_config(ASSETS / "configs" / "tiny_train.yaml", ["model.multi_stage.zero_stage=0"])
-    accelerator = build_accelerator(cfg)
-    model = tiny_llama("sdpa_packed", tied=False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer, accelerator = prepared()
     next(model.parameters()).register_hook(lambda g: torch.full_like(g, float("inf")))
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    data = MemoryDocuments()
-    rows = PackedSampler(data.lengths, SEQ, seed=0).micro_batches(0, BATCH, BATCH)
-    result = train_step(model, optimizer, accelerator, [collate(r, data, SEQ) for r in rows], "fused")
+    result = train_step(model, optimizer, accelerator, one_batch(), "fused")
     assert math.isfinite(result.loss) and result.grad_norm == float("inf")
     assert not result.stepped and not result.overflow
     assert max_diff(before, model.state_dict()) == 0
