@@ -643,6 +643,11 @@ def test_undecidable_marker_trains_none_and_says_so():
 _LOOP = "{% for m in messages %}"
 _NO_LATE_SYSTEM = "{% if m.role == 'system' and not loop.first %}{{ raise_exception('system first only') }}{% endif %}"
 _WELCOME = [{"from": "gpt", "value": "Welcome."}]  # a conversation may open with the assistant
+# a default system message added where the conversation has none (as Llama 3.1 writes its default block)
+_INJECT = (
+    "{% if messages[0].role != 'system' %}"
+    "{% set messages = [{'role': 'system', 'content': 'default'}] + messages %}{% endif %}"
+)
 
 
 @pytest.mark.parametrize(
@@ -668,6 +673,24 @@ _WELCOME = [{"from": "gpt", "value": "Welcome."}]  # a conversation may open wit
         "{% endif %}{{ m.content }}{% endfor %}",
         _LOOP + "{% if not loop.first %}{{ '<|end|>\\n<|' + m.role + '|>' }}{% else %}{{ '<|' + m.role + '|>' }}"
         "{% endif %}{{ m.content }}{% endfor %}{% if add_generation_prompt %}<|end|>\n<|assistant|>{% endif %}",
+        # a default system message added before the first user turn, so that the user turn's opening cannot be
+        # placed (the start holds all of the text between turns and more): a system message's opening is
+        _INJECT + _LOOP + "{% if not loop.first %}<|end|>{% endif %}<|{{ m.role }}|>{{ m.content }}{% endfor %}",
+        # ... and no system message after the first: no opening can be placed; the two continuations share
+        # '<|end|>' as a piece of its own, and the generation prompt writes '<|assistant|>' as one piece
+        _INJECT
+        + _LOOP
+        + _NO_LATE_SYSTEM
+        + "{% if not loop.first %}<|end|>{% endif %}<|{{ m.role }}|>{{ m.content }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|end|>' if messages else '' }}<|assistant|>{% endif %}",
+        # a conversation without a user message refused (Qwen3's "No user query found"): a system message's
+        # opening cannot be placed, the user turn's can
+        "{% if not messages | selectattr('role', 'equalto', 'user') | list %}{{ raise_exception('no user') }}"
+        "{% endif %}" + _LOOP + "{% if not loop.first %}<|end|>{% endif %}<|{{ m.role }}|>{{ m.content }}{% endfor %}",
+        # a system message written bare at the start (no opening), '<|end|><|' one piece: the user turn's opening
+        # is placed, and it is the one that bounds the marker
+        _LOOP + "{% if not loop.first %}<|end|><|{{ m.role }}|>{% elif m.role != 'system' %}<|{{ m.role }}|>"
+        "{% endif %}{{ m.content }}{% endfor %}",
     ],
     ids=[
         "split-opening",
@@ -676,6 +699,10 @@ _WELCOME = [{"from": "gpt", "value": "Welcome."}]  # a conversation may open wit
         "one-continuation",
         "one-piece-separator",
         "one-piece-separator-generation",
+        "default-system-added",
+        "default-system-added-no-opening",
+        "needs-a-user-message",
+        "bare-system-at-the-start",
     ],
 )
 @pytest.mark.parametrize("conv", [TURNS, _WELCOME + TURNS], ids=["user-first", "assistant-first"])
@@ -722,6 +749,69 @@ def test_a_marker_some_continuation_lacks_is_not_trained(tpl):
     assert [r.text[b:e] for b, e in r.trained_spans] == REPLIES and r.appended == []
     assert [p.split(":")[0] for p in r.problems] == ["eot_undecided"] * 3
     assert "every next message shares" in r.problems[0]
+
+
+def test_a_marker_is_cut_where_the_user_turns_continuation_parts_from_the_others():
+    """The marker is what every continuation shares, the user turn's included: a template that writes '<p>' after
+    a message unless a user turn follows ('<u>') gives '<|end|>', not the user turn's '<|end|><u>' (whose pieces
+    end where the others' '<|end|><p>' do), and the final reply, closed by '<|end|><p>', trains '<|end|>' too."""
+    t = tok("chatml")
+    tpl = (
+        _LOOP + "{% if m.role == 'user' %}<u>{% else %}<|{{ m.role }}|>{% endif %}{{ m.content }}{{ '<|end|>' }}"
+        "{% if loop.nextitem is not defined or loop.nextitem.role != 'user' %}{{ '<p>' }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    r = render(TURNS, t, chat_template=tpl)
+    assert r.text.endswith("Goodbye!<|end|><p>") and "thing else?<|end|><u>No" in r.text
+    assert [r.text[b:e] for b, e in r.trained_spans] == [x + "<|end|>" for x in REPLIES]
+    assert r.problems == [] and r.appended == []
+
+
+def test_a_final_closing_of_its_own_is_trained_without_its_trailing_whitespace():
+    """A template that closes the final reply otherwise than the replies between turns (an EOS and a newline,
+    written only when no generation prompt follows) trains '<|end|>' between turns and the EOS after the final
+    reply, not the newline after it."""
+    t = tok("chatml")
+    tpl = (
+        _LOOP + "{% if not loop.first %}<|end|>{% endif %}<|{{ m.role }}|>{{ m.content }}{% endfor %}"
+        "{% if add_generation_prompt %}<|end|><|assistant|>{% else %}{{ eos_token }}\n{% endif %}"
+    )
+    r = render(TURNS, t, chat_template=tpl)
+    assert r.text.endswith("Goodbye!<|im_end|>\n")
+    assert [r.text[b:e] for b, e in r.trained_spans] == [x + "<|end|>" for x in REPLIES[:2]] + ["Goodbye!<|im_end|>"]
+    assert r.problems == [] and r.appended == []
+
+
+@pytest.mark.parametrize("train_on_eot", [True, False])
+@pytest.mark.parametrize("marker", ["<|end_tools|>", "<|end|>"])
+def test_a_template_that_writes_tools_otherwise_is_probed_with_the_rows_tools(marker, train_on_eot):
+    """The marker of a row with tools is read from renderings with tools. A template that writes a tools block
+    instead of a default system message at the start, and closes a turn with ``marker`` when tools are given
+    ('<|end|>' otherwise), trains that marker after each reply of such a row (appended after the final one it leaves
+    open), and nothing after a reply under train_on_eot: false; '<|end|>' for a row without tools. (Probed without
+    tools, the closing is another, and the default system block hides where the next user turn opens, while a
+    system message after the first is refused with tools: the marker would reach into the next turn's '<|'.)"""
+    t = tok("chatml")
+    tools = [{"type": "function", "function": {"name": "zqlookup", "description": "d", "parameters": {}}}]
+    tpl = (
+        "{% set end = '" + marker + "' if tools else '<|end|>' %}{% if tools %}<|tools|>{{ tools | tojson }}"
+        "{% elif messages[0].role != 'system' %}{% set messages = [{'role': 'system', 'content': 'default'}] + "
+        "messages %}{% endif %}"
+        + _LOOP
+        + "{% if tools %}"
+        + _NO_LATE_SYSTEM
+        + "{% endif %}{% if not loop.first %}{{ end }}{% endif %}<|{{ m.role }}|>{{ m.content }}{% endfor %}"
+        "{% if add_generation_prompt %}{% if messages %}{{ end }}{% endif %}<|{{ 'assistant' if end }}|>{% endif %}"
+    )
+    masking = Masking(train_on_eot=train_on_eot)
+    r = render(TURNS, t, masking, chat_template=tpl, tools=tools)
+    assert "zqlookup" in r.text and r.problems == []
+    marker = marker if train_on_eot else ""
+    assert [r.text[b:e] for b, e in r.trained_spans] == [x + marker for x in REPLIES]
+    assert r.text.endswith("Goodbye!" + marker) and len(r.appended) == int(train_on_eot)
+    plain = render(TURNS, t, masking, chat_template=tpl)
+    end = "<|end|>" if train_on_eot else ""
+    assert [plain.text[b:e] for b, e in plain.trained_spans] == [x + end for x in REPLIES]
 
 
 @pytest.mark.parametrize("family", ["chatml", "llama"])

@@ -194,9 +194,10 @@ def _eot(roles: tuple, tokenizer, template, tools=None) -> _Eot:
     (so ``<|end|><|user|>`` vs ``<|end|><|endoftext|>`` gives ``<|end|>``, not ``<|end|><|``) and without
     trailing whitespace, and never reaching into the next user turn's opening (as the template writes that
     opening at the start of a conversation: ``<|end|>`` from ``<|end|><|start|>user``, where both continuations
-    open with ``<|start|>``). When the template leaves a final reply open, the marker between turns is what
-    follows the reply up to that opening, when every continuation starts with it. What cannot be decided this
-    way is None: no marker is trained, never a guess."""
+    open with ``<|start|>``; a system message's opening where a default system block hides the user turn's).
+    When the template leaves a final reply open, the marker between turns is what follows the reply up to that
+    opening, when every continuation starts with it. What cannot be decided this way is None: no marker is
+    trained, never a guess."""
     cache = _info(tokenizer).setdefault("eot", {})
     key = (template, roles, tools is not None)
     found = cache.get(key)
@@ -218,27 +219,28 @@ def _eot(roles: tuple, tokenizer, template, tools=None) -> _Eot:
 
     last = after_reply(head)
     user = after_reply(head + [{"role": "user", "content": probe}])
+    system = after_reply(head + [{"role": "system", "content": probe}])
     follows = []
-    for variant in (
-        user,
-        after_reply(head, generation=True),
-        after_reply(head + [{"role": "system", "content": probe}]),
-    ):
+    for variant in (user, after_reply(head, generation=True), system):
         if variant is not None and (last is None or variant[0] != last[0]) and variant not in follows:
             follows.append(variant)
     between, why = None, ""
     closes = last is not None and last[0].strip() != ""
     pool = follows + ([last] if closes else [])
-    # where the user turn's opening begins after the reply: it bounds the shared text when no closed final reply
-    # does (a conversation's start may hold a default system block that ends like the marker: Command R7B's)
-    opening = _opening_at(user, probe, tokenizer, template, tools) if user is not None else None
+    # where the next turn's opening begins after the reply: it bounds the shared text when no closed final reply
+    # does. A user turn's, else a system message's: a conversation's start may hold a default system block that
+    # ends like the marker (Command R7B's), which a conversation that starts with its own system message has not
+    opening = None
+    for after, role in ((user, "user"), (system, "system")):
+        if opening is None and after is not None:
+            opening = _opening_at(after, probe, tokenizer, template, tools, role)
     if len(pool) >= 2:
         rests = [t for t, _ in pool]
         shared = min(_common_prefix_len(rests[0], t) for t in rests[1:])
         cut = max((b for b in set.intersection(*[b for _, b in pool]) if b <= shared), default=0)
         between = rests[0][: cut if opening is None or closes else min(cut, opening)].rstrip() or None
     if between is None and follows and opening is not None:
-        marker = user[0][:opening].rstrip()
+        marker = follows[0][0][:opening].rstrip()  # every continuation must start with it
         between = marker if marker and all(t.startswith(marker) for t, _ in follows) else None
     if between is None:
         why = (
@@ -255,17 +257,17 @@ def _eot(roles: tuple, tokenizer, template, tools=None) -> _Eot:
     return found
 
 
-def _opening_at(after, probe, tokenizer, template, tools=None) -> int | None:
-    """Where the next user turn's opening begins in ``after`` (the text after a reply, up to that turn's content
-    ``probe``): the gap before the content minus the opening as the template writes it at the start of a
-    conversation (their common suffix, shortened until the opening starts one of the template's output pieces
+def _opening_at(after, probe, tokenizer, template, tools=None, role="user") -> int | None:
+    """Where the next turn's opening (a ``role`` message's) begins in ``after`` (the text after a reply, up to that
+    turn's content ``probe``): the gap before the content minus the opening as the template writes it at the start
+    of a conversation (their common suffix, shortened until the opening starts one of the template's output pieces
     there: ``<|eot_id|>`` and ``<|begin_of_text|>`` share their last two characters). None when the template
-    does not write the content, rejects a conversation that starts with a user message, or writes all of the gap
-    and more before a first user turn (Llama 3.1's default system block ends with the same ``<|eot_id|>``):
+    does not write the content, rejects a conversation that starts with such a message, or writes all of the gap
+    and more before it (Llama 3.1's default system block ends with the same ``<|eot_id|>``):
     where the opening begins is not known. 0 when the gap is the opening itself (nothing written between a reply
     and the next turn)."""
     rest = after[0]
-    first = _render_chunks([{"role": "user", "content": probe}], tokenizer, template, False, tools)
+    first = _render_chunks([{"role": role, "content": probe}], tokenizer, template, False, tools)
     if first is None or probe not in rest or probe not in first[0]:
         return None
     gap, start = rest[: rest.find(probe)], first[0][: first[0].find(probe)]
