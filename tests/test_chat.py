@@ -72,6 +72,7 @@ TURNS = [
     {"from": "gpt", "value": "Goodbye!"},
 ]
 REPLIES = [m["value"] for m in TURNS if m["from"] == "gpt"]
+_WELCOME = [{"from": "gpt", "value": "Welcome."}]  # a conversation may open with the assistant
 CHATML = (  # a minimal ChatML template: the fast-path tests build their variants from it
     "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -224,6 +225,84 @@ def test_a_template_that_rewrites_every_reply_trains_each_turns_text_and_says_so
             f"turn text at chars {b}..{b + len(x)}"
             for k, b, x in zip((1, 3, 5), starts, replies, strict=True)
         ]
+
+
+_UPPER = (  # a prefix-preserving template that upper-cases every reply (and writes questions trimmed, on one line)
+    "{% for m in messages %}<{{ m.role }}>{% if m.role == 'assistant' %}{{ m.content | upper }}{% else %}"
+    "{{ m.content | replace('\\n', ' ') | trim }}{% endif %}</s>{% endfor %}{% if add_generation_prompt %}<assistant>"
+    "{% endif %}"
+)
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        _WELCOME + TURNS,  # the conversation opens with the assistant: nothing is rendered before its reply
+        TURNS + [{"from": "human", "value": "Bye."}],  # it ends with a question after the last reply
+        [  # the next question quotes the reply as the message holds it
+            TURNS[0],
+            TURNS[1],
+            {"from": "human", "value": "You said: I am a helpful assistant. Why?  "},
+            {"from": "gpt", "value": "Because."},
+        ],
+        TURNS[:4] + [{"from": "human", "value": "Earlier you said: I am a helpful assistant."}],  # two turns on
+        # ... after a question written otherwise than the message holds it (its newline)
+        TURNS[:2]
+        + [{"from": "human", "value": "What is\n2+2?"}, TURNS[3]]
+        + [{"from": "human", "value": "Earlier you said: I am a helpful assistant."}],
+        [  # the question before the reply holds its text
+            {"from": "human", "value": "Say: I am a helpful assistant."},
+            TURNS[1],
+            TURNS[2],
+            TURNS[3],
+        ],
+    ],
+    ids=["assistant-first", "question-last", "quoted-after", "quoted-later", "quoted-later-rewritten", "quoted-before"],
+)
+def test_a_rewritten_reply_is_trained_in_its_own_turn_whatever_surrounds_it(conv):
+    """Replies the template rewrites are each trained as their turn's text, in their own turn: never the text of
+    a question that quotes them as the message holds it (before or after the turn), never what follows the last
+    reply, and never refused because a question holds the reply's text."""
+    t = tok("chatml")
+    r = render(conv, t, chat_template=_UPPER)
+    replies = [m["value"].upper() + "</s>" for m in conv if m["from"] == "gpt"]
+    starts, at = [], 0
+    for x in replies:  # each upper-cased reply, right after its turn's opening
+        at = r.text.index("<assistant>" + x, at) + len("<assistant>")
+        starts.append(at)
+    assert [r.text[b:e] for b, e in r.trained_spans] == replies
+    assert [(turn.begin, turn.end) for turn in r.turns] == [
+        (b, b + len(x)) for b, x in zip(starts, replies, strict=True)
+    ]
+    assert [p.split(":")[0] for p in r.problems] == ["content_not_verbatim"] * len(replies)
+
+
+@pytest.mark.parametrize(
+    "tpl", [None, _UPPER.replace("{{ m.content | upper }}", "{{ m.content }}")], ids=["chatml", "plain"]
+)
+def test_a_reply_the_next_question_repeats_is_trained_at_its_own_place(tpl):
+    """A question that says exactly what the reply before it said: the reply is trained in its turn, the
+    question is not, and nothing is refused."""
+    t = tok("chatml")
+    eot = "<|im_end|>" if tpl is None else "</s>"
+    # the same text, and a reply that opens with the question's text (written on one line by the plain template)
+    for reply, question in (("Yes.", "Yes."), ("What is\n2+2? Four.", "What is\n2+2?")):
+        conv = [TURNS[0], {"from": "gpt", "value": reply}, {"from": "human", "value": question}, TURNS[3]]
+        r = render(conv, t, chat_template=tpl)
+        assert [r.text[b:e] for b, e in r.trained_spans] == [reply + eot, REPLIES[1] + eot]
+        assert r.trained_spans[0][0] == r.text.index(reply) and r.problems == []
+
+
+def test_a_reply_that_opens_with_the_prompts_last_character_trains_none_of_the_prompt():
+    """A template that trims replies, and a reply that opens with a newline as its generation prompt ends: the
+    reply is found after the prompt, which is not trained (not one character earlier, where its text starts too)."""
+    t = fresh_tok("chatml")
+    tpl = CHATML.replace("{{ m.content }}", "{{ m.content | trim }}")
+    conv = [TURNS[0], {"from": "gpt", "value": "\nI am a helpful assistant."}, TURNS[2], TURNS[3]]
+    for _ in range(3):  # the structure's first rows are checked against the full search
+        r = render(conv, t, chat_template=tpl)
+        assert [r.text[b:e] for b, e in r.trained_spans] == [x + "<|im_end|>" for x in REPLIES[:2]]
+        assert r.problems == []
 
 
 def test_resolve_template_reads_the_tokenizers_default_and_names_a_tokenizer_without_one():
@@ -575,6 +654,19 @@ def test_non_prefix_preserving_template_is_located_or_refused_with_the_reason():
     assert _refusal_reason(TURNS, t, upper) == (1, REWRITTEN_REPLY)
 
 
+def test_a_question_asked_before_and_after_a_reply_is_not_taken_for_a_quote_of_it():
+    """A template that changes every earlier character (the turn count written first) has each reply searched in
+    the full rendering from before the questions; a user who asks the same question again after a reply (the
+    next message's text is also written before the reply) does not make the reply look like a quote."""
+    t = tok("chatml")
+    counted = "Turns: {{ messages|length }}\n" + t.chat_template
+    again = {"from": "human", "value": "Continue."}
+    conv = [again, TURNS[1], again, TURNS[3], again, TURNS[5]]
+    r = render(conv, t, chat_template=counted)
+    assert [r.text[b:e] for b, e in r.trained_spans] == [x + "<|im_end|>" for x in REPLIES]
+    assert r.problems == []
+
+
 REWRITTEN_EARLIER = (
     "an earlier turn is rewritten: the reply is written verbatim while it is the last message, but not once "
     "later messages are added (e.g. reasoning dropped from earlier turns)"
@@ -642,7 +734,6 @@ def test_undecidable_marker_trains_none_and_says_so():
 # and a following system message as continuations that must share the marker.
 _LOOP = "{% for m in messages %}"
 _NO_LATE_SYSTEM = "{% if m.role == 'system' and not loop.first %}{{ raise_exception('system first only') }}{% endif %}"
-_WELCOME = [{"from": "gpt", "value": "Welcome."}]  # a conversation may open with the assistant
 # a default system message added where the conversation has none (as Llama 3.1 writes its default block)
 _INJECT = (
     "{% if messages[0].role != 'system' %}"

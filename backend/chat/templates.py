@@ -331,7 +331,11 @@ def _auto_turns(messages, tokenizer, template, text, assistants, problems) -> li
     differs."""
     pres = []
     for k in assistants:
-        pre = render_messages(messages[:k], tokenizer, template, add_generation_prompt=True) if k else ""
+        pre = (
+            render_messages(messages[:k], tokenizer, template, add_generation_prompt=True)
+            if k
+            else _opening(tokenizer, template)
+        )
         if not text.startswith(pre) and text.startswith(pre.rstrip()):
             # the template ends every rendering with whitespace (a trailing newline after its last block): that
             # is not how the reply's turn starts; the reply is searched from before it
@@ -354,6 +358,13 @@ def _auto_turns(messages, tokenizer, template, text, assistants, problems) -> li
             while 0 <= p <= span[0]:  # also a question that opens with the reply (or is it)
                 span = _find_reply(text, content, p + len(before), hi) or span
                 p = text.find(before, p + 1, span[0])  # the question written again before the reply
+        if span is not None and k < last:
+            # what was found lies after the next message starts (a question that quotes the reply as the message
+            # holds it, where the template rewrites it): the reply is before that message, or not written verbatim
+            after = messages[k + 1]["content"].strip()
+            q = text.find(after, lo, hi) if after and text.find(after, span[1], hi) < 0 else -1
+            if 0 <= q < span[0]:
+                span = _find_reply(text, content, lo, q)
         alone = None
         if span is None:
             alone = render_messages(messages[: k + 1], tokenizer, template) if k != last else text
@@ -379,6 +390,15 @@ def _auto_turns(messages, tokenizer, template, text, assistants, problems) -> li
         turns.append(turn)
         cursor = turn.end
     return turns
+
+
+def _opening(tokenizer, template) -> str:
+    """What the template writes before a reply that opens the conversation (its generation prompt for no
+    messages); "" when it rejects an empty conversation."""
+    try:
+        return render_messages([], tokenizer, template, add_generation_prompt=True)
+    except TemplateError:
+        return ""
 
 
 def _sentinel(i: int) -> str:
