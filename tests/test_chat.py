@@ -782,6 +782,10 @@ _INJECT = (
         # is placed, and it is the one that bounds the marker
         _LOOP + "{% if not loop.first %}<|end|><|{{ m.role }}|>{% elif m.role != 'system' %}<|{{ m.role }}|>"
         "{% endif %}{{ m.content }}{% endfor %}",
+        # no opening at all, and a start ('<|begin|>') that ends like the marker, though not at a piece's start:
+        # all of the text between turns is the marker
+        "<|begin|>" + _LOOP + "{% if not loop.first %}<|end|>{% endif %}{{ m.content }}{% endfor %}"
+        "{% if add_generation_prompt %}<|end|>{% endif %}",
     ],
     ids=[
         "split-opening",
@@ -794,6 +798,7 @@ _INJECT = (
         "default-system-added-no-opening",
         "needs-a-user-message",
         "bare-system-at-the-start",
+        "no-role-markers",
     ],
 )
 @pytest.mark.parametrize("conv", [TURNS, _WELCOME + TURNS], ids=["user-first", "assistant-first"])
@@ -805,6 +810,21 @@ def test_the_marker_stops_where_the_next_turn_opens(tpl, conv):
     replies = [m["value"] for m in conv if m["from"] == "gpt"]
     assert [r.text[b:e] for b, e in r.trained_spans] == [x + "<|end|>" for x in replies]
     assert len(r.appended) == 1 and r.text.endswith("Goodbye!<|end|>") and r.problems == []
+
+
+def test_a_template_that_requires_a_system_message_places_the_next_turn_from_a_system_message():
+    """A template that refuses a conversation without a system message first cannot render a user turn at a
+    conversation's start; where the next turn opens is read from a system message's opening instead, and bounds
+    the marker (the final reply left open, '<|' a piece of its own)."""
+    t = tok("chatml")
+    tpl = (
+        "{% if messages[0].role != 'system' %}{{ raise_exception('a system message first') }}{% endif %}"
+        + _LOOP
+        + "{% if not loop.first %}<|end|>{% endif %}<|{{ m.role }}|>{{ m.content }}{% endfor %}"
+    )
+    r = render([SYSTEM] + TURNS, t, chat_template=tpl)
+    assert [r.text[b:e] for b, e in r.trained_spans] == [x + "<|end|>" for x in REPLIES]
+    assert len(r.appended) == 1 and r.problems == []
 
 
 def test_a_template_without_role_markers_trains_the_eos_after_a_reply_at_the_very_start():
