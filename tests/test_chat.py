@@ -259,12 +259,14 @@ _UPPER = (  # a prefix-preserving template that upper-cases every reply (and wri
     ],
     ids=["assistant-first", "question-last", "quoted-after", "quoted-later", "quoted-later-rewritten", "quoted-before"],
 )
-def test_a_rewritten_reply_is_trained_in_its_own_turn_whatever_surrounds_it(conv):
+@pytest.mark.parametrize("trailing", ["", "{{ '\\n' }}"], ids=["", "newline-after-every-rendering"])
+def test_a_rewritten_reply_is_trained_in_its_own_turn_whatever_surrounds_it(conv, trailing):
     """Replies the template rewrites are each trained as their turn's text, in their own turn: never the text of
     a question that quotes them as the message holds it (before or after the turn), never what follows the last
-    reply, and never refused because a question holds the reply's text."""
+    reply, and never refused because a question holds the reply's text; also where the template ends every
+    rendering with a newline (DeepSeek-V3's way), which the generation prompt is not followed by in the text."""
     t = tok("chatml")
-    r = render(conv, t, chat_template=_UPPER)
+    r = render(conv, t, chat_template=_UPPER + trailing)
     replies = [m["value"].upper() + "</s>" for m in conv if m["from"] == "gpt"]
     starts, at = [], 0
     for x in replies:  # each upper-cased reply, right after its turn's opening
