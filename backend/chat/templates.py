@@ -257,7 +257,7 @@ def _eot(roles: tuple, tokenizer, template, tools=None) -> _Eot:
     return found
 
 
-def _opening_at(after, probe, tokenizer, template, tools=None, role="user") -> int | None:
+def _opening_at(after, probe, tokenizer, template, tools, role) -> int | None:
     """Where the next turn's opening (a ``role`` message's) begins in ``after`` (the text after a reply, up to that
     turn's content ``probe``): the gap before the content minus the opening as the template writes it at the start
     of a conversation (their common suffix, shortened until the opening starts one of the template's output pieces
