@@ -250,6 +250,12 @@ _UPPER = (  # a prefix-preserving template that upper-cases every reply (and wri
         TURNS[:2]
         + [{"from": "human", "value": "What is\n2+2?"}, TURNS[3]]
         + [{"from": "human", "value": "Earlier you said: I am a helpful assistant."}],
+        [  # the next question opens with the reply's text
+            TURNS[0],
+            {"from": "gpt", "value": "Hello there."},
+            {"from": "human", "value": "Hello there. Why?"},
+            TURNS[3],
+        ],
         [  # the question before the reply holds its text
             {"from": "human", "value": "Say: I am a helpful assistant."},
             TURNS[1],
@@ -257,7 +263,15 @@ _UPPER = (  # a prefix-preserving template that upper-cases every reply (and wri
             TURNS[3],
         ],
     ],
-    ids=["assistant-first", "question-last", "quoted-after", "quoted-later", "quoted-later-rewritten", "quoted-before"],
+    ids=[
+        "assistant-first",
+        "question-last",
+        "quoted-after",
+        "quoted-later",
+        "quoted-later-rewritten",
+        "quoted-at-the-start",
+        "quoted-before",
+    ],
 )
 @pytest.mark.parametrize("trailing", ["", "{{ '\\n' }}"], ids=["", "newline-after-every-rendering"])
 def test_a_rewritten_reply_is_trained_in_its_own_turn_whatever_surrounds_it(conv, trailing):
@@ -667,6 +681,22 @@ def test_a_question_asked_before_and_after_a_reply_is_not_taken_for_a_quote_of_i
     r = render(conv, t, chat_template=counted)
     assert [r.text[b:e] for b, e in r.trained_spans] == [x + "<|im_end|>" for x in REPLIES]
     assert r.problems == []
+
+
+def test_a_rewritten_reply_quoted_before_and_after_it_is_refused_where_the_template_changes_earlier_text():
+    """A template that changes every earlier character (the turn count first) and upper-cases replies: a reply
+    quoted by the question before it and by the one after it is written nowhere verbatim in its turn; it is
+    refused (no prefix-preserving window to train), never located in either question."""
+    t = tok("chatml")
+    counted = "Turns: {{ messages|length }}\n" + _UPPER
+    conv = [
+        {"from": "human", "value": "Say: Hello there."},
+        {"from": "gpt", "value": "Hello there."},
+        {"from": "human", "value": "You said: Hello there. Why?"},
+        {"from": "gpt", "value": "Because."},
+    ]
+    with pytest.raises(TemplateError, match="does not write message 1 "):
+        render(conv, t, chat_template=counted)
 
 
 REWRITTEN_EARLIER = (

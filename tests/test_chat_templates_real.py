@@ -46,6 +46,20 @@ SHAPES = {
         {"role": "user", "content": "Another one."},
         {"role": "assistant", "content": "Green."},
     ],
+    # a reply that says what the question before it said, and the next question again; a question that opens
+    # with the reply before it
+    "echo": [
+        {"role": "user", "content": "Yes."},
+        {"role": "assistant", "content": "Yes."},
+        {"role": "user", "content": "Yes."},
+        {"role": "assistant", "content": "Yes."},
+    ],
+    "quoted": [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hi"},
+        {"role": "user", "content": "Hi again"},
+        {"role": "assistant", "content": "Bye."},
+    ],
     # marker-like text in contents, surrounding spaces and newlines (templates that trim write less of them)
     "tricky": [
         SYSTEM,
@@ -82,7 +96,18 @@ def written(text: str, content: str, lo: int, marker: str) -> tuple[int, int] | 
     return next((s for s in found if text.startswith(marker, s[1])), found[0] if found else None)
 
 
-def expected_chars(hf: str, messages, marker: str) -> tuple[np.ndarray, list[int], list[int]]:
+def opening(messages, hf: str, rendering) -> int:
+    """Where the first message's content may start in ``hf``: after what ``rendering`` (transformers') writes
+    before it with another content in its place, which may be a default system block that holds the same words.
+    0 for a system message (a template may move it anywhere)."""
+    if messages[0]["role"] == "system":
+        return 0
+    with_probe = rendering([{**messages[0], "content": "zqFirstMessagez"}] + messages[1:])
+    at = with_probe.find("zqFirstMessagez")
+    return at if at >= 0 and hf.startswith(with_probe[:at]) else 0
+
+
+def expected_chars(hf: str, messages, marker: str, rendering) -> tuple[np.ndarray, list[int], list[int]]:
     """(per char of ``hf``: should be trained, message indices of replies with no marker after them in ``hf``,
     where the markers after the other replies start).
 
@@ -90,7 +115,7 @@ def expected_chars(hf: str, messages, marker: str) -> tuple[np.ndarray, list[int
     (a system prompt may be moved anywhere, so it is not used to advance)."""
     want = np.zeros(len(hf), dtype=bool)
     open_replies, markers = [], []
-    cursor = 0
+    cursor = opening(messages, hf, rendering)
     for i, m in enumerate(messages):
         if m["role"] == "system":
             continue
@@ -129,17 +154,58 @@ CASES = [
 
 @pytest.mark.parametrize("name, shape, special", CASES)
 def test_trained_is_exactly_the_replies_and_their_marker(name, shape, special):
+    _assert_exactly_the_replies_and_their_marker(name, SHAPES[shape], special)
+
+
+# shapes only some families accept: a system message after a reply (DeepSeek's templates move every system message
+# to the top, before the replies), and a conversation that opens with the assistant (Qwen2.5 and Llama 3.1 write a
+# default system block first, which may hold the reply's words)
+MORE = {
+    "system-after-reply": [
+        {"role": "user", "content": "Q1"},
+        {"role": "assistant", "content": "R1"},
+        {"role": "system", "content": "Use French."},
+        {"role": "user", "content": "Q2"},
+        {"role": "assistant", "content": "R2"},
+    ],
+    "assistant-first": [
+        {"role": "assistant", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "Today Date: 26 Jul 2024"},
+        {"role": "assistant", "content": "Today Date: 26 Jul 2024"},
+    ],
+}
+
+
+@pytest.mark.parametrize("special", [False, True])
+@pytest.mark.parametrize(
+    "name, shape",
+    [
+        ("deepseek-r1-distill-qwen.jinja", "system-after-reply"),
+        ("qwen2.5-instruct.jinja", "system-after-reply"),
+        ("qwen2.5-instruct.jinja", "assistant-first"),
+        ("llama-3.2-instruct.jinja", "assistant-first"),
+        ("phi-4-mini.jinja", "assistant-first"),
+    ],
+)
+def test_messages_in_other_places_train_exactly_the_replies_and_their_marker(name, shape, special):
+    _assert_exactly_the_replies_and_their_marker(name, MORE[shape], special)
+
+
+def _assert_exactly_the_replies_and_their_marker(name, messages, special):
     entry = MANIFEST[name]
     template = (CORPUS / name).read_text(encoding="utf-8")
     tok = tokenizer(name, special)
-    messages = SHAPES[shape]
     marker = entry["eot"].replace("{eos}", tok.eos_token)
 
     r = render(messages, tok, Masking(), chat_template=template)
-    hf = tok.apply_chat_template(messages, chat_template=template, tokenize=False)
+
+    def rendering(m):
+        return tok.apply_chat_template(m, chat_template=template, tokenize=False)
+
+    hf = rendering(messages)
     text, kept = without(r.text, r.appended)
     assert text == hf  # what inference sees, plus only the documented appended marker
-    want, open_replies, markers = expected_chars(hf, messages, marker)
+    want, open_replies, markers = expected_chars(hf, messages, marker, rendering)
 
     trained = np.zeros(len(r.text), dtype=bool)
     for b, e in r.trained_spans:

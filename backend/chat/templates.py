@@ -334,7 +334,7 @@ def _auto_turns(messages, tokenizer, template, text, assistants, problems) -> li
         pre = (
             render_messages(messages[:k], tokenizer, template, add_generation_prompt=True)
             if k
-            else _opening(tokenizer, template)
+            else _opening(messages, tokenizer, template)
         )
         if not text.startswith(pre) and text.startswith(pre.rstrip()):
             # the template ends every rendering with whitespace (a trailing newline after its last block): that
@@ -350,21 +350,26 @@ def _auto_turns(messages, tokenizer, template, text, assistants, problems) -> li
         lo = max(len(pre) if exact else _common_prefix_len(pre, text), cursor)
         hi = len(pres[i + 1]) if i + 1 < len(pres) and text.startswith(pres[i + 1]) else len(text)
         span = _find_reply(text, content, lo, hi)
-        if span is not None and not exact and k and messages[k - 1]["role"] != "assistant":
-            # the message before the reply, found before it: the reply is after it (not a quote inside it); looked
-            # for from a little before lo, which the two renderings may share a few characters into its text
-            before = messages[k - 1]["content"].strip()
-            p = text.find(before, max(cursor, lo - len(before)), hi) if before else -1
+        start = lo  # where the reply's turn may begin: after the message before it, where that is placed
+        before = messages[k - 1]["content"].strip() if k and messages[k - 1]["role"] != "assistant" else ""
+        at = pre.rfind(before) if before else -1
+        if span is not None and not exact and before and not 0 <= at <= lo - len(before):
+            # the message before the reply (not in the part both renderings share), found before it: the reply is
+            # after it (not a quote inside it); looked for from a little before lo, which the two renderings may
+            # share a few characters into its text
+            p = text.find(before, max(cursor, lo - len(before)), hi)
             while 0 <= p <= span[0]:  # also a question that opens with the reply (or is it)
                 span = _find_reply(text, content, p + len(before), hi) or span
+                start = p + len(before) if p + len(before) <= span[0] else start
                 p = text.find(before, p + 1, span[0])  # the question written again before the reply
         if span is not None and k < last:
             # what was found lies after the next message starts (a question that quotes the reply as the message
-            # holds it, where the template rewrites it): the reply is before that message, or not written verbatim
+            # holds it, where the template rewrites it), or is all of that message's opening: the reply is before
+            # that message, or not written verbatim
             after = messages[k + 1]["content"].strip()
-            q = text.find(after, lo, hi) if after and text.find(after, span[1], hi) < 0 else -1
-            if 0 <= q < span[0]:
-                span = _find_reply(text, content, lo, q)
+            q = text.find(after, start, hi) if after and text.find(after, span[1], hi) < 0 else -1
+            if 0 <= q <= span[0] and (q < span[0] or span[1] - span[0] <= len(after)):
+                span = _find_reply(text, content, start, q)
         alone = None
         if span is None:
             alone = render_messages(messages[: k + 1], tokenizer, template) if k != last else text
@@ -392,13 +397,16 @@ def _auto_turns(messages, tokenizer, template, text, assistants, problems) -> li
     return turns
 
 
-def _opening(tokenizer, template) -> str:
-    """What the template writes before a reply that opens the conversation (its generation prompt for no
-    messages); "" when it rejects an empty conversation."""
+def _opening(messages, tokenizer, template) -> str:
+    """What the template writes before a reply that opens the conversation (a default system block, the turn's
+    opening): the conversation rendered with a sentinel for that reply, up to it; "" where it is not written."""
+    probe = [{**messages[0], "content": _sentinel(0)}] + messages[1:]
     try:
-        return render_messages([], tokenizer, template, add_generation_prompt=True)
+        rendered = render_messages(probe, tokenizer, template)
     except TemplateError:
         return ""
+    at = rendered.find(_sentinel(0))
+    return rendered[:at] if at >= 0 else ""
 
 
 def _sentinel(i: int) -> str:
