@@ -766,6 +766,15 @@ def test_undecidable_marker_trains_none_and_says_so():
 # and a following system message as continuations that must share the marker.
 _LOOP = "{% for m in messages %}"
 _NO_LATE_SYSTEM = "{% if m.role == 'system' and not loop.first %}{{ raise_exception('system first only') }}{% endif %}"
+# a system block always first, a default one where the conversation has none, with a date line after its opening
+# (Llama 3.1's way), the final reply left open, ``sep`` then '<|start|>' (a piece of its own) between turns
+_DATED = (
+    "{{% set h = '<|start|>' %}}{{{{ bos_token or '' }}}}{{% if messages[0].role == 'system' %}}"
+    "{{% set sys = messages[0].content %}}{{% set msgs = messages[1:] %}}{{% else %}}{required}"
+    "{{% set sys = 'default' %}}{{% set msgs = messages %}}{{% endif %}}<|start|>system\nDate: today\n\n{{{{ sys }}}}"
+    "{{% for m in msgs %}}{sep}{{{{ h }}}}{{{{ m.role + '\n' }}}}{{{{ m.content }}}}{{% endfor %}}"
+    "{{% if add_generation_prompt %}}{sep}{{{{ h }}}}{{{{ 'assistant\n' }}}}{{% endif %}}"
+)
 # a default system message added where the conversation has none (as Llama 3.1 writes its default block)
 _INJECT = (
     "{% if messages[0].role != 'system' %}"
@@ -818,6 +827,9 @@ _INJECT = (
         # all of the text between turns is the marker
         "<|begin|>" + _LOOP + "{% if not loop.first %}<|end|>{% endif %}{{ m.content }}{% endfor %}"
         "{% if add_generation_prompt %}<|end|>{% endif %}",
+        # a system block always first (a default one), with a date line after its opening: no turn's opening can
+        # be told apart from the text between turns, but '<|start|>' is how every conversation starts
+        _DATED.format(sep="<|end|>", required=""),
     ],
     ids=[
         "split-opening",
@@ -831,6 +843,7 @@ _INJECT = (
         "needs-a-user-message",
         "bare-system-at-the-start",
         "no-role-markers",
+        "system-block-with-a-date-line",
     ],
 )
 @pytest.mark.parametrize("conv", [TURNS, _WELCOME + TURNS], ids=["user-first", "assistant-first"])
@@ -859,6 +872,20 @@ def test_a_template_that_requires_a_system_message_places_the_next_turn_from_a_s
     assert len(r.appended) == 1 and r.problems == []
 
 
+@pytest.mark.parametrize("family", ["chatml", "llama"])  # no BOS, and a BOS before the system block
+@pytest.mark.parametrize("required", [False, True], ids=["default-system", "system-required"])
+def test_the_marker_stops_before_how_every_conversation_starts(family, required):
+    """Where no turn's opening can be told apart from the text between turns (a system block written first,
+    with a date line after its opening; a template that requires that block, so that no conversation starts with
+    a user turn), the marker ends before the pieces a conversation starts with after its BOS ('<|start|>'):
+    '<|end|>', appended after the final reply the template leaves open; never '<|end|><|start|>'."""
+    t = tok(family)
+    raise_ = "{{ raise_exception('a system message first') }}" if required else ""
+    r = render([SYSTEM] + TURNS, t, chat_template=_DATED.format(sep="<|end|>", required=raise_))
+    assert [r.text[b:e] for b, e in r.trained_spans] == [x + "<|end|>" for x in REPLIES]
+    assert len(r.appended) == 1 and r.problems == []
+
+
 def test_a_template_without_role_markers_trains_the_eos_after_a_reply_at_the_very_start():
     """The reply sentinel at offset 0 (the conversation opens with the assistant, nothing written before it) is
     found like any other."""
@@ -881,8 +908,10 @@ def test_a_template_without_role_markers_trains_the_eos_after_a_reply_at_the_ver
         "{% endfor %}{% if add_generation_prompt %}<|end|><|assistant|>{% endif %}",
         # nothing between a reply and the next turn's opening, which every continuation starts with
         _LOOP + "{{ '<|start|>' }}{{ m.role }}\n{{ m.content }}{% endfor %}",
+        # only a newline before the next turn's '<|start|>', where no opening can be told apart
+        _DATED.format(sep="{{ '\\n' }}", required=""),
     ],
-    ids=["generation-prompt-differs", "system-message-differs", "opening-only"],
+    ids=["generation-prompt-differs", "system-message-differs", "opening-only", "newline-then-how-it-starts"],
 )
 def test_a_marker_some_continuation_lacks_is_not_trained(tpl):
     """Text that follows a reply before some next messages only is not an end-of-turn marker: nothing after the

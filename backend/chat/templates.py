@@ -242,6 +242,10 @@ def _eot(roles: tuple, tokenizer, template, tools=None) -> _Eot:
     if between is None and follows and opening is not None:
         marker = follows[0][0][:opening].rstrip()  # every continuation must start with it
         between = marker if marker and all(t.startswith(marker) for t, _ in follows) else None
+    if between:
+        # nor into the opening of a conversation's first turn, where the next turn's opening could not be told
+        # apart (a system block that writes more after its opening)
+        between = _before_a_start(between, follows[0][1], probe, tokenizer, template, tools)
     if between is None:
         why = (
             "the template writes no text after the reply that every next message shares, up to the next turn's opening"
@@ -255,6 +259,23 @@ def _eot(roles: tuple, tokenizer, template, tools=None) -> _Eot:
         cache.clear()
     found = cache[key] = _Eot(between, final, why)
     return found
+
+
+def _before_a_start(marker, ends, probe, tokenizer, template, tools) -> str | None:
+    """``marker`` up to its first piece (its pieces end at ``ends``) from which the rest of it is how a
+    conversation starts after its BOS, with a user message or a system message: that rest opens the next turn
+    (``<|eot_id|>`` from ``<|eot_id|><|start_header_id|>``). None when nothing is left before it."""
+    bos = _info(tokenizer)["bos"]
+    starts = []
+    for role in ("user", "system"):
+        r = _render_chunks([{"role": role, "content": probe}], tokenizer, template, False, tools)
+        if r is not None and probe in r[0]:
+            start = r[0][: r[0].find(probe)]
+            starts.append(start.removeprefix(bos) if bos else start)
+    for b in sorted(e for e in ends if 0 < e < len(marker)):
+        if any(s.startswith(marker[b:]) for s in starts):
+            return marker[:b].rstrip() or None
+    return marker
 
 
 def _opening_at(after, probe, tokenizer, template, tools, role) -> int | None:
