@@ -699,6 +699,40 @@ def test_a_rewritten_reply_quoted_before_and_after_it_is_refused_where_the_templ
         render(conv, t, chat_template=counted)
 
 
+_SAY, _OK = {"from": "human", "value": "Say OK."}, {"from": "gpt", "value": "OK."}
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        [{"from": "human", "value": "Continue."}, _OK] * 3,  # the same question and the same reply, three times
+        [_SAY, _OK, _SAY, _OK],  # a question that holds the reply, asked twice
+        [{"from": "human", "value": "OK. Go on."}, _OK, TURNS[2], TURNS[3]],  # a question that opens with it
+    ],
+    ids=["same-turns", "holds-it-twice", "opens-with-it"],
+)
+def test_each_reply_is_trained_in_its_own_turn_where_the_template_changes_every_earlier_character(conv):
+    """Where every earlier character changes (the turn count first), each reply is searched after the question
+    before it, in the full rendering: the reply in its own turn, never inside the question or an earlier turn."""
+    t = tok("chatml")
+    r = render(conv, t, chat_template="Turns: {{ messages|length }}\n" + t.chat_template)
+    header, at, starts = "<|im_start|>assistant\n", 0, []
+    for m in (m for m in conv if m["from"] == "gpt"):
+        at = r.text.index(header, at) + len(header)
+        starts.append((at, at + len(m["value"]) + len("<|im_end|>")))
+    assert r.trained_spans == starts and r.problems == []
+
+
+def test_a_reply_that_repeats_the_question_before_it_is_trained_in_its_own_turn_without_role_markers():
+    """A template that writes contents one per line and a generation prompt ('<think>') the text does not hold:
+    the question before a reply is in what both renderings share, so a reply that says the same is its own."""
+    t = tok("chatml")
+    tpl = "{% for m in messages %}{{ m.content }}\n{% endfor %}{% if add_generation_prompt %}<think>\n{% endif %}"
+    yes = [{"from": "human", "value": "Yes."}, {"from": "gpt", "value": "Yes."}]
+    r = render(yes * 2, t, chat_template=tpl)
+    assert r.text == "Yes.\n" * 4 and r.trained_spans == [(5, 9), (15, 19)]
+
+
 REWRITTEN_EARLIER = (
     "an earlier turn is rewritten: the reply is written verbatim while it is the last message, but not once "
     "later messages are added (e.g. reasoning dropped from earlier turns)"
