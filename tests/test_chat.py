@@ -683,6 +683,25 @@ def test_a_question_asked_before_and_after_a_reply_is_not_taken_for_a_quote_of_i
     assert r.problems == []
 
 
+def test_a_reply_followed_by_a_reply_that_names_its_header_is_trained_in_its_own_turn():
+    """A template that writes a channel header before each reply (gpt-oss's '<|channel|>final<|message|>'), and
+    two replies in a row, the second saying 'final': the first reply's header holds the next message's text
+    before the reply, and that message is written after it (past the next reply's generation prompt): the row is
+    not refused, and the first reply is trained at its place. (The second is found in its own header, which the
+    generation prompt does not hold: reported as eot_undecided, tests/MUTATION.md.)"""
+    t = tok("chatml")
+    tpl = (
+        _LOOP + "{% if m.role == 'assistant' %}<|start|>assistant<|channel|>final<|message|>{{ m.content }}<|end|>"
+        "{% else %}<|start|>{{ m.role }}<|message|>{{ m.content }}<|end|>{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}<|start|>assistant{% endif %}"
+    )
+    conv = [TURNS[0], TURNS[1], {"from": "gpt", "value": "final"}, TURNS[2], TURNS[3]]
+    r = render(conv, t, chat_template=tpl)
+    b, e = r.trained_spans[0]
+    assert r.text[b:e] == REPLIES[0] + "<|end|>" and r.text[b - len("<|message|>") : b] == "<|message|>"
+    assert r.text[slice(*r.trained_spans[-1])] == REPLIES[1] + "<|end|>"
+
+
 def test_a_rewritten_reply_quoted_before_and_after_it_is_refused_where_the_template_changes_earlier_text():
     """A template that changes every earlier character (the turn count first) and upper-cases replies: a reply
     quoted by the question before it and by the one after it is written nowhere verbatim in its turn; it is
@@ -918,6 +937,22 @@ def test_the_marker_stops_before_how_every_conversation_starts(family, required)
     r = render([SYSTEM] + TURNS, t, chat_template=_DATED.format(sep="<|end|>", required=raise_))
     assert [r.text[b:e] for b, e in r.trained_spans] == [x + "<|end|>" for x in REPLIES]
     assert len(r.appended) == 1 and r.problems == []
+
+
+def test_a_closed_marker_keeps_a_piece_a_conversation_also_starts_with():
+    """A template that closes every reply, the final one too, with '<|end|>' and the EOS, and writes the EOS before
+    every other message (so a conversation starts with it): the marker is '<|end|>' and the EOS, the closing the
+    final reply has; the EOS is not taken for the next turn's opening."""
+    t = tok("chatml")
+    tpl = (
+        _LOOP + "{% if m.role == 'assistant' %}{{ 'Assistant: ' }}{{ m.content }}{{ '<|end|>' }}{{ eos_token }}"
+        "{% else %}{{ eos_token }}{{ m.role + ': ' }}{{ m.content }}{{ '\\n' }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'Assistant: ' }}{% endif %}"
+    )
+    r = render(TURNS, t, chat_template=tpl)
+    assert r.text.startswith("<|im_end|>user: ")
+    assert [r.text[b:e] for b, e in r.trained_spans] == [x + "<|end|><|im_end|>" for x in REPLIES]
+    assert r.problems == [] and r.appended == []
 
 
 def test_a_template_without_role_markers_trains_the_eos_after_a_reply_at_the_very_start():

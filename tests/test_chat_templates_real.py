@@ -168,6 +168,21 @@ MORE = {
         {"role": "user", "content": "Q2"},
         {"role": "assistant", "content": "R2"},
     ],
+    # two replies in a row that say the same; a system message the template drops that says what the reply said
+    "same-reply-twice": [
+        {"role": "user", "content": "Q"},
+        {"role": "assistant", "content": "ok"},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": "Q2"},
+        {"role": "assistant", "content": "R"},
+    ],
+    "dropped-system-says-the-reply": [
+        {"role": "user", "content": "Q1"},
+        {"role": "assistant", "content": "Fine."},
+        {"role": "system", "content": "Fine."},
+        {"role": "user", "content": "Q2"},
+        {"role": "assistant", "content": "R2"},
+    ],
     "assistant-first": [
         {"role": "assistant", "content": "You are a helpful assistant."},
         {"role": "user", "content": "Today Date: 26 Jul 2024"},
@@ -185,6 +200,10 @@ MORE = {
         ("qwen2.5-instruct.jinja", "assistant-first"),
         ("llama-3.2-instruct.jinja", "assistant-first"),
         ("phi-4-mini.jinja", "assistant-first"),
+        ("qwen2.5-instruct.jinja", "same-reply-twice"),
+        ("llama-3.2-instruct.jinja", "same-reply-twice"),
+        ("phi-3-mini.jinja", "same-reply-twice"),
+        ("phi-3-medium.jinja", "dropped-system-says-the-reply"),
     ],
 )
 def test_messages_in_other_places_train_exactly_the_replies_and_their_marker(name, shape, special):

@@ -242,9 +242,9 @@ def _eot(roles: tuple, tokenizer, template, tools=None) -> _Eot:
     if between is None and follows and opening is not None:
         marker = follows[0][0][:opening].rstrip()  # every continuation must start with it
         between = marker if marker and all(t.startswith(marker) for t, _ in follows) else None
-    if between:
-        # nor into the opening of a conversation's first turn, where the next turn's opening could not be told
-        # apart (a system block that writes more after its opening)
+    if between and not closes:
+        # nor into the opening of a conversation's first turn, where no closed final reply bounds the marker and
+        # the next turn's opening could not be told apart (a system block that writes more after its opening)
         between = _before_a_start(between, follows[0][1], probe, tokenizer, template, tools)
     if between is None:
         why = (
@@ -385,11 +385,11 @@ def _auto_turns(messages, tokenizer, template, text, assistants, problems) -> li
                 p = text.find(before, p + 1, span[0])  # the question written again before the reply
         if span is not None and k < last:
             # what was found lies after the next message starts (a question that quotes the reply as the message
-            # holds it, where the template rewrites it), or is all of that message's opening: the reply is before
-            # that message, or not written verbatim
+            # holds it, where the template rewrites it), or is the start of a longer one: the reply is before that
+            # message, or not written verbatim (a next message written after it, or not at all, is not in question)
             after = messages[k + 1]["content"].strip()
-            q = text.find(after, start, hi) if after and text.find(after, span[1], hi) < 0 else -1
-            if 0 <= q <= span[0] and (q < span[0] or span[1] - span[0] <= len(after)):
+            q = text.find(after, start, hi) if after and text.find(after, span[1]) < 0 else -1
+            if 0 <= q <= span[0] and (q < span[0] or span[1] - span[0] < len(after)):
                 span = _find_reply(text, content, start, q)
         alone = None
         if span is None:
