@@ -752,6 +752,46 @@ def test_a_reply_that_repeats_the_question_before_it_is_trained_in_its_own_turn_
     assert r.text == "Yes.\n" * 4 and r.trained_spans == [(5, 9), (15, 19)]
 
 
+def test_one_letter_replies_are_trained_where_their_marker_follows_not_in_their_turns_header():
+    """A template that changes every earlier character (the turn count first), so that each reply is searched in
+    the full rendering from before its turn's header: one-letter replies that the header '<|assistant|>' also
+    holds are trained where the marker follows them, '<|end|>' between turns and the EOS after the final one."""
+    t = tok("chatml")
+    tpl = (
+        "Turns: {{ messages|length }}\n"
+        + _LOOP
+        + "{% if not loop.first %}<|end|>{% endif %}<|{{ m.role }}|>{{ m.content }}{% endfor %}"
+        "{% if add_generation_prompt %}<|end|><|assistant|>{% else %}{{ eos_token }}{% endif %}"
+    )
+    conv = [
+        {"from": "human", "value": "Which?"},
+        {"from": "gpt", "value": "t"},
+        TURNS[2],
+        {"from": "gpt", "value": "s"},
+    ]
+    r = render(conv, t, chat_template=tpl)
+    assert [(r.text[b - 2 : b], r.text[b:e]) for b, e in r.trained_spans] == [("|>", "t<|end|>"), ("|>", "s<|im_end|>")]
+    assert r.problems == []
+
+
+def test_a_short_reply_in_its_turns_header_is_not_moved_past_the_next_message():
+    """Where the marker does not follow the place a short reply is first found (its turn's header), the reply is
+    looked for right before the next marker, but not past the next message: a template that leaves the reply
+    's' open (no marker after it) does not get the 's' that ends the next question trained as the reply."""
+    t = tok("chatml")
+    tpl = (
+        "Turns: {{ messages|length }}\n"
+        + _LOOP
+        + "<|{{ 'human' if m.role == 'user' else m.role }}|>{{ m.content }}{% if m.content != 's' %}<|end|>{% endif %}"
+        "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    conv = [TURNS[0], {"from": "gpt", "value": "s"}, {"from": "human", "value": "Is it s"}, TURNS[3]]
+    r = render(conv, t, chat_template=tpl)
+    question = r.text.index("Is it s")
+    assert all(e <= question or b > question + 7 for b, e in r.trained_spans)
+    assert r.text[slice(*r.trained_spans[-1])] == REPLIES[1] + "<|end|>"
+
+
 REWRITTEN_EARLIER = (
     "an earlier turn is rewritten: the reply is written verbatim while it is the last message, but not once "
     "later messages are added (e.g. reasoning dropped from earlier turns)"

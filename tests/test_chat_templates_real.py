@@ -60,6 +60,21 @@ SHAPES = {
         {"role": "user", "content": "Hi again"},
         {"role": "assistant", "content": "Bye."},
     ],
+    # one-letter replies (a multiple-choice dataset), letters the turn's header also holds ('ASSISTANT:',
+    # '[/INST]', '<|START_RESPONSE|>')
+    "letters": [
+        {"role": "user", "content": "Which letter?"},
+        {"role": "assistant", "content": "A"},
+        {"role": "user", "content": "And now?"},
+        {"role": "assistant", "content": "S"},
+    ],
+    "letters-system": [
+        SYSTEM,
+        {"role": "user", "content": "Which letter?"},
+        {"role": "assistant", "content": "S"},
+        {"role": "user", "content": "And now?"},
+        {"role": "assistant", "content": "A"},
+    ],
     # marker-like text in contents, surrounding spaces and newlines (templates that trim write less of them)
     "tricky": [
         SYSTEM,
@@ -85,12 +100,19 @@ def tokenizer(name: str, special: bool):
     return _tok[key]
 
 
-def written(text: str, content: str, lo: int, marker: str) -> tuple[int, int] | None:
+def written(text: str, content: str, lo: int, marker: str, reply: bool) -> tuple[int, int] | None:
     """Where the template wrote ``content`` at or after ``lo``: verbatim, or trimmed on one side or both; of
-    these, the first that the marker follows (``' ' + eos`` after a trimmed reply is the marker's space)."""
+    these, the first that the marker follows (``' ' + eos`` after a trimmed reply is the marker's space). A reply
+    is the first place before the next marker that the marker follows, when there is one: a one-letter reply
+    ('A') may also be written in its turn's header ('ASSISTANT:')."""
     found = []
     for variant in (content, content.rstrip(), content.lstrip(), content.strip()):
         pos = text.find(variant, lo)
+        while reply and pos >= 0 and not text.startswith(marker, pos + len(variant)):
+            following = text.find(variant, pos + 1)
+            pos = following if 0 <= following < text.find(marker, pos + len(variant)) else pos
+            if pos != following:
+                break
         if pos >= 0:
             found.append((pos, pos + len(variant)))
     return next((s for s in found if text.startswith(marker, s[1])), found[0] if found else None)
@@ -119,7 +141,7 @@ def expected_chars(hf: str, messages, marker: str, rendering) -> tuple[np.ndarra
     for i, m in enumerate(messages):
         if m["role"] == "system":
             continue
-        span = written(hf, m["content"], cursor, marker)
+        span = written(hf, m["content"], cursor, marker, m["role"] == "assistant")
         assert span is not None, f"message {i} is not in the rendering"
         b, e = span
         cursor = e

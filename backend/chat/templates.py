@@ -412,10 +412,29 @@ def _auto_turns(messages, tokenizer, template, text, assistants, problems) -> li
             )
             turn = AssistantTurn(k, b, max(b, e), max(b, e))
         else:
+            span = _before_marker(text, content, span, k, messages, tokenizer, template)
             turn = _close_turn(text, k, span[0], span[1], messages, tokenizer, template, problems)
         turns.append(turn)
         cursor = turn.end
     return turns
+
+
+def _before_marker(text, content, span, k, messages, tokenizer, template) -> tuple[int, int]:
+    """``span``, or where the reply is written right before the first end-of-turn marker after it, when the marker
+    does not follow ``span`` itself: a short reply found first inside its turn's header ('A' in Vicuna's
+    'ASSISTANT:', 'S' in '[/INST]' or '<|START_RESPONSE|>'). Not past the next message's text."""
+    eot = _eot(tuple([m["role"] for m in messages[: k + 1]]), tokenizer, template)
+    marker = eot.between if k < len(messages) - 1 else eot.final
+    if not marker or text.startswith(marker, span[1]):
+        return span
+    at = text.find(marker, span[1])
+    after = messages[k + 1]["content"].strip() if k < len(messages) - 1 else ""
+    if at < 0 or (after and text.find(after, span[1], at) >= 0):
+        return span
+    for variant in dict.fromkeys((content, content.rstrip(), content.lstrip(), content.strip())):
+        if variant and text.endswith(variant, span[1], at):
+            return at - len(variant), at
+    return span
 
 
 def _opening(messages, tokenizer, template) -> str:
