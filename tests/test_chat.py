@@ -250,6 +250,12 @@ _UPPER = (  # a prefix-preserving template that upper-cases every reply (and wri
         TURNS[:2]
         + [{"from": "human", "value": "What is\n2+2?"}, TURNS[3]]
         + [{"from": "human", "value": "Earlier you said: I am a helpful assistant."}],
+        [  # the questions before and after the reply hold its text
+            {"from": "human", "value": "Say: Hello there."},
+            {"from": "gpt", "value": "Hello there."},
+            {"from": "human", "value": "You said: Hello there. Why?"},
+            TURNS[3],
+        ],
         [  # the next question opens with the reply's text
             TURNS[0],
             {"from": "gpt", "value": "Hello there."},
@@ -269,6 +275,7 @@ _UPPER = (  # a prefix-preserving template that upper-cases every reply (and wri
         "quoted-after",
         "quoted-later",
         "quoted-later-rewritten",
+        "quoted-before-and-after",
         "quoted-at-the-start",
         "quoted-before",
     ],
@@ -967,14 +974,15 @@ def test_a_template_that_requires_a_system_message_places_the_next_turn_from_a_s
 
 @pytest.mark.parametrize("family", ["chatml", "llama"])  # no BOS, and a BOS before the system block
 @pytest.mark.parametrize("required", [False, True], ids=["default-system", "system-required"])
-def test_the_marker_stops_before_how_every_conversation_starts(family, required):
+@pytest.mark.parametrize("newline", ["", "{{ '\\n' }}"], ids=["", "newline-before-the-start"])
+def test_the_marker_stops_before_how_every_conversation_starts(family, required, newline):
     """Where no turn's opening can be told apart from the text between turns (a system block written first,
     with a date line after its opening; a template that requires that block, so that no conversation starts with
     a user turn), the marker ends before the pieces a conversation starts with after its BOS ('<|start|>'):
     '<|end|>', appended after the final reply the template leaves open; never '<|end|><|start|>'."""
     t = tok(family)
     raise_ = "{{ raise_exception('a system message first') }}" if required else ""
-    r = render([SYSTEM] + TURNS, t, chat_template=_DATED.format(sep="<|end|>", required=raise_))
+    r = render([SYSTEM] + TURNS, t, chat_template=_DATED.format(sep="<|end|>" + newline, required=raise_))
     assert [r.text[b:e] for b, e in r.trained_spans] == [x + "<|end|>" for x in REPLIES]
     assert len(r.appended) == 1 and r.problems == []
 
