@@ -316,6 +316,21 @@ def test_a_reply_the_next_question_repeats_is_trained_at_its_own_place(tpl):
         assert r.trained_spans[0][0] == r.text.index(reply) and r.problems == []
 
 
+def test_a_trimmed_reply_quoted_as_the_message_holds_it_is_trained_in_its_own_turn():
+    """A template that trims replies, a reply with spaces around it, and a question after it that quotes it spaces
+    and all: the reply as the message holds it is only in the question; the reply is its trimmed text, in its turn."""
+    t = tok("chatml")
+    tpl = CHATML.replace("{{ m.content }}", "{{ m.content | trim if m.role == 'assistant' else m.content }}")
+    conv = [
+        TURNS[0],
+        {"from": "gpt", "value": " Hello there. "},
+        {"from": "human", "value": "You said:  Hello there.  Why?"},
+    ]
+    r = render(conv + [TURNS[3]], t, chat_template=tpl)
+    b, e = r.trained_spans[0]
+    assert r.text[b:e] == "Hello there.<|im_end|>" and r.text[:b].endswith("<|im_start|>assistant\n")
+
+
 def test_a_reply_that_opens_with_the_prompts_last_character_trains_none_of_the_prompt():
     """A template that trims replies, and a reply that opens with a newline as its generation prompt ends: the
     reply is found after the prompt, which is not trained (not one character earlier, where its text starts too)."""
