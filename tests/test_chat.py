@@ -774,25 +774,36 @@ def test_a_reply_that_repeats_the_question_before_it_is_trained_in_its_own_turn_
     assert r.text == "Yes.\n" * 4 and r.trained_spans == [(5, 9), (15, 19)]
 
 
-def test_one_letter_replies_are_trained_where_their_marker_follows_not_in_their_turns_header():
+_WHICH, _AND = {"from": "human", "value": "Which?"}, {"from": "human", "value": "And?"}
+
+
+@pytest.mark.parametrize(
+    "letters, conv",
+    [
+        ("ts", [_WHICH, "t", TURNS[2], "s"]),
+        ("ts", [_WHICH, "t", _WHICH, "s"]),  # the same question again after the reply
+        ("t", [_WHICH, "t", _AND]),  # a question after the last reply
+    ],
+    ids=["two-replies", "same-question-twice", "question-last"],
+)
+@pytest.mark.parametrize("trim", [False, True], ids=["", "trimmed-with-a-space-after"])
+def test_one_letter_replies_are_trained_where_their_marker_follows_not_in_their_turns_header(letters, conv, trim):
     """A template that changes every earlier character (the turn count first), so that each reply is searched in
     the full rendering from before its turn's header: one-letter replies that the header '<|assistant|>' also
-    holds are trained where the marker follows them, '<|end|>' between turns and the EOS after the final one."""
+    holds are trained where the marker follows them, '<|end|>' between turns and the EOS after the final one (also
+    written trimmed, the message holding a space after the letter)."""
     t = tok("chatml")
     tpl = (
         "Turns: {{ messages|length }}\n"
         + _LOOP
-        + "{% if not loop.first %}<|end|>{% endif %}<|{{ m.role }}|>{{ m.content }}{% endfor %}"
+        + "{% if not loop.first %}<|end|>{% endif %}<|{{ m.role }}|>{{ m.content | trim }}{% endfor %}"
         "{% if add_generation_prompt %}<|end|><|assistant|>{% else %}{{ eos_token }}{% endif %}"
     )
-    conv = [
-        {"from": "human", "value": "Which?"},
-        {"from": "gpt", "value": "t"},
-        TURNS[2],
-        {"from": "gpt", "value": "s"},
-    ]
+    conv = [{"from": "gpt", "value": m + " " * trim} if isinstance(m, str) else m for m in conv]
     r = render(conv, t, chat_template=tpl)
-    assert [(r.text[b - 2 : b], r.text[b:e]) for b, e in r.trained_spans] == [("|>", "t<|end|>"), ("|>", "s<|im_end|>")]
+    markers = ["<|end|>"] * (len(conv) - 1) + ["<|im_end|>"]
+    want = [("|>", x + markers[i]) for i, x in zip((1, 3), letters, strict=False)]
+    assert [(r.text[b - 2 : b], r.text[b:e]) for b, e in r.trained_spans] == want
     assert r.problems == []
 
 
@@ -807,10 +818,11 @@ def test_a_short_reply_in_its_turns_header_is_not_moved_past_the_next_message():
         + "<|{{ 'human' if m.role == 'user' else m.role }}|>{{ m.content }}{% if m.content != 's' %}<|end|>{% endif %}"
         "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
     )
-    conv = [TURNS[0], {"from": "gpt", "value": "s"}, {"from": "human", "value": "Is it s"}, TURNS[3]]
-    r = render(conv, t, chat_template=tpl)
-    question = r.text.index("Is it s")
-    assert all(e <= question or b > question + 7 for b, e in r.trained_spans)
+    conv = [TURNS[0], {"from": "gpt", "value": "s"}, {"from": "human", "value": "Is it s"}]
+    for c in (conv, conv + [TURNS[3]]):  # the question last, or another reply after it
+        r = render(c, t, chat_template=tpl)
+        question = r.text.index("Is it s")
+        assert all(e <= question or b > question + 7 for b, e in r.trained_spans)
     assert r.text[slice(*r.trained_spans[-1])] == REPLIES[1] + "<|end|>"
 
 

@@ -425,9 +425,7 @@ def _before_marker(text, content, span, k, messages, tokenizer, template) -> tup
     'ASSISTANT:', 'S' in '[/INST]' or '<|START_RESPONSE|>'). Not past the next message's text."""
     eot = _eot(tuple([m["role"] for m in messages[: k + 1]]), tokenizer, template)
     marker = eot.between if k < len(messages) - 1 else eot.final
-    if not marker or text.startswith(marker, span[1]):
-        return span
-    at = text.find(marker, span[1])
+    at = text.find(marker, span[1]) if marker else -1  # span[1] itself where the marker follows it
     after = messages[k + 1]["content"].strip() if k < len(messages) - 1 else ""
     if at < 0 or (after and text.find(after, span[1], at) >= 0):
         return span
