@@ -153,8 +153,8 @@ def train_step(
             on_micro_batch()
     names = sorted(sums)
     loss_total, *totals = _global_sum(accelerator, [local_loss, *(sums[k] for k in names)])
-    loss = loss_total / global_count if global_count else float("nan")
-    metrics = {k: v / global_count for k, v in zip(names, totals, strict=True)} if global_count else {}
+    loss = loss_total / global_count
+    metrics = {k: v / global_count for k, v in zip(names, totals, strict=True)}
     # clip_grad_norm_ returns the norm before clipping (all ranks' shards); inf = only measure it
     grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), clip or float("inf")))
     stepped = math.isfinite(loss) and math.isfinite(grad_norm)

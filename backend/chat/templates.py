@@ -230,10 +230,11 @@ def _eot(roles: tuple, tokenizer, template, tools=None) -> _Eot:
     # where the next turn's opening begins after the reply: it bounds the shared text when no closed final reply
     # does. A user turn's, else a system message's: a conversation's start may hold a default system block that
     # ends like the marker (Command R7B's), which a conversation that starts with its own system message has not
+    starts = {role: _start(role, probe, tokenizer, template, tools) for role in ("user", "system")}
     opening = None
     for after, role in ((user, "user"), (system, "system")):
         if opening is None and after is not None:
-            opening = _opening_at(after, probe, tokenizer, template, tools, role)
+            opening = _opening_at(after, probe, starts[role], tokenizer)
     if len(pool) >= 2:
         rests = [t for t, _ in pool]
         shared = min(_common_prefix_len(rests[0], t) for t in rests[1:])
@@ -245,7 +246,7 @@ def _eot(roles: tuple, tokenizer, template, tools=None) -> _Eot:
     if between and not closes:
         # nor into the opening of a conversation's first turn, where no closed final reply bounds the marker and
         # the next turn's opening could not be told apart (a system block that writes more after its opening)
-        between = _before_a_start(between, follows[0][1], probe, tokenizer, template, tools)
+        between = _before_a_start(between, follows[0][1], starts.values(), tokenizer)
     if between is None:
         why = (
             "the template writes no text after the reply that every next message shares, up to the next turn's opening"
@@ -261,43 +262,50 @@ def _eot(roles: tuple, tokenizer, template, tools=None) -> _Eot:
     return found
 
 
-def _before_a_start(marker, ends, probe, tokenizer, template, tools) -> str | None:
-    """``marker`` up to its first piece (its pieces end at ``ends``) from which the rest of it is how a
-    conversation starts after its BOS, with a user message or a system message: that rest opens the next turn
-    (``<|eot_id|>`` from ``<|eot_id|><|start_header_id|>``). None when nothing is left before it."""
+def _start(role, probe, tokenizer, template, tools) -> tuple[str, set[int]] | None:
+    """How a conversation starts with one ``role`` message: the rendering up to its content ``probe``, and where
+    the template's output pieces end there; None when the template rejects it or does not write the content."""
+    r = _render_chunks([{"role": role, "content": probe}], tokenizer, template, False, tools)
+    if r is None or probe not in r[0]:
+        return None
+    return r[0][: r[0].find(probe)], r[1]
+
+
+def _without_bos(text: str, tokenizer) -> str:
     bos = _info(tokenizer)["bos"]
-    starts = []
-    for role in ("user", "system"):
-        r = _render_chunks([{"role": role, "content": probe}], tokenizer, template, False, tools)
-        if r is not None and probe in r[0]:
-            start = r[0][: r[0].find(probe)]
-            starts.append(start.removeprefix(bos) if bos else start)
+    return text.removeprefix(bos) if bos else text
+
+
+def _before_a_start(marker, ends, starts, tokenizer) -> str | None:
+    """``marker`` up to its first piece (its pieces end at ``ends``) from which the rest of it is how a
+    conversation starts after its BOS (``starts``, `_start`'s, with a user message or a system message): that rest
+    opens the next turn (``<|eot_id|>`` from ``<|eot_id|><|start_header_id|>``). None when nothing is left before
+    it."""
+    starts = [_without_bos(s[0], tokenizer) for s in starts if s is not None]
     for b in sorted(e for e in ends if 0 < e < len(marker)):
         if any(s.startswith(marker[b:]) for s in starts):
             return marker[:b].rstrip() or None
     return marker
 
 
-def _opening_at(after, probe, tokenizer, template, tools, role) -> int | None:
-    """Where the next turn's opening (a ``role`` message's) begins in ``after`` (the text after a reply, up to that
-    turn's content ``probe``): the gap before the content minus the opening as the template writes it at the start
-    of a conversation (their common suffix, shortened until the opening starts one of the template's output pieces
-    there: ``<|eot_id|>`` and ``<|begin_of_text|>`` share their last two characters). None when the template
-    does not write the content, rejects a conversation that starts with such a message, or writes all of the gap
-    and more before it (Llama 3.1's default system block ends with the same ``<|eot_id|>``):
-    where the opening begins is not known. 0 when the gap is the opening itself (nothing written between a reply
-    and the next turn)."""
+def _opening_at(after, probe, first, tokenizer) -> int | None:
+    """Where the next turn's opening begins in ``after`` (the text after a reply, up to that turn's content
+    ``probe``): the gap before the content minus the opening as the template writes it at the start of a
+    conversation (``first``, `_start`'s for the turn's role: their common suffix, shortened until the opening
+    starts one of the template's output pieces there: ``<|eot_id|>`` and ``<|begin_of_text|>`` share their last
+    two characters). None when the template does not write the content, rejects a conversation that starts with
+    such a message, or writes all of the gap and more before it (Llama 3.1's default system block ends with the
+    same ``<|eot_id|>``): where the opening begins is not known. 0 when the gap is the opening itself (nothing
+    written between a reply and the next turn)."""
     rest = after[0]
-    first = _render_chunks([{"role": role, "content": probe}], tokenizer, template, False, tools)
-    if first is None or probe not in rest or probe not in first[0]:
+    if first is None or probe not in rest:
         return None
-    gap, start = rest[: rest.find(probe)], first[0][: first[0].find(probe)]
+    (start, ends), gap = first, rest[: rest.find(probe)]
     shared = _common_prefix_len(gap[::-1], start[::-1])  # their common suffix
-    while 0 < shared < len(start) and len(start) - shared not in first[1]:  # the opening starts a piece there
+    while 0 < shared < len(start) and len(start) - shared not in ends:  # the opening starts a piece there
         shared -= 1
     at = len(gap) - shared
-    bos = _info(tokenizer)["bos"]
-    if at == 0 and shared < len(start.removeprefix(bos) if bos else start):
+    if at == 0 and shared < len(_without_bos(start, tokenizer)):
         return None  # the start's opening holds all of the gap and more: the gap may end a block before it
     return at
 
