@@ -110,9 +110,9 @@ def written(text: str, content: str, lo: int, marker: str, reply: bool) -> tuple
         pos = text.find(variant, lo)
         while reply and pos >= 0 and not text.startswith(marker, pos + len(variant)):
             following = text.find(variant, pos + 1)
-            pos = following if 0 <= following < text.find(marker, pos + len(variant)) else pos
-            if pos != following:
+            if not 0 <= following < text.find(marker, pos + len(variant)):
                 break
+            pos = following
         if pos >= 0:
             found.append((pos, pos + len(variant)))
     return next((s for s in found if text.startswith(marker, s[1])), found[0] if found else None)
@@ -180,7 +180,7 @@ def test_trained_is_exactly_the_replies_and_their_marker(name, shape, special):
 
 
 # shapes only some families accept: a system message after a reply (DeepSeek's templates move every system message
-# to the top, before the replies), and a conversation that opens with the assistant (Qwen2.5 and Llama 3.1 write a
+# to the top, before the replies), and a conversation that opens with the assistant (Qwen2.5 and Llama 3.2 write a
 # default system block first, which may hold the reply's words)
 MORE = {
     "system-after-reply": [

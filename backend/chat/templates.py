@@ -381,8 +381,7 @@ def _auto_turns(messages, tokenizer, template, text, assistants, problems) -> li
         span = _find_reply(text, content, lo, hi)
         start = lo  # where the reply's turn may begin: after the message before it, where that is placed
         before = messages[k - 1]["content"].strip() if k and messages[k - 1]["role"] != "assistant" else ""
-        at = pre.rfind(before) if before else -1
-        if span is not None and not exact and before and not 0 <= at <= lo - len(before):
+        if span is not None and not exact and before and not 0 <= pre.rfind(before) <= lo - len(before):
             # the message before the reply (not in the part both renderings share), found before it: the reply is
             # after it (not a quote inside it); looked for from a little before lo, which the two renderings may
             # share a few characters into its text
