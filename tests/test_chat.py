@@ -281,14 +281,16 @@ _UPPER = (  # a prefix-preserving template that upper-cases every reply (and wri
     ],
 )
 @pytest.mark.parametrize("trailing", ["", "{{ '\\n' }}"], ids=["", "newline-after-every-rendering"])
-def test_a_rewritten_reply_is_trained_in_its_own_turn_whatever_surrounds_it(conv, trailing):
+@pytest.mark.parametrize("case", ["upper", "lower"])
+def test_a_rewritten_reply_is_trained_in_its_own_turn_whatever_surrounds_it(conv, trailing, case):
     """Replies the template rewrites are each trained as their turn's text, in their own turn: never the text of
     a question that quotes them as the message holds it (before or after the turn), never what follows the last
     reply, and never refused because a question holds the reply's text; also where the template ends every
-    rendering with a newline (DeepSeek-V3's way), which the generation prompt is not followed by in the text."""
+    rendering with a newline (DeepSeek-V3's way), which the generation prompt is not followed by in the text.
+    Upper- or lower-cased: a reply that opens the conversation is located by a probe the case filter rewrites."""
     t = tok("chatml")
-    r = render(conv, t, chat_template=_UPPER + trailing)
-    replies = [m["value"].upper() + "</s>" for m in conv if m["from"] == "gpt"]
+    r = render(conv, t, chat_template=_UPPER.replace("| upper", "| " + case) + trailing)
+    replies = [getattr(m["value"], case)() + "</s>" for m in conv if m["from"] == "gpt"]
     starts, at = [], 0
     for x in replies:  # each upper-cased reply, right after its turn's opening
         at = r.text.index("<assistant>" + x, at) + len("<assistant>")
@@ -298,6 +300,45 @@ def test_a_rewritten_reply_is_trained_in_its_own_turn_whatever_surrounds_it(conv
         (b, b + len(x)) for b, x in zip(starts, replies, strict=True)
     ]
     assert [p.split(":")[0] for p in r.problems] == ["content_not_verbatim"] * len(replies)
+
+
+def test_a_reply_the_template_does_not_write_is_said_untrained_and_the_next_one_trained():
+    """A template that drops an assistant message opening the conversation (and the next question quotes it): that
+    reply is reported as not written and nothing is trained for it (not the quote); the next reply is trained in
+    its own turn."""
+    t = tok("chatml")
+    tpl = (
+        _LOOP + "{% if not (loop.first and m.role == 'assistant') %}<|{{ m.role }}|>{{ m.content }}<|end|>{% endif %}"
+        "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    conv = [{"from": "gpt", "value": "Hello there"}, {"from": "human", "value": "Say Hello there"}, TURNS[1]]
+    r = render(conv, t, chat_template=tpl)
+    assert r.text == "<|user|>Say Hello there<|end|><|assistant|>" + REPLIES[0] + "<|end|>"
+    assert [r.text[b:e] for b, e in r.trained_spans] == [REPLIES[0] + "<|end|>"]
+    assert r.problems == [
+        "content_not_verbatim: message 0: the template does not write the reply verbatim; it writes no text of it: "
+        "none trained"
+    ]
+
+
+def test_a_reply_opening_the_conversation_is_found_after_a_later_system_message_written_before_it():
+    """A template that writes every system message first (DeepSeek's way) and a conversation that opens with a
+    reply the later system message holds: the reply is trained in its own turn, not inside the system prompt."""
+    t = tok("chatml")
+    tpl = (
+        "{% for m in messages if m.role == 'system' %}<|system|>{{ m.content }}<|end|>{% endfor %}"
+        "{% for m in messages if m.role != 'system' %}<|{{ m.role }}|>{{ m.content }}<|end|>{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    system = {"from": "system", "value": "Always greet with: Hello there"}
+    conv = [{"from": "gpt", "value": "Hello there"}, system, TURNS[0], TURNS[1]]
+    r = render(conv, t, chat_template=tpl)
+    assert r.text.startswith("<|system|>Always greet with: Hello there<|end|><|assistant|>Hello there<|end|>")
+    assert [(r.text[b - 2 : b], r.text[b:e]) for b, e in r.trained_spans] == [
+        ("|>", "Hello there<|end|>"),
+        ("|>", REPLIES[0] + "<|end|>"),
+    ]
+    assert r.problems == []
 
 
 @pytest.mark.parametrize(
@@ -805,6 +846,26 @@ def test_one_letter_replies_are_trained_where_their_marker_follows_not_in_their_
     want = [("|>", x + markers[i]) for i, x in zip((1, 3), letters, strict=False)]
     assert [(r.text[b - 2 : b], r.text[b:e]) for b, e in r.trained_spans] == want
     assert r.problems == []
+
+
+@pytest.mark.parametrize("strip", ["rstrip", "lstrip"])
+def test_a_short_reply_stripped_on_one_side_is_trained_as_written_not_in_its_turns_header(strip):
+    """A one-letter reply with a space on both sides (' a '), which the template writes stripped on one side only,
+    while its turn's header ('<|an assistant|>') holds ' a': the reply is trained as the template wrote it before
+    the marker, its space included, not one character off (nor the header's ' a')."""
+    t = tok("chatml")
+    tpl = (
+        "Turns: {{ messages|length }}\n"
+        + _LOOP
+        + "{% if not loop.first %}<|end|>{% endif %}<|{{ 'an assistant' if m.role == 'assistant' else m.role }}|>"
+        "{{ m.content." + strip + "() if m.role == 'assistant' else m.content }}{% endfor %}"
+        "{% if add_generation_prompt %}<|end|><|an assistant|>{% else %}{{ eos_token }}{% endif %}"
+    )
+    reply = {"from": "gpt", "value": " a "}
+    r = render([_WHICH, reply, _AND, reply], t, chat_template=tpl)
+    written = getattr(" a ", strip)()
+    assert [r.text[b:e] for b, e in r.trained_spans] == [written + "<|end|>", written + "<|im_end|>"]
+    assert all(r.text[b - 2 : b] == "|>" for b, _ in r.trained_spans) and r.problems == []
 
 
 def test_a_short_reply_in_its_turns_header_is_not_moved_past_the_next_message():

@@ -414,8 +414,12 @@ def _auto_turns(messages, tokenizer, template, text, assistants, problems) -> li
             window = text[lo:end]
             b, e = lo + len(window) - len(window.lstrip()), lo + len(window.rstrip())
             problems.append(
-                f"content_not_verbatim: message {k}: the template does not write the reply verbatim; trained the "
-                f"whole turn text at chars {b}..{max(b, e)}"
+                f"content_not_verbatim: message {k}: the template does not write the reply verbatim; "
+                + (
+                    f"trained the whole turn text at chars {b}..{e}"
+                    if b < e
+                    else "it writes no text of it: none trained"
+                )
             )
             turn = AssistantTurn(k, b, max(b, e), max(b, e))
         else:
@@ -444,7 +448,8 @@ def _before_marker(text, content, span, k, messages, tokenizer, template) -> tup
 
 def _opening(messages, tokenizer, template) -> str:
     """What the template writes before a reply that opens the conversation (a default system block, the turn's
-    opening): the conversation rendered with a sentinel for that reply, up to it; "" where it is not written."""
+    opening): the conversation rendered with a sentinel for that reply, up to it; "" where the template does not
+    write it or rejects the probe (the reply is searched from the start, and the next reply after it)."""
     probe = [{**messages[0], "content": _sentinel(0)}] + messages[1:]
     try:
         rendered = render_messages(probe, tokenizer, template)
@@ -455,7 +460,8 @@ def _opening(messages, tokenizer, template) -> str:
 
 
 def _sentinel(i: int) -> str:
-    return f"\x00SFT{i}\x00"
+    """A probe content no text holds, which a template's case filter (``| upper``, ``| lower``) leaves as it is."""
+    return f"\x00{i}\x00"
 
 
 def _generation_turns(messages, tokenizer, template, assistants, problems):
