@@ -302,6 +302,25 @@ def test_a_rewritten_reply_is_trained_in_its_own_turn_whatever_surrounds_it(conv
     assert [p.split(":")[0] for p in r.problems] == ["content_not_verbatim"] * len(replies)
 
 
+def test_a_rewritten_reply_is_not_looked_for_past_the_next_replys_turn_where_a_later_prompt_is_no_prefix():
+    """A prefix-preserving template that upper-cases one reply ('Hello'), and writes a line of its own only for a
+    five-message conversation (so the last reply's prompt is no prefix of the six-message text, the others are): the
+    rewritten reply is trained as its turn's text, not where a later question quotes it as the message holds it."""
+    t = tok("chatml")
+    tpl = (
+        "{% if messages|length == 5 %}Five messages.\n{% endif %}"
+        + _LOOP
+        + "<|{{ m.role }}|>{{ m.content|upper if 'Hello' in m.content and m.role == 'assistant' else m.content }}"
+        "<|end|>{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    human, gpt = ({"from": f, "value": v} for f, v in (("human", "Why?"), ("gpt", "Hello")))
+    conv = [TURNS[0], gpt, human, TURNS[1], {"from": "human", "value": "You said Hello. Why?"}, TURNS[3]]
+    r = render(conv, t, chat_template=tpl)
+    want = ["HELLO<|end|>", REPLIES[0] + "<|end|>", REPLIES[1] + "<|end|>"]
+    assert [(r.text[b - 2 : b], r.text[b:e]) for b, e in r.trained_spans] == [("|>", x) for x in want]
+    assert [p.split(":")[0] for p in r.problems] == ["content_not_verbatim"]
+
+
 def test_a_reply_the_template_does_not_write_is_said_untrained_and_the_next_one_trained():
     """A template that drops an assistant message opening the conversation (and the next question quotes it): that
     reply is reported as not written and nothing is trained for it (not the quote); the next reply is trained in
@@ -803,6 +822,28 @@ def test_each_reply_is_trained_in_its_own_turn_where_the_template_changes_every_
         at = r.text.index(header, at) + len(header)
         starts.append((at, at + len(m["value"]) + len("<|im_end|>")))
     assert r.trained_spans == starts and r.problems == []
+
+
+@pytest.mark.parametrize(
+    "head, conv",
+    [  # earlier text longer the fewer the messages: the renderings share none of the earlier replies' places
+        ("{{ '-' * (40 - 10 * (messages|length)) }}\n", [{"from": "human", "value": "Sure?"}] + [_OK] * 3),
+        # a start that depends on the first message: the reply that opens the conversation is not where it probes
+        ("Opens with {{ messages[0].content|length }} characters.\n", [_OK, {"from": "human", "value": "OK."}]),
+    ],
+    ids=["replies-in-a-row", "opened-by-a-reply-the-last-message-says"],
+)
+def test_a_reply_after_a_reply_or_none_is_not_moved_past_a_message_before_it(head, conv):
+    """Where the renderings differ before a reply, the reply is searched after the question before it; a reply
+    whose message before it is a reply (the same text, three in a row), or that opens the conversation (the last
+    message saying the same), has no question: each is trained in its own turn, none refused or moved on."""
+    t = tok("chatml")
+    r = render(conv, t, chat_template=head + CHATML)
+    header, at, want = "<|im_start|>assistant\n", 0, []
+    for m in (m for m in conv if m["from"] == "gpt"):
+        at = r.text.index(header, at) + len(header)
+        want.append((at, at + len(m["value"]) + len("<|im_end|>")))
+    assert r.trained_spans == want and r.problems == []
 
 
 def test_a_reply_that_repeats_the_question_before_it_is_trained_in_its_own_turn_without_role_markers():
