@@ -856,6 +856,41 @@ def test_a_reply_that_repeats_the_question_before_it_is_trained_in_its_own_turn_
     assert r.text == "Yes.\n" * 4 and r.trained_spans == [(5, 9), (15, 19)]
 
 
+def _says(*lines) -> list[dict]:
+    return [{"from": ("human", "gpt")[i % 2], "value": v} for i, v in enumerate(lines)]
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        _says("say yes.", "yes."),  # the question opens the text and holds the reply
+        _says("say yes.", "yes.", "and again?", "yes."),
+        _says("yes.", "yes.", "yes.", "yes."),  # every message the same
+        _says("yes.", "yes.", "yes. and?", "yes.", "yes."),  # a question that opens with the reply, one after it
+        _says("a", "yes.", "yes.", "yes.", "yes.", "yes."),
+    ],
+    ids=["opens-the-text", "asked-again", "all-the-same", "opens-with-it", "same-after-the-first"],
+)
+def test_a_question_the_generation_prompt_rewrites_is_searched_and_the_reply_trained_after_it(conv):
+    """A template that writes contents with nothing between them and rewrites the last question where a
+    generation prompt follows (upper-cased), so the renderings never share the question: each reply is searched
+    after its question (also where the text opens with it, or an earlier message says the same), and trained in
+    its own place with the '</s>' after it: never the question's copy of the reply, never refused."""
+    t = tok("chatml")
+    tpl = (
+        _LOOP + "{{ m.content|upper if loop.last and add_generation_prompt else m.content }}"
+        "{% if m.role == 'assistant' %}</s>{% endif %}{% endfor %}{% if add_generation_prompt %}<think>{% endif %}"
+    )
+    r = render(conv, t, chat_template=tpl)
+    at, want = 0, []
+    for m in conv:
+        end = at + len(m["value"]) + 4 * (m["from"] == "gpt")
+        want += [(at, end)] if m["from"] == "gpt" else []
+        at = end
+    assert r.text == "".join(m["value"] + "</s>" * (m["from"] == "gpt") for m in conv)
+    assert r.trained_spans == want and r.problems == []
+
+
 _WHICH, _AND = {"from": "human", "value": "Which?"}, {"from": "human", "value": "And?"}
 
 

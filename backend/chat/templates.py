@@ -381,10 +381,10 @@ def _auto_turns(messages, tokenizer, template, text, assistants, problems) -> li
         span = _find_reply(text, content, lo, hi)
         start = lo  # where the reply's turn may begin: after the message before it, where that is placed
         before = messages[k - 1]["content"].strip() if k and messages[k - 1]["role"] != "assistant" else ""
-        if span is not None and not exact and before and not 0 <= pre.rfind(before) <= lo - len(before):
-            # the message before the reply (not in the part both renderings share), found before it: the reply is
-            # after it (not a quote inside it); looked for from a little before lo, which the two renderings may
-            # share a few characters into its text
+        if span is not None and not exact and before and not cursor <= pre.rfind(before) <= lo - len(before):
+            # the message before the reply (not in the part both renderings share, after the turn before it: not an
+            # earlier message saying the same), found before it: the reply is after it (not a quote inside it);
+            # looked for from a little before lo, which the two renderings may share a few characters into its text
             p = text.find(before, max(cursor, lo - len(before)), hi)
             while 0 <= p <= span[0]:  # also a question that opens with the reply (or is it)
                 span = _find_reply(text, content, p + len(before), hi) or span
