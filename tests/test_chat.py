@@ -984,6 +984,41 @@ def _refusal_reason(conv, t, template) -> tuple[int, str]:
     return int(m[1]), m[2]
 
 
+@pytest.mark.parametrize(
+    "conv, k",
+    [
+        (_says("Say: hi there!", "hi there!"), 1),
+        (_says("x", "ok", "Say: hi there!", "hi there!", "and", "fine"), 3),
+        (_says("Say: hi there! Please.", "hi there!", "ok", "fine"), 1),
+    ],
+    ids=["last", "between", "quoted-inside"],
+)
+def test_a_rewritten_reply_whose_question_holds_it_is_refused_not_trained_in_the_question(conv, k):
+    """A template that renders the last question otherwise where a generation prompt follows (so the renderings
+    never share it) and upper-cases replies holding '!': the reply is not written verbatim, only the question's copy
+    of it is. That copy is never trained as the reply: the row is refused, naming the reply as rewritten."""
+    t = tok("chatml")
+    tpl = (
+        _LOOP + "{% if m.role == 'assistant' and '!' in m.content %}{{ m.content|upper }}"
+        "{% else %}{{ m.content|upper if loop.last and add_generation_prompt else m.content }}{% endif %}"
+        "{% if m.role == 'assistant' %}</s>{% endif %}{% endfor %}{% if add_generation_prompt %}<think>{% endif %}"
+    )
+    at, why = _refusal_reason(conv, t, tpl)
+    assert at == k and why.startswith(REWRITTEN_REPLY + "; besides, the generation prompt's 'AY: HI THERE!")
+
+
+def test_a_reply_saying_what_its_rewritten_question_says_is_trained_where_the_question_is_not_written():
+    """A template that changes every earlier character (the turn count first) and upper-cases questions: the
+    question's text is found only at the reply, which says the same; that place is the reply, trained."""
+    t = tok("chatml")
+    tpl = "Turns: {{ messages|length }}\n" + CHATML.replace(
+        "{{ m.content }}", "{{ m.content|upper if m.role == 'user' else m.content }}"
+    )
+    r = render(_says("yes.", "yes.", "no?", "fine."), t, chat_template=tpl)
+    want = ["assistant\nyes.<|im_end|>", "assistant\nfine.<|im_end|>"]
+    assert [r.text[b - 10 : e] for b, e in r.trained_spans] == want and r.problems == []
+
+
 def test_refusals_name_what_differs():
     """Besides the rewritten reply, the refusal names a system prompt moved into the last user turn and a
     generation prompt that is not how the history writes a reply's turn."""

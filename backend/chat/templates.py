@@ -332,7 +332,11 @@ def _close_turn(text, k, begin, content_end, messages, tokenizer, template, prob
 
 def _rewrite_reason(messages, k, tokenizer, template, text, pre, alone) -> str:
     """What differs between the full rendering and the one that ends at reply k (for the refusal message)."""
-    if _find_reply(alone, messages[k]["content"], 0, len(alone)) is not None:
+    question = messages[k - 1]["content"].strip() if k and messages[k - 1]["role"] != "assistant" else ""
+    at = _common_prefix_len(alone, pre)
+    q = alone.find(question, max(0, at - len(question))) if question else -1  # shared a few characters into it
+    at = q + len(question) if q >= 0 else at  # after the question: not its copy of the reply
+    if _find_reply(alone, messages[k]["content"], at, len(alone)) is not None:
         why = (
             "an earlier turn is rewritten: the reply is written verbatim while it is the last message, but not once "
             "later messages are added (e.g. reasoning dropped from earlier turns)"
@@ -386,10 +390,12 @@ def _auto_turns(messages, tokenizer, template, text, assistants, problems) -> li
             # earlier message saying the same), found before it: the reply is after it (not a quote inside it);
             # looked for from a little before lo, which the two renderings may share a few characters into its text
             p = text.find(before, max(cursor, lo - len(before)), hi)
-            while 0 <= p <= span[0]:  # also a question that opens with the reply (or is it)
-                span = _find_reply(text, content, p + len(before), hi) or span
-                start = p + len(before) if p + len(before) <= span[0] else start
-                p = text.find(before, p + 1, span[0])  # the question written again before the reply
+            while span is not None and 0 <= p <= span[0]:
+                # not after it: the question opens with the reply's text (or is it), or only the question's copy
+                # of the reply is written (the template rewrites the reply itself): not the reply
+                span = _find_reply(text, content, p + len(before), hi) or (span if p == span[0] else None)
+                start = p + len(before) if span is not None and p + len(before) <= span[0] else start
+                p = text.find(before, p + 1, span[0]) if span is not None else -1  # the question written again
         if span is not None and k < last:
             # what was found lies after the next message starts (a question that quotes the reply as the message
             # holds it, where the template rewrites it), or is the start of a longer one: the reply is before that
