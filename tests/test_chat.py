@@ -1019,6 +1019,27 @@ def test_a_reply_saying_what_its_rewritten_question_says_is_trained_where_the_qu
     assert [r.text[b - 10 : e] for b, e in r.trained_spans] == want and r.problems == []
 
 
+def test_a_reply_holding_its_unwritten_question_or_followed_by_a_dropped_copy_of_it_is_trained_in_place():
+    """Two templates whose renderings do not share the question before a reply: one that upper-cases questions
+    (their text is then found first inside the reply 'because why', which a later reply repeats), one that writes
+    contents with nothing between them and drops system messages (the next message, a dropped system message,
+    says what the question said). Each reply is trained where it is, none refused or moved to a later copy."""
+    t = tok("chatml")
+    upper = "Turns: {{ messages|length }}\n" + CHATML.replace(
+        "{{ m.content }}", "{{ m.content|upper if m.role == 'user' else m.content }}"
+    )
+    r = render(_says("why", "because why", "ok", "because why"), t, chat_template=upper)
+    assert [r.text[b - 10 : e] for b, e in r.trained_spans] == ["assistant\nbecause why<|im_end|>"] * 2
+    dropped = (
+        _LOOP + "{% if m.role != 'system' %}{{ m.content|upper if loop.last and add_generation_prompt else "
+        "m.content }}{% endif %}{% if m.role == 'assistant' %}</s>{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}<think>{% endif %}"
+    )
+    conv = _says("Q: tell me?", "fine") + [{"from": "system", "value": "tell me?"}] + _says("ok", "sure")
+    r = render(conv, t, chat_template=dropped)
+    assert r.text == "Q: tell me?fine</s>oksure</s>" and r.trained_spans == [(11, 19), (21, 29)] and r.problems == []
+
+
 def test_refusals_name_what_differs():
     """Besides the rewritten reply, the refusal names a system prompt moved into the last user turn and a
     generation prompt that is not how the history writes a reply's turn."""
