@@ -752,12 +752,23 @@ def test_non_prefix_preserving_template_is_located_or_refused_with_the_reason():
     assert _refusal_reason(TURNS, t, upper) == (1, REWRITTEN_REPLY)
 
 
-def test_a_question_asked_before_and_after_a_reply_is_not_taken_for_a_quote_of_it():
+@pytest.fixture(
+    params=["Turns: {{ messages|length }}\n", "{{ messages|map(attribute='content')|join|length }} characters\n"],
+    ids=["counted", "measured"],
+)
+def head(request):
+    """A first line that makes every earlier character differ between the rendering up to a reply's generation
+    prompt and the full one: the turn count (the full conversation with a sentinel in the reply's place shares it:
+    the reply is located there), or the contents' length (it does not: the reply is searched after its question)."""
+    return request.param
+
+
+def test_a_question_asked_before_and_after_a_reply_is_not_taken_for_a_quote_of_it(head):
     """A template that changes every earlier character (the turn count written first) has each reply searched in
     the full rendering from before the questions; a user who asks the same question again after a reply (the
     next message's text is also written before the reply) does not make the reply look like a quote."""
     t = tok("chatml")
-    counted = "Turns: {{ messages|length }}\n" + t.chat_template
+    counted = head + t.chat_template
     again = {"from": "human", "value": "Continue."}
     conv = [again, TURNS[1], again, TURNS[3], again, TURNS[5]]
     r = render(conv, t, chat_template=counted)
@@ -784,12 +795,12 @@ def test_a_reply_followed_by_a_reply_that_names_its_header_is_trained_in_its_own
     assert r.text[slice(*r.trained_spans[-1])] == REPLIES[1] + "<|end|>"
 
 
-def test_a_rewritten_reply_quoted_before_and_after_it_is_refused_where_the_template_changes_earlier_text():
+def test_a_rewritten_reply_quoted_before_and_after_it_is_refused_where_the_template_changes_earlier_text(head):
     """A template that changes every earlier character (the turn count first) and upper-cases replies: a reply
     quoted by the question before it and by the one after it is written nowhere verbatim in its turn; it is
     refused (no prefix-preserving window to train), never located in either question."""
     t = tok("chatml")
-    counted = "Turns: {{ messages|length }}\n" + _UPPER
+    counted = head + _UPPER
     conv = [
         {"from": "human", "value": "Say: Hello there."},
         {"from": "gpt", "value": "Hello there."},
@@ -801,6 +812,7 @@ def test_a_rewritten_reply_quoted_before_and_after_it_is_refused_where_the_templ
 
 
 _SAY, _OK = {"from": "human", "value": "Say OK."}, {"from": "gpt", "value": "OK."}
+_OKAY = {"from": "gpt", "value": "Okay."}  # not three characters, the length of a probe's sentinel
 
 
 @pytest.mark.parametrize(
@@ -812,11 +824,11 @@ _SAY, _OK = {"from": "human", "value": "Say OK."}, {"from": "gpt", "value": "OK.
     ],
     ids=["same-turns", "holds-it-twice", "opens-with-it"],
 )
-def test_each_reply_is_trained_in_its_own_turn_where_the_template_changes_every_earlier_character(conv):
+def test_each_reply_is_trained_in_its_own_turn_where_the_template_changes_every_earlier_character(conv, head):
     """Where every earlier character changes (the turn count first), each reply is searched after the question
     before it, in the full rendering: the reply in its own turn, never inside the question or an earlier turn."""
     t = tok("chatml")
-    r = render(conv, t, chat_template="Turns: {{ messages|length }}\n" + t.chat_template)
+    r = render(conv, t, chat_template=head + t.chat_template)
     header, at, starts = "<|im_start|>assistant\n", 0, []
     for m in (m for m in conv if m["from"] == "gpt"):
         at = r.text.index(header, at) + len(header)
@@ -827,11 +839,13 @@ def test_each_reply_is_trained_in_its_own_turn_where_the_template_changes_every_
 @pytest.mark.parametrize(
     "head, conv",
     [  # earlier text longer the fewer the messages: the renderings share none of the earlier replies' places
-        ("{{ '-' * (40 - 10 * (messages|length)) }}\n", [{"from": "human", "value": "Sure?"}] + [_OK] * 3),
+        ("{{ '-' * (40 - 10 * (messages|length)) }}\n", [{"from": "human", "value": "Sure?"}] + [_OKAY] * 3),
+        # the contents' length first: the conversation rendered with a sentinel in a reply's place differs before it
+        ("{{ messages|map(attribute='content')|join|length }}\n", [{"from": "human", "value": "Sure?"}] + [_OKAY] * 3),
         # a start that depends on the first message: the reply that opens the conversation is not where it probes
-        ("Opens with {{ messages[0].content|length }} characters.\n", [_OK, {"from": "human", "value": "OK."}]),
+        ("Opens with {{ messages[0].content|length }} characters.\n", [_OKAY, {"from": "human", "value": "Okay."}]),
     ],
-    ids=["replies-in-a-row", "opened-by-a-reply-the-last-message-says"],
+    ids=["replies-in-a-row", "replies-in-a-row-measured", "opened-by-a-reply-the-last-message-says"],
 )
 def test_a_reply_after_a_reply_or_none_is_not_moved_past_a_message_before_it(head, conv):
     """Where the renderings differ before a reply, the reply is searched after the question before it; a reply
@@ -871,23 +885,29 @@ def _says(*lines) -> list[dict]:
     ],
     ids=["opens-the-text", "asked-again", "all-the-same", "opens-with-it", "same-after-the-first"],
 )
-def test_a_question_the_generation_prompt_rewrites_is_searched_and_the_reply_trained_after_it(conv):
-    """A template that writes contents with nothing between them and rewrites the last question where a
-    generation prompt follows (upper-cased), so the renderings never share the question: each reply is searched
-    after its question (also where the text opens with it, or an earlier message says the same), and trained in
-    its own place with the '</s>' after it: never the question's copy of the reply, never refused."""
+@pytest.mark.parametrize("lead", ["", "{{ messages|length }} turns\n"], ids=["", "counted"])
+def test_a_question_the_generation_prompt_rewrites_is_searched_and_the_reply_trained_after_it(conv, lead):
+    """A template that writes contents with nothing between them, each reply after its length in brackets (so the
+    conversation rendered with a sentinel in a reply's place differs before it), and rewrites the last question
+    where a generation prompt follows (upper-cased), so the renderings never share the question: each reply is
+    searched after its question (also where the text opens with it, or an earlier message says the same), and
+    trained in its own place with the '</s>' after it: never the question's copy of the reply, never refused."""
     t = tok("chatml")
     tpl = (
-        _LOOP + "{{ m.content|upper if loop.last and add_generation_prompt else m.content }}"
+        lead + _LOOP + "{% if m.role == 'assistant' %}[{{ m.content|length }}]{% endif %}"
+        "{{ m.content|upper if loop.last and add_generation_prompt else m.content }}"
         "{% if m.role == 'assistant' %}</s>{% endif %}{% endfor %}{% if add_generation_prompt %}<think>{% endif %}"
     )
     r = render(conv, t, chat_template=tpl)
-    at, want = 0, []
-    for m in conv:
+    tags = [f"[{len(m['value'])}]" if m["from"] == "gpt" else "" for m in conv]
+    written = "".join(tag + m["value"] + "</s>" * (m["from"] == "gpt") for tag, m in zip(tags, conv, strict=True))
+    at, want = len(r.text) - len(written), []
+    for tag, m in zip(tags, conv, strict=True):
+        at += len(tag)
         end = at + len(m["value"]) + 4 * (m["from"] == "gpt")
         want += [(at, end)] if m["from"] == "gpt" else []
         at = end
-    assert r.text == "".join(m["value"] + "</s>" * (m["from"] == "gpt") for m in conv)
+    assert r.text.endswith(written) and r.text[: len(r.text) - len(written)] in ("", f"{len(conv)} turns\n")
     assert r.trained_spans == want and r.problems == []
 
 
@@ -904,16 +924,14 @@ _WHICH, _AND = {"from": "human", "value": "Which?"}, {"from": "human", "value": 
     ids=["two-replies", "same-question-twice", "question-last"],
 )
 @pytest.mark.parametrize("trim", [False, True], ids=["", "trimmed-with-a-space-after"])
-def test_one_letter_replies_are_trained_where_their_marker_follows_not_in_their_turns_header(letters, conv, trim):
+def test_one_letter_replies_are_trained_where_their_marker_follows_not_in_their_turns_header(letters, conv, trim, head):
     """A template that changes every earlier character (the turn count first), so that each reply is searched in
     the full rendering from before its turn's header: one-letter replies that the header '<|assistant|>' also
     holds are trained where the marker follows them, '<|end|>' between turns and the EOS after the final one (also
     written trimmed, the message holding a space after the letter)."""
     t = tok("chatml")
     tpl = (
-        "Turns: {{ messages|length }}\n"
-        + _LOOP
-        + "{% if not loop.first %}<|end|>{% endif %}<|{{ m.role }}|>{{ m.content | trim }}{% endfor %}"
+        head + _LOOP + "{% if not loop.first %}<|end|>{% endif %}<|{{ m.role }}|>{{ m.content | trim }}{% endfor %}"
         "{% if add_generation_prompt %}<|end|><|assistant|>{% else %}{{ eos_token }}{% endif %}"
     )
     conv = [{"from": "gpt", "value": m + " " * trim} if isinstance(m, str) else m for m in conv]
@@ -925,32 +943,32 @@ def test_one_letter_replies_are_trained_where_their_marker_follows_not_in_their_
 
 
 @pytest.mark.parametrize("strip", ["rstrip", "lstrip"])
-def test_a_short_reply_stripped_on_one_side_is_trained_as_written_not_in_its_turns_header(strip):
-    """A one-letter reply with a space on both sides (' a '), which the template writes stripped on one side only,
+def test_a_short_reply_stripped_on_one_side_is_trained_as_written_not_in_its_turns_header(strip, head):
+    """A one-letter reply with spaces on both sides (' a  '), which the template writes stripped on one side only,
     while its turn's header ('<|an assistant|>') holds ' a': the reply is trained as the template wrote it before
     the marker, its space included, not one character off (nor the header's ' a')."""
     t = tok("chatml")
     tpl = (
-        "Turns: {{ messages|length }}\n"
+        head
         + _LOOP
         + "{% if not loop.first %}<|end|>{% endif %}<|{{ 'an assistant' if m.role == 'assistant' else m.role }}|>"
         "{{ m.content." + strip + "() if m.role == 'assistant' else m.content }}{% endfor %}"
         "{% if add_generation_prompt %}<|end|><|an assistant|>{% else %}{{ eos_token }}{% endif %}"
     )
-    reply = {"from": "gpt", "value": " a "}
+    reply = {"from": "gpt", "value": " a  "}  # not three characters, the length of a probe's sentinel
     r = render([_WHICH, reply, _AND, reply], t, chat_template=tpl)
-    written = getattr(" a ", strip)()
+    written = getattr(" a  ", strip)()
     assert [r.text[b:e] for b, e in r.trained_spans] == [written + "<|end|>", written + "<|im_end|>"]
     assert all(r.text[b - 2 : b] == "|>" for b, _ in r.trained_spans) and r.problems == []
 
 
-def test_a_short_reply_in_its_turns_header_is_not_moved_past_the_next_message():
+def test_a_short_reply_in_its_turns_header_is_not_moved_past_the_next_message(head):
     """Where the marker does not follow the place a short reply is first found (its turn's header), the reply is
     looked for right before the next marker, but not past the next message: a template that leaves the reply
     's' open (no marker after it) does not get the 's' that ends the next question trained as the reply."""
     t = tok("chatml")
     tpl = (
-        "Turns: {{ messages|length }}\n"
+        head
         + _LOOP
         + "<|{{ 'human' if m.role == 'user' else m.role }}|>{{ m.content }}{% if m.content != 's' %}<|end|>{% endif %}"
         "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
@@ -993,51 +1011,72 @@ def _refusal_reason(conv, t, template) -> tuple[int, str]:
     ],
     ids=["last", "between", "quoted-inside"],
 )
-def test_a_rewritten_reply_whose_question_holds_it_is_refused_not_trained_in_the_question(conv, k):
+def test_a_rewritten_reply_whose_question_holds_it_is_refused_not_trained_in_the_question(conv, k, head):
     """A template that renders the last question otherwise where a generation prompt follows (so the renderings
     never share it) and upper-cases replies holding '!': the reply is not written verbatim, only the question's copy
     of it is. That copy is never trained as the reply: the row is refused, naming the reply as rewritten."""
     t = tok("chatml")
     tpl = (
-        _LOOP + "{% if m.role == 'assistant' and '!' in m.content %}{{ m.content|upper }}"
+        head + _LOOP + "{% if m.role == 'assistant' and '!' in m.content %}{{ m.content|upper }}"
         "{% else %}{{ m.content|upper if loop.last and add_generation_prompt else m.content }}{% endif %}"
         "{% if m.role == 'assistant' %}</s>{% endif %}{% endfor %}{% if add_generation_prompt %}<think>{% endif %}"
     )
-    at, why = _refusal_reason(conv, t, tpl)
-    assert at == k and why.startswith(REWRITTEN_REPLY + "; besides, the generation prompt's 'AY: HI THERE!")
+    assert _refusal_reason(conv, t, tpl)[0] == k
+    assert _refusal_reason(conv, t, tpl)[1].startswith(REWRITTEN_REPLY)
 
 
-def test_a_reply_saying_what_its_rewritten_question_says_is_trained_where_the_question_is_not_written():
+def test_a_reply_saying_what_its_rewritten_question_says_is_trained_where_the_question_is_not_written(head):
     """A template that changes every earlier character (the turn count first) and upper-cases questions: the
     question's text is found only at the reply, which says the same; that place is the reply, trained."""
     t = tok("chatml")
-    tpl = "Turns: {{ messages|length }}\n" + CHATML.replace(
-        "{{ m.content }}", "{{ m.content|upper if m.role == 'user' else m.content }}"
-    )
+    tpl = head + CHATML.replace("{{ m.content }}", "{{ m.content|upper if m.role == 'user' else m.content }}")
     r = render(_says("yes.", "yes.", "no?", "fine."), t, chat_template=tpl)
     want = ["assistant\nyes.<|im_end|>", "assistant\nfine.<|im_end|>"]
     assert [r.text[b - 10 : e] for b, e in r.trained_spans] == want and r.problems == []
 
 
-def test_a_reply_holding_its_unwritten_question_or_followed_by_a_dropped_copy_of_it_is_trained_in_place():
+def test_a_reply_holding_its_unwritten_question_or_followed_by_a_dropped_copy_of_it_is_trained_in_place(head):
     """Two templates whose renderings do not share the question before a reply: one that upper-cases questions
     (their text is then found first inside the reply 'because why', which a later reply repeats), one that writes
     contents with nothing between them and drops system messages (the next message, a dropped system message,
     says what the question said). Each reply is trained where it is, none refused or moved to a later copy."""
     t = tok("chatml")
-    upper = "Turns: {{ messages|length }}\n" + CHATML.replace(
-        "{{ m.content }}", "{{ m.content|upper if m.role == 'user' else m.content }}"
-    )
+    upper = head + CHATML.replace("{{ m.content }}", "{{ m.content|upper if m.role == 'user' else m.content }}")
     r = render(_says("why", "because why", "ok", "because why"), t, chat_template=upper)
     assert [r.text[b - 10 : e] for b, e in r.trained_spans] == ["assistant\nbecause why<|im_end|>"] * 2
     dropped = (
-        _LOOP + "{% if m.role != 'system' %}{{ m.content|upper if loop.last and add_generation_prompt else "
-        "m.content }}{% endif %}{% if m.role == 'assistant' %}</s>{% endif %}{% endfor %}"
-        "{% if add_generation_prompt %}<think>{% endif %}"
+        _LOOP + "{% if m.role == 'assistant' %}[{{ m.content|length }}]{% endif %}{% if m.role != 'system' %}"
+        "{{ m.content|upper if loop.last and add_generation_prompt else m.content }}{% endif %}"
+        "{% if m.role == 'assistant' %}</s>{% endif %}{% endfor %}{% if add_generation_prompt %}<think>{% endif %}"
     )
     conv = _says("Q: tell me?", "fine") + [{"from": "system", "value": "tell me?"}] + _says("ok", "sure")
     r = render(conv, t, chat_template=dropped)
-    assert r.text == "Q: tell me?fine</s>oksure</s>" and r.trained_spans == [(11, 19), (21, 29)] and r.problems == []
+    assert r.text == "Q: tell me?[4]fine</s>ok[4]sure</s>" and r.trained_spans == [(14, 22), (27, 35)]
+    assert r.problems == []
+
+
+def test_a_short_reply_the_system_prompt_holds_is_trained_after_its_question(head):
+    """A system prompt that holds a short reply's text ('Answer Yes. or No.'), under a template whose text before a
+    reply differs between the renderings: the reply is trained in its own turn, after its question, never inside
+    the system prompt."""
+    t = tok("chatml")
+    conv = [{"from": "system", "value": "Answer Yes. or No."}] + _says("Is it?", "Yes.", "Sure?", "No.")
+    r = render(conv, t, chat_template=head + CHATML)
+    assert [r.text[b - 10 : e] for b, e in r.trained_spans] == [f"assistant\n{x}<|im_end|>" for x in ("Yes.", "No.")]
+    assert r.problems == []
+
+
+def test_a_rewritten_reply_located_in_its_turn_is_not_taken_from_a_later_message():
+    """A template that changes every earlier character (the turn count first) and upper-cases replies with '!':
+    the conversation rendered with a sentinel in the reply's place says where the reply is written, and it is not
+    written verbatim there; a later question that quotes it (and repeats the next question) is past the next
+    reply's place, so the row is refused, not trained inside that question."""
+    t = tok("chatml")
+    tpl = "Turns: {{ messages|length }}\n" + CHATML.replace(
+        "{{ m.content }}", "{{ m.content|upper if m.role == 'assistant' and '!' in m.content else m.content }}"
+    )
+    conv = _says("Q", "hi there!", "ok", "fine", "hi there! ok", "bye")
+    assert _refusal_reason(conv, t, tpl) == (1, REWRITTEN_REPLY)
 
 
 def test_refusals_name_what_differs():

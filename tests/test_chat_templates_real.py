@@ -75,6 +75,14 @@ SHAPES = {
         {"role": "user", "content": "And now?"},
         {"role": "assistant", "content": "A"},
     ],
+    # replies that open with markup: a generation prompt that adds '<think>' shares its '<' with them (QwQ, the R1
+    # distills, Gemma 4)
+    "markup": [
+        {"role": "user", "content": "Bold?"},
+        {"role": "assistant", "content": "<b>bold</b> text"},
+        {"role": "user", "content": "Italic?"},
+        {"role": "assistant", "content": "<i>x</i>"},
+    ],
     # marker-like text in contents, surrounding spaces and newlines (templates that trim write less of them)
     "tricky": [
         SYSTEM,
@@ -205,6 +213,14 @@ MORE = {
         {"role": "user", "content": "Q2"},
         {"role": "assistant", "content": "R2"},
     ],
+    # a system message after a reply that says what the reply said, written first by DeepSeek's templates
+    "later-system-says-the-reply": [
+        {"role": "user", "content": "Q1"},
+        {"role": "assistant", "content": "Use French."},
+        {"role": "system", "content": "Use French."},
+        {"role": "user", "content": "Q2"},
+        {"role": "assistant", "content": "Bonjour."},
+    ],
     "assistant-first": [
         {"role": "assistant", "content": "You are a helpful assistant."},
         {"role": "user", "content": "Today Date: 26 Jul 2024"},
@@ -218,6 +234,8 @@ MORE = {
     "name, shape",
     [
         ("deepseek-r1-distill-qwen.jinja", "system-after-reply"),
+        ("deepseek-r1-distill-qwen.jinja", "later-system-says-the-reply"),
+        ("qwen2.5-instruct.jinja", "later-system-says-the-reply"),
         ("qwen2.5-instruct.jinja", "system-after-reply"),
         ("qwen2.5-instruct.jinja", "assistant-first"),
         ("llama-3.2-instruct.jinja", "assistant-first"),

@@ -362,34 +362,51 @@ def _auto_turns(messages, tokenizer, template, text, assistants, problems) -> li
     reply is searched verbatim in the one full rendering, in order, after the part both renderings share and
     after the message before it; a reply not written verbatim there is refused with the message index and what
     differs."""
-    pres = []
+    pres, located = [], []
     for k in assistants:
         pre = (
             render_messages(messages[:k], tokenizer, template, add_generation_prompt=True)
             if k
-            else _opening(messages, tokenizer, template)
+            else _opening(messages, 0, tokenizer, template)
         )
         if not text.startswith(pre) and text.startswith(pre.rstrip()):
             # the template ends every rendering with whitespace (a trailing newline after its last block): that
             # is not how the reply's turn starts; the reply is searched from before it
             pre = pre.rstrip()
+        at = None
+        if k and not text.startswith(pre):
+            # where the full rendering writes this reply, where what it writes before it does not depend on the
+            # reply (a later system message written first, a generation prompt the history lacks)
+            probe = _opening(messages, k, tokenizer, template)
+            at = len(probe) if probe and text.startswith(probe) else None
         pres.append(pre)
+        located.append(at)
     turns = []
     cursor = 0
     last = len(messages) - 1
     for i, k in enumerate(assistants):
         pre, content = pres[i], messages[k]["content"]
         exact = text.startswith(pre)
-        lo = max(len(pre) if exact else _common_prefix_len(pre, text), cursor)
+        lo = len(pre) if exact else located[i] if located[i] is not None else _common_prefix_len(pre, text)
+        lo = max(lo, cursor)
         hi = len(pres[i + 1]) if i + 1 < len(pres) and text.startswith(pres[i + 1]) else len(text)
+        hi = located[i + 1] if i + 1 < len(pres) and located[i + 1] is not None else hi
         span = _find_reply(text, content, lo, hi)
         start = lo  # where the reply's turn may begin: after the message before it, where that is placed
         before = messages[k - 1]["content"].strip() if k and messages[k - 1]["role"] != "assistant" else ""
-        if span is not None and not exact and before and not cursor <= pre.rfind(before) <= lo - len(before):
+        if (
+            span is not None
+            and located[i] is None
+            and not exact
+            and before
+            and not cursor <= pre.rfind(before) <= lo - len(before)
+        ):
             # the message before the reply (not in the part both renderings share, after the turn before it: not an
             # earlier message saying the same), found before it: the reply is after it (not a quote inside it);
             # looked for from a little before lo, which the two renderings may share a few characters into its text
             p = text.find(before, max(cursor, lo - len(before)), hi)
+            if span[1] <= p:  # what was found lies before the question (in an earlier message or a header): not it
+                span = _find_reply(text, content, p + len(before), hi)
             while span is not None and 0 <= p <= span[0]:
                 # not after it: the question opens with the reply's text (or is it), or only the question's copy
                 # of the reply is written (the template rewrites the reply itself): not the reply
@@ -452,16 +469,16 @@ def _before_marker(text, content, span, k, messages, tokenizer, template) -> tup
     return span
 
 
-def _opening(messages, tokenizer, template) -> str:
-    """What the template writes before a reply that opens the conversation (a default system block, the turn's
-    opening): the conversation rendered with a sentinel for that reply, up to it; "" where the template does not
-    write it or rejects the probe (the reply is searched from the start, and the next reply after it)."""
-    probe = [{**messages[0], "content": _sentinel(0)}] + messages[1:]
+def _opening(messages, k, tokenizer, template) -> str:
+    """What the template writes before reply k in the whole conversation (for k = 0: a default system block, the
+    turn's opening): the conversation rendered with a sentinel for that reply, up to it; "" where the template does
+    not write it or rejects the probe (the reply is searched from the start, and the next reply after it)."""
+    probe = messages[:k] + [{**messages[k], "content": _sentinel(k)}] + messages[k + 1 :]
     try:
         rendered = render_messages(probe, tokenizer, template)
     except TemplateError:
         return ""
-    at = rendered.find(_sentinel(0))
+    at = rendered.find(_sentinel(k))
     return rendered[:at] if at >= 0 else ""
 
 
