@@ -1079,6 +1079,35 @@ def test_a_rewritten_reply_located_in_its_turn_is_not_taken_from_a_later_message
     assert _refusal_reason(conv, t, tpl) == (1, REWRITTEN_REPLY)
 
 
+def test_a_located_reply_is_not_looked_for_again_after_a_later_copy_of_its_question():
+    """A template that changes every earlier character (the turn count first) and rewrites the last question
+    where a generation prompt follows: the conversation rendered with a sentinel in a reply's place says where the
+    reply is; a last question that repeats the question and the reply ('ok fine') does not move it there."""
+    t = tok("chatml")
+    tpl = (
+        "Turns: {{ messages|length }}\n"
+        + _LOOP
+        + "<|{{ m.role }}|>{{ m.content|upper if loop.last and add_generation_prompt else m.content }}<|end|>"
+        "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    r = render(_says("why", "no", "ok", "fine", "ok fine"), t, chat_template=tpl)
+    assert [r.text[b - 13 : e] for b, e in r.trained_spans] == [f"<|assistant|>{x}<|end|>" for x in ("no", "fine")]
+    assert r.problems == []
+
+
+def test_a_reply_the_template_drops_is_not_taken_from_its_question():
+    """A template that changes every earlier character (the turn count first) and drops the first reply: where the
+    conversation rendered with a sentinel in its place does not write it, the reply is searched after its question,
+    which quotes it; it is nowhere else, so the row is refused, never trained inside the question."""
+    t = tok("chatml")
+    drop = "{% if not (m.role == 'assistant' and loop.index0 == 1) %}"
+    tpl = "Turns: {{ messages|length }}\n" + CHATML.replace("messages %}", "messages %}" + drop).replace(
+        "{% endfor %}", "{% endif %}{% endfor %}"
+    )
+    with pytest.raises(TemplateError, match="does not write message 1 "):
+        render(_says("say hi", "hi", "ok", "fine"), t, chat_template=tpl)
+
+
 def test_refusals_name_what_differs():
     """Besides the rewritten reply, the refusal names a system prompt moved into the last user turn and a
     generation prompt that is not how the history writes a reply's turn."""
