@@ -753,13 +753,18 @@ def test_non_prefix_preserving_template_is_located_or_refused_with_the_reason():
 
 
 @pytest.fixture(
-    params=["Turns: {{ messages|length }}\n", "{{ messages|map(attribute='content')|join|length }} characters\n"],
-    ids=["counted", "measured"],
+    params=[
+        "Turns: {{ messages|length }}\n",
+        "{{ messages|map(attribute='content')|join|length }} characters\n",
+        "{{ '-' * (messages|map(attribute='content')|join|length % 7) }}\n",
+    ],
+    ids=["counted", "measured", "measured-in-dashes"],
 )
 def head(request):
     """A first line that makes every earlier character differ between the rendering up to a reply's generation
     prompt and the full one: the turn count (the full conversation with a sentinel in the reply's place shares it:
-    the reply is located there), or the contents' length (it does not: the reply is searched after its question)."""
+    the reply is located there), or the contents' length (it does not: the reply is searched after its question),
+    also as a line whose own length changes with it."""
     return request.param
 
 
@@ -1077,6 +1082,7 @@ def test_a_rewritten_reply_located_in_its_turn_is_not_taken_from_a_later_message
     )
     conv = _says("Q", "hi there!", "ok", "fine", "hi there! ok", "bye")
     assert _refusal_reason(conv, t, tpl) == (1, REWRITTEN_REPLY)
+    assert _refusal_reason(conv[:-1], t, tpl) == (1, REWRITTEN_REPLY)  # the next reply is the last one
 
 
 def test_a_located_reply_is_not_looked_for_again_after_a_later_copy_of_its_question():
@@ -1106,6 +1112,18 @@ def test_a_reply_the_template_drops_is_not_taken_from_its_question():
     )
     with pytest.raises(TemplateError, match="does not write message 1 "):
         render(_says("say hi", "hi", "ok", "fine"), t, chat_template=tpl)
+
+
+def test_a_short_reply_written_right_before_its_question_in_the_system_prompt_is_not_trained_there(head):
+    """A template that writes contents with nothing between them, under a first line that makes the renderings
+    differ from the start: a system prompt ending with the reply's text ('Say Yes.') right before the question
+    ('ok?'): the reply is trained after the question, not at the end of the system prompt."""
+    t = tok("chatml")
+    tpl = head + _LOOP + "{{ m.content }}{% if m.role == 'assistant' %}</s>{% endif %}{% endfor %}"
+    conv = [{"from": "system", "value": "Say Yes."}] + _says("ok?", "Yes.", "more?", "No.")
+    r = render(conv, t, chat_template=tpl)
+    assert r.text.endswith("Say Yes.ok?Yes.</s>more?No.</s>")
+    assert [r.text[b - 3 : e] for b, e in r.trained_spans] == ["ok?Yes.</s>", "re?No.</s>"] and r.problems == []
 
 
 def test_refusals_name_what_differs():
