@@ -1126,6 +1126,60 @@ def test_a_short_reply_written_right_before_its_question_in_the_system_prompt_is
     assert [r.text[b - 3 : e] for b, e in r.trained_spans] == ["ok?Yes.</s>", "re?No.</s>"] and r.problems == []
 
 
+_R1 = "deepseek-r1-distill-qwen.jinja"  # not prefix-preserving: '<think>\n' after its generation prompt
+_LENGTHS = (  # not prefix-preserving (each reply's length before it, '?' in the generation prompt), drops system
+    "{% for m in messages %}{% if m.role=='user' %}<U>{{ m.content }}{% elif m.role=='assistant' %}"
+    "<A{{ m.content|length }}>{{ m.content }}</A>{% endif %}{% endfor %}{% if add_generation_prompt %}<A?>{% endif %}"
+)
+_PREVIEW = (  # each reply's first five characters first, then the turns
+    "{% for m in messages if m.role=='assistant' %}[{{ m.content[:5] }}]{% endfor %}{% for m in messages %}"
+    "{% if m.role=='user' %}<U>{{ m.content }}{% elif m.role=='assistant' %}<A>{{ m.content }}</A>{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<A>{% endif %}"
+)
+
+
+_SAYS_NOTE = [("user", "Q1"), ("assistant", "R1"), ("system", "Note"), ("assistant", "answer"), ("user", "x")]
+
+
+@pytest.mark.parametrize(
+    "template, conv, refused",
+    [
+        (_R1, [("user", "Q1 \x003\x00"), ("assistant", "a1"), ("user", "Q2"), ("assistant", "a2")], False),
+        (_LENGTHS, _SAYS_NOTE + [("assistant", "Note")], False),
+        (_LENGTHS, _SAYS_NOTE + [("assistant", "Note: answer")], False),
+        (_PREVIEW, [("user", "Q1"), ("assistant", "Hello world"), ("user", "Q2"), ("assistant", "Goodbye")], False),
+        (_R1, [("user", "Q"), ("assistant", "r</think>a"), ("system", "Be."), ("user", "Say r</think>a")], True),
+    ],
+    ids=["sentinel-text-in-a-question", "dropped-system-said", "dropped-system-said-first", "previews", "quoted"],
+)
+def test_each_reply_is_located_only_where_the_template_writes_it(template, conv, refused):
+    """Cold review's cases against the sentinel locator (the conversation rendered with a sentinel in a reply's
+    place): a question holding the sentinel's text, a dropped system message whose text a later reply says, each
+    reply previewed before the turns, and a rewritten reply that a later question quotes. Each reply is found in its
+    own turn, or the row is refused (a reply the template rewrites), never trained inside another message."""
+    from pathlib import Path
+
+    from backend.chat.templates import _auto_turns, render_messages
+
+    t = tok("chatml")
+    if template == _R1:
+        template = (Path(__file__).parent / "data" / "chat_templates" / _R1).read_text()
+    messages = [{"role": r, "content": c} for r, c in conv]
+    text = render_messages(messages, t, template)
+    assistants = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if refused:
+        with pytest.raises(TemplateError, match="does not write message 1 "):
+            _auto_turns(messages, t, template, text, assistants, [])
+        return
+    turns = _auto_turns(messages, t, template, text, assistants, [])
+    assert [text[x.begin : x.content_end] for x in turns] == [messages[k]["content"] for k in assistants]
+    opening = "<A>" if template == _PREVIEW else None
+    for x in turns:  # each right after its own turn's opening
+        k = x.message_index
+        want = opening or (f"<A{len(messages[k]['content'])}>" if template == _LENGTHS else "<｜Assistant｜>")
+        assert text[x.begin - len(want) : x.begin] == want
+
+
 def test_refusals_name_what_differs():
     """Besides the rewritten reply, the refusal names a system prompt moved into the last user turn and a
     generation prompt that is not how the history writes a reply's turn."""

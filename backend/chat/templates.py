@@ -152,6 +152,15 @@ def _find_reply(text: str, content: str, lo: int, hi: int) -> tuple[int, int] | 
     return None
 
 
+def _reply_at(text: str, content: str, at: int, hi: int) -> tuple[int, int] | None:
+    """The reply as `_find_reply` takes it, written right at ``at`` (where the template writes it); None when it is
+    not (rewritten there: never a later message's copy of it)."""
+    for variant in dict.fromkeys((content, content.rstrip(), content.lstrip(), content.strip())):
+        if variant and text.startswith(variant, at) and at + len(variant) <= hi:
+            return at, at + len(variant)
+    return None
+
+
 class _Eot(NamedTuple):
     """What a template writes after an assistant reply (see `_eot`)."""
 
@@ -391,7 +400,7 @@ def _auto_turns(messages, tokenizer, template, text, assistants, problems) -> li
         lo = max(lo, cursor)
         hi = len(pres[i + 1]) if i + 1 < len(pres) and text.startswith(pres[i + 1]) else len(text)
         hi = located[i + 1] if i + 1 < len(pres) and located[i + 1] is not None else hi
-        span = _find_reply(text, content, lo, hi)
+        span = _find_reply(text, content, lo, hi) if located[i] is None else _reply_at(text, content, lo, hi)
         start = lo  # where the reply's turn may begin: after the message before it, where that is placed
         before = messages[k - 1]["content"].strip() if k and messages[k - 1]["role"] != "assistant" else ""
         if (
@@ -405,7 +414,9 @@ def _auto_turns(messages, tokenizer, template, text, assistants, problems) -> li
             # earlier message saying the same), found before it: the reply is after it (not a quote inside it);
             # looked for from a little before lo, which the two renderings may share a few characters into its text
             p = text.find(before, max(cursor, lo - len(before)), hi)
-            if span[1] <= p:  # what was found lies before the question (in an earlier message or a header): not it
+            if span[1] <= p and messages[k - 1]["role"] == "user":
+                # found before the question (in the system prompt, a header): not it. A user message is written
+                # (a system message may be dropped, its text found anywhere)
                 span = _find_reply(text, content, p + len(before), hi)
             while span is not None and 0 <= p <= span[0]:
                 # not after it: the question opens with the reply's text (or is it), or only the question's copy
@@ -472,14 +483,15 @@ def _before_marker(text, content, span, k, messages, tokenizer, template) -> tup
 def _opening(messages, k, tokenizer, template) -> str:
     """What the template writes before reply k in the whole conversation (for k = 0: a default system block, the
     turn's opening): the conversation rendered with a sentinel for that reply, up to it; "" where the template does
-    not write it or rejects the probe (the reply is searched from the start, and the next reply after it)."""
+    not write it once (a preview of each reply, a message holding the sentinel's text) or rejects the probe (the
+    reply is searched from the start, and the next reply after it)."""
     probe = messages[:k] + [{**messages[k], "content": _sentinel(k)}] + messages[k + 1 :]
     try:
         rendered = render_messages(probe, tokenizer, template)
     except TemplateError:
         return ""
     at = rendered.find(_sentinel(k))
-    return rendered[:at] if at >= 0 else ""
+    return rendered[:at] if at >= 0 and rendered.find(_sentinel(k), at + 1) < 0 else ""
 
 
 def _sentinel(i: int) -> str:
