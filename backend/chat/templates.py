@@ -422,8 +422,10 @@ def _auto_turns(messages, tokenizer, template, text, assistants, problems) -> li
                 # not after it: the question opens with the reply's text (or is it), or only the question's copy
                 # of the reply is written (the template rewrites the reply itself): not the reply
                 span = _find_reply(text, content, p + len(before), hi) or (span if p == span[0] else None)
-                start = p + len(before) if span is not None and p + len(before) <= span[0] else start
-                p = text.find(before, p + 1, span[0]) if span is not None else -1  # the question written again
+                if span is None:
+                    break
+                start = p + len(before) if p + len(before) <= span[0] else start
+                p = text.find(before, p + 1, span[0])  # the question written again before the reply
         if span is not None and k < last:
             # what was found lies after the next message starts (a question that quotes the reply as the message
             # holds it, where the template rewrites it), or is the start of a longer one: the reply is before that
