@@ -1049,14 +1049,15 @@ def test_a_reply_holding_its_unwritten_question_or_followed_by_a_dropped_copy_of
     upper = head + CHATML.replace("{{ m.content }}", "{{ m.content|upper if m.role == 'user' else m.content }}")
     r = render(_says("why", "because why", "ok", "because why"), t, chat_template=upper)
     assert [r.text[b - 10 : e] for b, e in r.trained_spans] == ["assistant\nbecause why<|im_end|>"] * 2
-    dropped = (
-        _LOOP + "{% if m.role == 'assistant' %}[{{ m.content|length }}]{% endif %}{% if m.role != 'system' %}"
-        "{{ m.content|upper if loop.last and add_generation_prompt else m.content }}{% endif %}"
-        "{% if m.role == 'assistant' %}</s>{% endif %}{% endfor %}{% if add_generation_prompt %}<think>{% endif %}"
+    dropped = (  # each question after the length of everything after it (so a reply's sentinel changes it)
+        _LOOP + "{% if m.role == 'user' %}[{{ messages[loop.index0:]|map(attribute='content')|join|length }}]"
+        "{% endif %}{% if m.role != 'system' %}{{ m.content|upper if loop.last and add_generation_prompt else "
+        "m.content }}{% endif %}{% if m.role == 'assistant' %}</s>{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}<think>{% endif %}"
     )
     conv = _says("Q: tell me?", "fine") + [{"from": "system", "value": "tell me?"}] + _says("ok", "sure")
     r = render(conv, t, chat_template=dropped)
-    assert r.text == "Q: tell me?[4]fine</s>ok[4]sure</s>" and r.trained_spans == [(14, 22), (27, 35)]
+    assert r.text == "[29]Q: tell me?fine</s>[6]oksure</s>" and r.trained_spans == [(15, 23), (28, 36)]
     assert r.problems == []
 
 
