@@ -1181,6 +1181,20 @@ def test_each_reply_is_located_only_where_the_template_writes_it(template, conv,
         assert text[x.begin - len(want) : x.begin] == want
 
 
+def test_a_rewritten_reply_its_question_quotes_is_refused_at_its_own_message():
+    """A template that writes '[long]' before a long reply's turn (so its text before that reply depends on it: the
+    old search answers for it, while the short next reply is located) and upper-cases replies with '!': the
+    reply's raw text is only in its question and in a question after the next reply. The row is refused at that
+    reply, which is not taken from the later question (past the next reply's place)."""
+    t = tok("chatml")
+    tpl = "Turns: {{ messages|length }}\n" + CHATML.replace(
+        "{% for m in messages %}",
+        "{% for m in messages %}{% if m.role == 'assistant' and m.content|length > 8 %}[long]{% endif %}",
+    ).replace("{{ m.content }}", "{{ m.content|upper if m.role == 'assistant' and '!' in m.content else m.content }}")
+    conv = _says("say hello there!", "hello there!", "ok", "fine", "you said hello there! ok", "yes")
+    assert _refusal_reason(conv, t, tpl)[0] == 1
+
+
 def test_refusals_name_what_differs():
     """Besides the rewritten reply, the refusal names a system prompt moved into the last user turn and a
     generation prompt that is not how the history writes a reply's turn."""
