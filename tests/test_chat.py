@@ -1193,6 +1193,10 @@ def test_a_rewritten_reply_its_question_quotes_is_refused_at_its_own_message():
     ).replace("{{ m.content }}", "{{ m.content|upper if m.role == 'assistant' and '!' in m.content else m.content }}")
     conv = _says("say hello there!", "hello there!", "ok", "fine", "you said hello there! ok", "yes")
     assert _refusal_reason(conv, t, tpl)[0] == 1
+    # the same where only the system prompt says it before the reply (found there first, before the question)
+    lines = ("Hi", "hello there!", "ok", "fine", "you said hello there! ok", "yes")
+    conv = [{"from": "system", "value": "Greet with hello there!"}] + _says(*lines)
+    assert _refusal_reason(conv, t, tpl)[0] == 2
 
 
 def test_refusals_name_what_differs():
