@@ -367,10 +367,12 @@ def _auto_turns(messages, tokenizer, template, text, assistants, problems) -> li
 
     Where the template is prefix-preserving (the rendering up to the reply's generation prompt is a prefix of
     the final text) the reply is searched right after that prompt. Where it is not (a system prompt moved into
-    the last user turn, a generation prompt that adds ``<think>\\n``, reasoning dropped from earlier turns) the
-    reply is searched verbatim in the one full rendering, in order, after the part both renderings share and
-    after the message before it; a reply not written verbatim there is refused with the message index and what
-    differs."""
+    the last user turn or a later one written first, a generation prompt that adds ``<think>\\n``, reasoning dropped
+    from earlier turns) the reply is taken right where the full conversation, rendered with a sentinel in its place
+    (`_opening`), writes it, when that rendering up to the sentinel is a prefix of the text. Where even that is not
+    (the template's text before the reply depends on the reply) the reply is searched verbatim in the one full
+    rendering, in order, after the part both renderings share and after the message before it. A reply not written
+    verbatim there is refused with the message index and what differs."""
     pres, located = [], []
     for k in assistants:
         pre = (
@@ -485,8 +487,8 @@ def _before_marker(text, content, span, k, messages, tokenizer, template) -> tup
 def _opening(messages, k, tokenizer, template) -> str:
     """What the template writes before reply k in the whole conversation (for k = 0: a default system block, the
     turn's opening): the conversation rendered with a sentinel for that reply, up to it; "" where the template does
-    not write it once (a preview of each reply, a message holding the sentinel's text) or rejects the probe (the
-    reply is searched from the start, and the next reply after it)."""
+    not write it once (a preview of each reply, a message holding the sentinel's text) or rejects the probe (a first
+    reply is then searched from the start, a later one as if there were no sentinel rendering)."""
     probe = messages[:k] + [{**messages[k], "content": _sentinel(k)}] + messages[k + 1 :]
     try:
         rendered = render_messages(probe, tokenizer, template)
