@@ -1030,14 +1030,32 @@ def test_a_rewritten_reply_whose_question_holds_it_is_refused_not_trained_in_the
     assert _refusal_reason(conv, t, tpl)[1].startswith(REWRITTEN_REPLY)
 
 
-def test_a_reply_saying_what_its_rewritten_question_says_is_trained_where_the_question_is_not_written(head):
-    """A template that changes every earlier character (the turn count first) and upper-cases questions: the
-    question's text is found only at the reply, which says the same; that place is the reply, trained."""
+def test_a_reply_saying_what_its_rewritten_question_says_is_trained_or_refused_never_taken_from_the_question(head):
+    """A template that changes every earlier character and rewrites one message's text (upper-cased), and a reply
+    saying what the message before it says, so that the message's text is found only at one place. Where the
+    conversation rendered with a sentinel in the reply's place says where it is (the turn count first), the reply is
+    trained there. Else (the contents' length first) that place is taken for the reply where the message before it
+    is a system message (which a template may drop or rewrite), and the row refused where it is a user question
+    (written: the place may be the question's own, a reply the template rewrites; a cold review's case)."""
     t = tok("chatml")
     tpl = head + CHATML.replace("{{ m.content }}", "{{ m.content|upper if m.role == 'user' else m.content }}")
-    r = render(_says("yes.", "yes.", "no?", "fine."), t, chat_template=tpl)
-    want = ["assistant\nyes.<|im_end|>", "assistant\nfine.<|im_end|>"]
-    assert [r.text[b - 10 : e] for b, e in r.trained_spans] == want and r.problems == []
+    conv = _says("yes.", "yes.", "no?", "fine.")
+    located = head.startswith("Turns")
+    if located:
+        r = render(conv, t, chat_template=tpl)
+        want = ["assistant\nyes.<|im_end|>", "assistant\nfine.<|im_end|>"]
+        assert [r.text[b - 10 : e] for b, e in r.trained_spans] == want and r.problems == []
+    else:
+        assert _refusal_reason(conv, t, tpl)[0] == 1
+    upper_replies = head + CHATML.replace(
+        "{{ m.content }}", "{{ m.content|upper if m.role == 'assistant' else m.content }}"
+    )
+    if not located:  # the question written, the reply rewritten: the question's 'Hello' is never trained
+        assert _refusal_reason(_says("Hello", "Hello"), t, upper_replies)[0] == 1
+    system = head + CHATML.replace("{{ m.content }}", "{{ m.content|upper if m.role == 'system' else m.content }}")
+    conv = _says("Q", "ok") + [{"from": "system", "value": "yes."}, {"from": "gpt", "value": "yes."}]
+    r = render(conv, t, chat_template=system)
+    assert [r.text[b - 10 : e] for b, e in r.trained_spans][-1] == "assistant\nyes.<|im_end|>" and r.problems == []
 
 
 def test_a_reply_holding_its_unwritten_question_or_followed_by_a_dropped_copy_of_it_is_trained_in_place(head):

@@ -420,10 +420,12 @@ def _auto_turns(messages, tokenizer, template, text, assistants, problems) -> li
                 # found before the question (in the system prompt, a header): not it. A user message is written
                 # (a system message may be dropped, its text found anywhere)
                 span = _find_reply(text, content, p + len(before), hi)
+            keep = messages[k - 1]["role"] != "user"  # a place at a system or tool message's text may be the reply
             while span is not None and 0 <= p <= span[0]:
                 # not after it: the question opens with the reply's text (or is it), or only the question's copy
-                # of the reply is written (the template rewrites the reply itself): not the reply
-                span = _find_reply(text, content, p + len(before), hi) or (span if p == span[0] else None)
+                # of the reply is written (the template rewrites the reply itself): not the reply. Where the place
+                # is the question's own, a user message (written) has it; another (maybe not written) may not
+                span = _find_reply(text, content, p + len(before), hi) or (span if keep and p == span[0] else None)
                 if span is None:
                     break
                 start = p + len(before) if p + len(before) <= span[0] else start
