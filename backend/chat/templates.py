@@ -141,22 +141,26 @@ def _common_prefix_len(a: str, b: str) -> int:
     return lo
 
 
+def _written_forms(content: str) -> list[str]:
+    """How a template may write a content, in the order they are tried: verbatim, else with its surrounding
+    whitespace removed on one side or both (templates that ``| trim`` or ``lstrip`` contents); none empty."""
+    return [v for v in dict.fromkeys((content, content.rstrip(), content.lstrip(), content.strip())) if v]
+
+
 def _find_reply(text: str, content: str, lo: int, hi: int) -> tuple[int, int] | None:
-    """The reply as the template wrote it in ``text[lo:hi]``: verbatim, else with its surrounding whitespace
-    removed on one side or both (templates that ``| trim`` or ``lstrip`` contents); None when not written."""
-    for variant in dict.fromkeys((content, content.rstrip(), content.lstrip(), content.strip())):
-        if variant:
-            pos = text.find(variant, lo, hi)
-            if pos >= 0:
-                return pos, pos + len(variant)
+    """The reply as the template wrote it in ``text[lo:hi]`` (`_written_forms`); None when not written."""
+    for variant in _written_forms(content):
+        pos = text.find(variant, lo, hi)
+        if pos >= 0:
+            return pos, pos + len(variant)
     return None
 
 
 def _reply_at(text: str, content: str, at: int, hi: int) -> tuple[int, int] | None:
     """The reply as `_find_reply` takes it, written right at ``at`` (where the template writes it); None when it is
     not (rewritten there: never a later message's copy of it)."""
-    for variant in dict.fromkeys((content, content.rstrip(), content.lstrip(), content.strip())):
-        if variant and text.startswith(variant, at) and at + len(variant) <= hi:
+    for variant in _written_forms(content):
+        if text.startswith(variant, at) and at + len(variant) <= hi:
             return at, at + len(variant)
     return None
 
@@ -341,7 +345,7 @@ def _close_turn(text, k, begin, content_end, messages, tokenizer, template, prob
 
 def _rewrite_reason(messages, k, tokenizer, template, text, pre, alone) -> str:
     """What differs between the full rendering and the one that ends at reply k (for the refusal message)."""
-    question = messages[k - 1]["content"].strip() if k and messages[k - 1]["role"] != "assistant" else ""
+    question = _question(messages, k)
     at = _common_prefix_len(alone, pre)
     q = alone.find(question, max(0, at - len(question))) if question else -1  # shared a few characters into it
     at = q + len(question) if q >= 0 else at  # after the question: not its copy of the reply
@@ -360,6 +364,11 @@ def _rewrite_reason(messages, k, tokenizer, template, text, pre, alone) -> str:
     elif system and history.find(system) != text.find(system):
         why += "; besides, the system prompt is moved (written elsewhere once later messages are added)"
     return why
+
+
+def _question(messages, k) -> str:
+    """The text of the message before reply k, stripped, where that message is not a reply; "" otherwise."""
+    return messages[k - 1]["content"].strip() if k and messages[k - 1]["role"] != "assistant" else ""
 
 
 def _auto_turns(messages, tokenizer, template, text, assistants, problems) -> list[AssistantTurn]:
@@ -404,7 +413,7 @@ def _auto_turns(messages, tokenizer, template, text, assistants, problems) -> li
         hi = located[i + 1] if i + 1 < len(pres) and located[i + 1] is not None else hi
         span = _find_reply(text, content, lo, hi) if located[i] is None else _reply_at(text, content, lo, hi)
         start = lo  # where the reply's turn may begin: after the message before it, where that is placed
-        before = messages[k - 1]["content"].strip() if k and messages[k - 1]["role"] != "assistant" else ""
+        before = _question(messages, k)
         if (
             span is not None
             and located[i] is None
@@ -416,16 +425,14 @@ def _auto_turns(messages, tokenizer, template, text, assistants, problems) -> li
             # earlier message saying the same), found before it: the reply is after it (not a quote inside it);
             # looked for from a little before lo, which the two renderings may share a few characters into its text
             p = text.find(before, max(cursor, lo - len(before)), hi)
-            if span[1] <= p and messages[k - 1]["role"] == "user":
-                # found before the question (in the system prompt, a header): not it. A user message is written
-                # (a system message may be dropped, its text found anywhere)
+            asked = messages[k - 1]["role"] == "user"  # a user message is written; a system message may be dropped
+            if span[1] <= p and asked:  # found before the question (in the system prompt, a header): not it
                 span = _find_reply(text, content, p + len(before), hi)
-            keep = messages[k - 1]["role"] != "user"  # a place at a system or tool message's text may be the reply
             while span is not None and 0 <= p <= span[0]:
                 # not after it: the question opens with the reply's text (or is it), or only the question's copy
                 # of the reply is written (the template rewrites the reply itself): not the reply. Where the place
                 # is the question's own, a user message (written) has it; another (maybe not written) may not
-                span = _find_reply(text, content, p + len(before), hi) or (span if keep and p == span[0] else None)
+                span = _find_reply(text, content, p + len(before), hi) or (span if not asked and p == span[0] else None)
                 if span is None:
                     break
                 start = p + len(before) if p + len(before) <= span[0] else start
@@ -480,8 +487,8 @@ def _before_marker(text, content, span, k, messages, tokenizer, template) -> tup
     after = messages[k + 1]["content"].strip() if k < len(messages) - 1 else ""
     if at < 0 or (after and text.find(after, span[1], at) >= 0):
         return span
-    for variant in dict.fromkeys((content, content.rstrip(), content.lstrip(), content.strip())):
-        if variant and text.endswith(variant, span[1], at):
+    for variant in _written_forms(content):
+        if text.endswith(variant, span[1], at):
             return at - len(variant), at
     return span
 
