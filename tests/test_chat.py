@@ -1559,6 +1559,33 @@ def test_template_with_trailing_whitespace_after_every_rendering():
         assert (again.text, again.trained_spans) == (r.text, r.trained_spans)
 
 
+def test_a_trimmed_reply_after_its_headers_newline_trains_no_part_of_the_header():
+    """Zephyr writes each content trimmed after its header's newline and a newline after every block: the
+    rendering up to the generation prompt ends '<|assistant|>\\n\\n', the text '<|assistant|>\\nR'. A reply that
+    opens with a newline ('\\nR\\n', written 'R') trains 'R' and its marker, not the header's newline before it
+    (what the template writes before the reply is read from the conversation with a sentinel in its place), on the
+    full path and on the structure path alike."""
+    from backend import chat
+
+    t = fresh_tok("chatml")
+    tpl = (
+        "{% for m in messages %}{{ '<|' + m.role + '|>\\n' + m.content | trim + '<|im_end|>' }}\n{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}\n{% endif %}"
+    )
+    conv = [
+        {"role": "user", "content": "Q"},
+        {"role": "assistant", "content": "\nR\n"},
+        {"role": "user", "content": "Q2"},
+        {"role": "assistant", "content": "\nR2"},
+    ]
+    assert chat.render_messages(conv[:1], t, tpl, add_generation_prompt=True).endswith("<|assistant|>\n\n")
+    for _ in range(6):  # the first rows take the full path (and cross-check the structure), the rest substitute
+        r = render(conv, t, chat_template=tpl)
+        assert r.text == t.apply_chat_template(conv, chat_template=tpl, tokenize=False)
+        assert "<|assistant|>\nR<|im_end|>" in r.text
+        assert [r.text[b:e] for b, e in r.trained_spans] == ["R<|im_end|>", "R2<|im_end|>"]
+
+
 def test_template_errors_are_clear():
     t = tok("gemma")
     with pytest.raises(TemplateError, match="alternate"):

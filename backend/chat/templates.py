@@ -389,16 +389,18 @@ def _auto_turns(messages, tokenizer, template, text, assistants, problems) -> li
             if k
             else _opening(messages, 0, tokenizer, template)
         )
-        if not text.startswith(pre) and text.startswith(pre.rstrip()):
-            # the template ends every rendering with whitespace (a trailing newline after its last block): that
-            # is not how the reply's turn starts; the reply is searched from before it
-            pre = pre.rstrip()
         at = None
         if k and not text.startswith(pre):
             # where the full rendering writes this reply, where what it writes before it does not depend on the
             # reply (a later system message written first, a generation prompt the history lacks)
             probe = _opening(messages, k, tokenizer, template)
             at = len(probe) if probe and text.startswith(probe) else None
+        if not text.startswith(pre) and text.startswith(pre.rstrip()):
+            # the template ends every rendering with whitespace (a trailing newline after its last block): that
+            # is not how the reply's turn starts; the reply is searched from before it, unless it is right where
+            # the sentinel rendering places it (a newline before it is then the header's, not the reply's)
+            if at is None or _reply_at(text, messages[k]["content"], at, len(text)) is None:
+                pre, at = pre.rstrip(), None
         pres.append(pre)
         located.append(at)
     turns = []
