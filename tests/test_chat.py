@@ -1199,6 +1199,34 @@ def test_each_reply_is_located_only_where_the_template_writes_it(template, conv,
         assert text[x.begin - len(want) : x.begin] == want
 
 
+_MERGED = (  # the turn count first (no rendering is a prefix of a longer one); replies in a row written as one
+    # turn, each right-stripped, with nothing between them
+    "Turns: {{ messages|length }}\n{% for m in messages %}"
+    "{% if loop.first or messages[loop.index0 - 1].role != m.role %}<|{{ m.role }}|>{% endif %}"
+    "{{ m.content.rstrip() }}"
+    "{% if loop.last or messages[loop.index0 + 1].role != m.role %}<|end|>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def test_replies_in_a_row_written_with_nothing_between_them_are_each_bounded_by_the_next():
+    """A template that writes replies in a row as one turn, right-stripped, with nothing between them: each reply
+    is taken where the sentinel rendering places it, up to where the next one is placed: 'Hi ' (written 'Hi') is
+    not taken with the space that opens ' there', and ' there', which ends right where '!' starts, is taken whole
+    (not refused)."""
+    from backend.chat.templates import _auto_turns, render_messages
+
+    t = tok("chatml")
+    messages = [{"role": "user", "content": "Q"}]
+    messages += [{"role": "assistant", "content": c} for c in ("Hi ", " there", "!")]
+    text = render_messages(messages, t, _MERGED)
+    assert text == "Turns: 4\n<|user|>Q<|end|><|assistant|>Hi there!<|end|>"
+    turns = _auto_turns(messages, t, _MERGED, text, [1, 2, 3], [])
+    at = text.index("Hi there!")
+    assert [(x.begin - at, x.content_end - at) for x in turns] == [(0, 2), (2, 8), (8, 9)]
+    assert text[turns[-1].content_end : turns[-1].end] == "<|end|>"
+
+
 def test_a_rewritten_reply_its_question_quotes_is_refused_at_its_own_message():
     """A template that writes '[long]' before a long reply's turn (so its text before that reply depends on it: the
     old search answers for it, while the short next reply is located) and upper-cases replies with '!': the
