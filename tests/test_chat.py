@@ -1212,18 +1212,18 @@ _MERGED = (  # the turn count first (no rendering is a prefix of a longer one); 
 def test_replies_in_a_row_written_with_nothing_between_them_are_each_bounded_by_the_next():
     """A template that writes replies in a row as one turn, right-stripped, with nothing between them: each reply
     is taken where the sentinel rendering places it, up to where the next one is placed: 'Hi ' (written 'Hi') is
-    not taken with the space that opens ' there', and ' there', which ends right where '!' starts, is taken whole
-    (not refused)."""
+    not taken with the space that opens ' there ', nor ' there ' (written ' there', ending right where ' !'
+    starts: taken so, not refused) with the space that opens ' !'."""
     from backend.chat.templates import _auto_turns, render_messages
 
     t = tok("chatml")
     messages = [{"role": "user", "content": "Q"}]
-    messages += [{"role": "assistant", "content": c} for c in ("Hi ", " there", "!")]
+    messages += [{"role": "assistant", "content": c} for c in ("Hi ", " there ", " !")]
     text = render_messages(messages, t, _MERGED)
-    assert text == "Turns: 4\n<|user|>Q<|end|><|assistant|>Hi there!<|end|>"
+    assert text == "Turns: 4\n<|user|>Q<|end|><|assistant|>Hi there !<|end|>"
     turns = _auto_turns(messages, t, _MERGED, text, [1, 2, 3], [])
-    at = text.index("Hi there!")
-    assert [(x.begin - at, x.content_end - at) for x in turns] == [(0, 2), (2, 8), (8, 9)]
+    at = text.index("Hi there !")
+    assert [(x.begin - at, x.content_end - at) for x in turns] == [(0, 2), (2, 8), (8, 10)]
     assert text[turns[-1].content_end : turns[-1].end] == "<|end|>"
 
 
