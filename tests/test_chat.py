@@ -1157,6 +1157,8 @@ _PREVIEW = (  # each reply's first five characters first, then the turns
 )
 
 
+_SAYS_TWICE = [("user", "Say yes."), ("assistant", "You are terse."), ("user", "Say yes."), ("assistant", "yes.ok")]
+_SAYS_TWICE += [("user", "Say yes.")]
 _SAYS_NOTE = [("user", "Q1"), ("assistant", "R1"), ("system", "Note"), ("assistant", "answer"), ("user", "x")]
 
 
@@ -1197,6 +1199,60 @@ def test_each_reply_is_located_only_where_the_template_writes_it(template, conv,
         k = x.message_index
         want = opening or (f"<A{len(messages[k]['content'])}>" if template == _LENGTHS else "<｜Assistant｜>")
         assert text[x.begin - len(want) : x.begin] == want
+
+
+_BARE = "{% for m in messages %}{{ m.content }}{% if m.role == 'assistant' %}</s>{% endif %}{% endfor %}"
+
+
+@pytest.mark.parametrize(
+    "head, template, conv",
+    [  # a one-letter reply the first line and the question's header hold ('characters', 'user')
+        ("measured", CHATML, [("user", "<b>x</b>"), ("assistant", "e"), ("user", "Q")]),
+        # ... and a one-letter question the first line holds too ('a' in 'characters'), contents with nothing between
+        ("measured", _BARE, [("user", "a"), ("assistant", "e"), ("user", "Why?"), ("assistant", "ok"), ("user", "s>")]),
+        # a system prompt that says the reply, right before a question that is the end-of-turn marker's text
+        ("measured", _BARE, [("system", "Say: Hi."), ("user", "</s>"), ("assistant", "Say: Hi."), ("user", "x")]),
+        # a question asked twice (and a third time after the last reply), under DeepSeek R1's template
+        ("dashes", _R1, _SAYS_TWICE),
+    ],
+    ids=["one-letter-reply", "one-letter-question", "system-says-it-before-a-marker-question", "asked-twice-r1"],
+)
+def test_a_reply_searched_after_its_question_is_not_taken_from_the_templates_own_text(head, template, conv):
+    """Where the template's text before a reply depends on the contents (the contents' length first), each reply
+    is searched after its question, in the full rendering: a short reply or question that the template's own text
+    holds (a first line, a header, the system prompt) is still trained in its own turn, with its marker right
+    after it. (A differential fuzz of the surviving mutants against the code found these shapes.)"""
+    from pathlib import Path
+
+    from backend.chat.templates import _auto_turns, render_messages
+
+    heads = {
+        "measured": "{{ messages|map(attribute='content')|join|length }} characters\n",
+        "dashes": "{{ '-' * (messages|map(attribute='content')|join|length % 7) }}\n",
+    }
+    t, marker = tok("chatml"), "</s>" if template == _BARE else "<|im_end|>"
+    if template == _R1:
+        t, marker = tok("llama"), "<｜end▁of▁sentence｜>"
+        template = (Path(__file__).parent / "data" / "chat_templates" / _R1).read_text()
+    messages = [{"role": r, "content": c} for r, c in conv]
+    text = render_messages(messages, t, heads[head] + template)
+    problems = []
+    turns = _auto_turns(
+        messages, t, heads[head] + template, text, [i for i, (r, _) in enumerate(conv) if r == "assistant"], problems
+    )
+    assert problems == []
+    for x in turns:
+        k = x.message_index
+        before = (
+            messages[k - 1]["content"]
+            if template == _BARE
+            else "<|im_start|>assistant\n"
+            if template == CHATML
+            else "<｜Assistant｜>"
+        )
+        assert text[x.begin - len(before) : x.begin] == before
+        assert text[x.begin : x.content_end] == messages[k]["content"]
+        assert text[x.content_end : x.end] == marker
 
 
 _MERGED = (  # the turn count first (no rendering is a prefix of a longer one); replies in a row written as one
