@@ -148,12 +148,15 @@ def _written_forms(content: str) -> list[str]:
 
 
 def _find_reply(text: str, content: str, lo: int, hi: int) -> tuple[int, int] | None:
-    """The reply as the template wrote it in ``text[lo:hi]`` (`_written_forms`); None when not written."""
+    """The reply as the template wrote it in ``text[lo:hi]`` (`_written_forms`), where it is written first (of two
+    forms at one place, the first tried): a trimmed reply right at ``lo``, not a later copy of it that has the
+    whitespace (``'\\nyes.'`` in a next turn ``'<|end_header_id|>\\n\\nyes.'``); None when not written."""
+    found = None
     for variant in _written_forms(content):
-        pos = text.find(variant, lo, hi)
-        if pos >= 0:
-            return pos, pos + len(variant)
-    return None
+        pos = text.find(variant, lo, min(hi, found[0] + len(variant)) if found else hi)
+        if pos >= 0 and (found is None or pos < found[0]):
+            found = pos, pos + len(variant)
+    return found
 
 
 def _reply_at(text: str, content: str, at: int, hi: int) -> tuple[int, int] | None:
