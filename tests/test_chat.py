@@ -752,19 +752,30 @@ def test_non_prefix_preserving_template_is_located_or_refused_with_the_reason():
     assert _refusal_reason(TURNS, t, upper) == (1, REWRITTEN_REPLY)
 
 
+_NO_CONTROL = (  # a template that rejects contents that hold a NUL and no digit: the probes that mask a reply (not
+    # the sentinels, which hold their index) cannot run
+    "{% for m in messages %}{% if '\\x00' in m.content and not m.content|select('in', '0123456789')|list %}"
+    "{{ raise_exception('control characters') }}{% endif %}{% endfor %}"
+)
+
+
 @pytest.fixture(
     params=[
         "Turns: {{ messages|length }}\n",
         "{{ messages|map(attribute='content')|join|length }} characters\n",
-        "{{ '-' * (messages|map(attribute='content')|join|length % 7) }}\n",
+        "{{ messages|map(attribute='content')|join|select('in', 'aeiouAEIOU')|list|length }} vowels\n",
+        _NO_CONTROL + "{{ messages|map(attribute='content')|join|length }} characters\n",
+        _NO_CONTROL + "{{ '-' * (messages|map(attribute='content')|join|length % 7) }}\n",
     ],
-    ids=["counted", "measured", "measured-in-dashes"],
+    ids=["counted", "measured", "vowels", "measured-no-probe", "measured-in-dashes-no-probe"],
 )
 def head(request):
     """A first line that makes every earlier character differ between the rendering up to a reply's generation
     prompt and the full one: the turn count (the full conversation with a sentinel in the reply's place shares it:
-    the reply is located there), or the contents' length (it does not: the reply is searched after its question),
-    also as a line whose own length changes with it."""
+    the reply is located there), the contents' length or their vowels (it does not; the conversation with the reply
+    masked shares the text before the reply, or after it), or the contents' length, also as a line whose own
+    length changes with it, under a template that rejects the probes' control characters (the reply is searched
+    after its question)."""
     return request.param
 
 
@@ -1033,24 +1044,27 @@ def test_a_rewritten_reply_whose_question_holds_it_is_refused_not_trained_in_the
 def test_a_reply_saying_what_its_rewritten_question_says_is_trained_or_refused_never_taken_from_the_question(head):
     """A template that changes every earlier character and rewrites one message's text (upper-cased), and a reply
     saying what the message before it says, so that the message's text is found only at one place. Where the
-    conversation rendered with a sentinel in the reply's place says where it is (the turn count first), the reply is
-    trained there. Else (the contents' length first) that place is taken for the reply where the message before it
-    is a system message (which a template may drop or rewrite), and the row refused where it is a user question
-    (written: the place may be the question's own, a reply the template rewrites; a cold review's case)."""
+    conversation rendered with a sentinel in the reply's place says where it is (the turn count first), or the one
+    rendered with the reply masked (the contents' length or vowels first: the text after it is the same), the reply
+    is trained there. Where neither says (a template that rejects the probes, or the reply is the one rewritten), the
+    search after the question takes the place for the reply where the message before it is a system message (which
+    a template may drop or rewrite), and refuses the row where it is a user question (written: the place may be the
+    question's own; a cold review's case)."""
     t = tok("chatml")
     tpl = head + CHATML.replace("{{ m.content }}", "{{ m.content|upper if m.role == 'user' else m.content }}")
     conv = _says("yes.", "yes.", "no?", "fine.")
-    located = head.startswith("Turns")
-    if located:
+    if head.startswith(_NO_CONTROL):  # neither probe runs: the search after the question cannot tell the places
+        assert _refusal_reason(conv, t, tpl)[0] == 1
+    else:
         r = render(conv, t, chat_template=tpl)
         want = ["assistant\nyes.<|im_end|>", "assistant\nfine.<|im_end|>"]
         assert [r.text[b - 10 : e] for b, e in r.trained_spans] == want and r.problems == []
-    else:
-        assert _refusal_reason(conv, t, tpl)[0] == 1
     upper_replies = head + CHATML.replace(
         "{{ m.content }}", "{{ m.content|upper if m.role == 'assistant' else m.content }}"
     )
-    if not located:  # the question written, the reply rewritten: the question's 'Hello' is never trained
+    if not head.startswith(
+        "Turns"
+    ):  # the question written, the reply rewritten: the question's 'Hello' is never trained
         assert _refusal_reason(_says("Hello", "Hello"), t, upper_replies)[0] == 1
     system = head + CHATML.replace("{{ m.content }}", "{{ m.content|upper if m.role == 'system' else m.content }}")
     conv = _says("Q", "ok") + [{"from": "system", "value": "yes."}, {"from": "gpt", "value": "yes."}]
@@ -1205,30 +1219,34 @@ _BARE = "{% for m in messages %}{{ m.content }}{% if m.role == 'assistant' %}</s
 
 
 @pytest.mark.parametrize(
-    "head, template, conv",
+    "template, conv",
     [  # a one-letter reply the first line and the question's header hold ('characters', 'user')
-        ("measured", CHATML, [("user", "<b>x</b>"), ("assistant", "e"), ("user", "Q")]),
+        (CHATML, [("user", "<b>x</b>"), ("assistant", "e"), ("user", "Q")]),
         # ... and a one-letter question the first line holds too ('a' in 'characters'), contents with nothing between
-        ("measured", _BARE, [("user", "a"), ("assistant", "e"), ("user", "Why?"), ("assistant", "ok"), ("user", "s>")]),
+        (_BARE, [("user", "a"), ("assistant", "e"), ("user", "Why?"), ("assistant", "ok"), ("user", "s>")]),
         # a system prompt that says the reply, right before a question that is the end-of-turn marker's text
-        ("measured", _BARE, [("system", "Say: Hi."), ("user", "</s>"), ("assistant", "Say: Hi."), ("user", "x")]),
+        (_BARE, [("system", "Say: Hi."), ("user", "</s>"), ("assistant", "Say: Hi."), ("user", "x")]),
         # a question asked twice (and a third time after the last reply), under DeepSeek R1's template
-        ("dashes", _R1, _SAYS_TWICE),
+        (_R1, _SAYS_TWICE),
     ],
     ids=["one-letter-reply", "one-letter-question", "system-says-it-before-a-marker-question", "asked-twice-r1"],
 )
+@pytest.mark.parametrize("head", ["measured", "vowels", "measured-no-probe", "dashes-no-probe"])
 def test_a_reply_searched_after_its_question_is_not_taken_from_the_templates_own_text(head, template, conv):
-    """Where the template's text before a reply depends on the contents (the contents' length first), each reply
-    is searched after its question, in the full rendering: a short reply or question that the template's own text
-    holds (a first line, a header, the system prompt) is still trained in its own turn, with its marker right
-    after it. (A differential fuzz of the surviving mutants against the code found these shapes.)"""
+    """Where the template's text before a reply depends on the contents (their length or vowels first), each reply
+    is located where the conversation with the reply masked differs from the text, or searched after its question
+    (a template that rejects that probe): a short reply or question that the template's own text holds (a first
+    line, a header, the system prompt) is still trained in its own turn, with its marker right after it. (A
+    differential fuzz of the surviving mutants against the code found these shapes.)"""
     from pathlib import Path
 
     from backend.chat.templates import _auto_turns, render_messages
 
-    heads = {
+    heads = {  # the reply masked says where it is (the text before it the same, or after it), or cannot run
         "measured": "{{ messages|map(attribute='content')|join|length }} characters\n",
-        "dashes": "{{ '-' * (messages|map(attribute='content')|join|length % 7) }}\n",
+        "vowels": "{{ messages|map(attribute='content')|join|select('in', 'aeiouAEIOU')|list|length }} vowels\n",
+        "measured-no-probe": _NO_CONTROL + "{{ messages|map(attribute='content')|join|length }} characters\n",
+        "dashes-no-probe": _NO_CONTROL + "{{ '-' * (messages|map(attribute='content')|join|length % 7) }}\n",
     }
     t, marker = tok("chatml"), "</s>" if template == _BARE else "<|im_end|>"
     if template == _R1:
@@ -1253,6 +1271,73 @@ def test_a_reply_searched_after_its_question_is_not_taken_from_the_templates_own
         assert text[x.begin - len(before) : x.begin] == before
         assert text[x.begin : x.content_end] == messages[k]["content"]
         assert text[x.content_end : x.end] == marker
+
+
+@pytest.mark.parametrize(
+    "write, reply",
+    [(w, r) for w in ("", "|trim", ".lstrip()", ".rstrip()") for r in ("\nyes.\n", " e ", "e")] + [("", "\n")],
+)
+def test_a_reply_under_a_first_line_measuring_the_contents_takes_its_own_whitespace_only(write, reply):
+    """Under a first line counting the contents' characters (no rendering shares the text before a reply), each
+    reply is located where the conversation with it masked differs from the text: with the whitespace the template
+    writes of it (a leading newline verbatim: its own, the header's never), found in place though the questions
+    and the first line hold its text ('e' in 'characters')."""
+    from backend.chat.templates import _auto_turns, render_messages
+
+    t = tok("chatml")
+    tpl = "{{ messages|map(attribute='content')|join|length }} characters\n" + CHATML.replace(
+        "{{ m.content }}", "{{ m.content" + write + " }}"
+    )
+    written = {"": reply, "|trim": reply.strip(), ".lstrip()": reply.lstrip(), ".rstrip()": reply.rstrip()}[write]
+    messages = [{"role": r, "content": c} for r, c in (("user", "Q e"), ("assistant", reply), ("user", "e e"))]
+    messages.append({"role": "assistant", "content": reply})
+    text = render_messages(messages, t, tpl)
+    opening, want, at = "<|im_start|>assistant\n", [], 0
+    for _ in range(2):
+        at = text.index(opening, at) + len(opening)
+        assert text.startswith(written + "<|im_end|>", at)
+        want.append((at, at + len(written), at + len(written) + len("<|im_end|>")))
+    problems = []
+    turns = _auto_turns(messages, t, tpl, text, [1, 3], problems)
+    assert [(x.begin, x.content_end, x.end) for x in turns] == want and problems == []
+
+
+_MEASURED = "{{ messages|map(attribute='content')|join|length }} characters\n"
+_VOWELS_LAST = "\n{{ messages|map(attribute='content')|join|select('in', 'aeiouAEIOU')|list|length }} vowels"
+
+
+_TAGGED = (  # each message between tags of its role, system messages too
+    "{% for m in messages %}<{{ m.role }}>{{ m.content }}</{{ m.role }}>{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+
+
+@pytest.mark.parametrize(
+    "template, conv",
+    [  # the contents' length first, their vowels last: the masked reply's rendering shares the text before it only
+        (_TAGGED + _VOWELS_LAST, [("system", "|>"), ("user", "1"), ("assistant", "e"), ("user", "1")]),
+        (_TAGGED + _VOWELS_LAST, [("system", "</s>"), ("user", "Continue."), ("assistant", "a"), ("user", "a")]),
+        # each reply written whole first, then the turns: the masked reply is written twice, the turns are its place
+        (_PREVIEW.replace("m.content[:5]", "m.content"), [("user", "Q"), ("assistant", "yes."), ("user", "Q2")]),
+    ],
+    ids=["vowels-last", "vowels-last-question-says-it", "previewed-whole"],
+)
+def test_a_reply_masked_is_located_where_the_text_around_it_says(template, conv):
+    """Under a first line counting the contents' characters, the conversation with a reply masked says where the
+    reply is: the text before the masked run is how the text starts (the vowels counted on the last line), and the
+    masked run is written once (a template that writes each reply first too is not read so: the reply is searched
+    after its question). The reply is trained in its own turn, right after its opening tag, never in another
+    message, the first line or the preview. (A differential fuzz found the first two shapes.)"""
+    from backend.chat.templates import _auto_turns, render_messages
+
+    t, template = tok("chatml"), _MEASURED + template
+    messages = [{"role": r, "content": c} for r, c in conv]
+    text = render_messages(messages, t, template)
+    ((k, reply),) = [(k, c) for k, (r, c) in enumerate(conv) if r == "assistant"]
+    (turn,) = _auto_turns(messages, t, template, text, [k], [])
+    opening = "<A>" if template.endswith(_PREVIEW.replace("m.content[:5]", "m.content")) else "<assistant>"
+    at = text.index(opening, text.index("<user>" if opening != "<A>" else "<U>")) + len(opening)
+    assert (turn.begin, turn.content_end) == (at, at + len(reply))
 
 
 _MERGED = (  # the turn count first (no rendering is a prefix of a longer one); replies in a row written as one

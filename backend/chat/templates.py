@@ -398,6 +398,8 @@ def _auto_turns(messages, tokenizer, template, text, assistants, problems) -> li
             # reply (a later system message written first, a generation prompt the history lacks)
             probe = _opening(messages, k, tokenizer, template)
             at = len(probe) if probe and text.startswith(probe) else None
+        if at is None and not text.startswith(pre) and not text.startswith(pre.rstrip()):
+            at = _in_place(messages, k, tokenizer, template, text)  # where it depends on the reply's length only
         if not text.startswith(pre) and text.startswith(pre.rstrip()):
             # the template ends every rendering with whitespace (a trailing newline after its last block): that
             # is not how the reply's turn starts; the reply is searched from before it, unless it is right where
@@ -510,6 +512,57 @@ def _opening(messages, k, tokenizer, template) -> str:
         return ""
     at = rendered.find(_sentinel(k))
     return rendered[:at] if at >= 0 and rendered.find(_sentinel(k), at + 1) < 0 else ""
+
+
+def _in_place(messages, k, tokenizer, template, text) -> int | None:
+    """Where the full rendering ``text`` writes reply k, read from the conversation rendered with the reply masked
+    (each non-whitespace character replaced by a NUL, which the text does not hold; every character, for a reply of
+    whitespace only): the masked run is written once, and what the template writes before it is how the text
+    starts, or what it writes after it is how the text ends (a first line that counts the contents' characters or
+    their vowels changes the one, not the other); the reply must be written right there (`_reply_at`). Its
+    leading whitespace, where the text has it before them, is the reply's when the template writes other whitespace
+    there for other leading whitespace (else the header's). None otherwise: the template writes the reply more than
+    once, or text both before and after it that depends on it."""
+    content, mask = messages[k]["content"], "\x00"
+    if mask in text or not content:
+        return None
+    core = content.strip() or content  # from the first masked character to the last: a reply of whitespace, whole
+    lead = content[: content.find(core)]
+    hide = (lambda c: c if c.isspace() else mask) if content.strip() else (lambda c: mask)
+    run = "".join(map(hide, core))
+
+    def masked_run(masked: str) -> tuple[str, int] | None:
+        """The rendering with the reply's content ``masked``, and where its masked run starts; None where it is not
+        written once, whole."""
+        probe = messages[:k] + [{**messages[k], "content": masked}] + messages[k + 1 :]
+        try:
+            rendered = render_messages(probe, tokenizer, template)
+        except TemplateError:
+            return None
+        at = rendered.find(run)
+        if at < 0 or rendered.count(mask) != run.count(mask):
+            return None
+        return rendered, at
+
+    found = masked_run("".join(map(hide, content)))
+    if found is None:
+        return None
+    rendered, at = found
+    end = at + len(core)
+    if text.startswith(rendered[:at]):
+        start = at
+    elif text.endswith(rendered[end:]):
+        start = len(text) - (len(rendered) - end) - len(core)
+    else:
+        return None
+    if start < 0 or (not content.strip() and len(rendered) != len(text)):
+        return None  # (a reply of whitespace only: a template that trims it writes the mask, not the reply)
+    if lead and content.strip() and text.endswith(lead, 0, start):
+        other = "".join("\t" if c == " " else " " for c in lead) + "".join(map(hide, content[len(lead) :]))
+        swapped = masked_run(other)
+        if swapped is not None and not swapped[0].endswith(lead, 0, swapped[1]):
+            return start - len(lead)  # the template writes the reply's leading whitespace
+    return start
 
 
 def _sentinel(i: int) -> str:
