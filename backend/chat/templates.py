@@ -516,50 +516,48 @@ def _opening(messages, k, tokenizer, template) -> str:
 
 def _in_place(messages, k, tokenizer, template, text) -> int | None:
     """Where the full rendering ``text`` writes reply k, read from the conversation rendered with the reply masked
-    (each non-whitespace character replaced by a NUL, which the text does not hold; every character, for a reply of
-    whitespace only): the masked run is written once, and what the template writes before it is how the text
-    starts, or what it writes after it is how the text ends (a first line that counts the contents' characters or
-    their vowels changes the one, not the other); the reply must be written right there (`_reply_at`). Its
-    leading whitespace, where the text has it before them, is the reply's when the template writes other whitespace
-    there for other leading whitespace (else the header's). None otherwise: the template writes the reply more than
-    once, or text both before and after it that depends on it."""
+    (each non-whitespace character a NUL, which the text does not hold): the masked run is written once, and what
+    the template writes before it is how the text starts, or what it writes after it is how the text ends (a first
+    line that counts the contents' characters or their vowels changes the one, not the other); the reply must be
+    written right there (`_reply_at`). Its leading whitespace, where the text has it before the reply, is the
+    reply's when the template writes other whitespace there for other leading whitespace (else the header's). None
+    otherwise: the template writes the reply more than once, or text both before and after it that depends on it.
+    (A reply of whitespace only never comes here: `_content_text` refuses it.)"""
     content, mask = messages[k]["content"], "\x00"
-    if mask in text or not content:
+    core = content.strip()  # from the first masked character to the last
+    if mask in text or not core:
         return None
-    core = content.strip() or content  # from the first masked character to the last: a reply of whitespace, whole
     lead = content[: content.find(core)]
-    hide = (lambda c: c if c.isspace() else mask) if content.strip() else (lambda c: mask)
-    run = "".join(map(hide, core))
 
-    def masked_run(masked: str) -> tuple[str, int] | None:
-        """The rendering with the reply's content ``masked``, and where its masked run starts; None where it is not
+    def masked(s: str) -> str:
+        return "".join(c if c.isspace() else mask for c in s)
+
+    def masked_run(probe: str) -> tuple[str, int] | None:
+        """The rendering with the reply's content ``probe``, and where the masked run starts; None where it is not
         written once, whole."""
-        probe = messages[:k] + [{**messages[k], "content": masked}] + messages[k + 1 :]
         try:
-            rendered = render_messages(probe, tokenizer, template)
+            rendered = render_messages(
+                messages[:k] + [{**messages[k], "content": probe}] + messages[k + 1 :], tokenizer, template
+            )
         except TemplateError:
             return None
-        at = rendered.find(run)
-        if at < 0 or rendered.count(mask) != run.count(mask):
-            return None
-        return rendered, at
+        at = rendered.find(masked(core))
+        return (rendered, at) if at >= 0 and rendered.count(mask) == len(core) - sum(map(str.isspace, core)) else None
 
-    found = masked_run("".join(map(hide, content)))
+    found = masked_run(masked(content))
     if found is None:
         return None
     rendered, at = found
-    end = at + len(core)
     if text.startswith(rendered[:at]):
         start = at
-    elif text.endswith(rendered[end:]):
-        start = len(text) - (len(rendered) - end) - len(core)
+    elif text.endswith(rendered[at + len(core) :]):
+        start = len(text) - (len(rendered) - at)
     else:
         return None
-    if start < 0 or (not content.strip() and len(rendered) != len(text)):
-        return None  # (a reply of whitespace only: a template that trims it writes the mask, not the reply)
-    if lead and content.strip() and text.endswith(lead, 0, start):
-        other = "".join("\t" if c == " " else " " for c in lead) + "".join(map(hide, content[len(lead) :]))
-        swapped = masked_run(other)
+    if start < 0:
+        return None
+    if lead and text.endswith(lead, 0, start):
+        swapped = masked_run("".join("\t" if c == " " else " " for c in lead) + masked(content[len(lead) :]))
         if swapped is not None and not swapped[0].endswith(lead, 0, swapped[1]):
             return start - len(lead)  # the template writes the reply's leading whitespace
     return start
