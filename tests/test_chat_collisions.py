@@ -7,13 +7,13 @@ holding the reply. Each template writes every reply after a fixed opening, so th
 the n-th opening after the first line starts the n-th reply, which is written as the template writes it (verbatim,
 or stripped where it trims), followed by the family's marker. Every reply must be trained exactly there, nothing
 refused, and no problem reported. The first lines make the renderings differ before a reply (the turn count, the
-contents' length or their vowels), so every path that locates a reply is crossed: the prefix diff, the sentinel
-rendering, the masked rendering and the search after the question.
+contents' length or their vowels), so that each way of locating a reply is crossed: the prefix diff, the sentinel
+rendering and the masked rendering.
 
 Rows the product refuses by design (a reply of whitespace only) are not drawn. Left out, and written down in
-tests/MUTATION.md: a template whose text both before and after a reply depends on the reply's characters, where
-only the search after the question is left and a reply that a header holds can be taken there (reported as
-eot_undecided).
+tests/MUTATION.md: a template whose text both before and after a reply depends on the reply's characters (the
+vowels counted first and last), where only the search after the question is left and a reply that a header holds
+can be taken there (reported as eot_undecided).
 """
 
 import random
