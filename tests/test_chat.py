@@ -1273,26 +1273,25 @@ def test_a_reply_searched_after_its_question_is_not_taken_from_the_templates_own
         assert text[x.content_end : x.end] == marker
 
 
-@pytest.mark.parametrize(
-    "write, reply",
-    [(w, r) for w in ("", "|trim", ".lstrip()", ".rstrip()") for r in ("\nyes.\n", " e ", "e")],
-)
-def test_a_reply_under_a_first_line_measuring_the_contents_takes_its_own_whitespace_only(write, reply):
+@pytest.mark.parametrize("header", ["\n", "\n\n", ": "], ids=["newline", "two-newlines", "colon-space"])
+@pytest.mark.parametrize("write", ["", "|trim", ".lstrip()", ".rstrip()"])
+@pytest.mark.parametrize("reply", ["\nyes.\n", " e ", "e", "\n\nyes. and?", "\tyes.", " yes.", "  yes. and?"])
+def test_a_reply_under_a_first_line_measuring_the_contents_takes_its_own_whitespace_only(header, write, reply):
     """Under a first line counting the contents' characters (no rendering shares the text before a reply), each
     reply is located where the conversation with it masked differs from the text: with the whitespace the template
-    writes of it (a leading newline verbatim: its own, the header's never), found in place though the questions
-    and the first line hold its text ('e' in 'characters')."""
+    writes of it (a leading newline, tab or spaces verbatim: its own; the header's newline or space never, one or
+    two of them), found in place though the questions and the first line hold its text ('e' in 'characters')."""
     from backend.chat.templates import _auto_turns, render_messages
 
     t = tok("chatml")
     tpl = "{{ messages|map(attribute='content')|join|length }} characters\n" + CHATML.replace(
-        "{{ m.content }}", "{{ m.content" + write + " }}"
-    )
+        "{{ m.role }}\n{{ m.content }}", "{{ m.role }}" + header + "{{ m.content" + write + " }}"
+    ).replace("<|im_start|>assistant\n{% endif %}", "<|im_start|>assistant" + header + "{% endif %}")
     written = {"": reply, "|trim": reply.strip(), ".lstrip()": reply.lstrip(), ".rstrip()": reply.rstrip()}[write]
     messages = [{"role": r, "content": c} for r, c in (("user", "Q e"), ("assistant", reply), ("user", "e e"))]
     messages.append({"role": "assistant", "content": reply})
     text = render_messages(messages, t, tpl)
-    opening, want, at = "<|im_start|>assistant\n", [], 0
+    opening, want, at = "<|im_start|>assistant" + header, [], 0
     for _ in range(2):
         at = text.index(opening, at) + len(opening)
         assert text.startswith(written + "<|im_end|>", at)
