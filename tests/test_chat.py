@@ -1274,20 +1274,24 @@ def test_a_reply_searched_after_its_question_is_not_taken_from_the_templates_own
 
 
 @pytest.mark.parametrize("header", ["\n", "\n\n", ": "], ids=["newline", "two-newlines", "colon-space"])
-@pytest.mark.parametrize("write", ["", "|trim", ".lstrip()", ".rstrip()"])
+@pytest.mark.parametrize("write", ["", "|trim", ".lstrip()", ".rstrip()", ".lstrip('\\n')"])
 @pytest.mark.parametrize("reply", ["\nyes.\n", " e ", "e", "\n\nyes. and?", "\tyes.", " yes.", "  yes. and?"])
 def test_a_reply_under_a_first_line_measuring_the_contents_takes_its_own_whitespace_only(header, write, reply):
     """Under a first line counting the contents' characters (no rendering shares the text before a reply), each
     reply is located where the conversation with it masked differs from the text: with the whitespace the template
     writes of it (a leading newline, tab or spaces verbatim: its own; the header's newline or space never, one or
-    two of them), found in place though the questions and the first line hold its text ('e' in 'characters')."""
+    two of them, also where the template strips newlines only), found in place though the questions and the first
+    line hold its text ('e' in 'characters')."""
     from backend.chat.templates import _auto_turns, render_messages
 
     t = tok("chatml")
     tpl = "{{ messages|map(attribute='content')|join|length }} characters\n" + CHATML.replace(
         "{{ m.role }}\n{{ m.content }}", "{{ m.role }}" + header + "{{ m.content" + write + " }}"
     ).replace("<|im_start|>assistant\n{% endif %}", "<|im_start|>assistant" + header + "{% endif %}")
-    written = {"": reply, "|trim": reply.strip(), ".lstrip()": reply.lstrip(), ".rstrip()": reply.rstrip()}[write]
+    written = {"": reply, "|trim": reply.strip(), ".lstrip()": reply.lstrip(), ".rstrip()": reply.rstrip()}.get(
+        write,
+        reply.lstrip("\n"),  # Qwen3's and QwQ's way: newlines stripped, not spaces
+    )
     messages = [{"role": r, "content": c} for r, c in (("user", "Q e"), ("assistant", reply), ("user", "e e"))]
     messages.append({"role": "assistant", "content": reply})
     text = render_messages(messages, t, tpl)
@@ -1299,6 +1303,52 @@ def test_a_reply_under_a_first_line_measuring_the_contents_takes_its_own_whitesp
     problems = []
     turns = _auto_turns(messages, t, tpl, text, [1, 3], problems)
     assert [(x.begin, x.content_end, x.end) for x in turns] == want and problems == []
+
+
+@pytest.mark.parametrize(
+    "name, conv, at",
+    [  # gpt-oss's generation prompt stops before '<|channel|>final<|message|>'; 'a' is a letter of '<|channel|>'
+        ("gpt-oss-120b.jinja", [("user", "Pick a letter"), ("assistant", " a"), ("user", "Again")], "<|message|>"),
+        # laguna's generation block holds '</think>' before the reply, and 'i' of '<assistant>' before that
+        ("laguna-xs-2.1.jinja", [("user", "Q"), ("assistant", " \ni\n")], "</think>\n"),
+        ("laguna-xs-2.1.jinja", [("user", "Q"), ("assistant", "\n\nthink\n")], "</think>\n"),
+    ],
+    ids=["gpt-oss-channel", "laguna-letter", "laguna-think"],
+)
+def test_a_padded_reply_is_not_taken_from_the_text_the_template_writes_before_it(name, conv, at):
+    """A reply with surrounding whitespace, whose stripped text the template's own opening holds (a header letter,
+    'think' in '</think>'): the reply is trained where it is written, right after the opening, with its whitespace
+    where the template writes it; never the opening's letters (a cold review's cases against a search that took
+    the earliest place of any form of the reply)."""
+    from pathlib import Path
+
+    t = fresh_tok("llama")
+    template = (Path(__file__).parent / "data" / "chat_templates" / name).read_text()
+    r = render([{"role": r, "content": c} for r, c in conv], t, chat_template=template)
+    ((k, reply),) = [(k, c) for k, (role, c) in enumerate(conv) if role == "assistant"]
+    b, e = r.trained_spans[0]
+    assert r.text.endswith(at, 0, b) and r.text[b:e].startswith(reply.strip() if name.startswith("laguna") else reply)
+
+
+def test_a_masked_reply_that_changes_what_the_template_writes_before_it_is_located_by_the_text_after_it():
+    """A first line with the contents' length, and 'Q: ' written before a reply that asks something: the reply
+    masked has no '?', so the masked rendering lacks 'Q: ' and its text before the reply is the text's start
+    though the reply is not there; the text after it says where it is. Trained, not refused (a cold review's
+    case)."""
+    from backend.chat.templates import _auto_turns, render_messages
+
+    t = tok("chatml")
+    tpl = (
+        "len={{ messages|map(attribute='content')|join|length }}\n"
+        + _LOOP
+        + "<|{{ m.role }}|>{% if m.role == 'assistant' and '?' in m.content %}Q: {% endif %}{{ m.content }}<E>"
+        "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    messages = [{"role": r, "content": c} for r, c in (("user", "Why"), ("assistant", "Why?"), ("user", "ok"))]
+    messages.append({"role": "assistant", "content": "fine"})
+    text = render_messages(messages, t, tpl)
+    turns = _auto_turns(messages, t, tpl, text, [1, 3], [])
+    assert [text[x.begin - 3 : x.end] for x in turns] == ["Q: Why?<E>", "t|>fine<E>"]
 
 
 _MEASURED = "{{ messages|map(attribute='content')|join|length }} characters\n"

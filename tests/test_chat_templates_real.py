@@ -237,6 +237,20 @@ MORE = {
         {"role": "user", "content": "yes."},
         {"role": "assistant", "content": "ok"},
     ],
+    # a reply after a reply, opening with a space before a letter of the next turn's header ('s' in
+    # '<|im_start|>'): templates with no generation prompt after a reply have that header in the search
+    "padded-letter-after-a-reply": [
+        {"role": "user", "content": "Q"},
+        {"role": "assistant", "content": "Fine."},
+        {"role": "assistant", "content": " s"},
+        {"role": "user", "content": "t"},
+        {"role": "assistant", "content": "ok"},
+    ],
+    "padded-letter-after-a-reply-last": [
+        {"role": "user", "content": "Q"},
+        {"role": "assistant", "content": "Fine."},
+        {"role": "assistant", "content": " s"},
+    ],
     "assistant-first": [
         {"role": "assistant", "content": "You are a helpful assistant."},
         {"role": "user", "content": "Today Date: 26 Jul 2024"},
@@ -265,6 +279,10 @@ MORE = {
         ("gemma-2-it.jinja", "padded-reply-said-again"),
         ("qwen2.5-instruct.jinja", "padded-reply-said-again"),
         ("mistral-7b-instruct-v0.2.jinja", "padded-reply-said-again"),
+        ("chatml-vllm.jinja", "padded-letter-after-a-reply"),
+        ("chatml-vllm.jinja", "padded-letter-after-a-reply-last"),
+        ("qwen1.5-chat.jinja", "padded-letter-after-a-reply"),
+        ("qwen1.5-chat.jinja", "padded-letter-after-a-reply-last"),
     ],
 )
 def test_messages_in_other_places_train_exactly_the_replies_and_their_marker(name, shape, special):

@@ -148,15 +148,12 @@ def _written_forms(content: str) -> list[str]:
 
 
 def _find_reply(text: str, content: str, lo: int, hi: int) -> tuple[int, int] | None:
-    """The reply as the template wrote it in ``text[lo:hi]`` (`_written_forms`), where it is written first (of two
-    forms at one place, the first tried): a trimmed reply right at ``lo``, not a later copy of it that has the
-    whitespace (``'\\nyes.'`` in a next turn ``'<|end_header_id|>\\n\\nyes.'``); None when not written."""
-    found = None
+    """The reply as the template wrote it in ``text[lo:hi]`` (`_written_forms`); None when not written."""
     for variant in _written_forms(content):
-        pos = text.find(variant, lo, min(hi, found[0] + len(variant)) if found else hi)
-        if pos >= 0 and (found is None or pos < found[0]):
-            found = pos, pos + len(variant)
-    return found
+        pos = text.find(variant, lo, hi)
+        if pos >= 0:
+            return pos, pos + len(variant)
+    return None
 
 
 def _reply_at(text: str, content: str, at: int, hi: int) -> tuple[int, int] | None:
@@ -418,7 +415,10 @@ def _auto_turns(messages, tokenizer, template, text, assistants, problems) -> li
         lo = max(lo, cursor)
         hi = len(pres[i + 1]) if i + 1 < len(pres) and text.startswith(pres[i + 1]) else len(text)
         hi = located[i + 1] if i + 1 < len(pres) and located[i + 1] is not None else hi
-        span = _find_reply(text, content, lo, hi) if located[i] is None else _reply_at(text, content, lo, hi)
+        if located[i] is not None or exact:  # the reply where the template writes it, right after its prompt
+            span = _reply_at(text, content, lo, hi)  # (a trimmed reply there, not a later copy with its whitespace)
+        if located[i] is None and (not exact or span is None):
+            span = _find_reply(text, content, lo, hi)  # the first form the window holds
         start = lo  # where the reply's turn may begin: after the message before it, where that is placed
         before = _question(messages, k)
         if (
@@ -519,10 +519,11 @@ def _in_place(messages, k, tokenizer, template, text) -> int | None:
     (each non-whitespace character a NUL, which the text does not hold): the masked run is written once, and what
     the template writes before it is how the text starts, or what it writes after it is how the text ends (a first
     line that counts the contents' characters or their vowels changes the one, not the other); the reply must be
-    written right there (`_reply_at`). Its leading whitespace, where the text has it before the reply, is the
-    reply's when the template writes other whitespace there for other leading whitespace (else the header's). None
-    otherwise: the template writes the reply more than once, or text both before and after it that depends on it.
-    (A reply of whitespace only never comes here: `_content_text` refuses it.)"""
+    written right there (else the other side is tried: a masked reply may change what the template writes next to
+    it). Its leading whitespace is the reply's when the rendering with the reply stripped of it has the same text
+    before the reply as the masked one has before that whitespace (else it is the header's: a template that trims
+    it, or strips newlines only). None otherwise: the template writes the reply more than once, or text both before
+    and after it that depends on it. (A reply of whitespace only never comes here: `_content_text` refuses it.)"""
     content, mask = messages[k]["content"], "\x00"
     core = content.strip()  # from the first masked character to the last
     if mask in text or not core:
@@ -548,19 +549,19 @@ def _in_place(messages, k, tokenizer, template, text) -> int | None:
     if found is None:
         return None
     rendered, at = found
-    if text.startswith(rendered[:at]):
-        start = at
-    elif text.endswith(rendered[at + len(core) :]):
-        start = len(text) - (len(rendered) - at)
-    else:
-        return None
-    if start < 0:
-        return None
-    if lead and text.endswith(lead, 0, start):
-        swapped = masked_run("".join("\t" if c == " " else " " for c in lead) + masked(content[len(lead) :]))
-        if swapped is not None and not swapped[0].endswith(lead, 0, swapped[1]):
-            return start - len(lead)  # the template writes the reply's leading whitespace
-    return start
+    for start, shared in (  # the text before the run is how the text starts, or the text after it how it ends
+        (at, text.startswith(rendered[:at])),
+        (len(text) - (len(rendered) - at), text.endswith(rendered[at + len(core) :])),
+    ):
+        if not (shared and start >= 0 and text.startswith(core, start)):
+            continue  # (a masked reply changes what the template writes there: '?' or '<think>' in it)
+        if lead:
+            bare = masked_run(masked(core))  # without the leading whitespace: what the template writes before it
+            w = min(16, at - len(lead), bare[1]) if bare else 0
+            if w > 0 and rendered[at - len(lead) - w : at - len(lead)] == bare[0][bare[1] - w : bare[1]]:
+                return start - len(lead)  # the same text before the whitespace as before the bare reply: written
+        return start
+    return None
 
 
 def _sentinel(i: int) -> str:
