@@ -1306,28 +1306,36 @@ def test_a_reply_under_a_first_line_measuring_the_contents_takes_its_own_whitesp
 
 
 @pytest.mark.parametrize(
-    "name, conv, at",
-    [  # gpt-oss's generation prompt stops before '<|channel|>final<|message|>'; 'a' is a letter of '<|channel|>'
-        ("gpt-oss-120b.jinja", [("user", "Pick a letter"), ("assistant", " a"), ("user", "Again")], "<|message|>"),
+    "name, conv, at, written",
+    [  # gpt-oss's generation prompt stops before '<|channel|>final<|message|>', which holds 'a', 'e' and '|'
+        (
+            "gpt-oss-120b.jinja",
+            [("user", "Pick a letter"), ("assistant", " a"), ("user", "Again")],
+            "<|message|>",
+            " a",
+        ),
+        ("gpt-oss-120b.jinja", [("user", "Say yes."), ("assistant", "|"), ("user", "I")], "<|message|>", "|"),
+        ("gpt-oss-120b.jinja", [("user", "S"), ("assistant", "e"), ("user", "e")], "<|message|>", "e"),
         # laguna's generation block holds '</think>' before the reply, and 'i' of '<assistant>' before that
-        ("laguna-xs-2.1.jinja", [("user", "Q"), ("assistant", " \ni\n")], "</think>\n"),
-        ("laguna-xs-2.1.jinja", [("user", "Q"), ("assistant", "\n\nthink\n")], "</think>\n"),
+        ("laguna-xs-2.1.jinja", [("user", "Q"), ("assistant", " \ni\n")], "</think>\n", "i"),
+        ("laguna-xs-2.1.jinja", [("user", "Q"), ("assistant", "\n\nthink\n")], "</think>\n", "think"),
+        # Qwen3 writes '<think>\n\n</think>\n\n' before a last reply, which it writes with its newlines stripped
+        ("qwen3.jinja", [("user", "Q"), ("assistant", "\n\nHello there.\n")], "</think>\n\n", "Hello there.\n"),
     ],
-    ids=["gpt-oss-channel", "laguna-letter", "laguna-think"],
+    ids=["gpt-oss-a", "gpt-oss-bar", "gpt-oss-e", "laguna-letter", "laguna-think", "qwen3-newlines"],
 )
-def test_a_padded_reply_is_not_taken_from_the_text_the_template_writes_before_it(name, conv, at):
-    """A reply with surrounding whitespace, whose stripped text the template's own opening holds (a header letter,
-    'think' in '</think>'): the reply is trained where it is written, right after the opening, with its whitespace
-    where the template writes it; never the opening's letters (a cold review's cases against a search that took
-    the earliest place of any form of the reply)."""
+def test_a_padded_reply_is_not_taken_from_the_text_the_template_writes_before_it(name, conv, at, written):
+    """A reply whose text (or its stripped text) the template's own opening holds (a header letter, 'think' in
+    '</think>', the newlines after '</think>'): the reply is trained where it is written, right after the
+    opening, with its whitespace where the template writes it; never the opening's characters (the sentinel
+    rendering says where the reply is when it is not right after its generation prompt; a cold review's cases)."""
     from pathlib import Path
 
     t = fresh_tok("llama")
     template = (Path(__file__).parent / "data" / "chat_templates" / name).read_text()
     r = render([{"role": r, "content": c} for r, c in conv], t, chat_template=template)
-    ((k, reply),) = [(k, c) for k, (role, c) in enumerate(conv) if role == "assistant"]
     b, e = r.trained_spans[0]
-    assert r.text.endswith(at, 0, b) and r.text[b:e].startswith(reply.strip() if name.startswith("laguna") else reply)
+    assert r.text.endswith(at, 0, b) and r.text[b:e].startswith(written)
 
 
 def test_a_masked_reply_that_changes_what_the_template_writes_before_it_is_located_by_the_text_after_it():
