@@ -375,13 +375,14 @@ def _auto_turns(messages, tokenizer, template, text, assistants, problems) -> li
     """Each reply located in the final text, with its end-of-turn marker (`_close_turn`).
 
     Where the template is prefix-preserving (the rendering up to the reply's generation prompt is a prefix of
-    the final text) the reply is searched right after that prompt. Where it is not (a system prompt moved into
-    the last user turn or a later one written first, a generation prompt that adds ``<think>\\n``, reasoning dropped
-    from earlier turns) the reply is taken right where the full conversation, rendered with a sentinel in its place
-    (`_opening`), writes it, when that rendering up to the sentinel is a prefix of the text. Where even that is not
-    (the template's text before the reply depends on the reply) the reply is searched verbatim in the one full
-    rendering, in order, after the part both renderings share and after the message before it. A reply not written
-    verbatim there is refused with the message index and what differs."""
+    the final text) the reply is taken right after that prompt, else where the sentinel rendering (`_opening`) puts
+    it, else searched in the window after the prompt. Where it is not (a system prompt moved into the last user turn
+    or a later one written first, a generation prompt that adds ``<think>\\n``, reasoning dropped from earlier
+    turns) the reply is taken right where the full conversation, rendered with a sentinel in its place, writes it,
+    when that rendering up to the sentinel is a prefix of the text; where even that is not (the template's text
+    before the reply depends on the reply), where the rendering with the reply masked puts it (`_in_place`); else it
+    is searched verbatim in the one full rendering, in order, after the part both renderings share and after the
+    message before it. A reply not written verbatim there is refused with the message index and what differs."""
     pres, located = [], []
     for k in assistants:
         pre = (
