@@ -524,11 +524,11 @@ def _in_place(messages, k, tokenizer, template, text) -> int | None:
     the template writes before it is how the text starts, or what it writes after it is how the text ends (a first
     line that counts the contents' characters or their vowels changes the one, not the other); the reply must be
     written right there (else the other side is tried: a masked reply may change what the template writes next to
-    it). Its leading whitespace is the reply's where the text before the reply changes when that whitespace is
-    moved to the reply's end (else it is the header's: a template that trims it, or strips newlines only; moved, not
-    dropped, for a template that writes the reply's length before it). None otherwise: the template writes the reply
-    more than once, or text both before and after it that depends on it. (A reply of whitespace only never comes
-    here: `_content_text` refuses it.)"""
+    it). Its leading whitespace, where the text has it before the reply, is the reply's where the text before the
+    reply changes both when that whitespace is moved to the reply's end and when it is replaced by other whitespace
+    (else it is the header's: a template that trims it, strips newlines only, or counts the reply's lines). None
+    otherwise: the template writes the reply more than once, or text both before and after it that depends on it.
+    (A reply of whitespace only never comes here: `_content_text` refuses it.)"""
     content, mask = messages[k]["content"], "\x00"
     core = content.strip()  # from the first masked character to the last
     if mask in text or not core:
@@ -560,11 +560,14 @@ def _in_place(messages, k, tokenizer, template, text) -> int | None:
     ):
         if not (shared and start >= 0 and text.startswith(core, start)):
             continue  # (a masked reply changes what the template writes there: '?' or '<think>' in it)
-        if lead:  # the leading whitespace moved to the end (the same length and characters): what comes before
-            moved = masked_run(masked(content[len(lead) :]) + lead)  # the reply changes only where it is written
+        if lead and text.endswith(lead, 0, start):  # the text has it right before: the reply's, or the header's?
+            rest = masked(content[len(lead) :])
+            moved = masked_run(rest + lead)  # moved to the end (the same length and characters), and ...
+            swapped = masked_run("".join("\t" if c == " " else " " for c in lead) + rest)  # ... other whitespace
             w = min(16, at, moved[1]) if moved else 0
             if w > 0 and rendered[at - w : at] != moved[0][moved[1] - w : moved[1]]:
-                return start - len(lead)
+                if swapped and not swapped[0].endswith(lead, 0, swapped[1]):
+                    return start - len(lead)  # both change the text before the reply: the template writes it
         return start
     return None
 
