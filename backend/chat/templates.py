@@ -397,7 +397,7 @@ def _auto_turns(messages, tokenizer, template, text, assistants, problems) -> li
             probe = _opening(messages, k, tokenizer, template)
             at = len(probe) if probe and text.startswith(probe) else None
         if at is None and not text.startswith(pre) and not text.startswith(pre.rstrip()):
-            at = _in_place(messages, k, tokenizer, template, text)  # where it depends on the reply's length only
+            at = _in_place(messages, k, tokenizer, template, text)  # the text before it depends on the reply
         if not text.startswith(pre) and text.startswith(pre.rstrip()):
             # the template ends every rendering with whitespace (a trailing newline after its last block): that
             # is not how the reply's turn starts; the reply is searched from before it, unless it is right where
