@@ -391,19 +391,20 @@ def _auto_turns(messages, tokenizer, template, text, assistants, problems) -> li
             else _opening(messages, 0, tokenizer, template)
         )
         at = None
-        if k and not text.startswith(pre):
-            # where the full rendering writes this reply, where what it writes before it does not depend on the
-            # reply (a later system message written first, a generation prompt the history lacks)
-            probe = _opening(messages, k, tokenizer, template)
-            at = len(probe) if probe and text.startswith(probe) else None
-        if at is None and not text.startswith(pre) and not text.startswith(pre.rstrip()):
-            at = _in_place(messages, k, tokenizer, template, text)  # the text before it depends on the reply
-        if not text.startswith(pre) and text.startswith(pre.rstrip()):
-            # the template ends every rendering with whitespace (a trailing newline after its last block): that
-            # is not how the reply's turn starts; the reply is searched from before it, unless it is right where
-            # the sentinel rendering places it (a newline before it is then the header's, not the reply's)
-            if at is None or _reply_at(text, messages[k]["content"], at, len(text)) is None:
-                pre, at = pre.rstrip(), None
+        if not text.startswith(pre):
+            if k:
+                # where the full rendering writes this reply, where what it writes before it does not depend on the
+                # reply (a later system message written first, a generation prompt the history lacks)
+                probe = _opening(messages, k, tokenizer, template)
+                at = len(probe) if probe and text.startswith(probe) else None
+            if text.startswith(pre.rstrip()):
+                # the template ends every rendering with whitespace (a trailing newline after its last block): that
+                # is not how the reply's turn starts; the reply is searched from before it, unless it is right where
+                # the sentinel rendering places it (a newline before it is then the header's, not the reply's)
+                if at is None or _reply_at(text, messages[k]["content"], at, len(text)) is None:
+                    pre, at = pre.rstrip(), None
+            elif at is None:
+                at = _in_place(messages, k, tokenizer, template, text)  # the text before it depends on the reply
         pres.append(pre)
         located.append(at)
     turns = []
@@ -538,6 +539,8 @@ def _in_place(messages, k, tokenizer, template, text) -> int | None:
     def masked(s: str) -> str:
         return "".join(c if c.isspace() else mask for c in s)
 
+    run = masked(core)
+
     def masked_run(probe: str) -> tuple[str, int] | None:
         """The rendering with the reply's content ``probe``, and where the masked run starts; None where it is not
         written once, whole."""
@@ -547,8 +550,8 @@ def _in_place(messages, k, tokenizer, template, text) -> int | None:
             )
         except TemplateError:
             return None
-        at = rendered.find(masked(core))
-        return (rendered, at) if at >= 0 and rendered.count(mask) == len(core) - sum(map(str.isspace, core)) else None
+        at = rendered.find(run)
+        return (rendered, at) if at >= 0 and rendered.count(mask) == run.count(mask) else None
 
     found = masked_run(masked(content))
     if found is None:
@@ -563,9 +566,9 @@ def _in_place(messages, k, tokenizer, template, text) -> int | None:
         if lead and text.endswith(lead, 0, start):  # the text has it right before: the reply's, or the header's?
             rest = masked(content[len(lead) :])
             moved = masked_run(rest + lead)  # moved to the end (the same length and characters), and ...
-            swapped = masked_run("".join("\t" if c == " " else " " for c in lead) + rest)  # ... other whitespace
             w = min(16, at, moved[1]) if moved else 0
             if w > 0 and rendered[at - w : at] != moved[0][moved[1] - w : moved[1]]:
+                swapped = masked_run("".join("\t" if c == " " else " " for c in lead) + rest)  # ... other whitespace
                 if swapped and not swapped[0].endswith(lead, 0, swapped[1]):
                     return start - len(lead)  # both change the text before the reply: the template writes it
         return start
