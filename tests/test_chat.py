@@ -759,14 +759,13 @@ _NO_CONTROL = (  # a template that rejects contents that hold a NUL and no digit
 )
 
 
+_MEASURED = "{{ messages|map(attribute='content')|join|length }} characters\n"  # first lines that depend on contents
+_VOWELS = "{{ messages|map(attribute='content')|join|select('in', 'aeiouAEIOU')|list|length }} vowels\n"
+_DASHES = "{{ '-' * (messages|map(attribute='content')|join|length % 7) }}\n"  # a line whose own length changes
+
+
 @pytest.fixture(
-    params=[
-        "Turns: {{ messages|length }}\n",
-        "{{ messages|map(attribute='content')|join|length }} characters\n",
-        "{{ messages|map(attribute='content')|join|select('in', 'aeiouAEIOU')|list|length }} vowels\n",
-        _NO_CONTROL + "{{ messages|map(attribute='content')|join|length }} characters\n",
-        _NO_CONTROL + "{{ '-' * (messages|map(attribute='content')|join|length % 7) }}\n",
-    ],
+    params=["Turns: {{ messages|length }}\n", _MEASURED, _VOWELS, _NO_CONTROL + _MEASURED, _NO_CONTROL + _DASHES],
     ids=["counted", "measured", "vowels", "measured-no-probe", "measured-in-dashes-no-probe"],
 )
 def head(request):
@@ -1243,10 +1242,10 @@ def test_a_reply_searched_after_its_question_is_not_taken_from_the_templates_own
     from backend.chat.templates import _auto_turns, render_messages
 
     heads = {  # the reply masked says where it is (the text before it the same, or after it), or cannot run
-        "measured": "{{ messages|map(attribute='content')|join|length }} characters\n",
-        "vowels": "{{ messages|map(attribute='content')|join|select('in', 'aeiouAEIOU')|list|length }} vowels\n",
-        "measured-no-probe": _NO_CONTROL + "{{ messages|map(attribute='content')|join|length }} characters\n",
-        "dashes-no-probe": _NO_CONTROL + "{{ '-' * (messages|map(attribute='content')|join|length % 7) }}\n",
+        "measured": _MEASURED,
+        "vowels": _VOWELS,
+        "measured-no-probe": _NO_CONTROL + _MEASURED,
+        "dashes-no-probe": _NO_CONTROL + _DASHES,
     }
     t, marker = tok("chatml"), "</s>" if template == _BARE else "<|im_end|>"
     if template == _R1:
@@ -1300,7 +1299,7 @@ def test_a_reply_under_a_first_line_measuring_the_contents_takes_its_own_whitesp
     if write == ".lstrip('\\n')" and "endswith" in header and reply == "\nyes.":
         pytest.skip("known limit (tests/MUTATION.md): newlines stripped and the last character in the header")
     t = tok("chatml")
-    tpl = "{{ messages|map(attribute='content')|join|length }} characters\n" + CHATML.replace(
+    tpl = _MEASURED + CHATML.replace(
         "{{ m.role }}\n{{ m.content }}", "{{ m.role }}" + header + "{{ m.content" + write + " }}"
     ).replace(
         "<|im_start|>assistant\n{% endif %}",
@@ -1382,8 +1381,7 @@ def test_a_masked_reply_that_changes_what_the_template_writes_before_it_is_locat
     assert [text[x.begin - 3 : x.end] for x in turns] == ["Q: Why?<E>", "t|>fine<E>"]
 
 
-_MEASURED = "{{ messages|map(attribute='content')|join|length }} characters\n"
-_VOWELS_LAST = "\n{{ messages|map(attribute='content')|join|select('in', 'aeiouAEIOU')|list|length }} vowels"
+_VOWELS_LAST = "\n" + _VOWELS.rstrip("\n")
 
 
 _TAGGED = (  # each message between tags of its role, system messages too
