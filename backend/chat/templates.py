@@ -419,11 +419,16 @@ def _auto_turns(messages, tokenizer, template, text, assistants, problems) -> li
         hi = located[i + 1] if i + 1 < len(pres) and located[i + 1] is not None else hi
         if located[i] is not None or exact:  # the reply where the template writes it, right after its prompt
             span = _reply_at(text, content, lo, hi)  # (a trimmed reply there, not a later copy with its whitespace)
-            if span is None and exact:  # text between the prompt and the reply ('<think></think>', a channel)
-                probe = _opening(messages, k, tokenizer, template)  # says where the template writes it
-                span = _reply_at(text, content, len(probe), hi) if probe and text.startswith(probe) else None
-        if located[i] is None and (not exact or span is None):
-            span = _find_reply(text, content, lo, hi)  # the first form the window holds
+        if exact and span is None:
+            span = _find_reply(text, content, lo, hi)  # the first form the window holds, unless ...
+            if span and not (text[lo : span[0]].isspace() and text[span[0] : span[1]] == content.strip()):
+                # ... there is text between the prompt and it ('<think></think>', a channel; not only a space
+                # before the stripped reply, Llama 2's): where the sentinel rendering puts the reply says where it is
+                probe = _opening(messages, k, tokenizer, template)
+                placed = _reply_at(text, content, len(probe), hi) if probe and text.startswith(probe) else None
+                span = placed or span
+        elif located[i] is None and not exact:
+            span = _find_reply(text, content, lo, hi)
         start = lo  # where the reply's turn may begin: after the message before it, where that is placed
         before = _question(messages, k)
         if (
