@@ -1000,7 +1000,8 @@ REWRITTEN_EARLIER = (
     "an earlier turn is rewritten: the reply is written verbatim while it is the last message, but not once "
     "later messages are added (e.g. reasoning dropped from earlier turns)"
 )
-REWRITTEN_REPLY = "the template rewrites the reply itself (it is not written verbatim even as the last message)"
+REWRITTEN = "the template rewrites the reply itself"  # (where it writes it, the masked rendering says: what it writes)
+REWRITTEN_REPLY = REWRITTEN + " (it is not written verbatim even as the last message)"
 
 
 def _refusal_reason(conv, t, template) -> tuple[int, str]:
@@ -1037,7 +1038,7 @@ def test_a_rewritten_reply_whose_question_holds_it_is_refused_not_trained_in_the
         "{% if m.role == 'assistant' %}</s>{% endif %}{% endfor %}{% if add_generation_prompt %}<think>{% endif %}"
     )
     assert _refusal_reason(conv, t, tpl)[0] == k
-    assert _refusal_reason(conv, t, tpl)[1].startswith(REWRITTEN_REPLY)
+    assert _refusal_reason(conv, t, tpl)[1].startswith(REWRITTEN)
 
 
 def test_a_reply_saying_what_its_rewritten_question_says_is_trained_or_refused_never_taken_from_the_question(head):
@@ -1343,8 +1344,13 @@ def test_a_reply_under_a_first_line_measuring_the_contents_takes_its_own_whitesp
         ("laguna-xs-2.1.jinja", [("user", "Q"), ("assistant", "\n\nthink\n")], "</think>\n", "think"),
         # Qwen3 writes '<think>\n\n</think>\n\n' before a last reply, which it writes with its newlines stripped
         ("qwen3.jinja", [("user", "Q"), ("assistant", "\n\nHello there.\n")], "</think>\n\n", "Hello there.\n"),
+        # ... and its spaces kept: they are the reply's, the newline before them the template's
+        ("qwen3.jinja", [("user", "Q"), ("assistant", "\n  Hello there.")], "</think>\n\n", "  Hello there."),
+        # Llama 2 writes a space, then the reply trimmed: a reply padded by one space has it after the template's
+        ("llama-2-chat.jinja", [("user", "Q"), ("assistant", " yes. "), ("user", "Q")], "[/INST] ", "yes. "),
     ],
-    ids=["gpt-oss-a", "gpt-oss-bar", "gpt-oss-e", "laguna-letter", "laguna-think", "qwen3-newlines"],
+    ids=["gpt-oss-a", "gpt-oss-bar", "gpt-oss-e", "laguna-letter", "laguna-think", "qwen3-newlines", "qwen3-spaces"]
+    + ["llama-2-space"],
 )
 def test_a_padded_reply_is_not_taken_from_the_text_the_template_writes_before_it(name, conv, at, written):
     """A reply whose text (or its stripped text) the template's own opening holds (a header letter, 'think' in
@@ -1358,6 +1364,54 @@ def test_a_padded_reply_is_not_taken_from_the_text_the_template_writes_before_it
     r = render([{"role": r, "content": c} for r, c in conv], t, chat_template=template)
     b, e = r.trained_spans[0]
     assert r.text.endswith(at, 0, b) and r.text[b:e].startswith(written)
+
+
+def test_a_padded_reply_under_raw_zephyr_and_a_first_line_of_dashes_is_trained_without_the_headers_newline():
+    """Raw Zephyr writes '<|assistant|>\\n', the reply trimmed, and newlines after every rendering (so the rendering
+    up to a generation prompt is a prefix of the text only without them). Under a first line whose length depends
+    on the contents' (the same here for both renderings), the sentinel rendering does not share the text before
+    the reply, the masked one does: the reply is trained from its first letter, not from the header's newline
+    (the twelfth sitting's differential fuzz, mutant 48)."""
+    from pathlib import Path
+
+    template = _DASHES + (Path(__file__).parent / "data" / "chat_templates" / "zephyr.jinja").read_text()
+    conv = [("system", "S"), ("user", "yes. yes."), ("assistant", "\nyes.\n"), ("user", "<b>x</b>")]
+    r = render([{"role": r, "content": c} for r, c in conv], fresh_tok("llama"), chat_template=template)
+    assert [r.text[b - 14 : e] for b, e in r.trained_spans] == ["<|assistant|>\nyes.<|eot_id|>"]
+    assert r.problems == []
+
+
+_UPPER_TAGS = (  # each message between tags of its role; replies upper-cased
+    "{% for m in messages %}<{{ m.role }}>{% if m.role == 'assistant' %}{{ m.content|upper }}{% else %}"
+    "{{ m.content|replace('\\n', ' ')|trim }}{% endif %}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+
+
+_S, _U, _A = "system", "user", "assistant"
+
+
+@pytest.mark.parametrize(
+    "conv, k, writes",
+    [  # the reply's text only in a tag ('<user>') or in a question: the differential fuzz's rows (mutants 201, 268)
+        ([(_S, "yes. and?"), (_U, "a"), (_A, "INST"), (_U, "Say yes."), (_U, "assistant"), (_A, "user")], 5, "USER"),
+        ([(_U, "\nyes.\n"), (_A, "yes."), (_U, "\nyes.\n"), (_S, "Yes."), (_U, "Hello there.")], 1, "YES."),
+        ([(_U, "\nyes.\n"), (_A, "INST"), (_U, "user"), (_A, "user"), (_U, "Continue."), (_A, "INST")], 3, "USER"),
+    ],
+    ids=["a-tag", "the-next-question", "the-question"],
+)
+def test_a_reply_the_template_rewrites_under_a_first_line_measuring_the_contents_is_refused_where_it_is(
+    conv, k, writes
+):
+    """A template that upper-cases replies, under a first line counting the contents' characters: the text is the
+    conversation rendered with the reply masked but for the reply's place, which does not hold the reply. The row
+    is refused, saying what the template writes there; the reply's text in a tag, in the question before it or in
+    the next one is never trained as the reply."""
+    messages = [{"role": r, "content": c} for r, c in conv]
+    assert _refusal_reason(messages, tok("llama"), _MEASURED + _UPPER_TAGS) == (
+        k,
+        f"{REWRITTEN} (it writes {writes!r})",
+    )
 
 
 def test_a_masked_reply_that_changes_what_the_template_writes_before_it_is_located_by_the_text_after_it():

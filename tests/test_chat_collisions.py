@@ -14,6 +14,9 @@ Rows the product refuses by design (a reply of whitespace only) are not drawn. L
 tests/MUTATION.md: a template whose text both before and after a reply depends on the reply's characters (the
 vowels counted first and last), where only the search after the question is left and a reply that a header holds
 can be taken there (reported as eot_undecided).
+
+Templates that rewrite every reply (upper-case it) have no verbatim reply to find, only look-alikes: a reply is
+trained in its own turn (as the turn's text, reported) or the row is refused; never a header's or a question's copy.
 """
 
 import random
@@ -160,4 +163,69 @@ def test_each_reply_is_trained_exactly_where_the_template_writes_it_among_look_a
         if got != want or problems:
             wrong.append((messages, want, got, problems))
     assert checked >= 20  # the oracle could read most rows
+    assert wrong == []
+
+
+_UPPER_TAGS = (
+    "{% for m in messages %}<{{ m.role }}>{% if m.role == 'assistant' %}{{ m.content|upper }}{% else %}"
+    "{{ m.content|replace('\\n', ' ')|trim }}{% endif %}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+_UPPER_CHATML = _CHATML.replace("{{ m.content }}", "{{ m.content|upper if m.role == 'assistant' else m.content }}")
+REWRITING = {
+    "upper-tags": (_UPPER_TAGS, "llama", "<assistant>", "</s>"),
+    "upper-chatml": (_UPPER_CHATML, "chatml", "<|im_start|>assistant\n", "<|im_end|>"),
+}
+
+
+@pytest.mark.parametrize("head", ["none", "counted", "measured", "dashes"])
+@pytest.mark.parametrize("body", REWRITING)
+def test_a_reply_the_template_rewrites_is_trained_in_its_own_turn_or_refused_never_at_a_look_alike(head, body):
+    """A template that upper-cases each reply, and conversations whose questions, system prompts and tags say what
+    a reply says ('user', 'assistant', 'e', the next question): a reply the template leaves as it is ('OK.') is
+    trained exactly after its opening with its marker; one it rewrites is trained within its own turn (from its
+    opening to its marker's end, reported as content_not_verbatim) or the row is refused, naming a rewritten reply.
+    Nothing is ever trained outside a reply's turn. (The first lines: none, where the renderings share the text
+    before each reply; the turn count, where the sentinel rendering places it; the contents' length, where the
+    masked rendering does.)"""
+    template, tok_name, opening, marker = REWRITING[body]
+    template = HEADS[head] + template
+    tok = _tokenizer(tok_name)
+    rng = random.Random(f"rewriting/{head}/{body}")
+    checked, wrong = 0, []
+    for _ in range(60):
+        messages = _conversation(rng)
+        assistants = [k for k, m in enumerate(messages) if m["role"] == "assistant"]
+        if not assistants:
+            continue
+        text = templates.render_messages(messages, tok, template)
+        opens, at = [], text.index("\n") + 1 if head != "none" else 0
+        while (at := text.find(opening, at)) >= 0:
+            at += len(opening)
+            opens.append(at)
+        if len(opens) != len(assistants):
+            continue
+        turns = [(b, text.index(marker, b)) for b in opens]  # each reply's turn: its written form, then its marker
+        tokens._info_cache.pop(tok, None)
+        problems = []
+        try:
+            got = [tuple(t) for t in templates._auto_turns(messages, tok, template, text, assistants, problems)]
+        except templates.TemplateError as e:
+            got = str(e)
+        checked += 1
+        rewritten = [k for k in assistants if messages[k]["content"].upper() != messages[k]["content"]]
+        if isinstance(got, str):
+            if not rewritten or "(assistant) verbatim" not in got:
+                wrong.append((messages, "refused", got))
+            continue
+        for k, (b, e), turn in zip(assistants, turns, got, strict=True):
+            if k in rewritten:
+                ok = b <= turn[1] <= turn[3] <= e + len(marker)  # within its own turn
+                ok = ok and any(p.startswith(f"content_not_verbatim: message {k}:") for p in problems)
+            else:
+                reply = messages[k]["content"]
+                ok = turn == (k, b, b + len(reply), b + len(reply) + len(marker))
+            if not ok:
+                wrong.append((messages, k, turn, (b, e), problems))
+    assert checked >= 30
     assert wrong == []

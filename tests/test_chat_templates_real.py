@@ -91,6 +91,14 @@ SHAPES = {
         {"role": "user", "content": "\nAnd <end_of_turn> [/INST]?"},
         {"role": "assistant", "content": "\n  Also text: <end_of_turn> [INST] <|END_OF_TURN_TOKEN|>  \n"},
     ],
+    # replies padded by one space: a template that writes a space and the reply trimmed (Llama 2, Mistral) has that
+    # space before the reply, not the reply's own
+    "one-space": [
+        {"role": "user", "content": "Say yes."},
+        {"role": "assistant", "content": " yes. "},
+        {"role": "user", "content": "And?"},
+        {"role": "assistant", "content": " ok"},
+    ],
 }
 _tok = {}
 
@@ -153,10 +161,14 @@ def expected_chars(hf: str, messages, marker: str, rendering) -> tuple[np.ndarra
             continue
         content = m["content"]
         lead = content[: len(content) - len(content.lstrip())]
-        if m["role"] == "assistant" and lead and content.strip():  # other leading whitespace, the same rendering:
-            other = "".join("\t" if c == " " else " " for c in lead) + content[len(lead) :]  # the template drops it
-            if rendering(messages[:i] + [{**m, "content": other}] + messages[i + 1 :]) == hf:
-                content = content.lstrip()  # (a header's newline before the reply is not the reply's)
+        if m["role"] == "assistant" and lead and content.strip():  # the most of it the template drops (the same
+            # rendering without it) is not the reply's: a header's newline before a trimmed reply, Qwen3's newlines
+            same = [
+                j
+                for j in range(1, len(lead) + 1)
+                if rendering(messages[:i] + [{**m, "content": content[j:]}] + messages[i + 1 :]) == hf
+            ]
+            content = content[max(same, default=0) :]
         span = written(hf, content, cursor, marker, m["role"] == "assistant")
         assert span is not None, f"message {i} is not in the rendering"
         b, e = span

@@ -400,7 +400,8 @@ def _auto_turns(messages, tokenizer, template, text, assistants, problems) -> li
             if text.startswith(pre.rstrip()):
                 # the template ends every rendering with whitespace (a trailing newline after its last block): that
                 # is not how the reply's turn starts; the reply is searched from before it, unless it is right where
-                # the sentinel rendering places it (a newline before it is then the header's, not the reply's)
+                # the sentinel rendering places it, or the masked one (a newline before it is then the header's)
+                at = at if at is not None else _in_place(messages, k, tokenizer, template, text)
                 if at is None or _reply_at(text, messages[k]["content"], at, len(text)) is None:
                     pre, at = pre.rstrip(), None
             elif at is None:
@@ -419,14 +420,33 @@ def _auto_turns(messages, tokenizer, template, text, assistants, problems) -> li
         hi = located[i + 1] if i + 1 < len(pres) and located[i + 1] is not None else hi
         if located[i] is not None or exact:  # the reply where the template writes it, right after its prompt
             span = _reply_at(text, content, lo, hi)  # (a trimmed reply there, not a later copy with its whitespace)
-        if exact and span is None:
+        if exact and span is not None and text[span[0]].isspace():
+            # a padded reply right after its prompt: its own whitespace, or the template's (Llama 2 writes a space
+            # and the reply trimmed)? The sentinel rendering says where the template puts the reply
+            around = _around(messages, k, tokenizer, template)
+            a = len(around[0]) if around and text.startswith(around[0]) else lo
+            if lo < a < span[1] and text[lo:a].isspace():
+                span = _reply_at(text, content, a, hi) or span
+        elif exact and span is None:
             span = _find_reply(text, content, lo, hi)  # the first form the window holds, unless ...
             if span and not (text[lo : span[0]].isspace() and text[span[0] : span[1]] == content.strip()):
                 # ... there is text between the prompt and it ('<think></think>', a channel; not only a space
-                # before the stripped reply, Llama 2's): where the sentinel rendering puts the reply says where it is
-                probe = _opening(messages, k, tokenizer, template)
-                placed = _reply_at(text, content, len(probe), hi) if probe and text.startswith(probe) else None
-                span = placed or span
+                # before the stripped reply, Llama 2's): where the sentinel rendering puts the reply says where it
+                # is; where the text after the sentinel is also how the text ends, the reply is what lies between
+                # (a form found elsewhere, a header's or a later message's, is not it: the template rewrites it);
+                # where the sentinel changes the text before it (a first line counting the contents), the masked one
+                around = _around(messages, k, tokenizer, template)
+                if around and text.startswith(around[0]):
+                    a, b = len(around[0]), len(text) - len(around[1])
+                    if a <= b and text.endswith(around[1]):  # all of it, where it is the reply less some of its
+                        # whitespace (Qwen3 strips a last reply's newlines, not its spaces); else a form found there
+                        whole = text[a:b].strip() == content.strip() and text[a:b] in content and b <= hi
+                        span = (a, b) if whole else _reply_at(text, content, a, min(b, hi))
+                        span = span or _find_reply(text, content, a, min(b, hi))
+                    else:
+                        span = _reply_at(text, content, a, hi) or span
+                elif (placed := _in_place(messages, k, tokenizer, template, text)) is not None:
+                    span = _reply_at(text, content, placed, hi) or span
         elif located[i] is None and not exact:
             span = _find_reply(text, content, lo, hi)
         start = lo  # where the reply's turn may begin: after the message before it, where that is placed
@@ -466,11 +486,7 @@ def _auto_turns(messages, tokenizer, template, text, assistants, problems) -> li
         if span is None:
             alone = render_messages(messages[: k + 1], tokenizer, template) if k != last else text
         if span is None and (not exact or _find_reply(alone, content, lo, len(alone)) is not None):
-            raise TemplateError(
-                f"chat template does not write message {k} (assistant) verbatim in the full rendering, so the reply "
-                f"cannot be located: {_rewrite_reason(messages, k, tokenizer, template, text, pre, alone)}. Use "
-                "chat.masking.mode=delimiters or a template that writes each reply verbatim."
-            )
+            raise _not_verbatim(k, _rewrite_reason(messages, k, tokenizer, template, text, pre, alone))
         if span is None:
             # the template rewrites the reply wherever it is (e.g. a filter), in a prefix-preserving rendering:
             # train the turn's text minus surrounding whitespace, and say so
@@ -494,6 +510,13 @@ def _auto_turns(messages, tokenizer, template, text, assistants, problems) -> li
     return turns
 
 
+def _not_verbatim(k: int, why: str) -> TemplateError:
+    return TemplateError(
+        f"chat template does not write message {k} (assistant) verbatim in the full rendering, so the reply cannot "
+        f"be located: {why}. Use chat.masking.mode=delimiters or a template that writes each reply verbatim."
+    )
+
+
 def _before_marker(text, content, span, k, messages, tokenizer, template) -> tuple[int, int]:
     """``span``, or where the reply is written right before the first end-of-turn marker after it, when the marker
     does not follow ``span`` itself: a short reply found first inside its turn's header ('A' in Vicuna's
@@ -515,13 +538,22 @@ def _opening(messages, k, tokenizer, template) -> str:
     turn's opening): the conversation rendered with a sentinel for that reply, up to it; "" where the template does
     not write it once (a preview of each reply, a message holding the sentinel's text) or rejects the probe (a first
     reply is then searched from the start, a later one as if there were no sentinel rendering)."""
+    around = _around(messages, k, tokenizer, template)
+    return around[0] if around else ""
+
+
+def _around(messages, k, tokenizer, template) -> tuple[str, str] | None:
+    """The conversation rendered with a sentinel for reply k: what the template writes before it and after it;
+    None where it does not write the sentinel once, or rejects it (see `_opening`)."""
     probe = messages[:k] + [{**messages[k], "content": _sentinel(k)}] + messages[k + 1 :]
     try:
         rendered = render_messages(probe, tokenizer, template)
     except TemplateError:
-        return ""
+        return None
     at = rendered.find(_sentinel(k))
-    return rendered[:at] if at >= 0 and rendered.find(_sentinel(k), at + 1) < 0 else ""
+    if at < 0 or rendered.find(_sentinel(k), at + 1) >= 0:
+        return None
+    return rendered[:at], rendered[at + len(_sentinel(k)) :]
 
 
 def _in_place(messages, k, tokenizer, template, text) -> int | None:
@@ -534,7 +566,8 @@ def _in_place(messages, k, tokenizer, template, text) -> int | None:
     reply changes both when that whitespace is moved to the reply's end and when it is replaced by other whitespace
     (else it is the header's: a template that trims it, strips newlines only, or counts the reply's lines). None
     otherwise: the template writes the reply more than once, or text both before and after it that depends on it.
-    (A reply of whitespace only never comes here: `_content_text` refuses it.)"""
+    Refused (TemplateError) where the text is the masked rendering but for the run, and the reply is not there: the
+    template rewrites it (a case filter). (A reply of whitespace only never comes here: `_content_text` refuses it.)"""
     content, mask = messages[k]["content"], "\x00"
     core = content.strip()  # from the first masked character to the last
     if mask in text or not core:
@@ -577,6 +610,9 @@ def _in_place(messages, k, tokenizer, template, text) -> int | None:
                 if swapped and not swapped[0].endswith(lead, 0, swapped[1]):
                     return start - len(lead)  # both change the text before the reply: the template writes it
         return start
+    if len(rendered) == len(text) and text.startswith(rendered[:at]) and text.endswith(rendered[at + len(core) :]):
+        # the text is the masked rendering but for the run: the template writes the reply there, rewritten
+        raise _not_verbatim(k, f"the template rewrites the reply itself (it writes {text[at : at + len(core)]!r})")
     return None
 
 
