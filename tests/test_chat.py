@@ -1346,11 +1346,8 @@ def test_a_reply_under_a_first_line_measuring_the_contents_takes_its_own_whitesp
         ("qwen3.jinja", [("user", "Q"), ("assistant", "\n\nHello there.\n")], "</think>\n\n", "Hello there.\n"),
         # ... and its spaces kept: they are the reply's, the newline before them the template's
         ("qwen3.jinja", [("user", "Q"), ("assistant", "\n  Hello there.")], "</think>\n\n", "  Hello there."),
-        # Llama 2 writes a space, then the reply trimmed: a reply padded by one space has it after the template's
-        ("llama-2-chat.jinja", [("user", "Q"), ("assistant", " yes. "), ("user", "Q")], "[/INST] ", "yes. "),
     ],
-    ids=["gpt-oss-a", "gpt-oss-bar", "gpt-oss-e", "laguna-letter", "laguna-think", "qwen3-newlines", "qwen3-spaces"]
-    + ["llama-2-space"],
+    ids=["gpt-oss-a", "gpt-oss-bar", "gpt-oss-e", "laguna-letter", "laguna-think", "qwen3-newlines", "qwen3-spaces"],
 )
 def test_a_padded_reply_is_not_taken_from_the_text_the_template_writes_before_it(name, conv, at, written):
     """A reply whose text (or its stripped text) the template's own opening holds (a header letter, 'think' in
@@ -1386,6 +1383,41 @@ _UPPER_TAGS = (  # each message between tags of its role; replies upper-cased
     "{{ m.content|replace('\\n', ' ')|trim }}{% endif %}</s>{% endfor %}"
     "{% if add_generation_prompt %}<assistant>{% endif %}"
 )
+
+
+def _tagged(reply: str, head: str = "") -> str:
+    """A template that writes ``reply`` (Jinja, of ``m.content``) after '<assistant>' and each question after
+    '<user>'."""
+    return (
+        head
+        + "{% for m in messages %}{% if m.role == 'user' %}<user>{{ m.content }}</s>\n{% else %}<assistant>"
+        + reply
+        + "</s>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+
+
+@pytest.mark.parametrize(
+    "template, replies",
+    [  # what the template writes after a reply depends on its end, and coincides with it: '.' added where it lacks
+        (_tagged("<think></think>{{ m.content }}{{ '' if m.content.endswith('.') else '.' }}"), ["Yes.", "Sure."]),
+        # a newline or a space of the template's own, written only before a reply that has none: the reply's are its
+        (_tagged("<think></think>{{ '' if m.content.startswith('\\n') else '\\n' }}{{ m.content }}"), ["\n\nYes"]),
+        (_tagged("<think></think>{{ '' if m.content.startswith(' ') else ' ' }}{{ m.content }}"), ["  Yes"]),
+        # a dash before a reply that asks, after one that does not, under a first line measuring the contents: the
+        # reply '?-' is written one character on from where the masked rendering puts it, not rewritten
+        (_tagged("{% if '?' in m.content %}-{{ m.content }}{% else %}{{ m.content }}-{% endif %}", _MEASURED), ["?-"]),
+    ],
+    ids=["period-added", "own-newlines", "own-spaces", "dash-shifted"],
+)
+def test_a_reply_next_to_text_the_template_writes_depending_on_it_is_trained_whole(template, replies):
+    """Templates whose text right before or after a reply depends on the reply's first or last character, in a way
+    that makes the text next to the reply look like the sentinel's or the masked rendering's: each reply is trained
+    whole, with its own whitespace, and the row is not refused (a cold review's cases)."""
+    messages = []
+    for reply in replies:
+        messages += [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": reply}]
+    r = render(messages, fresh_tok("llama"), chat_template=template)
+    assert [r.text[b:e].removesuffix("</s>") for b, e in r.trained_spans] == replies
 
 
 _S, _U, _A = "system", "user", "assistant"

@@ -91,14 +91,6 @@ SHAPES = {
         {"role": "user", "content": "\nAnd <end_of_turn> [/INST]?"},
         {"role": "assistant", "content": "\n  Also text: <end_of_turn> [INST] <|END_OF_TURN_TOKEN|>  \n"},
     ],
-    # replies padded by one space: a template that writes a space and the reply trimmed (Llama 2, Mistral) has that
-    # space before the reply, not the reply's own
-    "one-space": [
-        {"role": "user", "content": "Say yes."},
-        {"role": "assistant", "content": " yes. "},
-        {"role": "user", "content": "And?"},
-        {"role": "assistant", "content": " ok"},
-    ],
 }
 _tok = {}
 

@@ -420,14 +420,7 @@ def _auto_turns(messages, tokenizer, template, text, assistants, problems) -> li
         hi = located[i + 1] if i + 1 < len(pres) and located[i + 1] is not None else hi
         if located[i] is not None or exact:  # the reply where the template writes it, right after its prompt
             span = _reply_at(text, content, lo, hi)  # (a trimmed reply there, not a later copy with its whitespace)
-        if exact and span is not None and text[span[0]].isspace():
-            # a padded reply right after its prompt: its own whitespace, or the template's (Llama 2 writes a space
-            # and the reply trimmed)? The sentinel rendering says where the template puts the reply
-            around = _around(messages, k, tokenizer, template)
-            a = len(around[0]) if around and text.startswith(around[0]) else lo
-            if lo < a < span[1] and text[lo:a].isspace():
-                span = _reply_at(text, content, a, hi) or span
-        elif exact and span is None:
+        if exact and span is None:
             span = _find_reply(text, content, lo, hi)  # the first form the window holds, unless ...
             if span and not (text[lo : span[0]].isspace() and text[span[0] : span[1]] == content.strip()):
                 # ... there is text between the prompt and it ('<think></think>', a channel; not only a space
@@ -438,11 +431,8 @@ def _auto_turns(messages, tokenizer, template, text, assistants, problems) -> li
                 around = _around(messages, k, tokenizer, template)
                 if around and text.startswith(around[0]):
                     a, b = len(around[0]), len(text) - len(around[1])
-                    if a <= b and text.endswith(around[1]):  # all of it, where it is the reply less some of its
-                        # whitespace (Qwen3 strips a last reply's newlines, not its spaces); else a form found there
-                        whole = text[a:b].strip() == content.strip() and text[a:b] in content and b <= hi
-                        span = (a, b) if whole else _reply_at(text, content, a, min(b, hi))
-                        span = span or _find_reply(text, content, a, min(b, hi))
+                    if a <= b <= hi and text.endswith(around[1]):
+                        span = _between(messages, k, tokenizer, template, text, a, b, hi)
                     else:
                         span = _reply_at(text, content, a, hi) or span
                 elif (placed := _in_place(messages, k, tokenizer, template, text)) is not None:
@@ -510,6 +500,38 @@ def _auto_turns(messages, tokenizer, template, text, assistants, problems) -> li
     return turns
 
 
+def _between(messages, k, tokenizer, template, text, a, b, hi) -> tuple[int, int] | None:
+    """Reply k, where the conversation rendered with a sentinel in its place shares the text before ``a`` and after
+    ``b``: all of ``text[a:b]`` where that is the reply less some of its whitespace (Qwen3 strips a last reply's
+    newlines, not its spaces), with the rest of its leading whitespace where the text has it right before ``a``,
+    less the most of it the template drops (the full rendering is the same without it; a template that writes a
+    newline of its own only before a reply that has none drops none of the reply's); else the form written at ``a``
+    or the first after it, where that starts before ``b`` (what the template writes after a reply may coincide with
+    the reply's end: a '.' added to a reply that lacks one); else None (the template rewrites the reply: its copy in
+    a tag or a later message is not it)."""
+    content, written = messages[k]["content"], text[a:b]
+    i = content.find(written) if written.strip() == content.strip() else -1
+    if i > 0 and text.endswith(content[i - 1], 0, a):
+        n = next(n for n in range(i, 0, -1) if text.endswith(content[i - n : i], 0, a))  # the most the text has
+        for j in range(i, i - n - 1, -1):  # the most of it the template drops (the same text without it)
+            if j == 0 or _rendered_with(messages, k, content[j:], tokenizer, template) == text:
+                return a - (i - j), b
+    if i >= 0:
+        return a, b
+    span = _reply_at(text, content, a, hi) or _find_reply(text, content, a, hi)
+    return span if span and span[0] < max(b, a + 1) else None
+
+
+def _rendered_with(messages, k, content, tokenizer, template) -> str | None:
+    """The full conversation rendered with ``content`` for message k; None where the template rejects it."""
+    try:
+        return render_messages(
+            messages[:k] + [{**messages[k], "content": content}] + messages[k + 1 :], tokenizer, template
+        )
+    except TemplateError:
+        return None
+
+
 def _not_verbatim(k: int, why: str) -> TemplateError:
     return TemplateError(
         f"chat template does not write message {k} (assistant) verbatim in the full rendering, so the reply cannot "
@@ -545,12 +567,8 @@ def _opening(messages, k, tokenizer, template) -> str:
 def _around(messages, k, tokenizer, template) -> tuple[str, str] | None:
     """The conversation rendered with a sentinel for reply k: what the template writes before it and after it;
     None where it does not write the sentinel once, or rejects it (see `_opening`)."""
-    probe = messages[:k] + [{**messages[k], "content": _sentinel(k)}] + messages[k + 1 :]
-    try:
-        rendered = render_messages(probe, tokenizer, template)
-    except TemplateError:
-        return None
-    at = rendered.find(_sentinel(k))
+    rendered = _rendered_with(messages, k, _sentinel(k), tokenizer, template)
+    at = rendered.find(_sentinel(k)) if rendered is not None else -1
     if at < 0 or rendered.find(_sentinel(k), at + 1) >= 0:
         return None
     return rendered[:at], rendered[at + len(_sentinel(k)) :]
@@ -582,11 +600,8 @@ def _in_place(messages, k, tokenizer, template, text) -> int | None:
     def masked_run(probe: str) -> tuple[str, int] | None:
         """The rendering with the reply's content ``probe``, and where the masked run starts; None where it is not
         written once, whole."""
-        try:
-            rendered = render_messages(
-                messages[:k] + [{**messages[k], "content": probe}] + messages[k + 1 :], tokenizer, template
-            )
-        except TemplateError:
+        rendered = _rendered_with(messages, k, probe, tokenizer, template)
+        if rendered is None:
             return None
         at = rendered.find(run)
         return (rendered, at) if at >= 0 and rendered.count(mask) == run.count(mask) else None
@@ -610,8 +625,14 @@ def _in_place(messages, k, tokenizer, template, text) -> int | None:
                 if swapped and not swapped[0].endswith(lead, 0, swapped[1]):
                     return start - len(lead)  # both change the text before the reply: the template writes it
         return start
-    if len(rendered) == len(text) and text.startswith(rendered[:at]) and text.endswith(rendered[at + len(core) :]):
-        # the text is the masked rendering but for the run: the template writes the reply there, rewritten
+    if (
+        len(rendered) == len(text)
+        and text.startswith(rendered[:at])
+        and text.endswith(rendered[at + len(core) :])
+        and text.find(core, max(0, at - len(core) + 1), at + 2 * len(core) - 1) < 0
+    ):
+        # the text is the masked rendering but for the run, and no copy of the reply overlaps it (one shifted by a
+        # character the reply's own text makes the template write): the template writes the reply there, rewritten
         raise _not_verbatim(k, f"the template rewrites the reply itself (it writes {text[at : at + len(core)]!r})")
     return None
 
