@@ -1412,12 +1412,18 @@ def _tagged(reply: str, head: str = "") -> str:
 def test_a_reply_next_to_text_the_template_writes_depending_on_it_is_trained_whole(template, replies):
     """Templates whose text right before or after a reply depends on the reply's first or last character, in a way
     that makes the text next to the reply look like the sentinel's or the masked rendering's: each reply is trained
-    whole, with its own whitespace, and the row is not refused (a cold review's cases)."""
+    whole, with its own whitespace (its last character its own, not taken for the marker the template writes after
+    a reply that lacks it), and the row is not refused (a cold review's cases)."""
+    from backend.chat.templates import _auto_turns, render_messages
+
     messages = []
     for reply in replies:
         messages += [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": reply}]
     r = render(messages, fresh_tok("llama"), chat_template=template)
     assert [r.text[b:e].removesuffix("</s>") for b, e in r.trained_spans] == replies
+    text = render_messages(messages, fresh_tok("llama"), template)
+    turns = _auto_turns(messages, fresh_tok("llama"), template, text, list(range(1, len(messages), 2)), [])
+    assert [text[x.begin : x.content_end] for x in turns] == replies
 
 
 _S, _U, _A = "system", "user", "assistant"
