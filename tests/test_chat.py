@@ -1426,6 +1426,36 @@ def test_a_reply_next_to_text_the_template_writes_depending_on_it_is_trained_who
     assert [text[x.begin : x.content_end] for x in turns] == replies
 
 
+def test_a_template_that_rejects_every_probe_keeps_the_first_form_after_the_prompt():
+    """A template that rejects any content holding a NUL (the sentinel and the masked reply both do) and writes an
+    empty think block between each generation prompt and its reply: no probe renders, and each reply is the first
+    form written after its prompt (no crash, no refusal; the marker, which probes read, is reported undecided)."""
+    reject = (
+        "{% for m in messages %}{% if '\\x00' in m.content %}{{ raise_exception('control') }}{% endif %}{% endfor %}"
+    )
+    messages = [
+        {"role": r, "content": c}
+        for r, c in (("user", "Hi"), ("assistant", "Yes."), ("user", "And?"), ("assistant", "No."))
+    ]
+    r = render(messages, fresh_tok("llama"), chat_template=_tagged("<think></think>{{ m.content }}", reject))
+    assert [r.text[b - 15 : e] for b, e in r.trained_spans] == ["<think></think>Yes.", "<think></think>No."]
+    assert [p.split(":")[0] for p in r.problems] == ["eot_undecided", "eot_undecided"]
+
+
+def test_a_template_that_rejects_the_moved_whitespace_probe_still_trains_the_reply():
+    """Under a first line measuring the contents, a template that rejects a masked content ending with whitespace:
+    the probe that moves a reply's leading newline to its end is rejected; the reply is still located by the
+    masked rendering and trained with its marker (its newline, which no probe could read, left untrained), no crash."""
+    reject = (
+        "{% for m in messages %}{% if '\\x00' in m.content and m.content != m.content.rstrip() %}"
+        "{{ raise_exception('trailing whitespace') }}{% endif %}{% endfor %}"
+    )
+    t = tok("chatml")
+    messages = [{"role": r, "content": c} for r, c in (("user", "Q"), ("assistant", "\nyes."), ("user", "ok"))]
+    r = render(messages, t, chat_template=reject + _MEASURED + CHATML)
+    assert [r.text[b:e] for b, e in r.trained_spans] == ["yes.<|im_end|>"]
+
+
 _S, _U, _A = "system", "user", "assistant"
 
 
