@@ -1426,6 +1426,18 @@ def test_a_reply_next_to_text_the_template_writes_depending_on_it_is_trained_who
     assert [text[x.begin : x.content_end] for x in turns] == replies
 
 
+def test_a_reply_a_think_block_holds_is_taken_after_it_where_the_text_after_the_reply_depends_on_it():
+    """An empty think block between each generation prompt and its reply, and the reply's length written after it
+    (so the sentinel rendering shares the text before the reply, not after): a reply that the block holds ('k' of
+    'think', 'in') is trained where the sentinel rendering puts it, after the block, not inside it."""
+    template = _tagged("<think></think>{{ m.content }} [{{ m.content|length }}]")
+    messages = [
+        {"role": r, "content": c} for r, c in (("user", "Hi"), ("assistant", "k"), ("user", "Hi"), ("assistant", "in"))
+    ]
+    r = render(messages, fresh_tok("llama"), chat_template=template)
+    assert [r.text[b - 15 : e] for b, e in r.trained_spans] == ["<think></think>k", "<think></think>in"]
+
+
 def test_a_template_that_rejects_every_probe_keeps_the_first_form_after_the_prompt():
     """A template that rejects any content holding a NUL (the sentinel and the masked reply both do) and writes an
     empty think block between each generation prompt and its reply: no probe renders, and each reply is the first
