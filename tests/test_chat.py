@@ -1468,6 +1468,18 @@ def test_a_template_that_rejects_the_moved_whitespace_probe_still_trains_the_rep
     assert [r.text[b:e] for b, e in r.trained_spans] == ["yes.<|im_end|>"]
 
 
+def test_a_rewritten_reply_under_a_first_line_that_the_prompt_rendering_happens_to_share_is_refused():
+    """A first line of dashes whose count (the contents' length modulo 7) happens to be the same for the rendering up
+    to the generation prompt and the full one, so that one is a prefix of the other, and a template that upper-cases
+    replies: the reply 'e' is not written verbatim, and its letter in the next question's tag ('<user>') is not it.
+    The sentinel rendering (three characters more) does not share the text before it; the masked one does, and says
+    the template rewrites it (the differential fuzz's row)."""
+    conv = [("user", "user"), ("assistant", "e"), ("user", "\nyes.\n")]
+    messages = [{"role": r, "content": c} for r, c in conv]
+    template = "{{ bos_token }}" + _DASHES + _UPPER_TAGS
+    assert _refusal_reason(messages, tok("llama"), template) == (1, f"{REWRITTEN} (it writes 'E')")
+
+
 _S, _U, _A = "system", "user", "assistant"
 
 
