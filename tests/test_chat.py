@@ -1426,6 +1426,18 @@ def test_a_reply_next_to_text_the_template_writes_depending_on_it_is_trained_who
     assert [text[x.begin : x.content_end] for x in turns] == replies
 
 
+@pytest.mark.parametrize("reply, own", [("\n\nyes", "\n\nyes"), ("\nyes", "yes"), (" \nyes", " \nyes")])
+def test_a_reply_opening_the_conversation_keeps_its_own_newlines_where_the_template_adds_one_only_if_none(reply, own):
+    """A conversation that opens with a reply, under a template that writes a newline of its own only before a reply
+    that has none: the sentinel rendering (which has none) ends with that newline, so the text before the reply
+    looks like the template's. The reply's newlines are its own where the full rendering changes without them
+    ('\\n\\nyes'); a single one is the template's by that rule (the rendering of 'yes' is the same text)."""
+    template = _tagged("<think></think>{{ '' if m.content.startswith('\\n') else '\\n' }}{{ m.content }}")
+    messages = [{"role": "assistant", "content": reply}, {"role": "user", "content": "Hi"}]
+    r = render(messages, fresh_tok("llama"), chat_template=template)
+    assert [r.text[b:e] for b, e in r.trained_spans] == [own + "</s>"]
+
+
 def test_a_reply_a_think_block_holds_is_taken_after_it_where_the_text_after_the_reply_depends_on_it():
     """An empty think block between each generation prompt and its reply, and the reply's length written after it
     (so the sentinel rendering shares the text before the reply, not after): a reply that the block holds ('k' of

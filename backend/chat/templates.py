@@ -437,6 +437,10 @@ def _auto_turns(messages, tokenizer, template, text, assistants, problems) -> li
                         span = _reply_at(text, content, a, hi) or span
                 elif (placed := _in_place(messages, k, tokenizer, template, text)) is not None:
                     span = _reply_at(text, content, placed, hi) or span
+            elif span:  # the stripped reply after whitespace: the reply's own leading whitespace, where the text
+                # has it right before and the template does not drop it (a newline of its own only where none is)
+                lead = len(content) - len(content.lstrip())
+                span = (span[0] - _own_lead(messages, k, tokenizer, template, text, lead, span[0]), span[1])
         elif located[i] is None and not exact:
             span = _find_reply(text, content, lo, hi)
         start = lo  # where the reply's turn may begin: after the message before it, where that is placed
@@ -511,15 +515,22 @@ def _between(messages, k, tokenizer, template, text, a, b, hi) -> tuple[int, int
     a tag or a later message is not it)."""
     content, written = messages[k]["content"], text[a:b]
     i = content.find(written) if written.strip() == content.strip() else -1
-    if i > 0 and text.endswith(content[i - 1], 0, a):
-        n = next(n for n in range(i, 0, -1) if text.endswith(content[i - n : i], 0, a))  # the most the text has
-        for j in range(i, i - n - 1, -1):  # the most of it the template drops (the same text without it)
-            if j == 0 or _rendered_with(messages, k, content[j:], tokenizer, template) == text:
-                return a - (i - j), b
     if i >= 0:
-        return a, b
+        return a - _own_lead(messages, k, tokenizer, template, text, i, a), b
     span = _reply_at(text, content, a, hi) or _find_reply(text, content, a, hi)
     return span if span and span[0] < max(b, a + 1) else None
+
+
+def _own_lead(messages, k, tokenizer, template, text, i, at) -> int:
+    """How much of reply k's leading whitespace ``content[:i]`` (which the text at ``at`` lacks) is written right
+    before ``at`` and is the reply's: what the text has there, less the most of it the template drops (the full
+    rendering the same without it). One render per character tried; none where the text has none of it there."""
+    content = messages[k]["content"]
+    n = next((n for n in range(i, 0, -1) if text.endswith(content[i - n : i], 0, at)), 0)  # the most the text has
+    for j in range(i, i - n - 1, -1) if n else ():  # the most of it the template drops: the rest is the reply's
+        if j == 0 or _rendered_with(messages, k, content[j:], tokenizer, template) == text:
+            return i - j
+    return 0
 
 
 def _rendered_with(messages, k, content, tokenizer, template) -> str | None:
