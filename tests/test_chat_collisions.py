@@ -178,7 +178,7 @@ REWRITING = {
 }
 
 
-@pytest.mark.parametrize("head", ["none", "counted", "measured", "dashes"])
+@pytest.mark.parametrize("head", ["none", "counted", "measured", "dashes", "vowels"])
 @pytest.mark.parametrize("body", REWRITING)
 def test_a_reply_the_template_rewrites_is_trained_in_its_own_turn_or_refused_never_at_a_look_alike(head, body):
     """A template that upper-cases each reply, and conversations whose questions, system prompts and tags say what
@@ -187,7 +187,8 @@ def test_a_reply_the_template_rewrites_is_trained_in_its_own_turn_or_refused_nev
     opening to its marker's end, reported as content_not_verbatim) or the row is refused, naming a rewritten reply.
     Nothing is ever trained outside a reply's turn. (The first lines: none, where the renderings share the text
     before each reply; the turn count, where the sentinel rendering places it; the contents' length, where the
-    masked rendering does.)"""
+    masked rendering does; their vowels, which the masked rendering changes: the text after the reply and right
+    before it is still the masked rendering's.)"""
     template, tok_name, opening, marker = REWRITING[body]
     template = HEADS[head] + template
     tok = _tokenizer(tok_name)

@@ -636,15 +636,19 @@ def _in_place(messages, k, tokenizer, template, text) -> int | None:
                 if swapped and not swapped[0].endswith(lead, 0, swapped[1]):
                     return start - len(lead)  # both change the text before the reply: the template writes it
         return start
+    place = len(text) - (len(rendered) - at)  # where the run is, read from the text's end
     if (
-        len(rendered) == len(text)
-        and text.startswith(rendered[:at])
+        place >= 0
         and text.endswith(rendered[at + len(core) :])
-        and text.find(core, max(0, at - len(core) + 1), at + 2 * len(core) - 1) < 0
+        and text.endswith(rendered[max(0, at - 16) : at], 0, place)
+        and text.find(core, max(0, place - len(core) + 1), place + 2 * len(core) - 1) < 0
     ):
-        # the text is the masked rendering but for the run, and no copy of the reply overlaps it (one shifted by a
-        # character the reply's own text makes the template write): the template writes the reply there, rewritten
-        raise _not_verbatim(k, f"the template rewrites the reply itself (it writes {text[at : at + len(core)]!r})")
+        # the text after the run is the masked rendering's, and so is what comes right before it (a first line
+        # counting vowels may differ), and no copy of the reply overlaps it (one shifted by a character the reply's
+        # own text makes the template write): the template writes the reply there, rewritten
+        raise _not_verbatim(
+            k, f"the template rewrites the reply itself (it writes {text[place : place + len(core)]!r})"
+        )
     return None
 
 
