@@ -7,6 +7,7 @@ import json
 import multiprocessing as mp
 import random
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -1493,6 +1494,45 @@ def test_a_rewritten_reply_under_a_first_line_that_the_prompt_rendering_happens_
 
 
 _S, _U, _A = "system", "user", "assistant"
+_DASH_ASKED = "{% if '?' in m.content %}-{{ m.content }}{% else %}{{ m.content }}-{% endif %}"  # '-' before or after
+
+
+@pytest.mark.parametrize(
+    "template, family, conv, want",
+    [  # the thirteenth sitting's differential fuzz: rows where a surviving mutant trained another place or refused
+        (  # Qwen3 under a first line of dashes the prompt rendering happens to share: its think block before the
+            # reply, the sentinel rendering not sharing the text, the masked one placing it (mutants 220-229)
+            _DASHES + (Path(__file__).parent / "data" / "chat_templates" / "qwen3.jinja").read_text(),
+            "llama",
+            [(_U, "<b>x</b>"), (_A, "  yes\n  Hello.")],
+            [("</think>\n\n", "  yes\n  Hello.<|im_end|>")],
+        ),
+        (  # two replies in a row saying the same: the second at its own place, not the first's (mutant 236)
+            _MEASURED + _tagged(_DASH_ASKED),
+            "llama",
+            [(_U, "Q<b>x</b>"), (_A, "\nyes.\n"), (_U, "\n\nyes"), (_A, "Hi there. Why?"), (_A, "Hi there. Why?")]
+            + [(_U, "USER")],
+            [("<assistant>", "\nyes.\n-</s>"), ("<assistant>-", "Hi there. Why?"), ("<assistant>-", "Hi there. Why?")],
+        ),
+        (  # a reply opening with its question's text, under the vowels first line: trained, not refused (330-337)
+            _VOWELS + _tagged(_DASH_ASKED),
+            "chatml",
+            [(_U, "user"), (_A, "user?-"), (_U, "YES.")],
+            [("<assistant>-", "user?-")],
+        ),
+    ],
+    ids=["qwen3-dashes", "same-reply-twice", "opens-with-its-question"],
+)
+def test_fuzz_rows_where_a_mutant_differed_train_each_reply_at_its_place(template, family, conv, want):
+    """Each reply trained where the template writes it (after the text given with it; the markers the template
+    writes after a reply that does not end with '-' are reported undecided), in rows where a surviving mutant of
+    `_auto_turns` trained another place or refused the row."""
+    messages = [{"role": r, "content": c} for r, c in conv]
+    r = render(messages, fresh_tok(family), chat_template=template)
+    got = [
+        (r.text[b - len(before) : b], r.text[b:e]) for (b, e), (before, _) in zip(r.trained_spans, want, strict=True)
+    ]
+    assert got == want
 
 
 @pytest.mark.parametrize(
@@ -1501,18 +1541,21 @@ _S, _U, _A = "system", "user", "assistant"
         ([(_S, "yes. and?"), (_U, "a"), (_A, "INST"), (_U, "Say yes."), (_U, "assistant"), (_A, "user")], 5, "USER"),
         ([(_U, "\nyes.\n"), (_A, "yes."), (_U, "\nyes.\n"), (_S, "Yes."), (_U, "Hello there.")], 1, "YES."),
         ([(_U, "\nyes.\n"), (_A, "INST"), (_U, "user"), (_A, "user"), (_U, "Continue."), (_A, "INST")], 3, "USER"),
+        # the contents' vowels first, which the masked reply changes (mutant 263 of the thirteenth sitting)
+        ([(_U, "Q"), (_A, "\n\nyes"), (_U, "yes."), (_A, "e"), (_S, "</s>yes.")], 1, "YES"),
     ],
-    ids=["a-tag", "the-next-question", "the-question"],
+    ids=["a-tag", "the-next-question", "the-question", "vowels-first"],
 )
 def test_a_reply_the_template_rewrites_under_a_first_line_measuring_the_contents_is_refused_where_it_is(
     conv, k, writes
 ):
-    """A template that upper-cases replies, under a first line counting the contents' characters: the text is the
-    conversation rendered with the reply masked but for the reply's place, which does not hold the reply. The row
-    is refused, saying what the template writes there; the reply's text in a tag, in the question before it or in
-    the next one is never trained as the reply."""
+    """A template that upper-cases replies, under a first line counting the contents' characters (or their vowels):
+    the text after the reply's place and right before it is the conversation rendered with the reply masked, and
+    the place does not hold the reply. The row is refused, saying what the template writes there; the reply's text
+    in a tag, in the question before it or in the next one is never trained as the reply."""
     messages = [{"role": r, "content": c} for r, c in conv]
-    assert _refusal_reason(messages, tok("llama"), _MEASURED + _UPPER_TAGS) == (
+    head = _VOWELS if conv[-1] == (_S, "</s>yes.") else _MEASURED
+    assert _refusal_reason(messages, tok("llama"), head + _UPPER_TAGS) == (
         k,
         f"{REWRITTEN} (it writes {writes!r})",
     )
