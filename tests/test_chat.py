@@ -1510,9 +1510,13 @@ _DASH_ASKED = "{% if '?' in m.content %}-{{ m.content }}{% else %}{{ m.content }
         (  # two replies in a row saying the same: the second at its own place, not the first's (mutant 236)
             _MEASURED + _tagged(_DASH_ASKED),
             "llama",
-            [(_U, "Q<b>x</b>"), (_A, "\nyes.\n"), (_U, "\n\nyes"), (_A, "Hi there. Why?"), (_A, "Hi there. Why?")]
+            [(_U, "Q<b>x</b>"), (_A, "\nyes.\n"), (_U, "\n\nyes"), (_A, "Hello there. Why?"), (_A, "Hello there. Why?")]
             + [(_U, "USER")],
-            [("<assistant>", "\nyes.\n-</s>"), ("<assistant>-", "Hi there. Why?"), ("<assistant>-", "Hi there. Why?")],
+            [
+                ("<assistant>", "\nyes.\n-</s>"),
+                ("<assistant>-", "Hello there. Why?"),
+                ("<assistant>-", "Hello there. Why?"),
+            ],
         ),
         (  # a reply opening with its question's text, under the vowels first line: trained, not refused (330-337)
             _VOWELS + _tagged(_DASH_ASKED),
@@ -1533,6 +1537,7 @@ def test_fuzz_rows_where_a_mutant_differed_train_each_reply_at_its_place(templat
         (r.text[b - len(before) : b], r.text[b:e]) for (b, e), (before, _) in zip(r.trained_spans, want, strict=True)
     ]
     assert got == want
+    assert all(e <= b for (_, e), (b, _) in zip(r.trained_spans, r.trained_spans[1:], strict=False))  # own places
 
 
 @pytest.mark.parametrize(
