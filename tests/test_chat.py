@@ -1407,8 +1407,11 @@ def _tagged(reply: str, head: str = "") -> str:
         # a dash before a reply that asks, after one that does not, under a first line measuring the contents: the
         # reply '?-' is written one character on from where the masked rendering puts it, not rewritten
         (_tagged("{% if '?' in m.content %}-{{ m.content }}{% else %}{{ m.content }}-{% endif %}", _MEASURED), ["?-"]),
+        # ' (asks)' after a reply that asks, under a first line counting vowels: the text after the masked reply's
+        # place is the text's end, the text before that place is not its header: searched, not refused as rewritten
+        (_tagged("{{ m.content }}{% if '?' in m.content %} (asks){% endif %}", _VOWELS), ["Why?", "So?"]),
     ],
-    ids=["period-added", "own-newlines", "own-spaces", "dash-shifted"],
+    ids=["period-added", "own-newlines", "own-spaces", "dash-shifted", "asks-after"],
 )
 def test_a_reply_next_to_text_the_template_writes_depending_on_it_is_trained_whole(template, replies):
     """Templates whose text right before or after a reply depends on the reply's first or last character, in a way
