@@ -1454,6 +1454,18 @@ def test_a_reply_a_think_block_holds_is_taken_after_it_where_the_text_after_the_
     assert [r.text[b - 15 : e] for b, e in r.trained_spans] == ["<think></think>k", "<think></think>in"]
 
 
+def test_a_reply_a_think_block_holds_under_a_first_line_of_dashes_is_placed_by_the_masked_rendering():
+    """Under a first line of dashes (the contents' length modulo 7) that the rendering up to the generation prompt
+    happens to share with the full one (the reply and the question after it: 7 characters), the sentinel rendering
+    (3 characters for the reply's 5) does not; the reply 'think', which the empty think block before it holds, is
+    trained where the masked rendering puts it, after the block (its length written after it, so that no marker
+    can be read to move a form found in the block to the reply's end)."""
+    template = _tagged("<think></think>{{ m.content }} [{{ m.content|length }}]", _DASHES)
+    messages = [{"role": r, "content": c} for r, c in (("user", "Hi"), ("assistant", "think"), ("user", "ab"))]
+    r = render(messages, fresh_tok("llama"), chat_template=template)
+    assert [r.text[b - 15 : e] for b, e in r.trained_spans] == ["<think></think>think"]
+
+
 def test_a_template_that_rejects_every_probe_keeps_the_first_form_after_the_prompt():
     """A template that rejects any content holding a NUL (the sentinel and the masked reply both do) and writes an
     empty think block between each generation prompt and its reply: no probe renders, and each reply is the first
