@@ -375,8 +375,9 @@ def _auto_turns(messages, tokenizer, template, text, assistants, problems) -> li
     """Each reply located in the final text, with its end-of-turn marker (`_close_turn`).
 
     Where the template is prefix-preserving (the rendering up to the reply's generation prompt is a prefix of
-    the final text) the reply is taken right after that prompt, else where the sentinel rendering (`_opening`) puts
-    it, else searched in the window after the prompt. Where it is not (a system prompt moved into the last user turn
+    the final text) the reply is taken right after that prompt, else where the sentinel rendering puts it (between
+    the text it writes before and after it, `_between`; a form found elsewhere is a look-alike), else searched in
+    the window after the prompt. Where it is not (a system prompt moved into the last user turn
     or a later one written first, a generation prompt that adds ``<think>\\n``, reasoning dropped from earlier
     turns) the reply is taken right where the full conversation, rendered with a sentinel in its place, writes it,
     when that rendering up to the sentinel is a prefix of the text; where even that is not (the template's text
@@ -544,6 +545,7 @@ def _rendered_with(messages, k, content, tokenizer, template) -> str | None:
 
 
 def _not_verbatim(k: int, why: str) -> TemplateError:
+    """The refusal of a row whose reply k cannot be located, saying ``why`` and what to do."""
     return TemplateError(
         f"chat template does not write message {k} (assistant) verbatim in the full rendering, so the reply cannot "
         f"be located: {why}. Use chat.masking.mode=delimiters or a template that writes each reply verbatim."
@@ -595,7 +597,8 @@ def _in_place(messages, k, tokenizer, template, text) -> int | None:
     reply changes both when that whitespace is moved to the reply's end and when it is replaced by other whitespace
     (else it is the header's: a template that trims it, strips newlines only, or counts the reply's lines). None
     otherwise: the template writes the reply more than once, or text both before and after it that depends on it.
-    Refused (TemplateError) where the text is the masked rendering but for the run, and the reply is not there: the
+    Refused (TemplateError) where the text after the run's place (read from the text's end) and the 16 characters
+    before it are the masked rendering's, and neither the reply nor a copy overlapping that place is there: the
     template rewrites it (a case filter). (A reply of whitespace only never comes here: `_content_text` refuses it.)"""
     content, mask = messages[k]["content"], "\x00"
     core = content.strip()  # from the first masked character to the last
