@@ -94,6 +94,16 @@ def _conversation(rng) -> list[dict]:
     return messages
 
 
+def _drawn(seed: str, n: int):
+    """Of ``n`` conversations drawn with ``seed``, those that hold a reply, with their replies' indices."""
+    rng = random.Random(seed)
+    for _ in range(n):
+        messages = _conversation(rng)
+        assistants = [k for k, m in enumerate(messages) if m["role"] == "assistant"]
+        if assistants:
+            yield messages, assistants
+
+
 _tok = {}
 
 
@@ -139,13 +149,8 @@ def test_each_reply_is_trained_exactly_where_the_template_writes_it_among_look_a
         template = (CORPUS / template).read_text(encoding="utf-8")
     template = HEADS[head] + template
     tok = _tokenizer(tok_name)
-    rng = random.Random(f"{head}/{body}")
     checked, wrong = 0, []
-    for _ in range(40):
-        messages = _conversation(rng)
-        assistants = [k for k, m in enumerate(messages) if m["role"] == "assistant"]
-        if not assistants:
-            continue
+    for messages, assistants in _drawn(f"{head}/{body}", 40):
         try:
             text = templates.render_messages(messages, tok, template)
         except templates.TemplateError:  # a template that rejects the roles (alternation, a system message late)
@@ -192,13 +197,8 @@ def test_a_reply_the_template_rewrites_is_trained_in_its_own_turn_or_refused_nev
     template, tok_name, opening, marker = REWRITING[body]
     template = HEADS[head] + template
     tok = _tokenizer(tok_name)
-    rng = random.Random(f"rewriting/{head}/{body}")
     checked, wrong = 0, []
-    for _ in range(60):
-        messages = _conversation(rng)
-        assistants = [k for k, m in enumerate(messages) if m["role"] == "assistant"]
-        if not assistants:
-            continue
+    for messages, assistants in _drawn(f"rewriting/{head}/{body}", 60):
         text = templates.render_messages(messages, tok, template)
         opens, at = [], text.index("\n") + 1 if head != "none" else 0
         while (at := text.find(opening, at)) >= 0:
