@@ -1442,6 +1442,23 @@ def test_a_reply_opening_the_conversation_keeps_its_own_newlines_where_the_templ
     assert [r.text[b:e] for b, e in r.trained_spans] == [own + "</s>"]
 
 
+def test_a_long_run_of_a_replys_own_leading_whitespace_costs_a_few_renders(monkeypatch):
+    """A template that writes two spaces of its own and the reply with its newlines stripped, and a reply opening
+    with a newline and 1,000 spaces: the spaces are the reply's (the rendering changes without them), the newline
+    the template's; telling them apart renders the conversation a few times (bisection), not once per character (a
+    cold review's case: 10,042 renders for 10 such replies)."""
+    from backend.chat import templates
+
+    calls = []
+    real = templates.render_messages
+    monkeypatch.setattr(templates, "render_messages", lambda *a, **k: calls.append(1) or real(*a, **k))
+    reply = "\n" + " " * 1000 + "Yes"
+    messages = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": reply}]
+    r = render(messages, fresh_tok("llama"), chat_template=_tagged("  {{ m.content.lstrip('\\n') }}"))
+    assert [r.text[b:e] for b, e in r.trained_spans] == [" " * 1000 + "Yes</s>"]
+    assert len(calls) < 60
+
+
 def test_a_reply_a_think_block_holds_is_taken_after_it_where_the_text_after_the_reply_depends_on_it():
     """An empty think block between each generation prompt and its reply, and the reply's length written after it
     (so the sentinel rendering shares the text before the reply, not after): a reply that the block holds ('k' of

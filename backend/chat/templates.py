@@ -525,13 +525,22 @@ def _between(messages, k, tokenizer, template, text, a, b, hi) -> tuple[int, int
 def _own_lead(messages, k, tokenizer, template, text, i, at) -> int:
     """How much of reply k's leading whitespace ``content[:i]`` (which the text at ``at`` lacks) is written right
     before ``at`` and is the reply's: what the text has there, less the most of it the template drops (the full
-    rendering the same without it). One render per character tried; none where the text has none of it there."""
+    rendering the same without it: a template drops a run of it from the start, so the lengths that leave the
+    rendering the same are those up to some length, found by bisection: a few renders for any length of whitespace;
+    none where the text has none of it there)."""
     content = messages[k]["content"]
     n = next((n for n in range(i, 0, -1) if text.endswith(content[i - n : i], 0, at)), 0)  # the most the text has
-    for j in range(i, i - n - 1, -1) if n else ():  # the most of it the template drops: the rest is the reply's
-        if j == 0 or _rendered_with(messages, k, content[j:], tokenizer, template) == text:
-            return i - j
-    return 0
+
+    def same(j: int) -> bool:  # the template drops content[:j]
+        return j == 0 or _rendered_with(messages, k, content[j:], tokenizer, template) == text
+
+    if not n or same(i) or not same(i - n):  # the template drops all of it, or the text has none of the reply's
+        return 0
+    kept, dropped = i - n, i  # same(kept), not same(dropped): the most it drops lies between
+    while dropped - kept > 1:
+        mid = (kept + dropped) // 2
+        kept, dropped = (mid, dropped) if same(mid) else (kept, mid)
+    return i - kept
 
 
 def _rendered_with(messages, k, content, tokenizer, template) -> str | None:
