@@ -1459,6 +1459,17 @@ def test_a_long_run_of_a_replys_own_leading_whitespace_costs_a_few_renders(monke
     assert len(calls) < 60
 
 
+def test_a_replys_own_space_after_the_newlines_the_template_strips_and_writes_its_own():
+    """A template that writes a newline of its own and the reply with its newlines stripped, and a reply opening
+    with two newlines and a space: before the reply's letters the text has a newline and a space; the space is the
+    reply's (the rendering changes without it), the newline the template's (it does not change when the reply's
+    newlines go). The bisection stops at the boundary, not a character early or late."""
+    messages = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "\n\n yes"}]
+    r = render(messages, fresh_tok("llama"), chat_template=_tagged("\n{{ m.content.lstrip('\\n') }}"))
+    assert [r.text[b - 12 : e] for b, e in r.trained_spans] == ["<assistant>\n yes</s>"]
+    assert [r.text[b:e] for b, e in r.trained_spans] == [" yes</s>"]
+
+
 def test_a_reply_a_think_block_holds_is_taken_after_it_where_the_text_after_the_reply_depends_on_it():
     """An empty think block between each generation prompt and its reply, and the reply's length written after it
     (so the sentinel rendering shares the text before the reply, not after): a reply that the block holds ('k' of
