@@ -377,13 +377,13 @@ def _auto_turns(messages, tokenizer, template, text, assistants, problems) -> li
     Where the template is prefix-preserving (the rendering up to the reply's generation prompt is a prefix of
     the final text) the reply is taken right after that prompt, else where the sentinel rendering puts it (between
     the text it writes before and after it, `_between`; a form found elsewhere is a look-alike), else searched in
-    the window after the prompt. Where it is not (a system prompt moved into the last user turn
-    or a later one written first, a generation prompt that adds ``<think>\\n``, reasoning dropped from earlier
-    turns) the reply is taken right where the full conversation, rendered with a sentinel in its place, writes it,
-    when that rendering up to the sentinel is a prefix of the text; where even that is not (the template's text
-    before the reply depends on the reply), where the rendering with the reply masked puts it (`_in_place`); else it
-    is searched verbatim in the one full rendering, in order, after the part both renderings share and after the
-    message before it. A reply not written verbatim there is refused with the message index and what differs."""
+    the window after the prompt. Where it is not (a system prompt moved into the last user turn or a later one
+    written first, a generation prompt that adds ``<think>\\n``, reasoning dropped from earlier turns) the reply is
+    taken right where the full conversation, rendered with a sentinel in its place, writes it, when that rendering
+    up to the sentinel is a prefix of the text; where even that is not (the template's text before the reply depends
+    on the reply), where the rendering with the reply masked puts it (`_in_place`); else it is searched verbatim in
+    the one full rendering, in order, after the part both renderings share and after the message before it. A reply
+    not written verbatim there is refused with the message index and what differs."""
     pres, located = [], []
     for k in assistants:
         pre = (
@@ -633,10 +633,10 @@ def _in_place(messages, k, tokenizer, template, text) -> int | None:
     if found is None:
         return None
     rendered, at = found
-    for start, shared in (  # the text before the run is how the text starts, or the text after it how it ends
-        (at, text.startswith(rendered[:at])),
-        (len(text) - (len(rendered) - at), text.endswith(rendered[at + len(core) :])),
-    ):
+    place = len(text) - (len(rendered) - at)  # where the run is, read from the text's end
+    ends = text.endswith(rendered[at + len(core) :])
+    # the text before the run is how the text starts, or the text after it how it ends
+    for start, shared in ((at, text.startswith(rendered[:at])), (place, ends)):
         if not (shared and start >= 0 and text.startswith(core, start)):
             continue  # (a masked reply changes what the template writes there: '?' or '<think>' in it)
         if lead and text.endswith(lead, 0, start):  # the text has it right before: the reply's, or the header's?
@@ -648,10 +648,9 @@ def _in_place(messages, k, tokenizer, template, text) -> int | None:
                 if swapped and not swapped[0].endswith(lead, 0, swapped[1]):
                     return start - len(lead)  # both change the text before the reply: the template writes it
         return start
-    place = len(text) - (len(rendered) - at)  # where the run is, read from the text's end
     if (
         place >= 0
-        and text.endswith(rendered[at + len(core) :])
+        and ends
         and text.endswith(rendered[max(0, at - 16) : at], 0, place)
         and text.find(core, max(0, place - len(core) + 1), place + 2 * len(core) - 1) < 0
     ):
